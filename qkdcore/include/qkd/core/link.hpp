@@ -1,0 +1,124 @@
+// The public face of the BB84 engine: the two link endpoints and what they need.
+//
+// This header is the contract between qkdcore and its users (keyservice's link runner,
+// qkd-sim, the tests). qkdcore knows no sockets: endpoints talk through two abstract
+// message transports, one for the quantum channel and one for the classical channel.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "qkd/core/result.hpp"
+#include "qkd/core/secure_bytes.hpp"
+
+namespace qkd::core {
+
+// A bidirectional, ordered, reliable message pipe (one message in = one message out).
+// Implementations: an in-process queue pair (make_memory_transport_pair) and, in
+// keyservice, a tagged stream over the TCP connection between two KMEs.
+class MessageTransport {
+ public:
+  virtual ~MessageTransport() = default;
+  // Fails when the pipe is closed.
+  [[nodiscard]] virtual Status send(std::vector<std::uint8_t> message) = 0;
+  // Waits at most `timeout`; fails with ErrorCode::kTimeout or kClosed.
+  [[nodiscard]] virtual Result<std::vector<std::uint8_t>> receive(
+      std::chrono::milliseconds timeout) = 0;
+  // Wakes any blocked receive() with kClosed, on both ends.
+  virtual void close() = 0;
+};
+
+// Two connected in-process transports (what one sends, the other receives).
+struct TransportPair {
+  std::unique_ptr<MessageTransport> a;
+  std::unique_ptr<MessageTransport> b;
+};
+[[nodiscard]] TransportPair make_memory_transport_pair();
+
+// Physics of the simulated link. The quantum channel is simulated on Alice's side ("nature"
+// between her source and Bob's detectors); Bob receives only detection events and measures
+// them himself in a basis he chooses, so he learns only what a measurement gives.
+struct ChannelParams {
+  double length_km = 20.0;              // fiber length
+  double loss_db_per_km = 0.2;          // fiber attenuation
+  double detector_efficiency = 0.1;     // Bob's detector and optics, 0..1
+  double dark_count_prob = 1e-6;        // dark-count probability per pulse (Y0)
+  double misalignment = 0.01;           // optical error e_det, 0..0.5
+  double eve_intercept_fraction = 0.0;  // intercept-resend on this fraction of pulses, 0..1
+  double pulse_rate_hz = 1e9;           // source repetition rate, for rates per second
+};
+[[nodiscard]] Status validate(const ChannelParams& p);  // names the bad field
+
+// Protocol settings. Both ends must use the same values (Alice announces hers in each
+// block's first message; Bob refuses a block whose settings differ from his).
+struct ProtocolParams {
+  std::uint64_t pulses_per_block = 2'000'000;  // pulses sent per block
+  double sample_fraction = 0.1;                // sifted bits disclosed to estimate QBER
+  double qber_abort = 0.11;                    // abort the block above this estimate
+  std::uint32_t cascade_passes = 4;
+  std::uint32_t verify_hash_bits = 64;         // verification tag length
+  double safety_margin = 0.05;                 // extra fraction of the reconciled length removed
+  std::chrono::milliseconds message_timeout{10'000};  // per classical/quantum message
+};
+[[nodiscard]] Status validate(const ProtocolParams& p);
+
+// What one block produced. Both ends return the same numbers and identical key bytes
+// (or both abort). `key` holds `secret_bits` bits, packed little-endian within bytes.
+struct BlockResult {
+  std::uint64_t block_id = 0;
+  bool aborted = false;
+  std::string abort_reason;           // empty unless aborted ("QBER 23.1 % above 11 %")
+  std::uint64_t pulses = 0;           // pulses sent
+  std::uint64_t detections = 0;       // raw key bits (detection events)
+  std::uint64_t sifted_bits = 0;      // after basis sifting
+  std::uint64_t sample_bits = 0;      // disclosed for QBER estimation
+  double qber = 0.0;                  // estimate from the sample
+  std::uint64_t reconciled_bits = 0;  // bits entering Cascade
+  std::uint64_t leaked_bits = 0;      // Cascade parities + verification tag
+  std::uint64_t cascade_errors_corrected = 0;
+  std::uint64_t secret_bits = 0;      // length of `key`
+  double simulated_seconds = 0.0;     // pulses / pulse_rate_hz
+  double cpu_seconds = 0.0;           // wall time this end spent on the block
+  SecureBytes key;
+};
+
+// Alice: owns the source and the channel simulation; sends detection events on the
+// quantum transport, then runs the classical post-processing with Bob.
+class AliceEndpoint {
+ public:
+  AliceEndpoint(ChannelParams channel, ProtocolParams protocol,
+                std::span<const std::uint8_t> psk,  // pre-shared authentication secret
+                std::uint64_t seed,                 // deterministic for a given seed
+                MessageTransport& quantum, MessageTransport& classical);
+  ~AliceEndpoint();
+  AliceEndpoint(const AliceEndpoint&) = delete;
+  AliceEndpoint& operator=(const AliceEndpoint&) = delete;
+  // Runs one block. A protocol abort (QBER too high) is a successful call whose result
+  // has aborted = true; a transport failure or a failed MAC is an error.
+  [[nodiscard]] Result<BlockResult> run_block();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class BobEndpoint {
+ public:
+  BobEndpoint(ProtocolParams protocol, std::span<const std::uint8_t> psk, std::uint64_t seed,
+              MessageTransport& quantum, MessageTransport& classical);
+  ~BobEndpoint();
+  BobEndpoint(const BobEndpoint&) = delete;
+  BobEndpoint& operator=(const BobEndpoint&) = delete;
+  [[nodiscard]] Result<BlockResult> run_block();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace qkd::core
