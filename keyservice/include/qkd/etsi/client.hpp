@@ -63,4 +63,18 @@ class Client {
       std::string_view master_sae_id, std::span<const std::string> key_ids) = 0;
 };
 
+// --- Helpers shared with the provider (additions to the contract above) -------------------
+
+// The HTTP status carried by a kRejected error made by this library (400, 401, 503, ...),
+// or 0 for any other error.
+[[nodiscard]] int rejected_http_status(const Error& error);
+
+// The common name (CN) of the subject of the first certificate in a PEM file: the SAE ID
+// by default. Reads the file; fails with kInvalidArgument naming the path.
+[[nodiscard]] Result<std::string> certificate_common_name(const std::string& cert_file);
+
+// Fills `out` from the DRBG of the library's private OSSL_LIB_CTX (default provider only),
+// so that it works whatever providers the host process has activated.
+[[nodiscard]] qkd::core::Status random_bytes(std::span<std::uint8_t> out);
+
 }  // namespace qkd::etsi

@@ -1,0 +1,143 @@
+// Throughput of the qkdcore stages. Run:
+//   build-core/bin/core_bench --benchmark_counters_tabular=true
+// Rates are in input bits per second (Mbit/s = bytes_per_second / 1e6 * 8 is not used:
+// the "bits/s" counter counts key bits).
+#include <benchmark/benchmark.h>
+
+#include <array>
+#include <thread>
+#include <optional>
+
+#include "qkd/core/cascade.hpp"
+#include "qkd/core/link.hpp"
+#include "qkd/core/physics.hpp"
+#include "qkd/core/random.hpp"
+#include "qkd/core/toeplitz.hpp"
+
+namespace {
+
+using namespace qkd::core;
+
+BitVector random_vector(Xoshiro256ss& rng, std::size_t n) {
+  BitVector v(n);
+  for (auto& w : v.mutable_words()) {
+    w = rng.next();
+  }
+  v.clear_tail();
+  return v;
+}
+
+// Cascade on n-bit blocks at a QBER of range(1) per mille, local oracle (no transport).
+void BM_Cascade(benchmark::State& state) {
+  const auto n = static_cast<std::uint32_t>(state.range(0));
+  const double q = static_cast<double>(state.range(1)) / 1000.0;
+  Xoshiro256ss rng(1);
+  std::uint64_t leaked = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    BitVector alice = random_vector(rng, n);
+    BitVector bob = alice;
+    for (std::uint32_t i = 0; i < n; ++i) {
+      if (rng.bernoulli(q)) {
+        bob.flip(i);
+      }
+    }
+    std::array<std::uint8_t, 32> seed{};
+    for (auto& b : seed) {
+      b = static_cast<std::uint8_t>(rng.next());
+    }
+    state.ResumeTiming();
+    const CascadeLayout layout(n, 4, cascade_first_block_size(q, n), seed);
+    const CascadeResponder responder(alice, layout);
+    LocalParityOracle oracle(responder);
+    auto stats = cascade_correct(bob, layout, oracle);
+    benchmark::DoNotOptimize(stats);
+    leaked += stats->parities_disclosed;
+  }
+  state.counters["bits/s"] =
+      benchmark::Counter(static_cast<double>(n) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+  state.counters["leak/bit"] =
+      static_cast<double>(leaked) / (static_cast<double>(n) * static_cast<double>(state.iterations()));
+}
+BENCHMARK(BM_Cascade)->Args({10'000, 10})->Args({10'000, 30})->Args({100'000, 10})
+    ->Args({100'000, 50})->Unit(benchmark::kMillisecond);
+
+// Toeplitz n -> n/2 bits.
+void BM_Toeplitz(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  const std::size_t m = n / 2;
+  Xoshiro256ss rng(2);
+  const BitVector seed = random_vector(rng, n + m - 1);
+  const BitVector x = random_vector(rng, n);
+  for (auto _ : state) {
+    auto y = toeplitz_hash(seed, x, m);
+    benchmark::DoNotOptimize(y);
+  }
+  state.counters["bits/s"] = benchmark::Counter(
+      static_cast<double>(n) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_Toeplitz)->Arg(10'000)->Arg(100'000)->Arg(1'000'000)->Unit(benchmark::kMillisecond);
+
+void BM_ToeplitzNaive(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  const std::size_t m = n / 2;
+  Xoshiro256ss rng(2);
+  const BitVector seed = random_vector(rng, n + m - 1);
+  const BitVector x = random_vector(rng, n);
+  for (auto _ : state) {
+    auto y = toeplitz_hash_naive(seed, x, m);
+    benchmark::DoNotOptimize(y);
+  }
+  state.counters["bits/s"] = benchmark::Counter(
+      static_cast<double>(n) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_ToeplitzNaive)->Arg(10'000)->Arg(30'000)->Unit(benchmark::kMillisecond);
+
+// Channel simulation: pulses per second at 20 km.
+void BM_Channel(benchmark::State& state) {
+  ChannelParams p;
+  p.length_km = static_cast<double>(state.range(0));
+  std::array<std::uint8_t, 16> key{};
+  AlicePrf prf(key);
+  ChannelSimulator sim(p, 3);
+  std::vector<DetectionEvent> ev;
+  for (auto _ : state) {
+    ev.clear();
+    sim.run(ev, prf, 2'000'000);
+    benchmark::DoNotOptimize(ev.data());
+  }
+  state.counters["pulses/s"] =
+      benchmark::Counter(2e6 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_Channel)->Arg(20)->Arg(100)->Unit(benchmark::kMillisecond);
+
+// A whole block, both ends (Bob on a second thread), default parameters at 20 km.
+void BM_FullBlock(benchmark::State& state) {
+  const std::vector<std::uint8_t> psk(32, 1);
+  auto q = make_memory_transport_pair();
+  auto c = make_memory_transport_pair();
+  ChannelParams ch;
+  ProtocolParams pp;
+  AliceEndpoint alice(ch, pp, psk, 1, *q.a, *c.a);
+  BobEndpoint bob(pp, psk, 2, *q.b, *c.b);
+  std::uint64_t secret = 0;
+  for (auto _ : state) {
+    std::optional<Result<BlockResult>> rb;
+    std::thread t([&] { rb.emplace(bob.run_block()); });
+    auto ra = alice.run_block();
+    t.join();
+    if (!ra.ok() || !rb->ok()) {
+      state.SkipWithError("block failed");
+      break;
+    }
+    secret += ra->secret_bits;
+  }
+  state.counters["secret_bits/s"] = benchmark::Counter(static_cast<double>(secret),
+                                                       benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_FullBlock)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();

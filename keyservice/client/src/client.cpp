@@ -1,0 +1,377 @@
+// The ETSI 014 client: a private TLS context, a small keep-alive pool, the three routes.
+#include "qkd/etsi/client.hpp"
+
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include <algorithm>
+#include <array>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "internal.hpp"
+#include "qkd/etsi/client_detail.hpp"
+#include "transport.hpp"
+
+namespace qkd::etsi {
+
+using qkd::core::make_error;
+
+namespace {
+
+using internal::Clock;
+using internal::Connection;
+
+struct SslCtxDeleter {
+  void operator()(SSL_CTX* ctx) const { SSL_CTX_free(ctx); }
+};
+using SslCtxPtr = std::unique_ptr<SSL_CTX, SslCtxDeleter>;
+
+// The KME's TLS: a client context in the library's private OSSL_LIB_CTX (default provider
+// only), TLS 1.2 or later, classical groups pinned, the KME verified against ca_file.
+Result<SslCtxPtr> make_tls_context(const ClientConfig& config) {
+  ERR_set_mark();
+  const auto fail = [&](std::string why) {
+    const std::string ossl = internal::pop_openssl_errors();
+    return make_error(ErrorCode::kInvalidArgument, ossl.empty() ? why : why + ": " + ossl);
+  };
+  OSSL_LIB_CTX* libctx = internal::private_libctx();
+  if (libctx == nullptr) {
+    return fail("cannot make the private OpenSSL library context");
+  }
+  SslCtxPtr ctx(SSL_CTX_new_ex(libctx, nullptr, TLS_client_method()));
+  if (!ctx) {
+    return fail("cannot make a TLS context");
+  }
+  // libssl applies the host's openssl.cnf system_default section to every new SSL_CTX;
+  // whatever it said (e.g. "Groups = qkd:X25519"), pin what matters here.
+  if (SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION) != 1 ||
+      SSL_CTX_set_max_proto_version(ctx.get(), 0) != 1 ||
+      SSL_CTX_set1_groups_list(ctx.get(), "X25519:P-256") != 1) {
+    return fail("cannot pin the TLS version and groups");
+  }
+  SSL_CTX_set_options(ctx.get(), SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF);
+  SSL_CTX_set_mode(ctx.get(), SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+  if (config.ca_file.empty()) {
+    return fail("no CA file for the KME certificate");
+  }
+  if (SSL_CTX_load_verify_locations(ctx.get(), config.ca_file.c_str(), nullptr) != 1) {
+    return fail("cannot load the CA file " + config.ca_file);
+  }
+  if (config.cert_file.empty() || config.key_file.empty()) {
+    return fail("no client certificate or key (the KME identifies the SAE by it)");
+  }
+  if (SSL_CTX_use_certificate_chain_file(ctx.get(), config.cert_file.c_str()) != 1) {
+    return fail("cannot load the certificate " + config.cert_file);
+  }
+  if (SSL_CTX_use_PrivateKey_file(ctx.get(), config.key_file.c_str(), SSL_FILETYPE_PEM) != 1) {
+    return fail("cannot load the private key " + config.key_file);
+  }
+  if (SSL_CTX_check_private_key(ctx.get()) != 1) {
+    return fail("the key " + config.key_file + " does not match the certificate " +
+                config.cert_file);
+  }
+  ERR_pop_to_mark();
+  return ctx;
+}
+
+bool iequals(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           const auto lo = [](char c) {
+             return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+           };
+           return lo(x) == lo(y);
+         });
+}
+
+class ClientImpl final : public Client {
+ public:
+  ClientImpl(ClientConfig config, detail::Url url, SslCtxPtr ctx)
+      : config_(std::move(config)), url_(std::move(url)), ctx_(std::move(ctx)), pid_(::getpid()) {}
+
+  Result<StatusInfo> status(std::string_view slave_sae_id) override;
+  Result<std::vector<Key>> enc_keys(std::string_view slave_sae_id, std::uint32_t number,
+                                    std::uint32_t size_bits) override;
+  Result<std::vector<Key>> dec_keys(std::string_view master_sae_id,
+                                    std::span<const std::string> key_ids) override;
+
+ private:
+  struct Reply {
+    int status = 0;
+    std::string body;
+    Reply() = default;
+    Reply(const Reply&) = delete;
+    Reply& operator=(const Reply&) = delete;
+    Reply(Reply&&) = default;
+    Reply& operator=(Reply&&) = default;
+    ~Reply() { OPENSSL_cleanse(body.data(), body.size()); }
+  };
+  static constexpr std::size_t kMaxIdle = 4;
+
+  // One request/response with a 200 answer; anything else becomes the documented Error.
+  Result<Reply> call(std::string_view method, const std::string& target,
+                     const std::string& body);
+  Result<Reply> exchange(Connection& conn, const std::string& request,
+                         Clock::time_point deadline, bool* keep_alive);
+  std::unique_ptr<Connection> take_idle();
+  void give_back(std::unique_ptr<Connection> conn);
+  std::string route(std::string_view sae_id, std::string_view leaf) const {
+    return url_.path_prefix + "/api/v1/keys/" + detail::percent_encode(sae_id) + "/" +
+           std::string(leaf);
+  }
+  Error unreachable(const std::string& why) const {
+    return make_error(ErrorCode::kUnavailable, "key service unreachable: " + url_.text + " (" + why + ")");
+  }
+  Error timed_out() const {
+    return make_error(ErrorCode::kTimeout, "key service timed out: " + url_.text + " (no reply within " +
+                                               std::to_string(config_.timeout.count()) + " ms)");
+  }
+  Error bad_reply(const std::string& why) const {
+    return make_error(ErrorCode::kProtocol, "bad reply from key service " + url_.text + ": " + why);
+  }
+
+  const ClientConfig config_;
+  const detail::Url url_;
+  const SslCtxPtr ctx_;
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Connection>> idle_;  // guarded by mu_
+  pid_t pid_;                                      // guarded by mu_
+};
+
+std::unique_ptr<Connection> ClientImpl::take_idle() {
+  std::vector<std::unique_ptr<Connection>> drop;  // destroyed outside the lock
+  std::unique_ptr<Connection> out;
+  {
+    std::lock_guard lock(mu_);
+    if (::getpid() != pid_) {
+      // We are a child of fork(): the sockets are shared with the parent. Forget them
+      // without a word on the wire.
+      drop.swap(idle_);
+      pid_ = ::getpid();
+    }
+    while (!idle_.empty()) {
+      auto conn = std::move(idle_.back());
+      idle_.pop_back();
+      if (conn->usable_when_idle()) {
+        out = std::move(conn);
+        break;
+      }
+      drop.push_back(std::move(conn));
+    }
+  }
+  return out;
+}
+
+void ClientImpl::give_back(std::unique_ptr<Connection> conn) {
+  std::lock_guard lock(mu_);
+  if (::getpid() == pid_ && idle_.size() < kMaxIdle) {
+    idle_.push_back(std::move(conn));
+  }
+}
+
+Result<ClientImpl::Reply> ClientImpl::exchange(Connection& conn, const std::string& request,
+                                               Clock::time_point deadline, bool* keep_alive) {
+  auto sent = conn.write_all(request, deadline);
+  if (!sent.ok()) {
+    return sent.error();
+  }
+  detail::ResponseParser parser;
+  std::array<std::uint8_t, 16384> buf{};
+  while (parser.state() == detail::ResponseParser::State::kNeedMore) {
+    auto n = conn.read_some(buf, deadline);
+    if (!n.ok()) {
+      OPENSSL_cleanse(buf.data(), buf.size());
+      if (n.error().code == ErrorCode::kClosed && parser.received_anything()) {
+        return make_error(ErrorCode::kProtocol, n.error().message);  // no retry mid-reply
+      }
+      return n.error();
+    }
+    if (*n == 0) {
+      if (!parser.received_anything()) {
+        return make_error(ErrorCode::kClosed, "connection closed before any response");
+      }
+      parser.feed_eof();
+    } else {
+      parser.feed(std::span<const std::uint8_t>(buf.data(), *n));
+    }
+  }
+  OPENSSL_cleanse(buf.data(), buf.size());
+  if (parser.state() == detail::ResponseParser::State::kError) {
+    return make_error(ErrorCode::kProtocol, "malformed HTTP response: " + parser.error());
+  }
+  *keep_alive = parser.keep_alive();
+  Reply reply;
+  reply.status = parser.status();
+  reply.body = std::move(parser.body());
+  return reply;
+}
+
+Result<ClientImpl::Reply> ClientImpl::call(std::string_view method, const std::string& target,
+                                           const std::string& body) {
+  const auto deadline = Clock::now() + config_.timeout;
+  std::string request;
+  request.reserve(256 + body.size());
+  request.append(method).append(" ").append(target).append(" HTTP/1.1\r\n");
+  request.append("Host: ").append(url_.authority()).append("\r\n");
+  request.append("Accept: application/json\r\nUser-Agent: qkd-etsi-client/0.1\r\n");
+  if (method == "POST") {
+    request.append("Content-Type: application/json\r\nContent-Length: ")
+        .append(std::to_string(body.size()))
+        .append("\r\n");
+  }
+  request.append("\r\n").append(body);
+
+  // A kept-alive connection may have been closed by the KME just before we used it: then
+  // (and only when the KME sent nothing back) the request is made again on a new one.
+  for (int attempt = 0;; ++attempt) {
+    std::unique_ptr<Connection> conn = attempt == 0 ? take_idle() : nullptr;
+    const bool reused = conn != nullptr;
+    if (!conn) {
+      auto opened = Connection::open(ctx_.get(), url_, deadline);
+      if (!opened.ok()) {
+        return opened.error().code == ErrorCode::kTimeout ? timed_out()
+                                                          : unreachable(opened.error().message);
+      }
+      conn = std::move(opened).value();
+    }
+    bool keep_alive = false;
+    auto reply = exchange(*conn, request, deadline, &keep_alive);
+    if (!reply.ok()) {
+      const Error& e = reply.error();
+      if (e.code == ErrorCode::kClosed && reused && attempt == 0) {
+        continue;
+      }
+      if (e.code == ErrorCode::kTimeout) {
+        return timed_out();
+      }
+      if (e.code == ErrorCode::kProtocol) {
+        return bad_reply(e.message);
+      }
+      return unreachable(e.message);
+    }
+    if (keep_alive) {
+      give_back(std::move(conn));
+    }
+    if (reply->status != 200) {
+      std::string message = detail::parse_error_message(reply->body);
+      if (message.empty()) {
+        message = reply->status == 401 ? "unauthorized (the KME did not accept this SAE)"
+                                       : "no message";
+      }
+      return make_error(ErrorCode::kRejected, "key service " + url_.text + " answered HTTP " +
+                                                  std::to_string(reply->status) + ": " + message);
+    }
+    return reply;
+  }
+}
+
+Result<StatusInfo> ClientImpl::status(std::string_view slave_sae_id) {
+  try {
+    auto reply = call("GET", route(slave_sae_id, "status"), "");
+    if (!reply.ok()) {
+      return reply.error();
+    }
+    auto parsed = detail::parse_status(reply->body);
+    if (!parsed.ok()) {
+      return bad_reply(parsed.error().message);
+    }
+    return parsed;
+  } catch (const std::exception& e) {
+    return make_error(ErrorCode::kInternal, std::string("ETSI client: ") + e.what());
+  }
+}
+
+Result<std::vector<Key>> ClientImpl::enc_keys(std::string_view slave_sae_id, std::uint32_t number,
+                                              std::uint32_t size_bits) {
+  try {
+    if (number == 0 || number > 1024) {
+      return make_error(ErrorCode::kInvalidArgument, "enc_keys: number must be 1..1024");
+    }
+    if (size_bits == 0 || size_bits % 8 != 0) {
+      return make_error(ErrorCode::kInvalidArgument,
+                        "enc_keys: size must be a positive multiple of 8 bits");
+    }
+    const nlohmann::json request = {{"number", number}, {"size", size_bits}};
+    auto reply = call("POST", route(slave_sae_id, "enc_keys"), request.dump());
+    if (!reply.ok()) {
+      return reply.error();
+    }
+    auto keys = detail::parse_key_container(reply->body, number, size_bits / 8);
+    if (!keys.ok()) {
+      return bad_reply(keys.error().message);
+    }
+    return keys;
+  } catch (const std::exception& e) {
+    return make_error(ErrorCode::kInternal, std::string("ETSI client: ") + e.what());
+  }
+}
+
+Result<std::vector<Key>> ClientImpl::dec_keys(std::string_view master_sae_id,
+                                              std::span<const std::string> key_ids) {
+  try {
+    if (key_ids.empty() || key_ids.size() > 1024) {
+      return make_error(ErrorCode::kInvalidArgument, "dec_keys: 1..1024 key_IDs");
+    }
+    Result<Reply> reply = make_error(ErrorCode::kInternal, "unset");
+    if (key_ids.size() == 1) {
+      reply = call("GET", route(master_sae_id, "dec_keys") + "?key_ID=" +
+                              detail::percent_encode(key_ids[0]), "");
+    } else {
+      nlohmann::json ids = nlohmann::json::array();
+      for (const auto& id : key_ids) {
+        ids.push_back({{"key_ID", id}});
+      }
+      reply = call("POST", route(master_sae_id, "dec_keys"), nlohmann::json{{"key_IDs", ids}}.dump());
+    }
+    if (!reply.ok()) {
+      return reply.error();
+    }
+    auto keys = detail::parse_key_container(reply->body, key_ids.size(), 0);
+    if (!keys.ok()) {
+      return bad_reply(keys.error().message);
+    }
+    // Answer in the order asked; every key_ID asked must be there (UUIDs: any case).
+    std::vector<Key> ordered;
+    ordered.reserve(key_ids.size());
+    for (const auto& id : key_ids) {
+      auto it = std::find_if(keys->begin(), keys->end(),
+                             [&](const Key& k) { return iequals(k.key_id, id); });
+      if (it == keys->end()) {
+        return bad_reply("key_ID " + id + " asked for but not returned");
+      }
+      ordered.push_back(std::move(*it));
+      keys->erase(it);
+    }
+    return ordered;
+  } catch (const std::exception& e) {
+    return make_error(ErrorCode::kInternal, std::string("ETSI client: ") + e.what());
+  }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Client>> Client::create(ClientConfig config) {
+  try {
+    auto url = detail::parse_url(config.kme_url);
+    if (!url.ok()) {
+      return url.error();
+    }
+    if (config.timeout.count() <= 0) {
+      return make_error(ErrorCode::kInvalidArgument, "timeout must be positive");
+    }
+    auto ctx = make_tls_context(config);
+    if (!ctx.ok()) {
+      return ctx.error();
+    }
+    return std::unique_ptr<Client>(
+        new ClientImpl(std::move(config), std::move(url).value(), std::move(ctx).value()));
+  } catch (const std::exception& e) {
+    return make_error(ErrorCode::kInternal, std::string("ETSI client: ") + e.what());
+  }
+}
+
+}  // namespace qkd::etsi

@@ -1,0 +1,104 @@
+// The HTTP-independent request/response model, the route table and the ETSI 014 handlers.
+//
+// The transport (https_server.hpp) turns an authenticated HTTPS request into an ApiRequest
+// (method, decoded path, query, body) plus the caller's SAE ID (the client certificate's
+// CN), and writes the ApiResponse back. Everything here is plain data in, plain data out.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qkd/core/result.hpp"
+#include "qkd/kms/config.hpp"
+#include "qkd/kms/key_store.hpp"
+
+namespace qkd::kms {
+
+struct ApiRequest {
+  std::string method;  // "GET", "POST", ...
+  std::string target;  // raw request target: path and optional ?query
+  std::string body;
+};
+
+struct ApiResponse {
+  unsigned status = 200;
+  std::string body;  // JSON text, or empty (401)
+};
+
+// The one place where domain errors become HTTP statuses:
+//   kInvalidArgument, kProtocol -> 400; kAuthentication -> 401;
+//   kUnavailable, kTimeout, kClosed, kInternal, kRejected -> 503.
+[[nodiscard]] unsigned http_status_for(qkd::core::ErrorCode code);
+// An Error body ({"message": ...}); 401 has no body.
+[[nodiscard]] ApiResponse error_response(const qkd::core::Error& error);
+[[nodiscard]] ApiResponse error_response(unsigned status, std::string_view message);
+
+// --- router ---
+struct RouteMatch {
+  std::map<std::string, std::string> params;  // URL-decoded path parameters
+  std::multimap<std::string, std::string> query;  // URL-decoded query parameters
+};
+using RouteHandler =
+    std::function<ApiResponse(const std::string& caller, const ApiRequest&, const RouteMatch&)>;
+
+// A table of (method, pattern) -> handler. Patterns are '/'-separated; a segment "{name}"
+// matches one non-empty segment. Unknown path: 404 with an Error body. Known path, other
+// method: 400 with an Error body (the standard allows only 400/401/503).
+class Router {
+ public:
+  void add(std::string method, std::string pattern, RouteHandler handler);
+  [[nodiscard]] ApiResponse dispatch(const std::string& caller, const ApiRequest& req) const;
+
+ private:
+  struct Route {
+    std::string method;
+    std::vector<std::string> segments;
+    RouteHandler handler;
+  };
+  std::vector<Route> routes_;
+};
+
+// What the link reports for the status extension.
+struct LinkStats {
+  bool up = false;
+  double qber = 0.0;  // last completed block
+  double raw_key_rate_bps = 0.0;     // per second of simulated link time, over all blocks
+  double sifted_key_rate_bps = 0.0;
+  double secret_key_rate_bps = 0.0;
+  std::uint64_t blocks = 0;          // blocks run (committed or aborted)
+  std::uint64_t aborted_blocks = 0;
+  std::string last_abort_reason;
+};
+
+// The ETSI GS QKD 014 service of one KME. Handlers are pure functions of (caller, request)
+// over the key store. Errors (status codes and fixed messages) are documented in
+// keyservice/README.md.
+class EtsiService {
+ public:
+  EtsiService(const Config& config, KeyStore& store, std::function<LinkStats()> link_stats);
+
+  // Entry point: 401 unless `caller` is one of this KME's SAEs, then the route table.
+  [[nodiscard]] ApiResponse handle(const std::string& caller, const ApiRequest& req) const;
+
+  [[nodiscard]] ApiResponse status(const std::string& caller, const std::string& slave) const;
+  [[nodiscard]] ApiResponse enc_keys(const std::string& caller, const std::string& slave,
+                                     const ApiRequest& req, const RouteMatch& m) const;
+  [[nodiscard]] ApiResponse dec_keys(const std::string& caller, const std::string& master,
+                                     const ApiRequest& req, const RouteMatch& m) const;
+
+  [[nodiscard]] std::uint32_t max_sae_id_count() const;
+
+ private:
+  const Config& config_;
+  KeyStore& store_;
+  std::function<LinkStats()> link_stats_;
+  Router router_;
+};
+
+}  // namespace qkd::kms

@@ -1,0 +1,75 @@
+// KME configuration: one JSON file per KME (see examples/alice-kme.json).
+//
+// Parsing is strict: an unknown key at any level, a wrong type or a bad value is an error
+// whose message names the file and the field ("alice.json: keys.max_key_size: ...").
+// Relative paths are resolved against the config file's directory.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qkd/core/link.hpp"
+#include "qkd/core/result.hpp"
+#include "qkd/core/secure_bytes.hpp"
+
+namespace qkd::kms {
+
+struct HostPort {
+  std::string host;        // numeric address or name
+  std::uint16_t port = 0;  // 0 = any free port (listen addresses only)
+  [[nodiscard]] std::string to_string() const;
+};
+
+struct ApiConfig {
+  HostPort listen;
+  std::filesystem::path cert;  // this KME's certificate (PEM), also used on the link
+  std::filesystem::path key;   // its private key
+  std::filesystem::path ca;    // CA for SAE client certificates and the peer KME
+};
+
+struct KeysConfig {
+  std::uint32_t key_size = 256;  // bits, default size of enc_keys
+  std::uint32_t min_key_size = 64;
+  std::uint32_t max_key_size = 8192;
+  std::uint32_t max_key_per_request = 128;
+  std::uint64_t max_key_count = 100000;  // in keys of key_size; the link pauses above it
+  std::uint32_t dec_wait_ms = 2000;      // how long dec_keys waits for a peer's notice
+};
+
+enum class LinkRole { kAlice, kBob };
+
+struct LinkConfig {
+  std::string peer_kme_id;             // CN the peer KME's certificate must carry
+  std::vector<std::string> peer_saes;  // SAEs served by the peer KME (valid slaves)
+  LinkRole role = LinkRole::kAlice;
+  HostPort listen;   // role alice
+  HostPort connect;  // role bob
+  qkd::core::SecureBytes psk;  // >= 32 bytes, from psk_hex or psk_file
+  qkd::core::ChannelParams channel;
+  qkd::core::ProtocolParams protocol;
+};
+
+struct Config {
+  std::string source;  // file name, for messages
+  std::string kme_id;
+  ApiConfig api;
+  std::vector<std::string> saes;  // SAEs served by this KME (valid callers)
+  KeysConfig keys;
+  LinkConfig link;
+  std::string log_level = "info";
+};
+
+// Parses `text` (the content of `source_name`); relative paths resolve against `base_dir`.
+// When `check_files` is set, the certificate, key, CA and psk_file must be readable.
+[[nodiscard]] qkd::core::Result<Config> parse_config(std::string_view text,
+                                                     std::string_view source_name,
+                                                     const std::filesystem::path& base_dir,
+                                                     bool check_files = true);
+
+// Reads and parses a config file. Errors name the file (and the field).
+[[nodiscard]] qkd::core::Result<Config> load_config(const std::filesystem::path& file);
+
+}  // namespace qkd::kms

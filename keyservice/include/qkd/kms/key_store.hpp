@@ -1,0 +1,111 @@
+// The key store: the link's key pool, split by direction, and the keys assigned from it.
+//
+// Pool layout. Both KMEs of a link append the same committed BB84 key bytes in the same
+// order, so a byte's position in the pool names the same byte on both ends. The pool is cut
+// into fixed 32-byte chunks; even chunks belong to direction kAlice (allocatable only by the
+// alice-role KME), odd chunks to kBob. Each direction is read as its own byte stream
+// ("direction offset"). A KME allocates enc_keys only from its own direction, strictly in
+// order, so two KMEs serving enc_keys at the same time can never hand out the same byte.
+// The peer learns each assignment from a notice (KeyAssignment) carried over the link and
+// takes the same bytes out of the other direction of its own pool.
+//
+// Delivered key material is removed and cleansed: a byte leaves the pool when it is
+// allocated (own direction) or assigned by a notice (peer direction); a peer-assigned key
+// is cleansed when dec_keys delivers it.
+//
+// The interface allows a persistent implementation (SQLite, a later issue); MemoryKeyStore
+// is the in-memory one. All methods are thread-safe.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "qkd/core/result.hpp"
+#include "qkd/core/secure_bytes.hpp"
+
+namespace qkd::kms {
+
+using qkd::core::Error;
+using qkd::core::ErrorCode;
+using qkd::core::Result;
+using qkd::core::Status;
+
+inline constexpr std::size_t kChunkBytes = 32;
+
+enum class Direction : std::uint8_t { kAlice = 0, kBob = 1 };
+
+// Where a key lives in the pool and who may fetch it. Sent to the peer KME as a notice.
+struct KeyAssignment {
+  std::string key_id;
+  Direction direction = Direction::kAlice;
+  std::uint64_t offset = 0;  // direction offset, bytes
+  std::uint32_t length = 0;  // bytes
+  std::string master_sae;
+  std::vector<std::string> slave_saes;  // the slave first, then additional slaves
+};
+
+struct DeliveredKey {
+  std::string key_id;
+  qkd::core::SecureBytes key;
+};
+
+struct StoreStats {
+  std::uint64_t committed_bytes = 0;        // whole pool since the last reset
+  std::uint64_t own_available_bytes = 0;    // allocatable by this KME (enc_keys)
+  std::uint64_t peer_available_bytes = 0;   // not yet assigned by the peer
+  std::uint64_t assigned_keys_waiting = 0;  // peer-assigned keys not yet delivered (dec_keys)
+  std::uint64_t pending_notices = 0;        // notices for bytes not committed yet
+};
+
+// Error codes used by the store (mapped to HTTP statuses in one place, etsi_api.cpp):
+//   kInvalidArgument  -> 400 (e.g. key not found)
+//   kAuthentication   -> 401 (caller or master does not match the key)
+//   kUnavailable      -> 503 (not enough key)
+class KeyStore {
+ public:
+  virtual ~KeyStore() = default;
+
+  // Called with each allocation's assignments while the allocation is still exclusive, so
+  // that notices leave in allocation order. Must not call back into the store.
+  using AssignmentListener = std::function<void(const std::vector<KeyAssignment>&)>;
+  virtual void set_assignment_listener(AssignmentListener listener) = 0;
+
+  // --- link side ---
+  // Appends a committed block's key bytes to the pool.
+  virtual void commit(std::span<const std::uint8_t> block_key) = 0;
+  // Forgets the pool (unassigned bytes and notices waiting for bytes), e.g. when the peer
+  // lost its pool. Keys already assigned stay deliverable.
+  virtual void reset_pool() = 0;
+  // Records the peer's assignment. Bytes not committed yet: kept until they are. An
+  // assignment that overlaps bytes already used is refused (kProtocol).
+  [[nodiscard]] virtual Status apply_peer_assignment(KeyAssignment assignment) = 0;
+
+  // --- API side ---
+  // enc_keys: exactly `number` keys of `size_bytes` bytes from this KME's direction, each
+  // with a fresh random UUID, or an error (kUnavailable when there is not enough key).
+  [[nodiscard]] virtual Result<std::vector<DeliveredKey>> allocate(
+      const std::string& master_sae, const std::vector<std::string>& slave_saes,
+      std::uint32_t number, std::uint32_t size_bytes) = 0;
+  // dec_keys: all of `key_ids` or none. Waits up to `wait` for assignments not heard of
+  // yet. kInvalidArgument if one is unknown or already delivered; kAuthentication if the
+  // caller is not an allowed slave of every key or `master_sae` is not each key's master.
+  [[nodiscard]] virtual Result<std::vector<DeliveredKey>> take(
+      const std::string& caller_sae, const std::string& master_sae,
+      const std::vector<std::string>& key_ids, std::chrono::milliseconds wait) = 0;
+
+  [[nodiscard]] virtual StoreStats stats() const = 0;
+};
+
+// In-memory store for the KME whose allocatable direction is `own`.
+[[nodiscard]] std::unique_ptr<KeyStore> make_memory_key_store(Direction own);
+
+// Direction-offset arithmetic, exposed for tests: number of bytes of direction `d` present
+// in a pool of `committed` bytes.
+[[nodiscard]] std::uint64_t direction_bytes(std::uint64_t committed, Direction d);
+
+}  // namespace qkd::kms

@@ -1,0 +1,97 @@
+// One TLS 1.3 connection between two KMEs, carrying framed messages tagged by channel.
+//
+// Frame: channel (1 byte) | payload length (4 bytes, big-endian) | payload. Frames larger
+// than kMaxFrameBytes close the connection. Incoming frames are queued per channel;
+// quantum and classical frames are read through MessageTransport adapters (the BB84
+// engine), control frames through their own queue or a callback. All I/O runs on one
+// strand of the link io_context; send() and the queues are safe from any thread. A ping
+// every 5 s keeps the connection alive; 30 s without any frame closes it.
+#pragma once
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "qkd/core/link.hpp"
+#include "qkd/core/result.hpp"
+
+namespace qkd::kms {
+
+enum class Channel : std::uint8_t { kQuantum = 1, kClassical = 2, kControl = 3, kPing = 4 };
+
+inline constexpr std::uint32_t kMaxFrameBytes = 64u << 20;
+
+// A thread-safe message queue that can be closed (wakes all waiters with kClosed).
+class MessageQueue {
+ public:
+  void push(std::vector<std::uint8_t> msg);
+  [[nodiscard]] qkd::core::Result<std::vector<std::uint8_t>> pop(std::chrono::milliseconds timeout);
+  void close();
+  [[nodiscard]] bool closed() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::vector<std::uint8_t>> q_;
+  bool closed_ = false;
+};
+
+class LinkConnection : public std::enable_shared_from_this<LinkConnection> {
+ public:
+  struct Impl;
+  // Called on the connection's strand for every control frame, in arrival order. If it
+  // returns false the connection is closed.
+  using ControlHandler = std::function<bool(std::vector<std::uint8_t>)>;
+
+  // Connects (TCP + TLS as client) and checks that the peer's CN is `peer_id`.
+  [[nodiscard]] static qkd::core::Result<std::shared_ptr<LinkConnection>> connect(
+      boost::asio::io_context& ioc, boost::asio::ssl::context& tls, const std::string& host,
+      std::uint16_t port, const std::string& peer_id, std::chrono::milliseconds timeout);
+
+  // Wraps an accepted, already handshaken server-side stream (used by LinkAcceptor).
+  explicit LinkConnection(std::unique_ptr<Impl> impl);
+  ~LinkConnection();
+
+  // Starts reading. Control frames go to `on_control`; `on_close` runs once when the
+  // connection closes (any thread; keep it short and non-blocking).
+  void start(ControlHandler on_control, std::function<void()> on_close);
+  // Queues a frame for sending; fails if the connection is closed.
+  [[nodiscard]] qkd::core::Status send(Channel ch, std::vector<std::uint8_t> payload);
+  void close();
+  [[nodiscard]] bool closed() const;
+  [[nodiscard]] const std::string& peer() const;
+
+  // The engine's view of one channel (quantum or classical).
+  [[nodiscard]] std::unique_ptr<qkd::core::MessageTransport> transport(Channel ch);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Accepts link connections (TLS server), keeps only peers whose CN is `peer_id`, and hands
+// each one to `on_connection` (on the io_context).
+class LinkAcceptor {
+ public:
+  using OnConnection = std::function<void(std::shared_ptr<LinkConnection>)>;
+  LinkAcceptor(boost::asio::io_context& ioc, std::shared_ptr<boost::asio::ssl::context> tls,
+               std::string peer_id, OnConnection on_connection);
+  ~LinkAcceptor();
+  [[nodiscard]] qkd::core::Result<std::uint16_t> listen(const std::string& host,
+                                                        std::uint16_t port);
+  void stop();
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace qkd::kms

@@ -1,0 +1,69 @@
+// The KME side of one QKD link: connection management, the BB84 block loop, the commit
+// handshake and the key-assignment notices.
+//
+// Roles. The alice-role KME listens on link.listen, the bob-role KME connects to
+// link.connect (reconnecting with backoff, 100 ms doubling up to 5 s). One connection at a
+// time; a new authenticated connection from the peer replaces the old one.
+//
+// Session start (control channel, JSON messages). Alice sends hello{epoch, blocks}; Bob
+// answers state{epoch, blocks, pending}; Alice decides and sends decision{mode, epoch,
+// commit_pending}:
+//   - resume when both hold the same epoch and the same number of committed blocks, or
+//     Bob holds as pending exactly the one block Alice committed last (commit_pending);
+//   - reset otherwise (e.g. a KME restarted): both forget their pools and start a new epoch.
+// Then each side resends the notices the peer has not acknowledged.
+//
+// Block loop. Alice sends start{block} and both run one BB84 block. Bob keeps his result as
+// *pending* and sends ready{block, bytes} (bytes = 0 if the block aborted or failed).
+// Alice commits only when her block succeeded and Bob's ready matches (same block, same
+// length), then sends commit{block}; Bob commits his pending block on that message. So a
+// block enters the pool on both ends or on neither: if the link drops between Alice's
+// commit and Bob's, the next session start resolves Bob's pending block (resume with
+// commit_pending). A block in flight when the link drops is discarded on both sides, and
+// the next session starts BB84 afresh (new endpoints, new seeds).
+//
+// Notices. Every enc_keys allocation produces notice{seq, keys:[{id, dir, off, len, master,
+// slaves}]} queued in an outbox in allocation order; the peer applies notices in order
+// (ignoring seq numbers it has applied) and answers ack{seq}. Unacknowledged notices are
+// resent after a resume; they are dropped on a reset (the peer lost the pool they refer to).
+//
+// The alice-role KME pauses the block loop while both directions of the pool hold at least
+// keys.max_key_count keys of keys.key_size.
+#pragma once
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <cstdint>
+#include <memory>
+
+#include "qkd/core/result.hpp"
+#include "qkd/kms/api.hpp"
+#include "qkd/kms/config.hpp"
+#include "qkd/kms/key_store.hpp"
+
+namespace qkd::kms {
+
+class LinkService {
+ public:
+  // `ioc` runs the link I/O (on another thread); `tls` is this KME's context for the
+  // link's role (server for alice, client for bob).
+  LinkService(const Config& config, KeyStore& store, boost::asio::io_context& ioc,
+              std::shared_ptr<boost::asio::ssl::context> tls);
+  ~LinkService();
+  LinkService(const LinkService&) = delete;
+  LinkService& operator=(const LinkService&) = delete;
+
+  // Alice: binds link.listen and returns the bound port. Bob: returns 0. Then starts the
+  // runner thread.
+  [[nodiscard]] qkd::core::Result<std::uint16_t> start();
+  // Closes the connection and joins the runner thread. Idempotent.
+  void stop();
+
+  [[nodiscard]] LinkStats stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace qkd::kms

@@ -1,0 +1,29 @@
+// TLS contexts for the ETSI API (server, mutual TLS) and the KME-to-KME link (both ends
+// authenticate with the KME certificate). TLS 1.3 only; peers are verified against the CA.
+#pragma once
+
+#include <boost/asio/ssl/context.hpp>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <openssl/ssl.h>
+
+#include "qkd/core/result.hpp"
+#include "qkd/kms/config.hpp"
+
+namespace qkd::kms {
+
+enum class TlsRole { kServer, kClient };
+
+// A context that presents `api.cert`/`api.key`, requires and verifies the peer's
+// certificate against `api.ca` (a peer without a verifiable certificate fails the
+// handshake) and allows only TLS 1.3.
+[[nodiscard]] qkd::core::Result<std::shared_ptr<boost::asio::ssl::context>> make_tls_context(
+    const ApiConfig& api, TlsRole role);
+
+// The subject CN of the verified peer certificate, or nullopt if there is none (or it has
+// no single CN).
+[[nodiscard]] std::optional<std::string> peer_common_name(SSL* ssl);
+
+}  // namespace qkd::kms

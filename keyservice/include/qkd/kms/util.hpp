@@ -1,0 +1,36 @@
+// Small helpers shared by the KME layers: UUIDs, base64, hex, URL decoding.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qkd/core/result.hpp"
+#include "qkd/core/secure_bytes.hpp"
+
+namespace qkd::kms {
+
+// A random (version 4, RFC 9562) UUID from OpenSSL's RAND_bytes, lower-case, 36 chars.
+// Never derived from key material. Fails only if the DRBG fails.
+[[nodiscard]] qkd::core::Result<std::string> random_uuid_v4();
+
+// True for the canonical 8-4-4-4-12 hexadecimal form (any case).
+[[nodiscard]] bool is_uuid(std::string_view s);
+
+// RFC 4648 base64 with padding.
+[[nodiscard]] std::string base64_encode(std::span<const std::uint8_t> bytes);
+
+// Hex string (upper or lower case, even length) to bytes; nullopt on a bad digit or length.
+[[nodiscard]] std::optional<qkd::core::SecureBytes> hex_decode(std::string_view hex);
+
+// Percent-decoding of a URL path segment or query value ('+' decodes to ' ' only when
+// `plus_is_space`). nullopt on a malformed escape or a decoded NUL.
+[[nodiscard]] std::optional<std::string> url_decode(std::string_view s, bool plus_is_space);
+
+// A random 64-bit value from RAND_bytes (seeds, epochs); falls back to nothing: fails.
+[[nodiscard]] qkd::core::Result<std::uint64_t> random_u64();
+
+}  // namespace qkd::kms

@@ -1,0 +1,400 @@
+// Strict JSON config parsing: every error names the file and the field.
+#include "qkd/kms/config.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <fmt/format.h>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "qkd/kms/util.hpp"
+
+namespace qkd::kms {
+
+using json = nlohmann::json;
+using qkd::core::ErrorCode;
+using qkd::core::make_error;
+using qkd::core::Result;
+
+std::string HostPort::to_string() const {
+  if (host.find(':') != std::string::npos) {
+    return fmt::format("[{}]:{}", host, port);
+  }
+  return fmt::format("{}:{}", host, port);
+}
+
+namespace {
+
+// Thrown only inside this file and caught in parse_config (the edge).
+struct ConfigError {
+  std::string field;
+  std::string what;
+};
+
+[[noreturn]] void fail(const std::string& field, std::string what) {
+  throw ConfigError{field, std::move(what)};
+}
+
+std::string join(const std::string& prefix, const std::string& key) {
+  return prefix.empty() ? key : prefix + "." + key;
+}
+
+// Reads one JSON object, remembering which keys were read, and rejects the others.
+class ObjectReader {
+ public:
+  ObjectReader(const json& j, std::string path) : j_(j), path_(std::move(path)) {
+    if (!j_.is_object()) {
+      fail(path_.empty() ? "(top level)" : path_, "expected an object");
+    }
+  }
+
+  [[nodiscard]] bool has(const std::string& key) {
+    known_.insert(key);
+    return j_.contains(key);
+  }
+  const json& get(const std::string& key) {
+    known_.insert(key);
+    if (!j_.contains(key)) {
+      fail(field(key), "missing");
+    }
+    return j_.at(key);
+  }
+  [[nodiscard]] std::string field(const std::string& key) const { return join(path_, key); }
+
+  std::string string(const std::string& key) {
+    const json& v = get(key);
+    if (!v.is_string()) {
+      fail(field(key), "expected a string");
+    }
+    auto s = v.get<std::string>();
+    if (s.empty()) {
+      fail(field(key), "must not be empty");
+    }
+    return s;
+  }
+
+  std::uint64_t unsigned_int(const std::string& key, std::uint64_t lo, std::uint64_t hi) {
+    const json& v = get(key);
+    if (!v.is_number_integer() || (v.is_number_integer() && !v.is_number_unsigned() &&
+                                   v.get<std::int64_t>() < 0)) {
+      fail(field(key), "expected a non-negative integer");
+    }
+    const auto n = v.get<std::uint64_t>();
+    if (n < lo || n > hi) {
+      fail(field(key), fmt::format("must be between {} and {}", lo, hi));
+    }
+    return n;
+  }
+
+  double number(const std::string& key, double lo, double hi) {
+    const json& v = get(key);
+    if (!v.is_number()) {
+      fail(field(key), "expected a number");
+    }
+    const auto d = v.get<double>();
+    if (!(d >= lo && d <= hi)) {
+      fail(field(key), fmt::format("must be between {} and {}", lo, hi));
+    }
+    return d;
+  }
+
+  std::vector<std::string> string_list(const std::string& key) {
+    const json& v = get(key);
+    if (!v.is_array() || v.empty()) {
+      fail(field(key), "expected a non-empty array of strings");
+    }
+    std::vector<std::string> out;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if (!v[i].is_string() || v[i].get<std::string>().empty()) {
+        fail(fmt::format("{}[{}]", field(key), i), "expected a non-empty string");
+      }
+      auto s = v[i].get<std::string>();
+      if (std::find(out.begin(), out.end(), s) != out.end()) {
+        fail(fmt::format("{}[{}]", field(key), i), fmt::format("duplicate \"{}\"", s));
+      }
+      out.push_back(std::move(s));
+    }
+    return out;
+  }
+
+  // Call last: any key not read is unknown.
+  void finish() const {
+    for (const auto& [k, _] : j_.items()) {
+      if (!known_.contains(k)) {
+        fail(field(k), "unknown key");
+      }
+    }
+  }
+
+ private:
+  const json& j_;
+  std::string path_;
+  std::set<std::string> known_;
+};
+
+HostPort parse_host_port(const std::string& field, const std::string& s) {
+  const auto colon = s.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == s.size()) {
+    fail(field, "expected \"host:port\"");
+  }
+  std::string host = s.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  const std::string port_text = s.substr(colon + 1);
+  unsigned port = 0;
+  auto [ptr, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (ec != std::errc{} || ptr != port_text.data() + port_text.size() || port > 65535) {
+    fail(field, "port must be a number from 0 to 65535");
+  }
+  return HostPort{host, static_cast<std::uint16_t>(port)};
+}
+
+std::filesystem::path resolve(const std::filesystem::path& base, const std::string& p) {
+  std::filesystem::path path(p);
+  return path.is_absolute() ? path : base / path;
+}
+
+void check_readable(const std::string& field, const std::filesystem::path& p, bool check) {
+  if (!check) {
+    return;
+  }
+  std::ifstream f(p);
+  if (!f) {
+    fail(field, fmt::format("cannot read {}", p.string()));
+  }
+}
+
+qkd::core::SecureBytes parse_psk_hex(const std::string& field, std::string_view hex) {
+  auto bytes = hex_decode(hex);
+  if (!bytes) {
+    fail(field, "expected an even number of hexadecimal digits");
+  }
+  if (bytes->size() < 32) {
+    fail(field, fmt::format("must be at least 32 bytes (64 hex digits), got {}", bytes->size()));
+  }
+  return std::move(*bytes);
+}
+
+KeysConfig parse_keys(ObjectReader& top) {
+  KeysConfig k;
+  if (!top.has("keys")) {
+    return k;
+  }
+  ObjectReader r(top.get("keys"), "keys");
+  constexpr std::uint64_t kMaxBits = 1u << 20;
+  auto bits = [&](const char* name, std::uint32_t& out) {
+    if (r.has(name)) {
+      out = static_cast<std::uint32_t>(r.unsigned_int(name, 8, kMaxBits));
+      if (out % 8 != 0) {
+        fail(r.field(name), "must be a multiple of 8");
+      }
+    }
+  };
+  bits("key_size", k.key_size);
+  bits("min_key_size", k.min_key_size);
+  bits("max_key_size", k.max_key_size);
+  if (r.has("max_key_per_request")) {
+    k.max_key_per_request =
+        static_cast<std::uint32_t>(r.unsigned_int("max_key_per_request", 1, 100000));
+  }
+  if (r.has("max_key_count")) {
+    k.max_key_count = r.unsigned_int("max_key_count", 1, 1'000'000'000);
+  }
+  if (r.has("dec_wait_ms")) {
+    k.dec_wait_ms = static_cast<std::uint32_t>(r.unsigned_int("dec_wait_ms", 0, 600'000));
+  }
+  r.finish();
+  if (k.min_key_size > k.max_key_size) {
+    fail("keys.min_key_size", "must not exceed keys.max_key_size");
+  }
+  if (k.key_size < k.min_key_size || k.key_size > k.max_key_size) {
+    fail("keys.key_size", "must lie between keys.min_key_size and keys.max_key_size");
+  }
+  return k;
+}
+
+qkd::core::ChannelParams parse_channel(ObjectReader& link) {
+  qkd::core::ChannelParams c;
+  if (!link.has("channel")) {
+    return c;
+  }
+  ObjectReader r(link.get("channel"), "link.channel");
+  if (r.has("length_km")) c.length_km = r.number("length_km", 0, 1000);
+  if (r.has("loss_db_per_km")) c.loss_db_per_km = r.number("loss_db_per_km", 0, 10);
+  if (r.has("detector_efficiency"))
+    c.detector_efficiency = r.number("detector_efficiency", 0, 1);
+  if (r.has("dark_count_prob")) c.dark_count_prob = r.number("dark_count_prob", 0, 1);
+  if (r.has("misalignment")) c.misalignment = r.number("misalignment", 0, 0.5);
+  if (r.has("eve_intercept_fraction"))
+    c.eve_intercept_fraction = r.number("eve_intercept_fraction", 0, 1);
+  if (r.has("pulse_rate_hz")) c.pulse_rate_hz = r.number("pulse_rate_hz", 1, 1e12);
+  r.finish();
+  if (c.detector_efficiency <= 0) {
+    fail("link.channel.detector_efficiency", "must be greater than 0");
+  }
+  return c;
+}
+
+qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
+  qkd::core::ProtocolParams p;
+  if (!link.has("protocol")) {
+    return p;
+  }
+  ObjectReader r(link.get("protocol"), "link.protocol");
+  if (r.has("pulses_per_block"))
+    p.pulses_per_block = r.unsigned_int("pulses_per_block", 1000, 10'000'000'000ULL);
+  if (r.has("sample_fraction")) p.sample_fraction = r.number("sample_fraction", 0.001, 0.9);
+  if (r.has("qber_abort")) p.qber_abort = r.number("qber_abort", 0.0, 0.5);
+  if (r.has("cascade_passes"))
+    p.cascade_passes = static_cast<std::uint32_t>(r.unsigned_int("cascade_passes", 1, 64));
+  if (r.has("verify_hash_bits"))
+    p.verify_hash_bits = static_cast<std::uint32_t>(r.unsigned_int("verify_hash_bits", 32, 256));
+  if (r.has("safety_margin")) p.safety_margin = r.number("safety_margin", 0.0, 0.9);
+  if (r.has("message_timeout_ms"))
+    p.message_timeout = std::chrono::milliseconds(r.unsigned_int("message_timeout_ms", 100, 600'000));
+  r.finish();
+  return p;
+}
+
+LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool check_files) {
+  ObjectReader r(top.get("link"), "link");
+  LinkConfig l;
+  l.peer_kme_id = r.string("peer_kme_id");
+  l.peer_saes = r.string_list("peer_saes");
+  const std::string role = r.string("role");
+  if (role == "alice") {
+    l.role = LinkRole::kAlice;
+  } else if (role == "bob") {
+    l.role = LinkRole::kBob;
+  } else {
+    fail(r.field("role"), "must be \"alice\" or \"bob\"");
+  }
+  const bool has_listen = r.has("listen");
+  const bool has_connect = r.has("connect");
+  if (l.role == LinkRole::kAlice) {
+    if (has_connect) {
+      fail(r.field("connect"), "not allowed with role \"alice\" (use link.listen)");
+    }
+    l.listen = parse_host_port(r.field("listen"), r.string("listen"));
+  } else {
+    if (has_listen) {
+      fail(r.field("listen"), "not allowed with role \"bob\" (use link.connect)");
+    }
+    l.connect = parse_host_port(r.field("connect"), r.string("connect"));
+    if (l.connect.port == 0) {
+      fail(r.field("connect"), "port 0 is not a valid destination");
+    }
+  }
+  const bool has_hex = r.has("psk_hex");
+  const bool has_file = r.has("psk_file");
+  if (has_hex == has_file) {
+    fail(r.field("psk_hex"), "give exactly one of link.psk_hex and link.psk_file");
+  }
+  if (has_hex) {
+    l.psk = parse_psk_hex(r.field("psk_hex"), r.string("psk_hex"));
+  } else {
+    const auto path = resolve(base, r.string("psk_file"));
+    std::ifstream f(path);
+    if (!f) {
+      fail(r.field("psk_file"), fmt::format("cannot read {}", path.string()));
+    }
+    std::stringstream ss;
+    ss << f.rdbuf();
+    std::string text = ss.str();
+    while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) {
+      text.pop_back();
+    }
+    l.psk = parse_psk_hex(r.field("psk_file"), text);
+    std::fill(text.begin(), text.end(), '\0');
+  }
+  (void)check_files;
+  l.channel = parse_channel(r);
+  l.protocol = parse_protocol(r);
+  r.finish();
+  return l;
+}
+
+Config parse_or_throw(std::string_view text, const std::filesystem::path& base,
+                      bool check_files) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    fail("(JSON)", e.what());
+  }
+  ObjectReader top(j, "");
+  Config c;
+  c.kme_id = top.string("kme_id");
+  {
+    ObjectReader a(top.get("api"), "api");
+    c.api.listen = parse_host_port(a.field("listen"), a.string("listen"));
+    c.api.cert = resolve(base, a.string("cert"));
+    c.api.key = resolve(base, a.string("key"));
+    c.api.ca = resolve(base, a.string("ca"));
+    check_readable("api.cert", c.api.cert, check_files);
+    check_readable("api.key", c.api.key, check_files);
+    check_readable("api.ca", c.api.ca, check_files);
+    a.finish();
+  }
+  c.saes = top.string_list("saes");
+  c.keys = parse_keys(top);
+  c.link = parse_link(top, base, check_files);
+  if (top.has("log_level")) {
+    static const std::vector<std::string> kLevels = {"trace", "debug", "info",    "warn",
+                                                     "error", "critical", "off"};
+    c.log_level = top.string("log_level");
+    if (std::find(kLevels.begin(), kLevels.end(), c.log_level) == kLevels.end()) {
+      fail("log_level", "must be one of trace, debug, info, warn, error, critical, off");
+    }
+  }
+  top.finish();
+  for (std::size_t i = 0; i < c.link.peer_saes.size(); ++i) {
+    if (std::find(c.saes.begin(), c.saes.end(), c.link.peer_saes[i]) != c.saes.end()) {
+      fail(fmt::format("link.peer_saes[{}]", i), "an SAE cannot be served by both KMEs");
+    }
+  }
+  if (auto st = qkd::core::validate(c.link.channel); !st.ok()) {
+    fail("link.channel", st.error().message);
+  }
+  if (auto st = qkd::core::validate(c.link.protocol); !st.ok()) {
+    fail("link.protocol", st.error().message);
+  }
+  if (c.link.peer_kme_id == c.kme_id) {
+    fail("link.peer_kme_id", "must differ from kme_id");
+  }
+  return c;
+}
+
+}  // namespace
+
+Result<Config> parse_config(std::string_view text, std::string_view source_name,
+                            const std::filesystem::path& base_dir, bool check_files) {
+  try {
+    Config c = parse_or_throw(text, base_dir, check_files);
+    c.source = std::string(source_name);
+    return c;
+  } catch (const ConfigError& e) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("{}: {}: {}", source_name, e.field, e.what));
+  } catch (const std::exception& e) {
+    return make_error(ErrorCode::kInvalidArgument, fmt::format("{}: {}", source_name, e.what()));
+  }
+}
+
+Result<Config> load_config(const std::filesystem::path& file) {
+  std::ifstream f(file, std::ios::binary);
+  if (!f) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("{}: cannot open config file", file.string()));
+  }
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const auto base = file.has_parent_path() ? file.parent_path() : std::filesystem::path(".");
+  return parse_config(ss.str(), file.string(), base, true);
+}
+
+}  // namespace qkd::kms

@@ -1,0 +1,284 @@
+// ETSI GS QKD 014 handlers: (caller SAE ID, request) -> response, over the key store.
+#include <algorithm>
+#include <charconv>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "qkd/kms/api.hpp"
+#include "qkd/kms/util.hpp"
+
+namespace qkd::kms {
+
+using json = nlohmann::json;
+
+namespace {
+
+constexpr const char* kNotFound = "one or more keys specified are not found on KME";
+constexpr const char* kExtMandatory = "not all extension_mandatory parameters are supported";
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+// Parses a decimal query value into [0, 2^32); nullopt otherwise.
+std::optional<std::uint32_t> parse_u32(const std::string& s) {
+  std::uint32_t v = 0;
+  if (s.empty()) {
+    return std::nullopt;
+  }
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc{} || p != s.data() + s.size()) {
+    return std::nullopt;
+  }
+  return v;
+}
+
+ApiResponse json_response(const json& j) { return ApiResponse{200, j.dump()}; }
+
+json key_container(const std::vector<DeliveredKey>& keys) {
+  json arr = json::array();
+  for (const auto& k : keys) {
+    arr.push_back({{"key_ID", k.key_id}, {"key", base64_encode(k.key.span())}});
+  }
+  return json{{"keys", std::move(arr)}};
+}
+
+// A parsed Key request (enc_keys).
+struct KeyRequest {
+  std::uint32_t number = 1;
+  std::uint32_t size = 0;
+  std::vector<std::string> additional_slaves;
+};
+
+}  // namespace
+
+EtsiService::EtsiService(const Config& config, KeyStore& store,
+                         std::function<LinkStats()> link_stats)
+    : config_(config), store_(store), link_stats_(std::move(link_stats)) {
+  router_.add("GET", "/api/v1/keys/{slave}/status",
+              [this](const std::string& c, const ApiRequest&, const RouteMatch& m) {
+                return status(c, m.params.at("slave"));
+              });
+  for (const char* method : {"GET", "POST"}) {
+    router_.add(method, "/api/v1/keys/{slave}/enc_keys",
+                [this](const std::string& c, const ApiRequest& r, const RouteMatch& m) {
+                  return enc_keys(c, m.params.at("slave"), r, m);
+                });
+    router_.add(method, "/api/v1/keys/{master}/dec_keys",
+                [this](const std::string& c, const ApiRequest& r, const RouteMatch& m) {
+                  return dec_keys(c, m.params.at("master"), r, m);
+                });
+  }
+}
+
+std::uint32_t EtsiService::max_sae_id_count() const {
+  // Additional slaves must be SAEs of the same peer KME (no relay yet).
+  return static_cast<std::uint32_t>(config_.link.peer_saes.size() - 1);
+}
+
+ApiResponse EtsiService::handle(const std::string& caller, const ApiRequest& req) const {
+  if (!contains(config_.saes, caller)) {
+    return error_response(401, "");
+  }
+  try {
+    return router_.dispatch(caller, req);
+  } catch (const std::exception& e) {  // the edge: nothing escapes a handler
+    return error_response(503, fmt::format("internal error: {}", e.what()));
+  }
+}
+
+ApiResponse EtsiService::status(const std::string& caller, const std::string& slave) const {
+  if (!contains(config_.link.peer_saes, slave)) {
+    return error_response(
+        400, fmt::format("slave SAE \"{}\" is not reachable from this KME", slave));
+  }
+  const StoreStats st = store_.stats();
+  const std::uint64_t key_bytes = config_.keys.key_size / 8;
+  const std::uint64_t stored =
+      std::min<std::uint64_t>(st.own_available_bytes / key_bytes, config_.keys.max_key_count);
+  const LinkStats ls = link_stats_ ? link_stats_() : LinkStats{};
+  json link = {{"state", ls.up ? "up" : "down"},
+               {"qber", ls.qber},
+               {"raw_key_rate_bps", ls.raw_key_rate_bps},
+               {"sifted_key_rate_bps", ls.sifted_key_rate_bps},
+               {"secret_key_rate_bps", ls.secret_key_rate_bps},
+               {"blocks", ls.blocks},
+               {"aborted_blocks", ls.aborted_blocks},
+               {"last_abort_reason", ls.last_abort_reason}};
+  json j = {{"source_KME_ID", config_.kme_id},
+            {"target_KME_ID", config_.link.peer_kme_id},
+            {"master_SAE_ID", caller},
+            {"slave_SAE_ID", slave},
+            {"key_size", config_.keys.key_size},
+            {"stored_key_count", stored},
+            {"max_key_count", config_.keys.max_key_count},
+            {"max_key_per_request", config_.keys.max_key_per_request},
+            {"max_key_size", config_.keys.max_key_size},
+            {"min_key_size", config_.keys.min_key_size},
+            {"max_SAE_ID_count", max_sae_id_count()},
+            {"status_extension", {{"link", std::move(link)}}}};
+  return json_response(j);
+}
+
+ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& slave,
+                                  const ApiRequest& req, const RouteMatch& m) const {
+  if (!contains(config_.link.peer_saes, slave)) {
+    return error_response(
+        400, fmt::format("slave SAE \"{}\" is not reachable from this KME", slave));
+  }
+  KeyRequest kr;
+  kr.size = config_.keys.key_size;
+  if (req.method == "GET") {
+    for (const auto& [k, v] : m.query) {
+      if (k != "number" && k != "size") {
+        return error_response(
+            400, fmt::format("enc_keys by GET takes only number and size, not \"{}\"", k));
+      }
+      if (m.query.count(k) > 1) {
+        return error_response(400, fmt::format("query parameter {} given twice", k));
+      }
+      auto n = parse_u32(v);
+      if (!n) {
+        return error_response(400, fmt::format("{} must be a non-negative integer", k));
+      }
+      (k == "number" ? kr.number : kr.size) = *n;
+    }
+  } else if (!req.body.empty()) {
+    json j = json::parse(req.body, nullptr, false);
+    if (j.is_discarded()) {
+      return error_response(400, "malformed JSON in the key request");
+    }
+    if (!j.is_object()) {
+      return error_response(400, "the key request must be a JSON object");
+    }
+    auto read_u32 = [&](const char* name, std::uint32_t& out) -> std::optional<ApiResponse> {
+      if (!j.contains(name)) {
+        return std::nullopt;
+      }
+      const json& v = j.at(name);
+      if (!v.is_number_unsigned() || v.get<std::uint64_t>() > 0xFFFFFFFFu) {
+        return error_response(400, fmt::format("{} must be a non-negative integer", name));
+      }
+      out = v.get<std::uint32_t>();
+      return std::nullopt;
+    };
+    if (auto e = read_u32("number", kr.number)) {
+      return *e;
+    }
+    if (auto e = read_u32("size", kr.size)) {
+      return *e;
+    }
+    if (j.contains("additional_slave_SAE_IDs")) {
+      const json& a = j.at("additional_slave_SAE_IDs");
+      if (!a.is_array()) {
+        return error_response(400, "additional_slave_SAE_IDs must be an array of strings");
+      }
+      for (const json& s : a) {
+        if (!s.is_string()) {
+          return error_response(400, "additional_slave_SAE_IDs must be an array of strings");
+        }
+        kr.additional_slaves.push_back(s.get<std::string>());
+      }
+    }
+    for (const char* ext : {"extension_mandatory", "extension_optional"}) {
+      if (j.contains(ext)) {
+        const json& e = j.at(ext);
+        if (!e.is_array() ||
+            !std::all_of(e.begin(), e.end(), [](const json& x) { return x.is_object(); })) {
+          return error_response(400, fmt::format("{} must be an array of objects", ext));
+        }
+      }
+    }
+    // No vendor extension is supported yet: any mandatory one fails the request; optional
+    // ones are ignored (allowed by the standard).
+    if (j.contains("extension_mandatory") && !j.at("extension_mandatory").empty()) {
+      return error_response(400, kExtMandatory);
+    }
+  }
+
+  const KeysConfig& kc = config_.keys;
+  if (kr.number < 1) {
+    return error_response(400, "number must be at least 1");
+  }
+  if (kr.number > kc.max_key_per_request) {
+    return error_response(400, fmt::format("number {} exceeds max_key_per_request ({})",
+                                           kr.number, kc.max_key_per_request));
+  }
+  if (kr.size % 8 != 0) {
+    return error_response(400, "size shall be a multiple of 8");
+  }
+  if (kr.size < kc.min_key_size) {
+    return error_response(
+        400, fmt::format("size {} is below min_key_size ({})", kr.size, kc.min_key_size));
+  }
+  if (kr.size > kc.max_key_size) {
+    return error_response(
+        400, fmt::format("size {} exceeds max_key_size ({})", kr.size, kc.max_key_size));
+  }
+  if (kr.additional_slaves.size() > max_sae_id_count()) {
+    return error_response(400, fmt::format("additional_slave_SAE_IDs: at most {} allowed",
+                                           max_sae_id_count()));
+  }
+  std::vector<std::string> slaves{slave};
+  for (const auto& s : kr.additional_slaves) {
+    if (!contains(config_.link.peer_saes, s) || contains(slaves, s)) {
+      return error_response(
+          400, fmt::format("additional slave SAE \"{}\" is unknown or repeated", s));
+    }
+    slaves.push_back(s);
+  }
+  auto keys = store_.allocate(caller, slaves, kr.number, kr.size / 8);
+  if (!keys.ok()) {
+    return error_response(keys.error());
+  }
+  return json_response(key_container(keys.value()));
+}
+
+ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& master,
+                                  const ApiRequest& req, const RouteMatch& m) const {
+  std::vector<std::string> ids;
+  if (req.method == "GET") {
+    for (const auto& [k, v] : m.query) {
+      if (k != "key_ID") {
+        return error_response(
+            400, fmt::format("dec_keys by GET takes only key_ID, not \"{}\"", k));
+      }
+      ids.push_back(v);
+    }
+    if (ids.size() != 1) {
+      return error_response(400, "dec_keys by GET takes exactly one key_ID (use POST for more)");
+    }
+  } else {
+    json j = json::parse(req.body, nullptr, false);
+    if (j.is_discarded()) {
+      return error_response(400, "malformed JSON in the key IDs request");
+    }
+    if (!j.is_object() || !j.contains("key_IDs") || !j.at("key_IDs").is_array() ||
+        j.at("key_IDs").empty()) {
+      return error_response(400, "expected {\"key_IDs\": [{\"key_ID\": \"...\"}, ...]}");
+    }
+    for (const json& e : j.at("key_IDs")) {
+      if (!e.is_object() || !e.contains("key_ID") || !e.at("key_ID").is_string()) {
+        return error_response(400, "each key_IDs entry must be {\"key_ID\": \"<UUID>\"}");
+      }
+      ids.push_back(e.at("key_ID").get<std::string>());
+    }
+  }
+  if (ids.size() > config_.keys.max_key_per_request) {
+    return error_response(400, fmt::format("more than max_key_per_request ({}) key_IDs",
+                                           config_.keys.max_key_per_request));
+  }
+  for (const auto& id : ids) {
+    if (!is_uuid(id)) {
+      return error_response(400, kNotFound);
+    }
+  }
+  auto keys = store_.take(caller, master, ids,
+                          std::chrono::milliseconds(config_.keys.dec_wait_ms));
+  if (!keys.ok()) {
+    return error_response(keys.error());
+  }
+  return json_response(key_container(keys.value()));
+}
+
+}  // namespace qkd::kms

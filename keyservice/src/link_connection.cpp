@@ -1,0 +1,439 @@
+// Framed, channel-tagged messages over one TLS 1.3 connection between two KMEs.
+#include "qkd/kms/link_connection.hpp"
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/ssl.hpp>
+#include <fmt/format.h>
+#include <future>
+#include <spdlog/spdlog.h>
+
+#include "qkd/kms/tls.hpp"
+
+namespace qkd::kms {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+using tcp = asio::ip::tcp;
+using qkd::core::ErrorCode;
+using qkd::core::make_error;
+using Stream = beast::ssl_stream<beast::tcp_stream>;
+
+namespace {
+constexpr auto kIdleTimeout = std::chrono::seconds(30);
+constexpr auto kPingInterval = std::chrono::seconds(5);
+constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
+}  // namespace
+
+// --- MessageQueue ---
+
+void MessageQueue::push(std::vector<std::uint8_t> msg) {
+  {
+    std::lock_guard lock(mu_);
+    if (closed_) {
+      return;
+    }
+    q_.push_back(std::move(msg));
+  }
+  cv_.notify_one();
+}
+
+qkd::core::Result<std::vector<std::uint8_t>> MessageQueue::pop(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  if (!cv_.wait_for(lock, timeout, [&] { return closed_ || !q_.empty(); })) {
+    return make_error(ErrorCode::kTimeout, "link: no message within the timeout");
+  }
+  if (closed_) {
+    return make_error(ErrorCode::kClosed, "link: connection closed");
+  }
+  auto msg = std::move(q_.front());
+  q_.pop_front();
+  return msg;
+}
+
+void MessageQueue::close() {
+  {
+    std::lock_guard lock(mu_);
+    closed_ = true;
+    q_.clear();
+  }
+  cv_.notify_all();
+}
+
+bool MessageQueue::closed() const {
+  std::lock_guard lock(mu_);
+  return closed_;
+}
+
+// --- LinkConnection ---
+
+struct LinkConnection::Impl {
+  Impl(Stream&& s, std::string peer_name)
+      : stream(std::move(s)), peer(std::move(peer_name)), ping_timer(stream.get_executor()) {}
+
+  Stream stream;
+  std::string peer;
+  MessageQueue quantum;
+  MessageQueue classical;
+  ControlHandler on_control;
+  std::mutex close_mu;
+  std::function<void()> on_close;
+  std::deque<std::vector<std::uint8_t>> writes;  // encoded frames; strand only
+  bool writing = false;                           // strand only
+  std::atomic<bool> closed{false};
+  std::array<std::uint8_t, 5> header{};
+  std::vector<std::uint8_t> body;
+  asio::steady_timer ping_timer;
+};
+
+namespace {
+
+class ChannelTransport final : public qkd::core::MessageTransport {
+ public:
+  ChannelTransport(std::shared_ptr<LinkConnection> conn, Channel ch, MessageQueue& q)
+      : conn_(std::move(conn)), ch_(ch), q_(q) {}
+  qkd::core::Status send(std::vector<std::uint8_t> message) override {
+    return conn_->send(ch_, std::move(message));
+  }
+  qkd::core::Result<std::vector<std::uint8_t>> receive(std::chrono::milliseconds timeout) override {
+    return q_.pop(timeout);
+  }
+  void close() override { conn_->close(); }
+
+ private:
+  std::shared_ptr<LinkConnection> conn_;
+  Channel ch_;
+  MessageQueue& q_;
+};
+
+std::vector<std::uint8_t> encode_frame(Channel ch, std::vector<std::uint8_t> payload) {
+  std::vector<std::uint8_t> f;
+  f.reserve(payload.size() + 5);
+  f.push_back(static_cast<std::uint8_t>(ch));
+  const auto n = static_cast<std::uint32_t>(payload.size());
+  f.push_back(static_cast<std::uint8_t>(n >> 24));
+  f.push_back(static_cast<std::uint8_t>(n >> 16));
+  f.push_back(static_cast<std::uint8_t>(n >> 8));
+  f.push_back(static_cast<std::uint8_t>(n));
+  f.insert(f.end(), payload.begin(), payload.end());
+  std::fill(payload.begin(), payload.end(), 0);
+  return f;
+}
+
+// Read loop and write queue, as free functions over the shared connection.
+void do_read_header(const std::shared_ptr<LinkConnection>& self, LinkConnection::Impl& im);
+
+void do_read_body(const std::shared_ptr<LinkConnection>& self, LinkConnection::Impl& im) {
+  beast::get_lowest_layer(im.stream).expires_after(kIdleTimeout);
+  asio::async_read(im.stream, asio::buffer(im.body),
+                   [self, &im](beast::error_code ec, std::size_t) {
+                     if (ec) {
+                       spdlog::info("link: read from {}: {}", im.peer, ec.message());
+                       self->close();
+                       return;
+                     }
+                     const auto ch = static_cast<Channel>(im.header[0]);
+                     std::vector<std::uint8_t> msg = std::move(im.body);
+                     im.body.clear();
+                     switch (ch) {
+                       case Channel::kQuantum:
+                         im.quantum.push(std::move(msg));
+                         break;
+                       case Channel::kClassical:
+                         im.classical.push(std::move(msg));
+                         break;
+                       case Channel::kControl:
+                         if (im.on_control && !im.on_control(std::move(msg))) {
+                           self->close();
+                           return;
+                         }
+                         break;
+                       case Channel::kPing:
+                         break;
+                       default:
+                         spdlog::warn("link: unknown channel {} from {}", im.header[0], im.peer);
+                         self->close();
+                         return;
+                     }
+                     do_read_header(self, im);
+                   });
+}
+
+void do_read_header(const std::shared_ptr<LinkConnection>& self, LinkConnection::Impl& im) {
+  if (im.closed) {
+    return;
+  }
+  beast::get_lowest_layer(im.stream).expires_after(kIdleTimeout);
+  asio::async_read(im.stream, asio::buffer(im.header),
+                   [self, &im](beast::error_code ec, std::size_t) {
+                     if (ec) {
+                       spdlog::info("link: read from {}: {}", im.peer, ec.message());
+                       self->close();
+                       return;
+                     }
+                     const std::uint32_t n = (std::uint32_t{im.header[1]} << 24) |
+                                             (std::uint32_t{im.header[2]} << 16) |
+                                             (std::uint32_t{im.header[3]} << 8) |
+                                             std::uint32_t{im.header[4]};
+                     if (n > kMaxFrameBytes) {
+                       spdlog::warn("link: frame of {} bytes from {} is too large", n, im.peer);
+                       self->close();
+                       return;
+                     }
+                     im.body.assign(n, 0);
+                     do_read_body(self, im);
+                   });
+}
+
+void do_write(const std::shared_ptr<LinkConnection>& self, LinkConnection::Impl& im) {
+  if (im.writes.empty() || im.closed) {
+    im.writing = false;
+    return;
+  }
+  im.writing = true;
+  asio::async_write(im.stream, asio::buffer(im.writes.front()),
+                    [self, &im](beast::error_code ec, std::size_t) {
+                      if (ec) {
+                        spdlog::info("link: write to {}: {}", im.peer, ec.message());
+                        self->close();
+                        return;
+                      }
+                      std::fill(im.writes.front().begin(), im.writes.front().end(), 0);
+                      im.writes.pop_front();
+                      do_write(self, im);
+                    });
+}
+
+void schedule_ping(const std::shared_ptr<LinkConnection>& self, LinkConnection::Impl& im) {
+  im.ping_timer.expires_after(kPingInterval);
+  im.ping_timer.async_wait([self, &im](beast::error_code ec) {
+    if (ec || im.closed) {
+      return;
+    }
+    (void)self->send(Channel::kPing, {});
+    schedule_ping(self, im);
+  });
+}
+
+}  // namespace
+
+LinkConnection::LinkConnection(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+LinkConnection::~LinkConnection() = default;
+
+const std::string& LinkConnection::peer() const { return impl_->peer; }
+bool LinkConnection::closed() const { return impl_->closed; }
+
+void LinkConnection::start(ControlHandler on_control, std::function<void()> on_close) {
+  {
+    std::lock_guard lock(impl_->close_mu);
+    impl_->on_close = std::move(on_close);
+  }
+  if (impl_->closed) {
+    std::lock_guard lock(impl_->close_mu);
+    if (impl_->on_close) {
+      impl_->on_close();
+    }
+  }
+  auto self = shared_from_this();
+  asio::post(impl_->stream.get_executor(), [self, h = std::move(on_control)]() mutable {
+    self->impl_->on_control = std::move(h);
+    do_read_header(self, *self->impl_);
+    schedule_ping(self, *self->impl_);
+  });
+}
+
+qkd::core::Status LinkConnection::send(Channel ch, std::vector<std::uint8_t> payload) {
+  if (impl_->closed) {
+    return make_error(ErrorCode::kClosed, "link: connection closed");
+  }
+  if (payload.size() > kMaxFrameBytes) {
+    return make_error(ErrorCode::kInvalidArgument, "link: message too large");
+  }
+  auto frame = encode_frame(ch, std::move(payload));
+  asio::post(impl_->stream.get_executor(),
+             [self = shared_from_this(), frame = std::move(frame)]() mutable {
+               Impl& im = *self->impl_;
+               if (im.closed) {
+                 return;
+               }
+               im.writes.push_back(std::move(frame));
+               if (!im.writing) {
+                 do_write(self, im);
+               }
+             });
+  return qkd::core::ok_status();
+}
+
+void LinkConnection::close() {
+  if (impl_->closed.exchange(true)) {
+    return;
+  }
+  impl_->quantum.close();
+  impl_->classical.close();
+  {
+    std::lock_guard lock(impl_->close_mu);
+    if (impl_->on_close) {
+      impl_->on_close();
+    }
+  }
+  asio::post(impl_->stream.get_executor(), [self = shared_from_this()]() {
+    Impl& im = *self->impl_;
+    im.ping_timer.cancel();
+    beast::error_code ec;
+    beast::get_lowest_layer(im.stream).socket().shutdown(tcp::socket::shutdown_both, ec);
+    beast::get_lowest_layer(im.stream).close();
+    for (auto& w : im.writes) {
+      std::fill(w.begin(), w.end(), 0);
+    }
+    im.writes.clear();
+    im.on_control = nullptr;
+  });
+}
+
+std::unique_ptr<qkd::core::MessageTransport> LinkConnection::transport(Channel ch) {
+  MessageQueue& q = ch == Channel::kQuantum ? impl_->quantum : impl_->classical;
+  return std::make_unique<ChannelTransport>(shared_from_this(), ch, q);
+}
+
+qkd::core::Result<std::shared_ptr<LinkConnection>> LinkConnection::connect(
+    asio::io_context& ioc, asio::ssl::context& tls, const std::string& host, std::uint16_t port,
+    const std::string& peer_id, std::chrono::milliseconds timeout) {
+  auto stream = std::make_shared<Stream>(asio::make_strand(ioc), tls);
+  if (!SSL_set_tlsext_host_name(stream->native_handle(), host.c_str())) {
+    // SNI is only a courtesy; continue without it.
+  }
+  auto done = std::make_shared<std::promise<beast::error_code>>();
+  auto fut = done->get_future();
+  auto resolver = std::make_shared<tcp::resolver>(ioc);
+  beast::get_lowest_layer(*stream).expires_after(timeout);
+  resolver->async_resolve(
+      host, std::to_string(port),
+      [stream, done, resolver](beast::error_code ec, const tcp::resolver::results_type& eps) {
+        if (ec) {
+          done->set_value(ec);
+          return;
+        }
+        beast::get_lowest_layer(*stream).async_connect(
+            eps, [stream, done](beast::error_code ec2, const tcp::endpoint&) {
+              if (ec2) {
+                done->set_value(ec2);
+                return;
+              }
+              beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
+              stream->async_handshake(asio::ssl::stream_base::client,
+                                      [done](beast::error_code ec3) { done->set_value(ec3); });
+            });
+      });
+  // The io_context runs on another thread; bound the wait in case it never answers.
+  if (fut.wait_for(timeout + kHandshakeTimeout + std::chrono::seconds(1)) !=
+      std::future_status::ready) {
+    asio::post(stream->get_executor(), [stream]() { beast::get_lowest_layer(*stream).close(); });
+    return make_error(ErrorCode::kTimeout, fmt::format("link: connect to {}:{} timed out", host, port));
+  }
+  const beast::error_code ec = fut.get();
+  if (ec) {
+    return make_error(ErrorCode::kUnavailable,
+                      fmt::format("link: connect to {}:{}: {}", host, port, ec.message()));
+  }
+  auto cn = peer_common_name(stream->native_handle());
+  if (!cn || *cn != peer_id) {
+    asio::post(stream->get_executor(), [stream]() { beast::get_lowest_layer(*stream).close(); });
+    return make_error(ErrorCode::kAuthentication,
+                      fmt::format("link: peer at {}:{} is \"{}\", expected \"{}\"", host, port,
+                                  cn.value_or("?"), peer_id));
+  }
+  beast::get_lowest_layer(*stream).expires_never();
+  auto impl = std::make_unique<Impl>(std::move(*stream), *cn);
+  return std::make_shared<LinkConnection>(std::move(impl));
+}
+
+// --- LinkAcceptor ---
+
+struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
+  Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> ctx, std::string id,
+       OnConnection cb)
+      : ioc(io), tls(std::move(ctx)), peer_id(std::move(id)), on_connection(std::move(cb)),
+        acceptor(io) {}
+
+  void do_accept() {
+    acceptor.async_accept(asio::make_strand(ioc), [self = shared_from_this()](
+                                                      beast::error_code ec, tcp::socket s) {
+      if (ec) {
+        if (ec != asio::error::operation_aborted) {
+          spdlog::warn("link: accept: {}", ec.message());
+          self->do_accept();
+        }
+        return;
+      }
+      auto stream = std::make_shared<Stream>(std::move(s), *self->tls);
+      beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
+      stream->async_handshake(asio::ssl::stream_base::server, [self, stream](beast::error_code ec2) {
+        if (ec2) {
+          spdlog::warn("link: handshake with an incoming peer failed: {}", ec2.message());
+          return;
+        }
+        auto cn = peer_common_name(stream->native_handle());
+        if (!cn || *cn != self->peer_id) {
+          spdlog::warn("link: refused incoming peer \"{}\" (expected \"{}\")", cn.value_or("?"),
+                       self->peer_id);
+          beast::get_lowest_layer(*stream).close();
+          return;
+        }
+        beast::get_lowest_layer(*stream).expires_never();
+        auto impl = std::make_unique<LinkConnection::Impl>(std::move(*stream), *cn);
+        self->on_connection(std::make_shared<LinkConnection>(std::move(impl)));
+      });
+      self->do_accept();
+    });
+  }
+
+  asio::io_context& ioc;
+  std::shared_ptr<asio::ssl::context> tls;
+  std::string peer_id;
+  OnConnection on_connection;
+  tcp::acceptor acceptor;
+};
+
+LinkAcceptor::LinkAcceptor(asio::io_context& ioc, std::shared_ptr<asio::ssl::context> tls,
+                           std::string peer_id, OnConnection on_connection)
+    : impl_(std::make_shared<Impl>(ioc, std::move(tls), std::move(peer_id),
+                                   std::move(on_connection))) {}
+
+LinkAcceptor::~LinkAcceptor() { stop(); }
+
+qkd::core::Result<std::uint16_t> LinkAcceptor::listen(const std::string& host,
+                                                       std::uint16_t port) {
+  beast::error_code ec;
+  auto addr = asio::ip::make_address(host, ec);
+  if (ec) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("link.listen: bad address \"{}\": {}", host, ec.message()));
+  }
+  tcp::endpoint ep(addr, port);
+  auto& a = impl_->acceptor;
+  a.open(ep.protocol(), ec);
+  if (!ec) a.set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) a.bind(ep, ec);
+  if (!ec) a.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) {
+    return make_error(ErrorCode::kUnavailable,
+                      fmt::format("link.listen {}:{}: {}", host, port, ec.message()));
+  }
+  const std::uint16_t bound = a.local_endpoint().port();
+  impl_->do_accept();
+  return bound;
+}
+
+void LinkAcceptor::stop() {
+  asio::post(impl_->ioc, [impl = impl_]() {
+    beast::error_code ec;
+    impl->acceptor.close(ec);
+  });
+}
+
+}  // namespace qkd::kms

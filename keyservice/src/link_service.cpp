@@ -1,0 +1,646 @@
+// Link runner: sessions, BB84 block loop, commit handshake, notices (see link_service.hpp).
+#include "qkd/kms/link_service.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <fmt/format.h>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <spdlog/spdlog.h>
+#include <thread>
+
+#include "qkd/core/link.hpp"
+#include "qkd/kms/link_connection.hpp"
+#include "qkd/kms/util.hpp"
+
+namespace qkd::kms {
+
+using json = nlohmann::json;
+using qkd::core::ErrorCode;
+using qkd::core::make_error;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr auto kConnectTimeout = std::chrono::milliseconds(5000);
+constexpr auto kSessionStartTimeout = std::chrono::milliseconds(10000);
+constexpr auto kBackoffMin = std::chrono::milliseconds(100);
+constexpr auto kBackoffMax = std::chrono::milliseconds(5000);
+
+std::vector<std::uint8_t> to_bytes(const json& j) {
+  const std::string s = j.dump();
+  return {s.begin(), s.end()};
+}
+
+std::optional<json> parse_control(const std::vector<std::uint8_t>& b) {
+  json j = json::parse(b.begin(), b.end(), nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("t") || !j.at("t").is_string()) {
+    return std::nullopt;
+  }
+  return j;
+}
+
+json assignment_to_json(const KeyAssignment& a) {
+  return json{{"id", a.key_id},
+              {"dir", static_cast<int>(a.direction)},
+              {"off", a.offset},
+              {"len", a.length},
+              {"master", a.master_sae},
+              {"slaves", a.slave_saes}};
+}
+
+// Throws json exceptions on a malformed entry (caught by the caller).
+KeyAssignment assignment_from_json(const json& j) {
+  KeyAssignment a;
+  a.key_id = j.at("id").get<std::string>();
+  const int dir = j.at("dir").get<int>();
+  if (dir != 0 && dir != 1) {
+    throw std::runtime_error("bad direction");
+  }
+  a.direction = static_cast<Direction>(dir);
+  a.offset = j.at("off").get<std::uint64_t>();
+  a.length = j.at("len").get<std::uint32_t>();
+  a.master_sae = j.at("master").get<std::string>();
+  a.slave_saes = j.at("slaves").get<std::vector<std::string>>();
+  return a;
+}
+
+struct PendingBlock {
+  std::uint64_t block = 0;
+  qkd::core::SecureBytes key;
+};
+
+struct OutboxEntry {
+  std::uint64_t seq = 0;
+  std::vector<std::uint8_t> message;  // encoded notice
+};
+
+}  // namespace
+
+struct LinkService::Impl {
+  Impl(const Config& c, KeyStore& s, boost::asio::io_context& io,
+       std::shared_ptr<boost::asio::ssl::context> t)
+      : config(c), store(s), ioc(io), tls(std::move(t)),
+        alice(c.link.role == LinkRole::kAlice) {}
+
+  const Config& config;
+  KeyStore& store;
+  boost::asio::io_context& ioc;
+  std::shared_ptr<boost::asio::ssl::context> tls;
+  const bool alice;
+
+  std::unique_ptr<LinkAcceptor> acceptor;
+  std::thread runner;
+  std::atomic<bool> stopping{false};
+
+  // Connection hand-over (alice) and the current connection.
+  std::mutex conn_mu;
+  std::condition_variable conn_cv;
+  std::shared_ptr<LinkConnection> incoming;  // alice: newest accepted, not yet running
+  std::shared_ptr<LinkConnection> current;
+
+  // Pool agreement state.
+  std::mutex state_mu;
+  std::uint64_t epoch = 0;   // 0 = none yet (bob before his first session)
+  std::uint64_t blocks = 0;  // committed blocks in this epoch
+  std::optional<PendingBlock> pending;  // bob only
+
+  // Notices.
+  std::mutex out_mu;
+  std::deque<OutboxEntry> outbox;
+  std::uint64_t next_seq = 1;
+  std::uint64_t last_applied_seq = 0;  // of the peer's notices
+  std::shared_ptr<LinkConnection> notice_conn;  // set while the session is established
+
+  // Statistics.
+  mutable std::mutex stats_mu;
+  LinkStats st;
+  double sim_seconds = 0, raw_bits = 0, sifted_bits = 0, secret_bits = 0;
+
+  // --- helpers ---
+  void on_assignments(const std::vector<KeyAssignment>& as) {
+    json keys = json::array();
+    for (const auto& a : as) {
+      keys.push_back(assignment_to_json(a));
+    }
+    std::lock_guard lock(out_mu);
+    OutboxEntry e{next_seq++, {}};
+    e.message = to_bytes(json{{"t", "notice"}, {"seq", e.seq}, {"keys", std::move(keys)}});
+    if (notice_conn) {
+      (void)notice_conn->send(Channel::kControl, e.message);
+    }
+    outbox.push_back(std::move(e));
+  }
+
+  void establish(const std::shared_ptr<LinkConnection>& conn) {
+    std::lock_guard lock(out_mu);
+    notice_conn = conn;
+    for (const auto& e : outbox) {
+      (void)conn->send(Channel::kControl, e.message);
+    }
+    std::lock_guard slock(stats_mu);
+    st.up = true;
+  }
+
+  void disestablish() {
+    {
+      std::lock_guard lock(out_mu);
+      notice_conn.reset();
+    }
+    std::lock_guard slock(stats_mu);
+    st.up = false;
+  }
+
+  // Forget the pool and all notice state (under state_mu).
+  void reset_locked(std::uint64_t new_epoch) {
+    store.reset_pool();
+    epoch = new_epoch;
+    blocks = 0;
+    pending.reset();
+    std::lock_guard lock(out_mu);
+    outbox.clear();
+    next_seq = 1;
+    last_applied_seq = 0;
+  }
+
+  void record_block(const qkd::core::BlockResult& r) {
+    std::lock_guard lock(stats_mu);
+    ++st.blocks;
+    sim_seconds += r.simulated_seconds;
+    raw_bits += static_cast<double>(r.detections);
+    sifted_bits += static_cast<double>(r.sifted_bits);
+    if (r.aborted) {
+      ++st.aborted_blocks;
+      st.last_abort_reason = r.abort_reason;
+    } else {
+      secret_bits += static_cast<double>(r.secret_bits);
+    }
+    st.qber = r.qber;
+    if (sim_seconds > 0) {
+      st.raw_key_rate_bps = raw_bits / sim_seconds;
+      st.sifted_key_rate_bps = sifted_bits / sim_seconds;
+      st.secret_key_rate_bps = secret_bits / sim_seconds;
+    }
+  }
+
+  void record_failure(const std::string& why) {
+    std::lock_guard lock(stats_mu);
+    st.last_abort_reason = why;
+  }
+
+  // Handles a notice or an ack (either side). Returns false on a malformed message.
+  bool handle_notice_or_ack(const json& j, LinkConnection& conn) {
+    const std::string t = j.at("t").get<std::string>();
+    try {
+      if (t == "ack") {
+        const auto seq = j.at("seq").get<std::uint64_t>();
+        std::lock_guard lock(out_mu);
+        while (!outbox.empty() && outbox.front().seq <= seq) {
+          outbox.pop_front();
+        }
+        return true;
+      }
+      const auto seq = j.at("seq").get<std::uint64_t>();
+      std::vector<KeyAssignment> as;
+      for (const json& k : j.at("keys")) {
+        as.push_back(assignment_from_json(k));
+      }
+      bool fresh = false;
+      {
+        std::lock_guard lock(out_mu);
+        if (seq > last_applied_seq) {
+          last_applied_seq = seq;
+          fresh = true;
+        }
+      }
+      if (fresh) {
+        for (auto& a : as) {
+          const std::string id = a.key_id;
+          if (auto s = store.apply_peer_assignment(std::move(a)); !s.ok()) {
+            spdlog::error("link: notice {} key {}: {}", seq, id, s.error().message);
+          }
+        }
+        spdlog::debug("link: applied notice {} ({} keys)", seq, as.size());
+      }
+      (void)conn.send(Channel::kControl, to_bytes(json{{"t", "ack"}, {"seq", seq}}));
+      return true;
+    } catch (const std::exception& e) {
+      spdlog::warn("link: malformed {} message: {}", t, e.what());
+      return false;
+    }
+  }
+
+  // Control frames, on the connection's strand. `queue` feeds the runner thread.
+  bool on_control(LinkConnection& conn, MessageQueue& queue, std::vector<std::uint8_t> bytes) {
+    auto j = parse_control(bytes);
+    if (!j) {
+      spdlog::warn("link: malformed control message from {}", conn.peer());
+      return false;
+    }
+    const std::string t = j->at("t").get<std::string>();
+    if (t == "notice" || t == "ack") {
+      return handle_notice_or_ack(*j, conn);
+    }
+    try {
+      if (alice) {
+        if (t == "state" || t == "ready") {
+          queue.push(std::move(bytes));
+          return true;
+        }
+      } else if (t == "hello") {
+        std::lock_guard lock(state_mu);
+        json reply = {{"t", "state"},
+                      {"epoch", epoch},
+                      {"blocks", blocks},
+                      {"pending", pending.has_value()}};
+        return conn.send(Channel::kControl, to_bytes(reply)).ok();
+      } else if (t == "decision") {
+        {
+          std::lock_guard lock(state_mu);
+          const auto e = j->at("epoch").get<std::uint64_t>();
+          if (j->at("mode").get<std::string>() == "reset") {
+            reset_locked(e);
+            spdlog::info("link: pool reset by the peer (new epoch)");
+          } else {
+            if (e != epoch) {
+              return false;
+            }
+            if (j->at("commit_pending").get<bool>() && pending) {
+              store.commit(pending->key.span());
+              ++blocks;
+              spdlog::info("link: committed pending block {} at session start", pending->block);
+            }
+            pending.reset();
+          }
+        }
+        queue.push(std::move(bytes));
+        return true;
+      } else if (t == "start") {
+        queue.push(std::move(bytes));
+        return true;
+      } else if (t == "commit") {
+        std::lock_guard lock(state_mu);
+        const auto b = j->at("block").get<std::uint64_t>();
+        if (!pending || pending->block != b) {
+          spdlog::warn("link: commit for block {} that is not pending", b);
+          return false;
+        }
+        store.commit(pending->key.span());
+        ++blocks;
+        pending.reset();
+        return true;
+      }
+    } catch (const std::exception& e) {
+      spdlog::warn("link: malformed {} message: {}", t, e.what());
+      return false;
+    }
+    spdlog::warn("link: unexpected control message \"{}\"", t);
+    return false;
+  }
+
+  // Waits for a control message of type `type` on `queue`.
+  qkd::core::Result<json> expect(MessageQueue& queue, const std::string& type,
+                                 std::chrono::milliseconds timeout) {
+    auto m = queue.pop(timeout);
+    if (!m.ok()) {
+      return m.error();
+    }
+    auto j = parse_control(m.value());
+    if (!j || j->at("t").get<std::string>() != type) {
+      return make_error(ErrorCode::kProtocol, fmt::format("expected {} message", type));
+    }
+    return *j;
+  }
+
+  bool pool_full() const {
+    const StoreStats s = store.stats();
+    const std::uint64_t cap =
+        config.keys.max_key_count * static_cast<std::uint64_t>(config.keys.key_size / 8);
+    return std::min(s.own_available_bytes, s.peer_available_bytes) >= cap;
+  }
+
+  std::uint64_t fresh_seed() {
+    auto r = random_u64();
+    return r.ok() ? r.value()
+                  : static_cast<std::uint64_t>(Clock::now().time_since_epoch().count());
+  }
+
+  // --- sessions ---
+  qkd::core::Status run_alice_session(const std::shared_ptr<LinkConnection>& conn,
+                                      MessageQueue& queue) {
+    std::uint64_t my_epoch = 0;
+    std::uint64_t my_blocks = 0;
+    {
+      std::lock_guard lock(state_mu);
+      if (epoch == 0) {
+        reset_locked(fresh_seed() | 1);
+      }
+      my_epoch = epoch;
+      my_blocks = blocks;
+    }
+    if (auto s = conn->send(Channel::kControl,
+                            to_bytes(json{{"t", "hello"}, {"epoch", my_epoch}, {"blocks", my_blocks}}));
+        !s.ok()) {
+      return s;
+    }
+    auto state = expect(queue, "state", kSessionStartTimeout);
+    if (!state.ok()) {
+      return state.error();
+    }
+    json decision;
+    try {
+      const auto e = state->at("epoch").get<std::uint64_t>();
+      const auto b = state->at("blocks").get<std::uint64_t>();
+      const bool p = state->at("pending").get<bool>();
+      std::lock_guard lock(state_mu);
+      if (e == epoch && b == blocks) {
+        decision = {{"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", false}};
+      } else if (e == epoch && p && b + 1 == blocks) {
+        decision = {{"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", true}};
+      } else {
+        spdlog::info("link: peer pool differs (blocks {} vs {}): resetting both pools", b, blocks);
+        reset_locked(fresh_seed() | 1);
+        decision = {{"t", "decision"}, {"mode", "reset"}, {"epoch", epoch}, {"commit_pending", false}};
+      }
+    } catch (const std::exception& ex) {
+      return make_error(ErrorCode::kProtocol, fmt::format("bad state message: {}", ex.what()));
+    }
+    if (auto s = conn->send(Channel::kControl, to_bytes(decision)); !s.ok()) {
+      return s;
+    }
+    establish(conn);
+    spdlog::info("link: session with {} established ({})", conn->peer(),
+                 decision.at("mode").get<std::string>());
+
+    auto quantum = conn->transport(Channel::kQuantum);
+    auto classical = conn->transport(Channel::kClassical);
+    qkd::core::AliceEndpoint endpoint(config.link.channel, config.link.protocol,
+                                      config.link.psk.span(), fresh_seed(), *quantum, *classical);
+    const auto ready_timeout = config.link.protocol.message_timeout + std::chrono::seconds(5);
+    while (!stopping && !conn->closed()) {
+      if (pool_full()) {
+        std::unique_lock lock(conn_mu);
+        conn_cv.wait_for(lock, std::chrono::milliseconds(200));
+        continue;
+      }
+      std::uint64_t block = 0;
+      {
+        std::lock_guard lock(state_mu);
+        block = blocks + 1;
+      }
+      if (auto s = conn->send(Channel::kControl, to_bytes(json{{"t", "start"}, {"block", block}}));
+          !s.ok()) {
+        return s;
+      }
+      auto r = endpoint.run_block();
+      if (!r.ok()) {
+        return r.error();
+      }
+      record_block(r.value());
+      const std::uint64_t bytes = r->aborted ? 0 : r->secret_bits / 8;
+      if (r->aborted) {
+        spdlog::warn("link: block {} aborted: {}", block, r->abort_reason);
+      }
+      auto ready = expect(queue, "ready", ready_timeout);
+      if (!ready.ok()) {
+        return ready.error();
+      }
+      std::uint64_t peer_block = 0;
+      std::uint64_t peer_bytes = 0;
+      try {
+        peer_block = ready->at("block").get<std::uint64_t>();
+        peer_bytes = ready->at("bytes").get<std::uint64_t>();
+      } catch (const std::exception& ex) {
+        return make_error(ErrorCode::kProtocol, fmt::format("bad ready message: {}", ex.what()));
+      }
+      if (peer_block != block || peer_bytes != bytes) {
+        return make_error(ErrorCode::kProtocol,
+                          fmt::format("block {}: peer reports block {} with {} bytes, we have {}",
+                                      block, peer_block, peer_bytes, bytes));
+      }
+      if (bytes == 0) {
+        continue;
+      }
+      {
+        std::lock_guard lock(state_mu);
+        store.commit(r->key.span().first(bytes));
+        ++blocks;
+      }
+      (void)conn->send(Channel::kControl, to_bytes(json{{"t", "commit"}, {"block", block}}));
+      spdlog::debug("link: committed block {} ({} bytes, QBER {:.4f})", block, bytes, r->qber);
+    }
+    return qkd::core::ok_status();
+  }
+
+  qkd::core::Status run_bob_session(const std::shared_ptr<LinkConnection>& conn,
+                                    MessageQueue& queue) {
+    auto decision = expect(queue, "decision", kSessionStartTimeout);
+    if (!decision.ok()) {
+      return decision.error();
+    }
+    establish(conn);
+    spdlog::info("link: session with {} established", conn->peer());
+    auto quantum = conn->transport(Channel::kQuantum);
+    auto classical = conn->transport(Channel::kClassical);
+    qkd::core::BobEndpoint endpoint(config.link.protocol, config.link.psk.span(), fresh_seed(),
+                                    *quantum, *classical);
+    while (!stopping && !conn->closed()) {
+      auto m = queue.pop(std::chrono::milliseconds(500));
+      if (!m.ok()) {
+        if (m.error().code == ErrorCode::kTimeout) {
+          continue;
+        }
+        return m.error();
+      }
+      auto j = parse_control(m.value());
+      if (!j || j->at("t").get<std::string>() != "start") {
+        return make_error(ErrorCode::kProtocol, "expected start message");
+      }
+      std::uint64_t block = 0;
+      try {
+        block = j->at("block").get<std::uint64_t>();
+      } catch (const std::exception& ex) {
+        return make_error(ErrorCode::kProtocol, ex.what());
+      }
+      {
+        std::lock_guard lock(state_mu);
+        pending.reset();
+      }
+      auto r = endpoint.run_block();
+      if (!r.ok()) {
+        return r.error();
+      }
+      record_block(r.value());
+      const std::uint64_t bytes = r->aborted ? 0 : r->secret_bits / 8;
+      if (r->aborted) {
+        spdlog::warn("link: block {} aborted: {}", block, r->abort_reason);
+      }
+      if (bytes > 0) {
+        std::lock_guard lock(state_mu);
+        pending = PendingBlock{block, qkd::core::SecureBytes(r->key.span().first(bytes))};
+      }
+      if (auto s = conn->send(Channel::kControl,
+                              to_bytes(json{{"t", "ready"}, {"block", block}, {"bytes", bytes}}));
+          !s.ok()) {
+        return s;
+      }
+    }
+    return qkd::core::ok_status();
+  }
+
+  void run_session(const std::shared_ptr<LinkConnection>& conn) {
+    auto queue = std::make_shared<MessageQueue>();
+    {
+      std::lock_guard lock(conn_mu);
+      current = conn;
+    }
+    LinkConnection* raw = conn.get();
+    conn->start(
+        [this, raw, queue](std::vector<std::uint8_t> b) {
+          return on_control(*raw, *queue, std::move(b));
+        },
+        [queue]() { queue->close(); });
+    qkd::core::Status s = qkd::core::ok_status();
+    try {
+      s = alice ? run_alice_session(conn, *queue) : run_bob_session(conn, *queue);
+    } catch (const std::exception& e) {
+      s = make_error(ErrorCode::kInternal, e.what());
+    }
+    disestablish();
+    conn->close();
+    queue->close();
+    {
+      std::lock_guard lock(conn_mu);
+      current.reset();
+    }
+    if (!s.ok() && !stopping) {
+      spdlog::warn("link: session with {} ended: {}", conn->peer(), s.error().message);
+      record_failure(s.error().message);
+    } else {
+      spdlog::info("link: session with {} ended", conn->peer());
+    }
+  }
+
+  void sleep_unless_stopping(std::chrono::milliseconds d) {
+    std::unique_lock lock(conn_mu);
+    conn_cv.wait_for(lock, d, [&] { return stopping.load(); });
+  }
+
+  void run() {
+    auto backoff = kBackoffMin;
+    while (!stopping) {
+      std::shared_ptr<LinkConnection> conn;
+      if (alice) {
+        std::unique_lock lock(conn_mu);
+        conn_cv.wait(lock, [&] { return stopping || incoming != nullptr; });
+        if (stopping) {
+          break;
+        }
+        conn = std::move(incoming);
+        incoming.reset();
+      } else {
+        const HostPort& hp = config.link.connect;
+        auto c = LinkConnection::connect(ioc, *tls, hp.host, hp.port, config.link.peer_kme_id,
+                                         kConnectTimeout);
+        if (!c.ok()) {
+          spdlog::info("link: {} (retry in {} ms)", c.error().message, backoff.count());
+          sleep_unless_stopping(backoff);
+          backoff = std::min(backoff * 2, kBackoffMax);
+          continue;
+        }
+        backoff = kBackoffMin;
+        conn = c.value();
+      }
+      spdlog::info("link: connected to {}", conn->peer());
+      run_session(conn);
+      if (!alice && !stopping) {
+        sleep_unless_stopping(kBackoffMin);
+      }
+    }
+  }
+};
+
+LinkService::LinkService(const Config& config, KeyStore& store, boost::asio::io_context& ioc,
+                         std::shared_ptr<boost::asio::ssl::context> tls)
+    : impl_(std::make_unique<Impl>(config, store, ioc, std::move(tls))) {
+  Impl* im = impl_.get();
+  store.set_assignment_listener(
+      [im](const std::vector<KeyAssignment>& as) { im->on_assignments(as); });
+}
+
+LinkService::~LinkService() {
+  stop();
+  impl_->store.set_assignment_listener(nullptr);
+}
+
+qkd::core::Result<std::uint16_t> LinkService::start() {
+  std::uint16_t port = 0;
+  Impl* im = impl_.get();
+  if (im->alice) {
+    im->acceptor = std::make_unique<LinkAcceptor>(
+        im->ioc, im->tls, im->config.link.peer_kme_id,
+        [im](std::shared_ptr<LinkConnection> c) {
+          std::lock_guard lock(im->conn_mu);
+          if (im->stopping) {
+            c->close();
+            return;
+          }
+          if (im->incoming) {
+            im->incoming->close();
+          }
+          if (im->current) {
+            spdlog::info("link: a new connection from the peer replaces the current one");
+            im->current->close();
+          }
+          im->incoming = std::move(c);
+          im->conn_cv.notify_all();
+        });
+    auto p = im->acceptor->listen(im->config.link.listen.host, im->config.link.listen.port);
+    if (!p.ok()) {
+      return p.error();
+    }
+    port = p.value();
+  }
+  im->runner = std::thread([im]() {
+    try {
+      im->run();
+    } catch (const std::exception& e) {
+      spdlog::critical("link: runner stopped: {}", e.what());
+    }
+  });
+  return port;
+}
+
+void LinkService::stop() {
+  Impl* im = impl_.get();
+  {
+    std::lock_guard lock(im->conn_mu);
+    if (im->stopping.exchange(true) && !im->runner.joinable()) {
+      return;
+    }
+    if (im->current) {
+      im->current->close();
+    }
+    if (im->incoming) {
+      im->incoming->close();
+      im->incoming.reset();
+    }
+    im->conn_cv.notify_all();
+  }
+  if (im->acceptor) {
+    im->acceptor->stop();
+  }
+  if (im->runner.joinable()) {
+    im->runner.join();
+  }
+}
+
+LinkStats LinkService::stats() const {
+  std::lock_guard lock(impl_->stats_mu);
+  return impl_->st;
+}
+
+}  // namespace qkd::kms

@@ -1,0 +1,100 @@
+// qkd-kms: one key management entity (ETSI GS QKD 014 API + one QKD link).
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include "qkd/kms/config.hpp"
+#include "qkd/kms/kme.hpp"
+
+namespace {
+
+// Writes `text` to `path` atomically (temporary file in the same directory, then rename).
+bool write_atomically(const std::filesystem::path& path, const std::string& text) {
+  const std::filesystem::path tmp = path.string() + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    if (!f) {
+      return false;
+    }
+    f << text;
+    f.flush();
+    if (!f) {
+      return false;
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  return !ec;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"qkd-kms: a QKD key management entity serving the ETSI GS QKD 014 API"};
+  std::string config_file;
+  std::string ready_file;
+  bool check_only = false;
+  app.add_option("--config", config_file, "KME configuration file (JSON)")->required();
+  app.add_flag("--check-config", check_only, "validate the configuration and exit (0 = valid)");
+  app.add_option("--ready-file", ready_file,
+                 "once both listeners are bound, write {\"api_port\":N,\"link_port\":N} here");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  auto config = qkd::kms::load_config(config_file);
+  if (!config.ok()) {
+    std::cerr << "qkd-kms: invalid configuration: " << config.error().message << "\n";
+    return 1;
+  }
+  if (check_only) {
+    std::cout << config_file << ": OK\n";
+    return 0;
+  }
+
+  auto logger = spdlog::stderr_color_mt("qkd-kms");
+  logger->set_pattern(fmt::format("%Y-%m-%dT%H:%M:%S.%e [{}] %^%l%$ %v", config->kme_id));
+  logger->set_level(spdlog::level::from_str(config->log_level));
+  spdlog::set_default_logger(logger);
+  spdlog::flush_on(spdlog::level::info);
+
+  auto kme = qkd::kms::Kme::create(std::move(config.value()));
+  if (!kme.ok()) {
+    spdlog::critical("{}", kme.error().message);
+    return 1;
+  }
+  auto ports = kme.value()->start();
+  if (!ports.ok()) {
+    spdlog::critical("{}", ports.error().message);
+    kme.value()->stop();
+    return 1;
+  }
+  if (!ready_file.empty()) {
+    const nlohmann::json j = {{"api_port", ports->api_port}, {"link_port", ports->link_port}};
+    if (!write_atomically(ready_file, j.dump())) {
+      spdlog::critical("cannot write ready file {}", ready_file);
+      kme.value()->stop();
+      return 1;
+    }
+  }
+  kme.value()->wait();
+  kme.value()->stop();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "qkd-kms: fatal: " << e.what() << "\n";
+    return 2;
+  }
+}

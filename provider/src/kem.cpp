@@ -1,0 +1,301 @@
+// The KEM for the qkd groups (DESIGN decision 1):
+//   server: encapsulate(peer share) -> enc_keys(slave = SAE in the share) at its own KME;
+//           ciphertext = (server SAE ID, key_ID), secret = the key;
+//   client: decapsulate(ciphertext) -> dec_keys(master = SAE in the ciphertext, key_ID)
+//           at its own KME; secret = the key.
+// Size queries (NULL output) never reach the KME and report non-zero sizes.
+#include <openssl/crypto.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "keymgmt.hpp"
+
+namespace qkd::prov {
+namespace {
+
+struct KemCtx {
+  ProvCtx* prov = nullptr;
+  QkdKey* key = nullptr;  // owned by the EVP_PKEY, which outlives the operation
+  int operation = 0;      // EVP_PKEY_OP_ENCAPSULATE / DECAPSULATE
+};
+constexpr int kOpEncapsulate = 1;
+constexpr int kOpDecapsulate = 2;
+
+// Turns a client library error into a raised error with words.
+void raise_kme_error(ProvCtx* prov, const qkd::core::Error& e, int operation,
+                     const std::string& peer_sae, const std::string& key_id, const char* func) {
+  using qkd::core::ErrorCode;
+  const std::string ms = std::to_string(prov->settings().timeout.count());
+  switch (e.code) {
+    case ErrorCode::kUnavailable:
+      prov->raise(kReasonUnreachable, __FILE__, __LINE__, func, e.message);
+      return;
+    case ErrorCode::kTimeout:
+      prov->raise(kReasonTimeout, __FILE__, __LINE__, func,
+                  "no key for SAE " + peer_sae + " after " + ms + " ms (" + e.message + ")");
+      return;
+    case ErrorCode::kRejected:
+      if (operation == kOpDecapsulate && qkd::etsi::rejected_http_status(e) == 400) {
+        prov->raise(kReasonKeyIdUnknown, __FILE__, __LINE__, func,
+                    "key_ID unknown at KME: " + key_id + " from SAE " + peer_sae + " (" +
+                        e.message + ")");
+      } else if (operation == kOpEncapsulate) {
+        prov->raise(kReasonRejected, __FILE__, __LINE__, func,
+                    "no key for SAE " + peer_sae + ": " + e.message);
+      } else {
+        prov->raise(kReasonRejected, __FILE__, __LINE__, func,
+                    "key " + key_id + " from SAE " + peer_sae + " refused: " + e.message);
+      }
+      return;
+    case ErrorCode::kProtocol:
+      prov->raise(kReasonBadReply, __FILE__, __LINE__, func, e.message);
+      return;
+    case ErrorCode::kInvalidArgument:
+      prov->raise(kReasonBadSetting, __FILE__, __LINE__, func, e.message);
+      return;
+    default:
+      prov->raise(kReasonInternal, __FILE__, __LINE__, func, e.message);
+      return;
+  }
+}
+
+template <std::size_t G>
+struct Kem {
+  static OSSL_FUNC_kem_newctx_fn newctx;
+  static OSSL_FUNC_kem_freectx_fn freectx;
+  static OSSL_FUNC_kem_dupctx_fn dupctx;
+  static OSSL_FUNC_kem_encapsulate_init_fn encapsulate_init;
+  static OSSL_FUNC_kem_encapsulate_fn encapsulate;
+  static OSSL_FUNC_kem_decapsulate_init_fn decapsulate_init;
+  static OSSL_FUNC_kem_decapsulate_fn decapsulate;
+
+  static constexpr std::size_t kSecretBytes = kGroups[G].qkd_key_bits / 8;
+  static const OSSL_DISPATCH kDispatch[];
+};
+
+template <std::size_t G>
+void* Kem<G>::newctx(void* provctx) {
+  auto* prov = static_cast<ProvCtx*>(provctx);
+  return guarded<void*>(prov, nullptr, __func__, [&]() -> void* {
+    auto* ctx = new KemCtx;
+    ctx->prov = prov;
+    return ctx;
+  });
+}
+
+template <std::size_t G>
+void Kem<G>::freectx(void* vctx) {
+  delete static_cast<KemCtx*>(vctx);
+}
+
+template <std::size_t G>
+void* Kem<G>::dupctx(void* vctx) {
+  const auto* ctx = static_cast<const KemCtx*>(vctx);
+  if (ctx == nullptr) {
+    return nullptr;
+  }
+  return guarded<void*>(ctx->prov, nullptr, __func__, [&]() -> void* { return new KemCtx(*ctx); });
+}
+
+template <std::size_t G>
+int Kem<G>::encapsulate_init(void* vctx, void* provkey, const OSSL_PARAM* /*params*/) {
+  auto* ctx = static_cast<KemCtx*>(vctx);
+  auto* key = static_cast<QkdKey*>(provkey);
+  if (ctx == nullptr) {
+    return 0;
+  }
+  if (key == nullptr || key->group != G || !key->has_share || key->own) {
+    QKD_RAISE(ctx->prov, kReasonWrongKey,
+              "encapsulation needs a key holding the peer's qkd share");
+    return 0;
+  }
+  ctx->key = key;
+  ctx->operation = kOpEncapsulate;
+  return 1;
+}
+
+template <std::size_t G>
+int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
+                        unsigned char* secret, std::size_t* secretlen) {
+  auto* ctx = static_cast<KemCtx*>(vctx);
+  if (ctx == nullptr) {
+    return 0;
+  }
+  ProvCtx* prov = ctx->prov;
+  return guarded<int>(prov, 0, __func__, [&] {
+    if (ctx->operation != kOpEncapsulate || ctx->key == nullptr) {
+      QKD_RAISE(prov, kReasonWrongKey, "encapsulate called without encapsulate_init");
+      return 0;
+    }
+    Failure failure;
+    auto own = prov->own_sae_id(&failure);
+    if (!own.ok()) {
+      QKD_RAISE(prov, failure.reason, failure.message);
+      return 0;
+    }
+    const std::size_t ct_len = 2 + own->size() + kKeyIdLength;
+    if (out == nullptr) {  // size query: no KME work
+      if (outlen == nullptr && secretlen == nullptr) {
+        QKD_RAISE(prov, kReasonBufferTooSmall, "size query without length pointers");
+        return 0;
+      }
+      if (outlen != nullptr) {
+        *outlen = ct_len;
+      }
+      if (secretlen != nullptr) {
+        *secretlen = kSecretBytes;
+      }
+      return 1;
+    }
+    if (outlen == nullptr || secret == nullptr || secretlen == nullptr) {
+      QKD_RAISE(prov, kReasonBufferTooSmall, "no buffer for the shared secret");
+      return 0;
+    }
+    if (*outlen < ct_len) {
+      QKD_RAISE(prov, kReasonBufferTooSmall,
+                "ciphertext buffer has " + std::to_string(*outlen) + " bytes, needs " +
+                    std::to_string(ct_len));
+      return 0;
+    }
+    if (*secretlen < kSecretBytes) {
+      QKD_RAISE(prov, kReasonBufferTooSmall,
+                "secret buffer has " + std::to_string(*secretlen) + " bytes, needs " +
+                    std::to_string(kSecretBytes));
+      return 0;
+    }
+    const std::string& peer = ctx->key->peer_sae_id;
+    qkd::etsi::Client* client = prov->client(&failure);
+    if (client == nullptr) {
+      QKD_RAISE(prov, failure.reason, failure.message);
+      return 0;
+    }
+    if (auto admitted = prov->admission().acquire(peer, Admission::Clock::now()); !admitted.ok()) {
+      QKD_RAISE(prov, kReasonAdmission, admitted.error().message);
+      return 0;
+    }
+    AdmissionTicket ticket(prov->admission(), peer);
+    auto keys = client->enc_keys(peer, 1, kGroups[G].qkd_key_bits);
+    if (!keys.ok()) {
+      raise_kme_error(prov, keys.error(), kOpEncapsulate, peer, "", __func__);
+      return 0;
+    }
+    const qkd::etsi::Key& key = keys->at(0);
+    auto key_id = uuid_parse(key.key_id);
+    if (!key_id.ok()) {
+      QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: " + key_id.error().message);
+      return 0;
+    }
+    if (key.key.size() != kSecretBytes) {
+      QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: key of " +
+                                           std::to_string(key.key.size()) + " bytes");
+      return 0;
+    }
+    auto ct = encode_ciphertext(Ciphertext{own.value(), key_id.value()});
+    if (!ct.ok() || ct->size() != ct_len) {
+      QKD_RAISE(prov, kReasonInternal, "cannot encode the ciphertext");
+      return 0;
+    }
+    // Nothing can fail from here on: no partial secret is ever left behind.
+    std::memcpy(out, ct->data(), ct->size());
+    *outlen = ct->size();
+    std::memcpy(secret, key.key.data(), kSecretBytes);
+    *secretlen = kSecretBytes;
+    return 1;
+  });
+}
+
+template <std::size_t G>
+int Kem<G>::decapsulate_init(void* vctx, void* provkey, const OSSL_PARAM* /*params*/) {
+  auto* ctx = static_cast<KemCtx*>(vctx);
+  auto* key = static_cast<QkdKey*>(provkey);
+  if (ctx == nullptr) {
+    return 0;
+  }
+  if (key == nullptr || key->group != G || !key->own) {
+    QKD_RAISE(ctx->prov, kReasonWrongKey, "decapsulation needs this SAE's own qkd key share");
+    return 0;
+  }
+  ctx->key = key;
+  ctx->operation = kOpDecapsulate;
+  return 1;
+}
+
+template <std::size_t G>
+int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
+                        const unsigned char* in, std::size_t inlen) {
+  auto* ctx = static_cast<KemCtx*>(vctx);
+  if (ctx == nullptr) {
+    return 0;
+  }
+  ProvCtx* prov = ctx->prov;
+  return guarded<int>(prov, 0, __func__, [&] {
+    if (ctx->operation != kOpDecapsulate || ctx->key == nullptr || outlen == nullptr) {
+      QKD_RAISE(prov, kReasonWrongKey, "decapsulate called without decapsulate_init");
+      return 0;
+    }
+    auto ct = parse_ciphertext(std::span<const std::uint8_t>(in, in == nullptr ? 0 : inlen));
+    if (!ct.ok()) {
+      QKD_RAISE(prov, kReasonBadCiphertext, ct.error().message);
+      return 0;
+    }
+    if (out == nullptr) {  // size query: no KME work
+      *outlen = kSecretBytes;
+      return 1;
+    }
+    if (*outlen < kSecretBytes) {
+      QKD_RAISE(prov, kReasonBufferTooSmall,
+                "secret buffer has " + std::to_string(*outlen) + " bytes, needs " +
+                    std::to_string(kSecretBytes));
+      return 0;
+    }
+    Failure failure;
+    qkd::etsi::Client* client = prov->client(&failure);
+    if (client == nullptr) {
+      QKD_RAISE(prov, failure.reason, failure.message);
+      return 0;
+    }
+    const std::string key_id = uuid_format(ct->key_id);
+    const std::string ids[] = {key_id};
+    auto keys = client->dec_keys(ct->sae_id, ids);
+    if (!keys.ok()) {
+      raise_kme_error(prov, keys.error(), kOpDecapsulate, ct->sae_id, key_id, __func__);
+      return 0;
+    }
+    const qkd::etsi::Key& key = keys->at(0);
+    if (key.key.size() != kSecretBytes) {
+      QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: key " + key_id + " has " +
+                                           std::to_string(key.key.size()) + " bytes, expected " +
+                                           std::to_string(kSecretBytes));
+      return 0;
+    }
+    std::memcpy(out, key.key.data(), kSecretBytes);
+    *outlen = kSecretBytes;
+    return 1;
+  });
+}
+
+template <std::size_t G>
+const OSSL_DISPATCH Kem<G>::kDispatch[] = {
+    {OSSL_FUNC_KEM_NEWCTX, as_fn<OSSL_FUNC_kem_newctx_fn>(&newctx)},
+    {OSSL_FUNC_KEM_FREECTX, as_fn<OSSL_FUNC_kem_freectx_fn>(&freectx)},
+    {OSSL_FUNC_KEM_DUPCTX, as_fn<OSSL_FUNC_kem_dupctx_fn>(&dupctx)},
+    {OSSL_FUNC_KEM_ENCAPSULATE_INIT, as_fn<OSSL_FUNC_kem_encapsulate_init_fn>(&encapsulate_init)},
+    {OSSL_FUNC_KEM_ENCAPSULATE, as_fn<OSSL_FUNC_kem_encapsulate_fn>(&encapsulate)},
+    {OSSL_FUNC_KEM_DECAPSULATE_INIT, as_fn<OSSL_FUNC_kem_decapsulate_init_fn>(&decapsulate_init)},
+    {OSSL_FUNC_KEM_DECAPSULATE, as_fn<OSSL_FUNC_kem_decapsulate_fn>(&decapsulate)},
+    {0, nullptr}};
+
+template <std::size_t... I>
+const OSSL_DISPATCH* kem_table(std::size_t group, std::index_sequence<I...>) {
+  static const OSSL_DISPATCH* const kTables[] = {Kem<I>::kDispatch...};
+  return group < sizeof...(I) ? kTables[group] : nullptr;
+}
+
+}  // namespace
+
+const OSSL_DISPATCH* kem_dispatch(std::size_t group) {
+  return kem_table(group, std::make_index_sequence<kGroups.size()>{});
+}
+
+}  // namespace qkd::prov

@@ -1,0 +1,118 @@
+// The provider context (one per loaded instance: each OSSL_LIB_CTX that loads qkdprovider
+// gets its own), the core's error upcalls, and the helpers every entry point uses.
+#pragma once
+
+#include <openssl/core.h>
+#include <openssl/core_dispatch.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "admission.hpp"
+#include "qkd/core/result.hpp"
+#include "qkd/etsi/client.hpp"
+#include "settings.hpp"
+
+namespace qkd::prov {
+
+// Reason codes registered with the core (get_reason_strings). The text of each is the
+// fixed part; the details (URL, SAE ID, key_ID) travel as the error's data string.
+enum Reason : std::uint32_t {
+  kReasonUnreachable = 1,
+  kReasonTimeout,
+  kReasonRejected,
+  kReasonKeyIdUnknown,
+  kReasonBadReply,
+  kReasonMissingSetting,
+  kReasonBadSetting,
+  kReasonBadShare,
+  kReasonBadCiphertext,
+  kReasonAdmission,
+  kReasonBufferTooSmall,
+  kReasonWrongKey,
+  kReasonBadGroup,
+  kReasonInternal,
+};
+const OSSL_ITEM* reason_strings();
+
+struct CoreUpcalls {
+  OSSL_FUNC_core_new_error_fn* new_error = nullptr;
+  OSSL_FUNC_core_set_error_debug_fn* set_error_debug = nullptr;
+  OSSL_FUNC_core_vset_error_fn* vset_error = nullptr;
+};
+
+// A failure to report: reason code + full message.
+struct Failure {
+  std::uint32_t reason = kReasonInternal;
+  std::string message;
+};
+
+class ProvCtx {
+ public:
+  ProvCtx(const OSSL_CORE_HANDLE* handle, CoreUpcalls core, Settings settings)
+      : handle_(handle), core_(core), settings_(std::move(settings)),
+        admission_(settings_.admission) {}
+
+  [[nodiscard]] const Settings& settings() const { return settings_; }
+  [[nodiscard]] Admission& admission() { return admission_; }
+
+  // This SAE's ID: the sae_id setting, else the CN of the cert setting (read once, lazily).
+  [[nodiscard]] qkd::core::Result<std::string> own_sae_id(Failure* failure);
+  // The ETSI 014 client, made at first use (reads the cert/key/CA files then); a failure is
+  // not remembered, so a fixed file is picked up by the next handshake.
+  [[nodiscard]] qkd::etsi::Client* client(Failure* failure);
+
+  // Raises an OpenSSL error through the core (never prints).
+  void raise(std::uint32_t reason, const char* file, int line, const char* func,
+             const std::string& message) const;
+
+ private:
+  [[nodiscard]] bool check_settings(Failure* failure, bool need_client) const;
+
+  const OSSL_CORE_HANDLE* handle_;
+  CoreUpcalls core_;
+  const Settings settings_;
+  Admission admission_;
+  std::mutex mu_;
+  std::string own_sae_;                       // guarded by mu_
+  std::unique_ptr<qkd::etsi::Client> client_;  // guarded by mu_; thread-safe itself
+};
+
+#define QKD_RAISE(prov, reason, message) \
+  (prov)->raise((reason), __FILE__, __LINE__, __func__, (message))
+
+// Runs `body` and turns any exception into a raised error: nothing crosses the C ABI.
+template <typename R, typename F>
+R guarded(const ProvCtx* prov, R on_failure, const char* func, F&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    if (prov != nullptr) {
+      prov->raise(kReasonInternal, __FILE__, __LINE__, func, "out of memory");
+    }
+  } catch (const std::exception& e) {
+    if (prov != nullptr) {
+      prov->raise(kReasonInternal, __FILE__, __LINE__, func, e.what());
+    }
+  } catch (...) {
+    if (prov != nullptr) {
+      prov->raise(kReasonInternal, __FILE__, __LINE__, func, "unexpected exception");
+    }
+  }
+  return on_failure;
+}
+
+// Type-checked dispatch entries: as_fn<OSSL_FUNC_kem_newctx_fn>(&f) does not compile
+// unless f has exactly that signature.
+template <typename Fn>
+void (*as_fn(Fn* f))(void) {
+  return reinterpret_cast<void (*)(void)>(f);
+}
+
+// Dispatch tables per group row (templates instantiated for every row of kGroups).
+const OSSL_DISPATCH* keymgmt_dispatch(std::size_t group);
+const OSSL_DISPATCH* kem_dispatch(std::size_t group);
+
+}  // namespace qkd::prov

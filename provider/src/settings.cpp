@@ -1,0 +1,130 @@
+#include "settings.hpp"
+
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+namespace qkd::prov {
+
+using qkd::core::ErrorCode;
+using qkd::core::make_error;
+
+std::optional<std::uint64_t> parse_uint(const std::string& text, std::uint64_t min,
+                                        std::uint64_t max) {
+  std::string_view s = text;
+  int base = 10;
+  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+    s.remove_prefix(2);
+    base = 16;
+  }
+  if (s.empty() || s.size() > 19) {
+    return std::nullopt;
+  }
+  std::uint64_t v = 0;
+  const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), v, base);
+  if (ec != std::errc{} || ptr != s.data() + s.size() || v < min || v > max) {
+    return std::nullopt;
+  }
+  return v;
+}
+
+namespace {
+
+std::optional<double> parse_positive(const std::string& text) {
+  if (text.empty() || text.size() > 32) {
+    return std::nullopt;
+  }
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  if (end != text.c_str() + text.size() || !std::isfinite(v) || v <= 0 || v > 1e9) {
+    return std::nullopt;
+  }
+  return v;
+}
+
+}  // namespace
+
+qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
+  Settings s;
+  const auto get = [&](const char* key) -> std::optional<std::string> {
+    const auto it = raw.find(key);
+    if (it == raw.end()) {
+      return std::nullopt;
+    }
+    return it->second;
+  };
+  for (std::size_t i = 0; i < kGroups.size(); ++i) {
+    s.codepoints[i] = kGroups[i].default_codepoint;
+    const std::string key(kGroups[i].codepoint_setting);
+    if (const auto text = get(key.c_str())) {
+      const auto v = parse_uint(*text, kCodepointMin, kCodepointMax);
+      if (!v) {
+        char range[64];
+        std::snprintf(range, sizeof range, "0x%04X..0x%04X", kCodepointMin, kCodepointMax);
+        return make_error(ErrorCode::kInvalidArgument,
+                          "invalid setting " + key + " = \"" + text->substr(0, 40) +
+                              "\": must be a codepoint in " + range);
+      }
+      s.codepoints[i] = static_cast<std::uint16_t>(*v);
+    }
+  }
+  for (std::size_t i = 0; i < kGroups.size(); ++i) {
+    for (std::size_t j = i + 1; j < kGroups.size(); ++j) {
+      if (s.codepoints[i] == s.codepoints[j]) {
+        return make_error(ErrorCode::kInvalidArgument,
+                          "invalid setting " + std::string(kGroups[j].codepoint_setting) +
+                              ": codepoint already used by group " +
+                              std::string(kGroups[i].tls_name));
+      }
+    }
+  }
+  s.kme_url = get("kme_url").value_or("");
+  s.sae_id = get("sae_id").value_or("");
+  s.cert = get("cert").value_or("");
+  s.key = get("key").value_or("");
+  s.ca = get("ca").value_or("");
+  const auto defer = [&](const std::string& key, const std::string& value, const char* rule) {
+    if (!s.deferred_error) {
+      s.deferred_error = "invalid setting " + key + " = \"" + value.substr(0, 40) + "\": " + rule;
+    }
+  };
+  if (const auto t = get("timeout_ms")) {
+    if (const auto v = parse_uint(*t, 1, 600'000)) {
+      s.timeout = std::chrono::milliseconds(*v);
+    } else {
+      defer("timeout_ms", *t, "must be 1..600000");
+    }
+  }
+  if (const auto t = get("admit_rate")) {
+    if (const auto v = parse_positive(*t)) {
+      s.admission.rate_per_second = *v;
+    } else {
+      defer("admit_rate", *t, "must be a positive number (keys per second)");
+    }
+  }
+  if (const auto t = get("admit_burst")) {
+    if (const auto v = parse_positive(*t); v && *v >= 1) {
+      s.admission.burst = *v;
+    } else {
+      defer("admit_burst", *t, "must be a number >= 1");
+    }
+  }
+  if (const auto t = get("admit_outstanding")) {
+    if (const auto v = parse_uint(*t, 1, 1'000'000)) {
+      s.admission.max_outstanding = static_cast<std::uint32_t>(*v);
+    } else {
+      defer("admit_outstanding", *t, "must be 1..1000000");
+    }
+  }
+  if (const auto t = get("admit_outstanding_total")) {
+    if (const auto v = parse_uint(*t, 1, 1'000'000)) {
+      s.admission.max_outstanding_total = static_cast<std::uint32_t>(*v);
+    } else {
+      defer("admit_outstanding_total", *t, "must be 1..1000000");
+    }
+  }
+  return s;
+}
+
+}  // namespace qkd::prov

@@ -1,0 +1,406 @@
+// Alice's endpoint: source + channel simulation, then the classical post-processing, in
+// which she is the reference (Bob corrects towards her key) and the one who draws every
+// public random seed.
+#include <chrono>
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include "channel.hpp"
+#include "protocol.hpp"
+#include "qkd/core/cascade.hpp"
+#include "qkd/core/key_length.hpp"
+#include "qkd/core/link.hpp"
+#include "qkd/core/physics.hpp"
+#include "qkd/core/random.hpp"
+#include "qkd/core/toeplitz.hpp"
+
+namespace qkd::core {
+
+using detail::AuthChannel;
+using detail::malformed;
+using detail::MsgType;
+using detail::Reader;
+using detail::Writer;
+
+namespace {
+
+// Alice's PRF key for one block: HKDF(psk || seed) labelled with the block id, so the key
+// is unpredictable without the PSK yet reproducible for a given (psk, seed).
+Result<SecureBytes> alice_prf_key(std::span<const std::uint8_t> psk, std::uint64_t seed,
+                                  std::uint64_t block) {
+  SecureBytes ikm(psk.size() + 8);
+  std::copy(psk.begin(), psk.end(), ikm.data());
+  for (int b = 0; b < 8; ++b) {
+    ikm[psk.size() + static_cast<std::size_t>(b)] = static_cast<std::uint8_t>(seed >> (8 * b));
+  }
+  return detail::hkdf_sha256(ikm.span(), "qkd-tls bb84 alice prf v1",
+                             "block " + std::to_string(block), 16);
+}
+
+}  // namespace
+
+struct AliceEndpoint::Impl {
+  ChannelParams channel;
+  ProtocolParams protocol;
+  SecureBytes psk;
+  std::uint64_t seed;
+  MessageTransport& quantum;
+  std::optional<AuthChannel> classical;
+  std::optional<Error> init_error;
+  std::optional<Error> failed;  // set by a fatal error; the endpoint refuses further blocks
+  std::uint64_t next_block = 0;
+
+  Impl(ChannelParams c, ProtocolParams p, std::span<const std::uint8_t> k, std::uint64_t s,
+       MessageTransport& q, MessageTransport& cl)
+      : channel(c), protocol(p), psk(k), seed(s), quantum(q) {
+    auto keys = detail::derive_mac_keys(k);
+    if (!keys.ok()) {
+      init_error = keys.error();
+      return;
+    }
+    classical.emplace(cl, std::move(keys->alice_to_bob), std::move(keys->bob_to_alice));
+  }
+
+  // Receives a classical message of the given type for this block.
+  Result<detail::Frame> recv(MsgType t, std::uint64_t block) {
+    return classical->receive(protocol.message_timeout, t, block);
+  }
+
+  // Runs one block. Returns an error (with `fatal` telling whether the channel state is
+  // lost) or fills `r`.
+  Status run(BlockResult& r, bool& fatal);
+};
+
+Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
+  const ProtocolParams& P = protocol;
+  const std::uint64_t block = r.block_id;
+  AuthChannel& ch = *classical;
+
+  // (a) Parameters.
+  {
+    Writer w;
+    detail::write_params(w, P, channel.pulse_rate_hz);
+    if (Status s = ch.send(MsgType::kParams, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    auto f = recv(MsgType::kParamsAck, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    std::uint8_t accepted = 0;
+    std::string reason;
+    if (!rd.u8(accepted) || !rd.string(reason, 1000) || !rd.done() || accepted > 1) {
+      return malformed(MsgType::kParamsAck);
+    }
+    if (accepted == 0) {
+      fatal = false;
+      return make_error(ErrorCode::kRejected, "Bob refused the block parameters: " + reason);
+    }
+  }
+  r.pulses = P.pulses_per_block;
+  r.simulated_seconds = static_cast<double>(P.pulses_per_block) / channel.pulse_rate_hz;
+
+  // (b) Quantum transmission.
+  auto prf_key = alice_prf_key(psk.span(), seed, block);
+  if (!prf_key.ok()) {
+    return prf_key.error();
+  }
+  AlicePrf prf(std::span<const std::uint8_t, 16>(prf_key->data(), 16));
+  std::vector<DetectionEvent> events;
+  {
+    ChannelSimulator sim(channel, seed ^ (0x5DEECE66DULL * (block + 1)));
+    sim.run(events, prf, P.pulses_per_block);
+  }
+  r.detections = events.size();
+  {
+    std::uint32_t chunk = 0;
+    std::size_t at = 0;
+    std::uint64_t base = 0;
+    do {
+      const std::size_t n = std::min<std::size_t>(events.size() - at, detail::kMaxEventsPerChunk);
+      const bool last = at + n == events.size();
+      auto msg = detail::encode_detections(
+          block, chunk, last, std::span<const DetectionEvent>(events.data() + at, n), base);
+      if (n > 0) {
+        base = events[at + n - 1].pulse + 1;
+      }
+      if (Status s = quantum.send(std::move(msg)); !s.ok()) {
+        return s;
+      }
+      at += n;
+      ++chunk;
+    } while (at < events.size());
+  }
+
+  // (c) Sifting.
+  BitVector sifted;
+  {
+    auto f = recv(MsgType::kSiftBases, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    std::uint64_t count = 0;
+    BitVector bob_bases;
+    if (!rd.u64(count) || !rd.bits(bob_bases, events.size()) || !rd.done() ||
+        count != events.size() || bob_bases.size() != count) {
+      return malformed(MsgType::kSiftBases);
+    }
+    BitVector match(count);
+    sifted.reserve(count / 2 + 64);
+    for (std::size_t i = 0; i < count; ++i) {
+      const AliceState s = prf.at(events[i].pulse);
+      if (s.basis == bob_bases.get(i)) {
+        match.set(i, true);
+        sifted.push_back(s.bit);
+      }
+    }
+    events.clear();
+    events.shrink_to_fit();
+    Writer w;
+    w.bits(match);
+    if (Status s = ch.send(MsgType::kSiftMatch, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+  }
+  r.sifted_bits = sifted.size();
+
+  // (d) QBER estimation on a random sample, disclosed and discarded.
+  const auto k = static_cast<std::uint64_t>(
+      std::llround(P.sample_fraction * static_cast<double>(sifted.size())));
+  auto mask = detail::random_sample_mask(sifted.size(), k);
+  if (!mask.ok()) {
+    return mask.error();
+  }
+  BitVector sample;
+  BitVector key;
+  detail::split_by_mask(sifted, *mask, sample, key);
+  sifted.clear();
+  {
+    Writer w;
+    w.bits(*mask);
+    w.bits(sample);
+    if (Status s = ch.send(MsgType::kSample, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    auto f = recv(MsgType::kSampleReply, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    BitVector bob_sample;
+    if (!rd.bits(bob_sample, sample.size()) || !rd.done() || bob_sample.size() != sample.size()) {
+      return malformed(MsgType::kSampleReply);
+    }
+    const std::uint64_t errors = sample.hamming_distance(bob_sample);
+    r.sample_bits = sample.size();
+    r.reconciled_bits = key.size();
+    r.qber = sample.empty() ? 0.0
+                            : static_cast<double>(errors) / static_cast<double>(sample.size());
+    if (auto why = detail::estimation_abort(sample.size(), errors, key.size(), P.qber_abort)) {
+      r.aborted = true;
+      r.abort_reason = *why;
+      return ok_status();
+    }
+  }
+  const auto n = static_cast<std::uint32_t>(key.size());
+
+  // (e) Cascade: Alice answers Bob's parity requests.
+  {
+    const std::uint32_t k1 = cascade_first_block_size(r.qber, n);
+    std::array<std::uint8_t, 32> shuffle{};
+    if (Status s = random_bytes(shuffle); !s.ok()) {
+      return s;
+    }
+    Writer w;
+    w.u32(n);
+    w.u32(k1);
+    w.u32(P.cascade_passes);
+    w.bytes(shuffle);
+    if (Status s = ch.send(MsgType::kCascadeStart, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    const CascadeLayout layout(n, P.cascade_passes, k1,
+                               std::span<const std::uint8_t, 32>(shuffle));
+    const CascadeResponder responder(key, layout);
+    std::vector<ParityQuery> queries;
+    for (std::uint64_t req = 0;; ++req) {
+      if (req >= detail::kMaxCascadeRequests) {
+        return make_error(ErrorCode::kProtocol, "Cascade: too many parity requests");
+      }
+      auto f = recv(MsgType::kCascadeRequest, block);
+      if (!f.ok()) {
+        return f.error();
+      }
+      Reader rd(f->payload);
+      std::uint8_t kind = 0;
+      if (!rd.u8(kind)) {
+        return malformed(MsgType::kCascadeRequest);
+      }
+      Result<BitVector> answer = BitVector{};
+      if (kind == static_cast<std::uint8_t>(detail::CascadeRequestKind::kBlockParities)) {
+        std::uint32_t pass = 0;
+        if (!rd.u32(pass) || !rd.done()) {
+          return malformed(MsgType::kCascadeRequest);
+        }
+        answer = responder.block_parities(pass);
+      } else if (kind == static_cast<std::uint8_t>(detail::CascadeRequestKind::kRangeParities)) {
+        std::uint32_t count = 0;
+        if (!rd.u32(count) || count > n || count > rd.remaining() / 9) {
+          return malformed(MsgType::kCascadeRequest);
+        }
+        queries.resize(count);
+        for (auto& q : queries) {
+          std::uint8_t pass = 0;
+          if (!rd.u8(pass) || !rd.u32(q.start) || !rd.u32(q.length)) {
+            return malformed(MsgType::kCascadeRequest);
+          }
+          q.pass = pass;
+        }
+        if (!rd.done()) {
+          return malformed(MsgType::kCascadeRequest);
+        }
+        answer = responder.range_parities(queries);
+      } else if (kind == static_cast<std::uint8_t>(detail::CascadeRequestKind::kDone)) {
+        std::uint64_t corrected = 0;
+        if (!rd.u64(corrected) || !rd.done() || corrected > n) {
+          return malformed(MsgType::kCascadeRequest);
+        }
+        r.cascade_errors_corrected = corrected;
+        break;
+      } else {
+        return malformed(MsgType::kCascadeRequest);
+      }
+      if (!answer.ok()) {
+        return answer.error();
+      }
+      r.leaked_bits += answer->size();
+      Writer rw;
+      rw.bits(*answer);
+      if (Status s = ch.send(MsgType::kCascadeReply, block, rw.buffer()); !s.ok()) {
+        return s;
+      }
+    }
+  }
+
+  // (f) Verification: a Toeplitz hash of verify_hash_bits bits (2-universal).
+  {
+    const std::uint32_t vb = P.verify_hash_bits;
+    auto vseed = detail::random_bits(n + vb - 1);
+    if (!vseed.ok()) {
+      return vseed.error();
+    }
+    auto tag = toeplitz_hash(*vseed, key, vb);
+    if (!tag.ok()) {
+      return tag.error();
+    }
+    Writer w;
+    w.bits(*vseed);
+    w.bytes(tag->to_bytes());
+    if (Status s = ch.send(MsgType::kVerify, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    r.leaked_bits += vb;
+    auto f = recv(MsgType::kVerifyResult, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    std::uint8_t same = 0;
+    if (!rd.u8(same) || !rd.done() || same > 1) {
+      return malformed(MsgType::kVerifyResult);
+    }
+    if (same == 0) {
+      r.aborted = true;
+      r.abort_reason = "verification hash mismatch after Cascade (residual errors)";
+      return ok_status();
+    }
+  }
+
+  // (g) Privacy amplification.
+  {
+    const std::uint64_t m = secret_key_length(n, r.qber, r.leaked_bits, P.safety_margin);
+    BitVector pseed;
+    if (m > 0) {
+      auto s = detail::random_bits(n + m - 1);
+      if (!s.ok()) {
+        return s.error();
+      }
+      pseed = std::move(s).value();
+    }
+    Writer w;
+    w.u64(m);
+    w.bits(pseed);
+    if (Status s = ch.send(MsgType::kAmplify, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    if (m > 0) {
+      auto out = toeplitz_hash(pseed, key, m);
+      if (!out.ok()) {
+        return out.error();
+      }
+      r.key.resize(out->byte_size());
+      out->to_bytes(r.key.span());
+    }
+    r.secret_bits = m;
+    auto f = recv(MsgType::kBlockDone, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    if (!f->payload.empty()) {
+      return malformed(MsgType::kBlockDone);
+    }
+  }
+  return ok_status();
+}
+
+AliceEndpoint::AliceEndpoint(ChannelParams channel, ProtocolParams protocol,
+                             std::span<const std::uint8_t> psk, std::uint64_t seed,
+                             MessageTransport& quantum, MessageTransport& classical)
+    : impl_(std::make_unique<Impl>(channel, protocol, psk, seed, quantum, classical)) {}
+
+AliceEndpoint::~AliceEndpoint() = default;
+
+Result<BlockResult> AliceEndpoint::run_block() {
+  if (impl_->init_error) {
+    return *impl_->init_error;
+  }
+  if (impl_->failed) {
+    return make_error(impl_->failed->code,
+                      "endpoint unusable after an earlier error: " + impl_->failed->message);
+  }
+  if (Status s = validate(impl_->channel); !s.ok()) {
+    return s.error();
+  }
+  if (Status s = validate(impl_->protocol); !s.ok()) {
+    return s.error();
+  }
+  const auto start = std::chrono::steady_clock::now();
+  BlockResult r;
+  r.block_id = impl_->next_block++;
+  bool fatal = true;
+  Status st = impl_->run(r, fatal);
+  if (!st.ok()) {
+    if (fatal) {
+      // Tell Bob (best effort) unless the error came from him or the pipe is gone.
+      const ErrorCode c = st.error().code;
+      if (c != ErrorCode::kRejected && c != ErrorCode::kClosed) {
+        impl_->classical->send_abort(r.block_id, st.error().message);
+        (void)impl_->quantum.send(detail::encode_quantum_abort(r.block_id));
+      }
+      impl_->failed = st.error();
+    }
+    return st.error();
+  }
+  if (r.aborted) {
+    r.key.clear();
+    r.secret_bits = 0;
+  }
+  r.cpu_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+}  // namespace qkd::core

@@ -1,0 +1,376 @@
+// Bob's endpoint: measures the detection events Alice's channel delivers in bases he
+// chooses himself, then drives Cascade (asking Alice for parities) and corrects his key.
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include "channel.hpp"
+#include "protocol.hpp"
+#include "qkd/core/cascade.hpp"
+#include "qkd/core/key_length.hpp"
+#include "qkd/core/link.hpp"
+#include "qkd/core/random.hpp"
+#include "qkd/core/toeplitz.hpp"
+
+namespace qkd::core {
+
+using detail::AuthChannel;
+using detail::malformed;
+using detail::MsgType;
+using detail::Reader;
+using detail::Writer;
+
+namespace {
+
+// Bob's view of Alice for Cascade: one request/reply pair per call.
+class RemoteParityOracle final : public ParityOracle {
+ public:
+  RemoteParityOracle(AuthChannel& ch, std::uint64_t block, std::chrono::milliseconds timeout,
+                     std::uint32_t n)
+      : ch_(ch), block_(block), timeout_(timeout), n_(n) {}
+
+  Result<BitVector> block_parities(std::uint32_t pass) override {
+    Writer w;
+    w.u8(static_cast<std::uint8_t>(detail::CascadeRequestKind::kBlockParities));
+    w.u32(pass);
+    return exchange(w);
+  }
+
+  Result<BitVector> range_parities(std::span<const ParityQuery> q) override {
+    Writer w;
+    w.reserve(5 + 9 * q.size());
+    w.u8(static_cast<std::uint8_t>(detail::CascadeRequestKind::kRangeParities));
+    w.u32(static_cast<std::uint32_t>(q.size()));
+    for (const ParityQuery& x : q) {
+      w.u8(static_cast<std::uint8_t>(x.pass));
+      w.u32(x.start);
+      w.u32(x.length);
+    }
+    return exchange(w);
+  }
+
+ private:
+  Result<BitVector> exchange(Writer& w) {
+    if (Status s = ch_.send(MsgType::kCascadeRequest, block_, w.buffer()); !s.ok()) {
+      return s.error();
+    }
+    auto f = ch_.receive(timeout_, MsgType::kCascadeReply, block_);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    BitVector bits;
+    if (!rd.bits(bits, n_) || !rd.done()) {
+      return malformed(MsgType::kCascadeReply);
+    }
+    return bits;
+  }
+
+  AuthChannel& ch_;
+  std::uint64_t block_;
+  std::chrono::milliseconds timeout_;
+  std::uint32_t n_;
+};
+
+}  // namespace
+
+struct BobEndpoint::Impl {
+  ProtocolParams protocol;
+  MessageTransport& quantum;
+  Xoshiro256ss rng;  // Bob's basis choices and random measurement outcomes
+  std::optional<AuthChannel> classical;
+  std::optional<Error> init_error;
+  std::optional<Error> failed;
+  std::optional<std::uint64_t> last_block;
+
+  Impl(ProtocolParams p, std::span<const std::uint8_t> k, std::uint64_t s, MessageTransport& q,
+       MessageTransport& cl)
+      : protocol(p), quantum(q), rng(s ^ 0xB0B0B0B0B0B0B0B0ULL) {
+    auto keys = detail::derive_mac_keys(k);
+    if (!keys.ok()) {
+      init_error = keys.error();
+      return;
+    }
+    classical.emplace(cl, std::move(keys->bob_to_alice), std::move(keys->alice_to_bob));
+  }
+
+  Result<detail::Frame> recv(MsgType t, std::uint64_t block) {
+    return classical->receive(protocol.message_timeout, t, block);
+  }
+
+  Status run(BlockResult& r, bool& fatal);
+};
+
+Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
+  const ProtocolParams& P = protocol;
+  AuthChannel& ch = *classical;
+
+  // (a) Parameters: the first message of a block. Waiting for it may time out without
+  // harm (nothing consumed), so that error is not fatal.
+  std::uint64_t block = 0;
+  double pulse_rate_hz = 0.0;
+  {
+    auto f = ch.receive(P.message_timeout, MsgType::kParams, std::nullopt);
+    if (!f.ok()) {
+      fatal = f.error().code != ErrorCode::kTimeout;
+      return f.error();
+    }
+    block = f->block_id;
+    r.block_id = block;
+    if (last_block && block <= *last_block) {
+      return make_error(ErrorCode::kProtocol, "block id " + std::to_string(block) +
+                                                  " not above the previous " +
+                                                  std::to_string(*last_block));
+    }
+    last_block = block;
+    Reader rd(f->payload);
+    ProtocolParams theirs = P;
+    if (!detail::read_params(rd, theirs, pulse_rate_hz) || !(pulse_rate_hz > 0.0)) {
+      return malformed(MsgType::kParams);
+    }
+    const std::string mismatch = detail::params_mismatch(P, theirs);
+    Writer w;
+    w.u8(mismatch.empty() ? 1 : 0);
+    w.string(mismatch);
+    if (Status s = ch.send(MsgType::kParamsAck, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    if (!mismatch.empty()) {
+      fatal = false;
+      return make_error(ErrorCode::kRejected,
+                        "block parameters differ from Alice's: " + mismatch);
+    }
+  }
+  r.pulses = P.pulses_per_block;
+  r.simulated_seconds = static_cast<double>(P.pulses_per_block) / pulse_rate_hz;
+
+  // (b) Quantum: measure every arriving state in a random basis of Bob's choosing.
+  BitVector bases;
+  BitVector raw;
+  {
+    std::uint64_t next_pulse = 0;
+    for (std::uint32_t chunk = 0;; ++chunk) {
+      auto m = quantum.receive(P.message_timeout);
+      if (!m.ok()) {
+        return m.error();
+      }
+      auto c = detail::decode_detections(*m, block, chunk, next_pulse, P.pulses_per_block);
+      if (!c.ok()) {
+        return c.error();
+      }
+      bases.reserve(bases.size() + c->events.size());
+      raw.reserve(raw.size() + c->events.size());
+      for (const DetectionEvent& e : c->events) {
+        const bool basis = rng.bit();
+        bool result = false;
+        if (e.dark || basis != e.basis) {
+          result = rng.bit();  // a dark count, or a measurement in the other basis
+        } else {
+          result = e.bit;
+        }
+        bases.push_back(basis);
+        raw.push_back(result);
+      }
+      if (c->last) {
+        break;
+      }
+    }
+  }
+  r.detections = raw.size();
+
+  // (c) Sifting.
+  BitVector sifted;
+  {
+    Writer w;
+    w.u64(bases.size());
+    w.bits(bases);
+    if (Status s = ch.send(MsgType::kSiftBases, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    auto f = recv(MsgType::kSiftMatch, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    BitVector match;
+    if (!rd.bits(match, raw.size()) || !rd.done() || match.size() != raw.size()) {
+      return malformed(MsgType::kSiftMatch);
+    }
+    BitVector dropped;
+    detail::split_by_mask(raw, match, sifted, dropped);
+    raw.clear();
+  }
+  r.sifted_bits = sifted.size();
+
+  // (d) QBER estimation.
+  BitVector key;
+  {
+    auto f = recv(MsgType::kSample, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    BitVector mask;
+    BitVector alice_sample;
+    if (!rd.bits(mask, sifted.size()) || mask.size() != sifted.size() ||
+        !rd.bits(alice_sample, sifted.size()) || !rd.done() ||
+        alice_sample.size() != mask.popcount()) {
+      return malformed(MsgType::kSample);
+    }
+    BitVector sample;
+    detail::split_by_mask(sifted, mask, sample, key);
+    sifted.clear();
+    Writer w;
+    w.bits(sample);
+    if (Status s = ch.send(MsgType::kSampleReply, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    const std::uint64_t errors = sample.hamming_distance(alice_sample);
+    r.sample_bits = sample.size();
+    r.reconciled_bits = key.size();
+    r.qber = sample.empty() ? 0.0
+                            : static_cast<double>(errors) / static_cast<double>(sample.size());
+    if (auto why = detail::estimation_abort(sample.size(), errors, key.size(), P.qber_abort)) {
+      r.aborted = true;
+      r.abort_reason = *why;
+      return ok_status();
+    }
+  }
+  const auto n = static_cast<std::uint32_t>(key.size());
+
+  // (e) Cascade.
+  {
+    auto f = recv(MsgType::kCascadeStart, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    std::uint32_t n_alice = 0;
+    std::uint32_t k1 = 0;
+    std::uint32_t passes = 0;
+    std::span<const std::uint8_t> seed;
+    if (!rd.u32(n_alice) || !rd.u32(k1) || !rd.u32(passes) || !rd.bytes(32, seed) ||
+        !rd.done() || n_alice != n || k1 < 1 || k1 > n || passes != P.cascade_passes) {
+      return malformed(MsgType::kCascadeStart);
+    }
+    const CascadeLayout layout(n, passes, k1, std::span<const std::uint8_t, 32>(seed.data(), 32));
+    RemoteParityOracle oracle(ch, block, P.message_timeout, n);
+    auto stats = cascade_correct(key, layout, oracle);
+    if (!stats.ok()) {
+      return stats.error();
+    }
+    r.leaked_bits = stats->parities_disclosed;
+    r.cascade_errors_corrected = stats->errors_corrected;
+    Writer w;
+    w.u8(static_cast<std::uint8_t>(detail::CascadeRequestKind::kDone));
+    w.u64(stats->errors_corrected);
+    if (Status s = ch.send(MsgType::kCascadeRequest, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+  }
+
+  // (f) Verification.
+  {
+    const std::uint32_t vb = P.verify_hash_bits;
+    auto f = recv(MsgType::kVerify, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    BitVector vseed;
+    std::span<const std::uint8_t> alice_tag;
+    if (!rd.bits(vseed, std::uint64_t{n} + vb - 1) || vseed.size() != std::uint64_t{n} + vb - 1 ||
+        !rd.bytes(vb / 8, alice_tag) || !rd.done()) {
+      return malformed(MsgType::kVerify);
+    }
+    auto tag = toeplitz_hash(vseed, key, vb);
+    if (!tag.ok()) {
+      return tag.error();
+    }
+    const bool same = constant_time_equal(tag->to_bytes(), alice_tag);
+    Writer w;
+    w.u8(same ? 1 : 0);
+    if (Status s = ch.send(MsgType::kVerifyResult, block, w.buffer()); !s.ok()) {
+      return s;
+    }
+    r.leaked_bits += vb;
+    if (!same) {
+      r.aborted = true;
+      r.abort_reason = "verification hash mismatch after Cascade (residual errors)";
+      return ok_status();
+    }
+  }
+
+  // (g) Privacy amplification.
+  {
+    const std::uint64_t m = secret_key_length(n, r.qber, r.leaked_bits, P.safety_margin);
+    auto f = recv(MsgType::kAmplify, block);
+    if (!f.ok()) {
+      return f.error();
+    }
+    Reader rd(f->payload);
+    std::uint64_t m_alice = 0;
+    BitVector pseed;
+    if (!rd.u64(m_alice) || m_alice != m ||
+        !rd.bits(pseed, m > 0 ? std::uint64_t{n} + m - 1 : 0) ||
+        pseed.size() != (m > 0 ? std::uint64_t{n} + m - 1 : 0) || !rd.done()) {
+      return malformed(MsgType::kAmplify);
+    }
+    if (m > 0) {
+      auto out = toeplitz_hash(pseed, key, m);
+      if (!out.ok()) {
+        return out.error();
+      }
+      r.key.resize(out->byte_size());
+      out->to_bytes(r.key.span());
+    }
+    r.secret_bits = m;
+    if (Status s = ch.send(MsgType::kBlockDone, block, {}); !s.ok()) {
+      return s;
+    }
+  }
+  return ok_status();
+}
+
+BobEndpoint::BobEndpoint(ProtocolParams protocol, std::span<const std::uint8_t> psk,
+                         std::uint64_t seed, MessageTransport& quantum,
+                         MessageTransport& classical)
+    : impl_(std::make_unique<Impl>(protocol, psk, seed, quantum, classical)) {}
+
+BobEndpoint::~BobEndpoint() = default;
+
+Result<BlockResult> BobEndpoint::run_block() {
+  if (impl_->init_error) {
+    return *impl_->init_error;
+  }
+  if (impl_->failed) {
+    return make_error(impl_->failed->code,
+                      "endpoint unusable after an earlier error: " + impl_->failed->message);
+  }
+  if (Status s = validate(impl_->protocol); !s.ok()) {
+    return s.error();
+  }
+  const auto start = std::chrono::steady_clock::now();
+  BlockResult r;
+  bool fatal = true;
+  Status st = impl_->run(r, fatal);
+  if (!st.ok()) {
+    if (fatal) {
+      const ErrorCode c = st.error().code;
+      if (c != ErrorCode::kRejected && c != ErrorCode::kClosed) {
+        impl_->classical->send_abort(r.block_id, st.error().message);
+      }
+      impl_->failed = st.error();
+    }
+    return st.error();
+  }
+  if (r.aborted) {
+    r.key.clear();
+    r.secret_bits = 0;
+  }
+  r.cpu_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+}  // namespace qkd::core

@@ -1,0 +1,93 @@
+// Pieces of the BB84 block protocol shared by both endpoints (internal).
+//
+// One block, message by message (C = classical, authenticated; Q = quantum transport):
+//   C A->B Params          the ProtocolParams fields that must match, and pulse_rate_hz
+//   C B->A ParamsAck       accepted, or refused with the mismatching field
+//   Q A->B Detections...   chunks of detection events (pulse, arriving state or dark)
+//   C B->A SiftBases       detection count + Bob's bases, aligned with the events
+//   C A->B SiftMatch       mask of the events whose bases matched
+//   C A->B Sample          mask of the sifted bits disclosed + Alice's values there
+//   C B->A SampleReply     Bob's values there
+//         (both ends now hold the same QBER estimate and take the same abort decision)
+//   C A->B CascadeStart    n, first block size, passes, shuffle seed
+//   C B->A CascadeRequest  block parities of a pass | range parities | done(+corrected)
+//   C A->B CascadeReply    parities              (repeated until done)
+//   C A->B Verify          Toeplitz seed + Alice's tag
+//   C B->A VerifyResult    match or not          (mismatch: both abort the block)
+//   C A->B Amplify         output length m + Toeplitz seed
+//   C B->A BlockDone
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "channel.hpp"
+#include "qkd/core/bit_vector.hpp"
+#include "qkd/core/link.hpp"
+#include "qkd/core/physics.hpp"
+#include "wire.hpp"
+
+namespace qkd::core::detail {
+
+// Fewer disclosed sample bits than this cannot estimate a QBER: the block aborts.
+inline constexpr std::uint64_t kMinSampleBits = 32;
+// Fewer bits than this left to reconcile: the block aborts.
+inline constexpr std::uint64_t kMinReconciledBits = 128;
+// Upper bound on Cascade requests per block (a loop guard against a misbehaving peer).
+inline constexpr std::uint64_t kMaxCascadeRequests = 1'000'000;
+
+enum class CascadeRequestKind : std::uint8_t { kBlockParities = 0, kRangeParities = 1, kDone = 2 };
+
+void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz);
+// Parses Params; on success fills `p` (the fields that travel) and `pulse_rate_hz`.
+[[nodiscard]] bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz);
+// Empty if the travelling fields agree; otherwise names the first that differs.
+[[nodiscard]] std::string params_mismatch(const ProtocolParams& mine,
+                                          const ProtocolParams& theirs);
+
+// The abort decision after QBER estimation; both ends call it with the same numbers.
+[[nodiscard]] std::optional<std::string> estimation_abort(std::uint64_t sample_bits,
+                                                          std::uint64_t sample_errors,
+                                                          std::uint64_t reconciled_bits,
+                                                          double qber_abort);
+
+// nbits from OpenSSL's DRBG.
+[[nodiscard]] Result<BitVector> random_bits(std::size_t nbits);
+// A mask of exactly k set bits among n, chosen uniformly (selection sampling driven by a
+// generator seeded from the DRBG).
+[[nodiscard]] Result<BitVector> random_sample_mask(std::uint64_t n, std::uint64_t k);
+
+// Splits `key` by `mask` (same size): bits under the mask to `selected`, others to `rest`.
+void split_by_mask(const BitVector& key, const BitVector& mask, BitVector& selected,
+                   BitVector& rest);
+
+// Quantum frames (see channel.hpp for the layout).
+[[nodiscard]] std::vector<std::uint8_t> encode_detections(std::uint64_t block_id,
+                                                          std::uint32_t chunk, bool last,
+                                                          std::span<const DetectionEvent> ev,
+                                                          std::uint64_t first_pulse_base);
+struct DetectionChunk {
+  bool last = false;
+  std::vector<DetectionEvent> events;
+};
+// `next_pulse` is the smallest pulse index the chunk may start at (updated on success);
+// events must be strictly increasing and below `pulses`.
+[[nodiscard]] Result<DetectionChunk> decode_detections(std::span<const std::uint8_t> msg,
+                                                       std::uint64_t block_id,
+                                                       std::uint32_t chunk,
+                                                       std::uint64_t& next_pulse,
+                                                       std::uint64_t pulses);
+
+// The frame Alice sends on the quantum transport when she gives up on a block, so that a
+// Bob still waiting for detections stops at once (unauthenticated, like the photons: an
+// attacker on the quantum channel can stop a block anyway).
+[[nodiscard]] std::vector<std::uint8_t> encode_quantum_abort(std::uint64_t block_id);
+
+[[nodiscard]] inline Error malformed(MsgType t) {
+  return make_error(ErrorCode::kProtocol, std::string("malformed ") + msg_type_name(t) +
+                                              " message");
+}
+
+}  // namespace qkd::core::detail

@@ -1,0 +1,153 @@
+#include "qkd/core/cascade.hpp"
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+
+#include "qkd/core/key_length.hpp"
+#include "qkd/core/random.hpp"
+
+namespace qkd::core {
+namespace {
+
+// Wraps a LocalParityOracle and counts the parities it hands out.
+class CountingOracle final : public ParityOracle {
+ public:
+  explicit CountingOracle(const CascadeResponder& r) : inner_(r) {}
+  Result<BitVector> block_parities(std::uint32_t pass) override {
+    auto r = inner_.block_parities(pass);
+    if (r.ok()) {
+      count += r->size();
+    }
+    return r;
+  }
+  Result<BitVector> range_parities(std::span<const ParityQuery> q) override {
+    auto r = inner_.range_parities(q);
+    if (r.ok()) {
+      count += r->size();
+    }
+    return r;
+  }
+  std::uint64_t count = 0;
+
+ private:
+  LocalParityOracle inner_;
+};
+
+std::array<std::uint8_t, 32> seed_bytes(Xoshiro256ss& rng) {
+  std::array<std::uint8_t, 32> s{};
+  for (auto& b : s) {
+    b = static_cast<std::uint8_t>(rng.next());
+  }
+  return s;
+}
+
+TEST(Cascade, LayoutPermutationsAreBijections) {
+  Xoshiro256ss rng(1);
+  const auto seed = seed_bytes(rng);
+  const CascadeLayout layout(1000, 4, 73, seed);
+  EXPECT_EQ(layout.block_size(0), 73U);
+  EXPECT_EQ(layout.block_size(3), 584U);
+  for (std::uint32_t p = 0; p < 4; ++p) {
+    for (std::uint32_t i = 0; i < 1000; ++i) {
+      ASSERT_EQ(layout.inverse(p)[layout.perm(p)[i]], i);
+    }
+  }
+  EXPECT_EQ(cascade_first_block_size(0.01, 10000), 73U);
+  EXPECT_EQ(cascade_first_block_size(0.5, 10000), 2U);
+  EXPECT_EQ(cascade_first_block_size(0.0, 100), 100U);
+}
+
+TEST(Cascade, ResponderRejectsOutOfRangeQueries) {
+  Xoshiro256ss rng(2);
+  const auto seed = seed_bytes(rng);
+  const CascadeLayout layout(100, 4, 10, seed);
+  const CascadeResponder r(BitVector(100), layout);
+  const ParityQuery bad_pass{4, 0, 1};
+  const ParityQuery past_end{0, 90, 11};
+  const ParityQuery empty{0, 5, 0};
+  EXPECT_FALSE(r.range_parities(std::span(&bad_pass, 1)).ok());
+  EXPECT_FALSE(r.range_parities(std::span(&past_end, 1)).ok());
+  EXPECT_FALSE(r.range_parities(std::span(&empty, 1)).ok());
+  EXPECT_FALSE(r.block_parities(4).ok());
+}
+
+// 1000 blocks of 10,000 bits at each QBER level 1..5 %: at most 1 block per level may keep
+// a residual error (>= 99.9 %). Errors are i.i.d. Bernoulli(QBER); Cascade's first block
+// size comes from the true QBER, as it would from a good estimate.
+TEST(Cascade, CorrectsTenThousandBitBlocks) {
+  constexpr std::uint32_t kBits = 10'000;
+  constexpr int kBlocks = 1000;
+  Xoshiro256ss rng(2024);
+  for (const double q : {0.01, 0.02, 0.03, 0.04, 0.05}) {
+    int failures = 0;
+    double leaked = 0.0;
+    double errors = 0.0;
+    std::uint64_t max_round_trips = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int b = 0; b < kBlocks; ++b) {
+      BitVector alice(kBits);
+      for (auto& w : alice.mutable_words()) {
+        w = rng.next();
+      }
+      alice.clear_tail();
+      BitVector bob = alice;
+      for (std::uint32_t i = 0; i < kBits; ++i) {
+        if (rng.bernoulli(q)) {
+          bob.flip(i);
+        }
+      }
+      const std::size_t injected = alice.hamming_distance(bob);
+      const auto seed = seed_bytes(rng);
+      const CascadeLayout layout(kBits, 4, cascade_first_block_size(q, kBits), seed);
+      const CascadeResponder responder(alice, layout);
+      CountingOracle oracle(responder);
+      auto stats = cascade_correct(bob, layout, oracle);
+      ASSERT_TRUE(stats.ok()) << stats.error().message;
+      ASSERT_EQ(stats->parities_disclosed, oracle.count);  // leakage counted exactly
+      if (!(bob == alice)) {
+        ++failures;
+      } else {
+        EXPECT_EQ(stats->errors_corrected, injected);
+      }
+      leaked += static_cast<double>(stats->parities_disclosed);
+      errors += static_cast<double>(injected);
+      max_round_trips = std::max(max_round_trips, stats->round_trips);
+    }
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double eff = leaked / (kBlocks * kBits * binary_entropy(q));
+    std::printf(
+        "cascade QBER %.0f %%: %d/%d blocks with residual errors, efficiency f = %.3f, "
+        "max round trips %llu, %.1f Mbit/s\n",
+        100 * q, failures, kBlocks, eff, static_cast<unsigned long long>(max_round_trips),
+        kBlocks * kBits / secs / 1e6);
+    EXPECT_LE(failures, 1) << "QBER " << q;
+    EXPECT_LT(eff, 1.35);
+    (void)errors;
+  }
+}
+
+TEST(Cascade, NoErrorsDisclosesOnlyBlockParities) {
+  Xoshiro256ss rng(3);
+  BitVector key(5000);
+  for (auto& w : key.mutable_words()) {
+    w = rng.next();
+  }
+  key.clear_tail();
+  BitVector bob = key;
+  const auto seed = seed_bytes(rng);
+  const CascadeLayout layout(5000, 4, 100, seed);
+  const CascadeResponder responder(key, layout);
+  LocalParityOracle oracle(responder);
+  auto stats = cascade_correct(bob, layout, oracle);
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->errors_corrected, 0U);
+  EXPECT_EQ(stats->parities_disclosed, 50U + 25U + 13U + 7U);
+  EXPECT_EQ(stats->round_trips, 4U);
+}
+
+}  // namespace
+}  // namespace qkd::core

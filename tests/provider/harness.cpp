@@ -1,0 +1,151 @@
+#include "harness.hpp"
+
+#include <openssl/err.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+namespace qkd::test_prov {
+
+std::string make_temp_dir(const std::string& tag) {
+  static std::atomic<int> counter{0};
+  const auto dir = std::filesystem::path(QKD_TEST_TMP) /
+                   (tag + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir.string();
+}
+
+bool make_pki(const std::string& dir) {
+  const std::string cmd = std::string("bash '") + QKD_PKI_SCRIPT + "' '" + dir + "' >/dev/null 2>&1";
+  return std::system(cmd.c_str()) == 0;
+}
+
+std::string write_provider_config(const std::string& path,
+                                  const std::map<std::string, std::string>& settings) {
+  std::ofstream out(path);
+  out << "openssl_conf = openssl_init\n"
+         "[openssl_init]\n"
+         "providers = provider_sect\n"
+         "[provider_sect]\n"
+         "default = default_sect\n"
+         "qkdprovider = qkd_sect\n"
+         "[default_sect]\n"
+         "activate = 1\n"
+         "[qkd_sect]\n"
+         "module = " QKD_MODULE_DIR "/qkdprovider.so\n"
+         "activate = 1\n";
+  for (const auto& [k, v] : settings) {
+    out << k << " = " << v << "\n";
+  }
+  return path;
+}
+
+LibCtxPtr load_libctx(const std::string& config) {
+  LibCtxPtr ctx(OSSL_LIB_CTX_new());
+  if (!ctx || OSSL_LIB_CTX_load_config(ctx.get(), config.c_str()) != 1) {
+    return nullptr;
+  }
+  return ctx;
+}
+
+namespace {
+
+SslCtxPtr make_ctx(OSSL_LIB_CTX* libctx, const SSL_METHOD* method, const std::string& groups) {
+  SslCtxPtr ctx(SSL_CTX_new_ex(libctx, nullptr, method));
+  if (!ctx) {
+    return nullptr;
+  }
+  if (SSL_CTX_set_min_proto_version(ctx.get(), TLS1_3_VERSION) != 1 ||
+      SSL_CTX_set1_groups_list(ctx.get(), groups.c_str()) != 1) {
+    return nullptr;
+  }
+  return ctx;
+}
+
+}  // namespace
+
+SslCtxPtr make_server_ctx(OSSL_LIB_CTX* libctx, const std::string& groups,
+                          const std::string& cert, const std::string& key) {
+  auto ctx = make_ctx(libctx, TLS_server_method(), groups);
+  if (!ctx || SSL_CTX_use_certificate_chain_file(ctx.get(), cert.c_str()) != 1 ||
+      SSL_CTX_use_PrivateKey_file(ctx.get(), key.c_str(), SSL_FILETYPE_PEM) != 1) {
+    return nullptr;
+  }
+  return ctx;
+}
+
+SslCtxPtr make_client_ctx(OSSL_LIB_CTX* libctx, const std::string& groups,
+                          const std::string& ca) {
+  auto ctx = make_ctx(libctx, TLS_client_method(), groups);
+  if (!ctx || SSL_CTX_load_verify_locations(ctx.get(), ca.c_str(), nullptr) != 1) {
+    return nullptr;
+  }
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+  return ctx;
+}
+
+std::string drain_errors() {
+  std::string out;
+  const char* data = nullptr;
+  int flags = 0;
+  unsigned long code = 0;
+  while ((code = ERR_get_error_all(nullptr, nullptr, nullptr, &data, &flags)) != 0) {
+    const char* lib = ERR_lib_error_string(code);
+    const char* reason = ERR_reason_error_string(code);
+    out += std::string(lib != nullptr ? lib : "?") + ":" + (reason != nullptr ? reason : "?");
+    if (data != nullptr && (flags & ERR_TXT_STRING) != 0) {
+      out += std::string(":") + data;
+    }
+    out += "\n";
+  }
+  return out;
+}
+
+Handshake handshake(SSL_CTX* client_ctx, SSL_CTX* server_ctx) {
+  Handshake h;
+  h.client.reset(SSL_new(client_ctx));
+  h.server.reset(SSL_new(server_ctx));
+  BIO* cbio = nullptr;
+  BIO* sbio = nullptr;
+  BIO_new_bio_pair(&cbio, 0, &sbio, 0);
+  SSL_set_bio(h.client.get(), cbio, cbio);
+  SSL_set_bio(h.server.get(), sbio, sbio);
+  SSL_set_connect_state(h.client.get());
+  SSL_set_accept_state(h.server.get());
+  SSL_set_tlsext_host_name(h.client.get(), "localhost");
+  SSL_set1_host(h.client.get(), "localhost");
+  bool client_done = false;
+  bool server_done = false;
+  ERR_clear_error();
+  for (int round = 0; round < 50 && !(client_done && server_done); ++round) {
+    if (!client_done) {
+      const int rc = SSL_do_handshake(h.client.get());
+      if (rc == 1) {
+        client_done = true;
+      } else if (SSL_get_error(h.client.get(), rc) != SSL_ERROR_WANT_READ) {
+        h.client_errors = drain_errors();
+        return h;
+      }
+    }
+    if (!server_done) {
+      const int rc = SSL_do_handshake(h.server.get());
+      if (rc == 1) {
+        server_done = true;
+      } else if (SSL_get_error(h.server.get(), rc) != SSL_ERROR_WANT_READ) {
+        h.server_errors = drain_errors();
+        // Let the client read the alert and fail too.
+        SSL_do_handshake(h.client.get());
+        h.client_errors = drain_errors();
+        return h;
+      }
+    }
+  }
+  h.ok = client_done && server_done;
+  return h;
+}
+
+}  // namespace qkd::test_prov

@@ -1,0 +1,308 @@
+// The ETSI 014 client and the provider against fake KMEs (fake_kme.hpp): deterministic
+// replies for every error path, and full in-process TLS 1.3 handshakes with group qkd.
+#include <gtest/gtest.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <string>
+
+#include "fake_kme.hpp"
+#include "harness.hpp"
+#include "qkd/etsi/client.hpp"
+
+namespace qkd::test_prov {
+namespace {
+
+using qkd::core::ErrorCode;
+using qkd::etsi::Client;
+using qkd::etsi::ClientConfig;
+
+class FakeKmeTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    pki_ = new std::string(make_temp_dir("pki-fake"));
+    ASSERT_TRUE(make_pki(*pki_));
+  }
+  static void TearDownTestSuite() { delete pki_; }
+
+  static ClientConfig config_for(const std::string& sae, const std::string& url, int timeout_ms = 3000) {
+    ClientConfig c;
+    c.kme_url = url;
+    c.cert_file = *pki_ + "/" + sae + ".crt";
+    c.key_file = *pki_ + "/" + sae + ".key";
+    c.ca_file = *pki_ + "/ca.crt";
+    c.timeout = std::chrono::milliseconds(timeout_ms);
+    return c;
+  }
+  static std::unique_ptr<Client> client_for(const std::string& sae, const std::string& url,
+                                            int timeout_ms = 3000) {
+    auto c = Client::create(config_for(sae, url, timeout_ms));
+    EXPECT_TRUE(c.ok()) << c.error().message;
+    return c.ok() ? std::move(c).value() : nullptr;
+  }
+  static std::string pki(const std::string& file) { return *pki_ + "/" + file; }
+
+  static std::string* pki_;
+};
+std::string* FakeKmeTest::pki_ = nullptr;
+
+TEST_F(FakeKmeTest, EncThenDecGivesTheSameKeyOverKeptAliveConnections) {
+  FakeKeyStore store;
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto bob = client_for("bob", bob_kme.url());
+  auto alice = client_for("alice", alice_kme.url());
+  for (int i = 0; i < 3; ++i) {
+    auto enc = bob->enc_keys("alice", 1, 256);
+    ASSERT_TRUE(enc.ok()) << enc.error().message;
+    ASSERT_EQ(enc->size(), 1U);
+    EXPECT_EQ(enc->at(0).key.size(), 32U);
+    const std::string ids[] = {enc->at(0).key_id};
+    auto dec = alice->dec_keys("bob", ids);
+    ASSERT_TRUE(dec.ok()) << dec.error().message;
+    EXPECT_TRUE(qkd::core::constant_time_equal(dec->at(0).key.span(), enc->at(0).key.span()));
+    auto again = alice->dec_keys("bob", ids);
+    ASSERT_FALSE(again.ok());
+    EXPECT_EQ(again.error().code, ErrorCode::kRejected);
+    EXPECT_EQ(qkd::etsi::rejected_http_status(again.error()), 400);
+    EXPECT_NE(again.error().message.find("not found on KME"), std::string::npos);
+  }
+  EXPECT_EQ(bob_kme.connections(), 1);
+  EXPECT_EQ(alice_kme.connections(), 1);
+}
+
+TEST_F(FakeKmeTest, HostNameIsVerified) {
+  FakeKeyStore store;
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  const std::string by_name = "https://localhost:" + kme.url().substr(kme.url().rfind(':') + 1);
+  auto bob = client_for("bob", by_name);
+  auto enc = bob->enc_keys("alice", 1, 256);
+  EXPECT_TRUE(enc.ok()) << enc.error().message;
+}
+
+TEST_F(FakeKmeTest, UnreachableNamesTheUrl) {
+  const std::string url = "https://127.0.0.1:" + std::to_string(closed_port());
+  auto bob = client_for("bob", url);
+  auto enc = bob->enc_keys("alice", 1, 256);
+  ASSERT_FALSE(enc.ok());
+  EXPECT_EQ(enc.error().code, ErrorCode::kUnavailable);
+  EXPECT_EQ(enc.error().message, "key service unreachable: " + url + " (connection refused)");
+}
+
+TEST_F(FakeKmeTest, UntrustedKmeCertificateIsUnavailable) {
+  FakeKeyStore store;
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto cfg = config_for("bob", kme.url());
+  cfg.ca_file = pki("alice.crt");  // not the CA
+  auto bob = Client::create(cfg);
+  ASSERT_TRUE(bob.ok());
+  auto enc = (*bob)->enc_keys("alice", 1, 256);
+  ASSERT_FALSE(enc.ok());
+  EXPECT_EQ(enc.error().code, ErrorCode::kUnavailable);
+  EXPECT_NE(enc.error().message.find("certificate"), std::string::npos) << enc.error().message;
+}
+
+TEST_F(FakeKmeTest, TimeoutIsBounded) {
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest&) {
+    return FakeReply{200, R"({"keys":[]})", 2000};
+  });
+  auto bob = client_for("bob", kme.url(), 300);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto enc = bob->enc_keys("alice", 1, 256);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  ASSERT_FALSE(enc.ok());
+  EXPECT_EQ(enc.error().code, ErrorCode::kTimeout);
+  EXPECT_NE(enc.error().message.find("300 ms"), std::string::npos) << enc.error().message;
+  EXPECT_LT(took, std::chrono::milliseconds(1500));
+}
+
+TEST_F(FakeKmeTest, RejectedCarriesStatusAndMessage) {
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest&) {
+    return FakeReply{503, R"({"message":"not enough key for alice"})"};
+  });
+  auto bob = client_for("bob", kme.url());
+  auto enc = bob->enc_keys("alice", 1, 256);
+  ASSERT_FALSE(enc.ok());
+  EXPECT_EQ(enc.error().code, ErrorCode::kRejected);
+  EXPECT_EQ(qkd::etsi::rejected_http_status(enc.error()), 503);
+  EXPECT_EQ(enc.error().message,
+            "key service " + kme.url() + " answered HTTP 503: not enough key for alice");
+}
+
+TEST_F(FakeKmeTest, BadRepliesAreProtocolErrors) {
+  const FakeReply replies[] = {
+      {200, R"({"keys":[{"key_ID":"a","key":"AAAA"},{"key_ID":"b","key":"AAAA"}]})"},
+      {200, R"({"keys":[{"key_ID":"a","key":"!!!!"}]})"},
+      {200, "<html>"},
+      {200, "", 0, false, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"},
+      {200, "", 0, false, "garbage\r\n\r\n"},
+  };
+  for (const auto& reply : replies) {
+    FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest&) { return reply; });
+    auto bob = client_for("bob", kme.url());
+    auto enc = bob->enc_keys("alice", 1, 256);
+    ASSERT_FALSE(enc.ok());
+    EXPECT_EQ(enc.error().code, ErrorCode::kProtocol) << enc.error().message;
+    EXPECT_NE(enc.error().message.find("bad reply from key service"), std::string::npos);
+  }
+}
+
+TEST_F(FakeKmeTest, KeptAliveConnectionClosedByKmeIsRetried) {
+  FakeKeyStore store;
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest& r) {
+    FakeReply reply = store.route(r);
+    reply.close_after = false;
+    return reply;
+  });
+  auto bob = client_for("bob", kme.url());
+  ASSERT_TRUE(bob->enc_keys("alice", 1, 256).ok());
+  {
+    // A KME that says "Connection: close" each time: a new connection every time.
+    FakeKme closing(*pki_, "bob-kme", [&](const FakeRequest& r) {
+      FakeReply reply = store.route(r);
+      reply.close_after = true;
+      return reply;
+    });
+    auto c = client_for("bob", closing.url());
+    ASSERT_TRUE(c->enc_keys("alice", 1, 256).ok());
+    ASSERT_TRUE(c->enc_keys("alice", 1, 256).ok());
+    EXPECT_EQ(closing.connections(), 2);
+  }
+}
+
+TEST_F(FakeKmeTest, ForkedChildDoesNotShareTheParentsConnection) {
+  FakeKeyStore store;
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto bob = client_for("bob", kme.url());
+  ASSERT_TRUE(bob->enc_keys("alice", 1, 256).ok());
+  EXPECT_EQ(kme.connections(), 1);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const bool ok = bob->enc_keys("alice", 1, 256).ok();
+    ::_exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_TRUE(bob->enc_keys("alice", 1, 256).ok());
+  EXPECT_EQ(kme.connections(), 2);  // parent 1 (kept alive), child 1
+}
+
+// --- the provider, end to end, against fake KMEs ------------------------------------------
+
+class FakeHandshake : public FakeKmeTest {
+ protected:
+  std::string cnf(const std::string& tag, const std::string& sae, const std::string& url,
+                  std::map<std::string, std::string> extra = {}) {
+    extra["kme_url"] = url;
+    extra["cert"] = pki(sae + ".crt");
+    extra["key"] = pki(sae + ".key");
+    extra["ca"] = pki("ca.crt");
+    return write_provider_config(*pki_ + "/" + tag + ".cnf", extra);
+  }
+  struct Sides {
+    LibCtxPtr client_lib, server_lib;
+    SslCtxPtr client, server;
+  };
+  Sides sides(const std::string& client_cnf, const std::string& server_cnf) {
+    Sides s;
+    s.client_lib = load_libctx(client_cnf);
+    s.server_lib = load_libctx(server_cnf);
+    EXPECT_TRUE(s.client_lib && s.server_lib) << drain_errors();
+    if (s.client_lib && s.server_lib) {
+      s.client = make_client_ctx(s.client_lib.get(), "qkd", pki("ca.crt"));
+      s.server = make_server_ctx(s.server_lib.get(), "qkd", pki("bob.crt"), pki("bob.key"));
+    }
+    EXPECT_TRUE(s.client && s.server) << drain_errors();
+    return s;
+  }
+};
+
+TEST_F(FakeHandshake, NegotiatesQkdAndBothSidesAgree) {
+  FakeKeyStore store;
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto s = sides(cnf("fa", "alice", alice_kme.url()), cnf("fb", "bob", bob_kme.url()));
+  ASSERT_TRUE(s.client && s.server);
+  for (int i = 0; i < 2; ++i) {
+    Handshake h = handshake(s.client.get(), s.server.get());
+    ASSERT_TRUE(h.ok) << "client: " << h.client_errors << "\nserver: " << h.server_errors;
+    const int nid = SSL_get_negotiated_group(h.client.get());
+    EXPECT_EQ(nid & 0xFFFF, 0xFE40);
+    EXPECT_STREQ(SSL_group_to_name(h.client.get(), nid), "qkd");
+    EXPECT_STREQ(SSL_group_to_name(h.server.get(), SSL_get_negotiated_group(h.server.get())), "qkd");
+    unsigned char a[32], b[32];
+    ASSERT_EQ(SSL_export_keying_material(h.client.get(), a, sizeof a, "EXPORTER-qkd-test", 17, nullptr, 0, 0), 1);
+    ASSERT_EQ(SSL_export_keying_material(h.server.get(), b, sizeof b, "EXPORTER-qkd-test", 17, nullptr, 0, 0), 1);
+    EXPECT_EQ(0, std::memcmp(a, b, sizeof a));
+  }
+}
+
+TEST_F(FakeHandshake, ServerKmeDownFailsNamingTheUrl) {
+  FakeKeyStore store;
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  const std::string down = "https://127.0.0.1:" + std::to_string(closed_port());
+  auto s = sides(cnf("fa2", "alice", alice_kme.url()), cnf("fb2", "bob", down));
+  Handshake h = handshake(s.client.get(), s.server.get());
+  ASSERT_FALSE(h.ok);
+  EXPECT_NE(h.server_errors.find("key service unreachable: " + down + " (connection refused)"),
+            std::string::npos)
+      << h.server_errors;
+}
+
+TEST_F(FakeHandshake, UnknownKeyIdFailsTheClientCleanly) {
+  FakeKeyStore store;
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest&) {
+    return FakeReply{400, R"({"message":"one or more keys specified are not found on KME"})"};
+  });
+  auto s = sides(cnf("fa3", "alice", alice_kme.url()), cnf("fb3", "bob", bob_kme.url()));
+  Handshake h = handshake(s.client.get(), s.server.get());
+  ASSERT_FALSE(h.ok);
+  EXPECT_NE(h.client_errors.find("key_ID unknown at KME"), std::string::npos) << h.client_errors;
+  EXPECT_NE(h.client_errors.find("from SAE bob"), std::string::npos) << h.client_errors;
+}
+
+TEST_F(FakeHandshake, SlowKmeTimesOutWithWords) {
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest&) { return FakeReply{503, "{}", 2000}; });
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest&) { return FakeReply{503, "{}"}; });
+  auto s = sides(cnf("fa4", "alice", alice_kme.url()),
+                 cnf("fb4", "bob", bob_kme.url(), {{"timeout_ms", "300"}}));
+  Handshake h = handshake(s.client.get(), s.server.get());
+  ASSERT_FALSE(h.ok);
+  EXPECT_NE(h.server_errors.find("no key for SAE alice after 300 ms"), std::string::npos)
+      << h.server_errors;
+}
+
+TEST_F(FakeHandshake, AdmissionLimitStopsAFlood) {
+  FakeKeyStore store;
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto s = sides(cnf("fa5", "alice", alice_kme.url()),
+                 cnf("fb5", "bob", bob_kme.url(), {{"admit_rate", "0.01"}, {"admit_burst", "2"}}));
+  EXPECT_TRUE(handshake(s.client.get(), s.server.get()).ok);
+  EXPECT_TRUE(handshake(s.client.get(), s.server.get()).ok);
+  Handshake h = handshake(s.client.get(), s.server.get());
+  ASSERT_FALSE(h.ok);
+  EXPECT_NE(h.server_errors.find("admission limit for SAE alice"), std::string::npos)
+      << h.server_errors;
+  EXPECT_EQ(bob_kme.requests(), 2);
+}
+
+TEST_F(FakeHandshake, MissingSettingIsNamedAtFirstUse) {
+  FakeKeyStore store;
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  const std::string server_cnf = write_provider_config(
+      *pki_ + "/fb6.cnf", {{"cert", pki("bob.crt")}, {"key", pki("bob.key")}, {"ca", pki("ca.crt")}});
+  auto s = sides(cnf("fa6", "alice", alice_kme.url()), server_cnf);
+  Handshake h = handshake(s.client.get(), s.server.get());
+  ASSERT_FALSE(h.ok);
+  EXPECT_NE(h.server_errors.find("missing setting kme_url"), std::string::npos) << h.server_errors;
+}
+
+}  // namespace
+}  // namespace qkd::test_prov

@@ -1,0 +1,445 @@
+// Unit tests: the group table, the wire format, settings, admission limits, and the ETSI
+// client's URL, base64, HTTP and JSON parsing.
+#include <gtest/gtest.h>
+
+#include <set>
+#include <string>
+#include <vector>
+
+#include "admission.hpp"
+#include "groups.hpp"
+#include "qkd/etsi/client_detail.hpp"
+#include "settings.hpp"
+#include "wire.hpp"
+
+namespace qkd::prov {
+namespace {
+
+using Bytes = std::vector<std::uint8_t>;
+
+Bytes bytes_of(std::initializer_list<int> v) {
+  Bytes out;
+  for (int b : v) {
+    out.push_back(static_cast<std::uint8_t>(b));
+  }
+  return out;
+}
+
+Bytes valid_share(std::string_view sae = "alice") {
+  Share s;
+  s.sae_id = std::string(sae);
+  for (std::size_t i = 0; i < s.nonce.size(); ++i) {
+    s.nonce[i] = static_cast<std::uint8_t>(i * 7);
+  }
+  return encode_share(s).value();
+}
+
+TEST(GroupTable, CodepointsAreInThePrivateRangeOutsideOqs) {
+  std::set<std::uint16_t> seen;
+  for (const auto& g : kGroups) {
+    EXPECT_GE(g.default_codepoint, 0xFE3B) << g.tls_name;
+    EXPECT_LE(g.default_codepoint, 0xFEFF) << g.tls_name;
+    EXPECT_TRUE(seen.insert(g.default_codepoint).second) << "duplicate " << g.tls_name;
+  }
+  EXPECT_FALSE(codepoint_allowed(0xFE00));
+  EXPECT_FALSE(codepoint_allowed(0xFE3A));
+  EXPECT_TRUE(codepoint_allowed(0xFE3B));
+  EXPECT_FALSE(codepoint_allowed(0xFF00));
+  EXPECT_FALSE(codepoint_allowed(0x001D));
+}
+
+TEST(GroupTable, NamesAndBits) {
+  ASSERT_FALSE(kGroups.empty());
+  EXPECT_EQ(kGroups[0].tls_name, "qkd");
+  EXPECT_EQ(kGroups[0].default_codepoint, 0xFE40);
+  for (const auto& g : kGroups) {
+    EXPECT_TRUE(valid_group_name(g.tls_name));
+    EXPECT_EQ(g.algorithm, g.internal_name);
+    EXPECT_GE(g.security_bits, 112U) << "below Debian's SECLEVEL 2";
+    EXPECT_EQ(g.qkd_key_bits, 256U);
+    EXPECT_EQ(std::string(g.codepoint_setting), std::string(g.tls_name) + "_codepoint");
+  }
+}
+
+TEST(Wire, ShareRoundTrip) {
+  const Bytes b = valid_share("bob.site-1_x");
+  ASSERT_EQ(b.size(), 2 + 12 + kNonceLength);
+  EXPECT_EQ(b[0], kWireVersion);
+  auto s = parse_share(b);
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  EXPECT_EQ(s->sae_id, "bob.site-1_x");
+  EXPECT_EQ(s->nonce[3], 21);
+}
+
+TEST(Wire, ShareRejectsWrongVersion) {
+  Bytes b = valid_share();
+  b[0] = 0x02;
+  auto s = parse_share(b);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("unknown version 2"), std::string::npos);
+  b[0] = 0x00;
+  EXPECT_FALSE(parse_share(b).ok());
+}
+
+TEST(Wire, ShareRejectsWrongLengths) {
+  EXPECT_FALSE(parse_share({}).ok());
+  EXPECT_FALSE(parse_share(bytes_of({1})).ok());
+  EXPECT_FALSE(parse_share(bytes_of({1, 0})).ok());          // empty SAE ID
+  EXPECT_FALSE(parse_share(bytes_of({1, 65})).ok());         // SAE ID too long
+  EXPECT_FALSE(parse_share(bytes_of({1, 5, 'a', 'l'})).ok());  // truncated SAE ID
+  Bytes b = valid_share();
+  b.pop_back();  // truncated nonce
+  EXPECT_FALSE(parse_share(b).ok());
+  b = valid_share();
+  b[1] = 4;  // length says "alic", the rest no longer adds up
+  EXPECT_FALSE(parse_share(b).ok());
+}
+
+TEST(Wire, ShareRejectsTrailingBytes) {
+  Bytes b = valid_share();
+  b.push_back(0);
+  auto s = parse_share(b);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("trailing"), std::string::npos);
+}
+
+TEST(Wire, ShareRejectsBadSaeIdCharacters) {
+  for (char bad : {' ', '/', ':', '%', '\0', '\n', '?', '@', '\x80'}) {
+    Bytes b = valid_share("alice");
+    b[3] = static_cast<std::uint8_t>(bad);
+    EXPECT_FALSE(parse_share(b).ok()) << "char " << int(bad);
+  }
+  EXPECT_FALSE(encode_share(Share{"al ice", {}}).ok());
+  EXPECT_FALSE(encode_share(Share{std::string(65, 'a'), {}}).ok());
+  EXPECT_TRUE(encode_share(Share{std::string(64, 'a'), {}}).ok());
+}
+
+TEST(Wire, CiphertextRoundTripAndRejects) {
+  auto id = uuid_parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
+  ASSERT_TRUE(id.ok());
+  auto ct = encode_ciphertext(Ciphertext{"bob", id.value()});
+  ASSERT_TRUE(ct.ok());
+  ASSERT_EQ(ct->size(), 2 + 3 + kKeyIdLength);
+  auto back = parse_ciphertext(ct.value());
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->sae_id, "bob");
+  EXPECT_EQ(uuid_format(back->key_id), "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
+
+  Bytes b = ct.value();
+  b.push_back(0);
+  EXPECT_FALSE(parse_ciphertext(b).ok());  // trailing
+  b = ct.value();
+  b.pop_back();
+  EXPECT_FALSE(parse_ciphertext(b).ok());  // short key_ID
+  b = ct.value();
+  b[0] = 9;
+  EXPECT_FALSE(parse_ciphertext(b).ok());  // version
+  b = ct.value();
+  b[2] = '<';
+  EXPECT_FALSE(parse_ciphertext(b).ok());  // SAE ID char
+  // A share is not a ciphertext: same header, but a nonce is not a... same length. The
+  // roles are told apart by who parses them; lengths match by design (16 + 16).
+}
+
+TEST(Wire, Uuid) {
+  EXPECT_TRUE(uuid_parse("0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0").ok());
+  EXPECT_EQ(uuid_format(uuid_parse("0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0").value()),
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
+  EXPECT_FALSE(uuid_parse("").ok());
+  EXPECT_FALSE(uuid_parse("0f1e2d3c4b5a697887 96a5b4c3d2e1f0").ok());
+  EXPECT_FALSE(uuid_parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg").ok());
+  EXPECT_FALSE(uuid_parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f00").ok());
+  EXPECT_FALSE(uuid_parse("0f1e2d3c+4b5a-6978-8796-a5b4c3d2e1f0").ok());
+}
+
+TEST(Settings, DefaultsAndCodepointOverride) {
+  auto s = resolve_settings({});
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->codepoints[0], 0xFE40);
+  EXPECT_EQ(s->timeout.count(), 5000);
+  EXPECT_FALSE(s->deferred_error);
+
+  s = resolve_settings({{"qkd_codepoint", "0xFE41"}, {"timeout_ms", "2000"}});
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->codepoints[0], 0xFE41);
+  EXPECT_EQ(s->timeout.count(), 2000);
+  s = resolve_settings({{"qkd_codepoint", "65090"}});
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->codepoints[0], 65090);
+}
+
+TEST(Settings, CodepointOutOfRangeFails) {
+  for (const char* bad : {"0xFE00", "0xFE3A", "0x10000", "0xFF00", "29", "0x", "fe40", "-1",
+                          "0xFE40 ", "999999999999999999999"}) {
+    auto s = resolve_settings({{"qkd_codepoint", bad}});
+    ASSERT_FALSE(s.ok()) << bad;
+    EXPECT_NE(s.error().message.find("qkd_codepoint"), std::string::npos);
+  }
+}
+
+TEST(Settings, OtherBadValuesAreDeferredAndNamed) {
+  auto s = resolve_settings({{"timeout_ms", "soon"}});
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE(s->deferred_error);
+  EXPECT_NE(s->deferred_error->find("timeout_ms"), std::string::npos);
+  s = resolve_settings({{"admit_rate", "0"}});
+  ASSERT_TRUE(s->deferred_error);
+  EXPECT_NE(s->deferred_error->find("admit_rate"), std::string::npos);
+  s = resolve_settings({{"admit_rate", "2.5"}, {"admit_burst", "3"}, {"admit_outstanding", "2"}});
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE(s->deferred_error);
+  EXPECT_DOUBLE_EQ(s->admission.rate_per_second, 2.5);
+  EXPECT_EQ(s->admission.max_outstanding, 2U);
+}
+
+TEST(Admission, TokenBucketPerSae) {
+  AdmissionLimits limits;
+  limits.rate_per_second = 1;
+  limits.burst = 3;
+  limits.max_outstanding = 100;
+  Admission a(limits);
+  const auto t0 = Admission::Clock::now();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(a.acquire("alice", t0).ok());
+    a.release("alice");
+  }
+  auto refused = a.acquire("alice", t0);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.error().message.find("admission limit for SAE alice"), std::string::npos);
+  EXPECT_TRUE(a.acquire("bob", t0).ok());  // another SAE has its own bucket
+  a.release("bob");
+  EXPECT_TRUE(a.acquire("alice", t0 + std::chrono::milliseconds(1100)).ok());  // refilled
+  a.release("alice");
+}
+
+TEST(Admission, OutstandingCaps) {
+  AdmissionLimits limits;
+  limits.rate_per_second = 1000;
+  limits.burst = 1000;
+  limits.max_outstanding = 2;
+  limits.max_outstanding_total = 3;
+  Admission a(limits);
+  const auto t = Admission::Clock::now();
+  ASSERT_TRUE(a.acquire("alice", t).ok());
+  ASSERT_TRUE(a.acquire("alice", t).ok());
+  EXPECT_FALSE(a.acquire("alice", t).ok());
+  ASSERT_TRUE(a.acquire("bob", t).ok());
+  EXPECT_FALSE(a.acquire("carol", t).ok());  // global cap
+  a.release("alice");
+  EXPECT_TRUE(a.acquire("carol", t).ok());
+  {
+    a.release("carol");
+    AdmissionTicket ticket(a, "alice");  // releases the other alice slot
+  }
+  EXPECT_TRUE(a.acquire("alice", t).ok());
+}
+
+TEST(Admission, TrackedSaesAreBounded) {
+  AdmissionLimits limits;
+  limits.max_tracked = 4;
+  limits.max_outstanding = 1;
+  limits.max_outstanding_total = 100;
+  Admission a(limits);
+  const auto t = Admission::Clock::now();
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(a.acquire("sae" + std::to_string(i), t).ok());  // all in flight
+  }
+  EXPECT_FALSE(a.acquire("sae9", t).ok());
+  for (int i = 0; i < 4; ++i) {
+    a.release("sae" + std::to_string(i));
+  }
+  // Idle buckets are evicted once refilled.
+  EXPECT_TRUE(a.acquire("sae9", t + std::chrono::seconds(10)).ok());
+}
+
+}  // namespace
+}  // namespace qkd::prov
+
+namespace qkd::etsi::detail {
+namespace {
+
+TEST(Url, Accepts) {
+  auto u = parse_url("https://127.0.0.1:8443");
+  ASSERT_TRUE(u.ok()) << u.error().message;
+  EXPECT_EQ(u->host, "127.0.0.1");
+  EXPECT_EQ(u->port, 8443);
+  EXPECT_TRUE(u->host_is_ip);
+  EXPECT_EQ(u->path_prefix, "");
+  EXPECT_EQ(u->authority(), "127.0.0.1:8443");
+  EXPECT_EQ(u->text, "https://127.0.0.1:8443");
+
+  u = parse_url("https://kme.example.org/prefix/");
+  ASSERT_TRUE(u.ok());
+  EXPECT_EQ(u->port, 443);
+  EXPECT_FALSE(u->host_is_ip);
+  EXPECT_EQ(u->path_prefix, "/prefix");
+  EXPECT_EQ(u->text, "https://kme.example.org/prefix");
+
+  u = parse_url("https://[::1]:9000");
+  ASSERT_TRUE(u.ok());
+  EXPECT_EQ(u->host, "::1");
+  EXPECT_TRUE(u->host_is_ip);
+  EXPECT_EQ(u->authority(), "[::1]:9000");
+  EXPECT_TRUE(parse_url("https://localhost").ok());
+}
+
+TEST(Url, Rejects) {
+  for (const char* bad :
+       {"", "http://127.0.0.1:8443", "127.0.0.1:8443", "https://", "https://:8443",
+        "https://127.0.0.1:", "https://127.0.0.1:0", "https://127.0.0.1:65536",
+        "https://127.0.0.1:84a3", "https://user@host", "https://host/x?y=1", "https://host#f",
+        "https://ho st", "https://[::1", "https://[::1]x", "https://256.1.1.1",
+        "https://1.2.3", "https://host..example", "https://h\xc3\xa9st", "HTTPS://host"}) {
+    EXPECT_FALSE(parse_url(bad).ok()) << bad;
+  }
+}
+
+std::string decode(std::string_view s) {
+  auto r = base64_decode_strict(s);
+  if (!r.ok()) {
+    return "ERR";
+  }
+  return std::string(r->data(), r->data() + r->size());
+}
+
+TEST(Base64, DecodesCanonical) {
+  EXPECT_EQ(decode(""), "");
+  EXPECT_EQ(decode("Zg=="), "f");
+  EXPECT_EQ(decode("Zm8="), "fo");
+  EXPECT_EQ(decode("Zm9v"), "foo");
+  EXPECT_EQ(decode("Zm9vYg=="), "foob");
+  EXPECT_EQ(decode("+/+/"), "\xfb\xff\xbf");
+}
+
+TEST(Base64, IsStrict) {
+  for (const char* bad : {"Zg", "Zg=", "Zm9", "Zg==Zg==", "Z===", "====", "Zh==", "Zm9=",
+                          " Zm9v", "Zm9v ", "Zm 9v", "Zm9v\n", "Zm-_", "Zm9v====", "=Zm9"}) {
+    EXPECT_EQ(decode(bad), "ERR") << bad;
+  }
+}
+
+TEST(PercentEncode, Segments) {
+  EXPECT_EQ(percent_encode("alice"), "alice");
+  EXPECT_EQ(percent_encode("a b/c%"), "a%20b%2Fc%25");
+}
+
+ResponseParser::State feed(ResponseParser& p, std::string_view s) {
+  return p.feed(std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(s.data()), s.size()));
+}
+
+TEST(Http, ContentLengthInPieces) {
+  ResponseParser p;
+  const std::string r = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\n\r\nhello";
+  for (std::size_t i = 0; i + 1 < r.size(); ++i) {
+    ASSERT_EQ(feed(p, r.substr(i, 1)), ResponseParser::State::kNeedMore) << i;
+  }
+  ASSERT_EQ(feed(p, r.substr(r.size() - 1)), ResponseParser::State::kDone);
+  EXPECT_EQ(p.status(), 200);
+  EXPECT_EQ(p.body(), "hello");
+  EXPECT_TRUE(p.keep_alive());
+}
+
+TEST(Http, Chunked) {
+  ResponseParser p;
+  ASSERT_EQ(feed(p, "HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n"
+                    "Connection: close\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+            ResponseParser::State::kDone);
+  EXPECT_EQ(p.status(), 503);
+  EXPECT_EQ(p.body(), "abcde");
+  EXPECT_FALSE(p.keep_alive());
+}
+
+TEST(Http, UntilEof) {
+  ResponseParser p;
+  ASSERT_EQ(feed(p, "HTTP/1.0 200 OK\r\n\r\nabc"), ResponseParser::State::kNeedMore);
+  ASSERT_EQ(p.feed_eof(), ResponseParser::State::kDone);
+  EXPECT_EQ(p.body(), "abc");
+  EXPECT_FALSE(p.keep_alive());
+}
+
+TEST(Http, Rejects) {
+  for (const char* bad : {
+           "HTTP/2 200 OK\r\n\r\n", "HTTP/1.1 20 OK\r\n\r\n", "HTTP/1.1 2000 OK\r\n\r\n",
+           "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+           "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+           "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+           "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+           "HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n",
+           "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab",  // bytes after the response
+           "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+           "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\naXX",
+           "HTTP/1.1 100 Continue\r\n\r\n", "HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+           "HTTP/1.1 200 OK\r\nX: a\x01" "b\r\n\r\n"}) {
+    ResponseParser p;
+    EXPECT_EQ(feed(p, bad), ResponseParser::State::kError) << bad;
+  }
+  ResponseParser big;
+  EXPECT_EQ(feed(big, "HTTP/1.1 200 OK\r\nX: " + std::string(20000, 'a')),
+            ResponseParser::State::kError);
+  ResponseParser truncated;
+  feed(truncated, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
+  EXPECT_EQ(truncated.feed_eof(), ResponseParser::State::kError);
+}
+
+TEST(Json, KeyContainer) {
+  std::string body = R"({"keys":[{"key_ID":"id-1","key":"AAECAw=="}]})";
+  auto keys = parse_key_container(body, 1, 4);
+  ASSERT_TRUE(keys.ok()) << keys.error().message;
+  ASSERT_EQ(keys->size(), 1U);
+  EXPECT_EQ(keys->at(0).key_id, "id-1");
+  EXPECT_EQ(keys->at(0).key.size(), 4U);
+  EXPECT_EQ(keys->at(0).key[3], 3);
+}
+
+TEST(Json, KeyContainerRejects) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"not json", "not valid JSON"},
+      {"[]", "not a JSON object"},
+      {R"({"key":[]})", "no \"keys\""},
+      {R"({"keys":[]})", "got 0"},
+      {R"({"keys":[{"key_ID":"a","key":"AAECAw=="},{"key_ID":"b","key":"AAECAw=="}]})", "got 2"},
+      {R"({"keys":[{"key_ID":"a","key":"AAECAw="}]})", "base64"},
+      {R"({"keys":[{"key_ID":"a","key":"AAEC"}]})", "3 bytes, expected 4"},
+      {R"({"keys":[{"key_ID":"","key":"AAECAw=="}]})", "empty"},
+      {R"({"keys":[{"key_ID":5,"key":"AAECAw=="}]})", "string fields"},
+      {R"({"keys":[{"key":"AAECAw=="}]})", "string fields"},
+  };
+  for (const auto& [body, want] : cases) {
+    std::string b = body;
+    auto keys = parse_key_container(b, 1, 4);
+    ASSERT_FALSE(keys.ok()) << body;
+    EXPECT_NE(keys.error().message.find(want), std::string::npos)
+        << body << " -> " << keys.error().message;
+  }
+  std::string dup = R"({"keys":[{"key_ID":"a","key":"AAECAw=="},{"key_ID":"a","key":"AAECAw=="}]})";
+  EXPECT_FALSE(parse_key_container(dup, 2, 4).ok());
+}
+
+TEST(Json, StatusAndErrorMessage) {
+  const std::string status =
+      R"({"source_KME_ID":"a-kme","target_KME_ID":"b-kme","master_SAE_ID":"bob",
+          "slave_SAE_ID":"alice","key_size":256,"stored_key_count":10,"max_key_count":100,
+          "max_key_per_request":8,"max_key_size":1024,"min_key_size":64,"max_SAE_ID_count":0,
+          "status_extension":{"qber":0.01}})";
+  auto s = parse_status(status);
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  EXPECT_EQ(s->target_kme_id, "b-kme");
+  EXPECT_EQ(s->stored_key_count, 10);
+  EXPECT_NE(s->status_extension_json.find("qber"), std::string::npos);
+  EXPECT_FALSE(parse_status(R"({"source_KME_ID":"a"})").ok());
+  EXPECT_EQ(parse_error_message(R"({"message":"one or more keys specified are not found on KME"})"),
+            "one or more keys specified are not found on KME");
+  EXPECT_EQ(parse_error_message("garbage"), "");
+  EXPECT_EQ(parse_error_message(R"({"message":"a\nb"})"), "a?b");
+}
+
+TEST(Errors, RejectedStatusIsRecoverable) {
+  qkd::core::Error e{qkd::core::ErrorCode::kRejected,
+                     "key service https://127.0.0.1:1 answered HTTP 400: x"};
+  EXPECT_EQ(qkd::etsi::rejected_http_status(e), 400);
+  e.code = qkd::core::ErrorCode::kProtocol;
+  EXPECT_EQ(qkd::etsi::rejected_http_status(e), 0);
+}
+
+}  // namespace
+}  // namespace qkd::etsi::detail

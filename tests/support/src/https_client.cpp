@@ -1,0 +1,120 @@
+#include "qkd/test/https_client.hpp"
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <fmt/format.h>
+#include <openssl/ssl.h>
+
+namespace qkd::test {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+using qkd::core::ErrorCode;
+using qkd::core::make_error;
+
+nlohmann::json HttpResponse::json() const {
+  return nlohmann::json::parse(body, nullptr, false);
+}
+
+HttpsTestClient::HttpsTestClient(std::string host, std::uint16_t port, TlsIdentity identity,
+                                 std::chrono::milliseconds timeout)
+    : host_(std::move(host)), port_(port), identity_(std::move(identity)), timeout_(timeout) {}
+
+qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method,
+                                                         std::string_view target,
+                                                         std::string_view body,
+                                                         std::string_view content_type) const {
+  asio::io_context ioc;
+  asio::ssl::context ctx(asio::ssl::context::tls_client);
+  try {
+    if (!identity_.ca_file.empty()) {
+      ctx.load_verify_file(identity_.ca_file);
+      ctx.set_verify_mode(asio::ssl::verify_peer);
+    }
+    if (!identity_.cert_file.empty()) {
+      ctx.use_certificate_chain_file(identity_.cert_file);
+      ctx.use_private_key_file(identity_.key_file, asio::ssl::context::pem);
+    }
+  } catch (const std::exception& e) {
+    return make_error(ErrorCode::kInvalidArgument, fmt::format("client TLS setup: {}", e.what()));
+  }
+  beast::ssl_stream<beast::tcp_stream> stream(ioc, ctx);
+  SSL_set_tlsext_host_name(stream.native_handle(), host_.c_str());
+
+  http::request<http::string_body> req{http::string_to_verb(method), std::string(target), 11};
+  if (req.method() == http::verb::unknown) {
+    req.method_string(std::string(method));
+  }
+  req.set(http::field::host, host_);
+  req.set(http::field::user_agent, "qkd-test");
+  if (!body.empty() || method == "POST") {
+    req.set(http::field::content_type, content_type);
+    req.body() = std::string(body);
+  }
+  req.keep_alive(false);
+  req.prepare_payload();
+
+  beast::error_code result = asio::error::would_block;
+  std::string stage = "connect";
+  beast::flat_buffer buffer;
+  http::response<http::string_body> res;
+  tcp::resolver resolver(ioc);
+  beast::get_lowest_layer(stream).expires_after(timeout_);
+  resolver.async_resolve(host_, std::to_string(port_), [&](beast::error_code ec,
+                                                           tcp::resolver::results_type eps) {
+    if (ec) {
+      result = ec;
+      return;
+    }
+    beast::get_lowest_layer(stream).async_connect(eps, [&](beast::error_code ec2,
+                                                           const tcp::endpoint&) {
+      if (ec2) {
+        result = ec2;
+        return;
+      }
+      stage = "TLS handshake";
+      stream.async_handshake(asio::ssl::stream_base::client, [&](beast::error_code ec3) {
+        if (ec3) {
+          result = ec3;
+          return;
+        }
+        stage = "write";
+        http::async_write(stream, req, [&](beast::error_code ec4, std::size_t) {
+          if (ec4) {
+            result = ec4;
+            return;
+          }
+          stage = "read";
+          http::async_read(stream, buffer, res, [&](beast::error_code ec5, std::size_t) {
+            result = ec5;
+          });
+        });
+      });
+    });
+  });
+  ioc.run_for(timeout_ + std::chrono::seconds(1));
+  if (result == asio::error::would_block) {
+    return make_error(ErrorCode::kTimeout, fmt::format("{} {}: timed out", method, target));
+  }
+  if (result) {
+    return make_error(result == beast::error::timeout ? ErrorCode::kTimeout
+                                                      : ErrorCode::kUnavailable,
+                      fmt::format("{} {} ({}): {}", method, target, stage, result.message()));
+  }
+  HttpResponse out;
+  out.status = res.result_int();
+  out.body = std::move(res.body());
+  if (auto it = res.find(http::field::content_type); it != res.end()) {
+    out.content_type = std::string(it->value());
+  }
+  return out;
+}
+
+}  // namespace qkd::test
