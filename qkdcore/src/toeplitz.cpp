@@ -17,10 +17,29 @@ constexpr std::uint32_t kMod = 998244353;
 constexpr std::uint32_t kRoot = 3;
 constexpr std::size_t kMaxLength = std::size_t{1} << 23;
 
+// Montgomery arithmetic modulo kMod with R = 2^32: a value x is held as x R mod p.
+constexpr std::uint32_t montgomery_neg_inverse() {
+  std::uint32_t inv = kMod;  // Newton iteration for kMod^-1 mod 2^32
+  for (int i = 0; i < 5; ++i) {
+    inv *= 2U - kMod * inv;
+  }
+  return 0U - inv;
+}
+constexpr std::uint32_t kNegInv = montgomery_neg_inverse();
+static_assert(kMod * (0U - kNegInv) == 1U);
+
+inline std::uint32_t reduce(std::uint64_t t) {  // t < p * 2^32
+  const std::uint32_t m = static_cast<std::uint32_t>(t) * kNegInv;
+  const auto r = static_cast<std::uint32_t>((t + static_cast<std::uint64_t>(m) * kMod) >> 32);
+  return r >= kMod ? r - kMod : r;
+}
+inline std::uint32_t mont_mul(std::uint32_t a, std::uint32_t b) {
+  return reduce(static_cast<std::uint64_t>(a) * b);
+}
+// Plain (non-Montgomery) helpers, for the few table set-up values.
 std::uint32_t mul_mod(std::uint32_t a, std::uint32_t b) {
   return static_cast<std::uint32_t>(static_cast<std::uint64_t>(a) * b % kMod);
 }
-
 std::uint32_t pow_mod(std::uint32_t base, std::uint64_t e) {
   std::uint32_t r = 1;
   while (e > 0) {
@@ -32,12 +51,15 @@ std::uint32_t pow_mod(std::uint32_t base, std::uint64_t e) {
   }
   return r;
 }
+std::uint32_t to_mont(std::uint32_t x) {
+  return static_cast<std::uint32_t>((static_cast<std::uint64_t>(x) << 32) % kMod);
+}
 
-// roots[h + j] = w_{2h}^j for every power of two h < L (w_{2h} a primitive 2h-th root),
-// so the butterflies of a stage with half-length h read roots[h .. 2h).
+// roots[h + j] = w_{2h}^j (Montgomery form) for every power of two h < L, w_{2h} a
+// primitive 2h-th root of unity (or its inverse), so a stage of half-length h reads
+// roots[h .. 2h).
 std::vector<std::uint32_t> make_roots(std::size_t length, bool inverse) {
   std::vector<std::uint32_t> roots(std::max<std::size_t>(length, 2));
-  roots[1] = 1;
   for (std::size_t h = 1; h < length; h <<= 1) {
     std::uint32_t w = pow_mod(kRoot, (kMod - 1) / (2 * h));
     if (inverse) {
@@ -45,25 +67,35 @@ std::vector<std::uint32_t> make_roots(std::size_t length, bool inverse) {
     }
     std::uint32_t cur = 1;
     for (std::size_t j = 0; j < h; ++j) {
-      roots[h + j] = cur;
+      roots[h + j] = to_mont(cur);
       cur = mul_mod(cur, w);
     }
   }
   return roots;
 }
 
-void ntt(std::vector<std::uint32_t>& a, const std::vector<std::uint32_t>& roots) {
+// Forward transform, decimation in frequency: natural order in, bit-reversed order out.
+void ntt_dif(std::vector<std::uint32_t>& a, const std::vector<std::uint32_t>& roots) {
   const std::size_t n = a.size();
-  for (std::size_t i = 1, j = 0; i < n; ++i) {  // bit-reversal permutation
-    std::size_t bit = n >> 1;
-    for (; (j & bit) != 0; bit >>= 1) {
-      j ^= bit;
-    }
-    j ^= bit;
-    if (i < j) {
-      std::swap(a[i], a[j]);
+  for (std::size_t h = n >> 1; h >= 1; h >>= 1) {
+    const std::uint32_t* w = roots.data() + h;
+    for (std::size_t i = 0; i < n; i += 2 * h) {
+      std::uint32_t* lo = a.data() + i;
+      std::uint32_t* hi = lo + h;
+      for (std::size_t j = 0; j < h; ++j) {
+        const std::uint32_t u = lo[j];
+        const std::uint32_t v = hi[j];
+        const std::uint32_t s = u + v;
+        lo[j] = s >= kMod ? s - kMod : s;
+        hi[j] = mont_mul(u >= v ? u - v : u + kMod - v, w[j]);
+      }
     }
   }
+}
+
+// Inverse transform, decimation in time: bit-reversed order in, natural order out.
+void ntt_dit(std::vector<std::uint32_t>& a, const std::vector<std::uint32_t>& roots) {
+  const std::size_t n = a.size();
   for (std::size_t h = 1; h < n; h <<= 1) {
     const std::uint32_t* w = roots.data() + h;
     for (std::size_t i = 0; i < n; i += 2 * h) {
@@ -71,7 +103,7 @@ void ntt(std::vector<std::uint32_t>& a, const std::vector<std::uint32_t>& roots)
       std::uint32_t* hi = lo + h;
       for (std::size_t j = 0; j < h; ++j) {
         const std::uint32_t u = lo[j];
-        const std::uint32_t v = mul_mod(hi[j], w[j]);
+        const std::uint32_t v = mont_mul(hi[j], w[j]);
         const std::uint32_t s = u + v;
         lo[j] = s >= kMod ? s - kMod : s;
         hi[j] = u >= v ? u - v : u + kMod - v;
@@ -93,13 +125,15 @@ Status check_sizes(const BitVector& seed, const BitVector& input, std::size_t m)
   return ok_status();
 }
 
+// Writes 1 (in Montgomery form) at every set bit.
 void fill_bits(std::vector<std::uint32_t>& out, const BitVector& v) {
+  const std::uint32_t one = to_mont(1);
   const auto words = v.words();
   for (std::size_t w = 0; w < words.size(); ++w) {
     std::uint64_t x = words[w];
     while (x != 0) {
       const int b = std::countr_zero(x);
-      out[w * 64 + static_cast<std::size_t>(b)] = 1;
+      out[w * 64 + static_cast<std::size_t>(b)] = one;
       x &= x - 1;
     }
   }
@@ -126,17 +160,18 @@ Result<BitVector> toeplitz_hash(const BitVector& seed, const BitVector& input,
   fill_bits(a, seed);
   fill_bits(b, input);
   const auto fwd = make_roots(len, false);
-  ntt(a, fwd);
-  ntt(b, fwd);
-  for (std::size_t i = 0; i < len; ++i) {
-    a[i] = mul_mod(a[i], b[i]);
+  ntt_dif(a, fwd);
+  ntt_dif(b, fwd);
+  for (std::size_t i = 0; i < len; ++i) {  // pointwise, both in bit-reversed order
+    a[i] = mont_mul(a[i], b[i]);
   }
   const auto inv = make_roots(len, true);
-  ntt(a, inv);
+  ntt_dit(a, inv);
+  // mont_mul(x R, len^-1) = x len^-1: leaves Montgomery form and divides by len at once.
   const std::uint32_t len_inv = pow_mod(static_cast<std::uint32_t>(len % kMod), kMod - 2);
   BitVector out(output_bits);
   for (std::size_t i = 0; i < output_bits; ++i) {
-    if ((mul_mod(a[i + n - 1], len_inv) & 1U) != 0) {
+    if ((mont_mul(a[i + n - 1], len_inv) & 1U) != 0) {
       out.set(i, true);
     }
   }
