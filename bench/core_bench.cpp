@@ -13,6 +13,7 @@
 #include "qkd/core/physics.hpp"
 #include "qkd/core/random.hpp"
 #include "qkd/core/toeplitz.hpp"
+#include "toeplitz_internal.hpp"
 
 namespace {
 
@@ -63,36 +64,72 @@ void BM_Cascade(benchmark::State& state) {
 BENCHMARK(BM_Cascade)->Args({10'000, 10})->Args({10'000, 30})->Args({100'000, 10})
     ->Args({100'000, 50})->Unit(benchmark::kMillisecond);
 
-// Toeplitz n -> n/2 bits.
+// Toeplitz hashing, n input bits -> m = n/2 output bits (the privacy-amplification shape).
+// "bits/s" counts input bits. Before the timed loop each fixture checks the kernel against
+// a reference: the naive O(n m) product for n <= 30,000, otherwise the NTT path (itself
+// checked against the naive product in the tests), plus a few output bits against the sum.
+enum class ToeplitzKernel { kClmul, kClmulPortable, kNtt, kNaive };
+
+Result<BitVector> run_toeplitz(ToeplitzKernel k, const BitVector& seed, const BitVector& x,
+                               std::size_t m) {
+  switch (k) {
+    case ToeplitzKernel::kClmul:
+      return toeplitz_hash(seed, x, m);
+    case ToeplitzKernel::kClmulPortable:
+      return detail::toeplitz_hash_clmul(seed, x, m, /*allow_pclmul=*/false);
+    case ToeplitzKernel::kNtt:
+      return toeplitz_hash_ntt(seed, x, m);
+    case ToeplitzKernel::kNaive:
+      break;
+  }
+  return toeplitz_hash_naive(seed, x, m);
+}
+
+template <ToeplitzKernel K>
 void BM_Toeplitz(benchmark::State& state) {
   const auto n = static_cast<std::size_t>(state.range(0));
   const std::size_t m = n / 2;
   Xoshiro256ss rng(2);
   const BitVector seed = random_vector(rng, n + m - 1);
   const BitVector x = random_vector(rng, n);
+  {
+    auto y = run_toeplitz(K, seed, x, m);
+    const bool small = n <= 30'000;
+    const bool ntt_ok = n + m - 1 <= (std::size_t{1} << 23);  // NTT length limit
+    bool equal = y.ok();
+    if (small || ntt_ok) {
+      auto ref = small ? toeplitz_hash_naive(seed, x, m) : toeplitz_hash_ntt(seed, x, m);
+      equal = equal && ref.ok() && *y == *ref;
+    }
+    for (std::size_t i : {std::size_t{0}, m / 2, m - 1}) {
+      bool acc = false;
+      for (std::size_t j = 0; j < n; ++j) {
+        acc ^= seed.get(i + n - 1 - j) && x.get(j);
+      }
+      equal = equal && y->get(i) == acc;
+    }
+    if (!equal) {
+      state.SkipWithError("Toeplitz kernel differs from the reference");
+      return;
+    }
+    state.counters["bit_equal"] = 1;
+  }
   for (auto _ : state) {
-    auto y = toeplitz_hash(seed, x, m);
+    auto y = run_toeplitz(K, seed, x, m);
     benchmark::DoNotOptimize(y);
   }
   state.counters["bits/s"] = benchmark::Counter(
       static_cast<double>(n) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_Toeplitz)->Arg(10'000)->Arg(100'000)->Arg(1'000'000)->Unit(benchmark::kMillisecond);
-
-void BM_ToeplitzNaive(benchmark::State& state) {
-  const auto n = static_cast<std::size_t>(state.range(0));
-  const std::size_t m = n / 2;
-  Xoshiro256ss rng(2);
-  const BitVector seed = random_vector(rng, n + m - 1);
-  const BitVector x = random_vector(rng, n);
-  for (auto _ : state) {
-    auto y = toeplitz_hash_naive(seed, x, m);
-    benchmark::DoNotOptimize(y);
-  }
-  state.counters["bits/s"] = benchmark::Counter(
-      static_cast<double>(n) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-}
-BENCHMARK(BM_ToeplitzNaive)->Arg(10'000)->Arg(30'000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kClmul>)->Name("BM_Toeplitz/clmul")->Arg(10'000)
+    ->Arg(30'000)->Arg(100'000)->Arg(1'000'000)->Arg(1 << 20)->Arg(4'000'000)->Arg(10'000'000)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kClmulPortable>)->Name("BM_Toeplitz/clmul_portable")
+    ->Arg(100'000)->Arg(1'000'000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kNtt>)->Name("BM_Toeplitz/ntt_before")->Arg(10'000)
+    ->Arg(30'000)->Arg(100'000)->Arg(1'000'000)->Arg(1 << 20)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kNaive>)->Name("BM_Toeplitz/naive")->Arg(10'000)
+    ->Arg(30'000)->Unit(benchmark::kMillisecond);
 
 // Channel simulation: pulses per second at 20 km.
 void BM_Channel(benchmark::State& state) {

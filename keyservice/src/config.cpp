@@ -312,6 +312,9 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
     std::fill(text.begin(), text.end(), '\0');
   }
   (void)check_files;
+  if (r.has("notice_delay_ms")) {
+    l.notice_delay_ms = static_cast<std::uint32_t>(r.unsigned_int("notice_delay_ms", 0, 60'000));
+  }
   l.channel = parse_channel(r);
   l.protocol = parse_protocol(r);
   r.finish();

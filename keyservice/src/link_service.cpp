@@ -2,6 +2,7 @@
 #include "qkd/kms/link_service.hpp"
 
 #include <algorithm>
+#include <boost/asio/steady_timer.hpp>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -112,6 +113,8 @@ struct LinkService::Impl {
   std::mutex out_mu;
   std::deque<OutboxEntry> outbox;
   std::uint64_t next_seq = 1;
+  std::uint64_t sent_seq = 0;          // highest seq handed to the current connection
+  std::uint64_t due_seq = 0;           // highest seq whose notice delay has passed
   std::uint64_t last_applied_seq = 0;  // of the peer's notices
   std::shared_ptr<LinkConnection> notice_conn;  // set while the session is established
 
@@ -129,18 +132,42 @@ struct LinkService::Impl {
     std::lock_guard lock(out_mu);
     OutboxEntry e{next_seq++, {}};
     e.message = to_bytes(json{{"t", "notice"}, {"seq", e.seq}, {"keys", std::move(keys)}});
-    if (notice_conn) {
-      (void)notice_conn->send(Channel::kControl, e.message);
-    }
+    const std::uint64_t seq = e.seq;
     outbox.push_back(std::move(e));
+    if (config.link.notice_delay_ms == 0) {
+      send_outbox_locked(seq);
+      return;
+    }
+    auto timer = std::make_shared<boost::asio::steady_timer>(ioc);
+    timer->expires_after(std::chrono::milliseconds(config.link.notice_delay_ms));
+    timer->async_wait([this, timer, seq](const boost::system::error_code& ec) {
+      if (!ec) {
+        std::lock_guard l(out_mu);
+        send_outbox_locked(seq);
+      }
+    });
+  }
+
+  // Marks notices up to `up_to` as due and sends the due ones not sent yet (under out_mu).
+  void send_outbox_locked(std::uint64_t up_to) {
+    due_seq = std::max(due_seq, up_to);
+    if (!notice_conn) {
+      return;  // sent when the next session is established
+    }
+    for (const auto& e : outbox) {
+      if (e.seq > sent_seq && e.seq <= due_seq) {
+        (void)notice_conn->send(Channel::kControl, e.message);
+      }
+    }
+    sent_seq = due_seq;
   }
 
   void establish(const std::shared_ptr<LinkConnection>& conn) {
     std::lock_guard lock(out_mu);
     notice_conn = conn;
-    for (const auto& e : outbox) {
-      (void)conn->send(Channel::kControl, e.message);
-    }
+    // Resend every due notice the peer has not acknowledged.
+    sent_seq = 0;
+    send_outbox_locked(due_seq);
     std::lock_guard slock(stats_mu);
     st.up = true;
   }
@@ -163,6 +190,8 @@ struct LinkService::Impl {
     std::lock_guard lock(out_mu);
     outbox.clear();
     next_seq = 1;
+    sent_seq = 0;
+    due_seq = 0;
     last_applied_seq = 0;
   }
 

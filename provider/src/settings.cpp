@@ -54,6 +54,11 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
     }
     return it->second;
   };
+  const auto defer = [&](const std::string& key, const std::string& value, const std::string& rule) {
+    if (!s.deferred_error) {
+      s.deferred_error = "invalid setting " + key + " = \"" + value.substr(0, 40) + "\": " + rule;
+    }
+  };
   for (std::size_t i = 0; i < kGroups.size(); ++i) {
     s.codepoints[i] = kGroups[i].default_codepoint;
     const std::string key(kGroups[i].codepoint_setting);
@@ -61,10 +66,10 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
       const auto v = parse_uint(*text, kCodepointMin, kCodepointMax);
       if (!v) {
         char range[64];
-        std::snprintf(range, sizeof range, "0x%04X..0x%04X", kCodepointMin, kCodepointMax);
-        return make_error(ErrorCode::kInvalidArgument,
-                          "invalid setting " + key + " = \"" + text->substr(0, 40) +
-                              "\": must be a codepoint in " + range);
+        std::snprintf(range, sizeof range, "must be a codepoint in 0x%04X..0x%04X", kCodepointMin,
+                      kCodepointMax);
+        defer(key, *text, range);
+        continue;
       }
       s.codepoints[i] = static_cast<std::uint16_t>(*v);
     }
@@ -72,10 +77,9 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
   for (std::size_t i = 0; i < kGroups.size(); ++i) {
     for (std::size_t j = i + 1; j < kGroups.size(); ++j) {
       if (s.codepoints[i] == s.codepoints[j]) {
-        return make_error(ErrorCode::kInvalidArgument,
-                          "invalid setting " + std::string(kGroups[j].codepoint_setting) +
-                              ": codepoint already used by group " +
-                              std::string(kGroups[i].tls_name));
+        defer(std::string(kGroups[j].codepoint_setting), std::to_string(s.codepoints[j]),
+              "codepoint already used by group " + std::string(kGroups[i].tls_name));
+        s.codepoints[j] = kGroups[j].default_codepoint;
       }
     }
   }
@@ -84,11 +88,7 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
   s.cert = get("cert").value_or("");
   s.key = get("key").value_or("");
   s.ca = get("ca").value_or("");
-  const auto defer = [&](const std::string& key, const std::string& value, const char* rule) {
-    if (!s.deferred_error) {
-      s.deferred_error = "invalid setting " + key + " = \"" + value.substr(0, 40) + "\": " + rule;
-    }
-  };
+
   if (const auto t = get("timeout_ms")) {
     if (const auto v = parse_uint(*t, 1, 600'000)) {
       s.timeout = std::chrono::milliseconds(*v);

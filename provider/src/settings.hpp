@@ -42,12 +42,14 @@ struct Settings {
   std::chrono::milliseconds timeout{5000};
   std::array<std::uint16_t, kGroups.size()> codepoints{};
   AdmissionLimits admission;
-  // A bad value other than a codepoint: kept, and raised at first use.
+  // The first bad value: raised (naming the setting) at first use.
   std::optional<std::string> deferred_error;
 };
 
-// Codepoint errors fail (the TLS-GROUP capability needs a valid one at once); every other
-// bad value ends up in deferred_error.
+// Never fails today: a bad value (a codepoint included) ends up in deferred_error and the
+// default is kept. Failing OSSL_provider_init instead would make the provider silently
+// absent (OpenSSL drops activation errors from openssl.cnf), and `Groups = qkd:X25519`
+// would then silently mean X25519; raising at first use makes the handshake fail loudly.
 [[nodiscard]] qkd::core::Result<Settings> resolve_settings(const RawSettings& raw);
 
 // "65088", "0xFE40" -> value, if all of the text is a number in [min, max].

@@ -80,7 +80,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
   // (a) Parameters.
   {
     Writer w;
-    detail::write_params(w, P, channel.pulse_rate_hz);
+    detail::write_params(w, P, channel.pulse_rate_hz, detail::source_info(channel));
     if (Status s = ch.send(MsgType::kParams, block, w.buffer()); !s.ok()) {
       return s;
     }
@@ -107,7 +107,9 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
   if (!prf_key.ok()) {
     return prf_key.error();
   }
-  AlicePrf prf(std::span<const std::uint8_t, 16>(prf_key->data(), 16));
+  AlicePrf prf(std::span<const std::uint8_t, 16>(prf_key->data(), 16),
+               source_choices(channel, P.z_basis_prob));
+  const detail::SourceInfo source = detail::source_info(channel);
   std::vector<DetectionEvent> events;
   {
     ChannelSimulator sim(channel, seed ^ (0x5DEECE66DULL * (block + 1)));
@@ -134,8 +136,9 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     } while (at < events.size());
   }
 
-  // (c) Sifting.
+  // (c) Sifting (and, with decoys, the intensity class of each matching detection).
   BitVector sifted;
+  detail::SiftedInfo info;
   {
     auto f = recv(MsgType::kSiftBases, block);
     if (!f.ok()) {
@@ -150,32 +153,45 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     BitVector match(count);
     sifted.reserve(count / 2 + 64);
+    BitVector class_lo;
+    BitVector class_hi;
     for (std::size_t i = 0; i < count; ++i) {
       const AliceState s = prf.at(events[i].pulse);
       if (s.basis == bob_bases.get(i)) {
         match.set(i, true);
         sifted.push_back(s.bit);
+        info.basis.push_back(s.basis);
+        if (source.decoys()) {
+          info.intensity.push_back(s.intensity);
+          class_lo.push_back((s.intensity & 1U) != 0);
+          class_hi.push_back((s.intensity & 2U) != 0);
+        }
       }
     }
     events.clear();
     events.shrink_to_fit();
     Writer w;
     w.bits(match);
+    if (source.decoys()) {
+      w.bits(class_lo);
+      w.bits(class_hi);
+    }
     if (Status s = ch.send(MsgType::kSiftMatch, block, w.buffer()); !s.ok()) {
       return s;
     }
   }
   r.sifted_bits = sifted.size();
 
-  // (d) QBER estimation on a random sample, disclosed and discarded.
-  const auto k = static_cast<std::uint64_t>(
-      std::llround(P.sample_fraction * static_cast<double>(sifted.size())));
-  auto mask = detail::random_sample_mask(sifted.size(), k);
+  // (d) Parameter estimation: every decoy-class bit (and, with a biased basis choice, every
+  // X-basis bit) plus a random sample of the rest, disclosed and discarded.
+  const bool biased = P.z_basis_prob > 0.5;
+  auto mask = detail::choose_disclosure(info, biased, P.sample_fraction);
   if (!mask.ok()) {
     return mask.error();
   }
   BitVector sample;
   BitVector key;
+  BlockStatistics stats;
   detail::split_by_mask(sifted, *mask, sample, key);
   sifted.clear();
   {
@@ -194,12 +210,10 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     if (!rd.bits(bob_sample, sample.size()) || !rd.done() || bob_sample.size() != sample.size()) {
       return malformed(MsgType::kSampleReply);
     }
-    const std::uint64_t errors = sample.hamming_distance(bob_sample);
-    r.sample_bits = sample.size();
-    r.reconciled_bits = key.size();
-    r.qber = sample.empty() ? 0.0
-                            : static_cast<double>(errors) / static_cast<double>(sample.size());
-    if (auto why = detail::estimation_abort(sample.size(), errors, key.size(), P.qber_abort)) {
+    stats = detail::gather_statistics(info, *mask, sample, bob_sample, P, source,
+                                      P.pulses_per_block, r);
+    if (auto why = detail::estimation_abort(stats.sample_bits, stats.sample_errors, key.size(),
+                                            P.qber_abort, P.confidence_sd)) {
       r.aborted = true;
       r.abort_reason = *why;
       return ok_status();
@@ -321,7 +335,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
 
   // (g) Privacy amplification.
   {
-    const std::uint64_t m = secret_key_length(n, r.qber, r.leaked_bits, P.safety_margin);
+    const std::uint64_t m = detail::final_key_length(stats, r.leaked_bits, r);
     BitVector pseed;
     if (m > 0) {
       auto s = detail::random_bits(n + m - 1);

@@ -109,6 +109,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
   // harm (nothing consumed), so that error is not fatal.
   std::uint64_t block = 0;
   double pulse_rate_hz = 0.0;
+  detail::SourceInfo source;
   {
     auto f = ch.receive(P.message_timeout, MsgType::kParams, std::nullopt);
     if (!f.ok()) {
@@ -125,7 +126,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     last_block = block;
     Reader rd(f->payload);
     ProtocolParams theirs = P;
-    if (!detail::read_params(rd, theirs, pulse_rate_hz) || !(pulse_rate_hz > 0.0)) {
+    if (!detail::read_params(rd, theirs, pulse_rate_hz, source) || !(pulse_rate_hz > 0.0)) {
       return malformed(MsgType::kParams);
     }
     const std::string mismatch = detail::params_mismatch(P, theirs);
@@ -160,8 +161,9 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       }
       bases.reserve(bases.size() + c->events.size());
       raw.reserve(raw.size() + c->events.size());
+      const bool biased = P.z_basis_prob != 0.5;
       for (const DetectionEvent& e : c->events) {
-        const bool basis = rng.bit();
+        const bool basis = biased ? !rng.bernoulli(P.z_basis_prob) : rng.bit();
         bool result = false;
         if (e.dark || basis != e.basis) {
           result = rng.bit();  // a dark count, or a measurement in the other basis
@@ -180,6 +182,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
 
   // (c) Sifting.
   BitVector sifted;
+  detail::SiftedInfo info;
   {
     Writer w;
     w.u64(bases.size());
@@ -193,17 +196,40 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     Reader rd(f->payload);
     BitVector match;
-    if (!rd.bits(match, raw.size()) || !rd.done() || match.size() != raw.size()) {
+    if (!rd.bits(match, raw.size()) || match.size() != raw.size()) {
+      return malformed(MsgType::kSiftMatch);
+    }
+    const std::size_t matched = match.popcount();
+    BitVector class_lo;
+    BitVector class_hi;
+    if (source.decoys() && (!rd.bits(class_lo, matched) || class_lo.size() != matched ||
+                            !rd.bits(class_hi, matched) || class_hi.size() != matched)) {
+      return malformed(MsgType::kSiftMatch);
+    }
+    if (!rd.done()) {
       return malformed(MsgType::kSiftMatch);
     }
     BitVector dropped;
     detail::split_by_mask(raw, match, sifted, dropped);
+    detail::split_by_mask(bases, match, info.basis, dropped);
+    if (source.decoys()) {
+      info.intensity.resize(matched);
+      for (std::size_t i = 0; i < matched; ++i) {
+        const auto k = static_cast<std::uint8_t>((class_lo.get(i) ? 1 : 0) |
+                                                 (class_hi.get(i) ? 2 : 0));
+        if (k > 2) {
+          return malformed(MsgType::kSiftMatch);
+        }
+        info.intensity[i] = k;
+      }
+    }
     raw.clear();
   }
   r.sifted_bits = sifted.size();
 
-  // (d) QBER estimation.
+  // (d) Parameter estimation.
   BitVector key;
+  BlockStatistics stats;
   {
     auto f = recv(MsgType::kSample, block);
     if (!f.ok()) {
@@ -217,6 +243,13 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
         alice_sample.size() != mask.popcount()) {
       return malformed(MsgType::kSample);
     }
+    // Every bit that must be disclosed is (decoy classes, X basis when biased).
+    const BitVector required = detail::mandatory_disclosure(info, P.z_basis_prob > 0.5);
+    for (std::size_t i = 0; i < required.size(); ++i) {
+      if (required.get(i) && !mask.get(i)) {
+        return malformed(MsgType::kSample);
+      }
+    }
     BitVector sample;
     detail::split_by_mask(sifted, mask, sample, key);
     sifted.clear();
@@ -225,12 +258,10 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     if (Status s = ch.send(MsgType::kSampleReply, block, w.buffer()); !s.ok()) {
       return s;
     }
-    const std::uint64_t errors = sample.hamming_distance(alice_sample);
-    r.sample_bits = sample.size();
-    r.reconciled_bits = key.size();
-    r.qber = sample.empty() ? 0.0
-                            : static_cast<double>(errors) / static_cast<double>(sample.size());
-    if (auto why = detail::estimation_abort(sample.size(), errors, key.size(), P.qber_abort)) {
+    stats = detail::gather_statistics(info, mask, alice_sample, sample, P, source,
+                                      P.pulses_per_block, r);
+    if (auto why = detail::estimation_abort(stats.sample_bits, stats.sample_errors, key.size(),
+                                            P.qber_abort, P.confidence_sd)) {
       r.aborted = true;
       r.abort_reason = *why;
       return ok_status();
@@ -303,7 +334,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
 
   // (g) Privacy amplification.
   {
-    const std::uint64_t m = secret_key_length(n, r.qber, r.leaked_bits, P.safety_margin);
+    const std::uint64_t m = detail::final_key_length(stats, r.leaked_bits, r);
     auto f = recv(MsgType::kAmplify, block);
     if (!f.ok()) {
       return f.error();

@@ -1,5 +1,7 @@
 #include <cmath>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "qkd/core/link.hpp"
 
@@ -36,7 +38,70 @@ Status validate(const ChannelParams& p) {
   if (!in(p.pulse_rate_hz, 0.0, 1e15) || p.pulse_rate_hz <= 0.0) {
     return bad("pulse_rate_hz", "must be positive");
   }
+  if (p.source != SourceKind::kSinglePhoton && p.source != SourceKind::kWeakCoherent) {
+    return bad("source", "must be single_photon or weak_coherent");
+  }
+  if (!in(p.mu_signal, 0.0, 20.0) || p.mu_signal <= 0.0) {
+    return bad("mu_signal", "must be in (0, 20]");
+  }
+  if (!in(p.mu_decoy, 0.0, 20.0) || p.mu_decoy >= p.mu_signal) {
+    return bad("mu_decoy", "must be in [0, mu_signal)");
+  }
+  if (!in(p.mu_vacuum, 0.0, 20.0) || (p.mu_vacuum >= p.mu_decoy && p.mu_vacuum > 0.0)) {
+    return bad("mu_vacuum", "must be in [0, mu_decoy)");
+  }
+  if (!in(p.prob_decoy, 0.0, 1.0) || !in(p.prob_vacuum, 0.0, 1.0) ||
+      p.prob_decoy + p.prob_vacuum >= 1.0) {
+    return bad(in(p.prob_decoy, 0.0, 1.0) ? "prob_vacuum" : "prob_decoy",
+               "must be in [0, 1) with prob_decoy + prob_vacuum < 1");
+  }
+  if (p.source == SourceKind::kSinglePhoton && (p.prob_decoy > 0.0 || p.prob_vacuum > 0.0)) {
+    return bad("prob_decoy", "decoy classes need source = weak_coherent");
+  }
+  if (!in(p.insertion_loss_db, 0.0, 200.0)) {
+    return bad("insertion_loss_db", "must be in [0, 200]");
+  }
   return ok_status();
+}
+
+const char* key_bound_name(KeyBound b) {
+  switch (b) {
+    case KeyBound::kAsymptotic:
+      return "GLLP asymptotic";
+    case KeyBound::kDecoyAsymptotic:
+      return "vacuum+weak decoy asymptotic (Ma-Qi-Zhao-Lo 2005)";
+    case KeyBound::kFiniteSingle:
+      return "finite-key single photon (Tomamichel-Lim-Gisin-Renner 2012)";
+    case KeyBound::kFiniteDecoy:
+      return "finite-key two-decoy Hoeffding (Lim-Curty-Walenta-Xu-Zbinden 2014)";
+    case KeyBound::kBennett92:
+      return "BBBSS92 defense function";
+    case KeyBound::kSlutsky98:
+      return "Slutsky98 defense function";
+  }
+  return "unknown";
+}
+
+std::optional<KeyBound> parse_key_bound(std::string_view name) {
+  if (name == "asymptotic" || name == "gllp") {
+    return KeyBound::kAsymptotic;
+  }
+  if (name == "decoy" || name == "decoy-asymptotic") {
+    return KeyBound::kDecoyAsymptotic;
+  }
+  if (name == "finite" || name == "finite-single") {
+    return KeyBound::kFiniteSingle;
+  }
+  if (name == "finite-decoy" || name == "lim2014") {
+    return KeyBound::kFiniteDecoy;
+  }
+  if (name == "bbbss92" || name == "bennett92") {
+    return KeyBound::kBennett92;
+  }
+  if (name == "slutsky98" || name == "slutsky") {
+    return KeyBound::kSlutsky98;
+  }
+  return std::nullopt;
 }
 
 Status validate(const ProtocolParams& p) {
@@ -60,6 +125,21 @@ Status validate(const ProtocolParams& p) {
   }
   if (p.message_timeout.count() <= 0) {
     return bad("message_timeout", "must be positive");
+  }
+  if (!in(p.z_basis_prob, 0.0, 1.0) || p.z_basis_prob < 0.5 || p.z_basis_prob >= 1.0) {
+    return bad("z_basis_prob", "must be in [0.5, 1)");
+  }
+  if (static_cast<unsigned>(p.key_bound) > static_cast<unsigned>(KeyBound::kSlutsky98)) {
+    return bad("key_bound", "unknown bound");
+  }
+  if (!in(p.epsilon_sec, 0.0, 0.5) || p.epsilon_sec <= 0.0) {
+    return bad("epsilon_sec", "must be in (0, 0.5]");
+  }
+  if (!in(p.epsilon_cor, 0.0, 0.5) || p.epsilon_cor <= 0.0) {
+    return bad("epsilon_cor", "must be in (0, 0.5]");
+  }
+  if (!in(p.confidence_sd, 0.0, 50.0)) {
+    return bad("confidence_sd", "must be in [0, 50]");
   }
   return ok_status();
 }

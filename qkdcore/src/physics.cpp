@@ -10,31 +10,92 @@
 
 namespace qkd::core {
 
+SourceChoices source_choices(const ChannelParams& c, double z_basis_prob) {
+  SourceChoices s;
+  s.z_basis_prob = z_basis_prob;
+  if (c.source == SourceKind::kWeakCoherent) {
+    s.class_prob = {1.0 - c.prob_decoy - c.prob_vacuum, c.prob_decoy, c.prob_vacuum};
+  }
+  return s;
+}
+
 struct AlicePrf::Impl {
   EVP_CIPHER_CTX* ctx = nullptr;
   std::uint64_t cached_block = ~std::uint64_t{0};
   std::uint64_t bits = 0;
   std::uint64_t bases = 0;
   bool failed = false;
+  // Extended layout (biased basis or decoys): 64 bits per pulse, 8 pulses per refill.
+  bool extended = false;
+  std::uint32_t z_threshold = 0;               // basis Z iff 24-bit uniform < this
+  std::array<std::uint64_t, 2> class_threshold{};  // class 0 iff u32 < [0], 1 iff < [1]
+  std::uint64_t cached_group = ~std::uint64_t{0};
+  std::array<std::uint64_t, 8> words{};
   ~Impl() {
     EVP_CIPHER_CTX_free(ctx);
     bits = 0;
     bases = 0;
+    words.fill(0);
   }
 };
 
-AlicePrf::AlicePrf(std::span<const std::uint8_t, 16> key) : impl_(std::make_unique<Impl>()) {
+AlicePrf::AlicePrf(std::span<const std::uint8_t, 16> key) : AlicePrf(key, SourceChoices{}) {}
+
+AlicePrf::AlicePrf(std::span<const std::uint8_t, 16> key, const SourceChoices& choices)
+    : impl_(std::make_unique<Impl>()) {
   impl_->ctx = EVP_CIPHER_CTX_new();
   if (impl_->ctx == nullptr ||
       EVP_EncryptInit_ex(impl_->ctx, EVP_aes_128_ecb(), nullptr, key.data(), nullptr) != 1 ||
       EVP_CIPHER_CTX_set_padding(impl_->ctx, 0) != 1) {
     impl_->failed = true;  // at() then aborts: a broken libcrypto is not recoverable here
   }
+  impl_->extended = choices.z_basis_prob != 0.5 || choices.class_prob[0] != 1.0;
+  const double z = std::clamp(choices.z_basis_prob, 0.0, 1.0);
+  impl_->z_threshold = static_cast<std::uint32_t>(std::llround(z * 16777216.0));
+  const double c0 = std::clamp(choices.class_prob[0], 0.0, 1.0);
+  const double c1 = std::clamp(c0 + choices.class_prob[1], 0.0, 1.0);
+  impl_->class_threshold = {static_cast<std::uint64_t>(std::llround(c0 * 4294967296.0)),
+                            static_cast<std::uint64_t>(std::llround(c1 * 4294967296.0))};
 }
 
 AlicePrf::~AlicePrf() = default;
 
 AliceState AlicePrf::at(std::uint64_t pulse) {
+  if (impl_->extended) {
+    const std::uint64_t group = pulse >> 3;
+    if (group != impl_->cached_group) {
+      std::uint8_t in[64] = {};
+      std::uint8_t out[64] = {};
+      for (int j = 0; j < 4; ++j) {
+        const std::uint64_t ctr = group * 4 + static_cast<std::uint64_t>(j);
+        for (int b = 0; b < 8; ++b) {
+          in[16 * j + b] = static_cast<std::uint8_t>(ctr >> (8 * b));
+        }
+        in[16 * j + 15] = 0x80;  // counter domain of the extended layout
+      }
+      int len = 0;
+      if (impl_->failed || EVP_EncryptUpdate(impl_->ctx, out, &len, in, 64) != 1 || len != 64) {
+        std::abort();
+      }
+      for (int w = 0; w < 8; ++w) {
+        std::uint64_t v = 0;
+        for (int b = 0; b < 8; ++b) {
+          v |= std::uint64_t{out[8 * w + b]} << (8 * b);
+        }
+        impl_->words[static_cast<std::size_t>(w)] = v;
+      }
+      impl_->cached_group = group;
+      std::memset(out, 0, sizeof(out));
+    }
+    const std::uint64_t w = impl_->words[pulse & 7];
+    const auto u24 = static_cast<std::uint32_t>((w >> 8) & 0xFFFFFF);
+    const std::uint64_t u32 = w >> 32;
+    AliceState s;
+    s.bit = (w & 1U) != 0;
+    s.basis = u24 >= impl_->z_threshold;  // false = Z
+    s.intensity = u32 < impl_->class_threshold[0] ? 0 : (u32 < impl_->class_threshold[1] ? 1 : 2);
+    return s;
+  }
   const std::uint64_t block = pulse >> 6;
   if (block != impl_->cached_block) {
     std::uint8_t in[16] = {};
@@ -66,60 +127,224 @@ double ChannelTheory::secret_fraction(double f) const {
   return std::max(0.0, 1.0 - f * h - h);
 }
 
+namespace {
+
+constexpr int kMaxPhotons = 96;  // Poisson tail beyond this is < 1e-30 for mu <= 20
+
+// P(n) of class k: Poisson(mu) for a weak coherent source, n = 1 for single photons.
+std::vector<double> photon_law(const ChannelParams& p, double mu) {
+  std::vector<double> pn(kMaxPhotons + 1, 0.0);
+  if (p.source == SourceKind::kSinglePhoton) {
+    pn[1] = 1.0;
+    return pn;
+  }
+  double term = std::exp(-mu);
+  for (int n = 0; n <= kMaxPhotons; ++n) {
+    pn[static_cast<std::size_t>(n)] = term;
+    term *= mu / (n + 1);
+  }
+  return pn;
+}
+
+struct Physics {
+  double eta = 0.0;       // total transmittance (fiber, insertion loss, detector)
+  double eta_bob = 0.0;   // Bob's side only (insertion loss, detector): what PNS Eve keeps
+  double eta_line = 0.0;  // fiber + insertion loss
+  double t = 0.0;         // PNS forwarding probability
+  std::array<std::vector<double>, 3> pn;  // photon-number law per class
+  std::array<std::vector<double>, 3> cn;  // click probability given n photons, per class
+};
+
+Physics physics_of(const ChannelParams& p) {
+  Physics ph;
+  const double fiber = p.fiber_cut ? 0.0 : std::pow(10.0, -p.loss_db_per_km * p.length_km / 10.0);
+  const double insertion = std::pow(10.0, -p.insertion_loss_db / 10.0);
+  ph.eta_bob = p.detector_efficiency * insertion;
+  ph.eta = ph.eta_bob * fiber;
+  ph.eta_line = fiber * insertion;
+  const std::array<double, 3> mus{p.mu_signal, p.mu_decoy, p.mu_vacuum};
+  for (std::size_t k = 0; k < 3; ++k) {
+    ph.pn[k] = photon_law(p, mus[k]);
+  }
+  if (p.eve_photon_number_splitting && !p.fiber_cut) {
+    // Eve keeps the signal class's photon-click probability: t * S = 1 - exp(-eta mu).
+    double s = 0.0;
+    for (int n = 2; n <= kMaxPhotons; ++n) {
+      s += ph.pn[0][static_cast<std::size_t>(n)] * (1.0 - std::pow(1.0 - ph.eta_bob, n - 1));
+    }
+    const double target = p.source == SourceKind::kSinglePhoton
+                              ? ph.eta
+                              : -std::expm1(-ph.eta * p.mu_signal);
+    ph.t = s > 0.0 ? std::min(1.0, target / s) : 0.0;
+  }
+  for (std::size_t k = 0; k < 3; ++k) {
+    ph.cn[k].assign(kMaxPhotons + 1, 0.0);
+    for (int n = 1; n <= kMaxPhotons; ++n) {
+      double c = 0.0;
+      if (p.eve_photon_number_splitting) {
+        c = n >= 2 ? ph.t * (1.0 - std::pow(1.0 - ph.eta_bob, n - 1)) : 0.0;
+      } else {
+        c = -std::expm1(n * std::log1p(-std::min(ph.eta, 1.0 - 1e-16)));
+        if (ph.eta >= 1.0) {
+          c = 1.0;
+        }
+      }
+      ph.cn[k][static_cast<std::size_t>(n)] = c;
+    }
+  }
+  return ph;
+}
+
+}  // namespace
+
 ChannelTheory channel_theory(const ChannelParams& p) {
   ChannelTheory t;
-  t.transmittance =
-      p.detector_efficiency * std::pow(10.0, -p.loss_db_per_km * p.length_km / 10.0);
-  const double eta = t.transmittance;
+  const Physics ph = physics_of(p);
+  t.transmittance = ph.eta;
+  t.channel_transmittance = ph.eta_line;
+  t.pns_forward = ph.t;
   const double y0 = p.dark_count_prob;
-  t.gain = 1.0 - (1.0 - eta) * (1.0 - y0);
-  if (t.gain <= 0.0) {
-    return t;
-  }
-  t.photon_fraction = eta / t.gain;
   const double f = p.eve_intercept_fraction;
   const double ed = p.misalignment;
   // An intercepted photon is in Eve's basis: with prob 1/2 Alice's (then only the
   // misalignment errs), with prob 1/2 the other one (then Bob's sifted result is random).
   const double photon_error = (1.0 - f) * ed + f * (0.5 * ed + 0.25);
-  t.qber = (eta * photon_error + (1.0 - eta) * y0 * 0.5) / t.gain;
+  const std::array<double, 3> mus{p.mu_signal, p.mu_decoy, p.mu_vacuum};
+  const std::array<double, 3> probs =
+      p.source == SourceKind::kWeakCoherent
+          ? std::array<double, 3>{1.0 - p.prob_decoy - p.prob_vacuum, p.prob_decoy, p.prob_vacuum}
+          : std::array<double, 3>{1.0, 0.0, 0.0};
+  double gain = 0.0;
+  double clicks = 0.0;
+  double errors = 0.0;
+  for (std::size_t k = 0; k < 3; ++k) {
+    ClassTheory& c = t.classes[k];
+    c.mu = p.source == SourceKind::kSinglePhoton ? 1.0 : mus[k];
+    c.prob = probs[k];
+    double ck = 0.0;
+    for (int n = 1; n <= kMaxPhotons; ++n) {
+      ck += ph.pn[k][static_cast<std::size_t>(n)] * ph.cn[k][static_cast<std::size_t>(n)];
+    }
+    c.gain = 1.0 - (1.0 - y0) * (1.0 - ck);
+    if (c.gain > 0.0) {
+      c.photon_fraction = ck / c.gain;
+      c.qber = (ck * photon_error + (1.0 - ck) * y0 * 0.5) / c.gain;
+    }
+    gain += c.prob * c.gain;
+    clicks += c.prob * ck;
+    errors += c.prob * c.gain * c.qber;
+  }
+  const double c1 = ph.cn[0][1];
+  t.y1 = 1.0 - (1.0 - y0) * (1.0 - c1);
+  t.e1 = t.y1 > 0.0 ? (c1 * photon_error + (1.0 - c1) * y0 * 0.5) / t.y1 : 0.0;
+  t.gain = gain;
+  if (gain <= 0.0) {
+    return t;
+  }
+  t.photon_fraction = clicks / gain;
+  t.qber = errors / gain;
   t.sifted_per_pulse = t.gain / 2.0;
   return t;
 }
 
 ChannelSimulator::ChannelSimulator(const ChannelParams& params, std::uint64_t seed)
     : params_(params), theory_(channel_theory(params)), rng_(seed) {
-  log1m_gain_ = std::log1p(-std::min(theory_.gain, 1.0 - 1e-16));
+  const Physics ph = physics_of(params);
+  double qmax = 0.0;
+  classes_ = params.source == SourceKind::kWeakCoherent ? 3 : 1;
+  for (int k = 0; k < classes_; ++k) {
+    if (theory_.classes[static_cast<std::size_t>(k)].prob > 0.0) {
+      qmax = std::max(qmax, theory_.classes[static_cast<std::size_t>(k)].gain);
+    }
+  }
+  const double y0 = params.dark_count_prob;
+  for (int k = 0; k < classes_; ++k) {
+    const auto ks = static_cast<std::size_t>(k);
+    ClassTable& tb = tables_[ks];
+    const double q = theory_.classes[ks].gain;
+    tb.accept = qmax > 0.0 ? q / qmax : 0.0;
+    if (q <= 0.0) {
+      continue;
+    }
+    tb.cdf.assign(kMaxPhotons + 1, 1.0);
+    tb.click.assign(kMaxPhotons + 1, 0.0);
+    double acc = 0.0;
+    for (int n = 0; n <= kMaxPhotons; ++n) {
+      const auto ns = static_cast<std::size_t>(n);
+      const double c = ph.cn[ks][ns];
+      const double yn = 1.0 - (1.0 - y0) * (1.0 - c);  // P(detection | n)
+      acc += ph.pn[ks][ns] * yn;
+      tb.cdf[ns] = std::min(1.0, acc / q);
+      tb.click[ns] = yn > 0.0 ? c / yn : 0.0;
+    }
+    tb.cdf[kMaxPhotons] = 1.0;
+  }
+  log1m_qmax_ = std::log1p(-std::min(qmax, 1.0 - 1e-16));
 }
 
 void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
                            std::uint64_t pulses) {
-  if (theory_.gain <= 0.0 || pulses == 0) {
+  if (theory_.gain <= 0.0 || pulses == 0 || !(log1m_qmax_ < 0.0)) {
     return;
   }
   out.reserve(out.size() +
               static_cast<std::size_t>(static_cast<double>(pulses) * theory_.gain * 1.01) + 64);
   const double remaining_limit = static_cast<double>(pulses);
+  const bool single = classes_ == 1 && params_.source == SourceKind::kSinglePhoton;
+  const double eve = params_.eve_intercept_fraction;
+  const double misalign = params_.misalignment;
   std::uint64_t i = 0;
   for (;;) {
-    // Inverse CDF of the geometric distribution: number of undetected pulses before the
-    // next detection.
-    const double gap = std::floor(std::log(rng_.uniform_open0()) / log1m_gain_);
+    // Inverse CDF of the geometric distribution: number of pulses before the next
+    // candidate detection (probability Q_max each).
+    const double gap = std::floor(std::log(rng_.uniform_open0()) / log1m_qmax_);
     if (gap >= remaining_limit - static_cast<double>(i)) {
       break;
     }
     i += static_cast<std::uint64_t>(gap);
+    bool photon = false;
+    AliceState s;
+    std::size_t k = 0;
+    if (single) {
+      // Ideal single-photon source: n = 1, a photon clicked with probability eta / Q.
+      photon = rng_.bernoulli(tables_[0].click[1]);
+      truth_.single_photon[0] += 1;
+      if (photon) {
+        s = prf.at(i);
+      }
+    } else {
+      s = prf.at(i);
+      k = s.intensity;
+      const ClassTable& tb = tables_[k];
+      if (tb.accept < 1.0 && !rng_.bernoulli(tb.accept)) {
+        ++i;  // thinned: this pulse of a dimmer class was not detected
+        if (i >= pulses) {
+          break;
+        }
+        continue;
+      }
+      // Photon number given the detection, then whether a photon (or only a dark count)
+      // clicked.
+      const double u = rng_.uniform();
+      std::size_t n = 0;
+      while (n < kMaxPhotons && u >= tb.cdf[n]) {
+        ++n;
+      }
+      truth_.single_photon[k] += n == 1 ? 1 : 0;
+      photon = rng_.bernoulli(tb.click[n]);
+    }
+    truth_.detections[k] += 1;
     DetectionEvent ev;
     ev.pulse = i;
-    if (rng_.bernoulli(theory_.photon_fraction)) {
-      AliceState s = prf.at(i);
-      if (params_.eve_intercept_fraction > 0.0 &&
-          rng_.bernoulli(params_.eve_intercept_fraction)) {
+    if (photon) {
+      truth_.photon_clicks[k] += 1;
+      if (eve > 0.0 && rng_.bernoulli(eve)) {
         const bool eve_basis = rng_.bit();
         const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng_.bit();
-        s = AliceState{eve_bit, eve_basis};
+        s.bit = eve_bit;
+        s.basis = eve_basis;
       }
-      if (rng_.bernoulli(params_.misalignment)) {
+      if (rng_.bernoulli(misalign)) {
         s.bit = !s.bit;
       }
       ev.bit = s.bit;

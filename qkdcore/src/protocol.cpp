@@ -1,13 +1,40 @@
 #include "protocol.hpp"
 
 #include <array>
+#include <cmath>
 #include <cstdio>
 
 #include "qkd/core/random.hpp"
 
 namespace qkd::core::detail {
 
-void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz) {
+SourceInfo source_info(const ChannelParams& c) {
+  SourceInfo s;
+  s.source = c.source;
+  if (c.source == SourceKind::kWeakCoherent) {
+    s.mu = {c.mu_signal, c.mu_decoy, c.mu_vacuum};
+    s.prob = {1.0 - c.prob_decoy - c.prob_vacuum, c.prob_decoy, c.prob_vacuum};
+  }
+  return s;
+}
+
+bool plausible(const SourceInfo& s) {
+  if (s.source != SourceKind::kSinglePhoton && s.source != SourceKind::kWeakCoherent) {
+    return false;
+  }
+  double sum = 0.0;
+  for (std::size_t k = 0; k < 3; ++k) {
+    if (!std::isfinite(s.mu[k]) || s.mu[k] < 0.0 || s.mu[k] > 20.0 || !std::isfinite(s.prob[k]) ||
+        s.prob[k] < 0.0 || s.prob[k] > 1.0) {
+      return false;
+    }
+    sum += s.prob[k];
+  }
+  return std::fabs(sum - 1.0) < 1e-9 && s.prob[0] > 0.0;
+}
+
+void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz,
+                  const SourceInfo& source) {
   w.u64(p.pulses_per_block);
   w.f64(p.sample_fraction);
   w.f64(p.qber_abort);
@@ -15,12 +42,43 @@ void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz) {
   w.u32(p.verify_hash_bits);
   w.f64(p.safety_margin);
   w.f64(pulse_rate_hz);
+  w.f64(p.z_basis_prob);
+  w.u8(static_cast<std::uint8_t>(p.key_bound));
+  w.f64(p.epsilon_sec);
+  w.f64(p.epsilon_cor);
+  w.f64(p.confidence_sd);
+  w.u8(static_cast<std::uint8_t>(source.source));
+  for (std::size_t k = 0; k < 3; ++k) {
+    w.f64(source.mu[k]);
+    w.f64(source.prob[k]);
+  }
+}
+
+bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz, SourceInfo& source) {
+  std::uint8_t bound = 0;
+  std::uint8_t kind = 0;
+  if (!(r.u64(p.pulses_per_block) && r.f64(p.sample_fraction) && r.f64(p.qber_abort) &&
+        r.u32(p.cascade_passes) && r.u32(p.verify_hash_bits) && r.f64(p.safety_margin) &&
+        r.f64(pulse_rate_hz) && r.f64(p.z_basis_prob) && r.u8(bound) && r.f64(p.epsilon_sec) &&
+        r.f64(p.epsilon_cor) && r.f64(p.confidence_sd) && r.u8(kind))) {
+    return false;
+  }
+  if (bound > static_cast<std::uint8_t>(KeyBound::kSlutsky98) || kind > 1) {
+    return false;
+  }
+  p.key_bound = static_cast<KeyBound>(bound);
+  source.source = static_cast<SourceKind>(kind);
+  for (std::size_t k = 0; k < 3; ++k) {
+    if (!r.f64(source.mu[k]) || !r.f64(source.prob[k])) {
+      return false;
+    }
+  }
+  return r.done() && plausible(source);
 }
 
 bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz) {
-  return r.u64(p.pulses_per_block) && r.f64(p.sample_fraction) && r.f64(p.qber_abort) &&
-         r.u32(p.cascade_passes) && r.u32(p.verify_hash_bits) && r.f64(p.safety_margin) &&
-         r.f64(pulse_rate_hz) && r.done();
+  SourceInfo ignored;
+  return read_params(r, p, pulse_rate_hz, ignored);
 }
 
 std::string params_mismatch(const ProtocolParams& mine, const ProtocolParams& theirs) {
@@ -50,12 +108,29 @@ std::string params_mismatch(const ProtocolParams& mine, const ProtocolParams& th
   if (mine.safety_margin != theirs.safety_margin) {
     return "safety_margin " + num(theirs.safety_margin) + " != " + num(mine.safety_margin);
   }
+  if (mine.z_basis_prob != theirs.z_basis_prob) {
+    return "z_basis_prob " + num(theirs.z_basis_prob) + " != " + num(mine.z_basis_prob);
+  }
+  if (mine.key_bound != theirs.key_bound) {
+    return std::string("key_bound ") + key_bound_name(theirs.key_bound) + " != " +
+           key_bound_name(mine.key_bound);
+  }
+  if (mine.epsilon_sec != theirs.epsilon_sec) {
+    return "epsilon_sec " + num(theirs.epsilon_sec) + " != " + num(mine.epsilon_sec);
+  }
+  if (mine.epsilon_cor != theirs.epsilon_cor) {
+    return "epsilon_cor " + num(theirs.epsilon_cor) + " != " + num(mine.epsilon_cor);
+  }
+  if (mine.confidence_sd != theirs.confidence_sd) {
+    return "confidence_sd " + num(theirs.confidence_sd) + " != " + num(mine.confidence_sd);
+  }
   return {};
 }
 
 std::optional<std::string> estimation_abort(std::uint64_t sample_bits,
                                             std::uint64_t sample_errors,
-                                            std::uint64_t reconciled_bits, double qber_abort) {
+                                            std::uint64_t reconciled_bits, double qber_abort,
+                                            double confidence_sd) {
   if (sample_bits < kMinSampleBits) {
     return "too few sifted bits: " + std::to_string(sample_bits) +
            " sample bits cannot estimate the QBER (need " + std::to_string(kMinSampleBits) + ")";
@@ -65,13 +140,137 @@ std::optional<std::string> estimation_abort(std::uint64_t sample_bits,
            " left to reconcile (need " + std::to_string(kMinReconciledBits) + ")";
   }
   const double qber = static_cast<double>(sample_errors) / static_cast<double>(sample_bits);
-  if (qber > qber_abort) {
-    char buf[96];
-    std::snprintf(buf, sizeof(buf), "QBER %.2f %% above %.2f %%", 100.0 * qber,
-                  100.0 * qber_abort);
+  const double upper = confidence_sd > 0.0
+                           ? qber_upper_bound(sample_bits, sample_errors, confidence_sd)
+                           : qber;
+  if (upper > qber_abort) {
+    char buf[128];
+    if (confidence_sd > 0.0) {
+      std::snprintf(buf, sizeof(buf), "QBER %.2f %% (upper bound %.2f %% at %.3g sd) above %.2f %%",
+                    100.0 * qber, 100.0 * upper, confidence_sd, 100.0 * qber_abort);
+    } else {
+      std::snprintf(buf, sizeof(buf), "QBER %.2f %% above %.2f %%", 100.0 * qber,
+                    100.0 * qber_abort);
+    }
     return std::string(buf);
   }
   return std::nullopt;
+}
+
+BitVector mandatory_disclosure(const SiftedInfo& info, bool biased) {
+  const std::size_t n = info.basis.size();
+  BitVector m(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const bool decoy = !info.intensity.empty() && info.intensity[i] != 0;
+    if (decoy || (biased && info.basis.get(i))) {
+      m.set(i, true);
+    }
+  }
+  return m;
+}
+
+Result<BitVector> choose_disclosure(const SiftedInfo& info, bool biased,
+                                    double sample_fraction) {
+  BitVector mask = mandatory_disclosure(info, biased);
+  const std::uint64_t n = mask.size();
+  const std::uint64_t rest = n - mask.popcount();
+  const auto k = static_cast<std::uint64_t>(
+      std::llround(sample_fraction * static_cast<double>(rest)));
+  auto sample = random_sample_mask(rest, k);
+  if (!sample.ok()) {
+    return sample.error();
+  }
+  std::uint64_t j = 0;
+  for (std::uint64_t i = 0; i < n; ++i) {
+    if (!mask.get(i)) {
+      if (sample->get(j)) {
+        mask.set(i, true);
+      }
+      ++j;
+    }
+  }
+  return mask;
+}
+
+BlockStatistics gather_statistics(const SiftedInfo& info, const BitVector& mask,
+                                  const BitVector& alice_disclosed,
+                                  const BitVector& bob_disclosed, const ProtocolParams& p,
+                                  const SourceInfo& source, std::uint64_t pulses,
+                                  BlockResult& r) {
+  BlockStatistics s;
+  s.bound = p.key_bound;
+  s.source = source.source;
+  s.pulses = pulses;
+  s.mu = source.mu;
+  s.prob = source.prob;
+  s.z_basis_prob = p.z_basis_prob;
+  s.safety_margin = p.safety_margin;
+  s.epsilon_sec = p.epsilon_sec;
+  s.epsilon_cor = p.epsilon_cor;
+  s.confidence_sd = p.confidence_sd;
+  const bool biased = p.z_basis_prob > 0.5;
+  std::array<std::uint64_t, 3> test_disclosed{};
+  std::size_t d = 0;  // index into the disclosed values
+  for (std::size_t i = 0; i < mask.size(); ++i) {
+    const std::size_t k = info.intensity.empty() ? 0 : info.intensity[i];
+    const bool x_basis = info.basis.get(i);
+    const bool key_basis = !biased || !x_basis;
+    const bool test = !biased || x_basis;
+    auto& cls = r.intensity[k];
+    ++cls.sifted;
+    s.key_basis_sifted[k] += key_basis ? 1 : 0;
+    s.test_sifted[k] += test ? 1 : 0;
+    if (mask.get(i)) {
+      const bool err = alice_disclosed.get(d) != bob_disclosed.get(d);
+      ++d;
+      ++cls.disclosed;
+      cls.errors += err ? 1 : 0;
+      if (test) {
+        ++test_disclosed[k];
+        s.test_errors[k] += err ? 1 : 0;
+      }
+      if (k == 0 && key_basis) {
+        ++s.sample_bits;
+        s.sample_errors += err ? 1 : 0;
+      }
+    } else {
+      ++s.key_bits;
+    }
+  }
+  // Unbiased: the signal class is only sampled; scale its test errors to the whole class.
+  for (std::size_t k = 0; k < 3; ++k) {
+    if (test_disclosed[k] > 0 && test_disclosed[k] < s.test_sifted[k]) {
+      s.test_errors[k] = static_cast<std::uint64_t>(std::llround(
+          static_cast<double>(s.test_errors[k]) * static_cast<double>(s.test_sifted[k]) /
+          static_cast<double>(test_disclosed[k])));
+    }
+  }
+  const double pz = p.z_basis_prob;
+  const double q_sift = pz * pz + (1.0 - pz) * (1.0 - pz);
+  for (std::size_t k = 0; k < 3; ++k) {
+    const double expected = static_cast<double>(pulses) * source.prob[k] * q_sift;
+    r.intensity[k].gain = expected > 0.0 ? static_cast<double>(r.intensity[k].sifted) / expected
+                                         : 0.0;
+  }
+  r.sample_bits = mask.popcount();
+  r.reconciled_bits = s.key_bits;
+  r.qber = s.sample_bits > 0
+               ? static_cast<double>(s.sample_errors) / static_cast<double>(s.sample_bits)
+               : 0.0;
+  r.qber_upper = qber_upper_bound(s.sample_bits, s.sample_errors, p.confidence_sd);
+  r.key_bound = key_bound_name(p.key_bound);
+  return s;
+}
+
+std::uint64_t final_key_length(BlockStatistics stats, std::uint64_t leaked_bits,
+                               BlockResult& r) {
+  stats.leaked_bits = leaked_bits;
+  const KeyLengthResult k = block_key_length(stats);
+  r.key_bound = k.bound;
+  r.y1_lower = k.y1_lower;
+  r.e1_upper = k.e1_upper;
+  r.single_photon_bits_lower = k.single_photon_bits_lower;
+  return k.bits;
 }
 
 Result<BitVector> random_bits(std::size_t nbits) {

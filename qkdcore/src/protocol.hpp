@@ -18,6 +18,7 @@
 //   C B->A BlockDone
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -25,6 +26,7 @@
 
 #include "channel.hpp"
 #include "qkd/core/bit_vector.hpp"
+#include "qkd/core/key_length.hpp"
 #include "qkd/core/link.hpp"
 #include "qkd/core/physics.hpp"
 #include "wire.hpp"
@@ -40,18 +42,61 @@ inline constexpr std::uint64_t kMaxCascadeRequests = 1'000'000;
 
 enum class CascadeRequestKind : std::uint8_t { kBlockParities = 0, kRangeParities = 1, kDone = 2 };
 
-void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz);
-// Parses Params; on success fills `p` (the fields that travel) and `pulse_rate_hz`.
+// Alice's source settings as announced in Params (public device settings Bob needs for
+// the decoy-state estimation).
+struct SourceInfo {
+  SourceKind source = SourceKind::kSinglePhoton;
+  std::array<double, 3> mu{1.0, 0.0, 0.0};
+  std::array<double, 3> prob{1.0, 0.0, 0.0};
+  [[nodiscard]] bool decoys() const { return source == SourceKind::kWeakCoherent; }
+};
+[[nodiscard]] SourceInfo source_info(const ChannelParams& c);
+// Refuses nonsense from the wire (non-finite, negative, probabilities not summing to 1).
+[[nodiscard]] bool plausible(const SourceInfo& s);
+
+void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz,
+                  const SourceInfo& source = {});
+// Parses Params; on success fills `p` (the fields that travel), `pulse_rate_hz` and the
+// source settings.
+[[nodiscard]] bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz,
+                               SourceInfo& source);
 [[nodiscard]] bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz);
 // Empty if the travelling fields agree; otherwise names the first that differs.
 [[nodiscard]] std::string params_mismatch(const ProtocolParams& mine,
                                           const ProtocolParams& theirs);
 
-// The abort decision after QBER estimation; both ends call it with the same numbers.
+// The abort decision after QBER estimation; both ends call it with the same numbers. The
+// block aborts when the QBER's upper confidence bound (confidence_sd standard deviations)
+// is above qber_abort.
 [[nodiscard]] std::optional<std::string> estimation_abort(std::uint64_t sample_bits,
                                                           std::uint64_t sample_errors,
                                                           std::uint64_t reconciled_bits,
-                                                          double qber_abort);
+                                                          double qber_abort,
+                                                          double confidence_sd = 0.0);
+
+// What both ends know of each sifted bit besides its value: the basis (false = Z) and
+// Alice's intensity class (announced in SiftMatch for a decoy source).
+struct SiftedInfo {
+  BitVector basis;
+  std::vector<std::uint8_t> intensity;
+};
+// Sifted bits that are always disclosed: every decoy or vacuum-class bit and, with a
+// biased basis choice, every X-basis bit.
+[[nodiscard]] BitVector mandatory_disclosure(const SiftedInfo& info, bool biased);
+// Alice's disclosure mask: the mandatory bits plus a random sample_fraction of the rest.
+[[nodiscard]] Result<BitVector> choose_disclosure(const SiftedInfo& info, bool biased,
+                                                  double sample_fraction);
+// The block's statistics (see BlockStatistics) from the disclosure mask and both ends'
+// values of the disclosed bits (in mask order); fills r.intensity and r.qber.
+[[nodiscard]] BlockStatistics gather_statistics(const SiftedInfo& info, const BitVector& mask,
+                                                const BitVector& alice_disclosed,
+                                                const BitVector& bob_disclosed,
+                                                const ProtocolParams& p,
+                                                const SourceInfo& source,
+                                                std::uint64_t pulses, BlockResult& r);
+// The key length of the block and the estimates it rests on, recorded in r.
+[[nodiscard]] std::uint64_t final_key_length(BlockStatistics stats, std::uint64_t leaked_bits,
+                                             BlockResult& r);
 
 // nbits from OpenSSL's DRBG.
 [[nodiscard]] Result<BitVector> random_bits(std::size_t nbits);

@@ -2,10 +2,20 @@
 
 #include <openssl/crypto.h>
 
+#include <algorithm>
 #include <bit>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#include <wmmintrin.h>
+#define QKD_HAVE_X86_CLMUL 1
+#endif
+
+#include "toeplitz_internal.hpp"
 
 namespace qkd::core {
 namespace {
@@ -141,8 +151,8 @@ void fill_bits(std::vector<std::uint32_t>& out, const BitVector& v) {
 
 }  // namespace
 
-Result<BitVector> toeplitz_hash(const BitVector& seed, const BitVector& input,
-                                std::size_t output_bits) {
+Result<BitVector> toeplitz_hash_ntt(const BitVector& seed, const BitVector& input,
+                                    std::size_t output_bits) {
   if (Status s = check_sizes(seed, input, output_bits); !s.ok()) {
     return s.error();
   }
@@ -196,6 +206,253 @@ Result<BitVector> toeplitz_hash_naive(const BitVector& seed, const BitVector& in
     out.set(i, acc);
   }
   return out;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Carry-less (GF(2)[z]) Toeplitz matrix-vector product.
+//
+// A square Toeplitz block of H = 64 W bits is given by its defining vector t of 2H - 1
+// bits (held in 2W words; the top bit is never read): T[i][j] = t[i - j + H - 1], and
+// y = T x is bits H-1 .. 2H-2 of the polynomial product t(z) x(z) (a "middle product").
+//
+// Split H = 2h: T = [[A, B], [C, A]] with Toeplitz blocks A = t[h, 3h), B = t[0, 2h),
+// C = t[2h, 4h). Then, over GF(2),
+//   P = A (x0 + x1),  y0 = P + (B + A) x1,  y1 = P + (C + A) x0,
+// three half-size products instead of four (the transposed Karatsuba step), so the cost is
+// O(H^1.585) word operations. Odd word counts are padded by one zero word.
+// ---------------------------------------------------------------------------------------
+using Word = std::uint64_t;
+using BaseFn = void (*)(const Word* t, const Word* x, Word* y, std::size_t w);
+
+// Base cases up to this many words use a schoolbook middle product.
+constexpr std::size_t kBaseWords = 16;
+
+// Portable 64 x 64 -> 128 carry-less multiply (one bit of b at a time).
+inline void clmul_portable(Word a, Word b, Word& lo, Word& hi) {
+  lo = 0;
+  hi = 0;
+  for (unsigned i = 0; i < 64; ++i) {
+    const Word m = Word{0} - ((b >> i) & 1U);
+    lo ^= (a << i) & m;
+    hi ^= (i == 0 ? 0 : (a >> (64 - i))) & m;
+  }
+}
+
+// y (W words) = bits 64W-1 .. 128W-2 of t (2W words) * x (W words). Diagonal s collects
+// every product t_a x_b with a + b = s; word j of the product is lo(D_j) ^ hi(D_{j-1}).
+// Only diagonals W-2 .. 2W-1 reach the needed words.
+void base_portable(const Word* t, const Word* x, Word* y, std::size_t w) {
+  Word acc[kBaseWords + 2] = {};  // product words w-1 .. 2w
+  for (std::size_t b = 0; b < w; ++b) {
+    for (std::size_t a = 0; a < 2 * w; ++a) {
+      const std::size_t s = a + b;
+      if (s + 2 < w || s > 2 * w - 1) {
+        continue;
+      }
+      Word lo = 0;
+      Word hi = 0;
+      clmul_portable(t[a], x[b], lo, hi);
+      if (s + 1 >= w) {
+        acc[s + 1 - w] ^= lo;
+      }
+      if (s + 2 <= 2 * w) {
+        acc[s + 2 - w] ^= hi;
+      }
+    }
+  }
+  for (std::size_t k = 0; k < w; ++k) {
+    y[k] = (acc[k] >> 63) | (acc[k + 1] << 1);
+  }
+}
+
+#if defined(QKD_HAVE_X86_CLMUL)
+__attribute__((target("pclmul,sse4.1"))) void base_pclmul(const Word* t, const Word* x, Word* y,
+                                                          std::size_t w) {
+  // diag[s - (w - 2)] = XOR of clmul(t_a, x_b), a + b = s, for s in [w-2, 2w-1].
+  __m128i diag[kBaseWords + 2];
+  __m128i xv[kBaseWords];
+  __m128i tv[2 * kBaseWords];
+  for (std::size_t b = 0; b < w; ++b) {
+    xv[b] = _mm_cvtsi64_si128(static_cast<long long>(x[b]));
+  }
+  for (std::size_t a = 0; a < 2 * w; ++a) {
+    tv[a] = _mm_cvtsi64_si128(static_cast<long long>(t[a]));
+  }
+  for (std::size_t d = 0; d < w + 2; ++d) {
+    const std::size_t s = d + w - 2;  // may wrap for w == 1 (s = -1): no products then
+    __m128i acc = _mm_setzero_si128();
+    if (w >= 2 || d >= 1) {
+      const std::size_t b_lo = s >= 2 * w - 1 ? s - (2 * w - 1) : 0;
+      const std::size_t b_hi = std::min(s, w - 1);
+      for (std::size_t b = b_lo; b <= b_hi; ++b) {
+        acc = _mm_xor_si128(acc, _mm_clmulepi64_si128(tv[s - b], xv[b], 0x00));
+      }
+    }
+    diag[d] = acc;
+  }
+  // Product word j (j = w-1 .. 2w) = lo(diag for s = j) ^ hi(diag for s = j - 1).
+  Word words[kBaseWords + 2];
+  for (std::size_t j = 0; j < w + 2; ++j) {  // word index w - 1 + j
+    const std::size_t d_lo = j + 1;           // s = w - 1 + j -> d = j + 1
+    const Word lo = d_lo < w + 2 ? static_cast<Word>(_mm_cvtsi128_si64(diag[d_lo])) : 0;
+    const Word hi = static_cast<Word>(_mm_extract_epi64(diag[j], 1));
+    words[j] = lo ^ hi;
+  }
+  for (std::size_t k = 0; k < w; ++k) {
+    y[k] = (words[k] >> 63) | (words[k + 1] << 1);
+  }
+}
+#endif
+
+std::size_t tmvp_scratch_words(std::size_t w) {
+  if (w <= kBaseWords) {
+    return 0;
+  }
+  if ((w & 1U) != 0) {
+    return 4 * w + 4 + tmvp_scratch_words(w + 1);
+  }
+  return 2 * w + tmvp_scratch_words(w / 2);
+}
+
+void tmvp(BaseFn base, const Word* t, const Word* x, Word* y, std::size_t w, Word* scratch) {
+  if (w <= kBaseWords) {
+    base(t, x, y, w);
+    return;
+  }
+  if ((w & 1U) != 0) {
+    // T' = T shifted one word down the diagonal: t' = [0, t, 0], x' = [x, 0].
+    Word* tp = scratch;
+    Word* xp = tp + 2 * w + 2;
+    Word* yp = xp + w + 1;
+    tp[0] = 0;
+    std::memcpy(tp + 1, t, 2 * w * sizeof(Word));
+    tp[2 * w + 1] = 0;
+    std::memcpy(xp, x, w * sizeof(Word));
+    xp[w] = 0;
+    tmvp(base, tp, xp, yp, w + 1, yp + w + 1);
+    std::memcpy(y, yp, w * sizeof(Word));
+    return;
+  }
+  const std::size_t h = w / 2;
+  Word* xs = scratch;
+  Word* p = xs + h;
+  Word* td = p + h;
+  Word* rest = td + 2 * h;
+  for (std::size_t i = 0; i < h; ++i) {
+    xs[i] = x[i] ^ x[h + i];
+  }
+  tmvp(base, t + h, xs, p, h, rest);  // P = A (x0 + x1)
+  for (std::size_t i = 0; i < 2 * h; ++i) {
+    td[i] = t[i] ^ t[h + i];  // B + A
+  }
+  tmvp(base, td, x + h, y, h, rest);
+  for (std::size_t i = 0; i < 2 * h; ++i) {
+    td[i] = t[2 * h + i] ^ t[h + i];  // C + A
+  }
+  tmvp(base, td, x, y + h, h, rest);
+  for (std::size_t i = 0; i < h; ++i) {
+    y[i] ^= p[i];
+    y[h + i] ^= p[i];
+  }
+}
+
+// 64 bits of v starting at bit `pos` (may be negative); bits outside the vector read 0.
+Word bits_at(std::span<const Word> v, std::int64_t pos) {
+  const auto nw = static_cast<std::int64_t>(v.size());
+  if (pos <= -64 || pos >= 64 * nw) {
+    return 0;
+  }
+  if (pos < 0) {
+    return v[0] << static_cast<unsigned>(-pos);
+  }
+  const auto q = static_cast<std::size_t>(pos >> 6);
+  const auto sh = static_cast<unsigned>(pos & 63);
+  Word r = v[q] >> sh;
+  if (sh != 0 && q + 1 < v.size()) {
+    r |= v[q + 1] << (64 - sh);
+  }
+  return r;
+}
+
+BaseFn select_base(bool allow_pclmul) {
+#if defined(QKD_HAVE_X86_CLMUL)
+  static const bool have = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+  if (allow_pclmul && have) {
+    return base_pclmul;
+  }
+#else
+  (void)allow_pclmul;
+#endif
+  return base_portable;
+}
+
+void cleanse_words(std::vector<Word>& v) {
+  if (!v.empty()) {
+    OPENSSL_cleanse(v.data(), v.size() * sizeof(Word));
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& input,
+                                      std::size_t output_bits, bool allow_pclmul) {
+  if (Status s = check_sizes(seed, input, output_bits); !s.ok()) {
+    return s.error();
+  }
+  const BaseFn base = select_base(allow_pclmul);
+  const std::size_t n = input.size();
+  const std::size_t m = output_bits;
+  // Square blocks of H = 64 w bits, H >= min(n, m): one row of blocks when m <= n,
+  // one column when m > n.
+  const std::size_t w = (std::min(n, m) + 63) / 64;
+  const std::size_t hb = 64 * w;
+  const std::size_t rows = (m + hb - 1) / hb;
+  const std::size_t cols = (n + hb - 1) / hb;
+  std::vector<Word> out(rows * w, 0);
+  std::vector<Word> t(2 * w);
+  std::vector<Word> x(w);
+  std::vector<Word> y(w);
+  std::vector<Word> scratch(tmvp_scratch_words(w));
+  const auto sw = seed.words();
+  const auto xw = input.words();
+  for (std::size_t r = 0; r < rows; ++r) {
+    for (std::size_t c = 0; c < cols; ++c) {
+      // Block (r, c): T[i][j] = s[(r H + i) - (c H + j) + n - 1] = t[i - j + H - 1].
+      const auto origin = static_cast<std::int64_t>(r * hb) - static_cast<std::int64_t>(c * hb) +
+                          static_cast<std::int64_t>(n) - static_cast<std::int64_t>(hb);
+      for (std::size_t k = 0; k < 2 * w; ++k) {
+        t[k] = bits_at(sw, origin + static_cast<std::int64_t>(64 * k));
+      }
+      for (std::size_t k = 0; k < w; ++k) {
+        const std::size_t src = c * w + k;
+        x[k] = src < xw.size() ? xw[src] : 0;  // bits past n are zero (clear tail)
+      }
+      tmvp(base, t.data(), x.data(), y.data(), w, scratch.data());
+      for (std::size_t k = 0; k < w; ++k) {
+        out[r * w + k] ^= y[k];
+      }
+    }
+  }
+  BitVector result(m);
+  const auto rw = result.mutable_words();
+  std::copy_n(out.begin(), rw.size(), rw.begin());
+  result.clear_tail();
+  cleanse_words(out);
+  cleanse_words(x);
+  cleanse_words(y);
+  cleanse_words(scratch);
+  return result;
+}
+
+}  // namespace detail
+
+Result<BitVector> toeplitz_hash(const BitVector& seed, const BitVector& input,
+                                std::size_t output_bits) {
+  return detail::toeplitz_hash_clmul(seed, input, output_bits, /*allow_pclmul=*/true);
 }
 
 }  // namespace qkd::core

@@ -12,6 +12,7 @@
 #include <openssl/x509.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -72,6 +73,9 @@ int closed_port() {
 
 FakeKme::FakeKme(const std::string& pki_dir, const std::string& name, Handler handler)
     : handler_(std::move(handler)) {
+  // The fake writes replies to clients that may have given up (timeouts): a test process,
+  // unlike the library, may simply ignore SIGPIPE.
+  std::signal(SIGPIPE, SIG_IGN);
   ctx_ = SSL_CTX_new(TLS_server_method());
   SSL_CTX_set_min_proto_version(ctx_, TLS1_2_VERSION);
   SSL_CTX_use_certificate_chain_file(ctx_, (pki_dir + "/" + name + ".crt").c_str());

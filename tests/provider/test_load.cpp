@@ -163,10 +163,20 @@ TEST(ProviderConfig, CodepointOverrideAndBadCodepoint) {
     OSSL_PROVIDER_unload(p);
   }
   {
-    auto lib = load_libctx(write_provider_config(dir + "/bad.cnf", {{"qkd_codepoint", "0x1D"}}));
-    EXPECT_FALSE(lib);
+    // A bad codepoint must not make the provider silently absent: it loads, and the first
+    // use fails naming the setting.
+    auto lib = load_libctx(write_provider_config(
+        dir + "/bad.cnf", {{"qkd_codepoint", "0x1D"}, {"sae_id", "alice"}}));
+    ASSERT_TRUE(lib) << drain_errors();
+    EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_from_name(lib.get(), "qkd", nullptr);
+    ASSERT_NE(pctx, nullptr);
+    ASSERT_EQ(EVP_PKEY_keygen_init(pctx), 1);
+    EVP_PKEY* pkey = nullptr;
+    EXPECT_NE(EVP_PKEY_keygen(pctx, &pkey), 1);
     const std::string errors = drain_errors();
-    EXPECT_NE(errors.find("qkd_codepoint"), std::string::npos) << errors;
+    EXPECT_NE(errors.find("invalid setting qkd_codepoint = \"0x1D\""), std::string::npos) << errors;
+    EVP_PKEY_free(pkey);
+    EVP_PKEY_CTX_free(pctx);
   }
 }
 

@@ -48,14 +48,19 @@ qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method
   beast::ssl_stream<beast::tcp_stream> stream(ioc, ctx);
   SSL_set_tlsext_host_name(stream.native_handle(), host_.c_str());
 
-  http::request<http::string_body> req{http::string_to_verb(method), std::string(target), 11};
-  if (req.method() == http::verb::unknown) {
-    req.method_string(std::string(method));
+  const std::string method_s(method);
+  http::request<http::string_body> req;
+  req.version(11);
+  req.target(std::string(target));
+  if (const http::verb v = http::string_to_verb(method_s); v != http::verb::unknown) {
+    req.method(v);
+  } else {
+    req.method_string(method_s);
   }
   req.set(http::field::host, host_);
   req.set(http::field::user_agent, "qkd-test");
   if (!body.empty() || method == "POST") {
-    req.set(http::field::content_type, content_type);
+    req.set(http::field::content_type, std::string(content_type));
     req.body() = std::string(body);
   }
   req.keep_alive(false);

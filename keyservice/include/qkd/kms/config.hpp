@@ -50,6 +50,9 @@ struct LinkConfig {
   qkd::core::SecureBytes psk;  // >= 32 bytes, from psk_hex or psk_file
   qkd::core::ChannelParams channel;
   qkd::core::ProtocolParams protocol;
+  // Testing aid: hold each outgoing key-assignment notice this long before sending it
+  // (order is kept). 0 (the default) sends at once.
+  std::uint32_t notice_delay_ms = 0;
 };
 
 struct Config {

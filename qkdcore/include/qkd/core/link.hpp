@@ -5,12 +5,14 @@
 // message transports, one for the quantum channel and one for the classical channel.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "qkd/core/result.hpp"
@@ -43,6 +45,15 @@ struct TransportPair {
 // Physics of the simulated link. The quantum channel is simulated on Alice's side ("nature"
 // between her source and Bob's detectors); Bob receives only detection events and measures
 // them himself in a basis he chooses, so he learns only what a measurement gives.
+//
+// Sources: an ideal single-photon source (the default), or a weak coherent source (laser
+// pulses, Poisson photon number) with up to three intensity classes chosen per pulse:
+// signal (mean photon number mu_signal), weak decoy (mu_decoy) and vacuum (mu_vacuum,
+// usually 0). Setting prob_decoy = prob_vacuum = 0 gives a weak coherent source without
+// decoys. Alice announces her source settings in each block's first message (they are
+// public device settings), so Bob can run the decoy-state estimation too.
+enum class SourceKind : std::uint8_t { kSinglePhoton = 0, kWeakCoherent = 1 };
+
 struct ChannelParams {
   double length_km = 20.0;              // fiber length
   double loss_db_per_km = 0.2;          // fiber attenuation
@@ -51,8 +62,37 @@ struct ChannelParams {
   double misalignment = 0.01;           // optical error e_det, 0..0.5
   double eve_intercept_fraction = 0.0;  // intercept-resend on this fraction of pulses, 0..1
   double pulse_rate_hz = 1e9;           // source repetition rate, for rates per second
+  // --- added with the decoy-state physics (defaults keep the single-photon behaviour) ---
+  SourceKind source = SourceKind::kSinglePhoton;
+  double mu_signal = 0.5;               // mean photon number of signal pulses (weak coherent)
+  double mu_decoy = 0.1;                // weak decoy, < mu_signal
+  double mu_vacuum = 0.0;               // vacuum decoy, < mu_decoy (0 = true vacuum)
+  double prob_decoy = 0.0;              // probability of a weak-decoy pulse
+  double prob_vacuum = 0.0;             // probability of a vacuum pulse (signal: the rest)
+  double insertion_loss_db = 0.0;       // extra loss (connectors, Bob's optics) [dB]
+  bool fiber_cut = false;               // the fiber is cut: only dark counts reach Bob
+  // Photon-number splitting: Eve measures the photon number of every pulse, blocks the
+  // single-photon ones, keeps one photon of each multi-photon pulse and forwards the rest
+  // over a lossless line, forwarding just enough of them that the signal gain is what Bob
+  // expects. Adds no errors; only a decoy analysis reveals it.
+  bool eve_photon_number_splitting = false;
 };
 [[nodiscard]] Status validate(const ChannelParams& p);  // names the bad field
+
+// The security bound that turns a block's statistics into a key length. Every BlockResult
+// names the one it used (key_bound_name()).
+enum class KeyBound : std::uint8_t {
+  kAsymptotic = 0,      // GLLP asymptotic (no decoys; = Shor-Preskill for single photons)
+  kDecoyAsymptotic = 1, // vacuum + weak decoy (Ma, Qi, Zhao, Lo 2005), asymptotic
+  kFiniteSingle = 2,    // finite key, Tomamichel, Lim, Gisin, Renner 2012 (single photons)
+  kFiniteDecoy = 3,     // finite key, two decoys with Hoeffding bounds (Lim et al. 2014)
+  kBennett92 = 4,       // BBBSS92 defense function with c standard deviations
+  kSlutsky98 = 5,       // Slutsky et al. 1998 defense function with c standard deviations
+};
+[[nodiscard]] const char* key_bound_name(KeyBound b);
+// Parses the short names "asymptotic", "decoy", "finite", "finite-decoy", "bbbss92",
+// "slutsky98"; nullopt otherwise.
+[[nodiscard]] std::optional<KeyBound> parse_key_bound(std::string_view name);
 
 // Protocol settings. Both ends must use the same values (Alice announces hers in each
 // block's first message; Bob refuses a block whose settings differ from his).
@@ -64,6 +104,16 @@ struct ProtocolParams {
   std::uint32_t verify_hash_bits = 64;         // verification tag length
   double safety_margin = 0.05;                 // extra fraction of the reconciled length removed
   std::chrono::milliseconds message_timeout{10'000};  // per classical/quantum message
+  // --- added with the decoy-state physics (defaults keep the earlier behaviour) ---
+  // Probability that Alice and Bob each choose the Z basis (0.5 = standard BB84; near 1 =
+  // efficient BB84: the key comes from Z, X serves to estimate the phase error).
+  double z_basis_prob = 0.5;
+  KeyBound key_bound = KeyBound::kAsymptotic;  // which security bound sets the key length
+  double epsilon_sec = 1e-10;                  // secrecy parameter (finite-key bounds)
+  double epsilon_cor = 1e-15;                  // correctness parameter (finite-key bounds)
+  // c: standard deviations of confidence, for the QBER upper bound that decides the abort
+  // and for the BBBSS92 and Slutsky98 defense functions (c = 5: about 1e-6 per block).
+  double confidence_sd = 5.0;
 };
 [[nodiscard]] Status validate(const ProtocolParams& p);
 
@@ -85,6 +135,23 @@ struct BlockResult {
   double simulated_seconds = 0.0;     // pulses / pulse_rate_hz
   double cpu_seconds = 0.0;           // wall time this end spent on the block
   SecureBytes key;
+  // --- added with the decoy-state physics ---
+  std::string key_bound;              // name of the bound that set secret_bits
+  double qber_upper = 0.0;            // upper confidence bound of the QBER (the abort test)
+  // Per intensity class (0 signal, 1 weak decoy, 2 vacuum; a single-photon source uses 0).
+  struct IntensityStats {
+    std::uint64_t sifted = 0;         // sifted detections of this class (both bases)
+    std::uint64_t disclosed = 0;      // of which disclosed for estimation
+    std::uint64_t errors = 0;         // errors among the disclosed
+    double gain = 0.0;                // measured detections per pulse of this class
+  };
+  std::array<IntensityStats, 3> intensity{};
+  // Decoy-state estimates (0 when not applicable): lower bound of the single-photon yield,
+  // upper bound of the single-photon (phase) error rate, lower bound of the single-photon
+  // bits in the reconciled key.
+  double y1_lower = 0.0;
+  double e1_upper = 0.0;
+  double single_photon_bits_lower = 0.0;
 };
 
 // Alice: owns the source and the channel simulation; sends detection events on the

@@ -1,14 +1,17 @@
-// The simulated physics of one link: an ideal single-photon source, a lossy fiber, an
-// optional intercept-resend eavesdropper, and Bob's detector (efficiency, dark counts,
-// misalignment). Runs on Alice's side ("nature"); Bob only ever gets DetectionEvents.
+// The simulated physics of one link: a source (ideal single photons, or weak coherent
+// pulses with Poisson photon number and up to three intensity classes: signal, weak decoy,
+// vacuum), a lossy fiber with extra insertion loss (or a cut fiber), optional eavesdroppers
+// (intercept-resend on a fraction of pulses; photon-number splitting on multi-photon
+// pulses) and Bob's detector (efficiency, dark counts, misalignment). Runs on Alice's side
+// ("nature"); Bob only ever gets DetectionEvents.
 //
-// Cost follows detections, not pulses: the gaps between detection events are sampled
-// geometrically, and Alice's bit and basis for pulse i come from a keyed PRF
-// (AlicePrf), so no loop ever visits an undetected pulse.
-//
-// Decoy-state sources (weak coherent pulses with intensity classes) come in a later issue:
-// they slot in as a per-pulse intensity drawn from the same PRF and a per-class detection
-// probability, with DetectionEvent gaining an intensity field.
+// Cost follows detections, not pulses: candidate events are sampled with geometric gaps at
+// the largest per-class detection probability Q_max, and each candidate at pulse i is kept
+// with probability Q_k(i) / Q_max, where k(i) is the intensity class Alice's PRF chose for
+// pulse i (thinning: exact, each pulse is detected independently with probability Q_k).
+// The photon number is drawn only for detected pulses, from its law conditioned on the
+// detection. Alice's bit, basis and intensity for pulse i come from a keyed PRF (AlicePrf),
+// so no loop ever visits an undetected pulse. Deterministic for a given seed and PRF key.
 #pragma once
 
 #include <array>
@@ -25,14 +28,27 @@ namespace qkd::core {
 struct AliceState {
   bool bit = false;
   bool basis = false;
+  std::uint8_t intensity = 0;  // 0 signal, 1 weak decoy, 2 vacuum
 };
 
-// Alice's random bit and basis for pulse i: AES-128 in counter mode as a PRF over pulse
-// indices (one AES block covers 64 pulses: bits from the first half, bases from the
-// second). Bits are key material; the PRF key lives only inside this object.
+// Alice's random choices: basis Z with probability z_basis_prob, intensity class k with
+// probability class_prob[k].
+struct SourceChoices {
+  double z_basis_prob = 0.5;
+  std::array<double, 3> class_prob{1.0, 0.0, 0.0};
+};
+[[nodiscard]] SourceChoices source_choices(const ChannelParams& c, double z_basis_prob);
+
+// Alice's random bit, basis and intensity for pulse i: AES-128 in counter mode as a PRF
+// over pulse indices. Unbiased single-class choices: one AES block covers 64 pulses (bits
+// from the first half, bases from the second). Otherwise (biased basis or decoys): 64 PRF
+// bits per pulse, four AES blocks per 8 pulses in a separate counter domain (bit from bit 0,
+// basis from a 24-bit uniform, class from a 32-bit uniform). Bits are key material; the
+// PRF key lives only inside this object.
 class AlicePrf {
  public:
   explicit AlicePrf(std::span<const std::uint8_t, 16> key);
+  AlicePrf(std::span<const std::uint8_t, 16> key, const SourceChoices& choices);
   ~AlicePrf();
   AlicePrf(const AlicePrf&) = delete;
   AlicePrf& operator=(const AlicePrf&) = delete;
@@ -53,31 +69,71 @@ struct DetectionEvent {
 };
 
 // Closed-form expectations for a ChannelParams (the theory the simulator must match).
+// For a weak coherent source: detection probability of class k
+//   Q_k = 1 - (1 - Y0) (1 - C_k),  C_k = sum_n P_k(n) c_n = 1 - exp(-eta mu_k)
+// (c_n = 1 - (1 - eta)^n: some photon of n clicks); error rate
+//   E_k = [C_k e_ph + (1 - C_k) Y0 / 2] / Q_k,  e_ph = (1 - f) e_det + f (e_det / 2 + 1/4)
+// with f the intercept-resend fraction. Under photon-number splitting c_0 = c_1 = 0 and
+// c_n = t (1 - (1 - eta_B)^(n - 1)) for n >= 2 (eta_B: Bob's side only), t set so that the
+// signal class keeps its expected C.
+struct ClassTheory {
+  double mu = 0.0;               // mean photon number (single-photon source: exactly 1)
+  double prob = 0.0;             // probability Alice picks this class
+  double gain = 0.0;             // Q_k: detection probability per pulse of this class
+  double qber = 0.0;             // E_k: sifted error rate of this class
+  double photon_fraction = 0.0;  // P(a photon clicked | detection)
+};
+
 struct ChannelTheory {
-  double transmittance = 0.0;    // eta = detector_efficiency * 10^(-loss*L/10)
-  double gain = 0.0;             // detection probability per pulse, 1 - (1-eta)(1-Y0)
-  double photon_fraction = 0.0;  // P(photon detected | detection) = eta / gain
-  double qber = 0.0;             // expected sifted QBER, eavesdropper included
-  double sifted_per_pulse = 0.0; // gain / 2
+  double transmittance = 0.0;    // eta = detector_efficiency * 10^-((loss*L + insertion)/10)
+  double channel_transmittance = 0.0;  // fiber + insertion loss only (for the PLOB bound)
+  double gain = 0.0;             // detection probability per pulse (average over classes)
+  double photon_fraction = 0.0;  // P(photon detected | detection), average over classes
+  double qber = 0.0;             // expected sifted QBER (average over classes), Eve included
+  double sifted_per_pulse = 0.0; // gain / 2 (standard BB84)
+  std::array<ClassTheory, 3> classes{};  // per intensity class (unused classes: prob 0)
+  double y1 = 0.0;               // single-photon yield (detection prob of a 1-photon pulse)
+  double e1 = 0.0;               // single-photon error rate
+  double pns_forward = 0.0;      // t: PNS Eve's forwarding probability of multi-photon pulses
   // Asymptotic secret fraction of the ideal single-photon source with a reconciliation
   // inefficiency f: max(0, 1 - f h(e) - h(e)) per sifted bit.
   double secret_fraction(double f) const;
 };
 [[nodiscard]] ChannelTheory channel_theory(const ChannelParams& p);
 
+// Ground truth the simulator knows and the protocol never sees (for validation).
+struct SimulationTruth {
+  std::array<std::uint64_t, 3> detections{};         // per intensity class
+  std::array<std::uint64_t, 3> single_photon{};      // detections from 1-photon pulses
+  std::array<std::uint64_t, 3> photon_clicks{};      // detections where a photon clicked
+};
+
 // The channel simulation for one block of pulses.
 class ChannelSimulator {
  public:
   ChannelSimulator(const ChannelParams& params, std::uint64_t seed);
   // Appends the detection events for pulses [0, pulses) to `out`, in increasing pulse
-  // order, using `prf` for Alice's states.
+  // order, using `prf` for Alice's states (its intensity classes must follow the
+  // params' probabilities: build it with source_choices()).
   void run(std::vector<DetectionEvent>& out, AlicePrf& prf, std::uint64_t pulses);
+  [[nodiscard]] const SimulationTruth& truth() const { return truth_; }
+  [[nodiscard]] const ChannelTheory& theory() const { return theory_; }
 
  private:
+  // Per class: conditional law of the photon number given a detection, and the
+  // probability that a photon (not only a dark count) clicked given n and a detection.
+  struct ClassTable {
+    double accept = 0.0;          // Q_k / Q_max
+    std::vector<double> cdf;      // P(n <= i | detection)
+    std::vector<double> click;    // P(photon click | n = i, detection)
+  };
   ChannelParams params_;
   ChannelTheory theory_;
-  double log1m_gain_;  // log(1 - gain), < 0
+  std::array<ClassTable, 3> tables_;
+  int classes_ = 1;
+  double log1m_qmax_ = 0.0;  // log(1 - Q_max), < 0
   Xoshiro256ss rng_;
+  SimulationTruth truth_;
 };
 
 }  // namespace qkd::core

@@ -14,12 +14,19 @@
 
 namespace qkd::core {
 
-// O((n+m) log(n+m)): integer convolution by a number-theoretic transform modulo
-// 998244353 over a cyclic length >= n + m - 1, then parity of the needed coefficients.
-// Fails (kInvalidArgument) if seed.size() != n + m - 1, m == 0, n == 0 or
-// n + m - 1 > 2^23 (the transform length limit of this prime).
+// The fast path: a carry-less Karatsuba product, O(H^1.585) word operations per square
+// block of H = min(n, m) bits (max(n, m) / H blocks), using PCLMULQDQ when the CPU has it
+// (checked at run time) and a portable 64 x 64 carry-less multiply otherwise. Bit-equal to
+// toeplitz_hash_naive. Fails (kInvalidArgument) if seed.size() != n + m - 1, m == 0 or
+// n == 0.
 [[nodiscard]] Result<BitVector> toeplitz_hash(const BitVector& seed, const BitVector& input,
                                               std::size_t output_bits);
+
+// The previous fast path, kept for comparison: integer convolution by a number-theoretic
+// transform modulo 998244353 over a cyclic length >= n + m - 1, then parity of the needed
+// coefficients. Same preconditions, plus n + m - 1 <= 2^23 (the transform length limit).
+[[nodiscard]] Result<BitVector> toeplitz_hash_ntt(const BitVector& seed, const BitVector& input,
+                                                  std::size_t output_bits);
 
 // The bit-by-bit reference, O(n m); for tests. Same preconditions (without the size cap).
 [[nodiscard]] Result<BitVector> toeplitz_hash_naive(const BitVector& seed,

@@ -1,0 +1,199 @@
+// ETSI 014 handlers as pure functions over an in-memory store (no network).
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <openssl/evp.h>
+
+#include "qkd/kms/api.hpp"
+#include "qkd/kms/util.hpp"
+
+namespace {
+
+using nlohmann::json;
+using qkd::kms::ApiRequest;
+using qkd::kms::ApiResponse;
+using qkd::kms::Config;
+using qkd::kms::Direction;
+using qkd::kms::KeyAssignment;
+
+Config make_config(std::string kme, std::vector<std::string> saes, std::string peer,
+                   std::vector<std::string> peer_saes) {
+  Config c;
+  c.kme_id = std::move(kme);
+  c.saes = std::move(saes);
+  c.link.peer_kme_id = std::move(peer);
+  c.link.peer_saes = std::move(peer_saes);
+  c.keys.dec_wait_ms = 50;
+  return c;
+}
+
+std::size_t decoded_len(const std::string& b64) {
+  std::vector<unsigned char> out(b64.size());
+  int n = EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(b64.data()),
+                          static_cast<int>(b64.size()));
+  std::size_t pad = 0;
+  if (!b64.empty() && b64.back() == '=') ++pad;
+  if (b64.size() > 1 && b64[b64.size() - 2] == '=') ++pad;
+  return static_cast<std::size_t>(n) - pad;
+}
+
+class EtsiServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    alice_store->set_assignment_listener([this](const std::vector<KeyAssignment>& as) {
+      notices.insert(notices.end(), as.begin(), as.end());
+    });
+    std::vector<std::uint8_t> pool(8192);
+    for (std::size_t i = 0; i < pool.size(); ++i) pool[i] = static_cast<std::uint8_t>(i * 13);
+    alice_store->commit(pool);
+    bob_store->commit(pool);
+  }
+  void forward_notices() {
+    for (auto& a : notices) {
+      ASSERT_TRUE(bob_store->apply_peer_assignment(a).ok());
+    }
+    notices.clear();
+  }
+  ApiResponse at_alice(const std::string& caller, std::string method, std::string target,
+                       std::string body = "") {
+    return alice.handle(caller, ApiRequest{std::move(method), std::move(target), std::move(body)});
+  }
+  ApiResponse at_bob(const std::string& caller, std::string method, std::string target,
+                     std::string body = "") {
+    return bob.handle(caller, ApiRequest{std::move(method), std::move(target), std::move(body)});
+  }
+  static std::string message(const ApiResponse& r) {
+    return json::parse(r.body).at("message").get<std::string>();
+  }
+
+  Config alice_cfg = make_config("alice-kme", {"alice"}, "bob-kme", {"bob", "carol"});
+  Config bob_cfg = make_config("bob-kme", {"bob", "carol", "dave"}, "alice-kme", {"alice"});
+  std::unique_ptr<qkd::kms::KeyStore> alice_store =
+      qkd::kms::make_memory_key_store(Direction::kAlice);
+  std::unique_ptr<qkd::kms::KeyStore> bob_store = qkd::kms::make_memory_key_store(Direction::kBob);
+  std::vector<KeyAssignment> notices;
+  qkd::kms::EtsiService alice{alice_cfg, *alice_store, [] {
+                                qkd::kms::LinkStats s;
+                                s.up = true;
+                                s.blocks = 7;
+                                return s;
+                              }};
+  qkd::kms::EtsiService bob{bob_cfg, *bob_store, nullptr};
+};
+
+TEST_F(EtsiServiceTest, UnknownCallerIs401WithoutBody) {
+  ApiResponse r = at_alice("mallory", "GET", "/api/v1/keys/bob/status");
+  EXPECT_EQ(r.status, 401u);
+  EXPECT_TRUE(r.body.empty());
+}
+
+TEST_F(EtsiServiceTest, StatusHasEveryField) {
+  ApiResponse r = at_alice("alice", "GET", "/api/v1/keys/bob/status");
+  ASSERT_EQ(r.status, 200u) << r.body;
+  json j = json::parse(r.body);
+  EXPECT_EQ(j["source_KME_ID"], "alice-kme");
+  EXPECT_EQ(j["target_KME_ID"], "bob-kme");
+  EXPECT_EQ(j["master_SAE_ID"], "alice");
+  EXPECT_EQ(j["slave_SAE_ID"], "bob");
+  EXPECT_EQ(j["key_size"], 256);
+  EXPECT_EQ(j["stored_key_count"], 4096 / 32);
+  EXPECT_EQ(j["max_key_count"], 100000);
+  EXPECT_EQ(j["max_key_per_request"], 128);
+  EXPECT_EQ(j["max_key_size"], 8192);
+  EXPECT_EQ(j["min_key_size"], 64);
+  EXPECT_EQ(j["max_SAE_ID_count"], 1);
+  EXPECT_EQ(j["status_extension"]["link"]["state"], "up");
+  EXPECT_EQ(j["status_extension"]["link"]["blocks"], 7);
+  EXPECT_EQ(at_alice("alice", "GET", "/api/v1/keys/nobody/status").status, 400u);
+}
+
+TEST_F(EtsiServiceTest, EncKeysGetAndPost) {
+  ApiResponse g = at_alice("alice", "GET", "/api/v1/keys/bob/enc_keys?number=2&size=128");
+  ASSERT_EQ(g.status, 200u) << g.body;
+  json j = json::parse(g.body);
+  ASSERT_EQ(j["keys"].size(), 2u);
+  for (const auto& k : j["keys"]) {
+    EXPECT_TRUE(qkd::kms::is_uuid(k["key_ID"].get<std::string>()));
+    EXPECT_EQ(decoded_len(k["key"].get<std::string>()), 16u);
+  }
+  ApiResponse p = at_alice("alice", "POST", "/api/v1/keys/bob/enc_keys",
+                           R"({"number": 3, "size": 64, "extension_optional": [{"x_y": 1}]})");
+  ASSERT_EQ(p.status, 200u) << p.body;
+  EXPECT_EQ(json::parse(p.body)["keys"].size(), 3u);
+  // Empty body: one key of the default size.
+  ApiResponse e = at_alice("alice", "POST", "/api/v1/keys/bob/enc_keys", "");
+  ASSERT_EQ(e.status, 200u) << e.body;
+  EXPECT_EQ(decoded_len(json::parse(e.body)["keys"][0]["key"].get<std::string>()), 32u);
+}
+
+TEST_F(EtsiServiceTest, EncKeysErrors) {
+  auto enc_get = [&](const std::string& q) {
+    return at_alice("alice", "GET", "/api/v1/keys/bob/enc_keys" + q);
+  };
+  auto enc_post = [&](const std::string& body) {
+    return at_alice("alice", "POST", "/api/v1/keys/bob/enc_keys", body);
+  };
+  EXPECT_EQ(message(enc_get("?size=100")), "size shall be a multiple of 8");
+  EXPECT_EQ(message(enc_post(R"({"size": 12})")), "size shall be a multiple of 8");
+  EXPECT_EQ(enc_get("?size=32").status, 400u);     // below min_key_size
+  EXPECT_EQ(enc_get("?size=16384").status, 400u);  // above max_key_size
+  EXPECT_EQ(enc_get("?number=129").status, 400u);
+  EXPECT_EQ(enc_get("?number=0").status, 400u);
+  EXPECT_EQ(enc_get("?number=abc").status, 400u);
+  EXPECT_EQ(enc_get("?colour=red").status, 400u);
+  EXPECT_EQ(message(enc_post(R"({"extension_mandatory": [{"abc_route_type": "direct"}]})")),
+            "not all extension_mandatory parameters are supported");
+  EXPECT_EQ(enc_post("{not json").status, 400u);
+  EXPECT_EQ(enc_post("[1,2]").status, 400u);
+  EXPECT_EQ(enc_post(R"({"number": -1})").status, 400u);
+  EXPECT_EQ(enc_post(R"({"number": "2"})").status, 400u);
+  EXPECT_EQ(enc_post(R"({"additional_slave_SAE_IDs": "carol"})").status, 400u);
+  EXPECT_EQ(enc_post(R"({"additional_slave_SAE_IDs": ["carol", "dave"]})").status, 400u);
+  EXPECT_EQ(at_alice("alice", "GET", "/api/v1/keys/alice/enc_keys").status, 400u);
+  // Not enough key: 503 with a message; nothing consumed.
+  ApiResponse big = enc_post(R"({"number": 128, "size": 8192})");
+  EXPECT_EQ(big.status, 503u);
+  EXPECT_NE(message(big).find("not enough key"), std::string::npos);
+  EXPECT_TRUE(notices.empty());
+}
+
+TEST_F(EtsiServiceTest, DecKeysAuthorizationAndOneUse) {
+  ApiResponse enc = at_alice("alice", "POST", "/api/v1/keys/bob/enc_keys",
+                             R"({"number": 2, "size": 256, "additional_slave_SAE_IDs": ["carol"]})");
+  ASSERT_EQ(enc.status, 200u) << enc.body;
+  forward_notices();
+  json keys = json::parse(enc.body)["keys"];
+  const std::string id0 = keys[0]["key_ID"], id1 = keys[1]["key_ID"];
+  // dave is an SAE of bob-kme but not a slave of these keys: 401.
+  EXPECT_EQ(at_bob("dave", "GET", "/api/v1/keys/alice/dec_keys?key_ID=" + id0).status, 401u);
+  // Wrong master in the path: 401.
+  EXPECT_EQ(at_bob("bob", "GET", "/api/v1/keys/carol/dec_keys?key_ID=" + id0).status, 401u);
+  // The slave gets it (GET), the additional slave gets the other (POST).
+  ApiResponse d0 = at_bob("bob", "GET", "/api/v1/keys/alice/dec_keys?key_ID=" + id0);
+  ASSERT_EQ(d0.status, 200u) << d0.body;
+  EXPECT_EQ(json::parse(d0.body)["keys"][0]["key"], keys[0]["key"]);
+  ApiResponse d1 = at_bob("carol", "POST", "/api/v1/keys/alice/dec_keys",
+                          json{{"key_IDs", {{{"key_ID", id1}}}}}.dump());
+  ASSERT_EQ(d1.status, 200u) << d1.body;
+  EXPECT_EQ(json::parse(d1.body)["keys"][0]["key"], keys[1]["key"]);
+  // Second use: 400 not found.
+  ApiResponse again = at_bob("bob", "GET", "/api/v1/keys/alice/dec_keys?key_ID=" + id0);
+  EXPECT_EQ(again.status, 400u);
+  EXPECT_EQ(message(again), "one or more keys specified are not found on KME");
+}
+
+TEST_F(EtsiServiceTest, DecKeysBadRequests) {
+  const std::string dec = "/api/v1/keys/alice/dec_keys";
+  EXPECT_EQ(at_bob("bob", "GET", dec).status, 400u);
+  EXPECT_EQ(at_bob("bob", "GET", dec + "?key_ID=a&key_ID=b").status, 400u);
+  EXPECT_EQ(message(at_bob("bob", "GET", dec + "?key_ID=not-a-uuid")),
+            "one or more keys specified are not found on KME");
+  EXPECT_EQ(at_bob("bob", "POST", dec, "{").status, 400u);
+  EXPECT_EQ(at_bob("bob", "POST", dec, R"({"key_IDs": []})").status, 400u);
+  EXPECT_EQ(at_bob("bob", "POST", dec, R"({"key_IDs": ["x"]})").status, 400u);
+  EXPECT_EQ(at_bob("bob", "POST", dec, R"({"key_IDs": [{"key_ID": 5}]})").status, 400u);
+  EXPECT_EQ(at_bob("bob", "GET", dec + "?key_ID=123e4567-e89b-42d3-a456-426614174000").status,
+            400u);
+}
+
+}  // namespace

@@ -1,0 +1,236 @@
+// Key store: direction split, conflict-free allocation, notices, one use, authorization.
+#include <gtest/gtest.h>
+
+#include <set>
+#include <thread>
+
+#include "qkd/kms/key_store.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using qkd::core::ErrorCode;
+using qkd::kms::Direction;
+using qkd::kms::KeyAssignment;
+using qkd::kms::KeyStore;
+
+std::vector<std::uint8_t> pattern(std::size_t n, std::uint8_t seed) {
+  std::vector<std::uint8_t> v(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    v[i] = static_cast<std::uint8_t>(seed + i * 7);
+  }
+  return v;
+}
+
+// Two stores fed the same pool, with each side's notices captured for the other.
+struct Pair {
+  std::unique_ptr<KeyStore> alice = qkd::kms::make_memory_key_store(Direction::kAlice);
+  std::unique_ptr<KeyStore> bob = qkd::kms::make_memory_key_store(Direction::kBob);
+  std::vector<KeyAssignment> from_alice, from_bob;
+  std::mutex mu;
+  Pair() {
+    alice->set_assignment_listener([this](const std::vector<KeyAssignment>& as) {
+      std::lock_guard l(mu);
+      from_alice.insert(from_alice.end(), as.begin(), as.end());
+    });
+    bob->set_assignment_listener([this](const std::vector<KeyAssignment>& as) {
+      std::lock_guard l(mu);
+      from_bob.insert(from_bob.end(), as.begin(), as.end());
+    });
+  }
+  void commit(const std::vector<std::uint8_t>& block) {
+    alice->commit(block);
+    bob->commit(block);
+  }
+  void deliver_notices() {
+    for (auto& a : from_alice) {
+      ASSERT_TRUE(bob->apply_peer_assignment(a).ok());
+    }
+    for (auto& a : from_bob) {
+      ASSERT_TRUE(alice->apply_peer_assignment(a).ok());
+    }
+    from_alice.clear();
+    from_bob.clear();
+  }
+};
+
+std::vector<std::string> ids_of(const std::vector<qkd::kms::DeliveredKey>& keys) {
+  std::vector<std::string> ids;
+  for (const auto& k : keys) {
+    ids.push_back(k.key_id);
+  }
+  return ids;
+}
+
+TEST(DirectionBytes, SplitsChunksByParity) {
+  using qkd::kms::direction_bytes;
+  EXPECT_EQ(direction_bytes(0, Direction::kAlice), 0u);
+  EXPECT_EQ(direction_bytes(10, Direction::kAlice), 10u);
+  EXPECT_EQ(direction_bytes(10, Direction::kBob), 0u);
+  EXPECT_EQ(direction_bytes(32, Direction::kAlice), 32u);
+  EXPECT_EQ(direction_bytes(40, Direction::kBob), 8u);
+  EXPECT_EQ(direction_bytes(64, Direction::kBob), 32u);
+  EXPECT_EQ(direction_bytes(70, Direction::kAlice), 38u);
+  EXPECT_EQ(direction_bytes(70, Direction::kBob), 32u);
+  for (std::uint64_t n = 0; n < 1000; ++n) {
+    EXPECT_EQ(direction_bytes(n, Direction::kAlice) + direction_bytes(n, Direction::kBob), n);
+  }
+}
+
+TEST(KeyStore, AllocationIsConflictFreeByDirection) {
+  Pair p;
+  const auto pool = pattern(4096, 3);
+  p.commit(pool);
+  // Both sides allocate at the same time, from their own directions.
+  std::vector<qkd::kms::DeliveredKey> ka, kb;
+  std::thread ta([&] {
+    for (int i = 0; i < 20; ++i) {
+      auto r = p.alice->allocate("alice", {"bob"}, 2, 24);  // 24 bytes: keys straddle chunks
+      ASSERT_TRUE(r.ok()) << r.error().message;
+      for (auto& k : r.value()) ka.push_back(std::move(k));
+    }
+  });
+  std::thread tb([&] {
+    for (int i = 0; i < 20; ++i) {
+      auto r = p.bob->allocate("bob", {"alice"}, 2, 24);
+      ASSERT_TRUE(r.ok()) << r.error().message;
+      for (auto& k : r.value()) kb.push_back(std::move(k));
+    }
+  });
+  ta.join();
+  tb.join();
+  // No two assignments overlap in the pool (map direction offsets back to pool positions).
+  std::set<std::uint64_t> used;
+  auto pool_pos = [](Direction d, std::uint64_t off) {
+    const std::uint64_t chunk = off / qkd::kms::kChunkBytes;
+    return (2 * chunk + static_cast<std::uint64_t>(d)) * qkd::kms::kChunkBytes +
+           off % qkd::kms::kChunkBytes;
+  };
+  for (const auto* list : {&p.from_alice, &p.from_bob}) {
+    for (const auto& a : *list) {
+      for (std::uint32_t i = 0; i < a.length; ++i) {
+        EXPECT_TRUE(used.insert(pool_pos(a.direction, a.offset + i)).second);
+      }
+    }
+  }
+  // The bytes handed out are the pool bytes at those positions.
+  for (const auto& a : p.from_alice) {
+    const auto it = std::find_if(ka.begin(), ka.end(), [&](auto& k) { return k.key_id == a.key_id; });
+    ASSERT_NE(it, ka.end());
+    for (std::uint32_t i = 0; i < a.length; ++i) {
+      EXPECT_EQ(it->key[i], pool[pool_pos(a.direction, a.offset + i)]);
+    }
+  }
+  // The peers take the same bytes.
+  p.deliver_notices();
+  auto at_bob = p.bob->take("bob", "alice", ids_of(ka), 0ms);
+  ASSERT_TRUE(at_bob.ok()) << at_bob.error().message;
+  for (std::size_t i = 0; i < ka.size(); ++i) {
+    EXPECT_TRUE(qkd::core::constant_time_equal(ka[i].key.span(), at_bob.value()[i].key.span()));
+  }
+  auto at_alice = p.alice->take("alice", "bob", ids_of(kb), 0ms);
+  ASSERT_TRUE(at_alice.ok()) << at_alice.error().message;
+  for (std::size_t i = 0; i < kb.size(); ++i) {
+    EXPECT_TRUE(qkd::core::constant_time_equal(kb[i].key.span(), at_alice.value()[i].key.span()));
+  }
+}
+
+TEST(KeyStore, AllOrNothingAndNotEnough) {
+  Pair p;
+  p.commit(pattern(64, 1));  // 32 bytes per direction
+  auto r = p.alice->allocate("alice", {"bob"}, 2, 24);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kUnavailable);
+  EXPECT_TRUE(p.from_alice.empty());
+  EXPECT_EQ(p.alice->stats().own_available_bytes, 32u);
+  ASSERT_TRUE(p.alice->allocate("alice", {"bob"}, 4, 8).ok());
+  EXPECT_EQ(p.alice->stats().own_available_bytes, 0u);
+}
+
+TEST(KeyStore, OneUsePerKeyOnEachEnd) {
+  Pair p;
+  p.commit(pattern(256, 9));
+  auto k = p.alice->allocate("alice", {"bob"}, 1, 32);
+  ASSERT_TRUE(k.ok());
+  p.deliver_notices();
+  const auto ids = ids_of(k.value());
+  EXPECT_TRUE(p.bob->take("bob", "alice", ids, 0ms).ok());
+  auto again = p.bob->take("bob", "alice", ids, 1000ms);
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code, ErrorCode::kInvalidArgument);  // immediate, no wait
+  // The allocating end never hands its own key out through take() either.
+  EXPECT_FALSE(p.alice->take("alice", "alice", ids, 0ms).ok());
+}
+
+TEST(KeyStore, AuthorizationChecksSlaveAndMaster) {
+  Pair p;
+  p.commit(pattern(256, 5));
+  auto k = p.alice->allocate("alice", {"bob", "carol"}, 1, 16);
+  ASSERT_TRUE(k.ok());
+  p.deliver_notices();
+  const auto ids = ids_of(k.value());
+  auto wrong_caller = p.bob->take("mallory", "alice", ids, 0ms);
+  ASSERT_FALSE(wrong_caller.ok());
+  EXPECT_EQ(wrong_caller.error().code, ErrorCode::kAuthentication);
+  auto wrong_master = p.bob->take("bob", "mallory", ids, 0ms);
+  ASSERT_FALSE(wrong_master.ok());
+  EXPECT_EQ(wrong_master.error().code, ErrorCode::kAuthentication);
+  // Refused requests consumed nothing; an additional slave may fetch.
+  auto ok = p.bob->take("carol", "alice", ids, 0ms);
+  ASSERT_TRUE(ok.ok());
+  EXPECT_TRUE(qkd::core::constant_time_equal(ok.value()[0].key.span(), k.value()[0].key.span()));
+}
+
+TEST(KeyStore, NoticeAheadOfCommitWaitsForBytes) {
+  Pair p;
+  p.alice->commit(pattern(128, 2));  // bob has not committed yet
+  auto k = p.alice->allocate("alice", {"bob"}, 1, 32);
+  ASSERT_TRUE(k.ok());
+  ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(0)).ok());
+  EXPECT_EQ(p.bob->stats().pending_notices, 1u);
+  std::thread late([&] {
+    std::this_thread::sleep_for(100ms);
+    p.bob->commit(pattern(128, 2));
+  });
+  auto got = p.bob->take("bob", "alice", ids_of(k.value()), 2000ms);
+  late.join();
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  EXPECT_TRUE(qkd::core::constant_time_equal(got.value()[0].key.span(), k.value()[0].key.span()));
+}
+
+TEST(KeyStore, UnknownKeyWaitsThenNotFound) {
+  auto s = qkd::kms::make_memory_key_store(Direction::kBob);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = s->take("bob", "alice", {"123e4567-e89b-42d3-a456-426614174000"}, 150ms);
+  const auto dt = std::chrono::steady_clock::now() - t0;
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidArgument);
+  EXPECT_GE(dt, 140ms);
+  EXPECT_LT(dt, 1000ms);
+}
+
+TEST(KeyStore, RejectsOverlappingOrForeignAssignments) {
+  Pair p;
+  p.commit(pattern(256, 4));
+  KeyAssignment own{"id-own", Direction::kBob, 0, 8, "bob", {"alice"}};
+  EXPECT_FALSE(p.bob->apply_peer_assignment(own).ok());  // bob's own direction
+  KeyAssignment a{"id-1", Direction::kAlice, 8, 8, "alice", {"bob"}};
+  ASSERT_TRUE(p.bob->apply_peer_assignment(a).ok());
+  KeyAssignment overlap{"id-2", Direction::kAlice, 0, 8, "alice", {"bob"}};
+  EXPECT_FALSE(p.bob->apply_peer_assignment(overlap).ok());
+  KeyAssignment dup{"id-1", Direction::kAlice, 64, 8, "alice", {"bob"}};
+  EXPECT_FALSE(p.bob->apply_peer_assignment(dup).ok());
+}
+
+TEST(KeyStore, ResetForgetsPoolButKeepsAssignedKeys) {
+  Pair p;
+  p.commit(pattern(256, 6));
+  auto k = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(k.ok());
+  p.deliver_notices();
+  p.bob->reset_pool();
+  EXPECT_EQ(p.bob->stats().own_available_bytes, 0u);
+  EXPECT_TRUE(p.bob->take("bob", "alice", ids_of(k.value()), 0ms).ok());
+}
+
+}  // namespace

@@ -1,0 +1,449 @@
+// Integration tests: two real qkd-kms processes (alice-kme, bob-kme) over a simulated
+// 20 km BB84 link, driven through the ETSI 014 API with raw HTTPS requests.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <fmt/format.h>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <openssl/evp.h>
+#include <set>
+#include <thread>
+
+#include "qkd/test/kme_network.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using nlohmann::json;
+using qkd::test::HttpResponse;
+using qkd::test::HttpsTestClient;
+using qkd::test::KmeNetwork;
+using qkd::test::KmeNetworkOptions;
+
+constexpr const char* kNotFound = "one or more keys specified are not found on KME";
+
+std::vector<std::uint8_t> b64decode(const std::string& s) {
+  std::vector<std::uint8_t> out(s.size());
+  const int n = EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(s.data()),
+                                static_cast<int>(s.size()));
+  if (n < 0) {
+    return {};
+  }
+  std::size_t len = static_cast<std::size_t>(n);
+  if (!s.empty() && s.back() == '=') --len;
+  if (s.size() > 1 && s[s.size() - 2] == '=') --len;
+  out.resize(len);
+  return out;
+}
+
+// key_ID -> key bytes, from a Key container.
+std::map<std::string, std::vector<std::uint8_t>> keys_of(const HttpResponse& r) {
+  std::map<std::string, std::vector<std::uint8_t>> out;
+  const json j = r.json();
+  if (j.is_discarded() || !j.contains("keys")) {
+    return out;
+  }
+  for (const auto& k : j.at("keys")) {
+    out[k.at("key_ID").get<std::string>()] = b64decode(k.at("key").get<std::string>());
+  }
+  return out;
+}
+
+std::string message_of(const HttpResponse& r) {
+  const json j = r.json();
+  return j.is_discarded() ? std::string("<not JSON: ") + r.body + ">" : j.value("message", "");
+}
+
+std::string dec_body(const std::vector<std::string>& ids) {
+  json arr = json::array();
+  for (const auto& id : ids) {
+    arr.push_back({{"key_ID", id}});
+  }
+  return json{{"key_IDs", arr}}.dump();
+}
+
+std::unique_ptr<KmeNetwork> start_network(KmeNetworkOptions o, std::uint64_t keys) {
+  auto net = KmeNetwork::start(std::move(o));
+  if (!net.ok()) {
+    ADD_FAILURE() << "network start: " << net.error().message;
+    return nullptr;
+  }
+  if (auto s = net.value()->wait_for_keys(keys); !s.ok()) {
+    ADD_FAILURE() << "waiting for keys: " << s.error().message << "\n--- alice-kme\n"
+                  << net.value()->log_tail(net.value()->alice()) << "--- bob-kme\n"
+                  << net.value()->log_tail(net.value()->bob());
+    return nullptr;
+  }
+  return std::move(net.value());
+}
+
+// --- one network shared by the tests that do not need special settings ---
+class KmsNetwork : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { net_ = start_network({}, 64).release(); }
+  static void TearDownTestSuite() {
+    delete net_;
+    net_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(net_, nullptr) << "the KME network did not start";
+    ASSERT_TRUE(net_->running(net_->alice()) && net_->running(net_->bob()));
+  }
+  void TearDown() override {
+    // Whatever a test did, both daemons must still be serving.
+    ASSERT_TRUE(net_->running(net_->alice())) << net_->log_tail(net_->alice());
+    ASSERT_TRUE(net_->running(net_->bob())) << net_->log_tail(net_->bob());
+  }
+  static HttpsTestClient alice() { return net_->client(net_->alice(), "alice"); }
+  static HttpsTestClient bob() { return net_->client(net_->bob(), "bob"); }
+  static KmeNetwork* net_;
+};
+KmeNetwork* KmsNetwork::net_ = nullptr;
+
+TEST_F(KmsNetwork, StatusReportsEveryField) {
+  for (bool at_alice : {true, false}) {
+    auto r = at_alice ? alice().get("/api/v1/keys/bob/status")
+                      : bob().get("/api/v1/keys/alice/status");
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    ASSERT_EQ(r->status, 200u) << r->body;
+    EXPECT_NE(r->content_type.find("application/json"), std::string::npos);
+    const json j = r->json();
+    EXPECT_EQ(j["source_KME_ID"], at_alice ? "alice-kme" : "bob-kme");
+    EXPECT_EQ(j["target_KME_ID"], at_alice ? "bob-kme" : "alice-kme");
+    EXPECT_EQ(j["master_SAE_ID"], at_alice ? "alice" : "bob");
+    EXPECT_EQ(j["slave_SAE_ID"], at_alice ? "bob" : "alice");
+    EXPECT_EQ(j["key_size"], 256);
+    EXPECT_GE(j["stored_key_count"].get<std::int64_t>(), 64);
+    EXPECT_EQ(j["max_key_count"], 100000);
+    EXPECT_EQ(j["max_key_per_request"], 128);
+    EXPECT_EQ(j["max_key_size"], 8192);
+    EXPECT_EQ(j["min_key_size"], 64);
+    EXPECT_EQ(j["max_SAE_ID_count"], 0);
+    const json& link = j["status_extension"]["link"];
+    EXPECT_EQ(link["state"], "up");
+    EXPECT_GT(link["qber"].get<double>(), 0.0);
+    EXPECT_LT(link["qber"].get<double>(), 0.05);
+    EXPECT_GT(link["raw_key_rate_bps"].get<double>(), link["sifted_key_rate_bps"].get<double>());
+    EXPECT_GT(link["sifted_key_rate_bps"].get<double>(),
+              link["secret_key_rate_bps"].get<double>());
+    EXPECT_GT(link["secret_key_rate_bps"].get<double>(), 0.0);
+    EXPECT_GE(link["blocks"].get<std::int64_t>(), 1);
+    EXPECT_TRUE(link["aborted_blocks"].is_number_integer());
+    EXPECT_TRUE(link["last_abort_reason"].is_string());
+  }
+  // Status for an SAE that the peer KME does not serve.
+  auto r = alice().get("/api/v1/keys/mallory/status");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 400u);
+}
+
+TEST_F(KmsNetwork, EncKeysGetThenDecKeysGetGiveIdenticalBytes) {
+  auto enc = alice().get("/api/v1/keys/bob/enc_keys?number=3&size=512");
+  ASSERT_TRUE(enc.ok()) << enc.error().message;
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  const auto keys = keys_of(*enc);
+  ASSERT_EQ(keys.size(), 3u);
+  for (const auto& [id, key] : keys) {
+    EXPECT_EQ(id.size(), 36u);
+    EXPECT_EQ(id[14], '4');  // UUID version 4
+    ASSERT_EQ(key.size(), 64u);
+    auto dec = bob().get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
+    ASSERT_TRUE(dec.ok()) << dec.error().message;
+    ASSERT_EQ(dec->status, 200u) << dec->body;
+    const auto got = keys_of(*dec);
+    ASSERT_EQ(got.size(), 1u);
+    EXPECT_EQ(got.at(id), key);
+  }
+}
+
+TEST_F(KmsNetwork, EncKeysPostThenDecKeysPostGiveIdenticalBytes) {
+  auto enc = alice().post("/api/v1/keys/bob/enc_keys",
+                          R"({"number": 4, "size": 1024, "additional_slave_SAE_IDs": [],
+                              "extension_optional": [{"abc_route_type": "direct"}]})");
+  ASSERT_TRUE(enc.ok()) << enc.error().message;
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  const auto keys = keys_of(*enc);
+  ASSERT_EQ(keys.size(), 4u);
+  std::vector<std::string> ids;
+  for (const auto& [id, key] : keys) {
+    EXPECT_EQ(key.size(), 128u);
+    ids.push_back(id);
+  }
+  auto dec = bob().post("/api/v1/keys/alice/dec_keys", dec_body(ids));
+  ASSERT_TRUE(dec.ok()) << dec.error().message;
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  EXPECT_EQ(keys_of(*dec), keys);
+}
+
+TEST_F(KmsNetwork, BobAsMasterAliceAsSlave) {
+  auto enc = bob().post("/api/v1/keys/alice/enc_keys", R"({"number": 2})");
+  ASSERT_TRUE(enc.ok()) << enc.error().message;
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  const auto keys = keys_of(*enc);
+  std::vector<std::string> ids;
+  for (const auto& [id, key] : keys) {
+    EXPECT_EQ(key.size(), 32u);  // default key_size 256
+    ids.push_back(id);
+  }
+  auto dec = alice().post("/api/v1/keys/bob/dec_keys", dec_body(ids));
+  ASSERT_TRUE(dec.ok()) << dec.error().message;
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  EXPECT_EQ(keys_of(*dec), keys);
+}
+
+TEST_F(KmsNetwork, WrongSaeGets401) {
+  auto mallory_alice = net_->client(net_->alice(), "mallory");
+  auto mallory_bob = net_->client(net_->bob(), "mallory");
+  auto alice_at_bob = net_->client(net_->bob(), "alice");
+  auto st = mallory_alice.get("/api/v1/keys/bob/status");
+  ASSERT_TRUE(st.ok()) << st.error().message;
+  EXPECT_EQ(st->status, 401u);
+  EXPECT_EQ(mallory_alice.get("/api/v1/keys/bob/enc_keys")->status, 401u);
+
+  auto enc = alice().get("/api/v1/keys/bob/enc_keys");
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  const std::string id = keys_of(*enc).begin()->first;
+  const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + id;
+  EXPECT_EQ(mallory_bob.get(target)->status, 401u);    // not an SAE of bob-kme
+  EXPECT_EQ(alice_at_bob.get(target)->status, 401u);   // alice asking for bob's key
+  EXPECT_EQ(bob().get("/api/v1/keys/mallory/dec_keys?key_ID=" + id)->status,
+            401u);  // wrong master in the path
+  // None of the refused requests consumed the key.
+  auto dec = bob().get(target);
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  EXPECT_EQ(keys_of(*dec), keys_of(*enc));
+}
+
+TEST_F(KmsNetwork, SecondDecKeysOfSameKeyIs400) {
+  auto enc = alice().get("/api/v1/keys/bob/enc_keys");
+  ASSERT_EQ(enc->status, 200u);
+  const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first;
+  ASSERT_EQ(bob().get(target)->status, 200u);
+  auto again = bob().get(target);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->status, 400u);
+  EXPECT_EQ(message_of(*again), kNotFound);
+  // The allocating KME does not hand the key out a second time either.
+  auto at_alice = alice().post("/api/v1/keys/bob/dec_keys",
+                               dec_body({keys_of(*enc).begin()->first}));
+  EXPECT_EQ(at_alice->status, 400u);
+}
+
+TEST_F(KmsNetwork, SizeNotMultipleOf8Is400) {
+  auto g = alice().get("/api/v1/keys/bob/enc_keys?number=1&size=130");
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(g->status, 400u);
+  EXPECT_EQ(message_of(*g), "size shall be a multiple of 8");
+  auto p = alice().post("/api/v1/keys/bob/enc_keys", R"({"size": 257})");
+  EXPECT_EQ(p->status, 400u);
+  EXPECT_EQ(message_of(*p), "size shall be a multiple of 8");
+}
+
+TEST_F(KmsNetwork, LimitsAre400WithAMessage) {
+  auto many = alice().get("/api/v1/keys/bob/enc_keys?number=129");
+  EXPECT_EQ(many->status, 400u);
+  EXPECT_NE(message_of(*many).find("max_key_per_request"), std::string::npos) << many->body;
+  auto small = alice().get("/api/v1/keys/bob/enc_keys?size=56");
+  EXPECT_EQ(small->status, 400u);
+  EXPECT_NE(message_of(*small).find("min_key_size"), std::string::npos) << small->body;
+  auto large = alice().post("/api/v1/keys/bob/enc_keys", R"({"size": 8200})");
+  EXPECT_EQ(large->status, 400u);
+  EXPECT_NE(message_of(*large).find("max_key_size"), std::string::npos) << large->body;
+  auto ext = alice().post("/api/v1/keys/bob/enc_keys",
+                          R"({"extension_mandatory": [{"abc_route_type": "direct"}]})");
+  EXPECT_EQ(ext->status, 400u);
+  EXPECT_EQ(message_of(*ext), "not all extension_mandatory parameters are supported");
+  auto multicast = alice().post("/api/v1/keys/bob/enc_keys",
+                                R"({"additional_slave_SAE_IDs": ["mallory"]})");
+  EXPECT_EQ(multicast->status, 400u);
+}
+
+TEST_F(KmsNetwork, MalformedRequestsAre400AndServiceKeepsServing) {
+  for (const char* body : {"{", "{\"number\": }", "\xff\xfe", "[]", "\"x\"", "{\"number\": 1.5}",
+                           "{\"number\": \"3\"}", "{\"size\": null}"}) {
+    auto r = alice().post("/api/v1/keys/bob/enc_keys", body);
+    ASSERT_TRUE(r.ok()) << body << ": " << r.error().message;
+    EXPECT_EQ(r->status, 400u) << body;
+    EXPECT_FALSE(message_of(*r).empty()) << body;
+  }
+  for (const char* body : {"", "{", "{\"key_IDs\": {}}", "{\"key_IDs\": [{\"key_ID\": 1}]}"}) {
+    auto r = bob().post("/api/v1/keys/alice/dec_keys", body);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->status, 400u) << body;
+  }
+  auto big = alice().post("/api/v1/keys/bob/enc_keys", std::string(200 * 1024, ' '));
+  if (big.ok()) {
+    EXPECT_EQ(big->status, 400u);
+  }
+  auto two = bob().get("/api/v1/keys/alice/dec_keys?key_ID=a&key_ID=b");
+  EXPECT_EQ(two->status, 400u);
+  auto status = alice().get("/api/v1/keys/bob/status");
+  ASSERT_TRUE(status.ok());
+  EXPECT_EQ(status->status, 200u);
+  auto enc = alice().get("/api/v1/keys/bob/enc_keys");
+  EXPECT_EQ(enc->status, 200u);
+}
+
+TEST_F(KmsNetwork, UnknownRouteIs404AndWrongMethodIs400) {
+  auto r = alice().get("/api/v1/keys/bob/nothing");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 404u);
+  EXPECT_FALSE(message_of(*r).empty());
+  auto m = alice().request("DELETE", "/api/v1/keys/bob/status");
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->status, 400u);
+}
+
+TEST_F(KmsNetwork, ConnectionWithoutClientCertificateIsRefused) {
+  qkd::test::TlsIdentity anon = net_->sae("alice");
+  anon.cert_file.clear();
+  anon.key_file.clear();
+  HttpsTestClient c(net_->alice().host, net_->alice().api_port, anon);
+  auto r = c.get("/api/v1/keys/bob/status");
+  EXPECT_FALSE(r.ok()) << "got HTTP " << r->status;
+  EXPECT_EQ(alice().get("/api/v1/keys/bob/status")->status, 200u);
+}
+
+TEST_F(KmsNetwork, ConcurrentEncKeysFromBothSidesNeverCollide) {
+  constexpr int kThreads = 3, kRequests = 8, kPer = 4;
+  std::mutex mu;
+  std::map<std::string, std::vector<std::uint8_t>> from_alice, from_bob;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int side = 0; side < 2; ++side) {
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, side] {
+        auto c = side == 0 ? alice() : bob();
+        const std::string target = side == 0 ? "/api/v1/keys/bob/enc_keys"
+                                             : "/api/v1/keys/alice/enc_keys";
+        for (int i = 0; i < kRequests; ++i) {
+          auto r = c.post(target, fmt::format(R"({{"number": {}, "size": 256}})", kPer));
+          if (!r.ok() || r->status != 200) {
+            ++failures;
+            continue;
+          }
+          std::lock_guard l(mu);
+          for (auto& [id, key] : keys_of(*r)) {
+            (side == 0 ? from_alice : from_bob).emplace(id, key);
+          }
+        }
+      });
+    }
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  ASSERT_EQ(failures.load(), 0);
+  ASSERT_EQ(from_alice.size(), static_cast<std::size_t>(kThreads * kRequests * kPer));
+  ASSERT_EQ(from_bob.size(), static_cast<std::size_t>(kThreads * kRequests * kPer));
+  // No key material handed out twice (a collision would repeat 32 random bytes).
+  std::set<std::vector<std::uint8_t>> distinct;
+  for (const auto* m : {&from_alice, &from_bob}) {
+    for (const auto& [id, key] : *m) {
+      EXPECT_TRUE(distinct.insert(key).second) << "key bytes repeated";
+    }
+  }
+  // Each peer returns identical bytes.
+  auto fetch_all = [](HttpsTestClient c, const std::string& target,
+                      const std::map<std::string, std::vector<std::uint8_t>>& expect) {
+    std::vector<std::string> ids;
+    for (const auto& [id, _] : expect) {
+      ids.push_back(id);
+    }
+    for (std::size_t i = 0; i < ids.size(); i += 32) {
+      std::vector<std::string> batch(ids.begin() + static_cast<std::ptrdiff_t>(i),
+                                     ids.begin() + static_cast<std::ptrdiff_t>(
+                                                       std::min(ids.size(), i + 32)));
+      auto r = c.post(target, dec_body(batch));
+      ASSERT_TRUE(r.ok()) << r.error().message;
+      ASSERT_EQ(r->status, 200u) << r->body;
+      for (const auto& [id, key] : keys_of(*r)) {
+        EXPECT_EQ(key, expect.at(id));
+      }
+    }
+  };
+  fetch_all(bob(), "/api/v1/keys/alice/dec_keys", from_alice);
+  fetch_all(alice(), "/api/v1/keys/bob/dec_keys", from_bob);
+}
+
+// --- tests with their own network ---
+
+TEST(KmsNetworkSpecial, DecKeysWaitsForANoticeStillInFlight) {
+  KmeNetworkOptions o;
+  o.dec_wait_ms = 3000;
+  o.customize = [](json& a, json&) { a["link"]["notice_delay_ms"] = 600; };
+  auto net = start_network(o, 8);
+  ASSERT_NE(net, nullptr);
+  auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=2");
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  std::vector<std::string> ids;
+  for (const auto& [id, _] : keys_of(*enc)) {
+    ids.push_back(id);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  auto dec = net->client(net->bob(), "bob").post("/api/v1/keys/alice/dec_keys", dec_body(ids));
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  ASSERT_TRUE(dec.ok()) << dec.error().message;
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  EXPECT_EQ(keys_of(*dec), keys_of(*enc));
+  EXPECT_GE(waited, 400ms);  // it really waited for the notice
+}
+
+TEST(KmsNetworkSpecial, DecKeysWaitIsBounded) {
+  KmeNetworkOptions o;
+  o.dec_wait_ms = 200;
+  o.customize = [](json& a, json&) { a["link"]["notice_delay_ms"] = 1500; };
+  auto net = start_network(o, 8);
+  ASSERT_NE(net, nullptr);
+  auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  const std::string target =
+      "/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first;
+  auto bob = net->client(net->bob(), "bob");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto early = bob.get(target);
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  ASSERT_TRUE(early.ok());
+  EXPECT_EQ(early->status, 400u);
+  EXPECT_EQ(message_of(*early), kNotFound);
+  EXPECT_GE(waited, 150ms);
+  EXPECT_LT(waited, 1200ms);
+  // Once the notice has arrived the key is there (the early miss consumed nothing).
+  std::this_thread::sleep_for(1600ms);
+  auto late = bob.get(target);
+  ASSERT_EQ(late->status, 200u) << late->body;
+  EXPECT_EQ(keys_of(*late), keys_of(*enc));
+}
+
+TEST(KmsNetworkSpecial, MoreKeyThanStoredIs503) {
+  KmeNetworkOptions o;
+  o.max_key_count = 4;  // the link pauses once both directions hold 4 keys
+  auto net = start_network(o, 4);
+  ASSERT_NE(net, nullptr);
+  auto alice = net->client(net->alice(), "alice");
+  auto st = alice.get("/api/v1/keys/bob/status");
+  ASSERT_EQ(st->status, 200u);
+  EXPECT_LE(st->json()["stored_key_count"].get<std::int64_t>(), 4);
+  auto r = alice.post("/api/v1/keys/bob/enc_keys", R"({"number": 128, "size": 8192})");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 503u);
+  EXPECT_NE(message_of(*r).find("not enough key"), std::string::npos) << r->body;
+  // All or nothing: what is stored is still there.
+  EXPECT_EQ(alice.get("/api/v1/keys/bob/enc_keys?number=2")->status, 200u);
+}
+
+TEST(KmsNetworkSpecial, LinkRecoversAfterPeerRestart) {
+  auto net = start_network({}, 4);
+  ASSERT_NE(net, nullptr);
+  ASSERT_TRUE(net->restart_bob().ok());
+  ASSERT_TRUE(net->wait_for_keys(4).ok()) << net->log_tail(net->alice());
+  auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  auto dec = net->client(net->bob(), "bob")
+                 .get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first);
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  EXPECT_EQ(keys_of(*dec), keys_of(*enc));
+}
+
+}  // namespace
