@@ -1,5 +1,7 @@
 // Throughput of the qkdcore stages. Run:
-//   build-core/bin/core_bench --benchmark_counters_tabular=true
+//   build-speed/bin/core_bench --benchmark_counters_tabular=true
+// (docs/BENCHMARKS.md records the commands and results; bench/cascade_fer.cpp prints the
+// Cascade efficiency / frame-error table over many blocks.)
 // Rates are in input bits per second (Mbit/s = bytes_per_second / 1e6 * 8 is not used:
 // the "bits/s" counter counts key bits).
 #include <benchmark/benchmark.h>
@@ -12,7 +14,9 @@
 #include "qkd/core/link.hpp"
 #include "qkd/core/physics.hpp"
 #include "qkd/core/random.hpp"
+#include "qkd/core/key_length.hpp"
 #include "qkd/core/toeplitz.hpp"
+#include "legacy_cascade.hpp"
 #include "toeplitz_internal.hpp"
 
 namespace {
@@ -28,12 +32,22 @@ BitVector random_vector(Xoshiro256ss& rng, std::size_t n) {
   return v;
 }
 
-// Cascade on n-bit blocks at a QBER of range(1) per mille, local oracle (no transport).
+// Cascade on n-bit blocks at a QBER of range(1) per mille, local oracle (no transport):
+// layout + Alice's responder + Bob's cascade_correct are timed, error generation is not.
+// "bits/s" counts reconciled (sifted) bits; "f" = disclosed parities / (n h(QBER)).
+// variant: 0..2 = CascadeVariant, 9 = the first qkdcore implementation (bench/legacy_*),
+// run on the same blocks (same seeds) as the others.
 void BM_Cascade(benchmark::State& state) {
   const auto n = static_cast<std::uint32_t>(state.range(0));
   const double q = static_cast<double>(state.range(1)) / 1000.0;
+  const bool legacy = state.range(2) == 9;
+  const auto variant = legacy ? CascadeVariant::kOriginal
+                              : static_cast<CascadeVariant>(state.range(2));
+  const std::uint32_t passes = cascade_default_passes(variant);
+  const std::uint32_t k1 = cascade_first_block_size(q, n, variant);
   Xoshiro256ss rng(1);
   std::uint64_t leaked = 0;
+  std::uint64_t failures = 0;
   for (auto _ : state) {
     state.PauseTiming();
     BitVector alice = random_vector(rng, n);
@@ -48,21 +62,37 @@ void BM_Cascade(benchmark::State& state) {
       b = static_cast<std::uint8_t>(rng.next());
     }
     state.ResumeTiming();
-    const CascadeLayout layout(n, 4, cascade_first_block_size(q, n), seed);
-    const CascadeResponder responder(alice, layout);
-    LocalParityOracle oracle(responder);
-    auto stats = cascade_correct(bob, layout, oracle);
+    const CascadeLayout layout(n, passes, k1, seed, variant);
+    Result<CascadeStats> stats = CascadeStats{};
+    if (legacy) {
+      const qkd::bench_legacy::LegacyResponder responder(alice, layout);
+      qkd::bench_legacy::LegacyOracle oracle(responder);
+      stats = qkd::bench_legacy::legacy_cascade_correct(bob, layout, oracle);
+    } else {
+      const CascadeResponder responder(alice, layout);
+      LocalParityOracle oracle(responder);
+      stats = cascade_correct(bob, layout, oracle);
+    }
     benchmark::DoNotOptimize(stats);
     leaked += stats->parities_disclosed;
+    failures += bob == alice ? 0 : 1;
   }
-  state.counters["bits/s"] =
-      benchmark::Counter(static_cast<double>(n) * static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate);
-  state.counters["leak/bit"] =
-      static_cast<double>(leaked) / (static_cast<double>(n) * static_cast<double>(state.iterations()));
+  const double bits = static_cast<double>(n) * static_cast<double>(state.iterations());
+  state.counters["bits/s"] = benchmark::Counter(bits, benchmark::Counter::kIsRate);
+  state.counters["f"] = static_cast<double>(leaked) / (bits * binary_entropy(q));
+  state.counters["residual_blocks"] = static_cast<double>(failures);
 }
-BENCHMARK(BM_Cascade)->Args({10'000, 10})->Args({10'000, 30})->Args({100'000, 10})
-    ->Args({100'000, 50})->Unit(benchmark::kMillisecond);
+void cascade_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "qber_permille", "variant"});
+  for (const int n : {10'000, 16'384, 65'536}) {
+    for (const int q : {10, 20, 50}) {
+      for (const int v : {9, 0, 1, 2}) {
+        b->Args({n, q, v});
+      }
+    }
+  }
+}
+BENCHMARK(BM_Cascade)->Apply(cascade_args)->Unit(benchmark::kMillisecond);
 
 // Toeplitz hashing, n input bits -> m = n/2 output bits (the privacy-amplification shape).
 // "bits/s" counts input bits. Before the timed loop each fixture checks the kernel against

@@ -390,7 +390,13 @@ struct LinkService::Impl {
       } else if (e == epoch && p && b + 1 == blocks) {
         decision = {{"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", true}};
       } else {
-        spdlog::info("link: peer pool differs (blocks {} vs {}): resetting both pools", b, blocks);
+        if (e == 0) {
+          spdlog::info("link: the peer starts without a pool: starting a new pool epoch");
+        } else {
+          spdlog::warn("link: the peer's pool differs (epoch {:x} vs {:x}, {} vs {} blocks): "
+                       "discarding both pools",
+                       e, epoch, b, blocks);
+        }
         reset_locked(fresh_seed() | 1);
         decision = {{"t", "decision"}, {"mode", "reset"}, {"epoch", epoch}, {"commit_pending", false}};
       }

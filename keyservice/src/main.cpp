@@ -1,4 +1,11 @@
 // qkd-kms: one key management entity (ETSI GS QKD 014 API + one QKD link).
+//
+//   qkd-kms --config FILE [--ready-file PATH]   run (until SIGINT/SIGTERM)
+//   qkd-kms --config FILE --check-config        validate and exit 0 (valid) or 1
+//
+// Exit codes: 0 clean shutdown or valid config; 1 bad config or start-up failure (the
+// message names the file and the field); 2 unexpected fatal error. Logs go to stderr.
+// Config format: see examples/alice-kme.json and qkd/kms/config.hpp.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>

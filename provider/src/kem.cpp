@@ -100,6 +100,7 @@ void* Kem<G>::dupctx(void* vctx) {
 
 template <std::size_t G>
 int Kem<G>::encapsulate_init(void* vctx, void* provkey, const OSSL_PARAM* /*params*/) {
+  QKD_ENTRY();
   auto* ctx = static_cast<KemCtx*>(vctx);
   auto* key = static_cast<QkdKey*>(provkey);
   if (ctx == nullptr) {
@@ -118,6 +119,7 @@ int Kem<G>::encapsulate_init(void* vctx, void* provkey, const OSSL_PARAM* /*para
 template <std::size_t G>
 int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
                         unsigned char* secret, std::size_t* secretlen) {
+  QKD_ENTRY();
   auto* ctx = static_cast<KemCtx*>(vctx);
   if (ctx == nullptr) {
     return 0;
@@ -177,7 +179,7 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
     AdmissionTicket ticket(prov->admission(), peer);
     auto keys = client->enc_keys(peer, 1, kGroups[G].qkd_key_bits);
     if (!keys.ok()) {
-      raise_kme_error(prov, keys.error(), kOpEncapsulate, peer, "", __func__);
+      raise_kme_error(prov, keys.error(), kOpEncapsulate, peer, "", qkd_fn);
       return 0;
     }
     const qkd::etsi::Key& key = keys->at(0);
@@ -207,6 +209,7 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
 
 template <std::size_t G>
 int Kem<G>::decapsulate_init(void* vctx, void* provkey, const OSSL_PARAM* /*params*/) {
+  QKD_ENTRY();
   auto* ctx = static_cast<KemCtx*>(vctx);
   auto* key = static_cast<QkdKey*>(provkey);
   if (ctx == nullptr) {
@@ -224,6 +227,7 @@ int Kem<G>::decapsulate_init(void* vctx, void* provkey, const OSSL_PARAM* /*para
 template <std::size_t G>
 int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
                         const unsigned char* in, std::size_t inlen) {
+  QKD_ENTRY();
   auto* ctx = static_cast<KemCtx*>(vctx);
   if (ctx == nullptr) {
     return 0;
@@ -259,7 +263,7 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
     const std::string ids[] = {key_id};
     auto keys = client->dec_keys(ct->sae_id, ids);
     if (!keys.ok()) {
-      raise_kme_error(prov, keys.error(), kOpDecapsulate, ct->sae_id, key_id, __func__);
+      raise_kme_error(prov, keys.error(), kOpDecapsulate, ct->sae_id, key_id, qkd_fn);
       return 0;
     }
     const qkd::etsi::Key& key = keys->at(0);

@@ -21,6 +21,7 @@ struct GenCtx {
 };
 
 bool set_peer_share(QkdKey* key, const void* data, std::size_t len) {
+  QKD_ENTRY();
   const auto bytes = std::span<const std::uint8_t>(static_cast<const std::uint8_t*>(data), len);
   auto share = parse_share(bytes);
   if (!share.ok()) {
@@ -134,6 +135,7 @@ void* Keymgmt<G>::gen_init(void* provctx, int selection, const OSSL_PARAM params
 
 template <std::size_t G>
 int Keymgmt<G>::gen_set_params(void* genctx, const OSSL_PARAM params[]) {
+  QKD_ENTRY();
   auto* gctx = static_cast<GenCtx*>(genctx);
   if (gctx == nullptr) {
     return 0;
@@ -167,6 +169,7 @@ const OSSL_PARAM* Keymgmt<G>::gen_settable_params(void* /*genctx*/, void* /*prov
 // Neither touches the KME.
 template <std::size_t G>
 void* Keymgmt<G>::gen(void* genctx, OSSL_CALLBACK* /*cb*/, void* /*cbarg*/) {
+  QKD_ENTRY();
   auto* gctx = static_cast<GenCtx*>(genctx);
   if (gctx == nullptr) {
     return nullptr;
@@ -210,6 +213,7 @@ void Keymgmt<G>::gen_cleanup(void* genctx) {
 
 template <std::size_t G>
 int Keymgmt<G>::get_params(void* keydata, OSSL_PARAM params[]) {
+  QKD_ENTRY();
   auto* key = static_cast<QkdKey*>(keydata);
   if (key == nullptr) {
     return 0;
@@ -255,6 +259,7 @@ const OSSL_PARAM* Keymgmt<G>::gettable_params(void* /*provctx*/) {
 
 template <std::size_t G>
 int Keymgmt<G>::set_params(void* keydata, const OSSL_PARAM params[]) {
+  QKD_ENTRY();
   auto* key = static_cast<QkdKey*>(keydata);
   if (key == nullptr) {
     return 0;
@@ -285,6 +290,7 @@ const OSSL_PARAM* Keymgmt<G>::settable_params(void* /*provctx*/) {
 // decapsulate is this SAE's standing with its KME, not bytes that could be exported.
 template <std::size_t G>
 int Keymgmt<G>::import_key(void* keydata, int selection, const OSSL_PARAM params[]) {
+  QKD_ENTRY();
   auto* key = static_cast<QkdKey*>(keydata);
   if (key == nullptr) {
     return 0;

@@ -80,8 +80,11 @@ class ProvCtx {
   std::unique_ptr<qkd::etsi::Client> client_;  // guarded by mu_; thread-safe itself
 };
 
+// Entry points start with QKD_ENTRY so that errors raised inside their guarded lambdas
+// name the entry point ("encapsulate"), not "operator()".
+#define QKD_ENTRY() const char* const qkd_fn = __func__
 #define QKD_RAISE(prov, reason, message) \
-  (prov)->raise((reason), __FILE__, __LINE__, __func__, (message))
+  (prov)->raise((reason), __FILE__, __LINE__, qkd_fn, (message))
 
 // Runs `body` and turns any exception into a raised error: nothing crosses the C ABI.
 template <typename R, typename F>

@@ -211,6 +211,7 @@ extern "C" __attribute__((visibility("default"))) int OSSL_provider_init(
         break;
     }
   }
+  QKD_ENTRY();
   // A context only to raise errors with before the real one exists.
   const ProvCtx reporter(handle, core, Settings{});
   return guarded<int>(&reporter, 0, "OSSL_provider_init", [&] {

@@ -191,7 +191,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
   }
   BitVector sample;
   BitVector key;
-  BlockStatistics stats;
+  BlockStatistics block_stats;
   detail::split_by_mask(sifted, *mask, sample, key);
   sifted.clear();
   {
@@ -210,9 +210,9 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     if (!rd.bits(bob_sample, sample.size()) || !rd.done() || bob_sample.size() != sample.size()) {
       return malformed(MsgType::kSampleReply);
     }
-    stats = detail::gather_statistics(info, *mask, sample, bob_sample, P, source,
+    block_stats = detail::gather_statistics(info, *mask, sample, bob_sample, P, source,
                                       P.pulses_per_block, r);
-    if (auto why = detail::estimation_abort(stats.sample_bits, stats.sample_errors, key.size(),
+    if (auto why = detail::estimation_abort(block_stats.sample_bits, block_stats.sample_errors, key.size(),
                                             P.qber_abort, P.confidence_sd)) {
       r.aborted = true;
       r.abort_reason = *why;
@@ -335,7 +335,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
 
   // (g) Privacy amplification.
   {
-    const std::uint64_t m = detail::final_key_length(stats, r.leaked_bits, r);
+    const std::uint64_t m = detail::final_key_length(block_stats, r.leaked_bits, r);
     BitVector pseed;
     if (m > 0) {
       auto s = detail::random_bits(n + m - 1);

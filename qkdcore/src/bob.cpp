@@ -229,7 +229,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
 
   // (d) Parameter estimation.
   BitVector key;
-  BlockStatistics stats;
+  BlockStatistics block_stats;
   {
     auto f = recv(MsgType::kSample, block);
     if (!f.ok()) {
@@ -258,9 +258,9 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     if (Status s = ch.send(MsgType::kSampleReply, block, w.buffer()); !s.ok()) {
       return s;
     }
-    stats = detail::gather_statistics(info, mask, alice_sample, sample, P, source,
+    block_stats = detail::gather_statistics(info, mask, alice_sample, sample, P, source,
                                       P.pulses_per_block, r);
-    if (auto why = detail::estimation_abort(stats.sample_bits, stats.sample_errors, key.size(),
+    if (auto why = detail::estimation_abort(block_stats.sample_bits, block_stats.sample_errors, key.size(),
                                             P.qber_abort, P.confidence_sd)) {
       r.aborted = true;
       r.abort_reason = *why;
@@ -334,7 +334,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
 
   // (g) Privacy amplification.
   {
-    const std::uint64_t m = detail::final_key_length(stats, r.leaked_bits, r);
+    const std::uint64_t m = detail::final_key_length(block_stats, r.leaked_bits, r);
     auto f = recv(MsgType::kAmplify, block);
     if (!f.ok()) {
       return f.error();

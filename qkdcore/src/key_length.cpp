@@ -311,8 +311,9 @@ DecoyEstimate decoy_estimate(const std::array<double, 3>& mu, const std::array<d
   }
   const double dn = hoeffding(n_total, eps);
   const double dm = hoeffding(m_total, eps);
+  // Counts cannot be negative: a lower bound below zero is replaced by zero (still valid).
   auto scaled = [&](std::size_t k, double count, double delta) {
-    return std::exp(mu[k]) / prob[k] * (count + delta);
+    return std::exp(mu[k]) / prob[k] * std::max(0.0, count + delta);
   };
   const auto n = [&](std::size_t k) { return static_cast<double>(detections[k]); };
   const auto e = [&](std::size_t k) { return static_cast<double>(errors[k]); };

@@ -12,6 +12,11 @@
 
 #include "qkd/test/kme_network.hpp"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 namespace {
 
 using namespace std::chrono_literals;
@@ -76,6 +81,25 @@ std::unique_ptr<KmeNetwork> start_network(KmeNetworkOptions o, std::uint64_t key
     return nullptr;
   }
   return std::move(net.value());
+}
+
+// Connects over plain TCP, writes `bytes`, reads until the peer closes (or 3 s pass).
+void send_raw(std::uint16_t port, const std::string& bytes) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{3, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+    (void)!::write(fd, bytes.data(), bytes.size());
+    char buf[512];
+    while (::read(fd, buf, sizeof buf) > 0) {
+    }
+  }
+  ::close(fd);
 }
 
 // --- one network shared by the tests that do not need special settings ---
@@ -438,6 +462,50 @@ TEST(KmsNetworkSpecial, LinkRecoversAfterPeerRestart) {
   ASSERT_NE(net, nullptr);
   ASSERT_TRUE(net->restart_bob().ok());
   ASSERT_TRUE(net->wait_for_keys(4).ok()) << net->log_tail(net->alice());
+  auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  auto dec = net->client(net->bob(), "bob")
+                 .get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first);
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  EXPECT_EQ(keys_of(*dec), keys_of(*enc));
+}
+
+TEST(KmsNetworkSpecial, GarbageAndForeignPeersDoNotHurt) {
+  auto net = start_network({}, 4);
+  ASSERT_NE(net, nullptr);
+  const std::uint16_t api = net->alice().api_port;
+  const std::uint16_t link = net->alice().link_port;
+  std::string junk(4096, '\0');
+  for (std::size_t i = 0; i < junk.size(); ++i) {
+    junk[i] = static_cast<char>((i * 131 + 7) & 0xff);
+  }
+  send_raw(api, "GET /api/v1/keys/bob/status HTTP/1.1\r\nHost: x\r\n\r\n");  // no TLS
+  send_raw(api, junk);
+  send_raw(link, junk);
+  send_raw(link, std::string("\x16\x03\x01\x00\x05hello", 10));
+  // TLS peers on the link port that are not the peer KME are refused.
+  for (const char* who : {"mallory", "alice", "alice-kme"}) {
+    HttpsTestClient c(net->alice().host, link, net->sae(who), std::chrono::seconds(3));
+    auto r = c.get("/");
+    EXPECT_FALSE(r.ok()) << who << " was served on the link port";
+  }
+  // Someone holding the peer KME's certificate but speaking HTTP: dropped, link recovers.
+  HttpsTestClient fake_bob(net->alice().host, link, net->sae("bob-kme"), std::chrono::seconds(3));
+  EXPECT_FALSE(fake_bob.get("/").ok());
+  // A client certificate from another CA is refused on the API.
+  ASSERT_EQ(std::system(fmt::format("bash '{}' '{}' eve >/dev/null 2>&1",
+                                    (qkd::test::source_dir() / "examples" / "pki.sh").string(),
+                                    (net->dir() / "other-pki").string())
+                            .c_str()),
+            0);
+  qkd::test::TlsIdentity eve{(net->dir() / "other-pki" / "eve.crt").string(),
+                             (net->dir() / "other-pki" / "eve.key").string(),
+                             net->ca_file().string()};
+  EXPECT_FALSE(HttpsTestClient(net->alice().host, api, eve).get("/api/v1/keys/bob/status").ok());
+
+  ASSERT_TRUE(net->running(net->alice()));
+  ASSERT_TRUE(net->running(net->bob()));
+  ASSERT_TRUE(net->wait_for_keys(4).ok());
   auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
   ASSERT_EQ(enc->status, 200u) << enc->body;
   auto dec = net->client(net->bob(), "bob")

@@ -7,9 +7,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "fake_kme.hpp"
 #include "harness.hpp"
@@ -303,6 +306,63 @@ TEST_F(FakeHandshake, MissingSettingIsNamedAtFirstUse) {
   Handshake h = handshake(s.client.get(), s.server.get());
   ASSERT_FALSE(h.ok);
   EXPECT_NE(h.server_errors.find("missing setting kme_url"), std::string::npos) << h.server_errors;
+}
+
+
+TEST_F(FakeHandshake, HelloRetryRequestCostsNoKey) {
+  FakeKeyStore store;
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto client_lib = load_libctx(cnf("fa7", "alice", alice_kme.url()));
+  auto server_lib = load_libctx(cnf("fb7", "bob", bob_kme.url()));
+  ASSERT_TRUE(client_lib && server_lib);
+  const auto bob_crt = pki("bob.crt");
+  const auto bob_key = pki("bob.key");
+  {
+    // Client offers an X25519 share first; the server wants qkd: HRR, then qkd.
+    auto c = make_client_ctx(client_lib.get(), "X25519:qkd", pki("ca.crt"));
+    auto sv = make_server_ctx(server_lib.get(), "qkd", bob_crt, bob_key);
+    Handshake h = handshake(c.get(), sv.get());
+    ASSERT_TRUE(h.ok) << h.client_errors << h.server_errors;
+    EXPECT_STREQ(SSL_group_to_name(h.client.get(), SSL_get_negotiated_group(h.client.get())), "qkd");
+    EXPECT_EQ(bob_kme.requests(), 1);
+    EXPECT_EQ(alice_kme.requests(), 1);
+  }
+  {
+    // Client offers a qkd share; the server knows only X25519: HRR, and no KME is asked.
+    auto c = make_client_ctx(client_lib.get(), "qkd:X25519", pki("ca.crt"));
+    auto sv = make_server_ctx(server_lib.get(), "X25519", bob_crt, bob_key);
+    Handshake h = handshake(c.get(), sv.get());
+    ASSERT_TRUE(h.ok) << h.client_errors << h.server_errors;
+    EXPECT_STREQ(SSL_group_to_name(h.client.get(), SSL_get_negotiated_group(h.client.get())), "x25519");
+    EXPECT_EQ(bob_kme.requests(), 1);
+    EXPECT_EQ(alice_kme.requests(), 1);
+  }
+}
+
+TEST_F(FakeHandshake, ConcurrentHandshakesShareOneProviderSafely) {
+  FakeKeyStore store;
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto s = sides(cnf("fa8", "alice", alice_kme.url()), cnf("fb8", "bob", bob_kme.url()));
+  ASSERT_TRUE(s.client && s.server);
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 5; ++i) {
+        if (handshake(s.client.get(), s.server.get()).ok) {
+          ++ok;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  EXPECT_EQ(ok.load(), 20);
+  EXPECT_EQ(bob_kme.requests(), 20);
+  EXPECT_LE(bob_kme.connections(), 4 + 4);  // kept alive: about one per concurrent caller
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <openssl/evp.h>
 
 #include <cstring>
+#include <iostream>
 #include <string>
 #include <vector>
 
@@ -174,6 +175,7 @@ TEST_F(RealKme, EvpFlowAndReplayedKeyIdIsUnknown) {
   const std::string errors = drain_errors();
   EXPECT_NE(errors.find("key_ID unknown at KME"), std::string::npos) << errors;
   EXPECT_NE(errors.find("from SAE bob"), std::string::npos) << errors;
+  std::cout << "[replay errors] " << errors;
 
   // Garbage ciphertext: refused before any KME call, no crash.
   const unsigned char garbage[] = {0x01, 0x03, 'b', 'o', 'b', 0x00};
@@ -216,6 +218,7 @@ TEST_F(RealKme, ClientAtTheWrongKmeFailsCleanly) {
   EXPECT_TRUE(h.client_errors.find("key_ID unknown at KME") != std::string::npos ||
               h.client_errors.find("key service refused the request") != std::string::npos)
       << h.client_errors;
+  std::cout << "[client errors] " << h.client_errors;
 }
 
 }  // namespace

@@ -257,7 +257,10 @@ qkd::core::Status KmeNetwork::restart_bob() {
 KmeNetwork::~KmeNetwork() {
   stop(bob_);
   stop(alice_);
-  const bool failed = ::testing::Test::HasFailure();
+  // A failure in the current test, or (for a network shared by a suite and destroyed in
+  // TearDownTestSuite) in any test of this process.
+  const bool failed = ::testing::Test::HasFailure() ||
+                      ::testing::UnitTest::GetInstance()->failed_test_count() > 0;
   const char* keep = std::getenv("QKD_TEST_KEEP");
   if (failed) {
     std::cerr << "qkd::test: test failed; KME network kept in " << dir_ << "\n--- alice-kme log tail\n"

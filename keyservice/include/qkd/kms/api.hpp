@@ -77,8 +77,28 @@ struct LinkStats {
 };
 
 // The ETSI GS QKD 014 service of one KME. Handlers are pure functions of (caller, request)
-// over the key store. Errors (status codes and fixed messages) are documented in
-// keyservice/README.md.
+// over the key store.
+//
+// Status codes (ETSI allows only 400/401/503 as errors; we add 404 for unknown routes):
+//   401 (no body)  the client certificate's CN is not one of this KME's SAEs; or, at
+//                  dec_keys, the caller is not the slave (or an additional slave) of every
+//                  requested key, or the master SAE in the path is not each key's master.
+//   400 + Error    "size shall be a multiple of 8"; "size N is below min_key_size (M)";
+//                  "size N exceeds max_key_size (M)"; "number N exceeds max_key_per_request
+//                  (M)"; "number must be at least 1"; "not all extension_mandatory
+//                  parameters are supported" (no vendor extension is supported yet;
+//                  extension_optional is accepted and ignored); "malformed JSON ..." and
+//                  other shape errors (wrong types, unknown GET query parameters); an
+//                  unknown slave SAE in the path; more additional slaves than
+//                  max_SAE_ID_count (= number of peer SAEs - 1); dec_keys: "one or more
+//                  keys specified are not found on KME" for unknown, malformed or already
+//                  delivered key_IDs (after waiting up to keys.dec_wait_ms for a notice
+//                  still in flight); a request method the route does not take; a body over
+//                  64 KiB.
+//   404 + Error    "no such route" (a path that is not an ETSI 014 route).
+//   503 + Error    "not enough key material: X bits requested, Y bits available" (the pool
+//                  of this KME's direction holds less than number x size; nothing is
+//                  consumed); "internal error: ..." for an unexpected failure.
 class EtsiService {
  public:
   EtsiService(const Config& config, KeyStore& store, std::function<LinkStats()> link_stats);

@@ -1,4 +1,4 @@
-// Cascade (Brassard, Salvail 1993), original four-pass version, split in two halves:
+// Cascade (Brassard, Salvail 1993) with selectable block schedules, split in two halves:
 //  - CascadeResponder (Alice): holds the reference key and answers parity queries;
 //  - cascade_correct (Bob): asks for parities through a ParityOracle and flips his bits.
 // The oracle is the seam to the protocol: in the link it sends one message per round and
@@ -13,6 +13,7 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -21,35 +22,92 @@
 
 namespace qkd::core {
 
-// The shared, public structure of one Cascade run: block sizes and per-pass shuffles.
-// Pass 0 is the identity permutation; pass p >= 1 is a Fisher-Yates shuffle driven by
-// Xoshiro256ss seeded with the announced 32-byte seed.
+// Block schedules ("variants"). Every variant starts with the identity order (pass 0) and
+// a full random shuffle (pass 1); they differ in block sizes, pass count and later orders.
+//  - kOriginal (Brassard-Salvail 1993): k1 = 0.73/Q, block size doubling, 4 passes, every
+//    pass p >= 1 a full shuffle.
+//  - kYan (Yan et al. 2008, as summarised by Martinez-Mateo et al.): k1 = 0.8/Q, k2 = 5 k1,
+//    then blocks of n/2 on random halves; 16 passes (the paper's 10 left residual errors
+//    in 0.3-0.7 % of 2^14-bit frames here).
+//  - kModern (the guidelines of "Demystifying the information reconciliation protocol
+//    Cascade", Martinez-Mateo et al. 2015, arXiv:1407.3257): power-of-two k1 from the QBER,
+//    k2 = 4 k1 (capped at n/2), then blocks of n/2 on random halves; 16 passes. The first
+//    log2(k1) halves are structured (bit j of the index within its pass-0 block, randomly
+//    complemented per block) so that an error pair left inside a pass-0 block is always
+//    split by one of them; the rest are random.
+// A "random half" pass (kSplit) orders the key as [bits whose mask bit is 0, in index
+// order] ++ [bits whose mask bit is 1, in index order] for a random mask, so blocks of n/2
+// are (up to the mask's imbalance) random halves; the order is never materialised.
+// Bob's side (cascade_correct) also reuses every parity Alice already disclosed: an odd
+// block is bisected from the smallest already-known odd sub-block, and for a two-block
+// pass only the first block's parity is asked for (the second follows from the parity of
+// the whole key, known from pass 0).
+enum class CascadeVariant : std::uint8_t { kOriginal = 0, kYan = 1, kModern = 2 };
+
+// How the positions of a pass map to key indices.
+enum class CascadePassOrder : std::uint8_t { kIdentity, kShuffle, kSplit };
+
+// The pass count each variant is designed for (4, 16, 16); pass it as `passes`.
+[[nodiscard]] std::uint32_t cascade_default_passes(CascadeVariant variant);
+
+// The shared, public structure of one Cascade run: block sizes and per-pass orders.
+// Pass 0 is the identity; shuffles are Fisher-Yates driven by Xoshiro256ss seeded with the
+// announced 32-byte seed, and so are the random-half masks.
 class CascadeLayout {
  public:
-  // first_block_size >= 1; passes >= 1; block size doubles each pass (capped at n).
+  // first_block_size >= 1 (clamped into [1, n]); passes >= 1. For kOriginal the block
+  // size doubles each pass (capped at n); see CascadeVariant for the others.
   CascadeLayout(std::uint32_t n, std::uint32_t passes, std::uint32_t first_block_size,
-                std::span<const std::uint8_t, 32> shuffle_seed);
+                std::span<const std::uint8_t, 32> shuffle_seed,
+                CascadeVariant variant = CascadeVariant::kOriginal);
   [[nodiscard]] std::uint32_t size() const { return n_; }
+  [[nodiscard]] CascadeVariant variant() const { return variant_; }
   [[nodiscard]] std::uint32_t passes() const { return static_cast<std::uint32_t>(block_.size()); }
   [[nodiscard]] std::uint32_t block_size(std::uint32_t pass) const { return block_[pass]; }
   [[nodiscard]] std::uint32_t block_count(std::uint32_t pass) const {
-    return (n_ + block_[pass] - 1) / block_[pass];
+    return n_ == 0 ? 0 : (n_ + block_[pass] - 1) / block_[pass];
   }
-  // pos -> original index, and original index -> pos, for pass p.
-  [[nodiscard]] std::span<const std::uint32_t> perm(std::uint32_t pass) const { return perm_[pass]; }
-  [[nodiscard]] std::span<const std::uint32_t> inverse(std::uint32_t pass) const { return inv_[pass]; }
+  [[nodiscard]] CascadePassOrder order(std::uint32_t pass) const { return order_[pass]; }
+  // pos -> original index, and original index -> pos, for pass p (any order).
+  [[nodiscard]] std::uint32_t original_index(std::uint32_t pass, std::uint32_t pos) const;
+  [[nodiscard]] std::uint32_t position(std::uint32_t pass, std::uint32_t index) const;
+  // The stored tables of a kShuffle pass (empty for kIdentity and kSplit passes).
+  [[nodiscard]] std::span<const std::uint32_t> perm(std::uint32_t pass) const {
+    return perm_[pass] ? std::span<const std::uint32_t>(perm_[pass].get(), n_)
+                       : std::span<const std::uint32_t>();
+  }
+  [[nodiscard]] std::span<const std::uint32_t> inverse(std::uint32_t pass) const {
+    return inv_[pass] ? std::span<const std::uint32_t>(inv_[pass].get(), n_)
+                      : std::span<const std::uint32_t>();
+  }
   // Builds the key as seen in pass p's order.
   [[nodiscard]] BitVector permuted(const BitVector& key, std::uint32_t pass) const;
+  // Parity of positions [start, start + length) of a kSplit pass, read from the key in
+  // index order (no permuted copy). Requires start + length <= n.
+  [[nodiscard]] bool split_range_parity(const BitVector& key, std::uint32_t pass,
+                                        std::uint32_t start, std::uint32_t length) const;
 
  private:
+  struct Split {
+    BitVector mask;                      // bit i set: index i is in the second class
+    std::vector<std::uint32_t> ones;     // ones[w] = set mask bits in words [0, w)
+    std::uint32_t zeros = 0;             // size of the first class
+  };
+  [[nodiscard]] std::uint32_t split_select(const Split& s, bool cls, std::uint32_t rank) const;
+
   std::uint32_t n_;
+  CascadeVariant variant_;
   std::vector<std::uint32_t> block_;
-  std::vector<std::vector<std::uint32_t>> perm_;
-  std::vector<std::vector<std::uint32_t>> inv_;
+  std::vector<CascadePassOrder> order_;
+  std::vector<std::unique_ptr<std::uint32_t[]>> perm_;
+  std::vector<std::unique_ptr<std::uint32_t[]>> inv_;
+  std::vector<Split> split_;  // indexed by pass (empty entries for other orders)
 };
 
-// The classic first block size 0.73 / QBER (clamped into [1, n]; QBER floored at 0.2 %).
-[[nodiscard]] std::uint32_t cascade_first_block_size(double qber, std::uint32_t n);
+// The first block size for a variant: kOriginal 0.73 / QBER, kYan 0.8 / QBER, kModern a
+// power of two near 1 / QBER (clamped into [1, n]; QBER floored at 0.2 %).
+[[nodiscard]] std::uint32_t cascade_first_block_size(
+    double qber, std::uint32_t n, CascadeVariant variant = CascadeVariant::kOriginal);
 
 // One parity query: bits [start, start + length) of pass `pass`'s permuted key.
 struct ParityQuery {
@@ -70,7 +128,9 @@ class CascadeResponder {
 
  private:
   const CascadeLayout& layout_;
-  std::vector<BitVector> permuted_;
+  BitVector key_;                   // index order (identity and kSplit passes)
+  std::vector<BitVector> permuted_;  // per pass; filled for kShuffle passes only
+  [[nodiscard]] bool parity(std::uint32_t pass, std::uint32_t start, std::uint32_t length) const;
 };
 
 // Bob's view of Alice: one call = one round trip in the protocol.

@@ -14,7 +14,7 @@
 // Each daemon's stdout/stderr goes to <dir>/<kme>.log. The destructor stops both daemons
 // (SIGTERM, then SIGKILL after 5 s) — also when a test fails, since it runs on unwind; a
 // crashed test process takes the daemons with it (PR_SET_PDEATHSIG). The temp dir is
-// removed unless the current test failed or QKD_TEST_KEEP=1 is set; on failure the path
+// removed unless a test (in this process) failed or QKD_TEST_KEEP=1 is set; on failure the path
 // and the tail of both logs are printed.
 #pragma once
 
