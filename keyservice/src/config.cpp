@@ -1,9 +1,10 @@
 // Strict JSON config parsing: every error names the file and the field.
 #include "qkd/kms/config.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <charconv>
-#include <fmt/format.h>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -78,8 +79,8 @@ class ObjectReader {
 
   std::uint64_t unsigned_int(const std::string& key, std::uint64_t lo, std::uint64_t hi) {
     const json& v = get(key);
-    if (!v.is_number_integer() || (v.is_number_integer() && !v.is_number_unsigned() &&
-                                   v.get<std::int64_t>() < 0)) {
+    if (!v.is_number_integer() ||
+        (v.is_number_integer() && !v.is_number_unsigned() && v.get<std::int64_t>() < 0)) {
       fail(field(key), "expected a non-negative integer");
     }
     const auto n = v.get<std::uint64_t>();
@@ -223,15 +224,18 @@ qkd::core::ChannelParams parse_channel(ObjectReader& link) {
     return c;
   }
   ObjectReader r(link.get("channel"), "link.channel");
-  if (r.has("length_km")) c.length_km = r.number("length_km", 0, 1000);
-  if (r.has("loss_db_per_km")) c.loss_db_per_km = r.number("loss_db_per_km", 0, 10);
-  if (r.has("detector_efficiency"))
-    c.detector_efficiency = r.number("detector_efficiency", 0, 1);
-  if (r.has("dark_count_prob")) c.dark_count_prob = r.number("dark_count_prob", 0, 1);
-  if (r.has("misalignment")) c.misalignment = r.number("misalignment", 0, 0.5);
-  if (r.has("eve_intercept_fraction"))
-    c.eve_intercept_fraction = r.number("eve_intercept_fraction", 0, 1);
-  if (r.has("pulse_rate_hz")) c.pulse_rate_hz = r.number("pulse_rate_hz", 1, 1e12);
+  auto num = [&r](const char* name, double& out, double lo, double hi) {
+    if (r.has(name)) {
+      out = r.number(name, lo, hi);
+    }
+  };
+  num("length_km", c.length_km, 0, 1000);
+  num("loss_db_per_km", c.loss_db_per_km, 0, 10);
+  num("detector_efficiency", c.detector_efficiency, 0, 1);
+  num("dark_count_prob", c.dark_count_prob, 0, 1);
+  num("misalignment", c.misalignment, 0, 0.5);
+  num("eve_intercept_fraction", c.eve_intercept_fraction, 0, 1);
+  num("pulse_rate_hz", c.pulse_rate_hz, 1, 1e12);
   r.finish();
   if (c.detector_efficiency <= 0) {
     fail("link.channel.detector_efficiency", "must be greater than 0");
@@ -245,17 +249,28 @@ qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
     return p;
   }
   ObjectReader r(link.get("protocol"), "link.protocol");
-  if (r.has("pulses_per_block"))
+  auto num = [&r](const char* name, double& out, double lo, double hi) {
+    if (r.has(name)) {
+      out = r.number(name, lo, hi);
+    }
+  };
+  auto u32 = [&r](const char* name, std::uint32_t& out, std::uint64_t lo, std::uint64_t hi) {
+    if (r.has(name)) {
+      out = static_cast<std::uint32_t>(r.unsigned_int(name, lo, hi));
+    }
+  };
+  if (r.has("pulses_per_block")) {
     p.pulses_per_block = r.unsigned_int("pulses_per_block", 1000, 10'000'000'000ULL);
-  if (r.has("sample_fraction")) p.sample_fraction = r.number("sample_fraction", 0.001, 0.9);
-  if (r.has("qber_abort")) p.qber_abort = r.number("qber_abort", 0.0, 0.5);
-  if (r.has("cascade_passes"))
-    p.cascade_passes = static_cast<std::uint32_t>(r.unsigned_int("cascade_passes", 1, 64));
-  if (r.has("verify_hash_bits"))
-    p.verify_hash_bits = static_cast<std::uint32_t>(r.unsigned_int("verify_hash_bits", 32, 256));
-  if (r.has("safety_margin")) p.safety_margin = r.number("safety_margin", 0.0, 0.9);
-  if (r.has("message_timeout_ms"))
-    p.message_timeout = std::chrono::milliseconds(r.unsigned_int("message_timeout_ms", 100, 600'000));
+  }
+  num("sample_fraction", p.sample_fraction, 0.001, 0.9);
+  num("qber_abort", p.qber_abort, 0.0, 0.5);
+  u32("cascade_passes", p.cascade_passes, 1, 64);
+  u32("verify_hash_bits", p.verify_hash_bits, 32, 256);
+  num("safety_margin", p.safety_margin, 0.0, 0.9);
+  if (r.has("message_timeout_ms")) {
+    p.message_timeout =
+        std::chrono::milliseconds(r.unsigned_int("message_timeout_ms", 100, 600'000));
+  }
   r.finish();
   return p;
 }
@@ -321,8 +336,7 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
   return l;
 }
 
-Config parse_or_throw(std::string_view text, const std::filesystem::path& base,
-                      bool check_files) {
+Config parse_or_throw(std::string_view text, const std::filesystem::path& base, bool check_files) {
   json j;
   try {
     j = json::parse(text);
@@ -347,7 +361,7 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base,
   c.keys = parse_keys(top);
   c.link = parse_link(top, base, check_files);
   if (top.has("log_level")) {
-    static const std::vector<std::string> kLevels = {"trace", "debug", "info",    "warn",
+    static const std::vector<std::string> kLevels = {"trace", "debug",    "info", "warn",
                                                      "error", "critical", "off"};
     c.log_level = top.string("log_level");
     if (std::find(kLevels.begin(), kLevels.end(), c.log_level) == kLevels.end()) {

@@ -1,7 +1,8 @@
 // ETSI GS QKD 014 handlers: (caller SAE ID, request) -> response, over the key store.
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <charconv>
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "qkd/kms/api.hpp"
@@ -89,8 +90,8 @@ ApiResponse EtsiService::handle(const std::string& caller, const ApiRequest& req
 
 ApiResponse EtsiService::status(const std::string& caller, const std::string& slave) const {
   if (!contains(config_.link.peer_saes, slave)) {
-    return error_response(
-        400, fmt::format("slave SAE \"{}\" is not reachable from this KME", slave));
+    return error_response(400,
+                          fmt::format("slave SAE \"{}\" is not reachable from this KME", slave));
   }
   const StoreStats st = store_.stats();
   const std::uint64_t key_bytes = config_.keys.key_size / 8;
@@ -123,8 +124,8 @@ ApiResponse EtsiService::status(const std::string& caller, const std::string& sl
 ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& slave,
                                   const ApiRequest& req, const RouteMatch& m) const {
   if (!contains(config_.link.peer_saes, slave)) {
-    return error_response(
-        400, fmt::format("slave SAE \"{}\" is not reachable from this KME", slave));
+    return error_response(400,
+                          fmt::format("slave SAE \"{}\" is not reachable from this KME", slave));
   }
   KeyRequest kr;
   kr.size = config_.keys.key_size;
@@ -201,8 +202,8 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
     return error_response(400, "number must be at least 1");
   }
   if (kr.number > kc.max_key_per_request) {
-    return error_response(400, fmt::format("number {} exceeds max_key_per_request ({})",
-                                           kr.number, kc.max_key_per_request));
+    return error_response(400, fmt::format("number {} exceeds max_key_per_request ({})", kr.number,
+                                           kc.max_key_per_request));
   }
   if (kr.size % 8 != 0) {
     return error_response(400, "size shall be a multiple of 8");
@@ -216,14 +217,14 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
         400, fmt::format("size {} exceeds max_key_size ({})", kr.size, kc.max_key_size));
   }
   if (kr.additional_slaves.size() > max_sae_id_count()) {
-    return error_response(400, fmt::format("additional_slave_SAE_IDs: at most {} allowed",
-                                           max_sae_id_count()));
+    return error_response(
+        400, fmt::format("additional_slave_SAE_IDs: at most {} allowed", max_sae_id_count()));
   }
   std::vector<std::string> slaves{slave};
   for (const auto& s : kr.additional_slaves) {
     if (!contains(config_.link.peer_saes, s) || contains(slaves, s)) {
-      return error_response(
-          400, fmt::format("additional slave SAE \"{}\" is unknown or repeated", s));
+      return error_response(400,
+                            fmt::format("additional slave SAE \"{}\" is unknown or repeated", s));
     }
     slaves.push_back(s);
   }
@@ -240,8 +241,7 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
   if (req.method == "GET") {
     for (const auto& [k, v] : m.query) {
       if (k != "key_ID") {
-        return error_response(
-            400, fmt::format("dec_keys by GET takes only key_ID, not \"{}\"", k));
+        return error_response(400, fmt::format("dec_keys by GET takes only key_ID, not \"{}\"", k));
       }
       ids.push_back(v);
     }
@@ -273,8 +273,7 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
       return error_response(400, kNotFound);
     }
   }
-  auto keys = store_.take(caller, master, ids,
-                          std::chrono::milliseconds(config_.keys.dec_wait_ms));
+  auto keys = store_.take(caller, master, ids, std::chrono::milliseconds(config_.keys.dec_wait_ms));
   if (!keys.ok()) {
     return error_response(keys.error());
   }

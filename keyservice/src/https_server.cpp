@@ -1,7 +1,9 @@
 // Beast async HTTPS server: listener -> session per connection (on a strand).
 #include "qkd/kms/https_server.hpp"
 
+#include <fmt/format.h>
 #include <openssl/crypto.h>
+#include <spdlog/spdlog.h>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -9,10 +11,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <spdlog/spdlog.h>
 
 #include "qkd/kms/tls.hpp"
 
@@ -172,20 +172,18 @@ struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
       : ioc(io), tls(std::move(ctx)), workers(w), handler(std::move(h)), acceptor(io) {}
 
   void do_accept() {
-    acceptor.async_accept(asio::make_strand(ioc),
-                          [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
-                            if (ec) {
-                              if (ec != asio::error::operation_aborted) {
-                                spdlog::warn("api: accept: {}", ec.message());
-                                self->do_accept();
-                              }
-                              return;
-                            }
-                            std::make_shared<Session>(std::move(s), *self->tls, self->workers,
-                                                      self->handler)
-                                ->run();
-                            self->do_accept();
-                          });
+    acceptor.async_accept(
+        asio::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
+          if (ec) {
+            if (ec != asio::error::operation_aborted) {
+              spdlog::warn("api: accept: {}", ec.message());
+              self->do_accept();
+            }
+            return;
+          }
+          std::make_shared<Session>(std::move(s), *self->tls, self->workers, self->handler)->run();
+          self->do_accept();
+        });
   }
 
   asio::io_context& ioc;
@@ -201,25 +199,37 @@ HttpsServer::HttpsServer(asio::io_context& ioc, std::shared_ptr<asio::ssl::conte
 
 HttpsServer::~HttpsServer() { stop(); }
 
-qkd::core::Result<std::uint16_t> HttpsServer::listen(const HostPort& where) {
+qkd::core::Result<std::uint16_t> open_acceptor(tcp::acceptor& a, const std::string& host,
+                                               std::uint16_t port, const std::string& what) {
   beast::error_code ec;
-  auto addr = asio::ip::make_address(where.host, ec);
+  auto addr = asio::ip::make_address(host, ec);
   if (ec) {
     return make_error(ErrorCode::kInvalidArgument,
-                      fmt::format("api.listen: bad address \"{}\": {}", where.host, ec.message()));
+                      fmt::format("{}: bad address \"{}\": {}", what, host, ec.message()));
   }
-  tcp::endpoint ep(addr, where.port);
-  auto& a = impl_->acceptor;
+  const tcp::endpoint ep(addr, port);
   a.open(ep.protocol(), ec);
-  if (!ec) a.set_option(asio::socket_base::reuse_address(true), ec);
-  if (!ec) a.bind(ep, ec);
-  if (!ec) a.listen(asio::socket_base::max_listen_connections, ec);
+  if (!ec) {
+    a.set_option(asio::socket_base::reuse_address(true), ec);
+  }
+  if (!ec) {
+    a.bind(ep, ec);
+  }
+  if (!ec) {
+    a.listen(asio::socket_base::max_listen_connections, ec);
+  }
   if (ec) {
     return make_error(ErrorCode::kUnavailable,
-                      fmt::format("api.listen {}: {}", where.to_string(), ec.message()));
+                      fmt::format("{} {}:{}: {}", what, host, port, ec.message()));
   }
-  const std::uint16_t port = a.local_endpoint().port();
-  impl_->do_accept();
+  return a.local_endpoint().port();
+}
+
+qkd::core::Result<std::uint16_t> HttpsServer::listen(const HostPort& where) {
+  auto port = open_acceptor(impl_->acceptor, where.host, where.port, "api.listen");
+  if (port.ok()) {
+    impl_->do_accept();
+  }
   return port;
 }
 

@@ -1,13 +1,13 @@
 // In-memory key store (see key_store.hpp for the pool layout).
 #include "qkd/kms/key_store.hpp"
 
+#include <fmt/format.h>
 #include <openssl/crypto.h>
 
 #include <algorithm>
 #include <array>
 #include <condition_variable>
 #include <deque>
-#include <fmt/format.h>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>

@@ -1,5 +1,7 @@
 #include "qkd/kms/kme.hpp"
 
+#include <spdlog/spdlog.h>
+
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -7,7 +9,6 @@
 #include <condition_variable>
 #include <csignal>
 #include <mutex>
-#include <spdlog/spdlog.h>
 #include <thread>
 
 #include "qkd/kms/api.hpp"
@@ -65,8 +66,8 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   Impl& im = *kme->impl_;
   im.config = std::move(config);
   const Config& c = im.config;
-  im.store = make_memory_key_store(c.link.role == LinkRole::kAlice ? Direction::kAlice
-                                                                   : Direction::kBob);
+  im.store =
+      make_memory_key_store(c.link.role == LinkRole::kAlice ? Direction::kAlice : Direction::kBob);
   auto api_tls = make_tls_context(c.api, TlsRole::kServer);
   if (!api_tls.ok()) {
     return api_tls.error();
@@ -80,9 +81,11 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   LinkService* link = im.link.get();
   im.etsi = std::make_unique<EtsiService>(c, *im.store, [link]() { return link->stats(); });
   EtsiService* etsi = im.etsi.get();
-  im.server = std::make_unique<HttpsServer>(
-      im.api_ioc, api_tls.value(), im.workers,
-      [etsi](const std::string& caller, const ApiRequest& req) { return etsi->handle(caller, req); });
+  im.server =
+      std::make_unique<HttpsServer>(im.api_ioc, api_tls.value(), im.workers,
+                                    [etsi](const std::string& caller, const ApiRequest& req) {
+                                      return etsi->handle(caller, req);
+                                    });
   return kme;
 }
 

@@ -1,18 +1,20 @@
 // Framed, channel-tagged messages over one TLS 1.3 connection between two KMEs.
 #include "qkd/kms/link_connection.hpp"
 
-#include <boost/asio/connect.hpp>
-#include <boost/asio/read.hpp>
-#include <boost/asio/write.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
-#include <boost/asio/strand.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/ssl.hpp>
 #include <fmt/format.h>
-#include <future>
 #include <spdlog/spdlog.h>
 
+#include <boost/asio/connect.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/ssl.hpp>
+#include <future>
+
+#include "qkd/kms/https_server.hpp"
 #include "qkd/kms/tls.hpp"
 
 namespace qkd::kms {
@@ -84,7 +86,7 @@ struct LinkConnection::Impl {
   std::mutex close_mu;
   std::function<void()> on_close;
   std::deque<std::vector<std::uint8_t>> writes;  // encoded frames; strand only
-  bool writing = false;                           // strand only
+  bool writing = false;                          // strand only
   std::atomic<bool> closed{false};
   std::array<std::uint8_t, 5> header{};
   std::vector<std::uint8_t> body;
@@ -169,25 +171,24 @@ void do_read_header(const std::shared_ptr<LinkConnection>& self, LinkConnection:
     return;
   }
   beast::get_lowest_layer(im.stream).expires_after(kIdleTimeout);
-  asio::async_read(im.stream, asio::buffer(im.header),
-                   [self, &im](beast::error_code ec, std::size_t) {
-                     if (ec) {
-                       spdlog::info("link: read from {}: {}", im.peer, ec.message());
-                       self->close();
-                       return;
-                     }
-                     const std::uint32_t n = (std::uint32_t{im.header[1]} << 24) |
-                                             (std::uint32_t{im.header[2]} << 16) |
-                                             (std::uint32_t{im.header[3]} << 8) |
-                                             std::uint32_t{im.header[4]};
-                     if (n > kMaxFrameBytes) {
-                       spdlog::warn("link: frame of {} bytes from {} is too large", n, im.peer);
-                       self->close();
-                       return;
-                     }
-                     im.body.assign(n, 0);
-                     do_read_body(self, im);
-                   });
+  asio::async_read(
+      im.stream, asio::buffer(im.header), [self, &im](beast::error_code ec, std::size_t) {
+        if (ec) {
+          spdlog::info("link: read from {}: {}", im.peer, ec.message());
+          self->close();
+          return;
+        }
+        const std::uint32_t n = (std::uint32_t{im.header[1]} << 24) |
+                                (std::uint32_t{im.header[2]} << 16) |
+                                (std::uint32_t{im.header[3]} << 8) | std::uint32_t{im.header[4]};
+        if (n > kMaxFrameBytes) {
+          spdlog::warn("link: frame of {} bytes from {} is too large", n, im.peer);
+          self->close();
+          return;
+        }
+        im.body.assign(n, 0);
+        do_read_body(self, im);
+      });
 }
 
 void do_write(const std::shared_ptr<LinkConnection>& self, LinkConnection::Impl& im) {
@@ -333,7 +334,8 @@ qkd::core::Result<std::shared_ptr<LinkConnection>> LinkConnection::connect(
   if (fut.wait_for(timeout + kHandshakeTimeout + std::chrono::seconds(1)) !=
       std::future_status::ready) {
     asio::post(stream->get_executor(), [stream]() { beast::get_lowest_layer(*stream).close(); });
-    return make_error(ErrorCode::kTimeout, fmt::format("link: connect to {}:{} timed out", host, port));
+    return make_error(ErrorCode::kTimeout,
+                      fmt::format("link: connect to {}:{} timed out", host, port));
   }
   const beast::error_code ec = fut.get();
   if (ec) {
@@ -357,39 +359,43 @@ qkd::core::Result<std::shared_ptr<LinkConnection>> LinkConnection::connect(
 struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
   Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> ctx, std::string id,
        OnConnection cb)
-      : ioc(io), tls(std::move(ctx)), peer_id(std::move(id)), on_connection(std::move(cb)),
+      : ioc(io),
+        tls(std::move(ctx)),
+        peer_id(std::move(id)),
+        on_connection(std::move(cb)),
         acceptor(io) {}
 
   void do_accept() {
-    acceptor.async_accept(asio::make_strand(ioc), [self = shared_from_this()](
-                                                      beast::error_code ec, tcp::socket s) {
-      if (ec) {
-        if (ec != asio::error::operation_aborted) {
-          spdlog::warn("link: accept: {}", ec.message());
+    acceptor.async_accept(
+        asio::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
+          if (ec) {
+            if (ec != asio::error::operation_aborted) {
+              spdlog::warn("link: accept: {}", ec.message());
+              self->do_accept();
+            }
+            return;
+          }
+          auto stream = std::make_shared<Stream>(std::move(s), *self->tls);
+          beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
+          stream->async_handshake(
+              asio::ssl::stream_base::server, [self, stream](beast::error_code ec2) {
+                if (ec2) {
+                  spdlog::warn("link: handshake with an incoming peer failed: {}", ec2.message());
+                  return;
+                }
+                auto cn = peer_common_name(stream->native_handle());
+                if (!cn || *cn != self->peer_id) {
+                  spdlog::warn("link: refused incoming peer \"{}\" (expected \"{}\")",
+                               cn.value_or("?"), self->peer_id);
+                  beast::get_lowest_layer(*stream).close();
+                  return;
+                }
+                beast::get_lowest_layer(*stream).expires_never();
+                auto impl = std::make_unique<LinkConnection::Impl>(std::move(*stream), *cn);
+                self->on_connection(std::make_shared<LinkConnection>(std::move(impl)));
+              });
           self->do_accept();
-        }
-        return;
-      }
-      auto stream = std::make_shared<Stream>(std::move(s), *self->tls);
-      beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
-      stream->async_handshake(asio::ssl::stream_base::server, [self, stream](beast::error_code ec2) {
-        if (ec2) {
-          spdlog::warn("link: handshake with an incoming peer failed: {}", ec2.message());
-          return;
-        }
-        auto cn = peer_common_name(stream->native_handle());
-        if (!cn || *cn != self->peer_id) {
-          spdlog::warn("link: refused incoming peer \"{}\" (expected \"{}\")", cn.value_or("?"),
-                       self->peer_id);
-          beast::get_lowest_layer(*stream).close();
-          return;
-        }
-        beast::get_lowest_layer(*stream).expires_never();
-        auto impl = std::make_unique<LinkConnection::Impl>(std::move(*stream), *cn);
-        self->on_connection(std::make_shared<LinkConnection>(std::move(impl)));
-      });
-      self->do_accept();
-    });
+        });
   }
 
   asio::io_context& ioc;
@@ -406,26 +412,11 @@ LinkAcceptor::LinkAcceptor(asio::io_context& ioc, std::shared_ptr<asio::ssl::con
 
 LinkAcceptor::~LinkAcceptor() { stop(); }
 
-qkd::core::Result<std::uint16_t> LinkAcceptor::listen(const std::string& host,
-                                                       std::uint16_t port) {
-  beast::error_code ec;
-  auto addr = asio::ip::make_address(host, ec);
-  if (ec) {
-    return make_error(ErrorCode::kInvalidArgument,
-                      fmt::format("link.listen: bad address \"{}\": {}", host, ec.message()));
+qkd::core::Result<std::uint16_t> LinkAcceptor::listen(const std::string& host, std::uint16_t port) {
+  auto bound = open_acceptor(impl_->acceptor, host, port, "link.listen");
+  if (bound.ok()) {
+    impl_->do_accept();
   }
-  tcp::endpoint ep(addr, port);
-  auto& a = impl_->acceptor;
-  a.open(ep.protocol(), ec);
-  if (!ec) a.set_option(asio::socket_base::reuse_address(true), ec);
-  if (!ec) a.bind(ep, ec);
-  if (!ec) a.listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) {
-    return make_error(ErrorCode::kUnavailable,
-                      fmt::format("link.listen {}:{}: {}", host, port, ec.message()));
-  }
-  const std::uint16_t bound = a.local_endpoint().port();
-  impl_->do_accept();
   return bound;
 }
 

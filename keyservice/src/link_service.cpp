@@ -1,16 +1,17 @@
 // Link runner: sessions, BB84 block loop, commit handshake, notices (see link_service.hpp).
 #include "qkd/kms/link_service.hpp"
 
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
-#include <boost/asio/steady_timer.hpp>
 #include <atomic>
+#include <boost/asio/steady_timer.hpp>
 #include <condition_variable>
 #include <deque>
-#include <fmt/format.h>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <spdlog/spdlog.h>
 #include <thread>
 
 #include "qkd/core/link.hpp"
@@ -45,12 +46,9 @@ std::optional<json> parse_control(const std::vector<std::uint8_t>& b) {
 }
 
 json assignment_to_json(const KeyAssignment& a) {
-  return json{{"id", a.key_id},
-              {"dir", static_cast<int>(a.direction)},
-              {"off", a.offset},
-              {"len", a.length},
-              {"master", a.master_sae},
-              {"slaves", a.slave_saes}};
+  return json{{"id", a.key_id},         {"dir", static_cast<int>(a.direction)},
+              {"off", a.offset},        {"len", a.length},
+              {"master", a.master_sae}, {"slaves", a.slave_saes}};
 }
 
 // Throws json exceptions on a malformed entry (caught by the caller).
@@ -84,8 +82,7 @@ struct OutboxEntry {
 struct LinkService::Impl {
   Impl(const Config& c, KeyStore& s, boost::asio::io_context& io,
        std::shared_ptr<boost::asio::ssl::context> t)
-      : config(c), store(s), ioc(io), tls(std::move(t)),
-        alice(c.link.role == LinkRole::kAlice) {}
+      : config(c), store(s), ioc(io), tls(std::move(t)), alice(c.link.role == LinkRole::kAlice) {}
 
   const Config& config;
   KeyStore& store;
@@ -105,17 +102,17 @@ struct LinkService::Impl {
 
   // Pool agreement state.
   std::mutex state_mu;
-  std::uint64_t epoch = 0;   // 0 = none yet (bob before his first session)
-  std::uint64_t blocks = 0;  // committed blocks in this epoch
+  std::uint64_t epoch = 0;              // 0 = none yet (bob before his first session)
+  std::uint64_t blocks = 0;             // committed blocks in this epoch
   std::optional<PendingBlock> pending;  // bob only
 
   // Notices.
   std::mutex out_mu;
   std::deque<OutboxEntry> outbox;
   std::uint64_t next_seq = 1;
-  std::uint64_t sent_seq = 0;          // highest seq handed to the current connection
-  std::uint64_t due_seq = 0;           // highest seq whose notice delay has passed
-  std::uint64_t last_applied_seq = 0;  // of the peer's notices
+  std::uint64_t sent_seq = 0;                   // highest seq handed to the current connection
+  std::uint64_t due_seq = 0;                    // highest seq whose notice delay has passed
+  std::uint64_t last_applied_seq = 0;           // of the peer's notices
   std::shared_ptr<LinkConnection> notice_conn;  // set while the session is established
 
   // Statistics.
@@ -281,10 +278,8 @@ struct LinkService::Impl {
         }
       } else if (t == "hello") {
         std::lock_guard lock(state_mu);
-        json reply = {{"t", "state"},
-                      {"epoch", epoch},
-                      {"blocks", blocks},
-                      {"pending", pending.has_value()}};
+        json reply = {
+            {"t", "state"}, {"epoch", epoch}, {"blocks", blocks}, {"pending", pending.has_value()}};
         return conn.send(Channel::kControl, to_bytes(reply)).ok();
       } else if (t == "decision") {
         {
@@ -353,8 +348,7 @@ struct LinkService::Impl {
 
   std::uint64_t fresh_seed() {
     auto r = random_u64();
-    return r.ok() ? r.value()
-                  : static_cast<std::uint64_t>(Clock::now().time_since_epoch().count());
+    return r.ok() ? r.value() : static_cast<std::uint64_t>(Clock::now().time_since_epoch().count());
   }
 
   // --- sessions ---
@@ -370,8 +364,9 @@ struct LinkService::Impl {
       my_epoch = epoch;
       my_blocks = blocks;
     }
-    if (auto s = conn->send(Channel::kControl,
-                            to_bytes(json{{"t", "hello"}, {"epoch", my_epoch}, {"blocks", my_blocks}}));
+    if (auto s =
+            conn->send(Channel::kControl,
+                       to_bytes(json{{"t", "hello"}, {"epoch", my_epoch}, {"blocks", my_blocks}}));
         !s.ok()) {
       return s;
     }
@@ -386,19 +381,23 @@ struct LinkService::Impl {
       const bool p = state->at("pending").get<bool>();
       std::lock_guard lock(state_mu);
       if (e == epoch && b == blocks) {
-        decision = {{"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", false}};
+        decision = {
+            {"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", false}};
       } else if (e == epoch && p && b + 1 == blocks) {
-        decision = {{"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", true}};
+        decision = {
+            {"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", true}};
       } else {
         if (e == 0) {
           spdlog::info("link: the peer starts without a pool: starting a new pool epoch");
         } else {
-          spdlog::warn("link: the peer's pool differs (epoch {:x} vs {:x}, {} vs {} blocks): "
-                       "discarding both pools",
-                       e, epoch, b, blocks);
+          spdlog::warn(
+              "link: the peer's pool differs (epoch {:x} vs {:x}, {} vs {} blocks): "
+              "discarding both pools",
+              e, epoch, b, blocks);
         }
         reset_locked(fresh_seed() | 1);
-        decision = {{"t", "decision"}, {"mode", "reset"}, {"epoch", epoch}, {"commit_pending", false}};
+        decision = {
+            {"t", "decision"}, {"mode", "reset"}, {"epoch", epoch}, {"commit_pending", false}};
       }
     } catch (const std::exception& ex) {
       return make_error(ErrorCode::kProtocol, fmt::format("bad state message: {}", ex.what()));
@@ -533,11 +532,9 @@ struct LinkService::Impl {
       current = conn;
     }
     LinkConnection* raw = conn.get();
-    conn->start(
-        [this, raw, queue](std::vector<std::uint8_t> b) {
-          return on_control(*raw, *queue, std::move(b));
-        },
-        [queue]() { queue->close(); });
+    conn->start([this, raw, queue](
+                    std::vector<std::uint8_t> b) { return on_control(*raw, *queue, std::move(b)); },
+                [queue]() { queue->close(); });
     qkd::core::Status s = qkd::core::ok_status();
     try {
       s = alice ? run_alice_session(conn, *queue) : run_bob_session(conn, *queue);
@@ -616,8 +613,7 @@ qkd::core::Result<std::uint16_t> LinkService::start() {
   Impl* im = impl_.get();
   if (im->alice) {
     im->acceptor = std::make_unique<LinkAcceptor>(
-        im->ioc, im->tls, im->config.link.peer_kme_id,
-        [im](std::shared_ptr<LinkConnection> c) {
+        im->ioc, im->tls, im->config.link.peer_kme_id, [im](std::shared_ptr<LinkConnection> c) {
           std::lock_guard lock(im->conn_mu);
           if (im->stopping) {
             c->close();

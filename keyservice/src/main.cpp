@@ -6,15 +6,16 @@
 // Exit codes: 0 clean shutdown or valid config; 1 bad config or start-up failure (the
 // message names the file and the field); 2 unexpected fatal error. Logs go to stderr.
 // Config format: see examples/alice-kme.json and qkd/kms/config.hpp.
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
-#include <unistd.h>
 
 #include "qkd/kms/config.hpp"
 #include "qkd/kms/kme.hpp"

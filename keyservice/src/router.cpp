@@ -47,8 +47,8 @@ std::vector<std::string> split_path(std::string_view path) {
   std::size_t start = 1;
   for (;;) {
     const std::size_t slash = path.find('/', start);
-    out.emplace_back(path.substr(start, slash == std::string_view::npos ? std::string_view::npos
-                                                                        : slash - start));
+    out.emplace_back(path.substr(
+        start, slash == std::string_view::npos ? std::string_view::npos : slash - start));
     if (slash == std::string_view::npos) {
       break;
     }
@@ -66,8 +66,8 @@ bool parse_query(std::string_view q, std::multimap<std::string, std::string>& ou
     if (!part.empty()) {
       const std::size_t eq = part.find('=');
       auto key = url_decode(part.substr(0, eq), true);
-      auto val = url_decode(eq == std::string_view::npos ? std::string_view{} : part.substr(eq + 1),
-                            true);
+      auto val =
+          url_decode(eq == std::string_view::npos ? std::string_view{} : part.substr(eq + 1), true);
       if (!key || !val) {
         return false;
       }

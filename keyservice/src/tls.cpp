@@ -1,9 +1,8 @@
 #include "qkd/kms/tls.hpp"
 
+#include <fmt/format.h>
 #include <openssl/err.h>
 #include <openssl/x509.h>
-
-#include <fmt/format.h>
 
 namespace qkd::kms {
 
@@ -14,9 +13,8 @@ using qkd::core::make_error;
 qkd::core::Result<std::shared_ptr<asio::ssl::context>> make_tls_context(const ApiConfig& api,
                                                                         TlsRole role) {
   try {
-    auto ctx = std::make_shared<asio::ssl::context>(role == TlsRole::kServer
-                                                        ? asio::ssl::context::tls_server
-                                                        : asio::ssl::context::tls_client);
+    auto ctx = std::make_shared<asio::ssl::context>(
+        role == TlsRole::kServer ? asio::ssl::context::tls_server : asio::ssl::context::tls_client);
     if (SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_3_VERSION) != 1) {
       return make_error(ErrorCode::kInternal, "cannot require TLS 1.3");
     }

@@ -1,10 +1,10 @@
 #include "qkd/kms/util.hpp"
 
+#include <fmt/format.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include <array>
-#include <fmt/format.h>
 
 namespace qkd::kms {
 

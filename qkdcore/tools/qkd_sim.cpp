@@ -315,7 +315,7 @@ bool plot_sweep(const std::string& csv, const std::string& out, const std::strin
                            : param == "dark"   ? "dark-count probability per pulse"
                                                : "signal mean photon number mu";
     sc += "set xlabel '" + xl + "'\nset ylabel 'secret bits per pulse'\nset logscale y\n"
-          "set format y '10^{%L}'\nset title 'Secret key rate'\n"
+          "set format y '%.0e'\nset title 'Secret key rate'\n"
           "plot '" + csv + "' skip 1 using 2:($11>0?$11:1/0) with points pt 7 title 'simulated', "
           "'' skip 1 using 2:($12>0?$12:1/0) with lines lw 2 title 'matching asymptotic formula', "
           "'' skip 1 using 2:($13>0?$13:1/0) with lines dt 2 title 'infinite decoys', "
@@ -383,7 +383,7 @@ int run_theory(const ChannelParams& ch, double f, double nu, const std::string& 
       const std::string sc =
           terminal_for(plot_path) + "set output '" + plot_path +
           "'\nset datafile separator ','\nset key outside right top\nset grid\nset logscale y\n"
-          "set format y '10^{%L}'\nset xlabel 'fiber length [km]'\n"
+          "set format y '%.0e'\nset xlabel 'fiber length [km]'\n"
           "set ylabel 'secret bits per pulse'\nset title 'Asymptotic key rates (mu optimised)'\n"
           "plot " + d + "($2>0?$2:1/0) with lines lw 2 title 'GLLP infinite decoys', " + d +
           "($3>0?$3:1/0) with lines lw 2 title 'vacuum + weak decoy', " + d +

@@ -1,11 +1,11 @@
 // Config parsing: valid files parse; each kind of error names the file and the field.
+#include "qkd/kms/config.hpp"
+
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
-
-#include "qkd/kms/config.hpp"
 
 namespace {
 

@@ -1,8 +1,8 @@
 // ETSI 014 handlers as pure functions over an in-memory store (no network).
 #include <gtest/gtest.h>
+#include <openssl/evp.h>
 
 #include <nlohmann/json.hpp>
-#include <openssl/evp.h>
 
 #include "qkd/kms/api.hpp"
 #include "qkd/kms/util.hpp"
@@ -158,8 +158,9 @@ TEST_F(EtsiServiceTest, EncKeysErrors) {
 }
 
 TEST_F(EtsiServiceTest, DecKeysAuthorizationAndOneUse) {
-  ApiResponse enc = at_alice("alice", "POST", "/api/v1/keys/bob/enc_keys",
-                             R"({"number": 2, "size": 256, "additional_slave_SAE_IDs": ["carol"]})");
+  ApiResponse enc =
+      at_alice("alice", "POST", "/api/v1/keys/bob/enc_keys",
+               R"({"number": 2, "size": 256, "additional_slave_SAE_IDs": ["carol"]})");
   ASSERT_EQ(enc.status, 200u) << enc.body;
   forward_notices();
   json keys = json::parse(enc.body)["keys"];

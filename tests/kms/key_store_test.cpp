@@ -1,10 +1,10 @@
 // Key store: direction split, conflict-free allocation, notices, one use, authorization.
+#include "qkd/kms/key_store.hpp"
+
 #include <gtest/gtest.h>
 
 #include <set>
 #include <thread>
-
-#include "qkd/kms/key_store.hpp"
 
 namespace {
 
@@ -115,7 +115,8 @@ TEST(KeyStore, AllocationIsConflictFreeByDirection) {
   }
   // The bytes handed out are the pool bytes at those positions.
   for (const auto& a : p.from_alice) {
-    const auto it = std::find_if(ka.begin(), ka.end(), [&](auto& k) { return k.key_id == a.key_id; });
+    const auto it =
+        std::find_if(ka.begin(), ka.end(), [&](auto& k) { return k.key_id == a.key_id; });
     ASSERT_NE(it, ka.end());
     for (std::uint32_t i = 0; i < a.length; ++i) {
       EXPECT_EQ(it->key[i], pool[pool_pos(a.direction, a.offset + i)]);

@@ -1,21 +1,20 @@
 // Integration tests: two real qkd-kms processes (alice-kme, bob-kme) over a simulated
 // 20 km BB84 link, driven through the ETSI 014 API with raw HTTPS requests.
+#include <arpa/inet.h>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
-#include <fmt/format.h>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <openssl/evp.h>
 #include <set>
 #include <thread>
 
 #include "qkd/test/kme_network.hpp"
-
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 namespace {
 
@@ -127,8 +126,8 @@ KmeNetwork* KmsNetwork::net_ = nullptr;
 
 TEST_F(KmsNetwork, StatusReportsEveryField) {
   for (bool at_alice : {true, false}) {
-    auto r = at_alice ? alice().get("/api/v1/keys/bob/status")
-                      : bob().get("/api/v1/keys/alice/status");
+    auto r =
+        at_alice ? alice().get("/api/v1/keys/bob/status") : bob().get("/api/v1/keys/alice/status");
     ASSERT_TRUE(r.ok()) << r.error().message;
     ASSERT_EQ(r->status, 200u) << r->body;
     EXPECT_NE(r->content_type.find("application/json"), std::string::npos);
@@ -149,8 +148,7 @@ TEST_F(KmsNetwork, StatusReportsEveryField) {
     EXPECT_GT(link["qber"].get<double>(), 0.0);
     EXPECT_LT(link["qber"].get<double>(), 0.05);
     EXPECT_GT(link["raw_key_rate_bps"].get<double>(), link["sifted_key_rate_bps"].get<double>());
-    EXPECT_GT(link["sifted_key_rate_bps"].get<double>(),
-              link["secret_key_rate_bps"].get<double>());
+    EXPECT_GT(link["sifted_key_rate_bps"].get<double>(), link["secret_key_rate_bps"].get<double>());
     EXPECT_GT(link["secret_key_rate_bps"].get<double>(), 0.0);
     EXPECT_GE(link["blocks"].get<std::int64_t>(), 1);
     EXPECT_TRUE(link["aborted_blocks"].is_number_integer());
@@ -229,8 +227,8 @@ TEST_F(KmsNetwork, WrongSaeGets401) {
   ASSERT_EQ(enc->status, 200u) << enc->body;
   const std::string id = keys_of(*enc).begin()->first;
   const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + id;
-  EXPECT_EQ(mallory_bob.get(target)->status, 401u);    // not an SAE of bob-kme
-  EXPECT_EQ(alice_at_bob.get(target)->status, 401u);   // alice asking for bob's key
+  EXPECT_EQ(mallory_bob.get(target)->status, 401u);   // not an SAE of bob-kme
+  EXPECT_EQ(alice_at_bob.get(target)->status, 401u);  // alice asking for bob's key
   EXPECT_EQ(bob().get("/api/v1/keys/mallory/dec_keys?key_ID=" + id)->status,
             401u);  // wrong master in the path
   // None of the refused requests consumed the key.
@@ -249,8 +247,8 @@ TEST_F(KmsNetwork, SecondDecKeysOfSameKeyIs400) {
   EXPECT_EQ(again->status, 400u);
   EXPECT_EQ(message_of(*again), kNotFound);
   // The allocating KME does not hand the key out a second time either.
-  auto at_alice = alice().post("/api/v1/keys/bob/dec_keys",
-                               dec_body({keys_of(*enc).begin()->first}));
+  auto at_alice =
+      alice().post("/api/v1/keys/bob/dec_keys", dec_body({keys_of(*enc).begin()->first}));
   EXPECT_EQ(at_alice->status, 400u);
 }
 
@@ -278,8 +276,8 @@ TEST_F(KmsNetwork, LimitsAre400WithAMessage) {
                           R"({"extension_mandatory": [{"abc_route_type": "direct"}]})");
   EXPECT_EQ(ext->status, 400u);
   EXPECT_EQ(message_of(*ext), "not all extension_mandatory parameters are supported");
-  auto multicast = alice().post("/api/v1/keys/bob/enc_keys",
-                                R"({"additional_slave_SAE_IDs": ["mallory"]})");
+  auto multicast =
+      alice().post("/api/v1/keys/bob/enc_keys", R"({"additional_slave_SAE_IDs": ["mallory"]})");
   EXPECT_EQ(multicast->status, 400u);
 }
 
@@ -339,8 +337,8 @@ TEST_F(KmsNetwork, ConcurrentEncKeysFromBothSidesNeverCollide) {
     for (int t = 0; t < kThreads; ++t) {
       threads.emplace_back([&, side] {
         auto c = side == 0 ? alice() : bob();
-        const std::string target = side == 0 ? "/api/v1/keys/bob/enc_keys"
-                                             : "/api/v1/keys/alice/enc_keys";
+        const std::string target =
+            side == 0 ? "/api/v1/keys/bob/enc_keys" : "/api/v1/keys/alice/enc_keys";
         for (int i = 0; i < kRequests; ++i) {
           auto r = c.post(target, fmt::format(R"({{"number": {}, "size": 256}})", kPer));
           if (!r.ok() || r->status != 200) {
@@ -376,9 +374,9 @@ TEST_F(KmsNetwork, ConcurrentEncKeysFromBothSidesNeverCollide) {
       ids.push_back(id);
     }
     for (std::size_t i = 0; i < ids.size(); i += 32) {
-      std::vector<std::string> batch(ids.begin() + static_cast<std::ptrdiff_t>(i),
-                                     ids.begin() + static_cast<std::ptrdiff_t>(
-                                                       std::min(ids.size(), i + 32)));
+      std::vector<std::string> batch(
+          ids.begin() + static_cast<std::ptrdiff_t>(i),
+          ids.begin() + static_cast<std::ptrdiff_t>(std::min(ids.size(), i + 32)));
       auto r = c.post(target, dec_body(batch));
       ASSERT_TRUE(r.ok()) << r.error().message;
       ASSERT_EQ(r->status, 200u) << r->body;
@@ -422,8 +420,7 @@ TEST(KmsNetworkSpecial, DecKeysWaitIsBounded) {
   ASSERT_NE(net, nullptr);
   auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
   ASSERT_EQ(enc->status, 200u) << enc->body;
-  const std::string target =
-      "/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first;
+  const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first;
   auto bob = net->client(net->bob(), "bob");
   const auto t0 = std::chrono::steady_clock::now();
   auto early = bob.get(target);

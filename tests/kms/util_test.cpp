@@ -1,8 +1,8 @@
+#include "qkd/kms/util.hpp"
+
 #include <gtest/gtest.h>
 
 #include <set>
-
-#include "qkd/kms/util.hpp"
 
 namespace {
 
@@ -31,8 +31,7 @@ TEST(Uuid, Recognizer) {
 
 TEST(Base64, Rfc4648Vectors) {
   auto enc = [](std::string_view s) {
-    return qkd::kms::base64_encode(
-        {reinterpret_cast<const std::uint8_t*>(s.data()), s.size()});
+    return qkd::kms::base64_encode({reinterpret_cast<const std::uint8_t*>(s.data()), s.size()});
   };
   EXPECT_EQ(enc(""), "");
   EXPECT_EQ(enc("f"), "Zg==");

@@ -1,5 +1,8 @@
 #include "qkd/test/https_client.hpp"
 
+#include <fmt/format.h>
+#include <openssl/ssl.h>
+
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -7,8 +10,6 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
-#include <fmt/format.h>
-#include <openssl/ssl.h>
 
 namespace qkd::test {
 
@@ -19,9 +20,7 @@ using tcp = asio::ip::tcp;
 using qkd::core::ErrorCode;
 using qkd::core::make_error;
 
-nlohmann::json HttpResponse::json() const {
-  return nlohmann::json::parse(body, nullptr, false);
-}
+nlohmann::json HttpResponse::json() const { return nlohmann::json::parse(body, nullptr, false); }
 
 HttpsTestClient::HttpsTestClient(std::string host, std::uint16_t port, TlsIdentity identity,
                                  std::chrono::milliseconds timeout)
@@ -72,46 +71,45 @@ qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method
   http::response<http::string_body> res;
   tcp::resolver resolver(ioc);
   beast::get_lowest_layer(stream).expires_after(timeout_);
-  resolver.async_resolve(host_, std::to_string(port_), [&](beast::error_code ec,
-                                                           tcp::resolver::results_type eps) {
-    if (ec) {
-      result = ec;
-      return;
-    }
-    beast::get_lowest_layer(stream).async_connect(eps, [&](beast::error_code ec2,
-                                                           const tcp::endpoint&) {
-      if (ec2) {
-        result = ec2;
-        return;
-      }
-      stage = "TLS handshake";
-      stream.async_handshake(asio::ssl::stream_base::client, [&](beast::error_code ec3) {
-        if (ec3) {
-          result = ec3;
+  resolver.async_resolve(
+      host_, std::to_string(port_), [&](beast::error_code ec, tcp::resolver::results_type eps) {
+        if (ec) {
+          result = ec;
           return;
         }
-        stage = "write";
-        http::async_write(stream, req, [&](beast::error_code ec4, std::size_t) {
-          if (ec4) {
-            result = ec4;
-            return;
-          }
-          stage = "read";
-          http::async_read(stream, buffer, res, [&](beast::error_code ec5, std::size_t) {
-            result = ec5;
-          });
-        });
+        beast::get_lowest_layer(stream).async_connect(
+            eps, [&](beast::error_code ec2, const tcp::endpoint&) {
+              if (ec2) {
+                result = ec2;
+                return;
+              }
+              stage = "TLS handshake";
+              stream.async_handshake(asio::ssl::stream_base::client, [&](beast::error_code ec3) {
+                if (ec3) {
+                  result = ec3;
+                  return;
+                }
+                stage = "write";
+                http::async_write(stream, req, [&](beast::error_code ec4, std::size_t) {
+                  if (ec4) {
+                    result = ec4;
+                    return;
+                  }
+                  stage = "read";
+                  http::async_read(stream, buffer, res,
+                                   [&](beast::error_code ec5, std::size_t) { result = ec5; });
+                });
+              });
+            });
       });
-    });
-  });
   ioc.run_for(timeout_ + std::chrono::seconds(1));
   if (result == asio::error::would_block) {
     return make_error(ErrorCode::kTimeout, fmt::format("{} {}: timed out", method, target));
   }
   if (result) {
-    return make_error(result == beast::error::timeout ? ErrorCode::kTimeout
-                                                      : ErrorCode::kUnavailable,
-                      fmt::format("{} {} ({}): {}", method, target, stage, result.message()));
+    return make_error(
+        result == beast::error::timeout ? ErrorCode::kTimeout : ErrorCode::kUnavailable,
+        fmt::format("{} {} ({}): {}", method, target, stage, result.message()));
   }
   HttpResponse out;
   out.status = res.result_int();

@@ -1,6 +1,7 @@
 #include "qkd/test/kme_network.hpp"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <openssl/rand.h>
 #include <signal.h>
@@ -10,7 +11,6 @@
 
 #include <cstdlib>
 #include <deque>
-#include <fmt/format.h>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -51,22 +51,21 @@ std::string random_hex(std::size_t bytes) {
 json make_config(const std::string& kme_id, const std::string& sae, const std::string& peer_kme,
                  const std::string& peer_sae, bool alice, const std::string& psk,
                  std::uint16_t alice_link_port, const KmeNetworkOptions& o) {
-  json link = {{"peer_kme_id", peer_kme},
-               {"peer_saes", {peer_sae}},
-               {"role", alice ? "alice" : "bob"},
-               {"psk_hex", psk},
-               {"channel",
-                {{"length_km", o.length_km},
-                 {"loss_db_per_km", 0.2},
-                 {"detector_efficiency", 0.1},
-                 {"dark_count_prob", 1e-6},
-                 {"misalignment", 0.01},
-                 {"eve_intercept_fraction", 0},
-                 {"pulse_rate_hz", 1e9}}},
-               {"protocol",
-                {{"pulses_per_block", o.pulses_per_block},
-                 {"sample_fraction", 0.1},
-                 {"qber_abort", 0.11}}}};
+  json link = {
+      {"peer_kme_id", peer_kme},
+      {"peer_saes", {peer_sae}},
+      {"role", alice ? "alice" : "bob"},
+      {"psk_hex", psk},
+      {"channel",
+       {{"length_km", o.length_km},
+        {"loss_db_per_km", 0.2},
+        {"detector_efficiency", 0.1},
+        {"dark_count_prob", 1e-6},
+        {"misalignment", 0.01},
+        {"eve_intercept_fraction", 0},
+        {"pulse_rate_hz", 1e9}}},
+      {"protocol",
+       {{"pulses_per_block", o.pulses_per_block}, {"sample_fraction", 0.1}, {"qber_abort", 0.11}}}};
   if (alice) {
     link["listen"] = "127.0.0.1:0";
   } else {
@@ -111,8 +110,8 @@ qkd::core::Result<std::unique_ptr<KmeNetwork>> KmeNetwork::start(KmeNetworkOptio
       fmt::format("bash '{}' '{}' >'{}' 2>&1", (source_dir() / "examples" / "pki.sh").string(),
                   (net->dir_ / "pki").string(), (net->dir_ / "pki.log").string());
   if (std::system(pki_cmd.c_str()) != 0) {
-    return make_error(ErrorCode::kInternal,
-                      fmt::format("PKI generation failed: see {}", (net->dir_ / "pki.log").string()));
+    return make_error(ErrorCode::kInternal, fmt::format("PKI generation failed: see {}",
+                                                        (net->dir_ / "pki.log").string()));
   }
   const std::string psk = random_hex(32);
 
@@ -194,9 +193,8 @@ qkd::core::Status KmeNetwork::spawn(KmeInfo& kme) {
   const auto deadline = std::chrono::steady_clock::now() + options_.start_timeout;
   while (std::chrono::steady_clock::now() < deadline) {
     if (!running(kme)) {
-      return make_error(ErrorCode::kUnavailable,
-                        fmt::format("{} exited during start-up; log:\n{}", kme.kme_id,
-                                    log_tail(kme)));
+      return make_error(ErrorCode::kUnavailable, fmt::format("{} exited during start-up; log:\n{}",
+                                                             kme.kme_id, log_tail(kme)));
     }
     std::ifstream f(ready);
     if (f) {
@@ -259,11 +257,12 @@ KmeNetwork::~KmeNetwork() {
   stop(alice_);
   // A failure in the current test, or (for a network shared by a suite and destroyed in
   // TearDownTestSuite) in any test of this process.
-  const bool failed = ::testing::Test::HasFailure() ||
-                      ::testing::UnitTest::GetInstance()->failed_test_count() > 0;
+  const bool failed =
+      ::testing::Test::HasFailure() || ::testing::UnitTest::GetInstance()->failed_test_count() > 0;
   const char* keep = std::getenv("QKD_TEST_KEEP");
   if (failed) {
-    std::cerr << "qkd::test: test failed; KME network kept in " << dir_ << "\n--- alice-kme log tail\n"
+    std::cerr << "qkd::test: test failed; KME network kept in " << dir_
+              << "\n--- alice-kme log tail\n"
               << log_tail(alice_) << "--- bob-kme log tail\n"
               << log_tail(bob_) << "---\n";
   }

@@ -41,7 +41,7 @@ struct ApiResponse {
 
 // --- router ---
 struct RouteMatch {
-  std::map<std::string, std::string> params;  // URL-decoded path parameters
+  std::map<std::string, std::string> params;      // URL-decoded path parameters
   std::multimap<std::string, std::string> query;  // URL-decoded query parameters
 };
 using RouteHandler =
@@ -67,11 +67,11 @@ class Router {
 // What the link reports for the status extension.
 struct LinkStats {
   bool up = false;
-  double qber = 0.0;  // last completed block
-  double raw_key_rate_bps = 0.0;     // per second of simulated link time, over all blocks
+  double qber = 0.0;              // last completed block
+  double raw_key_rate_bps = 0.0;  // per second of simulated link time, over all blocks
   double sifted_key_rate_bps = 0.0;
   double secret_key_rate_bps = 0.0;
-  std::uint64_t blocks = 0;          // blocks run (committed or aborted)
+  std::uint64_t blocks = 0;  // blocks run (committed or aborted)
   std::uint64_t aborted_blocks = 0;
   std::string last_abort_reason;
 };

@@ -45,8 +45,8 @@ struct LinkConfig {
   std::string peer_kme_id;             // CN the peer KME's certificate must carry
   std::vector<std::string> peer_saes;  // SAEs served by the peer KME (valid slaves)
   LinkRole role = LinkRole::kAlice;
-  HostPort listen;   // role alice
-  HostPort connect;  // role bob
+  HostPort listen;             // role alice
+  HostPort connect;            // role bob
   qkd::core::SecureBytes psk;  // >= 32 bytes, from psk_hex or psk_file
   qkd::core::ChannelParams channel;
   qkd::core::ProtocolParams protocol;

@@ -20,6 +20,13 @@
 
 namespace qkd::kms {
 
+// Opens, binds (SO_REUSEADDR) and listens on host:port (a numeric address; port 0 = any);
+// returns the bound port. `what` names the config field in error messages.
+[[nodiscard]] qkd::core::Result<std::uint16_t> open_acceptor(boost::asio::ip::tcp::acceptor& a,
+                                                             const std::string& host,
+                                                             std::uint16_t port,
+                                                             const std::string& what);
+
 class HttpsServer {
  public:
   using Handler = std::function<ApiResponse(const std::string& caller, const ApiRequest&)>;

@@ -2,12 +2,12 @@
 // authenticate with the KME certificate). TLS 1.3 only; peers are verified against the CA.
 #pragma once
 
+#include <openssl/ssl.h>
+
 #include <boost/asio/ssl/context.hpp>
 #include <memory>
 #include <optional>
 #include <string>
-
-#include <openssl/ssl.h>
 
 #include "qkd/core/result.hpp"
 #include "qkd/kms/config.hpp"

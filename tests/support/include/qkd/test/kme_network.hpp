@@ -18,16 +18,16 @@
 // and the tail of both logs are printed.
 #pragma once
 
+#include <sys/types.h>
+
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
-#include <sys/types.h>
-
-#include <nlohmann/json.hpp>
 
 #include "qkd/core/result.hpp"
 #include "qkd/test/https_client.hpp"
@@ -35,8 +35,8 @@
 namespace qkd::test {
 
 struct KmeNetworkOptions {
-  std::uint32_t dec_wait_ms = 2000;        // keys.dec_wait_ms on both KMEs
-  std::uint32_t key_size = 256;            // keys.key_size
+  std::uint32_t dec_wait_ms = 2000;  // keys.dec_wait_ms on both KMEs
+  std::uint32_t key_size = 256;      // keys.key_size
   std::uint32_t max_key_per_request = 128;
   std::uint64_t max_key_count = 100000;
   std::uint64_t pulses_per_block = 2'000'000;
@@ -49,12 +49,12 @@ struct KmeNetworkOptions {
 
 // One running KME as the tests see it.
 struct KmeInfo {
-  std::string kme_id;         // "alice-kme" / "bob-kme"
-  std::string sae_id;         // the SAE it serves: "alice" / "bob"
+  std::string kme_id;  // "alice-kme" / "bob-kme"
+  std::string sae_id;  // the SAE it serves: "alice" / "bob"
   std::string host = "127.0.0.1";
   std::uint16_t api_port = 0;
   std::uint16_t link_port = 0;  // alice's listening port (0 for bob)
-  std::string url;            // "https://127.0.0.1:<api_port>"
+  std::string url;              // "https://127.0.0.1:<api_port>"
   std::filesystem::path config_file;
   std::filesystem::path log_file;
   pid_t pid = -1;
@@ -103,7 +103,7 @@ class KmeNetwork {
 };
 
 // Paths fixed at build time.
-[[nodiscard]] std::string kms_binary();  // $<TARGET_FILE:qkd-kms>
+[[nodiscard]] std::string kms_binary();            // $<TARGET_FILE:qkd-kms>
 [[nodiscard]] std::filesystem::path source_dir();  // the project's source tree
 
 }  // namespace qkd::test

@@ -1,0 +1,64 @@
+// Quantum stage throughput (channel simulation only): pulses per second on one core.
+// Not wired into the build yet; add to bench/CMakeLists.txt as
+//   add_executable(physics_bench physics_bench.cpp)
+//   target_link_libraries(physics_bench PRIVATE qkd::core benchmark::benchmark_main)
+// Rows: single-photon source (defaults) and decoy source (0.5/0.1/0 at 0.7/0.2/0.1) at
+// 25 km, standard and Gobby-Yuan-Shields detectors; reported as items (pulses) per second.
+#include <benchmark/benchmark.h>
+
+#include <array>
+#include <vector>
+
+#include "qkd/core/physics.hpp"
+
+namespace {
+
+using qkd::core::AlicePrf;
+using qkd::core::ChannelParams;
+using qkd::core::ChannelSimulator;
+using qkd::core::DetectionEvent;
+
+void run(benchmark::State& state, ChannelParams p, double z_basis_prob) {
+  const std::uint64_t pulses = 1'000'000'000;
+  std::array<std::uint8_t, 16> key{};
+  std::vector<DetectionEvent> ev;
+  std::uint64_t seed = 1;
+  for (auto _ : state) {
+    AlicePrf prf(key, qkd::core::source_choices(p, z_basis_prob));
+    ChannelSimulator sim(p, seed++);
+    ev.clear();
+    sim.run(ev, prf, pulses);
+    benchmark::DoNotOptimize(ev.data());
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * pulses));
+  state.counters["detections"] = static_cast<double>(ev.size());
+}
+
+ChannelParams at25(bool decoy, bool gys) {
+  ChannelParams p;
+  p.length_km = 25.0;
+  if (gys) {
+    p.loss_db_per_km = 0.21;
+    p.detector_efficiency = 0.045;
+    p.dark_count_prob = 1.7e-6;
+    p.misalignment = 0.033;
+  }
+  if (decoy) {
+    p.source = qkd::core::SourceKind::kWeakCoherent;
+    p.prob_decoy = 0.2;
+    p.prob_vacuum = 0.1;
+  }
+  return p;
+}
+
+void BM_Quantum25kmSinglePhoton(benchmark::State& s) { run(s, at25(false, false), 0.5); }
+void BM_Quantum25kmDecoy(benchmark::State& s) { run(s, at25(true, false), 0.5); }
+void BM_Quantum25kmDecoyGys(benchmark::State& s) { run(s, at25(true, true), 0.5); }
+void BM_Quantum25kmDecoyBiased(benchmark::State& s) { run(s, at25(true, false), 0.9); }
+
+BENCHMARK(BM_Quantum25kmSinglePhoton)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Quantum25kmDecoy)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Quantum25kmDecoyGys)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Quantum25kmDecoyBiased)->Unit(benchmark::kMillisecond);
+
+}  // namespace
