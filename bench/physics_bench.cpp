@@ -1,7 +1,4 @@
 // Quantum stage throughput (channel simulation only): pulses per second on one core.
-// Not wired into the build yet; add to bench/CMakeLists.txt as
-//   add_executable(physics_bench physics_bench.cpp)
-//   target_link_libraries(physics_bench PRIVATE qkd::core benchmark::benchmark_main)
 // Rows: single-photon source (defaults) and decoy source (0.5/0.1/0 at 0.7/0.2/0.1) at
 // 25 km, standard and Gobby-Yuan-Shields detectors; reported as items (pulses) per second.
 #include <benchmark/benchmark.h>
