@@ -98,7 +98,7 @@ BENCHMARK(BM_Cascade)->Apply(cascade_args)->Unit(benchmark::kMillisecond);
 // "bits/s" counts input bits. Before the timed loop each fixture checks the kernel against
 // a reference: the naive O(n m) product for n <= 30,000, otherwise the NTT path (itself
 // checked against the naive product in the tests), plus a few output bits against the sum.
-enum class ToeplitzKernel { kClmul, kClmulPortable, kNtt, kNaive };
+enum class ToeplitzKernel { kClmul, kClmulPortable, kClmul128, kNtt, kNaive };
 
 Result<BitVector> run_toeplitz(ToeplitzKernel k, const BitVector& seed, const BitVector& x,
                                std::size_t m) {
@@ -107,6 +107,8 @@ Result<BitVector> run_toeplitz(ToeplitzKernel k, const BitVector& seed, const Bi
       return toeplitz_hash(seed, x, m);
     case ToeplitzKernel::kClmulPortable:
       return detail::toeplitz_hash_clmul(seed, x, m, /*allow_pclmul=*/false);
+    case ToeplitzKernel::kClmul128:
+      return detail::toeplitz_hash_clmul(seed, x, m, /*allow_pclmul=*/true);
     case ToeplitzKernel::kNtt:
       return toeplitz_hash_ntt(seed, x, m);
     case ToeplitzKernel::kNaive:
@@ -154,6 +156,8 @@ void BM_Toeplitz(benchmark::State& state) {
 BENCHMARK(BM_Toeplitz<ToeplitzKernel::kClmul>)->Name("BM_Toeplitz/clmul")->Arg(10'000)
     ->Arg(30'000)->Arg(100'000)->Arg(1'000'000)->Arg(1 << 20)->Arg(4'000'000)->Arg(10'000'000)
     ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kClmul128>)->Name("BM_Toeplitz/clmul_pclmul128")
+    ->Arg(1'000'000)->Arg(1 << 20)->Arg(10'000'000)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Toeplitz<ToeplitzKernel::kClmulPortable>)->Name("BM_Toeplitz/clmul_portable")
     ->Arg(100'000)->Arg(1'000'000)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Toeplitz<ToeplitzKernel::kNtt>)->Name("BM_Toeplitz/ntt_before")->Arg(10'000)

@@ -46,7 +46,7 @@ struct AliceEndpoint::Impl {
   SecureBytes psk;
   std::uint64_t seed;
   MessageTransport& quantum;
-  std::optional<AuthChannel> classical;
+  std::unique_ptr<AuthChannel> classical;
   std::optional<Error> init_error;
   std::optional<Error> failed;  // set by a fatal error; the endpoint refuses further blocks
   std::uint64_t next_block = 0;
@@ -54,12 +54,12 @@ struct AliceEndpoint::Impl {
   Impl(ChannelParams c, ProtocolParams p, std::span<const std::uint8_t> k, std::uint64_t s,
        MessageTransport& q, MessageTransport& cl)
       : channel(c), protocol(p), psk(k), seed(s), quantum(q) {
-    auto keys = detail::derive_mac_keys(k);
-    if (!keys.ok()) {
-      init_error = keys.error();
+    auto ch = AuthChannel::create(cl, detail::AuthRole::kAlice, k, detail::auth_settings(p));
+    if (!ch.ok()) {
+      init_error = ch.error();
       return;
     }
-    classical.emplace(cl, std::move(keys->alice_to_bob), std::move(keys->bob_to_alice));
+    classical = std::move(ch).value();
   }
 
   // Receives a classical message of the given type for this block.
@@ -350,15 +350,15 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     if (Status s = ch.send(MsgType::kAmplify, block, w.buffer()); !s.ok()) {
       return s;
     }
+    SecureBytes gross;
     if (m > 0) {
       auto out = toeplitz_hash(pseed, key, m);
       if (!out.ok()) {
         return out.error();
       }
-      r.key.resize(out->byte_size());
-      out->to_bytes(r.key.span());
+      gross.resize(out->byte_size());
+      out->to_bytes(gross.span());
     }
-    r.secret_bits = m;
     auto f = recv(MsgType::kBlockDone, block);
     if (!f.ok()) {
       return f.error();
@@ -366,6 +366,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     if (!f->payload.empty()) {
       return malformed(MsgType::kBlockDone);
     }
+    detail::pay_authentication(ch, gross, m, r);
   }
   return ok_status();
 }
@@ -393,6 +394,7 @@ Result<BlockResult> AliceEndpoint::run_block() {
   }
   const auto start = std::chrono::steady_clock::now();
   BlockResult r;
+  const std::uint64_t pads_before = impl_->classical->pad_bytes_used();
   r.block_id = impl_->next_block++;
   bool fatal = true;
   Status st = impl_->run(r, fatal);
@@ -408,9 +410,11 @@ Result<BlockResult> AliceEndpoint::run_block() {
     }
     return st.error();
   }
+  r.auth_pad_bits_used = 8 * (impl_->classical->pad_bytes_used() - pads_before);
   if (r.aborted) {
     r.key.clear();
     r.secret_bits = 0;
+    r.auth_bits_consumed = 0;
   }
   r.cpu_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -78,7 +78,7 @@ struct BobEndpoint::Impl {
   ProtocolParams protocol;
   MessageTransport& quantum;
   Xoshiro256ss rng;  // Bob's basis choices and random measurement outcomes
-  std::optional<AuthChannel> classical;
+  std::unique_ptr<AuthChannel> classical;
   std::optional<Error> init_error;
   std::optional<Error> failed;
   std::optional<std::uint64_t> last_block;
@@ -86,12 +86,12 @@ struct BobEndpoint::Impl {
   Impl(ProtocolParams p, std::span<const std::uint8_t> k, std::uint64_t s, MessageTransport& q,
        MessageTransport& cl)
       : protocol(p), quantum(q), rng(s ^ 0xB0B0B0B0B0B0B0B0ULL) {
-    auto keys = detail::derive_mac_keys(k);
-    if (!keys.ok()) {
-      init_error = keys.error();
+    auto ch = AuthChannel::create(cl, detail::AuthRole::kBob, k, detail::auth_settings(p));
+    if (!ch.ok()) {
+      init_error = ch.error();
       return;
     }
-    classical.emplace(cl, std::move(keys->bob_to_alice), std::move(keys->alice_to_bob));
+    classical = std::move(ch).value();
   }
 
   Result<detail::Frame> recv(MsgType t, std::uint64_t block) {
@@ -347,18 +347,19 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
         pseed.size() != (m > 0 ? std::uint64_t{n} + m - 1 : 0) || !rd.done()) {
       return malformed(MsgType::kAmplify);
     }
+    SecureBytes gross;
     if (m > 0) {
       auto out = toeplitz_hash(pseed, key, m);
       if (!out.ok()) {
         return out.error();
       }
-      r.key.resize(out->byte_size());
-      out->to_bytes(r.key.span());
+      gross.resize(out->byte_size());
+      out->to_bytes(gross.span());
     }
-    r.secret_bits = m;
     if (Status s = ch.send(MsgType::kBlockDone, block, {}); !s.ok()) {
       return s;
     }
+    detail::pay_authentication(ch, gross, m, r);
   }
   return ok_status();
 }
@@ -383,6 +384,7 @@ Result<BlockResult> BobEndpoint::run_block() {
   }
   const auto start = std::chrono::steady_clock::now();
   BlockResult r;
+  const std::uint64_t pads_before = impl_->classical->pad_bytes_used();
   bool fatal = true;
   Status st = impl_->run(r, fatal);
   if (!st.ok()) {
@@ -395,9 +397,11 @@ Result<BlockResult> BobEndpoint::run_block() {
     }
     return st.error();
   }
+  r.auth_pad_bits_used = 8 * (impl_->classical->pad_bytes_used() - pads_before);
   if (r.aborted) {
     r.key.clear();
     r.secret_bits = 0;
+    r.auth_bits_consumed = 0;
   }
   r.cpu_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -37,6 +37,51 @@ bool masked_parity(std::span<const std::uint64_t> key, std::span<const std::uint
   return (std::popcount(x) & 1) != 0;
 }
 
+// Per-thread free lists of buffers. Cascade runs block after block with the same sizes;
+// allocating the shuffle tables (2 x 4n bytes) and Bob's bisection bitmaps afresh each
+// time made glibc hand the pages back and fault them in again (a fifth of the time at
+// n = 2^16). Contents are public (layout tables, disclosed parities): no cleansing.
+template <class T>
+class BufferPool {
+ public:
+  // A buffer of `size` elements; zeroed when `zero`, else unspecified contents.
+  static std::vector<T> take(std::size_t size, bool zero) {
+    auto& list = free_list();
+    std::vector<T> v;
+    for (std::size_t i = list.size(); i > 0; --i) {  // the most recent that fits
+      if (list[i - 1].capacity() >= size) {
+        v = std::move(list[i - 1]);
+        list.erase(list.begin() + static_cast<std::ptrdiff_t>(i - 1));
+        break;
+      }
+    }
+    if (zero) {
+      v.assign(size, T{});
+    } else {
+      v.resize(size);
+    }
+    return v;
+  }
+  static void give(std::vector<T>&& v) {
+    auto& list = free_list();
+    if (v.capacity() == 0 || v.capacity() > kMaxElements) {
+      return;
+    }
+    if (list.size() >= kMaxBuffers) {
+      list.erase(list.begin());
+    }
+    list.push_back(std::move(v));
+  }
+
+ private:
+  static constexpr std::size_t kMaxBuffers = 64;
+  static constexpr std::size_t kMaxElements = std::size_t{1} << 24;
+  static std::vector<std::vector<T>>& free_list() {
+    thread_local std::vector<std::vector<T>> list;
+    return list;
+  }
+};
+
 // Index of the r-th set bit of x (r < popcount(x)).
 unsigned select_in_word(std::uint64_t x, unsigned r) {
   for (unsigned i = 0; i < r; ++i) {
@@ -46,6 +91,11 @@ unsigned select_in_word(std::uint64_t x, unsigned r) {
 }
 
 }  // namespace
+
+// kBitPatterns[j] has bit i set iff bit j of i is set (i < 64).
+constexpr std::uint64_t kBitPatterns[6] = {0xAAAAAAAAAAAAAAAAULL, 0xCCCCCCCCCCCCCCCCULL,
+                                           0xF0F0F0F0F0F0F0F0ULL, 0xFF00FF00FF00FF00ULL,
+                                           0xFFFF0000FFFF0000ULL, 0xFFFFFFFF00000000ULL};
 
 std::uint32_t cascade_default_passes(CascadeVariant variant) {
   switch (variant) {
@@ -110,9 +160,7 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
         for (std::size_t w = 0; w < words.size(); ++w) {
           std::uint64_t pattern = 0;
           if (j < 6) {
-            for (unsigned i = 0; i < 64; ++i) {
-              pattern |= std::uint64_t{(i >> j) & 1U} << i;
-            }
+            pattern = kBitPatterns[j];
           } else {
             pattern = ((w >> (j - 6)) & 1U) != 0 ? ~std::uint64_t{0} : 0;
           }
@@ -153,11 +201,11 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
     if (order == CascadePassOrder::kIdentity) {
       continue;  // no tables
     }
-    // Uninitialised storage: every entry is written below (no zero-fill pass).
-    perm_[p] = std::make_unique_for_overwrite<std::uint32_t[]>(n);
-    inv_[p] = std::make_unique_for_overwrite<std::uint32_t[]>(n);
-    std::uint32_t* perm = perm_[p].get();
-    std::uint32_t* inv = inv_[p].get();
+    // Pooled storage, contents unspecified: every entry is written below.
+    perm_[p] = BufferPool<std::uint32_t>::take(n, /*zero=*/false);
+    inv_[p] = BufferPool<std::uint32_t>::take(n, /*zero=*/false);
+    std::uint32_t* perm = perm_[p].data();
+    std::uint32_t* inv = inv_[p].data();
     std::iota(perm, perm + n, 0U);
     for (std::uint32_t i = n; i > 1; --i) {  // Fisher-Yates
       const auto j = static_cast<std::uint32_t>(rng.below(i));
@@ -166,6 +214,15 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
     for (std::uint32_t i = 0; i < n; ++i) {
       inv[perm[i]] = i;
     }
+  }
+}
+
+CascadeLayout::~CascadeLayout() {
+  for (auto& v : perm_) {
+    BufferPool<std::uint32_t>::give(std::move(v));
+  }
+  for (auto& v : inv_) {
+    BufferPool<std::uint32_t>::give(std::move(v));
   }
 }
 
@@ -246,7 +303,7 @@ BitVector CascadeLayout::permuted(const BitVector& key, std::uint32_t pass) cons
   BitVector out(n_);
   if (order_[pass] == CascadePassOrder::kShuffle) {
     // Gather 64 bits per output word (no read-modify-write of the output per bit).
-    const std::uint32_t* perm = perm_[pass].get();
+    const std::uint32_t* perm = perm_[pass].data();
     auto ow = out.mutable_words();
     for (std::size_t w = 0; w < ow.size(); ++w) {
       const std::uint32_t begin = static_cast<std::uint32_t>(64 * w);
@@ -341,6 +398,35 @@ Result<BitVector> CascadeResponder::range_parities(std::span<const ParityQuery> 
 
 namespace {
 
+// A plain bitmap over pooled words (public data: no cleansing, storage reused).
+class PooledBits {
+ public:
+  PooledBits() = default;
+  PooledBits(const PooledBits&) = delete;
+  PooledBits& operator=(const PooledBits&) = delete;
+  PooledBits(PooledBits&& o) noexcept = default;
+  PooledBits& operator=(PooledBits&& o) noexcept {
+    if (this != &o) {
+      BufferPool<std::uint64_t>::give(std::move(w_));
+      w_ = std::move(o.w_);
+    }
+    return *this;
+  }
+  ~PooledBits() { BufferPool<std::uint64_t>::give(std::move(w_)); }
+  void reset(std::uint64_t nbits) {
+    BufferPool<std::uint64_t>::give(std::move(w_));
+    w_ = BufferPool<std::uint64_t>::take(static_cast<std::size_t>((nbits + 63) / 64), true);
+  }
+  [[nodiscard]] bool get(std::uint64_t i) const { return ((w_[i >> 6] >> (i & 63)) & 1U) != 0; }
+  void set(std::uint64_t i, bool v) {
+    const std::uint64_t m = std::uint64_t{1} << (i & 63);
+    w_[i >> 6] = v ? (w_[i >> 6] | m) : (w_[i >> 6] & ~m);
+  }
+
+ private:
+  std::vector<std::uint64_t> w_;
+};
+
 // Bob's state for one started pass.
 struct PassState {
   CascadePassOrder order = CascadePassOrder::kIdentity;
@@ -353,8 +439,8 @@ struct PassState {
   // children 2i, 2i+1; the left child of [s, s+len) is [s, s+len/2)): known[b*cap + i]
   // is set once Alice disclosed the parity of node i's left child, stored in left[].
   std::uint32_t cap = 1;
-  BitVector known;
-  BitVector left;
+  PooledBits known;
+  PooledBits left;
 };
 
 // One bisection in progress: [start, start + length) of pass `pass` has an odd parity
@@ -430,8 +516,8 @@ class Corrector {
     st.k = layout_.block_size(pass);
     st.blocks = layout_.block_count(pass);
     st.cap = std::bit_ceil(st.k);
-    st.known = BitVector(std::uint64_t{st.blocks} * st.cap);
-    st.left = BitVector(std::uint64_t{st.blocks} * st.cap);
+    st.known.reset(std::uint64_t{st.blocks} * st.cap);
+    st.left.reset(std::uint64_t{st.blocks} * st.cap);
     if (st.order == CascadePassOrder::kShuffle) {
       st.keyp = layout_.permuted(key_, pass);
     }

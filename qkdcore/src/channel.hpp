@@ -1,17 +1,44 @@
 // Framing and authentication of the link's messages (internal).
 //
-// Classical frame:  u8 version | u8 type | u64 block_id | u64 sequence | payload | tag
-// where tag = HMAC-SHA256(direction key, everything before it). The two direction keys are
-// derived from the pre-shared secret with HKDF-SHA256 (distinct labels for Alice->Bob and
-// Bob->Alice), so a message reflected back to its sender does not verify. Sequence numbers
-// count every frame sent in one direction over the endpoint's life, starting at 0; the
-// receiver accepts only the next one, which rejects replays, drops and reordering.
+// Classical frame:  u8 version | u8 type | u64 block_id | u64 sequence | [nonce] | payload | tag
+// Sequence numbers count every frame sent in one direction over the channel's life,
+// starting at 0; the receiver accepts only the next one, which rejects replays, drops and
+// reordering. Two authentication modes (ProtocolParams::auth; both ends must agree, a
+// mismatch shows as an authentication error on the first frame):
 //
-// SECURITY NOTE: HMAC-SHA256 with a long-lived key is computationally secure only.
-// Information-theoretic authentication (Wegman-Carter: an epsilon-almost strongly
-// universal hash with one-time-pad encrypted tags, keyed from the PSK and then from the
-// link's own key) comes in a later issue; it replaces MacKeys/AuthChannel's tag function
-// and charges its key consumption to BlockResult.
+// Wegman-Carter (default, version 2). tag = trunc_t(poly_hash(H_dir, frame)) XOR pad, where
+// poly_hash is polynomial evaluation over GF(2^128) (gf128.hpp; (n+1)/2^t-almost
+// XOR-universal for n-block messages, truncated to t = auth_tag_bits), H_dir the direction's
+// 128-bit hash key and pad t fresh one-time-pad bits that are never used again. Each
+// direction (Alice->Bob, Bob->Alice) has its own hash key and its own pad pool, so both
+// ends consume the same bits in the same order. A pool is a stack: pads are taken from its
+// top; after privacy amplification both ends push the block's repayment on top (settle()),
+// so the bootstrap material at the bottom is touched only when repayments fell short
+// (aborted blocks) and QKD output authenticates everything from the second block on.
+//
+//   Bootstrap, per session (one AuthChannel pair = one session): the first frame of each
+//   direction carries a 16-byte nonce from the sender's DRBG. Alice's frame 0 is
+//   authenticated with a hello key HKDF(PSK, nonce_A); everything after it with session
+//   keys HKDF(PSK, nonce_A || nonce_B): both hash keys and both initial pools
+//   (auth_pool_bits each). Fresh nonces make the bootstrap pads new for every session, so
+//   restarting endpoints (what the KME does after a fatal error) never reuses a pad.
+//   HONEST NOTE: HKDF-expanded material is only computationally secure. A 32-byte PSK
+//   cannot hold the tens of kbit of pad a session starts with, so this is a bootstrap: the
+//   PSK-derived keys authenticate the first block of a session (and any block after a run
+//   of aborts that drained the repaid pads); the first settled block refreshes the hash
+//   keys from QKD output and refills the pools, after which authentication is
+//   information-theoretic given the QKD key is. An attacker must therefore break
+//   HKDF-SHA256 during the first block to forge a message ("everlasting" security: breaking
+//   it later reveals nothing).
+//   Early abort: if Alice gives up before she has verified Bob's first frame (so before she
+//   knows nonce_B), her Abort frame uses a second hello pad; Bob accepts that key for an
+//   Abort only.
+//   Cost: t bits per frame per direction; settle() takes the pad deficit of both pools
+//   (back to auth_pool_bits) and, every auth_key_refresh_blocks settled blocks (and at the
+//   first), 2 x 128 bits of new hash keys from the front of the block's key.
+//
+// HMAC (auth = hmac, version 1): tag = HMAC-SHA256(direction key, frame) with direction
+// keys HKDF(PSK). Computationally secure only, costs no key; kept for comparison.
 //
 // Quantum frame (not authenticated: it models photons, which carry no MAC):
 //   u8 version | u8 type=kDetections | u64 block_id | u32 chunk_index | u8 last |
@@ -20,8 +47,10 @@
 // previous event's pulse + 1 (from 0 for the first event of the block).
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -32,8 +61,10 @@
 
 namespace qkd::core::detail {
 
-inline constexpr std::uint8_t kWireVersion = 1;
+inline constexpr std::uint8_t kWireVersion = 1;    // HMAC frames and quantum frames
+inline constexpr std::uint8_t kWireVersionWc = 2;  // Wegman-Carter frames
 inline constexpr std::size_t kHeaderBytes = 1 + 1 + 8 + 8;
+inline constexpr std::size_t kNonceBytes = 16;
 // Largest message either side accepts (a sifting message for 1e8 detections is 12.5 MB).
 inline constexpr std::size_t kMaxMessageBytes = std::size_t{64} << 20;
 inline constexpr std::uint32_t kMaxEventsPerChunk = 1U << 18;  // < 3 MB per quantum frame
@@ -61,8 +92,22 @@ struct MacKeys {
   SecureBytes alice_to_bob;
   SecureBytes bob_to_alice;
 };
-// Fails if the PSK is shorter than 16 bytes (kInvalidArgument) or HKDF fails.
+// HMAC mode keys. Fails if the PSK is shorter than 16 bytes (kInvalidArgument) or HKDF fails.
 [[nodiscard]] Result<MacKeys> derive_mac_keys(std::span<const std::uint8_t> psk);
+
+// The authentication settings both ends must share (from ProtocolParams).
+struct AuthSettings {
+  AuthMode mode = AuthMode::kWegmanCarter;
+  std::uint32_t tag_bits = 128;            // 64 or 128
+  std::uint32_t pool_bits = 1U << 16;      // per direction: initial pad pool and refill level
+  std::uint32_t refresh_blocks = 16;       // hash keys renewed every this many settled blocks
+  [[nodiscard]] std::size_t tag_bytes() const {
+    return mode == AuthMode::kHmac ? kMacBytes : tag_bits / 8;
+  }
+};
+[[nodiscard]] AuthSettings auth_settings(const ProtocolParams& p);
+
+enum class AuthRole : std::uint8_t { kAlice, kBob };
 
 struct Frame {
   MsgType type = MsgType::kAbort;
@@ -72,23 +117,74 @@ struct Frame {
 
 class AuthChannel {
  public:
-  AuthChannel(MessageTransport& transport, SecureBytes send_key, SecureBytes recv_key)
-      : t_(transport), send_key_(std::move(send_key)), recv_key_(std::move(recv_key)) {}
+  // Fails if the PSK is shorter than 16 bytes (kInvalidArgument), the settings are invalid,
+  // or the DRBG / HKDF fail.
+  [[nodiscard]] static Result<std::unique_ptr<AuthChannel>> create(
+      MessageTransport& transport, AuthRole role, std::span<const std::uint8_t> psk,
+      const AuthSettings& settings);
+  ~AuthChannel();
+  AuthChannel(const AuthChannel&) = delete;
+  AuthChannel& operator=(const AuthChannel&) = delete;
 
+  // Fails with kAuthentication when the send pool holds fewer than tag_bits (aborted
+  // blocks used up the repaid pads and the bootstrap reserve: start a new session).
   [[nodiscard]] Status send(MsgType type, std::uint64_t block_id,
                             std::span<const std::uint8_t> payload);
-  // Receives the next frame and checks, in this order: size, MAC (kAuthentication),
+  // Receives the next frame and checks, in this order: size, tag (kAuthentication),
   // version and sequence (kProtocol), then, if a peer kAbort arrived, fails with kRejected
-  // and the peer's reason; then block id (if given) and type (kProtocol).
+  // and the peer's reason; then block id (if given) and type (kProtocol). Under
+  // Wegman-Carter the pad of the expected frame is consumed whatever the outcome.
   [[nodiscard]] Result<Frame> receive(std::chrono::milliseconds timeout, MsgType expected,
                                       std::optional<std::uint64_t> block_id);
   // Best effort: tells the peer why this end gives up (errors are ignored).
   void send_abort(std::uint64_t block_id, const std::string& reason);
 
+  // Wegman-Carter key accounting, called by both ends at the same point of a finished
+  // block with the same privacy-amplified key: refills both pads pools (Alice->Bob first)
+  // to pool_bits from the front of `key`, then, when due and affordable, replaces both hash
+  // keys (Alice->Bob first, 16 bytes each). Returns the number of bytes taken (the caller
+  // drops them from the key). HMAC: 0.
+  [[nodiscard]] std::size_t settle(std::span<const std::uint8_t> key);
+
+  // Introspection for tests and accounting.
+  [[nodiscard]] const AuthSettings& settings() const { return settings_; }
+  [[nodiscard]] std::size_t send_pool_bytes() const;
+  [[nodiscard]] std::size_t recv_pool_bytes() const;
+  [[nodiscard]] std::uint64_t hash_key_refreshes() const { return refreshes_; }
+  // Pad bytes taken from the pools so far (both directions; sent and verified frames).
+  [[nodiscard]] std::uint64_t pad_bytes_used() const { return pad_bytes_used_; }
+
  private:
+  struct Direction {
+    SecureBytes hash_key;  // 16 bytes
+    SecureBytes pool;      // pads, used as a stack from the end
+  };
+  AuthChannel(MessageTransport& t, AuthRole role, const AuthSettings& s);
+  Status derive_hello(std::span<const std::uint8_t> nonce_a);
+  Status derive_session(std::span<const std::uint8_t> nonce_a,
+                        std::span<const std::uint8_t> nonce_b);
+  Result<std::vector<std::uint8_t>> tag_for(bool sending, MsgType type,
+                                            std::span<const std::uint8_t> body);
+  std::string settings_label() const;
+
   MessageTransport& t_;
-  SecureBytes send_key_;
-  SecureBytes recv_key_;
+  AuthRole role_;
+  AuthSettings settings_;
+  SecureBytes psk_;
+  // HMAC
+  SecureBytes hmac_send_;
+  SecureBytes hmac_recv_;
+  // Wegman-Carter
+  std::array<std::uint8_t, kNonceBytes> nonce_{};       // this end's
+  std::array<std::uint8_t, kNonceBytes> peer_nonce_{};
+  SecureBytes hello_;     // H (16) | pad of Alice's frame 0 | pad of her early Abort
+  bool session_ = false;  // session keys derived (and, for Alice, Bob's frame 0 verified)
+  Direction ab_;          // Alice -> Bob
+  Direction ba_;          // Bob -> Alice
+  std::uint64_t since_refresh_ = 0;
+  bool refreshed_ = false;
+  std::uint64_t refreshes_ = 0;
+  std::uint64_t pad_bytes_used_ = 0;
   std::uint64_t send_seq_ = 0;
   std::uint64_t recv_seq_ = 0;
 };

@@ -104,6 +104,26 @@ std::optional<KeyBound> parse_key_bound(std::string_view name) {
   return std::nullopt;
 }
 
+const char* auth_mode_name(AuthMode m) {
+  switch (m) {
+    case AuthMode::kWegmanCarter:
+      return "Wegman-Carter (GF(2^128) polynomial hash, one-time-pad tags)";
+    case AuthMode::kHmac:
+      return "HMAC-SHA256";
+  }
+  return "unknown";
+}
+
+std::optional<AuthMode> parse_auth_mode(std::string_view name) {
+  if (name == "wegman-carter" || name == "wc") {
+    return AuthMode::kWegmanCarter;
+  }
+  if (name == "hmac") {
+    return AuthMode::kHmac;
+  }
+  return std::nullopt;
+}
+
 Status validate(const ProtocolParams& p) {
   if (p.pulses_per_block < 1000 || p.pulses_per_block > (std::uint64_t{1} << 32)) {
     return bad("pulses_per_block", "must be in [1000, 2^32]");
@@ -140,6 +160,18 @@ Status validate(const ProtocolParams& p) {
   }
   if (!in(p.confidence_sd, 0.0, 50.0)) {
     return bad("confidence_sd", "must be in [0, 50]");
+  }
+  if (p.auth != AuthMode::kWegmanCarter && p.auth != AuthMode::kHmac) {
+    return bad("auth", "must be wegman-carter or hmac");
+  }
+  if (p.auth_tag_bits != 64 && p.auth_tag_bits != 128) {
+    return bad("auth_tag_bits", "must be 64 or 128");
+  }
+  if (p.auth_pool_bits < 1024 || p.auth_pool_bits > (1U << 24) || p.auth_pool_bits % 8 != 0) {
+    return bad("auth_pool_bits", "must be a multiple of 8 in [1024, 2^24]");
+  }
+  if (p.auth_key_refresh_blocks < 1) {
+    return bad("auth_key_refresh_blocks", "must be at least 1");
   }
   return ok_status();
 }

@@ -273,6 +273,14 @@ std::uint64_t final_key_length(BlockStatistics stats, std::uint64_t leaked_bits,
   return k.bits;
 }
 
+void pay_authentication(AuthChannel& ch, const SecureBytes& gross, std::uint64_t m,
+                        BlockResult& r) {
+  const std::size_t taken = ch.settle(gross.span());
+  r.auth_bits_consumed = std::min<std::uint64_t>(8 * std::uint64_t{taken}, m);
+  r.secret_bits = m - r.auth_bits_consumed;
+  r.key = SecureBytes(gross.span().subspan(taken));
+}
+
 Result<BitVector> random_bits(std::size_t nbits) {
   std::vector<std::uint8_t> bytes((nbits + 7) / 8);
   if (Status s = random_bytes(bytes); !s.ok()) {

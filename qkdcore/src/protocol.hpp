@@ -98,6 +98,12 @@ struct SiftedInfo {
 [[nodiscard]] std::uint64_t final_key_length(BlockStatistics stats, std::uint64_t leaked_bits,
                                              BlockResult& r);
 
+// After the block's last message: pays the authentication key from the front of the
+// privacy-amplified key `gross` (m bits) through ch.settle() and puts the rest in r.key,
+// r.secret_bits (net) and r.auth_bits_consumed. Both ends call it at the same point.
+void pay_authentication(AuthChannel& ch, const SecureBytes& gross, std::uint64_t m,
+                        BlockResult& r);
+
 // nbits from OpenSSL's DRBG.
 [[nodiscard]] Result<BitVector> random_bits(std::size_t nbits);
 // A mask of exactly k set bits among n, chosen uniformly (selection sampling driven by a

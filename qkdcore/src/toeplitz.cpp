@@ -228,6 +228,8 @@ using BaseFn = void (*)(const Word* t, const Word* x, Word* y, std::size_t w);
 
 // Base cases up to this many words use a schoolbook middle product.
 constexpr std::size_t kBaseWords = 16;
+// The 512-bit kernel does four products per instruction, so a larger base case pays.
+constexpr std::size_t kWideBaseWords = 64;
 
 // Portable 64 x 64 -> 128 carry-less multiply (one bit of b at a time).
 inline void clmul_portable(Word a, Word b, Word& lo, Word& hi) {
@@ -304,20 +306,125 @@ __attribute__((target("pclmul,sse4.1"))) void base_pclmul(const Word* t, const W
     y[k] = (words[k] >> 63) | (words[k + 1] << 1);
   }
 }
+
+// The same base case on 512-bit VPCLMULQDQ (AVX-512), four carry-less products per
+// instruction. For each x word b, the products t[a] x[b] that reach the needed diagonals
+// are a = c - 2 - b + j, j = 0 .. c + 1 (diagonal index j): a contiguous window of t, read
+// as 8-word vectors; imm 0x00 multiplies the even words of the window (diagonals j even),
+// imm 0x01 the odd words. t is copied behind one zero word so that a = -1 (b = c - 1,
+// j = 0) reads zero, and zero-padded past 2c so that whole vectors stay in the buffer.
+__attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.1"))) void base_vpclmul(
+    const Word* t, const Word* x, Word* y, std::size_t w) {
+  constexpr std::size_t kVecs = (kWideBaseWords + 2 + 7) / 8;  // 8-word windows over j
+  alignas(64) Word tb[kWideBaseWords + 8 * kVecs + 8] = {};
+  std::memcpy(tb + 1, t, 2 * w * sizeof(Word));
+  const std::size_t nv = (w + 2 + 7) / 8;
+  __m512i even[kVecs];
+  __m512i odd[kVecs];
+  for (std::size_t v = 0; v < kVecs; ++v) {
+    even[v] = _mm512_setzero_si512();
+    odd[v] = _mm512_setzero_si512();
+  }
+  for (std::size_t b = 0; b < w; ++b) {
+    const __m512i xb = _mm512_set1_epi64(static_cast<long long>(x[b]));
+    const Word* win = tb + (w - 1 - b);  // tb[1 + a] = t[a], a = w - 2 - b + j
+    for (std::size_t v = 0; v < nv; ++v) {
+      const __m512i tv = _mm512_loadu_si512(win + 8 * v);
+      even[v] = _mm512_xor_si512(even[v], _mm512_clmulepi64_epi128(tv, xb, 0x00));
+      odd[v] = _mm512_xor_si512(odd[v], _mm512_clmulepi64_epi128(tv, xb, 0x01));
+    }
+  }
+  // diag[2 j] = (lo, hi) of diagonal j.
+  alignas(64) Word diag[2 * 8 * kVecs];
+  for (std::size_t v = 0; v < nv; ++v) {
+    alignas(64) Word e[8];
+    alignas(64) Word o[8];
+    _mm512_store_si512(e, even[v]);
+    _mm512_store_si512(o, odd[v]);
+    for (std::size_t i = 0; i < 4; ++i) {
+      const std::size_t j = 8 * v + 2 * i;
+      diag[2 * j] = e[2 * i];
+      diag[2 * j + 1] = e[2 * i + 1];
+      diag[2 * j + 2] = o[2 * i];
+      diag[2 * j + 3] = o[2 * i + 1];
+    }
+  }
+  // Product word w - 1 + j = lo(diagonal j + 1) ^ hi(diagonal j), j = 0 .. w + 1.
+  Word words[kWideBaseWords + 2];
+  for (std::size_t j = 0; j < w + 2; ++j) {
+    const Word lo = j + 1 < w + 2 ? diag[2 * (j + 1)] : 0;
+    words[j] = lo ^ diag[2 * j + 1];
+  }
+  for (std::size_t k = 0; k < w; ++k) {
+    y[k] = (words[k] >> 63) | (words[k + 1] << 1);
+  }
+}
 #endif
 
-std::size_t tmvp_scratch_words(std::size_t w) {
-  if (w <= kBaseWords) {
+std::size_t tmvp_scratch_words(std::size_t w, std::size_t cutoff) {
+  if (w <= cutoff) {
     return 0;
   }
   if ((w & 1U) != 0) {
-    return 4 * w + 4 + tmvp_scratch_words(w + 1);
+    return 4 * w + 4 + tmvp_scratch_words(w + 1, cutoff);
   }
-  return 2 * w + tmvp_scratch_words(w / 2);
+  return 2 * w + tmvp_scratch_words(w / 2, cutoff);
 }
 
-void tmvp(BaseFn base, const Word* t, const Word* x, Word* y, std::size_t w, Word* scratch) {
-  if (w <= kBaseWords) {
+// Carry-less word products of the schoolbook base case on c words (pairs (a, b) with
+// a < 2c, b < c and a + b in [c - 2, 2c - 1]).
+std::uint64_t base_products(std::size_t c) {
+  std::uint64_t count = 0;
+  for (std::size_t b = 0; b < c; ++b) {
+    for (std::size_t a = 0; a < 2 * c; ++a) {
+      if (a + b + 2 >= c && a + b <= 2 * c - 1) {
+        ++count;
+      }
+    }
+  }
+  return count;
+}
+
+// The block shape of the Karatsuba recursion for a Toeplitz block of at least w words:
+// padded size c 2^k with base-case size c, minimising the modelled cost 3^k base_cost(c).
+// Padding once at the top keeps every level even (the recursion still pads odd levels,
+// but none occur). Base-case costs, in units of about one 128-bit carry-less product:
+//  - 128-bit kernels: base_products(c), for c in (kBaseWords / 2, kBaseWords] (smaller
+//    bases save products but the recursion's XOR passes then cost more: measured);
+//  - 512-bit kernel: c rows of ceil((c + 2) / 8) pairs of 4-product instructions plus
+//    about 2c for the copy-in and extraction, for c in [8, kWideBaseWords].
+struct BlockShape {
+  std::size_t words;   // c 2^k >= w
+  std::size_t cutoff;  // c
+};
+BlockShape block_shape(std::size_t w, bool wide) {
+  const std::size_t max_c = wide ? kWideBaseWords : kBaseWords;
+  const std::size_t min_c = wide ? 8 : kBaseWords / 2 + 1;
+  if (w <= max_c) {
+    return {w, w};
+  }
+  BlockShape best{0, 0};
+  double best_cost = 0;
+  double pow3 = 1;
+  for (std::size_t k = 0; (w >> k) != 0; ++k, pow3 *= 3) {
+    const std::size_t c = ((w - 1) >> k) + 1;  // ceil(w / 2^k)
+    if (c > max_c || c < min_c) {
+      continue;
+    }
+    const double base = wide ? static_cast<double>(2 * c * ((c + 2 + 7) / 8) + 2 * c)
+                             : static_cast<double>(base_products(c));
+    const double cost = pow3 * base;
+    if (best.words == 0 || cost < best_cost) {
+      best = {c << k, c};
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+void tmvp(BaseFn base, const Word* t, const Word* x, Word* y, std::size_t w, Word* scratch,
+          std::size_t cutoff) {
+  if (w <= cutoff) {
     base(t, x, y, w);
     return;
   }
@@ -331,7 +438,7 @@ void tmvp(BaseFn base, const Word* t, const Word* x, Word* y, std::size_t w, Wor
     tp[2 * w + 1] = 0;
     std::memcpy(xp, x, w * sizeof(Word));
     xp[w] = 0;
-    tmvp(base, tp, xp, yp, w + 1, yp + w + 1);
+    tmvp(base, tp, xp, yp, w + 1, yp + w + 1, cutoff);
     std::memcpy(y, yp, w * sizeof(Word));
     return;
   }
@@ -343,15 +450,15 @@ void tmvp(BaseFn base, const Word* t, const Word* x, Word* y, std::size_t w, Wor
   for (std::size_t i = 0; i < h; ++i) {
     xs[i] = x[i] ^ x[h + i];
   }
-  tmvp(base, t + h, xs, p, h, rest);  // P = A (x0 + x1)
+  tmvp(base, t + h, xs, p, h, rest, cutoff);  // P = A (x0 + x1)
   for (std::size_t i = 0; i < 2 * h; ++i) {
     td[i] = t[i] ^ t[h + i];  // B + A
   }
-  tmvp(base, td, x + h, y, h, rest);
+  tmvp(base, td, x + h, y, h, rest, cutoff);
   for (std::size_t i = 0; i < 2 * h; ++i) {
     td[i] = t[2 * h + i] ^ t[h + i];  // C + A
   }
-  tmvp(base, td, x, y + h, h, rest);
+  tmvp(base, td, x, y + h, h, rest, cutoff);
   for (std::size_t i = 0; i < h; ++i) {
     y[i] ^= p[i];
     y[h + i] ^= p[i];
@@ -376,14 +483,51 @@ Word bits_at(std::span<const Word> v, std::int64_t pos) {
   return r;
 }
 
-BaseFn select_base(bool allow_pclmul) {
+BaseFn base_vpclmul_or_null() {
 #if defined(QKD_HAVE_X86_CLMUL)
-  static const bool have = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
-  if (allow_pclmul && have) {
+  return base_vpclmul;
+#else
+  return nullptr;
+#endif
+}
+
+bool cpu_has(detail::ClmulKernel k) {
+#if defined(QKD_HAVE_X86_CLMUL)
+  static const bool pclmul =
+      __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+  static const bool vpclmul = pclmul && __builtin_cpu_supports("avx512f") &&
+                              __builtin_cpu_supports("vpclmulqdq");
+  switch (k) {
+    case detail::ClmulKernel::kPortable:
+    case detail::ClmulKernel::kBest:
+      return true;
+    case detail::ClmulKernel::kPclmul:
+      return pclmul;
+    case detail::ClmulKernel::kVpclmul:
+      return vpclmul;
+  }
+  return false;
+#else
+  return k == detail::ClmulKernel::kPortable || k == detail::ClmulKernel::kBest;
+#endif
+}
+
+// The requested kernel, or (kBest) the widest one this CPU runs.
+BaseFn select_base(detail::ClmulKernel k) {
+#if defined(QKD_HAVE_X86_CLMUL)
+  if (k == detail::ClmulKernel::kBest) {
+    k = cpu_has(detail::ClmulKernel::kVpclmul)  ? detail::ClmulKernel::kVpclmul
+        : cpu_has(detail::ClmulKernel::kPclmul) ? detail::ClmulKernel::kPclmul
+                                                : detail::ClmulKernel::kPortable;
+  }
+  if (k == detail::ClmulKernel::kVpclmul) {
+    return base_vpclmul;
+  }
+  if (k == detail::ClmulKernel::kPclmul) {
     return base_pclmul;
   }
 #else
-  (void)allow_pclmul;
+  (void)k;
 #endif
   return base_portable;
 }
@@ -398,17 +542,33 @@ void cleanse_words(std::vector<Word>& v) {
 
 namespace detail {
 
+bool clmul_kernel_available(ClmulKernel kernel) { return cpu_has(kernel); }
+
 Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& input,
                                       std::size_t output_bits, bool allow_pclmul) {
+  return toeplitz_hash_clmul(seed, input, output_bits,
+                             allow_pclmul && cpu_has(ClmulKernel::kPclmul) ? ClmulKernel::kPclmul
+                                                                    : ClmulKernel::kPortable);
+}
+
+Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& input,
+                                      std::size_t output_bits, ClmulKernel kernel) {
   if (Status s = check_sizes(seed, input, output_bits); !s.ok()) {
     return s.error();
   }
-  const BaseFn base = select_base(allow_pclmul);
+  if (!cpu_has(kernel)) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "Toeplitz hash: the requested carry-less kernel needs a CPU feature "
+                      "this machine lacks");
+  }
+  const BaseFn base = select_base(kernel);
   const std::size_t n = input.size();
   const std::size_t m = output_bits;
   // Square blocks of H = 64 w bits, H >= min(n, m): one row of blocks when m <= n,
   // one column when m > n.
-  const std::size_t w = (std::min(n, m) + 63) / 64;
+  const BlockShape shape =
+      block_shape((std::min(n, m) + 63) / 64, base == base_vpclmul_or_null());
+  const std::size_t w = shape.words;
   const std::size_t hb = 64 * w;
   const std::size_t rows = (m + hb - 1) / hb;
   const std::size_t cols = (n + hb - 1) / hb;
@@ -416,7 +576,7 @@ Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& in
   std::vector<Word> t(2 * w);
   std::vector<Word> x(w);
   std::vector<Word> y(w);
-  std::vector<Word> scratch(tmvp_scratch_words(w));
+  std::vector<Word> scratch(tmvp_scratch_words(w, shape.cutoff));
   const auto sw = seed.words();
   const auto xw = input.words();
   for (std::size_t r = 0; r < rows; ++r) {
@@ -431,7 +591,7 @@ Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& in
         const std::size_t src = c * w + k;
         x[k] = src < xw.size() ? xw[src] : 0;  // bits past n are zero (clear tail)
       }
-      tmvp(base, t.data(), x.data(), y.data(), w, scratch.data());
+      tmvp(base, t.data(), x.data(), y.data(), w, scratch.data(), shape.cutoff);
       for (std::size_t k = 0; k < w; ++k) {
         out[r * w + k] ^= y[k];
       }
@@ -452,7 +612,7 @@ Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& in
 
 Result<BitVector> toeplitz_hash(const BitVector& seed, const BitVector& input,
                                 std::size_t output_bits) {
-  return detail::toeplitz_hash_clmul(seed, input, output_bits, /*allow_pclmul=*/true);
+  return detail::toeplitz_hash_clmul(seed, input, output_bits, detail::ClmulKernel::kBest);
 }
 
 }  // namespace qkd::core

@@ -226,33 +226,36 @@ TEST(Link, WrongPskIsAnAuthenticationError) {
 // A fake Alice speaking to the real Bob with correctly authenticated but malformed
 // messages, and a fake Bob speaking to the real Alice likewise.
 TEST(Link, MalformedAuthenticatedMessagesAreProtocolErrors) {
-  auto keys = detail::derive_mac_keys(kPsk);
-  ASSERT_TRUE(keys.ok());
   const ProtocolParams pp = small_params();
+  const auto fake = [&](MessageTransport& t, detail::AuthRole role) {
+    auto ch = detail::AuthChannel::create(t, role, kPsk, detail::auth_settings(pp));
+    EXPECT_TRUE(ch.ok());
+    return std::move(ch).value();
+  };
   const std::chrono::milliseconds t{2000};
   {  // Bob receives Params with a trailing byte.
     auto q = make_memory_transport_pair();
     auto c = make_memory_transport_pair();
     BobEndpoint bob(pp, kPsk, 2, *q.b, *c.b);
-    detail::AuthChannel fake_alice(*c.a, keys->alice_to_bob, keys->bob_to_alice);
+    auto fake_alice = fake(*c.a, detail::AuthRole::kAlice);
     detail::Writer w;
     detail::write_params(w, pp, 1e9);
     w.u8(0);
-    ASSERT_TRUE(fake_alice.send(detail::MsgType::kParams, 0, w.buffer()).ok());
+    ASSERT_TRUE(fake_alice->send(detail::MsgType::kParams, 0, w.buffer()).ok());
     auto r = bob.run_block();
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.error().code, ErrorCode::kProtocol) << r.error().message;
-    auto abort = fake_alice.receive(t, detail::MsgType::kParamsAck, 0);
+    auto abort = fake_alice->receive(t, detail::MsgType::kParamsAck, 0);
     EXPECT_EQ(abort.error().code, ErrorCode::kRejected);  // Bob told us why he stopped
   }
   {  // Bob receives garbage on the quantum transport.
     auto q = make_memory_transport_pair();
     auto c = make_memory_transport_pair();
     BobEndpoint bob(pp, kPsk, 2, *q.b, *c.b);
-    detail::AuthChannel fake_alice(*c.a, keys->alice_to_bob, keys->bob_to_alice);
+    auto fake_alice = fake(*c.a, detail::AuthRole::kAlice);
     detail::Writer w;
     detail::write_params(w, pp, 1e9);
-    ASSERT_TRUE(fake_alice.send(detail::MsgType::kParams, 0, w.buffer()).ok());
+    ASSERT_TRUE(fake_alice->send(detail::MsgType::kParams, 0, w.buffer()).ok());
     ASSERT_TRUE(q.a->send({1, 3, 0, 0, 0}).ok());
     auto r = bob.run_block();
     ASSERT_FALSE(r.ok());
@@ -262,18 +265,18 @@ TEST(Link, MalformedAuthenticatedMessagesAreProtocolErrors) {
     auto q = make_memory_transport_pair();
     auto c = make_memory_transport_pair();
     AliceEndpoint alice(ChannelParams{}, pp, kPsk, 1, *q.a, *c.a);
-    detail::AuthChannel fake_bob(*c.b, keys->bob_to_alice, keys->alice_to_bob);
+    auto fake_bob = fake(*c.b, detail::AuthRole::kBob);
     std::optional<Result<BlockResult>> ra;
     std::thread th([&] { ra.emplace(alice.run_block()); });
-    ASSERT_TRUE(fake_bob.receive(t, detail::MsgType::kParams, 0).ok());
+    ASSERT_TRUE(fake_bob->receive(t, detail::MsgType::kParams, 0).ok());
     detail::Writer ack;
     ack.u8(1);
     ack.string("");
-    ASSERT_TRUE(fake_bob.send(detail::MsgType::kParamsAck, 0, ack.buffer()).ok());
+    ASSERT_TRUE(fake_bob->send(detail::MsgType::kParamsAck, 0, ack.buffer()).ok());
     detail::Writer w;
     w.u64(3);
     w.bits(BitVector(3));
-    ASSERT_TRUE(fake_bob.send(detail::MsgType::kSiftBases, 0, w.buffer()).ok());
+    ASSERT_TRUE(fake_bob->send(detail::MsgType::kSiftBases, 0, w.buffer()).ok());
     th.join();
     ASSERT_FALSE(ra->ok());
     EXPECT_EQ(ra->error().code, ErrorCode::kProtocol) << ra->error().message;
@@ -282,11 +285,11 @@ TEST(Link, MalformedAuthenticatedMessagesAreProtocolErrors) {
     auto q = make_memory_transport_pair();
     auto c = make_memory_transport_pair();
     AliceEndpoint alice(ChannelParams{}, pp, kPsk, 1, *q.a, *c.a);
-    detail::AuthChannel fake_bob(*c.b, keys->bob_to_alice, keys->alice_to_bob);
+    auto fake_bob = fake(*c.b, detail::AuthRole::kBob);
     std::optional<Result<BlockResult>> ra;
     std::thread th([&] { ra.emplace(alice.run_block()); });
-    ASSERT_TRUE(fake_bob.receive(t, detail::MsgType::kParams, 0).ok());
-    ASSERT_TRUE(fake_bob.send(detail::MsgType::kVerifyResult, 0, std::vector<std::uint8_t>{1}).ok());
+    ASSERT_TRUE(fake_bob->receive(t, detail::MsgType::kParams, 0).ok());
+    ASSERT_TRUE(fake_bob->send(detail::MsgType::kVerifyResult, 0, std::vector<std::uint8_t>{1}).ok());
     th.join();
     ASSERT_FALSE(ra->ok());
     EXPECT_EQ(ra->error().code, ErrorCode::kProtocol) << ra->error().message;

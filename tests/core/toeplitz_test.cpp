@@ -68,6 +68,14 @@ TEST(Toeplitz, ClmulEqualsNaiveOnEdgeSizes) {
       ASSERT_EQ(*fast, *slow) << "n=" << n << " m=" << m;
       ASSERT_EQ(*portable, *slow) << "n=" << n << " m=" << m;
       ASSERT_EQ(*ntt, *slow) << "n=" << n << " m=" << m;
+      for (const auto k : {detail::ClmulKernel::kPclmul, detail::ClmulKernel::kVpclmul}) {
+        if (!detail::clmul_kernel_available(k)) {
+          continue;
+        }
+        auto kernel = detail::toeplitz_hash_clmul(seed, x, m, k);
+        ASSERT_TRUE(kernel.ok());
+        ASSERT_EQ(*kernel, *slow) << "n=" << n << " m=" << m << " kernel=" << static_cast<int>(k);
+      }
     }
   }
 }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <filesystem>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -31,7 +32,10 @@ class FakeKmeTest : public ::testing::Test {
     pki_ = new std::string(make_temp_dir("pki-fake"));
     ASSERT_TRUE(make_pki(*pki_));
   }
-  static void TearDownTestSuite() { delete pki_; }
+  static void TearDownTestSuite() {
+    std::filesystem::remove_all(*pki_);
+    delete pki_;
+  }
 
   static ClientConfig config_for(const std::string& sae, const std::string& url, int timeout_ms = 3000) {
     ClientConfig c;

@@ -7,6 +7,7 @@
 #include <openssl/provider.h>
 #include <openssl/ssl.h>
 
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -178,6 +179,7 @@ TEST(ProviderConfig, CodepointOverrideAndBadCodepoint) {
     EVP_PKEY_free(pkey);
     EVP_PKEY_CTX_free(pctx);
   }
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

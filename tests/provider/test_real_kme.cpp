@@ -8,6 +8,7 @@
 #include <openssl/evp.h>
 
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -33,6 +34,9 @@ class RealKme : public ::testing::Test {
   static void TearDownTestSuite() {
     delete net_;
     net_ = nullptr;
+    if (dir_ != nullptr) {
+      std::filesystem::remove_all(*dir_);
+    }
     delete dir_;
   }
   void SetUp() override {

@@ -60,6 +60,13 @@ class CascadeLayout {
   CascadeLayout(std::uint32_t n, std::uint32_t passes, std::uint32_t first_block_size,
                 std::span<const std::uint8_t, 32> shuffle_seed,
                 CascadeVariant variant = CascadeVariant::kOriginal);
+  // The shuffle tables go back to a per-thread pool (reused by the next layout of the
+  // same size: no fresh pages, hence no page faults, per block).
+  ~CascadeLayout();
+  CascadeLayout(CascadeLayout&&) noexcept = default;
+  CascadeLayout& operator=(CascadeLayout&&) noexcept = default;
+  CascadeLayout(const CascadeLayout&) = delete;
+  CascadeLayout& operator=(const CascadeLayout&) = delete;
   [[nodiscard]] std::uint32_t size() const { return n_; }
   [[nodiscard]] CascadeVariant variant() const { return variant_; }
   [[nodiscard]] std::uint32_t passes() const { return static_cast<std::uint32_t>(block_.size()); }
@@ -73,12 +80,10 @@ class CascadeLayout {
   [[nodiscard]] std::uint32_t position(std::uint32_t pass, std::uint32_t index) const;
   // The stored tables of a kShuffle pass (empty for kIdentity and kSplit passes).
   [[nodiscard]] std::span<const std::uint32_t> perm(std::uint32_t pass) const {
-    return perm_[pass] ? std::span<const std::uint32_t>(perm_[pass].get(), n_)
-                       : std::span<const std::uint32_t>();
+    return perm_[pass];
   }
   [[nodiscard]] std::span<const std::uint32_t> inverse(std::uint32_t pass) const {
-    return inv_[pass] ? std::span<const std::uint32_t>(inv_[pass].get(), n_)
-                      : std::span<const std::uint32_t>();
+    return inv_[pass];
   }
   // Builds the key as seen in pass p's order.
   [[nodiscard]] BitVector permuted(const BitVector& key, std::uint32_t pass) const;
@@ -99,8 +104,8 @@ class CascadeLayout {
   CascadeVariant variant_;
   std::vector<std::uint32_t> block_;
   std::vector<CascadePassOrder> order_;
-  std::vector<std::unique_ptr<std::uint32_t[]>> perm_;
-  std::vector<std::unique_ptr<std::uint32_t[]>> inv_;
+  std::vector<std::vector<std::uint32_t>> perm_;  // empty except for kShuffle passes
+  std::vector<std::vector<std::uint32_t>> inv_;
   std::vector<Split> split_;  // indexed by pass (empty entries for other orders)
 };
 

@@ -94,6 +94,18 @@ enum class KeyBound : std::uint8_t {
 // "slutsky98"; nullopt otherwise.
 [[nodiscard]] std::optional<KeyBound> parse_key_bound(std::string_view name);
 
+// How classical messages are authenticated (see ProtocolParams::auth).
+enum class AuthMode : std::uint8_t {
+  // Wegman-Carter: polynomial hash over GF(2^128), tag encrypted with one-time-pad bits that
+  // each block repays from its own key (BlockResult::auth_bits_consumed). Bootstrapped per
+  // session from the PSK with HKDF (computational only until the first block is settled).
+  kWegmanCarter = 0,
+  kHmac = 1,  // HMAC-SHA256 with keys derived from the PSK: computational only, no key cost
+};
+[[nodiscard]] const char* auth_mode_name(AuthMode m);
+// "wegman-carter" (or "wc"), "hmac"; nullopt otherwise.
+[[nodiscard]] std::optional<AuthMode> parse_auth_mode(std::string_view name);
+
 // Protocol settings. Both ends must use the same values (Alice announces hers in each
 // block's first message; Bob refuses a block whose settings differ from his).
 struct ProtocolParams {
@@ -114,6 +126,12 @@ struct ProtocolParams {
   // c: standard deviations of confidence, for the QBER upper bound that decides the abort
   // and for the BBBSS92 and Slutsky98 defense functions (c = 5: about 1e-6 per block).
   double confidence_sd = 5.0;
+  // --- added with Wegman-Carter authentication (both ends must agree; a mismatch shows as
+  // an authentication error on the first message, since it changes the keys) ---
+  AuthMode auth = AuthMode::kWegmanCarter;
+  std::uint32_t auth_tag_bits = 128;          // 64 or 128 (forgery <= (n+1)/2^bits per message)
+  std::uint32_t auth_pool_bits = 1U << 16;    // one-time-pad pool per direction (multiple of 8)
+  std::uint32_t auth_key_refresh_blocks = 16; // hash keys renewed from QKD output this often
 };
 [[nodiscard]] Status validate(const ProtocolParams& p);
 
@@ -152,6 +170,16 @@ struct BlockResult {
   double y1_lower = 0.0;
   double e1_upper = 0.0;
   double single_photon_bits_lower = 0.0;
+  // --- added with Wegman-Carter authentication ---
+  // Bits of the privacy-amplified key paid back to authentication (the one-time pads both
+  // directions used since the last settled block, plus 256 bits of new hash keys every
+  // auth_key_refresh_blocks blocks); secret_bits / key are what remains (the net key), so
+  // secret_bits + auth_bits_consumed is the privacy-amplification output. 0 under HMAC and
+  // for aborted blocks.
+  std::uint64_t auth_bits_consumed = 0;
+  // One-time-pad bits the block's messages used, both directions (same on both ends; what
+  // the next settlement repays if this block yields too little key).
+  std::uint64_t auth_pad_bits_used = 0;
 };
 
 // Alice: owns the source and the channel simulation; sends detection events on the
