@@ -19,7 +19,8 @@ cmake --build build -j "${JOBS:-$(nproc)}" | tail -n 1
 
 # shellcheck source=examples/qkd-net.sh
 source examples/qkd-net.sh
-work=$QKD_ROOT/examples/run
+work=$QKD_ROOT/examples/run          # configs, logs
+export QKD_PKI_DIR=$QKD_ROOT/examples/pki   # where examples/*-provider.cnf expect it
 rm -rf "$work"
 server_pid=""
 cleanup() {
@@ -35,18 +36,17 @@ echo -n "waiting for the BB84 link to produce key ... "
 qkd_net_wait_keys 4 120 || qkd_die "no key after 120 s; see $work/alice-kme.log and $work/bob-kme.log"
 echo "ok"
 
+# The apps read examples/<sae>-provider.cnf unchanged; only the KME's URL is overridden,
+# because the KMEs listen on ports the kernel chose.
 provider_env() {  # provider_env SAE KME_URL: the environment for an app that is SAE $1
-  echo OPENSSL_CONF="$QKD_ROOT/examples/$1-provider.cnf" \
-    OPENSSL_MODULES="$QKD_ROOT/build/lib/ossl-modules" \
-    QKD_KME_URL="$2" QKD_SAE_ID="$1" QKD_CERT="$work/pki/$1.crt" QKD_KEY="$work/pki/$1.key" \
-    QKD_CA="$work/pki/ca.crt"
+  echo OPENSSL_CONF="$QKD_ROOT/examples/$1-provider.cnf" QKD_DEMO_DIR="$QKD_ROOT" QKD_KME_URL="$2"
 }
 
 step "TLS 1.3: openssl s_server (SAE bob) <-> openssl s_client (SAE alice), -groups qkd"
 port=$(qkd_free_port)
 # shellcheck disable=SC2046
 env $(provider_env bob "$BOB_KME_URL") openssl s_server -accept "127.0.0.1:$port" -naccept 1 \
-  -www -groups qkd -cert "$work/pki/bob.crt" -key "$work/pki/bob.key" \
+  -www -groups qkd -cert "$QKD_PKI_DIR/bob.crt" -key "$QKD_PKI_DIR/bob.key" \
   > "$work/s_server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 50); do
@@ -57,7 +57,7 @@ done
 # shellcheck disable=SC2046
 printf 'GET / HTTP/1.0\r\n\r\n' | env $(provider_env alice "$ALICE_KME_URL") \
   openssl s_client -connect "127.0.0.1:$port" -servername localhost -groups qkd \
-  -CAfile "$work/pki/ca.crt" -verify_return_error -ign_eof > "$work/s_client.log" 2>&1 ||
+  -CAfile "$QKD_PKI_DIR/ca.crt" -verify_return_error -ign_eof > "$work/s_client.log" 2>&1 ||
   qkd_die "s_client failed: $(tail -n 20 "$work/s_client.log")"
 wait "$server_pid" 2>/dev/null || true
 server_pid=""

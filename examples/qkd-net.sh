@@ -6,7 +6,8 @@
 #   qkd_net_wait_keys MIN_KEYS TIMEOUT_S               # until both KMEs hold MIN_KEYS keys
 #   qkd_status SAE KME_URL SLAVE                       # prints the ETSI 014 status JSON
 #   qkd_net_stop                                       # stops what qkd_net_start started
-# After qkd_net_start: ALICE_KME_URL, BOB_KME_URL, QKD_NET_DIR (pki/ holds the certificates).
+# After qkd_net_start: ALICE_KME_URL, BOB_KME_URL, QKD_NET_DIR, QKD_PKI_DIR (the certificates:
+# WORKDIR/pki unless QKD_PKI_DIR was set before).
 
 QKD_ROOT=${QKD_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 QKD_BIN=${QKD_BIN:-$QKD_ROOT/build/bin}
@@ -39,7 +40,8 @@ qkd_write_kme_config() {  # qkd_write_kme_config FILE ROLE ME PEER MY_SAE PEER_S
   cat > "$1" <<JSON
 {
   "kme_id": "$3",
-  "api": {"listen": "127.0.0.1:0", "cert": "pki/$3.crt", "key": "pki/$3.key", "ca": "pki/ca.crt"},
+  "api": {"listen": "127.0.0.1:0", "cert": "$QKD_PKI_DIR/$3.crt", "key": "$QKD_PKI_DIR/$3.key",
+          "ca": "$QKD_PKI_DIR/ca.crt"},
   "saes": ["$5"],
   "keys": {"key_size": 256, "dec_wait_ms": 2000},
   "link": {
@@ -57,7 +59,9 @@ qkd_net_start() {
   [ -x "$QKD_BIN/qkd-kms" ] || qkd_die "$QKD_BIN/qkd-kms not built (run cmake --build build)"
   mkdir -p "$dir"
   QKD_NET_DIR=$(cd "$dir" && pwd)
-  "$QKD_ROOT/examples/pki.sh" "$QKD_NET_DIR/pki" alice-kme bob-kme alice bob mallory
+  QKD_PKI_DIR=${QKD_PKI_DIR:-$QKD_NET_DIR/pki}
+  "$QKD_ROOT/examples/pki.sh" "$QKD_PKI_DIR" alice-kme bob-kme alice bob mallory
+  QKD_PKI_DIR=$(cd "$QKD_PKI_DIR" && pwd)
   local psk
   psk=$(openssl rand -hex 32)
   rm -f "$QKD_NET_DIR"/*.ready
@@ -79,12 +83,12 @@ qkd_net_start() {
   qkd_wait_file "$QKD_NET_DIR/bob-kme.ready" 20 "$!" ||
     qkd_die "bob-kme did not start; its log: $QKD_NET_DIR/bob-kme.log: $(tail -n 5 "$QKD_NET_DIR/bob-kme.log")"
   BOB_KME_URL=https://127.0.0.1:$(qkd_json_field "$QKD_NET_DIR/bob-kme.ready" api_port)
-  export ALICE_KME_URL BOB_KME_URL QKD_NET_DIR
+  export ALICE_KME_URL BOB_KME_URL QKD_NET_DIR QKD_PKI_DIR
 }
 
 qkd_status() {  # qkd_status SAE KME_URL SLAVE
-  curl -sS --max-time 5 --cert "$QKD_NET_DIR/pki/$1.crt" --key "$QKD_NET_DIR/pki/$1.key" \
-    --cacert "$QKD_NET_DIR/pki/ca.crt" "$2/api/v1/keys/$3/status"
+  curl -sS --max-time 5 --cert "$QKD_PKI_DIR/$1.crt" --key "$QKD_PKI_DIR/$1.key" \
+    --cacert "$QKD_PKI_DIR/ca.crt" "$2/api/v1/keys/$3/status"
 }
 
 qkd_net_wait_keys() {  # qkd_net_wait_keys MIN_KEYS TIMEOUT_S

@@ -20,10 +20,16 @@ cleanup() {
 trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
+# The apps read examples/<sae>-provider.cnf unchanged. It finds the module and the PKI under
+# $QKD_DEMO_DIR/{build/lib/ossl-modules,examples/pki}: a tree of links to this build and to
+# this test's PKI. Only the KME URL (ports chosen by the kernel) is overridden.
+demo_root=$work/root
+mkdir -p "$demo_root/build/lib" "$demo_root/examples"
+ln -s "$build/lib/ossl-modules" "$demo_root/build/lib/ossl-modules"
+ln -s "$work/pki" "$demo_root/examples/pki"
 app_env() {  # app_env SAE KME_URL
-  echo OPENSSL_CONF="$QKD_ROOT/examples/$1-provider.cnf" OPENSSL_MODULES="$build/lib/ossl-modules" \
-    QKD_KME_URL="$2" QKD_SAE_ID="$1" QKD_CERT="$work/pki/$1.crt" QKD_KEY="$work/pki/$1.key" \
-    QKD_CA="$work/pki/ca.crt" QKD_TIMEOUT_MS=3000
+  echo OPENSSL_CONF="$QKD_ROOT/examples/$1-provider.cnf" QKD_DEMO_DIR="$demo_root" \
+    QKD_KME_URL="$2" QKD_TIMEOUT_MS=3000
 }
 
 start_server() {  # start_server LOG GROUPS ENV...
