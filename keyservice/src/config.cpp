@@ -267,6 +267,23 @@ qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
   u32("cascade_passes", p.cascade_passes, 1, 64);
   u32("verify_hash_bits", p.verify_hash_bits, 32, 256);
   num("safety_margin", p.safety_margin, 0.0, 0.9);
+  num("z_basis_prob", p.z_basis_prob, 0.01, 0.99);
+  if (r.has("key_bound")) {
+    auto b = qkd::core::parse_key_bound(r.string("key_bound"));
+    if (!b) {
+      fail(r.field("key_bound"),
+           "must be one of asymptotic, decoy, finite, finite-decoy, bbbss92, slutsky98");
+    }
+    p.key_bound = *b;
+  }
+  if (r.has("auth")) {
+    auto a = qkd::core::parse_auth_mode(r.string("auth"));
+    if (!a) {
+      fail(r.field("auth"), "must be \"wegman-carter\" or \"hmac\"");
+    }
+    p.auth = *a;
+  }
+  u32("auth_tag_bits", p.auth_tag_bits, 64, 128);
   if (r.has("message_timeout_ms")) {
     p.message_timeout =
         std::chrono::milliseconds(r.unsigned_int("message_timeout_ms", 100, 600'000));

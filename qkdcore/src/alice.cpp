@@ -50,6 +50,10 @@ struct AliceEndpoint::Impl {
   std::optional<Error> init_error;
   std::optional<Error> failed;  // set by a fatal error; the endpoint refuses further blocks
   std::uint64_t next_block = 0;
+  // Detection events of the current block; the capacity is kept between blocks (up to
+  // kKeepEventCapacity) so that each block does not fault in fresh pages.
+  std::vector<DetectionEvent> events_buffer;
+  static constexpr std::size_t kKeepEventCapacity = std::size_t{1} << 24;  // 128 MB
 
   Impl(ChannelParams c, ProtocolParams p, std::span<const std::uint8_t> k, std::uint64_t s,
        MessageTransport& q, MessageTransport& cl)
@@ -110,7 +114,8 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
   AlicePrf prf(std::span<const std::uint8_t, 16>(prf_key->data(), 16),
                source_choices(channel, P.z_basis_prob));
   const detail::SourceInfo source = detail::source_info(channel);
-  std::vector<DetectionEvent> events;
+  std::vector<DetectionEvent>& events = events_buffer;
+  events.clear();
   {
     ChannelSimulator sim(channel, seed ^ (0x5DEECE66DULL * (block + 1)));
     sim.run(events, prf, P.pulses_per_block);
@@ -169,7 +174,9 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       }
     }
     events.clear();
-    events.shrink_to_fit();
+    if (events.capacity() > kKeepEventCapacity) {
+      events.shrink_to_fit();
+    }
     Writer w;
     w.bits(match);
     if (source.decoys()) {

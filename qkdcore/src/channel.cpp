@@ -60,11 +60,10 @@ bool pop_pad(SecureBytes& pool, std::size_t n, std::array<std::uint8_t, 16>& pad
 std::vector<std::uint8_t> wc_tag(std::span<const std::uint8_t> hash_key,
                                  std::span<const std::uint8_t, 16> pad, std::size_t tag_bytes,
                                  std::span<const std::uint8_t> body) {
-  const auto h = poly_hash(std::span<const std::uint8_t, 16>(hash_key.data(), 16), body);
-  std::vector<std::uint8_t> tag(tag_bytes);
-  for (std::size_t i = 0; i < tag_bytes; ++i) {
-    tag[i] = static_cast<std::uint8_t>(h[i] ^ pad[i]);
-  }
+  auto t = wegman_carter_tag(std::span<const std::uint8_t, 16>(hash_key.data(), 16), pad,
+                             tag_bytes, body);
+  std::vector<std::uint8_t> tag(t.begin(), t.begin() + static_cast<std::ptrdiff_t>(tag_bytes));
+  t.fill(0);
   return tag;
 }
 

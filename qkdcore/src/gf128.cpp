@@ -161,4 +161,16 @@ std::array<std::uint8_t, 16> poly_hash(std::span<const std::uint8_t, 16> key,
   return out;
 }
 
+std::array<std::uint8_t, 16> wegman_carter_tag(std::span<const std::uint8_t, 16> hash_key,
+                                               std::span<const std::uint8_t, 16> pad,
+                                               std::size_t tag_bytes,
+                                               std::span<const std::uint8_t> message,
+                                               Gf128Impl impl) {
+  std::array<std::uint8_t, 16> tag = poly_hash(hash_key, message, impl);
+  for (std::size_t i = 0; i < tag.size(); ++i) {
+    tag[i] = i < tag_bytes ? static_cast<std::uint8_t>(tag[i] ^ pad[i]) : 0;
+  }
+  return tag;
+}
+
 }  // namespace qkd::core::detail

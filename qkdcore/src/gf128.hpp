@@ -46,4 +46,11 @@ enum class Gf128Impl : std::uint8_t { kAuto, kPortable, kClmul };
                                                      std::span<const std::uint8_t> message,
                                                      Gf128Impl impl = Gf128Impl::kAuto);
 
+// The Wegman-Carter tag: the first tag_bytes (8 or 16) bytes of poly_hash(hash_key,
+// message) XOR pad.
+[[nodiscard]] std::array<std::uint8_t, 16> wegman_carter_tag(
+    std::span<const std::uint8_t, 16> hash_key, std::span<const std::uint8_t, 16> pad,
+    std::size_t tag_bytes, std::span<const std::uint8_t> message,
+    Gf128Impl impl = Gf128Impl::kAuto);
+
 }  // namespace qkd::core::detail

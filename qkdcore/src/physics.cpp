@@ -1,8 +1,10 @@
 #include "qkd/core/physics.hpp"
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 
@@ -31,13 +33,107 @@ struct AlicePrf::Impl {
   std::array<std::uint64_t, 2> class_threshold{};  // class 0 iff u32 < [0], 1 iff < [1]
   std::uint64_t cached_group = ~std::uint64_t{0};
   std::array<std::uint64_t, 8> words{};
+  // at_many(): counter blocks in, PRF output out (cleansed after each call).
+  std::vector<std::uint8_t> batch_in;
+  std::vector<std::uint8_t> batch_out;
   ~Impl() {
     EVP_CIPHER_CTX_free(ctx);
     bits = 0;
     bases = 0;
     words.fill(0);
   }
+  // Decodes one extended-layout word into a state.
+  [[nodiscard]] AliceState extended_state(std::uint64_t w) const {
+    const auto u24 = static_cast<std::uint32_t>((w >> 8) & 0xFFFFFF);
+    const std::uint64_t u32 = w >> 32;
+    AliceState s;
+    s.bit = (w & 1U) != 0;
+    s.basis = u24 >= z_threshold;  // false = Z
+    s.intensity = u32 < class_threshold[0] ? 0 : (u32 < class_threshold[1] ? 1 : 2);
+    return s;
+  }
 };
+
+namespace {
+
+std::uint64_t load_le64(const std::uint8_t* p) {
+  std::uint64_t v = 0;
+  std::memcpy(&v, p, 8);
+  if constexpr (std::endian::native == std::endian::big) {
+    v = __builtin_bswap64(v);
+  }
+  return v;
+}
+
+void store_counter(std::uint8_t* block, std::uint64_t ctr, bool extended) {
+  std::memset(block, 0, 16);
+  for (int b = 0; b < 8; ++b) {
+    block[b] = static_cast<std::uint8_t>(ctr >> (8 * b));
+  }
+  if (extended) {
+    block[15] = 0x80;  // counter domain of the extended layout
+  }
+}
+
+}  // namespace
+
+void AlicePrf::at_many(std::span<const std::uint64_t> pulses, std::span<AliceState> out) {
+  Impl& m = *impl_;
+  if (pulses.empty()) {
+    return;
+  }
+  // Distinct units (an AES block of 64 pulses, or a group of four blocks for 8 pulses).
+  const unsigned shift = m.extended ? 3 : 6;
+  const std::size_t unit_bytes = m.extended ? 64 : 16;
+  std::size_t units = 0;
+  std::uint64_t last = ~std::uint64_t{0};
+  for (const std::uint64_t p : pulses) {
+    units += (p >> shift) != last ? 1 : 0;
+    last = p >> shift;
+  }
+  m.batch_in.resize(units * unit_bytes);
+  m.batch_out.resize(units * unit_bytes);
+  last = ~std::uint64_t{0};
+  std::size_t u = 0;
+  for (const std::uint64_t p : pulses) {
+    const std::uint64_t unit = p >> shift;
+    if (unit != last) {
+      std::uint8_t* in = m.batch_in.data() + u * unit_bytes;
+      if (m.extended) {
+        for (std::uint64_t j = 0; j < 4; ++j) {
+          store_counter(in + 16 * j, unit * 4 + j, true);
+        }
+      } else {
+        store_counter(in, unit, false);
+      }
+      ++u;
+      last = unit;
+    }
+  }
+  int len = 0;
+  if (m.failed ||
+      EVP_EncryptUpdate(m.ctx, m.batch_out.data(), &len, m.batch_in.data(),
+                        static_cast<int>(m.batch_in.size())) != 1 ||
+      static_cast<std::size_t>(len) != m.batch_in.size()) {
+    std::abort();  // AES-ECB cannot fail unless libcrypto is broken
+  }
+  last = ~std::uint64_t{0};
+  const std::uint8_t* o = m.batch_out.data() - unit_bytes;
+  for (std::size_t i = 0; i < pulses.size(); ++i) {
+    const std::uint64_t p = pulses[i];
+    if ((p >> shift) != last) {
+      o += unit_bytes;
+      last = p >> shift;
+    }
+    if (m.extended) {
+      out[i] = m.extended_state(load_le64(o + 8 * (p & 7)));
+    } else {
+      const unsigned s = static_cast<unsigned>(p & 63);
+      out[i] = AliceState{((load_le64(o) >> s) & 1U) != 0, ((load_le64(o + 8) >> s) & 1U) != 0};
+    }
+  }
+  OPENSSL_cleanse(m.batch_out.data(), m.batch_out.size());
+}
 
 AlicePrf::AlicePrf(std::span<const std::uint8_t, 16> key) : AlicePrf(key, SourceChoices{}) {}
 
@@ -87,14 +183,7 @@ AliceState AlicePrf::at(std::uint64_t pulse) {
       impl_->cached_group = group;
       std::memset(out, 0, sizeof(out));
     }
-    const std::uint64_t w = impl_->words[pulse & 7];
-    const auto u24 = static_cast<std::uint32_t>((w >> 8) & 0xFFFFFF);
-    const std::uint64_t u32 = w >> 32;
-    AliceState s;
-    s.bit = (w & 1U) != 0;
-    s.basis = u24 >= impl_->z_threshold;  // false = Z
-    s.intensity = u32 < impl_->class_threshold[0] ? 0 : (u32 < impl_->class_threshold[1] ? 1 : 2);
-    return s;
+    return impl_->extended_state(impl_->words[pulse & 7]);
   }
   const std::uint64_t block = pulse >> 6;
   if (block != impl_->cached_block) {
@@ -248,7 +337,10 @@ ChannelTheory channel_theory(const ChannelParams& p) {
 }
 
 ChannelSimulator::ChannelSimulator(const ChannelParams& params, std::uint64_t seed)
-    : params_(params), theory_(channel_theory(params)), rng_(seed) {
+    : params_(params),
+      theory_(channel_theory(params)),
+      gap_rng_(seed),
+      rng_(seed ^ 0x6A09E667F3BCC909ULL) {
   const Physics ph = physics_of(params);
   double qmax = 0.0;
   classes_ = params.source == SourceKind::kWeakCoherent ? 3 : 1;
@@ -284,80 +376,90 @@ ChannelSimulator::ChannelSimulator(const ChannelParams& params, std::uint64_t se
 
 void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
                            std::uint64_t pulses) {
+  pulses = std::min(pulses, DetectionEvent::kMaxPulse);
   if (theory_.gain <= 0.0 || pulses == 0 || !(log1m_qmax_ < 0.0)) {
     return;
   }
   out.reserve(out.size() +
               static_cast<std::size_t>(static_cast<double>(pulses) * theory_.gain * 1.01) + 64);
-  const double remaining_limit = static_cast<double>(pulses);
   const bool single = classes_ == 1 && params_.source == SourceKind::kSinglePhoton;
   const double eve = params_.eve_intercept_fraction;
   const double misalign = params_.misalignment;
-  std::uint64_t i = 0;
-  for (;;) {
-    // Inverse CDF of the geometric distribution: number of pulses before the next
-    // candidate detection (probability Q_max each).
-    const double gap = std::floor(std::log(rng_.uniform_open0()) / log1m_qmax_);
-    if (gap >= remaining_limit - static_cast<double>(i)) {
-      break;
-    }
-    i += static_cast<std::uint64_t>(gap);
-    bool photon = false;
-    AliceState s;
-    std::size_t k = 0;
-    if (single) {
-      // Ideal single-photon source: n = 1, a photon clicked with probability eta / Q.
-      photon = rng_.bernoulli(tables_[0].click[1]);
-      truth_.single_photon[0] += 1;
-      if (photon) {
-        s = prf.at(i);
+  const double inv_log1m = 1.0 / log1m_qmax_;
+  // Candidates are drawn a batch at a time (gap_rng_ only), Alice's states for the whole
+  // batch come from one AES call, then each candidate is decided in order (rng_ only): the
+  // result does not depend on the batch size.
+  constexpr std::size_t kBatch = 4096;
+  std::vector<std::uint64_t> cand;
+  cand.reserve(kBatch);
+  std::vector<AliceState> states(kBatch);
+  std::uint64_t i = 0;  // next pulse not yet passed
+  bool done = false;
+  while (!done) {
+    cand.clear();
+    while (cand.size() < kBatch) {
+      // Inverse CDF of the geometric distribution: pulses before the next candidate
+      // detection (probability Q_max each).
+      const double gap = std::floor(std::log(gap_rng_.uniform_open0()) * inv_log1m);
+      if (gap >= static_cast<double>(pulses - i)) {
+        done = true;
+        break;
       }
-    } else {
-      s = prf.at(i);
-      k = s.intensity;
-      const ClassTable& tb = tables_[k];
-      if (tb.accept < 1.0 && !rng_.bernoulli(tb.accept)) {
-        ++i;  // thinned: this pulse of a dimmer class was not detected
-        if (i >= pulses) {
-          break;
+      i += static_cast<std::uint64_t>(gap);
+      cand.push_back(i);
+      if (++i >= pulses) {
+        done = true;
+        break;
+      }
+    }
+    prf.at_many(cand, states);
+    for (std::size_t j = 0; j < cand.size(); ++j) {
+      bool photon = false;
+      AliceState s = states[j];
+      std::size_t k = 0;
+      if (single) {
+        // Ideal single-photon source: n = 1, a photon clicked with probability eta / Q.
+        photon = rng_.bernoulli(tables_[0].click[1]);
+        truth_.single_photon[0] += 1;
+      } else {
+        k = s.intensity;
+        const ClassTable& tb = tables_[k];
+        if (tb.accept < 1.0 && !rng_.bernoulli(tb.accept)) {
+          continue;  // thinned: this pulse of a dimmer class was not detected
         }
-        continue;
+        // Photon number given the detection, then whether a photon (or only a dark count)
+        // clicked.
+        const double u = rng_.uniform();
+        std::size_t n = 0;
+        while (n < kMaxPhotons && u >= tb.cdf[n]) {
+          ++n;
+        }
+        truth_.single_photon[k] += n == 1 ? 1 : 0;
+        photon = rng_.bernoulli(tb.click[n]);
       }
-      // Photon number given the detection, then whether a photon (or only a dark count)
-      // clicked.
-      const double u = rng_.uniform();
-      std::size_t n = 0;
-      while (n < kMaxPhotons && u >= tb.cdf[n]) {
-        ++n;
+      truth_.detections[k] += 1;
+      DetectionEvent ev;
+      ev.pulse = cand[j] & DetectionEvent::kMaxPulse;
+      if (photon) {
+        truth_.photon_clicks[k] += 1;
+        if (eve > 0.0 && rng_.bernoulli(eve)) {
+          const bool eve_basis = rng_.bit();
+          const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng_.bit();
+          s.bit = eve_bit;
+          s.basis = eve_basis;
+        }
+        if (rng_.bernoulli(misalign)) {
+          s.bit = !s.bit;
+        }
+        ev.bit = s.bit ? 1U : 0U;
+        ev.basis = s.basis ? 1U : 0U;
+      } else {
+        ev.dark = 1U;
       }
-      truth_.single_photon[k] += n == 1 ? 1 : 0;
-      photon = rng_.bernoulli(tb.click[n]);
-    }
-    truth_.detections[k] += 1;
-    DetectionEvent ev;
-    ev.pulse = i;
-    if (photon) {
-      truth_.photon_clicks[k] += 1;
-      if (eve > 0.0 && rng_.bernoulli(eve)) {
-        const bool eve_basis = rng_.bit();
-        const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng_.bit();
-        s.bit = eve_bit;
-        s.basis = eve_basis;
-      }
-      if (rng_.bernoulli(misalign)) {
-        s.bit = !s.bit;
-      }
-      ev.bit = s.bit;
-      ev.basis = s.basis;
-    } else {
-      ev.dark = true;
-    }
-    out.push_back(ev);
-    ++i;
-    if (i >= pulses) {
-      break;
+      out.push_back(ev);
     }
   }
+  std::fill(states.begin(), states.end(), AliceState{});
 }
 
 }  // namespace qkd::core

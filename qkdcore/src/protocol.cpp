@@ -403,7 +403,7 @@ Result<DetectionChunk> decode_detections(std::span<const std::uint8_t> msg,
       return make_error(ErrorCode::kProtocol, "detection event past the end of the block");
     }
     DetectionEvent& e = out.events[i];
-    e.pulse = next + delta;
+    e.pulse = (next + delta) & DetectionEvent::kMaxPulse;  // < pulses <= 2^32
     e.dark = state == 4;
     e.bit = (state & 1) != 0;
     e.basis = (state & 2) != 0;

@@ -45,7 +45,9 @@ struct Totals {
   std::uint64_t reconciled = 0;
   std::uint64_t leaked = 0;
   std::uint64_t corrected = 0;
-  std::uint64_t secret = 0;
+  std::uint64_t secret = 0;  // privacy-amplification output (what the bounds give)
+  std::uint64_t auth = 0;    // of which paid back to Wegman-Carter authentication
+  std::uint64_t net = 0;     // secret - auth: the key handed to users
   double simulated_seconds = 0.0;
   double cpu_alice = 0.0;
   double cpu_bob = 0.0;
@@ -64,6 +66,9 @@ nlohmann::json block_json(const BlockResult& r, double cpu_bob) {
           {"leaked_bits", r.leaked_bits},
           {"cascade_errors_corrected", r.cascade_errors_corrected},
           {"secret_bits", r.secret_bits},
+          {"pa_output_bits", r.secret_bits + r.auth_bits_consumed},
+          {"auth_bits_consumed", r.auth_bits_consumed},
+          {"auth_pad_bits_used", r.auth_pad_bits_used},
           {"simulated_seconds", r.simulated_seconds},
           {"cpu_seconds_alice", r.cpu_seconds},
           {"cpu_seconds_bob", cpu_bob},
@@ -123,8 +128,9 @@ Result<Totals> run_link(const ChannelParams& ch, const ProtocolParams& pp, std::
   qkd::core::BobEndpoint bob(pp, psk, seed + 1, *quantum.b, *classical.b);
   Totals t;
   if (print_blocks) {
-    std::printf("%6s %10s %9s %8s %7s %7s %8s %8s %8s  %s\n", "block", "pulses", "detect",
-                "sifted", "QBER%", "fixed", "leaked", "secret", "cpu_ms", "note");
+    std::printf("%6s %10s %9s %8s %7s %7s %8s %8s %7s %8s %8s  %s\n", "block", "pulses",
+                "detect", "sifted", "QBER%", "fixed", "leaked", "secret", "auth", "net",
+                "cpu_ms", "note");
   }
   for (std::uint64_t b = 0; b < blocks; ++b) {
     std::optional<Result<BlockResult>> rb;
@@ -149,18 +155,22 @@ Result<Totals> run_link(const ChannelParams& ch, const ProtocolParams& pp, std::
     t.reconciled += r.aborted ? 0 : r.reconciled_bits;
     t.leaked += r.leaked_bits;
     t.corrected += r.aborted ? 0 : r.cascade_errors_corrected;
-    t.secret += r.secret_bits;
+    t.secret += r.secret_bits + r.auth_bits_consumed;
+    t.auth += r.auth_bits_consumed;
+    t.net += r.secret_bits;
     t.simulated_seconds += r.simulated_seconds;
     t.cpu_alice += r.cpu_seconds;
     t.cpu_bob += cpu_bob;
     if (print_blocks) {
-      std::printf("%6llu %10llu %9llu %8llu %7.3f %7llu %8llu %8llu %8.1f  %s\n",
+      std::printf("%6llu %10llu %9llu %8llu %7.3f %7llu %8llu %8llu %7llu %8llu %8.1f  %s\n",
                   static_cast<unsigned long long>(r.block_id),
                   static_cast<unsigned long long>(r.pulses),
                   static_cast<unsigned long long>(r.detections),
                   static_cast<unsigned long long>(r.sifted_bits), 100.0 * r.qber,
                   static_cast<unsigned long long>(r.cascade_errors_corrected),
                   static_cast<unsigned long long>(r.leaked_bits),
+                  static_cast<unsigned long long>(r.secret_bits + r.auth_bits_consumed),
+                  static_cast<unsigned long long>(r.auth_bits_consumed),
                   static_cast<unsigned long long>(r.secret_bits),
                   1e3 * std::max(r.cpu_seconds, cpu_bob),
                   r.aborted ? ("ABORTED: " + r.abort_reason).c_str() : "");
@@ -191,7 +201,8 @@ struct Summary {
   double qber = 0.0;
   double raw_rate = 0.0;
   double sifted_rate = 0.0;
-  double secret_rate = 0.0;
+  double secret_rate = 0.0;      // privacy-amplification output per simulated second
+  double net_secret_rate = 0.0;  // after authentication
   // Cascade leakage (without the verification tags) / n h(e), e = the error rate Cascade
   // actually corrected (the sample estimate is too noisy for this).
   double efficiency = 0.0;
@@ -204,6 +215,7 @@ Summary summarize(const Totals& t, const ProtocolParams& pp) {
     s.raw_rate = static_cast<double>(t.detections) / t.simulated_seconds;
     s.sifted_rate = static_cast<double>(t.sifted) / t.simulated_seconds;
     s.secret_rate = static_cast<double>(t.secret) / t.simulated_seconds;
+    s.net_secret_rate = static_cast<double>(t.net) / t.simulated_seconds;
   }
   const std::uint64_t good = t.blocks - t.aborted;
   const double h = t.reconciled > 0 ? qkd::core::binary_entropy(
@@ -497,6 +509,17 @@ int main(int argc, char** argv) {
                  "extra fraction of the reconciled length removed [0..1)")
       ->capture_default_str();
   app.add_option("--timeout-ms", timeout_ms, "per-message timeout [ms]")->capture_default_str();
+  std::string auth = "wegman-carter";
+  app.add_option("--auth", auth,
+                 "classical-message authentication: wegman-carter (one-time-pad tags paid from "
+                 "the key; 'secret' columns are the privacy-amplification output, 'net' what "
+                 "remains) or hmac (no key cost, computational)")
+      ->capture_default_str();
+  app.add_option("--auth-tag-bits", pp.auth_tag_bits, "Wegman-Carter tag length [64 or 128 bits]")
+      ->capture_default_str();
+  app.add_option("--auth-refresh-blocks", pp.auth_key_refresh_blocks,
+                 "renew the Wegman-Carter hash keys from the key every this many blocks")
+      ->capture_default_str();
   app.add_option("--sweep", sweep,
                  "sweep PARAM=a:b:step, PARAM one of distance [km], eve [fraction], dark "
                  "[probability per pulse], mu [photons]; one row per value");
@@ -541,6 +564,12 @@ int main(int argc, char** argv) {
     pp.key_bound = *b;
   } else {
     std::fprintf(stderr, "qkd-sim: unknown --bound '%s'\n", bound.c_str());
+    return 2;
+  }
+  if (auto a = qkd::core::parse_auth_mode(auth)) {
+    pp.auth = *a;
+  } else {
+    std::fprintf(stderr, "qkd-sim: unknown --auth '%s' (wegman-carter or hmac)\n", auth.c_str());
     return 2;
   }
   if (auto s = qkd::core::validate(ch); !s.ok()) {
@@ -669,6 +698,9 @@ int main(int argc, char** argv) {
                        {"qber", s.qber},
                        {"leaked_bits", t.leaked},
                        {"secret_bits", t.secret},
+                       {"auth_bits", t.auth},
+                       {"net_secret_bits", t.net},
+                       {"net_secret_rate_per_s", s.net_secret_rate},
                        {"key_bound", extra.bound},
                        {"y1_lower", extra.y1_lower},
                        {"e1_upper", extra.e1_upper},
@@ -717,6 +749,12 @@ int main(int argc, char** argv) {
       std::printf("%-28s %14.6g %14.6g\n", "secret key rate [bit/s]", s.secret_rate, th_secret);
       std::printf("%-28s %14.6g %14.6g\n", "secret bits per pulse", secret_per_pulse,
                   theory_per_pulse);
+      std::printf("%-28s %14.6g %14s\n", "net rate after auth [bit/s]", s.net_secret_rate,
+                  "");
+      std::printf("%-28s %14.6g %14s\n", "auth cost [bit/block]",
+                  t.blocks > 0 ? static_cast<double>(t.auth) / static_cast<double>(t.blocks)
+                               : 0.0,
+                  "");
       std::printf("%-28s %14s %14.6g\n", "PLOB bound [bit/pulse]", "", plob);
       if (ch.source == qkd::core::SourceKind::kWeakCoherent) {
         std::printf("%-28s %14.6g %14.6g\n", "single-photon yield Y1", extra.y1_lower, th.y1);

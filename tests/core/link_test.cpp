@@ -55,6 +55,8 @@ void expect_same_result(const BlockResult& a, const BlockResult& b) {
   EXPECT_EQ(a.simulated_seconds, b.simulated_seconds);
   EXPECT_EQ(a.key.size(), b.key.size());
   EXPECT_TRUE(constant_time_equal(a.key.span(), b.key.span()));
+  EXPECT_EQ(a.auth_bits_consumed, b.auth_bits_consumed);
+  EXPECT_EQ(a.auth_pad_bits_used, b.auth_pad_bits_used);
 }
 
 TEST(Link, FullBlocksGiveIdenticalKeys) {
@@ -90,6 +92,66 @@ TEST(Link, FullBlocksGiveIdenticalKeys) {
     EXPECT_NE(key, previous);
     previous = key;
   }
+}
+
+// Wegman-Carter (the default): every block repays the one-time pads its messages used
+// (plus new hash keys at the first block and every auth_key_refresh_blocks), so the net key
+// is smaller than the privacy-amplification output by exactly that.
+TEST(Link, WegmanCarterNetKeyIsGrossMinusAuthenticationCost) {
+  auto q = make_memory_transport_pair();
+  auto c = make_memory_transport_pair();
+  ProtocolParams pp;  // defaults: 2e6 pulses at 20 km, 128-bit tags
+  pp.auth_key_refresh_blocks = 2;
+  AliceEndpoint alice(ChannelParams{}, pp, kPsk, 11, *q.a, *c.a);
+  BobEndpoint bob(pp, kPsk, 12, *q.b, *c.b);
+  std::uint64_t gross = 0;
+  std::uint64_t net = 0;
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    auto r = run_pair(alice, bob);
+    ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
+    ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
+    expect_same_result(*r.alice, *r.bob);
+    const BlockResult& a = *r.alice;
+    ASSERT_FALSE(a.aborted) << a.abort_reason;
+    // Every classical message but Alice's first (hello key) takes 128 pad bits.
+    EXPECT_GT(a.auth_pad_bits_used, 10U * 128U);
+    EXPECT_EQ(a.auth_pad_bits_used % 128, 0U);
+    // Plus both 128-bit hash keys at blocks 0 and 2 (Alice's hello pad is not repaid: it
+    // is not from a pool).
+    const std::uint64_t refresh = (i % 2 == 0) ? 256 : 0;
+    EXPECT_EQ(a.auth_bits_consumed, a.auth_pad_bits_used + refresh) << "block " << i;
+    EXPECT_GT(a.secret_bits, 0U);
+    EXPECT_EQ(a.key.size() * 8, a.secret_bits);
+    gross += a.secret_bits + a.auth_bits_consumed;
+    net += a.secret_bits;
+    std::printf("block %llu: gross %llu, authentication %llu (pads %llu), net %llu bits\n",
+                static_cast<unsigned long long>(i),
+                static_cast<unsigned long long>(a.secret_bits + a.auth_bits_consumed),
+                static_cast<unsigned long long>(a.auth_bits_consumed),
+                static_cast<unsigned long long>(a.auth_pad_bits_used),
+                static_cast<unsigned long long>(a.secret_bits));
+  }
+  EXPECT_LT(net, gross);
+  EXPECT_GT(net, 0U);
+}
+
+TEST(Link, HmacOptionCostsNoKey) {
+  auto q = make_memory_transport_pair();
+  auto c = make_memory_transport_pair();
+  ProtocolParams pp = small_params();
+  pp.auth = AuthMode::kHmac;
+  AliceEndpoint alice(ChannelParams{}, pp, kPsk, 1, *q.a, *c.a);
+  BobEndpoint bob(pp, kPsk, 2, *q.b, *c.b);
+  auto r = run_pair(alice, bob);
+  ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
+  ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
+  expect_same_result(*r.alice, *r.bob);
+  EXPECT_EQ(r.alice->auth_bits_consumed, 0U);
+  EXPECT_EQ(r.alice->auth_pad_bits_used, 0U);
+  EXPECT_GT(r.alice->secret_bits, 0U);
+  EXPECT_EQ(parse_auth_mode("hmac"), AuthMode::kHmac);
+  EXPECT_EQ(parse_auth_mode("wc"), AuthMode::kWegmanCarter);
+  EXPECT_FALSE(parse_auth_mode("none").has_value());
 }
 
 TEST(Link, InterceptResendMakesEveryBlockAbort) {

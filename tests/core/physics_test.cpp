@@ -125,6 +125,36 @@ TEST(Physics, TwoBillionPulsesAtLongDistance) {
   std::printf("2e9 pulses at 150 km simulated in %.3f s\n", s);
 }
 
+TEST(Physics, BatchedPrfEqualsSingleLookups) {
+  std::array<std::uint8_t, 16> key{};
+  key[3] = 9;
+  ChannelParams decoy;
+  decoy.source = SourceKind::kWeakCoherent;
+  decoy.prob_decoy = 0.2;
+  decoy.prob_vacuum = 0.1;
+  for (const SourceChoices& c :
+       {SourceChoices{}, source_choices(decoy, 0.5), source_choices(ChannelParams{}, 0.9)}) {
+    AlicePrf batch(key, c);
+    AlicePrf single(key, c);
+    Xoshiro256ss rng(5);
+    std::vector<std::uint64_t> pulses;
+    std::uint64_t p = 0;
+    for (int i = 0; i < 5000; ++i) {
+      p += rng.below(i % 3 == 0 ? 2 : 200);  // repeats, same block, far apart
+      pulses.push_back(p);
+    }
+    std::vector<AliceState> out(pulses.size());
+    batch.at_many(pulses, out);
+    for (std::size_t i = 0; i < pulses.size(); ++i) {
+      const AliceState s = single.at(pulses[i]);
+      ASSERT_EQ(out[i].bit, s.bit) << i;
+      ASSERT_EQ(out[i].basis, s.basis) << i;
+      ASSERT_EQ(out[i].intensity, s.intensity) << i;
+    }
+  }
+  EXPECT_EQ(sizeof(DetectionEvent), 8U);
+}
+
 TEST(Physics, DeterministicForSeed) {
   ChannelParams p;
   const Observed a = simulate(p, 200'000, 3);

@@ -149,49 +149,250 @@ class TapTransport final : public MessageTransport {
   std::vector<std::vector<std::uint8_t>> inbox;
 };
 
-TEST(AuthChannel, DetectsTamperingReplayTypeAndReflection) {
+std::unique_ptr<AuthChannel> make_channel(MessageTransport& t, AuthRole role,
+                                          std::span<const std::uint8_t> psk,
+                                          const AuthSettings& s) {
+  auto ch = AuthChannel::create(t, role, psk, s);
+  EXPECT_TRUE(ch.ok()) << ch.error().message;
+  return std::move(ch).value();
+}
+
+AuthSettings hmac_settings() {
+  AuthSettings s;
+  s.mode = AuthMode::kHmac;
+  return s;
+}
+
+TEST(AuthChannel, HmacDetectsTamperingReplayTypeAndReflection) {
   const std::vector<std::uint8_t> psk(32, 7);
-  auto keys = derive_mac_keys(psk);
-  ASSERT_TRUE(keys.ok());
   TapTransport ta;
   TapTransport tb;
-  AuthChannel a(ta, keys->alice_to_bob, keys->bob_to_alice);
-  AuthChannel b(tb, keys->bob_to_alice, keys->alice_to_bob);
+  auto a = make_channel(ta, AuthRole::kAlice, psk, hmac_settings());
+  auto b = make_channel(tb, AuthRole::kBob, psk, hmac_settings());
   const std::vector<std::uint8_t> payload{1, 2, 3};
-  ASSERT_TRUE(a.send(MsgType::kSiftMatch, 1, payload).ok());
-  ASSERT_TRUE(a.send(MsgType::kSample, 1, payload).ok());
+  ASSERT_TRUE(a->send(MsgType::kSiftMatch, 1, payload).ok());
+  ASSERT_TRUE(a->send(MsgType::kSample, 1, payload).ok());
   const auto m0 = ta.sent[0];
   const auto m1 = ta.sent[1];
   const std::chrono::milliseconds t{1};
 
   tb.inbox = {m0};
-  auto ok = b.receive(t, MsgType::kSiftMatch, 1);
+  auto ok = b->receive(t, MsgType::kSiftMatch, 1);
   ASSERT_TRUE(ok.ok()) << ok.error().message;
   EXPECT_EQ(ok->payload, payload);
 
   tb.inbox = {m0};  // replay
-  EXPECT_EQ(b.receive(t, MsgType::kSample, 1).error().code, ErrorCode::kProtocol);
+  EXPECT_EQ(b->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kProtocol);
 
   auto flipped = m1;
   flipped[flipped.size() / 2] ^= 0x01;
   tb.inbox = {flipped};
-  EXPECT_EQ(b.receive(t, MsgType::kSample, 1).error().code, ErrorCode::kAuthentication);
+  EXPECT_EQ(b->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kAuthentication);
 
   tb.inbox = {std::vector<std::uint8_t>(10, 0)};  // too short to be a frame
-  EXPECT_EQ(b.receive(t, MsgType::kSample, 1).error().code, ErrorCode::kProtocol);
+  EXPECT_EQ(b->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kProtocol);
 
   // Alice's own message reflected back to her does not verify under the other key.
   ta.inbox = {m1};
-  EXPECT_EQ(a.receive(t, MsgType::kSample, 1).error().code, ErrorCode::kAuthentication);
+  EXPECT_EQ(a->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kAuthentication);
 
   // Wrong type and wrong block (a fresh receiver at sequence 1).
-  AuthChannel b2(tb, keys->bob_to_alice, keys->alice_to_bob);
+  auto b2 = make_channel(tb, AuthRole::kBob, psk, hmac_settings());
   tb.inbox = {m0, m1};
-  ASSERT_TRUE(b2.receive(t, MsgType::kSiftMatch, 1).ok());
-  EXPECT_EQ(b2.receive(t, MsgType::kVerify, 1).error().code, ErrorCode::kProtocol);
+  ASSERT_TRUE(b2->receive(t, MsgType::kSiftMatch, 1).ok());
+  EXPECT_EQ(b2->receive(t, MsgType::kVerify, 1).error().code, ErrorCode::kProtocol);
+  EXPECT_EQ(a->settle(std::vector<std::uint8_t>(100, 1)), 0U);  // HMAC costs no key
 
   EXPECT_EQ(derive_mac_keys(std::vector<std::uint8_t>(8, 1)).error().code,
             ErrorCode::kInvalidArgument);
+  EXPECT_EQ(AuthChannel::create(ta, AuthRole::kAlice, std::vector<std::uint8_t>(15, 1),
+                                AuthSettings{})
+                .error()
+                .code,
+            ErrorCode::kInvalidArgument);
+}
+
+// A Wegman-Carter channel pair after the two-frame handshake (Alice's Params, Bob's Ack).
+struct WcPair {
+  TapTransport ta;
+  TapTransport tb;
+  std::unique_ptr<AuthChannel> a;
+  std::unique_ptr<AuthChannel> b;
+  static constexpr std::chrono::milliseconds kT{1};
+  // Delivers Alice's last frame to Bob (or Bob's to Alice) and receives it.
+  Result<Frame> to_bob(MsgType type, std::uint64_t block = 0) {
+    tb.inbox = {ta.sent.back()};
+    return b->receive(kT, type, block);
+  }
+  Result<Frame> to_alice(MsgType type, std::uint64_t block = 0) {
+    ta.inbox = {tb.sent.back()};
+    return a->receive(kT, type, block);
+  }
+};
+
+std::unique_ptr<WcPair> wc_pair(const AuthSettings& s = AuthSettings{}, bool handshake = true) {
+  static const std::vector<std::uint8_t> psk(32, 9);
+  auto p = std::make_unique<WcPair>();
+  p->a = make_channel(p->ta, AuthRole::kAlice, psk, s);
+  p->b = make_channel(p->tb, AuthRole::kBob, psk, s);
+  if (handshake) {
+    EXPECT_TRUE(p->a->send(MsgType::kParams, 0, std::vector<std::uint8_t>{1, 2}).ok());
+    EXPECT_TRUE(p->to_bob(MsgType::kParams).ok());
+    EXPECT_TRUE(p->b->send(MsgType::kParamsAck, 0, std::vector<std::uint8_t>{3}).ok());
+    EXPECT_TRUE(p->to_alice(MsgType::kParamsAck).ok());
+  }
+  return p;
+}
+
+TEST(AuthChannel, WegmanCarterRoundTripAndPadAccounting) {
+  auto p = wc_pair();
+  const std::size_t pool = AuthSettings{}.pool_bits / 8;
+  // Frame 0 of Alice uses the hello pad; Bob's frame 0 the first session pad.
+  EXPECT_EQ(p->a->send_pool_bytes(), pool);
+  EXPECT_EQ(p->a->recv_pool_bytes(), pool - 16);
+  EXPECT_EQ(p->b->send_pool_bytes(), pool - 16);
+  const std::vector<std::uint8_t> payload(1000, 0xA5);
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(p->a->send(MsgType::kSiftMatch, 0, payload).ok());
+    auto f = p->to_bob(MsgType::kSiftMatch);
+    ASSERT_TRUE(f.ok()) << f.error().message;
+    EXPECT_EQ(f->payload, payload);
+  }
+  EXPECT_EQ(p->a->send_pool_bytes(), pool - 5 * 16);
+  EXPECT_EQ(p->b->recv_pool_bytes(), p->a->send_pool_bytes());
+  EXPECT_EQ(p->a->pad_bytes_used(), p->b->pad_bytes_used());
+  // Tag = 128 bits at the end of each frame; frame 0 carries a 16-byte nonce.
+  EXPECT_EQ(p->ta.sent[0].size(), kHeaderBytes + kNonceBytes + 2 + 16);
+  EXPECT_EQ(p->ta.sent.back().size(), kHeaderBytes + payload.size() + 16);
+
+  // Settling with the same key on both ends refills both pools (deficit first, then the
+  // two 128-bit hash keys) and the channel keeps working.
+  std::vector<std::uint8_t> key(1000);
+  for (std::size_t i = 0; i < key.size(); ++i) {
+    key[i] = static_cast<std::uint8_t>(i * 7 + 1);
+  }
+  const std::size_t deficit = 5 * 16 + 1 * 16;  // five A->B frames, Bob's Ack
+  EXPECT_EQ(p->a->settle(key), deficit + 32);
+  EXPECT_EQ(p->b->settle(key), deficit + 32);
+  EXPECT_EQ(p->a->hash_key_refreshes(), 1U);
+  EXPECT_EQ(p->a->send_pool_bytes(), pool);
+  EXPECT_EQ(p->b->send_pool_bytes(), pool);
+  ASSERT_TRUE(p->b->send(MsgType::kBlockDone, 0, {}).ok());
+  ASSERT_TRUE(p->to_alice(MsgType::kBlockDone).ok());
+  // Next settlement: no refresh due (every 16 blocks), only the one pad.
+  EXPECT_EQ(p->a->settle(key), 16U);
+  EXPECT_EQ(p->b->settle(key), 16U);
+  // A key too short pays what it can; the rest stays owed.
+  ASSERT_TRUE(p->a->send(MsgType::kSample, 0, {}).ok());
+  ASSERT_TRUE(p->to_bob(MsgType::kSample).ok());
+  ASSERT_TRUE(p->b->send(MsgType::kSampleReply, 0, {}).ok());
+  ASSERT_TRUE(p->to_alice(MsgType::kSampleReply).ok());
+  EXPECT_EQ(p->a->settle(std::span<const std::uint8_t>(key).first(20)), 20U);
+  EXPECT_EQ(p->b->settle(std::span<const std::uint8_t>(key).first(20)), 20U);
+  EXPECT_EQ(p->a->send_pool_bytes() + p->a->recv_pool_bytes(), 2 * pool - 12);
+  ASSERT_TRUE(p->a->send(MsgType::kSample, 0, {}).ok());
+  ASSERT_TRUE(p->to_bob(MsgType::kSample).ok());
+}
+
+TEST(AuthChannel, WegmanCarterRejectsEveryFlippedByteReplayAndReflection) {
+  const std::vector<std::uint8_t> payload{10, 20, 30, 40, 50};
+  auto ref = wc_pair();
+  ASSERT_TRUE(ref->a->send(MsgType::kSiftMatch, 0, payload).ok());
+  const std::size_t size = ref->ta.sent.back().size();
+  for (std::size_t pos = 0; pos < size; ++pos) {
+    for (const std::uint8_t bit : {std::uint8_t{0x01}, std::uint8_t{0x80}}) {
+      auto p = wc_pair();
+      ASSERT_TRUE(p->a->send(MsgType::kSiftMatch, 0, payload).ok());
+      p->ta.sent.back()[pos] ^= bit;
+      EXPECT_EQ(p->to_bob(MsgType::kSiftMatch).error().code, ErrorCode::kAuthentication)
+          << "byte " << pos;
+    }
+  }
+  // A truncated or extended frame fails too.
+  for (int delta : {-1, 1}) {
+    auto p = wc_pair();
+    ASSERT_TRUE(p->a->send(MsgType::kSiftMatch, 0, payload).ok());
+    if (delta < 0) {
+      p->ta.sent.back().pop_back();
+    } else {
+      p->ta.sent.back().push_back(0);
+    }
+    EXPECT_EQ(p->to_bob(MsgType::kSiftMatch).error().code, ErrorCode::kAuthentication);
+  }
+  {  // Replay: the pad of the next frame differs.
+    auto p = wc_pair();
+    ASSERT_TRUE(p->a->send(MsgType::kSiftMatch, 0, payload).ok());
+    ASSERT_TRUE(p->to_bob(MsgType::kSiftMatch).ok());
+    EXPECT_EQ(p->to_bob(MsgType::kSiftMatch).error().code, ErrorCode::kAuthentication);
+  }
+  {  // Reflection: Alice's frame back to her (the other direction's keys).
+    auto p = wc_pair();
+    ASSERT_TRUE(p->a->send(MsgType::kSiftMatch, 0, payload).ok());
+    p->ta.inbox = {p->ta.sent.back()};
+    EXPECT_EQ(p->a->receive(WcPair::kT, MsgType::kSiftMatch, 0).error().code,
+              ErrorCode::kAuthentication);
+  }
+  {  // Wrong PSK: Bob fails Alice's first frame.
+    TapTransport ta;
+    TapTransport tb;
+    auto a = make_channel(ta, AuthRole::kAlice, std::vector<std::uint8_t>(32, 1), AuthSettings{});
+    auto b = make_channel(tb, AuthRole::kBob, std::vector<std::uint8_t>(32, 2), AuthSettings{});
+    ASSERT_TRUE(a->send(MsgType::kParams, 0, payload).ok());
+    tb.inbox = {ta.sent.back()};
+    EXPECT_EQ(b->receive(WcPair::kT, MsgType::kParams, 0).error().code,
+              ErrorCode::kAuthentication);
+  }
+}
+
+TEST(AuthChannel, WegmanCarterEarlyAbortReachesBob) {
+  // Bob's first frame is altered (its nonce): Alice cannot key the session, yet her Abort,
+  // sent with the second hello pad, verifies at Bob as an Abort.
+  auto p = wc_pair(AuthSettings{}, false);
+  ASSERT_TRUE(p->a->send(MsgType::kParams, 0, std::vector<std::uint8_t>{1}).ok());
+  ASSERT_TRUE(p->to_bob(MsgType::kParams).ok());
+  ASSERT_TRUE(p->b->send(MsgType::kParamsAck, 0, std::vector<std::uint8_t>{1}).ok());
+  p->tb.sent.back()[kHeaderBytes + 3] ^= 4;
+  EXPECT_EQ(p->to_alice(MsgType::kParamsAck).error().code, ErrorCode::kAuthentication);
+  p->a->send_abort(0, "bad tag");
+  auto r = p->to_bob(MsgType::kSiftBases);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kRejected) << r.error().message;
+  EXPECT_NE(r.error().message.find("bad tag"), std::string::npos);
+  // The hello pad authenticates nothing but an Abort at that point: a forged SiftMatch in
+  // that slot is refused.
+  auto q = wc_pair(AuthSettings{}, false);
+  ASSERT_TRUE(q->a->send(MsgType::kParams, 0, std::vector<std::uint8_t>{1}).ok());
+  ASSERT_TRUE(q->to_bob(MsgType::kParams).ok());
+  ASSERT_TRUE(q->a->send(MsgType::kAbort, 0, std::vector<std::uint8_t>{0, 0, 0, 0}).ok());
+  q->ta.sent.back()[1] = static_cast<std::uint8_t>(MsgType::kSiftMatch);
+  EXPECT_EQ(q->to_bob(MsgType::kSiftMatch).error().code, ErrorCode::kAuthentication);
+}
+
+TEST(AuthChannel, WegmanCarterSessionsNeverReusePadsAndPoolsRunDry) {
+  // The same message in two sessions with the same PSK: different tags (fresh nonces give
+  // fresh hello and session keys).
+  auto p1 = wc_pair(AuthSettings{}, false);
+  auto p2 = wc_pair(AuthSettings{}, false);
+  ASSERT_TRUE(p1->a->send(MsgType::kParams, 0, std::vector<std::uint8_t>{1}).ok());
+  ASSERT_TRUE(p2->a->send(MsgType::kParams, 0, std::vector<std::uint8_t>{1}).ok());
+  const auto& f1 = p1->ta.sent.back();
+  const auto& f2 = p2->ta.sent.back();
+  ASSERT_EQ(f1.size(), f2.size());
+  EXPECT_FALSE(std::equal(f1.end() - 16, f1.end(), f2.end() - 16));
+  // A 1024-bit pool holds 8 tags of 128 bits (64 tags of 64 bits: 16 here).
+  AuthSettings s;
+  s.pool_bits = 1024;
+  s.tag_bits = 64;
+  auto p = wc_pair(s);
+  for (int i = 0; i < 16; ++i) {
+    ASSERT_TRUE(p->a->send(MsgType::kSample, 0, {}).ok()) << i;
+    ASSERT_TRUE(p->to_bob(MsgType::kSample).ok()) << i;
+  }
+  EXPECT_EQ(p->ta.sent.back().size(), kHeaderBytes + 8);
+  const auto st = p->a->send(MsgType::kSample, 0, {});
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.error().code, ErrorCode::kAuthentication);
+  EXPECT_NE(st.error().message.find("exhausted"), std::string::npos);
 }
 
 TEST(Protocol, SampleMaskHasExactlyK) {

@@ -242,6 +242,16 @@ TEST(Config, BadValues) {
   }
   {
     json j = valid_alice();
+    j["link"]["protocol"]["auth"] = "none";
+    expect_error(j, "link.protocol.auth");
+  }
+  {
+    json j = valid_alice();
+    j["link"]["protocol"]["key_bound"] = "optimistic";
+    expect_error(j, "link.protocol.key_bound");
+  }
+  {
+    json j = valid_alice();
     j["log_level"] = "loud";
     expect_error(j, "log_level");
   }

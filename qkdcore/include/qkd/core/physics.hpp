@@ -53,6 +53,9 @@ class AlicePrf {
   AlicePrf(const AlicePrf&) = delete;
   AlicePrf& operator=(const AlicePrf&) = delete;
   [[nodiscard]] AliceState at(std::uint64_t pulse);
+  // The states of many pulses at once (out[i] = at(pulses[i]); pulses non-decreasing,
+  // out.size() >= pulses.size()): one AES call for all the counter blocks they need.
+  void at_many(std::span<const std::uint64_t> pulses, std::span<AliceState> out);
 
  private:
   struct Impl;
@@ -61,12 +64,15 @@ class AlicePrf {
 
 // What arrives at Bob's detector for one detection event: the photon's state (after the
 // channel and any eavesdropper), or "dark" (only a dark count fired; no photon detected).
+// Packed into one 64-bit word (8 bytes, not 16: a block at 25 km stores ~3e7 of them).
 struct DetectionEvent {
-  std::uint64_t pulse = 0;
-  bool bit = false;    // arriving polarization value (meaningless if dark)
-  bool basis = false;  // arriving polarization basis (meaningless if dark)
-  bool dark = false;
+  static constexpr std::uint64_t kMaxPulse = (std::uint64_t{1} << 61) - 1;
+  std::uint64_t pulse : 61 = 0;  // pulse index, <= kMaxPulse
+  std::uint64_t bit : 1 = 0;     // arriving polarization value (meaningless if dark)
+  std::uint64_t basis : 1 = 0;   // arriving polarization basis (meaningless if dark)
+  std::uint64_t dark : 1 = 0;    // only a dark count fired
 };
+static_assert(sizeof(DetectionEvent) == 8);
 
 // Closed-form expectations for a ChannelParams (the theory the simulator must match).
 // For a weak coherent source: detection probability of class k
@@ -132,7 +138,8 @@ class ChannelSimulator {
   std::array<ClassTable, 3> tables_;
   int classes_ = 1;
   double log1m_qmax_ = 0.0;  // log(1 - Q_max), < 0
-  Xoshiro256ss rng_;
+  Xoshiro256ss gap_rng_;     // the gaps between candidate detections
+  Xoshiro256ss rng_;         // everything else (thinning, photon number, noise, Eve)
   SimulationTruth truth_;
 };
 

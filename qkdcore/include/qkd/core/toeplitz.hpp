@@ -15,8 +15,9 @@
 namespace qkd::core {
 
 // The fast path: a carry-less Karatsuba product, O(H^1.585) word operations per square
-// block of H = min(n, m) bits (max(n, m) / H blocks), using PCLMULQDQ when the CPU has it
-// (checked at run time) and a portable 64 x 64 carry-less multiply otherwise. Bit-equal to
+// block of H = min(n, m) bits (max(n, m) / H blocks), using 512-bit VPCLMULQDQ or 128-bit
+// PCLMULQDQ when the CPU has them (checked at run time) and a portable 64 x 64 carry-less
+// multiply otherwise. Bit-equal to
 // toeplitz_hash_naive. Fails (kInvalidArgument) if seed.size() != n + m - 1, m == 0 or
 // n == 0.
 [[nodiscard]] Result<BitVector> toeplitz_hash(const BitVector& seed, const BitVector& input,
