@@ -1,6 +1,7 @@
 // Quantum stage throughput (channel simulation only): pulses per second on one core.
 // Rows: single-photon source (defaults) and decoy source (0.5/0.1/0 at 0.7/0.2/0.1) at
-// 25 km, standard and Gobby-Yuan-Shields detectors; reported as items (pulses) per second.
+// 25 km, standard and Gobby-Yuan-Shields detectors; reported as items (pulses) per second
+// of CPU time:  build/bench/physics_bench --benchmark_counters_tabular=true
 #include <benchmark/benchmark.h>
 
 #include <array>

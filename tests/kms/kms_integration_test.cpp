@@ -329,6 +329,8 @@ TEST_F(KmsNetwork, ConnectionWithoutClientCertificateIsRefused) {
 
 TEST_F(KmsNetwork, ConcurrentEncKeysFromBothSidesNeverCollide) {
   constexpr int kThreads = 3, kRequests = 8, kPer = 4;
+  // Enough key in both directions for every request (all or nothing would 503 otherwise).
+  ASSERT_TRUE(net_->wait_for_keys(kThreads * kRequests * kPer + 8).ok());
   std::mutex mu;
   std::map<std::string, std::vector<std::uint8_t>> from_alice, from_bob;
   std::atomic<int> failures{0};
