@@ -83,13 +83,18 @@ TEST(Link, FullBlocksGiveIdenticalKeys) {
                 pp.sample_fraction * static_cast<double>(a.sifted_bits), 1.0);
     EXPECT_EQ(a.reconciled_bits, a.sifted_bits - a.sample_bits);
     EXPECT_GE(a.leaked_bits, pp.verify_hash_bits);
-    EXPECT_GT(a.secret_bits, 0U);
+    // The privacy-amplification output; the net key (secret_bits) is what Wegman-Carter
+    // authentication leaves of it, and can be 0 for a block with many Cascade round trips.
+    EXPECT_GT(a.secret_bits + a.auth_bits_consumed, 0U);
+    EXPECT_GT(a.auth_bits_consumed, 0U);
     EXPECT_EQ(a.secret_bits % 8, 0U);
     EXPECT_EQ(a.key.size() * 8, a.secret_bits);
     EXPECT_NEAR(a.qber, 0.01, 0.01);
     EXPECT_GT(a.cpu_seconds, 0.0);
     const std::vector<std::uint8_t> key(a.key.span().begin(), a.key.span().end());
-    EXPECT_NE(key, previous);
+    if (!key.empty()) {
+      EXPECT_NE(key, previous);
+    }
     previous = key;
   }
 }
@@ -100,7 +105,8 @@ TEST(Link, FullBlocksGiveIdenticalKeys) {
 TEST(Link, WegmanCarterNetKeyIsGrossMinusAuthenticationCost) {
   auto q = make_memory_transport_pair();
   auto c = make_memory_transport_pair();
-  ProtocolParams pp;  // defaults: 2e6 pulses at 20 km, 128-bit tags
+  ProtocolParams pp;  // defaults (20 km, 128-bit tags) but 4e6 pulses: at 2e6 a block with
+  pp.pulses_per_block = 4'000'000;  // many Cascade round trips can cost all its key
   pp.auth_key_refresh_blocks = 2;
   AliceEndpoint alice(ChannelParams{}, pp, kPsk, 11, *q.a, *c.a);
   BobEndpoint bob(pp, kPsk, 12, *q.b, *c.b);

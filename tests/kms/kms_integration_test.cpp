@@ -112,6 +112,7 @@ class KmsNetwork : public ::testing::Test {
   void SetUp() override {
     ASSERT_NE(net_, nullptr) << "the KME network did not start";
     ASSERT_TRUE(net_->running(net_->alice()) && net_->running(net_->bob()));
+    ASSERT_TRUE(net_->wait_for_keys(16).ok());  // tests before may have drained the pool
   }
   void TearDown() override {
     // Whatever a test did, both daemons must still be serving.
