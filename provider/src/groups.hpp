@@ -11,10 +11,39 @@
 namespace qkd::prov {
 
 // The classical half of a hybrid group (draft-ietf-tls-hybrid-design: the classical share,
-// ciphertext and secret come first, then the QKD part). kNone is pure QKD; the hybrids
-// x25519_qkd and p256_qkd are planned and will add rows here plus a classical step in the
-// group implementation, with no change to the dispatch or capability code.
+// ciphertext and secret come first, then the QKD part). kNone is pure QKD.
 enum class Classical : std::uint8_t { kNone, kX25519, kP256 };
+
+// Fixed sizes of the classical part on the wire and in the secret (docs/PROTOCOL.md).
+// The share and the ciphertext both carry one public key: X25519's 32 bytes (RFC 7748),
+// P-256's uncompressed point 0x04 || x || y (65 bytes, SEC 1). The ECDH secret is
+// X25519's 32-byte output or P-256's 32-byte x coordinate.
+constexpr std::size_t classical_public_length(Classical c) {
+  switch (c) {
+    case Classical::kX25519:
+      return 32;
+    case Classical::kP256:
+      return 65;
+    case Classical::kNone:
+      break;
+  }
+  return 0;
+}
+constexpr std::size_t classical_secret_length(Classical c) {
+  return c == Classical::kNone ? 0 : 32;
+}
+// The name of the classical algorithm, for messages ("none" for kNone).
+constexpr const char* classical_name(Classical c) {
+  switch (c) {
+    case Classical::kX25519:
+      return "X25519";
+    case Classical::kP256:
+      return "P-256";
+    case Classical::kNone:
+      break;
+  }
+  return "none";
+}
 
 struct GroupInfo {
   std::string_view tls_name;           // the name in -groups / Groups = / ssl_ecdh_curve
@@ -32,8 +61,14 @@ struct GroupInfo {
   std::uint32_t qkd_key_bits;  // bits asked of the KME per handshake
 };
 
-inline constexpr std::array<GroupInfo, 1> kGroups = {{
+// Hybrids claim 128 bits too: X25519 and P-256 are 128-bit groups, and the QKD half is
+// bounded by the same classical links (above), so neither half lifts the other.
+inline constexpr std::array<GroupInfo, 3> kGroups = {{
     {"qkd", "qkd", "qkd", "qkd_codepoint", 0xFE40, 128, Classical::kNone, 256},
+    {"x25519_qkd", "x25519_qkd", "x25519_qkd", "x25519_qkd_codepoint", 0xFE41, 128,
+     Classical::kX25519, 256},
+    {"p256_qkd", "p256_qkd", "p256_qkd", "p256_qkd_codepoint", 0xFE42, 128, Classical::kP256,
+     256},
 }};
 
 // DESIGN decision 2: private use 0xFE00-0xFEFF, but not oqs-provider's 0xFE00-0xFE3A.
@@ -65,9 +100,6 @@ constexpr bool table_is_sound() {
         g.security_bits < 112 || g.qkd_key_bits == 0 || g.qkd_key_bits % 8 != 0) {
       return false;
     }
-    if (g.classical != Classical::kNone) {
-      return false;  // hybrids are not implemented yet: a row for one must come with code
-    }
     for (std::size_t j = i + 1; j < kGroups.size(); ++j) {
       const GroupInfo& h = kGroups[j];
       if (g.default_codepoint == h.default_codepoint || g.tls_name == h.tls_name ||
@@ -81,6 +113,16 @@ constexpr bool table_is_sound() {
 static_assert(table_is_sound(), "kGroups: bad codepoint, name, bits or a duplicate");
 
 inline constexpr std::size_t kQkdKeyBytesMax = 32;  // all rows ask 256 bits for now
-static_assert(kGroups[0].qkd_key_bits / 8 == kQkdKeyBytesMax);
+inline constexpr std::size_t kClassicalPublicMax = 65;
+constexpr bool sizes_are_bounded() {
+  for (const GroupInfo& g : kGroups) {
+    if (g.qkd_key_bits / 8 != kQkdKeyBytesMax ||
+        classical_public_length(g.classical) > kClassicalPublicMax) {
+      return false;
+    }
+  }
+  return true;
+}
+static_assert(sizes_are_bounded(), "kGroups: a row outgrows the size bounds");
 
 }  // namespace qkd::prov

@@ -3,6 +3,10 @@
 //           ciphertext = (server SAE ID, key_ID), secret = the key;
 //   client: decapsulate(ciphertext) -> dec_keys(master = SAE in the ciphertext, key_ID)
 //           at its own KME; secret = the key.
+// Hybrids (x25519_qkd, p256_qkd) add an ephemeral ECDH in front (docs/PROTOCOL.md):
+//   server: ciphertext = ephemeral public key || qkd ciphertext,
+//   both:   secret = ECDH secret || QKD key.
+// The ECDH runs before the KME call, so a bad point never costs a key.
 // Size queries (NULL output) never reach the KME and report non-zero sizes.
 #include <openssl/crypto.h>
 
@@ -21,6 +25,24 @@ struct KemCtx {
 };
 constexpr int kOpEncapsulate = 1;
 constexpr int kOpDecapsulate = 2;
+
+// Cleanses a secret buffer on every exit unless the operation succeeded (release()).
+class SecretGuard {
+ public:
+  SecretGuard(unsigned char* secret, std::size_t len) : secret_(secret), len_(len) {}
+  ~SecretGuard() {
+    if (secret_ != nullptr) {
+      OPENSSL_cleanse(secret_, len_);
+    }
+  }
+  SecretGuard(const SecretGuard&) = delete;
+  SecretGuard& operator=(const SecretGuard&) = delete;
+  void release() { secret_ = nullptr; }
+
+ private:
+  unsigned char* secret_;
+  std::size_t len_;
+};
 
 // Turns a client library error into a raised error with words.
 void raise_kme_error(ProvCtx* prov, const qkd::core::Error& e, int operation,
@@ -70,7 +92,11 @@ struct Kem {
   static OSSL_FUNC_kem_decapsulate_init_fn decapsulate_init;
   static OSSL_FUNC_kem_decapsulate_fn decapsulate;
 
-  static constexpr std::size_t kSecretBytes = kGroups[G].qkd_key_bits / 8;
+  static constexpr Classical kClassical = kGroups[G].classical;
+  static constexpr std::size_t kClassicalPublic = classical_public_length(kClassical);
+  static constexpr std::size_t kClassicalSecret = classical_secret_length(kClassical);
+  static constexpr std::size_t kQkdBytes = kGroups[G].qkd_key_bits / 8;
+  static constexpr std::size_t kSecretBytes = kClassicalSecret + kQkdBytes;
   static const OSSL_DISPATCH kDispatch[];
 };
 
@@ -136,7 +162,7 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, failure.reason, failure.message);
       return 0;
     }
-    const std::size_t ct_len = 2 + own->size() + kKeyIdLength;
+    const std::size_t ct_len = kClassicalPublic + 2 + own->size() + kKeyIdLength;
     if (out == nullptr) {  // size query: no KME work
       if (outlen == nullptr && secretlen == nullptr) {
         QKD_RAISE(prov, kReasonBufferTooSmall, "size query without length pointers");
@@ -166,6 +192,32 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
                     std::to_string(kSecretBytes));
       return 0;
     }
+    // One exit path for the secret: cleansed unless everything below succeeds.
+    SecretGuard guard(secret, kSecretBytes);
+    std::vector<std::uint8_t> ciphertext;
+    if constexpr (kClassical != Classical::kNone) {
+      if (!ctx->key->classical) {
+        QKD_RAISE(prov, kReasonWrongKey, "the peer's key has no classical public key");
+        return 0;
+      }
+      auto eph = classical_generate(prov->libctx(), kClassical);
+      if (!eph.ok()) {
+        QKD_RAISE(prov, kReasonInternal, eph.error().message);
+        return 0;
+      }
+      auto pub = classical_public(eph->get(), kClassical);
+      if (!pub.ok()) {
+        QKD_RAISE(prov, kReasonInternal, pub.error().message);
+        return 0;
+      }
+      auto dh = classical_derive(prov->libctx(), eph->get(), ctx->key->classical.get(),
+                                 std::span<std::uint8_t>(secret, kClassicalSecret));
+      if (!dh.ok()) {
+        QKD_RAISE(prov, kReasonBadShare, "malformed qkd key share: " + dh.error().message);
+        return 0;
+      }
+      ciphertext = std::move(pub).value();
+    }
     const std::string& peer = ctx->key->peer_sae_id;
     qkd::etsi::Client* client = prov->client(&failure);
     if (client == nullptr) {
@@ -188,21 +240,27 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: " + key_id.error().message);
       return 0;
     }
-    if (key.key.size() != kSecretBytes) {
+    if (key.key.size() != kQkdBytes) {
       QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: key of " +
                                            std::to_string(key.key.size()) + " bytes");
       return 0;
     }
     auto ct = encode_ciphertext(Ciphertext{own.value(), key_id.value()});
-    if (!ct.ok() || ct->size() != ct_len) {
+    if (!ct.ok()) {
       QKD_RAISE(prov, kReasonInternal, "cannot encode the ciphertext");
       return 0;
     }
-    // Nothing can fail from here on: no partial secret is ever left behind.
-    std::memcpy(out, ct->data(), ct->size());
-    *outlen = ct->size();
-    std::memcpy(secret, key.key.data(), kSecretBytes);
+    ciphertext.insert(ciphertext.end(), ct->begin(), ct->end());
+    if (ciphertext.size() != ct_len) {
+      QKD_RAISE(prov, kReasonInternal, "cannot encode the ciphertext");
+      return 0;
+    }
+    // Nothing can fail from here on.
+    std::memcpy(out, ciphertext.data(), ciphertext.size());
+    *outlen = ciphertext.size();
+    std::memcpy(secret + kClassicalSecret, key.key.data(), kQkdBytes);
     *secretlen = kSecretBytes;
+    guard.release();
     return 1;
   });
 }
@@ -238,10 +296,29 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, kReasonWrongKey, "decapsulate called without decapsulate_init");
       return 0;
     }
-    auto ct = parse_ciphertext(std::span<const std::uint8_t>(in, in == nullptr ? 0 : inlen));
+    // Parse all of it before anything else: a hybrid's classical part, then the qkd part.
+    const auto bytes = std::span<const std::uint8_t>(in, in == nullptr ? 0 : inlen);
+    if (bytes.size() < kClassicalPublic) {
+      QKD_RAISE(prov, kReasonBadCiphertext,
+                "malformed qkd ciphertext: " + std::to_string(bytes.size()) +
+                    " bytes, shorter than the " + classical_name(kClassical) + " public key (" +
+                    std::to_string(kClassicalPublic) + ")");
+      return 0;
+    }
+    auto ct = parse_ciphertext(bytes.subspan(kClassicalPublic));
     if (!ct.ok()) {
       QKD_RAISE(prov, kReasonBadCiphertext, ct.error().message);
       return 0;
+    }
+    PkeyPtr peer_classical;
+    if constexpr (kClassical != Classical::kNone) {
+      auto peer = classical_import_peer(prov->libctx(), kClassical,
+                                        bytes.first(kClassicalPublic));
+      if (!peer.ok()) {
+        QKD_RAISE(prov, kReasonBadCiphertext, "malformed qkd ciphertext: " + peer.error().message);
+        return 0;
+      }
+      peer_classical = std::move(peer).value();
     }
     if (out == nullptr) {  // size query: no KME work
       *outlen = kSecretBytes;
@@ -252,6 +329,19 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
                 "secret buffer has " + std::to_string(*outlen) + " bytes, needs " +
                     std::to_string(kSecretBytes));
       return 0;
+    }
+    SecretGuard guard(out, kSecretBytes);
+    if constexpr (kClassical != Classical::kNone) {
+      if (!ctx->key->classical) {
+        QKD_RAISE(prov, kReasonWrongKey, "the key has no classical key pair");
+        return 0;
+      }
+      auto dh = classical_derive(prov->libctx(), ctx->key->classical.get(), peer_classical.get(),
+                                 std::span<std::uint8_t>(out, kClassicalSecret));
+      if (!dh.ok()) {
+        QKD_RAISE(prov, kReasonBadCiphertext, "malformed qkd ciphertext: " + dh.error().message);
+        return 0;
+      }
     }
     Failure failure;
     qkd::etsi::Client* client = prov->client(&failure);
@@ -267,14 +357,15 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       return 0;
     }
     const qkd::etsi::Key& key = keys->at(0);
-    if (key.key.size() != kSecretBytes) {
+    if (key.key.size() != kQkdBytes) {
       QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: key " + key_id + " has " +
                                            std::to_string(key.key.size()) + " bytes, expected " +
-                                           std::to_string(kSecretBytes));
+                                           std::to_string(kQkdBytes));
       return 0;
     }
-    std::memcpy(out, key.key.data(), kSecretBytes);
+    std::memcpy(out + kClassicalSecret, key.key.data(), kQkdBytes);
     *outlen = kSecretBytes;
+    guard.release();
     return 1;
   });
 }

@@ -20,16 +20,38 @@ struct GenCtx {
   int selection = 0;
 };
 
+// The peer's share (server side). Hybrids: the fixed-length classical public key first,
+// then the qkd share; both parts must parse, with nothing left over (docs/PROTOCOL.md).
 bool set_peer_share(QkdKey* key, const void* data, std::size_t len) {
   QKD_ENTRY();
-  const auto bytes = std::span<const std::uint8_t>(static_cast<const std::uint8_t*>(data), len);
-  auto share = parse_share(bytes);
+  const auto bytes = std::span<const std::uint8_t>(static_cast<const std::uint8_t*>(data),
+                                                   data == nullptr ? 0 : len);
+  const Classical kind = kGroups[key->group].classical;
+  const std::size_t classical_len = classical_public_length(kind);
+  PkeyPtr classical;
+  if (kind != Classical::kNone) {
+    if (bytes.size() < classical_len) {
+      QKD_RAISE(key->prov, kReasonBadShare,
+                "malformed qkd key share: " + std::to_string(bytes.size()) +
+                    " bytes, shorter than the " + classical_name(kind) + " public key (" +
+                    std::to_string(classical_len) + ")");
+      return false;
+    }
+    auto peer = classical_import_peer(key->prov->libctx(), kind, bytes.first(classical_len));
+    if (!peer.ok()) {
+      QKD_RAISE(key->prov, kReasonBadShare, "malformed qkd key share: " + peer.error().message);
+      return false;
+    }
+    classical = std::move(peer).value();
+  }
+  auto share = parse_share(bytes.subspan(classical_len));
   if (!share.ok()) {
     QKD_RAISE(key->prov, kReasonBadShare, share.error().message);
     return false;
   }
   key->share.assign(bytes.begin(), bytes.end());
   key->peer_sae_id = std::move(share->sae_id);
+  key->classical = std::move(classical);
   key->has_share = true;
   key->own = false;
   return true;
@@ -82,7 +104,13 @@ void* Keymgmt<G>::dup(const void* keydata_from, int /*selection*/) {
   if (from == nullptr) {
     return nullptr;
   }
-  return guarded<void*>(from->prov, nullptr, __func__, [&]() -> void* { return new QkdKey(*from); });
+  return guarded<void*>(from->prov, nullptr, __func__, [&]() -> void* {
+    auto copy = std::make_unique<QkdKey>(*from);
+    if (from->classical && !copy->classical) {
+      return nullptr;
+    }
+    return copy.release();
+  });
 }
 
 template <std::size_t G>
@@ -188,6 +216,21 @@ void* Keymgmt<G>::gen(void* genctx, OSSL_CALLBACK* /*cb*/, void* /*cbarg*/) {
       QKD_RAISE(prov, failure.reason, failure.message);
       return nullptr;
     }
+    std::vector<std::uint8_t> encoded_share;
+    if (constexpr Classical kind = kGroups[G].classical; kind != Classical::kNone) {
+      auto pair = classical_generate(prov->libctx(), kind);
+      if (!pair.ok()) {
+        QKD_RAISE(prov, kReasonInternal, pair.error().message);
+        return nullptr;
+      }
+      auto pub = classical_public(pair->get(), kind);
+      if (!pub.ok()) {
+        QKD_RAISE(prov, kReasonInternal, pub.error().message);
+        return nullptr;
+      }
+      key->classical = std::move(pair).value();
+      encoded_share = std::move(pub).value();
+    }
     Share share;
     share.sae_id = own.value();
     if (auto rnd = qkd::etsi::random_bytes(share.nonce); !rnd.ok()) {
@@ -199,7 +242,8 @@ void* Keymgmt<G>::gen(void* genctx, OSSL_CALLBACK* /*cb*/, void* /*cbarg*/) {
       QKD_RAISE(prov, kReasonBadSetting, encoded.error().message);
       return nullptr;
     }
-    key->share = std::move(encoded).value();
+    encoded_share.insert(encoded_share.end(), encoded->begin(), encoded->end());
+    key->share = std::move(encoded_share);
     key->has_share = true;
     key->own = true;
     return key.release();
@@ -228,7 +272,9 @@ int Keymgmt<G>::get_params(void* keydata, OSSL_PARAM params[]) {
       return 0;
     }
     p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_MAX_SIZE);
-    if (p != nullptr && OSSL_PARAM_set_int(p, static_cast<int>(kMaxCiphertextLength)) == 0) {
+    constexpr std::size_t kMaxSize =
+        classical_public_length(kGroups[G].classical) + kMaxCiphertextLength;
+    if (p != nullptr && OSSL_PARAM_set_int(p, static_cast<int>(kMaxSize)) == 0) {
       return 0;
     }
     p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY);

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "classical.hpp"
 #include "groups.hpp"
 #include "prov.hpp"
 #include "wire.hpp"
@@ -17,8 +18,17 @@ struct QkdKey {
   std::size_t group = 0;            // row of kGroups
   bool has_share = false;           // `share` holds a valid encoded share
   bool own = false;                 // made by our keygen: we may decapsulate with it
-  std::vector<std::uint8_t> share;  // encoded (wire.hpp)
+  std::vector<std::uint8_t> share;  // encoded: classical public key (hybrids) || qkd share
   std::string peer_sae_id;          // the SAE named by a peer's share (server side)
+  // Hybrids only: our key pair (own) or the peer's public key (from its share).
+  PkeyPtr classical;
+
+  QkdKey() = default;
+  QkdKey(const QkdKey& other)
+      : prov(other.prov), group(other.group), has_share(other.has_share), own(other.own),
+        share(other.share), peer_sae_id(other.peer_sae_id),
+        classical(share_pkey(other.classical.get())) {}
+  QkdKey& operator=(const QkdKey&) = delete;
 };
 
 }  // namespace qkd::prov

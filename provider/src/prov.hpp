@@ -49,13 +49,23 @@ struct Failure {
   std::string message;
 };
 
+struct LibCtxDeleter {
+  void operator()(OSSL_LIB_CTX* c) const;
+};
+using LibCtxPtr = std::unique_ptr<OSSL_LIB_CTX, LibCtxDeleter>;
+
 class ProvCtx {
  public:
-  ProvCtx(const OSSL_CORE_HANDLE* handle, CoreUpcalls core, Settings settings)
+  // `libctx`: the provider's own library context, a child of the application's
+  // (OSSL_LIB_CTX_new_child), for the classical half of the hybrids. May be null (the
+  // error reporter in OSSL_provider_init); the hybrids then fail with a reason.
+  ProvCtx(const OSSL_CORE_HANDLE* handle, CoreUpcalls core, Settings settings,
+          LibCtxPtr libctx = nullptr)
       : handle_(handle), core_(core), settings_(std::move(settings)),
-        admission_(settings_.admission) {}
+        admission_(settings_.admission), libctx_(std::move(libctx)) {}
 
   [[nodiscard]] const Settings& settings() const { return settings_; }
+  [[nodiscard]] OSSL_LIB_CTX* libctx() const { return libctx_.get(); }
   [[nodiscard]] Admission& admission() { return admission_; }
 
   // This SAE's ID: the sae_id setting, else the CN of the cert setting (read once, lazily).
@@ -75,6 +85,7 @@ class ProvCtx {
   CoreUpcalls core_;
   const Settings settings_;
   Admission admission_;
+  LibCtxPtr libctx_;
   std::mutex mu_;
   std::string own_sae_;                       // guarded by mu_
   std::unique_ptr<qkd::etsi::Client> client_;  // guarded by mu_; thread-safe itself

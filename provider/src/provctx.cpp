@@ -1,9 +1,13 @@
+#include <openssl/crypto.h>
+
 #include <cstdarg>
 
 #include "prov.hpp"
 #include "wire.hpp"
 
 namespace qkd::prov {
+
+void LibCtxDeleter::operator()(OSSL_LIB_CTX* c) const { OSSL_LIB_CTX_free(c); }
 
 const OSSL_ITEM* reason_strings() {
   static const OSSL_ITEM kStrings[] = {

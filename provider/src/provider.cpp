@@ -1,5 +1,6 @@
 // qkdprovider's entry point: configuration, algorithm tables, TLS-GROUP capabilities.
 #include <openssl/core_names.h>
+#include <openssl/crypto.h>
 #include <openssl/params.h>
 #include <openssl/prov_ssl.h>
 
@@ -193,6 +194,7 @@ extern "C" __attribute__((visibility("default"))) int OSSL_provider_init(
   using namespace qkd::prov;
   CoreUpcalls core;
   OSSL_FUNC_core_get_params_fn* get_params = nullptr;
+  const OSSL_DISPATCH* const in_table = in;
   for (; in != nullptr && in->function_id != 0; ++in) {
     switch (in->function_id) {
       case OSSL_FUNC_CORE_GET_PARAMS:
@@ -220,7 +222,16 @@ extern "C" __attribute__((visibility("default"))) int OSSL_provider_init(
       QKD_RAISE(&reporter, kReasonBadSetting, settings.error().message);
       return 0;
     }
-    auto ctx = std::make_unique<ProvCtx>(handle, core, std::move(settings).value());
+    // The hybrids' ECDH runs in a child of the application's library context: it sees the
+    // same providers (X25519 and P-256 come from default or FIPS, never from us), and no
+    // global state is touched. Making it costs no I/O.
+    LibCtxPtr libctx(OSSL_LIB_CTX_new_child(handle, in_table));
+    if (!libctx) {
+      QKD_RAISE(&reporter, kReasonInternal, "cannot create the provider's library context");
+      return 0;
+    }
+    auto ctx = std::make_unique<ProvCtx>(handle, core, std::move(settings).value(),
+                                         std::move(libctx));
     *out = kProviderDispatch;
     *provctx = ctx.release();
     return 1;

@@ -74,13 +74,28 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
       s.codepoints[i] = static_cast<std::uint16_t>(*v);
     }
   }
-  for (std::size_t i = 0; i < kGroups.size(); ++i) {
-    for (std::size_t j = i + 1; j < kGroups.size(); ++j) {
+  // Two groups on one codepoint (an override meeting another group's default or override)
+  // would make libssl pick either: the error names the later setting, and every group
+  // falls back to its default (the defaults are distinct: groups.hpp checks).
+  bool clash = false;
+  for (std::size_t i = 0; i < kGroups.size() && !clash; ++i) {
+    for (std::size_t j = i + 1; j < kGroups.size() && !clash; ++j) {
       if (s.codepoints[i] == s.codepoints[j]) {
-        defer(std::string(kGroups[j].codepoint_setting), std::to_string(s.codepoints[j]),
-              "codepoint already used by group " + std::string(kGroups[i].tls_name));
-        s.codepoints[j] = kGroups[j].default_codepoint;
+        // Name a setting that was actually given (the other may be a default).
+        const bool j_set = raw.count(std::string(kGroups[j].codepoint_setting)) != 0;
+        const GroupInfo& named = j_set ? kGroups[j] : kGroups[i];
+        const GroupInfo& other = j_set ? kGroups[i] : kGroups[j];
+        char value[16];
+        std::snprintf(value, sizeof value, "0x%04X", s.codepoints[j]);
+        defer(std::string(named.codepoint_setting), value,
+              "codepoint already used by group " + std::string(other.tls_name));
+        clash = true;
       }
+    }
+  }
+  if (clash) {
+    for (std::size_t i = 0; i < kGroups.size(); ++i) {
+      s.codepoints[i] = kGroups[i].default_codepoint;
     }
   }
   s.kme_url = get("kme_url").value_or("");

@@ -67,8 +67,8 @@ struct AliceEndpoint::Impl {
   }
 
   // Receives a classical message of the given type for this block.
-  Result<detail::Frame> recv(MsgType t, std::uint64_t block) {
-    return classical->receive(protocol.message_timeout, t, block);
+  Result<detail::Frame> recv(MsgType t, std::uint64_t block, bool checkpoint = false) {
+    return classical->receive(protocol.message_timeout, t, block, checkpoint);
   }
 
   // Runs one block. Returns an error (with `fatal` telling whether the channel state is
@@ -223,14 +223,15 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
                                             P.qber_abort, P.confidence_sd)) {
       r.aborted = true;
       r.abort_reason = *why;
-      return ok_status();
+      return detail::close_aborted_block(ch, block, P.message_timeout);
     }
   }
   const auto n = static_cast<std::uint32_t>(key.size());
 
   // (e) Cascade: Alice answers Bob's parity requests.
   {
-    const std::uint32_t k1 = cascade_first_block_size(r.qber, n);
+    const std::uint32_t k1 = cascade_first_block_size(r.qber, n, P.cascade_variant);
+    const std::uint32_t passes = detail::cascade_passes(P);
     std::array<std::uint8_t, 32> shuffle{};
     if (Status s = random_bytes(shuffle); !s.ok()) {
       return s;
@@ -238,13 +239,14 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     Writer w;
     w.u32(n);
     w.u32(k1);
-    w.u32(P.cascade_passes);
+    w.u32(passes);
+    w.u8(static_cast<std::uint8_t>(P.cascade_variant));
     w.bytes(shuffle);
     if (Status s = ch.send(MsgType::kCascadeStart, block, w.buffer()); !s.ok()) {
       return s;
     }
-    const CascadeLayout layout(n, P.cascade_passes, k1,
-                               std::span<const std::uint8_t, 32>(shuffle));
+    const CascadeLayout layout(n, passes, k1, std::span<const std::uint8_t, 32>(shuffle),
+                               P.cascade_variant);
     const CascadeResponder responder(key, layout);
     std::vector<ParityQuery> queries;
     for (std::uint64_t req = 0;; ++req) {
@@ -324,7 +326,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       return s;
     }
     r.leaked_bits += vb;
-    auto f = recv(MsgType::kVerifyResult, block);
+    auto f = recv(MsgType::kVerifyResult, block, true);  // checkpoint: Bob's transcript
     if (!f.ok()) {
       return f.error();
     }
@@ -336,7 +338,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     if (same == 0) {
       r.aborted = true;
       r.abort_reason = "verification hash mismatch after Cascade (residual errors)";
-      return ok_status();
+      return detail::close_aborted_block(ch, block, P.message_timeout);
     }
   }
 
@@ -354,7 +356,8 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     Writer w;
     w.u64(m);
     w.bits(pseed);
-    if (Status s = ch.send(MsgType::kAmplify, block, w.buffer()); !s.ok()) {
+    // Checkpoint: Alice's transcript (sent only after Bob's verified).
+    if (Status s = ch.send(MsgType::kAmplify, block, w.buffer(), true); !s.ok()) {
       return s;
     }
     SecureBytes gross;
@@ -366,7 +369,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       gross.resize(out->byte_size());
       out->to_bytes(gross.span());
     }
-    auto f = recv(MsgType::kBlockDone, block);
+    auto f = recv(MsgType::kBlockDone, block, true);  // checkpoint: Bob verified Amplify
     if (!f.ok()) {
       return f.error();
     }

@@ -94,8 +94,8 @@ struct BobEndpoint::Impl {
     classical = std::move(ch).value();
   }
 
-  Result<detail::Frame> recv(MsgType t, std::uint64_t block) {
-    return classical->receive(protocol.message_timeout, t, block);
+  Result<detail::Frame> recv(MsgType t, std::uint64_t block, bool checkpoint = false) {
+    return classical->receive(protocol.message_timeout, t, block, checkpoint);
   }
 
   Status run(BlockResult& r, bool& fatal);
@@ -264,7 +264,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
                                             P.qber_abort, P.confidence_sd)) {
       r.aborted = true;
       r.abort_reason = *why;
-      return ok_status();
+      return detail::close_aborted_block(ch, block, P.message_timeout);
     }
   }
   const auto n = static_cast<std::uint32_t>(key.size());
@@ -279,12 +279,16 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     std::uint32_t n_alice = 0;
     std::uint32_t k1 = 0;
     std::uint32_t passes = 0;
+    std::uint8_t variant = 0;
     std::span<const std::uint8_t> seed;
-    if (!rd.u32(n_alice) || !rd.u32(k1) || !rd.u32(passes) || !rd.bytes(32, seed) ||
-        !rd.done() || n_alice != n || k1 < 1 || k1 > n || passes != P.cascade_passes) {
+    if (!rd.u32(n_alice) || !rd.u32(k1) || !rd.u32(passes) || !rd.u8(variant) ||
+        !rd.bytes(32, seed) || !rd.done() || n_alice != n || k1 < 1 || k1 > n ||
+        passes != detail::cascade_passes(P) ||
+        variant != static_cast<std::uint8_t>(P.cascade_variant)) {
       return malformed(MsgType::kCascadeStart);
     }
-    const CascadeLayout layout(n, passes, k1, std::span<const std::uint8_t, 32>(seed.data(), 32));
+    const CascadeLayout layout(n, passes, k1, std::span<const std::uint8_t, 32>(seed.data(), 32),
+                               P.cascade_variant);
     RemoteParityOracle oracle(ch, block, P.message_timeout, n);
     auto stats = cascade_correct(key, layout, oracle);
     if (!stats.ok()) {
@@ -321,21 +325,22 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     const bool same = constant_time_equal(tag->to_bytes(), alice_tag);
     Writer w;
     w.u8(same ? 1 : 0);
-    if (Status s = ch.send(MsgType::kVerifyResult, block, w.buffer()); !s.ok()) {
+    // Checkpoint: Bob's whole transcript of the block, before Alice reveals the PA seed.
+    if (Status s = ch.send(MsgType::kVerifyResult, block, w.buffer(), true); !s.ok()) {
       return s;
     }
     r.leaked_bits += vb;
     if (!same) {
       r.aborted = true;
       r.abort_reason = "verification hash mismatch after Cascade (residual errors)";
-      return ok_status();
+      return detail::close_aborted_block(ch, block, P.message_timeout);
     }
   }
 
   // (g) Privacy amplification.
   {
     const std::uint64_t m = detail::final_key_length(block_stats, r.leaked_bits, r);
-    auto f = recv(MsgType::kAmplify, block);
+    auto f = recv(MsgType::kAmplify, block, true);  // checkpoint: Alice's transcript
     if (!f.ok()) {
       return f.error();
     }
@@ -356,7 +361,8 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       gross.resize(out->byte_size());
       out->to_bytes(gross.span());
     }
-    if (Status s = ch.send(MsgType::kBlockDone, block, {}); !s.ok()) {
+    // Checkpoint: tells Alice, authenticated, that Bob verified her transcript.
+    if (Status s = ch.send(MsgType::kBlockDone, block, {}, true); !s.ok()) {
       return s;
     }
     detail::pay_authentication(ch, gross, m, r);

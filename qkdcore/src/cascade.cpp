@@ -97,6 +97,28 @@ constexpr std::uint64_t kBitPatterns[6] = {0xAAAAAAAAAAAAAAAAULL, 0xCCCCCCCCCCCC
                                            0xF0F0F0F0F0F0F0F0ULL, 0xFF00FF00FF00FF00ULL,
                                            0xFFFF0000FFFF0000ULL, 0xFFFFFFFF00000000ULL};
 
+const char* cascade_variant_name(CascadeVariant variant) {
+  switch (variant) {
+    case CascadeVariant::kOriginal: return "original";
+    case CascadeVariant::kYan: return "yan";
+    case CascadeVariant::kModern: return "modern";
+  }
+  return "unknown";
+}
+
+std::optional<CascadeVariant> parse_cascade_variant(std::string_view name) {
+  if (name == "original") {
+    return CascadeVariant::kOriginal;
+  }
+  if (name == "yan") {
+    return CascadeVariant::kYan;
+  }
+  if (name == "modern") {
+    return CascadeVariant::kModern;
+  }
+  return std::nullopt;
+}
+
 std::uint32_t cascade_default_passes(CascadeVariant variant) {
   switch (variant) {
     case CascadeVariant::kYan:

@@ -86,6 +86,7 @@ const char* msg_type_name(MsgType t) {
     case MsgType::kAmplify: return "Amplify";
     case MsgType::kBlockDone: return "BlockDone";
     case MsgType::kAbort: return "Abort";
+    case MsgType::kCheckpoint: return "Checkpoint";
   }
   return "unknown";
 }
@@ -106,7 +107,8 @@ Result<MacKeys> derive_mac_keys(std::span<const std::uint8_t> psk) {
 }
 
 AuthSettings auth_settings(const ProtocolParams& p) {
-  return AuthSettings{p.auth, p.auth_tag_bits, p.auth_pool_bits, p.auth_key_refresh_blocks};
+  return AuthSettings{p.auth, p.auth_tag_bits, p.auth_pool_bits, p.auth_key_refresh_blocks,
+                      p.auth_every_message};
 }
 
 AuthChannel::AuthChannel(MessageTransport& t, AuthRole role, const AuthSettings& s)
@@ -124,8 +126,14 @@ Result<std::unique_ptr<AuthChannel>> AuthChannel::create(MessageTransport& trans
   if (psk.size() < 16) {
     return short_psk(psk.size());
   }
+  const bool hmac = settings.mode == AuthMode::kHmac;
+  if ((!hmac && settings.mode != AuthMode::kWegmanCarter) ||
+      (settings.tag_bits != 64 && settings.tag_bits != 128) || settings.pool_bits % 8 != 0 ||
+      settings.pool_bits < 1024 || settings.refresh_blocks < 1) {
+    return make_error(ErrorCode::kInvalidArgument, "invalid authentication settings");
+  }
   std::unique_ptr<AuthChannel> ch(new AuthChannel(transport, role, settings));
-  if (settings.mode == AuthMode::kHmac) {
+  if (hmac) {
     auto keys = derive_mac_keys(psk);
     if (!keys.ok()) {
       return keys.error();
@@ -133,19 +141,13 @@ Result<std::unique_ptr<AuthChannel>> AuthChannel::create(MessageTransport& trans
     const bool alice = role == AuthRole::kAlice;
     ch->hmac_send_ = alice ? keys->alice_to_bob : keys->bob_to_alice;
     ch->hmac_recv_ = alice ? keys->bob_to_alice : keys->alice_to_bob;
-    return ch;
-  }
-  if (settings.mode != AuthMode::kWegmanCarter ||
-      (settings.tag_bits != 64 && settings.tag_bits != 128) || settings.pool_bits % 8 != 0 ||
-      settings.pool_bits < 1024 || settings.refresh_blocks < 1) {
-    return make_error(ErrorCode::kInvalidArgument, "invalid authentication settings");
   }
   ch->psk_ = SecureBytes(psk);
   if (Status s = random_bytes(ch->nonce_); !s.ok()) {
     return s.error();
   }
   if (role == AuthRole::kAlice) {
-    if (Status s = ch->derive_hello(ch->nonce_); !s.ok()) {
+    if (Status s = ch->derive_hello_a(ch->nonce_); !s.ok()) {
       return s.error();
     }
   }
@@ -153,16 +155,28 @@ Result<std::unique_ptr<AuthChannel>> AuthChannel::create(MessageTransport& trans
 }
 
 std::string AuthChannel::settings_label() const {
-  return "t" + std::to_string(settings_.tag_bits) + " p" + std::to_string(settings_.pool_bits);
+  return "t" + std::to_string(settings_.tag_bits) + " p" + std::to_string(settings_.pool_bits) +
+         (settings_.every_message ? " every" : " transcript");
 }
 
-Status AuthChannel::derive_hello(std::span<const std::uint8_t> nonce_a) {
-  return expand(hello_, psk_.span(), "hello " + settings_label() + " " + hex(nonce_a),
-                kHashKeyBytes + 2 * settings_.tag_bytes());
+// The hello keys do not depend on the settings, so that the first Params can always be
+// verified and read (a settings mismatch is then refused by name).
+Status AuthChannel::derive_hello_a(std::span<const std::uint8_t> nonce_a) {
+  return expand(hello_a_, psk_.span(), "hello a->b " + hex(nonce_a),
+                kHashKeyBytes + 2 * kHelloTagBytes);
+}
+
+Status AuthChannel::derive_hello_b(std::span<const std::uint8_t> nonce_a,
+                                   std::span<const std::uint8_t> nonce_b) {
+  return expand(hello_b_, psk_.span(), "hello b->a " + hex(nonce_a) + " " + hex(nonce_b),
+                kHashKeyBytes + kHelloTagBytes);
 }
 
 Status AuthChannel::derive_session(std::span<const std::uint8_t> nonce_a,
                                    std::span<const std::uint8_t> nonce_b) {
+  if (settings_.mode != AuthMode::kWegmanCarter) {
+    return ok_status();
+  }
   const std::string label = "session " + settings_label() + " " + hex(nonce_a) + " " + hex(nonce_b);
   const std::size_t pool = settings_.pool_bits / 8;
   if (Status s = expand(ab_.hash_key, psk_.span(), label + " hash a->b", kHashKeyBytes); !s.ok()) {
@@ -185,61 +199,102 @@ std::size_t AuthChannel::recv_pool_bytes() const {
   return (role_ == AuthRole::kAlice ? ba_ : ab_).pool.size();
 }
 
-// The tag of frame `body` (sending: this end's next frame; receiving: the peer's next
-// frame). Consumes the pad. Only for Wegman-Carter.
-Result<std::vector<std::uint8_t>> AuthChannel::tag_for(bool sending, MsgType type,
+namespace {
+
+// A hello tag (always 128 bits): hello material = H (16) | pads.
+std::vector<std::uint8_t> hello_tag(const SecureBytes& hello, std::size_t pad_index,
+                                    std::span<const std::uint8_t> body) {
+  std::array<std::uint8_t, 16> pad{};
+  std::memcpy(pad.data(), hello.data() + kHashKeyBytes + pad_index * kHelloTagBytes,
+              kHelloTagBytes);
+  auto tag = wc_tag(hello.span().first(kHashKeyBytes), pad, kHelloTagBytes, body);
+  pad.fill(0);
+  return tag;
+}
+
+// Appends one frame (without its tag) to a direction's transcript: u64 length || frame.
+void absorb(PolyHasher& h, std::span<const std::uint8_t> key, std::span<const std::uint8_t> body) {
+  if (h.bytes() == 0) {
+    h.reset(std::span<const std::uint8_t, 16>(key.data(), 16));  // the current hash key
+  }
+  std::array<std::uint8_t, 8> len{};
+  for (std::size_t i = 0; i < 8; ++i) {
+    len[i] = static_cast<std::uint8_t>(static_cast<std::uint64_t>(body.size()) >> (8 * i));
+  }
+  h.update(len);
+  h.update(body);
+}
+
+}  // namespace
+
+Result<std::vector<std::uint8_t>> AuthChannel::tag_for(bool sending, bool tagged,
                                                        std::span<const std::uint8_t> body) {
+  if (settings_.mode == AuthMode::kHmac) {
+    auto t = hmac_sha256((sending ? hmac_send_ : hmac_recv_).span(), body);
+    if (!t.ok()) {
+      return t.error();
+    }
+    return std::vector<std::uint8_t>(t->begin(), t->end());
+  }
+  if (!session_) {
+    return make_error(ErrorCode::kInternal, "Wegman-Carter session keys not yet agreed");
+  }
   const std::size_t tb = settings_.tag_bytes();
   const bool from_alice = sending == (role_ == AuthRole::kAlice);
-  const std::uint64_t seq = sending ? send_seq_ : recv_seq_;
-  std::array<std::uint8_t, 16> pad{};
-  std::span<const std::uint8_t> key;
-  if (from_alice && seq == 0) {
-    std::memcpy(pad.data(), hello_.data() + kHashKeyBytes, tb);
-    key = hello_.span().first(kHashKeyBytes);
-  } else if (!session_ && from_alice && sending && type == MsgType::kAbort && seq == 1) {
-    std::memcpy(pad.data(), hello_.data() + kHashKeyBytes + tb, tb);
-    key = hello_.span().first(kHashKeyBytes);
-  } else {
-    if (!session_) {
-      return make_error(ErrorCode::kInternal, "Wegman-Carter session keys not yet agreed");
+  Direction& d = from_alice ? ab_ : ba_;
+  PolyHasher& transcript = from_alice ? ab_transcript_ : ba_transcript_;
+  if (settings_.transcript()) {
+    absorb(transcript, d.hash_key.span(), body);
+    if (!tagged) {
+      return std::vector<std::uint8_t>{};
     }
-    Direction& d = from_alice ? ab_ : ba_;
-    if (!pop_pad(d.pool, tb, pad)) {
-      return make_error(ErrorCode::kAuthentication,
-                        std::string("one-time-pad pool for ") +
-                            (from_alice ? "Alice->Bob" : "Bob->Alice") +
-                            " exhausted (aborted blocks did not repay it); start a new session");
-    }
-    key = d.hash_key.span();
-    pad_bytes_used_ += tb;
   }
-  auto tag = wc_tag(key, pad, tb, body);
-  std::fill(pad.begin(), pad.end(), 0);
+  std::array<std::uint8_t, 16> pad{};
+  if (!pop_pad(d.pool, tb, pad)) {
+    return make_error(ErrorCode::kAuthentication,
+                      std::string("one-time-pad pool for ") +
+                          (from_alice ? "Alice->Bob" : "Bob->Alice") +
+                          " exhausted (aborted blocks did not repay it); start a new session");
+  }
+  pad_bytes_used_ += tb;
+  std::vector<std::uint8_t> tag;
+  if (settings_.transcript()) {
+    auto h = transcript.finish();
+    tag.assign(h.begin(), h.begin() + static_cast<std::ptrdiff_t>(tb));
+    for (std::size_t i = 0; i < tb; ++i) {
+      tag[i] ^= pad[i];
+    }
+    h.fill(0);
+    transcript.reset(std::span<const std::uint8_t, 16>(d.hash_key.data(), 16));
+  } else {
+    tag = wc_tag(d.hash_key.span(), pad, tb, body);
+  }
+  pad.fill(0);
   return tag;
 }
 
 Status AuthChannel::send(MsgType type, std::uint64_t block_id,
-                         std::span<const std::uint8_t> payload) {
-  const bool wc = settings_.mode == AuthMode::kWegmanCarter;
+                         std::span<const std::uint8_t> payload, bool checkpoint) {
   Writer w;
-  w.reserve(kHeaderBytes + kNonceBytes + payload.size() + settings_.tag_bytes());
-  w.u8(wc ? kWireVersionWc : kWireVersion);
+  w.reserve(kHeaderBytes + kNonceBytes + payload.size() + kMacBytes);
+  w.u8(kWireVersionClassical);
   w.u8(static_cast<std::uint8_t>(type));
   w.u64(block_id);
   w.u64(send_seq_);
-  if (wc && send_seq_ == 0) {
+  if (send_seq_ == 0) {
     w.bytes(nonce_);
   }
   w.bytes(payload);
-  if (!wc) {
-    auto tag = hmac_sha256(hmac_send_.span(), w.buffer());
-    if (!tag.ok()) {
-      return tag.error();
+  const bool alice = role_ == AuthRole::kAlice;
+  if (send_seq_ == 0) {
+    if (!alice && hello_b_.empty()) {
+      return make_error(ErrorCode::kInternal, "Bob cannot speak before Alice's first frame");
     }
-    w.bytes(*tag);
+    w.bytes(hello_tag(alice ? hello_a_ : hello_b_, 0, w.buffer()));
+  } else if (alice && !session_ && type == MsgType::kAbort && send_seq_ == 1) {
+    w.bytes(hello_tag(hello_a_, 1, w.buffer()));  // early Abort: nonce_B not verified
   } else {
-    auto tag = tag_for(true, type, w.buffer());
+    auto tag = tag_for(true, checkpoint || type == MsgType::kAbort, w.buffer());
     if (!tag.ok()) {
       return tag.error();
     }
@@ -250,82 +305,84 @@ Status AuthChannel::send(MsgType type, std::uint64_t block_id,
 }
 
 Result<Frame> AuthChannel::receive(std::chrono::milliseconds timeout, MsgType expected,
-                                   std::optional<std::uint64_t> block_id) {
+                                   std::optional<std::uint64_t> block_id, bool checkpoint) {
   auto msg = t_.receive(timeout);
   if (!msg.ok()) {
     return msg.error();
   }
-  const bool wc = settings_.mode == AuthMode::kWegmanCarter;
-  const std::size_t tb = settings_.tag_bytes();
-  const std::size_t nonce = wc && recv_seq_ == 0 ? kNonceBytes : 0;
   const std::vector<std::uint8_t>& m = *msg;
-  if (m.size() < kHeaderBytes + nonce + tb || m.size() > kMaxMessageBytes) {
+  const bool first = recv_seq_ == 0;
+  const std::size_t nonce = first ? kNonceBytes : 0;
+  if (m.size() < kHeaderBytes + nonce || m.size() > kMaxMessageBytes) {
     return make_error(ErrorCode::kProtocol,
                       "classical message of " + std::to_string(m.size()) + " bytes rejected");
   }
-  const std::span<const std::uint8_t> body(m.data(), m.size() - tb);
-  const std::span<const std::uint8_t> tag(m.data() + body.size(), tb);
+  const bool claims_abort = m[1] == static_cast<std::uint8_t>(MsgType::kAbort);
+  const bool tagged = first || !settings_.transcript() || checkpoint || claims_abort;
+  std::size_t tl = 0;
+  if (first) {
+    tl = kHelloTagBytes;
+  } else if (tagged) {
+    tl = settings_.tag_bytes();
+  }
+  if (m.size() < kHeaderBytes + nonce + tl) {
+    return make_error(ErrorCode::kProtocol,
+                      "classical message of " + std::to_string(m.size()) + " bytes rejected");
+  }
+  std::span<const std::uint8_t> body(m.data(), m.size() - tl);
+  std::span<const std::uint8_t> tag(m.data() + body.size(), tl);
   bool verified = false;
-  if (!wc) {
-    auto expect = hmac_sha256(hmac_recv_.span(), body);
-    if (!expect.ok()) {
-      return expect.error();
-    }
-    verified = constant_time_equal(*expect, tag);
-  } else {
-    const auto claimed_type = static_cast<MsgType>(m[1]);
-    if (recv_seq_ == 0) {
-      // The peer's first frame carries its nonce; derive what it is keyed with.
-      std::memcpy(peer_nonce_.data(), m.data() + kHeaderBytes, kNonceBytes);
-      if (role_ == AuthRole::kBob) {
-        if (Status s = derive_hello(peer_nonce_); !s.ok()) {
-          return s.error();
-        }
-        auto expect = tag_for(false, claimed_type, body);
-        if (!expect.ok()) {
-          return expect.error();
-        }
-        verified = constant_time_equal(*expect, tag);
-        // Bob keys the session even if Alice's frame fails, so that his Abort reaches her
-        // authenticated (with pads fresh from his own nonce).
-        if (Status s = derive_session(peer_nonce_, nonce_); !s.ok()) {
-          return s.error();
-        }
-        session_ = true;
-      } else {
+  if (first) {
+    std::memcpy(peer_nonce_.data(), m.data() + kHeaderBytes, kNonceBytes);
+    if (role_ == AuthRole::kBob) {
+      if (Status s = derive_hello_a(peer_nonce_); !s.ok()) {
+        return s.error();
+      }
+      verified = constant_time_equal(hello_tag(hello_a_, 0, body), tag);
+      // Bob keys his hello and the session even if Alice's frame fails, so that his Abort
+      // reaches her authenticated (with material fresh from his own nonce).
+      if (Status s = derive_hello_b(peer_nonce_, nonce_); !s.ok()) {
+        return s.error();
+      }
+      if (Status s = derive_session(peer_nonce_, nonce_); !s.ok()) {
+        return s.error();
+      }
+      session_ = true;
+    } else {
+      if (Status s = derive_hello_b(nonce_, peer_nonce_); !s.ok()) {
+        return s.error();
+      }
+      verified = constant_time_equal(hello_tag(hello_b_, 0, body), tag);
+      if (verified) {
         if (Status s = derive_session(nonce_, peer_nonce_); !s.ok()) {
           return s.error();
         }
         session_ = true;
-        auto expect = tag_for(false, claimed_type, body);
-        if (!expect.ok()) {
-          return expect.error();
-        }
-        verified = constant_time_equal(*expect, tag);
-        if (!verified) {
-          // Unknown nonce_B: forget the session; an Abort from here uses the hello pad.
-          session_ = false;
-        }
       }
-    } else {
-      auto expect = tag_for(false, claimed_type, body);
-      if (!expect.ok()) {
-        return expect.error();
-      }
-      verified = constant_time_equal(*expect, tag);
-      if (!verified && role_ == AuthRole::kBob && recv_seq_ == 1 &&
-          claimed_type == MsgType::kAbort) {
-        // Alice's early Abort (she could not verify Bob's first frame).
-        std::array<std::uint8_t, 16> pad{};
-        std::memcpy(pad.data(), hello_.data() + kHashKeyBytes + tb, tb);
-        verified = constant_time_equal(
-            wc_tag(hello_.span().first(kHashKeyBytes), pad, tb, body), tag);
+    }
+  } else {
+    auto expect = tag_for(false, tagged, body);
+    if (!expect.ok()) {
+      return expect.error();
+    }
+    verified = constant_time_equal(*expect, tag);
+    if (!verified && role_ == AuthRole::kBob && recv_seq_ == 1 && claims_abort &&
+        m.size() >= kHeaderBytes + kHelloTagBytes && !hello_a_.empty()) {
+      // Alice's early Abort (she could not verify Bob's first frame).
+      const std::span<const std::uint8_t> b2(m.data(), m.size() - kHelloTagBytes);
+      const std::span<const std::uint8_t> t2(m.data() + b2.size(), kHelloTagBytes);
+      if (constant_time_equal(hello_tag(hello_a_, 1, b2), t2)) {
+        verified = true;
+        body = b2;
       }
     }
   }
   if (!verified) {
+    const char* scheme = first || settings_.mode == AuthMode::kWegmanCarter ? "Wegman-Carter"
+                                                                            : "HMAC";
     return make_error(ErrorCode::kAuthentication,
-                      std::string("classical message failed ") + (wc ? "Wegman-Carter" : "HMAC") +
+                      std::string("classical message failed ") + scheme +
+                          (tagged && !first && settings_.transcript() ? " transcript" : "") +
                           " verification (tampered or wrong key)");
   }
   Reader r(body);
@@ -337,7 +394,7 @@ Result<Frame> AuthChannel::receive(std::chrono::milliseconds timeout, MsgType ex
   if (!r.u8(version) || !r.u8(type) || !r.u64(block) || !r.u64(seq) || !r.bytes(nonce, skipped)) {
     return make_error(ErrorCode::kProtocol, "truncated frame header");
   }
-  if (version != (wc ? kWireVersionWc : kWireVersion)) {
+  if (version != kWireVersionClassical) {
     return make_error(ErrorCode::kProtocol, "unsupported wire version " + std::to_string(version));
   }
   if (seq != recv_seq_) {

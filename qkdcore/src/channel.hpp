@@ -1,47 +1,76 @@
 // Framing and authentication of the link's messages (internal).
 //
-// Classical frame:  u8 version | u8 type | u64 block_id | u64 sequence | [nonce] | payload | tag
+// Classical frame:  u8 version=3 | u8 type | u64 block_id | u64 sequence | [nonce] | payload | [tag]
 // Sequence numbers count every frame sent in one direction over the channel's life,
 // starting at 0; the receiver accepts only the next one, which rejects replays, drops and
-// reordering. Two authentication modes (ProtocolParams::auth; both ends must agree, a
-// mismatch shows as an authentication error on the first frame):
+// reordering. The first frame of each direction (Alice's first Params, Bob's first
+// ParamsAck or Abort) carries a 16-byte nonce from the sender's DRBG and is always tagged
+// the same way, whatever the settings: a 128-bit Wegman-Carter tag under a hello key,
+// HKDF(PSK, nonce_A) for Alice's, HKDF(PSK, nonce_A || nonce_B) for Bob's. So the first
+// Params (which carries every authentication setting) can always be read, and a settings
+// mismatch is refused by name (kRejected) instead of failing as a bad tag. Later frames
+// (ProtocolParams::auth / auth_every_message; both ends must agree):
 //
-// Wegman-Carter (default, version 2). tag = trunc_t(poly_hash(H_dir, frame)) XOR pad, where
-// poly_hash is polynomial evaluation over GF(2^128) (gf128.hpp; (n+1)/2^t-almost
-// XOR-universal for n-block messages, truncated to t = auth_tag_bits), H_dir the direction's
-// 128-bit hash key and pad t fresh one-time-pad bits that are never used again. Each
-// direction (Alice->Bob, Bob->Alice) has its own hash key and its own pad pool, so both
-// ends consume the same bits in the same order. A pool is a stack: pads are taken from its
-// top; after privacy amplification both ends push the block's repayment on top (settle()),
-// so the bootstrap material at the bottom is touched only when repayments fell short
-// (aborted blocks) and QKD output authenticates everything from the second block on.
+// Wegman-Carter tags: tag = trunc_t(poly_hash(H_dir, data)) XOR pad, with poly_hash
+// polynomial evaluation over GF(2^128) (gf128.hpp; (n+1)/2^t-almost XOR-universal for
+// n-block data, truncated to t = auth_tag_bits), H_dir the direction's 128-bit hash key and
+// pad t fresh one-time-pad bits never used again. Each direction has its own hash key and
+// pad pool, so both ends consume the same bits in the same order. A pool is a stack: pads
+// are taken from its top; after privacy amplification both ends push the block's
+// repayment on top (settle()), so the bootstrap material at the bottom is touched only when
+// repayments fell short (aborted blocks) and QKD output authenticates everything from the
+// second block on.
 //
-//   Bootstrap, per session (one AuthChannel pair = one session): the first frame of each
-//   direction carries a 16-byte nonce from the sender's DRBG. Alice's frame 0 is
-//   authenticated with a hello key HKDF(PSK, nonce_A); everything after it with session
-//   keys HKDF(PSK, nonce_A || nonce_B): both hash keys and both initial pools
-//   (auth_pool_bits each). Fresh nonces make the bootstrap pads new for every session, so
-//   restarting endpoints (what the KME does after a fatal error) never reuses a pad.
+//  * Transcript mode (default, auth_every_message = false, wire: tags only on checkpoint
+//    and Abort frames). Each direction's frames after the first are absorbed, as sent /
+//    as received, into a running poly_hash of the concatenation of (u64 length || frame
+//    without tag); a checkpoint frame carries the tag of that concatenation up to and
+//    including itself (one pad), after which the accumulation restarts. Which frames are
+//    checkpoints is fixed by the protocol (both ends pass `checkpoint`); an Abort frame is
+//    always one. Per settled block: VerifyResult (B->A), Amplify (A->B), BlockDone (B->A);
+//    per aborted block one Checkpoint frame each way. Frames between checkpoints are used
+//    unverified; the security argument (docs/VALIDATION.md, "Authentication"):
+//      - no end accepts a key before it has verified the peer's whole transcript AND holds
+//        an authenticated statement that the peer verified its own: Bob accepts after
+//        verifying Amplify (which Alice sends only after verifying VerifyResult, the end of
+//        Bob's transcript); Alice accepts after verifying BlockDone (sent only after Bob
+//        verified Amplify). A key is therefore derived only from a run whose two
+//        transcripts are, but for probability (n+1)/2^t per checkpoint, what was sent;
+//      - what a tampered run discloses before the failing checkpoint (Cascade parities of
+//        ranges an attacker chose, sample bits) concerns only that block's raw key, which
+//        is then discarded; nothing of the hash keys leaks (tags are padded with fresh
+//        bits, and no tag is sent over unverified data other than one's own sent frames);
+//      - earlier checkpoints (after sifting, after estimation) would only make detection
+//        earlier; they cost a tag each and add no security, since no decision before the
+//        end commits anything secret. A tampered block may surface as kProtocol (a
+//        garbled frame fails to parse) before the checkpoint would have caught it; it
+//        fails either way and never yields key.
+//  * Per-message mode (auth_every_message = true, the earlier scheme): every frame after
+//    the first carries a tag over itself (one pad each).
+//
+//   Bootstrap, per session (one AuthChannel pair = one session): after the two hello
+//   frames everything is keyed by HKDF(PSK, nonce_A || nonce_B): both hash keys and both
+//   initial pools (auth_pool_bits each). Fresh nonces make the bootstrap pads new for every
+//   session, so restarting endpoints (what the KME does after a fatal error) never reuses a
+//   pad.
 //   HONEST NOTE: HKDF-expanded material is only computationally secure. A 32-byte PSK
-//   cannot hold the tens of kbit of pad a session starts with, so this is a bootstrap: the
-//   PSK-derived keys authenticate the first block of a session (and any block after a run
-//   of aborts that drained the repaid pads); the first settled block refreshes the hash
-//   keys from QKD output and refills the pools, after which authentication is
-//   information-theoretic given the QKD key is. An attacker must therefore break
-//   HKDF-SHA256 during the first block to forge a message ("everlasting" security: breaking
-//   it later reveals nothing).
-//   Early abort: if Alice gives up before she has verified Bob's first frame (so before she
-//   knows nonce_B), her Abort frame uses a second hello pad; Bob accepts that key for an
-//   Abort only.
-//   Cost: t bits per frame per direction; settle() takes the pad deficit of both pools
-//   (back to auth_pool_bits) and, every auth_key_refresh_blocks settled blocks (and at the
-//   first), 2 x 128 bits of new hash keys from the front of the block's key.
+//   cannot hold the pad a session starts with, so this is a bootstrap: the PSK-derived
+//   keys authenticate the first block of a session (and any block after a run of aborts
+//   that drained the repaid pads); the first settled block refreshes the hash keys from QKD
+//   output and refills the pools, after which authentication is information-theoretic given
+//   the QKD key is. An attacker must therefore break HKDF-SHA256 during the first block to
+//   forge a message ("everlasting" security: breaking it later reveals nothing).
+//   Early abort: if Alice gives up before she has verified Bob's first frame, her Abort
+//   frame uses a second hello pad; Bob accepts that key for an Abort only.
+//   Cost: t bits per tag; settle() takes the pad deficit of both pools (back to
+//   auth_pool_bits) and, every auth_key_refresh_blocks settled blocks (and at the first),
+//   2 x 128 bits of new hash keys from the front of the block's key.
 //
-// HMAC (auth = hmac, version 1): tag = HMAC-SHA256(direction key, frame) with direction
-// keys HKDF(PSK). Computationally secure only, costs no key; kept for comparison.
+// HMAC (auth = hmac): every frame after the first carries HMAC-SHA256(direction key, frame)
+// with direction keys HKDF(PSK). Computationally secure only, costs no key; for comparison.
 //
 // Quantum frame (not authenticated: it models photons, which carry no MAC):
-//   u8 version | u8 type=kDetections | u64 block_id | u32 chunk_index | u8 last |
+//   u8 version=1 | u8 type=kDetections | u64 block_id | u32 chunk_index | u8 last |
 //   u32 count | count x (varint pulse_delta, u8 state)
 // state bit 0 = bit, bit 1 = basis, bit 2 = dark; pulse_delta is the distance from the
 // previous event's pulse + 1 (from 0 for the first event of the block).
@@ -57,12 +86,14 @@
 #include <vector>
 
 #include "crypto.hpp"
+#include "gf128.hpp"
 #include "qkd/core/link.hpp"
 
 namespace qkd::core::detail {
 
-inline constexpr std::uint8_t kWireVersion = 1;    // HMAC frames and quantum frames
-inline constexpr std::uint8_t kWireVersionWc = 2;  // Wegman-Carter frames
+inline constexpr std::uint8_t kWireVersion = 1;           // quantum frames
+inline constexpr std::uint8_t kWireVersionClassical = 3;  // classical frames (all modes)
+inline constexpr std::size_t kHelloTagBytes = 16;          // tag of each direction's frame 0
 inline constexpr std::size_t kHeaderBytes = 1 + 1 + 8 + 8;
 inline constexpr std::size_t kNonceBytes = 16;
 // Largest message either side accepts (a sifting message for 1e8 detections is 12.5 MB).
@@ -85,6 +116,7 @@ enum class MsgType : std::uint8_t {
   kAmplify = 13,       // A->B: output length + Toeplitz seed
   kBlockDone = 14,     // B->A: block finished
   kAbort = 15,         // either way: the sender gave up on the block (+ reason)
+  kCheckpoint = 16,    // either way, transcript mode: closes an aborted block's transcript
 };
 [[nodiscard]] const char* msg_type_name(MsgType t);
 
@@ -101,8 +133,12 @@ struct AuthSettings {
   std::uint32_t tag_bits = 128;            // 64 or 128
   std::uint32_t pool_bits = 1U << 16;      // per direction: initial pad pool and refill level
   std::uint32_t refresh_blocks = 16;       // hash keys renewed every this many settled blocks
+  bool every_message = false;              // Wegman-Carter: tag every frame (else transcript)
   [[nodiscard]] std::size_t tag_bytes() const {
     return mode == AuthMode::kHmac ? kMacBytes : tag_bits / 8;
+  }
+  [[nodiscard]] bool transcript() const {
+    return mode == AuthMode::kWegmanCarter && !every_message;
   }
 };
 [[nodiscard]] AuthSettings auth_settings(const ProtocolParams& p);
@@ -128,14 +164,18 @@ class AuthChannel {
 
   // Fails with kAuthentication when the send pool holds fewer than tag_bits (aborted
   // blocks used up the repaid pads and the bootstrap reserve: start a new session).
+  // `checkpoint` (transcript mode only; ignored otherwise): tag the transcript so far.
   [[nodiscard]] Status send(MsgType type, std::uint64_t block_id,
-                            std::span<const std::uint8_t> payload);
+                            std::span<const std::uint8_t> payload, bool checkpoint = false);
   // Receives the next frame and checks, in this order: size, tag (kAuthentication),
   // version and sequence (kProtocol), then, if a peer kAbort arrived, fails with kRejected
   // and the peer's reason; then block id (if given) and type (kProtocol). Under
-  // Wegman-Carter the pad of the expected frame is consumed whatever the outcome.
+  // Wegman-Carter the pad of a tagged frame is consumed whatever the outcome. In transcript
+  // mode only checkpoint frames (`checkpoint`, same value as the sender's) and Abort frames
+  // are verified; the others are absorbed into the transcript unverified.
   [[nodiscard]] Result<Frame> receive(std::chrono::milliseconds timeout, MsgType expected,
-                                      std::optional<std::uint64_t> block_id);
+                                      std::optional<std::uint64_t> block_id,
+                                      bool checkpoint = false);
   // Best effort: tells the peer why this end gives up (errors are ignored).
   void send_abort(std::uint64_t block_id, const std::string& reason);
 
@@ -160,10 +200,15 @@ class AuthChannel {
     SecureBytes pool;      // pads, used as a stack from the end
   };
   AuthChannel(MessageTransport& t, AuthRole role, const AuthSettings& s);
-  Status derive_hello(std::span<const std::uint8_t> nonce_a);
+  Status derive_hello_a(std::span<const std::uint8_t> nonce_a);
+  Status derive_hello_b(std::span<const std::uint8_t> nonce_a,
+                        std::span<const std::uint8_t> nonce_b);
   Status derive_session(std::span<const std::uint8_t> nonce_a,
                         std::span<const std::uint8_t> nonce_b);
-  Result<std::vector<std::uint8_t>> tag_for(bool sending, MsgType type,
+  // The tag of a frame after the first (sending: this end's next frame; receiving: the
+  // peer's), `tagged` telling whether it carries one in transcript mode. Consumes the pad.
+  // Returns an empty tag for an untagged transcript frame.
+  Result<std::vector<std::uint8_t>> tag_for(bool sending, bool tagged,
                                             std::span<const std::uint8_t> body);
   std::string settings_label() const;
 
@@ -177,10 +222,13 @@ class AuthChannel {
   // Wegman-Carter
   std::array<std::uint8_t, kNonceBytes> nonce_{};       // this end's
   std::array<std::uint8_t, kNonceBytes> peer_nonce_{};
-  SecureBytes hello_;     // H (16) | pad of Alice's frame 0 | pad of her early Abort
+  SecureBytes hello_a_;   // H (16) | pad of Alice's frame 0 | pad of her early Abort
+  SecureBytes hello_b_;   // H (16) | pad of Bob's frame 0
   bool session_ = false;  // session keys derived (and, for Alice, Bob's frame 0 verified)
   Direction ab_;          // Alice -> Bob
   Direction ba_;          // Bob -> Alice
+  PolyHasher ab_transcript_;  // transcript mode: Alice->Bob frames since the last checkpoint
+  PolyHasher ba_transcript_;
   std::uint64_t since_refresh_ = 0;
   bool refreshed_ = false;
   std::uint64_t refreshes_ = 0;

@@ -1,5 +1,6 @@
 #include "gf128.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -171,6 +172,68 @@ std::array<std::uint8_t, 16> wegman_carter_tag(std::span<const std::uint8_t, 16>
     tag[i] = i < tag_bytes ? static_cast<std::uint8_t>(tag[i] ^ pad[i]) : 0;
   }
   return tag;
+}
+
+void PolyHasher::wipe() {
+  volatile std::uint8_t* b = buf_.data();
+  for (std::size_t i = 0; i < buf_.size(); ++i) {
+    b[i] = 0;
+  }
+  volatile std::uint64_t* w[] = {&h_.lo, &h_.hi, &acc_.lo, &acc_.hi};
+  for (volatile std::uint64_t* x : w) {
+    *x = 0;
+  }
+  buf_len_ = 0;
+  total_ = 0;
+}
+
+void PolyHasher::reset(std::span<const std::uint8_t, 16> key) {
+  wipe();
+  h_ = gf128_load(key);
+}
+
+void PolyHasher::update(std::span<const std::uint8_t> data) {
+  total_ += data.size();
+  std::size_t i = 0;
+  if (buf_len_ > 0) {
+    const std::size_t take = std::min<std::size_t>(16 - buf_len_, data.size());
+    std::memcpy(buf_.data() + buf_len_, data.data(), take);
+    buf_len_ += take;
+    i = take;
+    if (buf_len_ < 16) {
+      return;
+    }
+    acc_.lo ^= load64(buf_.data());
+    acc_.hi ^= load64(buf_.data() + 8);
+    acc_ = gf128_mul(acc_, h_);
+    buf_len_ = 0;
+  }
+  for (; i + 16 <= data.size(); i += 16) {
+    acc_.lo ^= load64(data.data() + i);
+    acc_.hi ^= load64(data.data() + i + 8);
+    acc_ = gf128_mul(acc_, h_);
+  }
+  if (i < data.size()) {
+    buf_len_ = data.size() - i;
+    std::memcpy(buf_.data(), data.data() + i, buf_len_);
+  }
+}
+
+std::array<std::uint8_t, 16> PolyHasher::finish() const {
+  Gf128 acc = acc_;
+  if (buf_len_ > 0) {
+    const Gf128 last = load_partial(buf_.data(), buf_len_);
+    acc.lo ^= last.lo;
+    acc.hi ^= last.hi;
+    acc = gf128_mul(acc, h_);
+  }
+  const Gf128 len = length_block(static_cast<std::size_t>(total_));
+  acc.lo ^= len.lo;
+  acc.hi ^= len.hi;
+  acc = gf128_mul(acc, h_);
+  std::array<std::uint8_t, 16> out{};
+  gf128_store(out, acc);
+  return out;
 }
 
 }  // namespace qkd::core::detail

@@ -53,4 +53,29 @@ enum class Gf128Impl : std::uint8_t { kAuto, kPortable, kClmul };
     std::size_t tag_bytes, std::span<const std::uint8_t> message,
     Gf128Impl impl = Gf128Impl::kAuto);
 
+// poly_hash evaluated incrementally: after update(a), update(b), ... finish() equals
+// poly_hash(key, a || b || ...). Used for the Wegman-Carter transcript tags (channel.hpp):
+// a direction's frames are absorbed as they are sent or received, the tag is taken at a
+// checkpoint. Key and state are cleansed on destruction and by reset().
+class PolyHasher {
+ public:
+  PolyHasher() = default;
+  explicit PolyHasher(std::span<const std::uint8_t, 16> key) { reset(key); }
+  ~PolyHasher() { wipe(); }
+  PolyHasher(const PolyHasher&) = delete;
+  PolyHasher& operator=(const PolyHasher&) = delete;
+  void reset(std::span<const std::uint8_t, 16> key);
+  void update(std::span<const std::uint8_t> data);
+  [[nodiscard]] std::array<std::uint8_t, 16> finish() const;
+  [[nodiscard]] std::uint64_t bytes() const { return total_; }
+
+ private:
+  void wipe();
+  Gf128 h_{};
+  Gf128 acc_{};
+  std::array<std::uint8_t, 16> buf_{};
+  std::size_t buf_len_ = 0;
+  std::uint64_t total_ = 0;
+};
+
 }  // namespace qkd::core::detail

@@ -134,8 +134,12 @@ Status validate(const ProtocolParams& p) {
   if (!in(p.qber_abort, 0.0, 0.5) || p.qber_abort <= 0.0) {
     return bad("qber_abort", "must be in (0, 0.5]");
   }
-  if (p.cascade_passes < 1 || p.cascade_passes > 16) {
-    return bad("cascade_passes", "must be in [1, 16]");
+  if (p.cascade_passes > 16) {
+    return bad("cascade_passes", "must be in [1, 16] (0 = the variant's default)");
+  }
+  if (p.cascade_variant != CascadeVariant::kOriginal && p.cascade_variant != CascadeVariant::kYan &&
+      p.cascade_variant != CascadeVariant::kModern) {
+    return bad("cascade_variant", "must be original, yan or modern");
   }
   if (p.verify_hash_bits < 32 || p.verify_hash_bits > 256 || p.verify_hash_bits % 8 != 0) {
     return bad("verify_hash_bits", "must be a multiple of 8 in [32, 256]");

@@ -52,6 +52,13 @@ void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz,
     w.f64(source.mu[k]);
     w.f64(source.prob[k]);
   }
+  // Added with transcript authentication and the Cascade variants.
+  w.u8(static_cast<std::uint8_t>(p.cascade_variant));
+  w.u8(static_cast<std::uint8_t>(p.auth));
+  w.u32(p.auth_tag_bits);
+  w.u8(p.auth_every_message ? 1 : 0);
+  w.u32(p.auth_pool_bits);
+  w.u32(p.auth_key_refresh_blocks);
 }
 
 bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz, SourceInfo& source) {
@@ -73,6 +80,18 @@ bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz, SourceInfo
       return false;
     }
   }
+  std::uint8_t variant = 0;
+  std::uint8_t auth = 0;
+  std::uint8_t every = 0;
+  if (!r.u8(variant) || !r.u8(auth) || !r.u32(p.auth_tag_bits) || !r.u8(every) ||
+      !r.u32(p.auth_pool_bits) || !r.u32(p.auth_key_refresh_blocks) ||
+      variant > static_cast<std::uint8_t>(CascadeVariant::kModern) ||
+      auth > static_cast<std::uint8_t>(AuthMode::kHmac) || every > 1) {
+    return false;
+  }
+  p.cascade_variant = static_cast<CascadeVariant>(variant);
+  p.auth = static_cast<AuthMode>(auth);
+  p.auth_every_message = every == 1;
   return r.done() && plausible(source);
 }
 
@@ -123,6 +142,29 @@ std::string params_mismatch(const ProtocolParams& mine, const ProtocolParams& th
   }
   if (mine.confidence_sd != theirs.confidence_sd) {
     return "confidence_sd " + num(theirs.confidence_sd) + " != " + num(mine.confidence_sd);
+  }
+  if (mine.cascade_variant != theirs.cascade_variant) {
+    return std::string("cascade_variant ") + cascade_variant_name(theirs.cascade_variant) +
+           " != " + cascade_variant_name(mine.cascade_variant);
+  }
+  if (mine.auth != theirs.auth) {
+    return std::string("auth ") + auth_mode_name(theirs.auth) + " != " + auth_mode_name(mine.auth);
+  }
+  if (mine.auth_tag_bits != theirs.auth_tag_bits) {
+    return "auth_tag_bits " + std::to_string(theirs.auth_tag_bits) + " != " +
+           std::to_string(mine.auth_tag_bits);
+  }
+  if (mine.auth_every_message != theirs.auth_every_message) {
+    return std::string("auth_every_message ") + (theirs.auth_every_message ? "true" : "false") +
+           " != " + (mine.auth_every_message ? "true" : "false");
+  }
+  if (mine.auth_pool_bits != theirs.auth_pool_bits) {
+    return "auth_pool_bits " + std::to_string(theirs.auth_pool_bits) + " != " +
+           std::to_string(mine.auth_pool_bits);
+  }
+  if (mine.auth_key_refresh_blocks != theirs.auth_key_refresh_blocks) {
+    return "auth_key_refresh_blocks " + std::to_string(theirs.auth_key_refresh_blocks) + " != " +
+           std::to_string(mine.auth_key_refresh_blocks);
   }
   return {};
 }
@@ -271,6 +313,28 @@ std::uint64_t final_key_length(BlockStatistics stats, std::uint64_t leaked_bits,
   r.e1_upper = k.e1_upper;
   r.single_photon_bits_lower = k.single_photon_bits_lower;
   return k.bits;
+}
+
+Status close_aborted_block(AuthChannel& ch, std::uint64_t block,
+                           std::chrono::milliseconds timeout) {
+  if (!ch.settings().transcript()) {
+    return ok_status();
+  }
+  if (Status s = ch.send(MsgType::kCheckpoint, block, {}, true); !s.ok()) {
+    return s;
+  }
+  auto f = ch.receive(timeout, MsgType::kCheckpoint, block, true);
+  if (!f.ok()) {
+    return f.error();
+  }
+  if (!f->payload.empty()) {
+    return malformed(MsgType::kCheckpoint);
+  }
+  return ok_status();
+}
+
+std::uint32_t cascade_passes(const ProtocolParams& p) {
+  return p.cascade_passes != 0 ? p.cascade_passes : cascade_default_passes(p.cascade_variant);
 }
 
 void pay_authentication(AuthChannel& ch, const SecureBytes& gross, std::uint64_t m,

@@ -9,13 +9,15 @@
 //   C A->B Sample          mask of the sifted bits disclosed + Alice's values there
 //   C B->A SampleReply     Bob's values there
 //         (both ends now hold the same QBER estimate and take the same abort decision)
-//   C A->B CascadeStart    n, first block size, passes, shuffle seed
+//   C A->B CascadeStart    n, first block size, passes, variant, shuffle seed
 //   C B->A CascadeRequest  block parities of a pass | range parities | done(+corrected)
 //   C A->B CascadeReply    parities              (repeated until done)
 //   C A->B Verify          Toeplitz seed + Alice's tag
-//   C B->A VerifyResult    match or not          (mismatch: both abort the block)
-//   C A->B Amplify         output length m + Toeplitz seed
-//   C B->A BlockDone
+//   C B->A VerifyResult    match or not          (mismatch: both abort the block)  [ckpt]
+//   C A->B Amplify         output length m + Toeplitz seed                         [ckpt]
+//   C B->A BlockDone                                                               [ckpt]
+// [ckpt]: transcript checkpoints (channel.hpp). An aborted block instead ends with one
+// Checkpoint frame each way (close_aborted_block).
 #pragma once
 
 #include <array>
@@ -26,6 +28,7 @@
 
 #include "channel.hpp"
 #include "qkd/core/bit_vector.hpp"
+#include "qkd/core/cascade.hpp"
 #include "qkd/core/key_length.hpp"
 #include "qkd/core/link.hpp"
 #include "qkd/core/physics.hpp"
@@ -97,6 +100,14 @@ struct SiftedInfo {
 // The key length of the block and the estimates it rests on, recorded in r.
 [[nodiscard]] std::uint64_t final_key_length(BlockStatistics stats, std::uint64_t leaked_bits,
                                              BlockResult& r);
+
+// Transcript mode: an aborted block (QBER, verification) ends with one Checkpoint frame
+// each way (each end sends, then receives), so that tampering during the block is caught
+// in it (kAuthentication) rather than at the next block. Nothing in per-message / HMAC mode.
+[[nodiscard]] Status close_aborted_block(AuthChannel& ch, std::uint64_t block,
+                                         std::chrono::milliseconds timeout);
+// Passes Cascade runs with: cascade_passes, or the variant's default when 0.
+[[nodiscard]] std::uint32_t cascade_passes(const ProtocolParams& p);
 
 // After the block's last message: pays the authentication key from the front of the
 // privacy-amplified key `gross` (m bits) through ch.settle() and puts the rest in r.key,

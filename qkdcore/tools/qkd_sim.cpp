@@ -500,7 +500,13 @@ int main(int argc, char** argv) {
                  "c: standard deviations for the QBER upper bound (abort) and the BBBSS92 / "
                  "Slutsky98 defense functions [sd]")
       ->capture_default_str();
-  app.add_option("--cascade-passes", pp.cascade_passes, "Cascade passes [1..16]")
+  app.add_option("--cascade-passes", pp.cascade_passes,
+                 "Cascade passes [1..16]; 0 = the variant's default (original 4, yan/modern 16)")
+      ->capture_default_str();
+  std::string cascade = qkd::core::cascade_variant_name(pp.cascade_variant);
+  app.add_option("--cascade", cascade,
+                 "Cascade block schedule: original (Brassard-Salvail), yan, modern "
+                 "(Martinez-Mateo et al. 2015)")
       ->capture_default_str();
   app.add_option("--verify-hash-bits", pp.verify_hash_bits,
                  "verification tag length [bits, multiple of 8, 32..256]")
@@ -517,6 +523,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--auth-tag-bits", pp.auth_tag_bits, "Wegman-Carter tag length [64 or 128 bits]")
       ->capture_default_str();
+  app.add_flag("--auth-every-message", pp.auth_every_message,
+               "Wegman-Carter: tag every classical message (the earlier scheme) instead of "
+               "the transcript at 3 checkpoints per block");
   app.add_option("--auth-refresh-blocks", pp.auth_key_refresh_blocks,
                  "renew the Wegman-Carter hash keys from the key every this many blocks")
       ->capture_default_str();
@@ -564,6 +573,13 @@ int main(int argc, char** argv) {
     pp.key_bound = *b;
   } else {
     std::fprintf(stderr, "qkd-sim: unknown --bound '%s'\n", bound.c_str());
+    return 2;
+  }
+  if (auto v = qkd::core::parse_cascade_variant(cascade)) {
+    pp.cascade_variant = *v;
+  } else {
+    std::fprintf(stderr, "qkd-sim: unknown --cascade '%s' (original, yan or modern)\n",
+                 cascade.c_str());
     return 2;
   }
   if (auto a = qkd::core::parse_auth_mode(auth)) {

@@ -157,6 +157,13 @@ std::unique_ptr<AuthChannel> make_channel(MessageTransport& t, AuthRole role,
   return std::move(ch).value();
 }
 
+// The per-message Wegman-Carter scheme (auth_every_message = true).
+AuthSettings per_message() {
+  AuthSettings s;
+  s.every_message = true;
+  return s;
+}
+
 AuthSettings hmac_settings() {
   AuthSettings s;
   s.mode = AuthMode::kHmac;
@@ -170,18 +177,21 @@ TEST(AuthChannel, HmacDetectsTamperingReplayTypeAndReflection) {
   auto a = make_channel(ta, AuthRole::kAlice, psk, hmac_settings());
   auto b = make_channel(tb, AuthRole::kBob, psk, hmac_settings());
   const std::vector<std::uint8_t> payload{1, 2, 3};
-  ASSERT_TRUE(a->send(MsgType::kSiftMatch, 1, payload).ok());
+  ASSERT_TRUE(a->send(MsgType::kSiftMatch, 1, payload).ok());  // frame 0: hello tag
+  ASSERT_TRUE(a->send(MsgType::kSample, 1, payload).ok());     // HMAC from here on
   ASSERT_TRUE(a->send(MsgType::kSample, 1, payload).ok());
   const auto m0 = ta.sent[0];
-  const auto m1 = ta.sent[1];
+  const auto m1 = ta.sent[2];
   const std::chrono::milliseconds t{1};
+  EXPECT_EQ(ta.sent[1].size(), kHeaderBytes + payload.size() + kMacBytes);
 
-  tb.inbox = {m0};
+  tb.inbox = {m0, ta.sent[1]};
   auto ok = b->receive(t, MsgType::kSiftMatch, 1);
   ASSERT_TRUE(ok.ok()) << ok.error().message;
   EXPECT_EQ(ok->payload, payload);
+  ASSERT_TRUE(b->receive(t, MsgType::kSample, 1).ok());
 
-  tb.inbox = {m0};  // replay
+  tb.inbox = {ta.sent[1]};  // replay: the tag verifies, the sequence number does not
   EXPECT_EQ(b->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kProtocol);
 
   auto flipped = m1;
@@ -198,7 +208,7 @@ TEST(AuthChannel, HmacDetectsTamperingReplayTypeAndReflection) {
 
   // Wrong type and wrong block (a fresh receiver at sequence 1).
   auto b2 = make_channel(tb, AuthRole::kBob, psk, hmac_settings());
-  tb.inbox = {m0, m1};
+  tb.inbox = {m0, ta.sent[1]};
   ASSERT_TRUE(b2->receive(t, MsgType::kSiftMatch, 1).ok());
   EXPECT_EQ(b2->receive(t, MsgType::kVerify, 1).error().code, ErrorCode::kProtocol);
   EXPECT_EQ(a->settle(std::vector<std::uint8_t>(100, 1)), 0U);  // HMAC costs no key
@@ -230,7 +240,7 @@ struct WcPair {
   }
 };
 
-std::unique_ptr<WcPair> wc_pair(const AuthSettings& s = AuthSettings{}, bool handshake = true) {
+std::unique_ptr<WcPair> wc_pair(const AuthSettings& s = per_message(), bool handshake = true) {
   static const std::vector<std::uint8_t> psk(32, 9);
   auto p = std::make_unique<WcPair>();
   p->a = make_channel(p->ta, AuthRole::kAlice, psk, s);
@@ -247,10 +257,10 @@ std::unique_ptr<WcPair> wc_pair(const AuthSettings& s = AuthSettings{}, bool han
 TEST(AuthChannel, WegmanCarterRoundTripAndPadAccounting) {
   auto p = wc_pair();
   const std::size_t pool = AuthSettings{}.pool_bits / 8;
-  // Frame 0 of Alice uses the hello pad; Bob's frame 0 the first session pad.
+  // Frame 0 of each direction uses its hello pad, not the pools.
   EXPECT_EQ(p->a->send_pool_bytes(), pool);
-  EXPECT_EQ(p->a->recv_pool_bytes(), pool - 16);
-  EXPECT_EQ(p->b->send_pool_bytes(), pool - 16);
+  EXPECT_EQ(p->a->recv_pool_bytes(), pool);
+  EXPECT_EQ(p->b->send_pool_bytes(), pool);
   const std::vector<std::uint8_t> payload(1000, 0xA5);
   for (int i = 0; i < 5; ++i) {
     ASSERT_TRUE(p->a->send(MsgType::kSiftMatch, 0, payload).ok());
@@ -271,7 +281,7 @@ TEST(AuthChannel, WegmanCarterRoundTripAndPadAccounting) {
   for (std::size_t i = 0; i < key.size(); ++i) {
     key[i] = static_cast<std::uint8_t>(i * 7 + 1);
   }
-  const std::size_t deficit = 5 * 16 + 1 * 16;  // five A->B frames, Bob's Ack
+  const std::size_t deficit = 5 * 16;  // five A->B frames
   EXPECT_EQ(p->a->settle(key), deficit + 32);
   EXPECT_EQ(p->b->settle(key), deficit + 32);
   EXPECT_EQ(p->a->hash_key_refreshes(), 1U);
@@ -347,7 +357,7 @@ TEST(AuthChannel, WegmanCarterRejectsEveryFlippedByteReplayAndReflection) {
 TEST(AuthChannel, WegmanCarterEarlyAbortReachesBob) {
   // Bob's first frame is altered (its nonce): Alice cannot key the session, yet her Abort,
   // sent with the second hello pad, verifies at Bob as an Abort.
-  auto p = wc_pair(AuthSettings{}, false);
+  auto p = wc_pair(per_message(), false);
   ASSERT_TRUE(p->a->send(MsgType::kParams, 0, std::vector<std::uint8_t>{1}).ok());
   ASSERT_TRUE(p->to_bob(MsgType::kParams).ok());
   ASSERT_TRUE(p->b->send(MsgType::kParamsAck, 0, std::vector<std::uint8_t>{1}).ok());
@@ -360,7 +370,7 @@ TEST(AuthChannel, WegmanCarterEarlyAbortReachesBob) {
   EXPECT_NE(r.error().message.find("bad tag"), std::string::npos);
   // The hello pad authenticates nothing but an Abort at that point: a forged SiftMatch in
   // that slot is refused.
-  auto q = wc_pair(AuthSettings{}, false);
+  auto q = wc_pair(per_message(), false);
   ASSERT_TRUE(q->a->send(MsgType::kParams, 0, std::vector<std::uint8_t>{1}).ok());
   ASSERT_TRUE(q->to_bob(MsgType::kParams).ok());
   ASSERT_TRUE(q->a->send(MsgType::kAbort, 0, std::vector<std::uint8_t>{0, 0, 0, 0}).ok());
@@ -380,7 +390,7 @@ TEST(AuthChannel, WegmanCarterSessionsNeverReusePadsAndPoolsRunDry) {
   ASSERT_EQ(f1.size(), f2.size());
   EXPECT_FALSE(std::equal(f1.end() - 16, f1.end(), f2.end() - 16));
   // A 1024-bit pool holds 8 tags of 128 bits (64 tags of 64 bits: 16 here).
-  AuthSettings s;
+  AuthSettings s = per_message();
   s.pool_bits = 1024;
   s.tag_bits = 64;
   auto p = wc_pair(s);
@@ -393,6 +403,99 @@ TEST(AuthChannel, WegmanCarterSessionsNeverReusePadsAndPoolsRunDry) {
   ASSERT_FALSE(st.ok());
   EXPECT_EQ(st.error().code, ErrorCode::kAuthentication);
   EXPECT_NE(st.error().message.find("exhausted"), std::string::npos);
+}
+
+// Transcript mode (the default): frames between checkpoints carry no tag; a checkpoint
+// frame's tag covers every frame of its direction since the previous checkpoint.
+TEST(AuthChannel, TranscriptTagsOnlyCheckpointsAndAborts) {
+  auto p = wc_pair(AuthSettings{});
+  const std::size_t pool = AuthSettings{}.pool_bits / 8;
+  const std::vector<std::uint8_t> payload(100, 0x5A);
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(p->a->send(MsgType::kCascadeReply, 0, payload).ok());
+    EXPECT_EQ(p->ta.sent.back().size(), kHeaderBytes + payload.size());  // no tag
+    auto f = p->to_bob(MsgType::kCascadeReply);
+    ASSERT_TRUE(f.ok()) << f.error().message;
+  }
+  EXPECT_EQ(p->a->pad_bytes_used(), 0U);
+  ASSERT_TRUE(p->a->send(MsgType::kAmplify, 0, payload, true).ok());
+  EXPECT_EQ(p->ta.sent.back().size(), kHeaderBytes + payload.size() + 16);
+  auto f = p->to_bob(MsgType::kAmplify, 0);
+  ASSERT_FALSE(f.ok());  // the receiver must expect the checkpoint too
+  auto q = wc_pair(AuthSettings{});
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(q->a->send(MsgType::kCascadeReply, 0, payload).ok());
+    ASSERT_TRUE(q->to_bob(MsgType::kCascadeReply).ok());
+  }
+  ASSERT_TRUE(q->a->send(MsgType::kAmplify, 0, payload, true).ok());
+  tb_deliver:
+  q->tb.inbox = {q->ta.sent.back()};
+  ASSERT_TRUE(q->b->receive(WcPair::kT, MsgType::kAmplify, 0, true).ok());
+  EXPECT_EQ(q->a->pad_bytes_used(), 16U);
+  EXPECT_EQ(q->b->pad_bytes_used(), 16U);
+  EXPECT_EQ(q->a->send_pool_bytes(), pool - 16);
+  EXPECT_EQ(q->b->recv_pool_bytes(), pool - 16);
+  // A second segment is tagged on its own (a fresh pad).
+  ASSERT_TRUE(q->b->send(MsgType::kBlockDone, 0, {}, true).ok());
+  q->ta.inbox = {q->tb.sent.back()};
+  ASSERT_TRUE(q->a->receive(WcPair::kT, MsgType::kBlockDone, 0, true).ok());
+  // An Abort is always tagged and verified over the transcript.
+  ASSERT_TRUE(q->a->send(MsgType::kSample, 1, payload).ok());
+  ASSERT_TRUE(q->to_bob(MsgType::kSample, 1).ok());
+  q->a->send_abort(1, "stop");
+  auto ab = q->to_bob(MsgType::kSampleReply, 1);
+  ASSERT_FALSE(ab.ok());
+  EXPECT_EQ(ab.error().code, ErrorCode::kRejected) << ab.error().message;
+}
+
+// Every flipped byte of any frame of a segment is caught: by the checkpoint
+// (kAuthentication) or, when it garbles the header, at once (kProtocol). Never accepted.
+TEST(AuthChannel, TranscriptCatchesEveryFlippedByteAtTheCheckpoint) {
+  const std::vector<std::uint8_t> payload{10, 20, 30, 40, 50};
+  const MsgType types[] = {MsgType::kSiftMatch, MsgType::kSample, MsgType::kVerify};
+  std::size_t sizes[3] = {};
+  {
+    auto ref = wc_pair(AuthSettings{});
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_TRUE(ref->a->send(types[i], 0, payload, i == 2).ok());
+      sizes[i] = ref->ta.sent.back().size();
+    }
+  }
+  int auth_failures = 0;
+  for (int target = 0; target < 3; ++target) {
+    for (std::size_t pos = 0; pos < sizes[target]; ++pos) {
+      auto p = wc_pair(AuthSettings{});
+      for (int i = 0; i < 3; ++i) {
+        ASSERT_TRUE(p->a->send(types[i], 0, payload, i == 2).ok());
+      }
+      auto frames = std::vector<std::vector<std::uint8_t>>(p->ta.sent.end() - 3, p->ta.sent.end());
+      frames[static_cast<std::size_t>(target)][pos] ^= 0x01;
+      p->tb.inbox = frames;
+      std::optional<Error> err;
+      for (int i = 0; i < 3 && !err; ++i) {
+        auto f = p->b->receive(WcPair::kT, types[i], 0, i == 2);
+        if (!f.ok()) {
+          err = f.error();
+        }
+      }
+      ASSERT_TRUE(err.has_value()) << "frame " << target << " byte " << pos << " accepted";
+      EXPECT_TRUE(err->code == ErrorCode::kAuthentication || err->code == ErrorCode::kProtocol)
+          << err->message;
+      if (pos >= kHeaderBytes) {  // payload and tag bytes: the frame parses, the tag fails
+        EXPECT_EQ(err->code, ErrorCode::kAuthentication) << "frame " << target << " byte " << pos;
+      }
+      auth_failures += err->code == ErrorCode::kAuthentication ? 1 : 0;
+    }
+  }
+  EXPECT_GT(auth_failures, 0);
+  {  // A dropped frame: sequence error. A frame injected in its place: the checkpoint fails.
+    auto p = wc_pair(AuthSettings{});
+    ASSERT_TRUE(p->a->send(MsgType::kSiftMatch, 0, payload).ok());
+    ASSERT_TRUE(p->a->send(MsgType::kVerify, 0, payload, true).ok());
+    p->tb.inbox = {p->ta.sent.back()};
+    EXPECT_EQ(p->b->receive(WcPair::kT, MsgType::kSiftMatch, 0).error().code,
+              ErrorCode::kAuthentication);  // claims no Abort; as a checkpoint? no: parsed
+  }
 }
 
 TEST(Protocol, SampleMaskHasExactlyK) {

@@ -48,6 +48,79 @@ TEST(GroupTable, CodepointsAreInThePrivateRangeOutsideOqs) {
   EXPECT_FALSE(codepoint_allowed(0x001D));
 }
 
+TEST(GroupTable, HybridRows) {
+  ASSERT_EQ(kGroups.size(), 3U);
+  EXPECT_EQ(kGroups[1].tls_name, "x25519_qkd");
+  EXPECT_EQ(kGroups[1].default_codepoint, 0xFE41);
+  EXPECT_EQ(kGroups[1].classical, Classical::kX25519);
+  EXPECT_EQ(kGroups[2].tls_name, "p256_qkd");
+  EXPECT_EQ(kGroups[2].default_codepoint, 0xFE42);
+  EXPECT_EQ(kGroups[2].classical, Classical::kP256);
+  EXPECT_EQ(classical_public_length(Classical::kNone), 0U);
+  EXPECT_EQ(classical_public_length(Classical::kX25519), 32U);
+  EXPECT_EQ(classical_public_length(Classical::kP256), 65U);
+  EXPECT_EQ(classical_secret_length(Classical::kP256), 32U);
+}
+
+// The classical half alone (default library context): round trip and strict import.
+TEST(Classical, EcdhRoundTripBothKinds) {
+  for (Classical kind : {Classical::kX25519, Classical::kP256}) {
+    auto a = classical_generate(nullptr, kind);
+    auto b = classical_generate(nullptr, kind);
+    ASSERT_TRUE(a.ok() && b.ok()) << classical_name(kind);
+    auto a_pub = classical_public(a->get(), kind);
+    auto b_pub = classical_public(b->get(), kind);
+    ASSERT_TRUE(a_pub.ok() && b_pub.ok());
+    EXPECT_EQ(a_pub->size(), classical_public_length(kind));
+    auto a_peer = classical_import_peer(nullptr, kind, *a_pub);
+    auto b_peer = classical_import_peer(nullptr, kind, *b_pub);
+    ASSERT_TRUE(a_peer.ok() && b_peer.ok()) << classical_name(kind);
+    std::array<std::uint8_t, 32> s1{}, s2{};
+    ASSERT_TRUE(classical_derive(nullptr, a->get(), b_peer->get(), s1).ok());
+    ASSERT_TRUE(classical_derive(nullptr, b->get(), a_peer->get(), s2).ok());
+    EXPECT_EQ(s1, s2) << classical_name(kind);
+  }
+}
+
+TEST(Classical, ImportIsStrict) {
+  auto p = classical_generate(nullptr, Classical::kP256);
+  ASSERT_TRUE(p.ok());
+  Bytes pub = classical_public(p->get(), Classical::kP256).value();
+  ASSERT_EQ(pub[0], 0x04);
+  // Wrong lengths.
+  EXPECT_FALSE(classical_import_peer(nullptr, Classical::kP256, std::span(pub).first(64)).ok());
+  Bytes longer = pub;
+  longer.push_back(0);
+  EXPECT_FALSE(classical_import_peer(nullptr, Classical::kP256, longer).ok());
+  EXPECT_FALSE(classical_import_peer(nullptr, Classical::kX25519, std::span(pub).first(31)).ok());
+  // Compressed form, hybrid form and the point at infinity are not allowed.
+  for (std::uint8_t first : {0x00, 0x02, 0x03, 0x06, 0x07}) {
+    Bytes b = pub;
+    b[0] = first;
+    auto r = classical_import_peer(nullptr, Classical::kP256, b);
+    ASSERT_FALSE(r.ok()) << int{first};
+    EXPECT_EQ(r.error().code, qkd::core::ErrorCode::kProtocol);
+  }
+  // Off the curve: flip one bit of y.
+  Bytes off = pub;
+  off[64] ^= 0x01;
+  auto r = classical_import_peer(nullptr, Classical::kP256, off);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message.find("not a point on the curve"), std::string::npos);
+  // X25519: any 32 bytes import; a small-order point (here 0) yields no secret.
+  Bytes zero(32, 0);
+  auto peer = classical_import_peer(nullptr, Classical::kX25519, zero);
+  ASSERT_TRUE(peer.ok());
+  auto own = classical_generate(nullptr, Classical::kX25519);
+  ASSERT_TRUE(own.ok());
+  std::array<std::uint8_t, 32> out{};
+  out.fill(0xAA);
+  auto d = classical_derive(nullptr, own->get(), peer->get(), out);
+  ASSERT_FALSE(d.ok());
+  EXPECT_EQ(d.error().code, qkd::core::ErrorCode::kProtocol);
+  EXPECT_EQ(out, (std::array<std::uint8_t, 32>{})) << "cleansed on failure";
+}
+
 TEST(GroupTable, NamesAndBits) {
   ASSERT_FALSE(kGroups.empty());
   EXPECT_EQ(kGroups[0].tls_name, "qkd");
@@ -159,13 +232,53 @@ TEST(Settings, DefaultsAndCodepointOverride) {
   EXPECT_EQ(s->timeout.count(), 5000);
   EXPECT_FALSE(s->deferred_error);
 
-  s = resolve_settings({{"qkd_codepoint", "0xFE41"}, {"timeout_ms", "2000"}});
+  EXPECT_EQ(s->codepoints[1], 0xFE41);
+  EXPECT_EQ(s->codepoints[2], 0xFE42);
+
+  s = resolve_settings({{"qkd_codepoint", "0xFE50"}, {"timeout_ms", "2000"}});
   ASSERT_TRUE(s.ok());
-  EXPECT_EQ(s->codepoints[0], 0xFE41);
+  EXPECT_FALSE(s->deferred_error);
+  EXPECT_EQ(s->codepoints[0], 0xFE50);
   EXPECT_EQ(s->timeout.count(), 2000);
-  s = resolve_settings({{"qkd_codepoint", "65090"}});
+  s = resolve_settings({{"qkd_codepoint", "65104"}});
   ASSERT_TRUE(s.ok());
-  EXPECT_EQ(s->codepoints[0], 65090);
+  EXPECT_EQ(s->codepoints[0], 65104);
+  s = resolve_settings({{"x25519_qkd_codepoint", "0xFE60"}, {"p256_qkd_codepoint", "0xFE61"}});
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE(s->deferred_error);
+  EXPECT_EQ(s->codepoints[1], 0xFE60);
+  EXPECT_EQ(s->codepoints[2], 0xFE61);
+}
+
+// An override landing on another group's codepoint (default or override) is refused by
+// name, and every group keeps its default.
+TEST(Settings, CodepointClashIsDeferredAndAllFallBack) {
+  auto s = resolve_settings({{"qkd_codepoint", "0xFE41"}});
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE(s->deferred_error);
+  EXPECT_NE(s->deferred_error->find("invalid setting qkd_codepoint"), std::string::npos)
+      << *s->deferred_error;
+  EXPECT_NE(s->deferred_error->find("already used by group x25519_qkd"), std::string::npos)
+      << *s->deferred_error;
+  for (std::size_t i = 0; i < kGroups.size(); ++i) {
+    EXPECT_EQ(s->codepoints[i], kGroups[i].default_codepoint) << kGroups[i].tls_name;
+  }
+  s = resolve_settings({{"x25519_qkd_codepoint", "0xFE70"}, {"p256_qkd_codepoint", "0xFE70"}});
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE(s->deferred_error);
+  EXPECT_NE(s->deferred_error->find("invalid setting p256_qkd_codepoint"), std::string::npos)
+      << *s->deferred_error;
+  EXPECT_EQ(s->codepoints[1], 0xFE41);
+  EXPECT_EQ(s->codepoints[2], 0xFE42);
+}
+
+TEST(Settings, HybridCodepointOutOfRangeIsDeferred) {
+  for (const char* key : {"x25519_qkd_codepoint", "p256_qkd_codepoint"}) {
+    auto s = resolve_settings({{key, "0xFE3A"}});
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(s->deferred_error) << key;
+    EXPECT_NE(s->deferred_error->find(std::string("invalid setting ") + key), std::string::npos);
+  }
 }
 
 TEST(Settings, CodepointOutOfRangeIsDeferred) {

@@ -14,7 +14,9 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "qkd/core/bit_vector.hpp"
@@ -43,6 +45,10 @@ namespace qkd::core {
 // pass only the first block's parity is asked for (the second follows from the parity of
 // the whole key, known from pass 0).
 enum class CascadeVariant : std::uint8_t { kOriginal = 0, kYan = 1, kModern = 2 };
+
+// "original", "yan", "modern" (and the parser's inverse; nullopt for anything else).
+[[nodiscard]] const char* cascade_variant_name(CascadeVariant variant);
+[[nodiscard]] std::optional<CascadeVariant> parse_cascade_variant(std::string_view name);
 
 // How the positions of a pass map to key indices.
 enum class CascadePassOrder : std::uint8_t { kIdentity, kShuffle, kSplit };

@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "qkd/core/cascade.hpp"
 #include "qkd/core/result.hpp"
 #include "qkd/core/secure_bytes.hpp"
 
@@ -112,7 +113,9 @@ struct ProtocolParams {
   std::uint64_t pulses_per_block = 2'000'000;  // pulses sent per block
   double sample_fraction = 0.1;                // sifted bits disclosed to estimate QBER
   double qber_abort = 0.11;                    // abort the block above this estimate
-  std::uint32_t cascade_passes = 4;
+  // Cascade passes; 0 (the default since the Cascade variants) = the variant's own count
+  // (cascade_default_passes: 4 original, 16 yan / modern).
+  std::uint32_t cascade_passes = 0;
   std::uint32_t verify_hash_bits = 64;         // verification tag length
   double safety_margin = 0.05;                 // extra fraction of the reconciled length removed
   std::chrono::milliseconds message_timeout{10'000};  // per classical/quantum message
@@ -132,6 +135,16 @@ struct ProtocolParams {
   std::uint32_t auth_tag_bits = 128;          // 64 or 128 (forgery <= (n+1)/2^bits per message)
   std::uint32_t auth_pool_bits = 1U << 16;    // one-time-pad pool per direction (multiple of 8)
   std::uint32_t auth_key_refresh_blocks = 16; // hash keys renewed from QKD output this often
+  // --- added with transcript authentication and the Cascade variants. Since then every
+  // setting above (auth ones included) and these travel in the block's Params message: a
+  // mismatch is refused with kRejected naming the field. ---
+  // false (default): Wegman-Carter authenticates the transcript: each direction hashes all
+  // its frames and one-time-pad tags are sent only at checkpoints (3 per settled block, 2
+  // per aborted one). true: a tag on every frame (the earlier scheme, ~100-200 tags per
+  // block). Ignored under HMAC (which tags every frame). See docs/VALIDATION.md.
+  bool auth_every_message = false;
+  // Cascade block schedule (cascade.hpp). kModern: f ~1.03-1.06 with 16 passes.
+  CascadeVariant cascade_variant = CascadeVariant::kModern;
 };
 [[nodiscard]] Status validate(const ProtocolParams& p);
 

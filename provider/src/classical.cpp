@@ -1,0 +1,130 @@
+#include "classical.hpp"
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/params.h>
+
+#include <cstdio>
+#include <string>
+
+namespace qkd::prov {
+
+using qkd::core::ErrorCode;
+using qkd::core::make_error;
+
+namespace {
+
+struct EvpPkeyCtxDeleter {
+  void operator()(EVP_PKEY_CTX* c) const { EVP_PKEY_CTX_free(c); }
+};
+using PkeyCtxPtr = std::unique_ptr<EVP_PKEY_CTX, EvpPkeyCtxDeleter>;
+
+// libcrypto's own errors from a failed step stay out of the queue: the provider raises one
+// error with words instead, and libssl's alert decision does not depend on stale entries.
+qkd::core::Error fail(ErrorCode code, std::string message) {
+  ERR_clear_error();
+  return {code, std::move(message)};
+}
+
+}  // namespace
+
+PkeyPtr share_pkey(EVP_PKEY* pkey) {
+  if (pkey == nullptr || EVP_PKEY_up_ref(pkey) != 1) {
+    return nullptr;
+  }
+  return PkeyPtr(pkey);
+}
+
+qkd::core::Result<PkeyPtr> classical_generate(OSSL_LIB_CTX* libctx, Classical kind) {
+  EVP_PKEY* raw = nullptr;
+  switch (kind) {
+    case Classical::kX25519:
+      raw = EVP_PKEY_Q_keygen(libctx, nullptr, "X25519");
+      break;
+    case Classical::kP256:
+      raw = EVP_PKEY_Q_keygen(libctx, nullptr, "EC", "P-256");
+      break;
+    case Classical::kNone:
+      return fail(ErrorCode::kInternal, "no classical part in this group");
+  }
+  if (raw == nullptr) {
+    return fail(ErrorCode::kInternal, std::string("cannot generate an ") + classical_name(kind) +
+                                          " key (is the default provider loaded?)");
+  }
+  return PkeyPtr(raw);
+}
+
+qkd::core::Result<std::vector<std::uint8_t>> classical_public(EVP_PKEY* pkey, Classical kind) {
+  const std::size_t want = classical_public_length(kind);
+  std::vector<std::uint8_t> out(kClassicalPublicMax);
+  std::size_t len = 0;
+  // X25519: the raw 32 bytes; EC: the point in the key's form, uncompressed by default
+  // (checked below: the wire allows nothing else).
+  if (want == 0 || EVP_PKEY_get_octet_string_param(pkey, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY,
+                                                    out.data(), out.size(), &len) != 1 ||
+      len != want || (kind == Classical::kP256 && out[0] != 0x04)) {
+    return fail(ErrorCode::kInternal, std::string("cannot encode the ") + classical_name(kind) +
+                                          " public key");
+  }
+  out.resize(len);
+  return out;
+}
+
+qkd::core::Result<PkeyPtr> classical_import_peer(OSSL_LIB_CTX* libctx, Classical kind,
+                                                 std::span<const std::uint8_t> bytes) {
+  const std::size_t want = classical_public_length(kind);
+  const std::string name = kind == Classical::kNone ? "?" : classical_name(kind);
+  if (want == 0) {
+    return fail(ErrorCode::kInternal, "no classical part in this group");
+  }
+  if (bytes.size() != want) {
+    return fail(ErrorCode::kProtocol, name + " public key of " + std::to_string(bytes.size()) +
+                                          " bytes, must be " + std::to_string(want));
+  }
+  EVP_PKEY* raw = nullptr;
+  if (kind == Classical::kX25519) {
+    raw = EVP_PKEY_new_raw_public_key_ex(libctx, "X25519", nullptr, bytes.data(), bytes.size());
+    if (raw == nullptr) {
+      return fail(ErrorCode::kInternal, "cannot import an X25519 public key");
+    }
+    return PkeyPtr(raw);
+  }
+  if (bytes[0] != 0x04) {
+    char first[8];
+    std::snprintf(first, sizeof first, "0x%02x", bytes[0]);
+    return fail(ErrorCode::kProtocol,
+                std::string("P-256 point is not in uncompressed form (first byte ") + first + ")");
+  }
+  PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(libctx, "EC", nullptr));
+  char group[] = "P-256";
+  OSSL_PARAM params[] = {
+      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group - 1),
+      OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, const_cast<std::uint8_t*>(bytes.data()),
+                              bytes.size()),
+      OSSL_PARAM_END};
+  // The EC import decodes the point and refuses one that is not on the curve.
+  if (!ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params) != 1 || raw == nullptr) {
+    return fail(ErrorCode::kProtocol, "P-256 public key is not a point on the curve");
+  }
+  return PkeyPtr(raw);
+}
+
+qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, EVP_PKEY* own, EVP_PKEY* peer,
+                                   std::span<std::uint8_t> out) {
+  PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_pkey(libctx, own, nullptr));
+  std::size_t len = out.size();
+  if (!ctx || EVP_PKEY_derive_init(ctx.get()) != 1) {
+    return fail(ErrorCode::kInternal, "cannot start ECDH");
+  }
+  // For X25519 OpenSSL refuses an all-zero result (a small-order peer point, RFC 7748 6.1).
+  if (EVP_PKEY_derive_set_peer(ctx.get(), peer) != 1 ||
+      EVP_PKEY_derive(ctx.get(), out.data(), &len) != 1 || len != out.size()) {
+    OPENSSL_cleanse(out.data(), out.size());
+    return fail(ErrorCode::kProtocol, "ECDH with the peer's public key failed (invalid point)");
+  }
+  return qkd::core::ok_status();
+}
+
+}  // namespace qkd::prov
