@@ -9,6 +9,7 @@ pkgs=(
   libfmt-dev libspdlog-dev nlohmann-json3-dev libcli11-dev libsqlite3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   curl python3 procps
+  nginx tshark   # interop tests (tshark: non-interactive install keeps capture root-only)
   gnuplot-nox
 )
 missing=()

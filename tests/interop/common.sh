@@ -15,6 +15,10 @@ fail() {
   echo "$interop_passed passed, $((interop_failed + 1)) failed" >&2
   exit 1
 }
+interop_err() {  # from the ERR trap: set -e is about to stop the test
+  echo "FAIL: line $2: '$3' exited with status $1" >&2
+  echo "$interop_passed passed, $((interop_failed + 1)) failed" >&2
+}
 pass() { echo "ok: $*"; interop_passed=$((interop_passed + 1)); }
 skip() { echo "SKIP: $*"; exit 77; }  # ctest SKIP_RETURN_CODE 77
 interop_done() { echo "$interop_passed passed, $interop_failed failed"; }
@@ -39,6 +43,8 @@ interop_init() {  # interop_init BUILD_DIR
   source "$QKD_ROOT/examples/qkd-net.sh"
   work=$(mktemp -d "${TMPDIR:-/tmp}/qkd-interop.XXXXXX")
   trap interop_cleanup EXIT
+  # set -e stops a test at a failing command that has no `|| fail ...`: say where.
+  trap 'interop_err $? $LINENO "$BASH_COMMAND"' ERR
   trap 'exit 130' INT TERM
   [ -f "$build/lib/ossl-modules/qkdprovider.so" ] ||
     fail "$build/lib/ossl-modules/qkdprovider.so not built"

@@ -81,8 +81,9 @@ printf 'GET / HTTP/1.0\r\n\r\n' | timeout 30 env $(app_env alice "$ALICE_KME_URL
   -CAfile "$work/pki/ca.crt" -verify_return_error -ign_eof > "$work/client4.log" 2>&1 || true
 grep -q '^hello from python TLSv1.3$' "$work/client4.log" ||
   fail "no reply from the Python server over TLS 1.3: $(tail -n 5 "$work/client4.log"); server: $(tail -n 5 "$work/pyserver.log")"
-# -trace: the ServerHello's key_share (the 2nd "NamedGroup" line; the 1st is the ClientHello's)
-sh_group=$(grep -A 400 'ServerHello' "$work/client4.log" | grep -m1 'NamedGroup:' | sed 's/^ *//')
+# -trace: the first "NamedGroup" line after "ServerHello" is the ServerHello's key_share
+sh_group=$(awk '/ServerHello/ { sh = 1 } sh && /NamedGroup:/ { sub(/^ */, ""); print; exit }' \
+  "$work/client4.log")
 [ "$sh_group" = "NamedGroup: UNKNOWN (65088)" ] ||
   fail "ServerHello key_share is '$sh_group', want qkd's codepoint 0xfe40 (65088)"
 pass "Python server answered over TLS 1.3; ServerHello key_share 0xfe40 = qkd (client offered only qkd)"
