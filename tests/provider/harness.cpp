@@ -1,6 +1,8 @@
 #include "harness.hpp"
 
+#include <openssl/core_names.h>
 #include <openssl/err.h>
+#include <openssl/provider.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -102,6 +104,35 @@ std::string drain_errors() {
     }
     out += "\n";
   }
+  return out;
+}
+
+std::vector<AdvertisedGroup> advertised_groups() {
+  std::vector<AdvertisedGroup> out;
+  LibCtxPtr lib(OSSL_LIB_CTX_new());
+  if (!lib || OSSL_PROVIDER_set_default_search_path(lib.get(), QKD_MODULE_DIR) != 1) {
+    return out;
+  }
+  OSSL_PROVIDER* prov = OSSL_PROVIDER_load(lib.get(), "qkdprovider");
+  if (prov == nullptr) {
+    ERR_clear_error();
+    return out;
+  }
+  const auto collect = [](const OSSL_PARAM params[], void* arg) -> int {
+    AdvertisedGroup g;
+    const char* name = nullptr;
+    const OSSL_PARAM* p = OSSL_PARAM_locate_const(params, OSSL_CAPABILITY_TLS_GROUP_NAME);
+    if (p == nullptr || OSSL_PARAM_get_utf8_string_ptr(p, &name) != 1) {
+      return 0;
+    }
+    g.name = name;
+    OSSL_PARAM_get_uint(OSSL_PARAM_locate_const(params, OSSL_CAPABILITY_TLS_GROUP_ID),
+                        &g.codepoint);
+    static_cast<std::vector<AdvertisedGroup>*>(arg)->push_back(std::move(g));
+    return 1;
+  };
+  OSSL_PROVIDER_get_capabilities(prov, "TLS-GROUP", collect, &out);
+  OSSL_PROVIDER_unload(prov);
   return out;
 }
 

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace qkd::test_prov {
 
@@ -53,6 +54,14 @@ struct Handshake {
 };
 // Drives both sides over a BIO pair until both finish or one fails.
 Handshake handshake(SSL_CTX* client_ctx, SSL_CTX* server_ctx);
+
+// The TLS groups qkdprovider advertises (its TLS-GROUP capability, read from the built
+// module in a fresh library context), in the provider's order. Empty if it cannot load.
+struct AdvertisedGroup {
+  std::string name;
+  unsigned int codepoint = 0;
+};
+std::vector<AdvertisedGroup> advertised_groups();
 
 // Pops the whole OpenSSL error queue into lines "lib:reason:data".
 std::string drain_errors();

@@ -105,6 +105,10 @@ TEST_F(ProviderLoad, TlsGroupCapabilityMatchesTheTable) {
   }
   EXPECT_EQ(seen[0].name, "qkd");
   EXPECT_EQ(seen[0].id, 0xFE40U);
+  EXPECT_EQ(seen[1].name, "x25519_qkd");
+  EXPECT_EQ(seen[1].id, 0xFE41U);
+  EXPECT_EQ(seen[2].name, "p256_qkd");
+  EXPECT_EQ(seen[2].id, 0xFE42U);
 }
 
 TEST_F(ProviderLoad, LibsslAcceptsTheGroupName) {
@@ -112,6 +116,7 @@ TEST_F(ProviderLoad, LibsslAcceptsTheGroupName) {
   ASSERT_TRUE(ctx);
   EXPECT_EQ(SSL_CTX_set1_groups_list(ctx.get(), "qkd"), 1);
   EXPECT_EQ(SSL_CTX_set1_groups_list(ctx.get(), "qkd:X25519"), 1);
+  EXPECT_EQ(SSL_CTX_set1_groups_list(ctx.get(), "x25519_qkd:p256_qkd:qkd"), 1);
   EXPECT_NE(SSL_CTX_set1_groups_list(ctx.get(), "QKD"), 1) << "names are case-sensitive";
   drain_errors();
 }
@@ -153,14 +158,17 @@ TEST_F(ProviderLoad, KeygenWithoutSettingsNamesTheMissingSetting) {
 TEST(ProviderConfig, CodepointOverrideAndBadCodepoint) {
   const std::string dir = make_temp_dir("cfg");
   {
-    auto lib = load_libctx(write_provider_config(dir + "/ok.cnf", {{"qkd_codepoint", "0xFE41"}}));
+    auto lib = load_libctx(write_provider_config(
+        dir + "/ok.cnf", {{"qkd_codepoint", "0xFE50"}, {"p256_qkd_codepoint", "0xFE52"}}));
     ASSERT_TRUE(lib) << drain_errors();
     OSSL_PROVIDER* p = OSSL_PROVIDER_load(lib.get(), "qkdprovider");
     ASSERT_NE(p, nullptr);
     std::vector<GroupSeen> seen;
     OSSL_PROVIDER_get_capabilities(p, "TLS-GROUP", collect_group, &seen);
-    ASSERT_EQ(seen.size(), 1U);
-    EXPECT_EQ(seen[0].id, 0xFE41U);
+    ASSERT_EQ(seen.size(), qkd::prov::kGroups.size());
+    EXPECT_EQ(seen[0].id, 0xFE50U);
+    EXPECT_EQ(seen[1].id, 0xFE41U);
+    EXPECT_EQ(seen[2].id, 0xFE52U);
     OSSL_PROVIDER_unload(p);
   }
   {

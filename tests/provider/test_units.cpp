@@ -1,12 +1,14 @@
-// Unit tests: the group table, the wire format, settings, admission limits, and the ETSI
+// Unit tests: the group table, the wire format, the hybrids' classical half, settings, admission limits, and the ETSI
 // client's URL, base64, HTTP and JSON parsing.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "admission.hpp"
+#include "classical.hpp"
 #include "groups.hpp"
 #include "qkd/etsi/client_detail.hpp"
 #include "settings.hpp"
