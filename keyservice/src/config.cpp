@@ -11,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "qkd/kms/key_store.hpp"
 #include "qkd/kms/util.hpp"
 
 namespace qkd::kms {
@@ -377,6 +378,18 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
   c.saes = top.string_list("saes");
   c.keys = parse_keys(top);
   c.link = parse_link(top, base, check_files);
+  if (top.has("store")) {
+    ObjectReader r(top.get("store"), "store");
+    c.store.enabled = true;
+    c.store.path = resolve(base, r.string("path"));
+    c.store.node_key_file = resolve(base, r.string("node_key_file"));
+    if (check_files) {
+      if (auto k = read_node_key_file(c.store.node_key_file.string()); !k.ok()) {
+        fail(r.field("node_key_file"), k.error().message);
+      }
+    }
+    r.finish();
+  }
   if (top.has("log_level")) {
     static const std::vector<std::string> kLevels = {"trace", "debug",    "info", "warn",
                                                      "error", "critical", "off"};

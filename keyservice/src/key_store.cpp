@@ -1,8 +1,10 @@
-// In-memory key store (see key_store.hpp for the pool layout).
+// The key store (see key_store.hpp for the pool layout): state in memory, changes recorded
+// in an optional journal (store_journal.hpp) that makes them durable.
 #include "qkd/kms/key_store.hpp"
 
 #include <fmt/format.h>
 #include <openssl/crypto.h>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <array>
@@ -13,6 +15,7 @@
 #include <unordered_set>
 
 #include "qkd/kms/util.hpp"
+#include "store_journal.hpp"
 
 namespace qkd::kms {
 
@@ -47,6 +50,14 @@ class DirectionStream {
 
   [[nodiscard]] std::uint64_t cursor() const { return cursor_; }
 
+  // The stored chunk `chunk_index` (bytes below the cursor are zero). Precondition: held.
+  [[nodiscard]] std::span<const std::uint8_t> chunk(std::uint64_t chunk_index) const {
+    return chunks_[chunk_index - front_chunk_];
+  }
+  [[nodiscard]] bool holds(std::uint64_t chunk_index) const {
+    return chunk_index >= front_chunk_ && chunk_index < front_chunk_ + chunks_.size();
+  }
+
   // Copies [offset, offset+len) out, then cleanses everything below offset+len.
   // Precondition: cursor <= offset and offset+len is committed.
   void take(std::uint64_t offset, std::uint32_t len, qkd::core::SecureBytes& out) {
@@ -67,6 +78,14 @@ class DirectionStream {
       chunks_.pop_front();
       ++front_chunk_;
     }
+  }
+
+  // Empties the stream and places its cursor at `cursor` (restoring a stored stream: the
+  // chunks from cursor / kChunkBytes on are put() next).
+  void restore(std::uint64_t cursor) {
+    clear();
+    cursor_ = cursor;
+    front_chunk_ = cursor / kChunkBytes;
   }
 
   void clear() {
@@ -95,50 +114,187 @@ struct AssignedKey {
   std::vector<std::string> slaves;
 };
 
-class MemoryKeyStore final : public KeyStore {
+std::string_view cursor_name(Direction d) {
+  return d == Direction::kAlice ? detail::kCursorAlice : detail::kCursorBob;
+}
+
+Error store_failure(const Error& e) {
+  return Error{ErrorCode::kUnavailable, fmt::format("key store unavailable: {}", e.message)};
+}
+
+// The store: state in memory, every change also recorded in the journal (when there is one)
+// and made durable before the call returns.
+class JournaledStore final : public KeyStore {
  public:
-  explicit MemoryKeyStore(Direction own) : own_(own) {}
+  JournaledStore(Direction own, std::unique_ptr<detail::Journal> journal, detail::StoredState st)
+      : own_(own), journal_(std::move(journal)), link_(std::move(st.link)) {
+    committed_ = st.committed;
+    for (int d = 0; d < 2; ++d) {
+      streams_[d].restore(st.cursor[d]);
+    }
+    for (const auto& c : st.chunks) {
+      DirectionStream& s = streams_[static_cast<int>(c.dir)];
+      if (c.index < s.cursor() / kChunkBytes || c.bytes.size() != kChunkBytes) {
+        continue;
+      }
+      for (std::size_t i = 0; i < kChunkBytes; ++i) {
+        s.put(c.index, i, c.bytes[i]);
+      }
+    }
+    for (auto& k : st.assigned) {
+      records_.emplace(k.key_id, AssignedKey{std::move(k.key), std::move(k.master),
+                                             std::move(k.slaves)});
+    }
+    for (auto& id : st.used_ids) {
+      if (used_ids_.insert(id).second) {
+        used_order_.push_back(std::move(id));
+      }
+    }
+    for (auto& [ord, a] : st.waiting) {
+      pending_.emplace_back(ord, std::move(a));
+      next_ordinal_ = std::max(next_ordinal_, ord + 1);
+    }
+  }
 
   void set_assignment_listener(AssignmentListener listener) override {
     std::lock_guard lock(mu_);
     listener_ = std::move(listener);
   }
 
-  void commit(std::span<const std::uint8_t> block_key) override {
+  void set_notice_hooks(NoticeEncoder encode, NoticeRelease release) override {
     std::lock_guard lock(mu_);
-    for (std::uint8_t b : block_key) {
-      const std::uint64_t chunk = committed_ / kChunkBytes;
-      const auto pos = static_cast<std::size_t>(committed_ % kChunkBytes);
-      streams_[chunk % 2].put(chunk / 2, pos, b);
-      ++committed_;
+    encoder_ = std::move(encode);
+    release_ = std::move(release);
+  }
+
+  LinkState link_state() const override {
+    std::lock_guard lock(mu_);
+    return link_;
+  }
+
+  void commit(std::span<const std::uint8_t> block_key) override {
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      commit_locked(block_key);
+      ticket = seal_locked();
     }
-    (void)drain_pending_locked();  // overlapping notices are dropped
     cv_.notify_all();
+    if (auto s = durable(ticket); !s.ok()) {
+      spdlog::error("{}", s.error().message);
+    }
+  }
+
+  Status commit_block(std::span<const std::uint8_t> block_key, std::uint64_t epoch,
+                      std::uint64_t blocks) override {
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      commit_locked(block_key);
+      if (journal_) {
+        journal_->set_value(detail::kEpoch, epoch);
+        journal_->set_value(detail::kBlocks, blocks);
+        journal_->set_pending_block(std::nullopt);
+      }
+      ticket = seal_locked();
+    }
+    cv_.notify_all();
+    return durable(ticket);
   }
 
   void reset_pool() override {
-    std::lock_guard lock(mu_);
-    streams_[0].clear();
-    streams_[1].clear();
-    committed_ = 0;
-    pending_.clear();
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      reset_pool_locked();
+      ticket = seal_locked();
+    }
+    if (auto s = durable(ticket); !s.ok()) {
+      spdlog::error("{}", s.error().message);
+    }
+  }
+
+  Status start_epoch(std::uint64_t epoch) override {
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      reset_pool_locked();
+      if (journal_) {
+        journal_->set_value(detail::kEpoch, epoch);
+        journal_->set_value(detail::kBlocks, 0);
+        journal_->set_value(detail::kNextSeq, 1);
+        journal_->set_value(detail::kLastAppliedSeq, 0);
+        journal_->clear_notices();
+        journal_->set_pending_block(std::nullopt);
+      }
+      ticket = seal_locked();
+    }
+    return durable(ticket);
+  }
+
+  Status set_pending_block(const std::optional<PendingBlock>& pending) override {
+    if (!journal_) {
+      return qkd::core::ok_status();
+    }
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      journal_->set_pending_block(pending);
+      ticket = seal_locked();
+    }
+    return durable(ticket);
   }
 
   Status apply_peer_assignment(KeyAssignment a) override {
-    std::lock_guard lock(mu_);
-    if (a.direction == own_) {
-      return qkd::core::make_error(ErrorCode::kProtocol,
-                                   "peer assigned a key from this KME's direction");
+    std::uint64_t ticket = 0;
+    Status st = qkd::core::ok_status();
+    {
+      std::lock_guard lock(mu_);
+      st = enqueue_peer_assignment_locked(std::move(a));
+      if (Status d = drain_pending_locked(); st.ok() && !d.ok()) {
+        st = d;
+      }
+      ticket = seal_locked();
     }
-    if (a.length == 0 || a.key_id.empty() || records_.contains(a.key_id) ||
-        used_ids_.contains(a.key_id)) {
-      return qkd::core::make_error(ErrorCode::kProtocol,
-                                   fmt::format("bad or duplicate assignment {}", a.key_id));
-    }
-    pending_.push_back(std::move(a));
-    Status st = drain_pending_locked();
     cv_.notify_all();
+    if (auto d = durable(ticket); !d.ok()) {
+      return d;
+    }
     return st;
+  }
+
+  Status apply_peer_notice(std::uint64_t seq, std::vector<KeyAssignment> as) override {
+    std::uint64_t ticket = 0;
+    Status st = qkd::core::ok_status();
+    {
+      std::lock_guard lock(mu_);
+      for (auto& a : as) {
+        if (Status s = enqueue_peer_assignment_locked(std::move(a)); st.ok() && !s.ok()) {
+          st = s;
+        }
+      }
+      if (Status d = drain_pending_locked(); st.ok() && !d.ok()) {
+        st = d;
+      }
+      if (journal_) {
+        journal_->set_value(detail::kLastAppliedSeq, seq);
+      }
+      ticket = seal_locked();
+    }
+    cv_.notify_all();
+    if (auto d = durable(ticket); !d.ok()) {
+      return d;
+    }
+    return st;
+  }
+
+  void ack_notices(std::uint64_t seq) override {
+    if (!journal_) {
+      return;
+    }
+    std::lock_guard lock(mu_);
+    journal_->drop_notices_upto(seq);
+    (void)seal_locked();  // no need to wait: a lost ack only resends a notice
   }
 
   Result<std::vector<DeliveredKey>> allocate(const std::string& master_sae,
@@ -157,30 +313,53 @@ class MemoryKeyStore final : public KeyStore {
       }
       ids.push_back(std::move(id.value()));
     }
-    std::lock_guard lock(mu_);
-    DirectionStream& s = own_stream();
-    const std::uint64_t need = std::uint64_t{number} * size_bytes;
-    const std::uint64_t avail = direction_bytes(committed_, own_) - s.cursor();
-    if (need > avail) {
-      return qkd::core::make_error(
-          ErrorCode::kUnavailable,
-          fmt::format("not enough key material: {} bits requested, {} bits available", need * 8,
-                      avail * 8));
-    }
     std::vector<DeliveredKey> keys;
-    std::vector<KeyAssignment> assignments;
-    keys.reserve(number);
-    assignments.reserve(number);
-    for (std::uint32_t i = 0; i < number; ++i) {
-      KeyAssignment a{ids[i], own_, s.cursor(), size_bytes, master_sae, slave_saes};
-      DeliveredKey k{ids[i], {}};
-      s.take(a.offset, a.length, k.key);
-      remember_used_locked(ids[i]);
-      keys.push_back(std::move(k));
-      assignments.push_back(std::move(a));
+    std::optional<std::uint64_t> notice_seq;
+    NoticeRelease release;
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      DirectionStream& s = own_stream();
+      const std::uint64_t need = std::uint64_t{number} * size_bytes;
+      const std::uint64_t avail = direction_bytes(committed_, own_) - s.cursor();
+      if (need > avail) {
+        return qkd::core::make_error(
+            ErrorCode::kUnavailable,
+            fmt::format("not enough key material: {} bits requested, {} bits available",
+                        need * 8, avail * 8));
+      }
+      std::vector<KeyAssignment> assignments;
+      keys.reserve(number);
+      assignments.reserve(number);
+      for (std::uint32_t i = 0; i < number; ++i) {
+        KeyAssignment a{ids[i], own_, s.cursor(), size_bytes, master_sae, slave_saes};
+        DeliveredKey k{ids[i], {}};
+        s.take(a.offset, a.length, k.key);
+        remember_used_locked(ids[i]);
+        keys.push_back(std::move(k));
+        assignments.push_back(std::move(a));
+      }
+      sync_cursor_locked(own_);
+      if (listener_) {
+        listener_(assignments);
+      }
+      if (encoder_) {
+        StoredNotice n = encoder_(assignments);
+        if (journal_) {
+          journal_->put_notice(n);
+          journal_->set_value(detail::kNextSeq, n.seq + 1);
+        }
+        notice_seq = n.seq;
+        release = release_;
+      }
+      ticket = seal_locked();
     }
-    if (listener_) {
-      listener_(assignments);
+    // The keys are consumed durably before their bytes leave the store.
+    if (auto d = durable(ticket); !d.ok()) {
+      return d.error();
+    }
+    if (notice_seq && release) {
+      release(*notice_seq);
     }
     return keys;
   }
@@ -201,46 +380,58 @@ class MemoryKeyStore final : public KeyStore {
       }
     }
     const auto deadline = std::chrono::steady_clock::now() + wait;
-    std::unique_lock lock(mu_);
-    for (;;) {
-      bool all_present = true;
-      for (const auto& id : key_ids) {
-        if (used_ids_.contains(id)) {
-          return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
-        }
-        if (!records_.contains(id)) {
-          all_present = false;
-        }
-      }
-      if (all_present) {
-        break;
-      }
-      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
-        // One last look after the deadline, then give up.
-        bool present = std::all_of(key_ids.begin(), key_ids.end(),
-                                   [&](const std::string& id) { return records_.contains(id); });
-        if (!present) {
-          return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
-        }
-        break;
-      }
-    }
-    for (const auto& id : key_ids) {
-      const AssignedKey& r = records_.at(id);
-      const bool slave_ok =
-          std::find(r.slaves.begin(), r.slaves.end(), caller_sae) != r.slaves.end();
-      if (!slave_ok || r.master != master_sae) {
-        return qkd::core::make_error(ErrorCode::kAuthentication,
-                                     "caller is not an allowed slave of every key, or the "
-                                     "master SAE does not match");
-      }
-    }
     std::vector<DeliveredKey> out;
-    out.reserve(key_ids.size());
-    for (const auto& id : key_ids) {
-      auto node = records_.extract(id);
-      out.push_back(DeliveredKey{id, std::move(node.mapped().key)});
-      remember_used_locked(id);
+    std::uint64_t ticket = 0;
+    {
+      std::unique_lock lock(mu_);
+      for (;;) {
+        bool all_present = true;
+        for (const auto& id : key_ids) {
+          if (used_ids_.contains(id)) {
+            return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
+          }
+          if (!records_.contains(id)) {
+            all_present = false;
+          }
+        }
+        if (all_present) {
+          break;
+        }
+        if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+          // One last look after the deadline, then give up.
+          bool present = std::all_of(key_ids.begin(), key_ids.end(), [&](const std::string& id) {
+            return records_.contains(id);
+          });
+          if (!present) {
+            return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
+          }
+          break;
+        }
+      }
+      for (const auto& id : key_ids) {
+        const AssignedKey& r = records_.at(id);
+        const bool slave_ok =
+            std::find(r.slaves.begin(), r.slaves.end(), caller_sae) != r.slaves.end();
+        if (!slave_ok || r.master != master_sae) {
+          return qkd::core::make_error(ErrorCode::kAuthentication,
+                                       "caller is not an allowed slave of every key, or the "
+                                       "master SAE does not match");
+        }
+      }
+      out.reserve(key_ids.size());
+      for (const auto& id : key_ids) {
+        auto node = records_.extract(id);
+        out.push_back(DeliveredKey{id, std::move(node.mapped().key)});
+        if (journal_) {
+          journal_->drop_assigned(id);
+        }
+        remember_used_locked(id);
+      }
+      ticket = seal_locked();
+    }
+    // Durably consumed before the bytes leave the store.
+    if (auto d = durable(ticket); !d.ok()) {
+      return d.error();
     }
     return out;
   }
@@ -262,15 +453,97 @@ class MemoryKeyStore final : public KeyStore {
  private:
   DirectionStream& own_stream() { return streams_[static_cast<int>(own_)]; }
 
+  std::uint64_t seal_locked() { return journal_ ? journal_->seal() : 0; }
+
+  Status durable(std::uint64_t ticket) {
+    if (!journal_) {
+      return qkd::core::ok_status();
+    }
+    if (auto s = journal_->wait(ticket); !s.ok()) {
+      return store_failure(s.error());
+    }
+    return qkd::core::ok_status();
+  }
+
+  void commit_locked(std::span<const std::uint8_t> block_key) {
+    const std::uint64_t first = committed_;
+    for (std::uint8_t b : block_key) {
+      const std::uint64_t chunk = committed_ / kChunkBytes;
+      const auto pos = static_cast<std::size_t>(committed_ % kChunkBytes);
+      streams_[chunk % 2].put(chunk / 2, pos, b);
+      ++committed_;
+    }
+    if (journal_ && committed_ > first) {
+      for (std::uint64_t c = first / kChunkBytes; c <= (committed_ - 1) / kChunkBytes; ++c) {
+        const DirectionStream& s = streams_[c % 2];
+        if (s.holds(c / 2)) {
+          journal_->put_chunk(static_cast<Direction>(c % 2), c / 2, s.chunk(c / 2));
+        }
+      }
+      journal_->set_value(detail::kCommitted, committed_);
+    }
+    (void)drain_pending_locked();  // overlapping notices are dropped
+  }
+
+  void reset_pool_locked() {
+    streams_[0].clear();
+    streams_[1].clear();
+    committed_ = 0;
+    pending_.clear();
+    if (journal_) {
+      journal_->clear_pool();
+      journal_->set_value(detail::kCommitted, 0);
+      journal_->set_value(detail::kCursorAlice, 0);
+      journal_->set_value(detail::kCursorBob, 0);
+    }
+  }
+
+  // Records direction d's cursor: drops wholly used chunks and rewrites a partly used one
+  // (its used bytes are zero in memory).
+  void sync_cursor_locked(Direction d) {
+    if (!journal_) {
+      return;
+    }
+    const DirectionStream& s = streams_[static_cast<int>(d)];
+    const std::uint64_t front = s.cursor() / kChunkBytes;
+    journal_->drop_chunks_below(d, front);
+    if (s.cursor() % kChunkBytes != 0 && s.holds(front)) {
+      journal_->put_chunk(d, front, s.chunk(front));
+    }
+    journal_->set_value(cursor_name(d), s.cursor());
+  }
+
+  Status enqueue_peer_assignment_locked(KeyAssignment a) {
+    if (a.direction == own_) {
+      return qkd::core::make_error(ErrorCode::kProtocol,
+                                   "peer assigned a key from this KME's direction");
+    }
+    if (a.length == 0 || a.key_id.empty() || records_.contains(a.key_id) ||
+        used_ids_.contains(a.key_id)) {
+      return qkd::core::make_error(ErrorCode::kProtocol,
+                                   fmt::format("bad or duplicate assignment {}", a.key_id));
+    }
+    const std::uint64_t ord = next_ordinal_++;
+    if (journal_) {
+      journal_->put_waiting(ord, a);
+    }
+    pending_.emplace_back(ord, std::move(a));
+    return qkd::core::ok_status();
+  }
+
   Status drain_pending_locked() {
     Status result = qkd::core::ok_status();
+    bool moved[2] = {false, false};
     while (!pending_.empty()) {
-      KeyAssignment& a = pending_.front();
+      auto& [ord, a] = pending_.front();
       DirectionStream& s = streams_[static_cast<int>(a.direction)];
       if (a.offset < s.cursor()) {
         result = qkd::core::make_error(
             ErrorCode::kProtocol,
             fmt::format("assignment {} overlaps bytes already used", a.key_id));
+        if (journal_) {
+          journal_->drop_waiting(ord);
+        }
         pending_.pop_front();
         continue;
       }
@@ -279,16 +552,29 @@ class MemoryKeyStore final : public KeyStore {
       }
       AssignedKey rec;
       s.take(a.offset, a.length, rec.key);
+      moved[static_cast<int>(a.direction)] = true;
       rec.master = std::move(a.master_sae);
       rec.slaves = std::move(a.slave_saes);
+      if (journal_) {
+        journal_->put_assigned(detail::StoredKey{a.key_id, rec.master, rec.slaves, rec.key});
+        journal_->drop_waiting(ord);
+      }
       records_.emplace(std::move(a.key_id), std::move(rec));
       pending_.pop_front();
+    }
+    for (int d = 0; d < 2; ++d) {
+      if (moved[d]) {
+        sync_cursor_locked(static_cast<Direction>(d));
+      }
     }
     return result;
   }
 
   void remember_used_locked(const std::string& id) {
     if (used_ids_.insert(id).second) {
+      if (journal_) {
+        journal_->add_used(id);
+      }
       used_order_.push_back(id);
       if (used_order_.size() > kMaxRememberedIds) {
         used_ids_.erase(used_order_.front());
@@ -298,12 +584,17 @@ class MemoryKeyStore final : public KeyStore {
   }
 
   const Direction own_;
+  std::unique_ptr<detail::Journal> journal_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   AssignmentListener listener_;
+  NoticeEncoder encoder_;
+  NoticeRelease release_;
+  LinkState link_;  // as found when opened
   std::array<DirectionStream, 2> streams_;
   std::uint64_t committed_ = 0;
-  std::deque<KeyAssignment> pending_;
+  std::deque<std::pair<std::uint64_t, KeyAssignment>> pending_;  // (ordinal, assignment)
+  std::uint64_t next_ordinal_ = 1;
   std::unordered_map<std::string, AssignedKey> records_;
   std::unordered_set<std::string> used_ids_;
   std::deque<std::string> used_order_;
@@ -312,7 +603,14 @@ class MemoryKeyStore final : public KeyStore {
 }  // namespace
 
 std::unique_ptr<KeyStore> make_memory_key_store(Direction own) {
-  return std::make_unique<MemoryKeyStore>(own);
+  return std::make_unique<JournaledStore>(own, nullptr, detail::StoredState{});
 }
+
+namespace detail {
+std::unique_ptr<KeyStore> make_journaled_store(Direction own, std::unique_ptr<Journal> journal,
+                                               StoredState state) {
+  return std::make_unique<JournaledStore>(own, std::move(journal), std::move(state));
+}
+}  // namespace detail
 
 }  // namespace qkd::kms

@@ -66,8 +66,20 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   Impl& im = *kme->impl_;
   im.config = std::move(config);
   const Config& c = im.config;
-  im.store =
-      make_memory_key_store(c.link.role == LinkRole::kAlice ? Direction::kAlice : Direction::kBob);
+  const Direction own = c.link.role == LinkRole::kAlice ? Direction::kAlice : Direction::kBob;
+  if (c.store.enabled) {
+    auto node_key = read_node_key_file(c.store.node_key_file.string());
+    if (!node_key.ok()) {
+      return node_key.error();
+    }
+    auto store = make_sqlite_key_store(own, c.store.path.string(), node_key->span());
+    if (!store.ok()) {
+      return store.error();
+    }
+    im.store = std::move(store.value());
+  } else {
+    im.store = make_memory_key_store(own);
+  }
   auto api_tls = make_tls_context(c.api, TlsRole::kServer);
   if (!api_tls.ok()) {
     return api_tls.error();

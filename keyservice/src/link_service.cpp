@@ -67,11 +67,6 @@ KeyAssignment assignment_from_json(const json& j) {
   return a;
 }
 
-struct PendingBlock {
-  std::uint64_t block = 0;
-  qkd::core::SecureBytes key;
-};
-
 struct OutboxEntry {
   std::uint64_t seq = 0;
   std::vector<std::uint8_t> message;  // encoded notice
@@ -121,7 +116,9 @@ struct LinkService::Impl {
   double sim_seconds = 0, raw_bits = 0, sifted_bits = 0, secret_bits = 0;
 
   // --- helpers ---
-  void on_assignments(const std::vector<KeyAssignment>& as) {
+  // Queues the notice of an allocation (called by the store while the allocation is
+  // exclusive); it leaves in on_durable once the store has the allocation on disk.
+  StoredNotice on_assignments(const std::vector<KeyAssignment>& as) {
     json keys = json::array();
     for (const auto& a : as) {
       keys.push_back(assignment_to_json(a));
@@ -129,8 +126,12 @@ struct LinkService::Impl {
     std::lock_guard lock(out_mu);
     OutboxEntry e{next_seq++, {}};
     e.message = to_bytes(json{{"t", "notice"}, {"seq", e.seq}, {"keys", std::move(keys)}});
-    const std::uint64_t seq = e.seq;
-    outbox.push_back(std::move(e));
+    outbox.push_back(e);
+    return StoredNotice{e.seq, std::move(e.message)};
+  }
+
+  void on_durable(std::uint64_t seq) {
+    std::lock_guard lock(out_mu);
     if (config.link.notice_delay_ms == 0) {
       send_outbox_locked(seq);
       return;
@@ -180,7 +181,9 @@ struct LinkService::Impl {
 
   // Forget the pool and all notice state (under state_mu).
   void reset_locked(std::uint64_t new_epoch) {
-    store.reset_pool();
+    if (auto s = store.start_epoch(new_epoch); !s.ok()) {
+      spdlog::error("link: {}", s.error().message);
+    }
     epoch = new_epoch;
     blocks = 0;
     pending.reset();
@@ -223,10 +226,13 @@ struct LinkService::Impl {
     try {
       if (t == "ack") {
         const auto seq = j.at("seq").get<std::uint64_t>();
-        std::lock_guard lock(out_mu);
-        while (!outbox.empty() && outbox.front().seq <= seq) {
-          outbox.pop_front();
+        {
+          std::lock_guard lock(out_mu);
+          while (!outbox.empty() && outbox.front().seq <= seq) {
+            outbox.pop_front();
+          }
         }
+        store.ack_notices(seq);  // not under out_mu: the store calls on_assignments under its lock
         return true;
       }
       const auto seq = j.at("seq").get<std::uint64_t>();
@@ -243,13 +249,15 @@ struct LinkService::Impl {
         }
       }
       if (fresh) {
-        for (auto& a : as) {
-          const std::string id = a.key_id;
-          if (auto s = store.apply_peer_assignment(std::move(a)); !s.ok()) {
-            spdlog::error("link: notice {} key {}: {}", seq, id, s.error().message);
+        const std::size_t n = as.size();
+        // Applied durably before the ack lets the peer forget the notice.
+        if (auto s = store.apply_peer_notice(seq, std::move(as)); !s.ok()) {
+          spdlog::error("link: notice {}: {}", seq, s.error().message);
+          if (s.error().code == ErrorCode::kUnavailable) {
+            return false;  // not stored: no ack; the peer resends it next session
           }
         }
-        spdlog::debug("link: applied notice {} ({} keys)", seq, as.size());
+        spdlog::debug("link: applied notice {} ({} keys)", seq, n);
       }
       (void)conn.send(Channel::kControl, to_bytes(json{{"t", "ack"}, {"seq", seq}}));
       return true;
@@ -293,7 +301,9 @@ struct LinkService::Impl {
               return false;
             }
             if (j->at("commit_pending").get<bool>() && pending) {
-              store.commit(pending->key.span());
+              if (!store.commit_block(pending->key.span(), epoch, blocks + 1).ok()) {
+                return false;
+              }
               ++blocks;
               spdlog::info("link: committed pending block {} at session start", pending->block);
             }
@@ -312,7 +322,10 @@ struct LinkService::Impl {
           spdlog::warn("link: commit for block {} that is not pending", b);
           return false;
         }
-        store.commit(pending->key.span());
+        if (auto s = store.commit_block(pending->key.span(), epoch, blocks + 1); !s.ok()) {
+          spdlog::error("link: {}", s.error().message);
+          return false;
+        }
         ++blocks;
         pending.reset();
         return true;
@@ -460,7 +473,10 @@ struct LinkService::Impl {
       }
       {
         std::lock_guard lock(state_mu);
-        store.commit(r->key.span().first(bytes));
+        // On disk before Bob hears of the commit.
+        if (auto s = store.commit_block(r->key.span().first(bytes), epoch, blocks + 1); !s.ok()) {
+          return s;
+        }
         ++blocks;
       }
       (void)conn->send(Channel::kControl, to_bytes(json{{"t", "commit"}, {"block", block}}));
@@ -476,7 +492,8 @@ struct LinkService::Impl {
       return decision.error();
     }
     establish(conn);
-    spdlog::info("link: session with {} established", conn->peer());
+    spdlog::info("link: session with {} established ({})", conn->peer(),
+                 decision->value("mode", std::string("?")));
     auto quantum = conn->transport(Channel::kQuantum);
     auto classical = conn->transport(Channel::kClassical);
     qkd::core::BobEndpoint endpoint(config.link.protocol, config.link.psk.span(), fresh_seed(),
@@ -501,7 +518,12 @@ struct LinkService::Impl {
       }
       {
         std::lock_guard lock(state_mu);
-        pending.reset();
+        if (pending) {
+          pending.reset();
+          if (auto s = store.set_pending_block(std::nullopt); !s.ok()) {
+            return s;
+          }
+        }
       }
       auto r = endpoint.run_block();
       if (!r.ok()) {
@@ -515,6 +537,10 @@ struct LinkService::Impl {
       if (bytes > 0) {
         std::lock_guard lock(state_mu);
         pending = PendingBlock{block, qkd::core::SecureBytes(r->key.span().first(bytes))};
+        // On disk before ready: Alice may commit it as soon as she has ready.
+        if (auto s = store.set_pending_block(pending); !s.ok()) {
+          return s;
+        }
       }
       if (auto s = conn->send(Channel::kControl,
                               to_bytes(json{{"t", "ready"}, {"block", block}, {"bytes", bytes}}));
@@ -599,13 +625,30 @@ LinkService::LinkService(const Config& config, KeyStore& store, boost::asio::io_
                          std::shared_ptr<boost::asio::ssl::context> tls)
     : impl_(std::make_unique<Impl>(config, store, ioc, std::move(tls))) {
   Impl* im = impl_.get();
-  store.set_assignment_listener(
-      [im](const std::vector<KeyAssignment>& as) { im->on_assignments(as); });
+  // Resume from the state the store kept (all defaults for a new or in-memory store).
+  LinkState ls = store.link_state();
+  im->epoch = ls.epoch;
+  im->blocks = ls.blocks;
+  im->pending = std::move(ls.pending);
+  im->next_seq = ls.next_seq;
+  im->last_applied_seq = ls.last_applied_seq;
+  for (auto& n : ls.outbox) {
+    im->next_seq = std::max(im->next_seq, n.seq + 1);
+    im->due_seq = std::max(im->due_seq, n.seq);
+    im->outbox.push_back(OutboxEntry{n.seq, std::move(n.message)});
+  }
+  if (ls.epoch != 0) {
+    spdlog::info("link: stored pool epoch {:x} with {} blocks, {} notices unacknowledged",
+                 ls.epoch, ls.blocks, im->outbox.size());
+  }
+  store.set_notice_hooks(
+      [im](const std::vector<KeyAssignment>& as) { return im->on_assignments(as); },
+      [im](std::uint64_t seq) { im->on_durable(seq); });
 }
 
 LinkService::~LinkService() {
   stop();
-  impl_->store.set_assignment_listener(nullptr);
+  impl_->store.set_notice_hooks(nullptr, nullptr);
 }
 
 qkd::core::Result<std::uint16_t> LinkService::start() {

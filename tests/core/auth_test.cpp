@@ -148,5 +148,34 @@ TEST(WegmanCarterTag, KnownAnswersAndTruncation) {
   }
 }
 
+TEST(PolyHash, IncrementalEqualsOneShot) {
+  // The transcript hash: any split of the data into updates gives poly_hash of the whole.
+  Xoshiro256ss rng(77);
+  std::array<std::uint8_t, 16> key{};
+  for (auto& b : key) {
+    b = static_cast<std::uint8_t>(rng.next());
+  }
+  for (std::size_t n : {0UL, 1UL, 15UL, 16UL, 17UL, 100UL, 1000UL}) {
+    const auto m = message(n);
+    for (int trial = 0; trial < 20; ++trial) {
+      PolyHasher h(key);
+      std::size_t at = 0;
+      while (at < n) {
+        const std::size_t len = std::min<std::size_t>(n - at, rng.below(40));
+        h.update(std::span<const std::uint8_t>(m).subspan(at, len));
+        at += len;
+      }
+      EXPECT_EQ(h.finish(), poly_hash(key, m)) << n << " bytes, trial " << trial;
+      EXPECT_EQ(h.bytes(), n);
+    }
+  }
+  PolyHasher h(key);
+  h.update(message(33));
+  h.reset(key_0_to_15());
+  EXPECT_EQ(hex(h.finish()), "00000000000000000000000000000000");
+  h.update(message(100));
+  EXPECT_EQ(hex(h.finish()), "eacab81438961115765acab37501e6c6");
+}
+
 }  // namespace
 }  // namespace qkd::core::detail

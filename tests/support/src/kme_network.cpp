@@ -131,6 +131,23 @@ qkd::core::Result<std::unique_ptr<KmeNetwork>> KmeNetwork::start(KmeNetworkOptio
   constexpr const char* kPlaceholder = "127.0.0.1:1";
   json acfg = make_config("alice-kme", "alice", "bob-kme", "bob", true, psk, 0, net->options_);
   json bcfg = make_config("bob-kme", "bob", "alice-kme", "alice", false, psk, 1, net->options_);
+  if (net->options_.durable_store) {
+    for (const auto& [cfg, id] : {std::pair<json*, const char*>{&acfg, "alice-kme"},
+                                  std::pair<json*, const char*>{&bcfg, "bob-kme"}}) {
+      const auto key_file = net->dir_ / fmt::format("{}.node.key", id);
+      const int fd = ::open(key_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      const std::string hex = random_hex(32) + "\n";
+      if (fd < 0 || ::write(fd, hex.data(), hex.size()) != static_cast<ssize_t>(hex.size())) {
+        if (fd >= 0) {
+          ::close(fd);
+        }
+        return make_error(ErrorCode::kInternal, "cannot write a node key file");
+      }
+      ::close(fd);
+      (*cfg)["store"] = {{"path", fmt::format("{}.db", id)},
+                         {"node_key_file", key_file.filename().string()}};
+    }
+  }
   if (net->options_.customize) {
     net->options_.customize(acfg, bcfg);
   }
@@ -250,6 +267,51 @@ void KmeNetwork::stop(KmeInfo& kme) {
 qkd::core::Status KmeNetwork::restart_bob() {
   stop(bob_);
   return spawn(bob_);
+}
+
+qkd::core::Status KmeNetwork::pin_ports(const KmeInfo& kme) const {
+  std::ifstream f(kme.config_file);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  json cfg = json::parse(ss.str(), nullptr, false);
+  if (cfg.is_discarded()) {
+    return make_error(ErrorCode::kInternal, "cannot read " + kme.config_file.string());
+  }
+  cfg["api"]["listen"] = fmt::format("{}:{}", kme.host, kme.api_port);
+  if (kme.link_port != 0 && cfg["link"].contains("listen")) {
+    cfg["link"]["listen"] = fmt::format("{}:{}", kme.host, kme.link_port);
+  }
+  if (!write_file(kme.config_file, cfg.dump(2))) {
+    return make_error(ErrorCode::kInternal, "cannot write " + kme.config_file.string());
+  }
+  return qkd::core::ok_status();
+}
+
+qkd::core::Status KmeNetwork::crash_and_restart(std::string_view kme_id) {
+  KmeInfo* k = kme_id == alice_.kme_id ? &alice_ : kme_id == bob_.kme_id ? &bob_ : nullptr;
+  if (k == nullptr) {
+    return make_error(ErrorCode::kInvalidArgument, fmt::format("no KME {}", kme_id));
+  }
+  if (auto s = pin_ports(*k); !s.ok()) {
+    return s;
+  }
+  if (k->pid > 0) {
+    int status = 0;
+    ::kill(k->pid, SIGKILL);
+    ::waitpid(k->pid, &status, 0);
+    k->pid = -1;
+  }
+  // The kernel frees the listening sockets with the process; retry briefly if a port is
+  // still taken.
+  qkd::core::Status s = qkd::core::ok_status();
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    s = spawn(*k);
+    if (s.ok()) {
+      return s;
+    }
+    std::this_thread::sleep_for(250ms);
+  }
+  return s;
 }
 
 KmeNetwork::~KmeNetwork() {

@@ -39,6 +39,13 @@ struct KeysConfig {
   std::uint32_t dec_wait_ms = 2000;      // how long dec_keys waits for a peer's notice
 };
 
+// Durable key store (optional; without it keys live in memory and a restart loses them).
+struct StoreConfig {
+  bool enabled = false;
+  std::filesystem::path path;           // SQLite database, created if missing
+  std::filesystem::path node_key_file;  // 32 bytes (raw or 64 hex digits), mode 0600
+};
+
 enum class LinkRole { kAlice, kBob };
 
 struct LinkConfig {
@@ -62,6 +69,7 @@ struct Config {
   std::vector<std::string> saes;  // SAEs served by this KME (valid callers)
   KeysConfig keys;
   LinkConfig link;
+  StoreConfig store;
   std::string log_level = "info";
 };
 

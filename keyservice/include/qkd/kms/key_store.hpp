@@ -13,14 +13,20 @@
 // allocated (own direction) or assigned by a notice (peer direction); a peer-assigned key
 // is cleansed when dec_keys delivers it.
 //
-// The interface allows a persistent implementation (SQLite, a later issue); MemoryKeyStore
-// is the in-memory one. All methods are thread-safe.
+// Two implementations: the in-memory store (make_memory_key_store) and the durable one
+// (make_sqlite_key_store, sqlite_key_store.hpp) which keeps the same state in SQLite and
+// additionally the link's session state (epoch, committed blocks, Bob's pending block,
+// unacknowledged notices), so that a restarted KME resumes the link where it stopped.
+// Every mutating call of the durable store returns only once its change is committed to
+// disk; in particular allocate() and take() make the keys' consumption durable before they
+// return the key bytes. All methods are thread-safe.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -62,6 +68,29 @@ struct StoreStats {
   std::uint64_t pending_notices = 0;        // notices for bytes not committed yet
 };
 
+// Bob's block kept between his ready message and Alice's commit.
+struct PendingBlock {
+  std::uint64_t block = 0;
+  qkd::core::SecureBytes key;
+};
+
+// An encoded key-assignment notice waiting for the peer's acknowledgement.
+struct StoredNotice {
+  std::uint64_t seq = 0;
+  std::vector<std::uint8_t> message;
+};
+
+// The link's session state as found when the store was opened (all defaults for the memory
+// store and for a new database).
+struct LinkState {
+  std::uint64_t epoch = 0;             // 0 = no pool yet
+  std::uint64_t blocks = 0;            // committed blocks in this epoch
+  std::uint64_t next_seq = 1;          // next own notice number
+  std::uint64_t last_applied_seq = 0;  // highest peer notice applied
+  std::optional<PendingBlock> pending;
+  std::vector<StoredNotice> outbox;  // in seq order
+};
+
 // Error codes used by the store (mapped to HTTP statuses in one place, etsi_api.cpp):
 //   kInvalidArgument  -> 400 (e.g. key not found)
 //   kAuthentication   -> 401 (caller or master does not match the key)
@@ -74,6 +103,31 @@ class KeyStore {
   // that notices leave in allocation order. Must not call back into the store.
   using AssignmentListener = std::function<void(const std::vector<KeyAssignment>&)>;
   virtual void set_assignment_listener(AssignmentListener listener) = 0;
+
+  // The link service's notice hooks. `encode` is called (like the listener) while the
+  // allocation is still exclusive and returns the notice to keep with the allocation (the
+  // durable store writes it in the same transaction); `release` is called with its seq once
+  // the allocation is durable, i.e. when the notice may leave. Must not call back into the
+  // store.
+  using NoticeEncoder = std::function<StoredNotice(const std::vector<KeyAssignment>&)>;
+  using NoticeRelease = std::function<void(std::uint64_t seq)>;
+  virtual void set_notice_hooks(NoticeEncoder encode, NoticeRelease release) = 0;
+
+  // --- link session state (see LinkState) ---
+  [[nodiscard]] virtual LinkState link_state() const = 0;
+  // commit() of a block together with the link position it leads to; forgets Bob's pending
+  // block.
+  [[nodiscard]] virtual Status commit_block(std::span<const std::uint8_t> block_key,
+                                            std::uint64_t epoch, std::uint64_t blocks) = 0;
+  // reset_pool() and a new epoch: no blocks, no notices either way, no pending block.
+  [[nodiscard]] virtual Status start_epoch(std::uint64_t epoch) = 0;
+  [[nodiscard]] virtual Status set_pending_block(const std::optional<PendingBlock>& pending) = 0;
+  // Applies a peer notice (each assignment as apply_peer_assignment; a refused one does not
+  // stop the others: the first refusal is returned) and records `seq` as applied.
+  [[nodiscard]] virtual Status apply_peer_notice(std::uint64_t seq,
+                                                 std::vector<KeyAssignment> assignments) = 0;
+  // The peer acknowledged own notices up to `seq`.
+  virtual void ack_notices(std::uint64_t seq) = 0;
 
   // --- link side ---
   // Appends a committed block's key bytes to the pool.
@@ -103,6 +157,16 @@ class KeyStore {
 
 // In-memory store for the KME whose allocatable direction is `own`.
 [[nodiscard]] std::unique_ptr<KeyStore> make_memory_key_store(Direction own);
+
+// Durable store in the SQLite database `db_path` (created if missing; WAL; opened
+// exclusively), key bytes sealed with AES-256-GCM under the 32-byte `node_key`. Fails when
+// the database belongs to the other direction or was sealed under another node key.
+[[nodiscard]] Result<std::unique_ptr<KeyStore>> make_sqlite_key_store(
+    Direction own, const std::string& db_path, std::span<const std::uint8_t> node_key);
+
+// Reads a node key file: 32 raw bytes or 64 hex digits. Refuses a file that is not a regular
+// file or that is accessible by group or others; the error names the file.
+[[nodiscard]] Result<qkd::core::SecureBytes> read_node_key_file(const std::string& path);
 
 // Direction-offset arithmetic, exposed for tests: number of bytes of direction `d` present
 // in a pool of `committed` bytes.

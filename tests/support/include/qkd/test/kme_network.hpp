@@ -42,6 +42,9 @@ struct KmeNetworkOptions {
   std::uint64_t pulses_per_block = 2'000'000;
   double length_km = 20.0;
   std::string log_level = "info";
+  // Durable key stores: each KME gets store {path <kme>.db, node_key_file <kme>.node.key}
+  // (a fresh random key, mode 0600) in the network's directory.
+  bool durable_store = false;
   // Last word on the generated configs (each a JSON object in the documented format).
   std::function<void(nlohmann::json& alice_config, nlohmann::json& bob_config)> customize;
   std::chrono::milliseconds start_timeout{20'000};  // per daemon, until its ready file
@@ -87,6 +90,10 @@ class KmeNetwork {
   [[nodiscard]] bool running(const KmeInfo& kme) const;
   // Stops bob-kme (SIGTERM) and starts it again with the same config (link reconnect tests).
   [[nodiscard]] qkd::core::Status restart_bob();
+  // Kills the daemon `kme_id` ("alice-kme" / "bob-kme") with SIGKILL (no shutdown at all)
+  // and starts it again with the same config, on the ports it had bound before (so the peer
+  // and the tests' clients find it again).
+  [[nodiscard]] qkd::core::Status crash_and_restart(std::string_view kme_id);
 
   // Last `lines` lines of a daemon's log.
   [[nodiscard]] std::string log_tail(const KmeInfo& kme, std::size_t lines = 30) const;
@@ -95,6 +102,7 @@ class KmeNetwork {
   KmeNetwork() = default;
   [[nodiscard]] qkd::core::Status spawn(KmeInfo& kme);
   void stop(KmeInfo& kme);
+  [[nodiscard]] qkd::core::Status pin_ports(const KmeInfo& kme) const;
 
   KmeNetworkOptions options_;
   std::filesystem::path dir_;
