@@ -1,0 +1,619 @@
+// The durable key store: the store core (key_store.cpp) over a SQLite journal.
+//
+// Database (WAL, synchronous=FULL, exclusive locking: one KME process per file):
+//   meta(name, value)              numeric state (store_journal.hpp names), format, direction,
+//                                  key_check (sealed constant: detects a wrong node key)
+//   chunks(dir, idx, sealed)       unused pool chunks of each direction stream
+//   assigned(key_id, master, slaves, sealed)   peer-assigned keys not delivered yet
+//   used_ids(key_id)               delivered key_IDs, oldest first (rowid), bounded
+//   waiting(ord, assignment)       peer assignments whose bytes are not committed yet
+//   outbox(seq, message)           own notices the peer has not acknowledged
+//   pending_block(id=1, block, sealed)   Bob's block between ready and commit
+//
+// Sealed = nonce(12) || AES-256-GCM ciphertext || tag(16) under the node key, with a fresh
+// random nonce per write and the row's identity ("chunk/<dir>/<idx>", "key/<key_ID>",
+// "pending/<block>") as additional data, so a row moved to another identity fails to open.
+//
+// Group commit: the store records each operation's changes as a unit (under its lock, in
+// order); a committer thread collects the units queued within kGroupWindow and writes them in
+// one transaction, then wakes every caller whose unit is durable.
+#include <fmt/format.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <spdlog/spdlog.h>
+#include <sqlite3.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+
+#include "qkd/kms/key_store.hpp"
+#include "qkd/kms/util.hpp"
+#include "store_journal.hpp"
+
+namespace qkd::kms {
+
+using json = nlohmann::json;
+using qkd::core::make_error;
+
+namespace {
+
+constexpr int kFormat = 1;
+constexpr std::size_t kNonceBytes = 12;
+constexpr std::size_t kTagBytes = 16;
+constexpr auto kGroupWindow = std::chrono::microseconds(1000);
+constexpr std::size_t kGroupMax = 256;          // units per transaction before writing at once
+constexpr std::int64_t kMaxUsedIds = 1 << 20;  // as the in-memory bound
+constexpr std::uint64_t kPruneEvery = 512;      // transactions between used_ids pruning
+constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check";
+constexpr std::string_view kKeyCheckText = "qkd-kms node key check v1";
+
+// Thrown only inside this file, caught where a transaction or the opening ends.
+struct DbError {
+  std::string what;
+};
+
+struct CipherCtxDeleter {
+  void operator()(EVP_CIPHER_CTX* c) const { EVP_CIPHER_CTX_free(c); }
+};
+using CipherCtx = std::unique_ptr<EVP_CIPHER_CTX, CipherCtxDeleter>;
+
+std::string chunk_aad(Direction d, std::uint64_t idx) {
+  return fmt::format("qkd-kms/chunk/{}/{}", static_cast<int>(d), idx);
+}
+std::string key_aad(const std::string& id) { return fmt::format("qkd-kms/key/{}", id); }
+std::string pending_aad(std::uint64_t block) { return fmt::format("qkd-kms/pending/{}", block); }
+
+// AES-256-GCM under the node key; throws DbError on a library failure.
+std::vector<std::uint8_t> seal_bytes(std::span<const std::uint8_t> key, std::string_view aad,
+                               std::span<const std::uint8_t> plain) {
+  std::vector<std::uint8_t> out(kNonceBytes + plain.size() + kTagBytes);
+  if (RAND_bytes(out.data(), static_cast<int>(kNonceBytes)) != 1) {
+    throw DbError{"RAND_bytes failed"};
+  }
+  CipherCtx ctx(EVP_CIPHER_CTX_new());
+  int len = 0;
+  if (!ctx ||
+      EVP_EncryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), out.data()) != 1 ||
+      EVP_EncryptUpdate(ctx.get(), nullptr, &len, reinterpret_cast<const unsigned char*>(aad.data()),
+                        static_cast<int>(aad.size())) != 1 ||
+      EVP_EncryptUpdate(ctx.get(), out.data() + kNonceBytes, &len, plain.data(),
+                        static_cast<int>(plain.size())) != 1 ||
+      EVP_EncryptFinal_ex(ctx.get(), out.data() + kNonceBytes + len, &len) != 1 ||
+      EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_GET_TAG, static_cast<int>(kTagBytes),
+                          out.data() + kNonceBytes + plain.size()) != 1) {
+    throw DbError{"AES-256-GCM encryption failed"};
+  }
+  return out;
+}
+
+// Opens a sealed value; nullopt when it does not authenticate.
+std::optional<qkd::core::SecureBytes> open_sealed(std::span<const std::uint8_t> key,
+                                                  std::string_view aad,
+                                                  std::span<const std::uint8_t> sealed) {
+  if (sealed.size() < kNonceBytes + kTagBytes) {
+    return std::nullopt;
+  }
+  const std::size_t n = sealed.size() - kNonceBytes - kTagBytes;
+  qkd::core::SecureBytes plain(n);
+  std::uint8_t tag[kTagBytes];
+  std::memcpy(tag, sealed.data() + kNonceBytes + n, kTagBytes);
+  CipherCtx ctx(EVP_CIPHER_CTX_new());
+  int len = 0;
+  if (!ctx ||
+      EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), sealed.data()) != 1 ||
+      EVP_DecryptUpdate(ctx.get(), nullptr, &len, reinterpret_cast<const unsigned char*>(aad.data()),
+                        static_cast<int>(aad.size())) != 1 ||
+      EVP_DecryptUpdate(ctx.get(), plain.data(), &len, sealed.data() + kNonceBytes,
+                        static_cast<int>(n)) != 1 ||
+      EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_TAG, static_cast<int>(kTagBytes), tag) != 1 ||
+      EVP_DecryptFinal_ex(ctx.get(), plain.data() + len, &len) != 1) {
+    return std::nullopt;
+  }
+  return plain;
+}
+
+json assignment_json(const KeyAssignment& a) {
+  return json{{"id", a.key_id},         {"dir", static_cast<int>(a.direction)},
+              {"off", a.offset},        {"len", a.length},
+              {"master", a.master_sae}, {"slaves", a.slave_saes}};
+}
+
+// A blob or text column bound by value.
+using Blob = std::vector<std::uint8_t>;
+
+// The SQLite connection with a statement cache. Throws DbError.
+class Db {
+ public:
+  Db() = default;
+  ~Db() {
+    for (auto& [_, st] : cache_) {
+      sqlite3_finalize(st);
+    }
+    if (h_ != nullptr) {
+      sqlite3_close_v2(h_);
+    }
+  }
+  Db(const Db&) = delete;
+  Db& operator=(const Db&) = delete;
+
+  void open(const std::string& path) {
+    if (sqlite3_open_v2(path.c_str(), &h_,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                        nullptr) != SQLITE_OK) {
+      throw DbError{fmt::format("cannot open {}: {}", path,
+                                h_ != nullptr ? sqlite3_errmsg(h_) : "out of memory")};
+    }
+  }
+
+  void exec(const char* sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(h_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+      std::string msg = err != nullptr ? err : sqlite3_errmsg(h_);
+      sqlite3_free(err);
+      throw DbError{msg};
+    }
+  }
+
+  // Runs a statement to completion; `row` sees each result row.
+  template <typename... Args>
+  void run(const char* sql, const std::function<void(sqlite3_stmt*)>& row, const Args&... args) {
+    sqlite3_stmt* st = prepare(sql);
+    int i = 0;
+    (bind(st, ++i, args), ...);
+    for (;;) {
+      const int rc = sqlite3_step(st);
+      if (rc == SQLITE_ROW) {
+        if (row) {
+          row(st);
+        }
+        continue;
+      }
+      sqlite3_reset(st);
+      sqlite3_clear_bindings(st);
+      if (rc != SQLITE_DONE) {
+        throw DbError{sqlite3_errmsg(h_)};
+      }
+      return;
+    }
+  }
+  template <typename... Args>
+  void write(const char* sql, const Args&... args) {
+    run(sql, nullptr, args...);
+  }
+
+ private:
+  sqlite3_stmt* prepare(const char* sql) {
+    auto it = cache_.find(sql);
+    if (it != cache_.end()) {
+      return it->second;
+    }
+    sqlite3_stmt* st = nullptr;
+    if (sqlite3_prepare_v2(h_, sql, -1, &st, nullptr) != SQLITE_OK) {
+      throw DbError{sqlite3_errmsg(h_)};
+    }
+    cache_.emplace(sql, st);
+    return st;
+  }
+  static void check(int rc) {
+    if (rc != SQLITE_OK) {
+      throw DbError{sqlite3_errstr(rc)};
+    }
+  }
+  static void bind(sqlite3_stmt* st, int i, std::uint64_t v) {
+    check(sqlite3_bind_int64(st, i, static_cast<sqlite3_int64>(v)));  // bit pattern kept
+  }
+  static void bind(sqlite3_stmt* st, int i, int v) { check(sqlite3_bind_int(st, i, v)); }
+  static void bind(sqlite3_stmt* st, int i, const std::string& v) {
+    check(sqlite3_bind_text(st, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT));
+  }
+  static void bind(sqlite3_stmt* st, int i, const Blob& v) {
+    check(sqlite3_bind_blob(st, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT));
+  }
+
+  sqlite3* h_ = nullptr;
+  std::unordered_map<std::string, sqlite3_stmt*> cache_;
+};
+
+std::uint64_t col_u64(sqlite3_stmt* st, int i) {
+  return static_cast<std::uint64_t>(sqlite3_column_int64(st, i));
+}
+std::string col_text(sqlite3_stmt* st, int i) {
+  const auto* p = sqlite3_column_text(st, i);
+  return p != nullptr ? std::string(reinterpret_cast<const char*>(p),
+                                    static_cast<std::size_t>(sqlite3_column_bytes(st, i)))
+                      : std::string();
+}
+Blob col_blob(sqlite3_stmt* st, int i) {
+  const auto* p = static_cast<const std::uint8_t*>(sqlite3_column_blob(st, i));
+  return p != nullptr ? Blob(p, p + sqlite3_column_bytes(st, i)) : Blob();
+}
+
+using Op = std::function<void(Db&)>;
+
+struct Unit {
+  std::uint64_t ticket = 0;
+  std::vector<Op> ops;
+};
+
+class SqliteJournal final : public detail::Journal {
+ public:
+  SqliteJournal(std::string path, std::span<const std::uint8_t> node_key)
+      : path_(std::move(path)), key_(node_key) {}
+
+  ~SqliteJournal() override {
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+    }
+    work_cv_.notify_all();
+    if (committer_.joinable()) {
+      committer_.join();
+    }
+  }
+  SqliteJournal(const SqliteJournal&) = delete;
+  SqliteJournal& operator=(const SqliteJournal&) = delete;
+
+  // Opens (creating if needed) and reads the stored state. Throws DbError.
+  detail::StoredState open(Direction own) {
+    db_.open(path_);
+    ::chmod(path_.c_str(), S_IRUSR | S_IWUSR);
+    db_.exec("PRAGMA locking_mode=EXCLUSIVE");
+    db_.exec("PRAGMA journal_mode=WAL");
+    db_.exec("PRAGMA synchronous=FULL");
+    db_.exec(
+        "BEGIN IMMEDIATE;"
+        "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;"
+        "CREATE TABLE IF NOT EXISTS chunks(dir INTEGER NOT NULL, idx INTEGER NOT NULL,"
+        "  sealed BLOB NOT NULL, PRIMARY KEY(dir, idx)) WITHOUT ROWID;"
+        "CREATE TABLE IF NOT EXISTS assigned(key_id TEXT PRIMARY KEY, master TEXT NOT NULL,"
+        "  slaves TEXT NOT NULL, sealed BLOB NOT NULL);"
+        "CREATE TABLE IF NOT EXISTS used_ids(key_id TEXT NOT NULL UNIQUE);"
+        "CREATE TABLE IF NOT EXISTS waiting(ord INTEGER PRIMARY KEY, assignment TEXT NOT NULL);"
+        "CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, message BLOB NOT NULL);"
+        "CREATE TABLE IF NOT EXISTS pending_block(id INTEGER PRIMARY KEY CHECK(id = 1),"
+        "  block INTEGER NOT NULL, sealed BLOB NOT NULL);"
+        "COMMIT;");
+    std::unordered_map<std::string, std::uint64_t> meta;
+    Blob key_check;
+    db_.run("SELECT name, value FROM meta", [&](sqlite3_stmt* st) {
+      const std::string name = col_text(st, 0);
+      if (name == "key_check") {
+        key_check = col_blob(st, 1);
+      } else {
+        meta[name] = col_u64(st, 1);
+      }
+    });
+    const std::string kc_text(kKeyCheckText);
+    const std::span<const std::uint8_t> kc(reinterpret_cast<const std::uint8_t*>(kc_text.data()),
+                                           kc_text.size());
+    if (!meta.contains("format")) {
+      db_.exec("BEGIN IMMEDIATE");
+      db_.write("INSERT INTO meta(name, value) VALUES('format', ?)", kFormat);
+      db_.write("INSERT INTO meta(name, value) VALUES('direction', ?)", static_cast<int>(own));
+      db_.write("INSERT INTO meta(name, value) VALUES('key_check', ?)", seal_bytes(key_.span(), kKeyCheckAad, kc));
+      db_.exec("COMMIT");
+      spdlog::info("key store: created {}", path_);
+    } else {
+      if (meta["format"] != kFormat) {
+        throw DbError{fmt::format("{}: unsupported store format {}", path_, meta["format"])};
+      }
+      if (meta["direction"] != static_cast<std::uint64_t>(own)) {
+        throw DbError{fmt::format("{} belongs to the other end of the link (link.role differs)",
+                                  path_)};
+      }
+      auto check = open_sealed(key_.span(), kKeyCheckAad, key_check);
+      if (!check || !qkd::core::constant_time_equal(check->span(), kc)) {
+        throw DbError{fmt::format("{} was sealed under a different node key", path_)};
+      }
+    }
+    detail::StoredState s;
+    auto value = [&](std::string_view n, std::uint64_t def) {
+      auto it = meta.find(std::string(n));
+      return it == meta.end() ? def : it->second;
+    };
+    s.committed = value(detail::kCommitted, 0);
+    s.cursor[0] = value(detail::kCursorAlice, 0);
+    s.cursor[1] = value(detail::kCursorBob, 0);
+    s.link.epoch = value(detail::kEpoch, 0);
+    s.link.blocks = value(detail::kBlocks, 0);
+    s.link.next_seq = value(detail::kNextSeq, 1);
+    s.link.last_applied_seq = value(detail::kLastAppliedSeq, 0);
+    db_.run("SELECT dir, idx, sealed FROM chunks ORDER BY dir, idx", [&](sqlite3_stmt* st) {
+      const auto d = static_cast<Direction>(col_u64(st, 0) & 1);
+      const std::uint64_t idx = col_u64(st, 1);
+      auto plain = open_sealed(key_.span(), chunk_aad(d, idx), col_blob(st, 2));
+      if (!plain) {
+        throw DbError{fmt::format("{}: pool chunk {}/{} does not authenticate", path_,
+                                  static_cast<int>(d), idx)};
+      }
+      s.chunks.push_back(detail::StoredChunk{d, idx, std::move(*plain)});
+    });
+    db_.run("SELECT key_id, master, slaves, sealed FROM assigned", [&](sqlite3_stmt* st) {
+      detail::StoredKey k;
+      k.key_id = col_text(st, 0);
+      k.master = col_text(st, 1);
+      k.slaves = json::parse(col_text(st, 2)).get<std::vector<std::string>>();
+      auto plain = open_sealed(key_.span(), key_aad(k.key_id), col_blob(st, 3));
+      if (!plain) {
+        throw DbError{fmt::format("{}: key {} does not authenticate", path_, k.key_id)};
+      }
+      k.key = std::move(*plain);
+      s.assigned.push_back(std::move(k));
+    });
+    db_.run("SELECT key_id FROM used_ids ORDER BY rowid",
+            [&](sqlite3_stmt* st) { s.used_ids.push_back(col_text(st, 0)); });
+    db_.run("SELECT ord, assignment FROM waiting ORDER BY ord", [&](sqlite3_stmt* st) {
+      const json j = json::parse(col_text(st, 1));
+      KeyAssignment a;
+      a.key_id = j.at("id").get<std::string>();
+      a.direction = static_cast<Direction>(j.at("dir").get<int>() & 1);
+      a.offset = j.at("off").get<std::uint64_t>();
+      a.length = j.at("len").get<std::uint32_t>();
+      a.master_sae = j.at("master").get<std::string>();
+      a.slave_saes = j.at("slaves").get<std::vector<std::string>>();
+      s.waiting.emplace_back(col_u64(st, 0), std::move(a));
+    });
+    db_.run("SELECT seq, message FROM outbox ORDER BY seq", [&](sqlite3_stmt* st) {
+      s.link.outbox.push_back(StoredNotice{col_u64(st, 0), col_blob(st, 1)});
+    });
+    db_.run("SELECT block, sealed FROM pending_block WHERE id = 1", [&](sqlite3_stmt* st) {
+      const std::uint64_t block = col_u64(st, 0);
+      auto plain = open_sealed(key_.span(), pending_aad(block), col_blob(st, 1));
+      if (!plain) {
+        throw DbError{fmt::format("{}: pending block does not authenticate", path_)};
+      }
+      s.link.pending = PendingBlock{block, std::move(*plain)};
+    });
+    committer_ = std::thread([this]() { run_committer(); });
+    return s;
+  }
+
+  // --- recording (under the store's lock) ---
+  void set_value(std::string_view name, std::uint64_t value) override {
+    add([n = std::string(name), value](Db& db) {
+      db.write("INSERT INTO meta(name, value) VALUES(?, ?) "
+               "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+               n, value);
+    });
+  }
+  void put_chunk(Direction d, std::uint64_t index, std::span<const std::uint8_t> bytes) override {
+    Blob sealed = seal_bytes(key_.span(), chunk_aad(d, index), bytes);
+    add([d, index, sealed = std::move(sealed)](Db& db) {
+      db.write("INSERT OR REPLACE INTO chunks(dir, idx, sealed) VALUES(?, ?, ?)",
+               static_cast<int>(d), index, sealed);
+    });
+  }
+  void drop_chunks_below(Direction d, std::uint64_t index) override {
+    add([d, index](Db& db) {
+      db.write("DELETE FROM chunks WHERE dir = ? AND idx < ?", static_cast<int>(d), index);
+    });
+  }
+  void put_assigned(const detail::StoredKey& k) override {
+    Blob sealed = seal_bytes(key_.span(), key_aad(k.key_id), k.key.span());
+    add([id = k.key_id, master = k.master, slaves = json(k.slaves).dump(),
+         sealed = std::move(sealed)](Db& db) {
+      db.write("INSERT OR REPLACE INTO assigned(key_id, master, slaves, sealed) VALUES(?,?,?,?)",
+               id, master, slaves, sealed);
+    });
+  }
+  void drop_assigned(const std::string& key_id) override {
+    add([key_id](Db& db) { db.write("DELETE FROM assigned WHERE key_id = ?", key_id); });
+  }
+  void add_used(const std::string& key_id) override {
+    add([key_id](Db& db) { db.write("INSERT OR IGNORE INTO used_ids(key_id) VALUES(?)", key_id); });
+  }
+  void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) override {
+    add([ordinal, text = assignment_json(a).dump()](Db& db) {
+      db.write("INSERT OR REPLACE INTO waiting(ord, assignment) VALUES(?, ?)", ordinal, text);
+    });
+  }
+  void drop_waiting(std::uint64_t ordinal) override {
+    add([ordinal](Db& db) { db.write("DELETE FROM waiting WHERE ord = ?", ordinal); });
+  }
+  void clear_pool() override {
+    add([](Db& db) {
+      db.write("DELETE FROM chunks");
+      db.write("DELETE FROM waiting");
+    });
+  }
+  void put_notice(const StoredNotice& n) override {
+    add([seq = n.seq, msg = n.message](Db& db) {
+      db.write("INSERT OR REPLACE INTO outbox(seq, message) VALUES(?, ?)", seq, msg);
+    });
+  }
+  void drop_notices_upto(std::uint64_t seq) override {
+    add([seq](Db& db) { db.write("DELETE FROM outbox WHERE seq <= ?", seq); });
+  }
+  void clear_notices() override {
+    add([](Db& db) { db.write("DELETE FROM outbox"); });
+  }
+  void set_pending_block(const std::optional<PendingBlock>& p) override {
+    if (!p) {
+      add([](Db& db) { db.write("DELETE FROM pending_block"); });
+      return;
+    }
+    Blob sealed = seal_bytes(key_.span(), pending_aad(p->block), p->key.span());
+    add([block = p->block, sealed = std::move(sealed)](Db& db) {
+      db.write("INSERT OR REPLACE INTO pending_block(id, block, sealed) VALUES(1, ?, ?)", block,
+               sealed);
+    });
+  }
+
+  std::uint64_t seal() override {
+    std::lock_guard lock(mu_);
+    if (!current_.empty()) {
+      queue_.push_back(Unit{++last_ticket_, std::move(current_)});
+      current_.clear();
+      work_cv_.notify_one();
+    }
+    return last_ticket_;
+  }
+
+  Status wait(std::uint64_t ticket) override {
+    std::unique_lock lock(mu_);
+    done_cv_.wait(lock, [&] { return durable_ticket_ >= ticket || failed_; });
+    if (durable_ticket_ >= ticket) {
+      return qkd::core::ok_status();
+    }
+    return make_error(ErrorCode::kInternal, failure_);
+  }
+
+ private:
+  void add(Op op) {
+    std::lock_guard lock(mu_);
+    current_.push_back(std::move(op));
+  }
+
+  void run_committer() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      work_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) {
+        return;  // stopping, all written
+      }
+      // Give concurrent operations a moment to join this transaction.
+      work_cv_.wait_for(lock, kGroupWindow,
+                        [&] { return stopping_ || queue_.size() >= kGroupMax; });
+      std::deque<Unit> units = std::move(queue_);
+      queue_.clear();
+      const std::uint64_t last = units.back().ticket;
+      if (failed_) {
+        continue;  // waiters see the failure
+      }
+      lock.unlock();
+      std::string error;
+      try {
+        db_.exec("BEGIN IMMEDIATE");
+        try {
+          for (auto& u : units) {
+            for (auto& op : u.ops) {
+              op(db_);
+            }
+          }
+          if (++transactions_ % kPruneEvery == 0) {
+            db_.write("DELETE FROM used_ids WHERE rowid <= (SELECT MAX(rowid) FROM used_ids) - ?",
+                      static_cast<std::uint64_t>(kMaxUsedIds));
+          }
+          db_.exec("COMMIT");
+        } catch (const DbError&) {
+          try {
+            db_.exec("ROLLBACK");
+          } catch (const DbError&) {
+          }
+          throw;
+        }
+      } catch (const DbError& e) {
+        error = e.what;
+      }
+      lock.lock();
+      if (error.empty()) {
+        durable_ticket_ = last;
+      } else {
+        failed_ = true;
+        failure_ = fmt::format("writing {} failed: {}", path_, error);
+        spdlog::critical("key store: {}; no key is served from now on", failure_);
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  const std::string path_;
+  const qkd::core::SecureBytes key_;
+  Db db_;  // the committer's after open()
+  std::thread committer_;
+  std::uint64_t transactions_ = 0;
+
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable done_cv_;
+  std::vector<Op> current_;
+  std::deque<Unit> queue_;
+  std::uint64_t last_ticket_ = 0;
+  std::uint64_t durable_ticket_ = 0;
+  bool failed_ = false;
+  std::string failure_;
+  bool stopping_ = false;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<KeyStore>> make_sqlite_key_store(Direction own, const std::string& db_path,
+                                                        std::span<const std::uint8_t> node_key) {
+  if (node_key.size() != 32) {
+    return make_error(ErrorCode::kInvalidArgument, "the node key must be 32 bytes");
+  }
+  auto journal = std::make_unique<SqliteJournal>(db_path, node_key);
+  detail::StoredState state;
+  try {
+    state = journal->open(own);
+  } catch (const DbError& e) {
+    return make_error(ErrorCode::kUnavailable, fmt::format("key store: {}", e.what));
+  } catch (const std::exception& e) {  // malformed JSON in a row
+    return make_error(ErrorCode::kUnavailable,
+                      fmt::format("key store: {}: corrupt row: {}", db_path, e.what()));
+  }
+  spdlog::info(
+      "key store: {} opened (epoch {:x}, {} blocks, {} pool bytes, {} keys waiting, {} notices "
+      "unacknowledged)",
+      db_path, state.link.epoch, state.link.blocks, state.committed, state.assigned.size(),
+      state.link.outbox.size());
+  return detail::make_journaled_store(own, std::move(journal), std::move(state));
+}
+
+Result<qkd::core::SecureBytes> read_node_key_file(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("node key file {}: {}", path, std::strerror(errno)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("node key file {} is not a regular file", path));
+  }
+  if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("node key file {} must be accessible by its owner only "
+                                  "(chmod 600), its mode is {:o}",
+                                  path, st.st_mode & 07777));
+  }
+  std::ifstream f(path, std::ios::binary);
+  if (!f) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("node key file {}: cannot read", path));
+  }
+  qkd::core::SecureBytes raw(65);
+  f.read(reinterpret_cast<char*>(raw.data()), static_cast<std::streamsize>(raw.size()));
+  raw.resize(static_cast<std::size_t>(f.gcount()));
+  if (raw.size() == 32) {
+    return raw;
+  }
+  // 64 hex digits, optionally followed by a newline.
+  std::size_t n = raw.size();
+  while (n > 0 && (raw[n - 1] == '\n' || raw[n - 1] == '\r')) {
+    --n;
+  }
+  if (n == 64) {
+    std::string text(reinterpret_cast<const char*>(raw.data()), n);
+    auto key = hex_decode(text);
+    OPENSSL_cleanse(text.data(), text.size());
+    if (key && key->size() == 32) {
+      return std::move(*key);
+    }
+  }
+  return make_error(ErrorCode::kInvalidArgument,
+                    fmt::format("node key file {} must hold 32 bytes (raw, or 64 hex digits)", path));
+}
+
+}  // namespace qkd::kms

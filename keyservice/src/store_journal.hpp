@@ -1,0 +1,82 @@
+// Internal: the write-ahead side of the key store. The store (key_store.cpp) keeps its state
+// in memory and records each change in a Journal while it holds its lock, in order; seal()
+// closes the changes of one operation into a unit, and wait() returns once that unit (and
+// every unit before it) is durable. The SQLite journal (sqlite_key_store.cpp) batches the
+// units of concurrent operations into one transaction (group commit).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qkd/kms/key_store.hpp"
+
+namespace qkd::kms::detail {
+
+// Names of the numeric state values.
+inline constexpr std::string_view kCommitted = "committed_bytes";
+inline constexpr std::string_view kCursorAlice = "cursor_0";
+inline constexpr std::string_view kCursorBob = "cursor_1";
+inline constexpr std::string_view kEpoch = "epoch";
+inline constexpr std::string_view kBlocks = "blocks";
+inline constexpr std::string_view kNextSeq = "next_seq";
+inline constexpr std::string_view kLastAppliedSeq = "last_applied_seq";
+
+struct StoredChunk {
+  Direction dir = Direction::kAlice;
+  std::uint64_t index = 0;  // chunk index within the direction stream
+  qkd::core::SecureBytes bytes;  // kChunkBytes
+};
+
+struct StoredKey {
+  std::string key_id;
+  std::string master;
+  std::vector<std::string> slaves;
+  qkd::core::SecureBytes key;
+};
+
+// Everything a journal found on disk when it was opened.
+struct StoredState {
+  std::uint64_t committed = 0;
+  std::uint64_t cursor[2] = {0, 0};
+  std::vector<StoredChunk> chunks;  // ordered by (dir, index)
+  std::vector<StoredKey> assigned;
+  std::vector<std::string> used_ids;  // oldest first
+  std::vector<std::pair<std::uint64_t, KeyAssignment>> waiting;  // by ordinal
+  LinkState link;
+};
+
+class Journal {
+ public:
+  virtual ~Journal() = default;
+
+  virtual void set_value(std::string_view name, std::uint64_t value) = 0;
+  virtual void put_chunk(Direction d, std::uint64_t index, std::span<const std::uint8_t> bytes) = 0;
+  virtual void drop_chunks_below(Direction d, std::uint64_t index) = 0;
+  virtual void put_assigned(const StoredKey& key) = 0;
+  virtual void drop_assigned(const std::string& key_id) = 0;
+  virtual void add_used(const std::string& key_id) = 0;
+  virtual void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) = 0;
+  virtual void drop_waiting(std::uint64_t ordinal) = 0;
+  virtual void clear_pool() = 0;  // chunks and waiting assignments
+  virtual void put_notice(const StoredNotice& n) = 0;
+  virtual void drop_notices_upto(std::uint64_t seq) = 0;
+  virtual void clear_notices() = 0;
+  virtual void set_pending_block(const std::optional<PendingBlock>& p) = 0;
+
+  // Closes the changes recorded since the last seal into one unit; returns its ticket.
+  virtual std::uint64_t seal() = 0;
+  // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
+  // unusable: every later wait fails too).
+  [[nodiscard]] virtual Status wait(std::uint64_t ticket) = 0;
+};
+
+// The store core over a journal (nullptr: in memory only) and the state it found.
+[[nodiscard]] std::unique_ptr<KeyStore> make_journaled_store(Direction own,
+                                                             std::unique_ptr<Journal> journal,
+                                                             StoredState state);
+
+}  // namespace qkd::kms::detail

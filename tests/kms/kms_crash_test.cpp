@@ -1,0 +1,261 @@
+// Crash test: both KMEs with durable stores, SAEs drawing keys in both directions, one KME
+// killed with SIGKILL mid-load and restarted (bob-kme, then alice-kme). Afterwards: no
+// key_ID and no key bytes delivered twice by any KME, every key that enc_keys delivered is
+// fetchable exactly once at the peer (or was fetched already), and both ends always agree on
+// the bytes. A dec_keys whose response was lost to the crash may have consumed its keys:
+// only those keys may be "not found" afterwards.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <openssl/evp.h>
+
+#include <atomic>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+#include "qkd/test/kme_network.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using nlohmann::json;
+using qkd::test::HttpResponse;
+using qkd::test::KmeInfo;
+using qkd::test::KmeNetwork;
+using qkd::test::KmeNetworkOptions;
+
+using Bytes = std::vector<std::uint8_t>;
+
+Bytes b64(const std::string& s) {
+  Bytes out(s.size());
+  const int n = EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(s.data()),
+                                static_cast<int>(s.size()));
+  if (n < 0) {
+    return {};
+  }
+  std::size_t len = static_cast<std::size_t>(n);
+  if (!s.empty() && s.back() == '=') --len;
+  if (s.size() > 1 && s[s.size() - 2] == '=') --len;
+  out.resize(len);
+  return out;
+}
+
+std::vector<std::pair<std::string, Bytes>> keys_of(const HttpResponse& r) {
+  std::vector<std::pair<std::string, Bytes>> out;
+  const json j = r.json();
+  if (j.is_discarded() || !j.contains("keys")) {
+    return out;
+  }
+  for (const auto& k : j.at("keys")) {
+    out.emplace_back(k.at("key_ID").get<std::string>(), b64(k.at("key").get<std::string>()));
+  }
+  return out;
+}
+
+// Everything one direction of traffic saw: master SAE at `enc` KME, slave at `dec` KME.
+struct Flow {
+  std::string name;
+  std::mutex mu;
+  std::map<std::string, Bytes> enc;        // delivered by enc_keys
+  std::map<std::string, Bytes> dec;        // delivered by dec_keys
+  std::deque<std::string> to_fetch;        // enc'd, not yet fetched
+  std::set<std::string> uncertain;         // a dec_keys for it failed in transport
+  std::vector<std::string> violations;     // a key_ID or bytes delivered twice, mismatch
+  std::atomic<int> enc_errors{0}, dec_errors{0};
+};
+
+// Records a delivery, checking it is the first of its key_ID at that KME.
+void record(Flow& f, std::map<std::string, Bytes>& where, const char* what,
+            const std::string& id, Bytes key) {
+  if (!where.emplace(id, std::move(key)).second) {
+    f.violations.push_back(fmt::format("{}: {} delivered {} twice", f.name, what, id));
+  }
+}
+
+void enc_loop(const KmeNetwork& net, const KmeInfo& (KmeNetwork::*enc_kme)() const,
+              const std::string& master, const std::string& slave, Flow& f,
+              const std::atomic<bool>& stop) {
+  while (!stop) {
+    auto r = net.client((net.*enc_kme)(), master)
+                 .get(fmt::format("/api/v1/keys/{}/enc_keys?number=4", slave));
+    if (!r.ok() || r->status != 200) {
+      ++f.enc_errors;  // the KME is down, or not enough key right now
+      std::this_thread::sleep_for(20ms);
+      continue;
+    }
+    std::lock_guard l(f.mu);
+    for (auto& [id, key] : keys_of(*r)) {
+      record(f, f.enc, "enc_keys", id, key);
+      f.to_fetch.push_back(id);
+    }
+    std::this_thread::sleep_for(5ms);
+  }
+}
+
+// Fetches key_IDs with dec_keys; a transport failure makes them "uncertain" and retried.
+// Returns when `stop` is set (or, with drain, when nothing is left).
+void dec_loop(const KmeNetwork& net, const KmeInfo& (KmeNetwork::*dec_kme)() const,
+              const std::string& slave, const std::string& master, Flow& f,
+              const std::atomic<bool>& stop, bool drain) {
+  for (;;) {
+    std::string id;
+    {
+      std::lock_guard l(f.mu);
+      if (!f.to_fetch.empty()) {
+        id = f.to_fetch.front();
+        f.to_fetch.pop_front();
+      }
+    }
+    if (id.empty()) {
+      if (drain || stop) {
+        return;
+      }
+      std::this_thread::sleep_for(5ms);
+      continue;
+    }
+    auto r = net.client((net.*dec_kme)(), slave)
+                 .get(fmt::format("/api/v1/keys/{}/dec_keys?key_ID={}", master, id));
+    std::lock_guard l(f.mu);
+    if (!r.ok()) {
+      ++f.dec_errors;
+      f.uncertain.insert(id);  // the request may have been served before the crash
+      f.to_fetch.push_back(id);
+      continue;
+    }
+    if (r->status == 200) {
+      for (auto& [kid, key] : keys_of(*r)) {
+        record(f, f.dec, "dec_keys", kid, key);
+      }
+    } else if (r->status == 503) {
+      ++f.dec_errors;
+      f.to_fetch.push_back(id);
+    } else if (!drain) {
+      f.to_fetch.push_back(id);  // e.g. its notice waits for the restarted peer: try later
+    } else if (!f.uncertain.contains(id)) {
+      f.violations.push_back(fmt::format("{}: dec_keys {}: {} {}", f.name, id, r->status, r->body));
+    }
+    if (stop && !drain) {
+      return;
+    }
+  }
+}
+
+std::size_t count(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (auto p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) {
+    ++n;
+  }
+  return n;
+}
+
+// Waits (up to 30 s) until the KME's log holds `what` at least `n` times.
+bool wait_for_log(const KmeNetwork& net, const KmeInfo& kme, const std::string& what,
+                  std::size_t n) {
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (count(net.log_tail(kme, 1000000), what) < n) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      return false;
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  return true;
+}
+
+TEST(KmsCrash, KillNineMidLoadLosesAndRepeatsNothing) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  o.dec_wait_ms = 3000;
+  auto started = KmeNetwork::start(o);
+  ASSERT_TRUE(started.ok()) << started.error().message;
+  KmeNetwork& net = *started.value();
+  ASSERT_TRUE(net.wait_for_keys(40).ok());
+
+  Flow ab, ba;  // alice -> bob keys, bob -> alice keys
+  ab.name = "alice->bob";
+  ba.name = "bob->alice";
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> load;
+  load.emplace_back([&] { enc_loop(net, &KmeNetwork::alice, "alice", "bob", ab, stop); });
+  load.emplace_back([&] { dec_loop(net, &KmeNetwork::bob, "bob", "alice", ab, stop, false); });
+  load.emplace_back([&] { enc_loop(net, &KmeNetwork::bob, "bob", "alice", ba, stop); });
+  load.emplace_back([&] { dec_loop(net, &KmeNetwork::alice, "alice", "bob", ba, stop, false); });
+
+  std::this_thread::sleep_for(1500ms);
+  ASSERT_TRUE(net.crash_and_restart("bob-kme").ok());
+  std::this_thread::sleep_for(1500ms);
+  ASSERT_TRUE(net.crash_and_restart("alice-kme").ok());
+  std::this_thread::sleep_for(1500ms);
+  stop = true;
+  for (auto& t : load) {
+    t.join();
+  }
+  // Every key enc_keys delivered is fetchable at the peer now (unless a lost response
+  // consumed it), once the link is back and has resent its notices.
+  ASSERT_TRUE(net.wait_for_keys(1).ok());
+  dec_loop(net, &KmeNetwork::bob, "bob", "alice", ab, stop, true);
+  dec_loop(net, &KmeNetwork::alice, "alice", "bob", ba, stop, true);
+
+  for (Flow* f : {&ab, &ba}) {
+    SCOPED_TRACE(f->name);
+    for (const auto& v : f->violations) {
+      ADD_FAILURE() << v;
+    }
+    EXPECT_GT(f->enc.size(), 20u);
+    EXPECT_TRUE(f->to_fetch.empty());
+    std::size_t fetched = 0;
+    for (const auto& [id, key] : f->enc) {
+      auto it = f->dec.find(id);
+      if (it == f->dec.end()) {
+        EXPECT_TRUE(f->uncertain.contains(id)) << id << " delivered by enc_keys is lost";
+        continue;
+      }
+      ++fetched;
+      EXPECT_EQ(it->second, key) << id << ": the two ends disagree";
+    }
+    for (const auto& [id, _] : f->dec) {
+      EXPECT_TRUE(f->enc.contains(id)) << id << " delivered by dec_keys was never enc'd";
+    }
+    EXPECT_GE(fetched + f->uncertain.size(), f->enc.size());
+    std::cout << f->name << ": " << f->enc.size() << " keys, " << fetched << " fetched, "
+              << f->uncertain.size() << " uncertain, " << f->enc_errors << "/" << f->dec_errors
+              << " enc/dec errors\n";
+  }
+  // No key bytes handed out twice (e.g. a pool replayed after the crash).
+  std::set<Bytes> all;
+  for (Flow* f : {&ab, &ba}) {
+    for (const auto& [id, key] : f->enc) {
+      EXPECT_TRUE(all.insert(key).second) << id << ": bytes delivered under two key_IDs";
+    }
+  }
+  // Nothing was lost, so the link resumed after each crash instead of starting new pools.
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 2));
+  EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "discarding both pools"), 0u);
+}
+
+TEST(KmsCrash, GracefulRestartResumesWithThePool) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  o.max_key_count = 50;  // the link pauses: the pool is the same before and after
+  auto started = KmeNetwork::start(o);
+  ASSERT_TRUE(started.ok()) << started.error().message;
+  KmeNetwork& net = *started.value();
+  ASSERT_TRUE(net.wait_for_keys(50).ok());
+  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
+  ASSERT_TRUE(enc.ok());
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  ASSERT_TRUE(net.restart_bob().ok());
+  ASSERT_TRUE(net.wait_for_keys(40).ok());
+  for (const auto& [id, key] : keys_of(*enc)) {
+    auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
+    ASSERT_TRUE(dec.ok());
+    ASSERT_EQ(dec->status, 200u) << dec->body;
+    EXPECT_EQ(keys_of(*dec).front().second, key);
+  }
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 1));
+  EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "discarding both pools"), 0u);
+}
+
+}  // namespace

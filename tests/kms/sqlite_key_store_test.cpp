@@ -1,0 +1,263 @@
+// Durable key store: node key file checks, state surviving a reopen, sealing at rest,
+// concurrent consumption (group commit) without repeats.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <set>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "qkd/kms/config.hpp"
+#include "qkd/kms/key_store.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using qkd::core::ErrorCode;
+using qkd::kms::Direction;
+using qkd::kms::KeyAssignment;
+using qkd::kms::KeyStore;
+using qkd::kms::StoredNotice;
+
+// Pseudo-random test bytes (splitmix64): no two 16-byte windows repeat.
+std::vector<std::uint8_t> pattern(std::size_t n, std::uint8_t seed) {
+  std::vector<std::uint8_t> v(n);
+  std::uint64_t x = seed;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i % 8 == 0) {
+      x += 0x9e3779b97f4a7c15ULL;
+    }
+    std::uint64_t z = x;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    v[i] = static_cast<std::uint8_t>(z >> (8 * (i % 8)));
+  }
+  return v;
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string t = (std::filesystem::temp_directory_path() / "qkd-store-test-XXXXXX").string();
+    EXPECT_NE(::mkdtemp(t.data()), nullptr);
+    path_ = t;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  [[nodiscard]] std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+void write_file(const std::string& path, const std::string& text, mode_t mode) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, mode);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+  ::close(fd);
+  ::chmod(path.c_str(), mode);
+}
+
+const std::vector<std::uint8_t> kNodeKey(32, 0x42);
+
+std::unique_ptr<KeyStore> open_store(const std::string& db, Direction own = Direction::kAlice,
+                                     const std::vector<std::uint8_t>& key = kNodeKey) {
+  auto s = qkd::kms::make_sqlite_key_store(own, db, key);
+  EXPECT_TRUE(s.ok()) << s.error().message;
+  return s.ok() ? std::move(s.value()) : nullptr;
+}
+
+TEST(NodeKeyFile, OwnerOnlyAndWellFormed) {
+  TempDir dir;
+  const std::string f = dir.file("node.key");
+  write_file(f, std::string(64, 'a') + "\n", 0644);
+  auto r = qkd::kms::read_node_key_file(f);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message.find(f), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("owner only"), std::string::npos) << r.error().message;
+  ::chmod(f.c_str(), 0600);
+  r = qkd::kms::read_node_key_file(f);
+  ASSERT_TRUE(r.ok()) << r.error().message;
+  EXPECT_EQ(r->size(), 32u);
+  EXPECT_EQ((*r)[0], 0xaa);
+  write_file(f, std::string(32, '\x07'), 0400);  // raw bytes
+  r = qkd::kms::read_node_key_file(f);
+  ASSERT_TRUE(r.ok()) << r.error().message;
+  EXPECT_EQ((*r)[31], 7);
+  write_file(f, "too short", 0600);
+  EXPECT_FALSE(qkd::kms::read_node_key_file(f).ok());
+  EXPECT_FALSE(qkd::kms::read_node_key_file(dir.file("missing.key")).ok());
+}
+
+TEST(SqliteKeyStore, StateSurvivesReopen) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto pool = pattern(32 * 8, 1);  // 4 chunks per direction
+  std::vector<qkd::kms::DeliveredKey> first;
+  std::string peer_key_id = "11111111-2222-4333-8444-555555555555";
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->link_state().epoch, 0u);
+    std::uint64_t seq = 4;
+    std::vector<std::uint64_t> released;
+    s->set_notice_hooks(
+        [&](const std::vector<KeyAssignment>& as) {
+          return StoredNotice{++seq, std::vector<std::uint8_t>(as.size(), 9)};
+        },
+        [&](std::uint64_t n) { released.push_back(n); });
+    ASSERT_TRUE(s->start_epoch(77).ok());
+    ASSERT_TRUE(s->commit_block(pool, 77, 1).ok());
+    auto k = s->allocate("alice", {"bob"}, 2, 24);  // ends inside a chunk
+    ASSERT_TRUE(k.ok()) << k.error().message;
+    first = std::move(k.value());
+    EXPECT_EQ(released, std::vector<std::uint64_t>{5});
+    // A peer key (Bob's direction, offset 0) and Bob's pending block.
+    KeyAssignment a{peer_key_id, Direction::kBob, 0, 32, "bob", {"alice"}};
+    ASSERT_TRUE(s->apply_peer_notice(3, {a}).ok());
+    ASSERT_TRUE(s->set_pending_block(qkd::kms::PendingBlock{2, qkd::core::SecureBytes(pattern(40, 9))}).ok());
+  }
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  const auto ls = s->link_state();
+  EXPECT_EQ(ls.epoch, 77u);
+  EXPECT_EQ(ls.blocks, 1u);
+  EXPECT_EQ(ls.last_applied_seq, 3u);
+  EXPECT_EQ(ls.next_seq, 6u);
+  ASSERT_EQ(ls.outbox.size(), 1u);
+  EXPECT_EQ(ls.outbox[0].seq, 5u);
+  ASSERT_TRUE(ls.pending.has_value());
+  EXPECT_EQ(ls.pending->block, 2u);
+  EXPECT_TRUE(qkd::core::constant_time_equal(ls.pending->key.span(), pattern(40, 9)));
+  const auto st = s->stats();
+  EXPECT_EQ(st.committed_bytes, pool.size());
+  EXPECT_EQ(st.own_available_bytes, 128u - 48u);
+  EXPECT_EQ(st.peer_available_bytes, 128u - 32u);
+  EXPECT_EQ(st.assigned_keys_waiting, 1u);
+  // The next allocation continues after the first (alice's direction = even chunks).
+  auto next = s->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(next.ok());
+  const std::vector<std::uint8_t> expect(pool.begin() + 64 + 16, pool.begin() + 64 + 32);
+  EXPECT_TRUE(qkd::core::constant_time_equal(next->front().key.span(), expect));
+  // Keys delivered before the reopen stay delivered; the peer key is delivered once.
+  EXPECT_EQ(s->take("alice", "bob", {first[0].key_id}, 0ms).error().code,
+            ErrorCode::kInvalidArgument);
+  auto peer = s->take("alice", "bob", {peer_key_id}, 0ms);
+  ASSERT_TRUE(peer.ok()) << peer.error().message;
+  const std::vector<std::uint8_t> bob0(pool.begin() + 32, pool.begin() + 64);
+  EXPECT_TRUE(qkd::core::constant_time_equal(peer->front().key.span(), bob0));
+  s.reset();
+  s = open_store(db);
+  EXPECT_EQ(s->take("alice", "bob", {peer_key_id}, 0ms).error().code,
+            ErrorCode::kInvalidArgument);
+  s->ack_notices(5);
+  s.reset();
+  s = open_store(db);
+  EXPECT_TRUE(s->link_state().outbox.empty());
+}
+
+TEST(SqliteKeyStore, RefusesWrongKeyAndWrongDirection) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  ASSERT_NE(open_store(db), nullptr);
+  auto other = qkd::kms::make_sqlite_key_store(Direction::kAlice, db,
+                                               std::vector<std::uint8_t>(32, 1));
+  ASSERT_FALSE(other.ok());
+  EXPECT_NE(other.error().message.find("different node key"), std::string::npos);
+  auto bob = qkd::kms::make_sqlite_key_store(Direction::kBob, db, kNodeKey);
+  ASSERT_FALSE(bob.ok());
+  EXPECT_NE(bob.error().message.find("other end"), std::string::npos);
+}
+
+TEST(SqliteKeyStore, KeyBytesAreSealedAtRest) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  const auto pool = pattern(32 * 64, 5);
+  {
+    auto s = open_store(db);
+    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+  }
+  std::string raw;
+  for (const char* suffix : {"", "-wal"}) {
+    std::ifstream f(db + suffix, std::ios::binary);
+    raw.append(std::istreambuf_iterator<char>(f), {});
+  }
+  ASSERT_FALSE(raw.empty());
+  for (std::size_t off = 0; off + 16 <= pool.size(); off += 16) {
+    const std::string needle(reinterpret_cast<const char*>(pool.data() + off), 16);
+    ASSERT_EQ(raw.find(needle), std::string::npos) << "pool bytes at " << off << " in clear";
+  }
+}
+
+TEST(SqliteKeyStore, ConcurrentConsumptionNeverRepeats) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  const auto pool = pattern(32 * 2 * 400, 3);  // 400 keys per direction
+  std::set<std::vector<std::uint8_t>> seen;
+  std::mutex mu;
+  std::atomic<int> served{0};
+  {
+    auto s = open_store(db);
+    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+    std::vector<std::thread> ts;
+    for (int t = 0; t < 8; ++t) {
+      ts.emplace_back([&]() {
+        for (int i = 0; i < 25; ++i) {
+          auto k = s->allocate("alice", {"bob"}, 1, 32);
+          ASSERT_TRUE(k.ok()) << k.error().message;
+          std::lock_guard l(mu);
+          EXPECT_TRUE(seen.insert({k->front().key.span().begin(), k->front().key.span().end()})
+                          .second);
+          ++served;
+        }
+      });
+    }
+    for (auto& t : ts) {
+      t.join();
+    }
+  }
+  EXPECT_EQ(served.load(), 200);
+  auto s = open_store(db);
+  EXPECT_EQ(s->stats().own_available_bytes, 200u * 32);
+  auto rest = s->allocate("alice", {"bob"}, 100, 32);
+  ASSERT_TRUE(rest.ok());
+  for (const auto& k : *rest) {
+    EXPECT_TRUE(seen.insert({k.key.span().begin(), k.key.span().end()}).second);
+  }
+}
+
+TEST(StoreConfig, ParsedStrictlyAndOptional) {
+  std::ifstream f(std::string(QKD_TEST_SOURCE_DIR) + "/examples/alice-kme.json");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  auto j = nlohmann::json::parse(ss.str());
+  auto plain = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+  ASSERT_TRUE(plain.ok()) << plain.error().message;
+  EXPECT_FALSE(plain->store.enabled);
+  j["store"] = {{"path", "a.db"}, {"node_key_file", "/k/node.key"}};
+  auto c = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  EXPECT_TRUE(c->store.enabled);
+  EXPECT_EQ(c->store.path, std::filesystem::path("/etc/qkd/a.db"));
+  EXPECT_EQ(c->store.node_key_file, std::filesystem::path("/k/node.key"));
+  j["store"]["bogus"] = 1;
+  auto bad = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.error().message.find("store.bogus"), std::string::npos) << bad.error().message;
+  j["store"].erase("bogus");
+  j["store"].erase("node_key_file");
+  EXPECT_FALSE(qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false).ok());
+}
+
+}  // namespace
