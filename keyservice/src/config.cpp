@@ -103,6 +103,14 @@ class ObjectReader {
     return d;
   }
 
+  bool boolean(const std::string& key) {
+    const json& v = get(key);
+    if (!v.is_boolean()) {
+      fail(field(key), "expected true or false");
+    }
+    return v.get<bool>();
+  }
+
   std::vector<std::string> string_list(const std::string& key) {
     const json& v = get(key);
     if (!v.is_array() || v.empty()) {
@@ -237,9 +245,51 @@ qkd::core::ChannelParams parse_channel(ObjectReader& link) {
   num("misalignment", c.misalignment, 0, 0.5);
   num("eve_intercept_fraction", c.eve_intercept_fraction, 0, 1);
   num("pulse_rate_hz", c.pulse_rate_hz, 1, 1e12);
+  if (r.has("source")) {
+    const std::string src = r.string("source");
+    if (src == "single_photon") {
+      c.source = qkd::core::SourceKind::kSinglePhoton;
+    } else if (src == "weak_coherent") {
+      c.source = qkd::core::SourceKind::kWeakCoherent;
+    } else {
+      fail(r.field("source"), "must be \"single_photon\" or \"weak_coherent\"");
+    }
+  }
+  num("mu_signal", c.mu_signal, 0, 20);
+  num("mu_decoy", c.mu_decoy, 0, 20);
+  num("mu_vacuum", c.mu_vacuum, 0, 20);
+  num("prob_decoy", c.prob_decoy, 0, 1);
+  num("prob_vacuum", c.prob_vacuum, 0, 1);
+  num("insertion_loss_db", c.insertion_loss_db, 0, 200);
+  auto flag = [&r](const char* name, bool& out) {
+    if (r.has(name)) {
+      out = r.boolean(name);
+    }
+  };
+  flag("fiber_cut", c.fiber_cut);
+  flag("eve_photon_number_splitting", c.eve_photon_number_splitting);
   r.finish();
   if (c.detector_efficiency <= 0) {
     fail("link.channel.detector_efficiency", "must be greater than 0");
+  }
+  // Cross-field rules, named here with the full path (qkdcore's validate() repeats them).
+  if (c.mu_signal <= 0) {
+    fail("link.channel.mu_signal", "must be greater than 0");
+  }
+  if (c.mu_decoy >= c.mu_signal) {
+    fail("link.channel.mu_decoy", "must be less than link.channel.mu_signal");
+  }
+  if (c.mu_vacuum > 0 && c.mu_vacuum >= c.mu_decoy) {
+    fail("link.channel.mu_vacuum", "must be less than link.channel.mu_decoy");
+  }
+  if (c.prob_decoy + c.prob_vacuum >= 1) {
+    fail("link.channel.prob_vacuum",
+         "link.channel.prob_decoy + link.channel.prob_vacuum must be less than 1");
+  }
+  if (c.source == qkd::core::SourceKind::kSinglePhoton &&
+      (c.prob_decoy > 0 || c.prob_vacuum > 0)) {
+    fail(c.prob_decoy > 0 ? "link.channel.prob_decoy" : "link.channel.prob_vacuum",
+         "decoy pulses need link.channel.source = \"weak_coherent\"");
   }
   return c;
 }
@@ -265,10 +315,27 @@ qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
   }
   num("sample_fraction", p.sample_fraction, 0.001, 0.9);
   num("qber_abort", p.qber_abort, 0.0, 0.5);
-  u32("cascade_passes", p.cascade_passes, 1, 64);
+  // 0 = the Cascade variant's own number of passes.
+  u32("cascade_passes", p.cascade_passes, 0, 16);
   u32("verify_hash_bits", p.verify_hash_bits, 32, 256);
   num("safety_margin", p.safety_margin, 0.0, 0.9);
-  num("z_basis_prob", p.z_basis_prob, 0.01, 0.99);
+  num("z_basis_prob", p.z_basis_prob, 0.5, 0.99);
+  num("epsilon_sec", p.epsilon_sec, 0.0, 0.5);
+  if (r.has("epsilon_sec") && p.epsilon_sec <= 0) {
+    fail(r.field("epsilon_sec"), "must be greater than 0");
+  }
+  num("epsilon_cor", p.epsilon_cor, 0.0, 0.5);
+  if (r.has("epsilon_cor") && p.epsilon_cor <= 0) {
+    fail(r.field("epsilon_cor"), "must be greater than 0");
+  }
+  num("confidence_sd", p.confidence_sd, 0.0, 50.0);
+  if (r.has("cascade_variant")) {
+    auto v = qkd::core::parse_cascade_variant(r.string("cascade_variant"));
+    if (!v) {
+      fail(r.field("cascade_variant"), "must be one of original, yan, modern");
+    }
+    p.cascade_variant = *v;
+  }
   if (r.has("key_bound")) {
     auto b = qkd::core::parse_key_bound(r.string("key_bound"));
     if (!b) {
@@ -285,6 +352,17 @@ qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
     p.auth = *a;
   }
   u32("auth_tag_bits", p.auth_tag_bits, 64, 128);
+  if (p.auth_tag_bits != 64 && p.auth_tag_bits != 128) {
+    fail(r.field("auth_tag_bits"), "must be 64 or 128");
+  }
+  u32("auth_pool_bits", p.auth_pool_bits, 1024, 1U << 24);
+  if (p.auth_pool_bits % 8 != 0) {
+    fail(r.field("auth_pool_bits"), "must be a multiple of 8");
+  }
+  u32("auth_key_refresh_blocks", p.auth_key_refresh_blocks, 1, 1'000'000);
+  if (r.has("auth_every_message")) {
+    p.auth_every_message = r.boolean("auth_every_message");
+  }
   if (r.has("message_timeout_ms")) {
     p.message_timeout =
         std::chrono::milliseconds(r.unsigned_int("message_timeout_ms", 100, 600'000));

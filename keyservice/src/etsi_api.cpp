@@ -103,6 +103,8 @@ ApiResponse EtsiService::status(const std::string& caller, const std::string& sl
                {"raw_key_rate_bps", ls.raw_key_rate_bps},
                {"sifted_key_rate_bps", ls.sifted_key_rate_bps},
                {"secret_key_rate_bps", ls.secret_key_rate_bps},
+               {"auth_key_rate_bps", ls.auth_key_rate_bps},
+               {"key_bound", ls.key_bound},
                {"blocks", ls.blocks},
                {"aborted_blocks", ls.aborted_blocks},
                {"last_abort_reason", ls.last_abort_reason}};

@@ -113,7 +113,7 @@ struct LinkService::Impl {
   // Statistics.
   mutable std::mutex stats_mu;
   LinkStats st;
-  double sim_seconds = 0, raw_bits = 0, sifted_bits = 0, secret_bits = 0;
+  double sim_seconds = 0, raw_bits = 0, sifted_bits = 0, secret_bits = 0, auth_bits = 0;
 
   // --- helpers ---
   // Queues the notice of an allocation (called by the store while the allocation is
@@ -206,12 +206,15 @@ struct LinkService::Impl {
       st.last_abort_reason = r.abort_reason;
     } else {
       secret_bits += static_cast<double>(r.secret_bits);
+      auth_bits += static_cast<double>(r.auth_bits_consumed);
+      st.key_bound = r.key_bound;
     }
     st.qber = r.qber;
     if (sim_seconds > 0) {
       st.raw_key_rate_bps = raw_bits / sim_seconds;
       st.sifted_key_rate_bps = sifted_bits / sim_seconds;
       st.secret_key_rate_bps = secret_bits / sim_seconds;
+      st.auth_key_rate_bps = auth_bits / sim_seconds;
     }
   }
 

@@ -262,4 +262,139 @@ TEST(Config, BadValues) {
   }
 }
 
+TEST(Config, DecoyChannelAndProtocolFieldsParse) {
+  json j = valid_alice();
+  j["link"]["channel"].update(json::parse(R"({
+    "source": "weak_coherent", "mu_signal": 0.5, "mu_decoy": 0.1, "mu_vacuum": 0.0,
+    "prob_decoy": 0.2, "prob_vacuum": 0.1, "insertion_loss_db": 1.5,
+    "fiber_cut": false, "eve_photon_number_splitting": true})"));
+  j["link"]["protocol"].update(json::parse(R"({
+    "key_bound": "finite-decoy", "z_basis_prob": 0.9, "epsilon_sec": 1e-9,
+    "epsilon_cor": 1e-12, "confidence_sd": 3, "auth_pool_bits": 32768,
+    "auth_key_refresh_blocks": 8, "auth_every_message": true, "cascade_passes": 0,
+    "cascade_variant": "yan"})"));
+  auto r = parse(j);
+  ASSERT_TRUE(r.ok()) << r.error().message;
+  const auto& c = r->link.channel;
+  EXPECT_EQ(c.source, qkd::core::SourceKind::kWeakCoherent);
+  EXPECT_DOUBLE_EQ(c.mu_signal, 0.5);
+  EXPECT_DOUBLE_EQ(c.mu_decoy, 0.1);
+  EXPECT_DOUBLE_EQ(c.mu_vacuum, 0.0);
+  EXPECT_DOUBLE_EQ(c.prob_decoy, 0.2);
+  EXPECT_DOUBLE_EQ(c.prob_vacuum, 0.1);
+  EXPECT_DOUBLE_EQ(c.insertion_loss_db, 1.5);
+  EXPECT_FALSE(c.fiber_cut);
+  EXPECT_TRUE(c.eve_photon_number_splitting);
+  const auto& p = r->link.protocol;
+  EXPECT_EQ(p.key_bound, qkd::core::KeyBound::kFiniteDecoy);
+  EXPECT_DOUBLE_EQ(p.z_basis_prob, 0.9);
+  EXPECT_DOUBLE_EQ(p.epsilon_sec, 1e-9);
+  EXPECT_DOUBLE_EQ(p.epsilon_cor, 1e-12);
+  EXPECT_DOUBLE_EQ(p.confidence_sd, 3.0);
+  EXPECT_EQ(p.auth_pool_bits, 32768u);
+  EXPECT_EQ(p.auth_key_refresh_blocks, 8u);
+  EXPECT_TRUE(p.auth_every_message);
+  EXPECT_EQ(p.cascade_passes, 0u);
+  EXPECT_EQ(p.cascade_variant, qkd::core::CascadeVariant::kYan);
+}
+
+TEST(Config, DecoyFieldsDefaultToSinglePhoton) {
+  auto r = parse(valid_alice());
+  ASSERT_TRUE(r.ok()) << r.error().message;
+  const qkd::core::ChannelParams d;
+  EXPECT_EQ(r->link.channel.source, qkd::core::SourceKind::kSinglePhoton);
+  EXPECT_DOUBLE_EQ(r->link.channel.mu_signal, d.mu_signal);
+  EXPECT_DOUBLE_EQ(r->link.channel.prob_decoy, 0.0);
+  EXPECT_FALSE(r->link.channel.fiber_cut);
+  EXPECT_EQ(r->link.protocol.cascade_variant, qkd::core::ProtocolParams{}.cascade_variant);
+}
+
+TEST(Config, BadDecoyChannelValues) {
+  auto weak = []() {
+    json j = valid_alice();
+    j["link"]["channel"]["source"] = "weak_coherent";
+    return j;
+  };
+  struct Case {
+    const char* key;
+    json value;
+    const char* field;
+    const char* words;
+  };
+  const std::vector<Case> cases = {
+      {"source", "laser", "link.channel.source", "weak_coherent"},
+      {"source", 1, "link.channel.source", "string"},
+      {"source", "", "link.channel.source", "empty"},
+      {"mu_signal", "0.5", "link.channel.mu_signal", "number"},
+      {"mu_signal", -0.1, "link.channel.mu_signal", "between"},
+      {"mu_signal", 0, "link.channel.mu_signal", "greater than 0"},
+      {"mu_signal", 25, "link.channel.mu_signal", "between"},
+      {"mu_decoy", 0.7, "link.channel.mu_decoy", "mu_signal"},
+      {"mu_vacuum", 0.2, "link.channel.mu_vacuum", "mu_decoy"},
+      {"mu_vacuum", -1, "link.channel.mu_vacuum", "between"},
+      {"prob_decoy", 1.5, "link.channel.prob_decoy", "between"},
+      {"prob_decoy", true, "link.channel.prob_decoy", "number"},
+      {"prob_vacuum", -0.1, "link.channel.prob_vacuum", "between"},
+      {"insertion_loss_db", -1, "link.channel.insertion_loss_db", "between"},
+      {"insertion_loss_db", 500, "link.channel.insertion_loss_db", "between"},
+      {"fiber_cut", 1, "link.channel.fiber_cut", "true or false"},
+      {"fiber_cut", "yes", "link.channel.fiber_cut", "true or false"},
+      {"eve_photon_number_splitting", nullptr, "link.channel.eve_photon_number_splitting",
+       "true or false"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.key);
+    json j = weak();
+    j["link"]["channel"][c.key] = c.value;
+    expect_error(j, c.field, c.words);
+  }
+  {
+    json j = weak();
+    j["link"]["channel"]["prob_decoy"] = 0.6;
+    j["link"]["channel"]["prob_vacuum"] = 0.4;
+    expect_error(j, "link.channel.prob_vacuum", "less than 1");
+  }
+  {
+    // Decoy classes need a weak coherent source.
+    json j = valid_alice();
+    j["link"]["channel"]["prob_decoy"] = 0.2;
+    expect_error(j, "link.channel.prob_decoy", "weak_coherent");
+  }
+}
+
+TEST(Config, BadProtocolValues) {
+  struct Case {
+    const char* key;
+    json value;
+    const char* words;
+  };
+  const std::vector<Case> cases = {
+      {"z_basis_prob", 0.3, "between"},
+      {"z_basis_prob", 1.0, "between"},
+      {"epsilon_sec", 0, "greater than 0"},
+      {"epsilon_sec", 0.9, "between"},
+      {"epsilon_sec", "1e-10", "number"},
+      {"epsilon_cor", 0, "greater than 0"},
+      {"epsilon_cor", -1e-15, "between"},
+      {"confidence_sd", -1, "between"},
+      {"confidence_sd", 51, "between"},
+      {"auth_pool_bits", 512, "between"},
+      {"auth_pool_bits", 1025, "multiple of 8"},
+      {"auth_pool_bits", 1.5, "integer"},
+      {"auth_key_refresh_blocks", 0, "between"},
+      {"auth_key_refresh_blocks", -3, "integer"},
+      {"auth_tag_bits", 96, "64 or 128"},
+      {"auth_every_message", "no", "true or false"},
+      {"cascade_passes", 17, "between"},
+      {"cascade_variant", "winnow", "original, yan, modern"},
+      {"cascade_variant", 2, "string"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.key);
+    json j = valid_alice();
+    j["link"]["protocol"][c.key] = c.value;
+    expect_error(j, std::string("link.protocol.") + c.key, c.words);
+  }
+}
+
 }  // namespace

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -470,8 +471,31 @@ TEST(KmsNetworkSpecial, LinkRecoversAfterPeerRestart) {
   EXPECT_EQ(keys_of(*dec), keys_of(*enc));
 }
 
+// The link block count alice reports (status extension), or nullopt if status fails.
+std::optional<std::uint64_t> link_blocks(const KmeNetwork& net, bool* up = nullptr) {
+  auto st = net.client(net.alice(), "alice").get("/api/v1/keys/bob/status");
+  if (!st.ok() || st->status != 200u) {
+    return std::nullopt;
+  }
+  const json j = st->json();
+  if (j.is_discarded()) {
+    return std::nullopt;
+  }
+  const json l = j.value("status_extension", json::object()).value("link", json::object());
+  if (up != nullptr) {
+    *up = l.value("state", "") == "up";
+  }
+  return l.value("blocks", std::uint64_t{0});
+}
+
 TEST(KmsNetworkSpecial, GarbageAndForeignPeersDoNotHurt) {
-  auto net = start_network({}, 4);
+  // The fake peer below replaces (and so drops) the real link session; the bob end then
+  // reconnects with backoff (up to 5 s). Under load that can take longer than the default
+  // 2 s dec_keys wait for a notice, so dec_keys here may wait as long as the link needs
+  // (the assertion that the key arrives, identical, is unchanged).
+  KmeNetworkOptions o;
+  o.dec_wait_ms = 60'000;
+  auto net = start_network(o, 4);
   ASSERT_NE(net, nullptr);
   const std::uint16_t api = net->alice().api_port;
   const std::uint16_t link = net->alice().link_port;
@@ -505,11 +529,32 @@ TEST(KmsNetworkSpecial, GarbageAndForeignPeersDoNotHurt) {
 
   ASSERT_TRUE(net->running(net->alice()));
   ASSERT_TRUE(net->running(net->bob()));
+  // The link recovers: wait (bounded generously, no timing assertion) until it is up and
+  // has run two more blocks than when the attacks ended (the first could still have been
+  // under way on the session the fake peer replaced).
+  const auto after_attacks = link_blocks(*net);
+  ASSERT_TRUE(after_attacks.has_value());
+  const auto deadline = std::chrono::steady_clock::now() + 90s;
+  bool recovered = false;
+  while (!recovered && std::chrono::steady_clock::now() < deadline) {
+    bool up = false;
+    const auto b = link_blocks(*net, &up);
+    recovered = up && b.has_value() && *b >= *after_attacks + 2;
+    if (!recovered) {
+      std::this_thread::sleep_for(100ms);
+    }
+  }
+  ASSERT_TRUE(recovered) << "the link did not recover\n--- alice-kme\n"
+                         << net->log_tail(net->alice()) << "--- bob-kme\n"
+                         << net->log_tail(net->bob());
   ASSERT_TRUE(net->wait_for_keys(4).ok());
   auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
+  ASSERT_TRUE(enc.ok()) << enc.error().message;
   ASSERT_EQ(enc->status, 200u) << enc->body;
-  auto dec = net->client(net->bob(), "bob")
-                 .get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first);
+  // dec_keys may wait for the notice (dec_wait_ms above): give the client more time.
+  HttpsTestClient bob(net->bob().host, net->bob().api_port, net->sae("bob"), 90s);
+  auto dec = bob.get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first);
+  ASSERT_TRUE(dec.ok()) << dec.error().message;
   ASSERT_EQ(dec->status, 200u) << dec->body;
   EXPECT_EQ(keys_of(*dec), keys_of(*enc));
 }

@@ -70,7 +70,9 @@ struct LinkStats {
   double qber = 0.0;              // last completed block
   double raw_key_rate_bps = 0.0;  // per second of simulated link time, over all blocks
   double sifted_key_rate_bps = 0.0;
-  double secret_key_rate_bps = 0.0;
+  double secret_key_rate_bps = 0.0;  // net: after the authentication key was paid
+  double auth_key_rate_bps = 0.0;    // QKD key spent on authenticating the link
+  std::string key_bound;             // the security bound of the last completed block
   std::uint64_t blocks = 0;  // blocks run (committed or aborted)
   std::uint64_t aborted_blocks = 0;
   std::string last_abort_reason;
