@@ -286,8 +286,7 @@ qkd::core::ChannelParams parse_channel(ObjectReader& link) {
     fail("link.channel.prob_vacuum",
          "link.channel.prob_decoy + link.channel.prob_vacuum must be less than 1");
   }
-  if (c.source == qkd::core::SourceKind::kSinglePhoton &&
-      (c.prob_decoy > 0 || c.prob_vacuum > 0)) {
+  if (c.source == qkd::core::SourceKind::kSinglePhoton && (c.prob_decoy > 0 || c.prob_vacuum > 0)) {
     fail(c.prob_decoy > 0 ? "link.channel.prob_decoy" : "link.channel.prob_vacuum",
          "decoy pulses need link.channel.source = \"weak_coherent\"");
   }

@@ -60,6 +60,9 @@ EtsiService::EtsiService(const Config& config, KeyStore& store,
               [this](const std::string& c, const ApiRequest&, const RouteMatch& m) {
                 return status(c, m.params.at("slave"));
               });
+  router_.add("GET", "/health", [this](const std::string&, const ApiRequest&, const RouteMatch&) {
+    return health();
+  });
   for (const char* method : {"GET", "POST"}) {
     router_.add(method, "/api/v1/keys/{slave}/enc_keys",
                 [this](const std::string& c, const ApiRequest& r, const RouteMatch& m) {
@@ -86,6 +89,11 @@ ApiResponse EtsiService::handle(const std::string& caller, const ApiRequest& req
   } catch (const std::exception& e) {  // the edge: nothing escapes a handler
     return error_response(503, fmt::format("internal error: {}", e.what()));
   }
+}
+
+ApiResponse EtsiService::health() const {
+  const LinkStats ls = link_stats_ ? link_stats_() : LinkStats{};
+  return json_response(json{{"status", "ok"}, {"link", ls.up ? "up" : "down"}});
 }
 
 ApiResponse EtsiService::status(const std::string& caller, const std::string& slave) const {

@@ -197,4 +197,19 @@ TEST_F(EtsiServiceTest, DecKeysBadRequests) {
             400u);
 }
 
+TEST_F(EtsiServiceTest, HealthReportsLinkState) {
+  ApiResponse up = at_alice("alice", "GET", "/health");
+  ASSERT_EQ(up.status, 200u) << up.body;
+  EXPECT_EQ(json::parse(up.body), (json{{"status", "ok"}, {"link", "up"}}));
+  // No link statistics (bob here): the link counts as down.
+  ApiResponse down = at_bob("bob", "GET", "/health");
+  ASSERT_EQ(down.status, 200u) << down.body;
+  EXPECT_EQ(json::parse(down.body), (json{{"status", "ok"}, {"link", "down"}}));
+  // Same caller check as the ETSI routes; other methods are 400.
+  ApiResponse anon = at_alice("mallory", "GET", "/health");
+  EXPECT_EQ(anon.status, 401u);
+  EXPECT_TRUE(anon.body.empty());
+  EXPECT_EQ(at_alice("alice", "POST", "/health").status, 400u);
+}
+
 }  // namespace

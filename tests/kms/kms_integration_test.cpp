@@ -319,6 +319,36 @@ TEST_F(KmsNetwork, UnknownRouteIs404AndWrongMethodIs400) {
   EXPECT_EQ(m->status, 400u);
 }
 
+TEST_F(KmsNetwork, HealthNeedsAnSaeCertificateAndReportsTheLink) {
+  // The link is up in this network; poll (bounded) in case it is reconnecting right now.
+  json j;
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  do {
+    auto r = alice().get("/health");
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    ASSERT_EQ(r->status, 200u) << r->body;
+    EXPECT_NE(r->content_type.find("application/json"), std::string::npos);
+    j = r->json();
+    ASSERT_FALSE(j.is_discarded()) << r->body;
+    EXPECT_EQ(j.value("status", ""), "ok");
+    ASSERT_TRUE(j.value("link", "") == "up" || j.value("link", "") == "down") << r->body;
+    if (j["link"] == "up") {
+      break;
+    }
+    std::this_thread::sleep_for(100ms);
+  } while (std::chrono::steady_clock::now() < deadline);
+  EXPECT_EQ(j.value("link", ""), "up");
+  // mTLS like the ETSI routes: another KME's SAE gets 401, no certificate no connection.
+  auto other = net_->client(net_->alice(), "bob").get("/health");
+  ASSERT_TRUE(other.ok()) << other.error().message;
+  EXPECT_EQ(other->status, 401u);
+  qkd::test::TlsIdentity anon = net_->sae("alice");
+  anon.cert_file.clear();
+  anon.key_file.clear();
+  EXPECT_FALSE(
+      HttpsTestClient(net_->alice().host, net_->alice().api_port, anon).get("/health").ok());
+}
+
 TEST_F(KmsNetwork, ConnectionWithoutClientCertificateIsRefused) {
   qkd::test::TlsIdentity anon = net_->sae("alice");
   anon.cert_file.clear();

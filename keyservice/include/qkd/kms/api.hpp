@@ -109,6 +109,9 @@ class EtsiService {
   [[nodiscard]] ApiResponse handle(const std::string& caller, const ApiRequest& req) const;
 
   [[nodiscard]] ApiResponse status(const std::string& caller, const std::string& slave) const;
+  // GET /health (not an ETSI route; same mTLS and SAE check as the rest): 200 with
+  // {"status": "ok", "link": "up" | "down"}.
+  [[nodiscard]] ApiResponse health() const;
   [[nodiscard]] ApiResponse enc_keys(const std::string& caller, const std::string& slave,
                                      const ApiRequest& req, const RouteMatch& m) const;
   [[nodiscard]] ApiResponse dec_keys(const std::string& caller, const std::string& master,
