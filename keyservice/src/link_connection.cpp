@@ -199,8 +199,17 @@ void do_write(const std::shared_ptr<LinkConnection>& self, LinkConnection::Impl&
   im.writing = true;
   asio::async_write(im.stream, asio::buffer(im.writes.front()),
                     [self, &im](beast::error_code ec, std::size_t) {
-                      if (ec) {
-                        spdlog::info("link: write to {}: {}", im.peer, ec.message());
+                      if (ec || im.closed) {
+                        // The write is over, so its buffer may go now (close() leaves
+                        // the buffer of a write in flight alone).
+                        if (ec && !im.closed) {
+                          spdlog::info("link: write to {}: {}", im.peer, ec.message());
+                        }
+                        for (auto& w : im.writes) {
+                          std::fill(w.begin(), w.end(), 0);
+                        }
+                        im.writes.clear();
+                        im.writing = false;
                         self->close();
                         return;
                       }
@@ -288,10 +297,15 @@ void LinkConnection::close() {
     beast::error_code ec;
     beast::get_lowest_layer(im.stream).socket().shutdown(tcp::socket::shutdown_both, ec);
     beast::get_lowest_layer(im.stream).close();
-    for (auto& w : im.writes) {
-      std::fill(w.begin(), w.end(), 0);
+    // An async_write in flight still reads writes.front(): its handler frees that buffer.
+    auto first = im.writes.begin();
+    if (im.writing && first != im.writes.end()) {
+      ++first;
     }
-    im.writes.clear();
+    for (auto it = first; it != im.writes.end(); ++it) {
+      std::fill(it->begin(), it->end(), 0);
+    }
+    im.writes.erase(first, im.writes.end());
     im.on_control = nullptr;
   });
 }
