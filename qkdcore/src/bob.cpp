@@ -51,6 +51,10 @@ class RemoteParityOracle final : public ParityOracle {
 
  private:
   Result<BitVector> exchange(Writer& w) {
+    if (++round_trips_ >= detail::kMaxCascadeRequests) {
+      return make_error(ErrorCode::kProtocol,
+                        "Cascade: too many parity requests (inconsistent parities: tampered?)");
+    }
     if (Status s = ch_.send(MsgType::kCascadeRequest, block_, w.buffer()); !s.ok()) {
       return s.error();
     }
@@ -70,6 +74,7 @@ class RemoteParityOracle final : public ParityOracle {
   std::uint64_t block_;
   std::chrono::milliseconds timeout_;
   std::uint32_t n_;
+  std::uint64_t round_trips_ = 0;
 };
 
 }  // namespace

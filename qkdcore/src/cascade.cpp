@@ -507,6 +507,13 @@ class Corrector {
         if (q == started_) {
           break;
         }
+        // Honest parities only ever flip erroneous bits, so more corrections than bits
+        // means inconsistent parities (a tampered, not yet authenticated, layout seed or
+        // reply): stop instead of looping (waves can resolve from known parities alone).
+        if (stats_.errors_corrected > layout_.size()) {
+          return make_error(ErrorCode::kProtocol,
+                            "Cascade: inconsistent parities (more corrections than bits)");
+        }
         if (Status s = wave(q); !s.ok()) {
           return s.error();
         }

@@ -40,8 +40,10 @@ namespace qkd::core::detail {
 inline constexpr std::uint64_t kMinSampleBits = 32;
 // Fewer bits than this left to reconcile: the block aborts.
 inline constexpr std::uint64_t kMinReconciledBits = 128;
-// Upper bound on Cascade requests per block (a loop guard against a misbehaving peer).
-inline constexpr std::uint64_t kMaxCascadeRequests = 1'000'000;
+// Upper bound on Cascade requests per block: a guard against a misbehaving peer, and
+// against the long run a tampered (not yet verified) CascadeStart or reply would cause
+// under transcript authentication. Honest blocks need ~50-250 round trips.
+inline constexpr std::uint64_t kMaxCascadeRequests = 5'000;
 
 enum class CascadeRequestKind : std::uint8_t { kBlockParities = 0, kRangeParities = 1, kDone = 2 };
 
