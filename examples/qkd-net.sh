@@ -3,6 +3,8 @@
 # daemons' ready files, so several networks can run side by side.
 #
 #   qkd_net_start WORKDIR [LENGTH_KM] [EVE_FRACTION]   # PKI, configs, both KMEs started
+#     (QKD_CHANNEL_EXTRA / QKD_PROTOCOL_EXTRA: extra JSON members for link.channel and
+#      link.protocol, e.g. '"source": "weak_coherent", "prob_decoy": 0.2')
 #   qkd_net_wait_keys MIN_KEYS TIMEOUT_S               # until both KMEs hold MIN_KEYS keys
 #   qkd_status SAE KME_URL SLAVE                       # prints the ETSI 014 status JSON
 #   qkd_net_stop                                       # stops what qkd_net_start started
@@ -47,7 +49,8 @@ qkd_write_kme_config() {  # qkd_write_kme_config FILE ROLE ME PEER MY_SAE PEER_S
   "link": {
     "peer_kme_id": "$4", "peer_saes": ["$6"], "role": "$role", "$linkkey": "$7",
     "psk_hex": "${10}",
-    "channel": {"length_km": $8, "eve_intercept_fraction": $9}
+    "channel": {"length_km": $8, "eve_intercept_fraction": $9${QKD_CHANNEL_EXTRA:+, $QKD_CHANNEL_EXTRA}},
+    "protocol": {${QKD_PROTOCOL_EXTRA:-}}
   },
   "log_level": "info"
 }
