@@ -26,6 +26,18 @@ struct KemCtx {
 constexpr int kOpEncapsulate = 1;
 constexpr int kOpDecapsulate = 2;
 
+// Checks a caller-supplied output buffer; raises "<what> buffer has N bytes, needs M".
+bool buffer_fits(const ProvCtx* prov, const char* what, std::size_t have, std::size_t need,
+                 const char* qkd_fn) {
+  if (have >= need) {
+    return true;
+  }
+  QKD_RAISE(prov, kReasonBufferTooSmall,
+            std::string(what) + " buffer has " + std::to_string(have) + " bytes, needs " +
+                std::to_string(need));
+  return false;
+}
+
 // Cleanses a secret buffer on every exit unless the operation succeeded (release()).
 class SecretGuard {
  public:
@@ -180,16 +192,10 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, kReasonBufferTooSmall, "no buffer for the shared secret");
       return 0;
     }
-    if (*outlen < ct_len) {
-      QKD_RAISE(prov, kReasonBufferTooSmall,
-                "ciphertext buffer has " + std::to_string(*outlen) + " bytes, needs " +
-                    std::to_string(ct_len));
+    if (!buffer_fits(prov, "ciphertext", *outlen, ct_len, qkd_fn)) {
       return 0;
     }
-    if (*secretlen < kSecretBytes) {
-      QKD_RAISE(prov, kReasonBufferTooSmall,
-                "secret buffer has " + std::to_string(*secretlen) + " bytes, needs " +
-                    std::to_string(kSecretBytes));
+    if (!buffer_fits(prov, "secret", *secretlen, kSecretBytes, qkd_fn)) {
       return 0;
     }
     // One exit path for the secret: cleansed unless everything below succeeds.
@@ -324,10 +330,7 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       *outlen = kSecretBytes;
       return 1;
     }
-    if (*outlen < kSecretBytes) {
-      QKD_RAISE(prov, kReasonBufferTooSmall,
-                "secret buffer has " + std::to_string(*outlen) + " bytes, needs " +
-                    std::to_string(kSecretBytes));
+    if (!buffer_fits(prov, "secret", *outlen, kSecretBytes, qkd_fn)) {
       return 0;
     }
     SecretGuard guard(out, kSecretBytes);

@@ -182,6 +182,15 @@ ResponseParser::State ResponseParser::parse_headers(std::string_view head) {
   return State::kNeedMore;
 }
 
+bool ResponseParser::take_remaining() {
+  const std::size_t take = std::min(remaining_, buf_.size());
+  body_.append(buf_, 0, take);
+  OPENSSL_cleanse(buf_.data(), take);
+  buf_.erase(0, take);
+  remaining_ -= take;
+  return remaining_ == 0;
+}
+
 ResponseParser::State ResponseParser::advance() {
   for (;;) {
     switch (phase_) {
@@ -203,12 +212,7 @@ ResponseParser::State ResponseParser::advance() {
         break;
       }
       case Phase::kBodyLength: {
-        const std::size_t take = std::min(remaining_, buf_.size());
-        body_.append(buf_, 0, take);
-        OPENSSL_cleanse(buf_.data(), take);
-        buf_.erase(0, take);
-        remaining_ -= take;
-        if (remaining_ != 0) {
+        if (!take_remaining()) {
           return State::kNeedMore;
         }
         phase_ = Phase::kDone;
@@ -252,12 +256,7 @@ ResponseParser::State ResponseParser::advance() {
         break;
       }
       case Phase::kChunkData: {
-        const std::size_t take = std::min(remaining_, buf_.size());
-        body_.append(buf_, 0, take);
-        OPENSSL_cleanse(buf_.data(), take);
-        buf_.erase(0, take);
-        remaining_ -= take;
-        if (remaining_ != 0) {
+        if (!take_remaining()) {
           return State::kNeedMore;
         }
         phase_ = Phase::kChunkDataEnd;

@@ -66,6 +66,8 @@ class ResponseParser {
   enum class Phase { kHeaders, kBodyLength, kBodyUntilEof, kChunkSize, kChunkData,
                      kChunkDataEnd, kTrailers, kDone };
   State fail(std::string message);
+  // Moves up to remaining_ buffered bytes into the body; true once none remain.
+  bool take_remaining();
   State advance();
   State parse_headers(std::string_view head);
 
