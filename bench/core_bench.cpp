@@ -95,20 +95,45 @@ void cascade_args(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_Cascade)->Apply(cascade_args)->Unit(benchmark::kMillisecond);
 
 // Toeplitz hashing, n input bits -> m = n/2 output bits (the privacy-amplification shape).
-// "bits/s" counts input bits. Before the timed loop each fixture checks the kernel against
-// a reference: the naive O(n m) product for n <= 30,000, otherwise the NTT path (itself
-// checked against the naive product in the tests), plus a few output bits against the sum.
-enum class ToeplitzKernel { kClmul, kClmulPortable, kClmul128, kNtt, kNaive };
+// "bits/s" counts input bits. Before the timed loop each fixture checks its kernel against
+// a reference: the naive O(n m) product for n <= 30,000, otherwise the Karatsuba path (or,
+// for the Karatsuba rows, the FFT path: the two are independent algorithms, both checked
+// against the naive product in the tests), plus three output bits against the defining sum.
+//   hash        = toeplitz_hash (dispatches: Karatsuba below the crossover, FFT above)
+//   fft         = the additive-FFT path forced, widest carry-less kernel (VPCLMULQDQ here)
+//   fft_pclmul128 / fft_portable = the FFT path with the 128-bit / portable field multiply
+//   karatsuba   = the transposed-Karatsuba path forced (the previous toeplitz_hash)
+//   karatsuba_pclmul128 / karatsuba_portable, ntt_before (the first fast path), naive.
+enum class ToeplitzKernel {
+  kHash,
+  kFft,
+  kFft128,
+  kFftPortable,
+  kKaratsuba,
+  kKaratsuba128,
+  kKaratsubaPortable,
+  kNtt,
+  kNaive
+};
 
 Result<BitVector> run_toeplitz(ToeplitzKernel k, const BitVector& seed, const BitVector& x,
                                std::size_t m) {
+  using detail::ClmulKernel;
   switch (k) {
-    case ToeplitzKernel::kClmul:
+    case ToeplitzKernel::kHash:
       return toeplitz_hash(seed, x, m);
-    case ToeplitzKernel::kClmulPortable:
-      return detail::toeplitz_hash_clmul(seed, x, m, /*allow_pclmul=*/false);
-    case ToeplitzKernel::kClmul128:
-      return detail::toeplitz_hash_clmul(seed, x, m, /*allow_pclmul=*/true);
+    case ToeplitzKernel::kFft:
+      return detail::toeplitz_hash_fft(seed, x, m, ClmulKernel::kBest);
+    case ToeplitzKernel::kFft128:
+      return detail::toeplitz_hash_fft(seed, x, m, ClmulKernel::kPclmul);
+    case ToeplitzKernel::kFftPortable:
+      return detail::toeplitz_hash_fft(seed, x, m, ClmulKernel::kPortable);
+    case ToeplitzKernel::kKaratsuba:
+      return detail::toeplitz_hash_clmul(seed, x, m, ClmulKernel::kBest);
+    case ToeplitzKernel::kKaratsuba128:
+      return detail::toeplitz_hash_clmul(seed, x, m, ClmulKernel::kPclmul);
+    case ToeplitzKernel::kKaratsubaPortable:
+      return detail::toeplitz_hash_clmul(seed, x, m, ClmulKernel::kPortable);
     case ToeplitzKernel::kNtt:
       return toeplitz_hash_ntt(seed, x, m);
     case ToeplitzKernel::kNaive:
@@ -126,12 +151,16 @@ void BM_Toeplitz(benchmark::State& state) {
   const BitVector x = random_vector(rng, n);
   {
     auto y = run_toeplitz(K, seed, x, m);
-    const bool small = n <= 30'000;
-    const bool ntt_ok = n + m - 1 <= (std::size_t{1} << 23);  // NTT length limit
     bool equal = y.ok();
-    if (small || ntt_ok) {
-      auto ref = small ? toeplitz_hash_naive(seed, x, m) : toeplitz_hash_ntt(seed, x, m);
-      equal = equal && ref.ok() && *y == *ref;
+    if (equal && K != ToeplitzKernel::kNaive) {
+      const bool karatsuba_row = K == ToeplitzKernel::kKaratsuba ||
+                                 K == ToeplitzKernel::kKaratsuba128 ||
+                                 K == ToeplitzKernel::kKaratsubaPortable;
+      auto ref = n <= 30'000 ? toeplitz_hash_naive(seed, x, m)
+                 : karatsuba_row
+                     ? detail::toeplitz_hash_fft(seed, x, m, detail::ClmulKernel::kBest)
+                     : detail::toeplitz_hash_clmul(seed, x, m, detail::ClmulKernel::kBest);
+      equal = ref.ok() && *y == *ref;
     }
     for (std::size_t i : {std::size_t{0}, m / 2, m - 1}) {
       bool acc = false;
@@ -145,6 +174,13 @@ void BM_Toeplitz(benchmark::State& state) {
       return;
     }
     state.counters["bit_equal"] = 1;
+    if (K == ToeplitzKernel::kHash) {
+      state.counters["uses_fft"] = detail::toeplitz_uses_fft(n, m) ? 1 : 0;
+    }
+    if (K == ToeplitzKernel::kFft || K == ToeplitzKernel::kFft128 ||
+        K == ToeplitzKernel::kFftPortable) {
+      state.counters["log2_L"] = detail::toeplitz_fft_log_size(n, m);
+    }
   }
   for (auto _ : state) {
     auto y = run_toeplitz(K, seed, x, m);
@@ -153,15 +189,28 @@ void BM_Toeplitz(benchmark::State& state) {
   state.counters["bits/s"] = benchmark::Counter(
       static_cast<double>(n) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_Toeplitz<ToeplitzKernel::kClmul>)->Name("BM_Toeplitz/clmul")->Arg(10'000)
-    ->Arg(30'000)->Arg(100'000)->Arg(1'000'000)->Arg(1 << 20)->Arg(4'000'000)->Arg(10'000'000)
-    ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Toeplitz<ToeplitzKernel::kClmul128>)->Name("BM_Toeplitz/clmul_pclmul128")
-    ->Arg(1'000'000)->Arg(1 << 20)->Arg(10'000'000)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Toeplitz<ToeplitzKernel::kClmulPortable>)->Name("BM_Toeplitz/clmul_portable")
+void toeplitz_large_args(benchmark::internal::Benchmark* b) {
+  for (const long long n : {100'000LL, 300'000LL, 1'000'000LL, 2'000'000LL, 4'000'000LL,
+                            10'000'000LL, 20'000'000LL}) {
+    b->Arg(n);
+  }
+}
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kHash>)->Name("BM_Toeplitz/hash")->Arg(10'000)
+    ->Arg(30'000)->Apply(toeplitz_large_args)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kFft>)->Name("BM_Toeplitz/fft")->Arg(10'000)
+    ->Arg(30'000)->Apply(toeplitz_large_args)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kKaratsuba>)->Name("BM_Toeplitz/karatsuba")->Arg(10'000)
+    ->Arg(30'000)->Apply(toeplitz_large_args)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kFft128>)->Name("BM_Toeplitz/fft_pclmul128")
+    ->Arg(1'000'000)->Arg(10'000'000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kKaratsuba128>)->Name("BM_Toeplitz/karatsuba_pclmul128")
+    ->Arg(1'000'000)->Arg(10'000'000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kFftPortable>)->Name("BM_Toeplitz/fft_portable")
     ->Arg(100'000)->Arg(1'000'000)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Toeplitz<ToeplitzKernel::kNtt>)->Name("BM_Toeplitz/ntt_before")->Arg(10'000)
-    ->Arg(30'000)->Arg(100'000)->Arg(1'000'000)->Arg(1 << 20)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kKaratsubaPortable>)->Name("BM_Toeplitz/karatsuba_portable")
+    ->Arg(100'000)->Arg(1'000'000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Toeplitz<ToeplitzKernel::kNtt>)->Name("BM_Toeplitz/ntt_before")->Arg(30'000)
+    ->Arg(1'000'000)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Toeplitz<ToeplitzKernel::kNaive>)->Name("BM_Toeplitz/naive")->Arg(10'000)
     ->Arg(30'000)->Unit(benchmark::kMillisecond);
 

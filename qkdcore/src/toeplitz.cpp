@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +17,7 @@
 #define QKD_HAVE_X86_CLMUL 1
 #endif
 
+#include "gf2x_fft.hpp"
 #include "toeplitz_internal.hpp"
 
 namespace qkd::core {
@@ -608,10 +611,230 @@ Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& in
   return result;
 }
 
+// ---------------------------------------------------------------------------------------
+// The FFT path. S (n + m - 1 bits) and X (n bits) are cut into 32-bit chunks, the chunk
+// sequences multiplied in GF(2^64)[y] by the additive FFT (to the novel basis, evaluate,
+// multiply pointwise, interpolate, back to monomials), and output bit i is bit n - 1 + i of
+// sum_c P_c z^(32 c) (each P_c has 63 bits, so neighbouring chunks overlap by 31 bits).
+// The transform computes P modulo s_k (degree L = 2^k); coefficients below L and at or above
+// D - L + 2^imax (D = product length, 2^imax the largest lower term of s_k) are exact, so a
+// transform shorter than the full product suffices when the needed chunks lie there.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+struct FftShape {
+  std::size_t chunks_s;  // chunks of S
+  std::size_t chunks_x;  // chunks of X
+  std::size_t need_lo;   // first chunk that reaches bit n - 1
+  std::size_t need_hi;   // last chunk that starts at or below bit n + m - 2
+  unsigned lg;           // log2 L
+};
+
+FftShape fft_shape(std::size_t n, std::size_t m) {
+  FftShape f{};
+  f.chunks_s = (n + m - 1 + 31) / 32;
+  f.chunks_x = (n + 31) / 32;
+  f.need_lo = n - 1 > 62 ? (n - 1 - 62 + 31) / 32 : 0;
+  f.need_hi = (n + m - 2) / 32;
+  const std::size_t d = f.chunks_s + f.chunks_x - 1;
+  for (unsigned k = 0; k < 64; ++k) {
+    const std::size_t l = std::size_t{1} << k;
+    if (l < f.chunks_s || l < f.chunks_x || f.need_hi >= l) {
+      continue;
+    }
+    if (d <= l) {
+      f.lg = k;
+      return f;
+    }
+    if (k >= 1 && f.need_lo + l >= d + (std::size_t{1} << (k & (k - 1)))) {
+      f.lg = k;
+      return f;
+    }
+  }
+  f.lg = 64;  // unreachable for sizes that fit in memory
+  return f;
+}
+
+// Largest transform toeplitz_hash uses (2 x 128 MiB); larger inputs take Karatsuba.
+constexpr unsigned kFftMaxUsedLog = 24;
+
+// The two transform buffers of one call. Both hold key bits (or their transforms) and are
+// cleansed before the call returns. Up to kKeptWords words each (2 x 16 MiB, n + m up to
+// about 3e7 bits) they are kept per thread between calls: allocating and faulting in fresh
+// pages costs more than the whole transform at 1e5 - 1e6 bits on the benchmark VM (about
+// 15 us per 4 KiB page fault). Larger transforms allocate per call.
+constexpr std::size_t kKeptWords = std::size_t{1} << 21;
+
+class FftBuffers {
+ public:
+  explicit FftBuffers(std::size_t len) : len_(len) {
+    if (len > kKeptWords) {
+      own_a_ = std::make_unique<WordBuffer>(len);
+      own_b_ = std::make_unique<WordBuffer>(len);
+      a_ = own_a_.get();
+      b_ = own_b_.get();
+      return;
+    }
+    thread_local std::unique_ptr<WordBuffer> kept_a;
+    thread_local std::unique_ptr<WordBuffer> kept_b;
+    if (!kept_a || kept_a->size() < len) {
+      kept_a.reset();  // cleansed when freed
+      kept_b.reset();
+      const std::size_t keep = std::max<std::size_t>(len, 4096);
+      kept_a = std::make_unique<WordBuffer>(keep);
+      kept_b = std::make_unique<WordBuffer>(keep);
+    }
+    a_ = kept_a.get();
+    b_ = kept_b.get();
+    std::memset(a_->data(), 0, len * sizeof(Word));
+    std::memset(b_->data(), 0, len * sizeof(Word));
+  }
+  ~FftBuffers() {
+    OPENSSL_cleanse(a_->data(), len_ * sizeof(Word));
+    OPENSSL_cleanse(b_->data(), len_ * sizeof(Word));
+  }
+  FftBuffers(const FftBuffers&) = delete;
+  FftBuffers& operator=(const FftBuffers&) = delete;
+
+  [[nodiscard]] std::span<Word> a() { return a_->span().first(len_); }
+  [[nodiscard]] std::span<Word> b() { return b_->span().first(len_); }
+
+ private:
+  std::size_t len_;
+  std::unique_ptr<WordBuffer> own_a_;
+  std::unique_ptr<WordBuffer> own_b_;
+  WordBuffer* a_ = nullptr;
+  WordBuffer* b_ = nullptr;
+};
+
+}  // namespace
+
+unsigned toeplitz_fft_log_size(std::size_t n, std::size_t m) {
+  if (n == 0 || m == 0) {
+    return 0;
+  }
+  return fft_shape(n, m).lg;
+}
+
+Result<BitVector> toeplitz_hash_fft(const BitVector& seed, const BitVector& input,
+                                    std::size_t output_bits, ClmulKernel kernel) {
+  if (Status s = check_sizes(seed, input, output_bits); !s.ok()) {
+    return s.error();
+  }
+  if (!cpu_has(kernel)) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "Toeplitz hash: the requested carry-less kernel needs a CPU feature "
+                      "this machine lacks");
+  }
+  const std::size_t n = input.size();
+  const std::size_t m = output_bits;
+  const FftShape shape = fft_shape(n, m);
+  static_assert(kFftMaxLog == 26, "keep the error message in step");
+  if (shape.lg > kFftMaxLog) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "Toeplitz hash: input too large for the FFT path (more than 2^26 "
+                      "chunks of 32 bits)");
+  }
+  const AdditiveFft fft(shape.lg, kernel);
+  const std::size_t len = fft.size();
+  // Chunk c of a bit vector of `bits` bits (bits past the end read as 0).
+  const auto chunk = [](std::span<const Word> w, std::size_t bits, std::size_t c) -> Word {
+    Word v = (w[c >> 1] >> (32 * (c & 1))) & 0xffffffffULL;
+    const std::size_t end = 32 * (c + 1);
+    if (end > bits) {
+      v &= (Word{1} << (32 - (end - bits))) - 1;
+    }
+    return v;
+  };
+  FftBuffers buffers(len);
+  const std::span<Word> a = buffers.a();
+  const std::span<Word> b = buffers.b();
+  const auto sw = seed.words();
+  const auto xw = input.words();
+  // The change to the novel basis only XORs whole words, so S (low halves) and X (high
+  // halves) go through it together in one buffer, and are then split.
+  for (std::size_t c = 0; c < shape.chunks_s; ++c) {
+    a[c] = chunk(sw, n + m - 1, c);
+  }
+  for (std::size_t c = 0; c < shape.chunks_x; ++c) {
+    a[c] |= chunk(xw, n, c) << 32;
+  }
+  fft.to_novel(a);
+  for (std::size_t i = 0; i < len; ++i) {
+    b[i] = a[i] >> 32;
+    a[i] &= 0xffffffffULL;
+  }
+  fft.forward(a);
+  fft.forward(b);
+  fft.pointwise(a, b);
+  fft.inverse(a);
+  fft.from_novel(a);
+  // Word q of the product (bits 64 q .. 64 q + 63); chunks outside [0, L) read as 0.
+  const auto at = [&](std::size_t c) -> Word { return c < len ? a[c] : 0; };
+  const auto product_word = [&](std::size_t q) -> Word {
+    return at(2 * q) ^ (at(2 * q + 1) << 32) ^ (q > 0 ? at(2 * q - 1) >> 32 : 0);
+  };
+  BitVector result(m);
+  const auto rw = result.mutable_words();
+  const std::size_t sh = (n - 1) & 63;
+  for (std::size_t w = 0; w < rw.size(); ++w) {
+    const std::size_t q = (n - 1 + 64 * w) >> 6;
+    Word v = product_word(q) >> sh;
+    if (sh != 0) {
+      v |= product_word(q + 1) << (64 - sh);
+    }
+    rw[w] = v;
+  }
+  result.clear_tail();
+  return result;
+}
+
+// Modelled cost of the Karatsuba path in units of its base-case cost model (block_shape):
+// blocks x 3^k x base(c).
+double karatsuba_units(std::size_t n, std::size_t m, bool wide) {
+  const BlockShape shape = block_shape((std::min(n, m) + 63) / 64, wide);
+  const std::size_t hb = 64 * shape.words;
+  const double blocks = static_cast<double>(((m + hb - 1) / hb) * ((n + hb - 1) / hb));
+  const std::size_t c = shape.cutoff;
+  double levels = 1;
+  for (std::size_t w = shape.words; w > c; w /= 2) {
+    levels *= 3;
+  }
+  const double base = wide ? static_cast<double>(2 * c * ((c + 2 + 7) / 8) + 2 * c)
+                           : static_cast<double>(base_products(c));
+  return blocks * levels * base;
+}
+
+// The dispatch: modelled CPU time of each path, fitted to measurements on the benchmark
+// machine (VPCLMULQDQ kernels; docs/BENCHMARKS.md): Karatsuba about kKaratsubaNsPerUnit per
+// unit of karatsuba_units (which follows its padding steps), the FFT path about 1.2 ns per
+// point and level plus 20 us. With m = n / 2 the model takes the FFT from about n = 4e5
+// (measured, minimum of 15 calls: FFT ahead at 1e5 and 2e5 by 0.04 and 0.22 ms, even at
+// 3e5 and 5e5 where the transform has just doubled, ahead from 7e5 on by 2x and more).
+// Short outputs (verification tags) stay on Karatsuba, linear in n there. Other kernels
+// use the same model (both paths slow down by similar factors).
+bool toeplitz_uses_fft(std::size_t n, std::size_t m) {
+  if (n == 0 || m == 0) {
+    return false;
+  }
+  const unsigned lg = fft_shape(n, m).lg;
+  if (lg > kFftMaxUsedLog) {
+    return false;
+  }
+  constexpr double kKaratsubaNsPerUnit = 0.85;  // measured 0.67 - 1.4 over 3e4 - 1e7
+  const bool wide = cpu_has(ClmulKernel::kVpclmul);
+  const double karatsuba_ns = kKaratsubaNsPerUnit * karatsuba_units(n, m, wide);
+  const double fft_ns = 1.2 * std::ldexp(1.0, static_cast<int>(lg)) * lg + 2e4;
+  return fft_ns < karatsuba_ns;
+}
+
 }  // namespace detail
 
 Result<BitVector> toeplitz_hash(const BitVector& seed, const BitVector& input,
                                 std::size_t output_bits) {
+  if (detail::toeplitz_uses_fft(input.size(), output_bits)) {
+    return detail::toeplitz_hash_fft(seed, input, output_bits, detail::ClmulKernel::kBest);
+  }
   return detail::toeplitz_hash_clmul(seed, input, output_bits, detail::ClmulKernel::kBest);
 }
 

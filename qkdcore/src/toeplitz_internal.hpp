@@ -28,3 +28,25 @@ enum class ClmulKernel : std::uint8_t { kPortable, kPclmul, kVpclmul, kBest };
                                                     std::size_t output_bits, bool allow_pclmul);
 
 }  // namespace qkd::core::detail
+
+namespace qkd::core::detail {
+
+// The O(n log n) path: the product S(z) X(z) by an additive FFT over GF(2^64) (gf2x_fft.hpp)
+// on 32-bit chunks (a chunk product has degree <= 62, so the field product of two chunks is
+// their GF(2)[z] product and the GF(2^64)[y] convolution, overlap-added at 32-bit steps, is
+// the GF(2)[z] product). Same preconditions as toeplitz_hash; `kernel` selects the field
+// multiply (an unavailable kernel is refused as in toeplitz_hash_clmul). Buffers that held
+// key bits are cleansed.
+[[nodiscard]] Result<BitVector> toeplitz_hash_fft(const BitVector& seed, const BitVector& input,
+                                                  std::size_t output_bits, ClmulKernel kernel);
+
+// log2 of the transform size the FFT path uses for n input and m output bits: the smallest
+// 2^k >= the chunk count of the full product, or smaller when the wrap-around modulo the
+// subspace polynomial s_k misses the needed coefficients (the middle product). 0 if n or m
+// is 0.
+[[nodiscard]] unsigned toeplitz_fft_log_size(std::size_t n, std::size_t m);
+
+// Whether toeplitz_hash takes the FFT path for these sizes (else Karatsuba).
+[[nodiscard]] bool toeplitz_uses_fft(std::size_t n, std::size_t m);
+
+}  // namespace qkd::core::detail

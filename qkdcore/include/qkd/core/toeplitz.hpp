@@ -14,12 +14,18 @@
 
 namespace qkd::core {
 
-// The fast path: a carry-less Karatsuba product, O(H^1.585) word operations per square
-// block of H = min(n, m) bits (max(n, m) / H blocks), using 512-bit VPCLMULQDQ or 128-bit
-// PCLMULQDQ when the CPU has them (checked at run time) and a portable 64 x 64 carry-less
-// multiply otherwise. Bit-equal to
-// toeplitz_hash_naive. Fails (kInvalidArgument) if seed.size() != n + m - 1, m == 0 or
-// n == 0.
+// The fast path, bit-equal to toeplitz_hash_naive. Two algorithms, chosen per call by a
+// cost model fitted to measurements (detail::toeplitz_uses_fft; with m = n / 2 the FFT is
+// taken from about n = 4e5 bits):
+//  - a transposed carry-less Karatsuba product, O(H^1.585) word operations per square block
+//    of H = min(n, m) bits (max(n, m) / H blocks): small blocks and short outputs such as
+//    verification tags;
+//  - an additive FFT over GF(2^64) (Cantor basis, Lin-Chung-Han novel polynomial basis) on
+//    32-bit chunks, O(N log N) for N = n + m: large square-ish blocks (1e6 - 1e7 bits and up,
+//    to 2^24 chunks; beyond that Karatsuba again).
+// Both use 512-bit VPCLMULQDQ or 128-bit PCLMULQDQ when the CPU has them (checked at run
+// time) and a portable carry-less multiply otherwise (same bits). Buffers that held key bits
+// are cleansed. Fails (kInvalidArgument) if seed.size() != n + m - 1, m == 0 or n == 0.
 [[nodiscard]] Result<BitVector> toeplitz_hash(const BitVector& seed, const BitVector& input,
                                               std::size_t output_bits);
 
