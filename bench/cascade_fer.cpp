@@ -4,12 +4,15 @@
 //
 //   build/bin/cascade_fer [--blocks N] [--sizes 16384,65536] [--qbers 1,2,3,4,5]
 //                         [--variants legacy,original,yan,modern] [--passes P] [--seed S]
+//                         [--biconf 0,2,4]
 //
 // Errors are i.i.d. Bernoulli(QBER) bits; Cascade's first block size comes from the true
-// QBER. f = parities disclosed / (n h(QBER)) over all blocks; "FER" = blocks with residual
-// errors after Cascade (before verification) / blocks; Mbit/s = reconciled bits / time spent
-// in layout + responder + cascade_correct, measured as this thread's CPU time (error
-// generation is not timed; CPU time keeps the figure meaningful on a shared machine).
+// QBER. --biconf lists BICONF round counts to compare (default 0: none; every count runs
+// on the same blocks). f = parities disclosed / (n h(QBER)) over all blocks; "FER" =
+// blocks with residual errors after Cascade (before verification) / blocks; Mbit/s =
+// reconciled bits / time spent in layout + responder + cascade_correct, measured as this
+// thread's CPU time (error generation is not timed; CPU time keeps the figure meaningful on
+// a shared machine).
 #include <time.h>
 
 #include <array>
@@ -64,6 +67,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> names = {"legacy", "original", "yan", "modern"};
   std::uint32_t passes_override = 0;
   std::uint64_t seed = 7;
+  std::vector<std::string> biconf_list = {"0"};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string_view flag = argv[i];
     const std::string_view value = argv[i + 1];
@@ -77,6 +81,8 @@ int main(int argc, char** argv) {
       names = split_list(value);
     } else if (flag == "--passes") {
       passes_override = static_cast<std::uint32_t>(std::atoi(argv[i + 1]));
+    } else if (flag == "--biconf") {
+      biconf_list = split_list(value);
     } else if (flag == "--seed") {
       seed = std::strtoull(argv[i + 1], nullptr, 10);
     } else {
@@ -99,69 +105,72 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  std::printf("| variant | n | QBER %% | passes | k1 | f | FER (residual/blocks) | "
+  std::printf("| variant | n | QBER %% | passes | BICONF | k1 | f | FER (residual/blocks) | "
               "max round trips | Mbit/s |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& size_s : sizes) {
     const auto n = static_cast<std::uint32_t>(std::stoul(size_s));
     for (const auto& q_s : qbers) {
       const double q = std::stod(q_s) / 100.0;
       for (const Variant& v : variants) {
-        // Same blocks for every variant: the error pattern depends only on the seed.
-        Xoshiro256ss rng(seed + n + static_cast<std::uint64_t>(q * 1e6));
-        const std::uint32_t passes =
-            passes_override != 0 ? passes_override : cascade_default_passes(v.variant);
-        const std::uint32_t k1 = cascade_first_block_size(q, n, v.variant);
-        double leaked = 0;
-        double secs = 0;
-        int failures = 0;
-        std::uint64_t max_rt = 0;
-        for (int b = 0; b < blocks; ++b) {
-          BitVector alice(n);
-          for (auto& w : alice.mutable_words()) {
-            w = rng.next();
-          }
-          alice.clear_tail();
-          BitVector bob = alice;
-          for (std::uint32_t i = 0; i < n; ++i) {
-            if (rng.bernoulli(q)) {
-              bob.flip(i);
+        for (const auto& biconf_s : biconf_list) {
+          const auto biconf = static_cast<std::uint32_t>(std::stoul(biconf_s));
+          // Same blocks for every variant and BICONF count: the errors depend only on the seed.
+          Xoshiro256ss rng(seed + n + static_cast<std::uint64_t>(q * 1e6));
+          const std::uint32_t passes =
+              passes_override != 0 ? passes_override : cascade_default_passes(v.variant);
+          const std::uint32_t k1 = cascade_first_block_size(q, n, v.variant);
+          double leaked = 0;
+          double secs = 0;
+          int failures = 0;
+          std::uint64_t max_rt = 0;
+          for (int b = 0; b < blocks; ++b) {
+            BitVector alice(n);
+            for (auto& w : alice.mutable_words()) {
+              w = rng.next();
+            }
+            alice.clear_tail();
+            BitVector bob = alice;
+            for (std::uint32_t i = 0; i < n; ++i) {
+              if (rng.bernoulli(q)) {
+                bob.flip(i);
+              }
+            }
+            std::array<std::uint8_t, 32> shuffle{};
+            for (auto& byte : shuffle) {
+              byte = static_cast<std::uint8_t>(rng.next());
+            }
+            const double t0 = thread_cpu_seconds();
+            Result<CascadeStats> stats = CascadeStats{};
+            if (v.legacy) {
+              const CascadeLayout layout(n, passes, k1, shuffle, v.variant, biconf);
+              const qkd::bench_legacy::LegacyResponder responder(alice, layout);
+              qkd::bench_legacy::LegacyOracle oracle(responder);
+              stats = qkd::bench_legacy::legacy_cascade_correct(bob, layout, oracle);
+            } else {
+              const CascadeLayout layout(n, passes, k1, shuffle, v.variant, biconf);
+              const CascadeResponder responder(alice, layout);
+              LocalParityOracle oracle(responder);
+              stats = cascade_correct(bob, layout, oracle);
+            }
+            secs += thread_cpu_seconds() - t0;
+            if (!stats.ok()) {
+              std::fprintf(stderr, "cascade failed: %s\n", stats.error().message.c_str());
+              return 1;
+            }
+            leaked += static_cast<double>(stats->parities_disclosed);
+            max_rt = std::max(max_rt, stats->round_trips);
+            if (!(bob == alice)) {
+              ++failures;
             }
           }
-          std::array<std::uint8_t, 32> shuffle{};
-          for (auto& byte : shuffle) {
-            byte = static_cast<std::uint8_t>(rng.next());
-          }
-          const double t0 = thread_cpu_seconds();
-          Result<CascadeStats> stats = CascadeStats{};
-          if (v.legacy) {
-            const CascadeLayout layout(n, passes, k1, shuffle, v.variant);
-            const qkd::bench_legacy::LegacyResponder responder(alice, layout);
-            qkd::bench_legacy::LegacyOracle oracle(responder);
-            stats = qkd::bench_legacy::legacy_cascade_correct(bob, layout, oracle);
-          } else {
-            const CascadeLayout layout(n, passes, k1, shuffle, v.variant);
-            const CascadeResponder responder(alice, layout);
-            LocalParityOracle oracle(responder);
-            stats = cascade_correct(bob, layout, oracle);
-          }
-          secs += thread_cpu_seconds() - t0;
-          if (!stats.ok()) {
-            std::fprintf(stderr, "cascade failed: %s\n", stats.error().message.c_str());
-            return 1;
-          }
-          leaked += static_cast<double>(stats->parities_disclosed);
-          max_rt = std::max(max_rt, stats->round_trips);
-          if (!(bob == alice)) {
-            ++failures;
-          }
+          const double f = leaked / (static_cast<double>(blocks) * n * binary_entropy(q));
+          std::printf("| %s | %u | %s | %u | %u | %u | %.4f | %d/%d | %llu | %.1f |\n",
+                      v.name.c_str(), n, q_s.c_str(), passes, biconf, k1, f, failures, blocks,
+                      static_cast<unsigned long long>(max_rt),
+                      static_cast<double>(blocks) * n / secs / 1e6);
+          std::fflush(stdout);
         }
-        const double f = leaked / (static_cast<double>(blocks) * n * binary_entropy(q));
-        std::printf("| %s | %u | %s | %u | %u | %.4f | %d/%d | %llu | %.1f |\n", v.name.c_str(),
-                    n, q_s.c_str(), passes, k1, f, failures, blocks,
-                    static_cast<unsigned long long>(max_rt),
-                    static_cast<double>(blocks) * n / secs / 1e6);
-        std::fflush(stdout);
       }
     }
   }

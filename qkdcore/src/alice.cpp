@@ -1,6 +1,10 @@
 // Alice's endpoint: source + channel simulation, then the classical post-processing, in
 // which she is the reference (Bob corrects towards her key) and the one who draws every
 // public random seed.
+#include <openssl/crypto.h>
+
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <optional>
@@ -40,44 +44,37 @@ Result<SecureBytes> alice_prf_key(std::span<const std::uint8_t> psk, std::uint64
 
 }  // namespace
 
-struct AliceEndpoint::Impl {
+struct AliceEndpoint::Impl final : detail::EndpointCore {
   ChannelParams channel;
-  ProtocolParams protocol;
   SecureBytes psk;
   std::uint64_t seed;
-  MessageTransport& quantum;
-  std::unique_ptr<AuthChannel> classical;
-  std::optional<Error> init_error;
-  std::optional<Error> failed;  // set by a fatal error; the endpoint refuses further blocks
   std::uint64_t next_block = 0;
   // Detection events of the current block; the capacity is kept between blocks (up to
   // kKeepEventCapacity) so that each block does not fault in fresh pages.
   std::vector<DetectionEvent> events_buffer;
   static constexpr std::size_t kKeepEventCapacity = std::size_t{1} << 24;  // 128 MB
 
-  Impl(ChannelParams c, ProtocolParams p, std::span<const std::uint8_t> k, std::uint64_t s,
-       MessageTransport& q, MessageTransport& cl)
-      : channel(c), protocol(p), psk(k), seed(s), quantum(q) {
-    auto ch = AuthChannel::create(cl, detail::AuthRole::kAlice, k, detail::auth_settings(p));
-    if (!ch.ok()) {
-      init_error = ch.error();
-      return;
+  Impl(ChannelParams c, const ProtocolParams& p, std::span<const std::uint8_t> k,
+       std::uint64_t s, MessageTransport& q, MessageTransport& cl)
+      : EndpointCore(p, detail::AuthRole::kAlice, k, q, cl), channel(c), psk(k), seed(s) {}
+
+  Status run(BlockResult& r, bool& fatal) override;
+  Status validate_settings() const override {
+    if (Status s = validate(channel); !s.ok()) {
+      return s;
     }
-    classical = std::move(ch).value();
+    return validate(protocol);
   }
-
-  // Receives a classical message of the given type for this block.
-  Result<detail::Frame> recv(MsgType t, std::uint64_t block, bool checkpoint = false) {
-    return classical->receive(protocol.message_timeout, t, block, checkpoint);
+  // Also stops a Bob still waiting for detections.
+  void tell_peer(std::uint64_t block, const Error& e) override {
+    EndpointCore::tell_peer(block, e);
+    (void)quantum.send(detail::encode_quantum_abort(block));
   }
-
-  // Runs one block. Returns an error (with `fatal` telling whether the channel state is
-  // lost) or fills `r`.
-  Status run(BlockResult& r, bool& fatal);
 };
 
 Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
   const ProtocolParams& P = protocol;
+  r.block_id = next_block++;
   const std::uint64_t block = r.block_id;
   AuthChannel& ch = *classical;
 
@@ -85,10 +82,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
   {
     Writer w;
     detail::write_params(w, P, channel.pulse_rate_hz, detail::source_info(channel));
-    if (Status s = ch.send(MsgType::kParams, block, w.buffer()); !s.ok()) {
-      return s;
-    }
-    auto f = recv(MsgType::kParamsAck, block);
+    auto f = exchange(MsgType::kParams, block, w.buffer(), MsgType::kParamsAck);
     if (!f.ok()) {
       return f.error();
     }
@@ -158,21 +152,59 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     BitVector match(count);
     sifted.reserve(count / 2 + 64);
+    info.basis.reserve(count / 2 + 64);
+    if (source.decoys()) {
+      info.intensity.reserve(count / 2 + 64);
+    }
     BitVector class_lo;
     BitVector class_hi;
-    for (std::size_t i = 0; i < count; ++i) {
-      const AliceState s = prf.at(events[i].pulse);
-      if (s.basis == bob_bases.get(i)) {
-        match.set(i, true);
-        sifted.push_back(s.bit);
-        info.basis.push_back(s.basis);
-        if (source.decoys()) {
-          info.intensity.push_back(s.intensity);
-          class_lo.push_back((s.intensity & 1U) != 0);
-          class_hi.push_back((s.intensity & 2U) != 0);
+    // The states in batches (one AES call per batch: AlicePrf::at_many), cleansed after.
+    constexpr std::size_t kSiftBatch = 1024;
+    std::array<std::uint64_t, kSiftBatch> batch_pulses{};
+    std::array<AliceState, kSiftBatch> batch_states{};
+    // The kept bits gathered 64 at a time and appended a word at a time.
+    std::uint64_t bit_word = 0;
+    std::uint64_t basis_word = 0;
+    std::uint64_t lo_word = 0;
+    std::uint64_t hi_word = 0;
+    unsigned filled = 0;
+    const auto flush = [&] {
+      sifted.append_bits(bit_word, filled);
+      info.basis.append_bits(basis_word, filled);
+      if (source.decoys()) {
+        class_lo.append_bits(lo_word, filled);
+        class_hi.append_bits(hi_word, filled);
+      }
+      bit_word = basis_word = lo_word = hi_word = 0;
+      filled = 0;
+    };
+    for (std::size_t at = 0; at < count; at += kSiftBatch) {
+      const std::size_t m = std::min(count - at, kSiftBatch);
+      for (std::size_t j = 0; j < m; ++j) {
+        batch_pulses[j] = events[at + j].pulse;
+      }
+      prf.at_many(std::span<const std::uint64_t>(batch_pulses.data(), m),
+                  std::span<AliceState>(batch_states.data(), m));
+      for (std::size_t j = 0; j < m; ++j) {
+        const std::size_t i = at + j;
+        const AliceState& s = batch_states[j];
+        if (s.basis == bob_bases.get(i)) {
+          match.set(i, true);
+          bit_word |= std::uint64_t{s.bit ? 1U : 0U} << filled;
+          basis_word |= std::uint64_t{s.basis ? 1U : 0U} << filled;
+          if (source.decoys()) {
+            info.intensity.push_back(s.intensity);
+            lo_word |= std::uint64_t{s.intensity & 1U} << filled;
+            hi_word |= std::uint64_t{(s.intensity >> 1) & 1U} << filled;
+          }
+          if (++filled == 64) {
+            flush();
+          }
         }
       }
     }
+    flush();
+    OPENSSL_cleanse(batch_states.data(), sizeof(batch_states));
     events.clear();
     if (events.capacity() > kKeepEventCapacity) {
       events.shrink_to_fit();
@@ -205,10 +237,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     Writer w;
     w.bits(*mask);
     w.bits(sample);
-    if (Status s = ch.send(MsgType::kSample, block, w.buffer()); !s.ok()) {
-      return s;
-    }
-    auto f = recv(MsgType::kSampleReply, block);
+    auto f = exchange(MsgType::kSample, block, w.buffer(), MsgType::kSampleReply);
     if (!f.ok()) {
       return f.error();
     }
@@ -219,11 +248,8 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     block_stats = detail::gather_statistics(info, *mask, sample, bob_sample, P, source,
                                       P.pulses_per_block, r);
-    if (auto why = detail::estimation_abort(block_stats.sample_bits, block_stats.sample_errors, key.size(),
-                                            P.qber_abort, P.confidence_sd)) {
-      r.aborted = true;
-      r.abort_reason = *why;
-      return detail::close_aborted_block(ch, block, P.message_timeout);
+    if (auto why = detail::estimation_abort(block_stats, key.size(), P)) {
+      return abort_block(r, block, *why);
     }
   }
   const auto n = static_cast<std::uint32_t>(key.size());
@@ -242,11 +268,12 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     w.u32(passes);
     w.u8(static_cast<std::uint8_t>(P.cascade_variant));
     w.bytes(shuffle);
+    w.u32(P.cascade_biconf_rounds);
     if (Status s = ch.send(MsgType::kCascadeStart, block, w.buffer()); !s.ok()) {
       return s;
     }
     const CascadeLayout layout(n, passes, k1, std::span<const std::uint8_t, 32>(shuffle),
-                               P.cascade_variant);
+                               P.cascade_variant, P.cascade_biconf_rounds);
     const CascadeResponder responder(key, layout);
     std::vector<ParityQuery> queries;
     for (std::uint64_t req = 0;; ++req) {
@@ -288,10 +315,15 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
         answer = responder.range_parities(queries);
       } else if (kind == static_cast<std::uint8_t>(detail::CascadeRequestKind::kDone)) {
         std::uint64_t corrected = 0;
-        if (!rd.u64(corrected) || !rd.done() || corrected > n) {
+        if (!rd.u64(corrected) || corrected > n) {
+          return malformed(MsgType::kCascadeRequest);
+        }
+        std::uint64_t biconf = 0;
+        if (!rd.u64(biconf) || !rd.done() || biconf > r.leaked_bits) {
           return malformed(MsgType::kCascadeRequest);
         }
         r.cascade_errors_corrected = corrected;
+        r.biconf_parities = biconf;
         break;
       } else {
         return malformed(MsgType::kCascadeRequest);
@@ -308,25 +340,25 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
   }
 
-  // (f) Verification: a Toeplitz hash of verify_hash_bits bits (2-universal).
+  // (f) Verification: a t-bit Toeplitz hash, t from epsilon_cor (verify_tag_bits).
   {
-    const std::uint32_t vb = P.verify_hash_bits;
-    auto vseed = detail::random_bits(n + vb - 1);
+    const std::uint32_t vb = verify_tag_bits(P);
+    r.verify_tag_bits = vb;
+    r.epsilon_cor = P.epsilon_cor;
+    auto vseed = detail::random_bits(std::size_t{n} + vb - 1);
     if (!vseed.ok()) {
       return vseed.error();
     }
-    auto tag = toeplitz_hash(*vseed, key, vb);
+    auto tag = detail::verification_tag(*vseed, key, vb);
     if (!tag.ok()) {
       return tag.error();
     }
     Writer w;
     w.bits(*vseed);
-    w.bytes(tag->to_bytes());
-    if (Status s = ch.send(MsgType::kVerify, block, w.buffer()); !s.ok()) {
-      return s;
-    }
+    w.bytes(*tag);
     r.leaked_bits += vb;
-    auto f = recv(MsgType::kVerifyResult, block, true);  // checkpoint: Bob's transcript
+    // Checkpoint: Bob's transcript.
+    auto f = exchange(MsgType::kVerify, block, w.buffer(), MsgType::kVerifyResult, false, true);
     if (!f.ok()) {
       return f.error();
     }
@@ -336,9 +368,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       return malformed(MsgType::kVerifyResult);
     }
     if (same == 0) {
-      r.aborted = true;
-      r.abort_reason = "verification hash mismatch after Cascade (residual errors)";
-      return detail::close_aborted_block(ch, block, P.message_timeout);
+      return abort_block(r, block, std::string(detail::kVerificationMismatch));
     }
   }
 
@@ -388,47 +418,6 @@ AliceEndpoint::AliceEndpoint(ChannelParams channel, ProtocolParams protocol,
 
 AliceEndpoint::~AliceEndpoint() = default;
 
-Result<BlockResult> AliceEndpoint::run_block() {
-  if (impl_->init_error) {
-    return *impl_->init_error;
-  }
-  if (impl_->failed) {
-    return make_error(impl_->failed->code,
-                      "endpoint unusable after an earlier error: " + impl_->failed->message);
-  }
-  if (Status s = validate(impl_->channel); !s.ok()) {
-    return s.error();
-  }
-  if (Status s = validate(impl_->protocol); !s.ok()) {
-    return s.error();
-  }
-  const auto start = std::chrono::steady_clock::now();
-  BlockResult r;
-  const std::uint64_t pads_before = impl_->classical->pad_bytes_used();
-  r.block_id = impl_->next_block++;
-  bool fatal = true;
-  Status st = impl_->run(r, fatal);
-  if (!st.ok()) {
-    if (fatal) {
-      // Tell Bob (best effort) unless the error came from him or the pipe is gone.
-      const ErrorCode c = st.error().code;
-      if (c != ErrorCode::kRejected && c != ErrorCode::kClosed) {
-        impl_->classical->send_abort(r.block_id, st.error().message);
-        (void)impl_->quantum.send(detail::encode_quantum_abort(r.block_id));
-      }
-      impl_->failed = st.error();
-    }
-    return st.error();
-  }
-  r.auth_pad_bits_used = 8 * (impl_->classical->pad_bytes_used() - pads_before);
-  if (r.aborted) {
-    r.key.clear();
-    r.secret_bits = 0;
-    r.auth_bits_consumed = 0;
-  }
-  r.cpu_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return r;
-}
+Result<BlockResult> AliceEndpoint::run_block() { return impl_->run_block(); }
 
 }  // namespace qkd::core

@@ -59,14 +59,40 @@ BitVector BitVector::from_bytes(std::span<const std::uint8_t> bytes, std::size_t
   return v;
 }
 
-void BitVector::push_back(bool v) {
-  if ((size_ & 63) == 0) {
-    words_.push_back(0);
+namespace {
+
+// Bits of x at the set positions of m, packed to the low end in order (a software
+// parallel bit extract; a loop over the set bits of m).
+std::uint64_t compress_word(std::uint64_t x, std::uint64_t m) {
+  std::uint64_t r = 0;
+  unsigned k = 0;
+  while (m != 0) {
+    const auto i = static_cast<unsigned>(std::countr_zero(m));
+    r |= ((x >> i) & 1U) << k;
+    ++k;
+    m &= m - 1;
   }
-  if (v) {
-    words_[size_ >> 6] |= std::uint64_t{1} << (size_ & 63);
+  return r;
+}
+
+}  // namespace
+
+void BitVector::append_masked(const BitVector& src, const BitVector& mask, bool select) {
+  assert(src.size_ == mask.size_);
+  assert(this != &src && this != &mask);
+  const std::size_t nw = src.words_.size();
+  for (std::size_t w = 0; w < nw; ++w) {
+    std::uint64_t m = select ? mask.words_[w] : ~mask.words_[w];
+    if (w + 1 == nw) {
+      m &= low_mask(src.size_ - 64 * w);  // not the unused high bits of the last word
+    }
+    if (m == ~std::uint64_t{0}) {
+      append_bits(src.words_[w], 64);
+    } else if (m != 0) {
+      append_bits(compress_word(src.words_[w], m),
+                  static_cast<unsigned>(std::popcount(m)));
+    }
   }
-  ++size_;
 }
 
 void BitVector::resize(std::size_t nbits) {

@@ -79,31 +79,15 @@ class RemoteParityOracle final : public ParityOracle {
 
 }  // namespace
 
-struct BobEndpoint::Impl {
-  ProtocolParams protocol;
-  MessageTransport& quantum;
+struct BobEndpoint::Impl final : detail::EndpointCore {
   Xoshiro256ss rng;  // Bob's basis choices and random measurement outcomes
-  std::unique_ptr<AuthChannel> classical;
-  std::optional<Error> init_error;
-  std::optional<Error> failed;
   std::optional<std::uint64_t> last_block;
 
-  Impl(ProtocolParams p, std::span<const std::uint8_t> k, std::uint64_t s, MessageTransport& q,
-       MessageTransport& cl)
-      : protocol(p), quantum(q), rng(s ^ 0xB0B0B0B0B0B0B0B0ULL) {
-    auto ch = AuthChannel::create(cl, detail::AuthRole::kBob, k, detail::auth_settings(p));
-    if (!ch.ok()) {
-      init_error = ch.error();
-      return;
-    }
-    classical = std::move(ch).value();
-  }
+  Impl(const ProtocolParams& p, std::span<const std::uint8_t> k, std::uint64_t s,
+       MessageTransport& q, MessageTransport& cl)
+      : EndpointCore(p, detail::AuthRole::kBob, k, q, cl), rng(s ^ 0xB0B0B0B0B0B0B0B0ULL) {}
 
-  Result<detail::Frame> recv(MsgType t, std::uint64_t block, bool checkpoint = false) {
-    return classical->receive(protocol.message_timeout, t, block, checkpoint);
-  }
-
-  Status run(BlockResult& r, bool& fatal);
+  Status run(BlockResult& r, bool& fatal) override;
 };
 
 Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
@@ -167,6 +151,10 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       bases.reserve(bases.size() + c->events.size());
       raw.reserve(raw.size() + c->events.size());
       const bool biased = P.z_basis_prob != 0.5;
+      // Bases and results gathered 64 at a time, appended a word at a time.
+      std::uint64_t basis_word = 0;
+      std::uint64_t result_word = 0;
+      unsigned filled = 0;
       for (const DetectionEvent& e : c->events) {
         const bool basis = biased ? !rng.bernoulli(P.z_basis_prob) : rng.bit();
         bool result = false;
@@ -175,9 +163,19 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
         } else {
           result = e.bit;
         }
-        bases.push_back(basis);
-        raw.push_back(result);
+        basis_word |= std::uint64_t{basis ? 1U : 0U} << filled;
+        result_word |= std::uint64_t{result ? 1U : 0U} << filled;
+        if (++filled == 64) {
+          bases.append_bits(basis_word, 64);
+          raw.append_bits(result_word, 64);
+          basis_word = 0;
+          result_word = 0;
+          filled = 0;
+        }
       }
+      bases.append_bits(basis_word, filled);
+      raw.append_bits(result_word, filled);
+      result_word = 0;
       if (c->last) {
         break;
       }
@@ -192,10 +190,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     Writer w;
     w.u64(bases.size());
     w.bits(bases);
-    if (Status s = ch.send(MsgType::kSiftBases, block, w.buffer()); !s.ok()) {
-      return s;
-    }
-    auto f = recv(MsgType::kSiftMatch, block);
+    auto f = exchange(MsgType::kSiftBases, block, w.buffer(), MsgType::kSiftMatch);
     if (!f.ok()) {
       return f.error();
     }
@@ -250,8 +245,11 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     // Every bit that must be disclosed is (decoy classes, X basis when biased).
     const BitVector required = detail::mandatory_disclosure(info, P.z_basis_prob > 0.5);
-    for (std::size_t i = 0; i < required.size(); ++i) {
-      if (required.get(i) && !mask.get(i)) {
+    if (required.size() != mask.size()) {
+      return malformed(MsgType::kSample);
+    }
+    for (std::size_t w = 0; w < required.word_count(); ++w) {  // word-wise: required & ~mask
+      if ((required.words()[w] & ~mask.words()[w]) != 0) {
         return malformed(MsgType::kSample);
       }
     }
@@ -265,11 +263,8 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     block_stats = detail::gather_statistics(info, mask, alice_sample, sample, P, source,
                                       P.pulses_per_block, r);
-    if (auto why = detail::estimation_abort(block_stats.sample_bits, block_stats.sample_errors, key.size(),
-                                            P.qber_abort, P.confidence_sd)) {
-      r.aborted = true;
-      r.abort_reason = *why;
-      return detail::close_aborted_block(ch, block, P.message_timeout);
+    if (auto why = detail::estimation_abort(block_stats, key.size(), P)) {
+      return abort_block(r, block, *why);
     }
   }
   const auto n = static_cast<std::uint32_t>(key.size());
@@ -286,14 +281,16 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     std::uint32_t passes = 0;
     std::uint8_t variant = 0;
     std::span<const std::uint8_t> seed;
+    std::uint32_t biconf = 0;
     if (!rd.u32(n_alice) || !rd.u32(k1) || !rd.u32(passes) || !rd.u8(variant) ||
-        !rd.bytes(32, seed) || !rd.done() || n_alice != n || k1 < 1 || k1 > n ||
-        passes != detail::cascade_passes(P) ||
-        variant != static_cast<std::uint8_t>(P.cascade_variant)) {
+        !rd.bytes(32, seed) || !rd.u32(biconf) || !rd.done() || n_alice != n || k1 < 1 ||
+        k1 > n || passes != detail::cascade_passes(P) ||
+        variant != static_cast<std::uint8_t>(P.cascade_variant) ||
+        biconf != P.cascade_biconf_rounds) {
       return malformed(MsgType::kCascadeStart);
     }
     const CascadeLayout layout(n, passes, k1, std::span<const std::uint8_t, 32>(seed.data(), 32),
-                               P.cascade_variant);
+                               P.cascade_variant, biconf);
     RemoteParityOracle oracle(ch, block, P.message_timeout, n);
     auto stats = cascade_correct(key, layout, oracle);
     if (!stats.ok()) {
@@ -301,9 +298,11 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     r.leaked_bits = stats->parities_disclosed;
     r.cascade_errors_corrected = stats->errors_corrected;
+    r.biconf_parities = stats->biconf_parities;
     Writer w;
     w.u8(static_cast<std::uint8_t>(detail::CascadeRequestKind::kDone));
     w.u64(stats->errors_corrected);
+    w.u64(stats->biconf_parities);
     if (Status s = ch.send(MsgType::kCascadeRequest, block, w.buffer()); !s.ok()) {
       return s;
     }
@@ -311,7 +310,9 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
 
   // (f) Verification.
   {
-    const std::uint32_t vb = P.verify_hash_bits;
+    const std::uint32_t vb = verify_tag_bits(P);
+    r.verify_tag_bits = vb;
+    r.epsilon_cor = P.epsilon_cor;
     auto f = recv(MsgType::kVerify, block);
     if (!f.ok()) {
       return f.error();
@@ -320,14 +321,14 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     BitVector vseed;
     std::span<const std::uint8_t> alice_tag;
     if (!rd.bits(vseed, std::uint64_t{n} + vb - 1) || vseed.size() != std::uint64_t{n} + vb - 1 ||
-        !rd.bytes(vb / 8, alice_tag) || !rd.done()) {
+        !rd.bytes((vb + 7) / 8, alice_tag) || !rd.done()) {
       return malformed(MsgType::kVerify);
     }
-    auto tag = toeplitz_hash(vseed, key, vb);
+    auto tag = detail::verification_tag(vseed, key, vb);
     if (!tag.ok()) {
       return tag.error();
     }
-    const bool same = constant_time_equal(tag->to_bytes(), alice_tag);
+    const bool same = constant_time_equal(*tag, alice_tag);
     Writer w;
     w.u8(same ? 1 : 0);
     // Checkpoint: Bob's whole transcript of the block, before Alice reveals the PA seed.
@@ -336,9 +337,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     r.leaked_bits += vb;
     if (!same) {
-      r.aborted = true;
-      r.abort_reason = "verification hash mismatch after Cascade (residual errors)";
-      return detail::close_aborted_block(ch, block, P.message_timeout);
+      return abort_block(r, block, std::string(detail::kVerificationMismatch));
     }
   }
 
@@ -382,41 +381,6 @@ BobEndpoint::BobEndpoint(ProtocolParams protocol, std::span<const std::uint8_t> 
 
 BobEndpoint::~BobEndpoint() = default;
 
-Result<BlockResult> BobEndpoint::run_block() {
-  if (impl_->init_error) {
-    return *impl_->init_error;
-  }
-  if (impl_->failed) {
-    return make_error(impl_->failed->code,
-                      "endpoint unusable after an earlier error: " + impl_->failed->message);
-  }
-  if (Status s = validate(impl_->protocol); !s.ok()) {
-    return s.error();
-  }
-  const auto start = std::chrono::steady_clock::now();
-  BlockResult r;
-  const std::uint64_t pads_before = impl_->classical->pad_bytes_used();
-  bool fatal = true;
-  Status st = impl_->run(r, fatal);
-  if (!st.ok()) {
-    if (fatal) {
-      const ErrorCode c = st.error().code;
-      if (c != ErrorCode::kRejected && c != ErrorCode::kClosed) {
-        impl_->classical->send_abort(r.block_id, st.error().message);
-      }
-      impl_->failed = st.error();
-    }
-    return st.error();
-  }
-  r.auth_pad_bits_used = 8 * (impl_->classical->pad_bytes_used() - pads_before);
-  if (r.aborted) {
-    r.key.clear();
-    r.secret_bits = 0;
-    r.auth_bits_consumed = 0;
-  }
-  r.cpu_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return r;
-}
+Result<BlockResult> BobEndpoint::run_block() { return impl_->run_block(); }
 
 }  // namespace qkd::core

@@ -1,6 +1,7 @@
 #include "qkd/core/cascade.hpp"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <memory>
@@ -54,6 +55,11 @@ class BufferPool {
         list.erase(list.begin() + static_cast<std::ptrdiff_t>(i - 1));
         break;
       }
+    }
+    if (v.capacity() < size) {
+      // A new buffer: 1/8 headroom, so the next block's slightly larger n (block sizes
+      // vary by a fraction of a percent) reuses it instead of faulting in fresh pages.
+      v.reserve(size + size / 8);
     }
     if (zero) {
       v.assign(size, T{});
@@ -134,9 +140,11 @@ std::uint32_t cascade_default_passes(CascadeVariant variant) {
 CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
                              std::uint32_t first_block_size,
                              std::span<const std::uint8_t, 32> shuffle_seed,
-                             CascadeVariant variant)
-    : n_(n), variant_(variant) {
+                             CascadeVariant variant, std::uint32_t biconf_rounds)
+    : n_(n), variant_(variant), biconf_rounds_(biconf_rounds) {
   passes = std::max<std::uint32_t>(passes, 1);
+  const std::uint32_t cascade_passes = passes;
+  passes += biconf_rounds;
   const std::uint64_t cap = std::max<std::uint32_t>(n, 1);
   const std::uint64_t half = std::max<std::uint64_t>((std::uint64_t{n} + 1) / 2, 1);
   const std::uint64_t k1 = std::clamp<std::uint64_t>(first_block_size, 1, cap);
@@ -150,20 +158,27 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
   for (std::uint32_t p = 0; p < passes; ++p) {
     std::uint64_t k = k1;
     CascadePassOrder order = p == 0 ? CascadePassOrder::kIdentity : CascadePassOrder::kShuffle;
-    switch (variant) {
-      case CascadeVariant::kOriginal:
-        k = std::min<std::uint64_t>(k1 << std::min<std::uint32_t>(p, 32), cap);
-        break;
-      case CascadeVariant::kYan:
-      case CascadeVariant::kModern: {
-        const std::uint64_t factor = variant == CascadeVariant::kYan ? 5 : 4;
-        if (p == 1) {
-          k = std::min(k1 * factor, std::max(half, k1));
-        } else if (p >= 2) {
-          k = std::max(half, k1);
-          order = CascadePassOrder::kSplit;
+    const bool biconf = p >= cascade_passes;
+    if (biconf) {
+      // BICONF round: a random half (positions [0, ceil(n/2))) and its complement.
+      k = half;
+      order = CascadePassOrder::kSplit;
+    } else {
+      switch (variant) {
+        case CascadeVariant::kOriginal:
+          k = std::min<std::uint64_t>(k1 << std::min<std::uint32_t>(p, 32), cap);
+          break;
+        case CascadeVariant::kYan:
+        case CascadeVariant::kModern: {
+          const std::uint64_t factor = variant == CascadeVariant::kYan ? 5 : 4;
+          if (p == 1) {
+            k = std::min(k1 * factor, std::max(half, k1));
+          } else if (p >= 2) {
+            k = std::max(half, k1);
+            order = CascadePassOrder::kSplit;
+          }
+          break;
         }
-        break;
       }
     }
     block_.push_back(static_cast<std::uint32_t>(std::min(k, cap)));
@@ -172,7 +187,8 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
       Split& s = split_[p];
       s.mask = BitVector(n);
       const std::uint32_t j = p - 2;  // index among the random-half passes
-      if (variant == CascadeVariant::kModern && std::has_single_bit(k1) && (1ULL << j) < k1) {
+      if (!biconf && variant == CascadeVariant::kModern && std::has_single_bit(k1) &&
+          (1ULL << j) < k1) {
         // Structured half: mask(i) = bit j of (i mod k1), complemented per pass-0 block by
         // a random bit. Any two indices of one pass-0 block differ in some bit j < log2 k1,
         // so an error pair left inside a pass-0 block (the typical pattern that passes 0
@@ -229,11 +245,24 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
     std::uint32_t* perm = perm_[p].data();
     std::uint32_t* inv = inv_[p].data();
     std::iota(perm, perm + n, 0U);
-    for (std::uint32_t i = n; i > 1; --i) {  // Fisher-Yates
-      const auto j = static_cast<std::uint32_t>(rng.below(i));
-      std::swap(perm[i - 1], perm[j]);
+    // Fisher-Yates. The random indices are drawn kAhead at a time (the same draws in the
+    // same order) so that their cache lines are prefetched before the swaps reach them.
+    constexpr std::uint32_t kAhead = 32;
+    std::array<std::uint32_t, kAhead> ahead{};
+    for (std::uint32_t i = n; i > 1;) {
+      const std::uint32_t m = std::min(kAhead, i - 1);
+      for (std::uint32_t t = 0; t < m; ++t) {
+        ahead[t] = static_cast<std::uint32_t>(rng.below(i - t));
+        __builtin_prefetch(perm + ahead[t], 1);
+      }
+      for (std::uint32_t t = 0; t < m; ++t, --i) {
+        std::swap(perm[i - 1], perm[ahead[t]]);
+      }
     }
     for (std::uint32_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        __builtin_prefetch(inv + perm[i + kAhead], 1);
+      }
       inv[perm[i]] = i;
     }
   }
@@ -491,6 +520,8 @@ class Corrector {
     queries_.reserve(1024);
     searches_.reserve(1024);
     for (std::uint32_t pass = 0; pass < layout_.passes(); ++pass) {
+      const std::uint64_t disclosed_before = stats_.parities_disclosed;
+      const std::uint64_t corrected_before = stats_.errors_corrected;
       if (Status s = start_pass(pass); !s.ok()) {
         return s.error();
       }
@@ -517,6 +548,10 @@ class Corrector {
         if (Status s = wave(q); !s.ok()) {
           return s.error();
         }
+      }
+      if (pass >= layout_.cascade_passes()) {  // a BICONF round and what it set off
+        stats_.biconf_parities += stats_.parities_disclosed - disclosed_before;
+        stats_.biconf_errors_corrected += stats_.errors_corrected - corrected_before;
       }
     }
     for (auto& p : passes_) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "gf128.hpp"
 #include "qkd/core/random.hpp"
@@ -252,9 +253,10 @@ Result<std::vector<std::uint8_t>> AuthChannel::tag_for(bool sending, bool tagged
   std::array<std::uint8_t, 16> pad{};
   if (!pop_pad(d.pool, tb, pad)) {
     return make_error(ErrorCode::kAuthentication,
-                      std::string("one-time-pad pool for ") +
+                      std::string(kPadExhausted) + ": the " +
                           (from_alice ? "Alice->Bob" : "Bob->Alice") +
-                          " exhausted (aborted blocks did not repay it); start a new session");
+                          " one-time-pad pool is empty (aborted blocks since the last settled "
+                          "one used it up); start a new session");
   }
   pad_bytes_used_ += tb;
   std::vector<std::uint8_t> tag;
@@ -433,6 +435,26 @@ void AuthChannel::send_abort(std::uint64_t block_id, const std::string& reason) 
   Writer w;
   w.string(reason.substr(0, 1000));
   (void)send(MsgType::kAbort, block_id, w.buffer());
+}
+
+Status AuthChannel::check_block_reserve() const {
+  if (settings_.mode != AuthMode::kWegmanCarter || !session_) {
+    return ok_status();
+  }
+  const std::size_t tb = settings_.tag_bytes();
+  const std::array<std::pair<const Direction*, std::uint32_t>, 2> need = {
+      std::pair{&ab_, kBlockTagsAliceToBob}, std::pair{&ba_, kBlockTagsBobToAlice}};
+  for (const auto& [d, tags] : need) {
+    if (d->pool.size() < tags * tb) {
+      return make_error(
+          ErrorCode::kAuthentication,
+          std::string(kPadExhausted) + ": the " + (d == &ab_ ? "Alice->Bob" : "Bob->Alice") +
+              " one-time-pad pool holds " + std::to_string(8 * d->pool.size()) +
+              " bits, a block may need " + std::to_string(8 * tags * tb) +
+              " (aborted blocks since the last settled one used the rest); start a new session");
+    }
+  }
+  return ok_status();
 }
 
 std::size_t AuthChannel::settle(std::span<const std::uint8_t> key) {

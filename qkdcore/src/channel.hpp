@@ -83,6 +83,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "crypto.hpp"
@@ -145,6 +146,16 @@ struct AuthSettings {
 
 enum class AuthRole : std::uint8_t { kAlice, kBob };
 
+// The error a drained one-time-pad pool gives (ErrorCode::kAuthentication, message starting
+// with this): a long run of aborted blocks used up the pads the last settled block repaid
+// and the bootstrap reserve. The endpoints are then unusable: start a new session.
+inline constexpr std::string_view kPadExhausted = "authentication pad exhausted";
+// Tags a block may need per direction in transcript mode, its Abort frame included:
+// Alice->Bob Amplify (or Checkpoint) + Abort; Bob->Alice VerifyResult + BlockDone (or
+// Checkpoint) + Abort.
+inline constexpr std::uint32_t kBlockTagsAliceToBob = 2;
+inline constexpr std::uint32_t kBlockTagsBobToAlice = 3;
+
 struct Frame {
   MsgType type = MsgType::kAbort;
   std::uint64_t block_id = 0;
@@ -185,6 +196,17 @@ class AuthChannel {
   // keys (Alice->Bob first, 16 bytes each). Returns the number of bytes taken (the caller
   // drops them from the key). HMAC: 0.
   [[nodiscard]] std::size_t settle(std::span<const std::uint8_t> key);
+
+  // Before a block (both ends, same pool state, same answer): fails with kAuthentication
+  // and a kPadExhausted message when a pool cannot pay the tags of one more block
+  // (kBlockTags*), so that a long run of aborts stops cleanly between blocks instead of
+  // in the middle of one. Always ok under HMAC and before the session keys exist (the
+  // first block runs on the full bootstrap pools).
+  [[nodiscard]] Status check_block_reserve() const;
+  // Pad bits in the Alice->Bob and Bob->Alice pools (0 under HMAC).
+  [[nodiscard]] std::array<std::uint64_t, 2> pool_bits_left() const {
+    return {8 * std::uint64_t{ab_.pool.size()}, 8 * std::uint64_t{ba_.pool.size()}};
+  }
 
   // Introspection for tests and accounting.
   [[nodiscard]] const AuthSettings& settings() const { return settings_; }

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -14,7 +15,24 @@ Error bad(const char* field, const std::string& why) {
 
 bool in(double v, double lo, double hi) { return std::isfinite(v) && v >= lo && v <= hi; }
 
+constexpr std::uint32_t kMaxBiconfRounds = 64;
+const double kMinEpsilonCor = std::ldexp(1.0, -256);
+
+// ceil(log2(1 / eps)) for eps in [2^-256, 0.5] (log2 is exact at powers of two, so
+// eps = 2^-k gives k).
+std::uint32_t min_tag_bits(double eps) {
+  if (!(eps > 0.0)) {
+    return 256;
+  }
+  const double t = std::ceil(-std::log2(eps));
+  return static_cast<std::uint32_t>(std::clamp(t, 1.0, 256.0));
+}
+
 }  // namespace
+
+std::uint32_t verify_tag_bits(const ProtocolParams& p) {
+  return std::max(min_tag_bits(p.epsilon_cor), p.verify_hash_bits);
+}
 
 Status validate(const ChannelParams& p) {
   if (!in(p.length_km, 0.0, 1e5)) {
@@ -60,6 +78,18 @@ Status validate(const ChannelParams& p) {
   }
   if (!in(p.insertion_loss_db, 0.0, 200.0)) {
     return bad("insertion_loss_db", "must be in [0, 200]");
+  }
+  // Dead time and afterpulse window in pulses must stay below 2^31 (1e6 ns at 1 GHz is 1e6).
+  if (!in(p.dead_time_ns, 0.0, 1e9) || p.dead_time_ns * 1e-9 * p.pulse_rate_hz > 2e9) {
+    return bad("dead_time_ns", "must be in [0, 1e9] and below 2e9 pulses");
+  }
+  if (!in(p.afterpulse_prob, 0.0, 0.5)) {
+    return bad("afterpulse_prob", "must be in [0, 0.5]");
+  }
+  if (!in(p.afterpulse_window_ns, 0.0, 1e9) ||
+      p.afterpulse_window_ns * 1e-9 * p.pulse_rate_hz > 2e9 ||
+      (p.afterpulse_prob > 0.0 && p.afterpulse_window_ns <= 0.0)) {
+    return bad("afterpulse_window_ns", "must be in (0, 1e9] and below 2e9 pulses");
   }
   return ok_status();
 }
@@ -141,8 +171,8 @@ Status validate(const ProtocolParams& p) {
       p.cascade_variant != CascadeVariant::kModern) {
     return bad("cascade_variant", "must be original, yan or modern");
   }
-  if (p.verify_hash_bits < 32 || p.verify_hash_bits > 256 || p.verify_hash_bits % 8 != 0) {
-    return bad("verify_hash_bits", "must be a multiple of 8 in [32, 256]");
+  if (p.cascade_biconf_rounds > kMaxBiconfRounds) {
+    return bad("cascade_biconf_rounds", "must be in [0, 64]");
   }
   if (!in(p.safety_margin, 0.0, 1.0) || p.safety_margin >= 1.0) {
     return bad("safety_margin", "must be in [0, 1)");
@@ -159,8 +189,15 @@ Status validate(const ProtocolParams& p) {
   if (!in(p.epsilon_sec, 0.0, 0.5) || p.epsilon_sec <= 0.0) {
     return bad("epsilon_sec", "must be in (0, 0.5]");
   }
-  if (!in(p.epsilon_cor, 0.0, 0.5) || p.epsilon_cor <= 0.0) {
-    return bad("epsilon_cor", "must be in (0, 0.5]");
+  if (!in(p.epsilon_cor, 0.0, 0.5) || p.epsilon_cor < kMinEpsilonCor) {
+    return bad("epsilon_cor", "must be in [2^-256, 0.5] (the tag has at most 256 bits)");
+  }
+  // After epsilon_cor: the bound below depends on it.
+  if (p.verify_hash_bits != 0 &&
+      (p.verify_hash_bits > 256 || p.verify_hash_bits < min_tag_bits(p.epsilon_cor))) {
+    return bad("verify_hash_bits",
+               "must be 0 (follow epsilon_cor) or in [ceil(log2(1/epsilon_cor)) = " +
+                   std::to_string(min_tag_bits(p.epsilon_cor)) + ", 256]");
   }
   if (!in(p.confidence_sd, 0.0, 50.0)) {
     return bad("confidence_sd", "must be in [0, 50]");

@@ -8,6 +8,10 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "qkd/core/key_length.hpp"
 
 namespace qkd::core {
@@ -66,13 +70,11 @@ std::uint64_t load_le64(const std::uint8_t* p) {
 }
 
 void store_counter(std::uint8_t* block, std::uint64_t ctr, bool extended) {
-  std::memset(block, 0, 16);
-  for (int b = 0; b < 8; ++b) {
+  for (int b = 0; b < 8; ++b) {  // little-endian counter (merged into one store)
     block[b] = static_cast<std::uint8_t>(ctr >> (8 * b));
   }
-  if (extended) {
-    block[15] = 0x80;  // counter domain of the extended layout
-  }
+  std::memset(block + 8, 0, 7);
+  block[15] = extended ? 0x80 : 0x00;  // 0x80: counter domain of the extended layout
 }
 
 }  // namespace
@@ -82,39 +84,33 @@ void AlicePrf::at_many(std::span<const std::uint64_t> pulses, std::span<AliceSta
   if (pulses.empty()) {
     return;
   }
-  // Distinct units (an AES block of 64 pulses, or a group of four blocks for 8 pulses).
-  const unsigned shift = m.extended ? 3 : 6;
-  const std::size_t unit_bytes = m.extended ? 64 : 16;
-  std::size_t units = 0;
-  std::uint64_t last = ~std::uint64_t{0};
-  for (const std::uint64_t p : pulses) {
-    units += (p >> shift) != last ? 1 : 0;
-    last = p >> shift;
+  // Distinct units: one AES block each, of 64 pulses (basic layout) or 2 pulses (extended
+  // layout: pulse p's word is the half p & 1 of counter block p >> 1, since group g = p >> 3
+  // spans counters 4g..4g+3 and word p & 7 sits in counter 4g + (p & 7) / 2). Only the
+  // blocks holding a requested pulse are computed, not a whole group of four.
+  const unsigned shift = m.extended ? 1 : 6;
+  constexpr std::size_t unit_bytes = 16;
+  // At most one unit per pulse: size for that, then fill only the distinct units.
+  if (m.batch_in.size() < pulses.size() * unit_bytes) {
+    m.batch_in.resize(pulses.size() * unit_bytes);
+    m.batch_out.resize(pulses.size() * unit_bytes);
   }
-  m.batch_in.resize(units * unit_bytes);
-  m.batch_out.resize(units * unit_bytes);
-  last = ~std::uint64_t{0};
-  std::size_t u = 0;
+  std::uint64_t last = ~std::uint64_t{0};
+  std::size_t units = 0;
   for (const std::uint64_t p : pulses) {
     const std::uint64_t unit = p >> shift;
     if (unit != last) {
-      std::uint8_t* in = m.batch_in.data() + u * unit_bytes;
-      if (m.extended) {
-        for (std::uint64_t j = 0; j < 4; ++j) {
-          store_counter(in + 16 * j, unit * 4 + j, true);
-        }
-      } else {
-        store_counter(in, unit, false);
-      }
-      ++u;
+      store_counter(m.batch_in.data() + units * unit_bytes, unit, m.extended);
+      ++units;
       last = unit;
     }
   }
+  const std::size_t used = units * unit_bytes;
   int len = 0;
   if (m.failed ||
       EVP_EncryptUpdate(m.ctx, m.batch_out.data(), &len, m.batch_in.data(),
-                        static_cast<int>(m.batch_in.size())) != 1 ||
-      static_cast<std::size_t>(len) != m.batch_in.size()) {
+                        static_cast<int>(used)) != 1 ||
+      static_cast<std::size_t>(len) != used) {
     std::abort();  // AES-ECB cannot fail unless libcrypto is broken
   }
   last = ~std::uint64_t{0};
@@ -126,13 +122,13 @@ void AlicePrf::at_many(std::span<const std::uint64_t> pulses, std::span<AliceSta
       last = p >> shift;
     }
     if (m.extended) {
-      out[i] = m.extended_state(load_le64(o + 8 * (p & 7)));
+      out[i] = m.extended_state(load_le64(o + 8 * (p & 1)));
     } else {
       const unsigned s = static_cast<unsigned>(p & 63);
       out[i] = AliceState{((load_le64(o) >> s) & 1U) != 0, ((load_le64(o + 8) >> s) & 1U) != 0};
     }
   }
-  OPENSSL_cleanse(m.batch_out.data(), m.batch_out.size());
+  OPENSSL_cleanse(m.batch_out.data(), used);
 }
 
 AlicePrf::AlicePrf(std::span<const std::uint8_t, 16> key) : AlicePrf(key, SourceChoices{}) {}
@@ -160,52 +156,36 @@ AliceState AlicePrf::at(std::uint64_t pulse) {
   if (impl_->extended) {
     const std::uint64_t group = pulse >> 3;
     if (group != impl_->cached_group) {
-      std::uint8_t in[64] = {};
-      std::uint8_t out[64] = {};
-      for (int j = 0; j < 4; ++j) {
-        const std::uint64_t ctr = group * 4 + static_cast<std::uint64_t>(j);
-        for (int b = 0; b < 8; ++b) {
-          in[16 * j + b] = static_cast<std::uint8_t>(ctr >> (8 * b));
-        }
-        in[16 * j + 15] = 0x80;  // counter domain of the extended layout
+      std::uint8_t in[64];
+      std::uint8_t out[64];
+      for (std::uint64_t j = 0; j < 4; ++j) {
+        store_counter(in + 16 * j, group * 4 + j, true);
       }
       int len = 0;
       if (impl_->failed || EVP_EncryptUpdate(impl_->ctx, out, &len, in, 64) != 1 || len != 64) {
         std::abort();
       }
-      for (int w = 0; w < 8; ++w) {
-        std::uint64_t v = 0;
-        for (int b = 0; b < 8; ++b) {
-          v |= std::uint64_t{out[8 * w + b]} << (8 * b);
-        }
-        impl_->words[static_cast<std::size_t>(w)] = v;
+      for (std::size_t w = 0; w < 8; ++w) {
+        impl_->words[w] = load_le64(out + 8 * w);
       }
       impl_->cached_group = group;
-      std::memset(out, 0, sizeof(out));
+      OPENSSL_cleanse(out, sizeof(out));
     }
     return impl_->extended_state(impl_->words[pulse & 7]);
   }
   const std::uint64_t block = pulse >> 6;
   if (block != impl_->cached_block) {
-    std::uint8_t in[16] = {};
-    std::uint8_t out[16] = {};
-    for (int b = 0; b < 8; ++b) {
-      in[b] = static_cast<std::uint8_t>(block >> (8 * b));
-    }
+    std::uint8_t in[16];
+    std::uint8_t out[16];
+    store_counter(in, block, false);
     int len = 0;
     if (impl_->failed || EVP_EncryptUpdate(impl_->ctx, out, &len, in, 16) != 1 || len != 16) {
       std::abort();  // AES-ECB on one block cannot fail unless libcrypto is broken
     }
-    std::uint64_t bits = 0;
-    std::uint64_t bases = 0;
-    for (int b = 0; b < 8; ++b) {
-      bits |= std::uint64_t{out[b]} << (8 * b);
-      bases |= std::uint64_t{out[8 + b]} << (8 * b);
-    }
-    impl_->bits = bits;
-    impl_->bases = bases;
+    impl_->bits = load_le64(out);
+    impl_->bases = load_le64(out + 8);
     impl_->cached_block = block;
-    std::memset(out, 0, sizeof(out));
+    OPENSSL_cleanse(out, sizeof(out));
   }
   const unsigned s = static_cast<unsigned>(pulse & 63);
   return AliceState{((impl_->bits >> s) & 1U) != 0, ((impl_->bases >> s) & 1U) != 0};
@@ -315,6 +295,7 @@ ChannelTheory channel_theory(const ChannelParams& p) {
       ck += ph.pn[k][static_cast<std::size_t>(n)] * ph.cn[k][static_cast<std::size_t>(n)];
     }
     c.gain = 1.0 - (1.0 - y0) * (1.0 - ck);
+    c.live_gain = c.gain;
     if (c.gain > 0.0) {
       c.photon_fraction = ck / c.gain;
       c.qber = (ck * photon_error + (1.0 - ck) * y0 * 0.5) / c.gain;
@@ -327,14 +308,90 @@ ChannelTheory channel_theory(const ChannelParams& p) {
   t.y1 = 1.0 - (1.0 - y0) * (1.0 - c1);
   t.e1 = t.y1 > 0.0 ? (c1 * photon_error + (1.0 - c1) * y0 * 0.5) / t.y1 : 0.0;
   t.gain = gain;
+  t.live_gain = gain;
   if (gain <= 0.0) {
     return t;
   }
   t.photon_fraction = clicks / gain;
   t.qber = errors / gain;
   t.sifted_per_pulse = t.gain / 2.0;
+  t.dead_pulses = pulses_in_ns(p.dead_time_ns, p.pulse_rate_hz);
+  if (p.afterpulse_prob > 0.0) {
+    t.afterpulse_window_pulses =
+        std::max<std::uint64_t>(1, pulses_in_ns(p.afterpulse_window_ns, p.pulse_rate_hz));
+  }
+  if (t.dead_pulses == 0 && t.afterpulse_window_pulses == 0) {
+    return t;  // an ideal detector: the figures above, untouched
+  }
+  // The detector as a renewal process (see the header): mean cycle length and the
+  // probability that a cycle ends with an afterpulse.
+  const double q = gain;
+  const double d = static_cast<double>(t.dead_pulses);
+  double cycle = d + 1.0 / q;
+  double a = 0.0;
+  if (t.afterpulse_window_pulses > 0) {
+    const double w = static_cast<double>(t.afterpulse_window_pulses);
+    // 1 - (1 - Q)^W, accurate for small Q too.
+    const double some_in_w = q >= 1.0 ? 1.0 : -std::expm1(w * std::log1p(-q));
+    const double s_sum = (1.0 - q) * some_in_w / q;
+    cycle = d + (1.0 - p.afterpulse_prob * s_sum / w) / q;
+    a = p.afterpulse_prob * some_in_w / (w * q);
+  }
+  t.afterpulse_fraction = a;
+  t.gain = 1.0 / cycle;
+  t.qber = (1.0 - a) * t.qber + a * 0.5;
+  t.photon_fraction = (1.0 - a) * t.photon_fraction;
+  t.sifted_per_pulse = t.gain / 2.0;
+  for (ClassTheory& c : t.classes) {
+    const double real = (1.0 - a) * c.live_gain / q;  // real clicks, relative
+    const double all = real + a;
+    c.gain = t.gain * all;
+    if (!(all > 0.0)) {
+      continue;  // a class that never clicks (e.g. true vacuum without dark counts)
+    }
+    c.qber = (real * c.qber + a * 0.5) / all;
+    c.photon_fraction = real * c.photon_fraction / all;
+  }
   return t;
 }
+
+std::uint64_t pulses_in_ns(double ns, double pulse_rate_hz) {
+  const double x = ns * 1e-9 * pulse_rate_hz;
+  if (!(x > 0.0)) {
+    return 0;
+  }
+  const double r = std::round(x);
+  return static_cast<std::uint64_t>(std::fabs(x - r) <= 1e-9 * std::max(1.0, r) ? r
+                                                                              : std::ceil(x));
+}
+
+namespace {
+
+// A fresh event buffer of a long block is hundreds of MB, faulted in 4 KiB at a time while
+// the simulation writes it: on a VM that costs as much as the simulation itself (the
+// "cold" rows in docs/BENCHMARKS.md). Asking for transparent huge pages on the untouched
+// part (kernel THP mode "madvise" or "always") cuts the faults 512-fold. Only a hint:
+// without THP nothing changes.
+void prefer_huge_pages(void* p, std::size_t events) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  const std::size_t bytes = events * sizeof(DetectionEvent);
+  if (bytes < 2 * kHuge) {
+    return;
+  }
+  const auto begin = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) {
+    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#else
+  (void)p;
+  (void)events;
+#endif
+}
+
+}  // namespace
 
 ChannelSimulator::ChannelSimulator(const ChannelParams& params, std::uint64_t seed)
     : params_(params),
@@ -346,14 +403,14 @@ ChannelSimulator::ChannelSimulator(const ChannelParams& params, std::uint64_t se
   classes_ = params.source == SourceKind::kWeakCoherent ? 3 : 1;
   for (int k = 0; k < classes_; ++k) {
     if (theory_.classes[static_cast<std::size_t>(k)].prob > 0.0) {
-      qmax = std::max(qmax, theory_.classes[static_cast<std::size_t>(k)].gain);
+      qmax = std::max(qmax, theory_.classes[static_cast<std::size_t>(k)].live_gain);
     }
   }
   const double y0 = params.dark_count_prob;
   for (int k = 0; k < classes_; ++k) {
     const auto ks = static_cast<std::size_t>(k);
     ClassTable& tb = tables_[ks];
-    const double q = theory_.classes[ks].gain;
+    const double q = theory_.classes[ks].live_gain;
     tb.accept = qmax > 0.0 ? q / qmax : 0.0;
     if (q <= 0.0) {
       continue;
@@ -372,16 +429,27 @@ ChannelSimulator::ChannelSimulator(const ChannelParams& params, std::uint64_t se
     tb.cdf[kMaxPhotons] = 1.0;
   }
   log1m_qmax_ = std::log1p(-std::min(qmax, 1.0 - 1e-16));
+  dead_pulses_ = theory_.dead_pulses;
+  ap_window_ = theory_.afterpulse_window_pulses;
 }
 
 void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
                            std::uint64_t pulses) {
   pulses = std::min(pulses, DetectionEvent::kMaxPulse);
-  if (theory_.gain <= 0.0 || pulses == 0 || !(log1m_qmax_ < 0.0)) {
+  if (theory_.live_gain <= 0.0 || pulses == 0 || !(log1m_qmax_ < 0.0)) {
     return;
   }
+  const std::size_t old_capacity = out.capacity();
   out.reserve(out.size() +
               static_cast<std::size_t>(static_cast<double>(pulses) * theory_.gain * 1.01) + 64);
+  if (out.capacity() != old_capacity) {
+    prefer_huge_pages(out.data() + out.size(), out.capacity() - out.size());
+  }
+  // The generators and counters as locals (written back at the end): kept in registers, not reloaded
+  // after every store into `out` (which the compiler must assume may alias them).
+  Xoshiro256ss gap_rng = gap_rng_;
+  Xoshiro256ss rng = rng_;
+  SimulationTruth truth = truth_;
   const bool single = classes_ == 1 && params_.source == SourceKind::kSinglePhoton;
   const double eve = params_.eve_intercept_fraction;
   const double misalign = params_.misalignment;
@@ -395,12 +463,41 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
   std::vector<AliceState> states(kBatch);
   std::uint64_t i = 0;  // next pulse not yet passed
   bool done = false;
+  // Dead time and afterpulses (off: none of this draws a random number, so the result is
+  // bit-identical to an ideal detector's). A candidate before live_from falls in the dead
+  // time after a click; at most one afterpulse is pending (at pulse ap_at), and the next
+  // click, whichever it is, replaces it.
+  const bool gated = dead_pulses_ > 0 || ap_window_ > 0;
+  const double p_ap = ap_window_ > 0 ? params_.afterpulse_prob : 0.0;
+  std::uint64_t live_from = 0;
+  bool ap_pending = false;
+  std::uint64_t ap_at = 0;
+  const auto on_click = [&](std::uint64_t pulse) {
+    live_from = pulse + dead_pulses_ + 1;
+    ap_pending = p_ap > 0.0 && rng.bernoulli(p_ap);
+    if (ap_pending) {
+      ap_at = live_from + (ap_window_ > 1 ? rng.below(ap_window_) : 0);
+    }
+  };
+  // Emits the pending afterpulses at pulses <= limit (each one a click of its own).
+  const auto afterpulses_up_to = [&](std::uint64_t limit) {
+    while (ap_pending && ap_at <= limit) {
+      const std::uint64_t at = ap_at;
+      const std::size_t k = classes_ > 1 ? prf.at(at).intensity : 0;
+      truth.afterpulses[k] += 1;
+      DetectionEvent ev;
+      ev.pulse = at & DetectionEvent::kMaxPulse;
+      ev.dark = 1U;  // a false click: Bob's result is random
+      out.push_back(ev);
+      on_click(at);
+    }
+  };
   while (!done) {
     cand.clear();
     while (cand.size() < kBatch) {
       // Inverse CDF of the geometric distribution: pulses before the next candidate
       // detection (probability Q_max each).
-      const double gap = std::floor(std::log(gap_rng_.uniform_open0()) * inv_log1m);
+      const double gap = std::floor(std::log(gap_rng.uniform_open0()) * inv_log1m);
       if (gap >= static_cast<double>(pulses - i)) {
         done = true;
         break;
@@ -414,41 +511,47 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
     }
     prf.at_many(cand, states);
     for (std::size_t j = 0; j < cand.size(); ++j) {
+      if (gated) {
+        afterpulses_up_to(cand[j]);
+        if (cand[j] < live_from) {
+          continue;  // the detector is blind (dead time)
+        }
+      }
       bool photon = false;
       AliceState s = states[j];
       std::size_t k = 0;
       if (single) {
         // Ideal single-photon source: n = 1, a photon clicked with probability eta / Q.
-        photon = rng_.bernoulli(tables_[0].click[1]);
-        truth_.single_photon[0] += 1;
+        photon = rng.bernoulli(tables_[0].click[1]);
+        truth.single_photon[0] += 1;
       } else {
         k = s.intensity;
         const ClassTable& tb = tables_[k];
-        if (tb.accept < 1.0 && !rng_.bernoulli(tb.accept)) {
+        if (tb.accept < 1.0 && !rng.bernoulli(tb.accept)) {
           continue;  // thinned: this pulse of a dimmer class was not detected
         }
         // Photon number given the detection, then whether a photon (or only a dark count)
         // clicked.
-        const double u = rng_.uniform();
+        const double u = rng.uniform();
         std::size_t n = 0;
         while (n < kMaxPhotons && u >= tb.cdf[n]) {
           ++n;
         }
-        truth_.single_photon[k] += n == 1 ? 1 : 0;
-        photon = rng_.bernoulli(tb.click[n]);
+        truth.single_photon[k] += n == 1 ? 1 : 0;
+        photon = rng.bernoulli(tb.click[n]);
       }
-      truth_.detections[k] += 1;
+      truth.detections[k] += 1;
       DetectionEvent ev;
       ev.pulse = cand[j] & DetectionEvent::kMaxPulse;
       if (photon) {
-        truth_.photon_clicks[k] += 1;
-        if (eve > 0.0 && rng_.bernoulli(eve)) {
-          const bool eve_basis = rng_.bit();
-          const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng_.bit();
+        truth.photon_clicks[k] += 1;
+        if (eve > 0.0 && rng.bernoulli(eve)) {
+          const bool eve_basis = rng.bit();
+          const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng.bit();
           s.bit = eve_bit;
           s.basis = eve_basis;
         }
-        if (rng_.bernoulli(misalign)) {
+        if (rng.bernoulli(misalign)) {
           s.bit = !s.bit;
         }
         ev.bit = s.bit ? 1U : 0U;
@@ -457,9 +560,18 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
         ev.dark = 1U;
       }
       out.push_back(ev);
+      if (gated) {
+        on_click(cand[j]);
+      }
     }
   }
+  if (gated) {
+    afterpulses_up_to(pulses - 1);
+  }
   std::fill(states.begin(), states.end(), AliceState{});
+  gap_rng_ = gap_rng;
+  rng_ = rng;
+  truth_ = truth;
 }
 
 }  // namespace qkd::core

@@ -1,6 +1,7 @@
 #include "protocol.hpp"
 
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 
@@ -59,6 +60,8 @@ void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz,
   w.u8(p.auth_every_message ? 1 : 0);
   w.u32(p.auth_pool_bits);
   w.u32(p.auth_key_refresh_blocks);
+  // Added with BICONF and the eps_cor verification tag.
+  w.u32(p.cascade_biconf_rounds);
 }
 
 bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz, SourceInfo& source) {
@@ -92,6 +95,9 @@ bool read_params(Reader& r, ProtocolParams& p, double& pulse_rate_hz, SourceInfo
   p.cascade_variant = static_cast<CascadeVariant>(variant);
   p.auth = static_cast<AuthMode>(auth);
   p.auth_every_message = every == 1;
+  if (!r.u32(p.cascade_biconf_rounds)) {
+    return false;
+  }
   return r.done() && plausible(source);
 }
 
@@ -147,6 +153,10 @@ std::string params_mismatch(const ProtocolParams& mine, const ProtocolParams& th
     return std::string("cascade_variant ") + cascade_variant_name(theirs.cascade_variant) +
            " != " + cascade_variant_name(mine.cascade_variant);
   }
+  if (mine.cascade_biconf_rounds != theirs.cascade_biconf_rounds) {
+    return "cascade_biconf_rounds " + std::to_string(theirs.cascade_biconf_rounds) + " != " +
+           std::to_string(mine.cascade_biconf_rounds);
+  }
   if (mine.auth != theirs.auth) {
     return std::string("auth ") + auth_mode_name(theirs.auth) + " != " + auth_mode_name(mine.auth);
   }
@@ -197,6 +207,13 @@ std::optional<std::string> estimation_abort(std::uint64_t sample_bits,
     return std::string(buf);
   }
   return std::nullopt;
+}
+
+std::optional<std::string> estimation_abort(const BlockStatistics& stats,
+                                            std::uint64_t reconciled_bits,
+                                            const ProtocolParams& p) {
+  return estimation_abort(stats.sample_bits, stats.sample_errors, reconciled_bits, p.qber_abort,
+                          p.confidence_sd);
 }
 
 BitVector mandatory_disclosure(const SiftedInfo& info, bool biased) {
@@ -337,12 +354,99 @@ std::uint32_t cascade_passes(const ProtocolParams& p) {
   return p.cascade_passes != 0 ? p.cascade_passes : cascade_default_passes(p.cascade_variant);
 }
 
+Result<std::vector<std::uint8_t>> verification_tag(const BitVector& seed, const BitVector& key,
+                                                   std::uint32_t t) {
+  auto h = toeplitz_hash(seed, key, t);
+  if (!h.ok()) {
+    return h.error();
+  }
+  h->clear_tail();
+  return h->to_bytes();
+}
+
 void pay_authentication(AuthChannel& ch, const SecureBytes& gross, std::uint64_t m,
                         BlockResult& r) {
   const std::size_t taken = ch.settle(gross.span());
   r.auth_bits_consumed = std::min<std::uint64_t>(8 * std::uint64_t{taken}, m);
   r.secret_bits = m - r.auth_bits_consumed;
   r.key = SecureBytes(gross.span().subspan(taken));
+}
+
+EndpointCore::EndpointCore(const ProtocolParams& p, AuthRole role,
+                           std::span<const std::uint8_t> psk, MessageTransport& q,
+                           MessageTransport& cl)
+    : protocol(p), quantum(q) {
+  auto ch = AuthChannel::create(cl, role, psk, auth_settings(p));
+  if (!ch.ok()) {
+    init_error_ = ch.error();
+    return;
+  }
+  classical = std::move(ch).value();
+}
+
+Result<Frame> EndpointCore::recv(MsgType t, std::uint64_t block, bool checkpoint) {
+  return classical->receive(protocol.message_timeout, t, block, checkpoint);
+}
+
+Result<Frame> EndpointCore::exchange(MsgType type, std::uint64_t block,
+                                     std::span<const std::uint8_t> payload, MsgType expect,
+                                     bool send_checkpoint, bool expect_checkpoint) {
+  if (Status s = classical->send(type, block, payload, send_checkpoint); !s.ok()) {
+    return s.error();
+  }
+  return recv(expect, block, expect_checkpoint);
+}
+
+Status EndpointCore::abort_block(BlockResult& r, std::uint64_t block, std::string reason) {
+  r.aborted = true;
+  r.abort_reason = std::move(reason);
+  return close_aborted_block(*classical, block, protocol.message_timeout);
+}
+
+void EndpointCore::tell_peer(std::uint64_t block, const Error& e) {
+  classical->send_abort(block, e.message);
+}
+
+Result<BlockResult> EndpointCore::run_block() {
+  if (init_error_) {
+    return *init_error_;
+  }
+  if (failed_) {
+    return make_error(failed_->code, "endpoint unusable after an earlier error: " +
+                                         failed_->message);
+  }
+  if (Status s = validate_settings(); !s.ok()) {
+    return s.error();
+  }
+  if (Status s = classical->check_block_reserve(); !s.ok()) {
+    failed_ = s.error();
+    return s.error();
+  }
+  const auto start = std::chrono::steady_clock::now();
+  BlockResult r;
+  const std::uint64_t pads_before = classical->pad_bytes_used();
+  bool fatal = true;
+  Status st = run(r, fatal);
+  if (!st.ok()) {
+    if (fatal) {
+      const ErrorCode c = st.error().code;
+      if (c != ErrorCode::kRejected && c != ErrorCode::kClosed) {
+        tell_peer(r.block_id, st.error());
+      }
+      failed_ = st.error();
+    }
+    return st.error();
+  }
+  r.auth_pad_bits_used = 8 * (classical->pad_bytes_used() - pads_before);
+  r.auth_pool_bits_left = classical->pool_bits_left();
+  if (r.aborted) {
+    r.key.clear();
+    r.secret_bits = 0;
+    r.auth_bits_consumed = 0;
+  }
+  r.cpu_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
 }
 
 Result<BitVector> random_bits(std::size_t nbits) {
@@ -377,13 +481,8 @@ void split_by_mask(const BitVector& key, const BitVector& mask, BitVector& selec
   const std::size_t k = mask.popcount();
   selected.reserve(k);
   rest.reserve(key.size() - k);
-  for (std::size_t i = 0; i < key.size(); ++i) {
-    if (mask.get(i)) {
-      selected.push_back(key.get(i));
-    } else {
-      rest.push_back(key.get(i));
-    }
-  }
+  selected.append_masked(key, mask, true);  // word-wise, not bit by bit
+  rest.append_masked(key, mask, false);
 }
 
 std::vector<std::uint8_t> encode_detections(std::uint64_t block_id, std::uint32_t chunk,

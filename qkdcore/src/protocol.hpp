@@ -9,10 +9,12 @@
 //   C A->B Sample          mask of the sifted bits disclosed + Alice's values there
 //   C B->A SampleReply     Bob's values there
 //         (both ends now hold the same QBER estimate and take the same abort decision)
-//   C A->B CascadeStart    n, first block size, passes, variant, shuffle seed
-//   C B->A CascadeRequest  block parities of a pass | range parities | done(+corrected)
-//   C A->B CascadeReply    parities              (repeated until done)
-//   C A->B Verify          Toeplitz seed + Alice's tag
+//   C A->B CascadeStart    n, first block size, passes, variant, shuffle seed, BICONF rounds
+//   C B->A CascadeRequest  block parities of a pass | range parities |
+//                          done(+corrected, +BICONF parities)
+//   C A->B CascadeReply    parities              (repeated until done; BICONF rounds are
+//                          the last passes)
+//   C A->B Verify          Toeplitz seed + Alice's t-bit tag, t = verify_tag_bits()
 //   C B->A VerifyResult    match or not          (mismatch: both abort the block)  [ckpt]
 //   C A->B Amplify         output length m + Toeplitz seed                         [ckpt]
 //   C B->A BlockDone                                                               [ckpt]
@@ -21,9 +23,11 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "channel.hpp"
@@ -32,6 +36,7 @@
 #include "qkd/core/key_length.hpp"
 #include "qkd/core/link.hpp"
 #include "qkd/core/physics.hpp"
+#include "qkd/core/toeplitz.hpp"
 #include "wire.hpp"
 
 namespace qkd::core::detail {
@@ -79,6 +84,14 @@ void write_params(Writer& w, const ProtocolParams& p, double pulse_rate_hz,
                                                           double qber_abort,
                                                           double confidence_sd = 0.0);
 
+// The same decision from a block's statistics (sample_bits, sample_errors) and settings.
+[[nodiscard]] std::optional<std::string> estimation_abort(const BlockStatistics& stats,
+                                                          std::uint64_t reconciled_bits,
+                                                          const ProtocolParams& p);
+// Abort reason of a block whose verification tags differ.
+inline constexpr std::string_view kVerificationMismatch =
+    "verification hash mismatch after Cascade (residual errors)";
+
 // What both ends know of each sifted bit besides its value: the basis (false = Z) and
 // Alice's intensity class (announced in SiftMatch for a decoy source).
 struct SiftedInfo {
@@ -110,6 +123,15 @@ struct SiftedInfo {
                                          std::chrono::milliseconds timeout);
 // Passes Cascade runs with: cascade_passes, or the variant's default when 0.
 [[nodiscard]] std::uint32_t cascade_passes(const ProtocolParams& p);
+
+// The verification tag: the t-bit Toeplitz hash of `key` under `seed` (key.size() + t - 1
+// public random bits), as ceil(t / 8) bytes, unused high bits of the last byte zero. For
+// keys x != y and a uniformly random seed, Pr[tag(x) = tag(y)] = 2^-t exactly (T(x ^ y) is
+// uniform for a random Toeplitz T and x ^ y != 0), whatever the key length. Fails like
+// toeplitz_hash (bad seed size, t == 0).
+[[nodiscard]] Result<std::vector<std::uint8_t>> verification_tag(const BitVector& seed,
+                                                                 const BitVector& key,
+                                                                 std::uint32_t t);
 
 // After the block's last message: pays the authentication key from the front of the
 // privacy-amplified key `gross` (m bits) through ch.settle() and puts the rest in r.key,
@@ -148,6 +170,54 @@ struct DetectionChunk {
 // Bob still waiting for detections stops at once (unauthenticated, like the photons: an
 // attacker on the quantum channel can stop a block anyway).
 [[nodiscard]] std::vector<std::uint8_t> encode_quantum_abort(std::uint64_t block_id);
+
+// What both endpoints hold and do around a block; AliceEndpoint::Impl and
+// BobEndpoint::Impl derive from it and supply run() (their half of the block protocol).
+class EndpointCore {
+ public:
+  EndpointCore(const ProtocolParams& p, AuthRole role, std::span<const std::uint8_t> psk,
+               MessageTransport& quantum, MessageTransport& classical);
+  virtual ~EndpointCore() = default;
+  EndpointCore(const EndpointCore&) = delete;
+  EndpointCore& operator=(const EndpointCore&) = delete;
+
+  // One block: refuses after a failed construction or an earlier fatal error; validates
+  // the settings; fails with kPadExhausted (both ends alike, nothing sent) when the pads
+  // cannot pay one more block; runs run(); after a fatal error tells the peer (unless the
+  // error came from it or the pipe is gone) and refuses later blocks; fills the
+  // accounting fields both roles share (pads used, pools left, CPU time) and drops the key
+  // of an aborted block.
+  [[nodiscard]] Result<BlockResult> run_block();
+
+ protected:
+  // Receives a classical message of the given type for this block.
+  [[nodiscard]] Result<Frame> recv(MsgType t, std::uint64_t block, bool checkpoint = false);
+  // Sends `type` with `payload`, then receives the peer's `expect` (checkpoint flags as in
+  // AuthChannel::send / receive).
+  [[nodiscard]] Result<Frame> exchange(MsgType type, std::uint64_t block,
+                                       std::span<const std::uint8_t> payload, MsgType expect,
+                                       bool send_checkpoint = false,
+                                       bool expect_checkpoint = false);
+  // Ends the block as aborted (both ends call it at the same point of the protocol):
+  // records the reason and closes the block's transcript (close_aborted_block).
+  [[nodiscard]] Status abort_block(BlockResult& r, std::uint64_t block, std::string reason);
+  // The role's half of one block: fills `r` or fails, setting `fatal` = false when the
+  // channel state survives the error (it starts true).
+  [[nodiscard]] virtual Status run(BlockResult& r, bool& fatal) = 0;
+  // Settings checked before every block (Alice adds her ChannelParams).
+  [[nodiscard]] virtual Status validate_settings() const { return validate(protocol); }
+  // After a fatal error of this end: best-effort notice to the peer (a classical Abort;
+  // Alice also stops the quantum transmission).
+  virtual void tell_peer(std::uint64_t block, const Error& e);
+
+  ProtocolParams protocol;
+  MessageTransport& quantum;
+  std::unique_ptr<AuthChannel> classical;
+
+ private:
+  std::optional<Error> init_error_;
+  std::optional<Error> failed_;  // set by a fatal error; the endpoint refuses further blocks
+};
 
 [[nodiscard]] inline Error malformed(MsgType t) {
   return make_error(ErrorCode::kProtocol, std::string("malformed ") + msg_type_name(t) +

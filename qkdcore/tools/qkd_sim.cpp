@@ -223,8 +223,8 @@ Summary summarize(const Totals& t, const ProtocolParams& pp) {
                                          static_cast<double>(t.reconciled))
                                    : 0.0;
   if (t.reconciled > 0 && h > 0.0 && good > 0) {
-    const double cascade_leak =
-        static_cast<double>(t.leaked) - static_cast<double>(good * pp.verify_hash_bits);
+    const double cascade_leak = static_cast<double>(t.leaked) -
+                                static_cast<double>(good * qkd::core::verify_tag_bits(pp));
     s.efficiency = cascade_leak / (static_cast<double>(t.reconciled) * h);
   }
   return s;
@@ -236,7 +236,26 @@ struct MatchingTheory {
   double rate = 0.0;
   const char* name = "";
 };
+MatchingTheory matching_theory_ideal_detector(const ChannelParams& ch, double f);
+// With dead time or afterpulsing the asymptotic formulas (which know neither) are scaled by
+// the fraction of real detections that survive, (1 - a) gain' / Q (channel_theory); the
+// afterpulses' extra errors are not in them (the measured QBER shows them).
 MatchingTheory matching_theory(const ChannelParams& ch, double f) {
+  MatchingTheory mt = matching_theory_ideal_detector(ch, f);
+  const qkd::core::ChannelTheory t = qkd::core::channel_theory(ch);
+  if ((t.dead_pulses > 0 || t.afterpulse_window_pulses > 0) && t.live_gain > 0.0) {
+    mt.rate *= (1.0 - t.afterpulse_fraction) * t.gain / t.live_gain;
+    if (ch.source == qkd::core::SourceKind::kSinglePhoton) {
+      mt.name = "single photons x detector duty";
+    } else if (ch.prob_decoy > 0.0 && ch.prob_vacuum > 0.0) {
+      mt.name = "vacuum+weak decoy x detector duty";
+    } else {
+      mt.name = "GLLP no decoys x detector duty";
+    }
+  }
+  return mt;
+}
+MatchingTheory matching_theory_ideal_detector(const ChannelParams& ch, double f) {
   const qkd::core::LinkModel m = qkd::core::link_model_of(ch, f, 0.5);
   if (ch.source == qkd::core::SourceKind::kSinglePhoton) {
     return {std::max(0.0, qkd::core::rate_single_photon(m, ch.length_km)), "single photons"};
@@ -477,6 +496,17 @@ int main(int argc, char** argv) {
   app.add_flag("--fiber-cut", ch.fiber_cut, "the fiber is cut: only dark counts reach Bob");
   app.add_option("--pulse-rate-hz", ch.pulse_rate_hz, "source repetition rate [Hz]")
       ->capture_default_str();
+  app.add_option("--dead-time-ns", ch.dead_time_ns,
+                 "detector dead time after each click [ns]; blinds ceil(dead time x pulse "
+                 "rate) pulses (non-paralyzable); 0 = none")
+      ->capture_default_str();
+  app.add_option("--afterpulse-prob", ch.afterpulse_prob,
+                 "probability that a click causes an afterpulse (a false click with a random "
+                 "result) [0..0.5]; 0 = none")
+      ->capture_default_str();
+  app.add_option("--afterpulse-window-ns", ch.afterpulse_window_ns,
+                 "afterpulses fall uniformly within this window after the dead time [ns]")
+      ->capture_default_str();
   app.add_option("--pulses", pp.pulses_per_block, "pulses per block")->capture_default_str();
   app.add_option("--sample-fraction", pp.sample_fraction,
                  "fraction of the signal key-basis sifted bits disclosed for QBER estimation (0..1)")
@@ -508,8 +538,13 @@ int main(int argc, char** argv) {
                  "Cascade block schedule: original (Brassard-Salvail), yan, modern "
                  "(Martinez-Mateo et al. 2015)")
       ->capture_default_str();
+  app.add_option("--biconf", pp.cascade_biconf_rounds,
+                 "BICONF rounds after the Cascade passes [0..64]: each compares the parity "
+                 "of a random half of the key and bisects on a mismatch")
+      ->capture_default_str();
   app.add_option("--verify-hash-bits", pp.verify_hash_bits,
-                 "verification tag length [bits, multiple of 8, 32..256]")
+                 "verification tag length [bits]; 0 = ceil(log2(1/eps-cor)), else at least "
+                 "that, <= 256")
       ->capture_default_str();
   app.add_option("--safety-margin", pp.safety_margin,
                  "extra fraction of the reconciled length removed [0..1)")
@@ -703,7 +738,10 @@ int main(int argc, char** argv) {
                        {"eve_intercept_fraction", ch.eve_intercept_fraction},
                        {"eve_pns", ch.eve_photon_number_splitting},
                        {"fiber_cut", ch.fiber_cut},
-                       {"pulse_rate_hz", ch.pulse_rate_hz}}},
+                       {"pulse_rate_hz", ch.pulse_rate_hz},
+                       {"dead_time_ns", ch.dead_time_ns},
+                       {"afterpulse_prob", ch.afterpulse_prob},
+                       {"afterpulse_window_ns", ch.afterpulse_window_ns}}},
                      {"blocks", jblocks},
                      {"total",
                       {{"blocks", t.blocks},

@@ -134,5 +134,53 @@ TEST(BitVector, MoveLeavesEmpty) {
   EXPECT_EQ(a.size(), 0U);  // NOLINT(bugprone-use-after-move): specified state
 }
 
+// append_bits: the same vector as bit-by-bit push_back, for every chunk width and
+// alignment, with garbage above the n bits ignored and the tail kept zero.
+TEST(BitVector, AppendBitsMatchesPushBack) {
+  Xoshiro256ss rng(11);
+  BitVector bulk;
+  BitVector single;
+  for (int round = 0; round < 400; ++round) {
+    const auto n = static_cast<unsigned>(rng.below(65));  // 0..64
+    const std::uint64_t bits = rng.next();                // high garbage included
+    bulk.append_bits(bits, n);
+    for (unsigned b = 0; b < n; ++b) {
+      single.push_back(((bits >> b) & 1U) != 0);
+    }
+    ASSERT_EQ(bulk.size(), single.size()) << round;
+    ASSERT_TRUE(bulk == single) << round;  // word equality: the tails are zero too
+  }
+  EXPECT_GT(bulk.size(), 64U * 100);
+}
+
+// append_masked (the word-wise split used by sifting and sampling) against the bit-by-bit
+// definition, on sizes around word boundaries, sparse, dense, empty and full masks, and
+// appended after a non-aligned prefix.
+TEST(BitVector, AppendMaskedMatchesBitByBit) {
+  Xoshiro256ss rng(12);
+  for (const std::size_t n : {0U, 1U, 63U, 64U, 65U, 127U, 128U, 1000U, 4099U}) {
+    for (const int density : {0, 1, 50, 99, 100}) {
+      const BitVector src = random_vector(rng, n);
+      BitVector mask(n);
+      for (std::size_t i = 0; i < n; ++i) {
+        mask.set(i, rng.below(100) < static_cast<std::uint64_t>(density));
+      }
+      for (const bool select : {true, false}) {
+        const std::size_t prefix = rng.below(70);
+        BitVector got = random_vector(rng, prefix);
+        BitVector want = got;
+        got.append_masked(src, mask, select);
+        for (std::size_t i = 0; i < n; ++i) {
+          if (mask.get(i) == select) {
+            want.push_back(src.get(i));
+          }
+        }
+        ASSERT_EQ(got.size(), want.size()) << n << " " << density << " " << select;
+        ASSERT_TRUE(got == want) << n << " " << density << " " << select;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace qkd::core

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <vector>
 
@@ -43,6 +44,27 @@ std::array<std::uint8_t, 32> seed_bytes(Xoshiro256ss& rng) {
     b = static_cast<std::uint8_t>(rng.next());
   }
   return s;
+}
+
+// Alice's random key of n bits and Bob's copy with i.i.d. errors at rate q (the generator
+// advances by the key words, then one Bernoulli draw per bit).
+struct NoisyPair {
+  BitVector alice;
+  BitVector bob;
+};
+NoisyPair noisy_pair(Xoshiro256ss& rng, std::uint32_t n, double q) {
+  NoisyPair p{BitVector(n), BitVector()};
+  for (auto& w : p.alice.mutable_words()) {
+    w = rng.next();
+  }
+  p.alice.clear_tail();
+  p.bob = p.alice;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    if (rng.bernoulli(q)) {
+      p.bob.flip(i);
+    }
+  }
+  return p;
 }
 
 TEST(Cascade, LayoutPermutationsAreBijections) {
@@ -89,17 +111,7 @@ TEST(Cascade, CorrectsTenThousandBitBlocks) {
     std::uint64_t max_round_trips = 0;
     const auto t0 = std::chrono::steady_clock::now();
     for (int b = 0; b < kBlocks; ++b) {
-      BitVector alice(kBits);
-      for (auto& w : alice.mutable_words()) {
-        w = rng.next();
-      }
-      alice.clear_tail();
-      BitVector bob = alice;
-      for (std::uint32_t i = 0; i < kBits; ++i) {
-        if (rng.bernoulli(q)) {
-          bob.flip(i);
-        }
-      }
+      auto [alice, bob] = noisy_pair(rng, kBits, q);
       const std::size_t injected = alice.hamming_distance(bob);
       const auto seed = seed_bytes(rng);
       const CascadeLayout layout(kBits, 4, cascade_first_block_size(q, kBits), seed);
@@ -166,16 +178,7 @@ TEST(Cascade, VariantsCorrectAndModernLeaksLess) {
       int failures = 0;
       double leaked = 0;
       for (int b = 0; b < kBlocks; ++b) {
-        BitVector alice(kBits);
-        for (auto& w : alice.mutable_words()) {
-          w = rng.next();
-        }
-        BitVector bob = alice;
-        for (std::uint32_t i = 0; i < kBits; ++i) {
-          if (rng.bernoulli(q)) {
-            bob.flip(i);
-          }
-        }
+        auto [alice, bob] = noisy_pair(rng, kBits, q);
         const std::size_t injected = alice.hamming_distance(bob);
         const auto seed = seed_bytes(rng);
         const CascadeLayout layout(kBits, cascade_default_passes(variant),
@@ -208,8 +211,10 @@ TEST(Cascade, LayoutOrdersAreBijectionsForEveryVariant) {
        {CascadeVariant::kOriginal, CascadeVariant::kYan, CascadeVariant::kModern}) {
     for (const std::uint32_t n : {1U, 2U, 63U, 64U, 65U, 1000U, 4099U}) {
       const auto seed = seed_bytes(rng);
+      // With 2 BICONF rounds: their random halves are checked like every other pass.
       const CascadeLayout layout(n, cascade_default_passes(v), cascade_first_block_size(0.03, n, v),
-                                 seed, v);
+                                 seed, v, 2);
+      ASSERT_EQ(layout.passes(), cascade_default_passes(v) + 2);
       BitVector key(n);
       for (auto& w : key.mutable_words()) {
         w = rng.next();
@@ -236,6 +241,141 @@ TEST(Cascade, LayoutOrdersAreBijectionsForEveryVariant) {
       }
     }
   }
+}
+
+
+// --- BICONF rounds ---
+
+struct BiconfRun {
+  CascadeStats stats;
+  std::uint64_t oracle_count = 0;
+  bool residual = false;
+};
+
+// One block of n bits with i.i.d. errors at rate q, reconciled with `passes` Cascade passes of
+// `variant` plus `biconf` BICONF rounds. The error pattern and the layout seed depend only on
+// `rng`'s state, so two calls with equal generators see the same block.
+BiconfRun run_block(Xoshiro256ss rng, std::uint32_t n, double q, CascadeVariant variant,
+                    std::uint32_t passes, std::uint32_t biconf) {
+  auto [alice, bob] = noisy_pair(rng, n, q);
+  const auto seed = seed_bytes(rng);
+  const CascadeLayout layout(n, passes, cascade_first_block_size(q, n, variant), seed, variant,
+                             biconf);
+  const CascadeResponder responder(alice, layout);
+  CountingOracle oracle(responder);
+  auto stats = cascade_correct(bob, layout, oracle);
+  EXPECT_TRUE(stats.ok()) << stats.error().message;
+  BiconfRun out;
+  if (stats.ok()) {
+    out.stats = *stats;
+  }
+  out.oracle_count = oracle.count;
+  out.residual = !(bob == alice);
+  return out;
+}
+
+TEST(Cascade, BiconfRoundsAreRandomHalvesAfterUnchangedPasses) {
+  Xoshiro256ss rng(11);
+  const auto seed = seed_bytes(rng);
+  constexpr std::uint32_t kN = 5001;
+  const CascadeLayout plain(kN, 4, 25, seed, CascadeVariant::kOriginal);
+  const CascadeLayout with(kN, 4, 25, seed, CascadeVariant::kOriginal, 3);
+  ASSERT_EQ(with.passes(), 7U);
+  EXPECT_EQ(with.cascade_passes(), 4U);
+  EXPECT_EQ(with.biconf_rounds(), 3U);
+  for (std::uint32_t p = 0; p < 4; ++p) {  // the Cascade passes do not move
+    ASSERT_EQ(with.block_size(p), plain.block_size(p));
+    for (std::uint32_t i = 0; i < kN; i += 7) {
+      ASSERT_EQ(with.original_index(p, i), plain.original_index(p, i));
+    }
+  }
+  std::vector<std::vector<bool>> halves;
+  for (std::uint32_t p = 4; p < 7; ++p) {
+    EXPECT_EQ(with.order(p), CascadePassOrder::kSplit);
+    EXPECT_EQ(with.block_size(p), (kN + 1) / 2);
+    EXPECT_EQ(with.block_count(p), 2U);
+    std::vector<bool> in(kN, false);
+    for (std::uint32_t i = 0; i < (kN + 1) / 2; ++i) {
+      in[with.original_index(p, i)] = true;
+    }
+    // A random half: about half of the even indices and of the first quarter are in it.
+    std::uint32_t even = 0;
+    std::uint32_t first = 0;
+    for (std::uint32_t i = 0; i < kN; ++i) {
+      even += (in[i] && i % 2 == 0) ? 1 : 0;
+      first += (in[i] && i < kN / 4) ? 1 : 0;
+    }
+    EXPECT_NEAR(even, kN / 4.0, 5 * std::sqrt(kN / 16.0));
+    EXPECT_NEAR(first, kN / 8.0, 5 * std::sqrt(kN / 32.0));
+    halves.push_back(in);
+  }
+  EXPECT_NE(halves[0], halves[1]);
+  EXPECT_NE(halves[1], halves[2]);
+}
+
+// With few Cascade passes residual errors are common; BICONF rounds find most of them. The
+// Cascade passes disclose exactly what they disclose without BICONF (same block, same seed),
+// and every parity the oracle gave out is counted.
+TEST(Cascade, BiconfLowersResidualFrameErrorRate) {
+  constexpr std::uint32_t kN = 8192;
+  constexpr int kBlocks = 300;
+  for (const double q : {0.03, 0.04, 0.05}) {
+    for (const CascadeVariant v : {CascadeVariant::kOriginal, CascadeVariant::kModern}) {
+      Xoshiro256ss rng(900 + static_cast<std::uint64_t>(q * 1000));
+      int residual_plain = 0;
+      int residual_biconf = 0;
+      for (int b = 0; b < kBlocks; ++b) {
+        Xoshiro256ss block_rng(rng.next());
+        const BiconfRun plain = run_block(block_rng, kN, q, v, 2, 0);
+        const BiconfRun bic = run_block(block_rng, kN, q, v, 2, 8);
+        residual_plain += plain.residual ? 1 : 0;
+        residual_biconf += bic.residual ? 1 : 0;
+        ASSERT_EQ(bic.stats.parities_disclosed, bic.oracle_count);
+        ASSERT_EQ(plain.stats.biconf_parities, 0U);
+        ASSERT_GE(bic.stats.biconf_parities, 8U);  // at least one parity per round
+        ASSERT_EQ(bic.stats.parities_disclosed - bic.stats.biconf_parities,
+                  plain.stats.parities_disclosed);
+        ASSERT_EQ(bic.stats.errors_corrected - bic.stats.biconf_errors_corrected,
+                  plain.stats.errors_corrected);
+        if (!plain.residual) {  // nothing left to find: one parity per round
+          ASSERT_EQ(bic.stats.biconf_parities, 8U);
+          ASSERT_EQ(bic.stats.biconf_errors_corrected, 0U);
+        }
+      }
+      std::printf("BICONF %s QBER %.0f %%: residual %d/%d without, %d/%d with 8 rounds\n",
+                  cascade_variant_name(v), 100 * q, residual_plain, kBlocks, residual_biconf,
+                  kBlocks);
+      EXPECT_GE(residual_plain, kBlocks / 10) << "the setting must leave residual errors";
+      EXPECT_LE(10 * residual_biconf, residual_plain) << cascade_variant_name(v) << " " << q;
+    }
+  }
+}
+
+// Known answer: one fixed block, modern Cascade cut to 2 passes (which leaves errors the
+// BICONF rounds then find) and 4 BICONF rounds.
+TEST(Cascade, BiconfKnownAnswer) {
+  Xoshiro256ss rng(2024);
+  const BiconfRun r = run_block(rng, 4096, 0.05, CascadeVariant::kModern, 2, 4);
+  EXPECT_EQ(r.stats.parities_disclosed, 1217U);
+  EXPECT_EQ(r.stats.biconf_parities, 26U);
+  EXPECT_EQ(r.stats.errors_corrected, 195U);
+  EXPECT_EQ(r.stats.biconf_errors_corrected, 2U);  // one pair Cascade missed
+  EXPECT_EQ(r.stats.round_trips, 87U);
+  EXPECT_FALSE(r.residual);
+  // The first members of the first BICONF subset, from the same seed.
+  std::vector<std::uint32_t> first;
+  {
+    Xoshiro256ss g(2024);
+    (void)noisy_pair(g, 4096, 0.05);
+    const auto seed = seed_bytes(g);
+    const CascadeLayout layout(4096, 2,
+                               cascade_first_block_size(0.05, 4096, CascadeVariant::kModern), seed,
+                               CascadeVariant::kModern, 4);
+    for (std::uint32_t i = 0; i < 6; ++i) {
+      first.push_back(layout.original_index(2, i));
+    }
+  }
+  EXPECT_EQ(first, (std::vector<std::uint32_t>{0, 2, 3, 5, 6, 7}));
 }
 
 }  // namespace

@@ -8,11 +8,13 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <thread>
 
 #include "channel.hpp"
 #include "protocol.hpp"
+#include "qkd/core/random.hpp"
 #include "wire.hpp"
 
 namespace qkd::core {
@@ -59,6 +61,10 @@ void expect_same_result(const BlockResult& a, const BlockResult& b) {
   EXPECT_TRUE(constant_time_equal(a.key.span(), b.key.span()));
   EXPECT_EQ(a.auth_bits_consumed, b.auth_bits_consumed);
   EXPECT_EQ(a.auth_pad_bits_used, b.auth_pad_bits_used);
+  EXPECT_EQ(a.verify_tag_bits, b.verify_tag_bits);
+  EXPECT_EQ(a.epsilon_cor, b.epsilon_cor);
+  EXPECT_EQ(a.biconf_parities, b.biconf_parities);
+  EXPECT_EQ(a.auth_pool_bits_left, b.auth_pool_bits_left);
 }
 
 TEST(Link, FullBlocksGiveIdenticalKeys) {
@@ -84,7 +90,9 @@ TEST(Link, FullBlocksGiveIdenticalKeys) {
     EXPECT_NEAR(static_cast<double>(a.sample_bits),
                 pp.sample_fraction * static_cast<double>(a.sifted_bits), 1.0);
     EXPECT_EQ(a.reconciled_bits, a.sifted_bits - a.sample_bits);
-    EXPECT_GE(a.leaked_bits, pp.verify_hash_bits);
+    EXPECT_EQ(a.verify_tag_bits, 50U);  // epsilon_cor 1e-15
+    EXPECT_GE(a.leaked_bits, a.verify_tag_bits + pp.cascade_biconf_rounds);
+    EXPECT_GE(a.biconf_parities, pp.cascade_biconf_rounds);
     // The privacy-amplification output; the net key (secret_bits) is what Wegman-Carter
     // authentication leaves of it, and can be 0 for a block with many Cascade round trips.
     EXPECT_GT(a.secret_bits + a.auth_bits_consumed, 0U);
@@ -249,6 +257,8 @@ TEST(Link, MismatchedParamsAreRefusedByBoth) {
   const std::vector<std::pair<std::string, std::function<void(ProtocolParams&)>>> changes = {
       {"sample_fraction", [](ProtocolParams& p) { p.sample_fraction = 0.2; }},
       {"cascade_variant", [](ProtocolParams& p) { p.cascade_variant = CascadeVariant::kYan; }},
+      {"cascade_biconf_rounds", [](ProtocolParams& p) { p.cascade_biconf_rounds = 9; }},
+      {"epsilon_cor", [](ProtocolParams& p) { p.epsilon_cor = 1e-9; }},
       {"auth ", [](ProtocolParams& p) { p.auth = AuthMode::kHmac; }},
       {"auth_tag_bits", [](ProtocolParams& p) { p.auth_tag_bits = 64; }},
       {"auth_every_message", [](ProtocolParams& p) { p.auth_every_message = true; }},
@@ -547,6 +557,264 @@ TEST(Link, InvalidParamsAndShortPsk) {
   const std::vector<std::uint8_t> short_psk(8, 1);
   BobEndpoint bob(small_params(), short_psk, 2, *q.b, *c.b);
   EXPECT_EQ(bob.run_block().error().code, ErrorCode::kInvalidArgument);
+}
+
+
+// Counts the parity bits Alice sends in CascadeReply frames (transcript mode: untagged).
+class ParityCountingTransport final : public MessageTransport {
+ public:
+  explicit ParityCountingTransport(MessageTransport& inner) : inner_(inner) {}
+  Status send(std::vector<std::uint8_t> m) override {
+    if (m.size() > detail::kHeaderBytes &&
+        m[1] == static_cast<std::uint8_t>(detail::MsgType::kCascadeReply)) {
+      detail::Reader rd(std::span<const std::uint8_t>(m).subspan(detail::kHeaderBytes));
+      BitVector bits;
+      if (rd.bits(bits, 1U << 30) && rd.done()) {
+        parities += bits.size();
+      } else {
+        ++unparsed;
+      }
+    }
+    return inner_.send(std::move(m));
+  }
+  Result<std::vector<std::uint8_t>> receive(std::chrono::milliseconds t) override {
+    return inner_.receive(t);
+  }
+  void close() override { inner_.close(); }
+  std::atomic<std::uint64_t> parities{0};
+  std::atomic<int> unparsed{0};
+
+ private:
+  MessageTransport& inner_;
+};
+
+// BICONF rounds and the verification tag are counted exactly in leaked_bits, identically at
+// both ends: leaked = every parity bit that crossed the wire + t, t = ceil(log2(1/eps_cor)).
+TEST(Link, LeakCountsEveryParityAndTheEpsCorTag) {
+  for (const auto& [eps, t, biconf] :
+       {std::tuple{1e-9, 30U, 6U}, std::tuple{1e-15, 50U, 0U}, std::tuple{0x1p-64, 64U, 4U}}) {
+    auto q = make_memory_transport_pair();
+    auto c = make_memory_transport_pair();
+    ParityCountingTransport counting(*c.a);
+    ProtocolParams pp = small_params();
+    pp.epsilon_cor = eps;
+    pp.cascade_biconf_rounds = biconf;
+    EXPECT_EQ(verify_tag_bits(pp), t);
+    AliceEndpoint alice(ChannelParams{}, pp, kPsk, 31, *q.a, counting);
+    BobEndpoint bob(pp, kPsk, 32, *q.b, *c.b);
+    auto r = run_pair(alice, bob);
+    ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
+    ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
+    expect_same_result(*r.alice, *r.bob);
+    const BlockResult& a = *r.alice;
+    ASSERT_FALSE(a.aborted) << a.abort_reason;
+    EXPECT_EQ(counting.unparsed.load(), 0);
+    EXPECT_EQ(a.verify_tag_bits, t);
+    EXPECT_EQ(a.epsilon_cor, eps);
+    EXPECT_EQ(a.leaked_bits, counting.parities.load() + t);
+    EXPECT_GE(a.biconf_parities, biconf);
+    EXPECT_LE(a.biconf_parities, counting.parities.load());
+    if (biconf == 0) {
+      EXPECT_EQ(a.biconf_parities, 0U);
+    }
+  }
+  // A longer tag than eps_cor asks for is allowed, a shorter one refused by name.
+  ProtocolParams pp;
+  pp.epsilon_cor = 1e-9;
+  pp.verify_hash_bits = 64;
+  EXPECT_TRUE(validate(pp).ok());
+  EXPECT_EQ(verify_tag_bits(pp), 64U);
+  pp.verify_hash_bits = 29;
+  ASSERT_FALSE(validate(pp).ok());
+  EXPECT_NE(validate(pp).error().message.find("verify_hash_bits"), std::string::npos);
+  pp.verify_hash_bits = 0;
+  pp.epsilon_cor = 1e-80;  // would need more than 256 bits
+  ASSERT_FALSE(validate(pp).ok());
+  EXPECT_NE(validate(pp).error().message.find("epsilon_cor"), std::string::npos);
+  pp.epsilon_cor = 0.5;
+  EXPECT_EQ(verify_tag_bits(pp), 1U);
+  pp.epsilon_cor = 0x1p-20;  // a power of two: exactly 20
+  EXPECT_EQ(verify_tag_bits(pp), 20U);
+  pp.cascade_biconf_rounds = 65;
+  ASSERT_FALSE(validate(pp).ok());
+  EXPECT_NE(validate(pp).error().message.find("cascade_biconf_rounds"), std::string::npos);
+}
+
+// The verification tag tells keys apart: every single-bit and a burst corruption of a key
+// changes it (fixed seed), and a link whose Cascade is cut to one pass (which leaves the
+// errors of every even block) aborts the block at verification with no key at either end.
+TEST(Link, VerificationCatchesACorruptedKey) {
+  Xoshiro256ss rng(41);
+  constexpr std::uint32_t kN = 3000;
+  constexpr std::uint32_t kT = 30;
+  BitVector key(kN);
+  for (auto& w : key.mutable_words()) {
+    w = rng.next();
+  }
+  key.clear_tail();
+  BitVector seed(kN + kT - 1);
+  for (auto& w : seed.mutable_words()) {
+    w = rng.next();
+  }
+  seed.clear_tail();
+  auto tag = detail::verification_tag(seed, key, kT);
+  ASSERT_TRUE(tag.ok()) << tag.error().message;
+  ASSERT_EQ(tag->size(), 4U);
+  EXPECT_EQ((*tag)[3] >> 6, 0);  // bits past t are zero
+  for (std::uint32_t i = 0; i < kN; ++i) {
+    BitVector bad = key;
+    bad.flip(i);
+    auto other = detail::verification_tag(seed, bad, kT);
+    ASSERT_TRUE(other.ok());
+    ASSERT_NE(*other, *tag) << "flip at " << i;
+  }
+  BitVector burst = key;
+  for (std::uint32_t i = 100; i < 140; ++i) {
+    burst.flip(i);
+  }
+  auto burst_tag = detail::verification_tag(seed, burst, kT);
+  ASSERT_TRUE(burst_tag.ok());
+  EXPECT_NE(*burst_tag, *tag);
+  EXPECT_FALSE(detail::verification_tag(seed, key, kT + 1).ok());  // seed of the wrong size
+
+  auto q = make_memory_transport_pair();
+  auto c = make_memory_transport_pair();
+  ProtocolParams pp = small_params();
+  pp.cascade_variant = CascadeVariant::kOriginal;
+  pp.cascade_passes = 1;
+  pp.cascade_biconf_rounds = 0;
+  AliceEndpoint alice(ChannelParams{}, pp, kPsk, 43, *q.a, *c.a);
+  BobEndpoint bob(pp, kPsk, 44, *q.b, *c.b);
+  auto r = run_pair(alice, bob);
+  ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
+  ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
+  expect_same_result(*r.alice, *r.bob);
+  EXPECT_TRUE(r.alice->aborted);
+  EXPECT_NE(r.alice->abort_reason.find("verification"), std::string::npos)
+      << r.alice->abort_reason;
+  EXPECT_TRUE(r.alice->key.empty());
+  EXPECT_TRUE(r.bob->key.empty());
+}
+
+// Models an attack on the quantum channel for the first `bad_blocks` blocks: every
+// detected state's bit is inverted in flight, so those blocks abort on their QBER.
+class FlippingQuantumTransport final : public MessageTransport {
+ public:
+  FlippingQuantumTransport(MessageTransport& inner, std::uint64_t pulses, std::uint64_t bad_blocks)
+      : inner_(inner), pulses_(pulses), bad_blocks_(bad_blocks) {}
+  Status send(std::vector<std::uint8_t> m) override {
+    if (m.size() >= 15 && m[1] == static_cast<std::uint8_t>(detail::MsgType::kDetections)) {
+      detail::Reader rd(m);
+      std::uint8_t version = 0;
+      std::uint8_t type = 0;
+      std::uint64_t block = 0;
+      std::uint32_t chunk = 0;
+      if (rd.u8(version) && rd.u8(type) && rd.u64(block) && rd.u32(chunk) &&
+          block < bad_blocks_) {
+        if (chunk == 0) {
+          next_pulse_ = 0;
+        }
+        const std::uint64_t base = next_pulse_;
+        auto c = detail::decode_detections(m, block, chunk, next_pulse_, pulses_);
+        if (c.ok()) {
+          for (auto& e : c->events) {
+            e.bit = !e.bit;
+          }
+          m = detail::encode_detections(block, chunk, c->last, c->events, base);
+          ++flipped;
+        }
+      }
+    }
+    return inner_.send(std::move(m));
+  }
+  Result<std::vector<std::uint8_t>> receive(std::chrono::milliseconds t) override {
+    return inner_.receive(t);
+  }
+  void close() override { inner_.close(); }
+  int flipped = 0;
+
+ private:
+  MessageTransport& inner_;
+  std::uint64_t pulses_;
+  std::uint64_t bad_blocks_;
+  std::uint64_t next_pulse_ = 0;
+};
+
+// Aborted blocks use pads (one checkpoint tag each way) that only a settled block can
+// repay: the first settled block after a run of aborts pays all of it back, so both pools
+// are full again, and its auth_bits_consumed is exactly the pads of the aborted blocks,
+// its own, and the first hash-key refresh.
+TEST(Link, SettledBlockRepaysThePadsOfAbortedBlocks) {
+  constexpr std::uint64_t kAborts = 5;
+  auto q = make_memory_transport_pair();
+  auto c = make_memory_transport_pair();
+  ProtocolParams pp = small_params();
+  FlippingQuantumTransport flipping(*q.a, pp.pulses_per_block, kAborts);
+  AliceEndpoint alice(ChannelParams{}, pp, kPsk, 51, flipping, *c.a);
+  BobEndpoint bob(pp, kPsk, 52, *q.b, *c.b);
+  std::uint64_t aborted_pads = 0;
+  for (std::uint64_t i = 0; i < kAborts; ++i) {
+    auto r = run_pair(alice, bob);
+    ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
+    ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
+    expect_same_result(*r.alice, *r.bob);
+    ASSERT_TRUE(r.alice->aborted);
+    EXPECT_NE(r.alice->abort_reason.find("QBER"), std::string::npos) << r.alice->abort_reason;
+    EXPECT_EQ(r.alice->auth_pad_bits_used, 2U * pp.auth_tag_bits);
+    aborted_pads += r.alice->auth_pad_bits_used;
+    const std::uint64_t per_dir = (i + 1) * pp.auth_tag_bits;
+    EXPECT_EQ(r.alice->auth_pool_bits_left[0], pp.auth_pool_bits - per_dir);
+    EXPECT_EQ(r.alice->auth_pool_bits_left[1], pp.auth_pool_bits - per_dir);
+  }
+  EXPECT_GT(flipping.flipped, 0);
+  auto r = run_pair(alice, bob);
+  ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
+  ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
+  expect_same_result(*r.alice, *r.bob);
+  const BlockResult& a = *r.alice;
+  ASSERT_FALSE(a.aborted) << a.abort_reason;
+  EXPECT_EQ(a.auth_pad_bits_used, 3U * pp.auth_tag_bits);
+  EXPECT_EQ(a.auth_bits_consumed, aborted_pads + a.auth_pad_bits_used + 256U);
+  EXPECT_EQ(a.auth_pool_bits_left, (std::array<std::uint64_t, 2>{pp.auth_pool_bits,
+                                                                 pp.auth_pool_bits}));
+  EXPECT_GT(a.secret_bits, 0U);
+}
+
+// A long run of aborts drains the pools: the endpoints then stop between blocks with the
+// named kPadExhausted error (kAuthentication), both alike, without sending a frame or
+// waiting for one, and refuse further blocks.
+TEST(Link, LongRunOfAbortsFailsWithPadExhausted) {
+  auto q = make_memory_transport_pair();
+  auto c = make_memory_transport_pair();
+  ProtocolParams pp = small_params();
+  pp.auth_pool_bits = 1024;  // 8 tags of 128 bits per direction
+  ChannelParams ch;
+  ch.eve_intercept_fraction = 1.0;  // every block aborts (QBER ~25 %)
+  AliceEndpoint alice(ch, pp, kPsk, 61, *q.a, *c.a);
+  BobEndpoint bob(pp, kPsk, 62, *q.b, *c.b);
+  int aborted = 0;
+  for (; aborted < 20; ++aborted) {
+    auto r = run_pair(alice, bob);
+    if (!r.alice.ok() || !r.bob.ok()) {
+      ASSERT_FALSE(r.alice.ok());
+      ASSERT_FALSE(r.bob.ok());
+      for (const Error& e : {r.alice.error(), r.bob.error()}) {
+        EXPECT_EQ(e.code, ErrorCode::kAuthentication) << e.message;
+        EXPECT_EQ(e.message.rfind(detail::kPadExhausted, 0), 0U) << e.message;
+        EXPECT_NE(e.message.find("Bob->Alice"), std::string::npos) << e.message;
+      }
+      break;
+    }
+    expect_same_result(*r.alice, *r.bob);
+    ASSERT_TRUE(r.alice->aborted);
+  }
+  // Bob->Alice needs 3 tags per block: 8 - 6 aborted blocks = 2 left.
+  EXPECT_EQ(aborted, 6);
+  auto again = run_pair(alice, bob);
+  ASSERT_FALSE(again.alice.ok());
+  ASSERT_FALSE(again.bob.ok());
+  EXPECT_NE(again.alice.error().message.find("unusable"), std::string::npos);
+  EXPECT_NE(again.bob.error().message.find(detail::kPadExhausted), std::string::npos);
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "qkd/core/key_length.hpp"
 
@@ -175,6 +177,220 @@ TEST(Physics, ValidateNamesTheBadField) {
   q.verify_hash_bits = 12;
   ASSERT_FALSE(validate(q).ok());
   EXPECT_NE(validate(q).error().message.find("verify_hash_bits"), std::string::npos);
+}
+
+// --- Detector dead time and afterpulsing ---
+
+// FNV-1a over the packed events: a fingerprint of a whole run.
+std::uint64_t fingerprint(const std::vector<DetectionEvent>& ev) {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  for (const DetectionEvent& e : ev) {
+    std::uint64_t w = 0;
+    std::memcpy(&w, &e, sizeof(w));
+    for (int b = 0; b < 8; ++b) {
+      h = (h ^ ((w >> (8 * b)) & 0xFF)) * 0x100000001b3ULL;
+    }
+  }
+  return h ^ ev.size();
+}
+
+std::vector<DetectionEvent> run_events(const ChannelParams& p, std::uint64_t pulses,
+                                       std::uint64_t seed, SimulationTruth* truth = nullptr) {
+  std::array<std::uint8_t, 16> key{};
+  key[0] = static_cast<std::uint8_t>(seed);
+  AlicePrf prf(key, source_choices(p, 0.5));
+  ChannelSimulator sim(p, seed);
+  std::vector<DetectionEvent> ev;
+  sim.run(ev, prf, pulses);
+  if (truth != nullptr) {
+    *truth = sim.truth();
+  }
+  return ev;
+}
+
+ChannelParams decoy_at(double km) {
+  ChannelParams p;
+  p.length_km = km;
+  p.source = SourceKind::kWeakCoherent;
+  p.prob_decoy = 0.2;
+  p.prob_vacuum = 0.1;
+  return p;
+}
+
+TEST(Physics, DetectorOffIsBitIdenticalToTheIdealDetector) {
+  // Fingerprints recorded with the simulator as it was before dead time and afterpulsing
+  // existed (same seeds): the default-off parameters must not change one event.
+  ChannelParams single;
+  single.length_km = 10.0;
+  EXPECT_EQ(fingerprint(run_events(single, 2'000'000, 11)), 0x667dfe4af12e809cULL);
+  EXPECT_EQ(fingerprint(run_events(decoy_at(10.0), 2'000'000, 12)), 0x1585d13ec3e45fceULL);
+  // A window without a probability, or a zero dead time, is still off.
+  single.afterpulse_window_ns = 500.0;
+  single.dead_time_ns = 0.0;
+  EXPECT_EQ(fingerprint(run_events(single, 2'000'000, 11)), 0x667dfe4af12e809cULL);
+  const ChannelTheory t = channel_theory(single);
+  EXPECT_EQ(t.dead_pulses, 0U);
+  EXPECT_EQ(t.gain, t.live_gain);
+  EXPECT_EQ(t.afterpulse_fraction, 0.0);
+}
+
+TEST(Physics, DeadTimePulsesRoundUp) {
+  EXPECT_EQ(pulses_in_ns(50.0, 1e9), 50U);   // exactly 50, despite 50e-9 * 1e9 rounding
+  EXPECT_EQ(pulses_in_ns(50.0, 1e8), 5U);
+  EXPECT_EQ(pulses_in_ns(45.0, 1e8), 5U);    // 4.5 -> 5
+  EXPECT_EQ(pulses_in_ns(10.1, 1e8), 2U);    // 1.01 -> 2
+  EXPECT_EQ(pulses_in_ns(0.0, 1e9), 0U);
+}
+
+// Simulated gain and QBER with dead time against the non-paralyzable correction
+// gain' = Q / (1 + Q d); the QBER does not change (a blinded pulse is just lost).
+void expect_dead_time_matches(double pulse_rate_hz, std::uint64_t expect_dead) {
+  ChannelParams p;
+  p.length_km = 10.0;
+  p.dead_time_ns = 50.0;
+  p.pulse_rate_hz = pulse_rate_hz;
+  const ChannelTheory t = channel_theory(p);
+  ChannelParams ideal = p;
+  ideal.dead_time_ns = 0.0;
+  const ChannelTheory t0 = channel_theory(ideal);
+  ASSERT_EQ(t.dead_pulses, expect_dead);
+  const double d = static_cast<double>(expect_dead);
+  EXPECT_NEAR(t.gain, t0.gain / (1.0 + t0.gain * d), 1e-15);
+  EXPECT_NEAR(t.qber, t0.qber, 1e-15);
+  const std::uint64_t pulses = 20'000'000;
+  const std::vector<DetectionEvent> ev = run_events(p, pulses, 21);
+  for (std::size_t i = 1; i < ev.size(); ++i) {
+    ASSERT_GT(ev[i].pulse, ev[i - 1].pulse + expect_dead) << i;  // nothing in a dead time
+  }
+  const Observed o = simulate(p, pulses, 21);
+  const double n = static_cast<double>(pulses);
+  // A renewal count varies less than a binomial one: the binomial sd is an upper bound.
+  EXPECT_NEAR(static_cast<double>(o.detections), n * t.gain,
+              5.0 * std::sqrt(n * t.gain * (1.0 - t.gain)));
+  // Far below the ideal detector's count: the effect is large, not a rounding.
+  EXPECT_LT(static_cast<double>(o.detections), 0.9 * n * t0.gain);
+  const double s = static_cast<double>(o.sifted);
+  EXPECT_NEAR(static_cast<double>(o.errors) / s, t.qber,
+              5.0 * std::sqrt(t.qber * (1.0 - t.qber) / s));
+}
+
+TEST(Physics, DeadTimeGainMatchesNonParalyzableFormulaAt1GHz) {
+  expect_dead_time_matches(1e9, 50);
+}
+
+TEST(Physics, DeadTimeGainMatchesNonParalyzableFormulaAt100MHz) {
+  expect_dead_time_matches(1e8, 5);
+}
+
+TEST(Physics, DeadTimePerIntensityClassWithDecoys) {
+  // Each class keeps its share of the live gain: gain_k' = gain' Q_k / Q.
+  ChannelParams p = decoy_at(10.0);
+  p.dead_time_ns = 20.0;
+  const ChannelTheory t = channel_theory(p);
+  SimulationTruth truth;
+  const std::uint64_t pulses = 20'000'000;
+  (void)run_events(p, pulses, 31, &truth);
+  for (std::size_t k = 0; k < 3; ++k) {
+    const ClassTheory& c = t.classes[k];
+    EXPECT_NEAR(c.gain, t.gain * c.live_gain / t.live_gain, 1e-15);
+    const double n = static_cast<double>(pulses) * c.prob;
+    EXPECT_NEAR(static_cast<double>(truth.detections[k]), n * c.gain,
+                5.0 * std::sqrt(n * c.gain) + 5.0)
+        << "class " << k;
+  }
+  // A class that never clicks (true vacuum, no dark counts) stays at 0, not NaN.
+  p.dark_count_prob = 0.0;
+  p.afterpulse_prob = 0.01;
+  const ChannelTheory v = channel_theory(p);
+  EXPECT_GT(v.classes[2].gain, 0.0);  // afterpulses land on vacuum pulses too
+  EXPECT_TRUE(std::isfinite(v.classes[2].qber));
+  EXPECT_NEAR(v.classes[2].qber, 0.5, 1e-12);  // and only they do
+  p.afterpulse_prob = 0.0;
+  const ChannelTheory z = channel_theory(p);
+  EXPECT_EQ(z.classes[2].gain, 0.0);
+  EXPECT_EQ(z.classes[2].qber, 0.0);
+}
+
+TEST(Physics, AfterpulsingMatchesTheory) {
+  // 10 km at 1 GHz, 20 ns dead time, 5 % afterpulses within 50 ns after it.
+  ChannelParams p;
+  p.length_km = 10.0;
+  p.dead_time_ns = 20.0;
+  p.afterpulse_prob = 0.05;
+  p.afterpulse_window_ns = 50.0;
+  const ChannelTheory t = channel_theory(p);
+  ChannelParams no_ap = p;
+  no_ap.afterpulse_prob = 0.0;
+  const ChannelTheory t0 = channel_theory(no_ap);
+  ASSERT_EQ(t.afterpulse_window_pulses, 50U);
+  // a = p_ap (1 - (1 - Q)^W) / (W Q): most scheduled afterpulses lose the race at 10 km.
+  const double q = t.live_gain;
+  const double a = 0.05 * (1.0 - std::pow(1.0 - q, 50.0)) / (50.0 * q);
+  EXPECT_NEAR(t.afterpulse_fraction, a, 1e-12);
+  EXPECT_NEAR(t.qber, (1.0 - a) * t0.qber + a / 2.0, 1e-12);  // ~ +a/2
+  EXPECT_GT(t.gain, t0.gain);  // afterpulses come sooner than the next real detection
+  const std::uint64_t pulses = 40'000'000;
+  SimulationTruth truth;
+  (void)run_events(p, pulses, 41, &truth);
+  const double ap = static_cast<double>(truth.afterpulses[0]);
+  const double clicks = ap + static_cast<double>(truth.detections[0]);
+  EXPECT_NEAR(ap / clicks, a, 5.0 * std::sqrt(a * (1.0 - a) / clicks));
+  const Observed o = simulate(p, pulses, 41);
+  const double n = static_cast<double>(pulses);
+  EXPECT_NEAR(static_cast<double>(o.detections), n * t.gain,
+              5.0 * std::sqrt(n * t.gain * (1.0 - t.gain)));
+  const double s = static_cast<double>(o.sifted);
+  const double qber = static_cast<double>(o.errors) / s;
+  EXPECT_NEAR(qber, t.qber, 5.0 * std::sqrt(t.qber * (1.0 - t.qber) / s));
+  EXPECT_GT(qber, t0.qber + 5.0 * std::sqrt(t0.qber * (1.0 - t0.qber) / s));  // visible
+}
+
+TEST(Physics, AfterpulsingWithoutDeadTimeAndDeterministic) {
+  // No dead time, 2 % afterpulses in the next 10 pulses, at 0 km (a large Q: the race
+  // with real detections matters) and at 50 km (almost every afterpulse fires).
+  for (const double km : {0.0, 50.0}) {
+    ChannelParams p;
+    p.length_km = km;
+    p.afterpulse_prob = 0.02;
+    p.afterpulse_window_ns = 10.0;
+    const ChannelTheory t = channel_theory(p);
+    const std::uint64_t pulses = km == 0.0 ? 4'000'000 : 200'000'000;
+    SimulationTruth truth;
+    const std::vector<DetectionEvent> ev = run_events(p, pulses, 51, &truth);
+    const double n = static_cast<double>(pulses);
+    EXPECT_NEAR(static_cast<double>(ev.size()), n * t.gain,
+                5.0 * std::sqrt(n * t.gain * (1.0 - t.gain)))
+        << km;
+    const double a = t.afterpulse_fraction;
+    const double clicks = static_cast<double>(ev.size());
+    EXPECT_NEAR(static_cast<double>(truth.afterpulses[0]) / clicks, a,
+                5.0 * std::sqrt(a * (1.0 - a) / clicks))
+        << km;
+    EXPECT_EQ(fingerprint(run_events(p, pulses, 51)), fingerprint(ev));  // same seed
+    EXPECT_NE(fingerprint(run_events(p, pulses, 52)), fingerprint(ev));
+  }
+}
+
+TEST(Physics, ValidateDetectorFields) {
+  ChannelParams p;
+  p.dead_time_ns = -1.0;
+  ASSERT_FALSE(validate(p).ok());
+  EXPECT_NE(validate(p).error().message.find("dead_time_ns"), std::string::npos);
+  p = ChannelParams{};
+  p.afterpulse_prob = 0.7;
+  ASSERT_FALSE(validate(p).ok());
+  EXPECT_NE(validate(p).error().message.find("afterpulse_prob"), std::string::npos);
+  p = ChannelParams{};
+  p.afterpulse_prob = 0.1;
+  p.afterpulse_window_ns = 0.0;
+  ASSERT_FALSE(validate(p).ok());
+  EXPECT_NE(validate(p).error().message.find("afterpulse_window_ns"), std::string::npos);
+  p.afterpulse_window_ns = std::nan("");
+  EXPECT_FALSE(validate(p).ok());
+  p = ChannelParams{};
+  p.dead_time_ns = 100.0;
+  p.afterpulse_prob = 0.1;
+  EXPECT_TRUE(validate(p).ok());
 }
 
 TEST(KeyLength, Formula) {

@@ -6,6 +6,7 @@
 // most bit vectors in this library hold key material.
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -43,8 +44,44 @@ class BitVector {
     }
   }
   void flip(std::size_t i) { words_[i >> 6] ^= std::uint64_t{1} << (i & 63); }
-  void push_back(bool v);
-  void reserve(std::size_t nbits) { words_.reserve((nbits + 63) / 64); }
+  void push_back(bool v) {  // inline: the sifting loops call it once per detection
+    if ((size_ & 63) == 0) {
+      words_.push_back(0);
+    }
+    words_[size_ >> 6] |= std::uint64_t{v ? 1U : 0U} << (size_ & 63);
+    ++size_;
+  }
+  // Appends the low n bits of `bits` (n <= 64; higher bits of `bits` are ignored), bit 0
+  // first: the same as n calls of push_back, one word at a time.
+  void append_bits(std::uint64_t bits, unsigned n) {
+    if (n == 0) {
+      return;
+    }
+    if (n < 64) {
+      bits &= (std::uint64_t{1} << n) - 1;
+    }
+    const unsigned off = static_cast<unsigned>(size_ & 63);
+    if (off == 0) {
+      words_.push_back(bits);
+    } else {
+      words_.back() |= bits << off;
+      if (off + n > 64) {
+        words_.push_back(bits >> (64 - off));
+      }
+    }
+    size_ += n;
+  }
+  // Appends every bit of `src` at a position where `mask` (same size) is set (select =
+  // true) or clear (select = false), in order: a word-wise bit compress.
+  void append_masked(const BitVector& src, const BitVector& mask, bool select);
+  // Capacity for nbits bits. Grows at least geometrically, so that reserving a little more
+  // before each appended chunk stays linear overall (not a copy of everything per chunk).
+  void reserve(std::size_t nbits) {
+    const std::size_t need = (nbits + 63) / 64;
+    if (need > words_.capacity()) {
+      words_.reserve(std::max(need, words_.capacity() + words_.capacity() / 2));
+    }
+  }
   void resize(std::size_t nbits);  // new bits are zero
   void clear();                    // cleanse, then empty
 

@@ -37,6 +37,14 @@ namespace qkd::core {
 //    log2(k1) halves are structured (bit j of the index within its pass-0 block, randomly
 //    complemented per block) so that an error pair left inside a pass-0 block is always
 //    split by one of them; the rest are random.
+// BICONF rounds (Buttler et al. 2003, "Fast, efficient error reconciliation for quantum
+// cryptography"; selectable for every variant, `biconf_rounds` of CascadeLayout): after the
+// Cascade passes, each round draws a fresh random half of the key (exactly ceil(n/2) bits,
+// from the same announced seed, so both ends know it), compares its parity (one disclosed
+// bit: the complement's parity follows from the whole key's, known from pass 0) and, on a
+// mismatch, bisects the subset and its complement at once; every correction cascades back
+// through all earlier passes as in Cascade. A round is a kSplit pass with two blocks and a
+// purely random mask (never the structured masks of kModern).
 // A "random half" pass (kSplit) orders the key as [bits whose mask bit is 0, in index
 // order] ++ [bits whose mask bit is 1, in index order] for a random mask, so blocks of n/2
 // are (up to the mask's imbalance) random halves; the order is never materialised.
@@ -63,9 +71,13 @@ class CascadeLayout {
  public:
   // first_block_size >= 1 (clamped into [1, n]); passes >= 1. For kOriginal the block
   // size doubles each pass (capped at n); see CascadeVariant for the others.
+  // biconf_rounds: BICONF rounds appended after the `passes` Cascade passes (passes()
+  // counts both). Their masks are drawn after every Cascade table, so the Cascade passes
+  // are the same with or without them.
   CascadeLayout(std::uint32_t n, std::uint32_t passes, std::uint32_t first_block_size,
                 std::span<const std::uint8_t, 32> shuffle_seed,
-                CascadeVariant variant = CascadeVariant::kOriginal);
+                CascadeVariant variant = CascadeVariant::kOriginal,
+                std::uint32_t biconf_rounds = 0);
   // The shuffle tables go back to a per-thread pool (reused by the next layout of the
   // same size: no fresh pages, hence no page faults, per block).
   ~CascadeLayout();
@@ -75,7 +87,10 @@ class CascadeLayout {
   CascadeLayout& operator=(const CascadeLayout&) = delete;
   [[nodiscard]] std::uint32_t size() const { return n_; }
   [[nodiscard]] CascadeVariant variant() const { return variant_; }
+  // All passes: the Cascade passes, then the BICONF rounds.
   [[nodiscard]] std::uint32_t passes() const { return static_cast<std::uint32_t>(block_.size()); }
+  [[nodiscard]] std::uint32_t biconf_rounds() const { return biconf_rounds_; }
+  [[nodiscard]] std::uint32_t cascade_passes() const { return passes() - biconf_rounds_; }
   [[nodiscard]] std::uint32_t block_size(std::uint32_t pass) const { return block_[pass]; }
   [[nodiscard]] std::uint32_t block_count(std::uint32_t pass) const {
     return n_ == 0 ? 0 : (n_ + block_[pass] - 1) / block_[pass];
@@ -108,6 +123,7 @@ class CascadeLayout {
 
   std::uint32_t n_;
   CascadeVariant variant_;
+  std::uint32_t biconf_rounds_ = 0;
   std::vector<std::uint32_t> block_;
   std::vector<CascadePassOrder> order_;
   std::vector<std::vector<std::uint32_t>> perm_;  // empty except for kShuffle passes
@@ -169,6 +185,10 @@ struct CascadeStats {
   std::uint64_t parities_disclosed = 0;  // every parity bit Alice revealed
   std::uint64_t errors_corrected = 0;    // bits Bob flipped
   std::uint64_t round_trips = 0;         // oracle calls
+  // Of parities_disclosed / errors_corrected: those of the BICONF rounds (their subset
+  // parities, the bisections in them and the cascaded corrections they set off).
+  std::uint64_t biconf_parities = 0;
+  std::uint64_t biconf_errors_corrected = 0;
 };
 
 // Bob's side: corrects `key` (size layout.size()) towards Alice's. Fails only if the

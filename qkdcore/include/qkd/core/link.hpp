@@ -77,6 +77,16 @@ struct ChannelParams {
   // over a lossless line, forwarding just enough of them that the signal gain is what Bob
   // expects. Adds no errors; only a decoy analysis reveals it.
   bool eve_photon_number_splitting = false;
+  // --- added with the detector dead time and afterpulsing (defaults: off, results
+  // bit-identical to before). Detector properties: they stay on Alice's simulated side. ---
+  // After every click the detector is blind for ceil(dead_time_ns * 1e-9 * pulse_rate_hz)
+  // pulses (non-paralyzable). 0 = no dead time.
+  double dead_time_ns = 0.0;
+  // Probability that a click (photon, dark count or afterpulse) causes an afterpulse: a
+  // false click with a random result at a pulse drawn uniformly from the
+  // afterpulse_window_ns that follows the dead time (unless another click comes first).
+  double afterpulse_prob = 0.0;
+  double afterpulse_window_ns = 100.0;  // afterpulse window after the dead time [ns]
 };
 [[nodiscard]] Status validate(const ChannelParams& p);  // names the bad field
 
@@ -116,7 +126,9 @@ struct ProtocolParams {
   // Cascade passes; 0 (the default since the Cascade variants) = the variant's own count
   // (cascade_default_passes: 4 original, 16 yan / modern).
   std::uint32_t cascade_passes = 0;
-  std::uint32_t verify_hash_bits = 64;         // verification tag length
+  // Verification tag length: 0 (the default) = follow epsilon_cor (verify_tag_bits());
+  // otherwise at least that, at most 256.
+  std::uint32_t verify_hash_bits = 0;
   double safety_margin = 0.05;                 // extra fraction of the reconciled length removed
   std::chrono::milliseconds message_timeout{10'000};  // per classical/quantum message
   // --- added with the decoy-state physics (defaults keep the earlier behaviour) ---
@@ -125,7 +137,9 @@ struct ProtocolParams {
   double z_basis_prob = 0.5;
   KeyBound key_bound = KeyBound::kAsymptotic;  // which security bound sets the key length
   double epsilon_sec = 1e-10;                  // secrecy parameter (finite-key bounds)
-  double epsilon_cor = 1e-15;                  // correctness parameter (finite-key bounds)
+  // Correctness parameter: sets the verification tag length (verify_tag_bits: 1e-15 ->
+  // 50 bits) and enters the finite-key bounds. In [2^-256, 0.5].
+  double epsilon_cor = 1e-15;
   // c: standard deviations of confidence, for the QBER upper bound that decides the abort
   // and for the BBBSS92 and Slutsky98 defense functions (c = 5: about 1e-6 per block).
   double confidence_sd = 5.0;
@@ -145,7 +159,16 @@ struct ProtocolParams {
   bool auth_every_message = false;
   // Cascade block schedule (cascade.hpp). kModern: f ~1.03-1.06 with 16 passes.
   CascadeVariant cascade_variant = CascadeVariant::kModern;
+  // --- added with BICONF and the eps_cor verification tag (travel in Params too) ---
+  // BICONF rounds after the Cascade passes (cascade.hpp): each discloses one parity of a
+  // random half of the key, more when it finds an error. 0..64.
+  std::uint32_t cascade_biconf_rounds = 4;
 };
+// Length t of the verification tag: ceil(log2(1 / epsilon_cor)), raised to
+// verify_hash_bits when that is set (non-zero). The tag is a Toeplitz hash (a universal
+// family: two different keys collide with probability exactly 2^-t whatever their length),
+// so a block passes verification with differing keys with probability <= 2^-t <= epsilon_cor.
+[[nodiscard]] std::uint32_t verify_tag_bits(const ProtocolParams& p);
 [[nodiscard]] Status validate(const ProtocolParams& p);
 
 // What one block produced. Both ends return the same numbers and identical key bytes
@@ -193,6 +216,16 @@ struct BlockResult {
   // One-time-pad bits the block's messages used, both directions (same on both ends; what
   // the next settlement repays if this block yields too little key).
   std::uint64_t auth_pad_bits_used = 0;
+  // --- added with BICONF, the eps_cor verification tag and pad repayment ---
+  // Verification: tag length t (counted in leaked_bits) and the correctness it gives: a
+  // block whose keys differ passes verification with probability <= 2^-t <= epsilon_cor.
+  std::uint32_t verify_tag_bits = 0;
+  double epsilon_cor = 0.0;
+  // Of leaked_bits: the parities of the BICONF rounds (and of the bisections they caused).
+  std::uint64_t biconf_parities = 0;
+  // One-time-pad bits left in the Alice->Bob and Bob->Alice pools after the block (same
+  // on both ends; auth_pool_bits each after a settled block whose key could repay them).
+  std::array<std::uint64_t, 2> auth_pool_bits_left{};
 };
 
 // Alice: owns the source and the channel simulation; sends detection events on the

@@ -2,7 +2,9 @@
 // pulses with Poisson photon number and up to three intensity classes: signal, weak decoy,
 // vacuum), a lossy fiber with extra insertion loss (or a cut fiber), optional eavesdroppers
 // (intercept-resend on a fraction of pulses; photon-number splitting on multi-photon
-// pulses) and Bob's detector (efficiency, dark counts, misalignment). Runs on Alice's side
+// pulses) and Bob's detector (efficiency, dark counts, misalignment; optionally dead time
+// and afterpulsing: a dead time drops the candidates it covers, an afterpulse is an extra
+// event, so the cost still follows detections). Runs on Alice's side
 // ("nature"); Bob only ever gets DetectionEvents.
 //
 // Cost follows detections, not pulses: candidate events are sampled with geometric gaps at
@@ -82,12 +84,28 @@ static_assert(sizeof(DetectionEvent) == 8);
 // with f the intercept-resend fraction. Under photon-number splitting c_0 = c_1 = 0 and
 // c_n = t (1 - (1 - eta_B)^(n - 1)) for n >= 2 (eta_B: Bob's side only), t set so that the
 // signal class keeps its expected C.
+//
+// Detector dead time and afterpulsing (ChannelParams::dead_time_ns, afterpulse_prob; off by
+// default, and then every figure below is the formula above, unchanged). The detector is
+// a renewal process: after a click it is blind for d = ceil(dead_time * f_rep) pulses; each
+// live pulse clicks with probability Q (the live gain above, averaged over classes); with
+// probability p_ap a click schedules an afterpulse at live pulse A, uniform in 1..W (W the
+// window in pulses), that fires unless a real detection comes first (a tie goes to the
+// afterpulse). A cycle lasts on average
+//   E[L] = d + (1 - p_ap S / W) / Q,   S = sum_{a=1..W} (1 - Q)^a = (1 - Q)(1 - (1 - Q)^W) / Q
+// pulses and ends with an afterpulse with probability a = p_ap (1 - (1 - Q)^W) / (W Q).
+// So clicks per pulse gain' = 1 / E[L] (without afterpulses: Q / (1 + Q d), the standard
+// non-paralyzable correction), QBER' = (1 - a) E + a / 2 (an afterpulse has a random
+// result), and per class k: gain_k' = gain' [(1 - a) Q_k / Q + a].
 struct ClassTheory {
   double mu = 0.0;               // mean photon number (single-photon source: exactly 1)
   double prob = 0.0;             // probability Alice picks this class
   double gain = 0.0;             // Q_k: detection probability per pulse of this class
   double qber = 0.0;             // E_k: sifted error rate of this class
   double photon_fraction = 0.0;  // P(a photon clicked | detection)
+  // Detection probability of a pulse of this class while the detector is live (= gain
+  // without dead time and afterpulses).
+  double live_gain = 0.0;
 };
 
 struct ChannelTheory {
@@ -101,17 +119,26 @@ struct ChannelTheory {
   double y1 = 0.0;               // single-photon yield (detection prob of a 1-photon pulse)
   double e1 = 0.0;               // single-photon error rate
   double pns_forward = 0.0;      // t: PNS Eve's forwarding probability of multi-photon pulses
+  // Dead time and afterpulsing (all 0 / equal to gain when off).
+  std::uint64_t dead_pulses = 0;     // d: pulses blinded after each click
+  std::uint64_t afterpulse_window_pulses = 0;  // W (0 when afterpulse_prob = 0)
+  double live_gain = 0.0;            // Q: detection probability of a live pulse (average)
+  double afterpulse_fraction = 0.0;  // a: fraction of clicks that are afterpulses
   // Asymptotic secret fraction of the ideal single-photon source with a reconciliation
   // inefficiency f: max(0, 1 - f h(e) - h(e)) per sifted bit.
   double secret_fraction(double f) const;
 };
 [[nodiscard]] ChannelTheory channel_theory(const ChannelParams& p);
+// ceil(ns * 1e-9 * pulse_rate_hz) (a product within 1e-9 of an integer counts as that integer).
+[[nodiscard]] std::uint64_t pulses_in_ns(double ns, double pulse_rate_hz);
 
 // Ground truth the simulator knows and the protocol never sees (for validation).
 struct SimulationTruth {
   std::array<std::uint64_t, 3> detections{};         // per intensity class
   std::array<std::uint64_t, 3> single_photon{};      // detections from 1-photon pulses
   std::array<std::uint64_t, 3> photon_clicks{};      // detections where a photon clicked
+  // Afterpulse clicks, by the class of the pulse they fell on (not in `detections`).
+  std::array<std::uint64_t, 3> afterpulses{};
 };
 
 // The channel simulation for one block of pulses.
@@ -138,6 +165,8 @@ class ChannelSimulator {
   std::array<ClassTable, 3> tables_;
   int classes_ = 1;
   double log1m_qmax_ = 0.0;  // log(1 - Q_max), < 0
+  std::uint64_t dead_pulses_ = 0;     // pulses blinded after a click
+  std::uint64_t ap_window_ = 0;       // afterpulse window [pulses]
   Xoshiro256ss gap_rng_;     // the gaps between candidate detections
   Xoshiro256ss rng_;         // everything else (thinning, photon number, noise, Eve)
   SimulationTruth truth_;
