@@ -1,7 +1,9 @@
 // Strict JSON config parsing: every error names the file and the field.
 #include "qkd/kms/config.hpp"
 
+#include <arpa/inet.h>
 #include <fmt/format.h>
+#include <netinet/in.h>
 
 #include <algorithm>
 #include <charconv>
@@ -130,6 +132,25 @@ class ObjectReader {
     return out;
   }
 
+  // Optional fields: `out` keeps its default when `key` is absent; otherwise the value is
+  // checked exactly as by unsigned_int / number / boolean (same messages).
+  template <typename T>
+  void optional_uint(const std::string& key, T& out, std::uint64_t lo, std::uint64_t hi) {
+    if (has(key)) {
+      out = static_cast<T>(unsigned_int(key, lo, hi));
+    }
+  }
+  void optional_number(const std::string& key, double& out, double lo, double hi) {
+    if (has(key)) {
+      out = number(key, lo, hi);
+    }
+  }
+  void optional_boolean(const std::string& key, bool& out) {
+    if (has(key)) {
+      out = boolean(key);
+    }
+  }
+
   // Call last: any key not read is unknown.
   void finish() const {
     for (const auto& [k, _] : j_.items()) {
@@ -207,15 +228,12 @@ KeysConfig parse_keys(ObjectReader& top) {
   bits("key_size", k.key_size);
   bits("min_key_size", k.min_key_size);
   bits("max_key_size", k.max_key_size);
-  if (r.has("max_key_per_request")) {
-    k.max_key_per_request =
-        static_cast<std::uint32_t>(r.unsigned_int("max_key_per_request", 1, 100000));
-  }
-  if (r.has("max_key_count")) {
-    k.max_key_count = r.unsigned_int("max_key_count", 1, 1'000'000'000);
-  }
-  if (r.has("dec_wait_ms")) {
-    k.dec_wait_ms = static_cast<std::uint32_t>(r.unsigned_int("dec_wait_ms", 0, 600'000));
+  r.optional_uint("max_key_per_request", k.max_key_per_request, 1, 100000);
+  r.optional_uint("max_key_count", k.max_key_count, 1, 1'000'000'000);
+  r.optional_uint("dec_wait_ms", k.dec_wait_ms, 0, 600'000);
+  // keys.max_age_s: 0 = keys never expire; else 1 s .. 1 year.
+  if (r.has("max_age_s")) {
+    k.max_age_s = static_cast<std::uint32_t>(r.unsigned_int("max_age_s", 0, 31'536'000));
   }
   r.finish();
   if (k.min_key_size > k.max_key_size) {
@@ -233,18 +251,13 @@ qkd::core::ChannelParams parse_channel(ObjectReader& link) {
     return c;
   }
   ObjectReader r(link.get("channel"), "link.channel");
-  auto num = [&r](const char* name, double& out, double lo, double hi) {
-    if (r.has(name)) {
-      out = r.number(name, lo, hi);
-    }
-  };
-  num("length_km", c.length_km, 0, 1000);
-  num("loss_db_per_km", c.loss_db_per_km, 0, 10);
-  num("detector_efficiency", c.detector_efficiency, 0, 1);
-  num("dark_count_prob", c.dark_count_prob, 0, 1);
-  num("misalignment", c.misalignment, 0, 0.5);
-  num("eve_intercept_fraction", c.eve_intercept_fraction, 0, 1);
-  num("pulse_rate_hz", c.pulse_rate_hz, 1, 1e12);
+  r.optional_number("length_km", c.length_km, 0, 1000);
+  r.optional_number("loss_db_per_km", c.loss_db_per_km, 0, 10);
+  r.optional_number("detector_efficiency", c.detector_efficiency, 0, 1);
+  r.optional_number("dark_count_prob", c.dark_count_prob, 0, 1);
+  r.optional_number("misalignment", c.misalignment, 0, 0.5);
+  r.optional_number("eve_intercept_fraction", c.eve_intercept_fraction, 0, 1);
+  r.optional_number("pulse_rate_hz", c.pulse_rate_hz, 1, 1e12);
   if (r.has("source")) {
     const std::string src = r.string("source");
     if (src == "single_photon") {
@@ -255,19 +268,17 @@ qkd::core::ChannelParams parse_channel(ObjectReader& link) {
       fail(r.field("source"), "must be \"single_photon\" or \"weak_coherent\"");
     }
   }
-  num("mu_signal", c.mu_signal, 0, 20);
-  num("mu_decoy", c.mu_decoy, 0, 20);
-  num("mu_vacuum", c.mu_vacuum, 0, 20);
-  num("prob_decoy", c.prob_decoy, 0, 1);
-  num("prob_vacuum", c.prob_vacuum, 0, 1);
-  num("insertion_loss_db", c.insertion_loss_db, 0, 200);
-  auto flag = [&r](const char* name, bool& out) {
-    if (r.has(name)) {
-      out = r.boolean(name);
-    }
-  };
-  flag("fiber_cut", c.fiber_cut);
-  flag("eve_photon_number_splitting", c.eve_photon_number_splitting);
+  r.optional_number("mu_signal", c.mu_signal, 0, 20);
+  r.optional_number("mu_decoy", c.mu_decoy, 0, 20);
+  r.optional_number("mu_vacuum", c.mu_vacuum, 0, 20);
+  r.optional_number("prob_decoy", c.prob_decoy, 0, 1);
+  r.optional_number("prob_vacuum", c.prob_vacuum, 0, 1);
+  r.optional_number("insertion_loss_db", c.insertion_loss_db, 0, 200);
+  r.optional_boolean("fiber_cut", c.fiber_cut);
+  r.optional_boolean("eve_photon_number_splitting", c.eve_photon_number_splitting);
+  r.optional_number("dead_time_ns", c.dead_time_ns, 0, 1e9);
+  r.optional_number("afterpulse_prob", c.afterpulse_prob, 0, 0.5);
+  r.optional_number("afterpulse_window_ns", c.afterpulse_window_ns, 0, 1e9);
   r.finish();
   if (c.detector_efficiency <= 0) {
     fail("link.channel.detector_efficiency", "must be greater than 0");
@@ -299,35 +310,25 @@ qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
     return p;
   }
   ObjectReader r(link.get("protocol"), "link.protocol");
-  auto num = [&r](const char* name, double& out, double lo, double hi) {
-    if (r.has(name)) {
-      out = r.number(name, lo, hi);
-    }
-  };
-  auto u32 = [&r](const char* name, std::uint32_t& out, std::uint64_t lo, std::uint64_t hi) {
-    if (r.has(name)) {
-      out = static_cast<std::uint32_t>(r.unsigned_int(name, lo, hi));
-    }
-  };
-  if (r.has("pulses_per_block")) {
-    p.pulses_per_block = r.unsigned_int("pulses_per_block", 1000, 10'000'000'000ULL);
-  }
-  num("sample_fraction", p.sample_fraction, 0.001, 0.9);
-  num("qber_abort", p.qber_abort, 0.0, 0.5);
+  r.optional_uint("pulses_per_block", p.pulses_per_block, 1000, 10'000'000'000ULL);
+  r.optional_number("sample_fraction", p.sample_fraction, 0.001, 0.9);
+  r.optional_number("qber_abort", p.qber_abort, 0.0, 0.5);
   // 0 = the Cascade variant's own number of passes.
-  u32("cascade_passes", p.cascade_passes, 0, 16);
-  u32("verify_hash_bits", p.verify_hash_bits, 32, 256);
-  num("safety_margin", p.safety_margin, 0.0, 0.9);
-  num("z_basis_prob", p.z_basis_prob, 0.5, 0.99);
-  num("epsilon_sec", p.epsilon_sec, 0.0, 0.5);
+  r.optional_uint("cascade_passes", p.cascade_passes, 0, 16);
+  // 0 = ceil(log2(1 / epsilon_cor)); otherwise at least that (checked by validate()).
+  r.optional_uint("verify_hash_bits", p.verify_hash_bits, 0, 256);
+  r.optional_uint("cascade_biconf_rounds", p.cascade_biconf_rounds, 0, 64);
+  r.optional_number("safety_margin", p.safety_margin, 0.0, 0.9);
+  r.optional_number("z_basis_prob", p.z_basis_prob, 0.5, 0.99);
+  r.optional_number("epsilon_sec", p.epsilon_sec, 0.0, 0.5);
   if (r.has("epsilon_sec") && p.epsilon_sec <= 0) {
     fail(r.field("epsilon_sec"), "must be greater than 0");
   }
-  num("epsilon_cor", p.epsilon_cor, 0.0, 0.5);
+  r.optional_number("epsilon_cor", p.epsilon_cor, 0.0, 0.5);
   if (r.has("epsilon_cor") && p.epsilon_cor <= 0) {
     fail(r.field("epsilon_cor"), "must be greater than 0");
   }
-  num("confidence_sd", p.confidence_sd, 0.0, 50.0);
+  r.optional_number("confidence_sd", p.confidence_sd, 0.0, 50.0);
   if (r.has("cascade_variant")) {
     auto v = qkd::core::parse_cascade_variant(r.string("cascade_variant"));
     if (!v) {
@@ -350,18 +351,16 @@ qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
     }
     p.auth = *a;
   }
-  u32("auth_tag_bits", p.auth_tag_bits, 64, 128);
+  r.optional_uint("auth_tag_bits", p.auth_tag_bits, 64, 128);
   if (p.auth_tag_bits != 64 && p.auth_tag_bits != 128) {
     fail(r.field("auth_tag_bits"), "must be 64 or 128");
   }
-  u32("auth_pool_bits", p.auth_pool_bits, 1024, 1U << 24);
+  r.optional_uint("auth_pool_bits", p.auth_pool_bits, 1024, 1U << 24);
   if (p.auth_pool_bits % 8 != 0) {
     fail(r.field("auth_pool_bits"), "must be a multiple of 8");
   }
-  u32("auth_key_refresh_blocks", p.auth_key_refresh_blocks, 1, 1'000'000);
-  if (r.has("auth_every_message")) {
-    p.auth_every_message = r.boolean("auth_every_message");
-  }
+  r.optional_uint("auth_key_refresh_blocks", p.auth_key_refresh_blocks, 1, 1'000'000);
+  r.optional_boolean("auth_every_message", p.auth_every_message);
   if (r.has("message_timeout_ms")) {
     p.message_timeout =
         std::chrono::milliseconds(r.unsigned_int("message_timeout_ms", 100, 600'000));
@@ -422,13 +421,73 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
     std::fill(text.begin(), text.end(), '\0');
   }
   (void)check_files;
-  if (r.has("notice_delay_ms")) {
-    l.notice_delay_ms = static_cast<std::uint32_t>(r.unsigned_int("notice_delay_ms", 0, 60'000));
-  }
+  r.optional_uint("notice_delay_ms", l.notice_delay_ms, 0, 60'000);
   l.channel = parse_channel(r);
   l.protocol = parse_protocol(r);
   r.finish();
   return l;
+}
+
+// --- admission control and metrics (qkd-kms operations) ---
+
+AdmissionConfig parse_admission(ObjectReader& top, const KeysConfig& keys) {
+  AdmissionConfig a;
+  if (!top.has("admission")) {
+    return a;
+  }
+  ObjectReader r(top.get("admission"), "admission");
+  constexpr std::uint64_t kMaxKeys = 1'000'000'000;
+  r.optional_uint("sae_keys_per_s", a.sae_keys_per_s, 0, kMaxKeys);
+  r.optional_uint("sae_burst", a.sae_burst, 0, kMaxKeys);
+  r.optional_uint("pair_keys_per_window", a.pair_keys_per_window, 0, kMaxKeys);
+  r.optional_number("pair_window_s", a.pair_window_s, 0.001, 86400);
+  r.finish();
+  // A request of max_key_per_request keys must fit in a full bucket, or it could never pass.
+  if (a.sae_keys_per_s > 0 && a.sae_burst < keys.max_key_per_request) {
+    fail("admission.sae_burst",
+         fmt::format("must be at least keys.max_key_per_request ({}) while "
+                     "admission.sae_keys_per_s is not 0",
+                     keys.max_key_per_request));
+  }
+  if (a.pair_keys_per_window > 0 && a.pair_keys_per_window < keys.max_key_per_request) {
+    fail("admission.pair_keys_per_window",
+         fmt::format("must be 0 (off) or at least keys.max_key_per_request ({})",
+                     keys.max_key_per_request));
+  }
+  return a;
+}
+
+// The plain-HTTP metrics listener has no authentication: only a loopback address.
+void require_loopback(const std::string& field, const std::string& host) {
+  in_addr v4{};
+  in6_addr v6{};
+  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) {
+    if ((ntohl(v4.s_addr) >> 24) == 127) {
+      return;
+    }
+  } else if (::inet_pton(AF_INET6, host.c_str(), &v6) == 1) {
+    if (IN6_IS_ADDR_LOOPBACK(&v6)) {
+      return;
+    }
+  }
+  fail(field, fmt::format("\"{}\" is not a numeric loopback address (127.0.0.0/8 or ::1); "
+                          "the plain metrics listener has no authentication",
+                          host));
+}
+
+MetricsConfig parse_metrics(ObjectReader& top) {
+  MetricsConfig m;
+  if (!top.has("metrics")) {
+    return m;
+  }
+  ObjectReader r(top.get("metrics"), "metrics");
+  if (r.has("listen")) {
+    m.listen = parse_host_port(r.field("listen"), r.string("listen"));
+    require_loopback(r.field("listen"), m.listen.host);
+    m.plain_listener = true;
+  }
+  r.finish();
+  return m;
 }
 
 Config parse_or_throw(std::string_view text, const std::filesystem::path& base, bool check_files) {
@@ -467,6 +526,8 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
     }
     r.finish();
   }
+  c.admission = parse_admission(top, c.keys);
+  c.metrics = parse_metrics(top);
   if (top.has("log_level")) {
     static const std::vector<std::string> kLevels = {"trace", "debug",    "info", "warn",
                                                      "error", "critical", "off"};

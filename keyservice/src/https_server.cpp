@@ -11,6 +11,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <atomic>
 #include <nlohmann/json.hpp>
 #include <optional>
 
@@ -36,8 +37,13 @@ constexpr std::uint64_t kBodyLimit = 64 * 1024;
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket&& socket, asio::ssl::context& ctx, asio::thread_pool& workers,
-          const HttpsServer::Handler& handler)
-      : stream_(std::move(socket), ctx), workers_(workers), handler_(handler) {
+          const HttpsServer::Handler& handler, std::atomic<std::size_t>& in_flight,
+          const std::atomic<bool>& stopping)
+      : stream_(std::move(socket), ctx),
+        workers_(workers),
+        handler_(handler),
+        in_flight_(in_flight),
+        stopping_(stopping) {
     beast::error_code ec;
     auto ep = beast::get_lowest_layer(stream_).socket().remote_endpoint(ec);
     peer_ = ec ? std::string("?") : fmt::format("{}:{}", ep.address().to_string(), ep.port());
@@ -85,7 +91,8 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     if (ec == http::error::body_limit) {
-      write(error_response(400, "request body too large"), false);
+      in_flight_.fetch_add(1);
+      write(HttpReply{error_response(400, "request body too large")}, false);
       return;
     }
     if (ec) {
@@ -97,7 +104,8 @@ class Session : public std::enable_shared_from_this<Session> {
         return;
       }
       if (ec.category() == http::make_error_code(http::error::bad_target).category()) {
-        write(error_response(400, "malformed HTTP request"), false);
+        in_flight_.fetch_add(1);
+        write(HttpReply{error_response(400, "malformed HTTP request")}, false);
       }
       return;
     }
@@ -105,14 +113,20 @@ class Session : public std::enable_shared_from_this<Session> {
     ApiRequest api{std::string(req.method_string()), std::string(req.target()),
                    std::move(req.body())};
     const bool keep_alive = req.keep_alive();
-    spdlog::info("api: {} {} {}", caller_, api.method, api.target);
+    spdlog::debug("api: {} {} {}", caller_, api.method, api.target);
+    in_flight_.fetch_add(1);
+    if (stopping_.load()) {
+      // Shutting down: the worker pool may be gone; answer here and close.
+      write(HttpReply{error_response(503, "the KME is shutting down")}, false);
+      return;
+    }
     // Run the handler on the worker pool (it may wait), then write on our strand.
     asio::post(workers_, [self = shared_from_this(), api = std::move(api), keep_alive]() {
-      ApiResponse resp;
+      HttpReply resp;
       try {
         resp = self->handler_(self->caller_, api);
       } catch (const std::exception& e) {
-        resp = error_response(503, fmt::format("internal error: {}", e.what()));
+        resp = HttpReply{error_response(503, fmt::format("internal error: {}", e.what()))};
       }
       asio::post(self->stream_.get_executor(),
                  [self, resp = std::move(resp), keep_alive]() mutable {
@@ -121,23 +135,28 @@ class Session : public std::enable_shared_from_this<Session> {
     });
   }
 
-  void write(ApiResponse resp, bool keep_alive) {
+  // Writes the reply of one request counted in in_flight_ (decremented once written).
+  void write(HttpReply reply, bool keep_alive) {
     auto res = std::make_shared<http::response<http::string_body>>();
     res->version(11);
-    res->result(resp.status);
+    res->result(reply.api.status);
     res->set(http::field::server, "qkd-kms");
-    if (!resp.body.empty()) {
-      res->set(http::field::content_type, "application/json");
+    if (!reply.api.body.empty()) {
+      res->set(http::field::content_type, reply.content_type);
     }
-    res->body() = std::move(resp.body);
+    if (reply.retry_after_s > 0) {
+      res->set(http::field::retry_after, std::to_string(reply.retry_after_s));
+    }
+    res->body() = std::move(reply.api.body);
     res->keep_alive(keep_alive);
     res->prepare_payload();
-    spdlog::info("api: {} <- {}", caller_.empty() ? peer_ : caller_, resp.status);
+    spdlog::debug("api: {} <- {}", caller_.empty() ? peer_ : caller_, reply.api.status);
     beast::get_lowest_layer(stream_).expires_after(kWriteTimeout);
     http::async_write(stream_, *res,
                       [self = shared_from_this(), res](beast::error_code ec, std::size_t) {
                         // Responses may carry key material: cleanse before freeing.
                         OPENSSL_cleanse(res->body().data(), res->body().size());
+                        self->in_flight_.fetch_sub(1);
                         if (ec) {
                           spdlog::debug("api: write: {}", ec.message());
                           return;
@@ -158,6 +177,8 @@ class Session : public std::enable_shared_from_this<Session> {
   beast::ssl_stream<beast::tcp_stream> stream_;
   asio::thread_pool& workers_;
   HttpsServer::Handler handler_;
+  std::atomic<std::size_t>& in_flight_;
+  const std::atomic<bool>& stopping_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::string peer_;
@@ -181,7 +202,13 @@ struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
             }
             return;
           }
-          std::make_shared<Session>(std::move(s), *self->tls, self->workers, self->handler)->run();
+          // Responses are small and latency-bound: without TCP_NODELAY a response written
+          // in two TLS records can wait for the client's delayed ACK (40 ms on Linux).
+          beast::error_code nodelay_ec;
+          s.set_option(tcp::no_delay(true), nodelay_ec);
+          std::make_shared<Session>(std::move(s), *self->tls, self->workers, self->handler,
+                                    self->in_flight, self->stopping)
+              ->run();
           self->do_accept();
         });
   }
@@ -191,6 +218,8 @@ struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
   asio::thread_pool& workers;
   Handler handler;
   tcp::acceptor acceptor;
+  std::atomic<std::size_t> in_flight{0};
+  std::atomic<bool> stopping{false};
 };
 
 HttpsServer::HttpsServer(asio::io_context& ioc, std::shared_ptr<asio::ssl::context> tls,
@@ -234,6 +263,124 @@ qkd::core::Result<std::uint16_t> HttpsServer::listen(const HostPort& where) {
 }
 
 void HttpsServer::stop() {
+  impl_->stopping.store(true);
+  asio::post(impl_->ioc, [impl = impl_]() {
+    beast::error_code ec;
+    impl->acceptor.close(ec);
+  });
+}
+
+std::size_t HttpsServer::in_flight() const { return impl_->in_flight.load(); }
+
+// --- the plain-HTTP metrics listener ---
+
+namespace {
+
+class PlainSession : public std::enable_shared_from_this<PlainSession> {
+ public:
+  PlainSession(tcp::socket&& socket, std::function<std::string()> render)
+      : stream_(std::move(socket)), render_(std::move(render)) {}
+
+  void run() {
+    asio::dispatch(stream_.get_executor(),
+                   beast::bind_front_handler(&PlainSession::do_read, shared_from_this()));
+  }
+
+ private:
+  void do_read() {
+    parser_.emplace();
+    parser_->body_limit(kBodyLimit);
+    stream_.expires_after(kReadTimeout);
+    http::async_read(stream_, buffer_, *parser_,
+                     beast::bind_front_handler(&PlainSession::on_read, shared_from_this()));
+  }
+
+  void on_read(beast::error_code ec, std::size_t) {
+    if (ec) {
+      beast::error_code ignored;
+      stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+      return;
+    }
+    const auto& req = parser_->get();
+    auto res = std::make_shared<http::response<http::string_body>>();
+    res->version(11);
+    res->set(http::field::server, "qkd-kms");
+    const std::string_view target(req.target().data(), req.target().size());
+    const std::string_view path = target.substr(0, target.find('?'));
+    if (path != "/metrics") {
+      res->result(http::status::not_found);
+      res->set(http::field::content_type, "text/plain");
+      res->body() = "not found (only GET /metrics here)\n";
+    } else if (req.method() != http::verb::get && req.method() != http::verb::head) {
+      res->result(http::status::method_not_allowed);
+      res->set(http::field::allow, "GET, HEAD");
+      res->set(http::field::content_type, "text/plain");
+      res->body() = "only GET /metrics\n";
+    } else {
+      res->result(http::status::ok);
+      res->set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+      res->body() = render_();
+    }
+    res->keep_alive(req.keep_alive());
+    res->prepare_payload();
+    stream_.expires_after(kWriteTimeout);
+    http::async_write(stream_, *res,
+                      [self = shared_from_this(), res](beast::error_code wec, std::size_t) {
+                        if (wec || !res->keep_alive()) {
+                          beast::error_code ignored;
+                          self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+                          return;
+                        }
+                        self->do_read();
+                      });
+  }
+
+  beast::tcp_stream stream_;
+  std::function<std::string()> render_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+};
+
+}  // namespace
+
+struct MetricsHttpServer::Impl : std::enable_shared_from_this<MetricsHttpServer::Impl> {
+  Impl(asio::io_context& io, std::function<std::string()> r)
+      : ioc(io), render(std::move(r)), acceptor(io) {}
+
+  void do_accept() {
+    acceptor.async_accept(
+        asio::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
+          if (ec) {
+            if (ec != asio::error::operation_aborted) {
+              spdlog::warn("metrics: accept: {}", ec.message());
+              self->do_accept();
+            }
+            return;
+          }
+          std::make_shared<PlainSession>(std::move(s), self->render)->run();
+          self->do_accept();
+        });
+  }
+
+  asio::io_context& ioc;
+  std::function<std::string()> render;
+  tcp::acceptor acceptor;
+};
+
+MetricsHttpServer::MetricsHttpServer(asio::io_context& ioc, std::function<std::string()> render)
+    : impl_(std::make_shared<Impl>(ioc, std::move(render))) {}
+
+MetricsHttpServer::~MetricsHttpServer() { stop(); }
+
+qkd::core::Result<std::uint16_t> MetricsHttpServer::listen(const HostPort& where) {
+  auto port = open_acceptor(impl_->acceptor, where.host, where.port, "metrics.listen");
+  if (port.ok()) {
+    impl_->do_accept();
+  }
+  return port;
+}
+
+void MetricsHttpServer::stop() {
   asio::post(impl_->ioc, [impl = impl_]() {
     beast::error_code ec;
     impl->acceptor.close(ec);

@@ -112,7 +112,14 @@ struct AssignedKey {
   qkd::core::SecureBytes key;
   std::string master;
   std::vector<std::string> slaves;
+  std::vector<std::string> fetched;  // slaves that have fetched it (multicast)
+  std::chrono::system_clock::time_point received{};  // when its notice was applied here
 };
+
+std::uint64_t unix_ms(std::chrono::system_clock::time_point t) {
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch());
+  return ms.count() > 0 ? static_cast<std::uint64_t>(ms.count()) : 0;
+}
 
 std::string_view cursor_name(Direction d) {
   return d == Direction::kAlice ? detail::kCursorAlice : detail::kCursorBob;
@@ -141,10 +148,14 @@ class JournaledStore final : public KeyStore {
         s.put(c.index, i, c.bytes[i]);
       }
     }
+    // Keys assigned before a restart: their age counts from the restart.
+    const auto now = std::chrono::system_clock::now();
     for (auto& k : st.assigned) {
+      record_times_.emplace_back(now, k.key_id);
       records_.emplace(k.key_id, AssignedKey{std::move(k.key), std::move(k.master),
-                                             std::move(k.slaves)});
+                                             std::move(k.slaves), std::move(k.fetched), now});
     }
+    settle_.assign(st.settled.begin(), st.settled.end());
     for (auto& id : st.used_ids) {
       if (used_ids_.insert(id).second) {
         used_order_.push_back(std::move(id));
@@ -317,41 +328,38 @@ class JournaledStore final : public KeyStore {
     std::optional<std::uint64_t> notice_seq;
     NoticeRelease release;
     std::uint64_t ticket = 0;
+    std::optional<Error> short_of_key;
     {
       std::lock_guard lock(mu_);
+      // Expired bytes go first (their discard leads this allocation's notice).
+      std::vector<KeyAssignment> assignments;
+      expire_locked(std::chrono::system_clock::now(), assignments);
       DirectionStream& s = own_stream();
       const std::uint64_t need = std::uint64_t{number} * size_bytes;
       const std::uint64_t avail = direction_bytes(committed_, own_) - s.cursor();
       if (need > avail) {
-        return qkd::core::make_error(
+        short_of_key = Error{
             ErrorCode::kUnavailable,
             fmt::format("not enough key material: {} bits requested, {} bits available",
-                        need * 8, avail * 8));
-      }
-      std::vector<KeyAssignment> assignments;
-      keys.reserve(number);
-      assignments.reserve(number);
-      for (std::uint32_t i = 0; i < number; ++i) {
-        KeyAssignment a{ids[i], own_, s.cursor(), size_bytes, master_sae, slave_saes};
-        DeliveredKey k{ids[i], {}};
-        s.take(a.offset, a.length, k.key);
-        remember_used_locked(ids[i]);
-        keys.push_back(std::move(k));
-        assignments.push_back(std::move(a));
-      }
-      sync_cursor_locked(own_);
-      if (listener_) {
-        listener_(assignments);
-      }
-      if (encoder_) {
-        StoredNotice n = encoder_(assignments);
-        if (journal_) {
-          journal_->put_notice(n);
-          journal_->set_value(detail::kNextSeq, n.seq + 1);
+                        need * 8, avail * 8)};
+        if (assignments.empty()) {
+          return *short_of_key;
         }
-        notice_seq = n.seq;
-        release = release_;
+      } else {
+        keys.reserve(number);
+        assignments.reserve(assignments.size() + number);
+        for (std::uint32_t i = 0; i < number; ++i) {
+          KeyAssignment a{ids[i], own_, s.cursor(), size_bytes, master_sae, slave_saes, false};
+          DeliveredKey k{ids[i], {}};
+          s.take(a.offset, a.length, k.key);
+          remember_used_locked(ids[i]);
+          keys.push_back(std::move(k));
+          assignments.push_back(std::move(a));
+        }
+        sync_cursor_locked(own_);
       }
+      notice_seq = notify_locked(assignments);
+      release = release_;
       ticket = seal_locked();
     }
     // The keys are consumed durably before their bytes leave the store.
@@ -361,7 +369,52 @@ class JournaledStore final : public KeyStore {
     if (notice_seq && release) {
       release(*notice_seq);
     }
+    if (short_of_key) {
+      return *short_of_key;
+    }
     return keys;
+  }
+
+  void set_max_age(std::chrono::seconds max_age) override {
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      max_age_ = max_age;
+      if (max_age_.count() <= 0) {
+        record_times_.clear();
+        settle_.clear();
+      }
+      if (max_age_.count() > 0 && settle_.empty() && committed_ > 0) {
+        // A pool committed without times (max_age_s was 0): its age counts from now.
+        settle_.emplace_back(committed_, unix_ms(std::chrono::system_clock::now()));
+        if (journal_) {
+          journal_->put_settled(committed_, settle_.back().second);
+        }
+      }
+      ticket = seal_locked();
+    }
+    (void)durable(ticket);
+  }
+
+  Status expire(std::chrono::system_clock::time_point now) override {
+    std::optional<std::uint64_t> notice_seq;
+    NoticeRelease release;
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      std::vector<KeyAssignment> discards;
+      expire_locked(now, discards);
+      notice_seq = notify_locked(discards);
+      release = release_;
+      ticket = seal_locked();
+    }
+    if (auto d = durable(ticket); !d.ok()) {
+      return d;
+    }
+    if (notice_seq && release) {
+      release(*notice_seq);
+    }
+    return qkd::core::ok_status();
   }
 
   Result<std::vector<DeliveredKey>> take(const std::string& caller_sae,
@@ -384,6 +437,7 @@ class JournaledStore final : public KeyStore {
     std::uint64_t ticket = 0;
     {
       std::unique_lock lock(mu_);
+      expire_records_locked(std::chrono::system_clock::now());
       for (;;) {
         bool all_present = true;
         for (const auto& id : key_ids) {
@@ -408,6 +462,7 @@ class JournaledStore final : public KeyStore {
           break;
         }
       }
+      bool fetched_before = false;
       for (const auto& id : key_ids) {
         const AssignedKey& r = records_.at(id);
         const bool slave_ok =
@@ -417,10 +472,26 @@ class JournaledStore final : public KeyStore {
                                        "caller is not an allowed slave of every key, or the "
                                        "master SAE does not match");
         }
+        fetched_before = fetched_before || std::find(r.fetched.begin(), r.fetched.end(),
+                                                     caller_sae) != r.fetched.end();
+      }
+      if (fetched_before) {  // one use per slave: delivered to this caller already
+        return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
       }
       out.reserve(key_ids.size());
       for (const auto& id : key_ids) {
-        auto node = records_.extract(id);
+        auto it = records_.find(id);
+        AssignedKey& r = it->second;
+        r.fetched.push_back(caller_sae);
+        if (r.fetched.size() < r.slaves.size()) {
+          // Other slaves still to fetch it (multicast): deliver a copy, keep the record.
+          out.push_back(DeliveredKey{id, qkd::core::SecureBytes(r.key.span())});
+          if (journal_) {
+            journal_->put_assigned(detail::StoredKey{id, r.master, r.slaves, r.key, r.fetched});
+          }
+          continue;
+        }
+        auto node = records_.extract(it);
         out.push_back(DeliveredKey{id, std::move(node.mapped().key)});
         if (journal_) {
           journal_->drop_assigned(id);
@@ -482,6 +553,12 @@ class JournaledStore final : public KeyStore {
       }
       journal_->set_value(detail::kCommitted, committed_);
     }
+    if (max_age_.count() > 0 && committed_ > first) {
+      settle_.emplace_back(committed_, unix_ms(std::chrono::system_clock::now()));
+      if (journal_) {
+        journal_->put_settled(committed_, settle_.back().second);
+      }
+    }
     (void)drain_pending_locked();  // overlapping notices are dropped
   }
 
@@ -490,6 +567,7 @@ class JournaledStore final : public KeyStore {
     streams_[1].clear();
     committed_ = 0;
     pending_.clear();
+    settle_.clear();
     if (journal_) {
       journal_->clear_pool();
       journal_->set_value(detail::kCommitted, 0);
@@ -518,8 +596,9 @@ class JournaledStore final : public KeyStore {
       return qkd::core::make_error(ErrorCode::kProtocol,
                                    "peer assigned a key from this KME's direction");
     }
-    if (a.length == 0 || a.key_id.empty() || records_.contains(a.key_id) ||
-        used_ids_.contains(a.key_id)) {
+    if (a.discard ? a.length == 0
+                  : (a.length == 0 || a.key_id.empty() || records_.contains(a.key_id) ||
+                     used_ids_.contains(a.key_id))) {
       return qkd::core::make_error(ErrorCode::kProtocol,
                                    fmt::format("bad or duplicate assignment {}", a.key_id));
     }
@@ -537,6 +616,21 @@ class JournaledStore final : public KeyStore {
     while (!pending_.empty()) {
       auto& [ord, a] = pending_.front();
       DirectionStream& s = streams_[static_cast<int>(a.direction)];
+      if (a.discard) {  // the peer's expired bytes: drop the same bytes here
+        const std::uint64_t end = a.offset + a.length;
+        if (end > direction_bytes(committed_, a.direction)) {
+          break;  // not committed yet on this end
+        }
+        if (end > s.cursor()) {
+          s.advance(end);
+          moved[static_cast<int>(a.direction)] = true;
+        }
+        if (journal_) {
+          journal_->drop_waiting(ord);
+        }
+        pending_.pop_front();
+        continue;
+      }
       if (a.offset < s.cursor()) {
         result = qkd::core::make_error(
             ErrorCode::kProtocol,
@@ -555,8 +649,12 @@ class JournaledStore final : public KeyStore {
       moved[static_cast<int>(a.direction)] = true;
       rec.master = std::move(a.master_sae);
       rec.slaves = std::move(a.slave_saes);
+      rec.received = std::chrono::system_clock::now();
+      if (max_age_.count() > 0) {
+        record_times_.emplace_back(rec.received, a.key_id);
+      }
       if (journal_) {
-        journal_->put_assigned(detail::StoredKey{a.key_id, rec.master, rec.slaves, rec.key});
+        journal_->put_assigned(detail::StoredKey{a.key_id, rec.master, rec.slaves, rec.key, {}});
         journal_->drop_waiting(ord);
       }
       records_.emplace(std::move(a.key_id), std::move(rec));
@@ -568,6 +666,82 @@ class JournaledStore final : public KeyStore {
       }
     }
     return result;
+  }
+
+  // Hands an allocation's (or expiry's) assignments to the listener and the notice encoder;
+  // the notice's seq, if there is an encoder. Nothing to do for an empty list.
+  std::optional<std::uint64_t> notify_locked(const std::vector<KeyAssignment>& as) {
+    if (as.empty()) {
+      return std::nullopt;
+    }
+    if (listener_) {
+      listener_(as);
+    }
+    if (!encoder_) {
+      return std::nullopt;
+    }
+    StoredNotice n = encoder_(as);
+    if (journal_) {
+      journal_->put_notice(n);
+      journal_->set_value(detail::kNextSeq, n.seq + 1);
+    }
+    return n.seq;
+  }
+
+  // keys.max_age_s at `now`: drops own-direction bytes of blocks committed before the
+  // cutoff (appending a discard for the peer to `discards`) and expired peer-assigned keys.
+  void expire_locked(std::chrono::system_clock::time_point now,
+                     std::vector<KeyAssignment>& discards) {
+    if (max_age_.count() <= 0) {
+      return;
+    }
+    const std::uint64_t cutoff = unix_ms(now - max_age_);
+    std::optional<std::uint64_t> expired_end;
+    while (!settle_.empty() && settle_.front().second <= cutoff) {
+      expired_end = settle_.front().first;
+      settle_.pop_front();
+    }
+    if (expired_end) {
+      if (journal_) {
+        journal_->drop_settled_upto(*expired_end);
+      }
+      DirectionStream& s = own_stream();
+      const std::uint64_t upto = std::min(direction_bytes(*expired_end, own_),
+                                          direction_bytes(committed_, own_));
+      if (upto > s.cursor()) {
+        const std::uint64_t first = s.cursor();
+        std::uint64_t from = first;
+        while (from < upto) {
+          const auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(upto - from, 1u << 30));
+          discards.push_back(KeyAssignment{"", own_, from, len, "", {}, true});
+          from += len;
+        }
+        s.advance(upto);
+        sync_cursor_locked(own_);
+        spdlog::debug("key store: {} expired bytes discarded", upto - first);
+      }
+    }
+    expire_records_locked(now);
+  }
+
+  // Drops peer-assigned keys whose notice arrived more than max_age before `now`.
+  void expire_records_locked(std::chrono::system_clock::time_point now) {
+    if (max_age_.count() <= 0) {
+      return;
+    }
+    const auto cutoff = now - max_age_;
+    while (!record_times_.empty() && record_times_.front().first <= cutoff) {
+      const auto& [t, id] = record_times_.front();
+      auto it = records_.find(id);
+      if (it != records_.end() && it->second.received == t) {
+        records_.erase(it);  // SecureBytes cleanses the key
+        if (journal_) {
+          journal_->drop_assigned(id);
+        }
+        remember_used_locked(id);
+      }
+      record_times_.pop_front();
+    }
   }
 
   void remember_used_locked(const std::string& id) {
@@ -598,6 +772,12 @@ class JournaledStore final : public KeyStore {
   std::unordered_map<std::string, AssignedKey> records_;
   std::unordered_set<std::string> used_ids_;
   std::deque<std::string> used_order_;
+  std::chrono::seconds max_age_{0};
+  // (pool end, commit time in Unix ms) of each block not expired yet; only with max_age_.
+  std::deque<std::pair<std::uint64_t, std::uint64_t>> settle_;
+  // (arrival, key_ID) of peer-assigned keys, in arrival order (entries of keys fetched
+  // meanwhile are skipped).
+  std::deque<std::pair<std::chrono::system_clock::time_point, std::string>> record_times_;
 };
 
 }  // namespace

@@ -6,15 +6,18 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <algorithm>
 #include <condition_variable>
 #include <csignal>
 #include <mutex>
 #include <thread>
 
+#include "qkd/kms/admission.hpp"
 #include "qkd/kms/api.hpp"
 #include "qkd/kms/https_server.hpp"
 #include "qkd/kms/key_store.hpp"
 #include "qkd/kms/link_service.hpp"
+#include "qkd/kms/metrics.hpp"
 #include "qkd/kms/tls.hpp"
 
 namespace qkd::kms {
@@ -24,6 +27,21 @@ namespace asio = boost::asio;
 namespace {
 constexpr int kApiThreads = 2;
 constexpr int kWorkerThreads = 8;  // handlers; dec_keys may block up to keys.dec_wait_ms
+
+constexpr auto kDrainTimeout = std::chrono::seconds(2);  // + keys.dec_wait_ms: responses due
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+std::uint64_t count_keys(const std::string& body) {
+  std::uint64_t n = 0;
+  for (std::size_t pos = body.find("\"key_ID\""); pos != std::string::npos;
+       pos = body.find("\"key_ID\"", pos + 8)) {
+    ++n;
+  }
+  return n;
+}
 
 void run_io(asio::io_context& ioc, const char* name) {
   for (;;) {
@@ -47,9 +65,16 @@ struct Kme::Impl {
   asio::thread_pool workers{kWorkerThreads};
   std::unique_ptr<LinkService> link;
   std::unique_ptr<EtsiService> etsi;
+  std::unique_ptr<AdmissionControl> admission;
+  std::unique_ptr<Metrics> metrics;
   std::unique_ptr<HttpsServer> server;
+  std::unique_ptr<MetricsHttpServer> metrics_server;
   std::unique_ptr<asio::signal_set> signals;
   std::vector<std::thread> threads;
+
+  // The API entry point: admission control and metrics around the ETSI service.
+  HttpReply handle(const std::string& caller, const ApiRequest& req);
+  std::string render_metrics() const { return metrics->render(store->stats(), link->stats()); }
 
   std::mutex mu;
   std::condition_variable cv;
@@ -92,13 +117,68 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   im.link = std::make_unique<LinkService>(c, *im.store, im.link_ioc, link_tls.value());
   LinkService* link = im.link.get();
   im.etsi = std::make_unique<EtsiService>(c, *im.store, [link]() { return link->stats(); });
-  EtsiService* etsi = im.etsi.get();
-  im.server =
-      std::make_unique<HttpsServer>(im.api_ioc, api_tls.value(), im.workers,
-                                    [etsi](const std::string& caller, const ApiRequest& req) {
-                                      return etsi->handle(caller, req);
-                                    });
+  im.admission = std::make_unique<AdmissionControl>(c.admission);
+  im.metrics = std::make_unique<Metrics>(c.kme_id, c.link.peer_kme_id, c.keys.key_size);
+  Impl* impl = &im;
+  im.server = std::make_unique<HttpsServer>(
+      im.api_ioc, api_tls.value(), im.workers,
+      [impl](const std::string& caller, const ApiRequest& req) { return impl->handle(caller, req); });
+  if (c.metrics.plain_listener) {
+    im.metrics_server =
+        std::make_unique<MetricsHttpServer>(im.api_ioc, [impl]() { return impl->render_metrics(); });
+  }
   return kme;
+}
+
+HttpReply Kme::Impl::handle(const std::string& caller, const ApiRequest& req) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const RequestInfo info = classify_request(req);
+  HttpReply reply;
+  const bool known_caller = contains(config.saes, caller);
+  if (info.route == "metrics" && req.method == "GET") {
+    if (!known_caller) {
+      reply.api = error_response(401, "");
+    } else {
+      reply.api = ApiResponse{200, render_metrics()};
+      reply.content_type = std::string(Metrics::kContentType);
+    }
+  } else if (info.route == "enc_keys" && known_caller && info.well_formed && info.number >= 1 &&
+             info.number <= config.keys.max_key_per_request && admission->enabled() &&
+             contains(config.link.peer_saes, info.path_sae) &&
+             std::all_of(info.additional_slaves.begin(), info.additional_slaves.end(),
+                         [&](const std::string& s) { return contains(config.link.peer_saes, s); }) &&
+             info.additional_slaves.size() < config.link.peer_saes.size()) {
+    // A request the ETSI handlers may serve: charge the budgets first (nothing is taken
+    // from the pool when they refuse), give the tokens back if no key was delivered.
+    std::vector<std::string> slaves{info.path_sae};
+    slaves.insert(slaves.end(), info.additional_slaves.begin(), info.additional_slaves.end());
+    if (auto refusal = admission->admit(caller, slaves, info.number, t0)) {
+      metrics->add_admission_refusal(refusal->budget, caller);
+      spdlog::debug("api: {}: {}", caller, refusal->message);
+      reply.api = error_response(503, refusal->message);
+      reply.retry_after_s = refusal->retry_after_s;
+    } else {
+      reply.api = etsi->handle(caller, req);
+      if (reply.api.status != 200) {
+        admission->refund(caller, slaves, info.number, std::chrono::steady_clock::now());
+      }
+    }
+  } else {
+    reply.api = etsi->handle(caller, req);
+  }
+  if (reply.api.status == 200 && (info.route == "enc_keys" || info.route == "dec_keys")) {
+    const std::uint64_t n = count_keys(reply.api.body);
+    if (info.route == "enc_keys") {
+      metrics->add_keys_delivered(info.route, caller, info.path_sae, n);
+    } else {
+      metrics->add_keys_delivered(info.route, info.path_sae, caller, n);
+    }
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  metrics->observe_request(known_caller ? info.route : std::string_view("unauthorised"),
+                           reply.api.status, seconds);
+  return reply;
 }
 
 qkd::core::Result<BoundPorts> Kme::start() {
@@ -114,6 +194,13 @@ qkd::core::Result<BoundPorts> Kme::start() {
     return link.error();
   }
   ports.link_port = link.value();
+  if (im.metrics_server) {
+    auto mport = im.metrics_server->listen(im.config.metrics.listen);
+    if (!mport.ok()) {
+      return mport.error();
+    }
+    ports.metrics_port = mport.value();
+  }
   im.signals = std::make_unique<asio::signal_set>(im.api_ioc, SIGINT, SIGTERM);
   im.signals->async_wait([this](const boost::system::error_code& ec, int sig) {
     if (ec) {
@@ -156,10 +243,24 @@ void Kme::stop() {
   if (im.server) {
     im.server->stop();
   }
+  if (im.metrics_server) {
+    im.metrics_server->stop();
+  }
   if (im.link) {
     im.link->stop();
   }
-  // Let handlers in progress finish (bounded by keys.dec_wait_ms), then stop the I/O.
+  // Let handlers in progress finish (a dec_keys waits at most keys.dec_wait_ms) and their
+  // responses be written, then stop the workers and the I/O.
+  const auto drain_deadline = std::chrono::steady_clock::now() + kDrainTimeout +
+                              std::chrono::milliseconds(im.config.keys.dec_wait_ms);
+  while (im.server && im.server->in_flight() > 0 &&
+         std::chrono::steady_clock::now() < drain_deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  if (im.server && im.server->in_flight() > 0) {
+    spdlog::warn("{}: {} responses not written at shutdown", im.config.kme_id,
+                 im.server->in_flight());
+  }
   im.workers.join();
   im.api_guard.reset();
   im.link_guard.reset();
@@ -169,8 +270,7 @@ void Kme::stop() {
       im.signals->cancel(ec);
     });
   }
-  // Give sessions a moment to write their last responses, then stop.
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+
   im.api_ioc.stop();
   im.link_ioc.stop();
   for (auto& t : im.threads) {

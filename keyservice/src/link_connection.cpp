@@ -339,6 +339,9 @@ qkd::core::Result<std::shared_ptr<LinkConnection>> LinkConnection::connect(
                 done->set_value(ec2);
                 return;
               }
+              beast::error_code nodelay_ec;  // notices are small and latency-bound
+              beast::get_lowest_layer(*stream).socket().set_option(tcp::no_delay(true),
+                                                                   nodelay_ec);
               beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
               stream->async_handshake(asio::ssl::stream_base::client,
                                       [done](beast::error_code ec3) { done->set_value(ec3); });
@@ -389,6 +392,8 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
             }
             return;
           }
+          beast::error_code nodelay_ec;  // notices are small and latency-bound
+          s.set_option(tcp::no_delay(true), nodelay_ec);
           auto stream = std::make_shared<Stream>(std::move(s), *self->tls);
           beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
           stream->async_handshake(

@@ -46,9 +46,13 @@ std::optional<json> parse_control(const std::vector<std::uint8_t>& b) {
 }
 
 json assignment_to_json(const KeyAssignment& a) {
-  return json{{"id", a.key_id},         {"dir", static_cast<int>(a.direction)},
-              {"off", a.offset},        {"len", a.length},
-              {"master", a.master_sae}, {"slaves", a.slave_saes}};
+  json j{{"id", a.key_id},         {"dir", static_cast<int>(a.direction)},
+         {"off", a.offset},        {"len", a.length},
+         {"master", a.master_sae}, {"slaves", a.slave_saes}};
+  if (a.discard) {
+    j["discard"] = true;  // expired bytes (keys.max_age_s), not a key
+  }
+  return j;
 }
 
 // Throws json exceptions on a malformed entry (caught by the caller).
@@ -64,6 +68,7 @@ KeyAssignment assignment_from_json(const json& j) {
   a.length = j.at("len").get<std::uint32_t>();
   a.master_sae = j.at("master").get<std::string>();
   a.slave_saes = j.at("slaves").get<std::vector<std::string>>();
+  a.discard = j.value("discard", false);
   return a;
 }
 
@@ -87,6 +92,7 @@ struct LinkService::Impl {
 
   std::unique_ptr<LinkAcceptor> acceptor;
   std::thread runner;
+  std::thread expirer;  // keys.max_age_s > 0: discards expired keys periodically
   std::atomic<bool> stopping{false};
 
   // Connection hand-over (alice) and the current connection.
@@ -590,6 +596,21 @@ struct LinkService::Impl {
     conn_cv.wait_for(lock, d, [&] { return stopping.load(); });
   }
 
+  // keys.max_age_s: every quarter of the max age (100 ms .. 1 s), discard what expired.
+  void run_expiry() {
+    const auto period = std::clamp(std::chrono::milliseconds(config.keys.max_age_s * 250),
+                                   std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
+    while (!stopping) {
+      sleep_unless_stopping(period);
+      if (stopping) {
+        break;
+      }
+      if (auto s = store.expire(std::chrono::system_clock::now()); !s.ok()) {
+        spdlog::error("link: key expiry: {}", s.error().message);
+      }
+    }
+  }
+
   void run() {
     auto backoff = kBackoffMin;
     while (!stopping) {
@@ -647,6 +668,7 @@ LinkService::LinkService(const Config& config, KeyStore& store, boost::asio::io_
   store.set_notice_hooks(
       [im](const std::vector<KeyAssignment>& as) { return im->on_assignments(as); },
       [im](std::uint64_t seq) { im->on_durable(seq); });
+  store.set_max_age(std::chrono::seconds(config.keys.max_age_s));
 }
 
 LinkService::~LinkService() {
@@ -681,6 +703,9 @@ qkd::core::Result<std::uint16_t> LinkService::start() {
     }
     port = p.value();
   }
+  if (im->config.keys.max_age_s > 0) {
+    im->expirer = std::thread([im]() { im->run_expiry(); });
+  }
   im->runner = std::thread([im]() {
     try {
       im->run();
@@ -695,7 +720,7 @@ void LinkService::stop() {
   Impl* im = impl_.get();
   {
     std::lock_guard lock(im->conn_mu);
-    if (im->stopping.exchange(true) && !im->runner.joinable()) {
+    if (im->stopping.exchange(true) && !im->runner.joinable() && !im->expirer.joinable()) {
       return;
     }
     if (im->current) {
@@ -712,6 +737,9 @@ void LinkService::stop() {
   }
   if (im->runner.joinable()) {
     im->runner.join();
+  }
+  if (im->expirer.joinable()) {
+    im->expirer.join();
   }
 }
 

@@ -49,7 +49,8 @@ int run(int argc, char** argv) {
   app.add_option("--config", config_file, "KME configuration file (JSON)")->required();
   app.add_flag("--check-config", check_only, "validate the configuration and exit (0 = valid)");
   app.add_option("--ready-file", ready_file,
-                 "once both listeners are bound, write {\"api_port\":N,\"link_port\":N} here");
+                 "once the listeners are bound, write {\"api_port\":N,\"link_port\":N} here "
+                 "(and \"metrics_port\":N with metrics.listen)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -84,7 +85,10 @@ int run(int argc, char** argv) {
     return 1;
   }
   if (!ready_file.empty()) {
-    const nlohmann::json j = {{"api_port", ports->api_port}, {"link_port", ports->link_port}};
+    nlohmann::json j = {{"api_port", ports->api_port}, {"link_port", ports->link_port}};
+    if (ports->metrics_port != 0) {
+      j["metrics_port"] = ports->metrics_port;
+    }
     if (!write_atomically(ready_file, j.dump())) {
       spdlog::critical("cannot write ready file {}", ready_file);
       kme.value()->stop();

@@ -4,11 +4,14 @@
 //   meta(name, value)              numeric state (store_journal.hpp names), format, direction,
 //                                  key_check (sealed constant: detects a wrong node key)
 //   chunks(dir, idx, sealed)       unused pool chunks of each direction stream
-//   assigned(key_id, master, slaves, sealed)   peer-assigned keys not delivered yet
+//   assigned(key_id, master, slaves, sealed)   peer-assigned keys not delivered yet (slaves:
+//                                  a JSON array, or {"slaves", "fetched"} once some of
+//                                  a multicast key's slaves have fetched it)
 //   used_ids(key_id)               delivered key_IDs, oldest first (rowid), bounded
 //   waiting(ord, assignment)       peer assignments whose bytes are not committed yet
 //   outbox(seq, message)           own notices the peer has not acknowledged
 //   pending_block(id=1, block, sealed)   Bob's block between ready and commit
+//   settled(pool_end, t_ms)        commit time of each block not yet expired (max_age_s)
 //
 // Sealed = nonce(12) || AES-256-GCM ciphertext || tag(16) under the node key, with a fresh
 // random nonce per write and the row's identity ("chunk/<dir>/<idx>", "key/<key_ID>",
@@ -125,9 +128,13 @@ std::optional<qkd::core::SecureBytes> open_sealed(std::span<const std::uint8_t> 
 }
 
 json assignment_json(const KeyAssignment& a) {
-  return json{{"id", a.key_id},         {"dir", static_cast<int>(a.direction)},
-              {"off", a.offset},        {"len", a.length},
-              {"master", a.master_sae}, {"slaves", a.slave_saes}};
+  json j{{"id", a.key_id},         {"dir", static_cast<int>(a.direction)},
+         {"off", a.offset},        {"len", a.length},
+         {"master", a.master_sae}, {"slaves", a.slave_saes}};
+  if (a.discard) {
+    j["discard"] = true;
+  }
+  return j;
 }
 
 // A blob or text column bound by value.
@@ -284,6 +291,7 @@ class SqliteJournal final : public detail::Journal {
         "CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, message BLOB NOT NULL);"
         "CREATE TABLE IF NOT EXISTS pending_block(id INTEGER PRIMARY KEY CHECK(id = 1),"
         "  block INTEGER NOT NULL, sealed BLOB NOT NULL);"
+        "CREATE TABLE IF NOT EXISTS settled(pool_end INTEGER PRIMARY KEY, t_ms INTEGER NOT NULL);"
         "COMMIT;");
     std::unordered_map<std::string, std::uint64_t> meta;
     Blob key_check;
@@ -344,7 +352,15 @@ class SqliteJournal final : public detail::Journal {
       detail::StoredKey k;
       k.key_id = col_text(st, 0);
       k.master = col_text(st, 1);
-      k.slaves = json::parse(col_text(st, 2)).get<std::vector<std::string>>();
+      // An array of slaves, or (a multicast key some slaves have fetched) an object
+      // {"slaves": [...], "fetched": [...]}.
+      const json sl = json::parse(col_text(st, 2));
+      if (sl.is_object()) {
+        k.slaves = sl.at("slaves").get<std::vector<std::string>>();
+        k.fetched = sl.at("fetched").get<std::vector<std::string>>();
+      } else {
+        k.slaves = sl.get<std::vector<std::string>>();
+      }
       auto plain = open_sealed(key_.span(), key_aad(k.key_id), col_blob(st, 3));
       if (!plain) {
         throw DbError{fmt::format("{}: key {} does not authenticate", path_, k.key_id)};
@@ -363,7 +379,11 @@ class SqliteJournal final : public detail::Journal {
       a.length = j.at("len").get<std::uint32_t>();
       a.master_sae = j.at("master").get<std::string>();
       a.slave_saes = j.at("slaves").get<std::vector<std::string>>();
+      a.discard = j.value("discard", false);
       s.waiting.emplace_back(col_u64(st, 0), std::move(a));
+    });
+    db_.run("SELECT pool_end, t_ms FROM settled ORDER BY pool_end", [&](sqlite3_stmt* st) {
+      s.settled.emplace_back(col_u64(st, 0), col_u64(st, 1));
     });
     db_.run("SELECT seq, message FROM outbox ORDER BY seq", [&](sqlite3_stmt* st) {
       s.link.outbox.push_back(StoredNotice{col_u64(st, 0), col_blob(st, 1)});
@@ -402,7 +422,9 @@ class SqliteJournal final : public detail::Journal {
   }
   void put_assigned(const detail::StoredKey& k) override {
     Blob sealed = seal_bytes(key_.span(), key_aad(k.key_id), k.key.span());
-    add([id = k.key_id, master = k.master, slaves = json(k.slaves).dump(),
+    json sl = k.fetched.empty() ? json(k.slaves)
+                                : json{{"slaves", k.slaves}, {"fetched", k.fetched}};
+    add([id = k.key_id, master = k.master, slaves = sl.dump(),
          sealed = std::move(sealed)](Db& db) {
       db.write("INSERT OR REPLACE INTO assigned(key_id, master, slaves, sealed) VALUES(?,?,?,?)",
                id, master, slaves, sealed);
@@ -426,7 +448,16 @@ class SqliteJournal final : public detail::Journal {
     add([](Db& db) {
       db.write("DELETE FROM chunks");
       db.write("DELETE FROM waiting");
+      db.write("DELETE FROM settled");
     });
+  }
+  void put_settled(std::uint64_t pool_end, std::uint64_t unix_ms) override {
+    add([pool_end, unix_ms](Db& db) {
+      db.write("INSERT OR REPLACE INTO settled(pool_end, t_ms) VALUES(?, ?)", pool_end, unix_ms);
+    });
+  }
+  void drop_settled_upto(std::uint64_t pool_end) override {
+    add([pool_end](Db& db) { db.write("DELETE FROM settled WHERE pool_end <= ?", pool_end); });
   }
   void put_notice(const StoredNotice& n) override {
     add([seq = n.seq, msg = n.message](Db& db) {

@@ -36,6 +36,7 @@ struct StoredKey {
   std::string master;
   std::vector<std::string> slaves;
   qkd::core::SecureBytes key;
+  std::vector<std::string> fetched;  // slaves that have fetched the key (multicast)
 };
 
 // Everything a journal found on disk when it was opened.
@@ -46,6 +47,8 @@ struct StoredState {
   std::vector<StoredKey> assigned;
   std::vector<std::string> used_ids;  // oldest first
   std::vector<std::pair<std::uint64_t, KeyAssignment>> waiting;  // by ordinal
+  // (pool end after a commit, commit time in ms since the Unix epoch), oldest first
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> settled;
   LinkState link;
 };
 
@@ -61,7 +64,9 @@ class Journal {
   virtual void add_used(const std::string& key_id) = 0;
   virtual void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) = 0;
   virtual void drop_waiting(std::uint64_t ordinal) = 0;
-  virtual void clear_pool() = 0;  // chunks and waiting assignments
+  virtual void clear_pool() = 0;  // chunks, waiting assignments and commit times
+  virtual void put_settled(std::uint64_t pool_end, std::uint64_t unix_ms) = 0;
+  virtual void drop_settled_upto(std::uint64_t pool_end) = 0;
   virtual void put_notice(const StoredNotice& n) = 0;
   virtual void drop_notices_upto(std::uint64_t seq) = 0;
   virtual void clear_notices() = 0;

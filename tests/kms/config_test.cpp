@@ -5,6 +5,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <tuple>
+#include <vector>
 #include <nlohmann/json.hpp>
 
 namespace {
@@ -362,6 +364,41 @@ TEST(Config, BadDecoyChannelValues) {
   }
 }
 
+TEST(Config, DetectorAndReconciliationFieldsParse) {
+  json j = valid_alice();
+  j["link"]["channel"].update(json::parse(R"({
+    "dead_time_ns": 50, "afterpulse_prob": 0.02, "afterpulse_window_ns": 200})"));
+  j["link"]["protocol"].update(json::parse(R"({
+    "cascade_biconf_rounds": 8, "verify_hash_bits": 0, "epsilon_cor": 1e-9})"));
+  auto r = parse(j);
+  ASSERT_TRUE(r.ok()) << r.error().message;
+  EXPECT_DOUBLE_EQ(r->link.channel.dead_time_ns, 50.0);
+  EXPECT_DOUBLE_EQ(r->link.channel.afterpulse_prob, 0.02);
+  EXPECT_DOUBLE_EQ(r->link.channel.afterpulse_window_ns, 200.0);
+  EXPECT_EQ(r->link.protocol.cascade_biconf_rounds, 8u);
+  EXPECT_EQ(qkd::core::verify_tag_bits(r->link.protocol), 30u);  // ceil(log2(1e9))
+
+  const std::vector<std::tuple<const char*, const char*, json>> bad = {
+      {"channel", "dead_time_ns", -1},
+      {"channel", "afterpulse_prob", 0.6},
+      {"channel", "afterpulse_window_ns", "100"},
+      {"protocol", "cascade_biconf_rounds", 65},
+      {"protocol", "verify_hash_bits", 257},
+  };
+  for (const auto& [section, key, value] : bad) {
+    SCOPED_TRACE(key);
+    json b = valid_alice();
+    b["link"][section][key] = value;
+    expect_error(b, std::string("link.") + section + "." + key);
+  }
+  {
+    // A tag shorter than eps_cor demands is refused, naming the field.
+    json b = valid_alice();
+    b["link"]["protocol"]["verify_hash_bits"] = 32;
+    expect_error(b, "verify_hash_bits");
+  }
+}
+
 TEST(Config, BadProtocolValues) {
   struct Case {
     const char* key;
@@ -394,6 +431,21 @@ TEST(Config, BadProtocolValues) {
     json j = valid_alice();
     j["link"]["protocol"][c.key] = c.value;
     expect_error(j, std::string("link.protocol.") + c.key, c.words);
+  }
+}
+
+// keys.max_age_s (H5): optional, 0 by default (keys never expire), whole seconds up to a
+// year; a bad value names the field.
+TEST(Config, KeyMaxAge) {
+  EXPECT_EQ(parse(valid_alice())->keys.max_age_s, 0u);
+  json j = valid_alice();
+  j["keys"]["max_age_s"] = 3600;
+  auto r = parse(j);
+  ASSERT_TRUE(r.ok()) << r.error().message;
+  EXPECT_EQ(r->keys.max_age_s, 3600u);
+  for (const json& bad : {json(-1), json(1.5), json("60"), json(31'536'001)}) {
+    j["keys"]["max_age_s"] = bad;
+    expect_error(j, "keys.max_age_s");
   }
 }
 

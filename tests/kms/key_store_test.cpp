@@ -182,6 +182,81 @@ TEST(KeyStore, AuthorizationChecksSlaveAndMaster) {
   EXPECT_TRUE(qkd::core::constant_time_equal(ok.value()[0].key.span(), k.value()[0].key.span()));
 }
 
+// Multicast: every named slave fetches the key once; a second fetch by the same slave is
+// "not found"; once the last slave has it, the key is gone.
+TEST(KeyStore, MulticastEachSlaveFetchesOnce) {
+  Pair p;
+  p.commit(pattern(256, 5));
+  auto k = p.alice->allocate("alice", {"bob", "carol", "dave"}, 2, 16);
+  ASSERT_TRUE(k.ok());
+  p.deliver_notices();
+  const auto ids = ids_of(k.value());
+  for (const char* slave : {"carol", "bob", "dave"}) {
+    SCOPED_TRACE(slave);
+    auto got = p.bob->take(slave, "alice", ids, 0ms);
+    ASSERT_TRUE(got.ok()) << got.error().message;
+    ASSERT_EQ(got->size(), 2u);
+    for (std::size_t i = 0; i < 2; ++i) {
+      EXPECT_TRUE(qkd::core::constant_time_equal(got.value()[i].key.span(),
+                                                 k.value()[i].key.span()));
+    }
+    auto again = p.bob->take(slave, "alice", {ids[1]}, 0ms);
+    ASSERT_FALSE(again.ok());
+    EXPECT_EQ(again.error().code, ErrorCode::kInvalidArgument);
+    EXPECT_EQ(p.bob->stats().assigned_keys_waiting, std::string(slave) == "dave" ? 0u : 2u);
+  }
+  auto gone = p.bob->take("bob", "alice", {ids[0]}, 0ms);
+  ASSERT_FALSE(gone.ok());
+  EXPECT_EQ(gone.error().code, ErrorCode::kInvalidArgument);
+}
+
+// keys.max_age_s: the owner of a direction discards its expired bytes and its discard
+// notice takes the same bytes out of the peer's pool; the next key comes after them on both
+// ends. A peer-assigned key not fetched in time is "not found".
+TEST(KeyStore, ExpiredKeysAreDiscardedOnBothEnds) {
+  Pair p;
+  p.alice->set_max_age(std::chrono::seconds(10));
+  p.bob->set_max_age(std::chrono::seconds(10));
+  const auto t0 = std::chrono::system_clock::now();
+  p.commit(pattern(256, 9));  // 128 bytes per direction
+  auto early = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(early.ok());
+  p.deliver_notices();
+  EXPECT_TRUE(p.alice->expire(t0 + std::chrono::seconds(5)).ok());  // young: nothing happens
+  EXPECT_EQ(p.alice->stats().own_available_bytes, 112u);
+  EXPECT_TRUE(p.from_alice.empty());
+  // 11 s later: alice's direction is discarded, at alice at once, at bob by the notice.
+  ASSERT_TRUE(p.alice->expire(t0 + std::chrono::seconds(11)).ok());
+  EXPECT_EQ(p.alice->stats().own_available_bytes, 0u);
+  ASSERT_EQ(p.from_alice.size(), 1u);
+  EXPECT_TRUE(p.from_alice[0].discard);
+  EXPECT_EQ(p.from_alice[0].offset, 16u);
+  EXPECT_EQ(p.from_alice[0].length, 112u);
+  EXPECT_EQ(p.bob->stats().peer_available_bytes, 112u);
+  p.deliver_notices();
+  EXPECT_EQ(p.bob->stats().peer_available_bytes, 0u);
+  // Bob's direction is untouched until bob expires it himself.
+  EXPECT_EQ(p.bob->stats().own_available_bytes, 128u);
+  EXPECT_EQ(p.alice->stats().peer_available_bytes, 128u);
+  auto short_key = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_FALSE(short_key.ok());
+  EXPECT_EQ(short_key.error().code, ErrorCode::kUnavailable);
+  // A fresh block: both ends continue in step (same bytes for the same key).
+  p.commit(pattern(64, 3));
+  auto fresh = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(fresh.ok()) << fresh.error().message;
+  p.deliver_notices();
+  auto got = p.bob->take("bob", "alice", ids_of(fresh.value()), 0ms);
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  EXPECT_TRUE(qkd::core::constant_time_equal(got->front().key.span(),
+                                             fresh->front().key.span()));
+  // The early key waited at bob; 11 s after its notice it is gone.
+  ASSERT_TRUE(p.bob->expire(std::chrono::system_clock::now() + std::chrono::seconds(11)).ok());
+  auto late = p.bob->take("bob", "alice", ids_of(early.value()), 0ms);
+  ASSERT_FALSE(late.ok());
+  EXPECT_EQ(late.error().code, ErrorCode::kInvalidArgument);
+}
+
 TEST(KeyStore, NoticeAheadOfCommitWaitsForBytes) {
   Pair p;
   p.alice->commit(pattern(128, 2));  // bob has not committed yet
@@ -215,7 +290,7 @@ TEST(KeyStore, RejectsOverlappingOrForeignAssignments) {
   p.commit(pattern(256, 4));
   KeyAssignment own{"id-own", Direction::kBob, 0, 8, "bob", {"alice"}};
   EXPECT_FALSE(p.bob->apply_peer_assignment(own).ok());  // bob's own direction
-  KeyAssignment a{"id-1", Direction::kAlice, 8, 8, "alice", {"bob"}};
+  KeyAssignment a{"id-1", Direction::kAlice, 8, 8, "alice", {"bob"}, false};
   ASSERT_TRUE(p.bob->apply_peer_assignment(a).ok());
   KeyAssignment overlap{"id-2", Direction::kAlice, 0, 8, "alice", {"bob"}};
   EXPECT_FALSE(p.bob->apply_peer_assignment(overlap).ok());

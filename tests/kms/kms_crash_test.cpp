@@ -6,7 +6,6 @@
 // only those keys may be "not found" afterwards.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
-#include <openssl/evp.h>
 
 #include <atomic>
 #include <deque>
@@ -16,6 +15,7 @@
 #include <set>
 #include <thread>
 
+#include "qkd/test/etsi_helpers.hpp"
 #include "qkd/test/kme_network.hpp"
 
 namespace {
@@ -29,30 +29,9 @@ using qkd::test::KmeNetworkOptions;
 
 using Bytes = std::vector<std::uint8_t>;
 
-Bytes b64(const std::string& s) {
-  Bytes out(s.size());
-  const int n = EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(s.data()),
-                                static_cast<int>(s.size()));
-  if (n < 0) {
-    return {};
-  }
-  std::size_t len = static_cast<std::size_t>(n);
-  if (!s.empty() && s.back() == '=') --len;
-  if (s.size() > 1 && s[s.size() - 2] == '=') --len;
-  out.resize(len);
-  return out;
-}
-
+// The (key_ID, bytes) pairs of a Key container (shared helper, tests/support).
 std::vector<std::pair<std::string, Bytes>> keys_of(const HttpResponse& r) {
-  std::vector<std::pair<std::string, Bytes>> out;
-  const json j = r.json();
-  if (j.is_discarded() || !j.contains("keys")) {
-    return out;
-  }
-  for (const auto& k : j.at("keys")) {
-    out.emplace_back(k.at("key_ID").get<std::string>(), b64(k.at("key").get<std::string>()));
-  }
-  return out;
+  return qkd::test::key_list(r);
 }
 
 // Everything one direction of traffic saw: master SAE at `enc` KME, slave at `dec` KME.
@@ -168,10 +147,9 @@ TEST(KmsCrash, KillNineMidLoadLosesAndRepeatsNothing) {
   KmeNetworkOptions o;
   o.durable_store = true;
   o.dec_wait_ms = 3000;
-  auto started = KmeNetwork::start(o);
-  ASSERT_TRUE(started.ok()) << started.error().message;
-  KmeNetwork& net = *started.value();
-  ASSERT_TRUE(net.wait_for_keys(40).ok());
+  auto started = qkd::test::start_network_with_keys(o, 40);
+  ASSERT_NE(started, nullptr);
+  KmeNetwork& net = *started;
 
   Flow ab, ba;  // alice -> bob keys, bob -> alice keys
   ab.name = "alice->bob";
@@ -239,10 +217,9 @@ TEST(KmsCrash, GracefulRestartResumesWithThePool) {
   KmeNetworkOptions o;
   o.durable_store = true;
   o.max_key_count = 50;  // the link pauses: the pool is the same before and after
-  auto started = KmeNetwork::start(o);
-  ASSERT_TRUE(started.ok()) << started.error().message;
-  KmeNetwork& net = *started.value();
-  ASSERT_TRUE(net.wait_for_keys(50).ok());
+  auto started = qkd::test::start_network_with_keys(o, 50);
+  ASSERT_NE(started, nullptr);
+  KmeNetwork& net = *started;
   auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
   ASSERT_TRUE(enc.ok());
   ASSERT_EQ(enc->status, 200u) << enc->body;

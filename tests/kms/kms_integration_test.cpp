@@ -4,7 +4,6 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
-#include <openssl/evp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -15,6 +14,7 @@
 #include <set>
 #include <thread>
 
+#include "qkd/test/etsi_helpers.hpp"
 #include "qkd/test/kme_network.hpp"
 
 namespace {
@@ -28,59 +28,15 @@ using qkd::test::KmeNetworkOptions;
 
 constexpr const char* kNotFound = "one or more keys specified are not found on KME";
 
-std::vector<std::uint8_t> b64decode(const std::string& s) {
-  std::vector<std::uint8_t> out(s.size());
-  const int n = EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(s.data()),
-                                static_cast<int>(s.size()));
-  if (n < 0) {
-    return {};
-  }
-  std::size_t len = static_cast<std::size_t>(n);
-  if (!s.empty() && s.back() == '=') --len;
-  if (s.size() > 1 && s[s.size() - 2] == '=') --len;
-  out.resize(len);
-  return out;
-}
-
-// key_ID -> key bytes, from a Key container.
+// Shared helpers (tests/support): Key containers, Error bodies, Key IDs bodies, the network.
 std::map<std::string, std::vector<std::uint8_t>> keys_of(const HttpResponse& r) {
-  std::map<std::string, std::vector<std::uint8_t>> out;
-  const json j = r.json();
-  if (j.is_discarded() || !j.contains("keys")) {
-    return out;
-  }
-  for (const auto& k : j.at("keys")) {
-    out[k.at("key_ID").get<std::string>()] = b64decode(k.at("key").get<std::string>());
-  }
-  return out;
+  return qkd::test::key_map(r);
 }
-
-std::string message_of(const HttpResponse& r) {
-  const json j = r.json();
-  return j.is_discarded() ? std::string("<not JSON: ") + r.body + ">" : j.value("message", "");
-}
-
-std::string dec_body(const std::vector<std::string>& ids) {
-  json arr = json::array();
-  for (const auto& id : ids) {
-    arr.push_back({{"key_ID", id}});
-  }
-  return json{{"key_IDs", arr}}.dump();
-}
+using qkd::test::dec_body;
+using qkd::test::message_of;
 
 std::unique_ptr<KmeNetwork> start_network(KmeNetworkOptions o, std::uint64_t keys) {
-  auto net = KmeNetwork::start(std::move(o));
-  if (!net.ok()) {
-    ADD_FAILURE() << "network start: " << net.error().message;
-    return nullptr;
-  }
-  if (auto s = net.value()->wait_for_keys(keys); !s.ok()) {
-    ADD_FAILURE() << "waiting for keys: " << s.error().message << "\n--- alice-kme\n"
-                  << net.value()->log_tail(net.value()->alice()) << "--- bob-kme\n"
-                  << net.value()->log_tail(net.value()->bob());
-    return nullptr;
-  }
-  return std::move(net.value());
+  return qkd::test::start_network_with_keys(std::move(o), keys);
 }
 
 // Connects over plain TCP, writes `bytes`, reads until the peer closes (or 3 s pass).
@@ -587,6 +543,65 @@ TEST(KmsNetworkSpecial, GarbageAndForeignPeersDoNotHurt) {
   ASSERT_TRUE(dec.ok()) << dec.error().message;
   ASSERT_EQ(dec->status, 200u) << dec->body;
   EXPECT_EQ(keys_of(*dec), keys_of(*enc));
+}
+
+// keys.max_age_s: keys older than the max age are discarded on both ends. A key bob-kme
+// holds for bob but bob does not fetch in time is gone; fresh keys still flow; with the link
+// down no key is fresh, so enc_keys is a 503; once the link is back (durable stores: it
+// resumes, and the discards made meanwhile reach the peer), both ends agree again.
+TEST(KmsNetworkSpecial, ExpiredKeysAreDiscardedOnBothEnds) {
+  KmeNetworkOptions o;
+  o.max_age_s = 2;
+  o.durable_store = true;
+  o.dec_wait_ms = 500;
+  auto net = start_network(o, 8);
+  ASSERT_NE(net, nullptr);
+  auto alice = net->client(net->alice(), "alice");
+  auto bob = net->client(net->bob(), "bob");
+  auto old_key = alice.get("/api/v1/keys/bob/enc_keys");
+  ASSERT_TRUE(old_key.ok());
+  ASSERT_EQ(old_key->status, 200u) << old_key->body;
+  std::this_thread::sleep_for(3s);  // longer than the max age
+  auto expired = bob.get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*old_key).begin()->first);
+  ASSERT_TRUE(expired.ok());
+  EXPECT_EQ(expired->status, 400u);
+  EXPECT_EQ(message_of(*expired), kNotFound);
+  // Fresh keys flow, with the same bytes on both ends.
+  auto check_flow = [&] {
+    for (bool from_alice : {true, false}) {
+      auto& master = from_alice ? alice : bob;
+      auto& slave = from_alice ? bob : alice;
+      auto enc = master.get(fmt::format("/api/v1/keys/{}/enc_keys?number=2",
+                                        from_alice ? "bob" : "alice"));
+      ASSERT_TRUE(enc.ok());
+      ASSERT_EQ(enc->status, 200u) << enc->body;
+      std::vector<std::string> ids;
+      for (const auto& [id, _] : keys_of(*enc)) {
+        ids.push_back(id);
+      }
+      auto dec = slave.post(
+          fmt::format("/api/v1/keys/{}/dec_keys", from_alice ? "alice" : "bob"), dec_body(ids));
+      ASSERT_TRUE(dec.ok());
+      ASSERT_EQ(dec->status, 200u) << dec->body;
+      EXPECT_EQ(keys_of(*dec), keys_of(*enc));
+    }
+  };
+  check_flow();
+  // The link goes down: nothing is fresh after the max age; enc_keys is a 503.
+  net->stop_kme("bob-kme");
+  std::this_thread::sleep_for(3s);
+  auto none = alice.get("/api/v1/keys/bob/enc_keys");
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->status, 503u) << none->body;
+  EXPECT_NE(message_of(*none).find("not enough key material"), std::string::npos);
+  auto st = alice.get("/api/v1/keys/bob/status");
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->json().at("stored_key_count"), 0);
+  // Bob's KME returns with its pool (resume); both ends drop what expired and agree.
+  ASSERT_TRUE(net->start_kme("bob-kme").ok());
+  ASSERT_TRUE(net->wait_for_keys(4).ok());
+  check_flow();
+  EXPECT_NE(net->log_tail(net->alice(), 100000).find("established (resume)"), std::string::npos);
 }
 
 }  // namespace

@@ -124,7 +124,7 @@ TEST(SqliteKeyStore, StateSurvivesReopen) {
     first = std::move(k.value());
     EXPECT_EQ(released, std::vector<std::uint64_t>{5});
     // A peer key (Bob's direction, offset 0) and Bob's pending block.
-    KeyAssignment a{peer_key_id, Direction::kBob, 0, 32, "bob", {"alice"}};
+    KeyAssignment a{peer_key_id, Direction::kBob, 0, 32, "bob", {"alice"}, false};
     ASSERT_TRUE(s->apply_peer_notice(3, {a}).ok());
     ASSERT_TRUE(s->set_pending_block(qkd::kms::PendingBlock{2, qkd::core::SecureBytes(pattern(40, 9))}).ok());
   }
@@ -165,6 +165,81 @@ TEST(SqliteKeyStore, StateSurvivesReopen) {
   s.reset();
   s = open_store(db);
   EXPECT_TRUE(s->link_state().outbox.empty());
+}
+
+// A multicast key some of its slaves have fetched keeps that state across a reopen: they
+// may not fetch it again, the others still may.
+TEST(SqliteKeyStore, MulticastFetchesSurviveReopen) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto pool = pattern(32 * 8, 3);
+  const std::string id = "21111111-2222-4333-8444-555555555555";
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->start_epoch(5).ok());
+    ASSERT_TRUE(s->commit_block(pool, 5, 1).ok());
+    KeyAssignment a{id, Direction::kBob, 0, 32, "bob", {"alice", "alice-2", "alice-3"}, false};
+    ASSERT_TRUE(s->apply_peer_notice(1, {a}).ok());
+    ASSERT_TRUE(s->take("alice-2", "bob", {id}, 0ms).ok());
+  }
+  const std::vector<std::uint8_t> bob0(pool.begin() + 32, pool.begin() + 64);
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->take("alice-2", "bob", {id}, 0ms).error().code, ErrorCode::kInvalidArgument);
+    auto k = s->take("alice", "bob", {id}, 0ms);
+    ASSERT_TRUE(k.ok()) << k.error().message;
+    EXPECT_TRUE(qkd::core::constant_time_equal(k->front().key.span(), bob0));
+  }
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->take("alice", "bob", {id}, 0ms).error().code, ErrorCode::kInvalidArgument);
+  auto last = s->take("alice-3", "bob", {id}, 0ms);
+  ASSERT_TRUE(last.ok()) << last.error().message;
+  EXPECT_TRUE(qkd::core::constant_time_equal(last->front().key.span(), bob0));
+  EXPECT_EQ(s->stats().assigned_keys_waiting, 0u);
+  s.reset();
+  s = open_store(db);
+  EXPECT_EQ(s->take("alice-3", "bob", {id}, 0ms).error().code, ErrorCode::kInvalidArgument);
+}
+
+// keys.max_age_s with the durable store: the blocks' commit times survive a reopen, so the
+// pool still expires on time afterwards; the discard notice is kept in the outbox.
+TEST(SqliteKeyStore, CommitTimesSurviveReopen) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto t0 = std::chrono::system_clock::now();
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    s->set_max_age(std::chrono::seconds(60));
+    ASSERT_TRUE(s->start_epoch(9).ok());
+    ASSERT_TRUE(s->commit_block(pattern(32 * 8, 4), 9, 1).ok());
+  }
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  std::uint64_t seq = 0;
+  std::vector<KeyAssignment> sent;
+  s->set_notice_hooks(
+      [&](const std::vector<KeyAssignment>& as) {
+        sent.insert(sent.end(), as.begin(), as.end());
+        return StoredNotice{++seq, std::vector<std::uint8_t>(1, 7)};
+      },
+      [](std::uint64_t) {});
+  s->set_max_age(std::chrono::seconds(60));
+  ASSERT_TRUE(s->expire(t0 + std::chrono::seconds(30)).ok());
+  EXPECT_EQ(s->stats().own_available_bytes, 128u);  // not old yet
+  ASSERT_TRUE(s->expire(t0 + std::chrono::seconds(120)).ok());
+  EXPECT_EQ(s->stats().own_available_bytes, 0u);
+  EXPECT_EQ(s->stats().peer_available_bytes, 128u);  // the peer's bytes wait for its discard
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_TRUE(sent[0].discard);
+  EXPECT_EQ(sent[0].length, 128u);
+  s.reset();
+  s = open_store(db);
+  EXPECT_EQ(s->stats().own_available_bytes, 0u);
+  EXPECT_EQ(s->link_state().outbox.size(), 1u);
 }
 
 TEST(SqliteKeyStore, RefusesWrongKeyAndWrongDirection) {

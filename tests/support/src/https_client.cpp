@@ -117,6 +117,9 @@ qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method
   if (auto it = res.find(http::field::content_type); it != res.end()) {
     out.content_type = std::string(it->value());
   }
+  if (auto it = res.find(http::field::retry_after); it != res.end()) {
+    out.retry_after = std::string(it->value());
+  }
   return out;
 }
 

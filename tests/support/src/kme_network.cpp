@@ -48,12 +48,13 @@ std::string random_hex(std::size_t bytes) {
   return s;
 }
 
-json make_config(const std::string& kme_id, const std::string& sae, const std::string& peer_kme,
-                 const std::string& peer_sae, bool alice, const std::string& psk,
-                 std::uint16_t alice_link_port, const KmeNetworkOptions& o) {
+json make_config(const std::string& kme_id, const std::vector<std::string>& saes,
+                 const std::string& peer_kme, const std::vector<std::string>& peer_saes,
+                 bool alice, const std::string& psk, std::uint16_t alice_link_port,
+                 const KmeNetworkOptions& o) {
   json link = {
       {"peer_kme_id", peer_kme},
-      {"peer_saes", {peer_sae}},
+      {"peer_saes", peer_saes},
       {"role", alice ? "alice" : "bob"},
       {"psk_hex", psk},
       {"channel",
@@ -66,18 +67,21 @@ json make_config(const std::string& kme_id, const std::string& sae, const std::s
         {"pulse_rate_hz", 1e9}}},
       {"protocol",
        {{"pulses_per_block", o.pulses_per_block}, {"sample_fraction", 0.1}, {"qber_abort", 0.11}}}};
+  if (o.notice_delay_ms != 0) {
+    link["notice_delay_ms"] = o.notice_delay_ms;
+  }
   if (alice) {
     link["listen"] = "127.0.0.1:0";
   } else {
     link["connect"] = fmt::format("127.0.0.1:{}", alice_link_port);
   }
-  return json{{"kme_id", kme_id},
+  json cfg = json{{"kme_id", kme_id},
               {"api",
                {{"listen", "127.0.0.1:0"},
                 {"cert", fmt::format("pki/{}.crt", kme_id)},
                 {"key", fmt::format("pki/{}.key", kme_id)},
                 {"ca", "pki/ca.crt"}}},
-              {"saes", {sae}},
+              {"saes", saes},
               {"keys",
                {{"key_size", o.key_size},
                 {"min_key_size", 64},
@@ -87,6 +91,10 @@ json make_config(const std::string& kme_id, const std::string& sae, const std::s
                 {"dec_wait_ms", o.dec_wait_ms}}},
               {"link", std::move(link)},
               {"log_level", o.log_level}};
+  if (o.max_age_s != 0) {
+    cfg["keys"]["max_age_s"] = o.max_age_s;
+  }
+  return cfg;
 }
 
 bool write_file(const std::filesystem::path& p, const std::string& text) {
@@ -106,9 +114,24 @@ qkd::core::Result<std::unique_ptr<KmeNetwork>> KmeNetwork::start(KmeNetworkOptio
     return make_error(ErrorCode::kInternal, "mkdtemp failed");
   }
   net->dir_ = templ;
+  std::vector<std::string> alice_saes = {"alice"};
+  std::vector<std::string> bob_saes = {"bob"};
+  alice_saes.insert(alice_saes.end(), net->options_.extra_alice_saes.begin(),
+                    net->options_.extra_alice_saes.end());
+  bob_saes.insert(bob_saes.end(), net->options_.extra_bob_saes.begin(),
+                  net->options_.extra_bob_saes.end());
+  std::string names = "alice-kme bob-kme alice bob mallory";
+  for (const auto* list : {&net->options_.extra_alice_saes, &net->options_.extra_bob_saes}) {
+    for (const auto& n : *list) {
+      if (n.find('\'') != std::string::npos || n.find('/') != std::string::npos) {
+        return make_error(ErrorCode::kInvalidArgument, "SAE names may not hold ' or /");
+      }
+      names += fmt::format(" '{}'", n);
+    }
+  }
   const std::string pki_cmd =
-      fmt::format("bash '{}' '{}' >'{}' 2>&1", (source_dir() / "examples" / "pki.sh").string(),
-                  (net->dir_ / "pki").string(), (net->dir_ / "pki.log").string());
+      fmt::format("bash '{}' '{}' {} >'{}' 2>&1", (source_dir() / "examples" / "pki.sh").string(),
+                  (net->dir_ / "pki").string(), names, (net->dir_ / "pki.log").string());
   if (std::system(pki_cmd.c_str()) != 0) {
     return make_error(ErrorCode::kInternal, fmt::format("PKI generation failed: see {}",
                                                         (net->dir_ / "pki.log").string()));
@@ -129,8 +152,10 @@ qkd::core::Result<std::unique_ptr<KmeNetwork>> KmeNetwork::start(KmeNetworkOptio
   // Bob's connect address is filled in once alice's link port is known (unless the
   // customize hook set its own).
   constexpr const char* kPlaceholder = "127.0.0.1:1";
-  json acfg = make_config("alice-kme", "alice", "bob-kme", "bob", true, psk, 0, net->options_);
-  json bcfg = make_config("bob-kme", "bob", "alice-kme", "alice", false, psk, 1, net->options_);
+  json acfg =
+      make_config("alice-kme", alice_saes, "bob-kme", bob_saes, true, psk, 0, net->options_);
+  json bcfg =
+      make_config("bob-kme", bob_saes, "alice-kme", alice_saes, false, psk, 1, net->options_);
   if (net->options_.durable_store) {
     for (const auto& [cfg, id] : {std::pair<json*, const char*>{&acfg, "alice-kme"},
                                   std::pair<json*, const char*>{&bcfg, "bob-kme"}}) {
@@ -254,6 +279,7 @@ void KmeNetwork::stop(KmeInfo& kme) {
   while (std::chrono::steady_clock::now() < deadline) {
     if (::waitpid(kme.pid, &status, WNOHANG) == kme.pid) {
       kme.pid = -1;
+      kme.last_exit_status = status;
       return;
     }
     std::this_thread::sleep_for(10ms);
@@ -262,6 +288,7 @@ void KmeNetwork::stop(KmeInfo& kme) {
   ::kill(kme.pid, SIGKILL);
   ::waitpid(kme.pid, &status, 0);
   kme.pid = -1;
+  kme.last_exit_status = status;
 }
 
 qkd::core::Status KmeNetwork::restart_bob() {
@@ -312,6 +339,51 @@ qkd::core::Status KmeNetwork::crash_and_restart(std::string_view kme_id) {
     std::this_thread::sleep_for(250ms);
   }
   return s;
+}
+
+void KmeNetwork::stop_kme(std::string_view kme_id) {
+  KmeInfo* k = kme_id == alice_.kme_id ? &alice_ : kme_id == bob_.kme_id ? &bob_ : nullptr;
+  if (k != nullptr) {
+    stop(*k);
+  }
+}
+
+qkd::core::Status KmeNetwork::start_kme(std::string_view kme_id) {
+  KmeInfo* k = kme_id == alice_.kme_id ? &alice_ : kme_id == bob_.kme_id ? &bob_ : nullptr;
+  if (k == nullptr) {
+    return make_error(ErrorCode::kInvalidArgument, fmt::format("no KME {}", kme_id));
+  }
+  if (k->pid > 0) {
+    return qkd::core::ok_status();
+  }
+  if (auto s = pin_ports(*k); !s.ok()) {
+    return s;
+  }
+  qkd::core::Status s = qkd::core::ok_status();
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    s = spawn(*k);
+    if (s.ok()) {
+      return s;
+    }
+    std::this_thread::sleep_for(250ms);
+  }
+  return s;
+}
+
+std::unique_ptr<KmeNetwork> start_network_with_keys(KmeNetworkOptions options,
+                                                    std::uint64_t keys) {
+  auto net = KmeNetwork::start(std::move(options));
+  if (!net.ok()) {
+    ADD_FAILURE() << "network start: " << net.error().message;
+    return nullptr;
+  }
+  if (auto s = net.value()->wait_for_keys(keys); !s.ok()) {
+    ADD_FAILURE() << "waiting for keys: " << s.error().message << "\n--- alice-kme\n"
+                  << net.value()->log_tail(net.value()->alice()) << "--- bob-kme\n"
+                  << net.value()->log_tail(net.value()->bob());
+    return nullptr;
+  }
+  return std::move(net.value());
 }
 
 KmeNetwork::~KmeNetwork() {

@@ -93,10 +93,11 @@ struct LinkStats {
 //                  other shape errors (wrong types, unknown GET query parameters); an
 //                  unknown slave SAE in the path; more additional slaves than
 //                  max_SAE_ID_count (= number of peer SAEs - 1); dec_keys: "one or more
-//                  keys specified are not found on KME" for unknown, malformed or already
-//                  delivered key_IDs (after waiting up to keys.dec_wait_ms for a notice
-//                  still in flight); a request method the route does not take; a body over
-//                  64 KiB.
+//                  keys specified are not found on KME" for unknown, malformed, expired
+//                  (keys.max_age_s) or already delivered key_IDs (after waiting up to
+//                  keys.dec_wait_ms for a notice still in flight; with additional slaves,
+//                  each slave SAE fetches a key once); a request method the route does not
+//                  take; a body over 64 KiB.
 //   404 + Error    "no such route" (a path that is not an ETSI 014 route).
 //   503 + Error    "not enough key material: X bits requested, Y bits available" (the pool
 //                  of this KME's direction holds less than number x size; nothing is

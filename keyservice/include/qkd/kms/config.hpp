@@ -37,6 +37,9 @@ struct KeysConfig {
   std::uint32_t max_key_per_request = 128;
   std::uint64_t max_key_count = 100000;  // in keys of key_size; the link pauses above it
   std::uint32_t dec_wait_ms = 2000;      // how long dec_keys waits for a peer's notice
+  // Keys older than this (seconds since their block was committed here; for a key assigned
+  // by the peer, since its notice arrived) are discarded on both ends. 0 = never.
+  std::uint32_t max_age_s = 0;
 };
 
 // Durable key store (optional; without it keys live in memory and a restart loses them).
@@ -44,6 +47,25 @@ struct StoreConfig {
   bool enabled = false;
   std::filesystem::path path;           // SQLite database, created if missing
   std::filesystem::path node_key_file;  // 32 bytes (raw or 64 hex digits), mode 0600
+};
+
+// Admission control of enc_keys (see admission.hpp). 0 switches a budget off.
+struct AdmissionConfig {
+  // Per calling (master) SAE: a token bucket of keys, refilled at sae_keys_per_s up to
+  // sae_burst keys.
+  std::uint64_t sae_keys_per_s = 5000;
+  std::uint64_t sae_burst = 10000;
+  // Per (master, slave) pair: at most pair_keys_per_window keys per pair_window_s seconds
+  // (a token bucket of that capacity refilled evenly over the window).
+  std::uint64_t pair_keys_per_window = 2500;
+  double pair_window_s = 1.0;
+};
+
+// Prometheus metrics: GET /metrics on the API listener (mutual TLS, like /health), and
+// optionally on a plain-HTTP listener restricted to a loopback address.
+struct MetricsConfig {
+  bool plain_listener = false;
+  HostPort listen;  // loopback only
 };
 
 enum class LinkRole { kAlice, kBob };
@@ -71,6 +93,8 @@ struct Config {
   LinkConfig link;
   StoreConfig store;
   std::string log_level = "info";
+  AdmissionConfig admission;
+  MetricsConfig metrics;
 };
 
 // Parses `text` (the content of `source_name`); relative paths resolve against `base_dir`.

@@ -4,6 +4,9 @@
 // (handshake 10 s, reading a request 30 s, writing 30 s, shutdown 5 s); a 64 KiB body
 // limit; keep-alive. Handlers run on a separate worker pool (dec_keys may wait for a
 // notice from the peer KME), and the response is written back on the session's strand.
+//
+// Shutdown: stop() closes the listener; in_flight() counts requests read whose response is
+// not written yet, so the owner can wait for them before stopping the I/O threads.
 #pragma once
 
 #include <boost/asio/io_context.hpp>
@@ -27,9 +30,16 @@ namespace qkd::kms {
                                                              std::uint16_t port,
                                                              const std::string& what);
 
+// What a handler returns: the API response plus transport details.
+struct HttpReply {
+  ApiResponse api;
+  std::string content_type = "application/json";  // used when the body is not empty
+  std::uint32_t retry_after_s = 0;                 // > 0: a Retry-After header (seconds)
+};
+
 class HttpsServer {
  public:
-  using Handler = std::function<ApiResponse(const std::string& caller, const ApiRequest&)>;
+  using Handler = std::function<HttpReply(const std::string& caller, const ApiRequest&)>;
 
   HttpsServer(boost::asio::io_context& ioc, std::shared_ptr<boost::asio::ssl::context> tls,
               boost::asio::thread_pool& workers, Handler handler);
@@ -39,7 +49,27 @@ class HttpsServer {
 
   // Binds and starts accepting; returns the bound port (useful with port 0).
   [[nodiscard]] qkd::core::Result<std::uint16_t> listen(const HostPort& where);
-  // Stops accepting; sessions in progress finish on their own timeouts.
+  // Stops accepting; requests already handed to a handler finish and are answered; a
+  // request read from then on gets 503 "the KME is shutting down" and its connection closes.
+  void stop();
+  // Requests read whose response has not been written (or failed) yet.
+  [[nodiscard]] std::size_t in_flight() const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+// A plain-HTTP listener (no TLS, meant for a loopback address) answering GET /metrics with
+// render() and 404 to anything else. Same timeouts and body limit as the HTTPS server.
+class MetricsHttpServer {
+ public:
+  MetricsHttpServer(boost::asio::io_context& ioc, std::function<std::string()> render);
+  ~MetricsHttpServer();
+  MetricsHttpServer(const MetricsHttpServer&) = delete;
+  MetricsHttpServer& operator=(const MetricsHttpServer&) = delete;
+
+  [[nodiscard]] qkd::core::Result<std::uint16_t> listen(const HostPort& where);
   void stop();
 
  private:

@@ -53,6 +53,11 @@ struct KeyAssignment {
   std::uint32_t length = 0;  // bytes
   std::string master_sae;
   std::vector<std::string> slave_saes;  // the slave first, then additional slaves
+  // A discard instead of a key (keys.max_age_s): the owner of `direction` dropped the
+  // expired bytes [offset, offset + length) and the peer drops the same bytes; key_id,
+  // master_sae and slave_saes are empty. Travels in the notice stream, in order with the
+  // assignments, so both ends drop exactly the same bytes.
+  bool discard = false;
 };
 
 struct DeliveredKey {
@@ -146,13 +151,27 @@ class KeyStore {
       const std::string& master_sae, const std::vector<std::string>& slave_saes,
       std::uint32_t number, std::uint32_t size_bytes) = 0;
   // dec_keys: all of `key_ids` or none. Waits up to `wait` for assignments not heard of
-  // yet. kInvalidArgument if one is unknown or already delivered; kAuthentication if the
-  // caller is not an allowed slave of every key or `master_sae` is not each key's master.
+  // yet. kInvalidArgument if one is unknown or already delivered to this caller;
+  // kAuthentication if the caller is not an allowed slave of every key or `master_sae` is
+  // not each key's master. Multicast (additional slaves): each named slave may fetch a key
+  // once; the key is removed (and cleansed) when the last of its slaves has fetched it.
   [[nodiscard]] virtual Result<std::vector<DeliveredKey>> take(
       const std::string& caller_sae, const std::string& master_sae,
       const std::vector<std::string>& key_ids, std::chrono::milliseconds wait) = 0;
 
   [[nodiscard]] virtual StoreStats stats() const = 0;
+
+  // --- key age (keys.max_age_s) ---
+  // Keys older than `max_age` are discarded (0, the default: never). Own direction: pool
+  // bytes whose block this KME committed more than max_age ago are dropped, in pool order,
+  // and a discard notice (KeyAssignment::discard) takes the same bytes out of the peer's
+  // pool; allocate() applies this before it allocates, so it never hands out an expired
+  // byte. Peer direction: dropped only by the peer's discard notices (so both ends drop the
+  // same bytes). Peer-assigned keys not fetched within max_age of their notice's arrival
+  // are dropped (dec_keys: "not found").
+  virtual void set_max_age(std::chrono::seconds max_age) = 0;
+  // Applies the rule above at `now` (called periodically by the link service).
+  [[nodiscard]] virtual Status expire(std::chrono::system_clock::time_point now) = 0;
 };
 
 // In-memory store for the KME whose allocatable direction is `own`.

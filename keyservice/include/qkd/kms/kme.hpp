@@ -13,6 +13,7 @@ namespace qkd::kms {
 struct BoundPorts {
   std::uint16_t api_port = 0;
   std::uint16_t link_port = 0;  // 0 for the bob-role KME (it does not listen)
+  std::uint16_t metrics_port = 0;  // the plain-HTTP metrics listener, 0 if not configured
 };
 
 class Kme {

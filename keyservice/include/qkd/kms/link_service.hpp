@@ -27,6 +27,11 @@
 // (ignoring seq numbers it has applied) and answers ack{seq}. Unacknowledged notices are
 // resent after a resume; they are dropped on a reset (the peer lost the pool they refer to).
 //
+// Key age (keys.max_age_s > 0): a thread calls KeyStore::expire every quarter of the max
+// age (100 ms to 1 s). A KME discards the expired bytes of its own direction and tells the
+// peer in the notice stream (an entry {id: "", dir, off, len, discard: true}, in order with
+// the assignments), so both ends drop exactly the same bytes whatever their clocks say.
+//
 // The alice-role KME pauses the block loop while both directions of the pool hold at least
 // keys.max_key_count keys of keys.key_size.
 #pragma once

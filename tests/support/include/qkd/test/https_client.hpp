@@ -27,6 +27,7 @@ struct HttpResponse {
   unsigned status = 0;
   std::string body;
   std::string content_type;
+  std::string retry_after;  // the Retry-After header, if any
   // The body parsed as JSON; a discarded value (is_discarded()) if it is not JSON.
   [[nodiscard]] nlohmann::json json() const;
 };

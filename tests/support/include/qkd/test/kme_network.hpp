@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "qkd/core/result.hpp"
 #include "qkd/test/https_client.hpp"
@@ -48,6 +49,12 @@ struct KmeNetworkOptions {
   // Last word on the generated configs (each a JSON object in the documented format).
   std::function<void(nlohmann::json& alice_config, nlohmann::json& bob_config)> customize;
   std::chrono::milliseconds start_timeout{20'000};  // per daemon, until its ready file
+  // More SAEs (each gets a certificate with that CN): served by alice-kme / bob-kme (listed
+  // in its `saes` and in the other KME's `link.peer_saes`, after "alice" / "bob").
+  std::vector<std::string> extra_alice_saes;
+  std::vector<std::string> extra_bob_saes;
+  std::uint32_t max_age_s = 0;          // keys.max_age_s on both KMEs (0: not written)
+  std::uint32_t notice_delay_ms = 0;    // link.notice_delay_ms on both KMEs (0: not written)
 };
 
 // One running KME as the tests see it.
@@ -61,6 +68,8 @@ struct KmeInfo {
   std::filesystem::path config_file;
   std::filesystem::path log_file;
   pid_t pid = -1;
+  // The waitpid() status of the last stop (SIGTERM, or SIGKILL after 5 s); -1 until then.
+  int last_exit_status = -1;
 };
 
 class KmeNetwork {
@@ -95,6 +104,11 @@ class KmeNetwork {
   // and the tests' clients find it again).
   [[nodiscard]] qkd::core::Status crash_and_restart(std::string_view kme_id);
 
+  // Stops a daemon (SIGTERM, then SIGKILL after 5 s) / starts it again with the same config
+  // on the ports it had bound before.
+  void stop_kme(std::string_view kme_id);
+  [[nodiscard]] qkd::core::Status start_kme(std::string_view kme_id);
+
   // Last `lines` lines of a daemon's log.
   [[nodiscard]] std::string log_tail(const KmeInfo& kme, std::size_t lines = 30) const;
 
@@ -109,6 +123,11 @@ class KmeNetwork {
   KmeInfo alice_;
   KmeInfo bob_;
 };
+
+// Starts a network and waits until both KMEs hold `keys` keys; on failure records a test
+// failure (with both logs' tails) and returns nullptr.
+[[nodiscard]] std::unique_ptr<KmeNetwork> start_network_with_keys(KmeNetworkOptions options,
+                                                                  std::uint64_t keys);
 
 // Paths fixed at build time.
 [[nodiscard]] std::string kms_binary();            // $<TARGET_FILE:qkd-kms>

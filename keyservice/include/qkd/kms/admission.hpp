@@ -1,0 +1,89 @@
+// Admission control of enc_keys: per-SAE and per-(master, slave) key budgets.
+//
+// A TLS server is the master SAE and calls enc_keys for whatever slave SAE a ClientHello
+// names, so an unauthenticated flood of ClientHellos could drain the pool that every SAE at
+// this KME shares. Two token buckets bound that:
+//   - per calling (master) SAE: admission.sae_keys_per_s, up to admission.sae_burst keys;
+//   - per (master, slave) pair: admission.pair_keys_per_window keys per
+//     admission.pair_window_s seconds (the bucket refills evenly over the window).
+// A request of N keys (with additional slaves: N keys charged to each pair) takes N tokens
+// from every bucket concerned, or from none: a refused request consumes nothing, neither
+// tokens nor pool keys. Tokens of an admitted request that delivered no key (400, 503) are
+// given back. The KME cannot see when the slave fetches a key at the peer (dec_keys there
+// is not reported back over the link), so the pair budget counts keys per window instead
+// of keys outstanding.
+//
+// A refusal becomes 503 with {"message": ...} naming the budget, and a Retry-After header:
+// the whole seconds until the bucket holds enough tokens for the same request.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "qkd/kms/api.hpp"
+#include "qkd/kms/config.hpp"
+
+namespace qkd::kms {
+
+// What the transport layer needs to know about a request before the ETSI handlers see it.
+struct RequestInfo {
+  std::string_view route = "other";  // enc_keys, dec_keys, status, health, metrics, other
+  std::string path_sae;              // the SAE in the path (slave of enc_keys, master of dec_keys)
+  std::vector<std::string> additional_slaves;  // enc_keys POST body
+  std::uint64_t number = 1;                    // enc_keys: keys requested
+  bool well_formed = true;  // enc_keys: number / additional slaves could be read
+};
+
+// Classifies a request by route and reads what admission needs (lenient: a request it
+// cannot read is marked !well_formed and left to the ETSI handlers to reject).
+[[nodiscard]] RequestInfo classify_request(const ApiRequest& req);
+
+class AdmissionControl {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  struct Refusal {
+    std::string budget;  // "sae" or "pair"
+    std::string slave;   // the pair's slave when budget == "pair"
+    std::string message;
+    std::uint32_t retry_after_s = 1;
+  };
+
+  explicit AdmissionControl(const AdmissionConfig& config);
+
+  [[nodiscard]] bool enabled() const {
+    return config_.sae_keys_per_s > 0 || config_.pair_keys_per_window > 0;
+  }
+
+  // Takes `keys` tokens from the master's bucket and from each (master, slave) bucket, or
+  // none of them and returns why. Callers must have checked that master and slaves are
+  // known SAEs (the number of buckets is bounded by the configuration).
+  [[nodiscard]] std::optional<Refusal> admit(const std::string& master,
+                                             const std::vector<std::string>& slaves,
+                                             std::uint64_t keys, Clock::time_point now);
+  // Returns the tokens of an admitted request that delivered no key.
+  void refund(const std::string& master, const std::vector<std::string>& slaves,
+              std::uint64_t keys, Clock::time_point now);
+
+ private:
+  struct Bucket {
+    double tokens = 0;
+    Clock::time_point last{};
+    bool primed = false;
+  };
+  static void refill(Bucket& b, double rate, double capacity, Clock::time_point now);
+
+  AdmissionConfig config_;
+  std::mutex mu_;
+  std::map<std::string, Bucket> sae_;
+  std::map<std::pair<std::string, std::string>, Bucket> pair_;
+};
+
+}  // namespace qkd::kms

@@ -1,0 +1,233 @@
+// Admission control of enc_keys (token buckets per SAE and per SAE pair).
+#include "qkd/kms/admission.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "qkd/kms/util.hpp"
+
+namespace qkd::kms {
+
+using json = nlohmann::json;
+
+namespace {
+
+std::optional<std::uint64_t> parse_u64(std::string_view s) {
+  std::uint64_t v = 0;
+  if (s.empty()) {
+    return std::nullopt;
+  }
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc{} || p != s.data() + s.size()) {
+    return std::nullopt;
+  }
+  return v;
+}
+
+// The value of query parameter `name` (URL-decoded), if present exactly once.
+std::optional<std::string> query_value(std::string_view query, std::string_view name) {
+  std::optional<std::string> found;
+  std::size_t start = 0;
+  while (start < query.size()) {
+    const std::size_t amp = query.find('&', start);
+    const std::string_view part = query.substr(start, amp == std::string_view::npos
+                                                          ? std::string_view::npos
+                                                          : amp - start);
+    const std::size_t eq = part.find('=');
+    if (eq != std::string_view::npos) {
+      auto key = url_decode(part.substr(0, eq), true);
+      if (key && *key == name) {
+        if (found) {
+          return std::nullopt;
+        }
+        auto v = url_decode(part.substr(eq + 1), true);
+        if (!v) {
+          return std::nullopt;
+        }
+        found = std::move(*v);
+      }
+    }
+    if (amp == std::string_view::npos) {
+      break;
+    }
+    start = amp + 1;
+  }
+  return found;
+}
+
+}  // namespace
+
+RequestInfo classify_request(const ApiRequest& req) {
+  RequestInfo info;
+  const std::string_view target = req.target;
+  const std::size_t qmark = target.find('?');
+  const std::string_view path = target.substr(0, qmark);
+  const std::string_view query =
+      qmark == std::string_view::npos ? std::string_view{} : target.substr(qmark + 1);
+  if (path == "/health") {
+    info.route = "health";
+    return info;
+  }
+  if (path == "/metrics") {
+    info.route = "metrics";
+    return info;
+  }
+  constexpr std::string_view kPrefix = "/api/v1/keys/";
+  if (path.substr(0, kPrefix.size()) != kPrefix) {
+    return info;
+  }
+  const std::string_view rest = path.substr(kPrefix.size());
+  const std::size_t slash = rest.find('/');
+  if (slash == std::string_view::npos || slash == 0) {
+    return info;
+  }
+  const std::string_view tail = rest.substr(slash + 1);
+  if (tail != "enc_keys" && tail != "dec_keys" && tail != "status") {
+    return info;
+  }
+  auto sae = url_decode(rest.substr(0, slash), false);
+  if (!sae) {
+    return info;
+  }
+  info.route = tail == "enc_keys" ? "enc_keys" : tail == "dec_keys" ? "dec_keys" : "status";
+  info.path_sae = std::move(*sae);
+  if (info.route != "enc_keys") {
+    return info;
+  }
+  if (req.method == "GET") {
+    if (auto n = query_value(query, "number")) {
+      auto v = parse_u64(*n);
+      info.well_formed = v.has_value();
+      info.number = v.value_or(0);
+    }
+    return info;
+  }
+  if (req.body.empty()) {
+    return info;
+  }
+  const json j = json::parse(req.body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    info.well_formed = false;
+    return info;
+  }
+  if (auto it = j.find("number"); it != j.end()) {
+    if (!it->is_number_unsigned()) {
+      info.well_formed = false;
+      return info;
+    }
+    info.number = it->get<std::uint64_t>();
+  }
+  if (auto it = j.find("additional_slave_SAE_IDs"); it != j.end()) {
+    if (!it->is_array()) {
+      info.well_formed = false;
+      return info;
+    }
+    for (const json& s : *it) {
+      if (!s.is_string()) {
+        info.well_formed = false;
+        return info;
+      }
+      info.additional_slaves.push_back(s.get<std::string>());
+    }
+  }
+  return info;
+}
+
+AdmissionControl::AdmissionControl(const AdmissionConfig& config) : config_(config) {}
+
+void AdmissionControl::refill(Bucket& b, double rate, double capacity, Clock::time_point now) {
+  if (!b.primed) {
+    b.tokens = capacity;
+    b.last = now;
+    b.primed = true;
+    return;
+  }
+  if (now > b.last) {
+    const double dt = std::chrono::duration<double>(now - b.last).count();
+    b.tokens = std::min(capacity, b.tokens + dt * rate);
+    b.last = now;
+  }
+}
+
+std::optional<AdmissionControl::Refusal> AdmissionControl::admit(
+    const std::string& master, const std::vector<std::string>& slaves, std::uint64_t keys,
+    Clock::time_point now) {
+  const double need = static_cast<double>(keys);
+  auto retry_after = [need](const Bucket& b, double rate) {
+    const double s = std::ceil((need - b.tokens) / rate);
+    return static_cast<std::uint32_t>(std::clamp(s, 1.0, 86400.0));
+  };
+  std::lock_guard lock(mu_);
+  const double sae_rate = static_cast<double>(config_.sae_keys_per_s);
+  const double sae_cap = static_cast<double>(config_.sae_burst);
+  const double pair_cap = static_cast<double>(config_.pair_keys_per_window);
+  const double pair_rate = pair_cap / config_.pair_window_s;
+  Bucket* sae = nullptr;
+  if (config_.sae_keys_per_s > 0) {
+    sae = &sae_[master];
+    refill(*sae, sae_rate, sae_cap, now);
+    if (sae->tokens < need) {
+      Refusal r;
+      r.budget = "sae";
+      r.retry_after_s = retry_after(*sae, sae_rate);
+      r.message = fmt::format(
+          "admission control: SAE \"{}\" has spent its key budget ({} keys/s, burst {}); "
+          "retry after {} s",
+          master, config_.sae_keys_per_s, config_.sae_burst, r.retry_after_s);
+      return r;
+    }
+  }
+  std::vector<Bucket*> pairs;
+  if (config_.pair_keys_per_window > 0) {
+    for (const std::string& slave : slaves) {
+      Bucket& b = pair_[{master, slave}];
+      refill(b, pair_rate, pair_cap, now);
+      if (b.tokens < need) {
+        Refusal r;
+        r.budget = "pair";
+        r.slave = slave;
+        r.retry_after_s = retry_after(b, pair_rate);
+        r.message = fmt::format(
+            "admission control: the key budget of SAE pair \"{}\" -> \"{}\" is spent ({} keys "
+            "per {} s); retry after {} s",
+            master, slave, config_.pair_keys_per_window, config_.pair_window_s,
+            r.retry_after_s);
+        return r;
+      }
+      pairs.push_back(&b);
+    }
+  }
+  if (sae != nullptr) {
+    sae->tokens -= need;
+  }
+  for (Bucket* b : pairs) {
+    b->tokens -= need;
+  }
+  return std::nullopt;
+}
+
+void AdmissionControl::refund(const std::string& master, const std::vector<std::string>& slaves,
+                              std::uint64_t keys, Clock::time_point now) {
+  const double n = static_cast<double>(keys);
+  std::lock_guard lock(mu_);
+  if (config_.sae_keys_per_s > 0) {
+    Bucket& b = sae_[master];
+    refill(b, static_cast<double>(config_.sae_keys_per_s),
+           static_cast<double>(config_.sae_burst), now);
+    b.tokens = std::min(static_cast<double>(config_.sae_burst), b.tokens + n);
+  }
+  if (config_.pair_keys_per_window > 0) {
+    const double cap = static_cast<double>(config_.pair_keys_per_window);
+    for (const std::string& slave : slaves) {
+      Bucket& b = pair_[{master, slave}];
+      refill(b, cap / config_.pair_window_s, cap, now);
+      b.tokens = std::min(cap, b.tokens + n);
+    }
+  }
+}
+
+}  // namespace qkd::kms

@@ -1,0 +1,183 @@
+// Prometheus text exposition (format 0.0.4) of the KME's counters, pool and link.
+#include "qkd/kms/metrics.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <iterator>
+
+namespace qkd::kms {
+
+std::string escape_label_value(std::string_view v) {
+  std::string out;
+  out.reserve(v.size());
+  for (const char c : v) {
+    switch (c) {
+      case '\\':
+        out += "\\\\";
+        break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      default:
+        out += c;
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// Prometheus float formatting: shortest round-trip representation, +Inf spelled out.
+std::string num(double d) {
+  if (std::isinf(d)) {
+    return d > 0 ? "+Inf" : "-Inf";
+  }
+  if (std::isnan(d)) {
+    return "NaN";
+  }
+  return fmt::format("{}", d);
+}
+
+void header(std::string& out, std::string_view name, std::string_view type,
+            std::string_view help) {
+  fmt::format_to(std::back_inserter(out), "# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+}
+
+}  // namespace
+
+Metrics::Metrics(std::string kme_id, std::string peer_kme_id, std::uint32_t key_size_bits)
+    : kme_id_(std::move(kme_id)),
+      peer_kme_id_(std::move(peer_kme_id)),
+      key_bytes_(std::max<std::uint32_t>(1, key_size_bits / 8)) {}
+
+void Metrics::observe_request(std::string_view route, unsigned status, double seconds) {
+  const auto it = std::lower_bound(kBuckets.begin(), kBuckets.end(), seconds);
+  std::lock_guard lock(mu_);
+  Histogram& h = requests_[{std::string(route), status}];
+  if (it != kBuckets.end()) {
+    ++h.buckets[static_cast<std::size_t>(it - kBuckets.begin())];
+  }
+  ++h.count;
+  h.sum += seconds;
+}
+
+void Metrics::add_keys_delivered(std::string_view route, const std::string& master,
+                                 const std::string& slave, std::uint64_t keys) {
+  std::lock_guard lock(mu_);
+  delivered_[{std::string(route), master, slave}] += keys;
+}
+
+void Metrics::add_admission_refusal(std::string_view budget, const std::string& master) {
+  std::lock_guard lock(mu_);
+  ++refusals_[{std::string(budget), master}];
+}
+
+std::string Metrics::render(const StoreStats& store, const LinkStats& link) const {
+  std::string out;
+  out.reserve(8192);
+  auto o = std::back_inserter(out);
+  const std::string peer = escape_label_value(peer_kme_id_);
+
+  header(out, "qkd_kms_info", "gauge", "This KME and its link peer (always 1).");
+  fmt::format_to(o, "qkd_kms_info{{kme_id=\"{}\",peer_kme_id=\"{}\"}} 1\n",
+                 escape_label_value(kme_id_), peer);
+
+  // --- the pool, per direction of the link ---
+  header(out, "qkd_kms_pool_keys", "gauge",
+         "Keys of keys.key_size in the pool: direction=\"local\" is allocatable here by "
+         "enc_keys, \"peer\" by the peer KME (fetched here by dec_keys).");
+  fmt::format_to(o, "qkd_kms_pool_keys{{peer_kme_id=\"{}\",direction=\"local\"}} {}\n", peer,
+                 store.own_available_bytes / key_bytes_);
+  fmt::format_to(o, "qkd_kms_pool_keys{{peer_kme_id=\"{}\",direction=\"peer\"}} {}\n", peer,
+                 store.peer_available_bytes / key_bytes_);
+  header(out, "qkd_kms_pool_bytes", "gauge", "Bytes in the pool, by direction (see qkd_kms_pool_keys).");
+  fmt::format_to(o, "qkd_kms_pool_bytes{{peer_kme_id=\"{}\",direction=\"local\"}} {}\n", peer,
+                 store.own_available_bytes);
+  fmt::format_to(o, "qkd_kms_pool_bytes{{peer_kme_id=\"{}\",direction=\"peer\"}} {}\n", peer,
+                 store.peer_available_bytes);
+  header(out, "qkd_kms_pool_committed_bytes", "gauge",
+         "Key bytes committed to the pool since its last reset (both directions).");
+  fmt::format_to(o, "qkd_kms_pool_committed_bytes{{peer_kme_id=\"{}\"}} {}\n", peer,
+                 store.committed_bytes);
+  header(out, "qkd_kms_assigned_keys_waiting", "gauge",
+         "Keys the peer assigned to SAEs here, not yet fetched by dec_keys.");
+  fmt::format_to(o, "qkd_kms_assigned_keys_waiting{{peer_kme_id=\"{}\"}} {}\n", peer,
+                 store.assigned_keys_waiting);
+  header(out, "qkd_kms_pending_notices", "gauge",
+         "Peer key-assignment notices waiting for key bytes not committed here yet.");
+  fmt::format_to(o, "qkd_kms_pending_notices{{peer_kme_id=\"{}\"}} {}\n", peer,
+                 store.pending_notices);
+
+  // --- the link ---
+  header(out, "qkd_kms_link_up", "gauge", "1 while the link to the peer KME has a session.");
+  fmt::format_to(o, "qkd_kms_link_up{{peer_kme_id=\"{}\"}} {}\n", peer, link.up ? 1 : 0);
+  header(out, "qkd_kms_link_qber", "gauge", "Quantum bit error rate of the last completed block.");
+  fmt::format_to(o, "qkd_kms_link_qber{{peer_kme_id=\"{}\"}} {}\n", peer, num(link.qber));
+  header(out, "qkd_kms_link_key_rate_bits_per_second", "gauge",
+         "Key rates over all blocks, per second of simulated link time: raw, sifted, "
+         "secret (net of authentication) and the key spent on authentication.");
+  const std::pair<const char*, double> rates[] = {{"raw", link.raw_key_rate_bps},
+                                                  {"sifted", link.sifted_key_rate_bps},
+                                                  {"secret", link.secret_key_rate_bps},
+                                                  {"auth", link.auth_key_rate_bps}};
+  for (const auto& [kind, v] : rates) {
+    fmt::format_to(o, "qkd_kms_link_key_rate_bits_per_second{{peer_kme_id=\"{}\",kind=\"{}\"}} {}\n",
+                   peer, kind, num(v));
+  }
+  header(out, "qkd_kms_link_blocks_total", "counter",
+         "BB84 blocks run on the link since start, by result (settled = key committed or "
+         "empty, aborted = discarded).");
+  const std::uint64_t aborted = std::min(link.aborted_blocks, link.blocks);
+  fmt::format_to(o, "qkd_kms_link_blocks_total{{peer_kme_id=\"{}\",result=\"settled\"}} {}\n",
+                 peer, link.blocks - aborted);
+  fmt::format_to(o, "qkd_kms_link_blocks_total{{peer_kme_id=\"{}\",result=\"aborted\"}} {}\n",
+                 peer, aborted);
+
+  std::lock_guard lock(mu_);
+  // --- keys delivered per SAE pair ---
+  header(out, "qkd_kms_keys_delivered_total", "counter",
+         "Keys handed to SAEs, by route and SAE pair.");
+  for (const auto& [k, n] : delivered_) {
+    const auto& [route, master, slave] = k;
+    fmt::format_to(o, "qkd_kms_keys_delivered_total{{route=\"{}\",master_sae=\"{}\",slave_sae=\"{}\"}} {}\n",
+                   escape_label_value(route), escape_label_value(master),
+                   escape_label_value(slave), n);
+  }
+  header(out, "qkd_kms_admission_refusals_total", "counter",
+         "enc_keys requests refused by admission control, by budget (sae, pair) and master SAE.");
+  for (const auto& [k, n] : refusals_) {
+    fmt::format_to(o, "qkd_kms_admission_refusals_total{{budget=\"{}\",master_sae=\"{}\"}} {}\n",
+                   escape_label_value(k.first), escape_label_value(k.second), n);
+  }
+
+  // --- requests ---
+  header(out, "qkd_kms_http_requests_total", "counter", "API requests answered, by route and status.");
+  for (const auto& [k, h] : requests_) {
+    fmt::format_to(o, "qkd_kms_http_requests_total{{route=\"{}\",status=\"{}\"}} {}\n",
+                   escape_label_value(k.first), k.second, h.count);
+  }
+  header(out, "qkd_kms_http_request_duration_seconds", "histogram",
+         "Time from a request read to its response ready (handler time), by route and status.");
+  for (const auto& [k, h] : requests_) {
+    const std::string labels =
+        fmt::format("route=\"{}\",status=\"{}\"", escape_label_value(k.first), k.second);
+    std::uint64_t cumulative = 0;
+    for (std::size_t i = 0; i < kBuckets.size(); ++i) {
+      cumulative += h.buckets[i];
+      fmt::format_to(o, "qkd_kms_http_request_duration_seconds_bucket{{{},le=\"{}\"}} {}\n",
+                     labels, num(kBuckets[i]), cumulative);
+    }
+    fmt::format_to(o, "qkd_kms_http_request_duration_seconds_bucket{{{},le=\"+Inf\"}} {}\n",
+                   labels, h.count);
+    fmt::format_to(o, "qkd_kms_http_request_duration_seconds_sum{{{}}} {}\n", labels, num(h.sum));
+    fmt::format_to(o, "qkd_kms_http_request_duration_seconds_count{{{}}} {}\n", labels, h.count);
+  }
+  return out;
+}
+
+}  // namespace qkd::kms

@@ -1,0 +1,687 @@
+// ETSI GS QKD 014 conformance suite: one test per rule of the reference summary
+// (shared/reference/ETSI014.md; section names quoted in each test's comment), against a real
+// qkd-kms pair started once for the suite.
+//
+// The network: alice-kme serves SAEs "alice" and "alice-2"; bob-kme serves "bob", "bob-2"
+// and "bob 3" (an SAE ID that must be URL-encoded in a path). So max_SAE_ID_count at
+// alice-kme is 2 (bob-kme's SAEs minus the slave). keys: key_size 256, min 64, max 8192,
+// max_key_per_request 128; max_key_count 300 keeps the pool small (the link pauses), so a
+// request for more key than a full pool holds is a reliable 503.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "qkd/test/etsi_helpers.hpp"
+#include "qkd/test/kme_network.hpp"
+
+namespace {
+
+using nlohmann::json;
+using qkd::test::dec_body;
+using qkd::test::HttpResponse;
+using qkd::test::HttpsTestClient;
+using qkd::test::key_list;
+using qkd::test::key_map;
+using qkd::test::KeyBytes;
+using qkd::test::KmeNetwork;
+using qkd::test::KmeNetworkOptions;
+using qkd::test::message_of;
+
+constexpr const char* kNotFound = "one or more keys specified are not found on KME";
+constexpr const char* kSizeMultiple = "size shall be a multiple of 8";
+constexpr const char* kExtMandatory = "not all extension_mandatory parameters are supported";
+constexpr std::uint64_t kMaxKeyCount = 300;
+
+bool is_uuid_v4(const std::string& s) {
+  static const std::regex re(
+      "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$");
+  return std::regex_match(s, re);
+}
+
+bool is_json_content_type(const HttpResponse& r) {
+  return r.content_type.rfind("application/json", 0) == 0;
+}
+
+class Etsi014 : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    KmeNetworkOptions o;
+    o.dec_wait_ms = 1000;  // unknown key_IDs wait this long before "not found"
+    o.max_key_count = kMaxKeyCount;
+    o.extra_alice_saes = {"alice-2"};
+    o.extra_bob_saes = {"bob-2", "bob 3"};
+    net_ = qkd::test::start_network_with_keys(o, 200).release();
+  }
+  static void TearDownTestSuite() {
+    delete net_;
+    net_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(net_, nullptr) << "the KME network did not start";
+    ASSERT_TRUE(net_->running(net_->alice()) && net_->running(net_->bob()));
+    ASSERT_TRUE(net_->wait_for_keys(64).ok());  // earlier tests may have drained the pool
+  }
+  void TearDown() override {
+    ASSERT_TRUE(net_->running(net_->alice())) << net_->log_tail(net_->alice());
+    ASSERT_TRUE(net_->running(net_->bob())) << net_->log_tail(net_->bob());
+  }
+
+  // A client of SAE `sae` at alice-kme / bob-kme.
+  static HttpsTestClient at_alice(const char* sae = "alice") {
+    return net_->client(net_->alice(), sae);
+  }
+  static HttpsTestClient at_bob(const char* sae = "bob") { return net_->client(net_->bob(), sae); }
+
+  static HttpResponse call(const HttpsTestClient& c, std::string_view method,
+                           std::string_view target, std::string_view body = {}) {
+    auto r = c.request(method, target, body);
+    EXPECT_TRUE(r.ok()) << method << " " << target << ": " << r.error().message;
+    return r.ok() ? r.value() : HttpResponse{};
+  }
+  static HttpResponse get(const HttpsTestClient& c, std::string_view target) {
+    return call(c, "GET", target);
+  }
+  static HttpResponse post(const HttpsTestClient& c, std::string_view target,
+                           std::string_view body) {
+    return call(c, "POST", target, body);
+  }
+
+  // enc_keys at alice-kme by SAE alice for slave bob; asserts 200 and returns the keys.
+  static std::vector<std::pair<std::string, KeyBytes>> alice_enc(const std::string& body) {
+    HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", body);
+    EXPECT_EQ(r.status, 200u) << r.body;
+    return key_list(r);
+  }
+
+  static std::uint64_t stored_key_count(const HttpsTestClient& c, const std::string& slave) {
+    HttpResponse r = get(c, fmt::format("/api/v1/keys/{}/status", slave));
+    const json j = r.json();
+    return j.is_object() && j.contains("stored_key_count")
+               ? j.at("stored_key_count").get<std::uint64_t>()
+               : 0;
+  }
+
+  static KmeNetwork* net_;
+};
+KmeNetwork* Etsi014::net_ = nullptr;
+
+// ---- Transport and authentication ----
+
+// "Transport and authentication": mutual certificate authentication; a connection whose
+// SAE the KME cannot identify is rejected.
+TEST_F(Etsi014, ConnectionWithoutClientCertificateIsRefused) {
+  qkd::test::TlsIdentity anonymous = net_->sae("alice");
+  anonymous.cert_file.clear();
+  anonymous.key_file.clear();
+  HttpsTestClient c(net_->alice().host, net_->alice().api_port, anonymous);
+  auto r = c.get("/api/v1/keys/bob/status");
+  EXPECT_FALSE(r.ok() && r->status == 200u);
+}
+
+// "Transport and authentication" / "Status codes": the caller's SAE ID comes from its
+// certificate; an SAE this KME does not serve gets 401 on every route.
+TEST_F(Etsi014, UnknownSaeCertificateIs401OnEveryRoute) {
+  const HttpsTestClient mallory = net_->client(net_->alice(), "mallory");
+  EXPECT_EQ(get(mallory, "/api/v1/keys/bob/status").status, 401u);
+  EXPECT_EQ(get(mallory, "/api/v1/keys/bob/enc_keys").status, 401u);
+  EXPECT_EQ(post(mallory, "/api/v1/keys/bob/enc_keys", "{}").status, 401u);
+  EXPECT_EQ(get(mallory, "/api/v1/keys/bob/dec_keys?key_ID=0f0e0d0c-0b0a-4908-8706-050403020100")
+                .status,
+            401u);
+  // An SAE served by the *other* KME is unknown here too.
+  EXPECT_EQ(get(net_->client(net_->alice(), "bob"), "/api/v1/keys/bob/status").status, 401u);
+}
+
+// "Transport and authentication": JSON bodies with Content-Type application/json, for
+// successes and errors alike.
+TEST_F(Etsi014, ResponsesAreJsonWithTheJsonContentType) {
+  for (const HttpResponse& r :
+       {get(at_alice(), "/api/v1/keys/bob/status"), get(at_alice(), "/api/v1/keys/bob/enc_keys"),
+        get(at_alice(), "/api/v1/keys/bob/enc_keys?size=7"),
+        post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"number": 128, "size": 8192})")}) {
+    EXPECT_TRUE(is_json_content_type(r)) << r.status << " " << r.content_type;
+    EXPECT_FALSE(r.json().is_discarded()) << r.body;
+  }
+}
+
+// ---- Routes ----
+
+// "Routes": GET /api/v1/keys/{slave_SAE_ID}/status.
+TEST_F(Etsi014, StatusByGet) {
+  HttpResponse r = get(at_alice(), "/api/v1/keys/bob/status");
+  ASSERT_EQ(r.status, 200u) << r.body;
+  EXPECT_EQ(r.json().at("slave_SAE_ID"), "bob");
+}
+
+// "Routes": enc_keys by GET with no query: one key of the default size.
+TEST_F(Etsi014, EncKeysByGetWithoutQuery) {
+  HttpResponse r = get(at_alice(), "/api/v1/keys/bob/enc_keys");
+  ASSERT_EQ(r.status, 200u) << r.body;
+  auto keys = key_list(r);
+  ASSERT_EQ(keys.size(), 1u);
+  EXPECT_EQ(keys[0].second.size(), 32u);
+}
+
+// "Routes": enc_keys by GET with number and size as query parameters.
+TEST_F(Etsi014, EncKeysByGetWithNumberAndSize) {
+  HttpResponse r = get(at_alice(), "/api/v1/keys/bob/enc_keys?number=3&size=1024");
+  ASSERT_EQ(r.status, 200u) << r.body;
+  auto keys = key_list(r);
+  ASSERT_EQ(keys.size(), 3u);
+  for (const auto& [id, key] : keys) {
+    EXPECT_EQ(key.size(), 128u);
+  }
+}
+
+// "Routes": by GET only number and size; every other request is a POST.
+TEST_F(Etsi014, EncKeysByGetTakesOnlyNumberAndSize) {
+  HttpResponse r = get(at_alice(), "/api/v1/keys/bob/enc_keys?number=1&additional_slave_SAE_IDs=bob-2");
+  EXPECT_EQ(r.status, 400u);
+  EXPECT_FALSE(message_of(r).empty());
+}
+
+// "Routes": enc_keys by POST with a Key request body.
+TEST_F(Etsi014, EncKeysByPost) {
+  auto keys = alice_enc(R"({"number": 2, "size": 512})");
+  ASSERT_EQ(keys.size(), 2u);
+  EXPECT_EQ(keys[0].second.size(), 64u);
+}
+
+// "Routes": dec_keys by GET for a single key_ID, at the slave's KME, with the master in the
+// path; the bytes are those the master got.
+TEST_F(Etsi014, DecKeysByGetForOneKeyId) {
+  auto keys = alice_enc("{}");
+  ASSERT_EQ(keys.size(), 1u);
+  HttpResponse r =
+      get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first);
+  ASSERT_EQ(r.status, 200u) << r.body;
+  auto got = key_list(r);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0], keys[0]);
+}
+
+// "Routes": two or more key_IDs need POST; a GET with two is a 400.
+TEST_F(Etsi014, DecKeysByGetWithTwoKeyIdsIs400) {
+  auto keys = alice_enc(R"({"number": 2})");
+  ASSERT_EQ(keys.size(), 2u);
+  HttpResponse r = get(at_bob(), fmt::format("/api/v1/keys/alice/dec_keys?key_ID={}&key_ID={}",
+                                             keys[0].first, keys[1].first));
+  EXPECT_EQ(r.status, 400u);
+  // Nothing was consumed.
+  EXPECT_EQ(post(at_bob(), "/api/v1/keys/alice/dec_keys", dec_body({keys[0].first, keys[1].first}))
+                .status,
+            200u);
+}
+
+// "Routes": dec_keys by POST with a Key IDs body; keys come back in the order asked.
+TEST_F(Etsi014, DecKeysByPostForSeveralKeyIds) {
+  auto keys = alice_enc(R"({"number": 4})");
+  ASSERT_EQ(keys.size(), 4u);
+  std::vector<std::string> ids;
+  for (auto it = keys.rbegin(); it != keys.rend(); ++it) {
+    ids.push_back(it->first);
+  }
+  HttpResponse r = post(at_bob(), "/api/v1/keys/alice/dec_keys", dec_body(ids));
+  ASSERT_EQ(r.status, 200u) << r.body;
+  auto got = key_list(r);
+  ASSERT_EQ(got.size(), 4u);
+  for (std::size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(got[i], keys[3 - i]);
+  }
+}
+
+// "Routes": the dec_keys path names the *master* SAE (follow the table, not the GET
+// example): naming the slave there is refused.
+TEST_F(Etsi014, DecKeysPathNamesTheMaster) {
+  auto keys = alice_enc("{}");
+  ASSERT_EQ(keys.size(), 1u);
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/bob/dec_keys?key_ID=" + keys[0].first).status, 401u);
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first).status, 200u);
+}
+
+// "Routes (SAE IDs in the path are URL-encoded)": "bob 3" travels as bob%203, in status,
+// enc_keys and dec_keys, and comes back decoded.
+TEST_F(Etsi014, SaeIdsInThePathAreUrlDecoded) {
+  HttpResponse st = get(at_alice(), "/api/v1/keys/bob%203/status");
+  ASSERT_EQ(st.status, 200u) << st.body;
+  EXPECT_EQ(st.json().at("slave_SAE_ID"), "bob 3");
+  HttpResponse enc = get(at_alice(), "/api/v1/keys/bob%203/enc_keys");
+  ASSERT_EQ(enc.status, 200u) << enc.body;
+  auto keys = key_list(enc);
+  ASSERT_EQ(keys.size(), 1u);
+  // The caller "bob 3" fetches it; "bob" (the wrong slave) may not.
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first).status, 401u);
+  HttpResponse dec = get(at_bob("bob 3"), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first);
+  ASSERT_EQ(dec.status, 200u) << dec.body;
+  EXPECT_EQ(key_list(dec), keys);
+  // And as a master: "bob 3" asks for keys for alice; alice fetches with bob%203 as master.
+  HttpResponse enc2 = get(at_bob("bob 3"), "/api/v1/keys/alice/enc_keys");
+  ASSERT_EQ(enc2.status, 200u) << enc2.body;
+  auto keys2 = key_list(enc2);
+  ASSERT_EQ(keys2.size(), 1u);
+  HttpResponse dec2 = get(at_alice(), "/api/v1/keys/bob%203/dec_keys?key_ID=" + keys2[0].first);
+  ASSERT_EQ(dec2.status, 200u) << dec2.body;
+  EXPECT_EQ(key_list(dec2), keys2);
+}
+
+// "Routes": a path that is not an ETSI route is 404 (not an ETSI status: not a route);
+// a route with a method it does not take is 400 ("Only three error codes").
+TEST_F(Etsi014, UnknownRouteIs404AndOtherMethodsAre400) {
+  EXPECT_EQ(get(at_alice(), "/api/v1/keys/bob/nothing").status, 404u);
+  EXPECT_EQ(post(at_alice(), "/api/v1/keys/bob/status", "{}").status, 400u);
+  HttpResponse del = call(at_alice(), "DELETE", "/api/v1/keys/bob/enc_keys");
+  EXPECT_EQ(del.status, 400u);
+  EXPECT_FALSE(message_of(del).empty());
+  EXPECT_EQ(call(at_alice(), "PUT", "/api/v1/keys/alice/dec_keys", "{}").status, 400u);
+}
+
+// "Routes": the slave SAE in the path must be one this KME can reach.
+TEST_F(Etsi014, UnknownSlaveSaeIs400) {
+  for (const char* target : {"/api/v1/keys/carol/status", "/api/v1/keys/carol/enc_keys",
+                             "/api/v1/keys/alice-2/enc_keys"}) {
+    HttpResponse r = get(at_alice(), target);
+    EXPECT_EQ(r.status, 400u) << target;
+    EXPECT_NE(message_of(r).find("not reachable"), std::string::npos) << r.body;
+  }
+}
+
+// ---- Bodies: Status ----
+
+// "Bodies: Status": every field, with its type and value.
+TEST_F(Etsi014, StatusHasEveryFieldWithItsValue) {
+  for (bool at_a : {true, false}) {
+    HttpResponse r = at_a ? get(at_alice("alice-2"), "/api/v1/keys/bob-2/status")
+                          : get(at_bob("bob-2"), "/api/v1/keys/alice-2/status");
+    ASSERT_EQ(r.status, 200u) << r.body;
+    const json j = r.json();
+    EXPECT_EQ(j.at("source_KME_ID"), at_a ? "alice-kme" : "bob-kme");
+    EXPECT_EQ(j.at("target_KME_ID"), at_a ? "bob-kme" : "alice-kme");
+    EXPECT_EQ(j.at("master_SAE_ID"), at_a ? "alice-2" : "bob-2");  // the caller
+    EXPECT_EQ(j.at("slave_SAE_ID"), at_a ? "bob-2" : "alice-2");
+    for (const char* f : {"key_size", "stored_key_count", "max_key_count", "max_key_per_request",
+                          "max_key_size", "min_key_size", "max_SAE_ID_count"}) {
+      ASSERT_TRUE(j.contains(f)) << f;
+      EXPECT_TRUE(j.at(f).is_number_integer()) << f;
+    }
+    EXPECT_EQ(j.at("key_size"), 256);
+    EXPECT_EQ(j.at("max_key_count"), kMaxKeyCount);
+    EXPECT_EQ(j.at("max_key_per_request"), 128);
+    EXPECT_EQ(j.at("max_key_size"), 8192);
+    EXPECT_EQ(j.at("min_key_size"), 64);
+    EXPECT_GE(j.at("stored_key_count").get<std::uint64_t>(), 64u);
+    EXPECT_LE(j.at("stored_key_count").get<std::uint64_t>(), kMaxKeyCount);
+    // Multicast to the peer's other SAEs: 2 at alice-kme (bob-kme serves 3), 1 at bob-kme
+    // (alice-kme serves 2).
+    EXPECT_EQ(j.at("max_SAE_ID_count"), at_a ? 2 : 1);
+    ASSERT_TRUE(j.contains("status_extension"));
+    EXPECT_TRUE(j.at("status_extension").is_object());
+  }
+}
+
+// ---- Bodies: Key request ----
+
+// "Bodies: Key request": every field is optional, the body may be empty; number defaults
+// to 1, size to key_size.
+TEST_F(Etsi014, KeyRequestDefaults) {
+  for (const char* body : {"", "{}"}) {
+    HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", body);
+    ASSERT_EQ(r.status, 200u) << "body '" << body << "': " << r.body;
+    auto keys = key_list(r);
+    ASSERT_EQ(keys.size(), 1u);
+    EXPECT_EQ(keys[0].second.size(), 256u / 8);
+  }
+}
+
+// "Status codes and fixed messages": size not a multiple of 8 gets the standard's message
+// (this KME supports whole bytes only), by GET and by POST.
+TEST_F(Etsi014, SizeNotAMultipleOf8IsTheStandardMessage) {
+  HttpResponse g = get(at_alice(), "/api/v1/keys/bob/enc_keys?size=260");
+  EXPECT_EQ(g.status, 400u);
+  EXPECT_EQ(message_of(g), kSizeMultiple);
+  HttpResponse p = post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"size": 1001})");
+  EXPECT_EQ(p.status, 400u);
+  EXPECT_EQ(message_of(p), kSizeMultiple);
+}
+
+// "Bodies: Status" (min_key_size / max_key_size): sizes outside the limits are 400, the
+// limits themselves are served.
+TEST_F(Etsi014, KeySizeLimits) {
+  HttpResponse small = post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"size": 56})");
+  EXPECT_EQ(small.status, 400u);
+  EXPECT_NE(message_of(small).find("min_key_size"), std::string::npos) << small.body;
+  HttpResponse big = post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"size": 8200})");
+  EXPECT_EQ(big.status, 400u);
+  EXPECT_NE(message_of(big).find("max_key_size"), std::string::npos) << big.body;
+  auto min_keys = alice_enc(R"({"size": 64})");
+  ASSERT_EQ(min_keys.size(), 1u);
+  EXPECT_EQ(min_keys[0].second.size(), 8u);
+  auto max_keys = alice_enc(R"({"size": 8192})");
+  ASSERT_EQ(max_keys.size(), 1u);
+  EXPECT_EQ(max_keys[0].second.size(), 1024u);
+}
+
+// "Bodies: Status" (max_key_per_request): number above it is 400, number equal to it is
+// served with exactly that many keys; number 0 is 400.
+TEST_F(Etsi014, NumberLimits) {
+  HttpResponse over = get(at_alice(), "/api/v1/keys/bob/enc_keys?number=129&size=64");
+  EXPECT_EQ(over.status, 400u);
+  EXPECT_NE(message_of(over).find("max_key_per_request"), std::string::npos) << over.body;
+  HttpResponse zero = post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"number": 0})");
+  EXPECT_EQ(zero.status, 400u);
+  EXPECT_EQ(alice_enc(R"({"number": 128, "size": 64})").size(), 128u);
+}
+
+// "Bodies: Key request" / "Status codes": wrong field types are 400 with an Error body.
+TEST_F(Etsi014, WrongFieldTypesAre400) {
+  for (const char* body :
+       {R"({"number": "3"})", R"({"size": -8})", R"({"number": 1.5})",
+        R"({"additional_slave_SAE_IDs": "bob-2"})", R"({"additional_slave_SAE_IDs": [7]})",
+        R"({"extension_mandatory": {"x": 1}})", R"({"extension_optional": [1]})", "[1, 2]",
+        R"({"number": 99999999999})"}) {
+    HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", body);
+    EXPECT_EQ(r.status, 400u) << body;
+    EXPECT_FALSE(message_of(r).empty()) << body;
+  }
+  for (const char* q : {"?number=abc", "?size=-8", "?number=1&number=2"}) {
+    EXPECT_EQ(get(at_alice(), std::string("/api/v1/keys/bob/enc_keys") + q).status, 400u) << q;
+  }
+}
+
+// "Status codes": malformed JSON is a 400 with an Error body, on enc_keys and dec_keys, and
+// the KME keeps serving.
+TEST_F(Etsi014, MalformedJsonIs400) {
+  for (const char* target : {"/api/v1/keys/bob/enc_keys", "/api/v1/keys/bob/dec_keys"}) {
+    for (const char* body : {"{", "{\"number\": }", "not json", "{\"key_IDs\": [}"}) {
+      HttpResponse r = post(at_alice(), target, body);
+      EXPECT_EQ(r.status, 400u) << target << " " << body;
+      EXPECT_NE(message_of(r).find("JSON"), std::string::npos) << r.body;
+    }
+  }
+  EXPECT_EQ(get(at_alice(), "/api/v1/keys/bob/status").status, 200u);
+}
+
+// Unknown fields in a Key request (not defined by the standard) are ignored, like
+// extension_optional: the request is served.
+TEST_F(Etsi014, UnknownKeyRequestFieldsAreIgnored) {
+  HttpResponse r =
+      post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"number": 1, "vendor_hint": {"a": 1}})");
+  ASSERT_EQ(r.status, 200u) << r.body;
+  EXPECT_EQ(key_list(r).size(), 1u);
+}
+
+// "Status codes and fixed messages": an unsupported extension_mandatory gets the standard's
+// message; nothing is consumed.
+TEST_F(Etsi014, UnsupportedExtensionMandatoryIsTheStandardMessage) {
+  HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys",
+                        R"({"extension_mandatory": [{"abc_route_type": "direct"}]})");
+  EXPECT_EQ(r.status, 400u);
+  EXPECT_EQ(message_of(r), kExtMandatory);
+}
+
+// "Bodies: Key request": an empty extension_mandatory asks for nothing: served.
+TEST_F(Etsi014, EmptyExtensionMandatoryIsServed) {
+  EXPECT_EQ(alice_enc(R"({"extension_mandatory": []})").size(), 1u);
+}
+
+// "Status codes and fixed messages" ("not all extension_optional request options handled"
+// is allowed, not required): extension_optional is ignored and the request served.
+TEST_F(Etsi014, ExtensionOptionalIsIgnored) {
+  auto keys = alice_enc(
+      R"({"number": 2, "extension_optional": [{"abc_route_type": "indirect"}, {"xyz_qos": 5}]})");
+  EXPECT_EQ(keys.size(), 2u);
+}
+
+// "Bodies: Key request": additional_slave_SAE_IDs holds at most max_SAE_ID_count IDs.
+TEST_F(Etsi014, MoreAdditionalSlavesThanMaxSaeIdCountIs400) {
+  // alice-kme: max_SAE_ID_count 2; three additional slaves are too many even before
+  // looking at who they are.
+  HttpResponse r =
+      post(at_alice(), "/api/v1/keys/bob/enc_keys",
+           R"({"additional_slave_SAE_IDs": ["bob-2", "bob 3", "bob-4"]})");
+  EXPECT_EQ(r.status, 400u);
+  EXPECT_NE(message_of(r).find("at most 2"), std::string::npos) << r.body;
+}
+
+// "Bodies: Key request": an additional slave must be an SAE this KME can reach, and named
+// once (not the slave again).
+TEST_F(Etsi014, UnknownOrRepeatedAdditionalSlaveIs400) {
+  for (const char* body : {R"({"additional_slave_SAE_IDs": ["carol"]})",
+                           R"({"additional_slave_SAE_IDs": ["bob"]})",
+                           R"({"additional_slave_SAE_IDs": ["bob-2", "bob-2"]})",
+                           R"({"additional_slave_SAE_IDs": ["alice-2"]})"}) {
+    HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", body);
+    EXPECT_EQ(r.status, 400u) << body;
+    EXPECT_FALSE(message_of(r).empty());
+  }
+}
+
+// "Bodies: Key request" (additional_slave_SAE_IDs, multicast to slaves at the peer KME):
+// every named slave fetches the key once at its KME, with the master's bytes; a second
+// fetch by the same slave is "not found"; a slave not named gets 401.
+TEST_F(Etsi014, MulticastEveryNamedSlaveFetchesOnce) {
+  auto keys = alice_enc(R"({"number": 2, "additional_slave_SAE_IDs": ["bob-2", "bob 3"]})");
+  ASSERT_EQ(keys.size(), 2u);
+  const std::vector<std::string> ids = {keys[0].first, keys[1].first};
+  for (const char* slave : {"bob 3", "bob", "bob-2"}) {
+    SCOPED_TRACE(slave);
+    HttpResponse r = post(at_bob(slave), "/api/v1/keys/alice/dec_keys", dec_body(ids));
+    ASSERT_EQ(r.status, 200u) << r.body;
+    EXPECT_EQ(key_list(r), keys);
+    HttpResponse again = get(at_bob(slave), "/api/v1/keys/alice/dec_keys?key_ID=" + ids[1]);
+    EXPECT_EQ(again.status, 400u);
+    EXPECT_EQ(message_of(again), kNotFound);
+  }
+  // After the last slave: gone on bob-kme.
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + ids[0]).status, 400u);
+}
+
+// "Rules: Who may fetch": a key with additional slaves is still refused (401) to an SAE not
+// named, and to a named slave giving the wrong master; nothing is consumed.
+TEST_F(Etsi014, MulticastKeyIsRefusedToSaesNotNamed) {
+  auto keys = alice_enc(R"({"additional_slave_SAE_IDs": ["bob-2"]})");
+  ASSERT_EQ(keys.size(), 1u);
+  const std::string& id = keys[0].first;
+  EXPECT_EQ(get(at_bob("bob 3"), "/api/v1/keys/alice/dec_keys?key_ID=" + id).status, 401u);
+  EXPECT_EQ(get(at_bob("bob-2"), "/api/v1/keys/alice-2/dec_keys?key_ID=" + id).status, 401u);
+  for (const char* slave : {"bob-2", "bob"}) {
+    HttpResponse r = get(at_bob(slave), "/api/v1/keys/alice/dec_keys?key_ID=" + id);
+    ASSERT_EQ(r.status, 200u) << slave << ": " << r.body;
+    EXPECT_EQ(key_list(r), keys);
+  }
+}
+
+// ---- Bodies: Key container ----
+
+// "Bodies: Key container" / "Rules: key_ID": {"keys": [{"key_ID", "key"}]}, key_IDs random
+// (version 4) UUIDs, all distinct, and no two keys alike.
+TEST_F(Etsi014, KeyIdsAreDistinctRandomUuids) {
+  std::set<std::string> ids;
+  std::set<std::string> bytes;  // key bytes as strings
+  for (int i = 0; i < 4; ++i) {
+    HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"number": 16})");
+    ASSERT_EQ(r.status, 200u) << r.body;
+    const json j = r.json();
+    ASSERT_TRUE(j.is_object() && j.at("keys").is_array());
+    for (const auto& k : j.at("keys")) {
+      const std::string id = k.at("key_ID").get<std::string>();
+      EXPECT_TRUE(is_uuid_v4(id)) << id;
+      EXPECT_TRUE(ids.insert(id).second) << "key_ID repeated: " << id;
+    }
+    for (auto& [id, key] : key_list(r)) {
+      EXPECT_TRUE(bytes.insert(std::string(key.begin(), key.end())).second)
+          << "key bytes repeated";
+    }
+  }
+  EXPECT_EQ(ids.size(), 64u);
+}
+
+// "Bodies: Key container" / "Rules: sizes": key is base64 (RFC 4648, padded) of whole
+// bytes: size / 8 bytes.
+TEST_F(Etsi014, KeysAreBase64OfWholeBytes) {
+  for (unsigned size : {64u, 72u, 80u, 256u, 264u}) {
+    HttpResponse r = get(at_alice(), fmt::format("/api/v1/keys/bob/enc_keys?size={}", size));
+    ASSERT_EQ(r.status, 200u) << r.body;
+    const std::string b64 = r.json().at("keys").at(0).at("key").get<std::string>();
+    EXPECT_EQ(b64.size() % 4, 0u) << b64;
+    EXPECT_EQ(b64.find_first_not_of(
+                  "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="),
+              std::string::npos);
+    EXPECT_EQ(qkd::test::b64decode(b64).size(), size / 8);
+  }
+}
+
+// ---- Rules that are easy to get wrong ----
+
+// "Rules: Who may fetch": dec_keys by an SAE that is not the key's slave is 401, and the
+// key stays for its slave.
+TEST_F(Etsi014, DecKeysByAnotherSaeIs401) {
+  auto keys = alice_enc("{}");
+  ASSERT_EQ(keys.size(), 1u);
+  HttpResponse r = get(at_bob("bob-2"), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first);
+  EXPECT_EQ(r.status, 401u);
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first).status, 200u);
+}
+
+// "Rules: Who may fetch": the master named in the path must be the key's master.
+TEST_F(Etsi014, DecKeysWithTheWrongMasterIs401) {
+  auto keys = alice_enc("{}");
+  ASSERT_EQ(keys.size(), 1u);
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice-2/dec_keys?key_ID=" + keys[0].first).status, 401u);
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first).status, 200u);
+}
+
+// "Rules: Who may fetch": 401 when the caller may not have *every* key requested; none of
+// them is delivered.
+TEST_F(Etsi014, DecKeysIs401UnlessTheCallerMayHaveEveryKey) {
+  auto mine = alice_enc("{}");
+  HttpResponse other = post(at_alice("alice-2"), "/api/v1/keys/bob/enc_keys", "{}");
+  ASSERT_EQ(other.status, 200u);
+  auto theirs = key_list(other);
+  ASSERT_EQ(mine.size(), 1u);
+  ASSERT_EQ(theirs.size(), 1u);
+  HttpResponse r = post(at_bob(), "/api/v1/keys/alice/dec_keys",
+                        dec_body({mine[0].first, theirs[0].first}));
+  EXPECT_EQ(r.status, 401u);
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + mine[0].first).status, 200u);
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice-2/dec_keys?key_ID=" + theirs[0].first).status,
+            200u);
+}
+
+// "Rules: One use": at the slave's KME a second dec_keys of a key is 400 "not found".
+TEST_F(Etsi014, SecondDecKeysIsNotFound) {
+  auto keys = alice_enc("{}");
+  ASSERT_EQ(keys.size(), 1u);
+  const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first;
+  ASSERT_EQ(get(at_bob(), target).status, 200u);
+  HttpResponse again = get(at_bob(), target);
+  EXPECT_EQ(again.status, 400u);
+  EXPECT_EQ(message_of(again), kNotFound);
+}
+
+// "Rules: One use": at the master's KME a key enc_keys delivered is gone: it is never
+// delivered again (neither by enc_keys nor by dec_keys there).
+TEST_F(Etsi014, KeyDeliveredByEncKeysIsGoneFromTheMastersKme) {
+  auto keys = alice_enc(R"({"number": 8})");
+  ASSERT_EQ(keys.size(), 8u);
+  // Bob as master at bob-kme naming alice; alice asks her own KME for alice's key as if
+  // she were the slave of it: not held there.
+  HttpResponse r = get(at_alice(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first);
+  EXPECT_EQ(r.status, 400u);
+  EXPECT_EQ(message_of(r), kNotFound);
+  auto more = alice_enc(R"({"number": 8})");
+  for (const auto& k : more) {
+    for (const auto& old : keys) {
+      EXPECT_NE(k.first, old.first);
+      EXPECT_NE(k.second, old.second);
+    }
+  }
+}
+
+// "Status codes and fixed messages": unknown or malformed key_IDs get the standard's
+// "not found" message.
+TEST_F(Etsi014, UnknownKeyIdIsTheStandardNotFoundMessage) {
+  for (const char* id : {"3f2504e0-4f89-41d3-9a0c-0305e82c3301", "not-a-uuid", "'%20"}) {
+    HttpResponse r = get(at_bob(), std::string("/api/v1/keys/alice/dec_keys?key_ID=") + id);
+    EXPECT_EQ(r.status, 400u) << id;
+    EXPECT_EQ(message_of(r), kNotFound) << id;
+  }
+}
+
+// "Bodies: Key IDs": the dec_keys POST body must be {"key_IDs": [{"key_ID": ...}, ...]}
+// with at least one entry; others are 400.
+TEST_F(Etsi014, MalformedKeyIdsBodyIs400) {
+  for (const char* body : {"{}", R"({"key_IDs": []})", R"({"key_IDs": "x"})",
+                           R"({"key_IDs": [{"id": "x"}]})", R"({"key_IDs": [{"key_ID": 5}]})",
+                           R"([{"key_ID": "x"}])"}) {
+    HttpResponse r = post(at_bob(), "/api/v1/keys/alice/dec_keys", body);
+    EXPECT_EQ(r.status, 400u) << body;
+    EXPECT_FALSE(message_of(r).empty()) << body;
+  }
+}
+
+// "Bodies: Key IDs": key_ID_extension and key_IDs_extension are optional and accepted.
+TEST_F(Etsi014, KeyIdsExtensionsAreAccepted) {
+  auto keys = alice_enc("{}");
+  ASSERT_EQ(keys.size(), 1u);
+  const json body = {{"key_IDs", {{{"key_ID", keys[0].first}, {"key_ID_extension", {{"a", 1}}}}}},
+                     {"key_IDs_extension", {{"b", 2}}}};
+  HttpResponse r = post(at_bob(), "/api/v1/keys/alice/dec_keys", body.dump());
+  ASSERT_EQ(r.status, 200u) << r.body;
+  EXPECT_EQ(key_list(r), keys);
+}
+
+// "Rules: All or nothing" (dec_keys): one unknown key_ID fails the request and consumes
+// none of the others.
+TEST_F(Etsi014, DecKeysIsAllOrNothing) {
+  auto keys = alice_enc(R"({"number": 2})");
+  ASSERT_EQ(keys.size(), 2u);
+  HttpResponse r =
+      post(at_bob(), "/api/v1/keys/alice/dec_keys",
+           dec_body({keys[0].first, "3f2504e0-4f89-41d3-9a0c-0305e82c3301", keys[1].first}));
+  EXPECT_EQ(r.status, 400u);
+  EXPECT_EQ(message_of(r), kNotFound);
+  // The same key_ID twice in one request is not two keys either.
+  EXPECT_EQ(post(at_bob(), "/api/v1/keys/alice/dec_keys", dec_body({keys[0].first, keys[0].first}))
+                .status,
+            400u);
+  HttpResponse ok =
+      post(at_bob(), "/api/v1/keys/alice/dec_keys", dec_body({keys[0].first, keys[1].first}));
+  ASSERT_EQ(ok.status, 200u) << ok.body;
+  EXPECT_EQ(key_list(ok), keys);
+}
+
+// "Rules: All or nothing" (enc_keys) and "the standard names no code for not enough key":
+// a request for more key than the pool holds is a 503 with a clear message, never fewer
+// keys with 200, and nothing is consumed.
+TEST_F(Etsi014, NotEnoughKeyIs503AndConsumesNothing) {
+  ASSERT_TRUE(net_->wait_for_keys(kMaxKeyCount).ok());  // full: the link pauses
+  const std::uint64_t before = stored_key_count(at_alice(), "bob");
+  // 128 keys of 8192 bits = 128 KiB, far above a full pool of 300 keys of 32 bytes.
+  HttpResponse r =
+      post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"number": 128, "size": 8192})");
+  EXPECT_EQ(r.status, 503u);
+  EXPECT_NE(message_of(r).find("not enough key material"), std::string::npos) << r.body;
+  EXPECT_TRUE(key_list(r).empty());
+  EXPECT_GE(stored_key_count(at_alice(), "bob"), before);
+}
+
+// "Bodies: Error": 400 and 503 carry {"message": "..."}; 401 needs no body.
+TEST_F(Etsi014, ErrorBodiesCarryAMessage) {
+  HttpResponse bad = get(at_alice(), "/api/v1/keys/bob/enc_keys?size=7");
+  EXPECT_EQ(bad.status, 400u);
+  const json j = bad.json();
+  ASSERT_TRUE(j.is_object());
+  EXPECT_TRUE(j.at("message").is_string());
+  if (j.contains("details")) {
+    EXPECT_TRUE(j.at("details").is_array());
+  }
+  HttpResponse unauth = get(net_->client(net_->alice(), "mallory"), "/api/v1/keys/bob/status");
+  EXPECT_EQ(unauth.status, 401u);
+}
+
+}  // namespace

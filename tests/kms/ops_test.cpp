@@ -1,0 +1,341 @@
+// Operations of a real qkd-kms: Prometheus /metrics (over mutual TLS and on the plain
+// loopback listener), graceful shutdown on SIGTERM during requests with a restart that
+// serves on from the durable store, and no key in any log line.
+#include <arpa/inet.h>
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "prometheus_text.hpp"
+#include "qkd/test/etsi_helpers.hpp"
+#include "qkd/test/kme_network.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using nlohmann::json;
+using qkd::test::HttpResponse;
+using qkd::test::KmeNetwork;
+using qkd::test::KmeNetworkOptions;
+
+std::string read_file(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// A plain HTTP/1.1 GET over TCP (Connection: close); returns "<status>\n<body>" or "".
+std::pair<int, std::string> plain_get(std::uint16_t port, const std::string& target) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) {
+    return {-1, ""};
+  }
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return {-1, ""};
+  }
+  const std::string req =
+      fmt::format("GET {} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", target);
+  if (::send(fd, req.data(), req.size(), 0) != static_cast<ssize_t>(req.size())) {
+    ::close(fd);
+    return {-1, ""};
+  }
+  std::string resp;
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) {
+      break;
+    }
+    resp.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fd);
+  int status = -1;
+  if (resp.rfind("HTTP/1.1 ", 0) == 0) {
+    status = std::stoi(resp.substr(9, 3));
+  }
+  const auto body = resp.find("\r\n\r\n");
+  return {status, body == std::string::npos ? "" : resp.substr(body + 4)};
+}
+
+double at(const qkd::test::Exposition& e, const std::string& key) {
+  auto it = e.samples.find(key);
+  return it == e.samples.end() ? -1.0 : it->second;
+}
+
+// Every histogram series: cumulative buckets, +Inf bucket == _count.
+void check_histograms(const qkd::test::Exposition& e) {
+  const std::string prefix = "qkd_kms_http_request_duration_seconds_count{";
+  int series = 0;
+  for (const auto& [key, count] : e.samples) {
+    if (key.rfind(prefix, 0) != 0) {
+      continue;
+    }
+    ++series;
+    const std::string labels = key.substr(prefix.size(), key.size() - prefix.size() - 1);
+    double last = 0;
+    int buckets = 0;
+    for (const auto& [k, v] : e.samples) {
+      if (k.rfind("qkd_kms_http_request_duration_seconds_bucket{" + labels + ",le=", 0) == 0) {
+        ++buckets;
+        if (k.find("le=\"+Inf\"") != std::string::npos) {
+          EXPECT_EQ(v, count) << k;
+        }
+      }
+    }
+    // Buckets in the map are sorted by le as text; check monotony in le order instead.
+    for (const double le : {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                            0.1, 0.25, 0.5, 1.0, 2.5}) {
+      const double v = at(e, fmt::format("qkd_kms_http_request_duration_seconds_bucket{{{},le=\"{}\"}}",
+                                         labels, le));
+      EXPECT_GE(v, last) << labels << " le=" << le;
+      last = v;
+    }
+    EXPECT_LE(last, count);
+    EXPECT_EQ(buckets, 15) << labels;
+  }
+  EXPECT_GT(series, 0);
+}
+
+TEST(OpsTest, MetricsScrapeIsValidAndCountersMove) {
+  KmeNetworkOptions o;
+  o.customize = [](json& alice, json&) { alice["metrics"] = {{"listen", "127.0.0.1:0"}}; };
+  auto net = qkd::test::start_network_with_keys(o, 40);
+  ASSERT_TRUE(net);
+  const auto alice = net->client(net->alice(), "alice");
+  const auto bob = net->client(net->bob(), "bob");
+
+  std::vector<std::string> key_texts;  // base64 keys handed out: never in a scrape
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) {
+    auto r = alice.get("/api/v1/keys/bob/enc_keys?number=4");
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    ASSERT_EQ(r->status, 200u) << r->body;
+    const json body_json = r->json();
+    for (const auto& k : body_json.at("keys")) {
+      ids.push_back(k.at("key_ID").get<std::string>());
+      key_texts.push_back(k.at("key").get<std::string>());
+    }
+  }
+  auto bad = alice.get("/api/v1/keys/bob/enc_keys?size=7");
+  ASSERT_TRUE(bad.ok());
+  ASSERT_EQ(bad->status, 400u);
+  auto d = bob.post("/api/v1/keys/alice/dec_keys", qkd::test::dec_body(ids));
+  ASSERT_TRUE(d.ok()) << d.error().message;
+  ASSERT_EQ(d->status, 200u) << d->body;
+
+  auto s1 = alice.get("/metrics");
+  ASSERT_TRUE(s1.ok()) << s1.error().message;
+  ASSERT_EQ(s1->status, 200u) << s1->body;
+  EXPECT_EQ(s1->content_type.rfind("text/plain; version=0.0.4", 0), 0u) << s1->content_type;
+  const auto e1 = qkd::test::parse_exposition(s1->body);
+  ASSERT_EQ(e1.error, "") << s1->body;
+  for (const auto& k : key_texts) {
+    EXPECT_EQ(s1->body.find(k), std::string::npos) << "a key appears in /metrics";
+  }
+  EXPECT_EQ(e1.types.at("qkd_kms_http_requests_total"), "counter");
+  EXPECT_EQ(e1.types.at("qkd_kms_http_request_duration_seconds"), "histogram");
+  EXPECT_EQ(e1.types.at("qkd_kms_pool_keys"), "gauge");
+  const std::string enc200 = "qkd_kms_http_requests_total{route=\"enc_keys\",status=\"200\"}";
+  const std::string enc400 = "qkd_kms_http_requests_total{route=\"enc_keys\",status=\"400\"}";
+  const std::string delivered =
+      "qkd_kms_keys_delivered_total{route=\"enc_keys\",master_sae=\"alice\",slave_sae=\"bob\"}";
+  EXPECT_EQ(at(e1, enc200), 3.0);
+  EXPECT_EQ(at(e1, enc400), 1.0);
+  EXPECT_EQ(at(e1, delivered), 12.0);
+  EXPECT_EQ(at(e1, "qkd_kms_link_up{peer_kme_id=\"bob-kme\"}"), 1.0);
+  EXPECT_GE(at(e1, "qkd_kms_link_blocks_total{peer_kme_id=\"bob-kme\",result=\"settled\"}"), 1.0);
+  const double qber = at(e1, "qkd_kms_link_qber{peer_kme_id=\"bob-kme\"}");
+  EXPECT_GE(qber, 0.0);
+  EXPECT_LT(qber, 0.11);
+  EXPECT_GT(at(e1, "qkd_kms_link_key_rate_bits_per_second{peer_kme_id=\"bob-kme\",kind=\"secret\"}"),
+            0.0);
+  EXPECT_GE(at(e1, "qkd_kms_pool_keys{peer_kme_id=\"bob-kme\",direction=\"local\"}"), 0.0);
+  EXPECT_GE(at(e1, "qkd_kms_pool_keys{peer_kme_id=\"bob-kme\",direction=\"peer\"}"), 0.0);
+  check_histograms(e1);
+
+  // Counters move.
+  for (int i = 0; i < 2; ++i) {
+    auto r = alice.get("/api/v1/keys/bob/enc_keys");
+    ASSERT_TRUE(r.ok());
+    ASSERT_EQ(r->status, 200u) << r->body;
+  }
+  auto s2 = alice.get("/metrics");
+  ASSERT_TRUE(s2.ok());
+  const auto e2 = qkd::test::parse_exposition(s2->body);
+  ASSERT_EQ(e2.error, "");
+  EXPECT_EQ(at(e2, enc200), 5.0);
+  EXPECT_EQ(at(e2, delivered), 14.0);
+  EXPECT_EQ(at(e2, "qkd_kms_http_requests_total{route=\"metrics\",status=\"200\"}"), 1.0)
+      << "the first scrape is counted once it has been answered";
+  check_histograms(e2);
+
+  // The peer counts the dec_keys side.
+  auto sb = bob.get("/metrics");
+  ASSERT_TRUE(sb.ok());
+  const auto eb = qkd::test::parse_exposition(sb->body);
+  ASSERT_EQ(eb.error, "");
+  EXPECT_EQ(at(eb, "qkd_kms_keys_delivered_total{route=\"dec_keys\",master_sae=\"alice\","
+                   "slave_sae=\"bob\"}"),
+            12.0);
+
+  // A certificate whose CN is not one of the KME's SAEs: 401, as for /health.
+  auto m = net->client(net->alice(), "mallory").get("/metrics");
+  ASSERT_TRUE(m.ok()) << m.error().message;
+  EXPECT_EQ(m->status, 401u);
+
+  // The plain loopback listener (port in the ready file) serves the same exposition.
+  const json ready = json::parse(read_file(net->dir() / "alice-kme.ready"));
+  ASSERT_TRUE(ready.contains("metrics_port")) << ready.dump();
+  const auto port = ready.at("metrics_port").get<std::uint16_t>();
+  auto [status, body] = plain_get(port, "/metrics");
+  EXPECT_EQ(status, 200);
+  const auto ep = qkd::test::parse_exposition(body);
+  ASSERT_EQ(ep.error, "") << body;
+  EXPECT_GE(at(ep, enc200), 5.0);
+  EXPECT_EQ(plain_get(port, "/api/v1/keys/bob/status").first, 404);
+}
+
+// SIGTERM while requests are in progress: exit code 0, every answered request complete;
+// the restarted KME (same durable store) serves on and the peer still delivers every key
+// handed out before, with identical bytes. No key ever appears in either log.
+TEST(OpsTest, SigtermDuringRequestsExitsCleanlyAndRestartServesOn) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  o.log_level = "debug";
+  auto net = qkd::test::start_network_with_keys(o, 200);
+  ASSERT_TRUE(net);
+
+  std::mutex mu;
+  std::map<std::string, std::string> handed_out;  // key_ID -> base64 key
+  std::atomic<int> ok{0};
+  std::atomic<int> failures{0};  // connection-level failures (expected once it stops)
+  std::atomic<bool> stop{false};
+  std::vector<std::string> bad;
+  std::vector<std::thread> threads;
+  const auto kme = net->alice();
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t]() {
+      const auto c = net->client(kme, "alice");
+      while (!stop.load()) {
+        auto r = c.get(t % 2 == 0 ? "/api/v1/keys/bob/enc_keys?number=2"
+                                  : "/api/v1/keys/bob/enc_keys");
+        if (!r.ok()) {
+          ++failures;
+          std::this_thread::sleep_for(20ms);
+          continue;
+        }
+        std::lock_guard lock(mu);
+        if (r->status == 503 && qkd::test::message_of(*r) == "the KME is shutting down") {
+          continue;  // read after SIGTERM: a complete, well-formed refusal
+        }
+        if (r->status != 200) {
+          bad.push_back(fmt::format("{} {}", r->status, r->body));
+          continue;
+        }
+        const json j = r->json();
+        if (j.is_discarded() || !j.contains("keys")) {
+          bad.push_back("truncated 200: " + r->body);
+          continue;
+        }
+        for (const auto& k : j.at("keys")) {
+          handed_out[k.at("key_ID").get<std::string>()] = k.at("key").get<std::string>();
+        }
+        ++ok;
+      }
+    });
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (ok.load() < 40 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  net->stop_kme("alice-kme");  // SIGTERM while the four clients keep asking
+  const int st = net->alice().last_exit_status;
+  std::this_thread::sleep_for(200ms);
+  stop = true;
+  for (auto& t : threads) {
+    t.join();
+  }
+  EXPECT_GE(ok.load(), 40);
+  ASSERT_TRUE(WIFEXITED(st)) << "qkd-kms did not exit by itself on SIGTERM (status " << st << ")";
+  EXPECT_EQ(WEXITSTATUS(st), 0);
+  EXPECT_TRUE(bad.empty()) << bad.size() << " bad answers, first: " << bad.front();
+  const std::string alice_log = read_file(net->alice().log_file);
+  EXPECT_NE(alice_log.find("shutting down"), std::string::npos);
+  EXPECT_NE(alice_log.find("alice-kme: stopped"), std::string::npos);
+  EXPECT_EQ(alice_log.find("critical"), std::string::npos);
+
+  // Restart with the same store: it serves on.
+  ASSERT_TRUE(net->start_kme("alice-kme").ok());
+  const auto alice = net->client(net->alice(), "alice");
+  bool served = false;
+  const auto until = std::chrono::steady_clock::now() + 60s;
+  while (!served && std::chrono::steady_clock::now() < until) {
+    auto r = alice.get("/api/v1/keys/bob/enc_keys");
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    if (r->status == 200) {
+      served = true;
+      const auto k = r->json().at("keys").at(0);
+      handed_out[k.at("key_ID").get<std::string>()] = k.at("key").get<std::string>();
+    } else {
+      std::this_thread::sleep_for(100ms);
+    }
+  }
+  ASSERT_TRUE(served) << "the restarted KME never served enc_keys";
+
+  // Bob delivers every key alice handed out, before and after the restart, identically.
+  const auto bob = net->client(net->bob(), "bob");
+  std::vector<std::string> ids;
+  for (const auto& [id, _] : handed_out) {
+    ids.push_back(id);
+  }
+  std::size_t matched = 0;
+  for (std::size_t i = 0; i < ids.size(); i += 100) {
+    const std::vector<std::string> part(ids.begin() + static_cast<std::ptrdiff_t>(i),
+                                        ids.begin() + static_cast<std::ptrdiff_t>(
+                                                          std::min(ids.size(), i + 100)));
+    auto d = bob.post("/api/v1/keys/alice/dec_keys", qkd::test::dec_body(part));
+    ASSERT_TRUE(d.ok()) << d.error().message;
+    ASSERT_EQ(d->status, 200u) << d->body;
+    const json body_json = d->json();
+    for (const auto& k : body_json.at("keys")) {
+      EXPECT_EQ(k.at("key").get<std::string>(), handed_out.at(k.at("key_ID").get<std::string>()));
+      ++matched;
+    }
+  }
+  EXPECT_EQ(matched, ids.size());
+
+  // No key, in base64 or hex, in either log (debug level).
+  net->stop_kme("alice-kme");
+  net->stop_kme("bob-kme");
+  const std::string logs = read_file(net->alice().log_file) + read_file(net->bob().log_file);
+  ASSERT_FALSE(logs.empty());
+  for (const auto& [id, b64] : handed_out) {
+    ASSERT_EQ(logs.find(b64), std::string::npos) << "key " << id << " logged";
+    std::string hex;
+    for (auto byte : qkd::test::b64decode(b64)) {
+      hex += fmt::format("{:02x}", byte);
+    }
+    ASSERT_EQ(logs.find(hex), std::string::npos) << "key " << id << " logged in hex";
+  }
+}
+
+}  // namespace
