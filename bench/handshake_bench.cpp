@@ -1,25 +1,35 @@
 // handshake_bench: full TLS 1.3 handshakes in one process over a BIO pair, the same server
 // certificate (ECDSA P-256, examples/pki.sh) for every group, against two real qkd-kms
 // daemons on loopback (tests/support's KmeNetwork). Prints Markdown tables:
-//   1. per group: handshakes per second, p50 and p99 latency, rate and p99 relative to X25519;
-//   2. the KME round trips alone (ETSI client, keep-alive): enc_keys (the server's cost in
-//      encapsulate) and dec_keys (the client's cost in decapsulate).
+//   1. serial: per group, handshakes per second (1 / mean time), p50 and p99 latency, rate
+//      and p99 relative to X25519; the qkd groups twice: with the server's key prefetch
+//      (the default) and with it off (prefetch_keys = 1: one enc_keys call per handshake);
+//   2. per side, from the same handshakes: the time inside each side's own OpenSSL calls
+//      (SSL_new, SSL_do_handshake), i.e. what a handshake costs a server process and a
+//      client process running apart;
+//   3. concurrent: `threads` threads each running whole handshakes (client and server
+//      side) for the same group at once, as a busy server does: aggregate handshakes/s;
+//   4. the KME round trips alone (ETSI client, keep-alive): enc_keys for 1 and for 32 keys
+//      (the server's cost in encapsulate, without and with prefetch) and dec_keys (the
+//      client's cost in decapsulate).
 //
-//   handshake_bench [handshakes_per_group=300] [warmup_per_group=20]
+//   handshake_bench [handshakes_per_group=300] [warmup_per_group=20] [threads=4]
 //
-// Groups run round-robin (one handshake of each in turn), so that drift in machine load
-// spreads over all of them. Single thread: the rate is 1 / mean handshake time.
+// Groups run round-robin (one handshake of each in turn; in the concurrent table one batch
+// of each in turn, three rounds), so that drift in machine load spreads over all of them.
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include <strings.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <map>
-#include <strings.h>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "harness.hpp"
@@ -63,25 +73,67 @@ int fail(const std::string& what) {
   return 1;
 }
 
+// One row of the tables: a TLS group with a client and a server context.
+struct Row {
+  std::string label;  // as printed
+  std::string group;  // TLS group name
+  qkd::test_prov::SslCtxPtr client, server;
+};
+
+// One handshake; false (after printing why) when it fails or negotiates another group.
+struct Times {
+  double total = 0, server = 0, client = 0;  // ms
+};
+bool run_one(const Row& row, Times* times) {
+  const auto t0 = Clock::now();
+  Handshake h = qkd::test_prov::handshake(row.client.get(), row.server.get());
+  const auto t1 = Clock::now();
+  if (!h.ok) {
+    std::fprintf(stderr, "%s: client: %s server: %s\n", row.label.c_str(),
+                 h.client_errors.c_str(), h.server_errors.c_str());
+    return false;
+  }
+  const char* name = SSL_group_to_name(
+      h.client.get(), static_cast<int>(SSL_get_negotiated_group(h.client.get())));
+  const std::string expected = row.group == "P-256" ? "secp256r1" : row.group;  // libssl's name
+  if (name == nullptr || strcasecmp(expected.c_str(), name) != 0) {
+    std::fprintf(stderr, "%s: negotiated %s\n", row.label.c_str(), name != nullptr ? name : "?");
+    return false;
+  }
+  times->total = std::chrono::duration<double, std::milli>(t1 - t0).count();
+  times->server = h.server_ms;
+  times->client = h.client_ms;
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const int count = argc > 1 ? std::atoi(argv[1]) : 300;
   const int warmup = argc > 2 ? std::atoi(argv[2]) : 20;
-  if (count <= 0 || warmup < 0) {
-    std::fprintf(stderr, "usage: %s [handshakes_per_group] [warmup_per_group]\n", argv[0]);
+  const int threads = argc > 3 ? std::atoi(argv[3]) : 4;
+  if (count <= 0 || warmup < 0 || threads <= 0 || threads > 64) {
+    std::fprintf(stderr, "usage: %s [handshakes_per_group] [warmup_per_group] [threads]\n",
+                 argv[0]);
     return 2;
   }
   const std::vector<std::string> groups = {"X25519", "P-256", "qkd", "x25519_qkd", "p256_qkd"};
-  const std::uint64_t qkd_groups = 3;
-  // The KMEs must hold a key for every qkd handshake (one key each) plus the round-trip
-  // probe below; ask for more up front than the daemons' store keeps by default.
+  const std::vector<std::string> qkd_groups = {"qkd", "x25519_qkd", "p256_qkd"};
+  constexpr std::uint64_t kPrefetch = 32;
+  constexpr int kRounds = 3;  // concurrent table
+  const int per_thread = std::max(1, count / threads / kRounds);
+  // Every qkd handshake spends one key; the prefetch may leave up to kPrefetch unused per
+  // group configuration; the round-trip probe spends 2 * (count + warmup) + 32 * count/8.
+  const auto n = static_cast<std::uint64_t>(count + warmup);
   const std::uint64_t keys_needed =
-      qkd_groups * static_cast<std::uint64_t>(count + warmup) +
-      static_cast<std::uint64_t>(count + warmup) + 16u;
+      2 * qkd_groups.size() * n +                                              // serial
+      qkd_groups.size() * static_cast<std::uint64_t>(kRounds * threads * per_thread + warmup) +
+      2 * n + kPrefetch * static_cast<std::uint64_t>(count / 8 + 1) +         // probe
+      kPrefetch * 2 + 64;
 
   qkd::test::KmeNetworkOptions options;
   options.log_level = "warn";
+  options.max_key_per_request = 128;
   auto net = qkd::test::KmeNetwork::start(options);
   if (!net.ok()) {
     return fail("cannot start the KMEs: " + net.error().message);
@@ -89,7 +141,7 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "waiting for %llu keys at both KMEs...\n",
                static_cast<unsigned long long>(keys_needed));
   const auto waited = Clock::now();
-  if (auto ready = (*net)->wait_for_keys(keys_needed, std::chrono::minutes(10)); !ready.ok()) {
+  if (auto ready = (*net)->wait_for_keys(keys_needed, std::chrono::minutes(15)); !ready.ok()) {
     return fail("the KMEs hold too few keys: " + ready.error().message);
   }
   std::fprintf(stderr, "keys ready after %.1f s\n",
@@ -98,58 +150,95 @@ int main(int argc, char** argv) {
   const auto dir = qkd::test_prov::make_temp_dir("bench");
   // The server's admission limits (default 20 keys/s per client SAE) are lifted: the
   // benchmark is one client SAE on purpose, measuring the handshake, not the limiter.
-  const auto cnf = [&](const std::string& sae, const qkd::test::KmeInfo& kme) {
+  const auto cnf = [&](const std::string& file, const std::string& sae,
+                       const qkd::test::KmeInfo& kme, const std::string& prefetch) {
     const auto id = (*net)->sae(sae);
     return qkd::test_prov::write_provider_config(
-        dir + "/" + sae + ".cnf",
+        dir + "/" + file + ".cnf",
         {{"kme_url", kme.url}, {"cert", id.cert_file}, {"key", id.key_file}, {"ca", id.ca_file},
-         {"admit_rate", "1000000"}, {"admit_burst", "1000000"}});
+         {"admit_rate", "1000000"}, {"admit_burst", "1000000"},
+         {"admit_outstanding", "1000"}, {"admit_outstanding_total", "1000"},
+         {"prefetch_keys", prefetch}});
   };
-  auto client_lib = qkd::test_prov::load_libctx(cnf("alice", (*net)->alice()));
-  auto server_lib = qkd::test_prov::load_libctx(cnf("bob", (*net)->bob()));
-  if (!client_lib || !server_lib) {
+  auto client_lib = qkd::test_prov::load_libctx(cnf("alice", "alice", (*net)->alice(), "1"));
+  auto server_lib = qkd::test_prov::load_libctx(
+      cnf("bob", "bob", (*net)->bob(), std::to_string(kPrefetch)));
+  auto server_lib_off = qkd::test_prov::load_libctx(cnf("bob-off", "bob", (*net)->bob(), "1"));
+  if (!client_lib || !server_lib || !server_lib_off) {
     return fail("cannot load the provider configs");
   }
   const auto bob = (*net)->sae("bob");
-  struct Pair {
-    qkd::test_prov::SslCtxPtr client, server;
+  std::vector<Row> rows;
+  const auto add_row = [&](const std::string& label, const std::string& g, OSSL_LIB_CTX* srv) {
+    Row r{label, g,
+          qkd::test_prov::make_client_ctx(client_lib.get(), g, (*net)->ca_file().string()),
+          qkd::test_prov::make_server_ctx(srv, g, bob.cert_file, bob.key_file)};
+    if (!r.client || !r.server) {
+      return false;
+    }
+    SSL_CTX_set_num_tickets(r.server.get(), 0);  // the handshake only
+    rows.push_back(std::move(r));
+    return true;
   };
-  std::map<std::string, Pair> ctx;
   for (const auto& g : groups) {
-    Pair p{qkd::test_prov::make_client_ctx(client_lib.get(), g, (*net)->ca_file().string()),
-           qkd::test_prov::make_server_ctx(server_lib.get(), g, bob.cert_file, bob.key_file)};
-    if (!p.client || !p.server) {
+    if (!add_row(g, g, server_lib.get())) {
       return fail("cannot make the TLS contexts for " + g);
     }
-    SSL_CTX_set_num_tickets(p.server.get(), 0);  // the handshake only
-    ctx[g] = std::move(p);
+  }
+  for (const auto& g : qkd_groups) {
+    if (!add_row(g + ", prefetch off", g, server_lib_off.get())) {
+      return fail("cannot make the TLS contexts for " + g);
+    }
   }
 
-  std::map<std::string, std::vector<double>> ms;
+  // 1. Serial.
+  std::vector<std::vector<double>> ms(rows.size()), server_ms(rows.size()),
+      client_ms(rows.size());
   for (int i = -warmup; i < count; ++i) {
-    for (const auto& g : groups) {
-      const auto t0 = Clock::now();
-      Handshake h = qkd::test_prov::handshake(ctx[g].client.get(), ctx[g].server.get());
-      const auto t1 = Clock::now();
-      if (!h.ok) {
-        std::fprintf(stderr, "%s: client: %s server: %s\n", g.c_str(), h.client_errors.c_str(),
-                     h.server_errors.c_str());
-        return fail("handshake failed for " + g);
-      }
-      const char* name =
-          SSL_group_to_name(h.client.get(), static_cast<int>(SSL_get_negotiated_group(h.client.get())));
-      const std::string expected = g == "P-256" ? "secp256r1" : g;  // libssl's TLS name
-      if (name == nullptr || strcasecmp(expected.c_str(), name) != 0) {
-        return fail("negotiated " + std::string(name != nullptr ? name : "?") + " instead of " + g);
+    for (std::size_t r = 0; r < rows.size(); ++r) {
+      Times t;
+      if (!run_one(rows[r], &t)) {
+        return fail("handshake failed for " + rows[r].label);
       }
       if (i >= 0) {
-        ms[g].push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+        ms[r].push_back(t.total);
+        server_ms[r].push_back(t.server);
+        client_ms[r].push_back(t.client);
       }
     }
   }
 
-  // The KME round trips alone, as the provider makes them (one key of 256 bits).
-  std::vector<double> enc_ms, dec_ms;
+  // 2. Concurrent: `threads` threads, each per_thread handshakes of one row, rows in turn.
+  std::vector<double> busy_s(rows.size(), 0.0);
+  std::vector<int> done(rows.size(), 0);
+  for (int round = 0; round < kRounds; ++round) {
+    for (std::size_t r = 0; r < rows.size(); ++r) {
+      std::atomic<bool> failed{false};
+      const auto t0 = Clock::now();
+      std::vector<std::thread> pool;
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, r] {
+          for (int i = 0; i < per_thread && !failed; ++i) {
+            Times unused;
+            if (!run_one(rows[r], &unused)) {
+              failed = true;
+            }
+          }
+        });
+      }
+      for (auto& t : pool) {
+        t.join();
+      }
+      if (failed) {
+        return fail("concurrent handshake failed for " + rows[r].label);
+      }
+      busy_s[r] += std::chrono::duration<double>(Clock::now() - t0).count();
+      done[r] += threads * per_thread;
+    }
+  }
+
+  // 3. The KME round trips alone, as the provider makes them (keys of 256 bits).
+  std::vector<double> enc_ms, enc32_ms, dec_ms;
   {
     const auto alice = (*net)->sae("alice");
     auto bob_client = qkd::etsi::Client::create(
@@ -177,27 +266,63 @@ int main(int argc, char** argv) {
         enc_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
         dec_ms.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
       }
+      if (i >= 0 && i % 8 == 0) {
+        const auto t3 = Clock::now();
+        auto batch = (*bob_client)->enc_keys("alice", kPrefetch, 256);
+        if (!batch.ok()) {
+          return fail("enc_keys(32): " + batch.error().message);
+        }
+        enc32_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t3).count());
+      }
     }
   }
   std::filesystem::remove_all(dir);
 
-  const Stats base = stats_of(ms["X25519"]);
+  const Stats base = stats_of(ms[0]);
+  std::printf("Serial (one thread, round-robin):\n\n");
   std::printf("| group | handshakes/s | p50 (ms) | p99 (ms) | rate vs X25519 | p99 - X25519 p99 (ms) |\n");
   std::printf("|---|---:|---:|---:|---:|---:|\n");
-  for (const auto& g : groups) {
-    const Stats s = stats_of(ms[g]);
-    std::printf("| %s | %.0f | %.3f | %.3f | %.2f | %+.3f |\n", g.c_str(), s.rate, s.p50_ms,
-                s.p99_ms, s.rate / base.rate, s.p99_ms - base.p99_ms);
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    const Stats s = stats_of(ms[r]);
+    std::printf("| %s | %.0f | %.3f | %.3f | %.2f | %+.3f |\n", rows[r].label.c_str(), s.rate,
+                s.p50_ms, s.p99_ms, s.rate / base.rate, s.p99_ms - base.p99_ms);
+  }
+  const Stats base_server = stats_of(server_ms[0]);
+  const Stats base_client = stats_of(client_ms[0]);
+  std::printf("\nPer side (same serial run): time inside each side's own OpenSSL calls, i.e. "
+              "the cost of a handshake to a server process and to a client process running "
+              "apart:\n\n");
+  std::printf("| group | server ms/handshake | server p99 (ms) | server handshakes/s | server rate "
+              "vs X25519 | client ms/handshake | client p99 (ms) | client rate vs X25519 |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    const Stats sv = stats_of(server_ms[r]);
+    const Stats cl = stats_of(client_ms[r]);
+    std::printf("| %s | %.3f | %.3f | %.0f | %.2f | %.3f | %.3f | %.2f |\n",
+                rows[r].label.c_str(), sv.mean_ms, sv.p99_ms, sv.rate, sv.rate / base_server.rate,
+                cl.mean_ms, cl.p99_ms, cl.rate / base_client.rate);
+  }
+  std::printf("\nConcurrent (%d threads, each whole handshakes, %d rounds of %d per thread):\n\n",
+              threads, kRounds, per_thread);
+  std::printf("| group | handshakes/s | rate vs X25519 |\n|---|---:|---:|\n");
+  const double base_rate = done[0] / busy_s[0];
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    const double rate = done[r] / busy_s[r];
+    std::printf("| %s | %.0f | %.2f |\n", rows[r].label.c_str(), rate, rate / base_rate);
   }
   const Stats enc = stats_of(enc_ms);
+  const Stats enc32 = stats_of(enc32_ms);
   const Stats dec = stats_of(dec_ms);
   std::printf("\n| KME round trip (ETSI 014, keep-alive) | mean (ms) | p50 (ms) | p99 (ms) |\n");
   std::printf("|---|---:|---:|---:|\n");
-  std::printf("| enc_keys (server, in encapsulate) | %.3f | %.3f | %.3f |\n", enc.mean_ms,
+  std::printf("| enc_keys, 1 key (server, prefetch off) | %.3f | %.3f | %.3f |\n", enc.mean_ms,
               enc.p50_ms, enc.p99_ms);
-  std::printf("| dec_keys (client, in decapsulate) | %.3f | %.3f | %.3f |\n", dec.mean_ms,
+  std::printf("| enc_keys, %llu keys (server, one prefetch batch) | %.3f | %.3f | %.3f |\n",
+              static_cast<unsigned long long>(kPrefetch), enc32.mean_ms, enc32.p50_ms,
+              enc32.p99_ms);
+  std::printf("| dec_keys, 1 key (client, in decapsulate) | %.3f | %.3f | %.3f |\n", dec.mean_ms,
               dec.p50_ms, dec.p99_ms);
-  std::printf("\n%d handshakes per group after %d warm-up, round-robin, one thread.\n", count,
-              warmup);
+  std::printf("\n%d handshakes per group after %d warm-up, round-robin, one thread; then %d "
+              "threads.\n", count, warmup, threads);
   return 0;
 }

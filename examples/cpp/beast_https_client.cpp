@@ -13,12 +13,12 @@
 #include <boost/beast/ssl.hpp>
 #include <boost/beast/version.hpp>
 
-#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <string_view>
 
 #include "tls_report.hpp"
+#include "tls_setup.hpp"
 
 namespace asio = boost::asio;
 namespace beast = boost::beast;
@@ -36,25 +36,13 @@ int usage() {
 
 int main(int argc, char** argv) {
   std::string host = "localhost", port = "4433", cafile, target = "/";
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view a = argv[i];
-    if (i + 1 >= argc) return usage();
-    if (a == "--host") host = argv[++i];
-    else if (a == "--port") port = argv[++i];
-    else if (a == "--cafile") cafile = argv[++i];
-    else if (a == "--target") target = argv[++i];
-    else return usage();
-  }
-  if (cafile.empty()) return usage();
-  if (!example::init_openssl()) {
-    std::cerr << "client: OpenSSL initialisation (openssl.cnf) failed\n";
-    return 1;
+  if (!example::parse_flags(argc, argv, {{"--host", &host}, {"--port", &port},
+                                         {"--cafile", &cafile}, {"--target", &target}}) ||
+      cafile.empty()) {
+    return usage();
   }
   try {
-    ssl::context ctx(ssl::context::tls_client);
-    SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
-    ctx.load_verify_file(cafile);
-    ctx.set_verify_mode(ssl::verify_peer);
+    ssl::context ctx = example::client_context(cafile);
 
     asio::io_context io;
     beast::ssl_stream<beast::tcp_stream> stream(io, ctx);

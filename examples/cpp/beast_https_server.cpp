@@ -19,6 +19,7 @@
 #include <string_view>
 
 #include "tls_report.hpp"
+#include "tls_setup.hpp"
 
 namespace asio = boost::asio;
 namespace beast = boost::beast;
@@ -60,30 +61,17 @@ void serve_one(tcp::socket sock, ssl::context& ctx) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string host = "127.0.0.1", cert, key;
-  unsigned short port = 4433;
-  long count = -1;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view a = argv[i];
-    if (i + 1 >= argc) return usage();
-    if (a == "--host") host = argv[++i];
-    else if (a == "--port") port = static_cast<unsigned short>(std::atoi(argv[++i]));
-    else if (a == "--cert") cert = argv[++i];
-    else if (a == "--key") key = argv[++i];
-    else if (a == "--count") count = std::atol(argv[++i]);
-    else return usage();
+  std::string host = "127.0.0.1", cert, key, port_text = "4433", count_text = "-1";
+  if (!example::parse_flags(argc, argv, {{"--host", &host}, {"--port", &port_text},
+                                         {"--cert", &cert}, {"--key", &key},
+                                         {"--count", &count_text}}) ||
+      cert.empty() || key.empty()) {
+    return usage();
   }
-  if (cert.empty() || key.empty()) return usage();
-  if (!example::init_openssl()) {
-    std::cerr << "server: OpenSSL initialisation (openssl.cnf) failed\n";
-    return 1;
-  }
+  const auto port = static_cast<unsigned short>(std::atoi(port_text.c_str()));
+  const long count = std::atol(count_text.c_str());
   try {
-    // tls_server (not tlsv12: that pins TLS 1.2), TLS 1.3 minimum so a TLS 1.3 group is used.
-    ssl::context ctx(ssl::context::tls_server);
-    SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
-    ctx.use_certificate_chain_file(cert);
-    ctx.use_private_key_file(key, ssl::context::pem);
+    ssl::context ctx = example::server_context(cert, key);
 
     asio::io_context io;
     tcp::acceptor acceptor(io, tcp::endpoint(asio::ip::make_address(host), port));

@@ -1,11 +1,14 @@
 // The KEM for the qkd groups (DESIGN decision 1):
-//   server: encapsulate(peer share) -> enc_keys(slave = SAE in the share) at its own KME;
-//           ciphertext = (server SAE ID, key_ID), secret = the key;
+//   server: encapsulate(peer share) -> a key for the SAE in the share: prefetched
+//           (key_cache.hpp) or from enc_keys at its own KME; ciphertext = (server SAE ID,
+//           key_ID);
 //   client: decapsulate(ciphertext) -> dec_keys(master = SAE in the ciphertext, key_ID)
-//           at its own KME; secret = the key.
+//           at its own KME;
+//   both:   secret = K' = HKDF(key, group, client SAE, nonce, server SAE, key_ID)
+//           (wire version 2, binding.hpp).
 // Hybrids (x25519_qkd, p256_qkd) add an ephemeral ECDH in front (docs/PROTOCOL.md):
 //   server: ciphertext = ephemeral public key || qkd ciphertext,
-//   both:   secret = ECDH secret || QKD key.
+//   both:   secret = ECDH secret || K'.
 // The ECDH runs before the KME call, so a bad point never costs a key.
 // Size queries (NULL output) never reach the KME and report non-zero sizes.
 #include <openssl/crypto.h>
@@ -13,6 +16,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "binding.hpp"
 #include "keymgmt.hpp"
 
 namespace qkd::prov {
@@ -235,23 +239,19 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       return 0;
     }
     AdmissionTicket ticket(prov->admission(), peer);
-    auto keys = client->enc_keys(peer, 1, kGroups[G].qkd_key_bits);
-    if (!keys.ok()) {
-      raise_kme_error(prov, keys.error(), kOpEncapsulate, peer, "", qkd_fn);
+    // A prefetched key when the cache holds one for this client SAE, else one enc_keys call
+    // (which may fetch a batch for the following handshakes: key_cache.hpp). The fetch may
+    // also run later on the cache's refill thread, so it captures by value (the client
+    // lives until the provider context has joined that thread).
+    auto key = prov->key_cache().take(
+        peer, kQkdBytes, KeyCache::Clock::now(), [client, peer](std::uint32_t number) {
+          return client->enc_keys(peer, number, kGroups[G].qkd_key_bits);
+        });
+    if (!key.ok()) {
+      raise_kme_error(prov, key.error(), kOpEncapsulate, peer, "", qkd_fn);
       return 0;
     }
-    const qkd::etsi::Key& key = keys->at(0);
-    auto key_id = uuid_parse(key.key_id);
-    if (!key_id.ok()) {
-      QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: " + key_id.error().message);
-      return 0;
-    }
-    if (key.key.size() != kQkdBytes) {
-      QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: key of " +
-                                           std::to_string(key.key.size()) + " bytes");
-      return 0;
-    }
-    auto ct = encode_ciphertext(Ciphertext{own.value(), key_id.value()});
+    auto ct = encode_ciphertext(Ciphertext{own.value(), key->key_id});
     if (!ct.ok()) {
       QKD_RAISE(prov, kReasonInternal, "cannot encode the ciphertext");
       return 0;
@@ -261,10 +261,18 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, kReasonInternal, "cannot encode the ciphertext");
       return 0;
     }
+    const Binding binding{kGroups[G].tls_name, peer, &ctx->key->nonce, own.value(),
+                          &key->key_id};
+    if (auto bound = derive_bound_key(prov->libctx(),
+                                      std::span<std::uint8_t>(secret + kClassicalSecret, kQkdBytes),
+                                      key->key.span(), binding);
+        !bound.ok()) {
+      QKD_RAISE(prov, kReasonInternal, bound.error().message);
+      return 0;
+    }
     // Nothing can fail from here on.
     std::memcpy(out, ciphertext.data(), ciphertext.size());
     *outlen = ciphertext.size();
-    std::memcpy(secret + kClassicalSecret, key.key.data(), kQkdBytes);
     *secretlen = kSecretBytes;
     guard.release();
     return 1;
@@ -366,7 +374,20 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
                                            std::to_string(kQkdBytes));
       return 0;
     }
-    std::memcpy(out + kClassicalSecret, key.key.data(), kQkdBytes);
+    auto own = prov->own_sae_id(&failure);
+    if (!own.ok()) {
+      QKD_RAISE(prov, failure.reason, failure.message);
+      return 0;
+    }
+    const Binding binding{kGroups[G].tls_name, own.value(), &ctx->key->nonce, ct->sae_id,
+                          &ct->key_id};
+    if (auto bound = derive_bound_key(prov->libctx(),
+                                      std::span<std::uint8_t>(out + kClassicalSecret, kQkdBytes),
+                                      key.key.span(), binding);
+        !bound.ok()) {
+      QKD_RAISE(prov, kReasonInternal, bound.error().message);
+      return 0;
+    }
     *outlen = kSecretBytes;
     guard.release();
     return 1;

@@ -51,6 +51,7 @@ bool set_peer_share(QkdKey* key, const void* data, std::size_t len) {
   }
   key->share.assign(bytes.begin(), bytes.end());
   key->peer_sae_id = std::move(share->sae_id);
+  key->nonce = share->nonce;
   key->classical = std::move(classical);
   key->has_share = true;
   key->own = false;
@@ -244,6 +245,7 @@ void* Keymgmt<G>::gen(void* genctx, OSSL_CALLBACK* /*cb*/, void* /*cbarg*/) {
     }
     encoded_share.insert(encoded_share.end(), encoded->begin(), encoded->end());
     key->share = std::move(encoded_share);
+    key->nonce = share.nonce;
     key->has_share = true;
     key->own = true;
     return key.release();

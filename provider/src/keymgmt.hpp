@@ -20,13 +20,14 @@ struct QkdKey {
   bool own = false;                 // made by our keygen: we may decapsulate with it
   std::vector<std::uint8_t> share;  // encoded: classical public key (hybrids) || qkd share
   std::string peer_sae_id;          // the SAE named by a peer's share (server side)
+  Nonce nonce{};                    // the share's nonce (ours or the peer's)
   // Hybrids only: our key pair (own) or the peer's public key (from its share).
   PkeyPtr classical;
 
   QkdKey() = default;
   QkdKey(const QkdKey& other)
       : prov(other.prov), group(other.group), has_share(other.has_share), own(other.own),
-        share(other.share), peer_sae_id(other.peer_sae_id),
+        share(other.share), peer_sae_id(other.peer_sae_id), nonce(other.nonce),
         classical(share_pkey(other.classical.get())) {}
   QkdKey& operator=(const QkdKey&) = delete;
 };

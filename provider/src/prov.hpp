@@ -11,6 +11,7 @@
 #include <string>
 
 #include "admission.hpp"
+#include "key_cache.hpp"
 #include "qkd/core/result.hpp"
 #include "qkd/etsi/client.hpp"
 #include "settings.hpp"
@@ -62,11 +63,17 @@ class ProvCtx {
   ProvCtx(const OSSL_CORE_HANDLE* handle, CoreUpcalls core, Settings settings,
           LibCtxPtr libctx = nullptr)
       : handle_(handle), core_(core), settings_(std::move(settings)),
-        admission_(settings_.admission), libctx_(std::move(libctx)) {}
+        admission_(settings_.admission), key_cache_(settings_.prefetch),
+        libctx_(std::move(libctx)) {}
+  // The prefetch's refill thread uses the ETSI client: stop it before client_ goes.
+  ~ProvCtx() { key_cache_.shutdown(); }
+  ProvCtx(const ProvCtx&) = delete;
+  ProvCtx& operator=(const ProvCtx&) = delete;
 
   [[nodiscard]] const Settings& settings() const { return settings_; }
   [[nodiscard]] OSSL_LIB_CTX* libctx() const { return libctx_.get(); }
   [[nodiscard]] Admission& admission() { return admission_; }
+  [[nodiscard]] KeyCache& key_cache() { return key_cache_; }
 
   // This SAE's ID: the sae_id setting, else the CN of the cert setting (read once, lazily).
   [[nodiscard]] qkd::core::Result<std::string> own_sae_id(Failure* failure);
@@ -85,6 +92,7 @@ class ProvCtx {
   CoreUpcalls core_;
   const Settings settings_;
   Admission admission_;
+  KeyCache key_cache_;  // server side: prefetched keys per client SAE
   LibCtxPtr libctx_;
   std::mutex mu_;
   std::string own_sae_;                       // guarded by mu_

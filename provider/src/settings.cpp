@@ -47,6 +47,7 @@ std::optional<double> parse_positive(const std::string& text) {
 
 qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
   Settings s;
+  s.prefetch.refill_ahead = true;  // the provider refills ahead; KeyCache's unit tests do not
   const auto get = [&](const char* key) -> std::optional<std::string> {
     const auto it = raw.find(key);
     if (it == raw.end()) {
@@ -137,6 +138,20 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
       s.admission.max_outstanding_total = static_cast<std::uint32_t>(*v);
     } else {
       defer("admit_outstanding_total", *t, "must be 1..1000000");
+    }
+  }
+  if (const auto t = get("prefetch_keys")) {
+    if (const auto v = parse_uint(*t, 1, 1024)) {
+      s.prefetch.max_batch = static_cast<std::uint32_t>(*v);
+    } else {
+      defer("prefetch_keys", *t, "must be 1..1024 (1: no prefetch)");
+    }
+  }
+  if (const auto t = get("prefetch_max_age_ms")) {
+    if (const auto v = parse_uint(*t, 1, 3'600'000)) {
+      s.prefetch.max_age = std::chrono::milliseconds(*v);
+    } else {
+      defer("prefetch_max_age_ms", *t, "must be 1..3600000");
     }
   }
   return s;

@@ -13,6 +13,7 @@
 
 #include "admission.hpp"
 #include "groups.hpp"
+#include "key_cache.hpp"
 #include "qkd/core/result.hpp"
 
 namespace qkd::prov {
@@ -22,7 +23,7 @@ struct SettingName {
   const char* key;
   const char* env;  // nullptr: no override
 };
-inline constexpr std::array<SettingName, 10> kSettings = {{
+inline constexpr std::array<SettingName, 12> kSettings = {{
     {"kme_url", "QKD_KME_URL"},
     {"sae_id", "QKD_SAE_ID"},
     {"cert", "QKD_CERT"},
@@ -33,6 +34,8 @@ inline constexpr std::array<SettingName, 10> kSettings = {{
     {"admit_burst", nullptr},
     {"admit_outstanding", nullptr},
     {"admit_outstanding_total", nullptr},
+    {"prefetch_keys", nullptr},
+    {"prefetch_max_age_ms", nullptr},
 }};
 
 using RawSettings = std::map<std::string, std::string>;
@@ -42,6 +45,7 @@ struct Settings {
   std::chrono::milliseconds timeout{5000};
   std::array<std::uint16_t, kGroups.size()> codepoints{};
   AdmissionLimits admission;
+  KeyCacheLimits prefetch;  // server side: keys fetched per enc_keys call, how long kept
   // The first bad value: raised (naming the setting) at first use.
   std::optional<std::string> deferred_error;
 };

@@ -72,6 +72,10 @@ Result<Parsed> parse(std::span<const std::uint8_t> bytes, std::size_t tail_len,
   if (!r.u8(&version)) {
     return bad("empty");
   }
+  if (version == 0x01) {
+    return bad("version 1 (secret not bound to the handshake) is no longer accepted: "
+               "upgrade the peer's qkdprovider");
+  }
   if (version != kWireVersion) {
     return bad("unknown version " + std::to_string(version));
   }

@@ -1,22 +1,22 @@
 // The bytes qkdprovider puts on the wire inside TLS key_share entries.
 //
-// Wire format, version 1 (all lengths in bytes; no field is optional; no trailing bytes):
+// Wire format, version 2 (all lengths in bytes; no field is optional; no trailing bytes):
 //
 //   Key share (ClientHello key_share.key_exchange, client -> server):
-//     u8        version         = 0x01
+//     u8        version         = 0x02
 //     u8        sae_id_length   1..64
 //     sae_id    sae_id_length bytes of [A-Za-z0-9._-]  the client's SAE ID (ETSI slave)
 //     u8[16]    nonce           fresh random bytes, one per ClientHello
 //
 //   Ciphertext (ServerHello key_share.key_exchange, server -> client):
-//     u8        version         = 0x01
+//     u8        version         = 0x02
 //     u8        sae_id_length   1..64
 //     sae_id    sae_id_length bytes of [A-Za-z0-9._-]  the server's SAE ID (ETSI master)
 //     u8[16]    key_id          the KME's key_ID, a UUID in RFC 4122 binary form
 //
-//   Shared secret: the 32-byte key the server got from enc_keys and the client from
-//   dec_keys (DESIGN decision 1). The nonce makes every share distinct (replayed shares are
-//   visible to a KME-side audit) and is reserved for a future version that binds it.
+//   Shared secret: HKDF of the 32-byte key the server got from enc_keys and the client from
+//   dec_keys (DESIGN decision 1), bound to the group, both SAE IDs, the nonce and the key_ID
+//   (binding.hpp). Version 1 (the same layout, secret = the key itself) is refused.
 //
 // The share costs no key: the server fetches one only in encapsulation. A later version
 // bumps the version byte; a parser accepts exactly the versions it knows. A hybrid group
@@ -36,7 +36,7 @@ namespace qkd::prov {
 
 using qkd::core::Result;
 
-inline constexpr std::uint8_t kWireVersion = 0x01;
+inline constexpr std::uint8_t kWireVersion = 0x02;
 inline constexpr std::size_t kMaxSaeIdLength = 64;
 inline constexpr std::size_t kNonceLength = 16;
 inline constexpr std::size_t kKeyIdLength = 16;

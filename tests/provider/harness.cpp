@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -137,9 +138,17 @@ std::vector<AdvertisedGroup> advertised_groups() {
 }
 
 Handshake handshake(SSL_CTX* client_ctx, SSL_CTX* server_ctx) {
+  using Clock = std::chrono::steady_clock;
   Handshake h;
-  h.client.reset(SSL_new(client_ctx));
-  h.server.reset(SSL_new(server_ctx));
+  // Runs `step` and adds its duration to `*ms`.
+  const auto timed = [](double* ms, auto&& step) {
+    const auto t0 = Clock::now();
+    auto r = step();
+    *ms += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    return r;
+  };
+  h.client.reset(timed(&h.client_ms, [&] { return SSL_new(client_ctx); }));
+  h.server.reset(timed(&h.server_ms, [&] { return SSL_new(server_ctx); }));
   BIO* cbio = nullptr;
   BIO* sbio = nullptr;
   BIO_new_bio_pair(&cbio, 0, &sbio, 0);
@@ -154,7 +163,7 @@ Handshake handshake(SSL_CTX* client_ctx, SSL_CTX* server_ctx) {
   ERR_clear_error();
   for (int round = 0; round < 50 && !(client_done && server_done); ++round) {
     if (!client_done) {
-      const int rc = SSL_do_handshake(h.client.get());
+      const int rc = timed(&h.client_ms, [&] { return SSL_do_handshake(h.client.get()); });
       if (rc == 1) {
         client_done = true;
       } else if (SSL_get_error(h.client.get(), rc) != SSL_ERROR_WANT_READ) {
@@ -163,7 +172,7 @@ Handshake handshake(SSL_CTX* client_ctx, SSL_CTX* server_ctx) {
       }
     }
     if (!server_done) {
-      const int rc = SSL_do_handshake(h.server.get());
+      const int rc = timed(&h.server_ms, [&] { return SSL_do_handshake(h.server.get()); });
       if (rc == 1) {
         server_done = true;
       } else if (SSL_get_error(h.server.get(), rc) != SSL_ERROR_WANT_READ) {

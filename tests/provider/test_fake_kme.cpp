@@ -8,8 +8,10 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <filesystem>
 #include <chrono>
+#include <filesystem>
+#include <functional>
+#include <map>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -365,8 +367,163 @@ TEST_F(FakeHandshake, ConcurrentHandshakesShareOneProviderSafely) {
     t.join();
   }
   EXPECT_EQ(ok.load(), 20);
-  EXPECT_EQ(bob_kme.requests(), 20);
+  EXPECT_EQ(alice_kme.requests(), 20);  // the client: one dec_keys per handshake
+  EXPECT_LE(bob_kme.requests(), 20);    // the server: batches (prefetch), never more
   EXPECT_LE(bob_kme.connections(), 4 + 4);  // kept alive: about one per concurrent caller
+}
+
+// Prefetch: successive handshakes for one client SAE are served from batches (of growing
+// size, refilled ahead on another thread: fewer enc_keys calls than handshakes); with
+// prefetch_keys = 1 every handshake makes its own call. Every key is used once: the fake
+// KME hands each out once, and the client's dec_keys would fail otherwise.
+TEST_F(FakeHandshake, PrefetchServesSuccessiveHandshakesFromBatches) {
+  for (const bool prefetch : {true, false}) {
+    FakeKeyStore store;
+    FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+    FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+    std::map<std::string, std::string> extra;
+    if (!prefetch) {
+      extra["prefetch_keys"] = "1";
+    }
+    const std::string tag = prefetch ? "pf" : "npf";
+    auto s = sides(cnf(tag + "a", "alice", alice_kme.url()),
+                   cnf(tag + "b", "bob", bob_kme.url(), extra));
+    ASSERT_TRUE(s.client && s.server);
+    for (int i = 0; i < 16; ++i) {
+      Handshake h = handshake(s.client.get(), s.server.get());
+      ASSERT_TRUE(h.ok) << "client: " << h.client_errors << "\nserver: " << h.server_errors;
+    }
+    EXPECT_EQ(alice_kme.requests(), 16);
+    if (prefetch) {
+      EXPECT_LE(bob_kme.requests(), 10) << "prefetch";  // 1 + 2 + 4 + 8 in line: 5 at most
+    } else {
+      EXPECT_EQ(bob_kme.requests(), 16) << "no prefetch";
+    }
+  }
+}
+
+TEST_F(FakeHandshake, PrefetchSettingIsValidated) {
+  FakeKeyStore store;
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto s = sides(cnf("pva", "alice", alice_kme.url()),
+                 cnf("pvb", "bob", bob_kme.url(), {{"prefetch_keys", "0"}}));
+  Handshake h = handshake(s.client.get(), s.server.get());
+  ASSERT_FALSE(h.ok);
+  EXPECT_NE(h.server_errors.find("invalid setting prefetch_keys = \"0\""), std::string::npos)
+      << h.server_errors;
+  EXPECT_EQ(bob_kme.requests(), 0);
+}
+
+// --- wire version 2: the secret is bound to the nonce, the SAE IDs and the key_ID ---------
+
+// A careless KME pair that always hands out the same key (and echoes any key_ID asked for):
+// only the binding can make two handshakes' secrets differ.
+FakeReply same_key_kme(const FakeRequest& r) {
+  static const std::string kKey = "ERERERERERERERERERERERERERERERERERERERERERE=";  // 32 x 0x11
+  std::string id = "6f1c2a3b-4d5e-4f60-8a7b-9c8d7e6f5a4b";
+  if (const auto q = r.target.find("?key_ID="); q != std::string::npos) {
+    id = r.target.substr(q + 8);
+  }
+  return {200, R"({"keys":[{"key_ID":")" + id + R"(","key":")" + kKey + R"("}]})"};
+}
+
+struct EvpResult {
+  bool ok = false;
+  std::vector<unsigned char> client_secret, server_secret;
+};
+
+// The EVP flow libssl drives (keygen, paramgen + set share, encapsulate, decapsulate), with
+// hooks to alter the share and the ciphertext on the way.
+EvpResult evp_exchange(OSSL_LIB_CTX* client_lib, OSSL_LIB_CTX* server_lib,
+                       const std::function<void(std::vector<unsigned char>&)>& alter_share,
+                       const std::function<void(std::vector<unsigned char>&)>& alter_ct) {
+  EvpResult r;
+  EVP_PKEY_CTX* kctx = EVP_PKEY_CTX_new_from_name(client_lib, "qkd", nullptr);
+  EVP_PKEY* client_key = nullptr;
+  if (EVP_PKEY_keygen_init(kctx) != 1 || EVP_PKEY_keygen(kctx, &client_key) != 1) {
+    EVP_PKEY_CTX_free(kctx);
+    return r;
+  }
+  EVP_PKEY_CTX_free(kctx);
+  unsigned char* raw = nullptr;
+  const size_t share_len = EVP_PKEY_get1_encoded_public_key(client_key, &raw);
+  std::vector<unsigned char> share(raw, raw + share_len);
+  OPENSSL_free(raw);
+  alter_share(share);
+  EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_from_name(server_lib, "qkd", nullptr);
+  EVP_PKEY* peer = nullptr;
+  const bool peer_ok = EVP_PKEY_paramgen_init(pctx) == 1 && EVP_PKEY_paramgen(pctx, &peer) == 1 &&
+                       EVP_PKEY_set1_encoded_public_key(peer, share.data(), share.size()) == 1;
+  EVP_PKEY_CTX_free(pctx);
+  EVP_PKEY_CTX* ectx = peer_ok ? EVP_PKEY_CTX_new_from_pkey(server_lib, peer, nullptr) : nullptr;
+  size_t ct_len = 0, secret_len = 0;
+  std::vector<unsigned char> ct;
+  bool enc_ok = ectx != nullptr && EVP_PKEY_encapsulate_init(ectx, nullptr) == 1 &&
+                EVP_PKEY_encapsulate(ectx, nullptr, &ct_len, nullptr, &secret_len) == 1;
+  if (enc_ok) {
+    ct.resize(ct_len);
+    r.server_secret.resize(secret_len);
+    enc_ok = EVP_PKEY_encapsulate(ectx, ct.data(), &ct_len, r.server_secret.data(),
+                                  &secret_len) == 1;
+  }
+  EVP_PKEY_CTX_free(ectx);
+  EVP_PKEY_free(peer);
+  if (enc_ok) {
+    alter_ct(ct);
+    EVP_PKEY_CTX* dctx = EVP_PKEY_CTX_new_from_pkey(client_lib, client_key, nullptr);
+    size_t out_len = 32;
+    r.client_secret.resize(out_len);
+    r.ok = EVP_PKEY_decapsulate_init(dctx, nullptr) == 1 &&
+           EVP_PKEY_decapsulate(dctx, r.client_secret.data(), &out_len, ct.data(), ct.size()) == 1;
+    EVP_PKEY_CTX_free(dctx);
+  }
+  EVP_PKEY_free(client_key);
+  return r;
+}
+
+TEST_F(FakeHandshake, SameKmeKeyWithAnotherNonceGivesAnotherSecret) {
+  FakeKme bob_kme(*pki_, "bob-kme", same_key_kme);
+  FakeKme alice_kme(*pki_, "alice-kme", same_key_kme);
+  auto client_lib = load_libctx(cnf("bka", "alice", alice_kme.url()));
+  auto server_lib = load_libctx(cnf("bkb", "bob", bob_kme.url(), {{"prefetch_keys", "1"}}));
+  ASSERT_TRUE(client_lib && server_lib) << drain_errors();
+  const auto keep = [](std::vector<unsigned char>&) {};
+  EvpResult a = evp_exchange(client_lib.get(), server_lib.get(), keep, keep);
+  EvpResult b = evp_exchange(client_lib.get(), server_lib.get(), keep, keep);
+  ASSERT_TRUE(a.ok && b.ok) << drain_errors();
+  ASSERT_EQ(a.client_secret.size(), 32U);
+  EXPECT_EQ(a.client_secret, a.server_secret);
+  EXPECT_EQ(b.client_secret, b.server_secret);
+  EXPECT_NE(a.client_secret, b.client_secret);  // same K, same key_ID, fresh nonce
+  const std::vector<unsigned char> raw_key(32, 0x11);
+  EXPECT_NE(a.client_secret, raw_key);  // never the KME key itself
+
+  // Full TLS handshakes over the same careless KMEs still agree (both ends derive alike).
+  auto c = make_client_ctx(client_lib.get(), "qkd", pki("ca.crt"));
+  auto sv = make_server_ctx(server_lib.get(), "qkd", pki("bob.crt"), pki("bob.key"));
+  Handshake h = handshake(c.get(), sv.get());
+  EXPECT_TRUE(h.ok) << h.client_errors << h.server_errors;
+}
+
+TEST_F(FakeHandshake, AlteredNonceKeyIdOrServerSaeGivesMismatchedSecrets) {
+  FakeKme bob_kme(*pki_, "bob-kme", same_key_kme);
+  FakeKme alice_kme(*pki_, "alice-kme", same_key_kme);
+  auto client_lib = load_libctx(cnf("bta", "alice", alice_kme.url()));
+  auto server_lib = load_libctx(cnf("btb", "bob", bob_kme.url(), {{"prefetch_keys", "1"}}));
+  ASSERT_TRUE(client_lib && server_lib) << drain_errors();
+  const auto keep = [](std::vector<unsigned char>&) {};
+  // Share: version, length 5, "alice", nonce. Ciphertext: version, length 3, "bob", key_ID.
+  const auto flip_nonce = [](std::vector<unsigned char>& share) { share.back() ^= 0x01; };
+  const auto flip_key_id = [](std::vector<unsigned char>& ct) { ct.back() ^= 0x01; };
+  const auto other_server = [](std::vector<unsigned char>& ct) { ct[4] = 'x'; };  // "box"
+  for (const auto& [what, r] : {
+           std::pair{"nonce", evp_exchange(client_lib.get(), server_lib.get(), flip_nonce, keep)},
+           std::pair{"key_ID", evp_exchange(client_lib.get(), server_lib.get(), keep, flip_key_id)},
+           std::pair{"server SAE", evp_exchange(client_lib.get(), server_lib.get(), keep, other_server)}}) {
+    ASSERT_TRUE(r.ok) << what << ": " << drain_errors();  // the careless KME answers anyway
+    EXPECT_NE(r.client_secret, r.server_secret) << what << " altered, secrets still agree";
+  }
 }
 
 }  // namespace

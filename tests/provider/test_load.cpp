@@ -131,7 +131,7 @@ TEST_F(ProviderLoad, ParameterGenerationDoesNoWorkAndGarbageSharesAreRefused) {
   EVP_PKEY* pkey = nullptr;
   ASSERT_EQ(EVP_PKEY_paramgen(pctx, &pkey), 1) << drain_errors();
   EVP_PKEY_CTX_free(pctx);
-  const unsigned char garbage[] = {0x01, 0x05, 'a', 'l', 'i', 'c', 'e', 0xff};
+  const unsigned char garbage[] = {0x02, 0x05, 'a', 'l', 'i', 'c', 'e', 0xff};
   EXPECT_EQ(EVP_PKEY_set1_encoded_public_key(pkey, garbage, sizeof garbage), 0);
   const std::string errors = drain_errors();
   EXPECT_NE(errors.find("malformed qkd key share"), std::string::npos) << errors;

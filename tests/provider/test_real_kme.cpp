@@ -160,7 +160,7 @@ TEST_F(RealKme, EvpFlowAndReplayedKeyIdIsUnknown) {
   unsigned char* share = nullptr;
   const size_t share_len = EVP_PKEY_get1_encoded_public_key(client_key, &share);
   ASSERT_GT(share_len, 0U);
-  EXPECT_EQ(share[0], 0x01);
+  EXPECT_EQ(share[0], 0x02);  // wire version 2
   EXPECT_EQ(share[1], 5);  // "alice"
 
   EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_from_name(server_lib.get(), "qkd", nullptr);
@@ -201,7 +201,7 @@ TEST_F(RealKme, EvpFlowAndReplayedKeyIdIsUnknown) {
   std::cout << "[replay errors] " << errors;
 
   // Garbage ciphertext: refused before any KME call, no crash.
-  const unsigned char garbage[] = {0x01, 0x03, 'b', 'o', 'b', 0x00};
+  const unsigned char garbage[] = {0x02, 0x03, 'b', 'o', 'b', 0x00};
   EXPECT_NE(EVP_PKEY_decapsulate(dctx, client_secret.data(), &out_len, garbage, sizeof garbage), 1);
   EXPECT_NE(drain_errors().find("malformed qkd ciphertext"), std::string::npos);
   EVP_PKEY_CTX_free(dctx);
@@ -212,7 +212,7 @@ TEST_F(RealKme, EvpFlowAndReplayedKeyIdIsUnknown) {
   EVP_PKEY* peer2 = nullptr;
   ASSERT_EQ(EVP_PKEY_paramgen(p2, &peer2), 1);
   EVP_PKEY_CTX_free(p2);
-  const unsigned char bad_share[] = {0x01, 0x05, 'a', 'l', '/', 'c', 'e'};
+  const unsigned char bad_share[] = {0x02, 0x05, 'a', 'l', '/', 'c', 'e'};
   EXPECT_EQ(EVP_PKEY_set1_encoded_public_key(peer2, bad_share, sizeof bad_share), 0);
   EXPECT_NE(drain_errors().find("malformed qkd key share"), std::string::npos);
   EVP_PKEY_free(peer2);
@@ -368,7 +368,7 @@ TEST_P(HybridHostile, FullEvpFlowThenBadSharesAndCiphertexts) {
   ASSERT_NE(client_key, nullptr);
   const Bytes share = share_of(client_key);
   ASSERT_EQ(share.size(), c.classical_len + 2 + 5 + 16);  // "alice"
-  EXPECT_EQ(share[c.classical_len], 0x01);
+  EXPECT_EQ(share[c.classical_len], 0x02);  // wire version 2
   if (c.classical_len == 65) {
     EXPECT_EQ(share[0], 0x04);
   }

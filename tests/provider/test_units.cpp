@@ -3,11 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <cstdio>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "admission.hpp"
+#include "binding.hpp"
 #include "classical.hpp"
 #include "groups.hpp"
 #include "qkd/etsi/client_detail.hpp"
@@ -148,12 +150,93 @@ TEST(Wire, ShareRoundTrip) {
 
 TEST(Wire, ShareRejectsWrongVersion) {
   Bytes b = valid_share();
-  b[0] = 0x02;
+  EXPECT_EQ(b[0], 0x02);
+  b[0] = 0x03;
   auto s = parse_share(b);
   ASSERT_FALSE(s.ok());
-  EXPECT_NE(s.error().message.find("unknown version 2"), std::string::npos);
+  EXPECT_NE(s.error().message.find("unknown version 3"), std::string::npos);
   b[0] = 0x00;
   EXPECT_FALSE(parse_share(b).ok());
+  // Version 1 (same layout, unbound secret) is refused with a word on why.
+  b[0] = 0x01;
+  s = parse_share(b);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("version 1 (secret not bound to the handshake)"),
+            std::string::npos)
+      << s.error().message;
+  b[0] = 0x01;
+  EXPECT_FALSE(parse_ciphertext(Bytes{0x01, 0x03, 'b', 'o', 'b', 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                      10, 11, 12, 13, 14, 15})
+                   .ok());
+}
+
+// --- secret derivation (wire version 2) ---------------------------------------------------
+
+struct BindingCase {
+  std::array<std::uint8_t, 32> key{};
+  Nonce nonce{};
+  KeyId key_id{};
+  std::string group = "qkd", client = "alice", server = "bob";
+
+  std::array<std::uint8_t, 32> derive() const {
+    std::array<std::uint8_t, 32> out{};
+    const Binding b{group, client, &nonce, server, &key_id};
+    EXPECT_TRUE(derive_bound_key(nullptr, out, key, b).ok());
+    return out;
+  }
+};
+
+TEST(Binding, SameInputsSameSecretAndEveryInputMatters) {
+  BindingCase c;
+  for (std::size_t i = 0; i < 32; ++i) {
+    c.key[i] = static_cast<std::uint8_t>(i);
+  }
+  const auto base = c.derive();
+  EXPECT_EQ(c.derive(), base);
+  EXPECT_NE(base, c.key);  // not the KME key itself
+  const auto differs = [&](auto change) {
+    BindingCase d = c;
+    change(d);
+    return d.derive() != base;
+  };
+  EXPECT_TRUE(differs([](BindingCase& d) { d.nonce[0] ^= 1; }));
+  EXPECT_TRUE(differs([](BindingCase& d) { d.nonce[15] ^= 0x80; }));
+  EXPECT_TRUE(differs([](BindingCase& d) { d.key_id[7] ^= 1; }));
+  EXPECT_TRUE(differs([](BindingCase& d) { d.client = "alicf"; }));
+  EXPECT_TRUE(differs([](BindingCase& d) { d.server = "bob2"; }));
+  EXPECT_TRUE(differs([](BindingCase& d) { d.group = "x25519_qkd"; }));
+  EXPECT_TRUE(differs([](BindingCase& d) { d.key[31] ^= 1; }));
+  // Length prefixes: moving a character from one SAE ID to the other changes the secret.
+  EXPECT_TRUE(differs([](BindingCase& d) {
+    d.client = "alicebo";
+    d.server = "b";
+  }));
+}
+
+TEST(Binding, KnownAnswer) {
+  // HKDF-SHA256(salt "qkdprovider/2", IKM 32 x 0x11, info 03 "qkd" 05 "alice" 00..0f
+  // 03 "bob" 10..1f), computed independently with Python's hmac module (RFC 5869).
+  BindingCase c;
+  c.key.fill(0x11);
+  for (std::size_t i = 0; i < 16; ++i) {
+    c.nonce[i] = static_cast<std::uint8_t>(i);
+    c.key_id[i] = static_cast<std::uint8_t>(0x10 + i);
+  }
+  const auto out = c.derive();
+  std::string hex;
+  for (std::uint8_t v : out) {
+    char h[3];
+    std::snprintf(h, sizeof h, "%02x", v);
+    hex += h;
+  }
+  EXPECT_EQ(hex, "9287a0e2a132680b9ce2e024e0f89c781d84e1e2564c1003c21ca69a4e11d7e3");
+}
+
+TEST(Binding, IncompleteBindingIsRefused) {
+  std::array<std::uint8_t, 32> out{}, key{};
+  Nonce nonce{};
+  const Binding b{"qkd", "alice", &nonce, "bob", nullptr};
+  EXPECT_FALSE(derive_bound_key(nullptr, out, key, b).ok());
 }
 
 TEST(Wire, ShareRejectsWrongLengths) {
@@ -307,6 +390,28 @@ TEST(Settings, OtherBadValuesAreDeferredAndNamed) {
   EXPECT_FALSE(s->deferred_error);
   EXPECT_DOUBLE_EQ(s->admission.rate_per_second, 2.5);
   EXPECT_EQ(s->admission.max_outstanding, 2U);
+}
+
+TEST(Settings, PrefetchDefaultsAndBounds) {
+  auto s = resolve_settings({});
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->prefetch.max_batch, 32U);
+  EXPECT_EQ(s->prefetch.max_age.count(), 30000);
+  EXPECT_TRUE(s->prefetch.refill_ahead);
+  s = resolve_settings({{"prefetch_keys", "1"}, {"prefetch_max_age_ms", "500"}});
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE(s->deferred_error);
+  EXPECT_EQ(s->prefetch.max_batch, 1U);
+  EXPECT_EQ(s->prefetch.max_age.count(), 500);
+  for (const char* bad : {"0", "1025", "many", "-1"}) {
+    s = resolve_settings({{"prefetch_keys", bad}});
+    ASSERT_TRUE(s->deferred_error) << bad;
+    EXPECT_NE(s->deferred_error->find("prefetch_keys"), std::string::npos);
+    EXPECT_EQ(s->prefetch.max_batch, 32U);  // the default is kept
+  }
+  s = resolve_settings({{"prefetch_max_age_ms", "0"}});
+  ASSERT_TRUE(s->deferred_error);
+  EXPECT_NE(s->deferred_error->find("prefetch_max_age_ms"), std::string::npos);
 }
 
 TEST(Admission, TokenBucketPerSae) {

@@ -1,0 +1,282 @@
+#include "key_cache.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <thread>
+
+namespace qkd::prov {
+
+using qkd::core::ErrorCode;
+using qkd::core::make_error;
+using qkd::core::Result;
+
+KeyCache::KeyCache(KeyCacheLimits limits) : limits_(limits), pid_(::getpid()) {}
+
+KeyCache::~KeyCache() { shutdown(); }
+
+void KeyCache::shutdown() {
+  std::thread t;
+  {
+    std::lock_guard lock(mu_);
+    check_fork_locked();
+    stopping_ = true;
+    t = std::move(refill_thread_);
+  }
+  if (t.joinable()) {
+    t.join();
+  }
+}
+
+void KeyCache::maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::time_point now,
+                                         const Fetch& fetch) {
+  if (!limits_.refill_ahead || stopping_ || refill_running_ || e.fetching ||
+      limits_.max_batch <= 1) {
+    return;
+  }
+  if (e.fetched_once && now - e.last_fetch < limits_.max_age / 2) {
+    e.batch = std::min({limits_.max_batch, e.cap, e.batch * 2});
+  }
+  const std::size_t low_water = std::max<std::size_t>(1, e.batch / 4);
+  if (e.keys.size() > low_water || e.keys.size() >= e.batch) {
+    return;
+  }
+  const std::size_t room = limits_.max_total > total_ ? limits_.max_total - total_ : 0;
+  const auto number =
+      static_cast<std::uint32_t>(std::min<std::size_t>(e.batch - e.keys.size(), room));
+  if (number == 0) {
+    return;
+  }
+  if (refill_thread_.joinable()) {
+    refill_thread_.join();  // finished (refill_running_ is false): returns at once
+  }
+  try {
+    refill_thread_ = std::thread(&KeyCache::run_refill, this, ek, number, fetch);
+  } catch (const std::exception&) {
+    return;  // no thread: the next empty take refills in line
+  }
+  e.fetching = true;
+  refill_running_ = true;
+}
+
+void KeyCache::run_refill(EntryKey ek, std::uint32_t number, Fetch fetch) {
+  auto got = fetch(number);
+  const auto now = Clock::now();
+  Result<std::vector<Slot>> slots = got.ok() ? convert(std::move(got).value(), ek.second, now)
+                                             : Result<std::vector<Slot>>(got.error());
+  std::lock_guard lock(mu_);
+  refill_running_ = false;
+  auto it = entries_.find(ek);
+  if (::getpid() != pid_ || it == entries_.end()) {
+    return;
+  }
+  Entry& e = it->second;
+  e.fetching = false;
+  if (!got.ok() && got.error().code == ErrorCode::kRejected) {
+    e.cap = std::max<std::uint32_t>(1, number / 2);  // as for a batch refused in line
+    e.batch = e.cap;
+  }
+  if (!slots.ok()) {
+    return;  // the next empty take fetches in line and reports the error
+  }
+  e.last_fetch = now;
+  e.fetched_once = true;
+  ++stats_.fetches;
+  ++stats_.background_fetches;
+  stats_.keys_fetched += slots->size();
+  for (auto& slot : *slots) {
+    if (total_ >= limits_.max_total || stopping_) {
+      ++stats_.expired;  // cleansed unused
+      continue;
+    }
+    e.keys.push_back(std::move(slot));
+    ++total_;
+  }
+}
+
+void KeyCache::check_fork_locked() {
+  const pid_t now_pid = ::getpid();
+  if (now_pid == pid_) {
+    return;
+  }
+  if (refill_thread_.joinable()) {
+    // The parent's thread does not exist here: neither join nor detach it; the handle is
+    // left behind (a few bytes) so that no destructor ever touches it.
+    (void)new std::thread(std::move(refill_thread_));  // NOLINT: deliberately leaked
+  }
+  refill_running_ = false;
+  // A child of fork(): the parent may hand out the same keys. Forget them all (cleansed by
+  // SecureBuf) and start with no history.
+  stats_.dropped_on_fork += total_;
+  entries_.clear();
+  total_ = 0;
+  pid_ = now_pid;
+}
+
+void KeyCache::expire_locked(Entry& e, Clock::time_point now) {
+  bool expired = false;
+  while (!e.keys.empty() && now - e.keys.front().fetched >= limits_.max_age) {
+    e.keys.pop_front();
+    --total_;
+    ++stats_.expired;
+    expired = true;
+  }
+  if (expired) {
+    e.batch = std::max<std::uint32_t>(1, e.batch / 2);
+  }
+}
+
+void KeyCache::sweep_locked(Clock::time_point now) {
+  last_sweep_ = now;
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    Entry& e = it->second;
+    expire_locked(e, now);
+    if (e.keys.empty() && !e.fetching && now - e.last_fetch >= limits_.max_age) {
+      it = entries_.erase(it);  // nothing held, history stale: forget the SAE
+    } else {
+      ++it;
+    }
+  }
+}
+
+Result<std::vector<KeyCache::Slot>> KeyCache::convert(std::vector<qkd::etsi::Key> keys,
+                                                      std::size_t key_bytes,
+                                                      Clock::time_point now) const {
+  std::vector<Slot> out;
+  out.reserve(keys.size());
+  for (const auto& k : keys) {
+    auto id = uuid_parse(k.key_id);
+    if (!id.ok()) {
+      return make_error(ErrorCode::kProtocol, "bad reply from key service: " + id.error().message);
+    }
+    if (k.key.size() != key_bytes) {
+      return make_error(ErrorCode::kProtocol, "bad reply from key service: key of " +
+                                                  std::to_string(k.key.size()) + " bytes, expected " +
+                                                  std::to_string(key_bytes));
+    }
+    out.push_back(Slot{id.value(), SecureBuf(k.key.span()), now});
+  }
+  if (out.empty()) {
+    return make_error(ErrorCode::kProtocol, "bad reply from key service: no key");
+  }
+  return out;
+}
+
+Result<CachedKey> KeyCache::take(std::string_view slave, std::size_t key_bytes,
+                                 Clock::time_point now, const Fetch& fetch) {
+  const EntryKey ek{std::string(slave), key_bytes};
+  std::uint32_t number = 1;
+  bool refill = false;       // this call refills the SAE's cache (else: a side fetch of 1)
+  bool batch_fetch = false;  // ... with more than one key
+  {
+    std::lock_guard lock(mu_);
+    check_fork_locked();
+    if (now - last_sweep_ >= std::chrono::seconds(1)) {
+      sweep_locked(now);
+    }
+    auto it = entries_.find(ek);
+    if (it == entries_.end() && entries_.size() >= limits_.max_saes) {
+      sweep_locked(now);
+    }
+    if (it == entries_.end() && entries_.size() < limits_.max_saes) {
+      it = entries_.emplace(ek, Entry{}).first;
+    }
+    if (it != entries_.end()) {  // else: too many SAEs remembered; this one is not cached
+      Entry& e = it->second;
+      expire_locked(e, now);
+      if (!e.keys.empty()) {
+        Slot slot = std::move(e.keys.front());
+        e.keys.pop_front();
+        --total_;
+        ++stats_.hits;
+        maybe_refill_ahead_locked(ek, e, now, fetch);
+        return CachedKey{slot.key_id, std::move(slot.key), true};
+      }
+      if (!e.fetching && limits_.max_batch > 1) {
+        // The cache ran dry: grow the batch when the last one went fast.
+        if (e.fetched_once && now - e.last_fetch < limits_.max_age / 2) {
+          e.batch = std::min({limits_.max_batch, e.cap, e.batch * 2});
+        }
+        const std::size_t room = limits_.max_total > total_ ? limits_.max_total - total_ : 0;
+        number = static_cast<std::uint32_t>(std::min<std::size_t>(e.batch, room + 1));
+        batch_fetch = number > 1;
+        refill = true;
+        e.fetching = true;
+      }
+    }
+  }
+
+  auto got = fetch(number);
+  bool fell_back = false;
+  if (!got.ok() && batch_fetch && got.error().code == ErrorCode::kRejected) {
+    got = fetch(1);  // the KME may cap the number per request or be short of keys
+    fell_back = true;
+  }
+  Result<std::vector<Slot>> slots = got.ok() ? convert(std::move(got).value(), key_bytes, now)
+                                             : Result<std::vector<Slot>>(got.error());
+
+  std::lock_guard lock(mu_);
+  check_fork_locked();
+  auto it = entries_.find(ek);
+  Entry* e = it != entries_.end() ? &it->second : nullptr;
+  if (e != nullptr && refill) {
+    e->fetching = false;
+    if (fell_back) {
+      e->cap = std::max<std::uint32_t>(1, number / 2);
+      e->batch = e->cap;
+    }
+  }
+  if (!slots.ok()) {
+    return slots.error();
+  }
+  if (e != nullptr && refill) {
+    e->last_fetch = now;
+    e->fetched_once = true;
+  }
+  ++stats_.fetches;
+  stats_.keys_fetched += slots->size();
+  CachedKey out{slots->front().key_id, std::move(slots->front().key), false};
+  for (std::size_t i = 1; i < slots->size(); ++i) {
+    if (e == nullptr || total_ >= limits_.max_total) {
+      ++stats_.expired;  // no room: cleansed unused (not expected: the batch fits the room)
+      continue;
+    }
+    e->keys.push_back(std::move((*slots)[i]));
+    ++total_;
+  }
+  return out;
+}
+
+std::size_t KeyCache::cached(std::string_view slave, std::size_t key_bytes) {
+  std::lock_guard lock(mu_);
+  check_fork_locked();
+  const auto it = entries_.find(EntryKey{std::string(slave), key_bytes});
+  return it == entries_.end() ? 0 : it->second.keys.size();
+}
+
+std::uint32_t KeyCache::batch(std::string_view slave, std::size_t key_bytes) {
+  std::lock_guard lock(mu_);
+  const auto it = entries_.find(EntryKey{std::string(slave), key_bytes});
+  return it == entries_.end() ? 0 : it->second.batch;
+}
+
+KeyCacheStats KeyCache::stats() {
+  std::lock_guard lock(mu_);
+  return stats_;
+}
+
+bool KeyCache::all_in_secure_heap() {
+  std::lock_guard lock(mu_);
+  bool any = false;
+  for (const auto& [k, e] : entries_) {
+    for (const auto& s : e.keys) {
+      if (!s.key.in_secure_heap()) {
+        return false;
+      }
+      any = true;
+    }
+  }
+  return any;
+}
+
+}  // namespace qkd::prov

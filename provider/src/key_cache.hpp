@@ -1,0 +1,136 @@
+// Server-side prefetch of QKD keys (docs/PROTOCOL.md, "Server-side prefetch").
+//
+// The server's encapsulation needs one key for the client SAE named in the key share. A
+// KME round trip per handshake costs about as much as the rest of the handshake, so the
+// server asks its KME for a batch (one enc_keys call, number = n) and hands the keys out to
+// the following handshakes for the same client SAE, each key once, removed and cleansed
+// when handed out.
+//
+// Bounds (what a key held here can cost):
+//   - per SAE at most `max_batch` keys, over all SAEs at most `max_total`, for at most
+//     `max_age` (older keys are cleansed unused: they are lost, as are the keys cached when
+//     the process exits or forks);
+//   - the batch adapts per SAE: it starts at 1 (no key held), doubles when the previous
+//     batch was used up within max_age / 2, and halves whenever keys expire unused; so a
+//     rarely seen SAE costs one key per handshake and no key is held for it;
+//   - a forked child drops (cleanses) everything it inherited and starts empty: a key is
+//     never handed out by two processes.
+// Refill ahead (refill_ahead, on in the provider): when a hit leaves max(1, batch / 4) keys
+// or fewer, a short-lived thread (one at a time per cache) tops the SAE's cache up to its
+// batch, so that a busy SAE's handshakes do not wait for the KME. shutdown() joins it (the
+// provider calls it before its ETSI client goes away); a forked child never uses it.
+// Keys live in OpenSSL's secure heap (SecureBuf). Admission (admission.hpp) is checked by
+// the caller before take(): a cached key is still one admitted key.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "qkd/core/result.hpp"
+#include "qkd/etsi/client.hpp"
+#include "secure_buf.hpp"
+#include "wire.hpp"
+
+namespace qkd::prov {
+
+struct KeyCacheLimits {
+  std::uint32_t max_batch = 32;                  // setting prefetch_keys; 1 = no prefetch
+  std::chrono::milliseconds max_age{30'000};     // setting prefetch_max_age_ms
+  std::size_t max_total = 1024;                  // keys held over all SAEs
+  std::size_t max_saes = 256;                    // SAEs with keys or history remembered
+  bool refill_ahead = false;                     // refill on another thread before empty
+};
+
+struct CachedKey {
+  KeyId key_id{};
+  SecureBuf key;
+  bool from_cache = false;  // false: fetched by this call
+};
+
+struct KeyCacheStats {
+  std::uint64_t hits = 0, fetches = 0, keys_fetched = 0, expired = 0, dropped_on_fork = 0,
+                background_fetches = 0;
+};
+
+class KeyCache {
+ public:
+  using Clock = std::chrono::steady_clock;
+  // Asks the KME for `number` keys for the SAE (one enc_keys call). With refill_ahead it
+  // may run on another thread after take() returned: capture by value, nothing that dies
+  // before shutdown().
+  using Fetch = std::function<qkd::core::Result<std::vector<qkd::etsi::Key>>(std::uint32_t number)>;
+
+  explicit KeyCache(KeyCacheLimits limits = {});
+  KeyCache(const KeyCache&) = delete;
+  KeyCache& operator=(const KeyCache&) = delete;
+  ~KeyCache();  // shutdown(); SecureBuf cleanses every key held
+
+  // Waits for refill threads in flight (this process's) and starts no more. Idempotent.
+  void shutdown();
+
+  // One key of `key_bytes` bytes for client SAE `slave`: a cached one, else from fetch(n).
+  // Only one batch fetch per SAE runs at a time; a caller that finds the cache empty while
+  // another is fetching fetches a single key for itself. A failed batch fetch (e.g. the KME
+  // caps the number, or has fewer keys) is retried once with n = 1. Errors: fetch's own, or
+  // kProtocol for a reply whose key_ID is not a UUID or whose key has the wrong length.
+  // A refused batch of n also caps this SAE's batch at n / 2 until the SAE is forgotten.
+  [[nodiscard]] qkd::core::Result<CachedKey> take(std::string_view slave, std::size_t key_bytes,
+                                                  Clock::time_point now, const Fetch& fetch);
+
+  // Observers for tests and documentation.
+  [[nodiscard]] std::size_t cached(std::string_view slave, std::size_t key_bytes);
+  [[nodiscard]] std::uint32_t batch(std::string_view slave, std::size_t key_bytes);
+  [[nodiscard]] KeyCacheStats stats();
+  // True when every key held is a secure-heap allocation (and at least one is held).
+  [[nodiscard]] bool all_in_secure_heap();
+
+ private:
+  struct Slot {
+    KeyId key_id{};
+    SecureBuf key;
+    Clock::time_point fetched{};
+  };
+  struct Entry {
+    std::deque<Slot> keys;
+    std::uint32_t batch = 1;
+    std::uint32_t cap = 0xFFFFFFFFu;  // lowered when the KME refuses a batch of that size
+    bool fetching = false;
+    Clock::time_point last_fetch{};
+    bool fetched_once = false;
+  };
+  using EntryKey = std::pair<std::string, std::size_t>;  // (slave SAE, key bytes)
+
+  void check_fork_locked();
+  void expire_locked(Entry& e, Clock::time_point now);
+  void sweep_locked(Clock::time_point now);
+  // After a hit: starts a background top-up when the SAE runs low (under mu_).
+  void maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::time_point now,
+                                 const Fetch& fetch);
+  void run_refill(EntryKey ek, std::uint32_t number, Fetch fetch);
+  [[nodiscard]] qkd::core::Result<std::vector<Slot>> convert(std::vector<qkd::etsi::Key> keys,
+                                                             std::size_t key_bytes,
+                                                             Clock::time_point now) const;
+
+  std::mutex mu_;
+  const KeyCacheLimits limits_;
+  std::map<EntryKey, Entry> entries_;  // guarded by mu_
+  std::size_t total_ = 0;              // keys held, guarded by mu_
+  Clock::time_point last_sweep_{};
+  pid_t pid_;
+  std::thread refill_thread_;   // the refill-ahead thread, joined before the next or at shutdown
+  bool refill_running_ = false;  // it has not finished yet (guarded by mu_)
+  bool stopping_ = false;
+  KeyCacheStats stats_;
+};
+
+}  // namespace qkd::prov
