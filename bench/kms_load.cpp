@@ -1,0 +1,345 @@
+// kms_load: a load generator for qkd-kms. Starts two real KMEs on loopback (the test
+// harness, as the integration tests do), fills a large pool, then drives keep-alive mutual
+// TLS connections: enc_keys at alice-kme (SAE alice) and the matching dec_keys at bob-kme
+// (SAE bob), checking that both ends return the same bytes. Prints Markdown tables:
+//   - closed loop at 1, 8, 64 connections: key deliveries/s (a delivery = one key handed
+//     out by enc_keys and the same key by dec_keys) and request latency p50/p99/p999;
+//   - open loop at a fixed request rate (default 1,000 requests/s over 8 connections),
+//     latency measured from each request's scheduled time (no coordinated omission);
+//   - baseline on the same connections: GET /health (TLS + HTTP + routing, no key).
+// With and without the durable key store (store = SQLite, WAL, group commit).
+//
+//   kms_load [--seconds S] [--number N] [--rate R] [--keys K] [--store memory|durable|both]
+// (--keys: pool to fill first; the link keeps producing during the runs)
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "qkd/test/kme_network.hpp"
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+// One keep-alive mutual-TLS connection to a KME.
+class Conn {
+ public:
+  Conn(const std::string& host, std::uint16_t port, const qkd::test::TlsIdentity& id)
+      : ctx_(asio::ssl::context::tls_client) {
+    // The identity goes into the context before the stream (SSL_new copies it).
+    ctx_.load_verify_file(id.ca_file);
+    ctx_.set_verify_mode(asio::ssl::verify_peer);
+    ctx_.use_certificate_chain_file(id.cert_file);
+    ctx_.use_private_key_file(id.key_file, asio::ssl::context::pem);
+    stream_.emplace(ioc_, ctx_);
+    SSL_set_tlsext_host_name(stream_->native_handle(), host.c_str());
+    tcp::resolver resolver(ioc_);
+    beast::get_lowest_layer(*stream_).connect(resolver.resolve(host, std::to_string(port)));
+    beast::get_lowest_layer(*stream_).socket().set_option(tcp::no_delay(true));
+    stream_->handshake(asio::ssl::stream_base::client);
+    host_ = host;
+  }
+
+  // Returns the status; the body in `body`.
+  unsigned request(http::verb method, const std::string& target, const std::string& req_body,
+                   std::string& body) {
+    http::request<http::string_body> req{method, target, 11};
+    req.set(http::field::host, host_);
+    if (method == http::verb::post) {
+      req.set(http::field::content_type, "application/json");
+      req.body() = req_body;
+    }
+    req.keep_alive(true);
+    req.prepare_payload();
+    http::write(*stream_, req);
+    http::response<http::string_body> res;
+    http::read(*stream_, buffer_, res);
+    body = std::move(res.body());
+    return res.result_int();
+  }
+
+ private:
+  asio::io_context ioc_;
+  asio::ssl::context ctx_;
+  std::optional<beast::ssl_stream<beast::tcp_stream>> stream_;
+  beast::flat_buffer buffer_;
+  std::string host_;
+};
+
+struct Lat {
+  std::vector<double> us;
+  void add(Clock::duration d) { us.push_back(std::chrono::duration<double, std::micro>(d).count()); }
+  double pct(double p) {
+    if (us.empty()) {
+      return 0;
+    }
+    std::sort(us.begin(), us.end());
+    const auto i = static_cast<std::size_t>(p * static_cast<double>(us.size() - 1));
+    return us[i];
+  }
+};
+
+struct Result {
+  std::uint64_t deliveries = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t errors = 0;
+  double seconds = 0;
+  Lat lat;
+};
+
+// One enc_keys at alice + the matching dec_keys at bob; returns keys matched (0 on error).
+std::uint64_t one_round(Conn& a, Conn& b, unsigned number, Lat& lat, std::string& err) {
+  std::string body;
+  auto t0 = Clock::now();
+  unsigned st = a.request(http::verb::get,
+                          fmt::format("/api/v1/keys/bob/enc_keys?number={}", number), "", body);
+  lat.add(Clock::now() - t0);
+  if (st != 200) {
+    err = fmt::format("enc_keys {}: {}", st, body);
+    return 0;
+  }
+  const json enc = json::parse(body);
+  json ids = json::array();
+  for (const auto& k : enc.at("keys")) {
+    ids.push_back({{"key_ID", k.at("key_ID")}});
+  }
+  const std::string dec_req = json{{"key_IDs", ids}}.dump();
+  t0 = Clock::now();
+  st = b.request(http::verb::post, "/api/v1/keys/alice/dec_keys", dec_req, body);
+  lat.add(Clock::now() - t0);
+  if (st != 200) {
+    err = fmt::format("dec_keys {}: {}", st, body);
+    return 0;
+  }
+  const json dec = json::parse(body);
+  std::uint64_t matched = 0;
+  for (std::size_t i = 0; i < enc.at("keys").size() && i < dec.at("keys").size(); ++i) {
+    if (enc["keys"][i]["key"] == dec["keys"][i]["key"] &&
+        enc["keys"][i]["key_ID"] == dec["keys"][i]["key_ID"]) {
+      ++matched;
+    }
+  }
+  if (matched != enc.at("keys").size()) {
+    err = "enc and dec keys differ";
+  }
+  return matched;
+}
+
+Result closed_loop(const qkd::test::KmeNetwork& net, int conns, unsigned number, double seconds,
+                   bool health_only) {
+  Result total;
+  std::mutex mu;
+  std::atomic<bool> go{false};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  std::atomic<int> ready{0};
+  for (int c = 0; c < conns; ++c) {
+    threads.emplace_back([&]() {
+      Conn a(net.alice().host, net.alice().api_port, net.sae("alice"));
+      Conn b(net.bob().host, net.bob().api_port, net.sae("bob"));
+      Result r;
+      ++ready;
+      while (!go.load()) {
+        std::this_thread::yield();
+      }
+      std::string err;
+      while (!stop.load()) {
+        if (health_only) {
+          std::string body;
+          const auto t0 = Clock::now();
+          const unsigned st = a.request(http::verb::get, "/health", "", body);
+          r.lat.add(Clock::now() - t0);
+          ++r.requests;
+          r.errors += st != 200;
+          continue;
+        }
+        const std::uint64_t m = one_round(a, b, number, r.lat, err);
+        r.requests += 2;
+        r.deliveries += m;
+        if (m == 0 || !err.empty()) {
+          ++r.errors;
+          if (r.errors == 1) {
+            std::fprintf(stderr, "error: %s\n", err.c_str());
+          }
+          err.clear();
+        }
+      }
+      std::lock_guard lock(mu);
+      total.deliveries += r.deliveries;
+      total.requests += r.requests;
+      total.errors += r.errors;
+      total.lat.us.insert(total.lat.us.end(), r.lat.us.begin(), r.lat.us.end());
+    });
+  }
+  while (ready.load() < conns) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const auto t0 = Clock::now();
+  go = true;
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  stop = true;
+  for (auto& t : threads) {
+    t.join();
+  }
+  total.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return total;
+}
+
+// Open loop: `rate` requests/s in total (enc + dec pairs) spread over `conns` connections;
+// latency from the scheduled start of each request.
+Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, double seconds) {
+  Result total;
+  std::mutex mu;
+  std::vector<std::thread> threads;
+  const double pairs_per_conn = rate / 2.0 / conns;
+  const auto interval = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(1.0 / pairs_per_conn));
+  const auto start = Clock::now() + std::chrono::milliseconds(200);
+  const auto end = start + std::chrono::duration_cast<Clock::duration>(
+                               std::chrono::duration<double>(seconds));
+  for (int c = 0; c < conns; ++c) {
+    threads.emplace_back([&, c]() {
+      Conn a(net.alice().host, net.alice().api_port, net.sae("alice"));
+      Conn b(net.bob().host, net.bob().api_port, net.sae("bob"));
+      Result r;
+      auto next = start + interval * c / conns;
+      std::string err;
+      while (next < end) {
+        std::this_thread::sleep_until(next);
+        std::string body;
+        unsigned st = a.request(http::verb::get, "/api/v1/keys/bob/enc_keys", "", body);
+        r.lat.add(Clock::now() - next);
+        const auto t1 = Clock::now();
+        if (st == 200) {
+          const json enc = json::parse(body);
+          const std::string dec_req =
+              json{{"key_IDs", {{{"key_ID", enc["keys"][0]["key_ID"]}}}}}.dump();
+          st = b.request(http::verb::post, "/api/v1/keys/alice/dec_keys", dec_req, body);
+          r.lat.add(Clock::now() - t1);
+          r.deliveries += st == 200;
+        }
+        r.errors += st != 200;
+        r.requests += 2;
+        next += interval;
+      }
+      std::lock_guard lock(mu);
+      total.deliveries += r.deliveries;
+      total.requests += r.requests;
+      total.errors += r.errors;
+      total.lat.us.insert(total.lat.us.end(), r.lat.us.begin(), r.lat.us.end());
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  total.seconds = seconds;
+  return total;
+}
+
+int run(int argc, char** argv) {
+  double seconds = 3;
+  unsigned number = 1;
+  double rate = 1000;
+  std::string store = "both";
+  std::uint64_t keys = 0;  // pool to wait for; 0 = enough for every run at ~15,000/s
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--seconds") {
+      seconds = std::stod(argv[i + 1]);
+    } else if (a == "--number") {
+      number = static_cast<unsigned>(std::stoul(argv[i + 1]));
+    } else if (a == "--rate") {
+      rate = std::stod(argv[i + 1]);
+    } else if (a == "--keys") {
+      keys = std::stoull(argv[i + 1]);
+    } else if (a == "--store") {
+      store = argv[i + 1];
+    } else {
+      std::fprintf(stderr, "usage: kms_load [--seconds S] [--number N] [--rate R] "
+                           "[--keys K] [--store memory|durable|both]\n");
+      return 2;
+    }
+  }
+  std::printf("| store | load | connections | keys/request | requests/s | key deliveries/s | "
+              "p50 µs | p99 µs | p99.9 µs | errors |\n|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const bool durable : {false, true}) {
+    if ((durable && store == "memory") || (!durable && store == "durable")) {
+      continue;
+    }
+    qkd::test::KmeNetworkOptions o;
+    o.log_level = "warn";
+    o.durable_store = durable;
+    o.max_key_count = 2'000'000;
+    o.max_key_per_request = 128;
+    o.length_km = 1;
+    o.customize = [](json& a, json& b) {
+      // The benchmark measures the server path, not the limiter.
+      for (json* c : {&a, &b}) {
+        (*c)["admission"] = {{"sae_keys_per_s", 0}, {"pair_keys_per_window", 0}};
+      }
+    };
+    auto net = qkd::test::KmeNetwork::start(o);
+    if (!net.ok()) {
+      std::fprintf(stderr, "cannot start the KMEs: %s\n", net.error().message.c_str());
+      return 1;
+    }
+    // Enough for every run at ~15,000 deliveries/s (the link keeps producing meanwhile).
+    const auto need =
+        keys != 0 ? keys : static_cast<std::uint64_t>(seconds * 15'000 * 4 * number);
+    const auto t0 = Clock::now();
+    if (auto s = (*net)->wait_for_keys(need, std::chrono::minutes(10)); !s.ok()) {
+      std::fprintf(stderr, "pool not filled: %s\n", s.error().message.c_str());
+      return 1;
+    }
+    std::fprintf(stderr, "%s: %llu keys ready after %.1f s\n", durable ? "durable" : "memory",
+                 static_cast<unsigned long long>(need),
+                 std::chrono::duration<double>(Clock::now() - t0).count());
+    const char* st = durable ? "durable" : "memory";
+    auto row = [&](const char* load, int conns, unsigned n, Result r) {
+      std::printf("| %s | %s | %d | %u | %.0f | %.0f | %.0f | %.0f | %.0f | %llu |\n", st, load,
+                  conns, n, static_cast<double>(r.requests) / r.seconds,
+                  static_cast<double>(r.deliveries) / r.seconds, r.lat.pct(0.5), r.lat.pct(0.99),
+                  r.lat.pct(0.999), static_cast<unsigned long long>(r.errors));
+      std::fflush(stdout);
+    };
+    for (const int c : {1, 8, 64}) {
+      row("GET /health (baseline)", c, 0, closed_loop(**net, c, 0, seconds / 2, true));
+      row("enc+dec, closed loop", c, number, closed_loop(**net, c, number, seconds, false));
+    }
+    row(fmt::format("enc+dec, open loop {:.0f} req/s", rate).c_str(), 8, 1,
+        open_loop(**net, 8, rate, seconds));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kms_load: %s\n", e.what());
+    return 1;
+  }
+}
