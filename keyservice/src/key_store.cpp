@@ -275,28 +275,46 @@ class JournaledStore final : public KeyStore {
   }
 
   Status apply_peer_notice(std::uint64_t seq, std::vector<KeyAssignment> as) override {
-    std::uint64_t ticket = 0;
-    Status st = qkd::core::ok_status();
+    auto q = queue_peer_notice(seq, std::move(as));
+    if (!q.ok()) {
+      return q.error();
+    }
+    if (auto d = durable(q->ticket); !d.ok()) {
+      return d;
+    }
+    return q->refused;
+  }
+
+  Result<QueuedNotice> queue_peer_notice(std::uint64_t seq,
+                                         std::vector<KeyAssignment> as) override {
+    QueuedNotice q;
     {
       std::lock_guard lock(mu_);
       for (auto& a : as) {
-        if (Status s = enqueue_peer_assignment_locked(std::move(a)); st.ok() && !s.ok()) {
-          st = s;
+        if (Status s = enqueue_peer_assignment_locked(std::move(a)); q.refused.ok() && !s.ok()) {
+          q.refused = s;
         }
       }
-      if (Status d = drain_pending_locked(); st.ok() && !d.ok()) {
-        st = d;
+      if (Status d = drain_pending_locked(); q.refused.ok() && !d.ok()) {
+        q.refused = d;
       }
       if (journal_) {
         journal_->set_value(detail::kLastAppliedSeq, seq);
       }
-      ticket = seal_locked();
+      q.ticket = seal_locked();
     }
     cv_.notify_all();
-    if (auto d = durable(ticket); !d.ok()) {
-      return d;
+    return q;
+  }
+
+  Status durable(std::uint64_t ticket) override {
+    if (!journal_) {
+      return qkd::core::ok_status();
     }
-    return st;
+    if (auto s = journal_->wait(ticket); !s.ok()) {
+      return store_failure(s.error());
+    }
+    return qkd::core::ok_status();
   }
 
   void ack_notices(std::uint64_t seq) override {
@@ -526,15 +544,6 @@ class JournaledStore final : public KeyStore {
 
   std::uint64_t seal_locked() { return journal_ ? journal_->seal() : 0; }
 
-  Status durable(std::uint64_t ticket) {
-    if (!journal_) {
-      return qkd::core::ok_status();
-    }
-    if (auto s = journal_->wait(ticket); !s.ok()) {
-      return store_failure(s.error());
-    }
-    return qkd::core::ok_status();
-  }
 
   void commit_locked(std::span<const std::uint8_t> block_key) {
     const std::uint64_t first = committed_;

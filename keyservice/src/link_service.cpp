@@ -93,6 +93,7 @@ struct LinkService::Impl {
   std::unique_ptr<LinkAcceptor> acceptor;
   std::thread runner;
   std::thread expirer;  // keys.max_age_s > 0: discards expired keys periodically
+  std::thread acker;    // acks peer notices once they are durable (see run_acks)
   std::atomic<bool> stopping{false};
 
   // Connection hand-over (alice) and the current connection.
@@ -115,6 +116,19 @@ struct LinkService::Impl {
   std::uint64_t due_seq = 0;                    // highest seq whose notice delay has passed
   std::uint64_t last_applied_seq = 0;           // of the peer's notices
   std::shared_ptr<LinkConnection> notice_conn;  // set while the session is established
+
+  // Acks of peer notices, sent by the acker thread once the store holds them durably, so
+  // that the link's strand never waits for a disk write: notices arriving meanwhile join
+  // the same group commit and are acked together (an ack covers every seq up to it).
+  struct PendingAck {
+    std::uint64_t seq = 0;
+    std::uint64_t ticket = 0;
+    std::weak_ptr<LinkConnection> conn;
+  };
+  std::mutex ack_mu;
+  std::condition_variable ack_cv;
+  std::deque<PendingAck> acks;
+  std::uint64_t last_notice_ticket = 0;  // of the newest applied notice (under ack_mu)
 
   // Statistics.
   mutable std::mutex stats_mu;
@@ -257,18 +271,23 @@ struct LinkService::Impl {
           fresh = true;
         }
       }
+      std::lock_guard ack_lock(ack_mu);  // keeps tickets in seq order
       if (fresh) {
         const std::size_t n = as.size();
-        // Applied durably before the ack lets the peer forget the notice.
-        if (auto s = store.apply_peer_notice(seq, std::move(as)); !s.ok()) {
-          spdlog::error("link: notice {}: {}", seq, s.error().message);
-          if (s.error().code == ErrorCode::kUnavailable) {
-            return false;  // not stored: no ack; the peer resends it next session
-          }
+        auto q = store.queue_peer_notice(seq, std::move(as));
+        if (!q.ok()) {
+          spdlog::error("link: notice {}: {}", seq, q.error().message);
+          return false;  // not stored: no ack; the peer resends it next session
         }
+        if (!q->refused.ok()) {
+          spdlog::error("link: notice {}: {}", seq, q->refused.error().message);
+        }
+        last_notice_ticket = q->ticket;
         spdlog::debug("link: applied notice {} ({} keys)", seq, n);
       }
-      (void)conn.send(Channel::kControl, to_bytes(json{{"t", "ack"}, {"seq", seq}}));
+      // A resent notice is acked once everything applied so far is durable.
+      acks.push_back(PendingAck{seq, last_notice_ticket, conn.weak_from_this()});
+      ack_cv.notify_one();
       return true;
     } catch (const std::exception& e) {
       spdlog::warn("link: malformed {} message: {}", t, e.what());
@@ -596,6 +615,40 @@ struct LinkService::Impl {
     conn_cv.wait_for(lock, d, [&] { return stopping.load(); });
   }
 
+  // Sends the acks of peer notices once the store has written them (one wait per group).
+  void run_acks() {
+    std::unique_lock lock(ack_mu);
+    for (;;) {
+      ack_cv.wait(lock, [&] { return stopping.load() || !acks.empty(); });
+      if (acks.empty()) {
+        return;
+      }
+      std::deque<PendingAck> batch = std::move(acks);
+      acks.clear();
+      lock.unlock();
+      std::uint64_t ticket = 0;
+      for (const auto& a : batch) {
+        ticket = std::max(ticket, a.ticket);
+      }
+      const bool written = store.durable(ticket).ok();  // on failure: no ack, peer resends
+      // One ack per connection, for the highest seq it sent (acks are cumulative).
+      for (std::size_t i = 0; written && i < batch.size(); ++i) {
+        const bool last_of_conn =
+            i + 1 == batch.size() || batch[i + 1].conn.lock() != batch[i].conn.lock();
+        if (auto c = batch[i].conn.lock(); c && last_of_conn) {
+          std::uint64_t seq = 0;
+          for (std::size_t k = 0; k <= i; ++k) {
+            if (batch[k].conn.lock() == c) {
+              seq = std::max(seq, batch[k].seq);
+            }
+          }
+          (void)c->send(Channel::kControl, to_bytes(json{{"t", "ack"}, {"seq", seq}}));
+        }
+      }
+      lock.lock();
+    }
+  }
+
   // keys.max_age_s: every quarter of the max age (100 ms .. 1 s), discard what expired.
   void run_expiry() {
     const auto period = std::clamp(std::chrono::milliseconds(config.keys.max_age_s * 250),
@@ -706,6 +759,7 @@ qkd::core::Result<std::uint16_t> LinkService::start() {
   if (im->config.keys.max_age_s > 0) {
     im->expirer = std::thread([im]() { im->run_expiry(); });
   }
+  im->acker = std::thread([im]() { im->run_acks(); });
   im->runner = std::thread([im]() {
     try {
       im->run();
@@ -720,7 +774,8 @@ void LinkService::stop() {
   Impl* im = impl_.get();
   {
     std::lock_guard lock(im->conn_mu);
-    if (im->stopping.exchange(true) && !im->runner.joinable() && !im->expirer.joinable()) {
+    if (im->stopping.exchange(true) && !im->runner.joinable() && !im->expirer.joinable() &&
+        !im->acker.joinable()) {
       return;
     }
     if (im->current) {
@@ -740,6 +795,13 @@ void LinkService::stop() {
   }
   if (im->expirer.joinable()) {
     im->expirer.join();
+  }
+  {
+    std::lock_guard lock(im->ack_mu);  // wakes the acker (stopping is set)
+    im->ack_cv.notify_all();
+  }
+  if (im->acker.joinable()) {
+    im->acker.join();
   }
 }
 

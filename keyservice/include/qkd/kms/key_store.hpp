@@ -131,6 +131,17 @@ class KeyStore {
   // stop the others: the first refusal is returned) and records `seq` as applied.
   [[nodiscard]] virtual Status apply_peer_notice(std::uint64_t seq,
                                                  std::vector<KeyAssignment> assignments) = 0;
+  // The same without waiting for the store: the notice is applied in memory and queued for
+  // writing; `durable(ticket)` waits until it is written (the ack must wait for that). A key
+  // it assigns may be delivered before then: the delivery's own write is ordered after it,
+  // and no delivery leaves before its write is durable. `refused` is the first refusal.
+  struct QueuedNotice {
+    std::uint64_t ticket = 0;
+    Status refused = qkd::core::ok_status();
+  };
+  [[nodiscard]] virtual Result<QueuedNotice> queue_peer_notice(
+      std::uint64_t seq, std::vector<KeyAssignment> assignments) = 0;
+  [[nodiscard]] virtual Status durable(std::uint64_t ticket) = 0;
   // The peer acknowledged own notices up to `seq`.
   virtual void ack_notices(std::uint64_t seq) = 0;
 
