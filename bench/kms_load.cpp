@@ -263,8 +263,27 @@ int run(int argc, char** argv) {
   double rate = 1000;
   std::string store = "both";
   std::uint64_t keys = 0;  // pool to wait for; 0 = enough for every run at ~15,000/s
-  for (int i = 1; i + 1 < argc; i += 2) {
+  const auto usage = [](std::FILE* to) {
+    std::fprintf(to,
+                 "usage: kms_load [--seconds S] [--number N] [--rate R] [--keys K] "
+                 "[--store memory|durable|both]\n"
+                 "  --seconds S  length of each row [s] (default 3)\n"
+                 "  --number N   keys per enc_keys request (default 1)\n"
+                 "  --rate R     open-loop request rate [requests/s] (default 1000)\n"
+                 "  --keys K     keys to have in the pool before the runs (default: enough)\n"
+                 "  --store S    memory, durable or both (default both)\n");
+  };
+  for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "kms_load: %s needs a value\n", a.c_str());
+      usage(stderr);
+      return 2;
+    }
     if (a == "--seconds") {
       seconds = std::stod(argv[i + 1]);
     } else if (a == "--number") {
@@ -276,8 +295,8 @@ int run(int argc, char** argv) {
     } else if (a == "--store") {
       store = argv[i + 1];
     } else {
-      std::fprintf(stderr, "usage: kms_load [--seconds S] [--number N] [--rate R] "
-                           "[--keys K] [--store memory|durable|both]\n");
+      std::fprintf(stderr, "kms_load: unknown option %s\n", a.c_str());
+      usage(stderr);
       return 2;
     }
   }
