@@ -53,6 +53,25 @@ struct AliceEndpoint::Impl final : detail::EndpointCore {
   // kKeepEventCapacity) so that each block does not fault in fresh pages.
   std::vector<DetectionEvent> events_buffer;
   static constexpr std::size_t kKeepEventCapacity = std::size_t{1} << 24;  // 128 MB
+  // Alice's state of each detection event (from the simulation, reused by sifting): secret,
+  // cleansed by StatesGuard when a block's sifting ends or the block fails.
+  std::vector<AliceState> states_buffer;
+  struct StatesGuard {
+    std::vector<AliceState>& v;
+    explicit StatesGuard(std::vector<AliceState>& b) : v(b) {}
+    StatesGuard(const StatesGuard&) = delete;
+    StatesGuard& operator=(const StatesGuard&) = delete;
+    ~StatesGuard() { release(); }
+    void release() {
+      if (!v.empty()) {
+        OPENSSL_cleanse(v.data(), v.size() * sizeof(AliceState));
+      }
+      v.clear();
+      if (v.capacity() > kKeepEventCapacity) {
+        v.shrink_to_fit();
+      }
+    }
+  };
 
   Impl(ChannelParams c, const ProtocolParams& p, std::span<const std::uint8_t> k,
        std::uint64_t s, MessageTransport& q, MessageTransport& cl)
@@ -110,9 +129,15 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
   const detail::SourceInfo source = detail::source_info(channel);
   std::vector<DetectionEvent>& events = events_buffer;
   events.clear();
+  std::vector<AliceState>& states = states_buffer;
+  StatesGuard states_guard(states);
+  states.clear();
   {
     ChannelSimulator sim(channel, seed ^ (0x5DEECE66DULL * (block + 1)));
-    sim.run(events, prf, P.pulses_per_block);
+    sim.run(events, prf, P.pulses_per_block, &states);
+  }
+  if (states.size() != events.size()) {
+    return make_error(ErrorCode::kInternal, "simulation returned inconsistent states");
   }
   r.detections = events.size();
   {
@@ -158,10 +183,7 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     }
     BitVector class_lo;
     BitVector class_hi;
-    // The states in batches (one AES call per batch: AlicePrf::at_many), cleansed after.
-    constexpr std::size_t kSiftBatch = 1024;
-    std::array<std::uint64_t, kSiftBatch> batch_pulses{};
-    std::array<AliceState, kSiftBatch> batch_states{};
+    // The states come from the simulation (states_buffer, cleansed after sifting).
     // The kept bits gathered 64 at a time and appended a word at a time.
     std::uint64_t bit_word = 0;
     std::uint64_t basis_word = 0;
@@ -178,33 +200,24 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       bit_word = basis_word = lo_word = hi_word = 0;
       filled = 0;
     };
-    for (std::size_t at = 0; at < count; at += kSiftBatch) {
-      const std::size_t m = std::min(count - at, kSiftBatch);
-      for (std::size_t j = 0; j < m; ++j) {
-        batch_pulses[j] = events[at + j].pulse;
-      }
-      prf.at_many(std::span<const std::uint64_t>(batch_pulses.data(), m),
-                  std::span<AliceState>(batch_states.data(), m));
-      for (std::size_t j = 0; j < m; ++j) {
-        const std::size_t i = at + j;
-        const AliceState& s = batch_states[j];
-        if (s.basis == bob_bases.get(i)) {
-          match.set(i, true);
-          bit_word |= std::uint64_t{s.bit ? 1U : 0U} << filled;
-          basis_word |= std::uint64_t{s.basis ? 1U : 0U} << filled;
-          if (source.decoys()) {
-            info.intensity.push_back(s.intensity);
-            lo_word |= std::uint64_t{s.intensity & 1U} << filled;
-            hi_word |= std::uint64_t{(s.intensity >> 1) & 1U} << filled;
-          }
-          if (++filled == 64) {
-            flush();
-          }
+    for (std::size_t i = 0; i < count; ++i) {
+      const AliceState& s = states[i];
+      if (s.basis == bob_bases.get(i)) {
+        match.set(i, true);
+        bit_word |= std::uint64_t{s.bit ? 1U : 0U} << filled;
+        basis_word |= std::uint64_t{s.basis ? 1U : 0U} << filled;
+        if (source.decoys()) {
+          info.intensity.push_back(s.intensity);
+          lo_word |= std::uint64_t{s.intensity & 1U} << filled;
+          hi_word |= std::uint64_t{(s.intensity >> 1) & 1U} << filled;
+        }
+        if (++filled == 64) {
+          flush();
         }
       }
     }
     flush();
-    OPENSSL_cleanse(batch_states.data(), sizeof(batch_states));
+    states_guard.release();
     events.clear();
     if (events.capacity() > kKeepEventCapacity) {
       events.shrink_to_fit();

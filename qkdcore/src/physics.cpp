@@ -391,6 +391,27 @@ void prefer_huge_pages(void* p, std::size_t events) {
 #endif
 }
 
+// Alice's states are secret: a growing vector must not free its old buffer uncleansed.
+void reserve_secret(std::vector<AliceState>& v, std::size_t n) {
+  if (n <= v.capacity()) {
+    return;
+  }
+  std::vector<AliceState> bigger;
+  bigger.reserve(n);
+  bigger.assign(v.begin(), v.end());
+  if (!v.empty()) {
+    OPENSSL_cleanse(v.data(), v.size() * sizeof(AliceState));
+  }
+  v.swap(bigger);
+}
+
+void push_secret(std::vector<AliceState>& v, const AliceState& s) {
+  if (v.size() == v.capacity()) {
+    reserve_secret(v, v.capacity() * 2 + 64);
+  }
+  v.push_back(s);
+}
+
 }  // namespace
 
 ChannelSimulator::ChannelSimulator(const ChannelParams& params, std::uint64_t seed)
@@ -434,7 +455,7 @@ ChannelSimulator::ChannelSimulator(const ChannelParams& params, std::uint64_t se
 }
 
 void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
-                           std::uint64_t pulses) {
+                           std::uint64_t pulses, std::vector<AliceState>* alice_states) {
   pulses = std::min(pulses, DetectionEvent::kMaxPulse);
   if (theory_.live_gain <= 0.0 || pulses == 0 || !(log1m_qmax_ < 0.0)) {
     return;
@@ -444,6 +465,9 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
               static_cast<std::size_t>(static_cast<double>(pulses) * theory_.gain * 1.01) + 64);
   if (out.capacity() != old_capacity) {
     prefer_huge_pages(out.data() + out.size(), out.capacity() - out.size());
+  }
+  if (alice_states != nullptr) {
+    reserve_secret(*alice_states, alice_states->size() + (out.capacity() - out.size()));
   }
   // The generators and counters as locals (written back at the end): kept in registers, not reloaded
   // after every store into `out` (which the compiler must assume may alias them).
@@ -483,12 +507,20 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
   const auto afterpulses_up_to = [&](std::uint64_t limit) {
     while (ap_pending && ap_at <= limit) {
       const std::uint64_t at = ap_at;
-      const std::size_t k = classes_ > 1 ? prf.at(at).intensity : 0;
+      AliceState as{};
+      if (classes_ > 1 || alice_states != nullptr) {
+        as = prf.at(at);
+      }
+      const std::size_t k = classes_ > 1 ? as.intensity : 0;
       truth.afterpulses[k] += 1;
       DetectionEvent ev;
       ev.pulse = at & DetectionEvent::kMaxPulse;
       ev.dark = 1U;  // a false click: Bob's result is random
       out.push_back(ev);
+      if (alice_states != nullptr) {
+        push_secret(*alice_states, as);
+      }
+      as = AliceState{};
       on_click(at);
     }
   };
@@ -533,8 +565,16 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
         // Photon number given the detection, then whether a photon (or only a dark count)
         // clicked.
         const double u = rng.uniform();
-        std::size_t n = 0;
-        while (n < kMaxPhotons && u >= tb.cdf[n]) {
+        // The first index with u < cdf[n] (or kMaxPhotons). The cdf is non-decreasing, so
+        // over the first four entries that index is the count of entries <= u: counted
+        // without branches (n is random, a loop mispredicted its exit), the loop beyond.
+        static_assert(kMaxPhotons >= 4);
+        const double* cdf = tb.cdf.data();
+        std::size_t n = static_cast<std::size_t>(u >= cdf[0]) +
+                        static_cast<std::size_t>(u >= cdf[1]) +
+                        static_cast<std::size_t>(u >= cdf[2]) +
+                        static_cast<std::size_t>(u >= cdf[3]);
+        while (n >= 4 && n < kMaxPhotons && u >= cdf[n]) {
           ++n;
         }
         truth.single_photon[k] += n == 1 ? 1 : 0;
@@ -560,6 +600,9 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
         ev.dark = 1U;
       }
       out.push_back(ev);
+      if (alice_states != nullptr) {
+        push_secret(*alice_states, states[j]);
+      }
       if (gated) {
         on_click(cand[j]);
       }

@@ -1,5 +1,7 @@
 #include "protocol.hpp"
 
+#include <openssl/crypto.h>
+
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -496,18 +498,35 @@ std::vector<std::uint8_t> encode_detections(std::uint64_t block_id, std::uint32_
   w.u32(chunk);
   w.u8(last ? 1 : 0);
   w.u32(static_cast<std::uint32_t>(ev.size()));
+  // The events are encoded into a small local buffer with plain stores (a varint of at
+  // most 10 bytes and a state byte each) and appended to the frame a buffer at a time.
+  // The buffer held Bob's arriving states: cleansed after.
+  std::array<std::uint8_t, 4096> tmp;
+  constexpr std::size_t kEventMax = 11;
+  std::size_t pos = 0;
   std::uint64_t next = first_pulse_base;
   for (const DetectionEvent& e : ev) {
-    w.varint(e.pulse - next);
+    if (pos > tmp.size() - kEventMax) {
+      w.bytes(std::span<const std::uint8_t>(tmp.data(), pos));
+      pos = 0;
+    }
+    std::uint64_t v = e.pulse - next;
     next = e.pulse + 1;
+    while (v >= 0x80) {
+      tmp[pos++] = static_cast<std::uint8_t>((v & 0x7F) | 0x80);
+      v >>= 7;
+    }
+    tmp[pos++] = static_cast<std::uint8_t>(v);
     std::uint8_t state = 0;
     if (e.dark) {
       state = 4;
     } else {
       state = static_cast<std::uint8_t>((e.bit ? 1 : 0) | (e.basis ? 2 : 0));
     }
-    w.u8(state);
+    tmp[pos++] = state;
   }
+  w.bytes(std::span<const std::uint8_t>(tmp.data(), pos));
+  OPENSSL_cleanse(tmp.data(), tmp.size());
   return w.take();
 }
 

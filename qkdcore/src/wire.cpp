@@ -19,14 +19,6 @@ void Writer::u64(std::uint64_t v) {
 
 void Writer::f64(double v) { u64(std::bit_cast<std::uint64_t>(v)); }
 
-void Writer::varint(std::uint64_t v) {
-  while (v >= 0x80) {
-    buf_.push_back(static_cast<std::uint8_t>((v & 0x7F) | 0x80));
-    v >>= 7;
-  }
-  buf_.push_back(static_cast<std::uint8_t>(v));
-}
-
 void Writer::bits(const BitVector& v) {
   u64(v.size());
   const std::size_t at = buf_.size();
@@ -37,14 +29,6 @@ void Writer::bits(const BitVector& v) {
 void Writer::string(const std::string& s) {
   u32(static_cast<std::uint32_t>(s.size()));
   buf_.insert(buf_.end(), s.begin(), s.end());
-}
-
-bool Reader::u8(std::uint8_t& v) {
-  if (remaining() < 1) {
-    return false;
-  }
-  v = data_[pos_++];
-  return true;
 }
 
 bool Reader::u32(std::uint32_t& v) {
@@ -78,7 +62,7 @@ bool Reader::f64(double& v) {
   return true;
 }
 
-bool Reader::varint(std::uint64_t& v) {
+bool Reader::varint_slow(std::uint64_t& v) {
   v = 0;
   for (int i = 0; i < 10; ++i) {
     std::uint8_t b = 0;

@@ -19,7 +19,13 @@ class Writer {
   void u32(std::uint32_t v);
   void u64(std::uint64_t v);
   void f64(double v);
-  void varint(std::uint64_t v);  // LEB128, 1..10 bytes
+  void varint(std::uint64_t v) {  // LEB128, 1..10 bytes (inline: one per detection event)
+    while (v >= 0x80) {
+      buf_.push_back(static_cast<std::uint8_t>((v & 0x7F) | 0x80));
+      v >>= 7;
+    }
+    buf_.push_back(static_cast<std::uint8_t>(v));
+  }
   void bytes(std::span<const std::uint8_t> b) { buf_.insert(buf_.end(), b.begin(), b.end()); }
   void bits(const BitVector& v);
   void string(const std::string& s);  // u32 length + bytes
@@ -35,11 +41,35 @@ class Writer {
 class Reader {
  public:
   explicit Reader(std::span<const std::uint8_t> data) : data_(data) {}
-  [[nodiscard]] bool u8(std::uint8_t& v);
+  [[nodiscard]] bool u8(std::uint8_t& v) {
+    if (pos_ >= data_.size()) {
+      return false;
+    }
+    v = data_[pos_++];
+    return true;
+  }
   [[nodiscard]] bool u32(std::uint32_t& v);
   [[nodiscard]] bool u64(std::uint64_t& v);
   [[nodiscard]] bool f64(double& v);
-  [[nodiscard]] bool varint(std::uint64_t& v);  // rejects > 10 bytes and overflow
+  // Rejects > 10 bytes and overflow. Inline fast path for one- and two-byte values (the
+  // gaps between detections), the general loop otherwise.
+  [[nodiscard]] bool varint(std::uint64_t& v) {
+    if (data_.size() - pos_ >= 2) {
+      const std::uint8_t b0 = data_[pos_];
+      if ((b0 & 0x80) == 0) {
+        v = b0;
+        pos_ += 1;
+        return true;
+      }
+      const std::uint8_t b1 = data_[pos_ + 1];
+      if ((b1 & 0x80) == 0) {
+        v = std::uint64_t{static_cast<std::uint8_t>(b0 & 0x7F)} | (std::uint64_t{b1} << 7);
+        pos_ += 2;
+        return true;
+      }
+    }
+    return varint_slow(v);
+  }
   [[nodiscard]] bool bytes(std::size_t n, std::span<const std::uint8_t>& out);
   // Fails if the encoded count exceeds max_bits, the bytes are short, or the unused high
   // bits of the last byte are not zero (one encoding per value).
@@ -49,6 +79,7 @@ class Reader {
   [[nodiscard]] std::size_t remaining() const { return data_.size() - pos_; }
 
  private:
+  [[nodiscard]] bool varint_slow(std::uint64_t& v);
   std::span<const std::uint8_t> data_;
   std::size_t pos_ = 0;
 };

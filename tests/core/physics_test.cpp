@@ -393,6 +393,48 @@ TEST(Physics, ValidateDetectorFields) {
   EXPECT_TRUE(validate(p).ok());
 }
 
+TEST(Physics, SimulationStatesEqualThePrfAndChangeNoEvent) {
+  // run() with an AliceState output (what Alice's sifting reuses) must give the same events
+  // and truth as without it, and each state must be the PRF's state of its event's pulse:
+  // decoys, dead time and afterpulses (whose states are looked up separately), and the
+  // single-photon source without decoys.
+  ChannelParams decoy = decoy_at(10.0);
+  decoy.dead_time_ns = 20.0;
+  decoy.afterpulse_prob = 0.05;
+  decoy.afterpulse_window_ns = 50.0;
+  ChannelParams single;
+  single.length_km = 5.0;
+  single.afterpulse_prob = 0.05;
+  single.afterpulse_window_ns = 50.0;
+  for (const ChannelParams& p : {decoy, single}) {
+    SimulationTruth truth;
+    const std::vector<DetectionEvent> plain = run_events(p, 3'000'000, 41, &truth);
+    std::array<std::uint8_t, 16> key{};
+    key[0] = 41;
+    AlicePrf prf(key, source_choices(p, 0.5));
+    ChannelSimulator sim(p, 41);
+    std::vector<DetectionEvent> ev;
+    std::vector<AliceState> states;
+    sim.run(ev, prf, 3'000'000, &states);
+    ASSERT_GT(ev.size(), 1000U);
+    EXPECT_EQ(fingerprint(ev), fingerprint(plain));
+    EXPECT_EQ(sim.truth().afterpulses, truth.afterpulses);
+    EXPECT_GT(sim.truth().afterpulses[0] + sim.truth().afterpulses[1] +
+                  sim.truth().afterpulses[2],
+              0U);
+    ASSERT_EQ(states.size(), ev.size());
+    std::size_t mismatches = 0;
+    for (std::size_t i = 0; i < ev.size(); ++i) {
+      const AliceState a = prf.at(ev[i].pulse);
+      mismatches += (a.bit != states[i].bit || a.basis != states[i].basis ||
+                     a.intensity != states[i].intensity)
+                        ? 1
+                        : 0;
+    }
+    EXPECT_EQ(mismatches, 0U);
+  }
+}
+
 TEST(KeyLength, Formula) {
   // n = 10000, e = 0.01, leak = 1000, margin 0.05: 10000 (1 - h) - 1000 - 500.
   const double h = binary_entropy(0.01);

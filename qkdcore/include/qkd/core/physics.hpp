@@ -148,7 +148,15 @@ class ChannelSimulator {
   // Appends the detection events for pulses [0, pulses) to `out`, in increasing pulse
   // order, using `prf` for Alice's states (its intensity classes must follow the
   // params' probabilities: build it with source_choices()).
-  void run(std::vector<DetectionEvent>& out, AlicePrf& prf, std::uint64_t pulses);
+  void run(std::vector<DetectionEvent>& out, AlicePrf& prf, std::uint64_t pulses) {
+    run(out, prf, pulses, nullptr);
+  }
+  // The same, also appending to `alice_states` (when not null) Alice's state of each
+  // appended event (prf's output for its pulse, before Eve and misalignment), so that her
+  // sifting need not compute them again. Same events, same random draws. The states are
+  // secret: the caller cleanses them (OPENSSL_cleanse) when done.
+  void run(std::vector<DetectionEvent>& out, AlicePrf& prf, std::uint64_t pulses,
+           std::vector<AliceState>* alice_states);
   [[nodiscard]] const SimulationTruth& truth() const { return truth_; }
   [[nodiscard]] const ChannelTheory& theory() const { return theory_; }
 
