@@ -4,7 +4,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -15,18 +14,6 @@ namespace qkd::kms {
 using json = nlohmann::json;
 
 namespace {
-
-std::optional<std::uint64_t> parse_u64(std::string_view s) {
-  std::uint64_t v = 0;
-  if (s.empty()) {
-    return std::nullopt;
-  }
-  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (ec != std::errc{} || p != s.data() + s.size()) {
-    return std::nullopt;
-  }
-  return v;
-}
 
 // The value of query parameter `name` (URL-decoded), if present exactly once.
 std::optional<std::string> query_value(std::string_view query, std::string_view name) {
@@ -100,7 +87,7 @@ RequestInfo classify_request(const ApiRequest& req) {
   }
   if (req.method == "GET") {
     if (auto n = query_value(query, "number")) {
-      auto v = parse_u64(*n);
+      auto v = parse_decimal<std::uint64_t>(*n);
       info.well_formed = v.has_value();
       info.number = v.value_or(0);
     }

@@ -2,7 +2,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <charconv>
 #include <nlohmann/json.hpp>
 
 #include "qkd/kms/api.hpp"
@@ -19,19 +18,6 @@ constexpr const char* kExtMandatory = "not all extension_mandatory parameters ar
 
 bool contains(const std::vector<std::string>& v, const std::string& s) {
   return std::find(v.begin(), v.end(), s) != v.end();
-}
-
-// Parses a decimal query value into [0, 2^32); nullopt otherwise.
-std::optional<std::uint32_t> parse_u32(const std::string& s) {
-  std::uint32_t v = 0;
-  if (s.empty()) {
-    return std::nullopt;
-  }
-  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (ec != std::errc{} || p != s.data() + s.size()) {
-    return std::nullopt;
-  }
-  return v;
 }
 
 ApiResponse json_response(const json& j) { return ApiResponse{200, j.dump()}; }
@@ -148,7 +134,7 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
       if (m.query.count(k) > 1) {
         return error_response(400, fmt::format("query parameter {} given twice", k));
       }
-      auto n = parse_u32(v);
+      auto n = parse_decimal<std::uint32_t>(v);  // [0, 2^32)
       if (!n) {
         return error_response(400, fmt::format("{} must be a non-negative integer", k));
       }

@@ -18,6 +18,7 @@
 
 #include "qkd/test/etsi_helpers.hpp"
 #include "qkd/test/kme_network.hpp"
+#include "qkd/test/network_suite.hpp"
 
 namespace {
 
@@ -47,7 +48,7 @@ bool is_json_content_type(const HttpResponse& r) {
   return r.content_type.rfind("application/json", 0) == 0;
 }
 
-class Etsi014 : public ::testing::Test {
+class Etsi014 : public qkd::test::SharedNetworkSuite<Etsi014> {
  protected:
   static void SetUpTestSuite() {
     KmeNetworkOptions o;
@@ -55,20 +56,7 @@ class Etsi014 : public ::testing::Test {
     o.max_key_count = kMaxKeyCount;
     o.extra_alice_saes = {"alice-2"};
     o.extra_bob_saes = {"bob-2", "bob 3"};
-    net_ = qkd::test::start_network_with_keys(o, 200).release();
-  }
-  static void TearDownTestSuite() {
-    delete net_;
-    net_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_NE(net_, nullptr) << "the KME network did not start";
-    ASSERT_TRUE(net_->running(net_->alice()) && net_->running(net_->bob()));
-    ASSERT_TRUE(net_->wait_for_keys(64).ok());  // earlier tests may have drained the pool
-  }
-  void TearDown() override {
-    ASSERT_TRUE(net_->running(net_->alice())) << net_->log_tail(net_->alice());
-    ASSERT_TRUE(net_->running(net_->bob())) << net_->log_tail(net_->bob());
+    start(qkd::test::start_network_with_keys(o, 200), 64);
   }
 
   // A client of SAE `sae` at alice-kme / bob-kme.
@@ -106,9 +94,7 @@ class Etsi014 : public ::testing::Test {
                : 0;
   }
 
-  static KmeNetwork* net_;
 };
-KmeNetwork* Etsi014::net_ = nullptr;
 
 // ---- Transport and authentication ----
 

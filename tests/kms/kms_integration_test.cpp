@@ -16,6 +16,7 @@
 
 #include "qkd/test/etsi_helpers.hpp"
 #include "qkd/test/kme_network.hpp"
+#include "qkd/test/network_suite.hpp"
 
 namespace {
 
@@ -59,28 +60,12 @@ void send_raw(std::uint16_t port, const std::string& bytes) {
 }
 
 // --- one network shared by the tests that do not need special settings ---
-class KmsNetwork : public ::testing::Test {
+class KmsNetwork : public qkd::test::SharedNetworkSuite<KmsNetwork> {
  protected:
-  static void SetUpTestSuite() { net_ = start_network({}, 64).release(); }
-  static void TearDownTestSuite() {
-    delete net_;
-    net_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_NE(net_, nullptr) << "the KME network did not start";
-    ASSERT_TRUE(net_->running(net_->alice()) && net_->running(net_->bob()));
-    ASSERT_TRUE(net_->wait_for_keys(16).ok());  // tests before may have drained the pool
-  }
-  void TearDown() override {
-    // Whatever a test did, both daemons must still be serving.
-    ASSERT_TRUE(net_->running(net_->alice())) << net_->log_tail(net_->alice());
-    ASSERT_TRUE(net_->running(net_->bob())) << net_->log_tail(net_->bob());
-  }
+  static void SetUpTestSuite() { start(start_network({}, 64), 16); }
   static HttpsTestClient alice() { return net_->client(net_->alice(), "alice"); }
   static HttpsTestClient bob() { return net_->client(net_->bob(), "bob"); }
-  static KmeNetwork* net_;
 };
-KmeNetwork* KmsNetwork::net_ = nullptr;
 
 TEST_F(KmsNetwork, StatusReportsEveryField) {
   for (bool at_alice : {true, false}) {

@@ -1,6 +1,7 @@
 // Small helpers shared by the KME layers: UUIDs, base64, hex, URL decoding.
 #pragma once
 
+#include <charconv>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -29,6 +30,20 @@ namespace qkd::kms {
 // Percent-decoding of a URL path segment or query value ('+' decodes to ' ' only when
 // `plus_is_space`). nullopt on a malformed escape or a decoded NUL.
 [[nodiscard]] std::optional<std::string> url_decode(std::string_view s, bool plus_is_space);
+
+// A whole decimal number (digits only, no sign, no spaces) that fits in T; nullopt otherwise.
+template <typename T>
+[[nodiscard]] std::optional<T> parse_decimal(std::string_view s) {
+  T v{};
+  if (s.empty()) {
+    return std::nullopt;
+  }
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc{} || p != s.data() + s.size()) {
+    return std::nullopt;
+  }
+  return v;
+}
 
 // A random 64-bit value from RAND_bytes (seeds, epochs); falls back to nothing: fails.
 [[nodiscard]] qkd::core::Result<std::uint64_t> random_u64();
