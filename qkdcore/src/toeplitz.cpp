@@ -554,15 +554,24 @@ Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& in
                                                                     : ClmulKernel::kPortable);
 }
 
-Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& input,
-                                      std::size_t output_bits, ClmulKernel kernel) {
+// check_sizes, and the kernel must be one this CPU has.
+static Status check_request(const BitVector& seed, const BitVector& input,
+                            std::size_t output_bits, ClmulKernel kernel) {
   if (Status s = check_sizes(seed, input, output_bits); !s.ok()) {
-    return s.error();
+    return s;
   }
   if (!cpu_has(kernel)) {
     return make_error(ErrorCode::kInvalidArgument,
                       "Toeplitz hash: the requested carry-less kernel needs a CPU feature "
                       "this machine lacks");
+  }
+  return qkd::core::ok_status();
+}
+
+Result<BitVector> toeplitz_hash_clmul(const BitVector& seed, const BitVector& input,
+                                      std::size_t output_bits, ClmulKernel kernel) {
+  if (Status s = check_request(seed, input, output_bits, kernel); !s.ok()) {
+    return s.error();
   }
   const BaseFn base = select_base(kernel);
   const std::size_t n = input.size();
@@ -718,13 +727,8 @@ unsigned toeplitz_fft_log_size(std::size_t n, std::size_t m) {
 
 Result<BitVector> toeplitz_hash_fft(const BitVector& seed, const BitVector& input,
                                     std::size_t output_bits, ClmulKernel kernel) {
-  if (Status s = check_sizes(seed, input, output_bits); !s.ok()) {
+  if (Status s = check_request(seed, input, output_bits, kernel); !s.ok()) {
     return s.error();
-  }
-  if (!cpu_has(kernel)) {
-    return make_error(ErrorCode::kInvalidArgument,
-                      "Toeplitz hash: the requested carry-less kernel needs a CPU feature "
-                      "this machine lacks");
   }
   const std::size_t n = input.size();
   const std::size_t m = output_bits;
