@@ -11,13 +11,24 @@
 //      side) for the same group at once, as a busy server does: aggregate handshakes/s;
 //   4. the KME round trips alone (ETSI client, keep-alive): enc_keys for 1 and for 32 keys
 //      (the server's cost in encapsulate, without and with prefetch) and dec_keys (the
-//      client's cost in decapsulate).
+//      client's cost in decapsulate); then dec_keys of keys from the 32-key batches, one at
+//      a time as a client fetches prefetched keys: right after another request, after
+//      0.7 ms of busy work, and right after an X25519 handshake in this thread (what the
+//      client has just done when it decapsulates);
+//   5. a hybrid server's crypto outside libssl (import, ephemeral key, ECDH, HKDF) with the
+//      EVP methods looked up by name in every call, as before, and made once per provider
+//      context (qkd::prov::CryptoMethods), alternating in blocks.
 //
-//   handshake_bench [handshakes_per_group=300] [warmup_per_group=20] [threads=4]
+//   handshake_bench [handshakes_per_group=300] [warmup_per_group=20] [threads=4] [groups]
+//
+// `groups` (optional, comma-separated, e.g. "qkd,p256_qkd") limits the run to X25519 (the
+// baseline, always run) and the groups listed, for profiling one of them.
 //
 // Groups run round-robin (one handshake of each in turn; in the concurrent table one batch
 // of each in turn, three rounds), so that drift in machine load spreads over all of them.
+#include <openssl/core_names.h>
 #include <openssl/err.h>
+#include <openssl/params.h>
 #include <openssl/ssl.h>
 
 #include <strings.h>
@@ -27,11 +38,14 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "binding.hpp"
+#include "classical.hpp"
 #include "harness.hpp"
 #include "qkd/etsi/client.hpp"
 #include "qkd/test/kme_network.hpp"
@@ -106,6 +120,98 @@ bool run_one(const Row& row, Times* times) {
   return true;
 }
 
+// Table 5: a hybrid server's crypto outside libssl in one encapsulate (import the client's
+// classical public key, an ephemeral key pair, its public key, ECDH, HKDF), in the default
+// library context. "by name" is the code before the methods were made once per provider
+// context (reproduced here: EVP_PKEY_Q_keygen, EVP_PKEY_fromdata with the curve name, an
+// HKDF fetch per call); "cached" is the provider's path now (qkd::prov::CryptoMethods).
+using qkd::prov::Classical;
+
+bool by_name_import(Classical kind, std::span<const std::uint8_t> pub, qkd::prov::PkeyPtr* out) {
+  EVP_PKEY* raw = nullptr;
+  if (kind == Classical::kX25519) {
+    raw = EVP_PKEY_new_raw_public_key_ex(nullptr, "X25519", nullptr, pub.data(), pub.size());
+  } else {
+    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr);
+    char group[] = "P-256";
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group - 1),
+        OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, const_cast<std::uint8_t*>(pub.data()),
+                                pub.size()),
+        OSSL_PARAM_END};
+    if (ctx == nullptr || EVP_PKEY_fromdata_init(ctx) != 1 ||
+        EVP_PKEY_fromdata(ctx, &raw, EVP_PKEY_PUBLIC_KEY, params) != 1) {
+      raw = nullptr;
+    }
+    EVP_PKEY_CTX_free(ctx);
+  }
+  out->reset(raw);
+  return raw != nullptr;
+}
+
+bool by_name_hkdf(std::span<std::uint8_t> out, std::span<const std::uint8_t> key) {
+  EVP_KDF* kdf = EVP_KDF_fetch(nullptr, OSSL_KDF_NAME_HKDF, nullptr);
+  EVP_KDF_CTX* ctx = kdf != nullptr ? EVP_KDF_CTX_new(kdf) : nullptr;
+  char digest[] = "SHA256";
+  std::uint8_t info[64] = {};
+  OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, digest, 0),
+      OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_KEY, const_cast<std::uint8_t*>(key.data()),
+                                        key.size()),
+      OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT,
+                                        const_cast<char*>(qkd::prov::kBindingSalt.data()),
+                                        qkd::prov::kBindingSalt.size()),
+      OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_INFO, info, 48),
+      OSSL_PARAM_construct_end()};
+  const bool ok = ctx != nullptr && EVP_KDF_derive(ctx, out.data(), out.size(), params) == 1;
+  EVP_KDF_CTX_free(ctx);
+  EVP_KDF_free(kdf);
+  return ok;
+}
+
+// One server-side pass; `cached` null = by name. False when a step fails.
+bool server_crypto(qkd::prov::CryptoMethods* cached, Classical kind,
+                   std::span<const std::uint8_t> client_pub) {
+  qkd::prov::PkeyPtr peer;
+  if (cached != nullptr) {
+    auto p = qkd::prov::classical_import_peer(*cached, kind, client_pub);
+    if (!p.ok()) {
+      return false;
+    }
+    peer = std::move(p).value();
+  } else if (!by_name_import(kind, client_pub, &peer)) {
+    return false;
+  }
+  qkd::prov::PkeyPtr eph;
+  if (cached != nullptr) {
+    auto e = qkd::prov::classical_generate(*cached, kind);
+    if (!e.ok()) {
+      return false;
+    }
+    eph = std::move(e).value();
+  } else {
+    eph.reset(kind == Classical::kX25519 ? EVP_PKEY_Q_keygen(nullptr, nullptr, "X25519")
+                                         : EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256"));
+    if (!eph) {
+      return false;
+    }
+  }
+  std::array<std::uint8_t, 32> secret{};
+  std::array<std::uint8_t, 32> key{};
+  key.fill(0x5a);
+  if (!qkd::prov::classical_public(eph.get(), kind).ok() ||
+      !qkd::prov::classical_derive(nullptr, eph.get(), peer.get(), secret).ok()) {
+    return false;
+  }
+  if (cached != nullptr) {
+    const qkd::prov::Nonce nonce{};
+    const qkd::prov::KeyId key_id{};
+    const qkd::prov::Binding b{"p256_qkd", "alice", &nonce, "bob", &key_id};
+    return qkd::prov::derive_bound_key(*cached, secret, key, b).ok();
+  }
+  return by_name_hkdf(secret, key);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -113,12 +219,23 @@ int main(int argc, char** argv) {
   const int warmup = argc > 2 ? std::atoi(argv[2]) : 20;
   const int threads = argc > 3 ? std::atoi(argv[3]) : 4;
   if (count <= 0 || warmup < 0 || threads <= 0 || threads > 64) {
-    std::fprintf(stderr, "usage: %s [handshakes_per_group] [warmup_per_group] [threads]\n",
+    std::fprintf(stderr,
+                 "usage: %s [handshakes_per_group] [warmup_per_group] [threads] [groups]\n",
                  argv[0]);
     return 2;
   }
-  const std::vector<std::string> groups = {"X25519", "P-256", "qkd", "x25519_qkd", "p256_qkd"};
-  const std::vector<std::string> qkd_groups = {"qkd", "x25519_qkd", "p256_qkd"};
+  std::vector<std::string> groups = {"X25519", "P-256", "qkd", "x25519_qkd", "p256_qkd"};
+  std::vector<std::string> qkd_groups = {"qkd", "x25519_qkd", "p256_qkd"};
+  if (argc > 4) {
+    // Only these groups (comma-separated), X25519 always first as the baseline: for
+    // profiling one group.
+    const std::string only = std::string(",") + argv[4] + ",";
+    const auto listed = [&](const std::string& g) {
+      return only.find("," + g + ",") != std::string::npos;
+    };
+    std::erase_if(groups, [&](const std::string& g) { return g != "X25519" && !listed(g); });
+    std::erase_if(qkd_groups, [&](const std::string& g) { return !listed(g); });
+  }
   constexpr std::uint64_t kPrefetch = 32;
   constexpr int kRounds = 3;  // concurrent table
   const int per_thread = std::max(1, count / threads / kRounds);
@@ -238,7 +355,13 @@ int main(int argc, char** argv) {
   }
 
   // 3. The KME round trips alone, as the provider makes them (keys of 256 bits).
-  std::vector<double> enc_ms, enc32_ms, dec_ms;
+  // Besides the pair enc_keys(1) + dec_keys, the keys of the 32-key batches are fetched at
+  // alice one at a time, as the client does for prefetched keys: right after another
+  // request, after 0.7 ms of busy work (about a handshake's own work between two of its
+  // dec_keys calls), and right after an X25519 handshake, to show what the same round trip
+  // costs when the KME has been idle and when this thread has just run a handshake.
+  std::vector<double> enc_ms, enc32_ms, dec_ms, dec_batch_ms, dec_busy_ms, dec_after_hs_ms;
+  std::deque<std::string> batch_ids;
   {
     const auto alice = (*net)->sae("alice");
     auto bob_client = qkd::etsi::Client::create(
@@ -273,10 +396,68 @@ int main(int argc, char** argv) {
           return fail("enc_keys(32): " + batch.error().message);
         }
         enc32_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t3).count());
+        for (const auto& k : *batch) {
+          batch_ids.push_back(k.key_id);
+        }
+      }
+      for (auto* into : {&dec_batch_ms, &dec_busy_ms, &dec_after_hs_ms}) {
+        if (batch_ids.size() < 2) {
+          break;
+        }
+        if (into == &dec_busy_ms) {
+          const auto until = Clock::now() + std::chrono::microseconds(700);
+          while (Clock::now() < until) {
+          }
+        }
+        if (into == &dec_after_hs_ms) {
+          Times unused;
+          if (!run_one(rows[0], &unused)) {
+            return fail("handshake failed for " + rows[0].label);
+          }
+        }
+        const std::string one[] = {batch_ids.front()};
+        batch_ids.pop_front();
+        const auto t4 = Clock::now();
+        auto got_one = (*alice_client)->dec_keys("bob", one);
+        if (!got_one.ok()) {
+          return fail("dec_keys (batch): " + got_one.error().message);
+        }
+        into->push_back(std::chrono::duration<double, std::milli>(Clock::now() - t4).count());
       }
     }
   }
   std::filesystem::remove_all(dir);
+
+  // 5. The hybrids' server-side crypto alone, by name vs cached, alternating in blocks.
+  struct CryptoRow {
+    const char* label;
+    Classical kind;
+    std::vector<double> by_name_us, cached_us;
+  };
+  std::vector<CryptoRow> crypto_rows = {{"x25519_qkd", Classical::kX25519, {}, {}},
+                                        {"p256_qkd", Classical::kP256, {}, {}}};
+  {
+    qkd::prov::CryptoMethods methods(nullptr);
+    for (auto& row : crypto_rows) {
+      auto client = qkd::prov::classical_generate(nullptr, row.kind);
+      if (!client.ok()) {
+        return fail("cannot make a client key for table 5");
+      }
+      const auto client_pub = qkd::prov::classical_public(client->get(), row.kind).value();
+      for (int block = 0; block < 20; ++block) {
+        for (auto* into : {&row.by_name_us, &row.cached_us}) {
+          for (int i = 0; i < std::max(1, count / 10); ++i) {
+            const auto t0 = Clock::now();
+            if (!server_crypto(into == &row.cached_us ? &methods : nullptr, row.kind,
+                               client_pub)) {
+              return fail(std::string("table 5: server crypto failed for ") + row.label);
+            }
+            into->push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+          }
+        }
+      }
+    }
+  }
 
   const Stats base = stats_of(ms[0]);
   std::printf("Serial (one thread, round-robin):\n\n");
@@ -322,6 +503,28 @@ int main(int argc, char** argv) {
               enc32.p99_ms);
   std::printf("| dec_keys, 1 key (client, in decapsulate) | %.3f | %.3f | %.3f |\n", dec.mean_ms,
               dec.p50_ms, dec.p99_ms);
+  const Stats dec_batch = stats_of(dec_batch_ms);
+  const Stats dec_busy = stats_of(dec_busy_ms);
+  std::printf("| dec_keys, 1 key of an earlier batch, right after another request | %.3f | %.3f "
+              "| %.3f |\n", dec_batch.mean_ms, dec_batch.p50_ms, dec_batch.p99_ms);
+  std::printf("| dec_keys, 1 key of an earlier batch, after 0.7 ms of busy work | %.3f | %.3f "
+              "| %.3f |\n", dec_busy.mean_ms, dec_busy.p50_ms, dec_busy.p99_ms);
+  const Stats dec_after_hs = stats_of(dec_after_hs_ms);
+  std::printf("| dec_keys, 1 key of an earlier batch, right after an %s handshake | %.3f | %.3f "
+              "| %.3f |\n", rows[0].label.c_str(), dec_after_hs.mean_ms, dec_after_hs.p50_ms,
+              dec_after_hs.p99_ms);
+  std::printf("\nA hybrid server's crypto outside libssl per encapsulate (import the client's "
+              "public key, ephemeral key pair, ECDH, HKDF; default library context):\n\n");
+  std::printf("| group | methods looked up by name per call: mean (us) | p50 (us) | made once "
+              "per provider context: mean (us) | p50 (us) | saved at p50 (us) |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|\n");
+  for (const auto& row : crypto_rows) {
+    // stats_of works in ms units of its input; here the input is in us.
+    const Stats by_name = stats_of(row.by_name_us);
+    const Stats cached = stats_of(row.cached_us);
+    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.1f |\n", row.label, by_name.mean_ms,
+                by_name.p50_ms, cached.mean_ms, cached.p50_ms, by_name.p50_ms - cached.p50_ms);
+  }
   std::printf("\n%d handshakes per group after %d warm-up, round-robin, one thread; then %d "
               "threads.\n", count, warmup, threads);
   return 0;

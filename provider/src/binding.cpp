@@ -15,11 +15,6 @@ using qkd::core::make_error;
 
 namespace {
 
-struct KdfDeleter {
-  void operator()(EVP_KDF* k) const { EVP_KDF_free(k); }
-  void operator()(EVP_KDF_CTX* c) const { EVP_KDF_CTX_free(c); }
-};
-
 void append_labelled(std::vector<std::uint8_t>& info, std::string_view text) {
   info.push_back(static_cast<std::uint8_t>(text.size()));
   info.insert(info.end(), text.begin(), text.end());
@@ -27,7 +22,7 @@ void append_labelled(std::vector<std::uint8_t>& info, std::string_view text) {
 
 }  // namespace
 
-qkd::core::Status derive_bound_key(OSSL_LIB_CTX* libctx, std::span<std::uint8_t> out,
+qkd::core::Status derive_bound_key(CryptoMethods& methods, std::span<std::uint8_t> out,
                                    std::span<const std::uint8_t> key, const Binding& b) {
   if (b.nonce == nullptr || b.key_id == nullptr || out.empty() || key.empty() ||
       b.group.size() > 255 || b.client_sae.size() > kMaxSaeIdLength ||
@@ -43,13 +38,9 @@ qkd::core::Status derive_bound_key(OSSL_LIB_CTX* libctx, std::span<std::uint8_t>
   append_labelled(info, b.server_sae);
   info.insert(info.end(), b.key_id->begin(), b.key_id->end());
 
-  std::unique_ptr<EVP_KDF, KdfDeleter> kdf(EVP_KDF_fetch(libctx, OSSL_KDF_NAME_HKDF, nullptr));
-  if (!kdf) {
-    return make_error(ErrorCode::kInternal, "HKDF is not available (is the default provider active?)");
-  }
-  std::unique_ptr<EVP_KDF_CTX, KdfDeleter> ctx(EVP_KDF_CTX_new(kdf.get()));
+  KdfCtxPtr ctx = methods.new_hkdf();
   if (!ctx) {
-    return make_error(ErrorCode::kInternal, "cannot make an HKDF context");
+    return make_error(ErrorCode::kInternal, "HKDF is not available (is the default provider active?)");
   }
   char digest[] = "SHA256";
   OSSL_PARAM params[] = {
@@ -65,6 +56,12 @@ qkd::core::Status derive_bound_key(OSSL_LIB_CTX* libctx, std::span<std::uint8_t>
     return make_error(ErrorCode::kInternal, "HKDF failed");
   }
   return qkd::core::ok_status();
+}
+
+qkd::core::Status derive_bound_key(OSSL_LIB_CTX* libctx, std::span<std::uint8_t> out,
+                                   std::span<const std::uint8_t> key, const Binding& b) {
+  CryptoMethods methods(libctx);
+  return derive_bound_key(methods, out, key, b);
 }
 
 }  // namespace qkd::prov

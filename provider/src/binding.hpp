@@ -16,6 +16,7 @@
 #include <span>
 #include <string_view>
 
+#include "methods.hpp"
 #include "qkd/core/result.hpp"
 #include "wire.hpp"
 
@@ -31,8 +32,13 @@ struct Binding {
 
 inline constexpr std::string_view kBindingSalt = "qkdprovider/2";
 
-// Writes K' (out.size() bytes, 32 in every group) derived from `key`. `libctx` supplies
-// HKDF and SHA-256 (the default provider). Fails with kInternal when the KDF is missing.
+// Writes K' (out.size() bytes, 32 in every group) derived from `key`. HKDF and SHA-256
+// come from `methods` (the provider context's, fetched once) or from `libctx` (fetched for
+// the one call); fails with kInternal when the KDF is missing.
+[[nodiscard]] qkd::core::Status derive_bound_key(CryptoMethods& methods,
+                                                 std::span<std::uint8_t> out,
+                                                 std::span<const std::uint8_t> key,
+                                                 const Binding& binding);
 [[nodiscard]] qkd::core::Status derive_bound_key(OSSL_LIB_CTX* libctx, std::span<std::uint8_t> out,
                                                  std::span<const std::uint8_t> key,
                                                  const Binding& binding);

@@ -36,15 +36,25 @@ PkeyPtr share_pkey(EVP_PKEY* pkey) {
   return PkeyPtr(pkey);
 }
 
-qkd::core::Result<PkeyPtr> classical_generate(OSSL_LIB_CTX* libctx, Classical kind) {
+qkd::core::Result<PkeyPtr> classical_generate(CryptoMethods& methods, Classical kind) {
   EVP_PKEY* raw = nullptr;
   switch (kind) {
     case Classical::kX25519:
-      raw = EVP_PKEY_Q_keygen(libctx, nullptr, "X25519");
+      raw = EVP_PKEY_Q_keygen(methods.libctx(), nullptr, "X25519");
       break;
-    case Classical::kP256:
-      raw = EVP_PKEY_Q_keygen(libctx, nullptr, "EC", "P-256");
+    case Classical::kP256: {
+      // From the cached group parameters: no curve lookup by name per key.
+      EVP_PKEY* params = methods.p256_params();
+      PkeyCtxPtr ctx(params != nullptr ? EVP_PKEY_CTX_new_from_pkey(methods.libctx(), params,
+                                                                    nullptr)
+                                       : nullptr);
+      if (!ctx || EVP_PKEY_keygen_init(ctx.get()) != 1 ||
+          EVP_PKEY_keygen(ctx.get(), &raw) != 1) {
+        EVP_PKEY_free(raw);
+        raw = nullptr;
+      }
       break;
+    }
     case Classical::kNone:
       return fail(ErrorCode::kInternal, "no classical part in this group");
   }
@@ -53,6 +63,11 @@ qkd::core::Result<PkeyPtr> classical_generate(OSSL_LIB_CTX* libctx, Classical ki
                                           " key (is the default provider loaded?)");
   }
   return PkeyPtr(raw);
+}
+
+qkd::core::Result<PkeyPtr> classical_generate(OSSL_LIB_CTX* libctx, Classical kind) {
+  CryptoMethods methods(libctx);
+  return classical_generate(methods, kind);
 }
 
 qkd::core::Result<std::vector<std::uint8_t>> classical_public(EVP_PKEY* pkey, Classical kind) {
@@ -71,7 +86,7 @@ qkd::core::Result<std::vector<std::uint8_t>> classical_public(EVP_PKEY* pkey, Cl
   return out;
 }
 
-qkd::core::Result<PkeyPtr> classical_import_peer(OSSL_LIB_CTX* libctx, Classical kind,
+qkd::core::Result<PkeyPtr> classical_import_peer(CryptoMethods& methods, Classical kind,
                                                  std::span<const std::uint8_t> bytes) {
   const std::size_t want = classical_public_length(kind);
   const std::string name = kind == Classical::kNone ? "?" : classical_name(kind);
@@ -82,9 +97,9 @@ qkd::core::Result<PkeyPtr> classical_import_peer(OSSL_LIB_CTX* libctx, Classical
     return fail(ErrorCode::kProtocol, name + " public key of " + std::to_string(bytes.size()) +
                                           " bytes, must be " + std::to_string(want));
   }
-  EVP_PKEY* raw = nullptr;
   if (kind == Classical::kX25519) {
-    raw = EVP_PKEY_new_raw_public_key_ex(libctx, "X25519", nullptr, bytes.data(), bytes.size());
+    EVP_PKEY* raw = EVP_PKEY_new_raw_public_key_ex(methods.libctx(), "X25519", nullptr,
+                                                   bytes.data(), bytes.size());
     if (raw == nullptr) {
       return fail(ErrorCode::kInternal, "cannot import an X25519 public key");
     }
@@ -96,19 +111,27 @@ qkd::core::Result<PkeyPtr> classical_import_peer(OSSL_LIB_CTX* libctx, Classical
     return fail(ErrorCode::kProtocol,
                 std::string("P-256 point is not in uncompressed form (first byte ") + first + ")");
   }
-  PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(libctx, "EC", nullptr));
-  char group[] = "P-256";
-  OSSL_PARAM params[] = {
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group - 1),
-      OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, const_cast<std::uint8_t*>(bytes.data()),
-                              bytes.size()),
-      OSSL_PARAM_END};
-  // The EC import decodes the point and refuses one that is not on the curve.
-  if (!ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
-      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params) != 1 || raw == nullptr) {
+  // A key with the cached group, then the point: libssl's own way of taking a peer's
+  // share. The EC import decodes the point and refuses one that is not on the curve.
+  EVP_PKEY* params = methods.p256_params();
+  if (params == nullptr) {
+    return fail(ErrorCode::kInternal, "cannot make P-256 parameters (is the default provider "
+                                      "loaded?)");
+  }
+  PkeyPtr key(EVP_PKEY_new());
+  if (!key || EVP_PKEY_copy_parameters(key.get(), params) != 1) {
+    return fail(ErrorCode::kInternal, "cannot make a P-256 key");
+  }
+  if (EVP_PKEY_set1_encoded_public_key(key.get(), bytes.data(), bytes.size()) != 1) {
     return fail(ErrorCode::kProtocol, "P-256 public key is not a point on the curve");
   }
-  return PkeyPtr(raw);
+  return key;
+}
+
+qkd::core::Result<PkeyPtr> classical_import_peer(OSSL_LIB_CTX* libctx, Classical kind,
+                                                 std::span<const std::uint8_t> bytes) {
+  CryptoMethods methods(libctx);
+  return classical_import_peer(methods, kind, bytes);
 }
 
 qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, EVP_PKEY* own, EVP_PKEY* peer,

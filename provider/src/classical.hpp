@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "groups.hpp"
+#include "methods.hpp"
 #include "qkd/core/result.hpp"
 
 namespace qkd::prov {
@@ -28,7 +29,11 @@ using PkeyPtr = std::unique_ptr<EVP_PKEY, EvpPkeyDeleter>;
 // A second owner of the same (immutable) key: EVP_PKEY_up_ref.
 [[nodiscard]] PkeyPtr share_pkey(EVP_PKEY* pkey);
 
-// A fresh key pair of the group's classical kind. kInternal on failure.
+// A fresh key pair of the group's classical kind. kInternal on failure. The handshake
+// path passes the provider context's CryptoMethods (P-256 from its cached parameters);
+// the OSSL_LIB_CTX form makes them for the one call.
+[[nodiscard]] qkd::core::Result<PkeyPtr> classical_generate(CryptoMethods& methods,
+                                                          Classical kind);
 [[nodiscard]] qkd::core::Result<PkeyPtr> classical_generate(OSSL_LIB_CTX* libctx, Classical kind);
 
 // The public key as it goes on the wire: classical_public_length(kind) bytes.
@@ -37,6 +42,9 @@ using PkeyPtr = std::unique_ptr<EVP_PKEY, EvpPkeyDeleter>;
 
 // A peer's public key from the wire. kProtocol (with the fault named) when `bytes` has the
 // wrong length, is not an uncompressed P-256 point or is not on the curve.
+[[nodiscard]] qkd::core::Result<PkeyPtr> classical_import_peer(CryptoMethods& methods,
+                                                             Classical kind,
+                                                             std::span<const std::uint8_t> bytes);
 [[nodiscard]] qkd::core::Result<PkeyPtr> classical_import_peer(OSSL_LIB_CTX* libctx,
                                                              Classical kind,
                                                              std::span<const std::uint8_t> bytes);

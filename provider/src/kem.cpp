@@ -210,7 +210,7 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
         QKD_RAISE(prov, kReasonWrongKey, "the peer's key has no classical public key");
         return 0;
       }
-      auto eph = classical_generate(prov->libctx(), kClassical);
+      auto eph = classical_generate(prov->methods(), kClassical);
       if (!eph.ok()) {
         QKD_RAISE(prov, kReasonInternal, eph.error().message);
         return 0;
@@ -263,7 +263,7 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
     }
     const Binding binding{kGroups[G].tls_name, peer, &ctx->key->nonce, own.value(),
                           &key->key_id};
-    if (auto bound = derive_bound_key(prov->libctx(),
+    if (auto bound = derive_bound_key(prov->methods(),
                                       std::span<std::uint8_t>(secret + kClassicalSecret, kQkdBytes),
                                       key->key.span(), binding);
         !bound.ok()) {
@@ -326,7 +326,7 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
     }
     PkeyPtr peer_classical;
     if constexpr (kClassical != Classical::kNone) {
-      auto peer = classical_import_peer(prov->libctx(), kClassical,
+      auto peer = classical_import_peer(prov->methods(), kClassical,
                                         bytes.first(kClassicalPublic));
       if (!peer.ok()) {
         QKD_RAISE(prov, kReasonBadCiphertext, "malformed qkd ciphertext: " + peer.error().message);
@@ -381,7 +381,7 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
     }
     const Binding binding{kGroups[G].tls_name, own.value(), &ctx->key->nonce, ct->sae_id,
                           &ct->key_id};
-    if (auto bound = derive_bound_key(prov->libctx(),
+    if (auto bound = derive_bound_key(prov->methods(),
                                       std::span<std::uint8_t>(out + kClassicalSecret, kQkdBytes),
                                       key.key.span(), binding);
         !bound.ok()) {

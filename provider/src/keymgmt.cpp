@@ -37,7 +37,7 @@ bool set_peer_share(QkdKey* key, const void* data, std::size_t len) {
                     std::to_string(classical_len) + ")");
       return false;
     }
-    auto peer = classical_import_peer(key->prov->libctx(), kind, bytes.first(classical_len));
+    auto peer = classical_import_peer(key->prov->methods(), kind, bytes.first(classical_len));
     if (!peer.ok()) {
       QKD_RAISE(key->prov, kReasonBadShare, "malformed qkd key share: " + peer.error().message);
       return false;
@@ -219,7 +219,7 @@ void* Keymgmt<G>::gen(void* genctx, OSSL_CALLBACK* /*cb*/, void* /*cbarg*/) {
     }
     std::vector<std::uint8_t> encoded_share;
     if (constexpr Classical kind = kGroups[G].classical; kind != Classical::kNone) {
-      auto pair = classical_generate(prov->libctx(), kind);
+      auto pair = classical_generate(prov->methods(), kind);
       if (!pair.ok()) {
         QKD_RAISE(prov, kReasonInternal, pair.error().message);
         return nullptr;

@@ -12,6 +12,7 @@
 
 #include "admission.hpp"
 #include "key_cache.hpp"
+#include "methods.hpp"
 #include "qkd/core/result.hpp"
 #include "qkd/etsi/client.hpp"
 #include "settings.hpp"
@@ -64,7 +65,7 @@ class ProvCtx {
           LibCtxPtr libctx = nullptr)
       : handle_(handle), core_(core), settings_(std::move(settings)),
         admission_(settings_.admission), key_cache_(settings_.prefetch),
-        libctx_(std::move(libctx)) {}
+        libctx_(std::move(libctx)), methods_(libctx_.get()) {}
   // The prefetch's refill thread uses the ETSI client: stop it before client_ goes.
   ~ProvCtx() { key_cache_.shutdown(); }
   ProvCtx(const ProvCtx&) = delete;
@@ -74,6 +75,8 @@ class ProvCtx {
   [[nodiscard]] OSSL_LIB_CTX* libctx() const { return libctx_.get(); }
   [[nodiscard]] Admission& admission() { return admission_; }
   [[nodiscard]] KeyCache& key_cache() { return key_cache_; }
+  // HKDF and P-256 parameters from libctx(), made once (methods.hpp).
+  [[nodiscard]] CryptoMethods& methods() { return methods_; }
 
   // This SAE's ID: the sae_id setting, else the CN of the cert setting (read once, lazily).
   [[nodiscard]] qkd::core::Result<std::string> own_sae_id(Failure* failure);
@@ -94,6 +97,7 @@ class ProvCtx {
   Admission admission_;
   KeyCache key_cache_;  // server side: prefetched keys per client SAE
   LibCtxPtr libctx_;
+  CryptoMethods methods_;  // after libctx_: made from it, freed before it
   std::mutex mu_;
   std::string own_sae_;                       // guarded by mu_
   std::unique_ptr<qkd::etsi::Client> client_;  // guarded by mu_; thread-safe itself

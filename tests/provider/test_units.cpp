@@ -125,6 +125,44 @@ TEST(Classical, ImportIsStrict) {
   EXPECT_EQ(out, (std::array<std::uint8_t, 32>{})) << "cleansed on failure";
 }
 
+// One CryptoMethods (as a provider context holds) serving many calls: P-256 keys from its
+// cached parameters, peers imported through it, and HKDF from its cached method, give the
+// same results as the per-call path; the off-curve point is still refused.
+TEST(Classical, CachedMethodsServeManyCalls) {
+  CryptoMethods methods(nullptr);
+  EVP_PKEY* params = methods.p256_params();
+  ASSERT_NE(params, nullptr);
+  EXPECT_EQ(methods.p256_params(), params) << "made once";
+  for (int i = 0; i < 3; ++i) {
+    for (Classical kind : {Classical::kX25519, Classical::kP256}) {
+      auto a = classical_generate(methods, kind);
+      auto b = classical_generate(nullptr, kind);
+      ASSERT_TRUE(a.ok() && b.ok()) << classical_name(kind);
+      auto a_pub = classical_public(a->get(), kind);
+      auto b_pub = classical_public(b->get(), kind);
+      ASSERT_TRUE(a_pub.ok() && b_pub.ok()) << classical_name(kind);
+      auto a_peer = classical_import_peer(nullptr, kind, *a_pub);
+      auto b_peer = classical_import_peer(methods, kind, *b_pub);
+      ASSERT_TRUE(a_peer.ok() && b_peer.ok()) << classical_name(kind);
+      std::array<std::uint8_t, 32> s1{}, s2{};
+      ASSERT_TRUE(classical_derive(nullptr, a->get(), b_peer->get(), s1).ok());
+      ASSERT_TRUE(classical_derive(nullptr, b->get(), a_peer->get(), s2).ok());
+      EXPECT_EQ(s1, s2) << classical_name(kind);
+      EXPECT_NE(s1, (std::array<std::uint8_t, 32>{}));
+    }
+  }
+  auto p = classical_generate(methods, Classical::kP256);
+  ASSERT_TRUE(p.ok());
+  Bytes off = classical_public(p->get(), Classical::kP256).value();
+  off[64] ^= 0x01;
+  auto r = classical_import_peer(methods, Classical::kP256, off);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, qkd::core::ErrorCode::kProtocol);
+  Bytes compressed = classical_public(p->get(), Classical::kP256).value();
+  compressed[0] = 0x02;
+  EXPECT_FALSE(classical_import_peer(methods, Classical::kP256, compressed).ok());
+}
+
 TEST(GroupTable, NamesAndBits) {
   ASSERT_FALSE(kGroups.empty());
   EXPECT_EQ(kGroups[0].tls_name, "qkd");
@@ -230,6 +268,14 @@ TEST(Binding, KnownAnswer) {
     hex += h;
   }
   EXPECT_EQ(hex, "9287a0e2a132680b9ce2e024e0f89c781d84e1e2564c1003c21ca69a4e11d7e3");
+  // The same answer, twice, from one CryptoMethods (HKDF fetched once, as the provider does).
+  CryptoMethods methods(nullptr);
+  for (int i = 0; i < 2; ++i) {
+    std::array<std::uint8_t, 32> again{};
+    const Binding b{c.group, c.client, &c.nonce, c.server, &c.key_id};
+    ASSERT_TRUE(derive_bound_key(methods, again, c.key, b).ok());
+    EXPECT_EQ(again, out);
+  }
 }
 
 TEST(Binding, IncompleteBindingIsRefused) {

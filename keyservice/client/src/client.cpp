@@ -180,11 +180,14 @@ Result<ClientImpl::Reply> ClientImpl::exchange(Connection& conn, const std::stri
     return sent.error();
   }
   detail::ResponseParser parser;
-  std::array<std::uint8_t, 16384> buf{};
+  // Not zeroed: only the bytes read are used, and those (up to `dirty`) are cleansed. A
+  // one-key reply is a few hundred bytes; larger ones take a few reads from libssl's buffer.
+  std::array<std::uint8_t, 4096> buf;  // NOLINT(cppcoreguidelines-pro-type-member-init)
+  std::size_t dirty = 0;
   while (parser.state() == detail::ResponseParser::State::kNeedMore) {
     auto n = conn.read_some(buf, deadline);
     if (!n.ok()) {
-      OPENSSL_cleanse(buf.data(), buf.size());
+      OPENSSL_cleanse(buf.data(), dirty);
       if (n.error().code == ErrorCode::kClosed && parser.received_anything()) {
         return make_error(ErrorCode::kProtocol, n.error().message);  // no retry mid-reply
       }
@@ -196,10 +199,11 @@ Result<ClientImpl::Reply> ClientImpl::exchange(Connection& conn, const std::stri
       }
       parser.feed_eof();
     } else {
+      dirty = std::max(dirty, *n);
       parser.feed(std::span<const std::uint8_t>(buf.data(), *n));
     }
   }
-  OPENSSL_cleanse(buf.data(), buf.size());
+  OPENSSL_cleanse(buf.data(), dirty);
   if (parser.state() == detail::ResponseParser::State::kError) {
     return make_error(ErrorCode::kProtocol, "malformed HTTP response: " + parser.error());
   }

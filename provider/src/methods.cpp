@@ -1,0 +1,57 @@
+#include "methods.hpp"
+
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/params.h>
+
+namespace qkd::prov {
+
+CryptoMethods::~CryptoMethods() {
+  EVP_KDF_free(hkdf_.load());
+  EVP_PKEY_free(p256_.load());
+}
+
+KdfCtxPtr CryptoMethods::new_hkdf() {
+  EVP_KDF* kdf = hkdf_.load(std::memory_order_acquire);
+  if (kdf == nullptr) {
+    std::lock_guard lock(mu_);
+    kdf = hkdf_.load(std::memory_order_acquire);
+    if (kdf == nullptr) {
+      kdf = EVP_KDF_fetch(libctx_, OSSL_KDF_NAME_HKDF, nullptr);
+      if (kdf == nullptr) {
+        ERR_clear_error();  // the caller raises one error with words
+        return nullptr;
+      }
+      hkdf_.store(kdf, std::memory_order_release);
+    }
+  }
+  return KdfCtxPtr(EVP_KDF_CTX_new(kdf));
+}
+
+EVP_PKEY* CryptoMethods::p256_params() {
+  EVP_PKEY* params = p256_.load(std::memory_order_acquire);
+  if (params != nullptr) {
+    return params;
+  }
+  std::lock_guard lock(mu_);
+  params = p256_.load(std::memory_order_acquire);
+  if (params != nullptr) {
+    return params;
+  }
+  EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_name(libctx_, "EC", nullptr);
+  char group[] = "P-256";
+  const OSSL_PARAM set[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0),
+      OSSL_PARAM_construct_end()};
+  if (ctx == nullptr || EVP_PKEY_paramgen_init(ctx) != 1 ||
+      EVP_PKEY_CTX_set_params(ctx, set) != 1 || EVP_PKEY_paramgen(ctx, &params) != 1) {
+    EVP_PKEY_CTX_free(ctx);
+    ERR_clear_error();
+    return nullptr;
+  }
+  EVP_PKEY_CTX_free(ctx);
+  p256_.store(params, std::memory_order_release);
+  return params;
+}
+
+}  // namespace qkd::prov
