@@ -178,9 +178,6 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     BitVector match(count);
     sifted.reserve(count / 2 + 64);
     info.basis.reserve(count / 2 + 64);
-    if (source.decoys()) {
-      info.intensity.reserve(count / 2 + 64);
-    }
     BitVector class_lo;
     BitVector class_hi;
     // The states come from the simulation (states_buffer, cleansed after sifting).
@@ -200,23 +197,47 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       bit_word = basis_word = lo_word = hi_word = 0;
       filled = 0;
     };
-    for (std::size_t i = 0; i < count; ++i) {
-      const AliceState& s = states[i];
-      if (s.basis == bob_bases.get(i)) {
-        match.set(i, true);
-        bit_word |= std::uint64_t{s.bit ? 1U : 0U} << filled;
-        basis_word |= std::uint64_t{s.basis ? 1U : 0U} << filled;
-        if (source.decoys()) {
-          info.intensity.push_back(s.intensity);
-          lo_word |= std::uint64_t{s.intensity & 1U} << filled;
-          hi_word |= std::uint64_t{(s.intensity >> 1) & 1U} << filled;
+    // Without a branch per detection (a basis match is a coin flip, a branch on it was
+    // mispredicted half the time): every state is added with a 0/1 weight. The match mask
+    // is written a word at a time.
+    const bool decoys = source.decoys();
+    const auto bob_words = bob_bases.words();
+    auto match_words = match.mutable_words();
+    for (std::size_t w = 0; w < match_words.size(); ++w) {
+      const std::size_t begin = 64 * w;
+      const std::size_t end = std::min<std::size_t>(count, begin + 64);
+      const std::uint64_t bob_word = bob_words[w];
+      std::uint64_t match_word = 0;
+      for (std::size_t i = begin; i < end; ++i) {
+        const AliceState& s = states[i];
+        const unsigned at = static_cast<unsigned>(i - begin);
+        const std::uint64_t m =
+            std::uint64_t{s.basis == (((bob_word >> at) & 1U) != 0) ? 1U : 0U};
+        match_word |= m << at;
+        bit_word |= (std::uint64_t{s.bit ? 1U : 0U} & m) << filled;
+        basis_word |= (std::uint64_t{s.basis ? 1U : 0U} & m) << filled;
+        if (decoys) {
+          lo_word |= (std::uint64_t{s.intensity & 1U} & m) << filled;
+          hi_word |= (std::uint64_t{(s.intensity >> 1) & 1U} & m) << filled;
         }
-        if (++filled == 64) {
+        filled += static_cast<unsigned>(m);
+        if (filled == 64) {
           flush();
         }
       }
+      match_words[w] = match_word;
     }
     flush();
+    if (decoys) {
+      // The class of each kept bit, from the two bit planes just built.
+      info.intensity.resize(class_lo.size());
+      const auto lo = class_lo.words();
+      const auto hi = class_hi.words();
+      for (std::size_t i = 0; i < info.intensity.size(); ++i) {
+        info.intensity[i] = static_cast<std::uint8_t>(((lo[i >> 6] >> (i & 63)) & 1U) |
+                                                      (((hi[i >> 6] >> (i & 63)) & 1U) << 1));
+      }
+    }
     states_guard.release();
     events.clear();
     if (events.capacity() > kKeepEventCapacity) {
@@ -285,8 +306,10 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     if (Status s = ch.send(MsgType::kCascadeStart, block, w.buffer()); !s.ok()) {
       return s;
     }
+    // The responder needs no index -> position tables.
     const CascadeLayout layout(n, passes, k1, std::span<const std::uint8_t, 32>(shuffle),
-                               P.cascade_variant, P.cascade_biconf_rounds);
+                               P.cascade_variant, P.cascade_biconf_rounds,
+                               /*inverse_tables=*/false);
     const CascadeResponder responder(key, layout);
     std::vector<ParityQuery> queries;
     for (std::uint64_t req = 0;; ++req) {

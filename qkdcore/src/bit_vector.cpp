@@ -4,9 +4,79 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstdlib>
 #include <utility>
 
+#include "bit_ops.hpp"
+
 namespace qkd::core {
+namespace detail {
+namespace {
+
+// QKD_CORE_PORTABLE_BITS=1 in the environment: the portable code only (to test it on any
+// machine; ctest runs part of the core suite so).
+bool portable_forced() {
+  const char* v = std::getenv("QKD_CORE_PORTABLE_BITS");
+  return v != nullptr && v[0] == '1';
+}
+
+bool cpu_has_popcount() {
+#if defined(QKD_POPCOUNT_DISPATCH)
+  __builtin_cpu_init();  // may run before libgcc's own constructor
+  return __builtin_cpu_supports("popcnt") != 0 && !portable_forced();
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_fast_pext() {
+#if defined(QKD_PEXT_DISPATCH)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("bmi2") != 0 && __builtin_cpu_is("amdfam15h") == 0 &&
+         __builtin_cpu_is("amdfam17h") == 0 && !portable_forced();
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+// Zero (the portable code) until these initializers run: correct either way.
+#if defined(QKD_POPCOUNT_DISPATCH)
+bool g_hardware_popcount = cpu_has_popcount();
+#endif
+#if defined(QKD_PEXT_DISPATCH)
+bool g_hardware_pext = cpu_has_fast_pext();
+#endif
+
+bool hardware_popcount() {
+#if defined(QKD_POPCOUNT_DISPATCH)
+  return g_hardware_popcount;
+#else
+  return false;
+#endif
+}
+
+bool hardware_pext() {
+#if defined(QKD_PEXT_DISPATCH)
+  return g_hardware_pext;
+#else
+  return false;
+#endif
+}
+
+void set_hardware_bit_ops(bool on) {
+#if defined(QKD_POPCOUNT_DISPATCH)
+  g_hardware_popcount = on && cpu_has_popcount();
+#endif
+#if defined(QKD_PEXT_DISPATCH)
+  g_hardware_pext = on && cpu_has_fast_pext();
+#endif
+  (void)on;
+}
+
+}  // namespace detail
+
 namespace {
 
 void cleanse(std::vector<std::uint64_t>& w) {
@@ -59,24 +129,6 @@ BitVector BitVector::from_bytes(std::span<const std::uint8_t> bytes, std::size_t
   return v;
 }
 
-namespace {
-
-// Bits of x at the set positions of m, packed to the low end in order (a software
-// parallel bit extract; a loop over the set bits of m).
-std::uint64_t compress_word(std::uint64_t x, std::uint64_t m) {
-  std::uint64_t r = 0;
-  unsigned k = 0;
-  while (m != 0) {
-    const auto i = static_cast<unsigned>(std::countr_zero(m));
-    r |= ((x >> i) & 1U) << k;
-    ++k;
-    m &= m - 1;
-  }
-  return r;
-}
-
-}  // namespace
-
 void BitVector::append_masked(const BitVector& src, const BitVector& mask, bool select) {
   assert(src.size_ == mask.size_);
   assert(this != &src && this != &mask);
@@ -89,8 +141,7 @@ void BitVector::append_masked(const BitVector& src, const BitVector& mask, bool 
     if (m == ~std::uint64_t{0}) {
       append_bits(src.words_[w], 64);
     } else if (m != 0) {
-      append_bits(compress_word(src.words_[w], m),
-                  static_cast<unsigned>(std::popcount(m)));
+      append_bits(detail::compress_bits(src.words_[w], m), detail::popcount64(m));
     }
   }
 }
@@ -119,7 +170,7 @@ void BitVector::clear_tail() {
 std::size_t BitVector::popcount() const {
   std::size_t c = 0;
   for (const std::uint64_t w : words_) {
-    c += static_cast<std::size_t>(std::popcount(w));
+    c += detail::popcount64(w);
   }
   return c;
 }
@@ -163,7 +214,7 @@ std::size_t BitVector::hamming_distance(const BitVector& other) const {
   assert(size_ == other.size_);
   std::size_t c = 0;
   for (std::size_t w = 0; w < words_.size(); ++w) {
-    c += static_cast<std::size_t>(std::popcount(words_[w] ^ other.words_[w]));
+    c += detail::popcount64(words_[w] ^ other.words_[w]);
   }
   return c;
 }

@@ -155,16 +155,21 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       std::uint64_t basis_word = 0;
       std::uint64_t result_word = 0;
       unsigned filled = 0;
+      // The generator as a local during the loop (kept in registers, not stored back to
+      // the endpoint after every draw), written back after the chunk.
+      Xoshiro256ss gen = rng;
       for (const DetectionEvent& e : c->events) {
-        const bool basis = biased ? !rng.bernoulli(P.z_basis_prob) : rng.bit();
-        bool result = false;
-        if (e.dark || basis != e.basis) {
-          result = rng.bit();  // a dark count, or a measurement in the other basis
-        } else {
-          result = e.bit;
-        }
+        const bool basis = biased ? !gen.bernoulli(P.z_basis_prob) : gen.bit();
+        // A dark count, or a measurement in the other basis: a random result (one more
+        // draw), else the arriving bit. Without a branch (it would be mispredicted half the
+        // time): the draw is computed always and taken only when needed (next_if), so the
+        // random stream is the one of a conditional rng.bit().
+        const bool random_result = e.dark != 0 || basis != (e.basis != 0);
+        const std::uint64_t draw = gen.next_if(random_result) >> 63;
+        const std::uint64_t pick = std::uint64_t{0} - std::uint64_t{random_result};
+        const std::uint64_t result = (draw & pick) | (std::uint64_t{e.bit} & ~pick);
         basis_word |= std::uint64_t{basis ? 1U : 0U} << filled;
-        result_word |= std::uint64_t{result ? 1U : 0U} << filled;
+        result_word |= result << filled;
         if (++filled == 64) {
           bases.append_bits(basis_word, 64);
           raw.append_bits(result_word, 64);
@@ -173,6 +178,7 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
           filled = 0;
         }
       }
+      rng = gen;
       bases.append_bits(basis_word, filled);
       raw.append_bits(result_word, filled);
       result_word = 0;

@@ -8,6 +8,11 @@
 #include <numeric>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "bit_ops.hpp"
 #include "qkd/core/random.hpp"
 
 namespace qkd::core {
@@ -38,11 +43,35 @@ bool masked_parity(std::span<const std::uint64_t> key, std::span<const std::uint
   return (std::popcount(x) & 1) != 0;
 }
 
+// Transparent huge pages for a large, still untouched buffer (only a hint: kernel THP mode
+// "madvise" or "always"). The shuffle of a long key swaps entries at random positions of
+// tables of tens of MB: with 4 KiB pages nearly every access also misses the TLB.
+void prefer_huge_pages(void* p, std::size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  if (bytes < 2 * kHuge) {
+    return;
+  }
+  const auto begin = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) {
+    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // Per-thread free lists of buffers. Cascade runs block after block with the same sizes;
 // allocating the shuffle tables (2 x 4n bytes) and Bob's bisection bitmaps afresh each
 // time made glibc hand the pages back and fault them in again (a fifth of the time at
 // n = 2^16). Contents are public (layout tables, disclosed parities): no cleansing.
-template <class T>
+// Tag: separate free lists for buffers of different roles (the layout's tables and Bob's
+// per-pass bitmaps differ in size; in one list a small request could take a large buffer
+// and leave the next large one to allocate afresh).
+template <class T, int Tag = 0>
 class BufferPool {
  public:
   // A buffer of `size` elements; zeroed when `zero`, else unspecified contents.
@@ -60,6 +89,7 @@ class BufferPool {
       // A new buffer: 1/8 headroom, so the next block's slightly larger n (block sizes
       // vary by a fraction of a percent) reuses it instead of faulting in fresh pages.
       v.reserve(size + size / 8);
+      prefer_huge_pages(v.data(), v.capacity() * sizeof(T));
     }
     if (zero) {
       v.assign(size, T{});
@@ -140,8 +170,9 @@ std::uint32_t cascade_default_passes(CascadeVariant variant) {
 CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
                              std::uint32_t first_block_size,
                              std::span<const std::uint8_t, 32> shuffle_seed,
-                             CascadeVariant variant, std::uint32_t biconf_rounds)
-    : n_(n), variant_(variant), biconf_rounds_(biconf_rounds) {
+                             CascadeVariant variant, std::uint32_t biconf_rounds,
+                             bool inverse_tables)
+    : n_(n), variant_(variant), biconf_rounds_(biconf_rounds), inverse_tables_(inverse_tables) {
   passes = std::max<std::uint32_t>(passes, 1);
   const std::uint32_t cascade_passes = passes;
   passes += biconf_rounds;
@@ -185,7 +216,8 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
     order_.push_back(order);
     if (order == CascadePassOrder::kSplit) {
       Split& s = split_[p];
-      s.mask = BitVector(n);
+      // Pooled (contents unspecified: every word is written below, then the tail cleared).
+      s.mask = BufferPool<std::uint64_t, 1>::take((std::size_t{n} + 63) / 64, /*zero=*/false);
       const std::uint32_t j = p - 2;  // index among the random-half passes
       if (!biconf && variant == CascadeVariant::kModern && std::has_single_bit(k1) &&
           (1ULL << j) < k1) {
@@ -194,7 +226,7 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
         // so an error pair left inside a pass-0 block (the typical pattern that passes 0
         // and 1 miss) is split, hence found, by one of the first log2(k1) such passes.
         const unsigned lg = static_cast<unsigned>(std::countr_zero(k1));
-        auto words = s.mask.mutable_words();
+        std::vector<std::uint64_t>& words = s.mask;
         for (std::size_t w = 0; w < words.size(); ++w) {
           std::uint64_t pattern = 0;
           if (j < 6) {
@@ -220,17 +252,19 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
           words[w] = pattern ^ flip;
         }
       } else {
-        for (auto& w : s.mask.mutable_words()) {
+        for (auto& w : s.mask) {
           w = rng.next();
         }
       }
-      s.mask.clear_tail();
-      const auto mw = s.mask.words();
-      s.ones.resize(mw.size() + 1);
+      if ((n & 63) != 0) {
+        s.mask.back() &= low_mask(n & 63);  // the unused high bits of the last word: zero
+      }
+      const std::vector<std::uint64_t>& mw = s.mask;
+      s.ones = BufferPool<std::uint32_t, 1>::take(mw.size() + 1, /*zero=*/false);
       std::uint32_t acc = 0;
       for (std::size_t w = 0; w < mw.size(); ++w) {
         s.ones[w] = acc;
-        acc += static_cast<std::uint32_t>(std::popcount(mw[w]));
+        acc += detail::popcount64(mw[w]);
       }
       s.ones[mw.size()] = acc;
       s.zeros = n - acc;
@@ -241,9 +275,7 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
     }
     // Pooled storage, contents unspecified: every entry is written below.
     perm_[p] = BufferPool<std::uint32_t>::take(n, /*zero=*/false);
-    inv_[p] = BufferPool<std::uint32_t>::take(n, /*zero=*/false);
     std::uint32_t* perm = perm_[p].data();
-    std::uint32_t* inv = inv_[p].data();
     std::iota(perm, perm + n, 0U);
     // Fisher-Yates. The random indices are drawn kAhead at a time (the same draws in the
     // same order) so that their cache lines are prefetched before the swaps reach them.
@@ -259,6 +291,11 @@ CascadeLayout::CascadeLayout(std::uint32_t n, std::uint32_t passes,
         std::swap(perm[i - 1], perm[ahead[t]]);
       }
     }
+    if (!inverse_tables) {
+      continue;
+    }
+    inv_[p] = BufferPool<std::uint32_t>::take(n, /*zero=*/false);
+    std::uint32_t* inv = inv_[p].data();
     for (std::uint32_t i = 0; i < n; ++i) {
       if (i + kAhead < n) {
         __builtin_prefetch(inv + perm[i + kAhead], 1);
@@ -274,6 +311,10 @@ CascadeLayout::~CascadeLayout() {
   }
   for (auto& v : inv_) {
     BufferPool<std::uint32_t>::give(std::move(v));
+  }
+  for (Split& s : split_) {
+    BufferPool<std::uint64_t, 1>::give(std::move(s.mask));
+    BufferPool<std::uint32_t, 1>::give(std::move(s.ones));
   }
 }
 
@@ -293,7 +334,7 @@ std::uint32_t CascadeLayout::split_select(const Split& s, bool cls, std::uint32_
       hi = mid;
     }
   }
-  const std::uint64_t word = cls ? s.mask.words()[lo] : ~s.mask.words()[lo];
+  const std::uint64_t word = cls ? s.mask[lo] : ~s.mask[lo];
   return static_cast<std::uint32_t>(64 * lo + select_in_word(word, rank - before(lo)));
 }
 
@@ -313,12 +354,17 @@ std::uint32_t CascadeLayout::position(std::uint32_t pass, std::uint32_t index) c
     return index;
   }
   if (order_[pass] == CascadePassOrder::kShuffle) {
+    if (!inverse_tables_) {  // a responder's layout: search (see the header)
+      const auto& perm = perm_[pass];
+      return static_cast<std::uint32_t>(std::find(perm.begin(), perm.end(), index) -
+                                        perm.begin());
+    }
     return inv_[pass][index];
   }
   const Split& s = split_[pass];
-  const std::uint64_t w = s.mask.words()[index >> 6];
+  const std::uint64_t w = s.mask[index >> 6];
   const std::uint32_t ones_before =
-      s.ones[index >> 6] + static_cast<std::uint32_t>(std::popcount(w & low_mask(index & 63)));
+      s.ones[index >> 6] + detail::popcount64(w & low_mask(index & 63));
   if (((w >> (index & 63)) & 1U) != 0) {
     return s.zeros + ones_before;
   }
@@ -330,7 +376,7 @@ bool CascadeLayout::split_range_parity(const BitVector& key, std::uint32_t pass,
   const Split& s = split_[pass];
   const std::uint32_t end = start + length;
   const auto kw = key.words();
-  const auto mw = s.mask.words();
+  const std::span<const std::uint64_t> mw = s.mask;
   bool p = false;
   const auto bound = [&](bool cls, std::uint32_t rank) {  // index of a class rank, or n
     const std::uint32_t count = cls ? n_ - s.zeros : s.zeros;

@@ -87,6 +87,29 @@ __attribute__((target("pclmul,sse2"))) inline Gf128 clmul_mul(Gf128 a, Gf128 b) 
   return Gf128{p0 ^ tt[0] ^ v0, p1 ^ tt[1] ^ uu[0]};
 }
 
+// acc <- Horner over `blocks` 16-byte blocks of p, four at a time: (acc + m0) h^4 + m1 h^3 +
+// m2 h^2 + m3 h is the same field element as four Horner steps, but its four products are
+// independent (they overlap in the pipeline; the Horner chain waits for each product).
+// hp = {h^2, h^3, h^4}. Returns the blocks consumed (a multiple of 4).
+__attribute__((target("pclmul,sse2"))) std::size_t horner4_clmul(Gf128& acc, const Gf128& h,
+                                                                const std::array<Gf128, 3>& hp,
+                                                                const std::uint8_t* p,
+                                                                std::size_t blocks) {
+  std::size_t b = 0;
+  for (; b + 4 <= blocks; b += 4, p += 64) {
+    const Gf128 m0{acc.lo ^ load64(p), acc.hi ^ load64(p + 8)};
+    const Gf128 m1{load64(p + 16), load64(p + 24)};
+    const Gf128 m2{load64(p + 32), load64(p + 40)};
+    const Gf128 m3{load64(p + 48), load64(p + 56)};
+    const Gf128 a = clmul_mul(m0, hp[2]);
+    const Gf128 c = clmul_mul(m1, hp[1]);
+    const Gf128 d = clmul_mul(m2, hp[0]);
+    const Gf128 e = clmul_mul(m3, h);
+    acc = Gf128{a.lo ^ c.lo ^ d.lo ^ e.lo, a.hi ^ c.hi ^ d.hi ^ e.hi};
+  }
+  return b;
+}
+
 __attribute__((target("pclmul,sse2"))) Gf128 horner_clmul(Gf128 h,
                                                           std::span<const std::uint8_t> m) {
   return horner(h, m, [](Gf128 a, Gf128 b) { return clmul_mul(a, b); });
@@ -179,7 +202,16 @@ void PolyHasher::wipe() {
   for (std::size_t i = 0; i < buf_.size(); ++i) {
     b[i] = 0;
   }
-  volatile std::uint64_t* w[] = {&h_.lo, &h_.hi, &acc_.lo, &acc_.hi};
+  volatile std::uint64_t* w[] = {&h_.lo,
+                                 &h_.hi,
+                                 &acc_.lo,
+                                 &acc_.hi,
+                                 &h_powers_[0].lo,
+                                 &h_powers_[0].hi,
+                                 &h_powers_[1].lo,
+                                 &h_powers_[1].hi,
+                                 &h_powers_[2].lo,
+                                 &h_powers_[2].hi};
   for (volatile std::uint64_t* x : w) {
     *x = 0;
   }
@@ -190,6 +222,9 @@ void PolyHasher::wipe() {
 void PolyHasher::reset(std::span<const std::uint8_t, 16> key) {
   wipe();
   h_ = gf128_load(key);
+  h_powers_[0] = gf128_mul(h_, h_);
+  h_powers_[1] = gf128_mul(h_powers_[0], h_);
+  h_powers_[2] = gf128_mul(h_powers_[1], h_);
 }
 
 void PolyHasher::update(std::span<const std::uint8_t> data) {
@@ -208,6 +243,11 @@ void PolyHasher::update(std::span<const std::uint8_t> data) {
     acc_ = gf128_mul(acc_, h_);
     buf_len_ = 0;
   }
+#if QKD_HAVE_X86
+  if (gf128_has_clmul() && data.size() - i >= 64) {
+    i += 16 * horner4_clmul(acc_, h_, h_powers_, data.data() + i, (data.size() - i) / 16);
+  }
+#endif
   for (; i + 16 <= data.size(); i += 16) {
     acc_.lo ^= load64(data.data() + i);
     acc_.hi ^= load64(data.data() + i + 8);

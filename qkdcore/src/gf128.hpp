@@ -72,6 +72,7 @@ class PolyHasher {
  private:
   void wipe();
   Gf128 h_{};
+  std::array<Gf128, 3> h_powers_{};  // h^2, h^3, h^4: four blocks per step (see update)
   Gf128 acc_{};
   std::array<std::uint8_t, 16> buf_{};
   std::size_t buf_len_ = 0;

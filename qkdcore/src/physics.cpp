@@ -12,9 +12,28 @@
 #include <sys/mman.h>
 #endif
 
+#include "fast_log.hpp"
 #include "qkd/core/key_length.hpp"
 
 namespace qkd::core {
+
+namespace detail {
+
+const LogTable& log_table() {
+  static const LogTable table = [] {
+    LogTable t;
+    for (std::size_t i = 0; i < LogTable::kSize; ++i) {
+      const double c = 1.0 / (1.0 + (static_cast<double>(i) + 0.5) / LogTable::kSize);
+      t.inv_center[i] = c;
+      // -log(c) of the rounded c, in extended precision where long double has it.
+      t.neg_log[i] = static_cast<double>(-std::log(static_cast<long double>(c)));
+    }
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace detail
 
 SourceChoices source_choices(const ChannelParams& c, double z_basis_prob) {
   SourceChoices s;
@@ -53,7 +72,10 @@ struct AlicePrf::Impl {
     AliceState s;
     s.bit = (w & 1U) != 0;
     s.basis = u24 >= z_threshold;  // false = Z
-    s.intensity = u32 < class_threshold[0] ? 0 : (u32 < class_threshold[1] ? 1 : 2);
+    // Class 0 iff u32 < [0], 1 iff [0] <= u32 < [1], else 2 ([0] <= [1]): counted without
+    // branches (the class is random, a branch was mispredicted a third of the time).
+    s.intensity = static_cast<std::uint8_t>(static_cast<unsigned>(u32 >= class_threshold[0]) +
+                                            static_cast<unsigned>(u32 >= class_threshold[1]));
     return s;
   }
 };
@@ -405,11 +427,116 @@ void reserve_secret(std::vector<AliceState>& v, std::size_t n) {
   v.swap(bigger);
 }
 
-void push_secret(std::vector<AliceState>& v, const AliceState& s) {
-  if (v.size() == v.capacity()) {
+// Up to `max` candidate detections from pulse i on, each after a geometric gap (inverse
+// CDF: floor(log(u) / log(1 - Q_max)), u from gap_rng only), into out; sets done at the end
+// of the block. A function of its own so that the loop keeps its state in registers (in
+// the body of run() it competed with the decision loop's). Returns the count.
+std::size_t draw_candidates(Xoshiro256ss& rng, double inv_log1m, const detail::LogTable& log_tab,
+                            std::uint64_t pulses, std::uint64_t& next, bool& done,
+                            std::uint64_t* out, std::size_t max) {
+  Xoshiro256ss gen = rng;
+  std::uint64_t i = next;
+  std::size_t count = 0;
+  while (count < max) {
+    // (geometric_gap: the same value as std::floor(std::log(u) * inv_log1m), cheaper.)
+    const double gap = detail::geometric_gap(gen.uniform_open0(), inv_log1m, log_tab);
+    // pulses - i < 2^61 and, past this test, gap < 2^61: signed conversions (one
+    // instruction each; the unsigned ones branch on the top bit), same values.
+    if (gap >= static_cast<double>(static_cast<std::int64_t>(pulses - i))) {
+      done = true;
+      break;
+    }
+    i += static_cast<std::uint64_t>(static_cast<std::int64_t>(gap));
+    out[count++] = i;
+    if (++i >= pulses) {
+      done = true;
+      break;
+    }
+  }
+  rng = gen;
+  next = i;
+  return count;
+}
+
+// Inline: called once per detection; run() reserves room for every expected event, so the
+// growth path is (almost) never taken.
+inline void push_secret(std::vector<AliceState>& v, const AliceState& s) {
+  if (v.size() == v.capacity()) [[unlikely]] {
     reserve_secret(v, v.capacity() * 2 + 64);
   }
   v.push_back(s);
+}
+
+// What the decision of a batch of candidates reads (tables) and updates (generator,
+// truth), for decide_batch().
+struct DecideTables {
+  std::array<const double*, 3> cdf{};
+  std::array<const double*, 3> click{};
+  std::array<double, 3> accept{};
+  bool single = false;
+  double eve = 0.0;
+  double misalign = 0.0;
+};
+
+// The decision loop of ChannelSimulator::run() for a detector without dead time or
+// afterpulses (the loop in run() handles those): the same code, in a function of its own
+// so that the generator and the counters stay in registers. Appends the detected events
+// (and, when `alice_states` is set, their states) in order.
+void decide_batch(const DecideTables& t, std::span<const std::uint64_t> cand,
+                  const AliceState* states, Xoshiro256ss& rng_io, SimulationTruth& truth_io,
+                  std::vector<DetectionEvent>& out, std::vector<AliceState>* alice_states) {
+  Xoshiro256ss rng = rng_io;
+  SimulationTruth truth = truth_io;
+  for (std::size_t j = 0; j < cand.size(); ++j) {
+    bool photon = false;
+    AliceState s = states[j];
+    std::size_t k = 0;
+    if (t.single) {
+      photon = rng.bernoulli(t.click[0][1]);
+      truth.single_photon[0] += 1;
+    } else {
+      k = s.intensity;
+      if (t.accept[k] < 1.0 && !rng.bernoulli(t.accept[k])) {
+        continue;  // thinned
+      }
+      const double u = rng.uniform();
+      const double* cdf = t.cdf[k];
+      std::size_t n = static_cast<std::size_t>(u >= cdf[0]) +
+                      static_cast<std::size_t>(u >= cdf[1]) +
+                      static_cast<std::size_t>(u >= cdf[2]) +
+                      static_cast<std::size_t>(u >= cdf[3]);
+      while (n >= 4 && n < kMaxPhotons && u >= cdf[n]) {
+        ++n;
+      }
+      truth.single_photon[k] += n == 1 ? 1 : 0;
+      photon = rng.bernoulli(t.click[k][n]);
+    }
+    truth.detections[k] += 1;
+    DetectionEvent ev;
+    ev.pulse = cand[j] & DetectionEvent::kMaxPulse;
+    if (photon) {
+      truth.photon_clicks[k] += 1;
+      if (t.eve > 0.0 && rng.bernoulli(t.eve)) {
+        const bool eve_basis = rng.bit();
+        const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng.bit();
+        s.bit = eve_bit;
+        s.basis = eve_basis;
+      }
+      if (rng.bernoulli(t.misalign)) {
+        s.bit = !s.bit;
+      }
+      ev.bit = s.bit ? 1U : 0U;
+      ev.basis = s.basis ? 1U : 0U;
+    } else {
+      ev.dark = 1U;
+    }
+    out.push_back(ev);
+    if (alice_states != nullptr) {
+      push_secret(*alice_states, states[j]);
+    }
+  }
+  rng_io = rng;
+  truth_io = truth;
 }
 
 }  // namespace
@@ -478,12 +605,12 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
   const double eve = params_.eve_intercept_fraction;
   const double misalign = params_.misalignment;
   const double inv_log1m = 1.0 / log1m_qmax_;
+  const detail::LogTable& log_tab = detail::log_table();
   // Candidates are drawn a batch at a time (gap_rng_ only), Alice's states for the whole
   // batch come from one AES call, then each candidate is decided in order (rng_ only): the
   // result does not depend on the batch size.
   constexpr std::size_t kBatch = 4096;
-  std::vector<std::uint64_t> cand;
-  cand.reserve(kBatch);
+  std::vector<std::uint64_t> cand_buffer(kBatch);
   std::vector<AliceState> states(kBatch);
   std::uint64_t i = 0;  // next pulse not yet passed
   bool done = false;
@@ -496,6 +623,18 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
   std::uint64_t live_from = 0;
   bool ap_pending = false;
   std::uint64_t ap_at = 0;
+  DecideTables decide;
+  decide.single = single;
+  decide.eve = eve;
+  decide.misalign = misalign;
+  static constexpr std::array<double, kMaxPhotons + 1> kNoTable{};  // classes never kept
+  for (std::size_t k = 0; k < 3; ++k) {
+    const ClassTable& tb = tables_[k];
+    const bool has = tb.cdf.size() == kMaxPhotons + 1 && tb.click.size() == kMaxPhotons + 1;
+    decide.cdf[k] = has ? tb.cdf.data() : kNoTable.data();
+    decide.click[k] = has ? tb.click.data() : kNoTable.data();
+    decide.accept[k] = tb.accept;
+  }
   const auto on_click = [&](std::uint64_t pulse) {
     live_from = pulse + dead_pulses_ + 1;
     ap_pending = p_ap > 0.0 && rng.bernoulli(p_ap);
@@ -525,23 +664,16 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
     }
   };
   while (!done) {
-    cand.clear();
-    while (cand.size() < kBatch) {
-      // Inverse CDF of the geometric distribution: pulses before the next candidate
-      // detection (probability Q_max each).
-      const double gap = std::floor(std::log(gap_rng.uniform_open0()) * inv_log1m);
-      if (gap >= static_cast<double>(pulses - i)) {
-        done = true;
-        break;
-      }
-      i += static_cast<std::uint64_t>(gap);
-      cand.push_back(i);
-      if (++i >= pulses) {
-        done = true;
-        break;
-      }
-    }
+    const std::span<const std::uint64_t> cand(
+        cand_buffer.data(),
+        draw_candidates(gap_rng, inv_log1m, log_tab, pulses, i, done, cand_buffer.data(), kBatch));
     prf.at_many(cand, states);
+    if (!gated) {
+      decide_batch(decide, cand, states.data(), rng, truth, out, alice_states);
+      continue;
+    }
+    // With dead time or afterpulses (decide_batch() is this loop without them: keep the
+    // two the same).
     for (std::size_t j = 0; j < cand.size(); ++j) {
       if (gated) {
         afterpulses_up_to(cand[j]);

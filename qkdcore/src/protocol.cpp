@@ -7,9 +7,54 @@
 #include <cmath>
 #include <cstdio>
 
+#include "bit_ops.hpp"
 #include "qkd/core/random.hpp"
 
 namespace qkd::core::detail {
+
+namespace {
+
+// Bits [d, d + count) of a bit vector's words (count <= 64), bits at or past `size` 0.
+std::uint64_t read_bits(std::span<const std::uint64_t> words, std::size_t size, std::size_t d,
+                        unsigned count) {
+  if (count == 0 || d >= size) {
+    return 0;
+  }
+  const std::size_t w = d >> 6;
+  const unsigned sh = static_cast<unsigned>(d & 63);
+  std::uint64_t v = words[w] >> sh;
+  if (sh != 0 && w + 1 < words.size()) {
+    v |= words[w + 1] << (64 - sh);
+  }
+  const std::size_t avail = std::min<std::size_t>(count, size - d);
+  return avail >= 64 ? v : v & ((std::uint64_t{1} << avail) - 1);
+}
+
+// Bit i set iff bytes[i] != 0, for i < len <= 64: 8 bytes at a time, each byte's bits ORed
+// into its low bit, and the 8 low bits gathered by one multiply (the partial products land
+// on distinct bits, so nothing carries).
+std::uint64_t nonzero_bytes(const std::uint8_t* bytes, unsigned len) {
+  constexpr std::uint64_t kLow = 0x0101010101010101ULL;
+  constexpr std::uint64_t kGather = 0x0102040810204080ULL;
+  std::uint64_t out = 0;
+  unsigned i = 0;
+  for (; i + 8 <= len; i += 8) {
+    std::uint64_t v = 0;
+    for (unsigned b = 0; b < 8; ++b) {  // little-endian load, whatever the host order
+      v |= std::uint64_t{bytes[i + b]} << (8 * b);
+    }
+    v |= v >> 4;
+    v |= v >> 2;
+    v |= v >> 1;
+    out |= (((v & kLow) * kGather) >> 56) << i;
+  }
+  for (; i < len; ++i) {
+    out |= std::uint64_t{bytes[i] != 0 ? 1U : 0U} << i;
+  }
+  return out;
+}
+
+}  // namespace
 
 SourceInfo source_info(const ChannelParams& c) {
   SourceInfo s;
@@ -219,14 +264,21 @@ std::optional<std::string> estimation_abort(const BlockStatistics& stats,
 }
 
 BitVector mandatory_disclosure(const SiftedInfo& info, bool biased) {
+  // Word-wise (a branch per bit on its random class was mispredicted).
   const std::size_t n = info.basis.size();
   BitVector m(n);
-  for (std::size_t i = 0; i < n; ++i) {
-    const bool decoy = !info.intensity.empty() && info.intensity[i] != 0;
-    if (decoy || (biased && info.basis.get(i))) {
-      m.set(i, true);
+  auto words = m.mutable_words();
+  const auto basis = info.basis.words();
+  const bool classes = !info.intensity.empty();
+  for (std::size_t w = 0; w < words.size(); ++w) {
+    const auto len = static_cast<unsigned>(std::min<std::size_t>(64, n - 64 * w));
+    std::uint64_t v = biased ? basis[w] : 0;
+    if (classes) {
+      v |= nonzero_bytes(info.intensity.data() + 64 * w, len);
     }
+    words[w] = v;
   }
+  m.clear_tail();
   return m;
 }
 
@@ -241,16 +293,25 @@ Result<BitVector> choose_disclosure(const SiftedInfo& info, bool biased,
   if (!sample.ok()) {
     return sample.error();
   }
-  std::uint64_t j = 0;
-  for (std::uint64_t i = 0; i < n; ++i) {
-    if (!mask.get(i)) {
-      if (sample->get(j)) {
-        mask.set(i, true);
-      }
-      ++j;
-    }
-  }
+  add_sample(mask, *sample);
   return mask;
+}
+
+void add_sample(BitVector& mask, const BitVector& sample) {
+  // The j-th bit of the sample decides the j-th position not yet in the mask: a word at a
+  // time, the next popcount(free) sample bits deposited on the free positions.
+  const std::size_t n = mask.size();
+  auto words = mask.mutable_words();
+  const auto sample_words = sample.words();
+  std::size_t j = 0;
+  for (std::size_t w = 0; w < words.size(); ++w) {
+    const auto len = static_cast<unsigned>(std::min<std::size_t>(64, n - 64 * w));
+    const std::uint64_t valid = len == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << len) - 1;
+    const std::uint64_t free = ~words[w] & valid;
+    const unsigned count = popcount64(free);
+    words[w] |= deposit_bits(read_bits(sample_words, sample.size(), j, count), free);
+    j += count;
+  }
 }
 
 BlockStatistics gather_statistics(const SiftedInfo& info, const BitVector& mask,
@@ -271,32 +332,94 @@ BlockStatistics gather_statistics(const SiftedInfo& info, const BitVector& mask,
   s.confidence_sd = p.confidence_sd;
   const bool biased = p.z_basis_prob > 0.5;
   std::array<std::uint64_t, 3> test_disclosed{};
-  std::size_t d = 0;  // index into the disclosed values
-  for (std::size_t i = 0; i < mask.size(); ++i) {
-    const std::size_t k = info.intensity.empty() ? 0 : info.intensity[i];
-    const bool x_basis = info.basis.get(i);
-    const bool key_basis = !biased || !x_basis;
-    const bool test = !biased || x_basis;
-    auto& cls = r.intensity[k];
-    ++cls.sifted;
-    s.key_basis_sifted[k] += key_basis ? 1 : 0;
-    s.test_sifted[k] += test ? 1 : 0;
-    if (mask.get(i)) {
-      const bool err = alice_disclosed.get(d) != bob_disclosed.get(d);
-      ++d;
-      ++cls.disclosed;
-      cls.errors += err ? 1 : 0;
-      if (test) {
-        ++test_disclosed[k];
-        s.test_errors[k] += err ? 1 : 0;
-      }
-      if (k == 0 && key_basis) {
-        ++s.sample_bits;
-        s.sample_errors += err ? 1 : 0;
-      }
-    } else {
-      ++s.key_bits;
+  // Word by word with population counts (a loop per bit branched on the random class and
+  // sample membership of each bit: mispredicted, and run at both ends). Per word: a mask
+  // of each class, of the key-basis and test-basis bits, and the disagreements of the
+  // disclosed bits moved from disclosure order to their positions (deposit).
+  const std::size_t n = mask.size();
+  const auto mask_words = mask.words();
+  const auto basis_words = info.basis.words();
+  const auto a_words = alice_disclosed.words();
+  const auto b_words = bob_disclosed.words();
+  const std::size_t disclosed_bits = std::min(alice_disclosed.size(), bob_disclosed.size());
+  // Bits [d, d + count) of alice ^ bob (count <= 64), bits past the disclosed values 0.
+  const auto disagreements = [&](std::size_t d, unsigned count) -> std::uint64_t {
+    if (count == 0 || d >= disclosed_bits) {
+      return 0;
     }
+    const std::size_t w = d >> 6;
+    const unsigned sh = static_cast<unsigned>(d & 63);
+    std::uint64_t v = (a_words[w] ^ b_words[w]) >> sh;
+    if (sh != 0 && w + 1 < a_words.size() && w + 1 < b_words.size()) {
+      v |= (a_words[w + 1] ^ b_words[w + 1]) << (64 - sh);
+    }
+    const std::size_t avail = std::min<std::size_t>(count, disclosed_bits - d);
+    return avail >= 64 ? v : v & ((std::uint64_t{1} << avail) - 1);
+  };
+  // The classes of 8 sifted bits (one byte each, 0..2) as two 8-bit planes: the low bit of
+  // each byte gathered by one multiply (the partial products land on distinct bits).
+  const auto planes8 = [](const std::uint8_t* bytes, std::uint64_t& lo, std::uint64_t& hi) {
+    std::uint64_t v = 0;
+    for (unsigned b = 0; b < 8; ++b) {  // little-endian load, whatever the host order
+      v |= std::uint64_t{bytes[b]} << (8 * b);
+    }
+    constexpr std::uint64_t kLow = 0x0101010101010101ULL;
+    constexpr std::uint64_t kGather = 0x0102040810204080ULL;
+    lo = ((v & kLow) * kGather) >> 56;
+    hi = (((v >> 1) & kLow) * kGather) >> 56;
+  };
+  const bool classes = !info.intensity.empty();
+  std::size_t d = 0;  // disclosed values consumed so far
+  std::array<std::uint64_t, 3> sifted{};
+  std::array<std::uint64_t, 3> disclosed{};
+  std::array<std::uint64_t, 3> errors{};
+  for (std::size_t w = 0; w < mask_words.size(); ++w) {
+    const std::size_t begin = 64 * w;
+    const unsigned len = static_cast<unsigned>(std::min<std::size_t>(64, n - begin));
+    const std::uint64_t valid = len == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << len) - 1;
+    std::uint64_t c1 = 0;
+    std::uint64_t c2 = 0;
+    if (classes) {
+      std::size_t i = 0;
+      for (; i + 8 <= len; i += 8) {
+        std::uint64_t lo = 0;
+        std::uint64_t hi = 0;
+        planes8(info.intensity.data() + begin + i, lo, hi);
+        c1 |= (lo & ~hi) << i;
+        c2 |= hi << i;  // class 2 = binary 10 (3 never occurs)
+      }
+      for (; i < len; ++i) {
+        const std::uint8_t k = info.intensity[begin + i];
+        c1 |= std::uint64_t{k == 1 ? 1U : 0U} << i;
+        c2 |= std::uint64_t{k == 2 ? 1U : 0U} << i;
+      }
+    }
+    const std::array<std::uint64_t, 3> cls{valid & ~(c1 | c2), c1, c2};
+    const std::uint64_t x_basis = basis_words[w] & valid;
+    const std::uint64_t key_basis = biased ? valid & ~x_basis : valid;
+    const std::uint64_t test = biased ? x_basis : valid;
+    const std::uint64_t m = mask_words[w] & valid;
+    const unsigned count = popcount64(m);
+    const std::uint64_t err = deposit_bits(disagreements(d, count), m);
+    d += count;
+    for (std::size_t k = 0; k < 3; ++k) {
+      const std::uint64_t c = cls[k];
+      sifted[k] += popcount64(c);
+      s.key_basis_sifted[k] += popcount64(c & key_basis);
+      s.test_sifted[k] += popcount64(c & test);
+      disclosed[k] += popcount64(c & m);
+      errors[k] += popcount64(c & err);
+      test_disclosed[k] += popcount64(c & test & m);
+      s.test_errors[k] += popcount64(c & test & err);
+    }
+    s.sample_bits += popcount64(cls[0] & key_basis & m);
+    s.sample_errors += popcount64(cls[0] & key_basis & err);
+    s.key_bits += popcount64(valid & ~m);
+  }
+  for (std::size_t k = 0; k < 3; ++k) {
+    r.intensity[k].sifted += sifted[k];
+    r.intensity[k].disclosed += disclosed[k];
+    r.intensity[k].errors += errors[k];
   }
   // Unbiased: the signal class is only sampled; scale its test errors to the whole class.
   for (std::size_t k = 0; k < 3; ++k) {
@@ -465,13 +588,28 @@ Result<BitVector> random_sample_mask(std::uint64_t n, std::uint64_t k) {
     return s.error();
   }
   Xoshiro256ss rng{std::span<const std::uint8_t, 32>(seed)};
+  return random_sample_mask(rng, n, k);
+}
+
+BitVector random_sample_mask(Xoshiro256ss& rng, std::uint64_t n, std::uint64_t k) {
   BitVector mask(n);
+  auto words = mask.mutable_words();
   std::uint64_t need = std::min(k, n);
-  for (std::uint64_t i = 0; i < n && need > 0; ++i) {
-    if (rng.below(n - i) < need) {  // select with probability need / (n - i)
-      mask.set(i, true);
-      --need;
+  // Select pulse i with probability need / (n - i): without a branch on the (random)
+  // outcome, the selection bits gathered a word at a time.
+  std::uint64_t word = 0;
+  std::uint64_t i = 0;
+  for (; i < n && need > 0; ++i) {
+    const std::uint64_t take = rng.below(n - i) < need ? 1U : 0U;
+    word |= take << (i & 63);
+    need -= take;
+    if ((i & 63) == 63) {
+      words[i >> 6] = word;
+      word = 0;
     }
+  }
+  if ((i & 63) != 0) {
+    words[i >> 6] = word;
   }
   return mask;
 }
@@ -512,11 +650,21 @@ std::vector<std::uint8_t> encode_detections(std::uint64_t block_id, std::uint32_
     }
     std::uint64_t v = e.pulse - next;
     next = e.pulse + 1;
-    while (v >= 0x80) {
-      tmp[pos++] = static_cast<std::uint8_t>((v & 0x7F) | 0x80);
-      v >>= 7;
+    if (v < (std::uint64_t{1} << 14)) {
+      // One or two bytes, without a branch on which (random: a third of the gaps at
+      // 10 km need two): both bytes are stored, the second is overwritten by the state
+      // when the gap fits in one.
+      const std::uint64_t two = v >= 0x80 ? 1 : 0;
+      tmp[pos] = static_cast<std::uint8_t>((v & 0x7F) | (two << 7));
+      tmp[pos + 1] = static_cast<std::uint8_t>(v >> 7);
+      pos += 1 + two;
+    } else {
+      while (v >= 0x80) {
+        tmp[pos++] = static_cast<std::uint8_t>((v & 0x7F) | 0x80);
+        v >>= 7;
+      }
+      tmp[pos++] = static_cast<std::uint8_t>(v);
     }
-    tmp[pos++] = static_cast<std::uint8_t>(v);
     std::uint8_t state = 0;
     if (e.dark) {
       state = 4;
@@ -578,18 +726,20 @@ Result<DetectionChunk> decode_detections(std::span<const std::uint8_t> msg,
   for (std::uint32_t i = 0; i < count; ++i) {
     std::uint64_t delta = 0;
     std::uint8_t state = 0;
-    if (!r.varint(delta) || !r.u8(state) || state > 4) {
+    if (!r.gap_and_state(delta, state) || state > 4) {
       return malformed(MsgType::kDetections);
     }
     if (delta >= pulses || next + delta >= pulses) {
       return make_error(ErrorCode::kProtocol, "detection event past the end of the block");
     }
-    DetectionEvent& e = out.events[i];
-    e.pulse = (next + delta) & DetectionEvent::kMaxPulse;  // < pulses <= 2^32
-    e.dark = state == 4;
-    e.bit = (state & 1) != 0;
-    e.basis = (state & 2) != 0;
-    next = e.pulse + 1;
+    DetectionEvent e;  // built in a register, stored once
+    const std::uint64_t pulse = next + delta;  // < pulses <= 2^32
+    e.pulse = pulse & DetectionEvent::kMaxPulse;
+    e.dark = state == 4 ? 1U : 0U;
+    e.bit = state & 1U;
+    e.basis = (state >> 1) & 1U;
+    out.events[i] = e;
+    next = pulse + 1;
   }
   if (!r.done()) {
     return malformed(MsgType::kDetections);

@@ -104,6 +104,9 @@ struct SiftedInfo {
 // Alice's disclosure mask: the mandatory bits plus a random sample_fraction of the rest.
 [[nodiscard]] Result<BitVector> choose_disclosure(const SiftedInfo& info, bool biased,
                                                   double sample_fraction);
+// Sets the j-th clear position of `mask` iff bit j of `sample` is set (sample bits past
+// its size count as clear): how choose_disclosure adds its random sample.
+void add_sample(BitVector& mask, const BitVector& sample);
 // The block's statistics (see BlockStatistics) from the disclosure mask and both ends'
 // values of the disclosed bits (in mask order); fills r.intensity and r.qber.
 [[nodiscard]] BlockStatistics gather_statistics(const SiftedInfo& info, const BitVector& mask,
@@ -144,6 +147,8 @@ void pay_authentication(AuthChannel& ch, const SecureBytes& gross, std::uint64_t
 // A mask of exactly k set bits among n, chosen uniformly (selection sampling driven by a
 // generator seeded from the DRBG).
 [[nodiscard]] Result<BitVector> random_sample_mask(std::uint64_t n, std::uint64_t k);
+// The same from a given generator (the draws after seeding it from the DRBG).
+[[nodiscard]] BitVector random_sample_mask(Xoshiro256ss& rng, std::uint64_t n, std::uint64_t k);
 
 // Splits `key` by `mask` (same size): bits under the mask to `selected`, others to `rest`.
 void split_by_mask(const BitVector& key, const BitVector& mask, BitVector& selected,

@@ -74,10 +74,14 @@ class CascadeLayout {
   // biconf_rounds: BICONF rounds appended after the `passes` Cascade passes (passes()
   // counts both). Their masks are drawn after every Cascade table, so the Cascade passes
   // are the same with or without them.
+  // inverse_tables = false: no index -> position tables for the kShuffle passes (Alice's
+  // CascadeResponder never needs them; building them is a third of the layout's cost).
+  // position() then searches the permutation (O(n) per call: correct, but meant only for
+  // layouts given to a responder); has_inverse_tables() tells which kind this is.
   CascadeLayout(std::uint32_t n, std::uint32_t passes, std::uint32_t first_block_size,
                 std::span<const std::uint8_t, 32> shuffle_seed,
                 CascadeVariant variant = CascadeVariant::kOriginal,
-                std::uint32_t biconf_rounds = 0);
+                std::uint32_t biconf_rounds = 0, bool inverse_tables = true);
   // The shuffle tables go back to a per-thread pool (reused by the next layout of the
   // same size: no fresh pages, hence no page faults, per block).
   ~CascadeLayout();
@@ -106,6 +110,7 @@ class CascadeLayout {
   [[nodiscard]] std::span<const std::uint32_t> inverse(std::uint32_t pass) const {
     return inv_[pass];
   }
+  [[nodiscard]] bool has_inverse_tables() const { return inverse_tables_; }
   // Builds the key as seen in pass p's order.
   [[nodiscard]] BitVector permuted(const BitVector& key, std::uint32_t pass) const;
   // Parity of positions [start, start + length) of a kSplit pass, read from the key in
@@ -115,8 +120,10 @@ class CascadeLayout {
 
  private:
   struct Split {
-    BitVector mask;                      // bit i set: index i is in the second class
-    std::vector<std::uint32_t> ones;     // ones[w] = set mask bits in words [0, w)
+    // Bit i of the words set: index i is in the second class (pooled, like the shuffle
+    // tables; bits >= n zero).
+    std::vector<std::uint64_t> mask;
+    std::vector<std::uint32_t> ones;     // ones[w] = set mask bits in words [0, w) (pooled)
     std::uint32_t zeros = 0;             // size of the first class
   };
   [[nodiscard]] std::uint32_t split_select(const Split& s, bool cls, std::uint32_t rank) const;
@@ -129,6 +136,7 @@ class CascadeLayout {
   std::vector<std::vector<std::uint32_t>> perm_;  // empty except for kShuffle passes
   std::vector<std::vector<std::uint32_t>> inv_;
   std::vector<Split> split_;  // indexed by pass (empty entries for other orders)
+  bool inverse_tables_ = true;
 };
 
 // The first block size for a variant: kOriginal 0.73 / QBER, kYan 0.8 / QBER, kModern a

@@ -44,6 +44,23 @@ class Xoshiro256ss {
     s_[3] = rotl(s_[3], 45);
     return result;
   }
+  // The value next() returns; the state advances only if `take` (no branch: for draws that
+  // happen or not at random, where a branch would be mispredicted). The same stream as
+  // calling next() exactly when `take` is true.
+  std::uint64_t next_if(bool take) {
+    const std::uint64_t result = rotl(s_[1] * 5, 7) * 9;
+    const std::uint64_t keep = std::uint64_t{take} - 1;  // all ones iff !take
+    const std::uint64_t t = s_[1] << 17;
+    const std::uint64_t s2 = s_[2] ^ s_[0];
+    const std::uint64_t s3 = s_[3] ^ s_[1];
+    const std::uint64_t s1 = s_[1] ^ s2;
+    const std::uint64_t s0 = s_[0] ^ s3;
+    s_[0] = (s0 & ~keep) | (s_[0] & keep);
+    s_[1] = (s1 & ~keep) | (s_[1] & keep);
+    s_[2] = ((s2 ^ t) & ~keep) | (s_[2] & keep);
+    s_[3] = (rotl(s3, 45) & ~keep) | (s_[3] & keep);
+    return result;
+  }
   // Uniform in [0, 1) with 53 random bits.
   double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
   // Uniform in (0, 1]: safe for log().
