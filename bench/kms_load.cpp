@@ -9,8 +9,12 @@
 //   - baseline on the same connections: GET /health (TLS + HTTP + routing, no key).
 // With and without the durable key store (store = SQLite, WAL, group commit).
 //
-//   kms_load [--seconds S] [--number N] [--rate R] [--keys K] [--store memory|durable|both]
-// (--keys: pool to fill first; the link keeps producing during the runs)
+//   kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K]
+//            [--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no]
+//            [--engine-nice N]
+// (--keys: pool to fill first; the link keeps producing during the runs. --number with a
+// list: one closed-loop row per value at each connection count. --conns 0: no closed-loop
+// rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own default)
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -27,6 +31,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -257,21 +262,42 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
   return total;
 }
 
+// "1,8,64" -> {1, 8, 64}; throws on a malformed list.
+std::vector<unsigned> parse_list(const std::string& text) {
+  std::vector<unsigned> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    out.push_back(static_cast<unsigned>(std::stoul(item)));
+  }
+  if (out.empty()) {
+    throw std::invalid_argument("empty list: " + text);
+  }
+  return out;
+}
+
 int run(int argc, char** argv) {
   double seconds = 3;
-  unsigned number = 1;
+  std::vector<unsigned> numbers{1};
+  std::vector<unsigned> conn_counts{1, 8, 64};
+  bool open = true;
+  int engine_nice = -1;  // -1: the KME's default
   double rate = 1000;
   std::string store = "both";
   std::uint64_t keys = 0;  // pool to wait for; 0 = enough for every run at ~15,000/s
   const auto usage = [](std::FILE* to) {
     std::fprintf(to,
-                 "usage: kms_load [--seconds S] [--number N] [--rate R] [--keys K] "
-                 "[--store memory|durable|both]\n"
-                 "  --seconds S  length of each row [s] (default 3)\n"
-                 "  --number N   keys per enc_keys request (default 1)\n"
-                 "  --rate R     open-loop request rate [requests/s] (default 1000)\n"
-                 "  --keys K     keys to have in the pool before the runs (default: enough)\n"
-                 "  --store S    memory, durable or both (default both)\n");
+                 "usage: kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K] "
+                 "[--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no] "
+                 "[--engine-nice N]\n"
+                 "  --seconds S      length of each row [s] (default 3)\n"
+                 "  --number N,...   keys per enc_keys request, closed loop (default 1)\n"
+                 "  --rate R         open-loop request rate [requests/s] (default 1000)\n"
+                 "  --keys K         keys to have in the pool before the runs (default: enough)\n"
+                 "  --store S        memory, durable or both (default both)\n"
+                 "  --conns C,...    closed-loop connection counts (default 1,8,64; 0 = none)\n"
+                 "  --open-loop Y    the open-loop row: yes (default) or no\n"
+                 "  --engine-nice N  link.engine_nice of both KMEs (default: the KME's)\n");
   };
   for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
@@ -287,7 +313,14 @@ int run(int argc, char** argv) {
     if (a == "--seconds") {
       seconds = std::stod(argv[i + 1]);
     } else if (a == "--number") {
-      number = static_cast<unsigned>(std::stoul(argv[i + 1]));
+      numbers = parse_list(argv[i + 1]);
+    } else if (a == "--conns") {
+      conn_counts = parse_list(argv[i + 1]);
+      std::erase(conn_counts, 0u);
+    } else if (a == "--open-loop") {
+      open = std::string(argv[i + 1]) != "no";
+    } else if (a == "--engine-nice") {
+      engine_nice = std::stoi(argv[i + 1]);
     } else if (a == "--rate") {
       rate = std::stod(argv[i + 1]);
     } else if (a == "--keys") {
@@ -312,10 +345,13 @@ int run(int argc, char** argv) {
     o.max_key_count = 2'000'000;
     o.max_key_per_request = 128;
     o.length_km = 1;
-    o.customize = [](json& a, json& b) {
+    o.customize = [engine_nice](json& a, json& b) {
       // The benchmark measures the server path, not the limiter.
       for (json* c : {&a, &b}) {
         (*c)["admission"] = {{"sae_keys_per_s", 0}, {"pair_keys_per_window", 0}};
+        if (engine_nice >= 0) {
+          (*c)["link"]["engine_nice"] = engine_nice;
+        }
       }
     };
     auto net = qkd::test::KmeNetwork::start(o);
@@ -324,6 +360,7 @@ int run(int argc, char** argv) {
       return 1;
     }
     // Enough for every run at ~15,000 deliveries/s (the link keeps producing meanwhile).
+    const unsigned number = *std::max_element(numbers.begin(), numbers.end());
     const auto need =
         keys != 0 ? keys : static_cast<std::uint64_t>(seconds * 15'000 * 4 * number);
     const auto t0 = Clock::now();
@@ -342,12 +379,17 @@ int run(int argc, char** argv) {
                   r.lat.pct(0.999), static_cast<unsigned long long>(r.errors));
       std::fflush(stdout);
     };
-    for (const int c : {1, 8, 64}) {
+    for (const unsigned uc : conn_counts) {
+      const int c = static_cast<int>(uc);
       row("GET /health (baseline)", c, 0, closed_loop(**net, c, 0, seconds / 2, true));
-      row("enc+dec, closed loop", c, number, closed_loop(**net, c, number, seconds, false));
+      for (const unsigned n : numbers) {
+        row("enc+dec, closed loop", c, n, closed_loop(**net, c, n, seconds, false));
+      }
     }
-    row(fmt::format("enc+dec, open loop {:.0f} req/s", rate).c_str(), 8, 1,
-        open_loop(**net, 8, rate, seconds));
+    if (open) {
+      row(fmt::format("enc+dec, open loop {:.0f} req/s", rate).c_str(), 8, 1,
+          open_loop(**net, 8, rate, seconds));
+    }
   }
   return 0;
 }

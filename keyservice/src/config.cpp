@@ -422,6 +422,7 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
   }
   (void)check_files;
   r.optional_uint("notice_delay_ms", l.notice_delay_ms, 0, 60'000);
+  r.optional_uint("engine_nice", l.engine_nice, 0, 19);
   l.channel = parse_channel(r);
   l.protocol = parse_protocol(r);
   r.finish();

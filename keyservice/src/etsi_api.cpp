@@ -62,8 +62,8 @@ EtsiService::EtsiService(const Config& config, KeyStore& store,
 }
 
 std::uint32_t EtsiService::max_sae_id_count() const {
-  // Additional slaves must be SAEs of the same peer KME (no relay yet).
-  return static_cast<std::uint32_t>(config_.link.peer_saes.size() - 1);
+  // Additional slaves: the peer KME's other SAEs and this KME's SAEs other than the master.
+  return static_cast<std::uint32_t>(config_.link.peer_saes.size() - 1 + config_.saes.size() - 1);
 }
 
 ApiResponse EtsiService::handle(const std::string& caller, const ApiRequest& req) const {
@@ -216,15 +216,20 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
     return error_response(
         400, fmt::format("additional_slave_SAE_IDs: at most {} allowed", max_sae_id_count()));
   }
+  // Additional slaves at the peer travel in the notice; those at this KME (multicast here)
+  // fetch their copy from this KME's store.
   std::vector<std::string> slaves{slave};
+  std::vector<std::string> local_slaves;
   for (const auto& s : kr.additional_slaves) {
-    if (!contains(config_.link.peer_saes, s) || contains(slaves, s)) {
-      return error_response(400,
-                            fmt::format("additional slave SAE \"{}\" is unknown or repeated", s));
+    const bool at_peer = contains(config_.link.peer_saes, s);
+    const bool here = contains(config_.saes, s) && s != caller;
+    if ((!at_peer && !here) || contains(slaves, s) || contains(local_slaves, s)) {
+      return error_response(
+          400, fmt::format("additional slave SAE \"{}\" is unknown, repeated or the master", s));
     }
-    slaves.push_back(s);
+    (at_peer ? slaves : local_slaves).push_back(s);
   }
-  auto keys = store_.allocate(caller, slaves, kr.number, kr.size / 8);
+  auto keys = store_.allocate(caller, slaves, local_slaves, kr.number, kr.size / 8);
   if (!keys.ok()) {
     return error_response(keys.error());
   }

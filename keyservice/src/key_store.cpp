@@ -301,7 +301,9 @@ class JournaledStore final : public KeyStore {
       if (journal_) {
         journal_->set_value(detail::kLastAppliedSeq, seq);
       }
-      q.ticket = seal_locked();
+      // Written with the next unit a response waits for (typically the dec_keys of the keys
+      // this notice assigns), not in a transaction of its own in front of it.
+      q.ticket = seal_deferred_locked();
     }
     cv_.notify_all();
     return q;
@@ -323,11 +325,13 @@ class JournaledStore final : public KeyStore {
     }
     std::lock_guard lock(mu_);
     journal_->drop_notices_upto(seq);
-    (void)seal_locked();  // no need to wait: a lost ack only resends a notice
+    (void)seal_deferred_locked();  // no need to wait: a lost ack only resends a notice
   }
 
+  using KeyStore::allocate;
   Result<std::vector<DeliveredKey>> allocate(const std::string& master_sae,
                                              const std::vector<std::string>& slave_saes,
+                                             const std::vector<std::string>& local_slave_saes,
                                              std::uint32_t number,
                                              std::uint32_t size_bytes) override {
     if (number == 0 || size_bytes == 0) {
@@ -370,7 +374,13 @@ class JournaledStore final : public KeyStore {
           KeyAssignment a{ids[i], own_, s.cursor(), size_bytes, master_sae, slave_saes, false};
           DeliveredKey k{ids[i], {}};
           s.take(a.offset, a.length, k.key);
-          remember_used_locked(ids[i]);
+          if (local_slave_saes.empty()) {
+            remember_used_locked(ids[i]);
+          } else {
+            // Multicast at this KME: kept for the local slaves (see take()); the key_ID is
+            // remembered as used when the last of them has fetched it.
+            keep_for_local_slaves_locked(ids[i], master_sae, local_slave_saes, k.key);
+          }
           keys.push_back(std::move(k));
           assignments.push_back(std::move(a));
         }
@@ -543,6 +553,7 @@ class JournaledStore final : public KeyStore {
   DirectionStream& own_stream() { return streams_[static_cast<int>(own_)]; }
 
   std::uint64_t seal_locked() { return journal_ ? journal_->seal() : 0; }
+  std::uint64_t seal_deferred_locked() { return journal_ ? journal_->seal_deferred() : 0; }
 
 
   void commit_locked(std::span<const std::uint8_t> block_key) {
@@ -675,6 +686,26 @@ class JournaledStore final : public KeyStore {
       }
     }
     return result;
+  }
+
+  // An allocated key also kept for slaves of this KME: recorded like a peer-assigned key
+  // (same durable write as the allocation), so take() serves it once to each of them.
+  void keep_for_local_slaves_locked(const std::string& id, const std::string& master,
+                                    const std::vector<std::string>& local_slaves,
+                                    const qkd::core::SecureBytes& key) {
+    AssignedKey rec;
+    rec.key = qkd::core::SecureBytes(key.span());
+    rec.master = master;
+    rec.slaves = local_slaves;
+    rec.received = std::chrono::system_clock::now();
+    if (max_age_.count() > 0) {
+      record_times_.emplace_back(rec.received, id);
+    }
+    if (journal_) {
+      journal_->put_assigned(detail::StoredKey{id, rec.master, rec.slaves, rec.key, {}});
+    }
+    records_.emplace(id, std::move(rec));
+    cv_.notify_all();
   }
 
   // Hands an allocation's (or expiry's) assignments to the listener and the notice encoder;

@@ -147,8 +147,12 @@ HttpReply Kme::Impl::handle(const std::string& caller, const ApiRequest& req) {
              info.number <= config.keys.max_key_per_request && admission->enabled() &&
              contains(config.link.peer_saes, info.path_sae) &&
              std::all_of(info.additional_slaves.begin(), info.additional_slaves.end(),
-                         [&](const std::string& s) { return contains(config.link.peer_saes, s); }) &&
-             info.additional_slaves.size() < config.link.peer_saes.size()) {
+                         [&](const std::string& s) {
+                           return contains(config.link.peer_saes, s) ||
+                                  (contains(config.saes, s) && s != caller);
+                         }) &&
+             info.additional_slaves.size() + 2 <=
+                 config.link.peer_saes.size() + config.saes.size()) {
     // A request the ETSI handlers may serve: charge the budgets first (nothing is taken
     // from the pool when they refuse), give the tokens back if no key was delivered.
     std::vector<std::string> slaves{info.path_sae};

@@ -3,9 +3,15 @@
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+#include <pthread.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <boost/asio/steady_timer.hpp>
 #include <condition_variable>
 #include <deque>
@@ -31,6 +37,38 @@ constexpr auto kConnectTimeout = std::chrono::milliseconds(5000);
 constexpr auto kSessionStartTimeout = std::chrono::milliseconds(10000);
 constexpr auto kBackoffMin = std::chrono::milliseconds(100);
 constexpr auto kBackoffMax = std::chrono::milliseconds(5000);
+
+// The runner thread's name (it runs the BB84 engine).
+constexpr const char* kEngineThreadName = "qkd-link";
+
+// link.engine_nice: the calling thread (the runner, which runs the BB84 engine) runs this
+// many nice levels above the process's own (at most 19), so that the API and link I/O
+// threads win the CPU over key generation. Linux nice is per thread (setpriority on the
+// thread id); raising it needs no privilege. Relative, so that a KME started under
+// `nice -n 19` never gets an engine thread of higher priority than itself. Threads the
+// runner creates inherit it (e.g. Asio's resolver thread on the bob end).
+void lower_engine_priority(std::uint32_t levels) {
+  if (levels == 0) {
+    return;
+  }
+  const auto tid = static_cast<id_t>(::syscall(SYS_gettid));
+  errno = 0;
+  const int current = ::getpriority(PRIO_PROCESS, tid);
+  if (current == -1 && errno != 0) {
+    spdlog::warn("link: cannot read the engine thread's nice value: {}", std::strerror(errno));
+    return;
+  }
+  const int target = std::min(19, current + static_cast<int>(levels));
+  if (target <= current) {
+    return;
+  }
+  if (::setpriority(PRIO_PROCESS, tid, target) != 0) {
+    spdlog::warn("link: cannot set the engine thread's nice value to {}: {}", target,
+                 std::strerror(errno));
+    return;
+  }
+  spdlog::debug("link: engine thread runs at nice {}", target);
+}
 
 std::vector<std::uint8_t> to_bytes(const json& j) {
   const std::string s = j.dump();
@@ -761,6 +799,8 @@ qkd::core::Result<std::uint16_t> LinkService::start() {
   }
   im->acker = std::thread([im]() { im->run_acks(); });
   im->runner = std::thread([im]() {
+    ::pthread_setname_np(::pthread_self(), kEngineThreadName);  // visible in top -H, ps -L
+    lower_engine_priority(im->config.link.engine_nice);
     try {
       im->run();
     } catch (const std::exception& e) {

@@ -18,8 +18,14 @@
 // "pending/<block>") as additional data, so a row moved to another identity fails to open.
 //
 // Group commit: the store records each operation's changes as a unit (under its lock, in
-// order); a committer thread collects the units queued within kGroupWindow and writes them in
-// one transaction, then wakes every caller whose unit is durable.
+// order); a committer thread takes every unit queued so far and writes them in one
+// transaction, then wakes every caller whose unit is durable. No waiting window: units that
+// arrive while a transaction is being written form the next group, so a lone operation pays
+// one fsync and a busy store batches as much as the disk's commit time lets through.
+// Deferred units (peer notices, acks: no response waits for them) do not start a
+// transaction alone before kDeferMax; they ride with the next unit a response waits for, so
+// that a dec_keys right after its notice costs one fsync, not two (docs/KMS.md, "Commit
+// path").
 #include <fmt/format.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -55,8 +61,9 @@ namespace {
 constexpr int kFormat = 1;
 constexpr std::size_t kNonceBytes = 12;
 constexpr std::size_t kTagBytes = 16;
-constexpr auto kGroupWindow = std::chrono::microseconds(1000);
-constexpr std::size_t kGroupMax = 256;          // units per transaction before writing at once
+// A deferred unit (Journal::seal_deferred) waits at most this long for a unit that a
+// response waits for to share its transaction.
+constexpr auto kDeferMax = std::chrono::milliseconds(5);
 constexpr std::int64_t kMaxUsedIds = 1 << 20;  // as the in-memory bound
 constexpr std::uint64_t kPruneEvery = 512;      // transactions between used_ids pruning
 constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check";
@@ -252,6 +259,7 @@ using Op = std::function<void(Db&)>;
 struct Unit {
   std::uint64_t ticket = 0;
   std::vector<Op> ops;
+  std::chrono::steady_clock::time_point sealed_at{};
 };
 
 class SqliteJournal final : public detail::Journal {
@@ -482,15 +490,8 @@ class SqliteJournal final : public detail::Journal {
     });
   }
 
-  std::uint64_t seal() override {
-    std::lock_guard lock(mu_);
-    if (!current_.empty()) {
-      queue_.push_back(Unit{++last_ticket_, std::move(current_)});
-      current_.clear();
-      work_cv_.notify_one();
-    }
-    return last_ticket_;
-  }
+  std::uint64_t seal() override { return seal_unit(/*deferred=*/false); }
+  std::uint64_t seal_deferred() override { return seal_unit(/*deferred=*/true); }
 
   Status wait(std::uint64_t ticket) override {
     std::unique_lock lock(mu_);
@@ -507,6 +508,19 @@ class SqliteJournal final : public detail::Journal {
     current_.push_back(std::move(op));
   }
 
+  std::uint64_t seal_unit(bool deferred) {
+    std::lock_guard lock(mu_);
+    if (!current_.empty()) {
+      queue_.push_back(Unit{++last_ticket_, std::move(current_), std::chrono::steady_clock::now()});
+      current_.clear();
+      if (!deferred) {
+        ++urgent_queued_;
+      }
+      work_cv_.notify_one();
+    }
+    return last_ticket_;
+  }
+
   void run_committer() {
     std::unique_lock lock(mu_);
     for (;;) {
@@ -514,11 +528,16 @@ class SqliteJournal final : public detail::Journal {
       if (queue_.empty()) {
         return;  // stopping, all written
       }
-      // Give concurrent operations a moment to join this transaction.
-      work_cv_.wait_for(lock, kGroupWindow,
-                        [&] { return stopping_ || queue_.size() >= kGroupMax; });
+      // Only deferred units: they wait (bounded) for a unit that a response waits for.
+      if (urgent_queued_ == 0 && !stopping_) {
+        work_cv_.wait_until(lock, queue_.front().sealed_at + kDeferMax,
+                            [&] { return stopping_ || urgent_queued_ > 0; });
+      }
+      // Everything queued so far is one transaction; what arrives while it is written is the
+      // next one.
       std::deque<Unit> units = std::move(queue_);
       queue_.clear();
+      urgent_queued_ = 0;
       const std::uint64_t last = units.back().ticket;
       if (failed_) {
         continue;  // waiters see the failure
@@ -571,6 +590,7 @@ class SqliteJournal final : public detail::Journal {
   std::condition_variable done_cv_;
   std::vector<Op> current_;
   std::deque<Unit> queue_;
+  std::size_t urgent_queued_ = 0;  // units in queue_ sealed by seal()
   std::uint64_t last_ticket_ = 0;
   std::uint64_t durable_ticket_ = 0;
   bool failed_ = false;

@@ -74,6 +74,11 @@ class Journal {
 
   // Closes the changes recorded since the last seal into one unit; returns its ticket.
   virtual std::uint64_t seal() = 0;
+  // The same for a unit no caller is waiting for at once (a peer notice applied in memory,
+  // an ack): it is written with the next seal()ed unit, or after a short delay if none
+  // comes, so that it does not take a transaction (and an fsync) of its own in front of a
+  // unit that a response waits for. Units stay durable in ticket order.
+  virtual std::uint64_t seal_deferred() = 0;
   // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
   // unusable: every later wait fails too).
   [[nodiscard]] virtual Status wait(std::uint64_t ticket) = 0;

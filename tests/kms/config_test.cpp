@@ -449,4 +449,19 @@ TEST(Config, KeyMaxAge) {
   }
 }
 
+TEST(Config, EngineNice) {
+  EXPECT_EQ(parse(valid_alice())->link.engine_nice, 10u);
+  json j = valid_alice();
+  for (int v : {0, 19}) {
+    j["link"]["engine_nice"] = v;
+    auto r = parse(j);
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    EXPECT_EQ(r->link.engine_nice, static_cast<std::uint32_t>(v));
+  }
+  for (const json& bad : {json(-1), json(20), json(2.5), json("10")}) {
+    j["link"]["engine_nice"] = bad;
+    expect_error(j, "link.engine_nice");
+  }
+}
+
 }  // namespace

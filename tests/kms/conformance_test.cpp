@@ -3,8 +3,8 @@
 // qkd-kms pair started once for the suite.
 //
 // The network: alice-kme serves SAEs "alice" and "alice-2"; bob-kme serves "bob", "bob-2"
-// and "bob 3" (an SAE ID that must be URL-encoded in a path). So max_SAE_ID_count at
-// alice-kme is 2 (bob-kme's SAEs minus the slave). keys: key_size 256, min 64, max 8192,
+// and "bob 3" (an SAE ID that must be URL-encoded in a path). So max_SAE_ID_count is 3 at
+// both KMEs (the peer's SAEs but the slave, plus this KME's but the master). keys: key_size 256, min 64, max 8192,
 // max_key_per_request 128; max_key_count 300 keeps the pool small (the link pauses), so a
 // request for more key than a full pool holds is a reliable 503.
 #include <fmt/format.h>
@@ -301,9 +301,9 @@ TEST_F(Etsi014, StatusHasEveryFieldWithItsValue) {
     EXPECT_EQ(j.at("min_key_size"), 64);
     EXPECT_GE(j.at("stored_key_count").get<std::uint64_t>(), 64u);
     EXPECT_LE(j.at("stored_key_count").get<std::uint64_t>(), kMaxKeyCount);
-    // Multicast to the peer's other SAEs: 2 at alice-kme (bob-kme serves 3), 1 at bob-kme
-    // (alice-kme serves 2).
-    EXPECT_EQ(j.at("max_SAE_ID_count"), at_a ? 2 : 1);
+    // Multicast: the peer's SAEs other than the slave plus this KME's other than the master:
+    // 2 + 1 at alice-kme, 1 + 2 at bob-kme.
+    EXPECT_EQ(j.at("max_SAE_ID_count"), 3);
     ASSERT_TRUE(j.contains("status_extension"));
     EXPECT_TRUE(j.at("status_extension").is_object());
   }
@@ -424,22 +424,23 @@ TEST_F(Etsi014, ExtensionOptionalIsIgnored) {
 
 // "Bodies: Key request": additional_slave_SAE_IDs holds at most max_SAE_ID_count IDs.
 TEST_F(Etsi014, MoreAdditionalSlavesThanMaxSaeIdCountIs400) {
-  // alice-kme: max_SAE_ID_count 2; three additional slaves are too many even before
+  // alice-kme: max_SAE_ID_count 3; four additional slaves are too many even before
   // looking at who they are.
   HttpResponse r =
       post(at_alice(), "/api/v1/keys/bob/enc_keys",
-           R"({"additional_slave_SAE_IDs": ["bob-2", "bob 3", "bob-4"]})");
+           R"({"additional_slave_SAE_IDs": ["bob-2", "bob 3", "alice-2", "bob-4"]})");
   EXPECT_EQ(r.status, 400u);
-  EXPECT_NE(message_of(r).find("at most 2"), std::string::npos) << r.body;
+  EXPECT_NE(message_of(r).find("at most 3"), std::string::npos) << r.body;
 }
 
-// "Bodies: Key request": an additional slave must be an SAE this KME can reach, and named
-// once (not the slave again).
+// "Bodies: Key request": an additional slave must be an SAE this KME or its peer serves,
+// named once, and neither the slave again nor the master.
 TEST_F(Etsi014, UnknownOrRepeatedAdditionalSlaveIs400) {
   for (const char* body : {R"({"additional_slave_SAE_IDs": ["carol"]})",
                            R"({"additional_slave_SAE_IDs": ["bob"]})",
                            R"({"additional_slave_SAE_IDs": ["bob-2", "bob-2"]})",
-                           R"({"additional_slave_SAE_IDs": ["alice-2"]})"}) {
+                           R"({"additional_slave_SAE_IDs": ["alice"]})",
+                           R"({"additional_slave_SAE_IDs": ["alice-2", "alice-2"]})"}) {
     HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", body);
     EXPECT_EQ(r.status, 400u) << body;
     EXPECT_FALSE(message_of(r).empty());
@@ -479,6 +480,54 @@ TEST_F(Etsi014, MulticastKeyIsRefusedToSaesNotNamed) {
     ASSERT_EQ(r.status, 200u) << slave << ": " << r.body;
     EXPECT_EQ(key_list(r), keys);
   }
+}
+
+// "Bodies: Key request" (additional_slave_SAE_IDs, multicast to a slave at THIS KME): the
+// master's own KME keeps the key for its local slave, which fetches it there once with the
+// master's bytes; the slaves at the peer fetch theirs at the peer; nobody else gets it.
+TEST_F(Etsi014, MulticastToSlaveAtThisKme) {
+  auto keys = alice_enc(R"({"number": 2, "additional_slave_SAE_IDs": ["alice-2", "bob-2"]})");
+  ASSERT_EQ(keys.size(), 2u);
+  const std::vector<std::string> ids = {keys[0].first, keys[1].first};
+  // Refused, nothing consumed: the master itself, a wrong master, an SAE not named.
+  EXPECT_EQ(get(at_alice(), "/api/v1/keys/alice/dec_keys?key_ID=" + ids[0]).status, 401u);
+  EXPECT_EQ(get(at_alice("alice-2"), "/api/v1/keys/bob/dec_keys?key_ID=" + ids[0]).status, 401u);
+  EXPECT_EQ(get(at_bob("bob 3"), "/api/v1/keys/alice/dec_keys?key_ID=" + ids[0]).status, 401u);
+  // The local slave at alice-kme, once.
+  HttpResponse local = post(at_alice("alice-2"), "/api/v1/keys/alice/dec_keys", dec_body(ids));
+  ASSERT_EQ(local.status, 200u) << local.body;
+  EXPECT_EQ(key_list(local), keys);
+  HttpResponse again = get(at_alice("alice-2"), "/api/v1/keys/alice/dec_keys?key_ID=" + ids[1]);
+  EXPECT_EQ(again.status, 400u);
+  EXPECT_EQ(message_of(again), kNotFound);
+  // The slaves at bob-kme, once each; the local slave is not one of theirs.
+  EXPECT_EQ(get(at_bob("bob 3"), "/api/v1/keys/alice/dec_keys?key_ID=" + ids[1]).status, 401u);
+  for (const char* slave : {"bob", "bob-2"}) {
+    SCOPED_TRACE(slave);
+    HttpResponse r = post(at_bob(slave), "/api/v1/keys/alice/dec_keys", dec_body(ids));
+    ASSERT_EQ(r.status, 200u) << r.body;
+    EXPECT_EQ(key_list(r), keys);
+  }
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + ids[0]).status, 400u);
+}
+
+// The same from the link's other end, with only a local additional slave: bob-kme keeps the
+// key for "bob-2", and "alice" fetches it at alice-kme; each once.
+TEST_F(Etsi014, MulticastToSlaveAtThisKmeFromTheOtherEnd) {
+  HttpResponse r = post(at_bob(), "/api/v1/keys/alice/enc_keys",
+                        R"({"additional_slave_SAE_IDs": ["bob-2"]})");
+  ASSERT_EQ(r.status, 200u) << r.body;
+  auto keys = key_list(r);
+  ASSERT_EQ(keys.size(), 1u);
+  const std::string path = "/api/v1/keys/bob/dec_keys?key_ID=" + keys[0].first;
+  HttpResponse at_b = get(at_bob("bob-2"), path);
+  ASSERT_EQ(at_b.status, 200u) << at_b.body;
+  EXPECT_EQ(key_list(at_b), keys);
+  HttpResponse at_a = get(at_alice(), path);
+  ASSERT_EQ(at_a.status, 200u) << at_a.body;
+  EXPECT_EQ(key_list(at_a), keys);
+  EXPECT_EQ(get(at_bob("bob-2"), path).status, 400u);
+  EXPECT_EQ(get(at_alice(), path).status, 400u);
 }
 
 // ---- Bodies: Key container ----

@@ -4,14 +4,20 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "qkd/test/etsi_helpers.hpp"
@@ -101,6 +107,54 @@ TEST_F(KmsNetwork, StatusReportsEveryField) {
   auto r = alice().get("/api/v1/keys/mallory/status");
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->status, 400u);
+}
+
+// (name, nice value) of every thread of process `pid` (/proc/<pid>/task/<tid>/stat: the
+// name in parentheses, the nice value in field 19).
+std::vector<std::pair<std::string, int>> thread_nice_values(pid_t pid) {
+  std::vector<std::pair<std::string, int>> out;
+  const std::filesystem::path task = fmt::format("/proc/{}/task", pid);
+  for (const auto& e : std::filesystem::directory_iterator(task)) {
+    std::ifstream f(e.path() / "stat");
+    std::string line;
+    if (!std::getline(f, line)) {
+      continue;  // the thread ended meanwhile
+    }
+    const auto open = line.find('(');
+    const auto close = line.rfind(')');
+    std::istringstream rest(line.substr(close + 1));
+    std::string field;
+    for (int i = 3; i <= 19 && rest >> field; ++i) {
+    }
+    out.emplace_back(line.substr(open + 1, close - open - 1), std::stoi(field));
+  }
+  return out;
+}
+
+// link.engine_nice (default 10): the BB84 runner thread ("qkd-link") runs 10 nice levels
+// below the process (capped at 19); the API threads keep the process's priority, and no
+// thread ever gets a higher priority than the process itself.
+TEST_F(KmsNetwork, EngineThreadRunsAtLowerPriority) {
+  errno = 0;
+  const int base = ::getpriority(PRIO_PROCESS, 0);  // the daemons inherit the test's nice
+  ASSERT_EQ(errno, 0);
+  const int engine = std::min(19, base + 10);
+  for (const auto* kme : {&net_->alice(), &net_->bob()}) {
+    SCOPED_TRACE(kme->kme_id);
+    const auto threads = thread_nice_values(kme->pid);
+    int runners = 0;
+    int at_base = 0;
+    for (const auto& [name, nice] : threads) {
+      EXPECT_TRUE(nice == base || nice == engine) << "thread " << name << " at nice " << nice;
+      if (name == "qkd-link") {
+        ++runners;
+        EXPECT_EQ(nice, engine);
+      }
+      at_base += nice == base ? 1 : 0;
+    }
+    EXPECT_GE(runners, 1);  // threads the runner starts inherit its name and nice value
+    EXPECT_GE(at_base, 2);  // the API's I/O threads at least
+  }
 }
 
 TEST_F(KmsNetwork, EncKeysGetThenDecKeysGetGiveIdenticalBytes) {

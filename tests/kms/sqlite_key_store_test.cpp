@@ -336,3 +336,43 @@ TEST(StoreConfig, ParsedStrictlyAndOptional) {
 }
 
 }  // namespace
+
+// Multicast at this KME: a key allocated with a local additional slave is kept, in the same
+// durable write as the allocation, for that slave only; it survives a reopen, is served to it
+// once with the master's bytes, and the notice to the peer names only the peer's slaves.
+TEST(SqliteKeyStore, LocalSlaveKeySurvivesReopen) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  std::vector<qkd::kms::DeliveredKey> keys;
+  std::vector<KeyAssignment> told;
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    s->set_assignment_listener([&](const std::vector<KeyAssignment>& as) { told = as; });
+    ASSERT_TRUE(s->start_epoch(5).ok());
+    ASSERT_TRUE(s->commit_block(pattern(32 * 8, 3), 5, 1).ok());
+    auto k = s->allocate("alice", {"bob"}, {"alice-2"}, 2, 16);
+    ASSERT_TRUE(k.ok()) << k.error().message;
+    keys = std::move(k.value());
+    // The master cannot fetch its own key again.
+    EXPECT_EQ(s->take("alice", "alice", {keys[0].key_id}, 0ms).error().code,
+              ErrorCode::kAuthentication);
+  }
+  ASSERT_EQ(told.size(), 2u);
+  EXPECT_EQ(told[0].slave_saes, std::vector<std::string>{"bob"});
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->stats().assigned_keys_waiting, 2u);
+  EXPECT_EQ(s->take("bob", "alice", {keys[0].key_id}, 0ms).error().code,
+            ErrorCode::kAuthentication);
+  auto got = s->take("alice-2", "alice", {keys[0].key_id, keys[1].key_id}, 0ms);
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  ASSERT_EQ(got->size(), 2u);
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ((*got)[i].key_id, keys[i].key_id);
+    EXPECT_TRUE(qkd::core::constant_time_equal((*got)[i].key.span(), keys[i].key.span()));
+  }
+  EXPECT_EQ(s->take("alice-2", "alice", {keys[1].key_id}, 0ms).error().code,
+            ErrorCode::kInvalidArgument);
+  EXPECT_EQ(s->stats().assigned_keys_waiting, 0u);
+}

@@ -82,6 +82,10 @@ struct LinkConfig {
   // Testing aid: hold each outgoing key-assignment notice this long before sending it
   // (order is kept). 0 (the default) sends at once.
   std::uint32_t notice_delay_ms = 0;
+  // The thread running the BB84 engine runs this many nice levels (0-19) below the
+  // process's priority (capped at nice 19), so that key generation yields the CPU to the API
+  // and link I/O threads. 0 = same priority as the rest (Linux per-thread nice).
+  std::uint32_t engine_nice = 10;
 };
 
 struct Config {

@@ -158,9 +158,19 @@ class KeyStore {
   // --- API side ---
   // enc_keys: exactly `number` keys of `size_bytes` bytes from this KME's direction, each
   // with a fresh random UUID, or an error (kUnavailable when there is not enough key).
+  // `slave_saes` are the slaves at the peer KME (the notice names them); `local_slave_saes`
+  // are additional slaves served by this KME (multicast at this KME): each key is also kept
+  // here, in the same durable write, for each of them to fetch once with take(); the key is
+  // removed when the last of them has. Neither list may name `master_sae`.
   [[nodiscard]] virtual Result<std::vector<DeliveredKey>> allocate(
       const std::string& master_sae, const std::vector<std::string>& slave_saes,
-      std::uint32_t number, std::uint32_t size_bytes) = 0;
+      const std::vector<std::string>& local_slave_saes, std::uint32_t number,
+      std::uint32_t size_bytes) = 0;
+  [[nodiscard]] Result<std::vector<DeliveredKey>> allocate(
+      const std::string& master_sae, const std::vector<std::string>& slave_saes,
+      std::uint32_t number, std::uint32_t size_bytes) {
+    return allocate(master_sae, slave_saes, {}, number, size_bytes);
+  }
   // dec_keys: all of `key_ids` or none. Waits up to `wait` for assignments not heard of
   // yet. kInvalidArgument if one is unknown or already delivered to this caller;
   // kAuthentication if the caller is not an allowed slave of every key or `master_sae` is
