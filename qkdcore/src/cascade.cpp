@@ -13,6 +13,7 @@
 #endif
 
 #include "bit_ops.hpp"
+#include "huge_pages.hpp"
 #include "qkd/core/random.hpp"
 
 namespace qkd::core {
@@ -43,27 +44,6 @@ bool masked_parity(std::span<const std::uint64_t> key, std::span<const std::uint
   return (std::popcount(x) & 1) != 0;
 }
 
-// Transparent huge pages for a large, still untouched buffer (only a hint: kernel THP mode
-// "madvise" or "always"). The shuffle of a long key swaps entries at random positions of
-// tables of tens of MB: with 4 KiB pages nearly every access also misses the TLB.
-void prefer_huge_pages(void* p, std::size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
-  if (bytes < 2 * kHuge) {
-    return;
-  }
-  const auto begin = reinterpret_cast<std::uintptr_t>(p);
-  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t last = (begin + bytes) & ~(kHuge - 1);
-  if (last > first) {
-    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // Per-thread free lists of buffers. Cascade runs block after block with the same sizes;
 // allocating the shuffle tables (2 x 4n bytes) and Bob's bisection bitmaps afresh each
 // time made glibc hand the pages back and fault them in again (a fifth of the time at
@@ -89,7 +69,7 @@ class BufferPool {
       // A new buffer: 1/8 headroom, so the next block's slightly larger n (block sizes
       // vary by a fraction of a percent) reuses it instead of faulting in fresh pages.
       v.reserve(size + size / 8);
-      prefer_huge_pages(v.data(), v.capacity() * sizeof(T));
+      detail::prefer_huge_pages(v.data(), v.capacity() * sizeof(T));
     }
     if (zero) {
       v.assign(size, T{});

@@ -13,6 +13,7 @@
 #endif
 
 #include "fast_log.hpp"
+#include "huge_pages.hpp"
 #include "qkd/core/key_length.hpp"
 
 namespace qkd::core {
@@ -389,30 +390,6 @@ std::uint64_t pulses_in_ns(double ns, double pulse_rate_hz) {
 
 namespace {
 
-// A fresh event buffer of a long block is hundreds of MB, faulted in 4 KiB at a time while
-// the simulation writes it: on a VM that costs as much as the simulation itself (the
-// "cold" rows in docs/BENCHMARKS.md). Asking for transparent huge pages on the untouched
-// part (kernel THP mode "madvise" or "always") cuts the faults 512-fold. Only a hint:
-// without THP nothing changes.
-void prefer_huge_pages(void* p, std::size_t events) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
-  const std::size_t bytes = events * sizeof(DetectionEvent);
-  if (bytes < 2 * kHuge) {
-    return;
-  }
-  const auto begin = reinterpret_cast<std::uintptr_t>(p);
-  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t last = (begin + bytes) & ~(kHuge - 1);
-  if (last > first) {
-    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#else
-  (void)p;
-  (void)events;
-#endif
-}
-
 // Alice's states are secret: a growing vector must not free its old buffer uncleansed.
 void reserve_secret(std::vector<AliceState>& v, std::size_t n) {
   if (n <= v.capacity()) {
@@ -591,7 +568,8 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
   out.reserve(out.size() +
               static_cast<std::size_t>(static_cast<double>(pulses) * theory_.gain * 1.01) + 64);
   if (out.capacity() != old_capacity) {
-    prefer_huge_pages(out.data() + out.size(), out.capacity() - out.size());
+    detail::prefer_huge_pages(out.data() + out.size(),
+                              (out.capacity() - out.size()) * sizeof(DetectionEvent));
   }
   if (alice_states != nullptr) {
     reserve_secret(*alice_states, alice_states->size() + (out.capacity() - out.size()));
