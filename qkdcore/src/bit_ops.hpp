@@ -47,6 +47,19 @@ void set_hardware_bit_ops(bool on);
   return static_cast<unsigned>(std::popcount(x));
 }
 
+// Whether PEXT / PDEP are used: always in a BMI2 build, by the startup flag in a dispatching
+// one; QKD_BMI2_ASM marks the builds where the instructions can be written at all.
+#if defined(__x86_64__) && (defined(__BMI2__) || defined(QKD_PEXT_DISPATCH))
+#define QKD_BMI2_ASM 1
+[[nodiscard]] inline bool use_bmi2() {
+#if defined(__BMI2__)
+  return true;
+#else
+  return g_hardware_pext;
+#endif
+}
+#endif
+
 // The bits of x at the set positions of m, packed to the low end in order.
 [[nodiscard]] inline std::uint64_t compress_bits_portable(std::uint64_t x, std::uint64_t m) {
   std::uint64_t r = 0;
@@ -61,20 +74,14 @@ void set_hardware_bit_ops(bool on);
 }
 
 [[nodiscard]] inline std::uint64_t compress_bits(std::uint64_t x, std::uint64_t m) {
-#if defined(__BMI2__) && defined(__x86_64__)
-  std::uint64_t r;
-  __asm__("pextq %2, %1, %0" : "=r"(r) : "r"(x), "rm"(m));
-  return r;
-#else
-#if defined(QKD_PEXT_DISPATCH)
-  if (g_hardware_pext) {
+#if defined(QKD_BMI2_ASM)
+  if (use_bmi2()) {
     std::uint64_t r;
     __asm__("pextq %2, %1, %0" : "=r"(r) : "r"(x), "rm"(m));
     return r;
   }
 #endif
   return compress_bits_portable(x, m);
-#endif
 }
 
 // The inverse: the low bits of x, in order, moved to the set positions of m.
@@ -90,20 +97,14 @@ void set_hardware_bit_ops(bool on);
 }
 
 [[nodiscard]] inline std::uint64_t deposit_bits(std::uint64_t x, std::uint64_t m) {
-#if defined(__BMI2__) && defined(__x86_64__)
-  std::uint64_t r;
-  __asm__("pdepq %2, %1, %0" : "=r"(r) : "r"(x), "rm"(m));
-  return r;
-#else
-#if defined(QKD_PEXT_DISPATCH)
-  if (g_hardware_pext) {  // PDEP comes with PEXT (BMI2), and is as fast or slow
+#if defined(QKD_BMI2_ASM)
+  if (use_bmi2()) {  // PDEP comes with PEXT (BMI2), and is as fast or slow
     std::uint64_t r;
     __asm__("pdepq %2, %1, %0" : "=r"(r) : "r"(x), "rm"(m));
     return r;
   }
 #endif
   return deposit_bits_portable(x, m);
-#endif
 }
 
 }  // namespace qkd::core::detail
