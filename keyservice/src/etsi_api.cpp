@@ -274,7 +274,11 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
       return error_response(400, kNotFound);
     }
   }
-  auto keys = store_.take(caller, master, ids, std::chrono::milliseconds(config_.keys.dec_wait_ms));
+  if (!req.may_wait && !store_.knows_all(ids)) {
+    return ApiResponse::wait_needed();  // a notice may be in flight: wait where we may
+  }
+  const auto wait = std::chrono::milliseconds(req.may_wait ? config_.keys.dec_wait_ms : 0);
+  auto keys = store_.take(caller, master, ids, wait);
   if (!keys.ok()) {
     return error_response(keys.error());
   }

@@ -5,13 +5,13 @@
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
-#include <atomic>
 #include <nlohmann/json.hpp>
 #include <optional>
 
@@ -120,19 +120,32 @@ class Session : public std::enable_shared_from_this<Session> {
       write(HttpReply{error_response(503, "the KME is shutting down")}, false);
       return;
     }
-    // Run the handler on the worker pool (it may wait), then write on our strand.
+    // Here first, on this I/O thread, where the handler may not wait.
+    api.may_wait = false;
+    if (auto now = call_handler(api)) {
+      write(std::move(*now), keep_alive);
+      return;
+    }
+    // It has to wait: on the worker pool, then write on our strand.
+    api.may_wait = true;
     asio::post(workers_, [self = shared_from_this(), api = std::move(api), keep_alive]() {
-      HttpReply resp;
-      try {
-        resp = self->handler_(self->caller_, api);
-      } catch (const std::exception& e) {
-        resp = HttpReply{error_response(503, fmt::format("internal error: {}", e.what()))};
+      std::optional<HttpReply> resp = self->call_handler(api);
+      if (!resp) {  // a handler bug: may_wait was true
+        resp = HttpReply{error_response(503, "internal error: the handler refused to wait")};
       }
       asio::post(self->stream_.get_executor(),
                  [self, resp = std::move(resp), keep_alive]() mutable {
-                   self->write(std::move(resp), keep_alive);
+                   self->write(std::move(*resp), keep_alive);
                  });
     });
+  }
+
+  std::optional<HttpReply> call_handler(const ApiRequest& api) {
+    try {
+      return handler_(caller_, api);
+    } catch (const std::exception& e) {
+      return HttpReply{error_response(503, fmt::format("internal error: {}", e.what()))};
+    }
   }
 
   // Writes the reply of one request counted in in_flight_ (decremented once written).
@@ -348,18 +361,18 @@ struct MetricsHttpServer::Impl : std::enable_shared_from_this<MetricsHttpServer:
       : ioc(io), render(std::move(r)), acceptor(io) {}
 
   void do_accept() {
-    acceptor.async_accept(
-        asio::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
-          if (ec) {
-            if (ec != asio::error::operation_aborted) {
-              spdlog::warn("metrics: accept: {}", ec.message());
-              self->do_accept();
-            }
-            return;
-          }
-          std::make_shared<PlainSession>(std::move(s), self->render)->run();
-          self->do_accept();
-        });
+    acceptor.async_accept(asio::make_strand(ioc),
+                          [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
+                            if (ec) {
+                              if (ec != asio::error::operation_aborted) {
+                                spdlog::warn("metrics: accept: {}", ec.message());
+                                self->do_accept();
+                              }
+                              return;
+                            }
+                            std::make_shared<PlainSession>(std::move(s), self->render)->run();
+                            self->do_accept();
+                          });
   }
 
   asio::io_context& ioc;

@@ -535,6 +535,15 @@ class JournaledStore final : public KeyStore {
     return out;
   }
 
+  bool knows_all(const std::vector<std::string>& key_ids) const override {
+    std::lock_guard lock(mu_);
+    return std::all_of(key_ids.begin(), key_ids.end(), [&](const std::string& id) {
+      return records_.contains(id) || used_ids_.contains(id);
+    });
+  }
+
+  bool waits_for_disk() const override { return journal_ != nullptr; }
+
   StoreStats stats() const override {
     std::lock_guard lock(mu_);
     StoreStats st;

@@ -2,11 +2,11 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
-#include <algorithm>
 #include <condition_variable>
 #include <csignal>
 #include <mutex>
@@ -73,8 +73,9 @@ struct Kme::Impl {
   std::unique_ptr<asio::signal_set> signals;
   std::vector<std::thread> threads;
 
-  // The API entry point: admission control and metrics around the ETSI service.
-  HttpReply handle(const std::string& caller, const ApiRequest& req);
+  // The API entry point: admission control and metrics around the ETSI service;
+  // std::nullopt when the request may not wait and has to (HttpsServer::Handler).
+  std::optional<HttpReply> handle(const std::string& caller, const ApiRequest& req);
   std::string render_metrics() const { return metrics->render(store->stats(), link->stats()); }
 
   std::mutex mu;
@@ -121,19 +122,25 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   im.admission = std::make_unique<AdmissionControl>(c.admission);
   im.metrics = std::make_unique<Metrics>(c.kme_id, c.link.peer_kme_id, c.keys.key_size);
   Impl* impl = &im;
-  im.server = std::make_unique<HttpsServer>(
-      im.api_ioc, api_tls.value(), im.workers,
-      [impl](const std::string& caller, const ApiRequest& req) { return impl->handle(caller, req); });
+  im.server =
+      std::make_unique<HttpsServer>(im.api_ioc, api_tls.value(), im.workers,
+                                    [impl](const std::string& caller, const ApiRequest& req) {
+                                      return impl->handle(caller, req);
+                                    });
   if (c.metrics.plain_listener) {
-    im.metrics_server =
-        std::make_unique<MetricsHttpServer>(im.api_ioc, [impl]() { return impl->render_metrics(); });
+    im.metrics_server = std::make_unique<MetricsHttpServer>(
+        im.api_ioc, [impl]() { return impl->render_metrics(); });
   }
   return kme;
 }
 
-HttpReply Kme::Impl::handle(const std::string& caller, const ApiRequest& req) {
+std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiRequest& req) {
   const auto t0 = std::chrono::steady_clock::now();
   const RequestInfo info = classify_request(req);
+  if (!req.may_wait && store->waits_for_disk() &&
+      (info.route == "enc_keys" || info.route == "dec_keys")) {
+    return std::nullopt;  // a durable commit: on the worker pool, before admission charges
+  }
   HttpReply reply;
   const bool known_caller = contains(config.saes, caller);
   if (info.route == "metrics" && req.method == "GET") {
@@ -167,9 +174,15 @@ HttpReply Kme::Impl::handle(const std::string& caller, const ApiRequest& req) {
       if (reply.api.status != 200) {
         admission->refund(caller, slaves, info.number, std::chrono::steady_clock::now());
       }
+      if (reply.api.needs_wait) {
+        return std::nullopt;
+      }
     }
   } else {
     reply.api = etsi->handle(caller, req);
+    if (reply.api.needs_wait) {
+      return std::nullopt;  // dec_keys of a key whose notice is still in flight
+    }
   }
   if (reply.api.status == 200 && (info.route == "enc_keys" || info.route == "dec_keys")) {
     const std::uint64_t n = count_keys(reply.api.body);

@@ -183,6 +183,42 @@ TEST_F(EtsiServiceTest, DecKeysAuthorizationAndOneUse) {
   EXPECT_EQ(message(again), "one or more keys specified are not found on KME");
 }
 
+// The transport first runs a request on its I/O thread (may_wait = false). dec_keys answers
+// there when it can; for a key_ID it has not heard of (its notice may be in flight) it asks
+// to be run where it may wait, and consumes nothing.
+TEST_F(EtsiServiceTest, DecKeysThatMayNotWaitAsksToWaitOnlyForAKeyNotHeardOf) {
+  const auto no_wait = [this](const std::string& target) {
+    ApiRequest r{"GET", target, ""};
+    r.may_wait = false;
+    return bob.handle("bob", r);
+  };
+  EXPECT_FALSE(bob_store->waits_for_disk());
+  ApiResponse enc = at_alice("alice", "GET", "/api/v1/keys/bob/enc_keys");
+  ASSERT_EQ(enc.status, 200u) << enc.body;
+  const std::string id = json::parse(enc.body)["keys"][0]["key_ID"];
+  const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + id;
+  // The notice has not arrived: run me where I may wait.
+  ApiResponse early = no_wait(target);
+  EXPECT_TRUE(early.needs_wait);
+  EXPECT_FALSE(bob_store->knows_all({id}));
+  // Malformed requests are answered at once all the same.
+  ApiResponse bad = no_wait("/api/v1/keys/alice/dec_keys?key_ID=not-a-uuid");
+  EXPECT_FALSE(bad.needs_wait);
+  EXPECT_EQ(bad.status, 400u);
+  // Notice in: answered on the I/O thread, the same key as the master's.
+  forward_notices();
+  EXPECT_TRUE(bob_store->knows_all({id}));
+  ApiResponse got = no_wait(target);
+  ASSERT_FALSE(got.needs_wait);
+  ASSERT_EQ(got.status, 200u) << got.body;
+  EXPECT_EQ(json::parse(got.body)["keys"][0]["key"], json::parse(enc.body)["keys"][0]["key"]);
+  // Delivered: known, so a second request is refused at once, not sent to wait.
+  ApiResponse again = no_wait(target);
+  EXPECT_FALSE(again.needs_wait);
+  EXPECT_EQ(again.status, 400u);
+  EXPECT_EQ(message(again), "one or more keys specified are not found on KME");
+}
+
 TEST_F(EtsiServiceTest, DecKeysBadRequests) {
   const std::string dec = "/api/v1/keys/alice/dec_keys";
   EXPECT_EQ(at_bob("bob", "GET", dec).status, 400u);

@@ -109,6 +109,7 @@ TEST(SqliteKeyStore, StateSurvivesReopen) {
   {
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
+    EXPECT_TRUE(s->waits_for_disk());  // the API runs its deliveries on the worker pool
     EXPECT_EQ(s->link_state().epoch, 0u);
     std::uint64_t seq = 4;
     std::vector<std::uint64_t> released;

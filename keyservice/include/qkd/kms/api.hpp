@@ -24,11 +24,20 @@ struct ApiRequest {
   std::string method;  // "GET", "POST", ...
   std::string target;  // raw request target: path and optional ?query
   std::string body;
+  // false: the transport runs the handler on its I/O thread, where it must not block. A
+  // handler that would have to wait (dec_keys for a notice still in flight, a durable
+  // commit) answers ApiResponse::wait_needed() instead, touching nothing, and the
+  // transport runs the request again, with may_wait = true, on its worker pool.
+  bool may_wait = true;
 };
 
 struct ApiResponse {
   unsigned status = 200;
   std::string body;  // JSON text, or empty (401)
+  // Set only by wait_needed() (see ApiRequest::may_wait); never sent.
+  bool needs_wait = false;
+
+  [[nodiscard]] static ApiResponse wait_needed() { return ApiResponse{0, {}, true}; }
 };
 
 // The one place where domain errors become HTTP statuses:
@@ -73,7 +82,7 @@ struct LinkStats {
   double secret_key_rate_bps = 0.0;  // net: after the authentication key was paid
   double auth_key_rate_bps = 0.0;    // QKD key spent on authenticating the link
   std::string key_bound;             // the security bound of the last completed block
-  std::uint64_t blocks = 0;  // blocks run (committed or aborted)
+  std::uint64_t blocks = 0;          // blocks run (committed or aborted)
   std::uint64_t aborted_blocks = 0;
   std::string last_abort_reason;
 };

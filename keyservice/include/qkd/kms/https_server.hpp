@@ -2,8 +2,12 @@
 //
 // One session per connection, each on its own strand; a timeout before every operation
 // (handshake 10 s, reading a request 30 s, writing 30 s, shutdown 5 s); a 64 KiB body
-// limit; keep-alive. Handlers run on a separate worker pool (dec_keys may wait for a
-// notice from the peer KME), and the response is written back on the session's strand.
+// limit; keep-alive. A handler first runs on the I/O thread that read the request, with
+// ApiRequest::may_wait = false: most requests are answered there, without a hand-off to
+// another thread (each hand-off wakes a sleeping thread, which costs more than the handler
+// itself). A handler that would have to wait (dec_keys for a notice from the peer KME, a
+// durable commit) returns std::nullopt instead; the request then runs on a separate worker
+// pool with may_wait = true, and the response is written back on the session's strand.
 //
 // Shutdown: stop() closes the listener; in_flight() counts requests read whose response is
 // not written yet, so the owner can wait for them before stopping the I/O threads.
@@ -15,6 +19,7 @@
 #include <boost/asio/thread_pool.hpp>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "qkd/core/result.hpp"
@@ -34,12 +39,15 @@ namespace qkd::kms {
 struct HttpReply {
   ApiResponse api;
   std::string content_type = "application/json";  // used when the body is not empty
-  std::uint32_t retry_after_s = 0;                 // > 0: a Retry-After header (seconds)
+  std::uint32_t retry_after_s = 0;                // > 0: a Retry-After header (seconds)
 };
 
 class HttpsServer {
  public:
-  using Handler = std::function<HttpReply(const std::string& caller, const ApiRequest&)>;
+  // Returns std::nullopt only when the request's may_wait is false and answering it needs a
+  // wait; nothing may have been changed then.
+  using Handler =
+      std::function<std::optional<HttpReply>(const std::string& caller, const ApiRequest&)>;
 
   HttpsServer(boost::asio::io_context& ioc, std::shared_ptr<boost::asio::ssl::context> tls,
               boost::asio::thread_pool& workers, Handler handler);

@@ -179,6 +179,11 @@ class KeyStore {
   [[nodiscard]] virtual Result<std::vector<DeliveredKey>> take(
       const std::string& caller_sae, const std::string& master_sae,
       const std::vector<std::string>& key_ids, std::chrono::milliseconds wait) = 0;
+  // Whether take() of `key_ids` would answer without waiting for a notice: each is held
+  // here or known to be delivered or expired. (A durable store still waits for its commit.)
+  [[nodiscard]] virtual bool knows_all(const std::vector<std::string>& key_ids) const = 0;
+  // Whether allocate() and take() wait for a durable write (the SQLite store).
+  [[nodiscard]] virtual bool waits_for_disk() const = 0;
 
   [[nodiscard]] virtual StoreStats stats() const = 0;
 
