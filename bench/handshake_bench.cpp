@@ -14,7 +14,9 @@
 //      client's cost in decapsulate); then dec_keys of keys from the 32-key batches, one at
 //      a time as a client fetches prefetched keys: right after another request, after
 //      0.7 ms of busy work, and right after an X25519 handshake in this thread (what the
-//      client has just done when it decapsulates);
+//      client has just done when it decapsulates); beside them, in the same three
+//      conditions, the floor under any KME round trip on this machine: 64 bytes echoed by
+//      another process over loopback TCP, no TLS, no HTTP, no KME;
 //   5. a hybrid server's crypto outside libssl (import, ephemeral key, ECDH, HKDF) with the
 //      EVP methods looked up by name in every call, as before, and made once per provider
 //      context (qkd::prov::CryptoMethods), alternating in blocks.
@@ -31,7 +33,12 @@
 #include <openssl/params.h>
 #include <openssl/ssl.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -214,6 +221,88 @@ bool server_crypto(qkd::prov::CryptoMethods* cached, Classical kind,
 
 }  // namespace
 
+// The floor under any round trip to a local KME: a 64-byte message echoed by another
+// process over loopback TCP (TCP_NODELAY), without TLS, HTTP or a key store. Waking the
+// other process (and being woken by its answer) is most of it.
+class LoopbackEcho {
+ public:
+  LoopbackEcho() {
+    const int ls = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (ls < 0 || ::bind(ls, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+        ::listen(ls, 1) != 0 || ::getsockname(ls, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+      if (ls >= 0) {
+        ::close(ls);
+      }
+      return;
+    }
+    child_ = ::fork();
+    if (child_ == 0) {  // only async-signal-safe calls here: the parent has threads
+      const int c = ::accept(ls, nullptr, nullptr);
+      const int one = 1;
+      ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      char buf[kBytes];
+      ssize_t n = 0;
+      while ((n = ::read(c, buf, sizeof buf)) > 0) {
+        if (::write(c, buf, static_cast<std::size_t>(n)) != n) {
+          break;
+        }
+      }
+      ::_exit(0);
+    }
+    ::close(ls);
+    if (child_ < 0) {
+      return;
+    }
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    const int one = 1;
+    if (fd_ < 0 || ::connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+        ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) {
+      stop();
+    }
+  }
+  LoopbackEcho(const LoopbackEcho&) = delete;
+  LoopbackEcho& operator=(const LoopbackEcho&) = delete;
+  ~LoopbackEcho() { stop(); }
+
+  [[nodiscard]] bool ok() const { return fd_ >= 0; }
+  // One round trip [ms], or a negative value if the echo failed.
+  double round_trip_ms() {
+    char buf[kBytes] = {};
+    const auto t0 = Clock::now();
+    if (::write(fd_, buf, kBytes) != static_cast<ssize_t>(kBytes)) {
+      return -1;
+    }
+    std::size_t got = 0;
+    while (got < kBytes) {
+      const ssize_t n = ::read(fd_, buf + got, kBytes - got);
+      if (n <= 0) {
+        return -1;
+      }
+      got += static_cast<std::size_t>(n);
+    }
+    return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  }
+
+ private:
+  static constexpr std::size_t kBytes = 64;
+  void stop() {
+    if (fd_ >= 0) {
+      ::close(fd_);  // the child reads EOF and exits
+      fd_ = -1;
+    }
+    if (child_ > 0) {
+      ::waitpid(child_, nullptr, 0);
+      child_ = -1;
+    }
+  }
+  pid_t child_ = -1;
+  int fd_ = -1;
+};
+
 int main(int argc, char** argv) {
   const int count = argc > 1 ? std::atoi(argv[1]) : 300;
   const int warmup = argc > 2 ? std::atoi(argv[2]) : 20;
@@ -361,8 +450,13 @@ int main(int argc, char** argv) {
   // dec_keys calls), and right after an X25519 handshake, to show what the same round trip
   // costs when the KME has been idle and when this thread has just run a handshake.
   std::vector<double> enc_ms, enc32_ms, dec_ms, dec_batch_ms, dec_busy_ms, dec_after_hs_ms;
+  std::vector<double> echo_ms, echo_busy_ms, echo_after_hs_ms;  // the floor, same conditions
   std::deque<std::string> batch_ids;
   {
+    LoopbackEcho echo;
+    if (!echo.ok()) {
+      return fail("cannot start the loopback echo process");
+    }
     const auto alice = (*net)->sae("alice");
     auto bob_client = qkd::etsi::Client::create(
         {(*net)->bob().url, bob.cert_file, bob.key_file, bob.ca_file, std::chrono::seconds(5)});
@@ -423,6 +517,24 @@ int main(int argc, char** argv) {
           return fail("dec_keys (batch): " + got_one.error().message);
         }
         into->push_back(std::chrono::duration<double, std::milli>(Clock::now() - t4).count());
+      }
+      for (auto* into : {&echo_ms, &echo_busy_ms, &echo_after_hs_ms}) {
+        if (into == &echo_busy_ms) {
+          const auto until = Clock::now() + std::chrono::microseconds(700);
+          while (Clock::now() < until) {
+          }
+        }
+        if (into == &echo_after_hs_ms) {
+          Times unused;
+          if (!run_one(rows[0], &unused)) {
+            return fail("handshake failed for " + rows[0].label);
+          }
+        }
+        const double rt = echo.round_trip_ms();
+        if (rt < 0) {
+          return fail("the loopback echo failed");
+        }
+        into->push_back(rt);
       }
     }
   }
@@ -513,6 +625,23 @@ int main(int argc, char** argv) {
   std::printf("| dec_keys, 1 key of an earlier batch, right after an %s handshake | %.3f | %.3f "
               "| %.3f |\n", rows[0].label.c_str(), dec_after_hs.mean_ms, dec_after_hs.p50_ms,
               dec_after_hs.p99_ms);
+  const char* floor_label =
+      "floor: 64 bytes echoed by another process over loopback TCP (no TLS, HTTP or KME)";
+  const Stats echo_s = stats_of(echo_ms);
+  const Stats echo_busy = stats_of(echo_busy_ms);
+  const Stats echo_after_hs = stats_of(echo_after_hs_ms);
+  std::printf("| %s, right after another | %.3f | %.3f | %.3f |\n", floor_label, echo_s.mean_ms,
+              echo_s.p50_ms, echo_s.p99_ms);
+  std::printf("| %s, after 0.7 ms of busy work | %.3f | %.3f | %.3f |\n", floor_label,
+              echo_busy.mean_ms, echo_busy.p50_ms, echo_busy.p99_ms);
+  std::printf("| %s, right after an %s handshake | %.3f | %.3f | %.3f |\n", floor_label,
+              rows[0].label.c_str(), echo_after_hs.mean_ms, echo_after_hs.p50_ms,
+              echo_after_hs.p99_ms);
+  // A serial client+server thread that adds one such round trip to each X25519 handshake
+  // (and nothing else) reaches at most this share of X25519's rate.
+  std::printf("\nCeiling for a group that adds one local round trip to an %s handshake (the "
+              "floor right after a handshake, mean): %.2f of its serial rate.\n",
+              rows[0].label.c_str(), base.mean_ms / (base.mean_ms + echo_after_hs.mean_ms));
   std::printf("\nA hybrid server's crypto outside libssl per encapsulate (import the client's "
               "public key, ephemeral key pair, ECDH, HKDF; default library context):\n\n");
   std::printf("| group | methods looked up by name per call: mean (us) | p50 (us) | made once "
