@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -190,7 +191,6 @@ class JournaledStore final : public KeyStore {
       commit_locked(block_key);
       ticket = seal_locked();
     }
-    cv_.notify_all();
     if (auto s = durable(ticket); !s.ok()) {
       spdlog::error("{}", s.error().message);
     }
@@ -209,7 +209,6 @@ class JournaledStore final : public KeyStore {
       }
       ticket = seal_locked();
     }
-    cv_.notify_all();
     return durable(ticket);
   }
 
@@ -267,7 +266,6 @@ class JournaledStore final : public KeyStore {
       }
       ticket = seal_locked();
     }
-    cv_.notify_all();
     if (auto d = durable(ticket); !d.ok()) {
       return d;
     }
@@ -305,7 +303,6 @@ class JournaledStore final : public KeyStore {
       // this notice assigns), not in a transaction of its own in front of it.
       q.ticket = seal_deferred_locked();
     }
-    cv_.notify_all();
     return q;
   }
 
@@ -466,6 +463,7 @@ class JournaledStore final : public KeyStore {
     {
       std::unique_lock lock(mu_);
       expire_records_locked(std::chrono::system_clock::now());
+      std::optional<Waiter> waiter;  // registered on the first wait, until we return
       for (;;) {
         bool all_present = true;
         for (const auto& id : key_ids) {
@@ -479,7 +477,10 @@ class JournaledStore final : public KeyStore {
         if (all_present) {
           break;
         }
-        if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+        if (!waiter) {
+          waiter.emplace(*this, key_ids);
+        }
+        if (waiter->cv.wait_until(lock, deadline) == std::cv_status::timeout) {
           // One last look after the deadline, then give up.
           bool present = std::all_of(key_ids.begin(), key_ids.end(), [&](const std::string& id) {
             return records_.contains(id);
@@ -686,6 +687,7 @@ class JournaledStore final : public KeyStore {
         journal_->put_assigned(detail::StoredKey{a.key_id, rec.master, rec.slaves, rec.key, {}});
         journal_->drop_waiting(ord);
       }
+      wake_waiters_locked(a.key_id);
       records_.emplace(std::move(a.key_id), std::move(rec));
       pending_.pop_front();
     }
@@ -713,8 +715,8 @@ class JournaledStore final : public KeyStore {
     if (journal_) {
       journal_->put_assigned(detail::StoredKey{id, rec.master, rec.slaves, rec.key, {}});
     }
+    wake_waiters_locked(id);
     records_.emplace(id, std::move(rec));
-    cv_.notify_all();
   }
 
   // Hands an allocation's (or expiry's) assignments to the listener and the notice encoder;
@@ -793,6 +795,43 @@ class JournaledStore final : public KeyStore {
     }
   }
 
+  // A take() waiting for key_IDs not heard of yet: woken only when one of them arrives
+  // (one condition variable each: a notice wakes the requests it concerns, not every
+  // waiting request). Constructed and destroyed under mu_.
+  struct Waiter {
+    Waiter(JournaledStore& store, const std::vector<std::string>& ids)
+        : store_(store), ids_(ids) {
+      for (const auto& id : ids_) {
+        store_.waiting_.emplace(id, &cv);
+      }
+    }
+    Waiter(const Waiter&) = delete;
+    Waiter& operator=(const Waiter&) = delete;
+    ~Waiter() {
+      for (const auto& id : ids_) {
+        auto [first, last] = store_.waiting_.equal_range(id);
+        for (auto it = first; it != last; ++it) {
+          if (it->second == &cv) {
+            store_.waiting_.erase(it);
+            break;
+          }
+        }
+      }
+    }
+    std::condition_variable cv;
+
+   private:
+    JournaledStore& store_;
+    const std::vector<std::string>& ids_;
+  };
+
+  void wake_waiters_locked(const std::string& id) {
+    auto [first, last] = waiting_.equal_range(id);
+    for (auto it = first; it != last; ++it) {
+      it->second->notify_one();
+    }
+  }
+
   void remember_used_locked(const std::string& id) {
     if (used_ids_.insert(id).second) {
       if (journal_) {
@@ -809,7 +848,7 @@ class JournaledStore final : public KeyStore {
   const Direction own_;
   std::unique_ptr<detail::Journal> journal_;
   mutable std::mutex mu_;
-  std::condition_variable cv_;
+  std::unordered_multimap<std::string, std::condition_variable*> waiting_;  // key_ID -> take()
   AssignmentListener listener_;
   NoticeEncoder encoder_;
   NoticeRelease release_;

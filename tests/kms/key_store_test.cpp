@@ -274,6 +274,45 @@ TEST(KeyStore, NoticeAheadOfCommitWaitsForBytes) {
   EXPECT_TRUE(qkd::core::constant_time_equal(got.value()[0].key.span(), k.value()[0].key.span()));
 }
 
+// Waiting take()s are woken by the arrival of their own keys: each gets its key as soon as
+// its notice is applied (long before its deadline), whatever else is waiting.
+TEST(KeyStore, WaitersAreWokenByTheirOwnKeys) {
+  Pair p;
+  p.commit(pattern(256, 6));
+  auto k1 = p.alice->allocate("alice", {"bob"}, 1, 32);
+  auto k2 = p.alice->allocate("alice", {"bob"}, 2, 32);
+  ASSERT_TRUE(k1.ok() && k2.ok());
+  ASSERT_EQ(p.from_alice.size(), 3u);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::duration dt1{}, dt2{};
+  qkd::core::Result<std::vector<qkd::kms::DeliveredKey>> got1 =
+      qkd::core::make_error(ErrorCode::kInternal, "not run");
+  auto got2 = got1;
+  std::thread w1([&] {
+    got1 = p.bob->take("bob", "alice", ids_of(k1.value()), 20s);
+    dt1 = std::chrono::steady_clock::now() - t0;
+  });
+  std::thread w2([&] {
+    got2 = p.bob->take("bob", "alice", ids_of(k2.value()), 20s);  // two keys, two notices
+    dt2 = std::chrono::steady_clock::now() - t0;
+  });
+  std::this_thread::sleep_for(100ms);
+  ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(0)).ok());  // k1
+  ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(1)).ok());  // k2's first key
+  std::this_thread::sleep_for(100ms);
+  ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(2)).ok());  // k2's second key
+  w1.join();
+  w2.join();
+  ASSERT_TRUE(got1.ok()) << got1.error().message;
+  ASSERT_TRUE(got2.ok()) << got2.error().message;
+  EXPECT_EQ(ids_of(got1.value()), ids_of(k1.value()));
+  EXPECT_EQ(ids_of(got2.value()), ids_of(k2.value()));
+  EXPECT_TRUE(qkd::core::constant_time_equal(got1.value()[0].key.span(), k1.value()[0].key.span()));
+  EXPECT_LT(dt1, 10s);  // woken, not timed out
+  EXPECT_LT(dt2, 10s);
+  EXPECT_GE(dt2, 150ms);  // not before its second key
+}
+
 TEST(KeyStore, UnknownKeyWaitsThenNotFound) {
   auto s = qkd::kms::make_memory_key_store(Direction::kBob);
   const auto t0 = std::chrono::steady_clock::now();
