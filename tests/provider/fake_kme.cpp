@@ -1,5 +1,6 @@
 #include "fake_kme.hpp"
 
+#include <algorithm>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -212,6 +213,7 @@ FakeReply FakeKeyStore::enc_keys(const FakeRequest& req) {
   const int size = doc.value("size", 256);
   nlohmann::json keys = nlohmann::json::array();
   std::lock_guard lock(mu_);
+  max_enc_number_ = std::max(max_enc_number_, number);
   for (int i = 0; i < number; ++i) {
     std::vector<unsigned char> key(static_cast<std::size_t>(size / 8));
     RAND_bytes(key.data(), static_cast<int>(key.size()));

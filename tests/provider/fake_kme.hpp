@@ -63,9 +63,15 @@ class FakeKeyStore {
   FakeReply enc_keys(const FakeRequest& req);
   FakeReply dec_keys(const FakeRequest& req);
   FakeReply route(const FakeRequest& req);  // dispatches on the path
+  // The largest `number` an enc_keys request asked for so far (0: none yet).
+  int max_enc_number() {
+    std::lock_guard lock(mu_);
+    return max_enc_number_;
+  }
 
  private:
   std::mutex mu_;
+  int max_enc_number_ = 0;
   std::map<std::string, std::pair<std::string, std::string>> keys_;  // id -> (base64, slave)
 };
 

@@ -395,13 +395,14 @@ TEST_F(FakeHandshake, PrefetchServesSuccessiveHandshakesFromBatches) {
     }
     EXPECT_EQ(alice_kme.requests(), 16);
     if (prefetch) {
-      // Typically 5 (batches of 1, 2, 4, 8, then one ahead). On a busy machine a background
-      // refill may still be running when the cache runs dry; that handshake fetches its one
-      // key aside, so the exact count depends on scheduling. Fewer than one per handshake
-      // it always is.
-      EXPECT_LT(bob_kme.requests(), 16) << "prefetch";
+      // Batches of more than one key (typically 5 requests: 1, 2, 4, 8, then one ahead).
+      // How many requests exactly depends on scheduling: on a busy machine a background
+      // refill may still be running when the cache runs dry, and that handshake fetches its
+      // one key aside (16 requests were seen under a loaded ctest -j2).
+      EXPECT_GT(store.max_enc_number(), 1) << "prefetch";
     } else {
       EXPECT_EQ(bob_kme.requests(), 16) << "no prefetch";
+      EXPECT_EQ(store.max_enc_number(), 1) << "no prefetch";
     }
   }
 }
