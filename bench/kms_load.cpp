@@ -11,10 +11,11 @@
 //
 //   kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K]
 //            [--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no]
-//            [--engine-nice N]
+//            [--engine-nice N] [--synchronous full|normal]
 // (--keys: pool to fill first; the link keeps producing during the runs. --number with a
 // list: one closed-loop row per value at each connection count. --conns 0: no closed-loop
-// rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own default)
+// rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own default;
+// --synchronous: store.synchronous of both durable KMEs, default not written = full)
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -284,12 +285,13 @@ int run(int argc, char** argv) {
   int engine_nice = -1;  // -1: the KME's default
   double rate = 1000;
   std::string store = "both";
+  std::string synchronous;  // store.synchronous; empty: not written
   std::uint64_t keys = 0;  // pool to wait for; 0 = enough for every run at ~15,000/s
   const auto usage = [](std::FILE* to) {
     std::fprintf(to,
                  "usage: kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K] "
                  "[--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no] "
-                 "[--engine-nice N]\n"
+                 "[--engine-nice N] [--synchronous full|normal]\n"
                  "  --seconds S      length of each row [s] (default 3)\n"
                  "  --number N,...   keys per enc_keys request, closed loop (default 1)\n"
                  "  --rate R         open-loop request rate [requests/s] (default 1000)\n"
@@ -297,7 +299,9 @@ int run(int argc, char** argv) {
                  "  --store S        memory, durable or both (default both)\n"
                  "  --conns C,...    closed-loop connection counts (default 1,8,64; 0 = none)\n"
                  "  --open-loop Y    the open-loop row: yes (default) or no\n"
-                 "  --engine-nice N  link.engine_nice of both KMEs (default: the KME's)\n");
+                 "  --engine-nice N  link.engine_nice of both KMEs (default: the KME's)\n"
+                 "  --synchronous S  store.synchronous of both KMEs: full or normal\n"
+                 "                   (default: not written, the KME's default full)\n");
   };
   for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
@@ -327,6 +331,8 @@ int run(int argc, char** argv) {
       keys = std::stoull(argv[i + 1]);
     } else if (a == "--store") {
       store = argv[i + 1];
+    } else if (a == "--synchronous") {
+      synchronous = argv[i + 1];
     } else {
       std::fprintf(stderr, "kms_load: unknown option %s\n", a.c_str());
       usage(stderr);
@@ -345,12 +351,15 @@ int run(int argc, char** argv) {
     o.max_key_count = 2'000'000;
     o.max_key_per_request = 128;
     o.length_km = 1;
-    o.customize = [engine_nice](json& a, json& b) {
+    o.customize = [engine_nice, durable, synchronous](json& a, json& b) {
       // The benchmark measures the server path, not the limiter.
       for (json* c : {&a, &b}) {
         (*c)["admission"] = {{"sae_keys_per_s", 0}, {"pair_keys_per_window", 0}};
         if (engine_nice >= 0) {
           (*c)["link"]["engine_nice"] = engine_nice;
+        }
+        if (durable && !synchronous.empty()) {
+          (*c)["store"]["synchronous"] = synchronous;
         }
       }
     };
@@ -371,7 +380,9 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "%s: %llu keys ready after %.1f s\n", durable ? "durable" : "memory",
                  static_cast<unsigned long long>(need),
                  std::chrono::duration<double>(Clock::now() - t0).count());
-    const char* st = durable ? "durable" : "memory";
+    const std::string st_name =
+        !durable ? "memory" : synchronous.empty() ? "durable" : "durable (" + synchronous + ")";
+    const char* st = st_name.c_str();
     auto row = [&](const char* load, int conns, unsigned n, Result r) {
       std::printf("| %s | %s | %d | %u | %.0f | %.0f | %.0f | %.0f | %.0f | %llu |\n", st, load,
                   conns, n, static_cast<double>(r.requests) / r.seconds,

@@ -525,6 +525,13 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
         fail(r.field("node_key_file"), k.error().message);
       }
     }
+    if (r.has("synchronous")) {
+      const std::string sync = r.string("synchronous");
+      if (sync != "full" && sync != "normal") {
+        fail(r.field("synchronous"), "must be \"full\" or \"normal\"");
+      }
+      c.store.synchronous_full = sync == "full";
+    }
     r.finish();
   }
   c.admission = parse_admission(top, c.keys);

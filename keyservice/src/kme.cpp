@@ -99,7 +99,8 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
     if (!node_key.ok()) {
       return node_key.error();
     }
-    auto store = make_sqlite_key_store(own, c.store.path.string(), node_key->span());
+    auto store = make_sqlite_key_store(own, c.store.path.string(), node_key->span(),
+                                       c.store.synchronous_full);
     if (!store.ok()) {
       return store.error();
     }

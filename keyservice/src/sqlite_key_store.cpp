@@ -1,6 +1,7 @@
 // The durable key store: the store core (key_store.cpp) over a SQLite journal.
 //
-// Database (WAL, synchronous=FULL, exclusive locking: one KME process per file):
+// Database (WAL, synchronous=FULL or NORMAL (store.synchronous), exclusive locking: one KME
+// process per file):
 //   meta(name, value)              numeric state (store_journal.hpp names), format, direction,
 //                                  key_check (sealed constant: detects a wrong node key)
 //   chunks(dir, idx, sealed)       unused pool chunks of each direction stream
@@ -264,8 +265,8 @@ struct Unit {
 
 class SqliteJournal final : public detail::Journal {
  public:
-  SqliteJournal(std::string path, std::span<const std::uint8_t> node_key)
-      : path_(std::move(path)), key_(node_key) {}
+  SqliteJournal(std::string path, std::span<const std::uint8_t> node_key, bool synchronous_full)
+      : path_(std::move(path)), key_(node_key), synchronous_full_(synchronous_full) {}
 
   ~SqliteJournal() override {
     {
@@ -286,7 +287,10 @@ class SqliteJournal final : public detail::Journal {
     ::chmod(path_.c_str(), S_IRUSR | S_IWUSR);
     db_.exec("PRAGMA locking_mode=EXCLUSIVE");
     db_.exec("PRAGMA journal_mode=WAL");
-    db_.exec("PRAGMA synchronous=FULL");
+    // FULL: the WAL is synced at every commit. NORMAL (store.synchronous): only at
+    // checkpoints; a commit is then in the OS page cache, which survives the process's crash
+    // (kill -9) but not a power loss.
+    db_.exec(synchronous_full_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
     db_.exec(
         "BEGIN IMMEDIATE;"
         "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;"
@@ -581,6 +585,7 @@ class SqliteJournal final : public detail::Journal {
 
   const std::string path_;
   const qkd::core::SecureBytes key_;
+  const bool synchronous_full_;
   Db db_;  // the committer's after open()
   std::thread committer_;
   std::uint64_t transactions_ = 0;
@@ -601,11 +606,12 @@ class SqliteJournal final : public detail::Journal {
 }  // namespace
 
 Result<std::unique_ptr<KeyStore>> make_sqlite_key_store(Direction own, const std::string& db_path,
-                                                        std::span<const std::uint8_t> node_key) {
+                                                        std::span<const std::uint8_t> node_key,
+                                                        bool synchronous_full) {
   if (node_key.size() != 32) {
     return make_error(ErrorCode::kInvalidArgument, "the node key must be 32 bytes");
   }
-  auto journal = std::make_unique<SqliteJournal>(db_path, node_key);
+  auto journal = std::make_unique<SqliteJournal>(db_path, node_key, synchronous_full);
   detail::StoredState state;
   try {
     state = journal->open(own);

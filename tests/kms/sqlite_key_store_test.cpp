@@ -327,6 +327,23 @@ TEST(StoreConfig, ParsedStrictlyAndOptional) {
   EXPECT_TRUE(c->store.enabled);
   EXPECT_EQ(c->store.path, std::filesystem::path("/etc/qkd/a.db"));
   EXPECT_EQ(c->store.node_key_file, std::filesystem::path("/k/node.key"));
+  EXPECT_TRUE(c->store.synchronous_full);  // default
+  j["store"]["synchronous"] = "normal";
+  auto normal = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+  ASSERT_TRUE(normal.ok()) << normal.error().message;
+  EXPECT_FALSE(normal->store.synchronous_full);
+  j["store"]["synchronous"] = "full";
+  auto full = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+  ASSERT_TRUE(full.ok()) << full.error().message;
+  EXPECT_TRUE(full->store.synchronous_full);
+  for (const nlohmann::json& v : {nlohmann::json("off"), nlohmann::json("FULL"), nlohmann::json(1)}) {
+    j["store"]["synchronous"] = v;
+    auto wrong = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+    ASSERT_FALSE(wrong.ok()) << v.dump();
+    EXPECT_NE(wrong.error().message.find("store.synchronous"), std::string::npos)
+        << wrong.error().message;
+  }
+  j["store"].erase("synchronous");
   j["store"]["bogus"] = 1;
   auto bad = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
   ASSERT_FALSE(bad.ok());

@@ -47,6 +47,10 @@ struct StoreConfig {
   bool enabled = false;
   std::filesystem::path path;           // SQLite database, created if missing
   std::filesystem::path node_key_file;  // 32 bytes (raw or 64 hex digits), mode 0600
+  // store.synchronous: "full" (default) syncs the WAL at every commit, so a delivered key's
+  // consumption survives a power loss; "normal" syncs only at checkpoints: it survives a
+  // crash or kill -9 of the process but a power loss may undo the last commits.
+  bool synchronous_full = true;
 };
 
 // Admission control of enc_keys (see admission.hpp). 0 switches a budget off.

@@ -206,8 +206,11 @@ class KeyStore {
 // Durable store in the SQLite database `db_path` (created if missing; WAL; opened
 // exclusively), key bytes sealed with AES-256-GCM under the 32-byte `node_key`. Fails when
 // the database belongs to the other direction or was sealed under another node key.
+// `synchronous_full`: PRAGMA synchronous=FULL (every commit synced: survives a power loss)
+// or NORMAL (synced at checkpoints only: survives a process crash, not a power loss).
 [[nodiscard]] Result<std::unique_ptr<KeyStore>> make_sqlite_key_store(
-    Direction own, const std::string& db_path, std::span<const std::uint8_t> node_key);
+    Direction own, const std::string& db_path, std::span<const std::uint8_t> node_key,
+    bool synchronous_full = true);
 
 // Reads a node key file: 32 raw bytes or 64 hex digits. Refuses a file that is not a regular
 // file or that is accessible by group or others; the error names the file.
