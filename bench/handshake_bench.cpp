@@ -494,20 +494,25 @@ int main(int argc, char** argv) {
           batch_ids.push_back(k.key_id);
         }
       }
-      for (auto* into : {&dec_batch_ms, &dec_busy_ms, &dec_after_hs_ms}) {
-        if (batch_ids.size() < 2) {
-          break;
-        }
-        if (into == &dec_busy_ms) {
+      // The probes' three conditions: right after the previous request, after 0.7 ms of
+      // busy work, right after an X25519 handshake in this thread.
+      const auto prepare = [&](int condition) {
+        if (condition == 1) {
           const auto until = Clock::now() + std::chrono::microseconds(700);
           while (Clock::now() < until) {
           }
         }
-        if (into == &dec_after_hs_ms) {
-          Times unused;
-          if (!run_one(rows[0], &unused)) {
-            return fail("handshake failed for " + rows[0].label);
-          }
+        Times unused;
+        return condition != 2 || run_one(rows[0], &unused);
+      };
+      std::vector<double>* const dec_into[] = {&dec_batch_ms, &dec_busy_ms, &dec_after_hs_ms};
+      for (int condition = 0; condition < 3; ++condition) {
+        std::vector<double>* into = dec_into[condition];
+        if (batch_ids.size() < 2) {
+          break;
+        }
+        if (!prepare(condition)) {
+          return fail("handshake failed for " + rows[0].label);
         }
         const std::string one[] = {batch_ids.front()};
         batch_ids.pop_front();
@@ -518,23 +523,16 @@ int main(int argc, char** argv) {
         }
         into->push_back(std::chrono::duration<double, std::milli>(Clock::now() - t4).count());
       }
-      for (auto* into : {&echo_ms, &echo_busy_ms, &echo_after_hs_ms}) {
-        if (into == &echo_busy_ms) {
-          const auto until = Clock::now() + std::chrono::microseconds(700);
-          while (Clock::now() < until) {
-          }
-        }
-        if (into == &echo_after_hs_ms) {
-          Times unused;
-          if (!run_one(rows[0], &unused)) {
-            return fail("handshake failed for " + rows[0].label);
-          }
+      std::vector<double>* const echo_into[] = {&echo_ms, &echo_busy_ms, &echo_after_hs_ms};
+      for (int condition = 0; condition < 3; ++condition) {
+        if (!prepare(condition)) {
+          return fail("handshake failed for " + rows[0].label);
         }
         const double rt = echo.round_trip_ms();
         if (rt < 0) {
           return fail("the loopback echo failed");
         }
-        into->push_back(rt);
+        echo_into[condition]->push_back(rt);
       }
     }
   }
