@@ -444,6 +444,38 @@ inline void push_secret(std::vector<AliceState>& v, const AliceState& s) {
   v.push_back(s);
 }
 
+// The photon number of a detected pulse of a class with photon-number CDF `cdf`: the
+// first n with u < cdf[n] (kMaxPhotons if none). The cdf is non-decreasing, so over the
+// first four entries that index is the count of entries <= u: counted without branches (n
+// is random, a loop mispredicted its exit), the loop beyond. Always inlined: both decision
+// loops keep their state in registers.
+[[gnu::always_inline]] inline std::size_t photon_number(double u, const double* cdf) {
+  static_assert(kMaxPhotons >= 4);
+  std::size_t n = static_cast<std::size_t>(u >= cdf[0]) + static_cast<std::size_t>(u >= cdf[1]) +
+                  static_cast<std::size_t>(u >= cdf[2]) + static_cast<std::size_t>(u >= cdf[3]);
+  while (n >= 4 && n < kMaxPhotons && u >= cdf[n]) {
+    ++n;
+  }
+  return n;
+}
+
+// A photon clicked: Eve's intercept-resend (with probability `eve`) and the misalignment
+// act on the state Alice sent, and the event records what Bob measured.
+[[gnu::always_inline]] inline void measure_photon(Xoshiro256ss& rng, double eve, double misalign,
+                                                  AliceState s, DetectionEvent& ev) {
+  if (eve > 0.0 && rng.bernoulli(eve)) {
+    const bool eve_basis = rng.bit();
+    const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng.bit();
+    s.bit = eve_bit;
+    s.basis = eve_basis;
+  }
+  if (rng.bernoulli(misalign)) {
+    s.bit = !s.bit;
+  }
+  ev.bit = s.bit ? 1U : 0U;
+  ev.basis = s.basis ? 1U : 0U;
+}
+
 // What the decision of a batch of candidates reads (tables) and updates (generator,
 // truth), for decide_batch().
 struct DecideTables {
@@ -466,7 +498,7 @@ void decide_batch(const DecideTables& t, std::span<const std::uint64_t> cand,
   SimulationTruth truth = truth_io;
   for (std::size_t j = 0; j < cand.size(); ++j) {
     bool photon = false;
-    AliceState s = states[j];
+    const AliceState s = states[j];
     std::size_t k = 0;
     if (t.single) {
       photon = rng.bernoulli(t.click[0][1]);
@@ -476,15 +508,7 @@ void decide_batch(const DecideTables& t, std::span<const std::uint64_t> cand,
       if (t.accept[k] < 1.0 && !rng.bernoulli(t.accept[k])) {
         continue;  // thinned
       }
-      const double u = rng.uniform();
-      const double* cdf = t.cdf[k];
-      std::size_t n = static_cast<std::size_t>(u >= cdf[0]) +
-                      static_cast<std::size_t>(u >= cdf[1]) +
-                      static_cast<std::size_t>(u >= cdf[2]) +
-                      static_cast<std::size_t>(u >= cdf[3]);
-      while (n >= 4 && n < kMaxPhotons && u >= cdf[n]) {
-        ++n;
-      }
+      const std::size_t n = photon_number(rng.uniform(), t.cdf[k]);
       truth.single_photon[k] += n == 1 ? 1 : 0;
       photon = rng.bernoulli(t.click[k][n]);
     }
@@ -493,17 +517,7 @@ void decide_batch(const DecideTables& t, std::span<const std::uint64_t> cand,
     ev.pulse = cand[j] & DetectionEvent::kMaxPulse;
     if (photon) {
       truth.photon_clicks[k] += 1;
-      if (t.eve > 0.0 && rng.bernoulli(t.eve)) {
-        const bool eve_basis = rng.bit();
-        const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng.bit();
-        s.bit = eve_bit;
-        s.basis = eve_basis;
-      }
-      if (rng.bernoulli(t.misalign)) {
-        s.bit = !s.bit;
-      }
-      ev.bit = s.bit ? 1U : 0U;
-      ev.basis = s.basis ? 1U : 0U;
+      measure_photon(rng, t.eve, t.misalign, s, ev);
     } else {
       ev.dark = 1U;
     }
@@ -660,7 +674,7 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
         }
       }
       bool photon = false;
-      AliceState s = states[j];
+      const AliceState s = states[j];
       std::size_t k = 0;
       if (single) {
         // Ideal single-photon source: n = 1, a photon clicked with probability eta / Q.
@@ -674,19 +688,7 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
         }
         // Photon number given the detection, then whether a photon (or only a dark count)
         // clicked.
-        const double u = rng.uniform();
-        // The first index with u < cdf[n] (or kMaxPhotons). The cdf is non-decreasing, so
-        // over the first four entries that index is the count of entries <= u: counted
-        // without branches (n is random, a loop mispredicted its exit), the loop beyond.
-        static_assert(kMaxPhotons >= 4);
-        const double* cdf = tb.cdf.data();
-        std::size_t n = static_cast<std::size_t>(u >= cdf[0]) +
-                        static_cast<std::size_t>(u >= cdf[1]) +
-                        static_cast<std::size_t>(u >= cdf[2]) +
-                        static_cast<std::size_t>(u >= cdf[3]);
-        while (n >= 4 && n < kMaxPhotons && u >= cdf[n]) {
-          ++n;
-        }
+        const std::size_t n = photon_number(rng.uniform(), tb.cdf.data());
         truth.single_photon[k] += n == 1 ? 1 : 0;
         photon = rng.bernoulli(tb.click[n]);
       }
@@ -695,17 +697,7 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
       ev.pulse = cand[j] & DetectionEvent::kMaxPulse;
       if (photon) {
         truth.photon_clicks[k] += 1;
-        if (eve > 0.0 && rng.bernoulli(eve)) {
-          const bool eve_basis = rng.bit();
-          const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng.bit();
-          s.bit = eve_bit;
-          s.basis = eve_basis;
-        }
-        if (rng.bernoulli(misalign)) {
-          s.bit = !s.bit;
-        }
-        ev.bit = s.bit ? 1U : 0U;
-        ev.basis = s.basis ? 1U : 0U;
+        measure_photon(rng, eve, misalign, s, ev);
       } else {
         ev.dark = 1U;
       }
