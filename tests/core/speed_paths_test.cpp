@@ -10,8 +10,9 @@
 #include <array>
 #include <bit>
 #include <cmath>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
+#include <initializer_list>
 #include <vector>
 
 #include "bit_ops.hpp"
@@ -35,6 +36,39 @@ class BitOpsGuard {
   BitOpsGuard& operator=(const BitOpsGuard&) = delete;
   ~BitOpsGuard() { detail::set_hardware_bit_ops(true); }
 };
+
+// Every combination the word-wise sifting paths branch on: each size (around word edges),
+// with and without decoy classes, balanced or biased bases, with the hardware bit
+// instructions and without. Calls f(n, decoys, biased); returns the number of cases.
+template <typename F>
+int for_each_sifting_case(std::initializer_list<std::size_t> sizes, F&& f) {
+  int cases = 0;
+  for (const std::size_t n : sizes) {
+    for (const bool decoys : {false, true}) {
+      for (const bool biased : {false, true}) {
+        for (const bool hw : {false, true}) {
+          detail::set_hardware_bit_ops(hw);
+          f(n, decoys, biased);
+          ++cases;
+        }
+      }
+    }
+  }
+  return cases;
+}
+
+// n sifted positions: Z basis with probability 1/4; with decoys, an intensity class each.
+detail::SiftedInfo random_sifted_info(Xoshiro256ss& rng, std::size_t n, bool decoys) {
+  detail::SiftedInfo info;
+  info.basis = BitVector(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    info.basis.set(i, rng.below(4) == 0);
+    if (decoys) {
+      info.intensity.push_back(static_cast<std::uint8_t>(rng.below(3)));
+    }
+  }
+  return info;
+}
 
 double reference_gap(double u, double inv) { return std::floor(std::log(u) * inv); }
 
@@ -203,65 +237,49 @@ BlockStatistics reference_statistics(const detail::SiftedInfo& info,
 TEST(SpeedPaths, WordWiseStatisticsEqualThePerBitLoop) {
   BitOpsGuard guard;
   Xoshiro256ss rng(31);
-  const std::array<std::size_t, 7> sizes{0, 1, 63, 64, 65, 1000, 20'011};
-  int cases = 0;
-  for (const std::size_t n : sizes) {
-    for (const bool decoys : {false, true}) {
-      for (const bool biased : {false, true}) {
-        for (const bool hw : {false, true}) {
-          detail::set_hardware_bit_ops(hw);
-          detail::SiftedInfo info;
-          info.basis = BitVector(n);
-          BitVector mask(n);
-          for (std::size_t i = 0; i < n; ++i) {
-            info.basis.set(i, rng.below(4) == 0);
-            const std::uint8_t k = decoys ? static_cast<std::uint8_t>(rng.below(3)) : 0;
-            if (decoys) {
-              info.intensity.push_back(k);
-            }
-            mask.set(i, k != 0 || rng.below(10) == 0);
-          }
-          const std::size_t disclosed = mask.popcount();
-          BitVector alice(disclosed);
-          BitVector bob(disclosed);
-          for (std::size_t i = 0; i < disclosed; ++i) {
-            const bool a = rng.bit();
-            alice.set(i, a);
-            bob.set(i, rng.below(20) == 0 ? !a : a);
-          }
-          ProtocolParams p;
-          p.z_basis_prob = biased ? 0.8 : 0.5;
-          detail::SourceInfo source;
-          BlockResult fast;
-          BlockResult ref;
-          const BlockStatistics s =
-              detail::gather_statistics(info, mask, alice, bob, p, source, 1'000'000, fast);
-          const BlockStatistics e =
-              reference_statistics(info, mask, alice, bob, biased, ref);
-          EXPECT_EQ(s.key_basis_sifted, e.key_basis_sifted);
-          EXPECT_EQ(s.test_sifted, e.test_sifted);
-          EXPECT_EQ(s.test_errors, e.test_errors);
-          EXPECT_EQ(s.sample_bits, e.sample_bits);
-          EXPECT_EQ(s.sample_errors, e.sample_errors);
-          EXPECT_EQ(s.key_bits, e.key_bits);
-          for (std::size_t k = 0; k < 3; ++k) {
-            EXPECT_EQ(fast.intensity[k].sifted, ref.intensity[k].sifted) << k;
-            EXPECT_EQ(fast.intensity[k].disclosed, ref.intensity[k].disclosed) << k;
-            EXPECT_EQ(fast.intensity[k].errors, ref.intensity[k].errors) << k;
-          }
-          EXPECT_EQ(fast.sample_bits, disclosed);
-          ++cases;
+  const int cases = for_each_sifting_case(
+      {0, 1, 63, 64, 65, 1000, 20'011}, [&](std::size_t n, bool decoys, bool biased) {
+        const detail::SiftedInfo info = random_sifted_info(rng, n, decoys);
+        BitVector mask(n);
+        for (std::size_t i = 0; i < n; ++i) {
+          mask.set(i, (decoys && info.intensity[i] != 0) || rng.below(10) == 0);
         }
-      }
-    }
-  }
+        const std::size_t disclosed = mask.popcount();
+        BitVector alice(disclosed);
+        BitVector bob(disclosed);
+        for (std::size_t i = 0; i < disclosed; ++i) {
+          const bool a = rng.bit();
+          alice.set(i, a);
+          bob.set(i, rng.below(20) == 0 ? !a : a);
+        }
+        ProtocolParams p;
+        p.z_basis_prob = biased ? 0.8 : 0.5;
+        detail::SourceInfo source;
+        BlockResult fast;
+        BlockResult ref;
+        const BlockStatistics s =
+            detail::gather_statistics(info, mask, alice, bob, p, source, 1'000'000, fast);
+        const BlockStatistics e = reference_statistics(info, mask, alice, bob, biased, ref);
+        EXPECT_EQ(s.key_basis_sifted, e.key_basis_sifted);
+        EXPECT_EQ(s.test_sifted, e.test_sifted);
+        EXPECT_EQ(s.test_errors, e.test_errors);
+        EXPECT_EQ(s.sample_bits, e.sample_bits);
+        EXPECT_EQ(s.sample_errors, e.sample_errors);
+        EXPECT_EQ(s.key_bits, e.key_bits);
+        for (std::size_t k = 0; k < 3; ++k) {
+          EXPECT_EQ(fast.intensity[k].sifted, ref.intensity[k].sifted) << k;
+          EXPECT_EQ(fast.intensity[k].disclosed, ref.intensity[k].disclosed) << k;
+          EXPECT_EQ(fast.intensity[k].errors, ref.intensity[k].errors) << k;
+        }
+        EXPECT_EQ(fast.sample_bits, disclosed);
+      });
   EXPECT_EQ(cases, 56);
 }
 
 TEST(SpeedPaths, DetectionFramesKeepTheirBytesForEveryGapLength) {
   // Gaps around the one/two/three-byte boundaries, and their exact encoding.
-  const std::vector<std::uint64_t> gaps{0, 1, 127, 128, 129, 16383, 16384, 16385, 2'097'151,
-                                        2'097'152, 5, 300};
+  const std::vector<std::uint64_t> gaps{0,     1,     127,       128,       129, 16383,
+                                        16384, 16385, 2'097'151, 2'097'152, 5,   300};
   std::vector<DetectionEvent> ev;
   std::uint64_t pulse = 0;
   for (std::size_t i = 0; i < gaps.size(); ++i) {
@@ -276,21 +294,20 @@ TEST(SpeedPaths, DetectionFramesKeepTheirBytesForEveryGapLength) {
   }
   const auto msg = detail::encode_detections(9, 0, true, ev, 0);
   // Payload after the header: varint gap, state byte, per event (LEB128, little end first).
-  const std::vector<std::uint8_t> first{
-      0x00, 0x00,                     // gap 0, state 0
-      0x01, 0x01,                     // gap 1, bit 1
-      0x7F, 0x02,                     // gap 127, basis 1
-      0x80, 0x01, 0x03,               // gap 128 (two bytes), bit 1 basis 1
-      0x81, 0x01, 0x04,               // gap 129, dark
-      0xFF, 0x7F, 0x01,               // gap 16383 (two bytes)
-      0x80, 0x80, 0x01, 0x02,         // gap 16384 (three bytes)
-      0x81, 0x80, 0x01, 0x03};        // gap 16385
+  const std::vector<std::uint8_t> first{0x00, 0x00,        // gap 0, state 0
+                                        0x01, 0x01,        // gap 1, bit 1
+                                        0x7F, 0x02,        // gap 127, basis 1
+                                        0x80, 0x01, 0x03,  // gap 128 (two bytes), bit 1 basis 1
+                                        0x81, 0x01, 0x04,  // gap 129, dark
+                                        0xFF, 0x7F, 0x01,  // gap 16383 (two bytes)
+                                        0x80, 0x80, 0x01, 0x02,   // gap 16384 (three bytes)
+                                        0x81, 0x80, 0x01, 0x03};  // gap 16385
   const std::size_t payload = 1 + 1 + 8 + 4 + 1 + 4;  // version, type, block, chunk, last, count
   ASSERT_GT(msg.size(), payload + first.size());
-  EXPECT_EQ(std::vector<std::uint8_t>(msg.begin() + static_cast<std::ptrdiff_t>(payload),
-                                      msg.begin() +
-                                          static_cast<std::ptrdiff_t>(payload + first.size())),
-            first);
+  EXPECT_EQ(
+      std::vector<std::uint8_t>(msg.begin() + static_cast<std::ptrdiff_t>(payload),
+                                msg.begin() + static_cast<std::ptrdiff_t>(payload + first.size())),
+      first);
   std::uint64_t next = 0;
   auto c = detail::decode_detections(msg, 9, 0, next, 1ULL << 32);
   ASSERT_TRUE(c.ok()) << c.error().message;
@@ -360,62 +377,50 @@ TEST(SpeedPaths, ResponderLayoutWithoutInverseTablesAnswersTheSame) {
 TEST(SpeedPaths, WordWiseDisclosureEqualsThePerBitLoops) {
   BitOpsGuard guard;
   Xoshiro256ss rng(41);
-  for (const std::size_t n : {0UL, 1UL, 63UL, 64UL, 65UL, 777UL, 10'000UL}) {
-    for (const bool decoys : {false, true}) {
-      for (const bool biased : {false, true}) {
-        for (const bool hw : {false, true}) {
-          detail::set_hardware_bit_ops(hw);
-          detail::SiftedInfo info;
-          info.basis = BitVector(n);
-          for (std::size_t i = 0; i < n; ++i) {
-            info.basis.set(i, rng.below(4) == 0);
-            if (decoys) {
-              info.intensity.push_back(static_cast<std::uint8_t>(rng.below(3)));
-            }
-          }
-          // mandatory_disclosure vs the per-bit rule.
-          const BitVector m = detail::mandatory_disclosure(info, biased);
-          ASSERT_EQ(m.size(), n);
-          for (std::size_t i = 0; i < n; ++i) {
-            const bool decoy = decoys && info.intensity[i] != 0;
-            ASSERT_EQ(m.get(i), decoy || (biased && info.basis.get(i))) << i;
-          }
-          // add_sample vs the per-bit deposit of the sample on the clear positions.
-          const std::size_t rest = n - m.popcount();
-          BitVector sample(rest);
-          for (std::size_t j = 0; j < rest; ++j) {
-            sample.set(j, rng.below(7) == 0);
-          }
-          BitVector fast = m;
-          detail::add_sample(fast, sample);
-          BitVector ref = m;
-          std::size_t j = 0;
-          for (std::size_t i = 0; i < n; ++i) {
-            if (!m.get(i)) {
-              ref.set(i, sample.get(j++));
-            }
-          }
-          ASSERT_EQ(fast, ref);
-          // The sampler from a given generator vs the per-bit selection loop.
-          Xoshiro256ss g1(n + 1);
-          Xoshiro256ss g2(n + 1);
-          const std::uint64_t k = rest / 3;
-          const BitVector s1 = detail::random_sample_mask(g1, rest, k);
-          BitVector s2(rest);
-          std::uint64_t need = std::min<std::uint64_t>(k, rest);
-          for (std::uint64_t i = 0; i < rest && need > 0; ++i) {
-            if (g2.below(rest - i) < need) {
-              s2.set(i, true);
-              --need;
-            }
-          }
-          ASSERT_EQ(s1, s2);
-          EXPECT_EQ(s1.popcount(), k);
-          EXPECT_EQ(g1.next(), g2.next());
+  const int cases = for_each_sifting_case(
+      {0, 1, 63, 64, 65, 777, 10'000}, [&](std::size_t n, bool decoys, bool biased) {
+        const detail::SiftedInfo info = random_sifted_info(rng, n, decoys);
+        // mandatory_disclosure vs the per-bit rule.
+        const BitVector m = detail::mandatory_disclosure(info, biased);
+        ASSERT_EQ(m.size(), n);
+        for (std::size_t i = 0; i < n; ++i) {
+          const bool decoy = decoys && info.intensity[i] != 0;
+          ASSERT_EQ(m.get(i), decoy || (biased && info.basis.get(i))) << i;
         }
-      }
-    }
-  }
+        // add_sample vs the per-bit deposit of the sample on the clear positions.
+        const std::size_t rest = n - m.popcount();
+        BitVector sample(rest);
+        for (std::size_t j = 0; j < rest; ++j) {
+          sample.set(j, rng.below(7) == 0);
+        }
+        BitVector fast = m;
+        detail::add_sample(fast, sample);
+        BitVector ref = m;
+        std::size_t j = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+          if (!m.get(i)) {
+            ref.set(i, sample.get(j++));
+          }
+        }
+        ASSERT_EQ(fast, ref);
+        // The sampler from a given generator vs the per-bit selection loop.
+        Xoshiro256ss g1(n + 1);
+        Xoshiro256ss g2(n + 1);
+        const std::uint64_t k = rest / 3;
+        const BitVector s1 = detail::random_sample_mask(g1, rest, k);
+        BitVector s2(rest);
+        std::uint64_t need = std::min<std::uint64_t>(k, rest);
+        for (std::uint64_t i = 0; i < rest && need > 0; ++i) {
+          if (g2.below(rest - i) < need) {
+            s2.set(i, true);
+            --need;
+          }
+        }
+        ASSERT_EQ(s1, s2);
+        EXPECT_EQ(s1.popcount(), k);
+        EXPECT_EQ(g1.next(), g2.next());
+      });
+  EXPECT_EQ(cases, 56);
 }
 
 TEST(SpeedPaths, FourBlockPolyHashEqualsHorner) {
