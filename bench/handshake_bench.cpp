@@ -2,8 +2,10 @@
 // certificate (ECDSA P-256, examples/pki.sh) for every group, against two real qkd-kms
 // daemons on loopback (tests/support's KmeNetwork). Prints Markdown tables:
 //   1. serial: per group, handshakes per second (1 / mean time), p50 and p99 latency, rate
-//      and p99 relative to X25519; the qkd groups twice: with the server's key prefetch
-//      (the default) and with it off (prefetch_keys = 1: one enc_keys call per handshake);
+//      and p99 relative to X25519; the qkd groups three times: as configured by default
+//      (server prefetch, keys announced ahead to the client), with no keys announced
+//      (announce_keys = 0: the client makes one dec_keys call per handshake) and with the
+//      prefetch off too (prefetch_keys = 1: one enc_keys call per handshake as well);
 //   2. per side, from the same handshakes: the time inside each side's own OpenSSL calls
 //      (SSL_new, SSL_do_handshake), i.e. what a handshake costs a server process and a
 //      client process running apart;
@@ -332,8 +334,8 @@ int main(int argc, char** argv) {
   // group configuration; the round-trip probe spends 2 * (count + warmup) + 32 * count/8.
   const auto n = static_cast<std::uint64_t>(count + warmup);
   const std::uint64_t keys_needed =
-      2 * qkd_groups.size() * n +                                              // serial
-      qkd_groups.size() * static_cast<std::uint64_t>(kRounds * threads * per_thread + warmup) +
+      3 * qkd_groups.size() * n +                                              // serial
+      3 * qkd_groups.size() * static_cast<std::uint64_t>(kRounds * threads * per_thread + warmup) +
       2 * n + kPrefetch * static_cast<std::uint64_t>(count / 8 + 1) +         // probe
       kPrefetch * 2 + 64;
 
@@ -357,20 +359,24 @@ int main(int argc, char** argv) {
   // The server's admission limits (default 20 keys/s per client SAE) are lifted: the
   // benchmark is one client SAE on purpose, measuring the handshake, not the limiter.
   const auto cnf = [&](const std::string& file, const std::string& sae,
-                       const qkd::test::KmeInfo& kme, const std::string& prefetch) {
+                       const qkd::test::KmeInfo& kme, const std::string& prefetch,
+                       const std::string& announce) {
     const auto id = (*net)->sae(sae);
     return qkd::test_prov::write_provider_config(
         dir + "/" + file + ".cnf",
         {{"kme_url", kme.url}, {"cert", id.cert_file}, {"key", id.key_file}, {"ca", id.ca_file},
          {"admit_rate", "1000000"}, {"admit_burst", "1000000"},
          {"admit_outstanding", "1000"}, {"admit_outstanding_total", "1000"},
-         {"prefetch_keys", prefetch}});
+         {"prefetch_keys", prefetch}, {"announce_keys", announce}});
   };
-  auto client_lib = qkd::test_prov::load_libctx(cnf("alice", "alice", (*net)->alice(), "1"));
+  auto client_lib = qkd::test_prov::load_libctx(cnf("alice", "alice", (*net)->alice(), "1", "0"));
   auto server_lib = qkd::test_prov::load_libctx(
-      cnf("bob", "bob", (*net)->bob(), std::to_string(kPrefetch)));
-  auto server_lib_off = qkd::test_prov::load_libctx(cnf("bob-off", "bob", (*net)->bob(), "1"));
-  if (!client_lib || !server_lib || !server_lib_off) {
+      cnf("bob", "bob", (*net)->bob(), std::to_string(kPrefetch), "16"));
+  auto server_lib_quiet = qkd::test_prov::load_libctx(
+      cnf("bob-quiet", "bob", (*net)->bob(), std::to_string(kPrefetch), "0"));
+  auto server_lib_off =
+      qkd::test_prov::load_libctx(cnf("bob-off", "bob", (*net)->bob(), "1", "0"));
+  if (!client_lib || !server_lib || !server_lib_quiet || !server_lib_off) {
     return fail("cannot load the provider configs");
   }
   const auto bob = (*net)->sae("bob");
@@ -388,6 +394,11 @@ int main(int argc, char** argv) {
   };
   for (const auto& g : groups) {
     if (!add_row(g, g, server_lib.get())) {
+      return fail("cannot make the TLS contexts for " + g);
+    }
+  }
+  for (const auto& g : qkd_groups) {
+    if (!add_row(g + ", no keys announced", g, server_lib_quiet.get())) {
       return fail("cannot make the TLS contexts for " + g);
     }
   }

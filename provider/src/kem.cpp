@@ -1,18 +1,22 @@
-// The KEM for the qkd groups (DESIGN decision 1):
-//   server: encapsulate(peer share) -> a key for the SAE in the share: prefetched
-//           (key_cache.hpp) or from enc_keys at its own KME; ciphertext = (server SAE ID,
-//           key_ID);
-//   client: decapsulate(ciphertext) -> dec_keys(master = SAE in the ciphertext, key_ID)
-//           at its own KME;
+// The KEM for the qkd groups (DESIGN decision 1; docs/PROTOCOL.md):
+//   server: encapsulate(peer share) -> a key for the SAE in the share: one reserved for the
+//           share's client_id, prefetched, or from enc_keys at its own KME (key_cache.hpp);
+//           ciphertext = (server SAE ID, key_ID, key_IDs announced to that client_id);
+//   client: decapsulate(ciphertext) -> the key for (SAE in the ciphertext, key_ID): fetched
+//           ahead after an earlier announcement, or from dec_keys at its own KME
+//           (ahead_keys.hpp), which then also fetches what this ciphertext announces;
 //   both:   secret = K' = HKDF(key, group, client SAE, nonce, server SAE, key_ID)
-//           (wire version 2, binding.hpp).
+//           (binding.hpp).
 // Hybrids (x25519_qkd, p256_qkd) add an ephemeral ECDH in front (docs/PROTOCOL.md):
 //   server: ciphertext = ephemeral public key || qkd ciphertext,
 //   both:   secret = ECDH secret || K'.
 // The ECDH runs before the KME call, so a bad point never costs a key.
-// Size queries (NULL output) never reach the KME and report non-zero sizes.
+// Size queries (NULL output) never reach the KME and report non-zero sizes; the
+// ciphertext's size is an upper bound (the number of key_IDs announced is known only once
+// the key is taken).
 #include <openssl/crypto.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -178,14 +182,17 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, failure.reason, failure.message);
       return 0;
     }
-    const std::size_t ct_len = kClassicalPublic + 2 + own->size() + kKeyIdLength;
+    const std::size_t max_ahead =
+        ctx->key->client_id ? std::min<std::size_t>(prov->settings().prefetch.announce, kMaxAhead)
+                            : 0;
+    const std::size_t max_ct_len = kClassicalPublic + ciphertext_length(own->size(), max_ahead);
     if (out == nullptr) {  // size query: no KME work
       if (outlen == nullptr && secretlen == nullptr) {
         QKD_RAISE(prov, kReasonBufferTooSmall, "size query without length pointers");
         return 0;
       }
       if (outlen != nullptr) {
-        *outlen = ct_len;
+        *outlen = max_ct_len;
       }
       if (secretlen != nullptr) {
         *secretlen = kSecretBytes;
@@ -196,7 +203,7 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, kReasonBufferTooSmall, "no buffer for the shared secret");
       return 0;
     }
-    if (!buffer_fits(prov, "ciphertext", *outlen, ct_len, qkd_fn)) {
+    if (!buffer_fits(prov, "ciphertext", *outlen, max_ct_len, qkd_fn)) {
       return 0;
     }
     if (!buffer_fits(prov, "secret", *secretlen, kSecretBytes, qkd_fn)) {
@@ -239,25 +246,26 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       return 0;
     }
     AdmissionTicket ticket(prov->admission(), peer);
-    // A prefetched key when the cache holds one for this client SAE, else one enc_keys call
-    // (which may fetch a batch for the following handshakes: key_cache.hpp). The fetch may
-    // also run later on the cache's refill thread, so it captures by value (the client
-    // lives until the provider context has joined that thread).
+    // A key reserved for the share's client_id, else a prefetched one for this client SAE,
+    // else one enc_keys call (which may fetch a batch for the following handshakes:
+    // key_cache.hpp). The fetch may also run later on the cache's refill thread, so it
+    // captures by value (the client lives until the provider context has joined that thread).
+    const ClientId* client_id = ctx->key->client_id ? &*ctx->key->client_id : nullptr;
     auto key = prov->key_cache().take(
-        peer, kQkdBytes, KeyCache::Clock::now(), [client, peer](std::uint32_t number) {
+        peer, client_id, kQkdBytes, KeyCache::Clock::now(), [client, peer](std::uint32_t number) {
           return client->enc_keys(peer, number, kGroups[G].qkd_key_bits);
         });
     if (!key.ok()) {
       raise_kme_error(prov, key.error(), kOpEncapsulate, peer, "", qkd_fn);
       return 0;
     }
-    auto ct = encode_ciphertext(Ciphertext{own.value(), key->key_id});
+    auto ct = encode_ciphertext(Ciphertext{own.value(), key->key_id, std::move(key->ahead)});
     if (!ct.ok()) {
-      QKD_RAISE(prov, kReasonInternal, "cannot encode the ciphertext");
+      QKD_RAISE(prov, kReasonInternal, "cannot encode the ciphertext: " + ct.error().message);
       return 0;
     }
     ciphertext.insert(ciphertext.end(), ct->begin(), ct->end());
-    if (ciphertext.size() != ct_len) {
+    if (ciphertext.size() > max_ct_len) {
       QKD_RAISE(prov, kReasonInternal, "cannot encode the ciphertext");
       return 0;
     }
@@ -324,6 +332,11 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, kReasonBadCiphertext, ct.error().message);
       return 0;
     }
+    if (!ct->ahead.empty() && !ctx->key->client_id) {
+      QKD_RAISE(prov, kReasonBadCiphertext,
+                "malformed qkd ciphertext: key_IDs announced to a key share without client_id");
+      return 0;
+    }
     PkeyPtr peer_classical;
     if constexpr (kClassical != Classical::kNone) {
       auto peer = classical_import_peer(prov->methods(), kClassical,
@@ -360,18 +373,18 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, failure.reason, failure.message);
       return 0;
     }
-    const std::string key_id = uuid_format(ct->key_id);
-    const std::string ids[] = {key_id};
-    auto keys = client->dec_keys(ct->sae_id, ids);
-    if (!keys.ok()) {
-      raise_kme_error(prov, keys.error(), kOpDecapsulate, ct->sae_id, key_id, qkd_fn);
-      return 0;
-    }
-    const qkd::etsi::Key& key = keys->at(0);
-    if (key.key.size() != kQkdBytes) {
-      QKD_RAISE(prov, kReasonBadReply, "bad reply from key service: key " + key_id + " has " +
-                                           std::to_string(key.key.size()) + " bytes, expected " +
-                                           std::to_string(kQkdBytes));
+    // The key fetched ahead when an earlier ciphertext announced it, else one dec_keys call
+    // (with the key_IDs this ciphertext announces). The fetch of announced keys may run on
+    // another thread after this returns, so it captures by value (the client lives until
+    // the provider context has joined that thread).
+    auto key = prov->ahead_keys().take(
+        ct->sae_id, ct->key_id, ct->ahead, kQkdBytes, AheadKeys::Clock::now(),
+        [client](const std::string& master, std::span<const std::string> ids) {
+          return client->dec_keys(master, ids);
+        });
+    if (!key.ok()) {
+      raise_kme_error(prov, key.error(), kOpDecapsulate, ct->sae_id, uuid_format(ct->key_id),
+                      qkd_fn);
       return 0;
     }
     auto own = prov->own_sae_id(&failure);
@@ -383,7 +396,7 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
                           &ct->key_id};
     if (auto bound = derive_bound_key(prov->methods(),
                                       std::span<std::uint8_t>(out + kClassicalSecret, kQkdBytes),
-                                      key.key.span(), binding);
+                                      key->span(), binding);
         !bound.ok()) {
       QKD_RAISE(prov, kReasonInternal, bound.error().message);
       return 0;

@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <thread>
 
 namespace qkd::prov {
 
@@ -21,7 +20,7 @@ void KeyCache::shutdown() {
     std::lock_guard lock(mu_);
     check_fork_locked();
     stopping_ = true;
-    t = std::move(refill_thread_);
+    t = refill_.release();
   }
   if (t.joinable()) {
     t.join();
@@ -30,7 +29,7 @@ void KeyCache::shutdown() {
 
 void KeyCache::maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::time_point now,
                                          const Fetch& fetch) {
-  if (!limits_.refill_ahead || stopping_ || refill_running_ || e.fetching ||
+  if (!limits_.refill_ahead || stopping_ || refill_.running() || e.fetching ||
       limits_.max_batch <= 1) {
     return;
   }
@@ -47,16 +46,10 @@ void KeyCache::maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::ti
   if (number == 0) {
     return;
   }
-  if (refill_thread_.joinable()) {
-    refill_thread_.join();  // finished (refill_running_ is false): returns at once
-  }
-  try {
-    refill_thread_ = std::thread(&KeyCache::run_refill, this, ek, number, fetch);
-  } catch (const std::exception&) {
+  if (!refill_.start([this, ek, number, fetch] { run_refill(ek, number, fetch); })) {
     return;  // no thread: the next empty take refills in line
   }
   e.fetching = true;
-  refill_running_ = true;
 }
 
 void KeyCache::run_refill(EntryKey ek, std::uint32_t number, Fetch fetch) {
@@ -65,7 +58,7 @@ void KeyCache::run_refill(EntryKey ek, std::uint32_t number, Fetch fetch) {
   Result<std::vector<Slot>> slots = got.ok() ? convert(std::move(got).value(), ek.second, now)
                                              : Result<std::vector<Slot>>(got.error());
   std::lock_guard lock(mu_);
-  refill_running_ = false;
+  refill_.done();
   auto it = entries_.find(ek);
   if (::getpid() != pid_ || it == entries_.end()) {
     return;
@@ -99,29 +92,29 @@ void KeyCache::check_fork_locked() {
   if (now_pid == pid_) {
     return;
   }
-  if (refill_thread_.joinable()) {
-    // The parent's thread does not exist here: neither join nor detach it; the handle is
-    // left behind (a few bytes) so that no destructor ever touches it.
-    (void)new std::thread(std::move(refill_thread_));  // NOLINT: deliberately leaked
-  }
-  refill_running_ = false;
+  refill_.forget_after_fork();
   // A child of fork(): the parent may hand out the same keys. Forget them all (cleansed by
   // SecureBuf) and start with no history.
   stats_.dropped_on_fork += total_;
   entries_.clear();
+  reservations_.clear();
   total_ = 0;
   pid_ = now_pid;
 }
 
-void KeyCache::expire_locked(Entry& e, Clock::time_point now) {
+bool KeyCache::expire_keys_locked(std::deque<Slot>& keys, Clock::time_point now) {
   bool expired = false;
-  while (!e.keys.empty() && now - e.keys.front().fetched >= limits_.max_age) {
-    e.keys.pop_front();
+  while (!keys.empty() && now - keys.front().fetched >= limits_.max_age) {
+    keys.pop_front();
     --total_;
     ++stats_.expired;
     expired = true;
   }
-  if (expired) {
+  return expired;
+}
+
+void KeyCache::expire_locked(Entry& e, Clock::time_point now) {
+  if (expire_keys_locked(e.keys, now)) {
     e.batch = std::max<std::uint32_t>(1, e.batch / 2);
   }
 }
@@ -133,6 +126,14 @@ void KeyCache::sweep_locked(Clock::time_point now) {
     expire_locked(e, now);
     if (e.keys.empty() && !e.fetching && now - e.last_fetch >= limits_.max_age) {
       it = entries_.erase(it);  // nothing held, history stale: forget the SAE
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = reservations_.begin(); it != reservations_.end();) {
+    expire_keys_locked(it->second.keys, now);
+    if (it->second.keys.empty() && now - it->second.last_seen >= limits_.max_age) {
+      it = reservations_.erase(it);  // the client process is gone or has a new client_id
     } else {
       ++it;
     }
@@ -162,9 +163,78 @@ Result<std::vector<KeyCache::Slot>> KeyCache::convert(std::vector<qkd::etsi::Key
   return out;
 }
 
-Result<CachedKey> KeyCache::take(std::string_view slave, std::size_t key_bytes,
-                                 Clock::time_point now, const Fetch& fetch) {
+Result<CachedKey> KeyCache::take(std::string_view slave, const ClientId* client,
+                                 std::size_t key_bytes, Clock::time_point now,
+                                 const Fetch& fetch) {
   const EntryKey ek{std::string(slave), key_bytes};
+  if (client == nullptr || limits_.announce == 0) {
+    return take_unreserved(ek, now, fetch);
+  }
+  const ReservationKey rk{ek, *client};
+  {
+    std::lock_guard lock(mu_);
+    check_fork_locked();
+    auto it = reservations_.find(rk);
+    if (it == reservations_.end() && reservations_.size() >= limits_.max_saes) {
+      sweep_locked(now);
+    }
+    if (it == reservations_.end() && reservations_.size() < limits_.max_saes) {
+      it = reservations_.emplace(rk, Reservation{}).first;
+    }
+    if (it != reservations_.end()) {  // else: too many client_ids; announce nothing to this one
+      Reservation& r = it->second;
+      ++r.seen;
+      r.last_seen = now;
+      expire_keys_locked(r.keys, now);
+      if (!r.keys.empty()) {
+        Slot slot = std::move(r.keys.front());
+        r.keys.pop_front();
+        --total_;
+        ++stats_.hits;
+        ++stats_.reserved_hits;
+        CachedKey out{slot.key_id, std::move(slot.key), true, {}};
+        announce_locked(ek, r, now, fetch, &out.ahead);
+        return out;
+      }
+    }
+  }
+  auto out = take_unreserved(ek, now, fetch);
+  if (out.ok()) {
+    std::lock_guard lock(mu_);
+    check_fork_locked();
+    // The first share with a client_id gets nothing announced: a process that makes one
+    // handshake (curl) would leave the reserved keys unused.
+    if (auto it = reservations_.find(rk); it != reservations_.end() && it->second.seen >= 2) {
+      announce_locked(ek, it->second, now, fetch, &out->ahead);
+    }
+  }
+  return out;
+}
+
+void KeyCache::announce_locked(const EntryKey& ek, Reservation& r, Clock::time_point now,
+                               const Fetch& fetch, std::vector<KeyId>* ahead) {
+  const std::size_t announce = std::min<std::size_t>(limits_.announce, kMaxAhead);
+  if (r.keys.size() > std::max<std::size_t>(1, announce / 4)) {
+    return;
+  }
+  auto it = entries_.find(ek);
+  if (it == entries_.end()) {
+    return;
+  }
+  Entry& e = it->second;
+  expire_locked(e, now);
+  while (r.keys.size() < announce && !e.keys.empty()) {
+    ahead->push_back(e.keys.front().key_id);
+    r.keys.push_back(std::move(e.keys.front()));  // still counted in total_
+    e.keys.pop_front();
+    ++stats_.announced;
+  }
+  maybe_refill_ahead_locked(ek, e, now, fetch);
+}
+
+Result<CachedKey> KeyCache::take_unreserved(const EntryKey& ek, Clock::time_point now,
+                                            const Fetch& fetch) {
+  const std::size_t key_bytes = ek.second;
   std::uint32_t number = 1;
   bool refill = false;       // this call refills the SAE's cache (else: a side fetch of 1)
   bool batch_fetch = false;  // ... with more than one key
@@ -190,7 +260,7 @@ Result<CachedKey> KeyCache::take(std::string_view slave, std::size_t key_bytes,
         --total_;
         ++stats_.hits;
         maybe_refill_ahead_locked(ek, e, now, fetch);
-        return CachedKey{slot.key_id, std::move(slot.key), true};
+        return CachedKey{slot.key_id, std::move(slot.key), true, {}};
       }
       if (!e.fetching && limits_.max_batch > 1) {
         // The cache ran dry: grow the batch when the last one went fast.
@@ -235,7 +305,7 @@ Result<CachedKey> KeyCache::take(std::string_view slave, std::size_t key_bytes,
   }
   ++stats_.fetches;
   stats_.keys_fetched += slots->size();
-  CachedKey out{slots->front().key_id, std::move(slots->front().key), false};
+  CachedKey out{slots->front().key_id, std::move(slots->front().key), false, {}};
   for (std::size_t i = 1; i < slots->size(); ++i) {
     if (e == nullptr || total_ >= limits_.max_total) {
       ++stats_.expired;  // no room: cleansed unused (not expected: the batch fits the room)
@@ -254,6 +324,14 @@ std::size_t KeyCache::cached(std::string_view slave, std::size_t key_bytes) {
   return it == entries_.end() ? 0 : it->second.keys.size();
 }
 
+std::size_t KeyCache::reserved(std::string_view slave, const ClientId& client,
+                               std::size_t key_bytes) {
+  std::lock_guard lock(mu_);
+  check_fork_locked();
+  const auto it = reservations_.find(ReservationKey{{std::string(slave), key_bytes}, client});
+  return it == reservations_.end() ? 0 : it->second.keys.size();
+}
+
 std::uint32_t KeyCache::batch(std::string_view slave, std::size_t key_bytes) {
   std::lock_guard lock(mu_);
   const auto it = entries_.find(EntryKey{std::string(slave), key_bytes});
@@ -268,12 +346,23 @@ KeyCacheStats KeyCache::stats() {
 bool KeyCache::all_in_secure_heap() {
   std::lock_guard lock(mu_);
   bool any = false;
-  for (const auto& [k, e] : entries_) {
-    for (const auto& s : e.keys) {
+  const auto check = [&any](const std::deque<Slot>& keys) {
+    for (const auto& s : keys) {
       if (!s.key.in_secure_heap()) {
         return false;
       }
       any = true;
+    }
+    return true;
+  };
+  for (const auto& [k, e] : entries_) {
+    if (!check(e.keys)) {
+      return false;
+    }
+  }
+  for (const auto& [k, r] : reservations_) {
+    if (!check(r.keys)) {
+      return false;
     }
   }
   return any;

@@ -19,6 +19,13 @@
 // or fewer, a short-lived thread (one at a time per cache) tops the SAE's cache up to its
 // batch, so that a busy SAE's handshakes do not wait for the KME. shutdown() joins it (the
 // provider calls it before its ETSI client goes away); a forked child never uses it.
+// Keys announced ahead (docs/PROTOCOL.md, "Keys announced ahead"): when a key share carries
+// a client_id and the same (client SAE, client_id) comes back, up to `announce` keys move
+// from the SAE's cache into a reservation for that client_id; their key_IDs go out in this
+// handshake's ciphertext, and the client process fetches them before its next handshakes.
+// A reserved key is handed out only to a share with that client_id, oldest first, and only
+// within max_age of its fetch (the client keeps announced keys twice as long). A reservation
+// is topped up when it falls to max(1, announce / 4) keys.
 // Keys live in OpenSSL's secure heap (SecureBuf). Admission (admission.hpp) is checked by
 // the caller before take(): a cached key is still one admitted key.
 #pragma once
@@ -33,13 +40,13 @@
 #include <mutex>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <vector>
 
 #include "qkd/core/result.hpp"
 #include "qkd/etsi/client.hpp"
 #include "secure_buf.hpp"
 #include "wire.hpp"
+#include "worker_thread.hpp"
 
 namespace qkd::prov {
 
@@ -49,17 +56,19 @@ struct KeyCacheLimits {
   std::size_t max_total = 1024;                  // keys held over all SAEs
   std::size_t max_saes = 256;                    // SAEs with keys or history remembered
   bool refill_ahead = false;                     // refill on another thread before empty
+  std::uint32_t announce = 16;                   // setting announce_keys; 0 = announce none
 };
 
 struct CachedKey {
   KeyId key_id{};
   SecureBuf key;
   bool from_cache = false;  // false: fetched by this call
+  std::vector<KeyId> ahead;  // reserved for the share's client_id: announce them
 };
 
 struct KeyCacheStats {
   std::uint64_t hits = 0, fetches = 0, keys_fetched = 0, expired = 0, dropped_on_fork = 0,
-                background_fetches = 0;
+                background_fetches = 0, announced = 0, reserved_hits = 0;
 };
 
 class KeyCache {
@@ -78,18 +87,23 @@ class KeyCache {
   // Waits for refill threads in flight (this process's) and starts no more. Idempotent.
   void shutdown();
 
-  // One key of `key_bytes` bytes for client SAE `slave`: a cached one, else from fetch(n).
+  // One key of `key_bytes` bytes for client SAE `slave`: one reserved for `client` (the
+  // share's client_id, may be null), else a cached one, else from fetch(n); with `client`,
+  // the result may carry key_IDs newly reserved for it (CachedKey::ahead).
   // Only one batch fetch per SAE runs at a time; a caller that finds the cache empty while
   // another is fetching fetches a single key for itself. A failed batch fetch (e.g. the KME
   // caps the number, or has fewer keys) is retried once with n = 1. Errors: fetch's own, or
   // kProtocol for a reply whose key_ID is not a UUID or whose key has the wrong length.
   // A refused batch of n also caps this SAE's batch at n / 2 until the SAE is forgotten.
-  [[nodiscard]] qkd::core::Result<CachedKey> take(std::string_view slave, std::size_t key_bytes,
-                                                  Clock::time_point now, const Fetch& fetch);
+  [[nodiscard]] qkd::core::Result<CachedKey> take(std::string_view slave, const ClientId* client,
+                                                  std::size_t key_bytes, Clock::time_point now,
+                                                  const Fetch& fetch);
 
   // Observers for tests and documentation.
   [[nodiscard]] std::size_t cached(std::string_view slave, std::size_t key_bytes);
   [[nodiscard]] std::uint32_t batch(std::string_view slave, std::size_t key_bytes);
+  [[nodiscard]] std::size_t reserved(std::string_view slave, const ClientId& client,
+                                     std::size_t key_bytes);
   [[nodiscard]] KeyCacheStats stats();
   // True when every key held is a secure-heap allocation (and at least one is held).
   [[nodiscard]] bool all_in_secure_heap();
@@ -109,6 +123,21 @@ class KeyCache {
     bool fetched_once = false;
   };
   using EntryKey = std::pair<std::string, std::size_t>;  // (slave SAE, key bytes)
+  struct Reservation {
+    std::deque<Slot> keys;  // announced, not yet handed out
+    std::uint32_t seen = 0;  // shares with this client_id
+    Clock::time_point last_seen{};
+  };
+  using ReservationKey = std::pair<EntryKey, ClientId>;
+
+  [[nodiscard]] qkd::core::Result<CachedKey> take_unreserved(const EntryKey& ek,
+                                                             Clock::time_point now,
+                                                             const Fetch& fetch);
+  // Moves keys from the SAE's cache into `r` when it runs low; their key_IDs go to `ahead`.
+  void announce_locked(const EntryKey& ek, Reservation& r, Clock::time_point now,
+                       const Fetch& fetch, std::vector<KeyId>* ahead);
+  // Cleanses a deque's keys older than max_age; true if any.
+  bool expire_keys_locked(std::deque<Slot>& keys, Clock::time_point now);
 
   void check_fork_locked();
   void expire_locked(Entry& e, Clock::time_point now);
@@ -124,11 +153,11 @@ class KeyCache {
   std::mutex mu_;
   const KeyCacheLimits limits_;
   std::map<EntryKey, Entry> entries_;  // guarded by mu_
+  std::map<ReservationKey, Reservation> reservations_;  // guarded by mu_, at most max_saes
   std::size_t total_ = 0;              // keys held, guarded by mu_
   Clock::time_point last_sweep_{};
   pid_t pid_;
-  std::thread refill_thread_;   // the refill-ahead thread, joined before the next or at shutdown
-  bool refill_running_ = false;  // it has not finished yet (guarded by mu_)
+  WorkerThread refill_;  // the refill-ahead thread (guarded by mu_)
   bool stopping_ = false;
   KeyCacheStats stats_;
 };

@@ -52,6 +52,7 @@ bool set_peer_share(QkdKey* key, const void* data, std::size_t len) {
   key->share.assign(bytes.begin(), bytes.end());
   key->peer_sae_id = std::move(share->sae_id);
   key->nonce = share->nonce;
+  key->client_id = share->client_id;
   key->classical = std::move(classical);
   key->has_share = true;
   key->own = false;
@@ -238,6 +239,13 @@ void* Keymgmt<G>::gen(void* genctx, OSSL_CALLBACK* /*cb*/, void* /*cbarg*/) {
       QKD_RAISE(prov, kReasonInternal, rnd.error().message);
       return nullptr;
     }
+    // No KME work: the client_id is made here, the keys announced for it are fetched later.
+    auto client_id = prov->ahead_keys().client_id();
+    if (!client_id.ok()) {
+      QKD_RAISE(prov, kReasonInternal, client_id.error().message);
+      return nullptr;
+    }
+    share.client_id = client_id.value();
     auto encoded = encode_share(share);
     if (!encoded.ok()) {
       QKD_RAISE(prov, kReasonBadSetting, encoded.error().message);
@@ -246,6 +254,7 @@ void* Keymgmt<G>::gen(void* genctx, OSSL_CALLBACK* /*cb*/, void* /*cbarg*/) {
     encoded_share.insert(encoded_share.end(), encoded->begin(), encoded->end());
     key->share = std::move(encoded_share);
     key->nonce = share.nonce;
+    key->client_id = share.client_id;
     key->has_share = true;
     key->own = true;
     return key.release();

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,7 @@ struct QkdKey {
   std::vector<std::uint8_t> share;  // encoded: classical public key (hybrids) || qkd share
   std::string peer_sae_id;          // the SAE named by a peer's share (server side)
   Nonce nonce{};                    // the share's nonce (ours or the peer's)
+  std::optional<ClientId> client_id;  // the share's client_id (ours or the peer's)
   // Hybrids only: our key pair (own) or the peer's public key (from its share).
   PkeyPtr classical;
 
@@ -28,6 +30,7 @@ struct QkdKey {
   QkdKey(const QkdKey& other)
       : prov(other.prov), group(other.group), has_share(other.has_share), own(other.own),
         share(other.share), peer_sae_id(other.peer_sae_id), nonce(other.nonce),
+        client_id(other.client_id),
         classical(share_pkey(other.classical.get())) {}
   QkdKey& operator=(const QkdKey&) = delete;
 };

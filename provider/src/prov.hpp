@@ -11,6 +11,7 @@
 #include <string>
 
 #include "admission.hpp"
+#include "ahead_keys.hpp"
 #include "key_cache.hpp"
 #include "methods.hpp"
 #include "qkd/core/result.hpp"
@@ -65,9 +66,13 @@ class ProvCtx {
           LibCtxPtr libctx = nullptr)
       : handle_(handle), core_(core), settings_(std::move(settings)),
         admission_(settings_.admission), key_cache_(settings_.prefetch),
-        libctx_(std::move(libctx)), methods_(libctx_.get()) {}
-  // The prefetch's refill thread uses the ETSI client: stop it before client_ goes.
-  ~ProvCtx() { key_cache_.shutdown(); }
+        ahead_keys_(settings_.ahead), libctx_(std::move(libctx)), methods_(libctx_.get()) {}
+  // The prefetch's refill thread and the fetch of announced keys use the ETSI client: stop
+  // them before client_ goes.
+  ~ProvCtx() {
+    key_cache_.shutdown();
+    ahead_keys_.shutdown();
+  }
   ProvCtx(const ProvCtx&) = delete;
   ProvCtx& operator=(const ProvCtx&) = delete;
 
@@ -75,6 +80,7 @@ class ProvCtx {
   [[nodiscard]] OSSL_LIB_CTX* libctx() const { return libctx_.get(); }
   [[nodiscard]] Admission& admission() { return admission_; }
   [[nodiscard]] KeyCache& key_cache() { return key_cache_; }
+  [[nodiscard]] AheadKeys& ahead_keys() { return ahead_keys_; }
   // HKDF and P-256 parameters from libctx(), made once (methods.hpp).
   [[nodiscard]] CryptoMethods& methods() { return methods_; }
 
@@ -96,6 +102,7 @@ class ProvCtx {
   const Settings settings_;
   Admission admission_;
   KeyCache key_cache_;  // server side: prefetched keys per client SAE
+  AheadKeys ahead_keys_;  // client side: keys announced by servers
   LibCtxPtr libctx_;
   CryptoMethods methods_;  // after libctx_: made from it, freed before it
   std::mutex mu_;

@@ -154,6 +154,24 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
       defer("prefetch_max_age_ms", *t, "must be 1..3600000");
     }
   }
+  if (const auto t = get("announce_keys")) {
+    if (const auto v = parse_uint(*t, 0, kMaxAhead)) {
+      s.prefetch.announce = static_cast<std::uint32_t>(*v);
+    } else {
+      defer("announce_keys", *t, "must be 0..32 (0: announce no key ahead)");
+    }
+  }
+  if (const auto t = get("fetch_ahead_keys")) {
+    if (const auto v = parse_uint(*t, 0, 4096)) {
+      s.ahead.max_keys = static_cast<std::size_t>(*v);
+    } else {
+      defer("fetch_ahead_keys", *t, "must be 0..4096 (0: fetch no key ahead)");
+    }
+  }
+  // The client keeps announced keys twice as long as a server reserves them (both ends
+  // default to the same prefetch_max_age_ms), and waits for a fetch as long as for a KME.
+  s.ahead.max_age = 2 * s.prefetch.max_age;
+  s.ahead.wait = s.timeout;
   return s;
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "admission.hpp"
+#include "ahead_keys.hpp"
 #include "groups.hpp"
 #include "key_cache.hpp"
 #include "qkd/core/result.hpp"
@@ -23,7 +24,7 @@ struct SettingName {
   const char* key;
   const char* env;  // nullptr: no override
 };
-inline constexpr std::array<SettingName, 12> kSettings = {{
+inline constexpr std::array<SettingName, 14> kSettings = {{
     {"kme_url", "QKD_KME_URL"},
     {"sae_id", "QKD_SAE_ID"},
     {"cert", "QKD_CERT"},
@@ -36,6 +37,8 @@ inline constexpr std::array<SettingName, 12> kSettings = {{
     {"admit_outstanding_total", nullptr},
     {"prefetch_keys", nullptr},
     {"prefetch_max_age_ms", nullptr},
+    {"announce_keys", nullptr},
+    {"fetch_ahead_keys", nullptr},
 }};
 
 using RawSettings = std::map<std::string, std::string>;
@@ -46,6 +49,7 @@ struct Settings {
   std::array<std::uint16_t, kGroups.size()> codepoints{};
   AdmissionLimits admission;
   KeyCacheLimits prefetch;  // server side: keys fetched per enc_keys call, how long kept
+  AheadLimits ahead;        // client side: keys announced by servers, fetched ahead
   // The first bad value: raised (naming the setting) at first use.
   std::optional<std::string> deferred_error;
 };

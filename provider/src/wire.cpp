@@ -37,43 +37,58 @@ bool valid_sae_id(std::string_view id) {
 
 namespace {
 
-// version, SAE ID, then a fixed-length tail; shared by the share and the ciphertext.
-Result<std::vector<std::uint8_t>> encode(std::string_view sae_id,
-                                         std::span<const std::uint8_t> tail) {
+// An ahead list the encoder may write and the parser accepts: at most kMaxAhead key_IDs,
+// distinct, none equal to the key_ID the ciphertext uses now. Empty string: fine.
+std::string ahead_fault(const KeyId& key_id, const std::vector<KeyId>& ahead) {
+  if (ahead.size() > kMaxAhead) {
+    return std::to_string(ahead.size()) + " key_IDs announced, at most " +
+           std::to_string(kMaxAhead);
+  }
+  for (std::size_t i = 0; i < ahead.size(); ++i) {
+    if (ahead[i] == key_id) {
+      return "an announced key_ID is the one used now";
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (ahead[i] == ahead[j]) {
+        return "a key_ID is announced twice";
+      }
+    }
+  }
+  return {};
+}
+
+// version and SAE ID, the head shared by the share and the ciphertext.
+Result<std::vector<std::uint8_t>> encode_head(std::string_view sae_id, std::size_t reserve) {
   if (!valid_sae_id(sae_id)) {
     return make_error(ErrorCode::kInvalidArgument,
                       "SAE ID \"" + std::string(sae_id.substr(0, 80)) +
                           "\" is not 1..64 characters of [A-Za-z0-9._-]");
   }
   std::vector<std::uint8_t> out;
-  out.reserve(2 + sae_id.size() + tail.size());
+  out.reserve(2 + sae_id.size() + reserve);
   out.push_back(kWireVersion);
   out.push_back(static_cast<std::uint8_t>(sae_id.size()));
   out.insert(out.end(), sae_id.begin(), sae_id.end());
-  out.insert(out.end(), tail.begin(), tail.end());
   return out;
 }
 
-struct Parsed {
-  std::string sae_id;
-  std::span<const std::uint8_t> tail;
-};
-
-Result<Parsed> parse(std::span<const std::uint8_t> bytes, std::size_t tail_len,
-                     std::string_view what) {
+// Reads version and SAE ID; on success `r` is left at the first byte after them.
+Result<std::string> parse_head(Reader& r, std::string_view what) {
   const auto bad = [&](std::string_view why) {
     return make_error(ErrorCode::kProtocol, std::string(what) + ": " + std::string(why));
   };
-  Reader r(bytes);
   std::uint8_t version = 0;
   std::uint8_t len = 0;
   std::span<const std::uint8_t> id;
-  Parsed out;
   if (!r.u8(&version)) {
     return bad("empty");
   }
   if (version == 0x01) {
     return bad("version 1 (secret not bound to the handshake) is no longer accepted: "
+               "upgrade the peer's qkdprovider");
+  }
+  if (version == 0x02) {
+    return bad("version 2 (no keys announced ahead) is no longer accepted: "
                "upgrade the peer's qkdprovider");
   }
   if (version != kWireVersion) {
@@ -85,48 +100,116 @@ Result<Parsed> parse(std::span<const std::uint8_t> bytes, std::size_t tail_len,
   if (!r.bytes(len, &id)) {
     return bad("truncated SAE ID");
   }
-  out.sae_id.assign(id.begin(), id.end());
-  if (!valid_sae_id(out.sae_id)) {
+  std::string sae_id(id.begin(), id.end());
+  if (!valid_sae_id(sae_id)) {
     return bad("SAE ID has characters outside [A-Za-z0-9._-]");
   }
-  if (!r.bytes(tail_len, &out.tail)) {
-    return bad("truncated");
+  return sae_id;
+}
+
+template <std::size_t N>
+bool read_array(Reader& r, std::array<std::uint8_t, N>* out) {
+  std::span<const std::uint8_t> b;
+  if (!r.bytes(N, &b)) {
+    return false;
   }
-  if (!r.empty()) {
-    return bad(std::to_string(r.remaining()) + " trailing byte(s)");
-  }
-  return out;
+  std::copy(b.begin(), b.end(), out->begin());
+  return true;
 }
 
 }  // namespace
 
 Result<std::vector<std::uint8_t>> encode_share(const Share& share) {
-  return encode(share.sae_id, share.nonce);
+  auto out = encode_head(share.sae_id, kNonceLength + 1 + kClientIdLength);
+  if (!out.ok()) {
+    return out;
+  }
+  out->insert(out->end(), share.nonce.begin(), share.nonce.end());
+  out->push_back(share.client_id ? kClientIdLength : 0);
+  if (share.client_id) {
+    out->insert(out->end(), share.client_id->begin(), share.client_id->end());
+  }
+  return out;
 }
 
 Result<std::vector<std::uint8_t>> encode_ciphertext(const Ciphertext& ct) {
-  return encode(ct.sae_id, ct.key_id);
+  if (auto fault = ahead_fault(ct.key_id, ct.ahead); !fault.empty()) {
+    return make_error(ErrorCode::kInvalidArgument, fault);
+  }
+  auto out = encode_head(ct.sae_id, kKeyIdLength + 1 + ct.ahead.size() * kKeyIdLength);
+  if (!out.ok()) {
+    return out;
+  }
+  out->insert(out->end(), ct.key_id.begin(), ct.key_id.end());
+  out->push_back(static_cast<std::uint8_t>(ct.ahead.size()));
+  for (const KeyId& id : ct.ahead) {
+    out->insert(out->end(), id.begin(), id.end());
+  }
+  return out;
 }
 
 Result<Share> parse_share(std::span<const std::uint8_t> bytes) {
-  auto p = parse(bytes, kNonceLength, "malformed qkd key share");
-  if (!p.ok()) {
-    return p.error();
+  static constexpr std::string_view kWhat = "malformed qkd key share";
+  const auto bad = [](std::string_view why) {
+    return make_error(ErrorCode::kProtocol, std::string(kWhat) + ": " + std::string(why));
+  };
+  Reader r(bytes);
+  auto sae_id = parse_head(r, kWhat);
+  if (!sae_id.ok()) {
+    return sae_id.error();
   }
   Share s;
-  s.sae_id = std::move(p->sae_id);
-  std::copy(p->tail.begin(), p->tail.end(), s.nonce.begin());
+  s.sae_id = std::move(sae_id).value();
+  std::uint8_t id_len = 0;
+  if (!read_array(r, &s.nonce) || !r.u8(&id_len)) {
+    return bad("truncated");
+  }
+  if (id_len != 0 && id_len != kClientIdLength) {
+    return bad("client_id length must be 0 or 16, not " + std::to_string(id_len));
+  }
+  if (id_len != 0) {
+    s.client_id.emplace();
+    if (!read_array(r, &*s.client_id)) {
+      return bad("truncated client_id");
+    }
+  }
+  if (!r.empty()) {
+    return bad(std::to_string(r.remaining()) + " trailing byte(s)");
+  }
   return s;
 }
 
 Result<Ciphertext> parse_ciphertext(std::span<const std::uint8_t> bytes) {
-  auto p = parse(bytes, kKeyIdLength, "malformed qkd ciphertext");
-  if (!p.ok()) {
-    return p.error();
+  static constexpr std::string_view kWhat = "malformed qkd ciphertext";
+  const auto bad = [](std::string_view why) {
+    return make_error(ErrorCode::kProtocol, std::string(kWhat) + ": " + std::string(why));
+  };
+  Reader r(bytes);
+  auto sae_id = parse_head(r, kWhat);
+  if (!sae_id.ok()) {
+    return sae_id.error();
   }
   Ciphertext c;
-  c.sae_id = std::move(p->sae_id);
-  std::copy(p->tail.begin(), p->tail.end(), c.key_id.begin());
+  c.sae_id = std::move(sae_id).value();
+  std::uint8_t count = 0;
+  if (!read_array(r, &c.key_id) || !r.u8(&count)) {
+    return bad("truncated");
+  }
+  if (count > kMaxAhead) {
+    return bad(std::to_string(count) + " key_IDs announced, at most " + std::to_string(kMaxAhead));
+  }
+  c.ahead.resize(count);
+  for (KeyId& id : c.ahead) {
+    if (!read_array(r, &id)) {
+      return bad("truncated announced key_IDs");
+    }
+  }
+  if (!r.empty()) {
+    return bad(std::to_string(r.remaining()) + " trailing byte(s)");
+  }
+  if (auto fault = ahead_fault(c.key_id, c.ahead); !fault.empty()) {
+    return bad(fault);
+  }
   return c;
 }
 

@@ -229,22 +229,40 @@ FakeReply FakeKeyStore::enc_keys(const FakeRequest& req) {
 }
 
 FakeReply FakeKeyStore::dec_keys(const FakeRequest& req) {
-  const auto q = req.target.find("?key_ID=");
-  if (q == std::string::npos) {
-    return {400, error_body("only GET with one key_ID in this fake")};
+  // GET with one key_ID, or POST {"key_IDs":[{"key_ID":...},...]}: all or nothing.
+  std::vector<std::string> ids;
+  if (const auto q = req.target.find("?key_ID="); q != std::string::npos) {
+    ids.push_back(req.target.substr(q + 8));
+  } else if (req.method == "POST") {
+    const auto doc = nlohmann::json::parse(req.body, nullptr, false);
+    if (doc.is_discarded() || !doc.contains("key_IDs") || !doc["key_IDs"].is_array()) {
+      return {400, error_body("bad dec_keys body")};
+    }
+    for (const auto& k : doc["key_IDs"]) {
+      ids.push_back(k.value("key_ID", ""));
+    }
   }
-  const std::string id = req.target.substr(q + 8);
+  if (ids.empty()) {
+    return {400, error_body("no key_ID")};
+  }
   std::lock_guard lock(mu_);
-  const auto it = keys_.find(id);
-  if (it == keys_.end()) {
-    return {400, error_body("one or more keys specified are not found on KME")};
+  nlohmann::json keys = nlohmann::json::array();
+  for (const auto& id : ids) {
+    const auto it = keys_.find(id);
+    if (it == keys_.end()) {
+      return {400, error_body("one or more keys specified are not found on KME")};
+    }
+    if (it->second.second != req.caller) {
+      return {401, ""};
+    }
+    keys.push_back({{"key_ID", id}, {"key", it->second.first}});
   }
-  if (it->second.second != req.caller) {
-    return {401, ""};
+  for (const auto& id : ids) {
+    keys_.erase(id);
   }
-  const nlohmann::json body = {{"keys", {{{"key_ID", id}, {"key", it->second.first}}}}};
-  keys_.erase(it);
-  return {200, body.dump()};
+  ++dec_calls_;
+  max_dec_number_ = std::max<int>(max_dec_number_, static_cast<int>(ids.size()));
+  return {200, nlohmann::json{{"keys", keys}}.dump()};
 }
 
 FakeReply FakeKeyStore::route(const FakeRequest& req) {

@@ -68,10 +68,21 @@ class FakeKeyStore {
     std::lock_guard lock(mu_);
     return max_enc_number_;
   }
+  // Successful dec_keys calls, and the most key_IDs one of them asked for.
+  int dec_calls() {
+    std::lock_guard lock(mu_);
+    return dec_calls_;
+  }
+  int max_dec_number() {
+    std::lock_guard lock(mu_);
+    return max_dec_number_;
+  }
 
  private:
   std::mutex mu_;
   int max_enc_number_ = 0;
+  int dec_calls_ = 0;
+  int max_dec_number_ = 0;
   std::map<std::string, std::pair<std::string, std::string>> keys_;  // id -> (base64, slave)
 };
 

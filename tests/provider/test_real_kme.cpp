@@ -160,7 +160,7 @@ TEST_F(RealKme, EvpFlowAndReplayedKeyIdIsUnknown) {
   unsigned char* share = nullptr;
   const size_t share_len = EVP_PKEY_get1_encoded_public_key(client_key, &share);
   ASSERT_GT(share_len, 0U);
-  EXPECT_EQ(share[0], 0x02);  // wire version 2
+  EXPECT_EQ(share[0], 0x03);  // wire version 3
   EXPECT_EQ(share[1], 5);  // "alice"
 
   EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_from_name(server_lib.get(), "qkd", nullptr);
@@ -177,11 +177,15 @@ TEST_F(RealKme, EvpFlowAndReplayedKeyIdIsUnknown) {
   size_t secret_len = 0;
   ASSERT_EQ(EVP_PKEY_encapsulate(ectx, nullptr, &ct_len, nullptr, &secret_len), 1);
   EXPECT_EQ(secret_len, 32U);
-  EXPECT_EQ(ct_len, 2U + 3U + 16U);  // version, "bob", key_ID
+  // An upper bound: version, "bob", key_ID, count, and up to announce_keys (16) key_IDs
+  // announced to the share's client_id.
+  EXPECT_EQ(ct_len, 2U + 3U + 16U + 1U + 16U * 16U);
   std::vector<unsigned char> ct(ct_len), server_secret(secret_len);
   ASSERT_EQ(EVP_PKEY_encapsulate(ectx, ct.data(), &ct_len, server_secret.data(), &secret_len), 1)
       << drain_errors();
   EVP_PKEY_CTX_free(ectx);
+  EXPECT_EQ(ct_len, 2U + 3U + 16U + 1U);  // a client_id seen once: nothing announced
+  ct.resize(ct_len);
 
   EVP_PKEY_CTX* dctx = EVP_PKEY_CTX_new_from_pkey(client_lib.get(), client_key, nullptr);
   ASSERT_EQ(EVP_PKEY_decapsulate_init(dctx, nullptr), 1);
@@ -201,7 +205,7 @@ TEST_F(RealKme, EvpFlowAndReplayedKeyIdIsUnknown) {
   std::cout << "[replay errors] " << errors;
 
   // Garbage ciphertext: refused before any KME call, no crash.
-  const unsigned char garbage[] = {0x02, 0x03, 'b', 'o', 'b', 0x00};
+  const unsigned char garbage[] = {0x03, 0x03, 'b', 'o', 'b', 0x00};
   EXPECT_NE(EVP_PKEY_decapsulate(dctx, client_secret.data(), &out_len, garbage, sizeof garbage), 1);
   EXPECT_NE(drain_errors().find("malformed qkd ciphertext"), std::string::npos);
   EVP_PKEY_CTX_free(dctx);
@@ -212,7 +216,7 @@ TEST_F(RealKme, EvpFlowAndReplayedKeyIdIsUnknown) {
   EVP_PKEY* peer2 = nullptr;
   ASSERT_EQ(EVP_PKEY_paramgen(p2, &peer2), 1);
   EVP_PKEY_CTX_free(p2);
-  const unsigned char bad_share[] = {0x02, 0x05, 'a', 'l', '/', 'c', 'e'};
+  const unsigned char bad_share[] = {0x03, 0x05, 'a', 'l', '/', 'c', 'e'};
   EXPECT_EQ(EVP_PKEY_set1_encoded_public_key(peer2, bad_share, sizeof bad_share), 0);
   EXPECT_NE(drain_errors().find("malformed qkd key share"), std::string::npos);
   EVP_PKEY_free(peer2);
@@ -367,8 +371,8 @@ TEST_P(HybridHostile, FullEvpFlowThenBadSharesAndCiphertexts) {
   EVP_PKEY* client_key = own_key(client_lib.get(), c.group);
   ASSERT_NE(client_key, nullptr);
   const Bytes share = share_of(client_key);
-  ASSERT_EQ(share.size(), c.classical_len + 2 + 5 + 16);  // "alice"
-  EXPECT_EQ(share[c.classical_len], 0x02);  // wire version 2
+  ASSERT_EQ(share.size(), c.classical_len + 2 + 5 + 16 + 1 + 16);  // "alice", a client_id
+  EXPECT_EQ(share[c.classical_len], 0x03);  // wire version 3
   if (c.classical_len == 65) {
     EXPECT_EQ(share[0], 0x04);
   }
@@ -380,12 +384,14 @@ TEST_P(HybridHostile, FullEvpFlowThenBadSharesAndCiphertexts) {
   size_t ct_len = 0;
   size_t secret_len = 0;
   ASSERT_EQ(EVP_PKEY_encapsulate(ectx, nullptr, &ct_len, nullptr, &secret_len), 1);
-  EXPECT_EQ(ct_len, c.classical_len + 2 + 3 + 16);  // "bob"
+  EXPECT_EQ(ct_len, c.classical_len + 2 + 3 + 16 + 1 + 16 * 16);  // "bob", up to 16 announced
   EXPECT_EQ(secret_len, 64U);
   Bytes ct(ct_len), server_secret(secret_len);
   ASSERT_EQ(EVP_PKEY_encapsulate(ectx, ct.data(), &ct_len, server_secret.data(), &secret_len), 1)
       << drain_errors();
   EVP_PKEY_CTX_free(ectx);
+  ASSERT_EQ(ct_len, c.classical_len + 2 + 3 + 16 + 1);  // nothing announced to a new client_id
+  ct.resize(ct_len);
   EVP_PKEY_CTX* dctx = EVP_PKEY_CTX_new_from_pkey(client_lib.get(), client_key, nullptr);
   ASSERT_EQ(EVP_PKEY_decapsulate_init(dctx, nullptr), 1);
   size_t out_len = 64;
@@ -426,7 +432,7 @@ TEST_P(HybridHostile, FullEvpFlowThenBadSharesAndCiphertexts) {
     ASSERT_EQ(EVP_PKEY_set1_encoded_public_key(bad_peer, zero_point.data(), zero_point.size()), 1);
     EVP_PKEY_CTX* e2 = EVP_PKEY_CTX_new_from_pkey(server_lib.get(), bad_peer, nullptr);
     ASSERT_EQ(EVP_PKEY_encapsulate_init(e2, nullptr), 1);
-    Bytes ct2(ct_len), secret2(64, 0xAA);
+    Bytes ct2(ct_len + 16 * 16), secret2(64, 0xAA);  // room for announcements
     size_t l1 = ct2.size();
     size_t l2 = secret2.size();
     EXPECT_NE(EVP_PKEY_encapsulate(e2, ct2.data(), &l1, secret2.data(), &l2), 1);
@@ -444,7 +450,10 @@ TEST_P(HybridHostile, FullEvpFlowThenBadSharesAndCiphertexts) {
       {"classical part only", ct_classical},
       {"classical one byte short", Bytes(ct.begin() + 1, ct.end())},
       {"trailing byte", [&] { Bytes b = ct; b.push_back(0); return b; }()},
-      {"truncated key_ID", Bytes(ct.begin(), ct.end() - 1)},
+      {"no announcement count", Bytes(ct.begin(), ct.end() - 1)},
+      {"truncated key_ID", Bytes(ct.begin(), ct.end() - 2)},
+      {"announces a key to a share without client_id... or more than it carries",
+       [&] { Bytes b = ct; b.back() = 1; return b; }()},
   };
   if (c.classical_len == 65) {
     bad_cts.push_back({"compressed point", [&] { Bytes b = ct; b[0] = 0x03; return b; }()});

@@ -178,21 +178,56 @@ TEST(GroupTable, NamesAndBits) {
 
 TEST(Wire, ShareRoundTrip) {
   const Bytes b = valid_share("bob.site-1_x");
-  ASSERT_EQ(b.size(), 2 + 12 + kNonceLength);
+  ASSERT_EQ(b.size(), 2 + 12 + kNonceLength + 1);
   EXPECT_EQ(b[0], kWireVersion);
+  EXPECT_EQ(b.back(), 0);  // no client_id
   auto s = parse_share(b);
   ASSERT_TRUE(s.ok()) << s.error().message;
   EXPECT_EQ(s->sae_id, "bob.site-1_x");
   EXPECT_EQ(s->nonce[3], 21);
+  EXPECT_FALSE(s->client_id.has_value());
+}
+
+TEST(Wire, ShareWithClientIdRoundTripsAndItsLengthIsStrict) {
+  Share share;
+  share.sae_id = "alice";
+  share.client_id.emplace();
+  for (std::size_t i = 0; i < kClientIdLength; ++i) {
+    (*share.client_id)[i] = static_cast<std::uint8_t>(0xC0 + i);
+  }
+  const Bytes b = encode_share(share).value();
+  ASSERT_EQ(b.size(), 2 + 5 + kNonceLength + 1 + kClientIdLength);
+  EXPECT_EQ(b[2 + 5 + kNonceLength], kClientIdLength);
+  auto back = parse_share(b);
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  ASSERT_TRUE(back->client_id.has_value());
+  EXPECT_EQ(*back->client_id, *share.client_id);
+  Bytes cut = b;
+  cut.pop_back();
+  EXPECT_FALSE(parse_share(cut).ok());  // truncated client_id
+  Bytes odd = b;
+  odd[2 + 5 + kNonceLength] = 8;  // a length other than 0 or 16
+  auto r = parse_share(odd);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message.find("client_id length must be 0 or 16"), std::string::npos);
+  Bytes none = valid_share();
+  none.pop_back();  // the client_id length byte itself is required
+  EXPECT_FALSE(parse_share(none).ok());
 }
 
 TEST(Wire, ShareRejectsWrongVersion) {
   Bytes b = valid_share();
-  EXPECT_EQ(b[0], 0x02);
-  b[0] = 0x03;
+  EXPECT_EQ(b[0], 0x03);
+  b[0] = 0x04;
   auto s = parse_share(b);
   ASSERT_FALSE(s.ok());
-  EXPECT_NE(s.error().message.find("unknown version 3"), std::string::npos);
+  EXPECT_NE(s.error().message.find("unknown version 4"), std::string::npos);
+  // Version 2 (no client_id, no announcements) is refused with a word on why.
+  b[0] = 0x02;
+  s = parse_share(b);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("version 2 (no keys announced ahead)"), std::string::npos)
+      << s.error().message;
   b[0] = 0x00;
   EXPECT_FALSE(parse_share(b).ok());
   // Version 1 (same layout, unbound secret) is refused with a word on why.
@@ -313,17 +348,18 @@ TEST(Wire, ShareRejectsBadSaeIdCharacters) {
     b[3] = static_cast<std::uint8_t>(bad);
     EXPECT_FALSE(parse_share(b).ok()) << "char " << int(bad);
   }
-  EXPECT_FALSE(encode_share(Share{"al ice", {}}).ok());
-  EXPECT_FALSE(encode_share(Share{std::string(65, 'a'), {}}).ok());
-  EXPECT_TRUE(encode_share(Share{std::string(64, 'a'), {}}).ok());
+  EXPECT_FALSE(encode_share(Share{"al ice", {}, {}}).ok());
+  EXPECT_FALSE(encode_share(Share{std::string(65, 'a'), {}, {}}).ok());
+  EXPECT_TRUE(encode_share(Share{std::string(64, 'a'), {}, {}}).ok());
 }
 
 TEST(Wire, CiphertextRoundTripAndRejects) {
   auto id = uuid_parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
   ASSERT_TRUE(id.ok());
-  auto ct = encode_ciphertext(Ciphertext{"bob", id.value()});
+  auto ct = encode_ciphertext(Ciphertext{"bob", id.value(), {}});
   ASSERT_TRUE(ct.ok());
-  ASSERT_EQ(ct->size(), 2 + 3 + kKeyIdLength);
+  ASSERT_EQ(ct->size(), 2 + 3 + kKeyIdLength + 1);
+  ASSERT_EQ(ct->size(), ciphertext_length(3, 0));
   auto back = parse_ciphertext(ct.value());
   ASSERT_TRUE(back.ok());
   EXPECT_EQ(back->sae_id, "bob");
@@ -334,6 +370,8 @@ TEST(Wire, CiphertextRoundTripAndRejects) {
   EXPECT_FALSE(parse_ciphertext(b).ok());  // trailing
   b = ct.value();
   b.pop_back();
+  EXPECT_FALSE(parse_ciphertext(b).ok());  // no ahead_count
+  b.pop_back();
   EXPECT_FALSE(parse_ciphertext(b).ok());  // short key_ID
   b = ct.value();
   b[0] = 9;
@@ -341,8 +379,49 @@ TEST(Wire, CiphertextRoundTripAndRejects) {
   b = ct.value();
   b[2] = '<';
   EXPECT_FALSE(parse_ciphertext(b).ok());  // SAE ID char
-  // A share is not a ciphertext: same header, but a nonce is not a... same length. The
-  // roles are told apart by who parses them; lengths match by design (16 + 16).
+}
+
+TEST(Wire, CiphertextAnnouncementsRoundTripAndAreParsedStrictly) {
+  const KeyId now = uuid_parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0").value();
+  std::vector<KeyId> ahead(kMaxAhead);
+  for (std::size_t i = 0; i < ahead.size(); ++i) {
+    ahead[i].fill(static_cast<std::uint8_t>(i + 1));
+  }
+  auto ct = encode_ciphertext(Ciphertext{"bob", now, ahead});
+  ASSERT_TRUE(ct.ok()) << ct.error().message;
+  ASSERT_EQ(ct->size(), ciphertext_length(3, kMaxAhead));
+  ASSERT_LE(ct->size(), kMaxCiphertextLength);
+  auto back = parse_ciphertext(ct.value());
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(back->ahead, ahead);
+  EXPECT_EQ(back->key_id, now);
+
+  const std::size_t count_at = 2 + 3 + kKeyIdLength;
+  const auto rejects = [](const Bytes& b, const char* words) {
+    auto r = parse_ciphertext(b);
+    ASSERT_FALSE(r.ok()) << words;
+    EXPECT_NE(r.error().message.find(words), std::string::npos) << r.error().message;
+  };
+  Bytes b = ct.value();
+  b[count_at] = kMaxAhead + 1;  // more than allowed (and more than the bytes present)
+  rejects(b, "at most 32");
+  b = ct.value();
+  b[count_at] = kMaxAhead - 1;  // count says fewer than the bytes present
+  rejects(b, "trailing");
+  b = ct.value();
+  b.pop_back();  // the last key_ID cut short
+  rejects(b, "truncated announced key_IDs");
+  b = ct.value();
+  std::copy(now.begin(), now.end(), b.begin() + count_at + 1);  // announces the key in use
+  rejects(b, "the one used now");
+  b = ct.value();
+  std::fill(b.begin() + count_at + 1 + kKeyIdLength, b.begin() + count_at + 1 + 2 * kKeyIdLength,
+            1);  // the second equals the first
+  rejects(b, "announced twice");
+  // The encoder refuses what the parser would.
+  ahead.push_back(ahead[0]);
+  EXPECT_FALSE(encode_ciphertext(Ciphertext{"bob", now, ahead}).ok());
+  EXPECT_FALSE(encode_ciphertext(Ciphertext{"bob", now, {now}}).ok());
 }
 
 TEST(Wire, Uuid) {
@@ -458,6 +537,31 @@ TEST(Settings, PrefetchDefaultsAndBounds) {
   s = resolve_settings({{"prefetch_max_age_ms", "0"}});
   ASSERT_TRUE(s->deferred_error);
   EXPECT_NE(s->deferred_error->find("prefetch_max_age_ms"), std::string::npos);
+}
+
+TEST(Settings, AnnouncedKeysDefaultsAndBounds) {
+  auto s = resolve_settings({});
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->prefetch.announce, 16U);
+  EXPECT_EQ(s->ahead.max_keys, 256U);
+  EXPECT_EQ(s->ahead.max_age.count(), 2 * s->prefetch.max_age.count());
+  EXPECT_EQ(s->ahead.wait, s->timeout);
+  s = resolve_settings({{"announce_keys", "0"}, {"fetch_ahead_keys", "0"},
+                        {"prefetch_max_age_ms", "1000"}, {"timeout_ms", "700"}});
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE(s->deferred_error);
+  EXPECT_EQ(s->prefetch.announce, 0U);
+  EXPECT_EQ(s->ahead.max_keys, 0U);
+  EXPECT_EQ(s->ahead.max_age.count(), 2000);
+  EXPECT_EQ(s->ahead.wait.count(), 700);
+  for (const auto& [name, bad] : std::vector<std::pair<std::string, std::string>>{
+           {"announce_keys", "33"}, {"announce_keys", "x"}, {"fetch_ahead_keys", "4097"},
+           {"fetch_ahead_keys", "-1"}}) {
+    s = resolve_settings({{name, bad}});
+    ASSERT_TRUE(s->deferred_error) << name << " = " << bad;
+    EXPECT_NE(s->deferred_error->find("invalid setting " + name), std::string::npos)
+        << *s->deferred_error;
+  }
 }
 
 TEST(Admission, TokenBucketPerSae) {

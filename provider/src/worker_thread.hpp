@@ -1,0 +1,62 @@
+// At most one short-lived worker thread for an owner (the server's refill ahead, the
+// client's fetch of announced keys): made on demand, never in OSSL_provider_init (nginx
+// forks after loading providers); joined at shutdown; in a forked child the parent's thread
+// does not exist and is left alone.
+//
+// Every member but release() is called under the owner's mutex; the thread's body calls
+// done() under that mutex as its last step.
+#pragma once
+
+#include <exception>
+#include <thread>
+#include <utility>
+
+namespace qkd::prov {
+
+class WorkerThread {
+ public:
+  WorkerThread() = default;
+  WorkerThread(const WorkerThread&) = delete;
+  WorkerThread& operator=(const WorkerThread&) = delete;
+
+  [[nodiscard]] bool running() const { return running_; }
+
+  // Starts `body` on a new thread unless one is running (false then, or when no thread can
+  // be made: the caller does the work in line later).
+  template <typename F>
+  bool start(F&& body) {
+    if (running_) {
+      return false;
+    }
+    if (thread_.joinable()) {
+      thread_.join();  // finished (done() was called): returns at once
+    }
+    try {
+      thread_ = std::thread(std::forward<F>(body));
+    } catch (const std::exception&) {
+      return false;
+    }
+    running_ = true;
+    return true;
+  }
+
+  void done() { running_ = false; }
+
+  // In a forked child: neither join nor detach the parent's thread; its handle is left
+  // behind (a few bytes) so that no destructor ever touches it.
+  void forget_after_fork() {
+    if (thread_.joinable()) {
+      (void)new std::thread(std::move(thread_));  // NOLINT: deliberately leaked
+    }
+    running_ = false;
+  }
+
+  // The thread to join, outside the owner's mutex (shutdown).
+  [[nodiscard]] std::thread release() { return std::move(thread_); }
+
+ private:
+  std::thread thread_;
+  bool running_ = false;
+};
+
+}  // namespace qkd::prov
