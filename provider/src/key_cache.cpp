@@ -223,6 +223,13 @@ void KeyCache::announce_locked(const EntryKey& ek, Reservation& r, Clock::time_p
   }
   Entry& e = it->second;
   expire_locked(e, now);
+  // Announce in batches: each announcement costs the client one dec_keys call, so while the
+  // reservation still holds keys, wait for the SAE's cache to hold half of what is missing.
+  const std::size_t missing = announce - std::min(announce, r.keys.size());
+  if (!r.keys.empty() && e.keys.size() < std::max<std::size_t>(1, missing / 2)) {
+    maybe_refill_ahead_locked(ek, e, now, fetch);
+    return;
+  }
   while (r.keys.size() < announce && !e.keys.empty()) {
     ahead->push_back(e.keys.front().key_id);
     r.keys.push_back(std::move(e.keys.front()));  // still counted in total_

@@ -25,7 +25,9 @@
 // handshake's ciphertext, and the client process fetches them before its next handshakes.
 // A reserved key is handed out only to a share with that client_id, oldest first, and only
 // within max_age of its fetch (the client keeps announced keys twice as long). A reservation
-// is topped up when it falls to max(1, announce / 4) keys.
+// is topped up when it falls to max(1, announce / 4) keys, once the SAE's cache holds at
+// least half of what is missing (or at once when the reservation is empty): each
+// announcement costs the client one dec_keys call, so announcements come in batches.
 // Keys live in OpenSSL's secure heap (SecureBuf). Admission (admission.hpp) is checked by
 // the caller before take(): a cached key is still one admitted key.
 #pragma once

@@ -445,8 +445,12 @@ TEST_F(FakeHandshake, AnnouncedKeysSpareTheClientsCalls) {
     }
     s = Sides{};  // unload both providers: joins the client's fetch of announced keys
     if (c.announced) {
+      // The second handshake's call fetches its key and the first keys announced together;
+      // the third handshake's key is one of them, so at least that handshake makes no call.
+      // How many calls in all depends on scheduling (the server's refill ahead and the
+      // client's fetch of announced keys run on other threads): typically 3-5.
       EXPECT_GT(store.max_dec_number(), 1) << c.tag << ": announced keys fetched together";
-      EXPECT_LT(store.dec_calls(), kHandshakes / 2) << c.tag;
+      EXPECT_LT(store.dec_calls(), kHandshakes) << c.tag;
     } else {
       EXPECT_EQ(store.max_dec_number(), 1) << c.tag;
       EXPECT_EQ(store.dec_calls(), kHandshakes) << c.tag;
