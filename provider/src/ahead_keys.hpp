@@ -7,15 +7,21 @@
 // handshake needs no KME round trip.
 //
 // Rules that keep a key from being lost or used twice:
-//   - a key_ID is fetched by one call at a time: a handshake whose key is being fetched
-//     (by the worker, or by another handshake's call) waits for that call, bounded by the
-//     timeout, instead of asking the KME again (which would refuse a key already delivered);
+//   - a key_ID is fetched by one call at a time: a handshake whose key a running call is
+//     fetching (the worker's, or another handshake's) waits for that call, bounded by the
+//     timeout, instead of asking the KME again (which would refuse a key already
+//     delivered); a key whose batch is only queued is taken out of it and fetched at once;
 //   - each held key is handed out once, removed and cleansed (SecureBuf, secure heap);
-//   - announcements the client cannot hold (max_keys reached) are not fetched: a handshake
-//     that later uses one fetches it then, as without announcements;
+//   - announcements are fetched only for the current client_id, and not at all when the
+//     client cannot hold them (max_keys reached): a handshake that later uses one fetches
+//     it then, as without announcements;
 //   - a failed call that included announced keys may have consumed them at the KME without
-//     delivering them here; the client_id is then replaced, so that the server's reservation
-//     for the old one (which may name those keys) is never used again;
+//     delivering them here, a refused key may mean that another process consumed it, and a
+//     held key that expires may still be handed out by a server configured to keep keys
+//     longer: in each case the client_id is replaced, so that the server's reservation for
+//     the old one is never used again;
+//   - a call asks for at most max_per_call key_IDs, halved when a KME refuses a larger call
+//     (its max_key_per_request); only a clean refusal is retried with the key alone;
 //   - keys held longer than max_age (twice the server's reservation age) are cleansed unused;
 //   - after fork() the child drops every key it inherited and takes a new client_id, so
 //     that parent and child never hold the same key.
@@ -37,6 +43,7 @@
 
 #include "qkd/core/result.hpp"
 #include "qkd/etsi/client.hpp"
+#include "fork_guard.hpp"
 #include "secure_buf.hpp"
 #include "wire.hpp"
 #include "worker_thread.hpp"
@@ -52,10 +59,11 @@ struct AheadLimits {
 
 struct AheadStats {
   std::uint64_t hits = 0, fetches = 0, keys_fetched = 0, background_fetches = 0, waits = 0,
-                expired = 0, not_fetched = 0, client_id_changes = 0, dropped_on_fork = 0;
+                taken_from_queue = 0, expired = 0, not_fetched = 0, client_id_changes = 0,
+                dropped_on_fork = 0;
 };
 
-class AheadKeys {
+class AheadKeys final : public ForkGuarded {
  public:
   using Clock = std::chrono::steady_clock;
   // One dec_keys call at the client's KME. May run on the worker thread after take()
@@ -68,21 +76,30 @@ class AheadKeys {
   AheadKeys& operator=(const AheadKeys&) = delete;
   ~AheadKeys();  // shutdown(); SecureBuf cleanses every key held
 
-  // Waits for the worker thread (this process's) and starts no more. Idempotent.
+  // Starts no more work; the worker stops after its current call. Does not wait.
+  void stop_soon();
+  // stop_soon(), then waits for the worker thread (this process's). Idempotent.
   void shutdown();
 
   // The client_id for a new key share; none when max_keys is 0.
   [[nodiscard]] qkd::core::Result<std::optional<ClientId>> client_id();
 
-  // The key of `key_bytes` bytes for (master, key_id): a held one, or the one a call in
-  // flight brings, else fetched now in one call together with the `ahead` key_IDs (those
-  // of the same ciphertext). When the key needs no call, `ahead` is fetched on the worker
-  // thread. Errors: fetch's own; kTimeout when a call in flight for the key does not end
+  // The key of `key_bytes` bytes for (master, key_id): a held one, or the one a running
+  // call brings, else fetched now in one call together with the `ahead` key_IDs (those of
+  // the same ciphertext, announced to `share_client_id`: fetched only when that is the
+  // current client_id). When the key needs no call, `ahead` is fetched on the worker
+  // thread. Errors: fetch's own; kTimeout when a running call for the key does not end
   // within the wait; kProtocol for a reply without the key or with the wrong length.
   [[nodiscard]] qkd::core::Result<SecureBuf> take(const std::string& master, const KeyId& key_id,
                                                   const std::vector<KeyId>& ahead,
+                                                  const std::optional<ClientId>& share_client_id,
                                                   std::size_t key_bytes, Clock::time_point now,
                                                   const Fetch& fetch);
+
+  // ForkGuarded: mu_ is held across fork(); the child gets a fresh condition variable.
+  void lock_for_fork() override { mu_.lock(); }
+  void unlock_in_parent() override { mu_.unlock(); }
+  void unlock_in_child() override;
 
   // Observers for tests and documentation.
   [[nodiscard]] std::size_t held();
@@ -94,33 +111,44 @@ class AheadKeys {
   struct Held {
     SecureBuf key;
     Clock::time_point fetched{};
+    ClientId owner{};  // the client_id the key was announced to
   };
   struct Job {
     std::string master;
     std::vector<KeyId> ids;
     std::size_t key_bytes = 0;
+    ClientId owner{};
   };
+  using KemResult = qkd::core::Result<std::vector<qkd::etsi::Key>>;
 
   void check_fork_locked();
   void sweep_locked(Clock::time_point now);
   void new_client_id_locked();
-  // The announced key_IDs worth fetching (not held, not in flight, room left), marked in
-  // flight.
-  std::vector<KeyId> claim_locked(const std::string& master, const std::vector<KeyId>& ahead);
-  // Stores what a call brought (or, on failure, changes the client_id) and releases its
-  // key_IDs from `in_flight_`. Returns the key for `wanted` when given and present.
+  // The announced key_IDs worth fetching (not held, queued or in flight; room left), at
+  // most `limit`.
+  std::vector<KeyId> claim_locked(const std::string& master, const std::vector<KeyId>& ahead,
+                                  std::size_t limit);
+  // Queues announced key_IDs for the worker thread (started if needed).
+  void enqueue_locked(const std::string& master, const std::vector<KeyId>& ahead,
+                      std::size_t key_bytes, const Fetch& fetch);
+  // Removes a queued key_ID from its job (the caller fetches it itself).
+  void unqueue_locked(const HeldId& id);
+  // Ends a call: releases its key_IDs from in_flight_, keeps what it brought (owner:
+  // `owner`), and replaces the client_id when announced keys may be lost. Returns the key
+  // for `wanted` when given and brought; on a bad reply turns `got` into the error.
   std::optional<SecureBuf> settle_locked(const std::string& master, const std::vector<KeyId>& ids,
-                                         std::size_t key_bytes,
-                                         qkd::core::Result<std::vector<qkd::etsi::Key>>& got,
-                                         const KeyId* wanted, bool included_announced);
+                                         std::size_t key_bytes, KemResult& got,
+                                         const KeyId* wanted, const ClientId* owner);
   void run_jobs(Fetch fetch);
 
   std::mutex mu_;
   std::condition_variable settled_;  // a call ended: its key_IDs left in_flight_
   const AheadLimits limits_;
   std::map<HeldId, Held> held_;    // guarded by mu_
-  std::set<HeldId> in_flight_;     // key_IDs a call is fetching now (guarded by mu_)
+  std::set<HeldId> in_flight_;     // key_IDs a running call is fetching (guarded by mu_)
+  std::set<HeldId> queued_;        // key_IDs in jobs_ (guarded by mu_)
   std::deque<Job> jobs_;           // guarded by mu_
+  std::size_t max_per_call_ = 1 + kMaxAhead;
   std::optional<ClientId> client_id_;
   Clock::time_point last_sweep_{};
   pid_t pid_;

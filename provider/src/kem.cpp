@@ -378,7 +378,8 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
     // another thread after this returns, so it captures by value (the client lives until
     // the provider context has joined that thread).
     auto key = prov->ahead_keys().take(
-        ct->sae_id, ct->key_id, ct->ahead, kQkdBytes, AheadKeys::Clock::now(),
+        ct->sae_id, ct->key_id, ct->ahead, ctx->key->client_id, kQkdBytes,
+        AheadKeys::Clock::now(),
         [client](const std::string& master, std::span<const std::string> ids) {
           return client->dec_keys(master, ids);
         });

@@ -10,16 +10,24 @@ using qkd::core::ErrorCode;
 using qkd::core::make_error;
 using qkd::core::Result;
 
-KeyCache::KeyCache(KeyCacheLimits limits) : limits_(limits), pid_(::getpid()) {}
+KeyCache::KeyCache(KeyCacheLimits limits) : limits_(limits), pid_(::getpid()) { guard_forks(); }
 
-KeyCache::~KeyCache() { shutdown(); }
+KeyCache::~KeyCache() {
+  unguard_forks();
+  shutdown();
+}
+
+void KeyCache::stop_soon() {
+  std::lock_guard lock(mu_);
+  check_fork_locked();
+  stopping_ = true;
+}
 
 void KeyCache::shutdown() {
+  stop_soon();
   std::thread t;
   {
     std::lock_guard lock(mu_);
-    check_fork_locked();
-    stopping_ = true;
     t = refill_.release();
   }
   if (t.joinable()) {
@@ -53,10 +61,10 @@ void KeyCache::maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::ti
 }
 
 void KeyCache::run_refill(EntryKey ek, std::uint32_t number, Fetch fetch) {
-  auto got = fetch(number);
+  auto got = caught([&] { return fetch(number); });
   const auto now = Clock::now();
-  Result<std::vector<Slot>> slots = got.ok() ? convert(std::move(got).value(), ek.second, now)
-                                             : Result<std::vector<Slot>>(got.error());
+  const bool refused = !got.ok() && got.error().code == ErrorCode::kRejected;
+  Result<std::vector<Slot>> slots = convert(std::move(got), ek.second, now);
   std::lock_guard lock(mu_);
   refill_.done();
   auto it = entries_.find(ek);
@@ -65,7 +73,7 @@ void KeyCache::run_refill(EntryKey ek, std::uint32_t number, Fetch fetch) {
   }
   Entry& e = it->second;
   e.fetching = false;
-  if (!got.ok() && got.error().code == ErrorCode::kRejected) {
+  if (refused) {
     e.cap = std::max<std::uint32_t>(1, number / 2);  // as for a batch refused in line
     e.batch = e.cap;
   }
@@ -131,7 +139,7 @@ void KeyCache::sweep_locked(Clock::time_point now) {
     }
   }
   for (auto it = reservations_.begin(); it != reservations_.end();) {
-    expire_keys_locked(it->second.keys, now);
+    expire_reserved_locked(it->first.first, it->second, now);
     if (it->second.keys.empty() && now - it->second.last_seen >= limits_.max_age) {
       it = reservations_.erase(it);  // the client process is gone or has a new client_id
     } else {
@@ -140,9 +148,21 @@ void KeyCache::sweep_locked(Clock::time_point now) {
   }
 }
 
-Result<std::vector<KeyCache::Slot>> KeyCache::convert(std::vector<qkd::etsi::Key> keys,
-                                                      std::size_t key_bytes,
-                                                      Clock::time_point now) const {
+Result<std::vector<KeyCache::Slot>> KeyCache::convert(
+    Result<std::vector<qkd::etsi::Key>> got, std::size_t key_bytes, Clock::time_point now) const {
+  if (!got.ok()) {
+    return got.error();
+  }
+  try {
+    return convert_keys(got.value(), key_bytes, now);
+  } catch (const std::bad_alloc&) {  // SecureBuf: a full secure heap
+    return make_error(ErrorCode::kInternal, "out of memory for prefetched keys");
+  }
+}
+
+Result<std::vector<KeyCache::Slot>> KeyCache::convert_keys(const std::vector<qkd::etsi::Key>& keys,
+                                                           std::size_t key_bytes,
+                                                           Clock::time_point now) const {
   std::vector<Slot> out;
   out.reserve(keys.size());
   for (const auto& k : keys) {
@@ -174,6 +194,9 @@ Result<CachedKey> KeyCache::take(std::string_view slave, const ClientId* client,
   {
     std::lock_guard lock(mu_);
     check_fork_locked();
+    if (now - last_sweep_ >= std::chrono::seconds(1)) {
+      sweep_locked(now);
+    }
     auto it = reservations_.find(rk);
     if (it == reservations_.end() && reservations_.size() >= limits_.max_saes) {
       sweep_locked(now);
@@ -185,7 +208,7 @@ Result<CachedKey> KeyCache::take(std::string_view slave, const ClientId* client,
       Reservation& r = it->second;
       ++r.seen;
       r.last_seen = now;
-      expire_keys_locked(r.keys, now);
+      expire_reserved_locked(ek, r, now);
       if (!r.keys.empty()) {
         Slot slot = std::move(r.keys.front());
         r.keys.pop_front();
@@ -211,10 +234,24 @@ Result<CachedKey> KeyCache::take(std::string_view slave, const ClientId* client,
   return out;
 }
 
+void KeyCache::expire_reserved_locked(const EntryKey& ek, Reservation& r, Clock::time_point now) {
+  if (!expire_keys_locked(r.keys, now)) {
+    return;
+  }
+  // Announced keys went unused: announce fewer to this client_id, fetch fewer for its SAE.
+  r.target = std::max<std::uint32_t>(1, r.target / 2);
+  if (auto it = entries_.find(ek); it != entries_.end()) {
+    it->second.batch = std::max<std::uint32_t>(1, it->second.batch / 2);
+  }
+}
+
 void KeyCache::announce_locked(const EntryKey& ek, Reservation& r, Clock::time_point now,
                                const Fetch& fetch, std::vector<KeyId>* ahead) {
-  const std::size_t announce = std::min<std::size_t>(limits_.announce, kMaxAhead);
-  if (r.keys.size() > std::max<std::size_t>(1, announce / 4)) {
+  const std::uint32_t announce = std::min<std::uint32_t>(limits_.announce, kMaxAhead);
+  if (r.target == 0) {
+    r.target = std::min<std::uint32_t>(2, announce);  // a client_id earns more by using them
+  }
+  if (r.keys.size() > std::max<std::size_t>(1, r.target / 4)) {
     return;
   }
   auto it = entries_.find(ek);
@@ -223,19 +260,34 @@ void KeyCache::announce_locked(const EntryKey& ek, Reservation& r, Clock::time_p
   }
   Entry& e = it->second;
   expire_locked(e, now);
+  // The reservation ran low: grow it when the last top-up went within max_age / 2.
+  const bool grow = r.topped_up_once && now - r.last_top_up < limits_.max_age / 2;
+  const std::uint32_t target =
+      grow ? std::min<std::uint32_t>(announce, r.target * 2) : r.target;
   // Announce in batches: each announcement costs the client one dec_keys call, so while the
   // reservation still holds keys, wait for the SAE's cache to hold half of what is missing.
-  const std::size_t missing = announce - std::min(announce, r.keys.size());
+  const std::size_t missing = target - std::min<std::size_t>(target, r.keys.size());
   if (!r.keys.empty() && e.keys.size() < std::max<std::size_t>(1, missing / 2)) {
     maybe_refill_ahead_locked(ek, e, now, fetch);
     return;
   }
-  while (r.keys.size() < announce && !e.keys.empty()) {
-    ahead->push_back(e.keys.front().key_id);
-    r.keys.push_back(std::move(e.keys.front()));  // still counted in total_
-    e.keys.pop_front();
+  // The freshest keys of the cache (its back), so that the client does not fetch a key the
+  // server drops soon; none older than max_age / 2.
+  std::size_t n = std::min(missing, e.keys.size());
+  while (n > 0 && now - e.keys[e.keys.size() - n].fetched >= limits_.max_age / 2) {
+    --n;
+  }
+  if (n > 0) {
+    r.target = target;
+    r.topped_up_once = true;
+    r.last_top_up = now;
+  }
+  for (auto first = e.keys.end() - static_cast<std::ptrdiff_t>(n); first != e.keys.end(); ++first) {
+    ahead->push_back(first->key_id);
+    r.keys.push_back(std::move(*first));  // still counted in total_
     ++stats_.announced;
   }
+  e.keys.erase(e.keys.end() - static_cast<std::ptrdiff_t>(n), e.keys.end());
   maybe_refill_ahead_locked(ek, e, now, fetch);
 }
 
@@ -283,14 +335,13 @@ Result<CachedKey> KeyCache::take_unreserved(const EntryKey& ek, Clock::time_poin
     }
   }
 
-  auto got = fetch(number);
+  auto got = caught([&] { return fetch(number); });
   bool fell_back = false;
   if (!got.ok() && batch_fetch && got.error().code == ErrorCode::kRejected) {
-    got = fetch(1);  // the KME may cap the number per request or be short of keys
+    got = caught([&] { return fetch(1); });  // the KME may cap the number or be short of keys
     fell_back = true;
   }
-  Result<std::vector<Slot>> slots = got.ok() ? convert(std::move(got).value(), key_bytes, now)
-                                             : Result<std::vector<Slot>>(got.error());
+  Result<std::vector<Slot>> slots = convert(std::move(got), key_bytes, now);
 
   std::lock_guard lock(mu_);
   check_fork_locked();

@@ -25,9 +25,13 @@
 // handshake's ciphertext, and the client process fetches them before its next handshakes.
 // A reserved key is handed out only to a share with that client_id, oldest first, and only
 // within max_age of its fetch (the client keeps announced keys twice as long). A reservation
-// is topped up when it falls to max(1, announce / 4) keys, once the SAE's cache holds at
-// least half of what is missing (or at once when the reservation is empty): each
-// announcement costs the client one dec_keys call, so announcements come in batches.
+// holds up to a target that starts at 2 and doubles (up to `announce`) while its keys are
+// used within max_age / 2, halving when any expire unused, so that a client process that
+// stops (or a client_id copied into someone else's ClientHellos) costs few keys. It is
+// topped up when it falls to max(1, target / 4), once the SAE's cache holds at least half
+// of what is missing (or at once when it is empty): each announcement costs the client one
+// dec_keys call, so announcements come in batches. Announced keys are the cache's freshest,
+// none older than max_age / 2.
 // Keys live in OpenSSL's secure heap (SecureBuf). Admission (admission.hpp) is checked by
 // the caller before take(): a cached key is still one admitted key.
 #pragma once
@@ -45,6 +49,7 @@
 #include <vector>
 
 #include "qkd/core/result.hpp"
+#include "fork_guard.hpp"
 #include "qkd/etsi/client.hpp"
 #include "secure_buf.hpp"
 #include "wire.hpp"
@@ -73,7 +78,7 @@ struct KeyCacheStats {
                 background_fetches = 0, announced = 0, reserved_hits = 0;
 };
 
-class KeyCache {
+class KeyCache final : public ForkGuarded {
  public:
   using Clock = std::chrono::steady_clock;
   // Asks the KME for `number` keys for the SAE (one enc_keys call). With refill_ahead it
@@ -86,7 +91,9 @@ class KeyCache {
   KeyCache& operator=(const KeyCache&) = delete;
   ~KeyCache();  // shutdown(); SecureBuf cleanses every key held
 
-  // Waits for refill threads in flight (this process's) and starts no more. Idempotent.
+  // Starts no more refills; does not wait.
+  void stop_soon();
+  // stop_soon(), then waits for the refill thread (this process's). Idempotent.
   void shutdown();
 
   // One key of `key_bytes` bytes for client SAE `slave`: one reserved for `client` (the
@@ -100,6 +107,11 @@ class KeyCache {
   [[nodiscard]] qkd::core::Result<CachedKey> take(std::string_view slave, const ClientId* client,
                                                   std::size_t key_bytes, Clock::time_point now,
                                                   const Fetch& fetch);
+
+  // ForkGuarded: mu_ is held across fork().
+  void lock_for_fork() override { mu_.lock(); }
+  void unlock_in_parent() override { mu_.unlock(); }
+  void unlock_in_child() override { mu_.unlock(); }
 
   // Observers for tests and documentation.
   [[nodiscard]] std::size_t cached(std::string_view slave, std::size_t key_bytes);
@@ -129,6 +141,9 @@ class KeyCache {
     std::deque<Slot> keys;  // announced, not yet handed out
     std::uint32_t seen = 0;  // shares with this client_id
     Clock::time_point last_seen{};
+    std::uint32_t target = 0;  // keys to hold for it: 2 at first, doubled while used fast
+    bool topped_up_once = false;
+    Clock::time_point last_top_up{};
   };
   using ReservationKey = std::pair<EntryKey, ClientId>;
 
@@ -140,6 +155,8 @@ class KeyCache {
                        const Fetch& fetch, std::vector<KeyId>* ahead);
   // Cleanses a deque's keys older than max_age; true if any.
   bool expire_keys_locked(std::deque<Slot>& keys, Clock::time_point now);
+  // Expires a reservation's keys; when any expire, halves its target and the SAE's batch.
+  void expire_reserved_locked(const EntryKey& ek, Reservation& r, Clock::time_point now);
 
   void check_fork_locked();
   void expire_locked(Entry& e, Clock::time_point now);
@@ -148,9 +165,13 @@ class KeyCache {
   void maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::time_point now,
                                  const Fetch& fetch);
   void run_refill(EntryKey ek, std::uint32_t number, Fetch fetch);
-  [[nodiscard]] qkd::core::Result<std::vector<Slot>> convert(std::vector<qkd::etsi::Key> keys,
-                                                             std::size_t key_bytes,
-                                                             Clock::time_point now) const;
+  // A fetch's reply as cache slots; a fetch error, a bad reply (kProtocol) or no memory
+  // for the keys (kInternal) as an error.
+  [[nodiscard]] qkd::core::Result<std::vector<Slot>> convert(
+      qkd::core::Result<std::vector<qkd::etsi::Key>> got, std::size_t key_bytes,
+      Clock::time_point now) const;
+  [[nodiscard]] qkd::core::Result<std::vector<Slot>> convert_keys(
+      const std::vector<qkd::etsi::Key>& keys, std::size_t key_bytes, Clock::time_point now) const;
 
   std::mutex mu_;
   const KeyCacheLimits limits_;

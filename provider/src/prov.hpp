@@ -70,6 +70,8 @@ class ProvCtx {
   // The prefetch's refill thread and the fetch of announced keys use the ETSI client: stop
   // them before client_ goes.
   ~ProvCtx() {
+    key_cache_.stop_soon();  // both threads stop at once, then are waited for
+    ahead_keys_.stop_soon();
     key_cache_.shutdown();
     ahead_keys_.shutdown();
   }

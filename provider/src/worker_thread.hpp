@@ -8,8 +8,11 @@
 #pragma once
 
 #include <exception>
+#include <string>
 #include <thread>
 #include <utility>
+
+#include "qkd/core/result.hpp"
 
 namespace qkd::prov {
 
@@ -22,7 +25,8 @@ class WorkerThread {
   [[nodiscard]] bool running() const { return running_; }
 
   // Starts `body` on a new thread unless one is running (false then, or when no thread can
-  // be made: the caller does the work in line later).
+  // be made: the caller does the work in line later). The body must not throw (an
+  // exception escaping a thread ends the process): see caught() below.
   template <typename F>
   bool start(F&& body) {
     if (running_) {
@@ -58,5 +62,24 @@ class WorkerThread {
   std::thread thread_;
   bool running_ = false;
 };
+
+// Runs a KME call and turns an exception (std::bad_alloc from a full secure heap, say) into
+// an error, so that a worker thread never dies of one and a caller's bookkeeping (keys
+// marked in flight, a batch marked fetching) is always settled.
+template <typename F>
+auto caught(F&& call) noexcept -> decltype(call()) {
+  using qkd::core::ErrorCode;
+  using qkd::core::make_error;
+  try {
+    return call();
+  } catch (const std::exception& e) {
+    try {
+      return make_error(ErrorCode::kInternal, std::string("KME call failed: ") + e.what());
+    } catch (...) {
+    }
+  } catch (...) {
+  }
+  return make_error(ErrorCode::kInternal, "out of memory");  // fits std::string's inline buffer
+}
 
 }  // namespace qkd::prov

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <deque>
 #include <map>
@@ -436,7 +437,10 @@ struct FakeDec {
   std::map<std::string, std::uint8_t> deliverable;  // key_ID -> first key byte
   std::vector<std::size_t> calls;                    // key_IDs per call
   bool lose_replies = false;  // consume the keys, then fail as a dropped connection would
+  bool throw_bad_alloc = false;
   std::chrono::milliseconds delay{0};
+  std::size_t slow_size = 0;         // 0: every call waits `delay`; else calls of this size
+  std::size_t max_per_request = 0;   // 0: no cap; else larger calls are refused (400)
 
   KeyId add(std::uint8_t v) {
     char text[40];
@@ -447,9 +451,17 @@ struct FakeDec {
   }
   Result<std::vector<qkd::etsi::Key>> operator()(const std::string& /*master*/,
                                                 std::span<const std::string> ids) {
-    std::this_thread::sleep_for(delay);
+    if (slow_size == 0 || ids.size() == slow_size) {
+      std::this_thread::sleep_for(delay);
+    }
+    if (throw_bad_alloc) {
+      throw std::bad_alloc();
+    }
     std::lock_guard lock(mu);
     calls.push_back(ids.size());
+    if (max_per_request != 0 && ids.size() > max_per_request) {
+      return make_error(ErrorCode::kRejected, "key service answered HTTP 400: too many keys");
+    }
     for (const auto& id : ids) {
       if (deliverable.count(id) == 0) {
         return make_error(ErrorCode::kRejected, "key service answered HTTP 400: key not found");
@@ -475,50 +487,64 @@ struct FakeDec {
   }
 };
 
+// Polls `done` for up to 10 s (no timing is asserted: a loaded machine only waits longer).
+template <typename F>
+bool wait_until(F done) {
+  for (int i = 0; i < 10'000; ++i) {
+    if (done()) {
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return done();
+}
+
 AheadKeys::Fetch dec_of(FakeDec& dec) {
   return [&dec](const std::string& m, std::span<const std::string> ids) { return dec(m, ids); };
 }
 
 TEST(AheadKeys, AnnouncedKeysComeWithTheFirstCallAndNeedNoneLater) {
   AheadKeys ahead;
+  const auto me = ahead.client_id().value();
   FakeDec dec;
   const KeyId k0 = dec.add(10), k1 = dec.add(11), k2 = dec.add(12), k3 = dec.add(13),
               k4 = dec.add(14), k5 = dec.add(15);
   const auto now = AheadKeys::Clock::now();
-  auto first = ahead.take("bob", k0, {k1, k2, k3}, 32, now, dec_of(dec));
+  auto first = ahead.take("bob", k0, {k1, k2, k3}, me, 32, now, dec_of(dec));
   ASSERT_TRUE(first.ok()) << first.error().message;
   EXPECT_EQ(first->span()[0], 10);
   ASSERT_EQ(dec.calls, (std::vector<std::size_t>{4}));  // one call for the key and the three
   EXPECT_EQ(ahead.held(), 3U);
-  auto second = ahead.take("bob", k1, {}, 32, now, dec_of(dec));
+  auto second = ahead.take("bob", k1, {}, me, 32, now, dec_of(dec));
   ASSERT_TRUE(second.ok());
   EXPECT_EQ(second->span()[0], 11);
   EXPECT_EQ(dec.call_count(), 1U);  // no call
-  // A held key whose ciphertext announces more: those are fetched on the worker thread; a
-  // take of one of them waits for that call (or finds it held) and makes none of its own.
-  auto third = ahead.take("bob", k2, {k4, k5}, 32, now, dec_of(dec));
+  // A held key whose ciphertext announces more: those are fetched on the worker thread.
+  auto third = ahead.take("bob", k2, {k4, k5}, me, 32, now, dec_of(dec));
   ASSERT_TRUE(third.ok());
-  auto fourth = ahead.take("bob", k4, {}, 32, now, dec_of(dec));
+  ASSERT_TRUE(wait_until([&] { return ahead.stats().background_fetches == 1; }));
+  EXPECT_EQ(ahead.held(), 3U);  // k3, k4, k5
+  auto fourth = ahead.take("bob", k4, {}, me, 32, now, dec_of(dec));
   ASSERT_TRUE(fourth.ok()) << fourth.error().message;
   EXPECT_EQ(fourth->span()[0], 14);
   ahead.shutdown();
   EXPECT_EQ(dec.call_count(), 2U);
   EXPECT_EQ(ahead.stats().hits, 3U);
-  EXPECT_EQ(ahead.stats().background_fetches, 1U);
   // Asked again, a key handed out is the KME's to refuse: never served twice from here.
-  EXPECT_FALSE(ahead.take("bob", k1, {}, 32, now, dec_of(dec)).ok());
+  EXPECT_FALSE(ahead.take("bob", k1, {}, me, 32, now, dec_of(dec)).ok());
   (void)k3;
 }
 
 TEST(AheadKeys, ARefusedAnnouncementCostsOnlyARetry) {
   AheadKeys ahead;
+  const auto me = ahead.client_id().value();
   FakeDec dec;
   const KeyId k0 = dec.add(1);
   KeyId bogus{};
   bogus.fill(0x42);
   auto id_before = ahead.client_id();
   ASSERT_TRUE(id_before.ok() && id_before->has_value());
-  auto k = ahead.take("bob", k0, {bogus}, 32, AheadKeys::Clock::now(), dec_of(dec));
+  auto k = ahead.take("bob", k0, {bogus}, me, 32, AheadKeys::Clock::now(), dec_of(dec));
   ASSERT_TRUE(k.ok()) << k.error().message;
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{2, 1}));  // together, then the key alone
   EXPECT_EQ(ahead.held(), 0U);
@@ -527,11 +553,12 @@ TEST(AheadKeys, ARefusedAnnouncementCostsOnlyARetry) {
 
 TEST(AheadKeys, ALostReplyChangesTheClientId) {
   AheadKeys ahead;
+  const auto me = ahead.client_id().value();
   FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2);
   auto id_before = ahead.client_id().value();
   dec.lose_replies = true;
-  auto k = ahead.take("bob", k0, {k1}, 32, AheadKeys::Clock::now(), dec_of(dec));
+  auto k = ahead.take("bob", k0, {k1}, me, 32, AheadKeys::Clock::now(), dec_of(dec));
   EXPECT_FALSE(k.ok());
   // k1 may be consumed at the KME without having reached us: the server's reservation for
   // the old client_id must never be used again.
@@ -543,14 +570,15 @@ TEST(AheadKeys, ALostReplyChangesTheClientId) {
 
 TEST(AheadKeys, ConcurrentTakesOfAKeyInFlightWaitForThatCall) {
   AheadKeys ahead;
+  const auto me = ahead.client_id().value();
   FakeDec dec;
   dec.delay = std::chrono::milliseconds(30);
   const KeyId k0 = dec.add(1), k1 = dec.add(2);
   Result<SecureBuf> r0 = make_error(ErrorCode::kInternal, "not run");
   Result<SecureBuf> r1 = make_error(ErrorCode::kInternal, "not run");
-  std::thread t0([&] { r0 = ahead.take("bob", k0, {k1}, 32, AheadKeys::Clock::now(), dec_of(dec)); });
+  std::thread t0([&] { r0 = ahead.take("bob", k0, {k1}, me, 32, AheadKeys::Clock::now(), dec_of(dec)); });
   std::this_thread::sleep_for(std::chrono::milliseconds(5));  // likely in flight by now
-  std::thread t1([&] { r1 = ahead.take("bob", k1, {}, 32, AheadKeys::Clock::now(), dec_of(dec)); });
+  std::thread t1([&] { r1 = ahead.take("bob", k1, {}, me, 32, AheadKeys::Clock::now(), dec_of(dec)); });
   t0.join();
   t1.join();
   // Whatever the interleaving (t1 waits for the call, or finds k1 held, or runs first and
@@ -566,14 +594,15 @@ TEST(AheadKeys, AFullCacheLeavesAnnouncementsToBeFetchedWhenUsed) {
   AheadLimits limits;
   limits.max_keys = 2;
   AheadKeys ahead(limits);
+  const auto me = ahead.client_id().value();
   FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3), k3 = dec.add(4);
   const auto now = AheadKeys::Clock::now();
-  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2, k3}, 32, now, dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2, k3}, me, 32, now, dec_of(dec)).ok());
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{3}));  // k0, then room for 2 announced
   EXPECT_EQ(ahead.stats().not_fetched, 1U);
   EXPECT_EQ(ahead.held(), 2U);
-  auto k3_key = ahead.take("bob", k3, {}, 32, now, dec_of(dec));  // fetched when used
+  auto k3_key = ahead.take("bob", k3, {}, me, 32, now, dec_of(dec));  // fetched when used
   ASSERT_TRUE(k3_key.ok());
   EXPECT_EQ(k3_key->span()[0], 4);
   EXPECT_EQ(dec.call_count(), 2U);
@@ -584,14 +613,19 @@ TEST(AheadKeys, HeldKeysExpireAndNoClientIdWhenOff) {
   AheadLimits limits;
   limits.max_age = std::chrono::seconds(10);
   AheadKeys ahead(limits);
+  const auto me = ahead.client_id().value();
   FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
   const auto t0 = AheadKeys::Clock::now();
-  ASSERT_TRUE(ahead.take("bob", k0, {k1}, 32, t0, dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k0, {k1}, me, 32, t0, dec_of(dec)).ok());
   ASSERT_EQ(ahead.held(), 1U);
-  ASSERT_TRUE(ahead.take("bob", k2, {}, 32, t0 + std::chrono::seconds(12), dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k2, {}, me, 32, t0 + std::chrono::seconds(12), dec_of(dec)).ok());
   EXPECT_EQ(ahead.held(), 0U);
   EXPECT_EQ(ahead.stats().expired, 1U);
+  // A server keeping reservations longer than this client keeps keys could still hand that
+  // key out: the client_id is replaced so that it never will.
+  EXPECT_EQ(ahead.stats().client_id_changes, 1U);
+  EXPECT_NE(ahead.client_id().value(), me);
 
   limits.max_keys = 0;
   AheadKeys off(limits);
@@ -600,14 +634,105 @@ TEST(AheadKeys, HeldKeysExpireAndNoClientIdWhenOff) {
   EXPECT_FALSE(id->has_value());
 }
 
+// A handshake whose key sits in a batch that has not started is not held up behind the
+// batches before it: the key is taken out and fetched at once.
+TEST(AheadKeys, AKeyInAQueuedBatchIsFetchedAtOnce) {
+  AheadKeys ahead;
+  const auto me = ahead.client_id().value();
+  FakeDec dec;
+  dec.delay = std::chrono::milliseconds(1000);
+  dec.slow_size = 3;  // the first background batch (3 key_IDs) takes a second
+  const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
+  const KeyId a1 = dec.add(11), a2 = dec.add(12), a3 = dec.add(13);
+  const KeyId b1 = dec.add(21), b2 = dec.add(22), b3 = dec.add(23), b4 = dec.add(24);
+  const auto now = AheadKeys::Clock::now();
+  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, me, 32, now, dec_of(dec)).ok());  // 3 ids: slow
+  ASSERT_TRUE(ahead.take("bob", k1, {a1, a2, a3}, me, 32, now, dec_of(dec)).ok());  // job 1
+  ASSERT_TRUE(ahead.take("bob", k2, {b1, b2, b3, b4}, me, 32, now, dec_of(dec)).ok());  // job 2
+  auto k = ahead.take("bob", b2, {}, me, 32, now, dec_of(dec));  // behind job 1
+  ASSERT_TRUE(k.ok()) << k.error().message;
+  EXPECT_EQ(k->span()[0], 22);
+  EXPECT_EQ(ahead.stats().taken_from_queue, 1U);
+  ahead.shutdown();
+  // b2 was fetched alone, once; the rest of job 2 (3 key_IDs) by the worker, or not at all
+  // if shutdown came first.
+  std::lock_guard lock(dec.mu);
+  EXPECT_EQ(std::count(dec.calls.begin(), dec.calls.end(), 1U), 1);
+  EXPECT_EQ(dec.deliverable.count(uuid_format(b2)), 0U);
+  (void)b1, (void)b3, (void)b4;
+}
+
+// Announcements made to a key share with an earlier client_id (replaced since, or a forked
+// parent's) are left to that client_id: the key is fetched, the announced ones are not.
+TEST(AheadKeys, AnnouncementsToAnotherClientIdAreNotFetched) {
+  AheadKeys ahead;
+  FakeDec dec;
+  const KeyId k0 = dec.add(1), k1 = dec.add(2);
+  ClientId someone_else{};
+  someone_else.fill(0x5A);
+  auto k = ahead.take("bob", k0, {k1}, someone_else, 32, AheadKeys::Clock::now(), dec_of(dec));
+  ASSERT_TRUE(k.ok());
+  EXPECT_EQ(dec.calls, (std::vector<std::size_t>{1}));
+  EXPECT_EQ(ahead.held(), 0U);
+  auto none = ahead.take("bob", k1, {}, std::nullopt, 32, AheadKeys::Clock::now(), dec_of(dec));
+  ASSERT_TRUE(none.ok());  // fetched when used
+}
+
+// A KME that caps the key_IDs per request: the combined call is refused, the key is asked
+// for alone, and later calls ask for fewer.
+TEST(AheadKeys, AKmeCapOnKeysPerRequestIsLearned) {
+  AheadKeys ahead;
+  const auto me = ahead.client_id().value();
+  FakeDec dec;
+  dec.max_per_request = 4;
+  std::vector<KeyId> ids;
+  for (std::uint8_t i = 0; i < 40; ++i) {
+    ids.push_back(dec.add(i));
+  }
+  const std::vector<KeyId> announced(ids.begin() + 1, ids.begin() + 33);
+  auto k = ahead.take("bob", ids[0], announced, me, 32, AheadKeys::Clock::now(), dec_of(dec));
+  ASSERT_TRUE(k.ok()) << k.error().message;
+  EXPECT_EQ(dec.calls, (std::vector<std::size_t>{33, 1}));
+  EXPECT_EQ(ahead.client_id().value(), me);  // a clean refusal consumed nothing
+  // Now at most 16 per call; a refusal of 7 halves that to 3: the key and 2 announced.
+  const std::vector<KeyId> six(ids.begin() + 34, ids.end());
+  ASSERT_TRUE(ahead.take("bob", ids[33], six, me, 32, AheadKeys::Clock::now(), dec_of(dec)).ok());
+  EXPECT_EQ(dec.calls, (std::vector<std::size_t>{33, 1, 7, 1}));
+  const std::vector<KeyId> three(ids.begin() + 35, ids.begin() + 38);
+  ASSERT_TRUE(ahead.take("bob", ids[34], three, me, 32, AheadKeys::Clock::now(), dec_of(dec)).ok());
+  EXPECT_EQ(dec.calls, (std::vector<std::size_t>{33, 1, 7, 1, 3}));
+}
+
+// An exception in a KME call (a full secure heap, say) neither kills the process from the
+// worker thread nor leaves key_IDs marked in flight.
+TEST(AheadKeys, AnExceptionInAFetchIsAnError) {
+  AheadKeys ahead;
+  const auto me = ahead.client_id().value();
+  FakeDec dec;
+  const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3), k3 = dec.add(4);
+  const auto now = AheadKeys::Clock::now();
+  ASSERT_TRUE(ahead.take("bob", k0, {k1}, me, 32, now, dec_of(dec)).ok());
+  dec.throw_bad_alloc = true;
+  ASSERT_TRUE(ahead.take("bob", k1, {k2, k3}, me, 32, now, dec_of(dec)).ok());  // held: worker
+  ASSERT_TRUE(wait_until([&] { return ahead.stats().background_fetches == 1; }));
+  ahead.shutdown();  // the worker's call threw; it ended cleanly
+  EXPECT_EQ(ahead.stats().client_id_changes, 1U);  // the batch may be lost: new client_id
+  auto k = ahead.take("bob", k2, {}, std::nullopt, 32, now, dec_of(dec));
+  ASSERT_FALSE(k.ok());
+  EXPECT_NE(k.error().message.find("KME call failed"), std::string::npos) << k.error().message;
+  dec.throw_bad_alloc = false;
+  EXPECT_TRUE(ahead.take("bob", k2, {}, std::nullopt, 32, now, dec_of(dec)).ok());  // not stuck
+}
+
 TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
   if (CRYPTO_secure_malloc_initialized() == 0) {
     ASSERT_EQ(CRYPTO_secure_malloc_init(64 * 1024, 32), 1);
   }
   AheadKeys ahead;
+  const auto me = ahead.client_id().value();
   FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
-  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, 32, AheadKeys::Clock::now(), dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, me, 32, AheadKeys::Clock::now(), dec_of(dec)).ok());
   ASSERT_EQ(ahead.held(), 2U);
   EXPECT_TRUE(ahead.all_in_secure_heap());
   const auto parent_id = ahead.client_id().value();
@@ -625,6 +750,60 @@ TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
   EXPECT_EQ(WEXITSTATUS(status), 0);
   EXPECT_EQ(ahead.held(), 2U);  // the parent keeps its own
   EXPECT_EQ(ahead.client_id().value(), parent_id);
+}
+
+// fork() while other threads hold the caches' locks (or wait on the client's condition
+// variable): the child's first use must not block (pthread_atfork handlers take the locks
+// around fork()). Each child uses both caches under a 5 s alarm and reports (without the
+// handlers, children block and are killed by the alarm).
+TEST(ForkGuard, ChildrenForkedUnderLoadUseTheCachesWithoutBlocking) {
+  KeyCacheLimits limits;
+  limits.refill_ahead = true;
+  KeyCache cache(limits);
+  AheadKeys ahead;
+  std::mutex enc_mu;
+  FakeEnc enc;
+  const KeyCache::Fetch fetch = [&](std::uint32_t n) {
+    std::lock_guard lock(enc_mu);
+    return enc(n);
+  };
+  FakeDec dec;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> load;
+  load.emplace_back([&] {
+    while (!stop) {
+      (void)cache.take("alice", nullptr, 32, Clock::now(), fetch);
+    }
+  });
+  load.emplace_back([&] {
+    for (std::uint8_t i = 0; !stop; ++i) {
+      const auto me = ahead.client_id().value();
+      const KeyId k = dec.add(i), a = dec.add(static_cast<std::uint8_t>(i + 128));
+      (void)ahead.take("bob", k, {a}, me, 32, AheadKeys::Clock::now(), dec_of(dec));
+      (void)ahead.take("bob", a, {}, me, 32, AheadKeys::Clock::now(), dec_of(dec));
+    }
+  });
+  int bad = 0;
+  for (int i = 0; i < 40; ++i) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ::alarm(5);
+      FakeEnc child_enc;
+      const bool ok = cache.take("alice", nullptr, 32, Clock::now(), fetch_of(child_enc)).ok() &&
+                      ahead.held() == 0 && ahead.client_id().ok();
+      ::_exit(ok ? 0 : 1);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    bad += (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : 1;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  stop = true;
+  for (auto& t : load) {
+    t.join();
+  }
+  EXPECT_EQ(bad, 0) << "children that blocked (killed by the alarm) or failed";
 }
 
 // Secure heap: with CRYPTO_secure_malloc_init done (as an application may), the cached keys
