@@ -148,69 +148,77 @@ Result<std::vector<std::uint8_t>> encode_ciphertext(const Ciphertext& ct) {
   return out;
 }
 
-Result<Share> parse_share(std::span<const std::uint8_t> bytes) {
-  static constexpr std::string_view kWhat = "malformed qkd key share";
-  const auto bad = [](std::string_view why) {
-    return make_error(ErrorCode::kProtocol, std::string(kWhat) + ": " + std::string(why));
-  };
+namespace {
+
+qkd::core::Error malformed(std::string_view what, std::string_view why) {
+  return make_error(ErrorCode::kProtocol, std::string(what) + ": " + std::string(why));
+}
+
+// Reads the head, then `body(sae_id, reader)` (which returns Result<T> and reports faults
+// with malformed(what, ...)), then refuses trailing bytes.
+template <typename T, typename Body>
+Result<T> parse_message(std::span<const std::uint8_t> bytes, std::string_view what, Body body) {
   Reader r(bytes);
-  auto sae_id = parse_head(r, kWhat);
+  auto sae_id = parse_head(r, what);
   if (!sae_id.ok()) {
     return sae_id.error();
   }
-  Share s;
-  s.sae_id = std::move(sae_id).value();
-  std::uint8_t id_len = 0;
-  if (!read_array(r, &s.nonce) || !r.u8(&id_len)) {
-    return bad("truncated");
+  Result<T> out = body(std::move(sae_id).value(), r);
+  if (out.ok() && !r.empty()) {
+    return malformed(what, std::to_string(r.remaining()) + " trailing byte(s)");
   }
-  if (id_len != 0 && id_len != kClientIdLength) {
-    return bad("client_id length must be 0 or 16, not " + std::to_string(id_len));
-  }
-  if (id_len != 0) {
-    s.client_id.emplace();
-    if (!read_array(r, &*s.client_id)) {
-      return bad("truncated client_id");
+  return out;
+}
+
+}  // namespace
+
+Result<Share> parse_share(std::span<const std::uint8_t> bytes) {
+  static constexpr std::string_view kWhat = "malformed qkd key share";
+  return parse_message<Share>(bytes, kWhat, [](std::string sae_id, Reader& r) -> Result<Share> {
+    Share s;
+    s.sae_id = std::move(sae_id);
+    std::uint8_t id_len = 0;
+    if (!read_array(r, &s.nonce) || !r.u8(&id_len)) {
+      return malformed(kWhat, "truncated");
     }
-  }
-  if (!r.empty()) {
-    return bad(std::to_string(r.remaining()) + " trailing byte(s)");
-  }
-  return s;
+    if (id_len != 0 && id_len != kClientIdLength) {
+      return malformed(kWhat, "client_id length must be 0 or 16, not " + std::to_string(id_len));
+    }
+    if (id_len != 0) {
+      s.client_id.emplace();
+      if (!read_array(r, &*s.client_id)) {
+        return malformed(kWhat, "truncated client_id");
+      }
+    }
+    return s;
+  });
 }
 
 Result<Ciphertext> parse_ciphertext(std::span<const std::uint8_t> bytes) {
   static constexpr std::string_view kWhat = "malformed qkd ciphertext";
-  const auto bad = [](std::string_view why) {
-    return make_error(ErrorCode::kProtocol, std::string(kWhat) + ": " + std::string(why));
-  };
-  Reader r(bytes);
-  auto sae_id = parse_head(r, kWhat);
-  if (!sae_id.ok()) {
-    return sae_id.error();
-  }
-  Ciphertext c;
-  c.sae_id = std::move(sae_id).value();
-  std::uint8_t count = 0;
-  if (!read_array(r, &c.key_id) || !r.u8(&count)) {
-    return bad("truncated");
-  }
-  if (count > kMaxAhead) {
-    return bad(std::to_string(count) + " key_IDs announced, at most " + std::to_string(kMaxAhead));
-  }
-  c.ahead.resize(count);
-  for (KeyId& id : c.ahead) {
-    if (!read_array(r, &id)) {
-      return bad("truncated announced key_IDs");
-    }
-  }
-  if (!r.empty()) {
-    return bad(std::to_string(r.remaining()) + " trailing byte(s)");
-  }
-  if (auto fault = ahead_fault(c.key_id, c.ahead); !fault.empty()) {
-    return bad(fault);
-  }
-  return c;
+  return parse_message<Ciphertext>(
+      bytes, kWhat, [](std::string sae_id, Reader& r) -> Result<Ciphertext> {
+        Ciphertext c;
+        c.sae_id = std::move(sae_id);
+        std::uint8_t count = 0;
+        if (!read_array(r, &c.key_id) || !r.u8(&count)) {
+          return malformed(kWhat, "truncated");
+        }
+        if (count > kMaxAhead) {
+          return malformed(kWhat, std::to_string(count) + " key_IDs announced, at most " +
+                                      std::to_string(kMaxAhead));
+        }
+        c.ahead.resize(count);
+        for (KeyId& id : c.ahead) {
+          if (!read_array(r, &id)) {
+            return malformed(kWhat, "truncated announced key_IDs");
+          }
+        }
+        if (auto fault = ahead_fault(c.key_id, c.ahead); !fault.empty()) {
+          return malformed(kWhat, fault);
+        }
+        return c;
+      });
 }
 
 Result<KeyId> uuid_parse(std::string_view text) {
