@@ -48,14 +48,7 @@ void AheadKeys::stop_soon() {
 
 void AheadKeys::shutdown() {
   stop_soon();
-  std::thread t;
-  {
-    std::lock_guard lock(mu_);
-    t = worker_.release();
-  }
-  if (t.joinable()) {
-    t.join();
-  }
+  worker_.join(mu_);
 }
 
 void AheadKeys::check_fork_locked() {

@@ -25,14 +25,7 @@ void KeyCache::stop_soon() {
 
 void KeyCache::shutdown() {
   stop_soon();
-  std::thread t;
-  {
-    std::lock_guard lock(mu_);
-    t = refill_.release();
-  }
-  if (t.joinable()) {
-    t.join();
-  }
+  refill_.join(mu_);
 }
 
 void KeyCache::maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::time_point now,

@@ -3,11 +3,12 @@
 // forks after loading providers); joined at shutdown; in a forked child the parent's thread
 // does not exist and is left alone.
 //
-// Every member but release() is called under the owner's mutex; the thread's body calls
+// Every member but join() is called under the owner's mutex; the thread's body calls
 // done() under that mutex as its last step.
 #pragma once
 
 #include <exception>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -55,8 +56,19 @@ class WorkerThread {
     running_ = false;
   }
 
-  // The thread to join, outside the owner's mutex (shutdown).
-  [[nodiscard]] std::thread release() { return std::move(thread_); }
+  // Waits for the thread (shutdown, after the owner stopped giving it work). Takes the
+  // owner's mutex only to take the thread's handle: the body needs that mutex to finish.
+  template <typename Mutex>
+  void join(Mutex& owner_mu) {
+    std::thread t;
+    {
+      std::lock_guard lock(owner_mu);
+      t = std::move(thread_);
+    }
+    if (t.joinable()) {
+      t.join();
+    }
+  }
 
  private:
   std::thread thread_;
