@@ -1,7 +1,7 @@
 // The durable key store: the store core (key_store.cpp) over a SQLite journal.
 //
-// Database (WAL, synchronous=FULL or NORMAL (store.synchronous), exclusive locking: one KME
-// process per file):
+// Database (WAL, synchronous=FULL or NORMAL (store.synchronous); one KME process per file,
+// held by an flock() on the database file):
 //   meta(name, value)              numeric state (store_journal.hpp names), format, direction,
 //                                  key_check (sealed constant: detects a wrong node key)
 //   chunks(dir, idx, sealed)       unused pool chunks of each direction stream
@@ -27,13 +27,24 @@
 // transaction alone before kDeferMax; they ride with the next unit a response waits for, so
 // that a dec_keys right after its notice costs one fsync, not two (docs/KMS.md, "Commit
 // path").
+//
+// Checkpoints run off the commit path: the committer's connection does not checkpoint
+// (no wal_autocheckpoint); its WAL hook wakes a checkpointer thread with a second connection
+// once the WAL holds kCheckpointPages, which copies the WAL into the database with a PASSIVE
+// checkpoint (it never takes the writer's lock, so commits go on meanwhile). The committer's
+// next transaction after a complete checkpoint starts the WAL over. Should that not happen
+// before the WAL holds kWalHardPages (commits landing in every checkpoint's window), the
+// committer checkpoints itself between two transactions, which bounds the WAL.
 #include <fmt/format.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <spdlog/spdlog.h>
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <condition_variable>
@@ -67,6 +78,10 @@ constexpr std::size_t kTagBytes = 16;
 constexpr auto kDeferMax = std::chrono::milliseconds(5);
 constexpr std::int64_t kMaxUsedIds = 1 << 20;  // as the in-memory bound
 constexpr std::uint64_t kPruneEvery = 512;      // transactions between used_ids pruning
+// WAL pages (frames) at which the checkpointer thread is woken, and at which the committer
+// checkpoints itself before its next transaction (the bound on the WAL: ~16 MB).
+constexpr int kCheckpointPages = 1000;
+constexpr int kWalHardPages = 4000;
 constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check";
 constexpr std::string_view kKeyCheckText = "qkd-kms node key check v1";
 
@@ -172,6 +187,31 @@ class Db {
     }
   }
 
+  // A PASSIVE checkpoint: copies what it can of the WAL into the database without taking the
+  // writer's lock. Returns an SQLite error text, empty when it ran (or found another
+  // checkpoint running: SQLITE_BUSY).
+  std::string checkpoint() {
+    int log = 0;
+    int done = 0;
+    const int rc = sqlite3_wal_checkpoint_v2(h_, nullptr, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+    return rc == SQLITE_OK || rc == SQLITE_BUSY ? std::string() : std::string(sqlite3_errmsg(h_));
+  }
+
+  // Calls `hook(pages)` after each commit on this connection with the WAL's size in pages
+  // (replaces SQLite's automatic checkpoints).
+  void on_commit(std::function<void(int)> hook) {
+    commit_hook_ = std::move(hook);
+    sqlite3_wal_hook(
+        h_,
+        [](void* self, sqlite3*, const char*, int pages) {
+          static_cast<Db*>(self)->commit_hook_(pages);
+          return SQLITE_OK;
+        },
+        this);
+  }
+
+  void busy_timeout(int ms) { sqlite3_busy_timeout(h_, ms); }
+
   void exec(const char* sql) {
     char* err = nullptr;
     if (sqlite3_exec(h_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
@@ -239,6 +279,38 @@ class Db {
 
   sqlite3* h_ = nullptr;
   std::unordered_map<std::string, sqlite3_stmt*> cache_;
+  std::function<void(int)> commit_hook_;
+};
+
+// An exclusive flock() on the database file for the store's lifetime: a second KME process
+// on the same file fails to start. (flock and SQLite's fcntl locks are independent on a local
+// file system; the descriptor is closed only after both connections, since closing any
+// descriptor of the file drops the process's fcntl locks on it.)
+class FileLock {
+ public:
+  FileLock() = default;
+  ~FileLock() {
+    if (fd_ >= 0) {
+      ::close(fd_);
+    }
+  }
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+
+  void acquire(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, S_IRUSR | S_IWUSR);
+    if (fd_ < 0) {
+      throw DbError{fmt::format("cannot open {}: {}", path, std::strerror(errno))};
+    }
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      throw DbError{errno == EWOULDBLOCK
+                        ? fmt::format("{} is in use by another key store (another qkd-kms?)", path)
+                        : fmt::format("cannot lock {}: {}", path, std::strerror(errno))};
+    }
+  }
+
+ private:
+  int fd_ = -1;
 };
 
 std::uint64_t col_u64(sqlite3_stmt* st, int i) {
@@ -277,25 +349,33 @@ class SqliteJournal final : public detail::Journal {
     if (committer_.joinable()) {
       committer_.join();
     }
+    {
+      std::lock_guard lock(ckpt_state_mu_);
+      ckpt_stopping_ = true;
+    }
+    ckpt_cv_.notify_all();
+    if (checkpointer_.joinable()) {
+      checkpointer_.join();
+    }
+    // Members close the checkpointer's connection, then the committer's (the last one
+    // checkpoints the WAL and removes it), then release the file lock.
   }
   SqliteJournal(const SqliteJournal&) = delete;
   SqliteJournal& operator=(const SqliteJournal&) = delete;
 
   // Opens (creating if needed) and reads the stored state. Throws DbError.
   detail::StoredState open(Direction own) {
+    lock_.acquire(path_);
     db_.open(path_);
     ::chmod(path_.c_str(), S_IRUSR | S_IWUSR);
-    db_.exec("PRAGMA locking_mode=EXCLUSIVE");
+    // Normal (not exclusive) locking: the checkpointer's connection works beside the
+    // committer's. A second process is kept out by lock_.
+    db_.busy_timeout(10'000);  // the WAL's own short locks, shared with the checkpointer
     db_.exec("PRAGMA journal_mode=WAL");
     // FULL: the WAL is synced at every commit. NORMAL (store.synchronous): only at
     // checkpoints; a commit is then in the OS page cache, which survives the process's crash
     // (kill -9) but not a power loss.
     db_.exec(synchronous_full_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
-    if (!synchronous_full_) {
-      // With NORMAL the checkpoint is the only sync: it flushes every WAL page written since
-      // the last one, inside the commit that triggers it. A smaller WAL keeps that stall short.
-      db_.exec("PRAGMA wal_autocheckpoint=128");
-    }
     db_.exec(
         "BEGIN IMMEDIATE;"
         "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;"
@@ -413,6 +493,13 @@ class SqliteJournal final : public detail::Journal {
       }
       s.link.pending = PendingBlock{block, std::move(*plain)};
     });
+    // The checkpointer's connection, with the same synchronous level (NORMAL and FULL both
+    // sync the WAL before a checkpoint and the database after it).
+    ckpt_db_.open(path_);
+    ckpt_db_.busy_timeout(10'000);
+    ckpt_db_.exec(synchronous_full_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
+    db_.on_commit([this](int pages) { wal_committed(pages); });
+    checkpointer_ = std::thread([this]() { run_checkpointer(); });
     committer_ = std::thread([this]() { run_committer(); });
     return s;
   }
@@ -554,6 +641,9 @@ class SqliteJournal final : public detail::Journal {
       lock.unlock();
       std::string error;
       try {
+        if (wal_pages_ >= kWalHardPages) {
+          checkpoint_here();
+        }
         db_.exec("BEGIN IMMEDIATE");
         try {
           for (auto& u : units) {
@@ -588,11 +678,67 @@ class SqliteJournal final : public detail::Journal {
     }
   }
 
+  // Committer thread, from the WAL hook after each commit.
+  void wal_committed(int pages) {
+    wal_pages_ = pages;
+    if (pages >= kCheckpointPages) {
+      {
+        std::lock_guard lock(ckpt_state_mu_);
+        ckpt_wanted_ = true;
+      }
+      ckpt_cv_.notify_one();
+    }
+  }
+
+  // Committer thread, between transactions, when the checkpointer has not let the WAL start
+  // over: waits for a checkpoint in progress, then checkpoints on the committer's connection
+  // (no writer now, so it copies the whole WAL and the next transaction starts it over).
+  void checkpoint_here() {
+    std::lock_guard lock(ckpt_mu_);
+    if (std::string e = db_.checkpoint(); !e.empty()) {
+      spdlog::warn("key store: checkpoint of {} failed: {}", path_, e);
+    }
+    wal_pages_ = 0;  // until the next commit reports it
+  }
+
+  void run_checkpointer() {
+    std::unique_lock lock(ckpt_state_mu_);
+    for (;;) {
+      ckpt_cv_.wait(lock, [&] { return ckpt_stopping_ || ckpt_wanted_; });
+      if (ckpt_stopping_) {
+        return;
+      }
+      ckpt_wanted_ = false;
+      lock.unlock();
+      std::string e;
+      {
+        std::lock_guard ck(ckpt_mu_);
+        e = ckpt_db_.checkpoint();
+      }
+      if (!e.empty()) {
+        spdlog::warn("key store: checkpoint of {} failed: {}", path_, e);
+      }
+      lock.lock();
+    }
+  }
+
   const std::string path_;
   const qkd::core::SecureBytes key_;
   const bool synchronous_full_;
-  Db db_;  // the committer's after open()
+  // Destroyed in reverse order: ckpt_db_, db_, then lock_.
+  FileLock lock_;
+  Db db_;       // the committer's after open()
+  Db ckpt_db_;  // the checkpointer's
   std::thread committer_;
+  std::thread checkpointer_;
+  int wal_pages_ = 0;  // committer thread: the WAL's size after the last commit
+
+  std::mutex ckpt_mu_;  // held for a checkpoint call, by either thread
+  std::mutex ckpt_state_mu_;
+  std::condition_variable ckpt_cv_;
+  bool ckpt_wanted_ = false;
+  bool ckpt_stopping_ = false;
+
   std::uint64_t transactions_ = 0;
 
   std::mutex mu_;

@@ -394,3 +394,51 @@ TEST(SqliteKeyStore, LocalSlaveKeySurvivesReopen) {
             ErrorCode::kInvalidArgument);
   EXPECT_EQ(s->stats().assigned_keys_waiting, 0u);
 }
+
+// Checkpoints run beside the committer (not inside its commits) and the WAL stays bounded:
+// a long run of one-key transactions writes far more WAL pages than the bound (4,000 pages
+// of 4 KiB plus one transaction), which holds only if checkpoints keep starting it over.
+TEST(SqliteKeyStore, WalStaysBoundedUnderLongLoad) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  constexpr int kKeys = 6000;
+  const auto pool = pattern(32 * 2 * kKeys, 11);
+  std::uintmax_t wal_max = 0;
+  {
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey,
+                                             /*synchronous_full=*/false);
+    ASSERT_TRUE(s.ok()) << s.error().message;
+    ASSERT_TRUE((*s)->commit_block(pool, 1, 1).ok());
+    std::set<std::vector<std::uint8_t>> seen;
+    for (int i = 0; i < kKeys; ++i) {
+      auto k = (*s)->allocate("alice", {"bob"}, 1, 32);
+      ASSERT_TRUE(k.ok()) << k.error().message;
+      ASSERT_TRUE(seen.insert({k->front().key.span().begin(), k->front().key.span().end()}).second);
+      std::error_code ec;
+      const auto size = std::filesystem::file_size(db + "-wal", ec);
+      ASSERT_FALSE(ec) << "no WAL while the store is open";
+      wal_max = std::max(wal_max, size);
+    }
+  }
+  EXPECT_GT(wal_max, 0u);
+  EXPECT_LE(wal_max, std::uintmax_t{4200} * (4096 + 24) + 32);
+  // Closed cleanly: the WAL was checkpointed and removed, and the store reopens with the
+  // pool used up in this direction.
+  EXPECT_FALSE(std::filesystem::exists(db + "-wal"));
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->stats().own_available_bytes, 0u);
+}
+
+// One KME process per database file: a second store on an open file is refused.
+TEST(SqliteKeyStore, SecondStoreOnAnOpenFileIsRefused) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  auto first = open_store(db);
+  ASSERT_NE(first, nullptr);
+  auto second = qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey);
+  ASSERT_FALSE(second.ok());
+  EXPECT_NE(second.error().message.find("in use"), std::string::npos) << second.error().message;
+  first.reset();
+  EXPECT_NE(open_store(db), nullptr);  // free again once closed
+}
