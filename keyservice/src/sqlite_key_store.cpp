@@ -35,12 +35,12 @@
 // next transaction after a complete checkpoint starts the WAL over. Should that not happen
 // before the WAL holds kWalHardPages (commits landing in every checkpoint's window), the
 // committer checkpoints itself between two transactions, which bounds the WAL.
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <spdlog/spdlog.h>
-#include <fcntl.h>
 #include <sqlite3.h>
 #include <sys/file.h>
 #include <sys/stat.h>
