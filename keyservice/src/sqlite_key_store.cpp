@@ -19,16 +19,20 @@
 // "pending/<block>") as additional data, so a row moved to another identity fails to open.
 //
 // Group commit: the store records each operation's changes as a unit (under its lock, in
-// order); a committer thread takes every unit queued so far and writes them in one
-// transaction, then wakes every caller whose unit is durable. No waiting window: units that
-// arrive while a transaction is being written form the next group, so a lone operation pays
-// one fsync and a busy store batches as much as the disk's commit time lets through.
+// order); one thread at a time takes every unit queued so far and writes them in one
+// transaction, then wakes every caller whose unit is durable. With FULL that is the committer
+// thread; with NORMAL (commits of ~0.1 ms, no fsync) the first caller waiting for a queued
+// unit writes the queue itself when no transaction is in progress (no hand-off to the
+// committer thread and back), and the committer thread writes only what no caller waits for
+// (deferred units, below; the rest at shutdown). No waiting window: units that arrive while
+// a transaction is being written form the next group, so a lone operation pays one fsync and
+// a busy store batches as much as the disk's commit time lets through.
 // Deferred units (peer notices, acks: no response waits for them) do not start a
 // transaction alone before kDeferMax; they ride with the next unit a response waits for, so
 // that a dec_keys right after its notice costs one fsync, not two (docs/KMS.md, "Commit
 // path").
 //
-// Checkpoints run off the commit path: the committer's connection does not checkpoint
+// Checkpoints run off the commit path: the committing connection (db_) does not checkpoint
 // (no wal_autocheckpoint); its WAL hook wakes a checkpointer thread with a second connection
 // once the WAL holds kCheckpointPages, which copies the WAL into the database with a PASSIVE
 // checkpoint (it never takes the writer's lock, so commits go on meanwhile). The committer's
@@ -589,9 +593,18 @@ class SqliteJournal final : public detail::Journal {
   std::uint64_t seal() override { return seal_unit(/*deferred=*/false); }
   std::uint64_t seal_deferred() override { return seal_unit(/*deferred=*/true); }
 
+  // With callers_write_ (NORMAL) a caller whose unit is queued writes the queue itself when
+  // no transaction is being written (no hand-off to the committer thread and back); otherwise
+  // it waits for the one in progress, and then writes the next group if its unit is in it.
   Status wait(std::uint64_t ticket) override {
     std::unique_lock lock(mu_);
-    done_cv_.wait(lock, [&] { return durable_ticket_ >= ticket || failed_; });
+    while (durable_ticket_ < ticket && !failed_) {
+      if (callers_write_ && !committing_ && urgent_queued_ > 0) {
+        commit_queue(lock);
+        continue;
+      }
+      done_cv_.wait(lock);
+    }
     if (durable_ticket_ >= ticket) {
       return qkd::core::ok_status();
     }
@@ -612,60 +625,47 @@ class SqliteJournal final : public detail::Journal {
       if (!deferred) {
         ++urgent_queued_;
       }
-      work_cv_.notify_one();
+      if (deferred || !callers_write_) {
+        work_cv_.notify_one();  // else its caller writes it (wait())
+      }
     }
     return last_ticket_;
   }
 
+  // Writes what nobody waits for: deferred units after kDeferMax (unless a caller's unit takes
+  // them along first), and everything left at shutdown.
   void run_committer() {
     std::unique_lock lock(mu_);
     for (;;) {
-      work_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      work_cv_.wait(lock, [&] { return !committing_ && (stopping_ || !queue_.empty()); });
       if (queue_.empty()) {
         return;  // stopping, all written
       }
-      // Only deferred units: they wait (bounded) for a unit that a response waits for.
-      if (urgent_queued_ == 0 && !stopping_) {
-        work_cv_.wait_until(lock, queue_.front().sealed_at + kDeferMax,
-                            [&] { return stopping_ || urgent_queued_ > 0; });
+      if (!stopping_ && (callers_write_ || urgent_queued_ == 0)) {
+        const auto due = queue_.front().sealed_at + kDeferMax;
+        if (std::chrono::steady_clock::now() < due) {
+          work_cv_.wait_until(lock, due, [&] {
+            return stopping_ || (!callers_write_ && urgent_queued_ > 0);
+          });
+          continue;  // a caller may have written them meanwhile
+        }
       }
-      // Everything queued so far is one transaction; what arrives while it is written is the
-      // next one.
-      std::deque<Unit> units = std::move(queue_);
-      queue_.clear();
-      urgent_queued_ = 0;
-      const std::uint64_t last = units.back().ticket;
-      if (failed_) {
-        continue;  // waiters see the failure
-      }
+      commit_queue(lock);
+    }
+  }
+
+  // Everything queued so far is one transaction; what arrives while it is written is the next
+  // one. Called with mu_ held and no transaction in progress; one thread at a time writes.
+  void commit_queue(std::unique_lock<std::mutex>& lock) {
+    committing_ = true;
+    std::deque<Unit> units = std::move(queue_);
+    queue_.clear();
+    urgent_queued_ = 0;
+    const std::uint64_t last = units.back().ticket;
+    if (!failed_) {  // else the waiters see the failure
       lock.unlock();
-      std::string error;
-      try {
-        if (wal_pages_ >= kWalHardPages) {
-          checkpoint_here();
-        }
-        db_.exec("BEGIN IMMEDIATE");
-        try {
-          for (auto& u : units) {
-            for (auto& op : u.ops) {
-              op(db_);
-            }
-          }
-          if (++transactions_ % kPruneEvery == 0) {
-            db_.write("DELETE FROM used_ids WHERE rowid <= (SELECT MAX(rowid) FROM used_ids) - ?",
-                      static_cast<std::uint64_t>(kMaxUsedIds));
-          }
-          db_.exec("COMMIT");
-        } catch (const DbError&) {
-          try {
-            db_.exec("ROLLBACK");
-          } catch (const DbError&) {
-          }
-          throw;
-        }
-      } catch (const DbError& e) {
-        error = e.what;
-      }
+      std::string error = write(units);
+      units.clear();
       lock.lock();
       if (error.empty()) {
         durable_ticket_ = last;
@@ -674,11 +674,46 @@ class SqliteJournal final : public detail::Journal {
         failure_ = fmt::format("writing {} failed: {}", path_, error);
         spdlog::critical("key store: {}; no key is served from now on", failure_);
       }
-      done_cv_.notify_all();
+    }
+    committing_ = false;
+    done_cv_.notify_all();
+    if (stopping_ || (!queue_.empty() && (!callers_write_ || urgent_queued_ == 0))) {
+      work_cv_.notify_one();  // the committer thread's turn
     }
   }
 
-  // Committer thread, from the WAL hook after each commit.
+  // One transaction; returns the error, empty on success.
+  std::string write(std::deque<Unit>& units) {
+    try {
+      if (wal_pages_ >= kWalHardPages) {
+        checkpoint_here();
+      }
+      db_.exec("BEGIN IMMEDIATE");
+      try {
+        for (auto& u : units) {
+          for (auto& op : u.ops) {
+            op(db_);
+          }
+        }
+        if (++transactions_ % kPruneEvery == 0) {
+          db_.write("DELETE FROM used_ids WHERE rowid <= (SELECT MAX(rowid) FROM used_ids) - ?",
+                    static_cast<std::uint64_t>(kMaxUsedIds));
+        }
+        db_.exec("COMMIT");
+      } catch (const DbError&) {
+        try {
+          db_.exec("ROLLBACK");
+        } catch (const DbError&) {
+        }
+        throw;
+      }
+    } catch (const DbError& e) {
+      return e.what;
+    }
+    return {};
+  }
+
+  // The writing thread, from the WAL hook after each commit.
   void wal_committed(int pages) {
     wal_pages_ = pages;
     if (pages >= kCheckpointPages) {
@@ -690,7 +725,7 @@ class SqliteJournal final : public detail::Journal {
     }
   }
 
-  // Committer thread, between transactions, when the checkpointer has not let the WAL start
+  // The writing thread, between transactions, when the checkpointer has not let the WAL start
   // over: waits for a checkpoint in progress, then checkpoints on the committer's connection
   // (no writer now, so it copies the whole WAL and the next transaction starts it over).
   void checkpoint_here() {
@@ -727,7 +762,7 @@ class SqliteJournal final : public detail::Journal {
   const bool synchronous_full_;
   // Destroyed in reverse order: ckpt_db_, db_, then lock_.
   FileLock lock_;
-  Db db_;       // the committer's after open()
+  Db db_;       // after open(): the writing thread's (committing_)
   Db ckpt_db_;  // the checkpointer's
   std::thread committer_;
   std::thread checkpointer_;
@@ -747,6 +782,11 @@ class SqliteJournal final : public detail::Journal {
   std::vector<Op> current_;
   std::deque<Unit> queue_;
   std::size_t urgent_queued_ = 0;  // units in queue_ sealed by seal()
+  bool committing_ = false;        // a thread is writing a transaction (db_ is its)
+  // NORMAL: a waiting caller writes the queue itself when no transaction is in progress.
+  // FULL: the committer thread writes every group (a commit lasts an fsync, so under load
+  // the next group is ready when one ends and the committer thread goes on without a wake-up).
+  const bool callers_write_ = !synchronous_full_;
   std::uint64_t last_ticket_ = 0;
   std::uint64_t durable_ticket_ = 0;
   bool failed_ = false;
