@@ -318,7 +318,8 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, kReasonWrongKey, "decapsulate called without decapsulate_init");
       return 0;
     }
-    // Parse all of it before anything else: a hybrid's classical part, then the qkd part.
+    // Parse before anything else: the framing (all a size query checks), then the hybrid's
+    // classical point, then the key; a bad ciphertext never reaches the KME.
     const auto bytes = std::span<const std::uint8_t>(in, in == nullptr ? 0 : inlen);
     if (bytes.size() < kClassicalPublic) {
       QKD_RAISE(prov, kReasonBadCiphertext,
@@ -337,6 +338,10 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
                 "malformed qkd ciphertext: key_IDs announced to a key share without client_id");
       return 0;
     }
+    if (out == nullptr) {  // size query (libssl makes one before each decapsulation): no
+      *outlen = kSecretBytes;  // KME work, no point import; the real call checks everything
+      return 1;
+    }
     PkeyPtr peer_classical;
     if constexpr (kClassical != Classical::kNone) {
       auto peer = classical_import_peer(prov->methods(), kClassical,
@@ -346,10 +351,6 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
         return 0;
       }
       peer_classical = std::move(peer).value();
-    }
-    if (out == nullptr) {  // size query: no KME work
-      *outlen = kSecretBytes;
-      return 1;
     }
     if (!buffer_fits(prov, "secret", *outlen, kSecretBytes, qkd_fn)) {
       return 0;
