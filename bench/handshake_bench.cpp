@@ -28,8 +28,8 @@
 // `groups` (optional, comma-separated, e.g. "qkd,p256_qkd") limits the run to X25519 (the
 // baseline, always run) and the groups listed, for profiling one of them.
 //
-// Groups run round-robin (one handshake of each in turn, each round starting one group
-// later; in the concurrent table one batch of each in turn, three rounds), so that drift in
+// Groups run in rounds (one handshake of each per round, in a new random order each round;
+// in the concurrent table one batch of each in turn, three rounds), so that drift in
 // machine load, and work that recurs every n qkd handshakes, spread over all of them.
 #include <openssl/core_names.h>
 #include <openssl/err.h>
@@ -44,6 +44,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <numeric>
+#include <random>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -412,12 +414,16 @@ int main(int argc, char** argv) {
   // 1. Serial.
   std::vector<std::vector<double>> ms(rows.size()), server_ms(rows.size()),
       client_ms(rows.size());
+  // Each round runs the rows in a new order (a fixed seed): work that recurs every n
+  // handshakes of the qkd groups (a prefetch refill, a batch of announced keys fetched on
+  // another thread, slowing the handshake that runs beside it) would otherwise land on the
+  // same group every time.
+  std::mt19937 shuffle_rng(20261123);
+  std::vector<std::size_t> order(rows.size());
+  std::iota(order.begin(), order.end(), std::size_t{0});
   for (int i = -warmup; i < count; ++i) {
-    for (std::size_t k = 0; k < rows.size(); ++k) {
-      // Each round starts one row later: work that recurs every n handshakes of the qkd
-      // groups (a prefetch refill, a batch of announced keys) would otherwise always land
-      // on the same group.
-      const std::size_t r = (k + static_cast<std::size_t>(i + warmup)) % rows.size();
+    std::shuffle(order.begin(), order.end(), shuffle_rng);
+    for (const std::size_t r : order) {
       Times t;
       if (!run_one(rows[r], &t)) {
         return fail("handshake failed for " + rows[r].label);
