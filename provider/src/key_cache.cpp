@@ -176,6 +176,22 @@ Result<std::vector<KeyCache::Slot>> KeyCache::convert_keys(const std::vector<qkd
   return out;
 }
 
+template <typename Map>
+typename Map::iterator KeyCache::find_or_make_locked(Map& map, const typename Map::key_type& key,
+                                                     Clock::time_point now) {
+  if (now - last_sweep_ >= std::chrono::seconds(1)) {
+    sweep_locked(now);
+  }
+  auto it = map.find(key);
+  if (it == map.end() && map.size() >= limits_.max_saes) {
+    sweep_locked(now);
+  }
+  if (it == map.end() && map.size() < limits_.max_saes) {
+    it = map.emplace(key, typename Map::mapped_type{}).first;
+  }
+  return it;
+}
+
 Result<CachedKey> KeyCache::take(std::string_view slave, const ClientId* client,
                                  std::size_t key_bytes, Clock::time_point now,
                                  const Fetch& fetch) {
@@ -187,16 +203,7 @@ Result<CachedKey> KeyCache::take(std::string_view slave, const ClientId* client,
   {
     std::lock_guard lock(mu_);
     check_fork_locked();
-    if (now - last_sweep_ >= std::chrono::seconds(1)) {
-      sweep_locked(now);
-    }
-    auto it = reservations_.find(rk);
-    if (it == reservations_.end() && reservations_.size() >= limits_.max_saes) {
-      sweep_locked(now);
-    }
-    if (it == reservations_.end() && reservations_.size() < limits_.max_saes) {
-      it = reservations_.emplace(rk, Reservation{}).first;
-    }
+    auto it = find_or_make_locked(reservations_, rk, now);
     if (it != reservations_.end()) {  // else: too many client_ids; announce nothing to this one
       Reservation& r = it->second;
       ++r.seen;
@@ -293,16 +300,7 @@ Result<CachedKey> KeyCache::take_unreserved(const EntryKey& ek, Clock::time_poin
   {
     std::lock_guard lock(mu_);
     check_fork_locked();
-    if (now - last_sweep_ >= std::chrono::seconds(1)) {
-      sweep_locked(now);
-    }
-    auto it = entries_.find(ek);
-    if (it == entries_.end() && entries_.size() >= limits_.max_saes) {
-      sweep_locked(now);
-    }
-    if (it == entries_.end() && entries_.size() < limits_.max_saes) {
-      it = entries_.emplace(ek, Entry{}).first;
-    }
+    auto it = find_or_make_locked(entries_, ek, now);
     if (it != entries_.end()) {  // else: too many SAEs remembered; this one is not cached
       Entry& e = it->second;
       expire_locked(e, now);

@@ -159,6 +159,11 @@ class KeyCache final : public ForkGuarded {
   void expire_reserved_locked(const EntryKey& ek, Reservation& r, Clock::time_point now);
 
   void check_fork_locked();
+  // Sweeps at most once a second; then `map`'s entry for `key`, made when the map holds
+  // fewer than max_saes entries (after a sweep when it is full); end() when none can be.
+  template <typename Map>
+  typename Map::iterator find_or_make_locked(Map& map, const typename Map::key_type& key,
+                                             Clock::time_point now);
   void expire_locked(Entry& e, Clock::time_point now);
   void sweep_locked(Clock::time_point now);
   // After a hit: starts a background top-up when the SAE runs low (under mu_).
