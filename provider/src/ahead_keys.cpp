@@ -25,19 +25,21 @@ std::vector<std::string> as_text(const std::vector<KeyId>& ids) {
 
 }  // namespace
 
-AheadKeys::AheadKeys(AheadLimits limits) : limits_(limits), pid_(::getpid()) { guard_forks(); }
+AheadKeys::AheadKeys(AheadLimits limits)
+    : ForkGuarded(mu_), limits_(limits), pid_(::getpid()) {
+  guard_forks();
+}
 
 AheadKeys::~AheadKeys() {
   unguard_forks();
   shutdown();
 }
 
-void AheadKeys::unlock_in_child() {
+void AheadKeys::reset_in_child() {
   // Threads waiting on settled_ in the parent do not exist here, but the condition
   // variable still counts them, and a notify could wait for them for ever: start afresh
   // (the old one owns no resource to free).
   new (&settled_) std::condition_variable();
-  mu_.unlock();
 }
 
 void AheadKeys::stop_soon() {

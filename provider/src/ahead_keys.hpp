@@ -71,9 +71,7 @@ class AheadKeys final : public ForkGuarded {
   using Fetch = std::function<qkd::core::Result<std::vector<qkd::etsi::Key>>(
       const std::string& master, std::span<const std::string> key_ids)>;
 
-  explicit AheadKeys(AheadLimits limits = {});
-  AheadKeys(const AheadKeys&) = delete;
-  AheadKeys& operator=(const AheadKeys&) = delete;
+  explicit AheadKeys(AheadLimits limits = {});  // not copyable (ForkGuarded)
   ~AheadKeys();  // shutdown(); SecureBuf cleanses every key held
 
   // Starts no more work; the worker stops after its current call. Does not wait.
@@ -96,17 +94,15 @@ class AheadKeys final : public ForkGuarded {
                                                   std::size_t key_bytes, Clock::time_point now,
                                                   const Fetch& fetch);
 
-  // ForkGuarded: mu_ is held across fork(); the child gets a fresh condition variable.
-  void lock_for_fork() override { mu_.lock(); }
-  void unlock_in_parent() override { mu_.unlock(); }
-  void unlock_in_child() override;
-
   // Observers for tests and documentation.
   [[nodiscard]] std::size_t held();
   [[nodiscard]] AheadStats stats();
   [[nodiscard]] bool all_in_secure_heap();
 
  private:
+  // ForkGuarded: the child gets a fresh condition variable.
+  void reset_in_child() override;
+
   using HeldId = std::pair<std::string, KeyId>;  // (master SAE, key_ID)
   struct Held {
     SecureBuf key;

@@ -10,7 +10,10 @@ using qkd::core::ErrorCode;
 using qkd::core::make_error;
 using qkd::core::Result;
 
-KeyCache::KeyCache(KeyCacheLimits limits) : limits_(limits), pid_(::getpid()) { guard_forks(); }
+KeyCache::KeyCache(KeyCacheLimits limits)
+    : ForkGuarded(mu_), limits_(limits), pid_(::getpid()) {
+  guard_forks();
+}
 
 KeyCache::~KeyCache() {
   unguard_forks();

@@ -86,9 +86,7 @@ class KeyCache final : public ForkGuarded {
   // before shutdown().
   using Fetch = std::function<qkd::core::Result<std::vector<qkd::etsi::Key>>(std::uint32_t number)>;
 
-  explicit KeyCache(KeyCacheLimits limits = {});
-  KeyCache(const KeyCache&) = delete;
-  KeyCache& operator=(const KeyCache&) = delete;
+  explicit KeyCache(KeyCacheLimits limits = {});  // not copyable (ForkGuarded)
   ~KeyCache();  // shutdown(); SecureBuf cleanses every key held
 
   // Starts no more refills; does not wait.
@@ -107,11 +105,6 @@ class KeyCache final : public ForkGuarded {
   [[nodiscard]] qkd::core::Result<CachedKey> take(std::string_view slave, const ClientId* client,
                                                   std::size_t key_bytes, Clock::time_point now,
                                                   const Fetch& fetch);
-
-  // ForkGuarded: mu_ is held across fork().
-  void lock_for_fork() override { mu_.lock(); }
-  void unlock_in_parent() override { mu_.unlock(); }
-  void unlock_in_child() override { mu_.unlock(); }
 
   // Observers for tests and documentation.
   [[nodiscard]] std::size_t cached(std::string_view slave, std::size_t key_bytes);

@@ -60,6 +60,17 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
       s.deferred_error = "invalid setting " + key + " = \"" + value.substr(0, 40) + "\": " + rule;
     }
   };
+  // An integer setting in [min, max]: apply(value), else a deferred error naming `rule`.
+  const auto uint_setting = [&](const char* key, std::uint64_t min, std::uint64_t max,
+                                const char* rule, const auto& apply) {
+    if (const auto text = get(key)) {
+      if (const auto v = parse_uint(*text, min, max)) {
+        apply(*v);
+      } else {
+        defer(key, *text, rule);
+      }
+    }
+  };
   for (std::size_t i = 0; i < kGroups.size(); ++i) {
     s.codepoints[i] = kGroups[i].default_codepoint;
     const std::string key(kGroups[i].codepoint_setting);
@@ -105,13 +116,7 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
   s.key = get("key").value_or("");
   s.ca = get("ca").value_or("");
 
-  if (const auto t = get("timeout_ms")) {
-    if (const auto v = parse_uint(*t, 1, 600'000)) {
-      s.timeout = std::chrono::milliseconds(*v);
-    } else {
-      defer("timeout_ms", *t, "must be 1..600000");
-    }
-  }
+  uint_setting("timeout_ms", 1, 600'000, "must be 1..600000", [&](std::uint64_t v) { s.timeout = std::chrono::milliseconds(v); });
   if (const auto t = get("admit_rate")) {
     if (const auto v = parse_positive(*t)) {
       s.admission.rate_per_second = *v;
@@ -126,48 +131,12 @@ qkd::core::Result<Settings> resolve_settings(const RawSettings& raw) {
       defer("admit_burst", *t, "must be a number >= 1");
     }
   }
-  if (const auto t = get("admit_outstanding")) {
-    if (const auto v = parse_uint(*t, 1, 1'000'000)) {
-      s.admission.max_outstanding = static_cast<std::uint32_t>(*v);
-    } else {
-      defer("admit_outstanding", *t, "must be 1..1000000");
-    }
-  }
-  if (const auto t = get("admit_outstanding_total")) {
-    if (const auto v = parse_uint(*t, 1, 1'000'000)) {
-      s.admission.max_outstanding_total = static_cast<std::uint32_t>(*v);
-    } else {
-      defer("admit_outstanding_total", *t, "must be 1..1000000");
-    }
-  }
-  if (const auto t = get("prefetch_keys")) {
-    if (const auto v = parse_uint(*t, 1, 1024)) {
-      s.prefetch.max_batch = static_cast<std::uint32_t>(*v);
-    } else {
-      defer("prefetch_keys", *t, "must be 1..1024 (1: no prefetch)");
-    }
-  }
-  if (const auto t = get("prefetch_max_age_ms")) {
-    if (const auto v = parse_uint(*t, 1, 3'600'000)) {
-      s.prefetch.max_age = std::chrono::milliseconds(*v);
-    } else {
-      defer("prefetch_max_age_ms", *t, "must be 1..3600000");
-    }
-  }
-  if (const auto t = get("announce_keys")) {
-    if (const auto v = parse_uint(*t, 0, kMaxAhead)) {
-      s.prefetch.announce = static_cast<std::uint32_t>(*v);
-    } else {
-      defer("announce_keys", *t, "must be 0..32 (0: announce no key ahead)");
-    }
-  }
-  if (const auto t = get("fetch_ahead_keys")) {
-    if (const auto v = parse_uint(*t, 0, 4096)) {
-      s.ahead.max_keys = static_cast<std::size_t>(*v);
-    } else {
-      defer("fetch_ahead_keys", *t, "must be 0..4096 (0: fetch no key ahead)");
-    }
-  }
+  uint_setting("admit_outstanding", 1, 1'000'000, "must be 1..1000000", [&](std::uint64_t v) { s.admission.max_outstanding = static_cast<std::uint32_t>(v); });
+  uint_setting("admit_outstanding_total", 1, 1'000'000, "must be 1..1000000", [&](std::uint64_t v) { s.admission.max_outstanding_total = static_cast<std::uint32_t>(v); });
+  uint_setting("prefetch_keys", 1, 1024, "must be 1..1024 (1: no prefetch)", [&](std::uint64_t v) { s.prefetch.max_batch = static_cast<std::uint32_t>(v); });
+  uint_setting("prefetch_max_age_ms", 1, 3'600'000, "must be 1..3600000", [&](std::uint64_t v) { s.prefetch.max_age = std::chrono::milliseconds(v); });
+  uint_setting("announce_keys", 0, kMaxAhead, "must be 0..32 (0: announce no key ahead)", [&](std::uint64_t v) { s.prefetch.announce = static_cast<std::uint32_t>(v); });
+  uint_setting("fetch_ahead_keys", 0, 4096, "must be 0..4096 (0: fetch no key ahead)", [&](std::uint64_t v) { s.ahead.max_keys = static_cast<std::size_t>(v); });
   // The client keeps announced keys twice as long as a server reserves them (both ends
   // default to the same prefetch_max_age_ms), and waits for a fetch as long as for a KME.
   s.ahead.max_age = 2 * s.prefetch.max_age;
