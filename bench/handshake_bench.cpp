@@ -21,12 +21,18 @@
 //      another process over loopback TCP, no TLS, no HTTP, no KME;
 //   5. a hybrid server's crypto outside libssl (import, ephemeral key, ECDH, HKDF) with the
 //      EVP methods looked up by name in every call, as before, and made once per provider
-//      context (qkd::prov::CryptoMethods), alternating in blocks.
+//      context (qkd::prov::CryptoMethods), alternating in blocks;
+//   6. one P-256 ECDH (a derive with a peer key) as libssl 3.0 runs it for its own P-256
+//      group (EVP_PKEY_derive_set_peer: OpenSSL's full public-key check, a second scalar
+//      multiplication) and as the provider runs it for p256_qkd (the partial check, enough
+//      on a cofactor-1 curve: provider/src/classical.cpp), alternating in blocks.
 //
 //   handshake_bench [handshakes_per_group=300] [warmup_per_group=20] [threads=4] [groups]
+//                   [variants=yes]
 //
 // `groups` (optional, comma-separated, e.g. "qkd,p256_qkd") limits the run to X25519 (the
-// baseline, always run) and the groups listed, for profiling one of them.
+// baseline, always run) and the groups listed, for profiling one of them; `variants` = no
+// leaves out the "no keys announced" and "prefetch off" rows (profiling the default path).
 //
 // Groups run in rounds (one handshake of each per round, in a new random order each round;
 // in the concurrent table one batch of each in turn, three rounds), so that drift in
@@ -39,6 +45,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -109,11 +116,48 @@ struct Row {
 // One handshake; false (after printing why) when it fails or negotiates another group.
 struct Times {
   double total = 0, server = 0, client = 0;  // ms
+  // Where the wall time of the handshake went, for the tail table: this thread on a CPU, and
+  // waiting on a run queue (preempted or woken but not yet running); the rest it slept
+  // (blocked on a lock, a socket or a condition). Context switches: voluntary (it blocked)
+  // and involuntary (it was preempted).
+  double cpu = 0, queued = 0;  // ms
+  long voluntary = 0, involuntary = 0;
 };
+
+// This thread's CPU time and run-queue wait so far (ns; the wait is schedstat's second field) and
+// its context switches.
+struct ThreadClock {
+  std::uint64_t cpu_ns = 0, queued_ns = 0;
+  long voluntary = 0, involuntary = 0;
+  static ThreadClock now() {
+    ThreadClock c;
+    if (std::FILE* f = std::fopen("/proc/thread-self/schedstat", "r")) {
+      unsigned long long run = 0, wait = 0;
+      if (std::fscanf(f, "%llu %llu", &run, &wait) == 2) {
+        c.queued_ns = wait;
+      }
+      std::fclose(f);
+    }
+    timespec ts{};  // schedstat's own run time lags; this one is exact
+    if (::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
+      c.cpu_ns = static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ULL +
+                 static_cast<std::uint64_t>(ts.tv_nsec);
+    }
+    rusage u{};
+    if (::getrusage(RUSAGE_THREAD, &u) == 0) {
+      c.voluntary = u.ru_nvcsw;
+      c.involuntary = u.ru_nivcsw;
+    }
+    return c;
+  }
+};
+
 bool run_one(const Row& row, Times* times) {
+  const ThreadClock c0 = ThreadClock::now();
   const auto t0 = Clock::now();
   Handshake h = qkd::test_prov::handshake(row.client.get(), row.server.get());
   const auto t1 = Clock::now();
+  const ThreadClock c1 = ThreadClock::now();
   if (!h.ok) {
     std::fprintf(stderr, "%s: client: %s server: %s\n", row.label.c_str(),
                  h.client_errors.c_str(), h.server_errors.c_str());
@@ -129,6 +173,10 @@ bool run_one(const Row& row, Times* times) {
   times->total = std::chrono::duration<double, std::milli>(t1 - t0).count();
   times->server = h.server_ms;
   times->client = h.client_ms;
+  times->cpu = static_cast<double>(c1.cpu_ns - c0.cpu_ns) / 1e6;
+  times->queued = static_cast<double>(c1.queued_ns - c0.queued_ns) / 1e6;
+  times->voluntary = c1.voluntary - c0.voluntary;
+  times->involuntary = c1.involuntary - c0.involuntary;
   return true;
 }
 
@@ -224,6 +272,17 @@ bool server_crypto(qkd::prov::CryptoMethods* cached, Classical kind,
   return by_name_hkdf(secret, key);
 }
 
+// Table 6: one P-256 derive as libssl 3.0 makes it (the full check of the peer key).
+bool full_check_derive(EVP_PKEY* own, EVP_PKEY* peer, std::span<std::uint8_t> out) {
+  EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_pkey(nullptr, own, nullptr);
+  std::size_t len = out.size();
+  const bool ok = ctx != nullptr && EVP_PKEY_derive_init(ctx) == 1 &&
+                  EVP_PKEY_derive_set_peer(ctx, peer) == 1 &&
+                  EVP_PKEY_derive(ctx, out.data(), &len) == 1 && len == out.size();
+  EVP_PKEY_CTX_free(ctx);
+  return ok;
+}
+
 }  // namespace
 
 // The floor under any round trip to a local KME: a 64-byte message echoed by another
@@ -314,7 +373,8 @@ int main(int argc, char** argv) {
   const int threads = argc > 3 ? std::atoi(argv[3]) : 4;
   if (count <= 0 || warmup < 0 || threads <= 0 || threads > 64) {
     std::fprintf(stderr,
-                 "usage: %s [handshakes_per_group] [warmup_per_group] [threads] [groups]\n",
+                 "usage: %s [handshakes_per_group] [warmup_per_group] [threads] [groups] "
+                 "[variants=yes|no]\n",
                  argv[0]);
     return 2;
   }
@@ -345,6 +405,11 @@ int main(int argc, char** argv) {
   qkd::test::KmeNetworkOptions options;
   options.log_level = "warn";
   options.max_key_per_request = 128;
+  // The pool limit is what the run needs: the links fill it before the timed runs and then
+  // only top it up as handshakes spend keys, as a deployed link at its limit does. With the
+  // default limit (100,000) they would still be filling at full speed during the runs, the
+  // simulated engines and their link I/O taking most of both CPUs away from every group.
+  options.max_key_count = keys_needed;
   auto net = qkd::test::KmeNetwork::start(options);
   if (!net.ok()) {
     return fail("cannot start the KMEs: " + net.error().message);
@@ -400,12 +465,13 @@ int main(int argc, char** argv) {
       return fail("cannot make the TLS contexts for " + g);
     }
   }
-  for (const auto& g : qkd_groups) {
+  const bool variants = argc <= 5 || std::string(argv[5]) != "no";
+  for (const auto& g : variants ? qkd_groups : std::vector<std::string>{}) {
     if (!add_row(g + ", no keys announced", g, server_lib_quiet.get())) {
       return fail("cannot make the TLS contexts for " + g);
     }
   }
-  for (const auto& g : qkd_groups) {
+  for (const auto& g : variants ? qkd_groups : std::vector<std::string>{}) {
     if (!add_row(g + ", prefetch off", g, server_lib_off.get())) {
       return fail("cannot make the TLS contexts for " + g);
     }
@@ -414,6 +480,7 @@ int main(int argc, char** argv) {
   // 1. Serial.
   std::vector<std::vector<double>> ms(rows.size()), server_ms(rows.size()),
       client_ms(rows.size());
+  std::vector<std::vector<Times>> all_times(rows.size());
   // Each round runs the rows in a new order (a fixed seed): work that recurs every n
   // handshakes of the qkd groups (a prefetch refill, a batch of announced keys fetched on
   // another thread, slowing the handshake that runs beside it) would otherwise land on the
@@ -432,6 +499,7 @@ int main(int argc, char** argv) {
         ms[r].push_back(t.total);
         server_ms[r].push_back(t.server);
         client_ms[r].push_back(t.client);
+        all_times[r].push_back(t);
       }
     }
   }
@@ -591,6 +659,40 @@ int main(int argc, char** argv) {
     }
   }
 
+  // 6. One P-256 derive: libssl's full peer check against the provider's partial one.
+  std::vector<double> full_us, partial_us;
+  {
+    auto own = qkd::prov::classical_generate(nullptr, Classical::kP256);
+    auto other = qkd::prov::classical_generate(nullptr, Classical::kP256);
+    if (!own.ok() || !other.ok()) {
+      return fail("cannot make P-256 keys for table 6");
+    }
+    const auto other_pub = qkd::prov::classical_public(other->get(), Classical::kP256).value();
+    auto peer = qkd::prov::classical_import_peer(nullptr, Classical::kP256, other_pub);
+    if (!peer.ok()) {
+      return fail("cannot import a P-256 key for table 6");
+    }
+    std::array<std::uint8_t, 32> a{}, b{};
+    for (int block = 0; block < 20; ++block) {
+      for (auto* into : {&full_us, &partial_us}) {
+        for (int i = 0; i < std::max(1, count / 10); ++i) {
+          const auto t0 = Clock::now();
+          const bool ok = into == &full_us
+                              ? full_check_derive(own->get(), peer->get(), a)
+                              : qkd::prov::classical_derive(nullptr, own->get(), peer->get(), b)
+                                    .ok();
+          if (!ok) {
+            return fail("table 6: derive failed");
+          }
+          into->push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+        }
+      }
+    }
+    if (a != b) {
+      return fail("table 6: the two derives disagree");
+    }
+  }
+
   const Stats base = stats_of(ms[0]);
   std::printf("Serial (one thread, round-robin):\n\n");
   std::printf("| group | handshakes/s | p50 (ms) | p99 (ms) | rate vs X25519 | p99 - X25519 p99 (ms) |\n");
@@ -616,6 +718,38 @@ int main(int argc, char** argv) {
                 rows[r].label.c_str(), sv.mean_ms, sv.p50_ms, sv.p99_ms, sv.rate,
                 sv.rate / base_server.rate, cl.mean_ms, cl.p50_ms, cl.p99_ms,
                 cl.rate / base_client.rate);
+  }
+  // Where the time of the slowest handshakes went: the tail's cause is on the CPU (more
+  // work), on a run queue (other threads and processes took the CPUs) or asleep (waiting for
+  // a lock or a reply), against the same means over all handshakes of the group.
+  std::printf("\nSerial tail: the slowest 2 %% of each group's handshakes against all of them "
+              "(means; ms; switches per handshake). cpu = this thread on a CPU, queued = "
+              "runnable but waiting for a CPU, asleep = the rest (blocked):\n\n");
+  std::printf("| group | all: wall | cpu | queued | asleep | slowest 2 %%: wall | cpu | queued | "
+              "asleep | voluntary switches | involuntary switches |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    std::vector<Times> t = all_times[r];
+    std::sort(t.begin(), t.end(), [](const Times& a, const Times& b) { return a.total > b.total; });
+    const auto mean_of = [](const std::vector<Times>& v, std::size_t first, auto field) {
+      double sum = 0;
+      for (std::size_t i = 0; i < first; ++i) {
+        sum += field(v[i]);
+      }
+      return first == 0 ? 0.0 : sum / static_cast<double>(first);
+    };
+    const auto wall = [](const Times& x) { return x.total; };
+    const auto cpu = [](const Times& x) { return x.cpu; };
+    const auto queued = [](const Times& x) { return x.queued; };
+    const auto asleep = [](const Times& x) { return std::max(0.0, x.total - x.cpu - x.queued); };
+    const auto vol = [](const Times& x) { return static_cast<double>(x.voluntary); };
+    const auto invol = [](const Times& x) { return static_cast<double>(x.involuntary); };
+    const std::size_t tail = std::max<std::size_t>(1, t.size() / 50);
+    std::printf("| %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f | %.1f |\n",
+                rows[r].label.c_str(), mean_of(t, t.size(), wall), mean_of(t, t.size(), cpu),
+                mean_of(t, t.size(), queued), mean_of(t, t.size(), asleep),
+                mean_of(t, tail, wall), mean_of(t, tail, cpu), mean_of(t, tail, queued),
+                mean_of(t, tail, asleep), mean_of(t, tail, vol), mean_of(t, tail, invol));
   }
   std::printf("\nConcurrent (%d threads, each whole handshakes, %d rounds of %d per thread):\n\n",
               threads, kRounds, per_thread);
@@ -675,6 +809,16 @@ int main(int argc, char** argv) {
     const Stats cached = stats_of(row.cached_us);
     std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.1f |\n", row.label, by_name.mean_ms,
                 by_name.p50_ms, cached.mean_ms, cached.p50_ms, by_name.p50_ms - cached.p50_ms);
+  }
+  {
+    const Stats full = stats_of(full_us);
+    const Stats partial = stats_of(partial_us);
+    std::printf("\nOne P-256 ECDH derive (context, peer check, derive; us):\n\n");
+    std::printf("| peer check | mean (us) | p50 (us) |\n|---|---:|---:|\n");
+    std::printf("| full (EVP_PKEY_derive_set_peer, as libssl 3.0 does for P-256) | %.1f | %.1f |\n",
+                full.mean_ms, full.p50_ms);
+    std::printf("| partial (the provider, for p256_qkd) | %.1f | %.1f |\n", partial.mean_ms,
+                partial.p50_ms);
   }
   std::printf("\n%d handshakes per group after %d warm-up, round-robin, one thread; then %d "
               "threads.\n", count, warmup, threads);

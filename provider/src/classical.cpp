@@ -141,8 +141,22 @@ qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, EVP_PKEY* own, EVP_PKEY
   if (!ctx || EVP_PKEY_derive_init(ctx.get()) != 1) {
     return fail(ErrorCode::kInternal, "cannot start ECDH");
   }
+  // P-256: OpenSSL 3.0's EVP_PKEY_derive_set_peer runs the full public-key check, whose
+  // last step (n * Q is the point at infinity) is a second scalar multiplication, as costly
+  // as the ECDH itself. P-256 has cofactor 1: every point on the curve but infinity has
+  // order n, so that step cannot fail for a point that passes the partial check (SP 800-56A
+  // rev. 3, 5.6.2.3.4: coordinates in range, on the curve, not infinity), which is what we
+  // run instead; classical_import_peer has already refused off-curve points.
   // For X25519 OpenSSL refuses an all-zero result (a small-order peer point, RFC 7748 6.1).
-  if (EVP_PKEY_derive_set_peer(ctx.get(), peer) != 1 ||
+  const bool ec = EVP_PKEY_is_a(peer, "EC") == 1;
+  if (ec) {
+    PkeyCtxPtr check(EVP_PKEY_CTX_new_from_pkey(libctx, peer, nullptr));
+    if (!check || EVP_PKEY_public_check_quick(check.get()) != 1) {
+      OPENSSL_cleanse(out.data(), out.size());
+      return fail(ErrorCode::kProtocol, "ECDH: the peer's P-256 public key is not valid");
+    }
+  }
+  if (EVP_PKEY_derive_set_peer_ex(ctx.get(), peer, ec ? 0 : 1) != 1 ||
       EVP_PKEY_derive(ctx.get(), out.data(), &len) != 1 || len != out.size()) {
     OPENSSL_cleanse(out.data(), out.size());
     return fail(ErrorCode::kProtocol, "ECDH with the peer's public key failed (invalid point)");

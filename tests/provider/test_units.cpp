@@ -86,6 +86,34 @@ TEST(Classical, EcdhRoundTripBothKinds) {
   }
 }
 
+// classical_derive checks a P-256 peer with the partial check (cofactor 1: the full check's
+// n * Q step cannot fail for an on-curve point); the secret is the one OpenSSL's fully
+// checked derive gives, and every peer that passes the full check passes it.
+TEST(Classical, P256PartialCheckDerivesWhatTheFullCheckDoes) {
+  for (int i = 0; i < 8; ++i) {
+    auto own = classical_generate(nullptr, Classical::kP256);
+    auto other = classical_generate(nullptr, Classical::kP256);
+    ASSERT_TRUE(own.ok() && other.ok());
+    auto peer = classical_import_peer(nullptr, Classical::kP256,
+                                      classical_public(other->get(), Classical::kP256).value());
+    ASSERT_TRUE(peer.ok());
+    EVP_PKEY_CTX* check = EVP_PKEY_CTX_new_from_pkey(nullptr, peer->get(), nullptr);
+    ASSERT_NE(check, nullptr);
+    EXPECT_EQ(EVP_PKEY_public_check(check), 1);  // the full check, n * Q included
+    EVP_PKEY_CTX_free(check);
+    std::array<std::uint8_t, 32> ours{}, full{};
+    ASSERT_TRUE(classical_derive(nullptr, own->get(), peer->get(), ours).ok());
+    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_pkey(nullptr, own->get(), nullptr);
+    ASSERT_NE(ctx, nullptr);
+    std::size_t len = full.size();
+    EXPECT_EQ(EVP_PKEY_derive_init(ctx), 1);
+    EXPECT_EQ(EVP_PKEY_derive_set_peer(ctx, peer->get()), 1);
+    EXPECT_EQ(EVP_PKEY_derive(ctx, full.data(), &len), 1);
+    EVP_PKEY_CTX_free(ctx);
+    EXPECT_EQ(ours, full);
+  }
+}
+
 TEST(Classical, ImportIsStrict) {
   auto p = classical_generate(nullptr, Classical::kP256);
   ASSERT_TRUE(p.ok());
