@@ -11,8 +11,11 @@
 //
 //   kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K]
 //            [--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no]
-//            [--engine-nice N] [--synchronous full|normal]
-// (--keys: pool to fill first; the link keeps producing during the runs. --number with a
+//            [--engine-nice N] [--synchronous full|normal] [--pool-limit K]
+// (--keys: pool to fill first; --pool-limit: keys.max_key_count of both KMEs, default the
+// same as --keys: the links fill the pool, then only top it up as the runs spend keys, as a
+// deployed link at its limit does; a larger limit keeps them producing at full speed, and
+// the simulated engines and link I/O then compete with the API for the CPUs. --number with a
 // list: one closed-loop row per value at each connection count. --conns 0: no closed-loop
 // rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own default;
 // --synchronous: store.synchronous of both durable KMEs, default not written = full)
@@ -112,6 +115,7 @@ struct Result {
   std::uint64_t errors = 0;
   double seconds = 0;
   Lat lat;
+  Lat enc, dec;  // the open loop's requests by route (lat holds both)
 };
 
 // One enc_keys at alice + the matching dec_keys at bob; returns keys matched (0 on error).
@@ -196,6 +200,8 @@ Result closed_loop(const qkd::test::KmeNetwork& net, int conns, unsigned number,
       total.requests += r.requests;
       total.errors += r.errors;
       total.lat.us.insert(total.lat.us.end(), r.lat.us.begin(), r.lat.us.end());
+      total.enc.us.insert(total.enc.us.end(), r.enc.us.begin(), r.enc.us.end());
+      total.dec.us.insert(total.dec.us.end(), r.dec.us.begin(), r.dec.us.end());
     });
   }
   while (ready.load() < conns) {
@@ -236,6 +242,7 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
         std::string body;
         unsigned st = a.request(http::verb::get, "/api/v1/keys/bob/enc_keys", "", body);
         r.lat.add(Clock::now() - next);
+        r.enc.add(Clock::now() - next);
         const auto t1 = Clock::now();
         if (st == 200) {
           const json enc = json::parse(body);
@@ -243,6 +250,7 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
               json{{"key_IDs", {{{"key_ID", enc["keys"][0]["key_ID"]}}}}}.dump();
           st = b.request(http::verb::post, "/api/v1/keys/alice/dec_keys", dec_req, body);
           r.lat.add(Clock::now() - t1);
+          r.dec.add(Clock::now() - t1);
           r.deliveries += st == 200;
         }
         r.errors += st != 200;
@@ -254,6 +262,8 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
       total.requests += r.requests;
       total.errors += r.errors;
       total.lat.us.insert(total.lat.us.end(), r.lat.us.begin(), r.lat.us.end());
+      total.enc.us.insert(total.enc.us.end(), r.enc.us.begin(), r.enc.us.end());
+      total.dec.us.insert(total.dec.us.end(), r.dec.us.begin(), r.dec.us.end());
     });
   }
   for (auto& t : threads) {
@@ -287,11 +297,12 @@ int run(int argc, char** argv) {
   std::string store = "both";
   std::string synchronous;  // store.synchronous; empty: not written
   std::uint64_t keys = 0;  // pool to wait for; 0 = enough for every run at ~15,000/s
+  std::uint64_t pool_limit = 0;  // keys.max_key_count; 0 = the pool waited for
   const auto usage = [](std::FILE* to) {
     std::fprintf(to,
                  "usage: kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K] "
                  "[--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no] "
-                 "[--engine-nice N] [--synchronous full|normal]\n"
+                 "[--engine-nice N] [--synchronous full|normal] [--pool-limit K]\n"
                  "  --seconds S      length of each row [s] (default 3)\n"
                  "  --number N,...   keys per enc_keys request, closed loop (default 1)\n"
                  "  --rate R         open-loop request rate [requests/s] (default 1000)\n"
@@ -301,7 +312,9 @@ int run(int argc, char** argv) {
                  "  --open-loop Y    the open-loop row: yes (default) or no\n"
                  "  --engine-nice N  link.engine_nice of both KMEs (default: the KME's)\n"
                  "  --synchronous S  store.synchronous of both KMEs: full or normal\n"
-                 "                   (default: not written, the KME's default full)\n");
+                 "                   (default: not written, the KME's default full)\n"
+                 "  --pool-limit K   keys.max_key_count of both KMEs (default: --keys; the\n"
+                 "                   links then only top the pool up during the runs)\n");
   };
   for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
@@ -333,6 +346,8 @@ int run(int argc, char** argv) {
       store = argv[i + 1];
     } else if (a == "--synchronous") {
       synchronous = argv[i + 1];
+    } else if (a == "--pool-limit") {
+      pool_limit = std::stoull(argv[i + 1]);
     } else {
       std::fprintf(stderr, "kms_load: unknown option %s\n", a.c_str());
       usage(stderr);
@@ -341,6 +356,7 @@ int run(int argc, char** argv) {
   }
   std::printf("| store | load | connections | keys/request | requests/s | key deliveries/s | "
               "p50 µs | p99 µs | p99.9 µs | errors |\n|---|---|---|---|---|---|---|---|---|---|\n");
+  std::vector<std::string> by_route;  // the open-loop rows split by route
   for (const bool durable : {false, true}) {
     if ((durable && store == "memory") || (!durable && store == "durable")) {
       continue;
@@ -348,7 +364,6 @@ int run(int argc, char** argv) {
     qkd::test::KmeNetworkOptions o;
     o.log_level = "warn";
     o.durable_store = durable;
-    o.max_key_count = 2'000'000;
     o.max_key_per_request = 128;
     o.length_km = 1;
     o.customize = [engine_nice, durable, synchronous](json& a, json& b) {
@@ -363,23 +378,25 @@ int run(int argc, char** argv) {
         }
       }
     };
+    // Enough for every run at ~15,000 deliveries/s.
+    const unsigned number = *std::max_element(numbers.begin(), numbers.end());
+    const auto need =
+        keys != 0 ? keys : static_cast<std::uint64_t>(seconds * 15'000 * 4 * number);
+    o.max_key_count = pool_limit != 0 ? std::max(pool_limit, need) : need;
     auto net = qkd::test::KmeNetwork::start(o);
     if (!net.ok()) {
       std::fprintf(stderr, "cannot start the KMEs: %s\n", net.error().message.c_str());
       return 1;
     }
-    // Enough for every run at ~15,000 deliveries/s (the link keeps producing meanwhile).
-    const unsigned number = *std::max_element(numbers.begin(), numbers.end());
-    const auto need =
-        keys != 0 ? keys : static_cast<std::uint64_t>(seconds * 15'000 * 4 * number);
     const auto t0 = Clock::now();
     if (auto s = (*net)->wait_for_keys(need, std::chrono::minutes(10)); !s.ok()) {
       std::fprintf(stderr, "pool not filled: %s\n", s.error().message.c_str());
       return 1;
     }
-    std::fprintf(stderr, "%s: %llu keys ready after %.1f s\n", durable ? "durable" : "memory",
-                 static_cast<unsigned long long>(need),
-                 std::chrono::duration<double>(Clock::now() - t0).count());
+    std::fprintf(stderr, "%s: %llu keys ready after %.1f s (pool limit %llu)\n",
+                 durable ? "durable" : "memory", static_cast<unsigned long long>(need),
+                 std::chrono::duration<double>(Clock::now() - t0).count(),
+                 static_cast<unsigned long long>(o.max_key_count));
     const std::string st_name =
         !durable ? "memory" : synchronous.empty() ? "durable" : "durable (" + synchronous + ")";
     const char* st = st_name.c_str();
@@ -398,8 +415,21 @@ int run(int argc, char** argv) {
       }
     }
     if (open) {
-      row(fmt::format("enc+dec, open loop {:.0f} req/s", rate).c_str(), 8, 1,
-          open_loop(**net, 8, rate, seconds));
+      Result r = open_loop(**net, 8, rate, seconds);
+      const std::string load = fmt::format("enc+dec, open loop {:.0f} req/s", rate);
+      by_route.push_back(fmt::format("| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} |",
+                                     st, load, r.enc.pct(0.5), r.enc.pct(0.99), r.enc.pct(0.999),
+                                     r.dec.pct(0.5), r.dec.pct(0.99), r.dec.pct(0.999)));
+      row(load.c_str(), 8, 1, std::move(r));
+    }
+  }
+  if (!by_route.empty()) {
+    std::printf("\nOpen loop by route (enc_keys latency from its scheduled time; dec_keys from "
+                "the end of its enc_keys, sent at once):\n\n| store | load | enc_keys p50 µs | "
+                "p99 µs | p99.9 µs | dec_keys p50 µs | p99 µs | p99.9 µs |\n"
+                "|---|---|---|---|---|---|---|---|\n");
+    for (const auto& line : by_route) {
+      std::printf("%s\n", line.c_str());
     }
   }
   return 0;

@@ -4,7 +4,8 @@
 #
 #   qkd_net_start WORKDIR [LENGTH_KM] [EVE_FRACTION]   # PKI, configs, both KMEs started
 #     (QKD_CHANNEL_EXTRA / QKD_PROTOCOL_EXTRA: extra JSON members for link.channel and
-#      link.protocol, e.g. '"source": "weak_coherent", "prob_decoy": 0.2')
+#      link.protocol, e.g. '"source": "weak_coherent", "prob_decoy": 0.2'; QKD_MAX_KEY_COUNT:
+#      keys.max_key_count, the pool size at which the links stop and only top up)
 #   qkd_net_wait_keys MIN_KEYS TIMEOUT_S               # until both KMEs hold MIN_KEYS keys
 #   qkd_status SAE KME_URL SLAVE                       # prints the ETSI 014 status JSON
 #   qkd_net_stop                                       # stops what qkd_net_start started
@@ -37,7 +38,8 @@ qkd_wait_file() {  # qkd_wait_file FILE TIMEOUT_S PID
 }
 
 qkd_write_kme_config() {  # qkd_write_kme_config FILE ROLE ME PEER MY_SAE PEER_SAE LINK_ADDR KM EVE PSK
-  local role=$2 linkkey=listen
+  local role=$2 linkkey=listen limit=
+  [ -n "${QKD_MAX_KEY_COUNT:-}" ] && limit=", \"max_key_count\": $QKD_MAX_KEY_COUNT"
   [ "$role" = bob ] && linkkey=connect
   cat > "$1" <<JSON
 {
@@ -45,7 +47,7 @@ qkd_write_kme_config() {  # qkd_write_kme_config FILE ROLE ME PEER MY_SAE PEER_S
   "api": {"listen": "127.0.0.1:0", "cert": "$QKD_PKI_DIR/$3.crt", "key": "$QKD_PKI_DIR/$3.key",
           "ca": "$QKD_PKI_DIR/ca.crt"},
   "saes": ["$5"],
-  "keys": {"key_size": 256, "dec_wait_ms": 2000},
+  "keys": {"key_size": 256, "dec_wait_ms": 2000$limit},
   "link": {
     "peer_kme_id": "$4", "peer_saes": ["$6"], "role": "$role", "$linkkey": "$7",
     "psk_hex": "${10}",
