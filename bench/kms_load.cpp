@@ -12,12 +12,14 @@
 //   kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K]
 //            [--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no]
 //            [--engine-nice N] [--synchronous full|normal] [--pool-limit K]
-// (--keys: pool to fill first; --pool-limit: keys.max_key_count of both KMEs, default the
-// same as --keys: the links fill the pool, then only top it up as the runs spend keys, as a
-// deployed link at its limit does; a larger limit keeps them producing at full speed, and
-// the simulated engines and link I/O then compete with the API for the CPUs. --number with a
-// list: one closed-loop row per value at each connection count. --conns 0: no closed-loop
-// rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own default;
+// The closed-loop rows and the open-loop row each get their own pair of KMEs. --keys: the
+// pool to fill before the runs (default: enough for them). --pool-limit: keys.max_key_count
+// of both KMEs; default for the closed-loop rows 2,000,000 (they spend more than a pool
+// holds: the links go on producing at full speed), for the open-loop row the pool it fills:
+// the links then only top it up as the run spends keys, as a deployed link at its limit
+// does, instead of their simulated engines and link I/O taking the CPUs from the API.
+// --number with a list: one closed-loop row per value at each connection count. --conns 0:
+// no closed-loop rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own;
 // --synchronous: store.synchronous of both durable KMEs, default not written = full)
 #include <fmt/format.h>
 
@@ -287,6 +289,9 @@ std::vector<unsigned> parse_list(const std::string& text) {
   return out;
 }
 
+// The closed-loop rows' pool limit unless --pool-limit says otherwise.
+constexpr std::uint64_t kClosedLoopPoolLimit = 2'000'000;
+
 int run(int argc, char** argv) {
   double seconds = 3;
   std::vector<unsigned> numbers{1};
@@ -313,8 +318,9 @@ int run(int argc, char** argv) {
                  "  --engine-nice N  link.engine_nice of both KMEs (default: the KME's)\n"
                  "  --synchronous S  store.synchronous of both KMEs: full or normal\n"
                  "                   (default: not written, the KME's default full)\n"
-                 "  --pool-limit K   keys.max_key_count of both KMEs (default: --keys; the\n"
-                 "                   links then only top the pool up during the runs)\n");
+                 "  --pool-limit K   keys.max_key_count of both KMEs (default: 2,000,000 for\n"
+                 "                   the closed-loop rows, the filled pool for the open loop,\n"
+                 "                   whose links then only top it up)\n");
   };
   for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
@@ -378,25 +384,26 @@ int run(int argc, char** argv) {
         }
       }
     };
-    // Enough for every run at ~15,000 deliveries/s.
-    const unsigned number = *std::max_element(numbers.begin(), numbers.end());
-    const auto need =
-        keys != 0 ? keys : static_cast<std::uint64_t>(seconds * 15'000 * 4 * number);
-    o.max_key_count = pool_limit != 0 ? std::max(pool_limit, need) : need;
-    auto net = qkd::test::KmeNetwork::start(o);
-    if (!net.ok()) {
-      std::fprintf(stderr, "cannot start the KMEs: %s\n", net.error().message.c_str());
-      return 1;
-    }
-    const auto t0 = Clock::now();
-    if (auto s = (*net)->wait_for_keys(need, std::chrono::minutes(10)); !s.ok()) {
-      std::fprintf(stderr, "pool not filled: %s\n", s.error().message.c_str());
-      return 1;
-    }
-    std::fprintf(stderr, "%s: %llu keys ready after %.1f s (pool limit %llu)\n",
-                 durable ? "durable" : "memory", static_cast<unsigned long long>(need),
-                 std::chrono::duration<double>(Clock::now() - t0).count(),
-                 static_cast<unsigned long long>(o.max_key_count));
+    // A KME pair with `limit` as keys.max_key_count, holding `need` keys.
+    const auto start_net = [&](std::uint64_t need, std::uint64_t limit)
+        -> std::unique_ptr<qkd::test::KmeNetwork> {
+      o.max_key_count = std::max(limit, need);
+      auto net = qkd::test::KmeNetwork::start(o);
+      if (!net.ok()) {
+        std::fprintf(stderr, "cannot start the KMEs: %s\n", net.error().message.c_str());
+        return nullptr;
+      }
+      const auto t0 = Clock::now();
+      if (auto s = (*net)->wait_for_keys(need, std::chrono::minutes(10)); !s.ok()) {
+        std::fprintf(stderr, "pool not filled: %s\n", s.error().message.c_str());
+        return nullptr;
+      }
+      std::fprintf(stderr, "%s: %llu keys ready after %.1f s (pool limit %llu)\n",
+                   durable ? "durable" : "memory", static_cast<unsigned long long>(need),
+                   std::chrono::duration<double>(Clock::now() - t0).count(),
+                   static_cast<unsigned long long>(o.max_key_count));
+      return std::move(net.value());
+    };
     const std::string st_name =
         !durable ? "memory" : synchronous.empty() ? "durable" : "durable (" + synchronous + ")";
     const char* st = st_name.c_str();
@@ -407,15 +414,32 @@ int run(int argc, char** argv) {
                   r.lat.pct(0.999), static_cast<unsigned long long>(r.errors));
       std::fflush(stdout);
     };
-    for (const unsigned uc : conn_counts) {
-      const int c = static_cast<int>(uc);
-      row("GET /health (baseline)", c, 0, closed_loop(**net, c, 0, seconds / 2, true));
-      for (const unsigned n : numbers) {
-        row("enc+dec, closed loop", c, n, closed_loop(**net, c, n, seconds, false));
+    if (!conn_counts.empty()) {
+      // The closed-loop rows spend more than a pool holds: the links go on producing.
+      const unsigned number = *std::max_element(numbers.begin(), numbers.end());
+      const auto need = keys != 0 ? keys : static_cast<std::uint64_t>(seconds * 15'000 * 4 * number);
+      auto net = start_net(need, pool_limit != 0 ? pool_limit : kClosedLoopPoolLimit);
+      if (!net) {
+        return 1;
+      }
+      for (const unsigned uc : conn_counts) {
+        const int c = static_cast<int>(uc);
+        row("GET /health (baseline)", c, 0, closed_loop(*net, c, 0, seconds / 2, true));
+        for (const unsigned n : numbers) {
+          row("enc+dec, closed loop", c, n, closed_loop(*net, c, n, seconds, false));
+        }
       }
     }
     if (open) {
-      Result r = open_loop(**net, 8, rate, seconds);
+      // A fresh pair whose pool holds the whole run (one key per enc_keys + dec_keys pair),
+      // the links only topping it up meanwhile (see the header).
+      const auto need =
+          keys != 0 ? keys : static_cast<std::uint64_t>(rate * seconds) + 2'000;
+      auto net = start_net(need, pool_limit != 0 ? pool_limit : need);
+      if (!net) {
+        return 1;
+      }
+      Result r = open_loop(*net, 8, rate, seconds);
       const std::string load = fmt::format("enc+dec, open loop {:.0f} req/s", rate);
       by_route.push_back(fmt::format("| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} |",
                                      st, load, r.enc.pct(0.5), r.enc.pct(0.99), r.enc.pct(0.999),
