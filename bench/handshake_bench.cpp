@@ -129,35 +129,54 @@ struct Times {
 struct ThreadClock {
   std::uint64_t cpu_ns = 0, queued_ns = 0;
   long voluntary = 0, involuntary = 0;
-  static ThreadClock now() {
+  bool schedstat = false;  // false: the kernel keeps no run-queue times (no sched_info)
+  // The CPU clock is read last before a handshake and first after it (`before`), so that
+  // the /proc read and getrusage stay outside the CPU window as they are outside the wall
+  // clock's.
+  static ThreadClock now(bool before) {
     ThreadClock c;
+    if (!before) {
+      c.cpu_ns = cpu_now();
+    }
     if (std::FILE* f = std::fopen("/proc/thread-self/schedstat", "r")) {
       unsigned long long run = 0, wait = 0;
-      if (std::fscanf(f, "%llu %llu", &run, &wait) == 2) {
+      if (std::fscanf(f, "%llu %llu", &run, &wait) == 2 && run != 0) {
         c.queued_ns = wait;
+        c.schedstat = true;
       }
       std::fclose(f);
-    }
-    timespec ts{};  // schedstat's own run time lags; this one is exact
-    if (::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
-      c.cpu_ns = static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ULL +
-                 static_cast<std::uint64_t>(ts.tv_nsec);
     }
     rusage u{};
     if (::getrusage(RUSAGE_THREAD, &u) == 0) {
       c.voluntary = u.ru_nvcsw;
       c.involuntary = u.ru_nivcsw;
     }
+    if (before) {
+      c.cpu_ns = cpu_now();
+    }
     return c;
+  }
+  static std::uint64_t cpu_now() {  // schedstat's own run time lags; this one is exact
+    timespec ts{};
+    if (::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) {
+      return 0;
+    }
+    return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ULL +
+           static_cast<std::uint64_t>(ts.tv_nsec);
   }
 };
 
-bool run_one(const Row& row, Times* times) {
-  const ThreadClock c0 = ThreadClock::now();
+// True until a reading finds no run-queue times; the tail table then prints n/a for them.
+bool g_schedstat = true;
+
+// `detailed`: also where the time went (Times::cpu...), for the serial table only: the
+// readings cost about 20 us a handshake.
+bool run_one(const Row& row, Times* times, bool detailed = false) {
+  const ThreadClock c0 = detailed ? ThreadClock::now(true) : ThreadClock{};
   const auto t0 = Clock::now();
   Handshake h = qkd::test_prov::handshake(row.client.get(), row.server.get());
   const auto t1 = Clock::now();
-  const ThreadClock c1 = ThreadClock::now();
+  const ThreadClock c1 = detailed ? ThreadClock::now(false) : ThreadClock{};
   if (!h.ok) {
     std::fprintf(stderr, "%s: client: %s server: %s\n", row.label.c_str(),
                  h.client_errors.c_str(), h.server_errors.c_str());
@@ -173,6 +192,10 @@ bool run_one(const Row& row, Times* times) {
   times->total = std::chrono::duration<double, std::milli>(t1 - t0).count();
   times->server = h.server_ms;
   times->client = h.client_ms;
+  if (!detailed) {
+    return true;
+  }
+  g_schedstat = g_schedstat && c0.schedstat && c1.schedstat;
   times->cpu = static_cast<double>(c1.cpu_ns - c0.cpu_ns) / 1e6;
   times->queued = static_cast<double>(c1.queued_ns - c0.queued_ns) / 1e6;
   times->voluntary = c1.voluntary - c0.voluntary;
@@ -270,17 +293,6 @@ bool server_crypto(qkd::prov::CryptoMethods* cached, Classical kind,
     return qkd::prov::derive_bound_key(*cached, secret, key, b).ok();
   }
   return by_name_hkdf(secret, key);
-}
-
-// Table 6: one P-256 derive as libssl 3.0 makes it (the full check of the peer key).
-bool full_check_derive(EVP_PKEY* own, EVP_PKEY* peer, std::span<std::uint8_t> out) {
-  EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_pkey(nullptr, own, nullptr);
-  std::size_t len = out.size();
-  const bool ok = ctx != nullptr && EVP_PKEY_derive_init(ctx) == 1 &&
-                  EVP_PKEY_derive_set_peer(ctx, peer) == 1 &&
-                  EVP_PKEY_derive(ctx, out.data(), &len) == 1 && len == out.size();
-  EVP_PKEY_CTX_free(ctx);
-  return ok;
 }
 
 }  // namespace
@@ -492,7 +504,7 @@ int main(int argc, char** argv) {
     std::shuffle(order.begin(), order.end(), shuffle_rng);
     for (const std::size_t r : order) {
       Times t;
-      if (!run_one(rows[r], &t)) {
+      if (!run_one(rows[r], &t, /*detailed=*/true)) {
         return fail("handshake failed for " + rows[r].label);
       }
       if (i >= 0) {
@@ -678,7 +690,8 @@ int main(int argc, char** argv) {
         for (int i = 0; i < std::max(1, count / 10); ++i) {
           const auto t0 = Clock::now();
           const bool ok = into == &full_us
-                              ? full_check_derive(own->get(), peer->get(), a)
+                              ? qkd::test_prov::openssl_full_check_derive(
+                                    own->get(), peer->get(), a.data(), a.size())
                               : qkd::prov::classical_derive(nullptr, own->get(), peer->get(), b)
                                     .ok();
           if (!ok) {
@@ -722,9 +735,13 @@ int main(int argc, char** argv) {
   // Where the time of the slowest handshakes went: the tail's cause is on the CPU (more
   // work), on a run queue (other threads and processes took the CPUs) or asleep (waiting for
   // a lock or a reply), against the same means over all handshakes of the group.
-  std::printf("\nSerial tail: the slowest 2 %% of each group's handshakes against all of them "
-              "(means; ms; switches per handshake). cpu = this thread on a CPU, queued = "
-              "runnable but waiting for a CPU, asleep = the rest (blocked):\n\n");
+  std::printf("\nSerial tail: the slowest 2 %% of each group's handshakes (%zu of %d) against "
+              "all of them (means; ms; switches per handshake). cpu = this thread on a CPU, "
+              "queued = runnable but waiting for a CPU%s, asleep = the rest (blocked; the "
+              "mean of wall - cpu - queued):\n\n",
+              std::max<std::size_t>(1, static_cast<std::size_t>(count) / 50), count,
+              g_schedstat ? "" : " (n/a: no run-queue times in /proc/thread-self/schedstat; "
+                                 "asleep then includes them)");
   std::printf("| group | all: wall | cpu | queued | asleep | slowest 2 %%: wall | cpu | queued | "
               "asleep | voluntary switches | involuntary switches |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -741,7 +758,7 @@ int main(int argc, char** argv) {
     const auto wall = [](const Times& x) { return x.total; };
     const auto cpu = [](const Times& x) { return x.cpu; };
     const auto queued = [](const Times& x) { return x.queued; };
-    const auto asleep = [](const Times& x) { return std::max(0.0, x.total - x.cpu - x.queued); };
+    const auto asleep = [](const Times& x) { return x.total - x.cpu - x.queued; };
     const auto vol = [](const Times& x) { return static_cast<double>(x.voluntary); };
     const auto invol = [](const Times& x) { return static_cast<double>(x.involuntary); };
     const std::size_t tail = std::max<std::size_t>(1, t.size() / 50);

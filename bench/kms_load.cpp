@@ -202,8 +202,6 @@ Result closed_loop(const qkd::test::KmeNetwork& net, int conns, unsigned number,
       total.requests += r.requests;
       total.errors += r.errors;
       total.lat.us.insert(total.lat.us.end(), r.lat.us.begin(), r.lat.us.end());
-      total.enc.us.insert(total.enc.us.end(), r.enc.us.begin(), r.enc.us.end());
-      total.dec.us.insert(total.dec.us.end(), r.dec.us.begin(), r.dec.us.end());
     });
   }
   while (ready.load() < conns) {
@@ -243,16 +241,18 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
         std::this_thread::sleep_until(next);
         std::string body;
         unsigned st = a.request(http::verb::get, "/api/v1/keys/bob/enc_keys", "", body);
-        r.lat.add(Clock::now() - next);
-        r.enc.add(Clock::now() - next);
+        const auto enc_time = Clock::now() - next;
+        r.lat.add(enc_time);
+        r.enc.add(enc_time);
         const auto t1 = Clock::now();
         if (st == 200) {
           const json enc = json::parse(body);
           const std::string dec_req =
               json{{"key_IDs", {{{"key_ID", enc["keys"][0]["key_ID"]}}}}}.dump();
           st = b.request(http::verb::post, "/api/v1/keys/alice/dec_keys", dec_req, body);
-          r.lat.add(Clock::now() - t1);
-          r.dec.add(Clock::now() - t1);
+          const auto dec_time = Clock::now() - t1;
+          r.lat.add(dec_time);
+          r.dec.add(dec_time);
           r.deliveries += st == 200;
         }
         r.errors += st != 200;
@@ -387,6 +387,11 @@ int run(int argc, char** argv) {
     // A KME pair with `limit` as keys.max_key_count, holding `need` keys.
     const auto start_net = [&](std::uint64_t need, std::uint64_t limit)
         -> std::unique_ptr<qkd::test::KmeNetwork> {
+      if (limit < need) {
+        std::fprintf(stderr, "kms_load: pool limit %llu raised to the %llu keys to fill\n",
+                     static_cast<unsigned long long>(limit),
+                     static_cast<unsigned long long>(need));
+      }
       o.max_key_count = std::max(limit, need);
       auto net = qkd::test::KmeNetwork::start(o);
       if (!net.ok()) {
@@ -431,10 +436,10 @@ int run(int argc, char** argv) {
       }
     }
     if (open) {
-      // A fresh pair whose pool holds the whole run (one key per enc_keys + dec_keys pair),
-      // the links only topping it up meanwhile (see the header).
+      // A fresh pair whose pool holds the whole run (`rate` counts enc_keys and dec_keys
+      // requests: rate / 2 keys per second), the links only topping it up meanwhile.
       const auto need =
-          keys != 0 ? keys : static_cast<std::uint64_t>(rate * seconds) + 2'000;
+          keys != 0 ? keys : static_cast<std::uint64_t>(rate * seconds / 2) + 2'000;
       auto net = start_net(need, pool_limit != 0 ? pool_limit : need);
       if (!net) {
         return 1;

@@ -39,7 +39,11 @@ qkd_wait_file() {  # qkd_wait_file FILE TIMEOUT_S PID
 
 qkd_write_kme_config() {  # qkd_write_kme_config FILE ROLE ME PEER MY_SAE PEER_SAE LINK_ADDR KM EVE PSK
   local role=$2 linkkey=listen limit=
-  [ -n "${QKD_MAX_KEY_COUNT:-}" ] && limit=", \"max_key_count\": $QKD_MAX_KEY_COUNT"
+  if [ -n "${QKD_MAX_KEY_COUNT:-}" ]; then
+    [[ $QKD_MAX_KEY_COUNT =~ ^[1-9][0-9]*$ ]] ||
+      qkd_die "QKD_MAX_KEY_COUNT must be a positive integer, got '$QKD_MAX_KEY_COUNT'"
+    limit=", \"max_key_count\": $QKD_MAX_KEY_COUNT"
+  fi
   [ "$role" = bob ] && linkkey=connect
   cat > "$1" <<JSON
 {

@@ -188,4 +188,15 @@ Handshake handshake(SSL_CTX* client_ctx, SSL_CTX* server_ctx) {
   return h;
 }
 
+bool openssl_full_check_derive(EVP_PKEY* own, EVP_PKEY* peer, unsigned char* out,
+                               std::size_t len) {
+  EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_pkey(nullptr, own, nullptr);
+  std::size_t got = len;
+  const bool ok = ctx != nullptr && EVP_PKEY_derive_init(ctx) == 1 &&
+                  EVP_PKEY_derive_set_peer(ctx, peer) == 1 &&
+                  EVP_PKEY_derive(ctx, out, &got) == 1 && got == len;
+  EVP_PKEY_CTX_free(ctx);
+  return ok;
+}
+
 }  // namespace qkd::test_prov

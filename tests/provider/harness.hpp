@@ -67,6 +67,12 @@ struct AdvertisedGroup {
 };
 std::vector<AdvertisedGroup> advertised_groups();
 
+// ECDH of `own` and `peer` into `out` as libssl 3.0 does it for its own groups:
+// EVP_PKEY_derive_set_peer, i.e. with OpenSSL's full check of the peer key. The reference
+// for the provider's classical_derive (a test and handshake_bench's table 6).
+bool openssl_full_check_derive(EVP_PKEY* own, EVP_PKEY* peer, unsigned char* out,
+                               std::size_t len);
+
 // Pops the whole OpenSSL error queue into lines "lib:reason:data".
 std::string drain_errors();
 

@@ -12,6 +12,7 @@
 #include "binding.hpp"
 #include "classical.hpp"
 #include "groups.hpp"
+#include "harness.hpp"
 #include "qkd/etsi/client_detail.hpp"
 #include "settings.hpp"
 #include "wire.hpp"
@@ -103,15 +104,21 @@ TEST(Classical, P256PartialCheckDerivesWhatTheFullCheckDoes) {
     EVP_PKEY_CTX_free(check);
     std::array<std::uint8_t, 32> ours{}, full{};
     ASSERT_TRUE(classical_derive(nullptr, own->get(), peer->get(), ours).ok());
-    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_pkey(nullptr, own->get(), nullptr);
-    ASSERT_NE(ctx, nullptr);
-    std::size_t len = full.size();
-    EXPECT_EQ(EVP_PKEY_derive_init(ctx), 1);
-    EXPECT_EQ(EVP_PKEY_derive_set_peer(ctx, peer->get()), 1);
-    EXPECT_EQ(EVP_PKEY_derive(ctx, full.data(), &len), 1);
-    EVP_PKEY_CTX_free(ctx);
+    ASSERT_TRUE(qkd::test_prov::openssl_full_check_derive(own->get(), peer->get(), full.data(),
+                                                          full.size()));
     EXPECT_EQ(ours, full);
   }
+  // A peer on another curve (P-384, a valid key) gives no secret with a P-256 key.
+  auto own = classical_generate(nullptr, Classical::kP256);
+  ASSERT_TRUE(own.ok());
+  PkeyPtr p384(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-384"));
+  ASSERT_TRUE(p384);
+  std::array<std::uint8_t, 32> out{};
+  out.fill(0xAA);
+  auto d = classical_derive(nullptr, own->get(), p384.get(), out);
+  ASSERT_FALSE(d.ok());
+  EXPECT_EQ(d.error().code, qkd::core::ErrorCode::kProtocol);
+  EXPECT_EQ(out, (std::array<std::uint8_t, 32>{})) << "cleansed on failure";
 }
 
 TEST(Classical, ImportIsStrict) {
