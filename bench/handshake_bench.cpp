@@ -283,7 +283,7 @@ bool server_crypto(qkd::prov::CryptoMethods* cached, Classical kind,
   std::array<std::uint8_t, 32> key{};
   key.fill(0x5a);
   if (!qkd::prov::classical_public(eph.get(), kind).ok() ||
-      !qkd::prov::classical_derive(nullptr, eph.get(), peer.get(), secret).ok()) {
+      !qkd::prov::classical_derive(nullptr, kind, eph.get(), peer.get(), secret).ok()) {
     return false;
   }
   if (cached != nullptr) {
@@ -692,7 +692,8 @@ int main(int argc, char** argv) {
           const bool ok = into == &full_us
                               ? qkd::test_prov::openssl_full_check_derive(
                                     own->get(), peer->get(), a.data(), a.size())
-                              : qkd::prov::classical_derive(nullptr, own->get(), peer->get(), b)
+                              : qkd::prov::classical_derive(nullptr, Classical::kP256, own->get(),
+                                                            peer->get(), b)
                                     .ok();
           if (!ok) {
             return fail("table 6: derive failed");

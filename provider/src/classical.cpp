@@ -1,6 +1,5 @@
 #include "classical.hpp"
 
-#include <openssl/bn.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
@@ -26,16 +25,6 @@ using PkeyCtxPtr = std::unique_ptr<EVP_PKEY_CTX, EvpPkeyCtxDeleter>;
 qkd::core::Error fail(ErrorCode code, std::string message) {
   ERR_clear_error();
   return {code, std::move(message)};
-}
-
-// An EC key whose curve has cofactor 1 (P-256 and the other NIST prime curves).
-bool cofactor_is_one(const EVP_PKEY* pkey) {
-  BIGNUM* cofactor = nullptr;
-  const bool one = EVP_PKEY_get_bn_param(pkey, OSSL_PKEY_PARAM_EC_COFACTOR, &cofactor) == 1 &&
-                   BN_is_one(cofactor) == 1;
-  BN_free(cofactor);
-  ERR_clear_error();  // a key without the parameter: the full check, no stale error
-  return one;
 }
 
 }  // namespace
@@ -145,31 +134,30 @@ qkd::core::Result<PkeyPtr> classical_import_peer(OSSL_LIB_CTX* libctx, Classical
   return classical_import_peer(methods, kind, bytes);
 }
 
-qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, EVP_PKEY* own, EVP_PKEY* peer,
-                                   std::span<std::uint8_t> out) {
+qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, Classical kind, EVP_PKEY* own,
+                                   EVP_PKEY* peer, std::span<std::uint8_t> out) {
   PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_pkey(libctx, own, nullptr));
   std::size_t len = out.size();
   if (!ctx || EVP_PKEY_derive_init(ctx.get()) != 1) {
     return fail(ErrorCode::kInternal, "cannot start ECDH");
   }
-  // EC: OpenSSL 3.0's EVP_PKEY_derive_set_peer runs the full public-key check, whose last
-  // step (n * Q is the point at infinity) is a second scalar multiplication, as costly as
-  // the ECDH itself. On a curve of cofactor 1 (P-256) every point on the curve but infinity
-  // has order n, so that step cannot fail for a point that passes the partial check (SP
-  // 800-56A rev. 3, 5.6.2.3.4: coordinates in range, on the curve, not infinity), which is
-  // what we run instead; classical_import_peer has already refused off-curve points. A
-  // curve of another cofactor keeps the full check. (The ECDH itself refuses a peer on
-  // another curve than `own`.)
+  // P-256: OpenSSL 3.0's EVP_PKEY_derive_set_peer runs the full public-key check, whose
+  // last step (n * Q is the point at infinity) is a second scalar multiplication, as costly
+  // as the ECDH itself. P-256 has cofactor 1: every point on the curve but infinity has
+  // order n, so that step cannot fail for a point that passes the partial check (SP 800-56A
+  // rev. 3, 5.6.2.3.4: coordinates in range, on the curve, not infinity), which is what we
+  // run instead; classical_import_peer has already refused off-curve points. The ECDH
+  // refuses a peer on another curve than `own` (a P-256 key from classical_generate).
   // For X25519 OpenSSL refuses an all-zero result (a small-order peer point, RFC 7748 6.1).
-  const bool ec = EVP_PKEY_is_a(peer, "EC") == 1 && cofactor_is_one(peer);
-  if (ec) {
+  const bool p256 = kind == Classical::kP256;
+  if (p256) {
     PkeyCtxPtr check(EVP_PKEY_CTX_new_from_pkey(libctx, peer, nullptr));
     if (!check || EVP_PKEY_public_check_quick(check.get()) != 1) {
       OPENSSL_cleanse(out.data(), out.size());
       return fail(ErrorCode::kProtocol, "ECDH: the peer's P-256 public key is not valid");
     }
   }
-  if (EVP_PKEY_derive_set_peer_ex(ctx.get(), peer, ec ? 0 : 1) != 1 ||
+  if (EVP_PKEY_derive_set_peer_ex(ctx.get(), peer, p256 ? 0 : 1) != 1 ||
       EVP_PKEY_derive(ctx.get(), out.data(), &len) != 1 || len != out.size()) {
     OPENSSL_cleanse(out.data(), out.size());
     return fail(ErrorCode::kProtocol, "ECDH with the peer's public key failed (invalid point)");

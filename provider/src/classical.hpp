@@ -49,10 +49,12 @@ using PkeyPtr = std::unique_ptr<EVP_PKEY, EvpPkeyDeleter>;
                                                              Classical kind,
                                                              std::span<const std::uint8_t> bytes);
 
-// ECDH of `own` (with private key) and `peer` into `out`, which must have exactly
-// classical_secret_length(kind) bytes. kProtocol when the peer key gives no secret (a
-// small-order X25519 point); `out` is cleansed on any failure.
-[[nodiscard]] qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, EVP_PKEY* own,
-                                                 EVP_PKEY* peer, std::span<std::uint8_t> out);
+// ECDH of `own` (with private key) and `peer`, both of `kind`, into `out`, which must have
+// exactly classical_secret_length(kind) bytes. kProtocol when the peer key gives no secret
+// (a small-order X25519 point, a point on another curve); `out` is cleansed on any failure.
+// P-256 peers get the partial public-key check (classical.cpp says why), others OpenSSL's.
+[[nodiscard]] qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, Classical kind,
+                                                 EVP_PKEY* own, EVP_PKEY* peer,
+                                                 std::span<std::uint8_t> out);
 
 }  // namespace qkd::prov

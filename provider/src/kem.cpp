@@ -227,7 +227,7 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
         QKD_RAISE(prov, kReasonInternal, pub.error().message);
         return 0;
       }
-      auto dh = classical_derive(prov->libctx(), eph->get(), ctx->key->classical.get(),
+      auto dh = classical_derive(prov->libctx(), kClassical, eph->get(), ctx->key->classical.get(),
                                  std::span<std::uint8_t>(secret, kClassicalSecret));
       if (!dh.ok()) {
         QKD_RAISE(prov, kReasonBadShare, "malformed qkd key share: " + dh.error().message);
@@ -361,7 +361,7 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
         QKD_RAISE(prov, kReasonWrongKey, "the key has no classical key pair");
         return 0;
       }
-      auto dh = classical_derive(prov->libctx(), ctx->key->classical.get(), peer_classical.get(),
+      auto dh = classical_derive(prov->libctx(), kClassical, ctx->key->classical.get(), peer_classical.get(),
                                  std::span<std::uint8_t>(out, kClassicalSecret));
       if (!dh.ok()) {
         QKD_RAISE(prov, kReasonBadCiphertext, "malformed qkd ciphertext: " + dh.error().message);

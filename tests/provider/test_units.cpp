@@ -81,8 +81,8 @@ TEST(Classical, EcdhRoundTripBothKinds) {
     auto b_peer = classical_import_peer(nullptr, kind, *b_pub);
     ASSERT_TRUE(a_peer.ok() && b_peer.ok()) << classical_name(kind);
     std::array<std::uint8_t, 32> s1{}, s2{};
-    ASSERT_TRUE(classical_derive(nullptr, a->get(), b_peer->get(), s1).ok());
-    ASSERT_TRUE(classical_derive(nullptr, b->get(), a_peer->get(), s2).ok());
+    ASSERT_TRUE(classical_derive(nullptr, kind, a->get(), b_peer->get(), s1).ok());
+    ASSERT_TRUE(classical_derive(nullptr, kind, b->get(), a_peer->get(), s2).ok());
     EXPECT_EQ(s1, s2) << classical_name(kind);
   }
 }
@@ -103,7 +103,7 @@ TEST(Classical, P256PartialCheckDerivesWhatTheFullCheckDoes) {
     EXPECT_EQ(EVP_PKEY_public_check(check), 1);  // the full check, n * Q included
     EVP_PKEY_CTX_free(check);
     std::array<std::uint8_t, 32> ours{}, full{};
-    ASSERT_TRUE(classical_derive(nullptr, own->get(), peer->get(), ours).ok());
+    ASSERT_TRUE(classical_derive(nullptr, Classical::kP256, own->get(), peer->get(), ours).ok());
     ASSERT_TRUE(qkd::test_prov::openssl_full_check_derive(own->get(), peer->get(), full.data(),
                                                           full.size()));
     EXPECT_EQ(ours, full);
@@ -115,7 +115,7 @@ TEST(Classical, P256PartialCheckDerivesWhatTheFullCheckDoes) {
   ASSERT_TRUE(p384);
   std::array<std::uint8_t, 32> out{};
   out.fill(0xAA);
-  auto d = classical_derive(nullptr, own->get(), p384.get(), out);
+  auto d = classical_derive(nullptr, Classical::kP256, own->get(), p384.get(), out);
   ASSERT_FALSE(d.ok());
   EXPECT_EQ(d.error().code, qkd::core::ErrorCode::kProtocol);
   EXPECT_EQ(out, (std::array<std::uint8_t, 32>{})) << "cleansed on failure";
@@ -154,7 +154,7 @@ TEST(Classical, ImportIsStrict) {
   ASSERT_TRUE(own.ok());
   std::array<std::uint8_t, 32> out{};
   out.fill(0xAA);
-  auto d = classical_derive(nullptr, own->get(), peer->get(), out);
+  auto d = classical_derive(nullptr, Classical::kX25519, own->get(), peer->get(), out);
   ASSERT_FALSE(d.ok());
   EXPECT_EQ(d.error().code, qkd::core::ErrorCode::kProtocol);
   EXPECT_EQ(out, (std::array<std::uint8_t, 32>{})) << "cleansed on failure";
@@ -180,8 +180,8 @@ TEST(Classical, CachedMethodsServeManyCalls) {
       auto b_peer = classical_import_peer(methods, kind, *b_pub);
       ASSERT_TRUE(a_peer.ok() && b_peer.ok()) << classical_name(kind);
       std::array<std::uint8_t, 32> s1{}, s2{};
-      ASSERT_TRUE(classical_derive(nullptr, a->get(), b_peer->get(), s1).ok());
-      ASSERT_TRUE(classical_derive(nullptr, b->get(), a_peer->get(), s2).ok());
+      ASSERT_TRUE(classical_derive(nullptr, kind, a->get(), b_peer->get(), s1).ok());
+      ASSERT_TRUE(classical_derive(nullptr, kind, b->get(), a_peer->get(), s2).ok());
       EXPECT_EQ(s1, s2) << classical_name(kind);
       EXPECT_NE(s1, (std::array<std::uint8_t, 32>{}));
     }
