@@ -543,7 +543,9 @@ class JournaledStore final : public KeyStore {
     });
   }
 
-  bool waits_for_disk() const override { return journal_ != nullptr; }
+  bool waits_for_disk() const override {
+    return journal_ != nullptr && journal_->syncs_every_commit();
+  }
 
   StoreStats stats() const override {
     std::lock_guard lock(mu_);

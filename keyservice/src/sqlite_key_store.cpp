@@ -590,6 +590,8 @@ class SqliteJournal final : public detail::Journal {
     });
   }
 
+  bool syncs_every_commit() const override { return !callers_write_; }
+
   std::uint64_t seal() override { return seal_unit(/*deferred=*/false); }
   std::uint64_t seal_deferred() override { return seal_unit(/*deferred=*/true); }
 

@@ -82,6 +82,9 @@ class Journal {
   // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
   // unusable: every later wait fails too).
   [[nodiscard]] virtual Status wait(std::uint64_t ticket) = 0;
+  // Whether wait() lasts a sync to disk (synchronous = full), not only a write into the
+  // OS page cache (normal, ~0.1 ms).
+  [[nodiscard]] virtual bool syncs_every_commit() const = 0;
 };
 
 // The store core over a journal (nullptr: in memory only) and the state it found.

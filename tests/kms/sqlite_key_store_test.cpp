@@ -109,7 +109,7 @@ TEST(SqliteKeyStore, StateSurvivesReopen) {
   {
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
-    EXPECT_TRUE(s->waits_for_disk());  // the API runs its deliveries on the worker pool
+    EXPECT_TRUE(s->waits_for_disk());  // full: the API runs its deliveries on the worker pool
     EXPECT_EQ(s->link_state().epoch, 0u);
     std::uint64_t seq = 4;
     std::vector<std::uint64_t> released;
@@ -408,6 +408,7 @@ TEST(SqliteKeyStore, WalStaysBoundedUnderLongLoad) {
     auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey,
                                              /*synchronous_full=*/false);
     ASSERT_TRUE(s.ok()) << s.error().message;
+    EXPECT_FALSE((*s)->waits_for_disk());  // normal: no fsync per commit, on the I/O thread
     ASSERT_TRUE((*s)->commit_block(pool, 1, 1).ok());
     std::set<std::vector<std::uint8_t>> seen;
     for (int i = 0; i < kKeys; ++i) {

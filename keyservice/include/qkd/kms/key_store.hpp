@@ -182,7 +182,9 @@ class KeyStore {
   // Whether take() of `key_ids` would answer without waiting for a notice: each is held
   // here or known to be delivered or expired. (A durable store still waits for its commit.)
   [[nodiscard]] virtual bool knows_all(const std::vector<std::string>& key_ids) const = 0;
-  // Whether allocate() and take() wait for a durable write (the SQLite store).
+  // Whether allocate() and take() wait for a sync to disk (the SQLite store with
+  // store.synchronous = full): the API then runs them on its worker pool. With normal their
+  // commit is a write into the OS page cache (~0.1 ms), made on the I/O thread.
   [[nodiscard]] virtual bool waits_for_disk() const = 0;
 
   [[nodiscard]] virtual StoreStats stats() const = 0;
