@@ -422,7 +422,8 @@ int run(int argc, char** argv) {
     if (!conn_counts.empty()) {
       // The closed-loop rows spend more than a pool holds: the links go on producing.
       const unsigned number = *std::max_element(numbers.begin(), numbers.end());
-      const auto need = keys != 0 ? keys : static_cast<std::uint64_t>(seconds * 15'000 * 4 * number);
+      const auto need =
+          keys != 0 ? keys : static_cast<std::uint64_t>(seconds * 15'000 * 4 * number);
       auto net = start_net(need, pool_limit != 0 ? pool_limit : kClosedLoopPoolLimit);
       if (!net) {
         return 1;
@@ -446,9 +447,10 @@ int run(int argc, char** argv) {
       }
       Result r = open_loop(*net, 8, rate, seconds);
       const std::string load = fmt::format("enc+dec, open loop {:.0f} req/s", rate);
-      by_route.push_back(fmt::format("| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} |",
-                                     st, load, r.enc.pct(0.5), r.enc.pct(0.99), r.enc.pct(0.999),
-                                     r.dec.pct(0.5), r.dec.pct(0.99), r.dec.pct(0.999)));
+      by_route.push_back(fmt::format(
+          "| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} |", st, load,
+          r.enc.pct(0.5), r.enc.pct(0.99), r.enc.pct(0.999), r.dec.pct(0.5), r.dec.pct(0.99),
+          r.dec.pct(0.999)));
       row(load.c_str(), 8, 1, std::move(r));
     }
   }

@@ -544,7 +544,7 @@ class JournaledStore final : public KeyStore {
   }
 
   bool waits_for_disk() const override {
-    return journal_ != nullptr && journal_->syncs_every_commit();
+    return journal_ != nullptr && journal_->commit_may_block();
   }
 
   StoreStats stats() const override {

@@ -26,8 +26,8 @@ namespace asio = boost::asio;
 
 namespace {
 constexpr int kApiThreads = 2;
-constexpr int kWorkerThreads = 64;  // handlers: each may block on a durable commit or on
-                                    // dec_keys' notice wait (keys.dec_wait_ms)
+constexpr int kWorkerThreads = 64;  // handlers: each may block on a commit that syncs to
+                                    // disk or on dec_keys' notice wait (keys.dec_wait_ms)
 
 constexpr auto kDrainTimeout = std::chrono::seconds(2);  // + keys.dec_wait_ms: responses due
 

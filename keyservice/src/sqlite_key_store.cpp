@@ -50,6 +50,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -590,7 +591,9 @@ class SqliteJournal final : public detail::Journal {
     });
   }
 
-  bool syncs_every_commit() const override { return !callers_write_; }
+  bool commit_may_block() const override {
+    return !callers_write_ || wal_pages_.load(std::memory_order_relaxed) >= kWalHardPages / 2;
+  }
 
   std::uint64_t seal() override { return seal_unit(/*deferred=*/false); }
   std::uint64_t seal_deferred() override { return seal_unit(/*deferred=*/true); }
@@ -768,7 +771,8 @@ class SqliteJournal final : public detail::Journal {
   Db ckpt_db_;  // the checkpointer's
   std::thread committer_;
   std::thread checkpointer_;
-  int wal_pages_ = 0;  // committer thread: the WAL's size after the last commit
+  // The writing thread: the WAL's size after the last commit (read by commit_may_block()).
+  std::atomic<int> wal_pages_{0};
 
   std::mutex ckpt_mu_;  // held for a checkpoint call, by either thread
   std::mutex ckpt_state_mu_;

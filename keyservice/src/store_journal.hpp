@@ -82,9 +82,11 @@ class Journal {
   // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
   // unusable: every later wait fails too).
   [[nodiscard]] virtual Status wait(std::uint64_t ticket) = 0;
-  // Whether wait() lasts a sync to disk (synchronous = full), not only a write into the
-  // OS page cache (normal, ~0.1 ms).
-  [[nodiscard]] virtual bool syncs_every_commit() const = 0;
+  // Whether wait() may last a sync to disk or a checkpoint: always with synchronous = full;
+  // with normal (a commit is a write into the OS page cache, ~0.1 ms) only while the WAL
+  // nears the bound at which the writer checkpoints itself. A hint, read without a lock: it
+  // only chooses the thread that waits (the API's worker pool rather than an I/O thread).
+  [[nodiscard]] virtual bool commit_may_block() const = 0;
 };
 
 // The store core over a journal (nullptr: in memory only) and the state it found.

@@ -139,6 +139,7 @@ qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, Classical kind, EVP_PKE
   PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_pkey(libctx, own, nullptr));
   std::size_t len = out.size();
   if (!ctx || EVP_PKEY_derive_init(ctx.get()) != 1) {
+    OPENSSL_cleanse(out.data(), out.size());
     return fail(ErrorCode::kInternal, "cannot start ECDH");
   }
   // P-256: OpenSSL 3.0's EVP_PKEY_derive_set_peer runs the full public-key check, whose

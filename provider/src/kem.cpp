@@ -361,8 +361,8 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
         QKD_RAISE(prov, kReasonWrongKey, "the key has no classical key pair");
         return 0;
       }
-      auto dh = classical_derive(prov->libctx(), kClassical, ctx->key->classical.get(), peer_classical.get(),
-                                 std::span<std::uint8_t>(out, kClassicalSecret));
+      auto dh = classical_derive(prov->libctx(), kClassical, ctx->key->classical.get(),
+                                 peer_classical.get(), std::span<std::uint8_t>(out, kClassicalSecret));
       if (!dh.ok()) {
         QKD_RAISE(prov, kReasonBadCiphertext, "malformed qkd ciphertext: " + dh.error().message);
         return 0;

@@ -25,8 +25,8 @@ struct ApiRequest {
   std::string target;  // raw request target: path and optional ?query
   std::string body;
   // false: the transport runs the handler on its I/O thread, where it must not block. A
-  // handler that would have to wait (dec_keys for a notice still in flight, a durable
-  // commit) answers ApiResponse::wait_needed() instead, touching nothing, and the
+  // handler that would have to wait (dec_keys for a notice still in flight, a commit that
+  // syncs to disk: KeyStore::waits_for_disk) answers ApiResponse::wait_needed() instead, touching nothing, and the
   // transport runs the request again, with may_wait = true, on its worker pool.
   bool may_wait = true;
 };

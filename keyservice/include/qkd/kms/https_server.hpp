@@ -6,7 +6,7 @@
 // ApiRequest::may_wait = false: most requests are answered there, without a hand-off to
 // another thread (each hand-off wakes a sleeping thread, which costs more than the handler
 // itself). A handler that would have to wait (dec_keys for a notice from the peer KME, a
-// durable commit) returns std::nullopt instead; the request then runs on a separate worker
+// commit that syncs to disk: KeyStore::waits_for_disk) returns std::nullopt instead; the request then runs on a separate worker
 // pool with may_wait = true, and the response is written back on the session's strand.
 //
 // Shutdown: stop() closes the listener; in_flight() counts requests read whose response is

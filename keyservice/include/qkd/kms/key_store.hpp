@@ -180,11 +180,14 @@ class KeyStore {
       const std::string& caller_sae, const std::string& master_sae,
       const std::vector<std::string>& key_ids, std::chrono::milliseconds wait) = 0;
   // Whether take() of `key_ids` would answer without waiting for a notice: each is held
-  // here or known to be delivered or expired. (A durable store still waits for its commit.)
+  // here or known to be delivered or expired. (A durable store still waits for its commit;
+  // where, waits_for_disk() says.)
   [[nodiscard]] virtual bool knows_all(const std::vector<std::string>& key_ids) const = 0;
-  // Whether allocate() and take() wait for a sync to disk (the SQLite store with
-  // store.synchronous = full): the API then runs them on its worker pool. With normal their
-  // commit is a write into the OS page cache (~0.1 ms), made on the I/O thread.
+  // Whether allocate() and take() may wait for a sync to disk or a checkpoint (the SQLite
+  // store: always with store.synchronous = full; with normal only while its WAL nears the
+  // bound at which the writer checkpoints itself): the API then runs them on its worker
+  // pool. Otherwise (normal: a commit is a write into the OS page cache, ~0.1 ms; the memory
+  // store) on the I/O thread. A hint read without a lock: it only chooses the thread.
   [[nodiscard]] virtual bool waits_for_disk() const = 0;
 
   [[nodiscard]] virtual StoreStats stats() const = 0;
