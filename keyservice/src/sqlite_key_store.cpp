@@ -63,6 +63,7 @@
 #include <sstream>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "qkd/kms/key_store.hpp"
 #include "qkd/kms/util.hpp"
@@ -332,7 +333,14 @@ Blob col_blob(sqlite3_stmt* st, int i) {
   return p != nullptr ? Blob(p, p + sqlite3_column_bytes(st, i)) : Blob();
 }
 
-using Op = std::function<void(Db&)>;
+// One write of a unit. `row` names the row a put (INSERT OR REPLACE) or a keyed delete
+// writes ("a/<key_ID>" in assigned, "w/<ordinal>" in waiting; empty for other writes), so
+// that write() can skip a put whose row a later delete of the same transaction removes.
+struct Op {
+  std::function<void(Db&)> run;
+  std::string row;
+  bool put = false;
+};
 
 struct Unit {
   std::uint64_t ticket = 0;
@@ -388,7 +396,9 @@ class SqliteJournal final : public detail::Journal {
         "  sealed BLOB NOT NULL, PRIMARY KEY(dir, idx)) WITHOUT ROWID;"
         "CREATE TABLE IF NOT EXISTS assigned(key_id TEXT PRIMARY KEY, master TEXT NOT NULL,"
         "  slaves TEXT NOT NULL, sealed BLOB NOT NULL);"
-        "CREATE TABLE IF NOT EXISTS used_ids(key_id TEXT NOT NULL UNIQUE);"
+        // No UNIQUE on key_id: the store keeps the set in memory and inserts each ID once;
+        // an index would cost every delivery a write to a random page of it.
+        "CREATE TABLE IF NOT EXISTS used_ids(key_id TEXT NOT NULL);"
         "CREATE TABLE IF NOT EXISTS waiting(ord INTEGER PRIMARY KEY, assignment TEXT NOT NULL);"
         "CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, message BLOB NOT NULL);"
         "CREATE TABLE IF NOT EXISTS pending_block(id INTEGER PRIMARY KEY CHECK(id = 1),"
@@ -427,6 +437,7 @@ class SqliteJournal final : public detail::Journal {
       if (!check || !qkd::core::constant_time_equal(check->span(), kc)) {
         throw DbError{fmt::format("{} was sealed under a different node key", path_)};
       }
+      drop_used_ids_index();
     }
     detail::StoredState s;
     auto value = [&](std::string_view n, std::uint64_t def) {
@@ -533,25 +544,32 @@ class SqliteJournal final : public detail::Journal {
     Blob sealed = seal_bytes(key_.span(), key_aad(k.key_id), k.key.span());
     json sl = k.fetched.empty() ? json(k.slaves)
                                 : json{{"slaves", k.slaves}, {"fetched", k.fetched}};
-    add([id = k.key_id, master = k.master, slaves = sl.dump(),
-         sealed = std::move(sealed)](Db& db) {
-      db.write("INSERT OR REPLACE INTO assigned(key_id, master, slaves, sealed) VALUES(?,?,?,?)",
-               id, master, slaves, sealed);
-    });
+    add(
+        [id = k.key_id, master = k.master, slaves = sl.dump(), sealed = std::move(sealed)](
+            Db& db) {
+          db.write(
+              "INSERT OR REPLACE INTO assigned(key_id, master, slaves, sealed) VALUES(?,?,?,?)",
+              id, master, slaves, sealed);
+        },
+        "a/" + k.key_id, /*put=*/true);
   }
   void drop_assigned(const std::string& key_id) override {
-    add([key_id](Db& db) { db.write("DELETE FROM assigned WHERE key_id = ?", key_id); });
+    add([key_id](Db& db) { db.write("DELETE FROM assigned WHERE key_id = ?", key_id); },
+        "a/" + key_id);
   }
   void add_used(const std::string& key_id) override {
-    add([key_id](Db& db) { db.write("INSERT OR IGNORE INTO used_ids(key_id) VALUES(?)", key_id); });
+    add([key_id](Db& db) { db.write("INSERT INTO used_ids(key_id) VALUES(?)", key_id); });
   }
   void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) override {
-    add([ordinal, text = assignment_json(a).dump()](Db& db) {
-      db.write("INSERT OR REPLACE INTO waiting(ord, assignment) VALUES(?, ?)", ordinal, text);
-    });
+    add(
+        [ordinal, text = assignment_json(a).dump()](Db& db) {
+          db.write("INSERT OR REPLACE INTO waiting(ord, assignment) VALUES(?, ?)", ordinal, text);
+        },
+        "w/" + std::to_string(ordinal), /*put=*/true);
   }
   void drop_waiting(std::uint64_t ordinal) override {
-    add([ordinal](Db& db) { db.write("DELETE FROM waiting WHERE ord = ?", ordinal); });
+    add([ordinal](Db& db) { db.write("DELETE FROM waiting WHERE ord = ?", ordinal); },
+        "w/" + std::to_string(ordinal));
   }
   void clear_pool() override {
     add([](Db& db) {
@@ -591,6 +609,25 @@ class SqliteJournal final : public detail::Journal {
     });
   }
 
+  // A store made before used_ids lost its UNIQUE constraint: rebuilt once without it (the
+  // constraint's index cannot be dropped on its own), rowids kept (pruning goes by them).
+  void drop_used_ids_index() {
+    std::string sql;
+    db_.run("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'used_ids'",
+            [&](sqlite3_stmt* st) { sql = col_text(st, 0); });
+    if (sql.find("UNIQUE") == std::string::npos) {
+      return;
+    }
+    db_.exec(
+        "BEGIN IMMEDIATE;"
+        "CREATE TABLE used_ids_new(key_id TEXT NOT NULL);"
+        "INSERT INTO used_ids_new(rowid, key_id) SELECT rowid, key_id FROM used_ids;"
+        "DROP TABLE used_ids;"
+        "ALTER TABLE used_ids_new RENAME TO used_ids;"
+        "COMMIT;");
+    spdlog::info("key store: {}: used_ids rebuilt without its unique index", path_);
+  }
+
   bool commit_may_block() const override {
     return !callers_write_ || wal_pages_.load(std::memory_order_relaxed) >= kWalHardPages / 2;
   }
@@ -617,9 +654,9 @@ class SqliteJournal final : public detail::Journal {
   }
 
  private:
-  void add(Op op) {
+  void add(std::function<void(Db&)> run, std::string row = {}, bool put = false) {
     std::lock_guard lock(mu_);
-    current_.push_back(std::move(op));
+    current_.push_back(Op{std::move(run), std::move(row), put});
   }
 
   std::uint64_t seal_unit(bool deferred) {
@@ -630,7 +667,11 @@ class SqliteJournal final : public detail::Journal {
       if (!deferred) {
         ++urgent_queued_;
       }
-      if (deferred || !callers_write_) {
+      // The committer thread needs a wake-up for a unit only when it is idle (nothing was
+      // queued: a deferred unit starts its timer) or, with FULL, for a unit a caller waits
+      // for. Otherwise it is already waiting for the first deferred unit's deadline or
+      // writing, and a wake-up would only be a context switch that finds nothing to do.
+      if ((deferred && committer_idle_) || (!deferred && !callers_write_)) {
         work_cv_.notify_one();  // else its caller writes it (wait())
       }
     }
@@ -642,7 +683,9 @@ class SqliteJournal final : public detail::Journal {
   void run_committer() {
     std::unique_lock lock(mu_);
     for (;;) {
+      committer_idle_ = true;
       work_cv_.wait(lock, [&] { return !committing_ && (stopping_ || !queue_.empty()); });
+      committer_idle_ = false;
       if (queue_.empty()) {
         return;  // stopping, all written
       }
@@ -682,7 +725,7 @@ class SqliteJournal final : public detail::Journal {
     }
     committing_ = false;
     done_cv_.notify_all();
-    if (stopping_ || (!queue_.empty() && (!callers_write_ || urgent_queued_ == 0))) {
+    if (stopping_ || (!queue_.empty() && (!callers_write_ || (urgent_queued_ == 0 && committer_idle_)))) {
       work_cv_.notify_one();  // the committer thread's turn
     }
   }
@@ -695,9 +738,29 @@ class SqliteJournal final : public detail::Journal {
       }
       db_.exec("BEGIN IMMEDIATE");
       try {
-        for (auto& u : units) {
-          for (auto& op : u.ops) {
-            op(db_);
+        // A row put and then deleted within this transaction is not written at all (the
+        // delete alone leaves the same state): typically a peer notice's key, put in
+        // `waiting` and `assigned` and delivered by the dec_keys this transaction carries.
+        // The insert and the delete would each dirty a page of the table and of its index.
+        std::unordered_set<std::string_view> deleted_later;
+        std::unordered_set<const Op*> skipped;
+        for (auto u = units.rbegin(); u != units.rend(); ++u) {
+          for (auto op = u->ops.rbegin(); op != u->ops.rend(); ++op) {
+            if (op->row.empty()) {
+              continue;
+            }
+            if (!op->put) {
+              deleted_later.insert(op->row);
+            } else if (deleted_later.contains(op->row)) {
+              skipped.insert(&*op);
+            }
+          }
+        }
+        for (const auto& u : units) {
+          for (const auto& op : u.ops) {
+            if (!skipped.contains(&op)) {
+              op.run(db_);
+            }
           }
         }
         if (++transactions_ % kPruneEvery == 0) {
@@ -789,6 +852,7 @@ class SqliteJournal final : public detail::Journal {
   std::deque<Unit> queue_;
   std::size_t urgent_queued_ = 0;  // units in queue_ sealed by seal()
   bool committing_ = false;        // a thread is writing a transaction (db_ is its)
+  bool committer_idle_ = false;    // the committer thread waits for a unit (no deadline)
   // NORMAL: a waiting caller writes the queue itself when no transaction is in progress.
   // FULL: the committer thread writes every group (a commit lasts an fsync, so under load
   // the next group is ready when one ends and the committer thread goes on without a wake-up).

@@ -12,7 +12,9 @@
 #include <set>
 #include <thread>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <sqlite3.h>
 #include <sstream>
 
 #include "qkd/kms/config.hpp"
@@ -442,4 +444,126 @@ TEST(SqliteKeyStore, SecondStoreOnAnOpenFileIsRefused) {
   EXPECT_NE(second.error().message.find("in use"), std::string::npos) << second.error().message;
   first.reset();
   EXPECT_NE(open_store(db), nullptr);  // free again once closed
+}
+
+// Rows a transaction puts and deletes again are not written: a peer notice whose key the
+// dec_keys in the same transaction delivers leaves no row in `waiting` or `assigned`, costs
+// only the pages of the consumption (WAL frames counted), and the state after a reopen is
+// the same as when the notice was written on its own before the delivery.
+TEST(SqliteKeyStore, KeyNoticedAndDeliveredInOneTransactionWritesNoRowOfIt) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  constexpr int kRounds = 120;
+  const auto pool = pattern(32 * 2 * (kRounds + 1), 12);
+  auto id = [](int i) { return fmt::format("00000000-0000-4000-8000-{:012d}", i); };
+  std::uintmax_t frames = 0;
+  {
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey,
+                                             /*synchronous_full=*/false);
+    ASSERT_TRUE(s.ok()) << s.error().message;
+    ASSERT_TRUE((*s)->commit_block(pool, 1, 1).ok());
+    const auto wal_before = std::filesystem::file_size(db + "-wal");
+    for (int i = 0; i < kRounds; ++i) {
+      KeyAssignment a{id(i), Direction::kBob, std::uint64_t(32) * i, 32, "bob", {"alice"}, false};
+      auto q = (*s)->queue_peer_notice(i + 1, {a});  // deferred: rides with the take below
+      ASSERT_TRUE(q.ok() && q->refused.ok());
+      auto k = (*s)->take("alice", "bob", {id(i)}, 0ms);
+      ASSERT_TRUE(k.ok()) << k.error().message;
+    }
+    frames = (std::filesystem::file_size(db + "-wal") - wal_before) / (4096 + 24);
+    // The last key goes the other way: its notice written alone, delivered afterwards.
+    KeyAssignment last{id(kRounds), Direction::kBob, std::uint64_t(32) * kRounds, 32, "bob",
+                       {"alice"}, false};
+    ASSERT_TRUE((*s)->apply_peer_notice(kRounds + 1, {last}).ok());
+    ASSERT_TRUE((*s)->take("alice", "bob", {id(kRounds)}, 0ms).ok());
+  }
+  // Per round: the consumption (cursor in meta, the chunk, used_ids); with the notice's
+  // rows written and deleted it was twice that (waiting, assigned and its key_ID index).
+  EXPECT_LE(frames, std::uintmax_t{kRounds} * 4) << frames << " WAL frames";
+  sqlite3* h = nullptr;
+  ASSERT_EQ(sqlite3_open_v2(db.c_str(), &h, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  auto count = [&](const char* table) {
+    sqlite3_stmt* st = nullptr;
+    const std::string sql = std::string("SELECT COUNT(*) FROM ") + table;
+    EXPECT_EQ(sqlite3_prepare_v2(h, sql.c_str(), -1, &st, nullptr), SQLITE_OK);
+    EXPECT_EQ(sqlite3_step(st), SQLITE_ROW);
+    const auto n = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return n;
+  };
+  EXPECT_EQ(count("waiting"), 0);
+  EXPECT_EQ(count("assigned"), 0);
+  EXPECT_EQ(count("used_ids"), kRounds + 1);
+  sqlite3_close(h);
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->stats().assigned_keys_waiting, 0u);
+  EXPECT_EQ(s->stats().peer_available_bytes, 0u);
+  EXPECT_EQ(s->link_state().last_applied_seq, std::uint64_t{kRounds + 1});
+  for (int i : {0, kRounds / 2, kRounds}) {  // delivered once, never again
+    EXPECT_EQ(s->take("alice", "bob", {id(i)}, 0ms).error().code, ErrorCode::kInvalidArgument);
+  }
+}
+
+// A store written before used_ids lost its UNIQUE constraint is rebuilt on open, with the
+// delivered key_IDs kept (in order) and still refused.
+TEST(SqliteKeyStore, OldUsedIdsIndexIsDroppedOnOpen) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  std::vector<std::string> delivered;
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->commit_block(pattern(32 * 8, 13), 1, 1).ok());
+    auto k = s->allocate("alice", {"bob"}, 3, 32);
+    ASSERT_TRUE(k.ok()) << k.error().message;
+    for (const auto& d : *k) {
+      delivered.push_back(d.key_id);
+    }
+  }
+  auto exec = [](sqlite3* h, const char* sql) {
+    char* err = nullptr;
+    EXPECT_EQ(sqlite3_exec(h, sql, nullptr, nullptr, &err), SQLITE_OK) << (err ? err : "");
+    sqlite3_free(err);
+  };
+  auto table_sql = [](sqlite3* h) {
+    sqlite3_stmt* st = nullptr;
+    EXPECT_EQ(sqlite3_prepare_v2(h, "SELECT sql FROM sqlite_master WHERE name = 'used_ids'", -1,
+                                 &st, nullptr),
+              SQLITE_OK);
+    std::string sql;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+      sql = reinterpret_cast<const char*>(sqlite3_column_text(st, 0));
+    }
+    sqlite3_finalize(st);
+    return sql;
+  };
+  sqlite3* h = nullptr;
+  ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+  exec(h,
+       "BEGIN;"
+       "CREATE TABLE old_ids(key_id TEXT NOT NULL UNIQUE);"
+       "INSERT INTO old_ids(rowid, key_id) SELECT rowid, key_id FROM used_ids;"
+       "DROP TABLE used_ids; ALTER TABLE old_ids RENAME TO used_ids; COMMIT;");
+  ASSERT_NE(table_sql(h).find("UNIQUE"), std::string::npos);
+  sqlite3_close(h);
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    for (const auto& id : delivered) {
+      EXPECT_EQ(s->take("alice", "bob", {id}, 0ms).error().code, ErrorCode::kInvalidArgument);
+    }
+  }
+  ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+  EXPECT_EQ(table_sql(h).find("UNIQUE"), std::string::npos) << table_sql(h);
+  sqlite3_stmt* st = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(h, "SELECT key_id FROM used_ids ORDER BY rowid", -1, &st, nullptr),
+            SQLITE_OK);
+  std::vector<std::string> ids;
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    ids.emplace_back(reinterpret_cast<const char*>(sqlite3_column_text(st, 0)));
+  }
+  sqlite3_finalize(st);
+  sqlite3_close(h);
+  EXPECT_EQ(ids, delivered);
 }
