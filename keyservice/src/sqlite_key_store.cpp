@@ -8,7 +8,8 @@
 //   assigned(key_id, master, slaves, sealed)   peer-assigned keys not delivered yet (slaves:
 //                                  a JSON array, or {"slaves", "fetched"} once some of
 //                                  a multicast key's slaves have fetched it)
-//   used_ids(key_id)               delivered key_IDs, oldest first (rowid), bounded
+//   used_ids(key_id)               delivered key_IDs, oldest first (rowid), bounded; no
+//                                  index (the store holds the set in memory)
 //   waiting(ord, assignment)       peer assignments whose bytes are not committed yet
 //   outbox(seq, message)           own notices the peer has not acknowledged
 //   pending_block(id=1, block, sealed)   Bob's block between ready and commit
@@ -27,6 +28,8 @@
 // (deferred units, below; the rest at shutdown). No waiting window: units that arrive while
 // a transaction is being written form the next group, so a lone operation pays one fsync and
 // a busy store batches as much as the disk's commit time lets through.
+// A row a transaction puts and deletes again is not written (write()): the common case is a
+// peer notice's key, delivered by the dec_keys whose transaction carries the notice.
 // Deferred units (peer notices, acks: no response waits for them) do not start a
 // transaction alone before kDeferMax; they ride with the next unit a response waits for, so
 // that a dec_keys right after its notice costs one fsync, not two (docs/KMS.md, "Commit
@@ -437,8 +440,8 @@ class SqliteJournal final : public detail::Journal {
       if (!check || !qkd::core::constant_time_equal(check->span(), kc)) {
         throw DbError{fmt::format("{} was sealed under a different node key", path_)};
       }
-      drop_used_ids_index();
     }
+    drop_used_ids_index();  // also on a file an older version created but never filled
     detail::StoredState s;
     auto value = [&](std::string_view n, std::uint64_t def) {
       auto it = meta.find(std::string(n));
@@ -542,14 +545,13 @@ class SqliteJournal final : public detail::Journal {
   }
   void put_assigned(const detail::StoredKey& k) override {
     Blob sealed = seal_bytes(key_.span(), key_aad(k.key_id), k.key.span());
-    json sl = k.fetched.empty() ? json(k.slaves)
-                                : json{{"slaves", k.slaves}, {"fetched", k.fetched}};
+    json sl =
+        k.fetched.empty() ? json(k.slaves) : json{{"slaves", k.slaves}, {"fetched", k.fetched}};
     add(
-        [id = k.key_id, master = k.master, slaves = sl.dump(), sealed = std::move(sealed)](
-            Db& db) {
+        [id = k.key_id, master = k.master, slaves = sl.dump(), sealed = std::move(sealed)](Db& db) {
           db.write(
-              "INSERT OR REPLACE INTO assigned(key_id, master, slaves, sealed) VALUES(?,?,?,?)",
-              id, master, slaves, sealed);
+              "INSERT OR REPLACE INTO assigned(key_id, master, slaves, sealed) VALUES(?,?,?,?)", id,
+              master, slaves, sealed);
         },
         "a/" + k.key_id, /*put=*/true);
   }
@@ -558,7 +560,7 @@ class SqliteJournal final : public detail::Journal {
         "a/" + key_id);
   }
   void add_used(const std::string& key_id) override {
-    add([key_id](Db& db) { db.write("INSERT INTO used_ids(key_id) VALUES(?)", key_id); });
+    add([key_id](Db& db) { db.write("INSERT OR IGNORE INTO used_ids(key_id) VALUES(?)", key_id); });
   }
   void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) override {
     add(
@@ -625,6 +627,9 @@ class SqliteJournal final : public detail::Journal {
         "DROP TABLE used_ids;"
         "ALTER TABLE used_ids_new RENAME TO used_ids;"
         "COMMIT;");
+    // The rebuild went through the WAL (up to ~12,000 pages for 2^20 IDs) before the WAL hook
+    // counts pages: copy it into the database and empty it now, while no one else writes.
+    db_.exec("PRAGMA wal_checkpoint(TRUNCATE)");
     spdlog::info("key store: {}: used_ids rebuilt without its unique index", path_);
   }
 
@@ -692,9 +697,8 @@ class SqliteJournal final : public detail::Journal {
       if (!stopping_ && (callers_write_ || urgent_queued_ == 0)) {
         const auto due = queue_.front().sealed_at + kDeferMax;
         if (std::chrono::steady_clock::now() < due) {
-          work_cv_.wait_until(lock, due, [&] {
-            return stopping_ || (!callers_write_ && urgent_queued_ > 0);
-          });
+          work_cv_.wait_until(lock, due,
+                              [&] { return stopping_ || (!callers_write_ && urgent_queued_ > 0); });
           continue;  // a caller may have written them meanwhile
         }
       }
@@ -725,7 +729,8 @@ class SqliteJournal final : public detail::Journal {
     }
     committing_ = false;
     done_cv_.notify_all();
-    if (stopping_ || (!queue_.empty() && (!callers_write_ || (urgent_queued_ == 0 && committer_idle_)))) {
+    if (stopping_ ||
+        (!queue_.empty() && (!callers_write_ || (urgent_queued_ == 0 && committer_idle_)))) {
       work_cv_.notify_one();  // the committer thread's turn
     }
   }
@@ -852,7 +857,9 @@ class SqliteJournal final : public detail::Journal {
   std::deque<Unit> queue_;
   std::size_t urgent_queued_ = 0;  // units in queue_ sealed by seal()
   bool committing_ = false;        // a thread is writing a transaction (db_ is its)
-  bool committer_idle_ = false;    // the committer thread waits for a unit (no deadline)
+  // The committer thread is in its untimed wait: for a unit, or for the transaction a caller
+  // is writing to end (commit_queue() then wakes it if deferred units are left).
+  bool committer_idle_ = false;
   // NORMAL: a waiting caller writes the queue itself when no transaction is in progress.
   // FULL: the committer thread writes every group (a commit lasts an fsync, so under load
   // the next group is ready when one ends and the committer thread goes on without a wake-up).
