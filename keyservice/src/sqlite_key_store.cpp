@@ -343,6 +343,7 @@ struct Op {
   std::function<void(Db&)> run;
   std::string row;
   bool put = false;
+  bool skip = false;  // set by write(): a later delete of its transaction removes the row
 };
 
 struct Unit {
@@ -748,22 +749,18 @@ class SqliteJournal final : public detail::Journal {
         // `waiting` and `assigned` and delivered by the dec_keys this transaction carries.
         // The insert and the delete would each dirty a page of the table and of its index.
         std::unordered_set<std::string_view> deleted_later;
-        std::unordered_set<const Op*> skipped;
         for (auto u = units.rbegin(); u != units.rend(); ++u) {
           for (auto op = u->ops.rbegin(); op != u->ops.rend(); ++op) {
-            if (op->row.empty()) {
-              continue;
-            }
-            if (!op->put) {
+            if (!op->row.empty() && !op->put) {
               deleted_later.insert(op->row);
-            } else if (deleted_later.contains(op->row)) {
-              skipped.insert(&*op);
+            } else if (!op->row.empty()) {
+              op->skip = deleted_later.contains(op->row);
             }
           }
         }
         for (const auto& u : units) {
           for (const auto& op : u.ops) {
-            if (!skipped.contains(&op)) {
+            if (!op.skip) {
               op.run(db_);
             }
           }
