@@ -19,6 +19,7 @@
 #include "qkd/kms/link_service.hpp"
 #include "qkd/kms/metrics.hpp"
 #include "qkd/kms/tls.hpp"
+#include "qkd/kms/util.hpp"
 
 namespace qkd::kms {
 
@@ -231,9 +232,15 @@ qkd::core::Result<BoundPorts> Kme::start() {
     impl_->cv.notify_all();
   });
   for (int i = 0; i < kApiThreads; ++i) {
-    im.threads.emplace_back([&im]() { run_io(im.api_ioc, "api"); });
+    im.threads.emplace_back([&im]() {
+      name_this_thread("kms-api");
+      run_io(im.api_ioc, "api");
+    });
   }
-  im.threads.emplace_back([&im]() { run_io(im.link_ioc, "link"); });
+  im.threads.emplace_back([&im]() {
+    name_this_thread("kms-link-io");
+    run_io(im.link_ioc, "link");
+  });
   spdlog::info("{}: ETSI 014 API on {}:{}, link role {} {}", im.config.kme_id,
                im.config.api.listen.host, ports.api_port,
                im.config.link.role == LinkRole::kAlice ? "alice" : "bob",

@@ -3,7 +3,6 @@
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
-#include <pthread.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -795,11 +794,17 @@ qkd::core::Result<std::uint16_t> LinkService::start() {
     port = p.value();
   }
   if (im->config.keys.max_age_s > 0) {
-    im->expirer = std::thread([im]() { im->run_expiry(); });
+    im->expirer = std::thread([im]() {
+      name_this_thread("kms-expiry");
+      im->run_expiry();
+    });
   }
-  im->acker = std::thread([im]() { im->run_acks(); });
+  im->acker = std::thread([im]() {
+    name_this_thread("kms-ack");
+    im->run_acks();
+  });
   im->runner = std::thread([im]() {
-    ::pthread_setname_np(::pthread_self(), kEngineThreadName);  // visible in top -H, ps -L
+    name_this_thread(kEngineThreadName);
     lower_engine_priority(im->config.link.engine_nice);
     try {
       im->run();

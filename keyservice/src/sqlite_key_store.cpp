@@ -519,8 +519,14 @@ class SqliteJournal final : public detail::Journal {
     ckpt_db_.busy_timeout(10'000);
     ckpt_db_.exec(synchronous_full_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
     db_.on_commit([this](int pages) { wal_committed(pages); });
-    checkpointer_ = std::thread([this]() { run_checkpointer(); });
-    committer_ = std::thread([this]() { run_committer(); });
+    checkpointer_ = std::thread([this]() {
+      name_this_thread("kms-checkpoint");
+      run_checkpointer();
+    });
+    committer_ = std::thread([this]() {
+      name_this_thread("kms-commit");
+      run_committer();
+    });
     return s;
   }
 

@@ -1,12 +1,15 @@
 #include "qkd/kms/util.hpp"
 
 #include <fmt/format.h>
+#include <pthread.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include <array>
 
 namespace qkd::kms {
+
+void name_this_thread(const char* name) { ::pthread_setname_np(::pthread_self(), name); }
 
 using qkd::core::ErrorCode;
 using qkd::core::make_error;

@@ -45,6 +45,9 @@ template <typename T>
   return v;
 }
 
+// Names the calling thread (at most 15 characters), as top -H and ps -L show it.
+void name_this_thread(const char* name);
+
 // A random 64-bit value from RAND_bytes (seeds, epochs); falls back to nothing: fails.
 [[nodiscard]] qkd::core::Result<std::uint64_t> random_u64();
 
