@@ -229,11 +229,13 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
     }
     (at_peer ? slaves : local_slaves).push_back(s);
   }
-  auto keys = store_.allocate(caller, slaves, local_slaves, kr.number, kr.size / 8);
-  if (!keys.ok()) {
-    return error_response(keys.error());
-  }
-  return json_response(key_container(keys.value()));
+  KeyStore::PendingWrite pending;
+  auto keys = store_.allocate(caller, slaves, local_slaves, kr.number, kr.size / 8,
+                              req.may_defer ? &pending : nullptr);
+  ApiResponse resp =
+      keys.ok() ? json_response(key_container(keys.value())) : error_response(keys.error());
+  resp.pending = std::move(pending);
+  return resp;
 }
 
 ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& master,
@@ -278,11 +280,12 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
     return ApiResponse::wait_needed();  // a notice may be in flight: wait where we may
   }
   const auto wait = std::chrono::milliseconds(req.may_wait ? config_.keys.dec_wait_ms : 0);
-  auto keys = store_.take(caller, master, ids, wait);
-  if (!keys.ok()) {
-    return error_response(keys.error());
-  }
-  return json_response(key_container(keys.value()));
+  KeyStore::PendingWrite pending;
+  auto keys = store_.take(caller, master, ids, wait, req.may_defer ? &pending : nullptr);
+  ApiResponse resp =
+      keys.ok() ? json_response(key_container(keys.value())) : error_response(keys.error());
+  resp.pending = std::move(pending);
+  return resp;
 }
 
 }  // namespace qkd::kms

@@ -122,8 +122,9 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     // Here first, on this I/O thread, where the handler may not wait.
     api.may_wait = false;
+    api.may_defer = true;
     if (auto now = call_handler(api)) {
-      write(std::move(*now), keep_alive);
+      respond(std::move(*now), keep_alive);
       return;
     }
     // It has to wait: on the worker pool, then write on our strand.
@@ -133,11 +134,25 @@ class Session : public std::enable_shared_from_this<Session> {
       if (!resp) {  // a handler bug: may_wait was true
         resp = HttpReply{error_response(503, "internal error: the handler refused to wait")};
       }
-      asio::post(self->stream_.get_executor(),
-                 [self, resp = std::move(resp), keep_alive]() mutable {
-                   self->write(std::move(*resp), keep_alive);
-                 });
+      self->respond(std::move(*resp), keep_alive);
     });
+  }
+
+  // Writes the reply on our strand (at once when called on it), from any thread; a
+  // deferred one once it completes.
+  void respond(HttpReply reply, bool keep_alive) {
+    if (reply.deferred) {
+      auto deferred = std::move(reply.deferred);
+      deferred([self = shared_from_this(), keep_alive](HttpReply done) {
+        done.deferred = nullptr;  // a reply is deferred once
+        self->respond(std::move(done), keep_alive);
+      });
+      return;
+    }
+    asio::dispatch(stream_.get_executor(),
+                   [self = shared_from_this(), reply = std::move(reply), keep_alive]() mutable {
+                     self->write(std::move(reply), keep_alive);
+                   });
   }
 
   std::optional<HttpReply> call_handler(const ApiRequest& api) {

@@ -329,8 +329,8 @@ class JournaledStore final : public KeyStore {
   Result<std::vector<DeliveredKey>> allocate(const std::string& master_sae,
                                              const std::vector<std::string>& slave_saes,
                                              const std::vector<std::string>& local_slave_saes,
-                                             std::uint32_t number,
-                                             std::uint32_t size_bytes) override {
+                                             std::uint32_t number, std::uint32_t size_bytes,
+                                             PendingWrite* pending) override {
     if (number == 0 || size_bytes == 0) {
       return qkd::core::make_error(ErrorCode::kInvalidArgument, "empty key request");
     }
@@ -387,12 +387,20 @@ class JournaledStore final : public KeyStore {
       release = release_;
       ticket = seal_locked();
     }
-    // The keys are consumed durably before their bytes leave the store.
-    if (auto d = durable(ticket); !d.ok()) {
-      return d.error();
-    }
+    std::function<void()> then;
     if (notice_seq && release) {
-      release(*notice_seq);
+      then = [release, seq = *notice_seq]() { release(seq); };
+    }
+    if (pending != nullptr && ticket != 0) {
+      *pending = PendingWrite{ticket, std::move(then)};  // the caller waits (when_written)
+    } else {
+      // The keys are consumed durably before their bytes leave the store.
+      if (auto d = durable(ticket); !d.ok()) {
+        return d.error();
+      }
+      if (then) {
+        then();
+      }
     }
     if (short_of_key) {
       return *short_of_key;
@@ -445,7 +453,8 @@ class JournaledStore final : public KeyStore {
   Result<std::vector<DeliveredKey>> take(const std::string& caller_sae,
                                          const std::string& master_sae,
                                          const std::vector<std::string>& key_ids,
-                                         std::chrono::milliseconds wait) override {
+                                         std::chrono::milliseconds wait,
+                                         PendingWrite* pending) override {
     if (key_ids.empty()) {
       return qkd::core::make_error(ErrorCode::kInvalidArgument, "no key_ID given");
     }
@@ -529,6 +538,10 @@ class JournaledStore final : public KeyStore {
       }
       ticket = seal_locked();
     }
+    if (pending != nullptr && ticket != 0) {
+      pending->ticket = ticket;  // the caller waits (when_written)
+      return out;
+    }
     // Durably consumed before the bytes leave the store.
     if (auto d = durable(ticket); !d.ok()) {
       return d.error();
@@ -536,15 +549,35 @@ class JournaledStore final : public KeyStore {
     return out;
   }
 
+  void when_written(PendingWrite pending, std::function<void(Status)> done) override {
+    auto finish = [then = std::move(pending.then), done = std::move(done)](Status s) {
+      if (!s.ok()) {
+        done(store_failure(s.error()));
+        return;
+      }
+      if (then) {
+        then();
+      }
+      done(qkd::core::ok_status());
+    };
+    if (!journal_ || pending.ticket == 0) {
+      finish(qkd::core::ok_status());
+      return;
+    }
+    journal_->when_durable(pending.ticket, std::move(finish));
+  }
+
+  void drain() override {
+    if (journal_) {
+      journal_->drain();
+    }
+  }
+
   bool knows_all(const std::vector<std::string>& key_ids) const override {
     std::lock_guard lock(mu_);
     return std::all_of(key_ids.begin(), key_ids.end(), [&](const std::string& id) {
       return records_.contains(id) || used_ids_.contains(id);
     });
-  }
-
-  bool waits_for_disk() const override {
-    return journal_ != nullptr && journal_->commit_may_block();
   }
 
   StoreStats stats() const override {

@@ -1,5 +1,6 @@
 #include "qkd/kms/kme.hpp"
 
+#include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -75,8 +76,12 @@ struct Kme::Impl {
   std::vector<std::thread> threads;
 
   // The API entry point: admission control and metrics around the ETSI service;
-  // std::nullopt when the request may not wait and has to (HttpsServer::Handler).
+  // std::nullopt when the request may not wait and has to (HttpsServer::Handler). A reply
+  // whose keys are not durable yet comes back deferred until they are.
   std::optional<HttpReply> handle(const std::string& caller, const ApiRequest& req);
+  // The request's metrics, once its reply is final.
+  void record(const std::string& caller, const RequestInfo& info, bool known_caller,
+              const HttpReply& reply, std::chrono::steady_clock::time_point t0);
   std::string render_metrics() const { return metrics->render(store->stats(), link->stats()); }
 
   std::mutex mu;
@@ -139,10 +144,6 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
 std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiRequest& req) {
   const auto t0 = std::chrono::steady_clock::now();
   const RequestInfo info = classify_request(req);
-  if (!req.may_wait && store->waits_for_disk() &&
-      (info.route == "enc_keys" || info.route == "dec_keys")) {
-    return std::nullopt;  // a durable commit: on the worker pool, before admission charges
-  }
   HttpReply reply;
   const bool known_caller = contains(config.saes, caller);
   if (info.route == "metrics" && req.method == "GET") {
@@ -186,6 +187,36 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
       return std::nullopt;  // dec_keys of a key whose notice is still in flight
     }
   }
+  if (reply.api.pending.ticket == 0) {
+    record(caller, info, known_caller, reply, t0);
+    return reply;
+  }
+  // The keys (or an allocation's discards) are not durable yet: the reply leaves when they
+  // are, or becomes a 503 if the write failed. Held once, cleansed however it ends.
+  KeyStore::PendingWrite pending = std::move(reply.api.pending);
+  reply.api.pending = {};
+  std::shared_ptr<HttpReply> held(new HttpReply(std::move(reply)), [](HttpReply* r) {
+    OPENSSL_cleanse(r->api.body.data(), r->api.body.size());
+    delete r;
+  });
+  HttpReply deferred;
+  deferred.deferred = [this, pending = std::move(pending), held, caller, info, known_caller,
+                       t0](const HttpReply::Send& send) mutable {
+    store->when_written(std::move(pending), [this, held, send, caller, info, known_caller,
+                                             t0](const Status& written) {
+      if (!written.ok()) {
+        OPENSSL_cleanse(held->api.body.data(), held->api.body.size());
+        *held = HttpReply{error_response(written.error())};
+      }
+      record(caller, info, known_caller, *held, t0);
+      send(std::move(*held));
+    });
+  };
+  return deferred;
+}
+
+void Kme::Impl::record(const std::string& caller, const RequestInfo& info, bool known_caller,
+                       const HttpReply& reply, std::chrono::steady_clock::time_point t0) {
   if (reply.api.status == 200 && (info.route == "enc_keys" || info.route == "dec_keys")) {
     const std::uint64_t n = count_keys(reply.api.body);
     if (info.route == "enc_keys") {
@@ -198,7 +229,6 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   metrics->observe_request(known_caller ? info.route : std::string_view("unauthorised"),
                            reply.api.status, seconds);
-  return reply;
 }
 
 qkd::core::Result<BoundPorts> Kme::start() {
@@ -303,6 +333,12 @@ void Kme::stop() {
     if (t.joinable()) {
       t.join();
     }
+  }
+  // No handler runs any more. Replies still deferred (only if the drain above timed out)
+  // complete now, while the link, the metrics and the sessions they use are still there
+  // (their writes are dropped with the stopped I/O context).
+  if (im.store) {
+    im.store->drain();
   }
   spdlog::info("{}: stopped", im.config.kme_id);
 }

@@ -67,6 +67,8 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
+#include <vector>
 
 #include "qkd/kms/key_store.hpp"
 #include "qkd/kms/util.hpp"
@@ -640,10 +642,6 @@ class SqliteJournal final : public detail::Journal {
     spdlog::info("key store: {}: used_ids rebuilt without its unique index", path_);
   }
 
-  bool commit_may_block() const override {
-    return !callers_write_ || wal_pages_.load(std::memory_order_relaxed) >= kWalHardPages / 2;
-  }
-
   std::uint64_t seal() override { return seal_unit(/*deferred=*/false); }
   std::uint64_t seal_deferred() override { return seal_unit(/*deferred=*/true); }
 
@@ -659,13 +657,65 @@ class SqliteJournal final : public detail::Journal {
       }
       done_cv_.wait(lock);
     }
+    return status_locked(ticket);
+  }
+
+  void when_durable(std::uint64_t ticket, std::function<void(Status)> done) override {
+    std::unique_lock lock(mu_);
+    if (durable_ticket_ >= ticket || failed_) {
+      const Status st = status_locked(ticket);
+      lock.unlock();
+      done(st);
+      return;
+    }
+    // Its unit is in queue_, or in the transaction being written (committing_): that
+    // thread runs `done` after it, and hands the rest of the queue on.
+    callbacks_.push_back(Callback{ticket, std::move(done)});
+    if (committing_) {
+      return;
+    }
+    if (!commit_may_block()) {
+      commit_queue(lock);  // NORMAL: a commit is a page-cache write; no hand-off
+    } else {
+      work_cv_.notify_one();  // FULL (an fsync), or a checkpoint may be due: the committer
+    }
+  }
+
+  void drain() override {
+    std::unique_lock lock(mu_);
+    const std::uint64_t target = last_ticket_;
+    while (durable_ticket_ < target && !failed_) {
+      if (!committing_ && !queue_.empty()) {
+        commit_queue(lock);  // at shutdown any thread may wait for the disk
+        continue;
+      }
+      done_cv_.wait(lock);
+    }
+    done_cv_.wait(lock, [&] { return running_callbacks_ == 0; });
+  }
+
+ private:
+  // Whether writing the queue may last a sync to disk or a checkpoint: always with FULL;
+  // with NORMAL (a commit is a write into the OS page cache, ~0.1 ms) only while the WAL
+  // nears the bound at which the writer checkpoints itself. Then when_durable() leaves the
+  // write to the committer thread rather than blocking its caller (an API I/O thread).
+  bool commit_may_block() const {
+    return !callers_write_ || wal_pages_.load(std::memory_order_relaxed) >= kWalHardPages / 2;
+  }
+
+  Status status_locked(std::uint64_t ticket) const {
     if (durable_ticket_ >= ticket) {
       return qkd::core::ok_status();
     }
     return make_error(ErrorCode::kInternal, failure_);
   }
 
- private:
+  // Whether a queued unit must be written now by the committer thread: FULL, a caller
+  // waits for it; or (any level) a completion waits for it with no caller to write it.
+  bool urgent_for_committer() const {
+    return urgent_queued_ > 0 && (!callers_write_ || !callbacks_.empty());
+  }
+
   void add(std::function<void(Db&)> run, std::string row = {}, bool put = false) {
     std::lock_guard lock(mu_);
     current_.push_back(Op{std::move(run), std::move(row), put});
@@ -701,11 +751,10 @@ class SqliteJournal final : public detail::Journal {
       if (queue_.empty()) {
         return;  // stopping, all written
       }
-      if (!stopping_ && (callers_write_ || urgent_queued_ == 0)) {
+      if (!stopping_ && !urgent_for_committer()) {
         const auto due = queue_.front().sealed_at + kDeferMax;
         if (std::chrono::steady_clock::now() < due) {
-          work_cv_.wait_until(lock, due,
-                              [&] { return stopping_ || (!callers_write_ && urgent_queued_ > 0); });
+          work_cv_.wait_until(lock, due, [&] { return stopping_ || urgent_for_committer(); });
           continue;  // a caller may have written them meanwhile
         }
       }
@@ -715,7 +764,11 @@ class SqliteJournal final : public detail::Journal {
 
   // Everything queued so far is one transaction; what arrives while it is written is the next
   // one. Called with mu_ held and no transaction in progress; one thread at a time writes.
+  // Runs the completions (when_durable) this transaction made due, without mu_.
   void commit_queue(std::unique_lock<std::mutex>& lock) {
+    if (queue_.empty()) {
+      return;
+    }
     committing_ = true;
     std::deque<Unit> units = std::move(queue_);
     queue_.clear();
@@ -735,10 +788,31 @@ class SqliteJournal final : public detail::Journal {
       }
     }
     committing_ = false;
+    std::vector<std::pair<Status, std::function<void(Status)>>> due;
+    std::erase_if(callbacks_, [&](Callback& c) {
+      if (c.ticket > durable_ticket_ && !failed_) {
+        return false;
+      }
+      due.emplace_back(status_locked(c.ticket), std::move(c.done));
+      return true;
+    });
     done_cv_.notify_all();
-    if (stopping_ ||
-        (!queue_.empty() && (!callers_write_ || (urgent_queued_ == 0 && committer_idle_)))) {
+    // What is left: with FULL, or with completions waiting and no caller to write their
+    // units, the committer thread writes it now; deferred units alone wait for a caller.
+    if (stopping_ || (!queue_.empty() && (urgent_for_committer() ||
+                                          (urgent_queued_ == 0 && committer_idle_)))) {
       work_cv_.notify_one();  // the committer thread's turn
+    }
+    if (!due.empty()) {
+      ++running_callbacks_;
+      lock.unlock();
+      for (auto& [status, done] : due) {
+        done(status);
+      }
+      lock.lock();
+      if (--running_callbacks_ == 0) {
+        done_cv_.notify_all();  // drain()
+      }
     }
   }
 
@@ -859,6 +933,13 @@ class SqliteJournal final : public detail::Journal {
   std::vector<Op> current_;
   std::deque<Unit> queue_;
   std::size_t urgent_queued_ = 0;  // units in queue_ sealed by seal()
+  // Completions (when_durable) of units not yet durable, in registration order.
+  struct Callback {
+    std::uint64_t ticket = 0;
+    std::function<void(Status)> done;
+  };
+  std::vector<Callback> callbacks_;
+  int running_callbacks_ = 0;  // threads running completions outside mu_
   bool committing_ = false;        // a thread is writing a transaction (db_ is its)
   // The committer thread is in its untimed wait: for a unit, or for the transaction a caller
   // is writing to end (commit_queue() then wakes it if deferred units are left).

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -82,11 +83,16 @@ class Journal {
   // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
   // unusable: every later wait fails too).
   [[nodiscard]] virtual Status wait(std::uint64_t ticket) = 0;
-  // Whether wait() may last a sync to disk or a checkpoint: always with synchronous = full;
-  // with normal (a commit is a write into the OS page cache, ~0.1 ms) only while the WAL
-  // nears the bound at which the writer checkpoints itself. A hint, read without a lock: it
-  // only chooses the thread that waits (the API's worker pool rather than an I/O thread).
-  [[nodiscard]] virtual bool commit_may_block() const = 0;
+  // The same without blocking: `done` is called once unit `ticket` (a seal()ed one) is
+  // durable or writing failed: at once if it already is, else on the thread that wrote it,
+  // right after the write. The calling thread writes the queue itself when it may (as a
+  // waiter of wait() would) and no transaction is in progress; otherwise the thread writing
+  // now, or the committer thread, does. `done` must be short and must not call back into
+  // the journal or the store.
+  virtual void when_durable(std::uint64_t ticket, std::function<void(Status)> done) = 0;
+  // Blocks until every unit sealed so far is written (or writing failed) and every
+  // completion of when_durable() has returned.
+  virtual void drain() = 0;
 };
 
 // The store core over a journal (nullptr: in memory only) and the state it found.

@@ -192,7 +192,6 @@ TEST_F(EtsiServiceTest, DecKeysThatMayNotWaitAsksToWaitOnlyForAKeyNotHeardOf) {
     r.may_wait = false;
     return bob.handle("bob", r);
   };
-  EXPECT_FALSE(bob_store->waits_for_disk());
   ApiResponse enc = at_alice("alice", "GET", "/api/v1/keys/bob/enc_keys");
   ASSERT_EQ(enc.status, 200u) << enc.body;
   const std::string id = json::parse(enc.body)["keys"][0]["key_ID"];

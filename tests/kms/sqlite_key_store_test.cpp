@@ -8,6 +8,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iterator>
 #include <set>
 #include <thread>
@@ -111,7 +112,6 @@ TEST(SqliteKeyStore, StateSurvivesReopen) {
   {
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
-    EXPECT_TRUE(s->waits_for_disk());  // full: the API runs its deliveries on the worker pool
     EXPECT_EQ(s->link_state().epoch, 0u);
     std::uint64_t seq = 4;
     std::vector<std::uint64_t> released;
@@ -355,7 +355,6 @@ TEST(StoreConfig, ParsedStrictlyAndOptional) {
   EXPECT_FALSE(qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false).ok());
 }
 
-}  // namespace
 
 // Multicast at this KME: a key allocated with a local additional slave is kept, in the same
 // durable write as the allocation, for that slave only; it survives a reopen, is served to it
@@ -410,7 +409,6 @@ TEST(SqliteKeyStore, WalStaysBoundedUnderLongLoad) {
     auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey,
                                              /*synchronous_full=*/false);
     ASSERT_TRUE(s.ok()) << s.error().message;
-    EXPECT_FALSE((*s)->waits_for_disk());  // normal: no fsync per commit, on the I/O thread
     ASSERT_TRUE((*s)->commit_block(pool, 1, 1).ok());
     std::set<std::vector<std::uint8_t>> seen;
     for (int i = 0; i < kKeys; ++i) {
@@ -594,3 +592,137 @@ TEST(SqliteKeyStore, OldUsedIdsIndexIsDroppedOnOpen) {
   EXPECT_EQ(ids, delivered);
   EXPECT_EQ(rowids, (std::vector<std::int64_t>{5, 8, 11}));  // kept, gaps and all
 }
+
+// The API's path: allocate() and take() with a PendingWrite return at once, and
+// when_written() reports each write once it is durable, from whichever thread wrote it, after
+// the allocation's notice was released; nothing is written twice, nothing lost on reopen.
+// Both synchronous levels (FULL: the committer thread writes; NORMAL: the caller when no
+// transaction is in progress, else the committer thread).
+TEST(SqliteKeyStore, DeferredDeliveriesCompleteOnceDurable) {
+  for (const bool full : {true, false}) {
+    SCOPED_TRACE(full ? "synchronous full" : "synchronous normal");
+    TempDir dir;
+    const std::string db = dir.file("store.db");
+    constexpr int kThreads = 8;
+    constexpr int kEach = 40;
+    const auto pool = pattern(32 * 2 * (kThreads * kEach + 50), 5);
+    std::set<std::vector<std::uint8_t>> seen;
+    std::mutex mu;
+    std::set<std::uint64_t> released;
+    std::atomic<int> completed{0};
+    std::atomic<int> failures{0};
+    {
+      auto made = qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey, full);
+      ASSERT_TRUE(made.ok()) << made.error().message;
+      auto& s = *made;
+      std::uint64_t seq = 0;
+      static thread_local std::uint64_t encoded = 0;  // the calling thread's last notice
+      s->set_notice_hooks(
+          [&](const std::vector<KeyAssignment>& as) {
+            encoded = ++seq;  // called on the allocating thread, under the store's lock
+            return StoredNotice{seq, std::vector<std::uint8_t>(as.size(), 1)};
+          },
+          [&](std::uint64_t n) {
+            std::lock_guard l(mu);
+            released.insert(n);
+          });
+      ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+      // A peer-assigned key for take(): the bob direction's first 32 bytes.
+      KeyAssignment peer{"11111111-2222-4333-8444-555555555555", Direction::kBob, 0, 32, "bob",
+                         {"alice"}, false};
+      ASSERT_TRUE(s->apply_peer_notice(1, {peer}).ok());
+      std::vector<std::thread> ts;
+      for (int t = 0; t < kThreads; ++t) {
+        ts.emplace_back([&]() {
+          for (int i = 0; i < kEach; ++i) {
+            KeyStore::PendingWrite pending;
+            auto k = s->allocate("alice", {"bob"}, {}, 1, 32, &pending);
+            ASSERT_TRUE(k.ok()) << k.error().message;
+            ASSERT_NE(pending.ticket, 0u);
+            const auto bytes =
+                std::vector<std::uint8_t>(k->front().key.span().begin(), k->front().key.span().end());
+            {
+              std::lock_guard l(mu);
+              EXPECT_TRUE(seen.insert(bytes).second);
+            }
+            const std::uint64_t my_seq = encoded;
+            {
+              std::lock_guard l(mu);
+              EXPECT_FALSE(released.contains(my_seq));  // not before the write completes
+            }
+            s->when_written(std::move(pending), [&, my_seq](const qkd::core::Status& st) {
+              if (!st.ok()) {
+                ++failures;
+              }
+              std::lock_guard l(mu);
+              EXPECT_TRUE(released.contains(my_seq));  // released first, then completed
+              ++completed;
+            });
+          }
+        });
+      }
+      for (auto& t : ts) {
+        t.join();
+      }
+      KeyStore::PendingWrite pending;
+      auto taken = s->take("alice", "bob", {peer.key_id}, 0ms, &pending);
+      ASSERT_TRUE(taken.ok()) << taken.error().message;
+      std::promise<qkd::core::Status> took;
+      s->when_written(std::move(pending), [&](const qkd::core::Status& st) { took.set_value(st); });
+      auto fut = took.get_future();
+      ASSERT_EQ(fut.wait_for(10s), std::future_status::ready);
+      EXPECT_TRUE(fut.get().ok());
+      // Every completion arrives (the last ones on the committer thread at the latest).
+      for (int i = 0; i < 1000 && completed.load() < kThreads * kEach; ++i) {
+        std::this_thread::sleep_for(10ms);
+      }
+      EXPECT_EQ(completed.load(), kThreads * kEach);
+      EXPECT_EQ(failures.load(), 0);
+      EXPECT_EQ(released.size(), static_cast<std::size_t>(kThreads * kEach));
+      // A write already durable completes at once, on the calling thread.
+      KeyStore::PendingWrite again;
+      auto k = s->allocate("alice", {"bob"}, {}, 1, 32, &again);
+      ASSERT_TRUE(k.ok());
+      {
+        std::lock_guard l(mu);
+        EXPECT_TRUE(seen.insert({k->front().key.span().begin(), k->front().key.span().end()}).second);
+      }
+      ASSERT_TRUE(s->durable(again.ticket).ok());
+      bool now = false;
+      s->when_written(std::move(again), [&](const qkd::core::Status& st) { now = st.ok(); });
+      EXPECT_TRUE(now);
+    }
+    // Reopened: every delivered key stays consumed, the taken one too.
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey, full);
+    ASSERT_TRUE(s.ok()) << s.error().message;
+    EXPECT_EQ((*s)->stats().own_available_bytes, 49u * 32);
+    EXPECT_FALSE((*s)->knows_all({"00000000-0000-4000-8000-000000000000"}));
+    EXPECT_TRUE((*s)->knows_all({"11111111-2222-4333-8444-555555555555"}));  // as delivered
+    auto rest = (*s)->allocate("alice", {"bob"}, 49, 32);
+    ASSERT_TRUE(rest.ok()) << rest.error().message;
+    for (const auto& key : *rest) {
+      EXPECT_TRUE(seen.insert({key.key.span().begin(), key.key.span().end()}).second);
+    }
+    auto taken = (*s)->take("alice", "bob", {"11111111-2222-4333-8444-555555555555"}, 0ms);
+    EXPECT_FALSE(taken.ok());  // delivered before the reopen
+  }
+}
+
+// The memory store has nothing to wait for: no ticket, and when_written completes at once.
+TEST(MemoryKeyStore, PendingWriteCompletesAtOnce) {
+  auto s = qkd::kms::make_memory_key_store(Direction::kAlice);
+  bool released = false;
+  s->set_notice_hooks([](const std::vector<KeyAssignment>&) { return StoredNotice{1, {1}}; },
+                      [&](std::uint64_t) { released = true; });
+  s->commit(pattern(64, 9));
+  KeyStore::PendingWrite pending;
+  auto k = s->allocate("alice", {"bob"}, {}, 1, 32, &pending);
+  ASSERT_TRUE(k.ok()) << k.error().message;
+  EXPECT_EQ(pending.ticket, 0u);
+  EXPECT_TRUE(released);  // at once, as without a PendingWrite
+  bool done = false;
+  s->when_written(std::move(pending), [&](const qkd::core::Status& st) { done = st.ok(); });
+  EXPECT_TRUE(done);
+}
+
+}  // namespace

@@ -25,10 +25,14 @@ struct ApiRequest {
   std::string target;  // raw request target: path and optional ?query
   std::string body;
   // false: the transport runs the handler on its I/O thread, where it must not block. A
-  // handler that would have to wait (dec_keys for a notice still in flight, a commit that
-  // syncs to disk: KeyStore::waits_for_disk) answers ApiResponse::wait_needed() instead, touching nothing, and the
-  // transport runs the request again, with may_wait = true, on its worker pool.
+  // handler that would have to wait (dec_keys for a notice still in flight) answers
+  // ApiResponse::wait_needed() instead, touching nothing, and the transport runs the
+  // request again, with may_wait = true, on its worker pool.
   bool may_wait = true;
+  // true: enc_keys and dec_keys do not wait for their durable write; they answer with
+  // ApiResponse::pending set, and the transport sends that response only once
+  // KeyStore::when_written has reported the write durable. false: they wait.
+  bool may_defer = false;
 };
 
 struct ApiResponse {
@@ -36,8 +40,10 @@ struct ApiResponse {
   std::string body;  // JSON text, or empty (401)
   // Set only by wait_needed() (see ApiRequest::may_wait); never sent.
   bool needs_wait = false;
+  // The durable write this response must wait for (ApiRequest::may_defer).
+  KeyStore::PendingWrite pending{};
 
-  [[nodiscard]] static ApiResponse wait_needed() { return ApiResponse{0, {}, true}; }
+  [[nodiscard]] static ApiResponse wait_needed() { return ApiResponse{0, {}, true, {}}; }
 };
 
 // The one place where domain errors become HTTP statuses:

@@ -5,9 +5,12 @@
 // limit; keep-alive. A handler first runs on the I/O thread that read the request, with
 // ApiRequest::may_wait = false: most requests are answered there, without a hand-off to
 // another thread (each hand-off wakes a sleeping thread, which costs more than the handler
-// itself). A handler that would have to wait (dec_keys for a notice from the peer KME, a
-// commit that syncs to disk: KeyStore::waits_for_disk) returns std::nullopt instead; the request then runs on a separate worker
-// pool with may_wait = true, and the response is written back on the session's strand.
+// itself). A handler that would have to wait (dec_keys for a notice from the peer KME)
+// returns std::nullopt instead; the request then runs on a separate worker pool with
+// may_wait = true, and the response is written back on the session's strand. Requests carry
+// ApiRequest::may_defer = true: a reply that has to wait for a durable write comes back
+// deferred (HttpReply::deferred) and is written when that completes, while the thread goes
+// on with other connections.
 //
 // Shutdown: stop() closes the listener; in_flight() counts requests read whose response is
 // not written yet, so the owner can wait for them before stopping the I/O threads.
@@ -40,6 +43,11 @@ struct HttpReply {
   ApiResponse api;
   std::string content_type = "application/json";  // used when the body is not empty
   std::uint32_t retry_after_s = 0;                // > 0: a Retry-After header (seconds)
+  // Set when the reply may leave only once something completes (the durable write of the
+  // keys it carries); the other fields are then not sent. The server calls it once, with
+  // `send`, which the handler's side calls once, from any thread, with the reply to write.
+  using Send = std::function<void(HttpReply)>;
+  std::function<void(Send send)> deferred{};
 };
 
 class HttpsServer {

@@ -156,6 +156,23 @@ class KeyStore {
   [[nodiscard]] virtual Status apply_peer_assignment(KeyAssignment assignment) = 0;
 
   // --- API side ---
+  // allocate() and take() given a PendingWrite do not wait for their durable write: they
+  // return at once and fill it in, and the caller must not let the returned keys (or the
+  // error) leave before when_written() has reported the write durable. Without one (and
+  // always for the link's calls) a call returns only once its write is durable.
+  struct PendingWrite {
+    std::uint64_t ticket = 0;    // 0: nothing to wait for (the memory store)
+    std::function<void()> then;  // once durable (e.g. the allocation's notice may leave)
+  };
+  // Calls `done` once the write is durable (ok; `then` has run) or writing failed
+  // (kUnavailable "key store unavailable: ..."): at once when it already is, else on the
+  // thread that wrote it, right after the write. `done` must be short and must not call
+  // back into the store.
+  virtual void when_written(PendingWrite pending, std::function<void(Status)> done) = 0;
+  // Blocks until every write so far is durable (or failed) and every when_written()
+  // completion has returned: called at shutdown, before what the completions use goes.
+  virtual void drain() = 0;
+
   // enc_keys: exactly `number` keys of `size_bytes` bytes from this KME's direction, each
   // with a fresh random UUID, or an error (kUnavailable when there is not enough key).
   // `slave_saes` are the slaves at the peer KME (the notice names them); `local_slave_saes`
@@ -165,7 +182,7 @@ class KeyStore {
   [[nodiscard]] virtual Result<std::vector<DeliveredKey>> allocate(
       const std::string& master_sae, const std::vector<std::string>& slave_saes,
       const std::vector<std::string>& local_slave_saes, std::uint32_t number,
-      std::uint32_t size_bytes) = 0;
+      std::uint32_t size_bytes, PendingWrite* pending = nullptr) = 0;
   [[nodiscard]] Result<std::vector<DeliveredKey>> allocate(
       const std::string& master_sae, const std::vector<std::string>& slave_saes,
       std::uint32_t number, std::uint32_t size_bytes) {
@@ -178,17 +195,12 @@ class KeyStore {
   // once; the key is removed (and cleansed) when the last of its slaves has fetched it.
   [[nodiscard]] virtual Result<std::vector<DeliveredKey>> take(
       const std::string& caller_sae, const std::string& master_sae,
-      const std::vector<std::string>& key_ids, std::chrono::milliseconds wait) = 0;
+      const std::vector<std::string>& key_ids, std::chrono::milliseconds wait,
+      PendingWrite* pending = nullptr) = 0;
   // Whether take() of `key_ids` would answer without waiting for a notice: each is held
-  // here or known to be delivered or expired. (A durable store still waits for its commit;
-  // where, waits_for_disk() says.)
+  // here or known to be delivered or expired. (A durable store still writes its commit:
+  // see PendingWrite.)
   [[nodiscard]] virtual bool knows_all(const std::vector<std::string>& key_ids) const = 0;
-  // Whether allocate() and take() may wait for a sync to disk or a checkpoint (the SQLite
-  // store: always with store.synchronous = full; with normal only while its WAL nears the
-  // bound at which the writer checkpoints itself): the API then runs them on its worker
-  // pool. Otherwise (normal: a commit is a write into the OS page cache, ~0.1 ms; the memory
-  // store) on the I/O thread. A hint read without a lock: it only chooses the thread.
-  [[nodiscard]] virtual bool waits_for_disk() const = 0;
 
   [[nodiscard]] virtual StoreStats stats() const = 0;
 
