@@ -30,6 +30,20 @@ json key_container(const std::vector<DeliveredKey>& keys) {
   return json{{"keys", std::move(arr)}};
 }
 
+// The Key container (or the error) together with the write it must wait for: a failure to
+// build the body still carries `pending`, so the allocation's notice is released.
+ApiResponse keys_response(const Result<std::vector<DeliveredKey>>& keys,
+                          KeyStore::PendingWrite pending) {
+  ApiResponse resp;
+  try {
+    resp = keys.ok() ? json_response(key_container(keys.value())) : error_response(keys.error());
+  } catch (const std::exception& e) {
+    resp = error_response(503, fmt::format("internal error: {}", e.what()));
+  }
+  resp.pending = std::move(pending);
+  return resp;
+}
+
 // A parsed Key request (enc_keys).
 struct KeyRequest {
   std::uint32_t number = 1;
@@ -232,10 +246,7 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
   KeyStore::PendingWrite pending;
   auto keys = store_.allocate(caller, slaves, local_slaves, kr.number, kr.size / 8,
                               req.may_defer ? &pending : nullptr);
-  ApiResponse resp =
-      keys.ok() ? json_response(key_container(keys.value())) : error_response(keys.error());
-  resp.pending = std::move(pending);
-  return resp;
+  return keys_response(keys, std::move(pending));
 }
 
 ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& master,
@@ -282,10 +293,7 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
   const auto wait = std::chrono::milliseconds(req.may_wait ? config_.keys.dec_wait_ms : 0);
   KeyStore::PendingWrite pending;
   auto keys = store_.take(caller, master, ids, wait, req.may_defer ? &pending : nullptr);
-  ApiResponse resp =
-      keys.ok() ? json_response(key_container(keys.value())) : error_response(keys.error());
-  resp.pending = std::move(pending);
-  return resp;
+  return keys_response(keys, std::move(pending));
 }
 
 }  // namespace qkd::kms

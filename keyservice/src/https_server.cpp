@@ -149,10 +149,12 @@ class Session : public std::enable_shared_from_this<Session> {
       });
       return;
     }
-    asio::dispatch(stream_.get_executor(),
-                   [self = shared_from_this(), reply = std::move(reply), keep_alive]() mutable {
-                     self->write(std::move(reply), keep_alive);
-                   });
+    // Held so that a reply whose handler never runs (the I/O context stopped at shutdown)
+    // is cleansed all the same.
+    auto held = hold_reply(std::move(reply));
+    asio::dispatch(stream_.get_executor(), [self = shared_from_this(), held, keep_alive]() {
+      self->write(std::move(*held), keep_alive);
+    });
   }
 
   std::optional<HttpReply> call_handler(const ApiRequest& api) {
@@ -165,7 +167,12 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // Writes the reply of one request counted in in_flight_ (decremented once written).
   void write(HttpReply reply, bool keep_alive) {
-    auto res = std::make_shared<http::response<http::string_body>>();
+    // Responses may carry key material: cleansed before freed, written or not.
+    std::shared_ptr<http::response<http::string_body>> res(
+        new http::response<http::string_body>(), [](http::response<http::string_body>* r) {
+          OPENSSL_cleanse(r->body().data(), r->body().size());
+          delete r;
+        });
     res->version(11);
     res->result(reply.api.status);
     res->set(http::field::server, "qkd-kms");
@@ -182,8 +189,6 @@ class Session : public std::enable_shared_from_this<Session> {
     beast::get_lowest_layer(stream_).expires_after(kWriteTimeout);
     http::async_write(stream_, *res,
                       [self = shared_from_this(), res](beast::error_code ec, std::size_t) {
-                        // Responses may carry key material: cleanse before freeing.
-                        OPENSSL_cleanse(res->body().data(), res->body().size());
                         self->in_flight_.fetch_sub(1);
                         if (ec) {
                           spdlog::debug("api: write: {}", ec.message());
@@ -214,6 +219,13 @@ class Session : public std::enable_shared_from_this<Session> {
 };
 
 }  // namespace
+
+std::shared_ptr<HttpReply> hold_reply(HttpReply reply) {
+  return {new HttpReply(std::move(reply)), [](HttpReply* r) {
+            OPENSSL_cleanse(r->api.body.data(), r->api.body.size());
+            delete r;
+          }};
+}
 
 struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
   Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> ctx, asio::thread_pool& w,

@@ -28,8 +28,8 @@ namespace asio = boost::asio;
 
 namespace {
 constexpr int kApiThreads = 2;
-constexpr int kWorkerThreads = 64;  // handlers: each may block on a commit that syncs to
-                                    // disk or on dec_keys' notice wait (keys.dec_wait_ms)
+constexpr int kWorkerThreads = 64;  // dec_keys handlers waiting for a notice (up to
+                                    // keys.dec_wait_ms each); no handler waits for the disk
 
 constexpr auto kDrainTimeout = std::chrono::seconds(2);  // + keys.dec_wait_ms: responses due
 
@@ -145,6 +145,7 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
   const auto t0 = std::chrono::steady_clock::now();
   const RequestInfo info = classify_request(req);
   HttpReply reply;
+  std::function<void()> refund;  // gives admission tokens back if a deferred write fails
   const bool known_caller = contains(config.saes, caller);
   if (info.route == "metrics" && req.method == "GET") {
     if (!known_caller) {
@@ -174,8 +175,12 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
       reply.retry_after_s = refusal->retry_after_s;
     } else {
       reply.api = etsi->handle(caller, req);
+      refund = [this, caller, slaves, number = info.number]() {
+        admission->refund(caller, slaves, number, std::chrono::steady_clock::now());
+      };
       if (reply.api.status != 200) {
-        admission->refund(caller, slaves, info.number, std::chrono::steady_clock::now());
+        refund();
+        refund = nullptr;
       }
       if (reply.api.needs_wait) {
         return std::nullopt;
@@ -195,18 +200,18 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
   // are, or becomes a 503 if the write failed. Held once, cleansed however it ends.
   KeyStore::PendingWrite pending = std::move(reply.api.pending);
   reply.api.pending = {};
-  std::shared_ptr<HttpReply> held(new HttpReply(std::move(reply)), [](HttpReply* r) {
-    OPENSSL_cleanse(r->api.body.data(), r->api.body.size());
-    delete r;
-  });
+  std::shared_ptr<HttpReply> held = hold_reply(std::move(reply));
   HttpReply deferred;
-  deferred.deferred = [this, pending = std::move(pending), held, caller, info, known_caller,
-                       t0](const HttpReply::Send& send) mutable {
-    store->when_written(std::move(pending), [this, held, send, caller, info, known_caller,
-                                             t0](const Status& written) {
+  deferred.deferred = [this, pending = std::move(pending), held, refund, caller, info,
+                       known_caller, t0](const HttpReply::Send& send) mutable {
+    store->when_written(std::move(pending), [this, held, refund, send, caller, info,
+                                             known_caller, t0](const Status& written) {
       if (!written.ok()) {
         OPENSSL_cleanse(held->api.body.data(), held->api.body.size());
         *held = HttpReply{error_response(written.error())};
+        if (refund) {
+          refund();  // no key was delivered
+        }
       }
       record(caller, info, known_caller, *held, t0);
       send(std::move(*held));

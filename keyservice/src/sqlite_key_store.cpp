@@ -369,6 +369,11 @@ class SqliteJournal final : public detail::Journal {
       committer_.join();
     }
     {
+      // Another thread may still be running completions of its last transaction.
+      std::unique_lock lock(mu_);
+      done_cv_.wait(lock, [&] { return running_callbacks_ == 0; });
+    }
+    {
       std::lock_guard lock(ckpt_state_mu_);
       ckpt_stopping_ = true;
     }
@@ -807,11 +812,15 @@ class SqliteJournal final : public detail::Journal {
       ++running_callbacks_;
       lock.unlock();
       for (auto& [status, done] : due) {
-        done(status);
+        try {
+          done(status);
+        } catch (const std::exception& e) {  // one failing completion must not drop the rest
+          spdlog::error("key store: a write's completion failed: {}", e.what());
+        }
       }
       lock.lock();
       if (--running_callbacks_ == 0) {
-        done_cv_.notify_all();  // drain()
+        done_cv_.notify_all();  // drain(), the destructor
       }
     }
   }

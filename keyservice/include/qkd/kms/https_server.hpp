@@ -50,6 +50,10 @@ struct HttpReply {
   std::function<void(Send send)> deferred{};
 };
 
+// `reply` held on the heap; its body (key material) is cleansed when the last owner lets go,
+// whether or not it was sent.
+[[nodiscard]] std::shared_ptr<HttpReply> hold_reply(HttpReply reply);
+
 class HttpsServer {
  public:
   // Returns std::nullopt only when the request's may_wait is false and answering it needs a

@@ -19,7 +19,8 @@
 // unacknowledged notices), so that a restarted KME resumes the link where it stopped.
 // Every mutating call of the durable store returns only once its change is committed to
 // disk; in particular allocate() and take() make the keys' consumption durable before they
-// return the key bytes. All methods are thread-safe.
+// return the key bytes, unless the caller takes that wait over (PendingWrite: the API
+// holds the bytes until when_written() reports them durable). All methods are thread-safe.
 #pragma once
 
 #include <chrono>
