@@ -246,7 +246,10 @@ struct LinkService::Impl {
     pending.reset();
     std::lock_guard lock(out_mu);
     outbox.clear();
-    next_seq = 1;
+    // next_seq goes on counting: an allocation of the old epoch whose write completes after
+    // this reset still calls on_durable(seq) (a store completion runs on whichever thread
+    // wrote it), and that seq must not name a notice of the new epoch (it would then leave
+    // before its own write is durable). The peer takes any seq above its last applied one.
     sent_seq = 0;
     due_seq = 0;
     last_applied_seq = 0;
