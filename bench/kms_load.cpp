@@ -11,7 +11,7 @@
 //
 //   kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K]
 //            [--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no]
-//            [--engine-nice N] [--synchronous full|normal] [--pool-limit K]
+//            [--engine-nice N] [--synchronous full|normal] [--pool-limit K] [--pulses P]
 // The closed-loop rows and the open-loop row each get their own pair of KMEs. --keys: the
 // pool to fill before the runs (default: enough for them). --pool-limit: keys.max_key_count
 // of both KMEs; default for the closed-loop rows 2,000,000 (they spend more than a pool
@@ -20,7 +20,8 @@
 // does, instead of their simulated engines and link I/O taking the CPUs from the API.
 // --number with a list: one closed-loop row per value at each connection count. --conns 0:
 // no closed-loop rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own;
-// --synchronous: store.synchronous of both durable KMEs, default not written = full)
+// --synchronous: store.synchronous of both durable KMEs, default not written = full;
+// --pulses: link.protocol.pulses_per_block of both KMEs, default the harness's)
 // With the durable store at full, the open-loop row is followed by the disk's floor at the
 // same schedule (disk_floor()) and the ratio of the KME's p99 to it.
 #include <fcntl.h>
@@ -377,11 +378,12 @@ int run(int argc, char** argv) {
   std::string synchronous;  // store.synchronous; empty: not written
   std::uint64_t keys = 0;  // pool to wait for; 0 = enough for every run at ~15,000/s
   std::uint64_t pool_limit = 0;  // keys.max_key_count; 0 = the pool waited for
+  std::uint64_t pulses = 0;      // link.protocol.pulses_per_block; 0 = the harness's
   const auto usage = [](std::FILE* to) {
     std::fprintf(to,
                  "usage: kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K] "
                  "[--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no] "
-                 "[--engine-nice N] [--synchronous full|normal] [--pool-limit K]\n"
+                 "[--engine-nice N] [--synchronous full|normal] [--pool-limit K] [--pulses P]\n"
                  "  --seconds S      length of each row [s] (default 3)\n"
                  "  --number N,...   keys per enc_keys request, closed loop (default 1)\n"
                  "  --rate R         open-loop request rate [requests/s] (default 1000)\n"
@@ -394,6 +396,7 @@ int run(int argc, char** argv) {
                  "                   (default: not written, the KME's default full); with\n"
                  "                   full the open loop is followed by the disk's floor\n"
                  "                   (a 4 KiB write + fdatasync per request, no KME)\n"
+                 "  --pulses P       link.protocol.pulses_per_block of both KMEs (default 2,000,000)\n"
                  "  --pool-limit K   keys.max_key_count of both KMEs (default: 2,000,000 for\n"
                  "                   the closed-loop rows, the filled pool for the open loop,\n"
                  "                   whose links then only top it up)\n");
@@ -430,6 +433,8 @@ int run(int argc, char** argv) {
       synchronous = argv[i + 1];
     } else if (a == "--pool-limit") {
       pool_limit = std::stoull(argv[i + 1]);
+    } else if (a == "--pulses") {
+      pulses = std::stoull(argv[i + 1]);
     } else {
       std::fprintf(stderr, "kms_load: unknown option %s\n", a.c_str());
       usage(stderr);
@@ -449,6 +454,9 @@ int run(int argc, char** argv) {
     o.durable_store = durable;
     o.max_key_per_request = 128;
     o.length_km = 1;
+    if (pulses != 0) {
+      o.pulses_per_block = pulses;
+    }
     o.customize = [engine_nice, durable, synchronous](json& a, json& b) {
       // The benchmark measures the server path, not the limiter.
       for (json* c : {&a, &b}) {

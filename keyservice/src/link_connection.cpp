@@ -14,6 +14,7 @@
 #include <boost/beast/ssl.hpp>
 #include <future>
 
+#include "qkd/kms/engine_channel.hpp"
 #include "qkd/kms/https_server.hpp"
 #include "qkd/kms/tls.hpp"
 
@@ -80,8 +81,6 @@ struct LinkConnection::Impl {
 
   Stream stream;
   std::string peer;
-  MessageQueue quantum;
-  MessageQueue classical;
   ControlHandler on_control;
   std::mutex close_mu;
   std::function<void()> on_close;
@@ -94,24 +93,6 @@ struct LinkConnection::Impl {
 };
 
 namespace {
-
-class ChannelTransport final : public qkd::core::MessageTransport {
- public:
-  ChannelTransport(std::shared_ptr<LinkConnection> conn, Channel ch, MessageQueue& q)
-      : conn_(std::move(conn)), ch_(ch), q_(q) {}
-  qkd::core::Status send(std::vector<std::uint8_t> message) override {
-    return conn_->send(ch_, std::move(message));
-  }
-  qkd::core::Result<std::vector<std::uint8_t>> receive(std::chrono::milliseconds timeout) override {
-    return q_.pop(timeout);
-  }
-  void close() override { conn_->close(); }
-
- private:
-  std::shared_ptr<LinkConnection> conn_;
-  Channel ch_;
-  MessageQueue& q_;
-};
 
 std::vector<std::uint8_t> encode_frame(Channel ch, std::vector<std::uint8_t> payload) {
   std::vector<std::uint8_t> f;
@@ -143,12 +124,6 @@ void do_read_body(const std::shared_ptr<LinkConnection>& self, LinkConnection::I
                      std::vector<std::uint8_t> msg = std::move(im.body);
                      im.body.clear();
                      switch (ch) {
-                       case Channel::kQuantum:
-                         im.quantum.push(std::move(msg));
-                         break;
-                       case Channel::kClassical:
-                         im.classical.push(std::move(msg));
-                         break;
                        case Channel::kControl:
                          if (im.on_control && !im.on_control(std::move(msg))) {
                            self->close();
@@ -283,8 +258,6 @@ void LinkConnection::close() {
   if (impl_->closed.exchange(true)) {
     return;
   }
-  impl_->quantum.close();
-  impl_->classical.close();
   {
     std::lock_guard lock(impl_->close_mu);
     if (impl_->on_close) {
@@ -308,11 +281,6 @@ void LinkConnection::close() {
     im.writes.erase(first, im.writes.end());
     im.on_control = nullptr;
   });
-}
-
-std::unique_ptr<qkd::core::MessageTransport> LinkConnection::transport(Channel ch) {
-  MessageQueue& q = ch == Channel::kQuantum ? impl_->quantum : impl_->classical;
-  return std::make_unique<ChannelTransport>(shared_from_this(), ch, q);
 }
 
 qkd::core::Result<std::shared_ptr<LinkConnection>> LinkConnection::connect(
@@ -375,11 +343,12 @@ qkd::core::Result<std::shared_ptr<LinkConnection>> LinkConnection::connect(
 
 struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
   Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> ctx, std::string id,
-       OnConnection cb)
+       OnConnection cb, OnEngineSocket eng)
       : ioc(io),
         tls(std::move(ctx)),
         peer_id(std::move(id)),
         on_connection(std::move(cb)),
+        on_engine(std::move(eng)),
         acceptor(io) {}
 
   void do_accept() {
@@ -394,26 +363,75 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
           }
           beast::error_code nodelay_ec;  // notices are small and latency-bound
           s.set_option(tcp::no_delay(true), nodelay_ec);
-          auto stream = std::make_shared<Stream>(std::move(s), *self->tls);
-          beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
-          stream->async_handshake(
-              asio::ssl::stream_base::server, [self, stream](beast::error_code ec2) {
-                if (ec2) {
-                  spdlog::warn("link: handshake with an incoming peer failed: {}", ec2.message());
-                  return;
-                }
-                auto cn = peer_common_name(stream->native_handle());
-                if (!cn || *cn != self->peer_id) {
-                  spdlog::warn("link: refused incoming peer \"{}\" (expected \"{}\")",
-                               cn.value_or("?"), self->peer_id);
-                  beast::get_lowest_layer(*stream).close();
-                  return;
-                }
-                beast::get_lowest_layer(*stream).expires_never();
-                auto impl = std::make_unique<LinkConnection::Impl>(std::move(*stream), *cn);
-                self->on_connection(std::make_shared<LinkConnection>(std::move(impl)));
-              });
+          self->classify(std::make_shared<tcp::socket>(std::move(s)));
           self->do_accept();
+        });
+  }
+
+  // Peeks at the first byte: a TLS record starts a control connection, kEnginePreamble an
+  // engine connection.
+  void classify(const std::shared_ptr<tcp::socket>& s) {
+    auto timer = std::make_shared<asio::steady_timer>(s->get_executor());
+    timer->expires_after(kHandshakeTimeout);
+    timer->async_wait([s](beast::error_code ec) {
+      if (!ec) {
+        beast::error_code ignored;
+        s->close(ignored);  // said nothing in time
+      }
+    });
+    auto first = std::make_shared<std::array<std::uint8_t, kEnginePreamble.size()>>();
+    s->async_receive(
+        asio::buffer(first->data(), 1), tcp::socket::message_peek,
+        [self = shared_from_this(), s, timer, first](beast::error_code ec, std::size_t n) {
+          if (ec || n == 0) {
+            timer->cancel();
+            return;
+          }
+          if ((*first)[0] != kEnginePreamble[0]) {
+            timer->cancel();
+            self->handshake(std::move(*s));
+            return;
+          }
+          asio::async_read(*s, asio::buffer(*first),
+                           [self, s, timer, first](beast::error_code ec2, std::size_t) {
+                             timer->cancel();
+                             if (ec2 || *first != kEnginePreamble) {
+                               spdlog::warn("link: an incoming connection sent neither TLS nor "
+                                            "the engine preamble: closed");
+                               beast::error_code ignored;
+                               s->close(ignored);
+                               return;
+                             }
+                             beast::error_code rec;
+                             const int fd = s->release(rec);
+                             if (rec) {
+                               spdlog::warn("link: engine connection: {}", rec.message());
+                               return;
+                             }
+                             self->on_engine(fd);
+                           });
+        });
+  }
+
+  void handshake(tcp::socket s) {
+    auto stream = std::make_shared<Stream>(std::move(s), *tls);
+    beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
+    stream->async_handshake(
+        asio::ssl::stream_base::server, [self = shared_from_this(), stream](beast::error_code ec) {
+          if (ec) {
+            spdlog::warn("link: handshake with an incoming peer failed: {}", ec.message());
+            return;
+          }
+          auto cn = peer_common_name(stream->native_handle());
+          if (!cn || *cn != self->peer_id) {
+            spdlog::warn("link: refused incoming peer \"{}\" (expected \"{}\")",
+                         cn.value_or("?"), self->peer_id);
+            beast::get_lowest_layer(*stream).close();
+            return;
+          }
+          beast::get_lowest_layer(*stream).expires_never();
+          auto impl = std::make_unique<LinkConnection::Impl>(std::move(*stream), *cn);
+          self->on_connection(std::make_shared<LinkConnection>(std::move(impl)));
         });
   }
 
@@ -421,13 +439,15 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
   std::shared_ptr<asio::ssl::context> tls;
   std::string peer_id;
   OnConnection on_connection;
+  OnEngineSocket on_engine;
   tcp::acceptor acceptor;
 };
 
 LinkAcceptor::LinkAcceptor(asio::io_context& ioc, std::shared_ptr<asio::ssl::context> tls,
-                           std::string peer_id, OnConnection on_connection)
+                           std::string peer_id, OnConnection on_connection,
+                           OnEngineSocket on_engine)
     : impl_(std::make_shared<Impl>(ioc, std::move(tls), std::move(peer_id),
-                                   std::move(on_connection))) {}
+                                   std::move(on_connection), std::move(on_engine))) {}
 
 LinkAcceptor::~LinkAcceptor() { stop(); }
 

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "qkd/core/link.hpp"
+#include "qkd/kms/engine_channel.hpp"
 #include "qkd/kms/link_connection.hpp"
 #include "qkd/kms/util.hpp"
 
@@ -138,6 +139,15 @@ struct LinkService::Impl {
   std::condition_variable conn_cv;
   std::shared_ptr<LinkConnection> incoming;  // alice: newest accepted, not yet running
   std::shared_ptr<LinkConnection> current;
+  // Alice: the newest engine connection (preamble read) not yet taken, kept only while a
+  // session start wants one (from before its decision leaves until open_engine is done).
+  UniqueFd incoming_engine;
+  bool engine_wanted = false;
+
+  // The session's engine connection, closed with its control connection (from the latter's
+  // on_close, which must not take conn_mu: close() is called under it).
+  std::mutex engine_mu;
+  std::shared_ptr<EngineChannel> engine;
 
   // Pool agreement state.
   std::mutex state_mu;
@@ -432,9 +442,77 @@ struct LinkService::Impl {
     return r.ok() ? r.value() : static_cast<std::uint64_t>(Clock::now().time_since_epoch().count());
   }
 
+  // The session's engine connection: alice takes the one bob opens after the decision
+  // (another connection's failed handshake does not end the wait), bob opens it.
+  qkd::core::Result<std::shared_ptr<EngineChannel>> open_engine(const LinkConnection& conn) {
+    auto ch = open_engine_channel(conn);
+    if (alice) {
+      std::lock_guard lock(conn_mu);
+      engine_wanted = false;
+      incoming_engine = UniqueFd();
+    }
+    if (!ch.ok()) {
+      return ch;
+    }
+    std::lock_guard lock(engine_mu);
+    engine = ch.value();
+    if (conn.closed()) {  // its on_close may have run before `engine` was set
+      engine->close();
+    }
+    return ch;
+  }
+
+  qkd::core::Result<std::shared_ptr<EngineChannel>> open_engine_channel(
+      const LinkConnection& conn) {
+    const auto deadline = Clock::now() + kSessionStartTimeout;
+    qkd::core::Result<std::shared_ptr<EngineChannel>> ch =
+        make_error(ErrorCode::kTimeout, "link: the peer opened no engine connection in time");
+    if (!alice) {
+      const HostPort& hp = config.link.connect;
+      ch = EngineChannel::connect(*tls, hp.host, hp.port, config.link.peer_kme_id,
+                                  kConnectTimeout);
+    }
+    while (alice && Clock::now() < deadline) {
+      UniqueFd fd;
+      {
+        std::unique_lock lock(conn_mu);
+        // In slices: a closed control connection does not notify conn_cv.
+        conn_cv.wait_for(lock, std::chrono::milliseconds(100),
+                         [&] { return stopping || incoming_engine.valid(); });
+        if (stopping || conn.closed()) {
+          return make_error(ErrorCode::kClosed, "link: connection closed");
+        }
+        fd = std::move(incoming_engine);
+      }
+      if (!fd.valid()) {
+        continue;
+      }
+      ch = EngineChannel::accept(*tls, std::move(fd), config.link.peer_kme_id,
+                                 std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     std::max(deadline - Clock::now(), Clock::duration(0))));
+      if (ch.ok()) {
+        break;
+      }
+      spdlog::warn("{}", ch.error().message);
+    }
+    return ch;
+  }
+
+  void close_engine() {
+    std::lock_guard lock(engine_mu);
+    if (engine) {
+      engine->close();
+    }
+  }
+
   // --- sessions ---
   qkd::core::Status run_alice_session(const std::shared_ptr<LinkConnection>& conn,
                                       MessageQueue& queue) {
+    {
+      std::lock_guard lock(conn_mu);
+      incoming_engine = UniqueFd();  // one of an earlier session: bob opens a new one
+      engine_wanted = true;          // bob opens it once he has the decision
+    }
     std::uint64_t my_epoch = 0;
     std::uint64_t my_blocks = 0;
     {
@@ -490,8 +568,12 @@ struct LinkService::Impl {
     spdlog::info("link: session with {} established ({})", conn->peer(),
                  decision.at("mode").get<std::string>());
 
-    auto quantum = conn->transport(Channel::kQuantum);
-    auto classical = conn->transport(Channel::kClassical);
+    auto engine_ch = open_engine(*conn);
+    if (!engine_ch.ok()) {
+      return engine_ch.error();
+    }
+    auto quantum = (*engine_ch)->transport(Channel::kQuantum);
+    auto classical = (*engine_ch)->transport(Channel::kClassical);
     qkd::core::AliceEndpoint endpoint(config.link.channel, config.link.protocol,
                                       config.link.psk.span(), fresh_seed(), *quantum, *classical);
     const auto ready_timeout = config.link.protocol.message_timeout + std::chrono::seconds(5);
@@ -562,8 +644,12 @@ struct LinkService::Impl {
     establish(conn);
     spdlog::info("link: session with {} established ({})", conn->peer(),
                  decision->value("mode", std::string("?")));
-    auto quantum = conn->transport(Channel::kQuantum);
-    auto classical = conn->transport(Channel::kClassical);
+    auto engine_ch = open_engine(*conn);
+    if (!engine_ch.ok()) {
+      return engine_ch.error();
+    }
+    auto quantum = (*engine_ch)->transport(Channel::kQuantum);
+    auto classical = (*engine_ch)->transport(Channel::kClassical);
     qkd::core::BobEndpoint endpoint(config.link.protocol, config.link.psk.span(), fresh_seed(),
                                     *quantum, *classical);
     while (!stopping && !conn->closed()) {
@@ -628,7 +714,10 @@ struct LinkService::Impl {
     LinkConnection* raw = conn.get();
     conn->start([this, raw, queue](
                     std::vector<std::uint8_t> b) { return on_control(*raw, *queue, std::move(b)); },
-                [queue]() { queue->close(); });
+                [this, queue]() {
+                  queue->close();
+                  close_engine();
+                });
     qkd::core::Status s = qkd::core::ok_status();
     try {
       s = alice ? run_alice_session(conn, *queue) : run_bob_session(conn, *queue);
@@ -638,6 +727,15 @@ struct LinkService::Impl {
     disestablish();
     conn->close();
     queue->close();
+    {
+      std::lock_guard lock(engine_mu);
+      engine.reset();
+    }
+    if (alice) {  // a session that ended before its engine connection wants none any more
+      std::lock_guard lock(conn_mu);
+      engine_wanted = false;
+      incoming_engine = UniqueFd();
+    }
     {
       std::lock_guard lock(conn_mu);
       current.reset();
@@ -789,6 +887,14 @@ qkd::core::Result<std::uint16_t> LinkService::start() {
           }
           im->incoming = std::move(c);
           im->conn_cv.notify_all();
+        },
+        [im](int fd) {
+          UniqueFd owned(fd);  // closed here unless a session start wants it
+          std::lock_guard lock(im->conn_mu);
+          if (!im->stopping && im->engine_wanted) {
+            im->incoming_engine = std::move(owned);  // a previous one is closed
+            im->conn_cv.notify_all();
+          }
         });
     auto p = im->acceptor->listen(im->config.link.listen.host, im->config.link.listen.port);
     if (!p.ok()) {

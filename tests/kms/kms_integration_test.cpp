@@ -532,6 +532,9 @@ TEST(KmsNetworkSpecial, GarbageAndForeignPeersDoNotHurt) {
   send_raw(api, junk);
   send_raw(link, junk);
   send_raw(link, std::string("\x16\x03\x01\x00\x05hello", 10));
+  // Engine connections (preamble "QKDE", engine_channel.hpp) that never do TLS.
+  send_raw(link, "QKDE" + junk);
+  send_raw(link, "QKDE");
   // TLS peers on the link port that are not the peer KME are refused.
   for (const char* who : {"mallory", "alice", "alice-kme"}) {
     HttpsTestClient c(net->alice().host, link, net->sae(who), std::chrono::seconds(3));

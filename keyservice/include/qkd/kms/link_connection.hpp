@@ -1,11 +1,12 @@
-// One TLS 1.3 connection between two KMEs, carrying framed messages tagged by channel.
+// The control connection between two KMEs: one TLS 1.3 connection carrying framed messages
+// tagged by channel (the session start, block commits and key-assignment notices on
+// kControl, keep-alive pings on kPing; the BB84 engine's own messages go over a second
+// connection, EngineChannel).
 //
 // Frame: channel (1 byte) | payload length (4 bytes, big-endian) | payload. Frames larger
-// than kMaxFrameBytes close the connection. Incoming frames are queued per channel;
-// quantum and classical frames are read through MessageTransport adapters (the BB84
-// engine), control frames through their own queue or a callback. All I/O runs on one
-// strand of the link io_context; send() and the queues are safe from any thread. A ping
-// every 5 s keeps the connection alive; 30 s without any frame closes it.
+// than kMaxFrameBytes, or of another channel, close the connection. Control frames go to a
+// callback. All I/O runs on one strand of the link io_context; send() is safe from any
+// thread. A ping every 5 s keeps the connection alive; 30 s without any frame closes it.
 #pragma once
 
 #include <boost/asio/io_context.hpp>
@@ -70,20 +71,23 @@ class LinkConnection : public std::enable_shared_from_this<LinkConnection> {
   [[nodiscard]] bool closed() const;
   [[nodiscard]] const std::string& peer() const;
 
-  // The engine's view of one channel (quantum or classical).
-  [[nodiscard]] std::unique_ptr<qkd::core::MessageTransport> transport(Channel ch);
-
  private:
   std::unique_ptr<Impl> impl_;
 };
 
-// Accepts link connections (TLS server), keeps only peers whose CN is `peer_id`, and hands
-// each one to `on_connection` (on the io_context).
+// Accepts link connections on one port and tells the two kinds apart by their first bytes:
+// a control connection starts with its TLS handshake (a TLS record, first byte 0x16); it
+// gets the handshake here, is kept only if the peer's CN is `peer_id`, and goes to
+// `on_connection`. An engine connection starts with kEnginePreamble (engine_channel.hpp);
+// once that is read its socket goes to `on_engine`, whose owner runs the TLS handshake
+// (EngineChannel::accept). Anything else, or nothing within 10 s, is closed. Callbacks run
+// on the io_context.
 class LinkAcceptor {
  public:
   using OnConnection = std::function<void(std::shared_ptr<LinkConnection>)>;
+  using OnEngineSocket = std::function<void(int fd)>;  // the callee owns fd
   LinkAcceptor(boost::asio::io_context& ioc, std::shared_ptr<boost::asio::ssl::context> tls,
-               std::string peer_id, OnConnection on_connection);
+               std::string peer_id, OnConnection on_connection, OnEngineSocket on_engine);
   ~LinkAcceptor();
   [[nodiscard]] qkd::core::Result<std::uint16_t> listen(const std::string& host,
                                                         std::uint16_t port);

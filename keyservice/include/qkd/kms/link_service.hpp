@@ -5,6 +5,13 @@
 // link.connect (reconnecting with backoff, 100 ms doubling up to 5 s). One connection at a
 // time; a new authenticated connection from the peer replaces the old one.
 //
+// Connections. A session runs on two TLS 1.3 connections to the same port: the control
+// connection (LinkConnection, JSON messages below, I/O on the link I/O thread) and, opened
+// by bob once he has the decision, the engine connection (EngineChannel) that carries only
+// the BB84 engine's quantum and classical messages and on which only the runner thread does
+// I/O. Alice's acceptor tells them apart by their first bytes; she keeps an engine
+// connection only while a session start waits for one. Either closing ends the session.
+//
 // Session start (control channel, JSON messages). Alice sends hello{epoch, blocks}; Bob
 // answers state{epoch, blocks, pending}; Alice decides and sends decision{mode, epoch,
 // commit_pending}:

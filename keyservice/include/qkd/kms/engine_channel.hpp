@@ -1,0 +1,97 @@
+// The BB84 engine's own connection to the peer KME.
+//
+// A link session runs two TLS 1.3 connections between the KMEs. The control connection
+// (LinkConnection) carries the session start, the block commits and the key-assignment
+// notices; its I/O runs on the link I/O thread. The engine connection (this class) carries
+// only the engine's quantum and classical messages, and only the runner thread (the one
+// running the BB84 engine) does I/O on it, through an io_context of its own that it runs
+// while it sends or waits for a message. A block's Cascade takes hundreds of round trips;
+// through the link I/O thread every message would wake two more threads on each side (the
+// I/O thread to write it, the engine to read it), and on a busy host those wake-ups are
+// most of the link's CPU.
+//
+// The bob end opens it once the session's decision has arrived: TCP to the peer's link
+// port, kEnginePreamble in clear (the alice end's acceptor tells it from a control
+// connection, whose first byte is a TLS record header, 0x16), then TLS with the link's
+// certificates and the same check of the peer's CN. Frames as on the control connection:
+// channel (1 byte) | payload length (4 bytes, big-endian) | payload; a frame of another
+// channel, or larger than kMaxFrameBytes, fails the connection.
+#pragma once
+
+#include <boost/asio/ssl/context.hpp>
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "qkd/core/link.hpp"
+#include "qkd/core/result.hpp"
+#include "qkd/kms/link_connection.hpp"
+
+namespace qkd::kms {
+
+inline constexpr std::array<std::uint8_t, 4> kEnginePreamble = {'Q', 'K', 'D', 'E'};
+
+// An owned file descriptor (closed when destroyed unless released).
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept;
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd();
+  [[nodiscard]] int get() const { return fd_; }
+  [[nodiscard]] bool valid() const { return fd_ >= 0; }
+  int release() {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+class EngineChannel : public std::enable_shared_from_this<EngineChannel> {
+ public:
+  struct Impl;
+
+  // Bob: connects to host:port, sends the preamble, runs the TLS handshake and checks that
+  // the peer's CN is `peer_id`, all within `timeout`.
+  [[nodiscard]] static qkd::core::Result<std::shared_ptr<EngineChannel>> connect(
+      boost::asio::ssl::context& tls, const std::string& host, std::uint16_t port,
+      const std::string& peer_id, std::chrono::milliseconds timeout);
+  // Alice: runs the TLS handshake on an accepted TCP connection whose preamble the acceptor
+  // has read, and checks the peer's CN, within `timeout`.
+  [[nodiscard]] static qkd::core::Result<std::shared_ptr<EngineChannel>> accept(
+      boost::asio::ssl::context& tls, UniqueFd socket, const std::string& peer_id,
+      std::chrono::milliseconds timeout);
+
+  explicit EngineChannel(std::unique_ptr<Impl> impl);
+  ~EngineChannel();
+  EngineChannel(const EngineChannel&) = delete;
+  EngineChannel& operator=(const EngineChannel&) = delete;
+
+  // The engine's view of one channel (kQuantum or kClassical). send() returns once the frame
+  // is written to the socket (the peer may wait for it before it sends anything), at most
+  // kWriteTimeout; receive() runs the connection until a frame of its channel arrives.
+  // send() and receive() only on the thread that owns the channel (the runner); the
+  // transport's close() closes the whole channel (as close() below).
+  [[nodiscard]] std::unique_ptr<qkd::core::MessageTransport> transport(Channel ch);
+
+  // Any thread: fails every send and receive from now on, the one in progress included
+  // (it returns kClosed as soon as its thread runs the connection again, at once if it is
+  // waiting in it).
+  void close();
+  [[nodiscard]] bool closed() const;
+
+  static constexpr auto kWriteTimeout = std::chrono::seconds(30);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace qkd::kms

@@ -1,0 +1,347 @@
+// EngineChannel: the BB84 engine's own TLS connection between two KMEs, opened through the
+// link acceptor (preamble), over loopback with a real PKI (examples/pki.sh).
+#include "qkd/kms/engine_channel.hpp"
+
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
+#include <future>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "qkd/kms/link_connection.hpp"
+#include "qkd/kms/tls.hpp"
+
+namespace qkd::kms {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using qkd::core::ErrorCode;
+
+bool g_pki_made = false;  // by this process: removed at the end
+
+fs::path pki_dir() {
+  static const fs::path dir = [] {
+    fs::path d = fs::temp_directory_path() / ("qkd-engine-channel-test-" + std::to_string(::getpid()));
+    const std::string cmd = "bash '" + std::string(QKD_TEST_SOURCE_DIR) + "/examples/pki.sh' '" +
+                            d.string() + "' alice-kme bob-kme mallory >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      ADD_FAILURE() << "pki.sh failed";
+    }
+    g_pki_made = true;
+    return d;
+  }();
+  return dir;
+}
+
+// Removes the PKI once the tests are over.
+class PkiCleanup : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    if (g_pki_made) {
+      std::error_code ec;
+      fs::remove_all(pki_dir(), ec);
+    }
+  }
+};
+[[maybe_unused]] const auto* const kPkiCleanup =
+    ::testing::AddGlobalTestEnvironment(new PkiCleanup);
+
+std::shared_ptr<boost::asio::ssl::context> context(const std::string& name, TlsRole role) {
+  ApiConfig api;
+  api.cert = pki_dir() / (name + ".crt");
+  api.key = pki_dir() / (name + ".key");
+  api.ca = pki_dir() / "ca.crt";
+  auto c = make_tls_context(api, role);
+  EXPECT_TRUE(c.ok()) << (c.ok() ? "" : c.error().message);
+  return c.ok() ? c.value() : nullptr;
+}
+
+// The alice end: a LinkAcceptor on loopback whose engine sockets are handed to the test.
+class AliceEnd {
+ public:
+  AliceEnd() : tls_(context("alice-kme", TlsRole::kServer)) {
+    acceptor_ = std::make_unique<LinkAcceptor>(
+        ioc_, tls_, "bob-kme", [](std::shared_ptr<LinkConnection> c) { c->close(); },
+        [this](int fd) {
+          std::lock_guard lock(mu_);
+          fds_.emplace_back(fd);
+          cv_.notify_all();
+        });
+    auto p = acceptor_->listen("127.0.0.1", 0);
+    EXPECT_TRUE(p.ok());
+    port_ = p.ok() ? p.value() : 0;
+    thread_ = std::thread([this] { ioc_.run(); });
+  }
+  ~AliceEnd() {
+    acceptor_->stop();
+    work_.reset();
+    ioc_.stop();
+    thread_.join();
+  }
+  AliceEnd(const AliceEnd&) = delete;
+  AliceEnd& operator=(const AliceEnd&) = delete;
+
+  [[nodiscard]] std::uint16_t port() const { return port_; }
+  [[nodiscard]] boost::asio::ssl::context& tls() { return *tls_; }
+
+  // The next engine socket the acceptor hands over (invalid if none within `timeout`).
+  UniqueFd next_socket(std::chrono::milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait_for(lock, timeout, [&] { return !fds_.empty(); })) {
+      return UniqueFd();
+    }
+    UniqueFd fd = std::move(fds_.front());
+    fds_.erase(fds_.begin());
+    return fd;
+  }
+
+  // Accepts the next engine connection (TLS handshake, CN check against `peer`).
+  qkd::core::Result<std::shared_ptr<EngineChannel>> accept(const std::string& peer = "bob-kme") {
+    UniqueFd fd = next_socket(5s);
+    if (!fd.valid()) {
+      return qkd::core::make_error(ErrorCode::kTimeout, "no engine socket");
+    }
+    return EngineChannel::accept(*tls_, std::move(fd), peer, 5s);
+  }
+
+ private:
+  boost::asio::io_context ioc_;
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_{
+      boost::asio::make_work_guard(ioc_)};
+  std::shared_ptr<boost::asio::ssl::context> tls_;
+  std::unique_ptr<LinkAcceptor> acceptor_;
+  std::uint16_t port_ = 0;
+  std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<UniqueFd> fds_;
+};
+
+struct Pair {
+  std::shared_ptr<EngineChannel> alice;
+  std::shared_ptr<EngineChannel> bob;
+};
+
+Pair connect_pair(AliceEnd& a, const std::string& bob_name = "bob-kme") {
+  auto bob_tls = context(bob_name, TlsRole::kClient);
+  auto bob = std::async(std::launch::async, [&] {
+    return EngineChannel::connect(*bob_tls, "127.0.0.1", a.port(), "alice-kme", 5s);
+  });
+  auto alice = a.accept();
+  auto b = bob.get();
+  Pair p;
+  if (alice.ok()) {
+    p.alice = alice.value();
+  }
+  if (b.ok()) {
+    p.bob = b.value();
+  }
+  return p;
+}
+
+std::vector<std::uint8_t> pattern(std::size_t n, std::uint32_t seed) {
+  std::vector<std::uint8_t> v(n);
+  std::mt19937 g(seed);
+  for (auto& x : v) {
+    x = static_cast<std::uint8_t>(g());
+  }
+  return v;
+}
+
+TEST(EngineChannel, CarriesBothChannelsInOrderAndLargeFramesBothWaysAtOnce) {
+  AliceEnd a;
+  Pair p = connect_pair(a);
+  ASSERT_TRUE(p.alice && p.bob);
+  auto aq = p.alice->transport(Channel::kQuantum);
+  auto ac = p.alice->transport(Channel::kClassical);
+  auto bq = p.bob->transport(Channel::kQuantum);
+  auto bc = p.bob->transport(Channel::kClassical);
+  // Interleaved channels, an empty frame, then a frame larger than any socket buffer sent by
+  // both ends at the same time (each send returns only once written: both must keep reading).
+  ASSERT_TRUE(ac->send(pattern(100, 1)).ok());
+  ASSERT_TRUE(aq->send(pattern(3000, 2)).ok());
+  ASSERT_TRUE(ac->send({}).ok());
+  EXPECT_EQ(bq->receive(5s).value(), pattern(3000, 2));  // the quantum one, past a classical
+  EXPECT_EQ(bc->receive(5s).value(), pattern(100, 1));
+  EXPECT_EQ(bc->receive(5s).value(), std::vector<std::uint8_t>{});
+  const std::size_t big = 6u << 20;
+  auto from_bob = std::async(std::launch::async, [&] { return bq->send(pattern(big, 4)); });
+  ASSERT_TRUE(aq->send(pattern(big, 3)).ok());
+  EXPECT_EQ(aq->receive(10s).value(), pattern(big, 4));
+  ASSERT_TRUE(from_bob.get().ok());
+  EXPECT_EQ(bq->receive(10s).value(), pattern(big, 3));
+  // Many small round trips, as Cascade does.
+  for (std::uint32_t i = 0; i < 500; ++i) {
+    ASSERT_TRUE(bc->send(pattern(40, i)).ok());
+    ASSERT_EQ(ac->receive(5s).value(), pattern(40, i));
+    ASSERT_TRUE(ac->send(pattern(24, i + 1000)).ok());
+    ASSERT_EQ(bc->receive(5s).value(), pattern(24, i + 1000));
+  }
+}
+
+TEST(EngineChannel, ReceiveTimesOutThenStillWorks) {
+  AliceEnd a;
+  Pair p = connect_pair(a);
+  ASSERT_TRUE(p.alice && p.bob);
+  auto ac = p.alice->transport(Channel::kClassical);
+  auto bc = p.bob->transport(Channel::kClassical);
+  auto r = ac->receive(50ms);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kTimeout);
+  ASSERT_TRUE(bc->send(pattern(10, 9)).ok());
+  EXPECT_EQ(ac->receive(5s).value(), pattern(10, 9));
+}
+
+TEST(EngineChannel, CloseFromAnotherThreadWakesABlockedReceive) {
+  AliceEnd a;
+  Pair p = connect_pair(a);
+  ASSERT_TRUE(p.alice && p.bob);
+  auto bc = p.bob->transport(Channel::kClassical);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::thread closer([&] {
+    std::this_thread::sleep_for(100ms);
+    p.bob->close();
+  });
+  auto r = bc->receive(30s);
+  closer.join();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kClosed);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 20s);  // woken, not timed out
+  EXPECT_FALSE(bc->send(pattern(4, 1)).ok());
+  // The other end sees the connection go.
+  auto ac = p.alice->transport(Channel::kClassical);
+  auto r2 = ac->receive(10s);
+  ASSERT_FALSE(r2.ok());
+  EXPECT_EQ(r2.error().code, ErrorCode::kClosed) << r2.error().message;
+}
+
+TEST(EngineChannel, WrongPeerIsRefusedOnBothSides) {
+  AliceEnd a;
+  // mallory's certificate is from the same CA, but the alice end expects bob-kme.
+  auto mallory_tls = context("mallory", TlsRole::kClient);
+  auto mallory = std::async(std::launch::async, [&] {
+    return EngineChannel::connect(*mallory_tls, "127.0.0.1", a.port(), "alice-kme", 5s);
+  });
+  auto alice = a.accept();
+  ASSERT_FALSE(alice.ok());
+  EXPECT_EQ(alice.error().code, ErrorCode::kAuthentication) << alice.error().message;
+  (void)mallory.get();
+  // bob-kme expecting someone else at that address refuses alice-kme.
+  auto bob_tls = context("bob-kme", TlsRole::kClient);
+  auto wrong = std::async(std::launch::async, [&] {
+    return EngineChannel::connect(*bob_tls, "127.0.0.1", a.port(), "carol-kme", 5s);
+  });
+  (void)a.accept();  // the alice end's check passes: bob-kme is its peer
+  auto w = wrong.get();
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.error().code, ErrorCode::kAuthentication) << w.error().message;
+  // The genuine peer still gets through.
+  Pair p = connect_pair(a);
+  EXPECT_TRUE(p.alice && p.bob);
+}
+
+// Writes `bytes` on a plain TCP connection to the acceptor and returns whether the acceptor
+// closed it (reads EOF within 15 s).
+bool acceptor_closes(std::uint16_t port, const std::string& bytes) {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket s(io);
+  boost::system::error_code ec;
+  s.connect({boost::asio::ip::make_address("127.0.0.1"), port}, ec);
+  if (ec) {
+    return false;
+  }
+  boost::asio::write(s, boost::asio::buffer(bytes), ec);
+  timeval tv{15, 0};
+  ::setsockopt(s.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  char c = 0;
+  const auto n = ::recv(s.native_handle(), &c, 1, 0);
+  return n == 0 || (n < 0 && errno == ECONNRESET);
+}
+
+TEST(EngineChannel, AcceptorClosesBadPreamblesAndHandsOverOnlyGoodOnes) {
+  AliceEnd a;
+  EXPECT_TRUE(acceptor_closes(a.port(), "QKDX and more"));
+  EXPECT_TRUE(acceptor_closes(a.port(), std::string("Q\0\0\0", 4)));
+  EXPECT_FALSE(a.next_socket(200ms).valid());
+  // The preamble and then no TLS: handed over, and the handshake fails in time.
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket s(io);
+  s.connect({boost::asio::ip::make_address("127.0.0.1"), a.port()});
+  boost::asio::write(s, boost::asio::buffer(kEnginePreamble));
+  boost::asio::write(s, boost::asio::buffer(std::string(64, 'x')));
+  auto fd = a.next_socket(5s);
+  ASSERT_TRUE(fd.valid());
+  auto r = EngineChannel::accept(a.tls(), std::move(fd), "bob-kme", 2s);
+  ASSERT_FALSE(r.ok());
+}
+
+// A peer that speaks TLS with the right certificate but sends frames the engine channel does
+// not take: a blocking OpenSSL client on a plain socket, writing raw frame bytes.
+class RawPeer {
+ public:
+  RawPeer(std::uint16_t port, boost::asio::ssl::context& tls) : s_(io_) {
+    s_.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+    boost::asio::write(s_, boost::asio::buffer(kEnginePreamble));
+    ssl_ = SSL_new(tls.native_handle());
+    SSL_set_fd(ssl_, s_.native_handle());
+    ok_ = SSL_connect(ssl_) == 1;
+  }
+  ~RawPeer() { SSL_free(ssl_); }
+  RawPeer(const RawPeer&) = delete;
+  RawPeer& operator=(const RawPeer&) = delete;
+  [[nodiscard]] bool ok() const { return ok_; }
+  bool write(const std::vector<std::uint8_t>& bytes) {
+    return SSL_write(ssl_, bytes.data(), static_cast<int>(bytes.size())) ==
+           static_cast<int>(bytes.size());
+  }
+
+ private:
+  boost::asio::io_context io_;
+  boost::asio::ip::tcp::socket s_;
+  SSL* ssl_ = nullptr;
+  bool ok_ = false;
+};
+
+TEST(EngineChannel, FramesOfAnotherChannelOrTooLargeFailTheConnection) {
+  AliceEnd a;
+  auto bob_tls = context("bob-kme", TlsRole::kClient);
+  const std::uint32_t too_large = kMaxFrameBytes + 1;
+  const std::vector<std::vector<std::uint8_t>> bad = {
+      {static_cast<std::uint8_t>(Channel::kControl), 0, 0, 0, 2, '{', '}'},
+      {9, 0, 0, 0, 0},
+      {static_cast<std::uint8_t>(Channel::kClassical), static_cast<std::uint8_t>(too_large >> 24),
+       static_cast<std::uint8_t>(too_large >> 16), static_cast<std::uint8_t>(too_large >> 8),
+       static_cast<std::uint8_t>(too_large)}};
+  for (const auto& frame : bad) {
+    std::unique_ptr<RawPeer> peer;
+    auto connected = std::async(std::launch::async, [&] {
+      peer = std::make_unique<RawPeer>(a.port(), *bob_tls);
+      return peer->ok();
+    });
+    auto alice = a.accept();
+    ASSERT_TRUE(connected.get());
+    ASSERT_TRUE(alice.ok()) << alice.error().message;
+    ASSERT_TRUE(peer->write(frame));
+    auto got = (*alice)->transport(Channel::kClassical)->receive(5s);
+    ASSERT_FALSE(got.ok());
+    EXPECT_EQ(got.error().code, ErrorCode::kClosed) << got.error().message;
+    EXPECT_TRUE(got.error().message.find("channel") != std::string::npos ||
+                got.error().message.find("too large") != std::string::npos)
+        << got.error().message;
+  }
+}
+
+}  // namespace
+}  // namespace qkd::kms
