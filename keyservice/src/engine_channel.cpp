@@ -113,7 +113,7 @@ struct EngineChannel::Impl {
   template <class Done>
   bool run_until(Done done, Clock::time_point deadline) {
     while (!done()) {
-      if (Clock::now() >= deadline) {
+      if (closed || Clock::now() >= deadline) {
         return false;
       }
       if (ioc.stopped()) {
@@ -140,7 +140,9 @@ struct EngineChannel::Impl {
     if (in.size() < in_len + need) {
       // Grown by hand so that the old buffer is cleansed, not just freed.
       std::vector<std::uint8_t> bigger(in_len + need);
-      std::memcpy(bigger.data(), in.data(), in_len);
+      if (in_len > 0) {
+        std::memcpy(bigger.data(), in.data(), in_len);
+      }
       cleanse(in);
       in = std::move(bigger);
     }
@@ -277,16 +279,21 @@ struct EngineChannel::Impl {
       done = true;
     });
     if (!run_until([&] { return done; }, deadline)) {
+      if (closed) {
+        return closed_error();
+      }
       fail("handshake timed out");
       return make_error(ErrorCode::kTimeout,
                         fmt::format("link: engine connection {}: TLS handshake timed out", where));
     }
     if (result) {
+      fail(result.message());
       return make_error(ErrorCode::kUnavailable,
                         fmt::format("link: engine connection {}: {}", where, result.message()));
     }
     auto cn = peer_common_name(stream.native_handle());
     if (!cn || *cn != peer_id) {
+      fail("wrong peer");
       return make_error(ErrorCode::kAuthentication,
                         fmt::format("link: engine connection {}: peer is \"{}\", expected \"{}\"",
                                     where, cn.value_or("?"), peer_id));
@@ -318,7 +325,7 @@ class EngineTransport final : public qkd::core::MessageTransport {
 
 }  // namespace
 
-EngineChannel::EngineChannel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+EngineChannel::EngineChannel(asio::ssl::context& tls) : impl_(std::make_unique<Impl>(tls)) {}
 EngineChannel::~EngineChannel() = default;
 
 void EngineChannel::close() {
@@ -341,14 +348,16 @@ std::unique_ptr<qkd::core::MessageTransport> EngineChannel::transport(Channel ch
   return std::make_unique<EngineTransport>(shared_from_this(), *impl_, ch);
 }
 
-qkd::core::Result<std::shared_ptr<EngineChannel>> EngineChannel::connect(
-    asio::ssl::context& tls, const std::string& host, std::uint16_t port,
-    const std::string& peer_id, std::chrono::milliseconds timeout) {
-  auto impl = std::make_unique<Impl>(tls);
-  Impl& im = *impl;
+qkd::core::Status EngineChannel::connect(const std::string& host, std::uint16_t port,
+                                         const std::string& peer_id, const EngineToken& token,
+                                         std::chrono::milliseconds timeout) {
+  Impl& im = *impl_;
   const auto deadline = Clock::now() + timeout;
   const std::string where = fmt::format("to {}:{}", host, port);
   (void)SSL_set_tlsext_host_name(im.stream.native_handle(), host.c_str());  // a courtesy
+  std::array<std::uint8_t, kEnginePreamble.size() + kEngineTokenBytes> hello{};
+  std::copy(kEnginePreamble.begin(), kEnginePreamble.end(), hello.begin());
+  std::copy(token.begin(), token.end(), hello.begin() + kEnginePreamble.size());
   tcp::resolver resolver(im.ioc);
   bool done = false;
   error_code result;
@@ -368,7 +377,7 @@ qkd::core::Result<std::shared_ptr<EngineChannel>> EngineChannel::connect(
                           }
                           error_code ignored;  // round trips of small messages
                           im.stream.lowest_layer().set_option(tcp::no_delay(true), ignored);
-                          asio::async_write(im.stream.next_layer(), asio::buffer(kEnginePreamble),
+                          asio::async_write(im.stream.next_layer(), asio::buffer(hello),
                                             [&](const error_code& ec3, std::size_t) {
                                               result = ec3;
                                               done = true;
@@ -377,25 +386,27 @@ qkd::core::Result<std::shared_ptr<EngineChannel>> EngineChannel::connect(
   });
   if (!im.run_until([&] { return done; }, deadline)) {
     resolver.cancel();
-    im.fail("connect timed out");
+    const bool was_closed = im.closed;
+    // Failed for good: nothing runs the io_context again, so the handlers above (which
+    // refer to this frame) never run; the destructor discards them.
+    im.fail("connect did not complete");
+    if (was_closed) {
+      return im.closed_error();
+    }
     return make_error(ErrorCode::kTimeout,
                       fmt::format("link: engine connection {}: connect timed out", where));
   }
   if (result) {
+    im.fail(result.message());
     return make_error(ErrorCode::kUnavailable,
                       fmt::format("link: engine connection {}: {}", where, result.message()));
   }
-  if (auto s = im.handshake(asio::ssl::stream_base::client, peer_id, deadline, where); !s.ok()) {
-    return s.error();
-  }
-  return std::make_shared<EngineChannel>(std::move(impl));
+  return im.handshake(asio::ssl::stream_base::client, peer_id, deadline, where);
 }
 
-qkd::core::Result<std::shared_ptr<EngineChannel>> EngineChannel::accept(
-    asio::ssl::context& tls, UniqueFd socket, const std::string& peer_id,
-    std::chrono::milliseconds timeout) {
-  auto impl = std::make_unique<Impl>(tls);
-  Impl& im = *impl;
+qkd::core::Status EngineChannel::accept(UniqueFd socket, const std::string& peer_id,
+                                        std::chrono::milliseconds timeout) {
+  Impl& im = *impl_;
   sockaddr_storage addr{};
   socklen_t len = sizeof addr;
   if (::getsockname(socket.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
@@ -412,12 +423,8 @@ qkd::core::Result<std::shared_ptr<EngineChannel>> EngineChannel::accept(
   (void)socket.release();  // the stream owns it now
   error_code ignored;
   im.stream.lowest_layer().set_option(tcp::no_delay(true), ignored);
-  if (auto s = im.handshake(asio::ssl::stream_base::server, peer_id, Clock::now() + timeout,
-                            "from the peer");
-      !s.ok()) {
-    return s.error();
-  }
-  return std::make_shared<EngineChannel>(std::move(impl));
+  return im.handshake(asio::ssl::stream_base::server, peer_id, Clock::now() + timeout,
+                      "from the peer");
 }
 
 }  // namespace qkd::kms

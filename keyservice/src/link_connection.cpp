@@ -12,6 +12,7 @@
 #include <boost/asio/write.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/ssl.hpp>
+#include <algorithm>
 #include <future>
 
 #include "qkd/kms/engine_channel.hpp"
@@ -379,7 +380,8 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
         s->close(ignored);  // said nothing in time
       }
     });
-    auto first = std::make_shared<std::array<std::uint8_t, kEnginePreamble.size()>>();
+    auto first =
+        std::make_shared<std::array<std::uint8_t, kEnginePreamble.size() + kEngineTokenBytes>>();
     s->async_receive(
         asio::buffer(first->data(), 1), tcp::socket::message_peek,
         [self = shared_from_this(), s, timer, first](beast::error_code ec, std::size_t n) {
@@ -395,7 +397,8 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
           asio::async_read(*s, asio::buffer(*first),
                            [self, s, timer, first](beast::error_code ec2, std::size_t) {
                              timer->cancel();
-                             if (ec2 || *first != kEnginePreamble) {
+                             if (ec2 || !std::equal(kEnginePreamble.begin(),
+                                                    kEnginePreamble.end(), first->begin())) {
                                spdlog::warn("link: an incoming connection sent neither TLS nor "
                                             "the engine preamble: closed");
                                beast::error_code ignored;
@@ -408,7 +411,10 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
                                spdlog::warn("link: engine connection: {}", rec.message());
                                return;
                              }
-                             self->on_engine(fd);
+                             EngineToken token{};
+                             std::copy(first->begin() + kEnginePreamble.size(), first->end(),
+                                       token.begin());
+                             self->on_engine(fd, token);
                            });
         });
   }

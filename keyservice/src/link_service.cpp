@@ -2,6 +2,7 @@
 #include "qkd/kms/link_service.hpp"
 
 #include <fmt/format.h>
+#include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -17,9 +18,11 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <span>
 #include <thread>
 
 #include "qkd/core/link.hpp"
+#include "qkd/core/random.hpp"
 #include "qkd/kms/engine_channel.hpp"
 #include "qkd/kms/link_connection.hpp"
 #include "qkd/kms/util.hpp"
@@ -139,15 +142,38 @@ struct LinkService::Impl {
   std::condition_variable conn_cv;
   std::shared_ptr<LinkConnection> incoming;  // alice: newest accepted, not yet running
   std::shared_ptr<LinkConnection> current;
-  // Alice: the newest engine connection (preamble read) not yet taken, kept only while a
-  // session start wants one (from before its decision leaves until open_engine is done).
+  // Alice: the engine connection bob opened with this session start's token, not yet taken.
+  // Connections arrive only while a session start wants one (from before its decision
+  // leaves until open_engine is done) and only with its token; others are closed at once.
   UniqueFd incoming_engine;
   bool engine_wanted = false;
+  EngineToken engine_token{};
 
-  // The session's engine connection, closed with its control connection (from the latter's
-  // on_close, which must not take conn_mu: close() is called under it).
-  std::mutex engine_mu;
-  std::shared_ptr<EngineChannel> engine;
+  // The current session's engine connection, set up and used by the runner; closed from
+  // any thread with the session's control connection (its on_close, which must not take
+  // conn_mu: LinkConnection::close is called under it). One per session, so that a late
+  // on_close of an old session cannot close the next session's connection.
+  struct EngineSlot {
+    std::mutex mu;
+    std::shared_ptr<EngineChannel> channel;
+    bool closed = false;
+    void close() {
+      std::lock_guard lock(mu);
+      closed = true;
+      if (channel) {
+        channel->close();
+      }
+    }
+    // Holds `c` for close(); closes it at once if the session is already over.
+    void hold(const std::shared_ptr<EngineChannel>& c) {
+      std::lock_guard lock(mu);
+      channel = c;
+      if (closed) {
+        channel->close();
+      }
+    }
+  };
+  std::shared_ptr<EngineSlot> session_engine;  // runner only
 
   // Pool agreement state.
   std::mutex state_mu;
@@ -442,76 +468,71 @@ struct LinkService::Impl {
     return r.ok() ? r.value() : static_cast<std::uint64_t>(Clock::now().time_since_epoch().count());
   }
 
-  // The session's engine connection: alice takes the one bob opens after the decision
-  // (another connection's failed handshake does not end the wait), bob opens it.
-  qkd::core::Result<std::shared_ptr<EngineChannel>> open_engine(const LinkConnection& conn) {
-    auto ch = open_engine_channel(conn);
+  // The session's engine connection: bob opens it with the token from the decision, alice
+  // takes it (the acceptor has checked the token). Registered with the session first, so
+  // that the control connection closing, or stop(), cuts a connect or handshake short.
+  qkd::core::Result<std::shared_ptr<EngineChannel>> open_engine(const EngineToken& token) {
+    auto ch = std::make_shared<EngineChannel>(*tls);
+    session_engine->hold(ch);
+    qkd::core::Status s = qkd::core::ok_status();
     if (alice) {
+      s = accept_engine(*ch);
       std::lock_guard lock(conn_mu);
       engine_wanted = false;
       incoming_engine = UniqueFd();
-    }
-    if (!ch.ok()) {
-      return ch;
-    }
-    std::lock_guard lock(engine_mu);
-    engine = ch.value();
-    if (conn.closed()) {  // its on_close may have run before `engine` was set
-      engine->close();
-    }
-    return ch;
-  }
-
-  qkd::core::Result<std::shared_ptr<EngineChannel>> open_engine_channel(
-      const LinkConnection& conn) {
-    const auto deadline = Clock::now() + kSessionStartTimeout;
-    qkd::core::Result<std::shared_ptr<EngineChannel>> ch =
-        make_error(ErrorCode::kTimeout, "link: the peer opened no engine connection in time");
-    if (!alice) {
+    } else {
       const HostPort& hp = config.link.connect;
-      ch = EngineChannel::connect(*tls, hp.host, hp.port, config.link.peer_kme_id,
-                                  kConnectTimeout);
+      s = ch->connect(hp.host, hp.port, config.link.peer_kme_id, token, kConnectTimeout);
     }
-    while (alice && Clock::now() < deadline) {
-      UniqueFd fd;
-      {
-        std::unique_lock lock(conn_mu);
-        // In slices: a closed control connection does not notify conn_cv.
-        conn_cv.wait_for(lock, std::chrono::milliseconds(100),
-                         [&] { return stopping || incoming_engine.valid(); });
-        if (stopping || conn.closed()) {
-          return make_error(ErrorCode::kClosed, "link: connection closed");
-        }
-        fd = std::move(incoming_engine);
-      }
-      if (!fd.valid()) {
-        continue;
-      }
-      ch = EngineChannel::accept(*tls, std::move(fd), config.link.peer_kme_id,
-                                 std::chrono::duration_cast<std::chrono::milliseconds>(
-                                     std::max(deadline - Clock::now(), Clock::duration(0))));
-      if (ch.ok()) {
-        break;
-      }
-      spdlog::warn("{}", ch.error().message);
+    if (!s.ok()) {
+      return s.error();
     }
     return ch;
   }
 
-  void close_engine() {
-    std::lock_guard lock(engine_mu);
-    if (engine) {
-      engine->close();
+  qkd::core::Status accept_engine(EngineChannel& ch) {
+    const auto deadline = Clock::now() + kSessionStartTimeout;
+    UniqueFd fd;
+    {
+      std::unique_lock lock(conn_mu);
+      // In slices: the control connection closing does not notify conn_cv.
+      while (!stopping && !incoming_engine.valid() && !ch.closed()) {
+        if (Clock::now() >= deadline) {
+          return make_error(ErrorCode::kTimeout,
+                            "link: the peer opened no engine connection in time");
+        }
+        conn_cv.wait_for(lock, std::chrono::milliseconds(100));
+      }
+      if (stopping || ch.closed()) {
+        return make_error(ErrorCode::kClosed, "link: connection closed");
+      }
+      fd = std::move(incoming_engine);
     }
+    return ch.accept(std::move(fd), config.link.peer_kme_id,
+                     std::chrono::duration_cast<std::chrono::milliseconds>(
+                         std::max(deadline - Clock::now(), Clock::duration(0))));
+  }
+
+  static std::string to_hex(std::span<const std::uint8_t> bytes) {
+    std::string out;
+    for (std::uint8_t b : bytes) {
+      out += fmt::format("{:02x}", b);
+    }
+    return out;
   }
 
   // --- sessions ---
   qkd::core::Status run_alice_session(const std::shared_ptr<LinkConnection>& conn,
                                       MessageQueue& queue) {
+    EngineToken token{};
+    if (auto s = qkd::core::random_bytes(token); !s.ok()) {
+      return s;
+    }
     {
       std::lock_guard lock(conn_mu);
-      incoming_engine = UniqueFd();  // one of an earlier session: bob opens a new one
-      engine_wanted = true;          // bob opens it once he has the decision
+      incoming_engine = UniqueFd();
+      engine_token = token;  // bob opens the engine connection with it after the decision
+      engine_wanted = true;
     }
     std::uint64_t my_epoch = 0;
     std::uint64_t my_blocks = 0;
@@ -561,6 +582,7 @@ struct LinkService::Impl {
     } catch (const std::exception& ex) {
       return make_error(ErrorCode::kProtocol, fmt::format("bad state message: {}", ex.what()));
     }
+    decision["engine"] = to_hex(token);
     if (auto s = conn->send(Channel::kControl, to_bytes(decision)); !s.ok()) {
       return s;
     }
@@ -568,7 +590,7 @@ struct LinkService::Impl {
     spdlog::info("link: session with {} established ({})", conn->peer(),
                  decision.at("mode").get<std::string>());
 
-    auto engine_ch = open_engine(*conn);
+    auto engine_ch = open_engine(token);
     if (!engine_ch.ok()) {
       return engine_ch.error();
     }
@@ -641,10 +663,18 @@ struct LinkService::Impl {
     if (!decision.ok()) {
       return decision.error();
     }
+    EngineToken token{};
+    {
+      const auto hex = hex_decode(decision->value("engine", std::string()));
+      if (!hex || hex->size() != token.size()) {
+        return make_error(ErrorCode::kProtocol, "decision without a valid engine token");
+      }
+      std::copy(hex->span().begin(), hex->span().end(), token.begin());
+    }
     establish(conn);
     spdlog::info("link: session with {} established ({})", conn->peer(),
                  decision->value("mode", std::string("?")));
-    auto engine_ch = open_engine(*conn);
+    auto engine_ch = open_engine(token);
     if (!engine_ch.ok()) {
       return engine_ch.error();
     }
@@ -712,11 +742,13 @@ struct LinkService::Impl {
       current = conn;
     }
     LinkConnection* raw = conn.get();
+    auto slot = std::make_shared<EngineSlot>();
+    session_engine = slot;
     conn->start([this, raw, queue](
                     std::vector<std::uint8_t> b) { return on_control(*raw, *queue, std::move(b)); },
-                [this, queue]() {
+                [queue, slot]() {
                   queue->close();
-                  close_engine();
+                  slot->close();
                 });
     qkd::core::Status s = qkd::core::ok_status();
     try {
@@ -727,10 +759,8 @@ struct LinkService::Impl {
     disestablish();
     conn->close();
     queue->close();
-    {
-      std::lock_guard lock(engine_mu);
-      engine.reset();
-    }
+    slot->close();
+    session_engine.reset();
     if (alice) {  // a session that ended before its engine connection wants none any more
       std::lock_guard lock(conn_mu);
       engine_wanted = false;
@@ -888,12 +918,15 @@ qkd::core::Result<std::uint16_t> LinkService::start() {
           im->incoming = std::move(c);
           im->conn_cv.notify_all();
         },
-        [im](int fd) {
-          UniqueFd owned(fd);  // closed here unless a session start wants it
+        [im](int fd, const EngineToken& token) {
+          UniqueFd owned(fd);  // closed here unless a session start waits for it
           std::lock_guard lock(im->conn_mu);
-          if (!im->stopping && im->engine_wanted) {
-            im->incoming_engine = std::move(owned);  // a previous one is closed
+          if (!im->stopping && im->engine_wanted &&
+              CRYPTO_memcmp(token.data(), im->engine_token.data(), token.size()) == 0) {
+            im->incoming_engine = std::move(owned);
             im->conn_cv.notify_all();
+          } else {
+            spdlog::debug("link: closed an engine connection no session start waits for");
           }
         });
     auto p = im->acceptor->listen(im->config.link.listen.host, im->config.link.listen.port);

@@ -74,9 +74,10 @@ class AliceEnd {
   AliceEnd() : tls_(context("alice-kme", TlsRole::kServer)) {
     acceptor_ = std::make_unique<LinkAcceptor>(
         ioc_, tls_, "bob-kme", [](std::shared_ptr<LinkConnection> c) { c->close(); },
-        [this](int fd) {
+        [this](int fd, const EngineToken& token) {
           std::lock_guard lock(mu_);
           fds_.emplace_back(fd);
+          tokens_.push_back(token);
           cv_.notify_all();
         });
     auto p = acceptor_->listen("127.0.0.1", 0);
@@ -96,25 +97,39 @@ class AliceEnd {
   [[nodiscard]] std::uint16_t port() const { return port_; }
   [[nodiscard]] boost::asio::ssl::context& tls() { return *tls_; }
 
-  // The next engine socket the acceptor hands over (invalid if none within `timeout`).
-  UniqueFd next_socket(std::chrono::milliseconds timeout) {
+  // The next engine socket the acceptor hands over, with the token it came with (invalid
+  // if none within `timeout`).
+  UniqueFd next_socket(std::chrono::milliseconds timeout, EngineToken* token = nullptr) {
     std::unique_lock lock(mu_);
     if (!cv_.wait_for(lock, timeout, [&] { return !fds_.empty(); })) {
       return UniqueFd();
     }
     UniqueFd fd = std::move(fds_.front());
     fds_.erase(fds_.begin());
+    if (token != nullptr) {
+      *token = tokens_.front();
+    }
+    tokens_.erase(tokens_.begin());
     return fd;
   }
 
-  // Accepts the next engine connection (TLS handshake, CN check against `peer`).
+  // Accepts the next engine connection (TLS handshake, CN check against `peer`); checks
+  // that it came with kToken.
   qkd::core::Result<std::shared_ptr<EngineChannel>> accept(const std::string& peer = "bob-kme") {
-    UniqueFd fd = next_socket(5s);
+    EngineToken token{};
+    UniqueFd fd = next_socket(5s, &token);
     if (!fd.valid()) {
       return qkd::core::make_error(ErrorCode::kTimeout, "no engine socket");
     }
-    return EngineChannel::accept(*tls_, std::move(fd), peer, 5s);
+    EXPECT_EQ(token, kToken);
+    auto ch = std::make_shared<EngineChannel>(*tls_);
+    if (auto s = ch->accept(std::move(fd), peer, 5s); !s.ok()) {
+      return s.error();
+    }
+    return ch;
   }
+
+  static constexpr EngineToken kToken = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
 
  private:
   boost::asio::io_context ioc_;
@@ -127,7 +142,19 @@ class AliceEnd {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<UniqueFd> fds_;
+  std::vector<EngineToken> tokens_;
 };
+
+// Bob's end: connects with kToken.
+qkd::core::Result<std::shared_ptr<EngineChannel>> connect_bob(boost::asio::ssl::context& tls,
+                                                              std::uint16_t port,
+                                                              const std::string& expect) {
+  auto ch = std::make_shared<EngineChannel>(tls);
+  if (auto s = ch->connect("127.0.0.1", port, expect, AliceEnd::kToken, 5s); !s.ok()) {
+    return s.error();
+  }
+  return ch;
+}
 
 struct Pair {
   std::shared_ptr<EngineChannel> alice;
@@ -136,9 +163,8 @@ struct Pair {
 
 Pair connect_pair(AliceEnd& a, const std::string& bob_name = "bob-kme") {
   auto bob_tls = context(bob_name, TlsRole::kClient);
-  auto bob = std::async(std::launch::async, [&] {
-    return EngineChannel::connect(*bob_tls, "127.0.0.1", a.port(), "alice-kme", 5s);
-  });
+  auto bob = std::async(std::launch::async,
+                        [&] { return connect_bob(*bob_tls, a.port(), "alice-kme"); });
   auto alice = a.accept();
   auto b = bob.get();
   Pair p;
@@ -227,22 +253,36 @@ TEST(EngineChannel, CloseFromAnotherThreadWakesABlockedReceive) {
   EXPECT_EQ(r2.error().code, ErrorCode::kClosed) << r2.error().message;
 }
 
+TEST(EngineChannel, CloseCutsAConnectShort) {
+  AliceEnd a;  // hands the socket over, and nobody runs the TLS handshake on it
+  auto bob_tls = context("bob-kme", TlsRole::kClient);
+  auto ch = std::make_shared<EngineChannel>(*bob_tls);
+  std::thread closer([&] {
+    ASSERT_TRUE(a.next_socket(5s).valid());
+    ch->close();
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  auto s = ch->connect("127.0.0.1", a.port(), "alice-kme", AliceEnd::kToken, 30s);
+  closer.join();
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code, ErrorCode::kClosed) << s.error().message;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 20s);
+}
+
 TEST(EngineChannel, WrongPeerIsRefusedOnBothSides) {
   AliceEnd a;
   // mallory's certificate is from the same CA, but the alice end expects bob-kme.
   auto mallory_tls = context("mallory", TlsRole::kClient);
-  auto mallory = std::async(std::launch::async, [&] {
-    return EngineChannel::connect(*mallory_tls, "127.0.0.1", a.port(), "alice-kme", 5s);
-  });
+  auto mallory = std::async(std::launch::async,
+                            [&] { return connect_bob(*mallory_tls, a.port(), "alice-kme"); });
   auto alice = a.accept();
   ASSERT_FALSE(alice.ok());
   EXPECT_EQ(alice.error().code, ErrorCode::kAuthentication) << alice.error().message;
   (void)mallory.get();
   // bob-kme expecting someone else at that address refuses alice-kme.
   auto bob_tls = context("bob-kme", TlsRole::kClient);
-  auto wrong = std::async(std::launch::async, [&] {
-    return EngineChannel::connect(*bob_tls, "127.0.0.1", a.port(), "carol-kme", 5s);
-  });
+  auto wrong = std::async(std::launch::async,
+                          [&] { return connect_bob(*bob_tls, a.port(), "carol-kme"); });
   (void)a.accept();  // the alice end's check passes: bob-kme is its peer
   auto w = wrong.get();
   ASSERT_FALSE(w.ok());
@@ -272,19 +312,24 @@ bool acceptor_closes(std::uint16_t port, const std::string& bytes) {
 
 TEST(EngineChannel, AcceptorClosesBadPreamblesAndHandsOverOnlyGoodOnes) {
   AliceEnd a;
-  EXPECT_TRUE(acceptor_closes(a.port(), "QKDX and more"));
-  EXPECT_TRUE(acceptor_closes(a.port(), std::string("Q\0\0\0", 4)));
+  EXPECT_TRUE(acceptor_closes(a.port(), "QKDX and more than twenty bytes"));
+  EXPECT_TRUE(acceptor_closes(a.port(), std::string(24, 'Q')));
   EXPECT_FALSE(a.next_socket(200ms).valid());
-  // The preamble and then no TLS: handed over, and the handshake fails in time.
+  // The preamble, a token and then no TLS: handed over with its token, and the handshake
+  // fails in time.
   boost::asio::io_context io;
   boost::asio::ip::tcp::socket s(io);
   s.connect({boost::asio::ip::make_address("127.0.0.1"), a.port()});
   boost::asio::write(s, boost::asio::buffer(kEnginePreamble));
+  const EngineToken other = {9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9};
+  boost::asio::write(s, boost::asio::buffer(other));
   boost::asio::write(s, boost::asio::buffer(std::string(64, 'x')));
-  auto fd = a.next_socket(5s);
+  EngineToken got{};
+  auto fd = a.next_socket(5s, &got);
   ASSERT_TRUE(fd.valid());
-  auto r = EngineChannel::accept(a.tls(), std::move(fd), "bob-kme", 2s);
-  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(got, other);
+  EngineChannel ch(a.tls());
+  ASSERT_FALSE(ch.accept(std::move(fd), "bob-kme", 2s).ok());
 }
 
 // A peer that speaks TLS with the right certificate but sends frames the engine channel does
@@ -294,6 +339,7 @@ class RawPeer {
   RawPeer(std::uint16_t port, boost::asio::ssl::context& tls) : s_(io_) {
     s_.connect({boost::asio::ip::make_address("127.0.0.1"), port});
     boost::asio::write(s_, boost::asio::buffer(kEnginePreamble));
+    boost::asio::write(s_, boost::asio::buffer(AliceEnd::kToken));
     ssl_ = SSL_new(tls.native_handle());
     SSL_set_fd(ssl_, s_.native_handle());
     ok_ = SSL_connect(ssl_) == 1;
@@ -324,6 +370,25 @@ TEST(EngineChannel, FramesOfAnotherChannelOrTooLargeFailTheConnection) {
       {static_cast<std::uint8_t>(Channel::kClassical), static_cast<std::uint8_t>(too_large >> 24),
        static_cast<std::uint8_t>(too_large >> 16), static_cast<std::uint8_t>(too_large >> 8),
        static_cast<std::uint8_t>(too_large)}};
+  // A good frame whose header and body arrive in pieces (one TLS record each).
+  {
+    std::unique_ptr<RawPeer> peer;
+    auto connected = std::async(std::launch::async, [&] {
+      peer = std::make_unique<RawPeer>(a.port(), *bob_tls);
+      return peer->ok();
+    });
+    auto alice = a.accept();
+    ASSERT_TRUE(connected.get());
+    ASSERT_TRUE(alice.ok()) << alice.error().message;
+    auto classical = (*alice)->transport(Channel::kClassical);
+    const std::uint8_t ch = static_cast<std::uint8_t>(Channel::kClassical);
+    for (const std::vector<std::uint8_t>& piece :
+         {std::vector<std::uint8_t>{ch, 0}, {0, 0}, {3, 'a'}, {'b'}, {'c'}}) {
+      ASSERT_TRUE(peer->write(piece));
+      std::this_thread::sleep_for(5ms);
+    }
+    EXPECT_EQ(classical->receive(5s).value(), (std::vector<std::uint8_t>{'a', 'b', 'c'}));
+  }
   for (const auto& frame : bad) {
     std::unique_ptr<RawPeer> peer;
     auto connected = std::async(std::launch::async, [&] {

@@ -11,11 +11,17 @@
 // most of the link's CPU.
 //
 // The bob end opens it once the session's decision has arrived: TCP to the peer's link
-// port, kEnginePreamble in clear (the alice end's acceptor tells it from a control
-// connection, whose first byte is a TLS record header, 0x16), then TLS with the link's
-// certificates and the same check of the peer's CN. Frames as on the control connection:
-// channel (1 byte) | payload length (4 bytes, big-endian) | payload; a frame of another
-// channel, or larger than kMaxFrameBytes, fails the connection.
+// port, kEnginePreamble and the session's engine token in clear (the token is random, made
+// by alice for this session and sent to bob in the decision, over the authenticated control
+// connection; alice's acceptor tells an engine connection from a control one by the first
+// byte, a TLS record header being 0x16, and drops any whose token is not the one a session
+// start waits for, so no stranger's connection ever reaches the runner), then TLS with the
+// link's certificates and the same check of the peer's CN. Frames as on the control
+// connection: channel (1 byte) | payload length (4 bytes, big-endian) | payload; a frame of
+// another channel, or larger than kMaxFrameBytes, fails the connection.
+//
+// send() blocks until its frame is written: both ends must go on reading while large frames
+// may be in flight (the BB84 engines always read what the other sends).
 #pragma once
 
 #include <boost/asio/ssl/context.hpp>
@@ -30,8 +36,6 @@
 #include "qkd/kms/link_connection.hpp"
 
 namespace qkd::kms {
-
-inline constexpr std::array<std::uint8_t, 4> kEnginePreamble = {'Q', 'K', 'D', 'E'};
 
 // An owned file descriptor (closed when destroyed unless released).
 class UniqueFd {
@@ -59,21 +63,22 @@ class EngineChannel : public std::enable_shared_from_this<EngineChannel> {
  public:
   struct Impl;
 
-  // Bob: connects to host:port, sends the preamble, runs the TLS handshake and checks that
-  // the peer's CN is `peer_id`, all within `timeout`.
-  [[nodiscard]] static qkd::core::Result<std::shared_ptr<EngineChannel>> connect(
-      boost::asio::ssl::context& tls, const std::string& host, std::uint16_t port,
-      const std::string& peer_id, std::chrono::milliseconds timeout);
-  // Alice: runs the TLS handshake on an accepted TCP connection whose preamble the acceptor
-  // has read, and checks the peer's CN, within `timeout`.
-  [[nodiscard]] static qkd::core::Result<std::shared_ptr<EngineChannel>> accept(
-      boost::asio::ssl::context& tls, UniqueFd socket, const std::string& peer_id,
-      std::chrono::milliseconds timeout);
-
-  explicit EngineChannel(std::unique_ptr<Impl> impl);
+  // Not connected yet: connect() or accept() next, on the thread that will own it. close()
+  // works from the start, so that a connect or accept in progress can be cut short.
+  explicit EngineChannel(boost::asio::ssl::context& tls);
   ~EngineChannel();
   EngineChannel(const EngineChannel&) = delete;
   EngineChannel& operator=(const EngineChannel&) = delete;
+
+  // Bob: connects to host:port, sends the preamble and `token`, runs the TLS handshake and
+  // checks that the peer's CN is `peer_id`, all within `timeout`.
+  [[nodiscard]] qkd::core::Status connect(const std::string& host, std::uint16_t port,
+                                          const std::string& peer_id, const EngineToken& token,
+                                          std::chrono::milliseconds timeout);
+  // Alice: runs the TLS handshake on an accepted TCP connection whose preamble and token the
+  // acceptor has read, and checks the peer's CN, within `timeout`.
+  [[nodiscard]] qkd::core::Status accept(UniqueFd socket, const std::string& peer_id,
+                                         std::chrono::milliseconds timeout);
 
   // The engine's view of one channel (kQuantum or kClassical). send() returns once the frame
   // is written to the socket (the peer may wait for it before it sends anything), at most
@@ -82,8 +87,8 @@ class EngineChannel : public std::enable_shared_from_this<EngineChannel> {
   // transport's close() closes the whole channel (as close() below).
   [[nodiscard]] std::unique_ptr<qkd::core::MessageTransport> transport(Channel ch);
 
-  // Any thread: fails every send and receive from now on, the one in progress included
-  // (it returns kClosed as soon as its thread runs the connection again, at once if it is
+  // Any thread: fails every operation from now on, the one in progress included (it
+  // returns kClosed as soon as its thread runs the connection again, at once if it is
   // waiting in it).
   void close();
   [[nodiscard]] bool closed() const;

@@ -13,6 +13,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <chrono>
+#include <array>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -30,6 +31,12 @@ namespace qkd::kms {
 enum class Channel : std::uint8_t { kQuantum = 1, kClassical = 2, kControl = 3, kPing = 4 };
 
 inline constexpr std::uint32_t kMaxFrameBytes = 64u << 20;
+
+// What an engine connection (engine_channel.hpp) sends before its TLS handshake: the
+// preamble, then the session's engine token.
+inline constexpr std::array<std::uint8_t, 4> kEnginePreamble = {'Q', 'K', 'D', 'E'};
+inline constexpr std::size_t kEngineTokenBytes = 16;
+using EngineToken = std::array<std::uint8_t, kEngineTokenBytes>;
 
 // A thread-safe message queue that can be closed (wakes all waiters with kClosed).
 class MessageQueue {
@@ -78,14 +85,14 @@ class LinkConnection : public std::enable_shared_from_this<LinkConnection> {
 // Accepts link connections on one port and tells the two kinds apart by their first bytes:
 // a control connection starts with its TLS handshake (a TLS record, first byte 0x16); it
 // gets the handshake here, is kept only if the peer's CN is `peer_id`, and goes to
-// `on_connection`. An engine connection starts with kEnginePreamble (engine_channel.hpp);
-// once that is read its socket goes to `on_engine`, whose owner runs the TLS handshake
-// (EngineChannel::accept). Anything else, or nothing within 10 s, is closed. Callbacks run
-// on the io_context.
+// `on_connection`. An engine connection starts with kEnginePreamble and an EngineToken;
+// once those are read its socket and token go to `on_engine`, which keeps the socket (to
+// run the TLS handshake, EngineChannel::accept) or closes it. Anything else, or nothing
+// within 10 s, is closed. Callbacks run on the io_context.
 class LinkAcceptor {
  public:
   using OnConnection = std::function<void(std::shared_ptr<LinkConnection>)>;
-  using OnEngineSocket = std::function<void(int fd)>;  // the callee owns fd
+  using OnEngineSocket = std::function<void(int fd, const EngineToken&)>;  // owns fd
   LinkAcceptor(boost::asio::io_context& ioc, std::shared_ptr<boost::asio::ssl::context> tls,
                std::string peer_id, OnConnection on_connection, OnEngineSocket on_engine);
   ~LinkAcceptor();
