@@ -32,6 +32,13 @@ std::uint64_t direction_bytes(std::uint64_t committed, Direction d) {
 
 namespace {
 
+// commit_block, start_epoch and set_pending_block are called by the link's runner thread,
+// which runs at a lower priority (link.engine_nice): their writes are left to the journal's
+// committer thread. Written by the runner, a group would carry API requests' units too, and
+// their completions would run on it; preempted by the requests it competes with, it would
+// hold them all back.
+constexpr bool kLinkRunnerWrites = false;
+
 constexpr std::size_t kMaxRememberedIds = 1u << 20;
 const char* const kNotFound = "one or more keys specified are not found on KME";
 
@@ -209,7 +216,7 @@ class JournaledStore final : public KeyStore {
       }
       ticket = seal_locked();
     }
-    return durable(ticket);
+    return durable(ticket, kLinkRunnerWrites);
   }
 
   void reset_pool() override {
@@ -239,7 +246,7 @@ class JournaledStore final : public KeyStore {
       }
       ticket = seal_locked();
     }
-    return durable(ticket);
+    return durable(ticket, kLinkRunnerWrites);
   }
 
   Status set_pending_block(const std::optional<PendingBlock>& pending) override {
@@ -252,7 +259,7 @@ class JournaledStore final : public KeyStore {
       journal_->set_pending_block(pending);
       ticket = seal_locked();
     }
-    return durable(ticket);
+    return durable(ticket, kLinkRunnerWrites);
   }
 
   Status apply_peer_assignment(KeyAssignment a) override {
@@ -306,11 +313,13 @@ class JournaledStore final : public KeyStore {
     return q;
   }
 
-  Status durable(std::uint64_t ticket) override {
+  Status durable(std::uint64_t ticket) override { return durable(ticket, /*write_here=*/true); }
+
+  Status durable(std::uint64_t ticket, bool write_here) {
     if (!journal_) {
       return qkd::core::ok_status();
     }
-    if (auto s = journal_->wait(ticket); !s.ok()) {
+    if (auto s = journal_->wait(ticket, write_here); !s.ok()) {
       return store_failure(s.error());
     }
     return qkd::core::ok_status();

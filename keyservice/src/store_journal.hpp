@@ -81,8 +81,10 @@ class Journal {
   // unit that a response waits for. Units stay durable in ticket order.
   virtual std::uint64_t seal_deferred() = 0;
   // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
-  // unusable: every later wait fails too).
-  [[nodiscard]] virtual Status wait(std::uint64_t ticket) = 0;
+  // unusable: every later wait fails too). `write_here` = false: the committer thread
+  // writes it, never the caller (a thread of lower priority, the link's runner: a group it
+  // wrote would carry other requests' units, and their completions would run on it).
+  [[nodiscard]] virtual Status wait(std::uint64_t ticket, bool write_here = true) = 0;
   // The same without blocking: `done` is called once unit `ticket` (a seal()ed one) is
   // durable or writing failed: at once if it already is, else on the thread that wrote it,
   // right after the write. The calling thread writes the queue itself when it may (as a

@@ -119,7 +119,8 @@ class KeyStore {
   using NoticeRelease = std::function<void(std::uint64_t seq)>;
   virtual void set_notice_hooks(NoticeEncoder encode, NoticeRelease release) = 0;
 
-  // --- link session state (see LinkState) ---
+  // --- link session state (see LinkState); called by the link's runner thread, whose
+  // writes the durable store leaves to its committer thread ---
   [[nodiscard]] virtual LinkState link_state() const = 0;
   // commit() of a block together with the link position it leads to; forgets Bob's pending
   // block.
