@@ -83,7 +83,9 @@ class Journal {
   // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
   // unusable: every later wait fails too). `write_here` = false: the committer thread
   // writes it, never the caller (a thread of lower priority, the link's runner: a group it
-  // wrote would carry other requests' units, and their completions would run on it).
+  // wrote would carry other requests' units, and their completions would run on it). Never
+  // from a completion of when_durable(): the committer thread runs those, and would wait
+  // for itself.
   [[nodiscard]] virtual Status wait(std::uint64_t ticket, bool write_here = true) = 0;
   // The same without blocking: `done` is called once unit `ticket` (a seal()ed one) is
   // durable or writing failed: at once if it already is, else on the thread that wrote it,

@@ -364,6 +364,26 @@ class RawPeer {
   bool ok_ = false;
 };
 
+// A RawPeer connected to the alice end, and the alice end's channel (both null on failure).
+struct RawPair {
+  std::unique_ptr<RawPeer> peer;
+  std::shared_ptr<EngineChannel> alice;
+};
+
+RawPair connect_raw(AliceEnd& a, boost::asio::ssl::context& tls) {
+  RawPair p;
+  auto connected = std::async(std::launch::async, [&] {
+    p.peer = std::make_unique<RawPeer>(a.port(), tls);
+    return p.peer->ok();
+  });
+  auto alice = a.accept();
+  if (!connected.get() || !alice.ok()) {
+    return RawPair{};
+  }
+  p.alice = alice.value();
+  return p;
+}
+
 TEST(EngineChannel, FramesOfAnotherChannelOrTooLargeFailTheConnection) {
   AliceEnd a;
   auto bob_tls = context("bob-kme", TlsRole::kClient);
@@ -376,34 +396,22 @@ TEST(EngineChannel, FramesOfAnotherChannelOrTooLargeFailTheConnection) {
        static_cast<std::uint8_t>(too_large)}};
   // A good frame whose header and body arrive in pieces (one TLS record each).
   {
-    std::unique_ptr<RawPeer> peer;
-    auto connected = std::async(std::launch::async, [&] {
-      peer = std::make_unique<RawPeer>(a.port(), *bob_tls);
-      return peer->ok();
-    });
-    auto alice = a.accept();
-    ASSERT_TRUE(connected.get());
-    ASSERT_TRUE(alice.ok()) << alice.error().message;
-    auto classical = (*alice)->transport(Channel::kClassical);
+    RawPair p = connect_raw(a, *bob_tls);
+    ASSERT_TRUE(p.peer && p.alice);
+    auto classical = p.alice->transport(Channel::kClassical);
     const std::uint8_t ch = static_cast<std::uint8_t>(Channel::kClassical);
     for (const std::vector<std::uint8_t>& piece :
          {std::vector<std::uint8_t>{ch, 0}, {0, 0}, {3, 'a'}, {'b'}, {'c'}}) {
-      ASSERT_TRUE(peer->write(piece));
+      ASSERT_TRUE(p.peer->write(piece));
       std::this_thread::sleep_for(5ms);
     }
     EXPECT_EQ(classical->receive(5s).value(), (std::vector<std::uint8_t>{'a', 'b', 'c'}));
   }
   for (const auto& frame : bad) {
-    std::unique_ptr<RawPeer> peer;
-    auto connected = std::async(std::launch::async, [&] {
-      peer = std::make_unique<RawPeer>(a.port(), *bob_tls);
-      return peer->ok();
-    });
-    auto alice = a.accept();
-    ASSERT_TRUE(connected.get());
-    ASSERT_TRUE(alice.ok()) << alice.error().message;
-    ASSERT_TRUE(peer->write(frame));
-    auto got = (*alice)->transport(Channel::kClassical)->receive(5s);
+    RawPair p = connect_raw(a, *bob_tls);
+    ASSERT_TRUE(p.peer && p.alice);
+    ASSERT_TRUE(p.peer->write(frame));
+    auto got = p.alice->transport(Channel::kClassical)->receive(5s);
     ASSERT_FALSE(got.ok());
     EXPECT_EQ(got.error().code, ErrorCode::kClosed) << got.error().message;
     EXPECT_TRUE(got.error().message.find("channel") != std::string::npos ||
