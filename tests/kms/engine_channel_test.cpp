@@ -186,10 +186,19 @@ std::vector<std::uint8_t> pattern(std::size_t n, std::uint32_t seed) {
   return v;
 }
 
-TEST(EngineChannel, CarriesBothChannelsInOrderAndLargeFramesBothWaysAtOnce) {
-  AliceEnd a;
-  Pair p = connect_pair(a);
-  ASSERT_TRUE(p.alice && p.bob);
+// A connected pair: the alice end's channel and bob's, set up before each test.
+class EngineChannelPair : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    p_ = connect_pair(a_);
+    ASSERT_TRUE(p_.alice && p_.bob);
+  }
+  AliceEnd a_;
+  Pair p_;
+};
+
+TEST_F(EngineChannelPair, CarriesBothChannelsInOrderAndLargeFramesBothWaysAtOnce) {
+  Pair& p = p_;
   auto aq = p.alice->transport(Channel::kQuantum);
   auto ac = p.alice->transport(Channel::kClassical);
   auto bq = p.bob->transport(Channel::kQuantum);
@@ -221,10 +230,8 @@ TEST(EngineChannel, CarriesBothChannelsInOrderAndLargeFramesBothWaysAtOnce) {
   }
 }
 
-TEST(EngineChannel, ReceiveTimesOutThenStillWorks) {
-  AliceEnd a;
-  Pair p = connect_pair(a);
-  ASSERT_TRUE(p.alice && p.bob);
+TEST_F(EngineChannelPair, ReceiveTimesOutThenStillWorks) {
+  Pair& p = p_;
   auto ac = p.alice->transport(Channel::kClassical);
   auto bc = p.bob->transport(Channel::kClassical);
   auto r = ac->receive(50ms);
@@ -234,10 +241,8 @@ TEST(EngineChannel, ReceiveTimesOutThenStillWorks) {
   EXPECT_EQ(ac->receive(5s).value(), pattern(10, 9));
 }
 
-TEST(EngineChannel, CloseFromAnotherThreadWakesABlockedReceive) {
-  AliceEnd a;
-  Pair p = connect_pair(a);
-  ASSERT_TRUE(p.alice && p.bob);
+TEST_F(EngineChannelPair, CloseFromAnotherThreadWakesABlockedReceive) {
+  Pair& p = p_;
   auto bc = p.bob->transport(Channel::kClassical);
   const auto t0 = std::chrono::steady_clock::now();
   std::thread closer([&] {
