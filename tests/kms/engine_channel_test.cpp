@@ -267,7 +267,10 @@ TEST(EngineChannel, CloseCutsAConnectShort) {
   auto bob_tls = context("bob-kme", TlsRole::kClient);
   auto ch = std::make_shared<EngineChannel>(*bob_tls);
   std::thread closer([&] {
-    ASSERT_TRUE(a.next_socket(5s).valid());
+    // Held open until after close(): closing it first would reset the connection, and the
+    // connect could fail on that before it sees the close.
+    const UniqueFd held = a.next_socket(5s);
+    ASSERT_TRUE(held.valid());
     ch->close();
   });
   const auto t0 = std::chrono::steady_clock::now();

@@ -31,6 +31,8 @@ using qkd::core::make_error;
 using qkd::core::Result;
 
 // A KME stand-in: every key distinct (its bytes carry its serial number), every call logged.
+// Each test declares its fakes (and what its fetch functions refer to) before its caches:
+// a cache's worker thread may call them until the cache's destructor has joined it.
 struct FakeEnc {
   std::vector<std::uint32_t> asked;  // `number` of each call
   std::uint32_t serial = 0;
@@ -65,8 +67,8 @@ KeyCache::Fetch fetch_of(FakeEnc& enc) {
 TEST(KeyCache, BatchGrowsUnderLoadAndEveryKeyIsHandedOutOnce) {
   KeyCacheLimits limits;
   limits.max_batch = 16;
-  KeyCache cache(limits);
   FakeEnc enc;
+  KeyCache cache(limits);
   const auto now = Clock::now();
   std::set<std::string> ids;
   int hits = 0;
@@ -91,8 +93,8 @@ TEST(KeyCache, BatchGrowsUnderLoadAndEveryKeyIsHandedOutOnce) {
 }
 
 TEST(KeyCache, SaesAndKeySizesAreKeptApart) {
-  KeyCache cache;
   FakeEnc enc;
+  KeyCache cache;
   const auto now = Clock::now();
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(cache.take("alice", nullptr, 32, now, fetch_of(enc)).ok());
@@ -114,8 +116,8 @@ TEST(KeyCache, SaesAndKeySizesAreKeptApart) {
 TEST(KeyCache, RareClientsCostOneKeyPerHandshakeAndNoneIsHeld) {
   KeyCacheLimits limits;
   limits.max_age = std::chrono::seconds(10);
-  KeyCache cache(limits);
   FakeEnc enc;
+  KeyCache cache(limits);
   auto t = Clock::now();
   for (int i = 0; i < 5; ++i) {
     t += std::chrono::seconds(6);  // slower than max_age / 2: the batch never grows
@@ -129,8 +131,8 @@ TEST(KeyCache, OldKeysExpireUnusedAndTheBatchShrinks) {
   KeyCacheLimits limits;
   limits.max_batch = 8;
   limits.max_age = std::chrono::seconds(10);
-  KeyCache cache(limits);
   FakeEnc enc;
+  KeyCache cache(limits);
   const auto t0 = Clock::now();
   for (int i = 0; i < 9; ++i) {  // 1 + 2 + 4 keys fetched, then a batch of 8
     ASSERT_TRUE(cache.take("alice", nullptr, 32, t0, fetch_of(enc)).ok());
@@ -148,8 +150,8 @@ TEST(KeyCache, OldKeysExpireUnusedAndTheBatchShrinks) {
 TEST(KeyCache, KmeCappingTheNumberFallsBackToOneKey) {
   KeyCacheLimits limits;
   limits.max_batch = 32;
-  KeyCache cache(limits);
   FakeEnc enc;
+  KeyCache cache(limits);
   enc.cap = 1;
   const auto now = Clock::now();
   for (int i = 0; i < 6; ++i) {
@@ -182,8 +184,8 @@ TEST(KeyCache, TotalHeldIsBounded) {
   KeyCacheLimits limits;
   limits.max_batch = 64;
   limits.max_total = 10;
-  KeyCache cache(limits);
   FakeEnc enc;
+  KeyCache cache(limits);
   const auto now = Clock::now();
   for (const char* sae : {"a", "b", "c"}) {
     for (int i = 0; i < 40; ++i) {
@@ -195,8 +197,8 @@ TEST(KeyCache, TotalHeldIsBounded) {
 }
 
 TEST(KeyCache, ForkedChildDropsInheritedKeys) {
-  KeyCache cache;
   FakeEnc enc;
+  KeyCache cache;
   const auto now = Clock::now();
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(cache.take("alice", nullptr, 32, now, fetch_of(enc)).ok());
@@ -222,7 +224,6 @@ TEST(KeyCache, ForkedChildDropsInheritedKeys) {
 }
 
 TEST(KeyCache, ConcurrentTakersNeverShareAKey) {
-  KeyCache cache;
   std::mutex mu;
   std::uint32_t serial = 0;
   std::set<std::string> ids;
@@ -238,6 +239,7 @@ TEST(KeyCache, ConcurrentTakersNeverShareAKey) {
     }
     return keys;
   };
+  KeyCache cache;
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&] {
@@ -325,8 +327,8 @@ TEST(KeyCache, ReservedKeysGoOnlyToTheirClientIdInTheOrderAnnounced) {
   KeyCacheLimits limits;
   limits.max_batch = 16;
   limits.announce = 8;
-  KeyCache cache(limits);
   FakeEnc enc;
+  KeyCache cache(limits);
   const auto now = Clock::now();
   const ClientId a = client_id_of(0xA1), b = client_id_of(0xB2);
   std::deque<std::string> announced_a;
@@ -381,8 +383,8 @@ TEST(KeyCache, ReservedKeysExpireAndAnnounceZeroAnnouncesNothing) {
   limits.max_batch = 8;
   limits.announce = 4;
   limits.max_age = std::chrono::seconds(10);
-  KeyCache cache(limits);
   FakeEnc enc;
+  KeyCache cache(limits);
   const auto t0 = Clock::now();
   const ClientId a = client_id_of(1);
   std::set<std::string> announced;
@@ -413,8 +415,8 @@ TEST(KeyCache, ReservedKeysExpireAndAnnounceZeroAnnouncesNothing) {
 TEST(KeyCache, ForkedChildHasNoReservation) {
   KeyCacheLimits limits;
   limits.announce = 4;
-  KeyCache cache(limits);
   FakeEnc enc;
+  KeyCache cache(limits);
   const auto now = Clock::now();
   const ClientId a = client_id_of(7);
   for (int i = 0; i < 8; ++i) {
@@ -507,9 +509,9 @@ AheadKeys::Fetch dec_of(FakeDec& dec) {
 }
 
 TEST(AheadKeys, AnnouncedKeysComeWithTheFirstCallAndNeedNoneLater) {
+  FakeDec dec;
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   const KeyId k0 = dec.add(10), k1 = dec.add(11), k2 = dec.add(12), k3 = dec.add(13),
               k4 = dec.add(14), k5 = dec.add(15);
   const auto now = AheadKeys::Clock::now();
@@ -539,9 +541,9 @@ TEST(AheadKeys, AnnouncedKeysComeWithTheFirstCallAndNeedNoneLater) {
 }
 
 TEST(AheadKeys, ARefusedAnnouncementCostsOnlyARetry) {
+  FakeDec dec;
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   const KeyId k0 = dec.add(1);
   KeyId bogus{};
   bogus.fill(0x42);
@@ -555,9 +557,9 @@ TEST(AheadKeys, ARefusedAnnouncementCostsOnlyARetry) {
 }
 
 TEST(AheadKeys, ALostReplyChangesTheClientId) {
+  FakeDec dec;
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2);
   auto id_before = ahead.client_id().value();
   dec.lose_replies = true;
@@ -572,9 +574,9 @@ TEST(AheadKeys, ALostReplyChangesTheClientId) {
 }
 
 TEST(AheadKeys, ConcurrentTakesOfAKeyInFlightWaitForThatCall) {
+  FakeDec dec;
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   dec.delay = std::chrono::milliseconds(30);
   const KeyId k0 = dec.add(1), k1 = dec.add(2);
   Result<SecureBuf> r0 = make_error(ErrorCode::kInternal, "not run");
@@ -596,9 +598,9 @@ TEST(AheadKeys, ConcurrentTakesOfAKeyInFlightWaitForThatCall) {
 TEST(AheadKeys, AFullCacheLeavesAnnouncementsToBeFetchedWhenUsed) {
   AheadLimits limits;
   limits.max_keys = 2;
+  FakeDec dec;
   AheadKeys ahead(limits);
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3), k3 = dec.add(4);
   const auto now = AheadKeys::Clock::now();
   ASSERT_TRUE(ahead.take("bob", k0, {k1, k2, k3}, me, 32, now, dec_of(dec)).ok());
@@ -615,9 +617,9 @@ TEST(AheadKeys, AFullCacheLeavesAnnouncementsToBeFetchedWhenUsed) {
 TEST(AheadKeys, HeldKeysExpireAndNoClientIdWhenOff) {
   AheadLimits limits;
   limits.max_age = std::chrono::seconds(10);
+  FakeDec dec;
   AheadKeys ahead(limits);
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
   const auto t0 = AheadKeys::Clock::now();
   ASSERT_TRUE(ahead.take("bob", k0, {k1}, me, 32, t0, dec_of(dec)).ok());
@@ -640,9 +642,9 @@ TEST(AheadKeys, HeldKeysExpireAndNoClientIdWhenOff) {
 // A handshake whose key sits in a batch that has not started is not held up behind the
 // batches before it: the key is taken out and fetched at once.
 TEST(AheadKeys, AKeyInAQueuedBatchIsFetchedAtOnce) {
+  FakeDec dec;
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   dec.delay = std::chrono::milliseconds(1000);
   dec.slow_size = 3;  // the first background batch (3 key_IDs) takes a second
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
@@ -668,8 +670,8 @@ TEST(AheadKeys, AKeyInAQueuedBatchIsFetchedAtOnce) {
 // Announcements made to a key share with an earlier client_id (replaced since, or a forked
 // parent's) are left to that client_id: the key is fetched, the announced ones are not.
 TEST(AheadKeys, AnnouncementsToAnotherClientIdAreNotFetched) {
-  AheadKeys ahead;
   FakeDec dec;
+  AheadKeys ahead;
   const KeyId k0 = dec.add(1), k1 = dec.add(2);
   ClientId someone_else{};
   someone_else.fill(0x5A);
@@ -684,9 +686,9 @@ TEST(AheadKeys, AnnouncementsToAnotherClientIdAreNotFetched) {
 // A KME that caps the key_IDs per request: the combined call is refused, the key is asked
 // for alone, and later calls ask for fewer.
 TEST(AheadKeys, AKmeCapOnKeysPerRequestIsLearned) {
+  FakeDec dec;
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   dec.max_per_request = 4;
   std::vector<KeyId> ids;
   for (std::uint8_t i = 0; i < 40; ++i) {
@@ -709,9 +711,9 @@ TEST(AheadKeys, AKmeCapOnKeysPerRequestIsLearned) {
 // An exception in a KME call (a full secure heap, say) neither kills the process from the
 // worker thread nor leaves key_IDs marked in flight.
 TEST(AheadKeys, AnExceptionInAFetchIsAnError) {
+  FakeDec dec;
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3), k3 = dec.add(4);
   const auto now = AheadKeys::Clock::now();
   ASSERT_TRUE(ahead.take("bob", k0, {k1}, me, 32, now, dec_of(dec)).ok());
@@ -731,9 +733,9 @@ TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
   if (CRYPTO_secure_malloc_initialized() == 0) {
     ASSERT_EQ(CRYPTO_secure_malloc_init(64 * 1024, 32), 1);
   }
+  FakeDec dec;
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
-  FakeDec dec;
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
   ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, me, 32, AheadKeys::Clock::now(), dec_of(dec)).ok());
   ASSERT_EQ(ahead.held(), 2U);
@@ -767,10 +769,6 @@ TEST(ForkGuard, ChildrenForkedUnderLoadUseTheCachesWithoutBlocking) {
   if (CRYPTO_secure_malloc_initialized() != 0) {
     ASSERT_EQ(CRYPTO_secure_malloc_done(), 1) << "the secure heap is still in use";
   }
-  KeyCacheLimits limits;
-  limits.refill_ahead = true;
-  KeyCache cache(limits);
-  AheadKeys ahead;
   std::mutex enc_mu;
   FakeEnc enc;
   const KeyCache::Fetch fetch = [&](std::uint32_t n) {
@@ -778,6 +776,10 @@ TEST(ForkGuard, ChildrenForkedUnderLoadUseTheCachesWithoutBlocking) {
     return enc(n);
   };
   FakeDec dec;
+  KeyCacheLimits limits;
+  limits.refill_ahead = true;
+  KeyCache cache(limits);
+  AheadKeys ahead;
   std::atomic<bool> stop{false};
   std::vector<std::thread> load;
   load.emplace_back([&] {
