@@ -22,8 +22,10 @@
 // no closed-loop rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own;
 // --synchronous: store.synchronous of both durable KMEs, default not written = full;
 // --pulses: link.protocol.pulses_per_block of both KMEs, default the harness's)
-// With the durable store at full, the open-loop row is followed by the disk's floor at the
-// same schedule (disk_floor()) and the ratio of the KME's p99 to it.
+// With the durable store, the open-loop row is followed by both stores' own transaction
+// times in the same window (their /metrics histogram, scraped before and after); at full
+// also by the disk's floor at the same schedule (disk_floor(), measured afterwards) and
+// the ratio of the KME's p99 to it.
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <unistd.h>
@@ -39,6 +41,8 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 #include <chrono>
+#include <map>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -282,6 +286,66 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
   return total;
 }
 
+// The durable store's transaction times of one KME, from its /metrics
+// (qkd_kms_store_commit_duration_seconds): cumulative counts by upper bound, +Inf last.
+using Buckets = std::vector<std::pair<double, double>>;
+
+Buckets commit_buckets(const qkd::test::KmeInfo& kme, const qkd::test::TlsIdentity& sae) {
+  Conn c(kme.host, kme.api_port, sae);
+  std::string body;
+  if (c.request(http::verb::get, "/metrics", "", body) != 200) {
+    return {};
+  }
+  Buckets out;
+  const std::string prefix = "qkd_kms_store_commit_duration_seconds_bucket{le=\"";
+  std::istringstream in(body);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(prefix, 0) != 0) {
+      continue;
+    }
+    const auto end = line.find('"', prefix.size());
+    const std::string le = line.substr(prefix.size(), end - prefix.size());
+    out.emplace_back(le == "+Inf" ? INFINITY : std::stod(le),
+                     std::stod(line.substr(line.rfind(' ') + 1)));
+  }
+  return out;
+}
+
+// The q-quantile of the transactions counted between `before` and `after` (both KMEs
+// summed: each list holds alice's buckets, then bob's), interpolated linearly within its
+// bucket as Prometheus' histogram_quantile does. 0 when there is none.
+double commit_quantile(const Buckets& before, const Buckets& after, double q,
+                       double* count_out = nullptr) {
+  std::map<double, double> delta;  // cumulative, by bound
+  for (const auto& [le, n] : after) {
+    delta[le] += n;
+  }
+  for (const auto& [le, n] : before) {
+    delta[le] -= n;
+  }
+  const double total = delta.empty() ? 0 : delta.rbegin()->second;
+  if (count_out != nullptr) {
+    *count_out = total;
+  }
+  if (total <= 0) {
+    return 0;
+  }
+  const double rank = q * total;
+  double lower = 0;
+  double below = 0;
+  for (const auto& [le, n] : delta) {
+    if (n >= rank) {
+      if (std::isinf(le)) {
+        return lower;  // above the last bound: its bound is all a histogram knows
+      }
+      return lower + (le - lower) * (n > below ? (rank - below) / (n - below) : 0);
+    }
+    lower = le;
+    below = n;
+  }
+  return lower;
+}
+
 // The disk's floor under a durable request at this rate, measured beside the KMEs: per
 // request one 4 KiB write into a file on the store's disk, made durable by an fdatasync shared
 // with whatever arrived meanwhile (group commit), in two files as the two KMEs' WALs (rate / 2
@@ -445,6 +509,7 @@ int run(int argc, char** argv) {
               "p50 µs | p99 µs | p99.9 µs | errors |\n|---|---|---|---|---|---|---|---|---|---|\n");
   std::vector<std::string> by_route;    // the open-loop rows split by route
   std::vector<std::string> floor_rows;  // durable (full) open loop against the disk floor
+  std::vector<std::string> commit_rows;  // durable open loop: the stores' own transactions
   for (const bool durable : {false, true}) {
     if ((durable && store == "memory") || (!durable && store == "durable")) {
       continue;
@@ -530,8 +595,25 @@ int run(int argc, char** argv) {
       if (!net) {
         return 1;
       }
+      auto scrape = [&] {
+        Buckets b = commit_buckets(net->alice(), net->sae("alice"));
+        const Buckets bob = commit_buckets(net->bob(), net->sae("bob"));
+        b.insert(b.end(), bob.begin(), bob.end());
+        return b;
+      };
+      const Buckets before = durable ? scrape() : Buckets();
       Result r = open_loop(*net, 8, rate, seconds);
+      const Buckets after = durable ? scrape() : Buckets();
       const std::string load = fmt::format("enc+dec, open loop {:.0f} req/s", rate);
+      if (durable) {
+        double n = 0;
+        const double p50 = commit_quantile(before, after, 0.5, &n);
+        const double p99 = commit_quantile(before, after, 0.99);
+        commit_rows.push_back(fmt::format("| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.2f} |",
+                                          st, load, n / seconds, p50 * 1e6, p99 * 1e6,
+                                          r.lat.pct(0.99),
+                                          p99 > 0 ? r.lat.pct(0.99) / (p99 * 1e6) : 0.0));
+      }
       if (durable && (synchronous.empty() || synchronous == "full")) {
         Lat f = disk_floor(net->dir(), rate, seconds);
         floor_rows.push_back(fmt::format(
@@ -552,6 +634,18 @@ int run(int argc, char** argv) {
                 "p99 µs | p99.9 µs | dec_keys p50 µs | p99 µs | p99.9 µs |\n"
                 "|---|---|---|---|---|---|---|---|\n");
     for (const auto& line : by_route) {
+      std::printf("%s\n", line.c_str());
+    }
+  }
+  if (!commit_rows.empty()) {
+    std::printf("\nDurable open loop against the stores' own transactions in the same window "
+                "(both KMEs' qkd_kms_store_commit_duration_seconds from /metrics, scraped "
+                "before and after; quantiles interpolated within buckets; with full a "
+                "transaction includes its fsync, and a request waits for at least one):\n\n"
+                "| store | load | transactions/s | transaction p50 µs | p99 µs | "
+                "request p99 µs | request p99 / transaction p99 |\n"
+                "|---|---|---|---|---|---|---|\n");
+    for (const auto& line : commit_rows) {
       std::printf("%s\n", line.c_str());
     }
   }

@@ -30,6 +30,15 @@ std::uint64_t direction_bytes(std::uint64_t committed, Direction d) {
   return chunks * kChunkBytes + partial;
 }
 
+void CommitTimes::add(double seconds) {
+  const auto* b = std::lower_bound(kBuckets.begin(), kBuckets.end(), seconds);
+  if (b != kBuckets.end()) {
+    ++buckets[static_cast<std::size_t>(b - kBuckets.begin())];
+  }
+  ++count;
+  sum_seconds += seconds;
+}
+
 namespace {
 
 // commit_block, start_epoch and set_pending_block are called by the link's runner thread,
@@ -600,6 +609,9 @@ class JournaledStore final : public KeyStore {
         direction_bytes(committed_, peer) - streams_[static_cast<int>(peer)].cursor();
     st.assigned_keys_waiting = records_.size();
     st.pending_notices = pending_.size();
+    if (journal_) {
+      st.commits = journal_->commit_times();
+    }
     return st;
   }
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <iterator>
+#include <span>
+#include <string_view>
 
 namespace qkd::kms {
 
@@ -41,6 +43,25 @@ std::string num(double d) {
     return "NaN";
   }
   return fmt::format("{}", d);
+}
+
+// The _bucket (cumulative, then +Inf), _sum and _count lines of one histogram series.
+// `labels`: empty, or label pairs to put before le.
+void histogram_series(std::string& out, std::string_view name, const std::string& labels,
+                      std::span<const double> bounds, std::span<const std::uint64_t> counts,
+                      std::uint64_t count, double sum) {
+  auto o = std::back_inserter(out);
+  const std::string sep = labels.empty() ? "" : ",";
+  std::uint64_t cumulative = 0;
+  for (std::size_t i = 0; i < bounds.size(); ++i) {
+    cumulative += counts[i];
+    fmt::format_to(o, "{}_bucket{{{}{}le=\"{}\"}} {}\n", name, labels, sep, num(bounds[i]),
+                   cumulative);
+  }
+  fmt::format_to(o, "{}_bucket{{{}{}le=\"+Inf\"}} {}\n", name, labels, sep, count);
+  const std::string braces = labels.empty() ? "" : fmt::format("{{{}}}", labels);
+  fmt::format_to(o, "{}_sum{} {}\n", name, braces, num(sum));
+  fmt::format_to(o, "{}_count{} {}\n", name, braces, count);
 }
 
 void header(std::string& out, std::string_view name, std::string_view type,
@@ -112,6 +133,12 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link) cons
          "Peer key-assignment notices waiting for key bytes not committed here yet.");
   fmt::format_to(o, "qkd_kms_pending_notices{{peer_kme_id=\"{}\"}} {}\n", peer,
                  store.pending_notices);
+  header(out, "qkd_kms_store_commit_duration_seconds", "histogram",
+         "Durable store transactions (each one group of requests' and the link's writes): the "
+         "WAL write and, with store.synchronous \"full\", its fsync. None with the memory "
+         "store.");
+  histogram_series(out, "qkd_kms_store_commit_duration_seconds", "", CommitTimes::kBuckets,
+                   store.commits.buckets, store.commits.count, store.commits.sum_seconds);
 
   // --- the link ---
   header(out, "qkd_kms_link_up", "gauge", "1 while the link to the peer KME has a session.");
@@ -164,18 +191,10 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link) cons
   header(out, "qkd_kms_http_request_duration_seconds", "histogram",
          "Time from a request read to its response ready (handler time), by route and status.");
   for (const auto& [k, h] : requests_) {
-    const std::string labels =
-        fmt::format("route=\"{}\",status=\"{}\"", escape_label_value(k.first), k.second);
-    std::uint64_t cumulative = 0;
-    for (std::size_t i = 0; i < kBuckets.size(); ++i) {
-      cumulative += h.buckets[i];
-      fmt::format_to(o, "qkd_kms_http_request_duration_seconds_bucket{{{},le=\"{}\"}} {}\n",
-                     labels, num(kBuckets[i]), cumulative);
-    }
-    fmt::format_to(o, "qkd_kms_http_request_duration_seconds_bucket{{{},le=\"+Inf\"}} {}\n",
-                   labels, h.count);
-    fmt::format_to(o, "qkd_kms_http_request_duration_seconds_sum{{{}}} {}\n", labels, num(h.sum));
-    fmt::format_to(o, "qkd_kms_http_request_duration_seconds_count{{{}}} {}\n", labels, h.count);
+    histogram_series(
+        out, "qkd_kms_http_request_duration_seconds",
+        fmt::format("route=\"{}\",status=\"{}\"", escape_label_value(k.first), k.second),
+        kBuckets, h.buckets, h.count, h.sum);
   }
   return out;
 }

@@ -97,6 +97,8 @@ class Journal {
   // Blocks until every unit sealed so far is written (or writing failed) and every
   // completion of when_durable() has returned.
   virtual void drain() = 0;
+  // The durations of the transactions written so far (for /metrics).
+  [[nodiscard]] virtual CommitTimes commit_times() const = 0;
 };
 
 // The store core over a journal (nullptr: in memory only) and the state it found.

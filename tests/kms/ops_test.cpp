@@ -170,6 +170,7 @@ TEST(OpsTest, MetricsScrapeIsValidAndCountersMove) {
             0.0);
   EXPECT_GE(at(e1, "qkd_kms_pool_keys{peer_kme_id=\"bob-kme\",direction=\"local\"}"), 0.0);
   EXPECT_GE(at(e1, "qkd_kms_pool_keys{peer_kme_id=\"bob-kme\",direction=\"peer\"}"), 0.0);
+  EXPECT_EQ(at(e1, "qkd_kms_store_commit_duration_seconds_count"), 0.0) << "memory store";
   check_histograms(e1);
 
   // Counters move.
@@ -217,6 +218,45 @@ TEST(OpsTest, MetricsScrapeIsValidAndCountersMove) {
 // SIGTERM while requests are in progress: exit code 0, every answered request complete;
 // the restarted KME (same durable store) serves on and the peer still delivers every key
 // handed out before, with identical bytes. No key ever appears in either log.
+// The durable store's transactions are timed: every enc_keys (alice) and dec_keys (bob)
+// waits for one, so both KMEs count at least as many as they answered, in valid buckets.
+TEST(OpsTest, DurableStoreCommitsAreTimed) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  auto net = qkd::test::start_network_with_keys(o, 20);
+  ASSERT_TRUE(net);
+  const auto alice = net->client(net->alice(), "alice");
+  const auto bob = net->client(net->bob(), "bob");
+  for (int i = 0; i < 5; ++i) {
+    auto r = alice.get("/api/v1/keys/bob/enc_keys");
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    ASSERT_EQ(r->status, 200u) << r->body;
+    const std::string id = r->json().at("keys").at(0).at("key_ID").get<std::string>();
+    auto d = bob.post("/api/v1/keys/alice/dec_keys", qkd::test::dec_body({id}));
+    ASSERT_TRUE(d.ok()) << d.error().message;
+    ASSERT_EQ(d->status, 200u) << d->body;
+  }
+  for (const auto* c : {&alice, &bob}) {
+    auto s = c->get("/metrics");
+    ASSERT_TRUE(s.ok()) << s.error().message;
+    const auto e = qkd::test::parse_exposition(s->body);
+    ASSERT_EQ(e.error, "") << s->body;
+    const double count = at(e, "qkd_kms_store_commit_duration_seconds_count");
+    EXPECT_GE(count, 5.0) << s->body;
+    EXPECT_EQ(at(e, "qkd_kms_store_commit_duration_seconds_bucket{le=\"+Inf\"}"), count);
+    EXPECT_GT(at(e, "qkd_kms_store_commit_duration_seconds_sum"), 0.0);
+    double last = 0;
+    for (const double le : {0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.002,
+                            0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.1}) {
+      const double v =
+          at(e, fmt::format("qkd_kms_store_commit_duration_seconds_bucket{{le=\"{}\"}}", le));
+      EXPECT_GE(v, last) << "le=" << le;
+      EXPECT_LE(v, count) << "le=" << le;
+      last = v;
+    }
+  }
+}
+
 TEST(OpsTest, SigtermDuringRequestsExitsCleanlyAndRestartServesOn) {
   KmeNetworkOptions o;
   o.durable_store = true;

@@ -171,6 +171,9 @@ TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {
   m.add_admission_refusal("pair", odd);
   qkd::kms::StoreStats st;
   st.own_available_bytes = 320;
+  st.commits.add(0.0004);
+  st.commits.add(0.003);
+  st.commits.add(0.5);  // above the last bound: only in +Inf
   qkd::kms::LinkStats ls;
   ls.up = true;
   ls.qber = 0.031;
@@ -198,6 +201,14 @@ TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {
                          "status=\"200\"}"),
             2.0);
   EXPECT_EQ(e.types.at("qkd_kms_http_request_duration_seconds"), "histogram");
+  EXPECT_EQ(e.types.at("qkd_kms_store_commit_duration_seconds"), "histogram");
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"0.00025\"}"), 0.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"0.0005\"}"), 1.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"0.003\"}"), 2.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"0.1\"}"), 2.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"+Inf\"}"), 3.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_count"), 3.0);
+  EXPECT_NEAR(e.samples.at("qkd_kms_store_commit_duration_seconds_sum"), 0.5034, 1e-9);
 }
 
 }  // namespace

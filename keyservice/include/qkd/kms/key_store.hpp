@@ -23,6 +23,7 @@
 // holds the bytes until when_written() reports them durable). All methods are thread-safe.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -66,12 +67,28 @@ struct DeliveredKey {
   qkd::core::SecureBytes key;
 };
 
+// Durations of the durable store's transactions (each one group of units: the WAL write
+// and, with store.synchronous = "full", its fsync), since the store was opened. Upper bounds
+// of the buckets in seconds (+Inf implied); fine around the ~1 ms a commit with an fsync
+// takes, since a request waits for at least one.
+struct CommitTimes {
+  static constexpr std::array<double, 16> kBuckets = {
+      0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.002,
+      0.0025, 0.003,   0.004,  0.005,   0.0075, 0.01,   0.025,  0.1};
+  std::array<std::uint64_t, kBuckets.size()> buckets{};  // non-cumulative
+  std::uint64_t count = 0;                                // with those above the last bound
+  double sum_seconds = 0;
+
+  void add(double seconds);
+};
+
 struct StoreStats {
   std::uint64_t committed_bytes = 0;        // whole pool since the last reset
   std::uint64_t own_available_bytes = 0;    // allocatable by this KME (enc_keys)
   std::uint64_t peer_available_bytes = 0;   // not yet assigned by the peer
   std::uint64_t assigned_keys_waiting = 0;  // peer-assigned keys not yet delivered (dec_keys)
   std::uint64_t pending_notices = 0;        // notices for bytes not committed yet
+  CommitTimes commits;                      // all zero for the memory store
 };
 
 // Bob's block kept between his ready message and Alice's commit.
