@@ -110,11 +110,11 @@ TEST(SqliteKeyStore, StateSurvivesReopen) {
   std::vector<qkd::kms::DeliveredKey> first;
   std::string peer_key_id = "11111111-2222-4333-8444-555555555555";
   {
+    std::uint64_t seq = 4;  // before the store: its hooks refer to these
+    std::vector<std::uint64_t> released;
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
     EXPECT_EQ(s->link_state().epoch, 0u);
-    std::uint64_t seq = 4;
-    std::vector<std::uint64_t> released;
     s->set_notice_hooks(
         [&](const std::vector<KeyAssignment>& as) {
           return StoredNotice{++seq, std::vector<std::uint8_t>(as.size(), 9)};
@@ -220,10 +220,10 @@ TEST(SqliteKeyStore, CommitTimesSurviveReopen) {
     ASSERT_TRUE(s->start_epoch(9).ok());
     ASSERT_TRUE(s->commit_block(pattern(32 * 8, 4), 9, 1).ok());
   }
+  std::uint64_t seq = 0;  // before the store: its hooks refer to these
+  std::vector<KeyAssignment> sent;
   auto s = open_store(db);
   ASSERT_NE(s, nullptr);
-  std::uint64_t seq = 0;
-  std::vector<KeyAssignment> sent;
   s->set_notice_hooks(
       [&](const std::vector<KeyAssignment>& as) {
         sent.insert(sent.end(), as.begin(), as.end());
@@ -612,10 +612,13 @@ TEST(SqliteKeyStore, DeferredDeliveriesCompleteOnceDurable) {
     std::atomic<int> completed{0};
     std::atomic<int> failures{0};
     {
+      // Declared before the store: its hooks and completions (the committer thread runs
+      // some) refer to them until the store is gone.
+      std::uint64_t seq = 0;
+      std::promise<qkd::core::Status> took;
       auto made = qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey, full);
       ASSERT_TRUE(made.ok()) << made.error().message;
       auto& s = *made;
-      std::uint64_t seq = 0;
       static thread_local std::uint64_t encoded = 0;  // the calling thread's last notice
       s->set_notice_hooks(
           [&](const std::vector<KeyAssignment>& as) {
@@ -667,7 +670,6 @@ TEST(SqliteKeyStore, DeferredDeliveriesCompleteOnceDurable) {
       KeyStore::PendingWrite pending;
       auto taken = s->take("alice", "bob", {peer.key_id}, 0ms, &pending);
       ASSERT_TRUE(taken.ok()) << taken.error().message;
-      std::promise<qkd::core::Status> took;
       s->when_written(std::move(pending), [&](const qkd::core::Status& st) { took.set_value(st); });
       auto fut = took.get_future();
       ASSERT_EQ(fut.wait_for(10s), std::future_status::ready);

@@ -826,8 +826,8 @@ TEST(SecureHeap, CachedKeysLiveInTheSecureHeapAndAreCleansed) {
   }
   const std::size_t used_before = CRYPTO_secure_used();
   {
-    KeyCache cache;
     FakeEnc enc;
+    KeyCache cache;
     const auto now = Clock::now();
     std::vector<CachedKey> taken;
     for (int i = 0; i < 4; ++i) {  // fetches of 1, 2 and 4 keys: 3 left in the cache
