@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <filesystem>
 #include <atomic>
@@ -287,17 +288,25 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
 }
 
 // The durable store's transaction times of one KME, from its /metrics
-// (qkd_kms_store_commit_duration_seconds): cumulative counts by upper bound, +Inf last.
+// (qkd_kms_store_commit_duration_seconds, `writes` = "requests" or "link"): cumulative counts
+// by upper bound, +Inf last; empty if the scrape failed.
 using Buckets = std::vector<std::pair<double, double>>;
 
-Buckets commit_buckets(const qkd::test::KmeInfo& kme, const qkd::test::TlsIdentity& sae) {
-  Conn c(kme.host, kme.api_port, sae);
+Buckets commit_buckets(const qkd::test::KmeInfo& kme, const qkd::test::TlsIdentity& sae,
+                       const std::string& writes) {
   std::string body;
-  if (c.request(http::verb::get, "/metrics", "", body) != 200) {
+  try {
+    Conn c(kme.host, kme.api_port, sae);
+    if (c.request(http::verb::get, "/metrics", "", body) != 200) {
+      return {};
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "scraping %s: %s\n", kme.kme_id.c_str(), e.what());
     return {};
   }
   Buckets out;
-  const std::string prefix = "qkd_kms_store_commit_duration_seconds_bucket{le=\"";
+  const std::string prefix =
+      "qkd_kms_store_commit_duration_seconds_bucket{writes=\"" + writes + "\",le=\"";
   std::istringstream in(body);
   for (std::string line; std::getline(in, line);) {
     if (line.rfind(prefix, 0) != 0) {
@@ -313,9 +322,16 @@ Buckets commit_buckets(const qkd::test::KmeInfo& kme, const qkd::test::TlsIdenti
 
 // The q-quantile of the transactions counted between `before` and `after` (both KMEs
 // summed: each list holds alice's buckets, then bob's), interpolated linearly within its
-// bucket as Prometheus' histogram_quantile does. 0 when there is none.
+// bucket as Prometheus' histogram_quantile does. 0 when there is none (or a scrape failed:
+// then `count_out` is -1).
 double commit_quantile(const Buckets& before, const Buckets& after, double q,
                        double* count_out = nullptr) {
+  if (before.empty() || before.size() != after.size()) {
+    if (count_out != nullptr) {
+      *count_out = -1;
+    }
+    return 0;
+  }
   std::map<double, double> delta;  // cumulative, by bound
   for (const auto& [le, n] : after) {
     delta[le] += n;
@@ -595,24 +611,43 @@ int run(int argc, char** argv) {
       if (!net) {
         return 1;
       }
+      // Both KMEs' transaction histograms, `writes` = requests then link (alice's, then
+      // bob's buckets in each), scraped right before and after the open loop.
       auto scrape = [&] {
-        Buckets b = commit_buckets(net->alice(), net->sae("alice"));
-        const Buckets bob = commit_buckets(net->bob(), net->sae("bob"));
-        b.insert(b.end(), bob.begin(), bob.end());
-        return b;
+        std::array<Buckets, 2> out;
+        for (int k = 0; k < 2; ++k) {
+          const std::string writes = k == 0 ? "requests" : "link";
+          Buckets a = commit_buckets(net->alice(), net->sae("alice"), writes);
+          Buckets b = commit_buckets(net->bob(), net->sae("bob"), writes);
+          if (a.empty() || b.empty()) {
+            continue;  // left empty: n/a
+          }
+          a.insert(a.end(), b.begin(), b.end());
+          out[k] = std::move(a);
+        }
+        return out;
       };
-      const Buckets before = durable ? scrape() : Buckets();
+      const auto before = durable ? scrape() : std::array<Buckets, 2>{};
+      const auto t_before = Clock::now();
       Result r = open_loop(*net, 8, rate, seconds);
-      const Buckets after = durable ? scrape() : Buckets();
+      const auto after = durable ? scrape() : std::array<Buckets, 2>{};
+      const double window = std::chrono::duration<double>(Clock::now() - t_before).count();
       const std::string load = fmt::format("enc+dec, open loop {:.0f} req/s", rate);
       if (durable) {
         double n = 0;
-        const double p50 = commit_quantile(before, after, 0.5, &n);
-        const double p99 = commit_quantile(before, after, 0.99);
-        commit_rows.push_back(fmt::format("| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.2f} |",
-                                          st, load, n / seconds, p50 * 1e6, p99 * 1e6,
-                                          r.lat.pct(0.99),
-                                          p99 > 0 ? r.lat.pct(0.99) / (p99 * 1e6) : 0.0));
+        double n_link = 0;
+        const double p50 = commit_quantile(before[0], after[0], 0.5, &n);
+        const double p99 = commit_quantile(before[0], after[0], 0.99);
+        const double link_p99 = commit_quantile(before[1], after[1], 0.99, &n_link);
+        if (n < 0 || n_link < 0) {
+          commit_rows.push_back(fmt::format("| {} | {} | n/a (a /metrics scrape failed) |||||||",
+                                            st, load));
+        } else {
+          commit_rows.push_back(fmt::format(
+              "| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.2f} |", st,
+              load, n / window, p50 * 1e6, p99 * 1e6, n_link / window, link_p99 * 1e6,
+              r.lat.pct(0.99), p99 > 0 ? r.lat.pct(0.99) / (p99 * 1e6) : 0.0));
+        }
       }
       if (durable && (synchronous.empty() || synchronous == "full")) {
         Lat f = disk_floor(net->dir(), rate, seconds);
@@ -640,11 +675,13 @@ int run(int argc, char** argv) {
   if (!commit_rows.empty()) {
     std::printf("\nDurable open loop against the stores' own transactions in the same window "
                 "(both KMEs' qkd_kms_store_commit_duration_seconds from /metrics, scraped "
-                "before and after; quantiles interpolated within buckets; with full a "
-                "transaction includes its fsync, and a request waits for at least one):\n\n"
-                "| store | load | transactions/s | transaction p50 µs | p99 µs | "
-                "request p99 µs | request p99 / transaction p99 |\n"
-                "|---|---|---|---|---|---|---|\n");
+                "right before and after; quantiles interpolated within buckets of 0.25 ms "
+                "between 0.5 and 3 ms; with full a transaction includes its fsync; a request "
+                "waits for at least one, of the requests' kind unless a block commit of the "
+                "link was queued with it):\n\n"
+                "| store | load | request transactions/s | p50 µs | p99 µs | "
+                "link transactions/s | p99 µs | request p99 µs | request p99 / request "
+                "transaction p99 |\n|---|---|---|---|---|---|---|---|---|\n");
     for (const auto& line : commit_rows) {
       std::printf("%s\n", line.c_str());
     }

@@ -223,7 +223,7 @@ class JournaledStore final : public KeyStore {
         journal_->set_value(detail::kBlocks, blocks);
         journal_->set_pending_block(std::nullopt);
       }
-      ticket = seal_locked();
+      ticket = seal_link_locked();
     }
     return durable(ticket, kLinkRunnerWrites);
   }
@@ -253,7 +253,7 @@ class JournaledStore final : public KeyStore {
         journal_->clear_notices();
         journal_->set_pending_block(std::nullopt);
       }
-      ticket = seal_locked();
+      ticket = seal_link_locked();
     }
     return durable(ticket, kLinkRunnerWrites);
   }
@@ -266,7 +266,7 @@ class JournaledStore final : public KeyStore {
     {
       std::lock_guard lock(mu_);
       journal_->set_pending_block(pending);
-      ticket = seal_locked();
+      ticket = seal_link_locked();
     }
     return durable(ticket, kLinkRunnerWrites);
   }
@@ -610,7 +610,9 @@ class JournaledStore final : public KeyStore {
     st.assigned_keys_waiting = records_.size();
     st.pending_notices = pending_.size();
     if (journal_) {
-      st.commits = journal_->commit_times();
+      auto times = journal_->commit_times();
+      st.request_commits = times.requests;
+      st.link_commits = times.link;
     }
     return st;
   }
@@ -620,6 +622,7 @@ class JournaledStore final : public KeyStore {
 
   std::uint64_t seal_locked() { return journal_ ? journal_->seal() : 0; }
   std::uint64_t seal_deferred_locked() { return journal_ ? journal_->seal_deferred() : 0; }
+  std::uint64_t seal_link_locked() { return journal_ ? journal_->seal_link() : 0; }
 
 
   void commit_locked(std::span<const std::uint8_t> block_key) {

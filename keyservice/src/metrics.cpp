@@ -134,11 +134,15 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link) cons
   fmt::format_to(o, "qkd_kms_pending_notices{{peer_kme_id=\"{}\"}} {}\n", peer,
                  store.pending_notices);
   header(out, "qkd_kms_store_commit_duration_seconds", "histogram",
-         "Durable store transactions (each one group of requests' and the link's writes): the "
-         "WAL write and, with store.synchronous \"full\", its fsync. None with the memory "
-         "store.");
-  histogram_series(out, "qkd_kms_store_commit_duration_seconds", "", CommitTimes::kBuckets,
-                   store.commits.buckets, store.commits.count, store.commits.sum_seconds);
+         "Durable store transactions, each one group of writes, by whether it carries a write "
+         "of the link (a block commit): the WAL write and, with store.synchronous \"full\", its "
+         "fsync. None with the memory store.");
+  for (const auto& [writes, t] : {std::pair{"requests", &store.request_commits},
+                                  std::pair{"link", &store.link_commits}}) {
+    histogram_series(out, "qkd_kms_store_commit_duration_seconds",
+                     fmt::format("writes=\"{}\"", writes), CommitTimes::kBuckets, t->buckets,
+                     t->count, t->sum_seconds);
+  }
 
   // --- the link ---
   header(out, "qkd_kms_link_up", "gauge", "1 while the link to the peer KME has a session.");

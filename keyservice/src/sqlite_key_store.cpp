@@ -53,6 +53,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -376,7 +377,10 @@ struct Unit {
   std::uint64_t ticket = 0;
   std::vector<Op> ops;
   std::chrono::steady_clock::time_point sealed_at{};
+  bool link = false;  // Journal::seal_link (counted apart in commit_times())
 };
+
+enum class Seal { kNow, kDeferred, kLink };
 
 class SqliteJournal final : public detail::Journal {
  public:
@@ -671,8 +675,9 @@ class SqliteJournal final : public detail::Journal {
     spdlog::info("key store: {}: used_ids rebuilt without its unique index", path_);
   }
 
-  std::uint64_t seal() override { return seal_unit(/*deferred=*/false); }
-  std::uint64_t seal_deferred() override { return seal_unit(/*deferred=*/true); }
+  std::uint64_t seal() override { return seal_unit(Seal::kNow); }
+  std::uint64_t seal_deferred() override { return seal_unit(Seal::kDeferred); }
+  std::uint64_t seal_link() override { return seal_unit(Seal::kLink); }
 
   // With callers_write_ (NORMAL) a caller whose unit is queued writes the queue itself when
   // no transaction is being written (no hand-off to the committer thread and back); otherwise
@@ -759,10 +764,12 @@ class SqliteJournal final : public detail::Journal {
     current_.push_back(Op{std::move(run), std::move(row), put});
   }
 
-  std::uint64_t seal_unit(bool deferred) {
+  std::uint64_t seal_unit(Seal kind) {
+    const bool deferred = kind == Seal::kDeferred;
     std::lock_guard lock(mu_);
     if (!current_.empty()) {
-      queue_.push_back(Unit{++last_ticket_, std::move(current_), std::chrono::steady_clock::now()});
+      queue_.push_back(Unit{++last_ticket_, std::move(current_), std::chrono::steady_clock::now(),
+                            kind == Seal::kLink});
       current_.clear();
       if (!deferred) {
         ++urgent_queued_;
@@ -858,14 +865,25 @@ class SqliteJournal final : public detail::Journal {
     }
   }
 
-  [[nodiscard]] CommitTimes commit_times() const override {
+  [[nodiscard]] Times commit_times() const override {
     std::lock_guard lock(times_mu_);
     return times_;
   }
 
-  // One transaction; returns the error, empty on success.
+  // One transaction, timed (commit_times()) whether it succeeds or not; returns the error,
+  // empty on success.
   std::string write(std::deque<Unit>& units) {
     const auto t0 = std::chrono::steady_clock::now();
+    const bool link = std::any_of(units.begin(), units.end(), [](const Unit& u) { return u.link; });
+    std::string error = transact(units);
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - t0;
+    std::lock_guard lock(times_mu_);
+    (link ? times_.link : times_.requests).add(took.count());
+    return error;
+  }
+
+  // write() without the timing.
+  std::string transact(std::deque<Unit>& units) {
     try {
       if (wal_pages_ >= kWalHardPages) {
         checkpoint_here();
@@ -898,9 +916,6 @@ class SqliteJournal final : public detail::Journal {
                     static_cast<std::uint64_t>(kMaxUsedIds));
         }
         db_.exec("COMMIT");  // with FULL, the WAL's fsync
-        const std::chrono::duration<double> took = std::chrono::steady_clock::now() - t0;
-        std::lock_guard lock(times_mu_);
-        times_.add(took.count());
       } catch (const DbError&) {
         try {
           db_.exec("ROLLBACK");
@@ -979,7 +994,7 @@ class SqliteJournal final : public detail::Journal {
 
   std::uint64_t transactions_ = 0;
   mutable std::mutex times_mu_;
-  CommitTimes times_;  // the writing thread adds, stats() reads
+  Times times_;  // the writing thread adds, stats() reads
 
   std::mutex mu_;
   std::condition_variable work_cv_;

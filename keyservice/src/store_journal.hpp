@@ -80,6 +80,9 @@ class Journal {
   // comes, so that it does not take a transaction (and an fsync) of its own in front of a
   // unit that a response waits for. Units stay durable in ticket order.
   virtual std::uint64_t seal_deferred() = 0;
+  // The same as seal() for the link's writes (block commits, Bob's pending block, a new
+  // epoch), so that commit_times() counts their transactions apart.
+  virtual std::uint64_t seal_link() = 0;
   // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
   // unusable: every later wait fails too). `write_here` = false: the committer thread
   // writes it, never the caller (a thread of lower priority, the link's runner: a group it
@@ -97,8 +100,13 @@ class Journal {
   // Blocks until every unit sealed so far is written (or writing failed) and every
   // completion of when_durable() has returned.
   virtual void drain() = 0;
-  // The durations of the transactions written so far (for /metrics).
-  [[nodiscard]] virtual CommitTimes commit_times() const = 0;
+  // The durations of the transactions written so far (for /metrics): those without and
+  // those with a unit of seal_link().
+  struct Times {
+    CommitTimes requests;
+    CommitTimes link;
+  };
+  [[nodiscard]] virtual Times commit_times() const = 0;
 };
 
 // The store core over a journal (nullptr: in memory only) and the state it found.

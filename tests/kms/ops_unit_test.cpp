@@ -171,9 +171,10 @@ TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {
   m.add_admission_refusal("pair", odd);
   qkd::kms::StoreStats st;
   st.own_available_bytes = 320;
-  st.commits.add(0.0004);
-  st.commits.add(0.003);
-  st.commits.add(0.5);  // above the last bound: only in +Inf
+  st.request_commits.add(0.0004);
+  st.request_commits.add(0.003);
+  st.request_commits.add(1.5);  // above the last bound: only in +Inf
+  st.link_commits.add(0.002);
   qkd::kms::LinkStats ls;
   ls.up = true;
   ls.qber = 0.031;
@@ -202,13 +203,19 @@ TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {
             2.0);
   EXPECT_EQ(e.types.at("qkd_kms_http_request_duration_seconds"), "histogram");
   EXPECT_EQ(e.types.at("qkd_kms_store_commit_duration_seconds"), "histogram");
-  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"0.00025\"}"), 0.0);
-  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"0.0005\"}"), 1.0);
-  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"0.003\"}"), 2.0);
-  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"0.1\"}"), 2.0);
-  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{le=\"+Inf\"}"), 3.0);
-  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_count"), 3.0);
-  EXPECT_NEAR(e.samples.at("qkd_kms_store_commit_duration_seconds_sum"), 0.5034, 1e-9);
+  const std::string req = "qkd_kms_store_commit_duration_seconds_bucket{writes=\"requests\",le=";
+  EXPECT_EQ(e.samples.at(req + "\"0.00025\"}"), 0.0);
+  EXPECT_EQ(e.samples.at(req + "\"0.0005\"}"), 1.0);
+  EXPECT_EQ(e.samples.at(req + "\"0.00275\"}"), 1.0);
+  EXPECT_EQ(e.samples.at(req + "\"0.003\"}"), 2.0);  // a value on a bound counts there
+  EXPECT_EQ(e.samples.at(req + "\"1\"}"), 2.0);
+  EXPECT_EQ(e.samples.at(req + "\"+Inf\"}"), 3.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_count{writes=\"requests\"}"), 3.0);
+  EXPECT_NEAR(e.samples.at("qkd_kms_store_commit_duration_seconds_sum{writes=\"requests\"}"),
+              1.5034, 1e-9);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{writes=\"link\",le=\"0.002\"}"),
+            1.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_count{writes=\"link\"}"), 1.0);
 }
 
 }  // namespace

@@ -67,14 +67,16 @@ struct DeliveredKey {
   qkd::core::SecureBytes key;
 };
 
-// Durations of the durable store's transactions (each one group of units: the WAL write
-// and, with store.synchronous = "full", its fsync), since the store was opened. Upper bounds
-// of the buckets in seconds (+Inf implied); fine around the ~1 ms a commit with an fsync
-// takes, since a request waits for at least one.
+// Durations of the durable store's transactions since the store was opened: each writes one
+// group of units, from BEGIN (or from the checkpoint the writer runs itself first when the
+// WAL has reached its bound) to the end of COMMIT, with store.synchronous = "full" the WAL's
+// fsync included; failed ones too, up to the failure. Upper bounds of the buckets in seconds
+// (+Inf implied), fine around the ~1 ms a commit with an fsync takes, since a durable
+// request waits for at least one.
 struct CommitTimes {
-  static constexpr std::array<double, 16> kBuckets = {
-      0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.002,
-      0.0025, 0.003,   0.004,  0.005,   0.0075, 0.01,   0.025,  0.1};
+  static constexpr std::array<double, 20> kBuckets = {
+      0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.00225,
+      0.0025, 0.00275, 0.003,  0.004,   0.005, 0.0075,  0.01,   0.025,   0.1,   1.0};
   std::array<std::uint64_t, kBuckets.size()> buckets{};  // non-cumulative
   std::uint64_t count = 0;                                // with those above the last bound
   double sum_seconds = 0;
@@ -88,7 +90,11 @@ struct StoreStats {
   std::uint64_t peer_available_bytes = 0;   // not yet assigned by the peer
   std::uint64_t assigned_keys_waiting = 0;  // peer-assigned keys not yet delivered (dec_keys)
   std::uint64_t pending_notices = 0;        // notices for bytes not committed yet
-  CommitTimes commits;                      // all zero for the memory store
+  // The durable store's transactions (all zero for the memory store): those with only API
+  // requests' and notices' writes, and those carrying a write of the link (a block commit,
+  // Bob's pending block, a new epoch: larger, and no request waits for them as such).
+  CommitTimes request_commits;
+  CommitTimes link_commits;
 };
 
 // Bob's block kept between his ready message and Alice's commit.
