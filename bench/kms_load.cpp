@@ -447,6 +447,17 @@ std::vector<unsigned> parse_list(const std::string& text) {
 // The closed-loop rows' pool limit unless --pool-limit says otherwise.
 constexpr std::uint64_t kClosedLoopPoolLimit = 2'000'000;
 
+// A Markdown table: `heading` (with the header rows), then `rows`; nothing if there are none.
+void print_table(const char* heading, const std::vector<std::string>& rows) {
+  if (rows.empty()) {
+    return;
+  }
+  std::printf("%s", heading);
+  for (const auto& line : rows) {
+    std::printf("%s\n", line.c_str());
+  }
+}
+
 int run(int argc, char** argv) {
   double seconds = 3;
   std::vector<unsigned> numbers{1};
@@ -663,39 +674,26 @@ int run(int argc, char** argv) {
       row(load.c_str(), 8, 1, std::move(r));
     }
   }
-  if (!by_route.empty()) {
-    std::printf("\nOpen loop by route (enc_keys latency from its scheduled time; dec_keys from "
-                "the end of its enc_keys, sent at once):\n\n| store | load | enc_keys p50 µs | "
-                "p99 µs | p99.9 µs | dec_keys p50 µs | p99 µs | p99.9 µs |\n"
-                "|---|---|---|---|---|---|---|---|\n");
-    for (const auto& line : by_route) {
-      std::printf("%s\n", line.c_str());
-    }
-  }
-  if (!commit_rows.empty()) {
-    std::printf("\nDurable open loop against the stores' own transactions in the same window "
-                "(both KMEs' qkd_kms_store_commit_duration_seconds from /metrics, scraped "
-                "right before and after; quantiles interpolated within buckets of 0.25 ms "
-                "between 0.5 and 3 ms; with full a transaction includes its fsync; a request "
-                "waits for at least one, of the requests' kind unless a block commit of the "
-                "link was queued with it):\n\n"
-                "| store | load | request transactions/s | p50 µs | p99 µs | "
-                "link transactions/s | p99 µs | request p99 µs | request p99 / request "
-                "transaction p99 |\n|---|---|---|---|---|---|---|---|---|\n");
-    for (const auto& line : commit_rows) {
-      std::printf("%s\n", line.c_str());
-    }
-  }
-  if (!floor_rows.empty()) {
-    std::printf(
-        "\nDurable (full) open loop against the disk floor (per request one 4 KiB write "
-        "+ group-committed fdatasync, two files, the same schedule; no KME):\n\n"
-        "| load | KME p50 µs | p99 µs | p99.9 µs | floor p50 µs | p99 µs | p99.9 µs | "
-        "KME p99 / floor p99 |\n|---|---|---|---|---|---|---|---|\n");
-    for (const auto& line : floor_rows) {
-      std::printf("%s\n", line.c_str());
-    }
-  }
+  print_table("\nOpen loop by route (enc_keys latency from its scheduled time; dec_keys from "
+              "the end of its enc_keys, sent at once):\n\n| store | load | enc_keys p50 µs | "
+              "p99 µs | p99.9 µs | dec_keys p50 µs | p99 µs | p99.9 µs |\n"
+              "|---|---|---|---|---|---|---|---|\n",
+              by_route);
+  print_table("\nDurable open loop against the stores' own transactions in the same window "
+              "(both KMEs' qkd_kms_store_commit_duration_seconds from /metrics, scraped "
+              "right before and after; quantiles interpolated within buckets of 0.25 ms "
+              "between 0.5 and 3 ms; with full a transaction includes its fsync; a request "
+              "waits for at least one, of the requests' kind unless a block commit of the "
+              "link was queued with it):\n\n"
+              "| store | load | request transactions/s | p50 µs | p99 µs | "
+              "link transactions/s | p99 µs | request p99 µs | request p99 / request "
+              "transaction p99 |\n|---|---|---|---|---|---|---|---|---|\n",
+              commit_rows);
+  print_table("\nDurable (full) open loop against the disk floor (per request one 4 KiB write "
+              "+ group-committed fdatasync, two files, the same schedule; no KME):\n\n"
+              "| load | KME p50 µs | p99 µs | p99.9 µs | floor p50 µs | p99 µs | p99.9 µs | "
+              "KME p99 / floor p99 |\n|---|---|---|---|---|---|---|---|\n",
+              floor_rows);
   return 0;
 }
 
