@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <optional>
@@ -634,10 +635,13 @@ class JournaledStore final : public KeyStore {
       ++committed_;
     }
     if (journal_ && committed_ > first) {
+      // Each row the new bytes touched, once (a direction's rows come in order).
+      std::array<std::optional<std::uint64_t>, 2> last_row;
       for (std::uint64_t c = first / kChunkBytes; c <= (committed_ - 1) / kChunkBytes; ++c) {
-        const DirectionStream& s = streams_[c % 2];
-        if (s.holds(c / 2)) {
-          journal_->put_chunk(static_cast<Direction>(c % 2), c / 2, s.chunk(c / 2));
+        const std::uint64_t row = c / 2 / kRowChunks;
+        if (last_row[c % 2] != row) {
+          (void)put_row_locked(static_cast<Direction>(c % 2), row);
+          last_row[c % 2] = row;
         }
       }
       journal_->set_value(detail::kCommitted, committed_);
@@ -665,17 +669,41 @@ class JournaledStore final : public KeyStore {
     }
   }
 
-  // Records direction d's cursor: drops wholly used chunks and rewrites a partly used one
-  // (its used bytes are zero in memory).
+  // Writes row `row` of direction d as the stream holds it (used bytes are zero in memory);
+  // false if it holds nothing of that row.
+  bool put_row_locked(Direction d, std::uint64_t row) {
+    const DirectionStream& s = streams_[static_cast<int>(d)];
+    std::size_t n = 0;  // the row's chunks up to the last one held
+    for (std::size_t k = 0; k < kRowChunks; ++k) {
+      if (s.holds(row * kRowChunks + k)) {
+        n = k + 1;
+      }
+    }
+    if (n == 0) {
+      return false;
+    }
+    qkd::core::SecureBytes bytes(n * kChunkBytes);  // zero where a chunk is used up
+    for (std::size_t k = 0; k < n; ++k) {
+      if (s.holds(row * kRowChunks + k)) {
+        std::memcpy(bytes.data() + k * kChunkBytes, s.chunk(row * kRowChunks + k).data(),
+                    kChunkBytes);
+      }
+    }
+    journal_->put_row(d, row, bytes.span());
+    return true;
+  }
+
+  // Records direction d's cursor: drops wholly used rows and rewrites a partly used one with
+  // its used bytes zero, so that a delivered key leaves the disk with its delivery.
   void sync_cursor_locked(Direction d) {
     if (!journal_) {
       return;
     }
     const DirectionStream& s = streams_[static_cast<int>(d)];
-    const std::uint64_t front = s.cursor() / kChunkBytes;
-    journal_->drop_chunks_below(d, front);
-    if (s.cursor() % kChunkBytes != 0 && s.holds(front)) {
-      journal_->put_chunk(d, front, s.chunk(front));
+    const std::uint64_t row = s.cursor() / kChunkBytes / kRowChunks;
+    journal_->drop_rows_below(d, row);
+    if (s.cursor() % (kChunkBytes * kRowChunks) != 0 && !put_row_locked(d, row)) {
+      journal_->drop_rows_below(d, row + 1);  // nothing left in it
     }
     journal_->set_value(cursor_name(d), s.cursor());
   }

@@ -4,7 +4,9 @@
 // held by an flock() on the database file):
 //   meta(name, value)              numeric state (store_journal.hpp names), format, direction,
 //                                  key_check (sealed constant: detects a wrong node key)
-//   chunks(dir, idx, sealed)       unused pool chunks of each direction stream
+//   pool(dir, row, sealed)         each direction stream's unused chunks, kRowChunks per row
+//                                  (row r: chunks 8r..8r+7; used ones zero; format 2;
+//                                  format 1 had a row per chunk, converted at open)
 //   assigned(key_id, master, slaves, sealed)   peer-assigned keys not delivered yet (slaves:
 //                                  a JSON array, or {"slaves", "fetched"} once some of
 //                                  a multicast key's slaves have fetched it)
@@ -16,7 +18,7 @@
 //   settled(pool_end, t_ms)        commit time of each block not yet expired (max_age_s)
 //
 // Sealed = nonce(12) || AES-256-GCM ciphertext || tag(16) under the node key, with a fresh
-// random nonce per write and the row's identity ("chunk/<dir>/<idx>", "key/<key_ID>",
+// random nonce per write and the row's identity ("pool/<dir>/<row>", "key/<key_ID>",
 // "pending/<block>") as additional data, so a row moved to another identity fails to open.
 //
 // Group commit: the store records each operation's changes as a unit (under its lock, in
@@ -61,6 +63,7 @@
 #include <deque>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -82,7 +85,7 @@ using qkd::core::make_error;
 
 namespace {
 
-constexpr int kFormat = 1;
+constexpr int kFormat = 2;  // 1: one pool row per chunk (table chunks)
 constexpr std::size_t kNonceBytes = 12;
 constexpr std::size_t kTagBytes = 16;
 // A deferred unit (Journal::seal_deferred) waits at most this long for a unit that a
@@ -107,16 +110,19 @@ struct CipherCtxDeleter {
 };
 using CipherCtx = std::unique_ptr<EVP_CIPHER_CTX, CipherCtxDeleter>;
 
-std::string chunk_aad(Direction d, std::uint64_t idx) {
+std::string chunk_aad(Direction d, std::uint64_t idx) {  // format 1
   return fmt::format("qkd-kms/chunk/{}/{}", static_cast<int>(d), idx);
+}
+std::string row_aad(Direction d, std::uint64_t row) {
+  return fmt::format("qkd-kms/pool/{}/{}", static_cast<int>(d), row);
 }
 std::string key_aad(const std::string& id) { return fmt::format("qkd-kms/key/{}", id); }
 std::string pending_aad(std::uint64_t block) { return fmt::format("qkd-kms/pending/{}", block); }
 
 // AES-256-GCM under the node key; throws DbError on a library failure. The key schedule is
 // done once: a fresh cipher context per value cost ~4 us (the cipher fetch, the key
-// schedule, the GCM key), most of a link block commit's time under the store's lock (~265
-// chunks per block of 2,000,000 pulses at 1 km). Nonces: 96 random bits each, drawn from
+// schedule, the GCM key), which was most of a link block commit's time under the store's
+// lock when each of its ~265 chunks was a row. Nonces: 96 random bits each, drawn from
 // RAND_bytes 64 at a time. Thread-safe.
 class Sealer {
  public:
@@ -431,8 +437,8 @@ class SqliteJournal final : public detail::Journal {
     db_.exec(
         "BEGIN IMMEDIATE;"
         "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;"
-        "CREATE TABLE IF NOT EXISTS chunks(dir INTEGER NOT NULL, idx INTEGER NOT NULL,"
-        "  sealed BLOB NOT NULL, PRIMARY KEY(dir, idx)) WITHOUT ROWID;"
+        "CREATE TABLE IF NOT EXISTS pool(dir INTEGER NOT NULL, row INTEGER NOT NULL,"
+        "  sealed BLOB NOT NULL, PRIMARY KEY(dir, row)) WITHOUT ROWID;"
         "CREATE TABLE IF NOT EXISTS assigned(key_id TEXT PRIMARY KEY, master TEXT NOT NULL,"
         "  slaves TEXT NOT NULL, sealed BLOB NOT NULL);"
         // No UNIQUE on key_id: the store keeps the set in memory and inserts each ID once;
@@ -465,7 +471,9 @@ class SqliteJournal final : public detail::Journal {
       db_.exec("COMMIT");
       spdlog::info("key store: created {}", path_);
     } else {
-      if (meta["format"] != kFormat) {
+      if (meta["format"] == 1) {
+        migrate_from_format_1();
+      } else if (meta["format"] != kFormat) {
         throw DbError{fmt::format("{}: unsupported store format {}", path_, meta["format"])};
       }
       if (meta["direction"] != static_cast<std::uint64_t>(own)) {
@@ -490,15 +498,20 @@ class SqliteJournal final : public detail::Journal {
     s.link.blocks = value(detail::kBlocks, 0);
     s.link.next_seq = value(detail::kNextSeq, 1);
     s.link.last_applied_seq = value(detail::kLastAppliedSeq, 0);
-    db_.run("SELECT dir, idx, sealed FROM chunks ORDER BY dir, idx", [&](sqlite3_stmt* st) {
+    db_.run("SELECT dir, row, sealed FROM pool ORDER BY dir, row", [&](sqlite3_stmt* st) {
       const auto d = static_cast<Direction>(col_u64(st, 0) & 1);
-      const std::uint64_t idx = col_u64(st, 1);
-      auto plain = open_sealed(key_.span(), chunk_aad(d, idx), col_blob(st, 2));
-      if (!plain) {
-        throw DbError{fmt::format("{}: pool chunk {}/{} does not authenticate", path_,
-                                  static_cast<int>(d), idx)};
+      const std::uint64_t row = col_u64(st, 1);
+      auto plain = open_sealed(key_.span(), row_aad(d, row), col_blob(st, 2));
+      if (!plain || plain->size() % kChunkBytes != 0 ||
+          plain->size() > kRowChunks * kChunkBytes) {
+        throw DbError{fmt::format("{}: pool row {}/{} does not authenticate", path_,
+                                  static_cast<int>(d), row)};
       }
-      s.chunks.push_back(detail::StoredChunk{d, idx, std::move(*plain)});
+      for (std::size_t k = 0; k * kChunkBytes < plain->size(); ++k) {
+        s.chunks.push_back(detail::StoredChunk{
+            d, row * kRowChunks + k,
+            qkd::core::SecureBytes(plain->span().subspan(k * kChunkBytes, kChunkBytes))});
+      }
     });
     db_.run("SELECT key_id, master, slaves, sealed FROM assigned", [&](sqlite3_stmt* st) {
       detail::StoredKey k;
@@ -573,16 +586,16 @@ class SqliteJournal final : public detail::Journal {
                n, value);
     });
   }
-  void put_chunk(Direction d, std::uint64_t index, std::span<const std::uint8_t> bytes) override {
-    Blob sealed = sealer_.seal(chunk_aad(d, index), bytes);
-    add([d, index, sealed = std::move(sealed)](Db& db) {
-      db.write("INSERT OR REPLACE INTO chunks(dir, idx, sealed) VALUES(?, ?, ?)",
-               static_cast<int>(d), index, sealed);
+  void put_row(Direction d, std::uint64_t row, std::span<const std::uint8_t> bytes) override {
+    Blob sealed = sealer_.seal(row_aad(d, row), bytes);
+    add([d, row, sealed = std::move(sealed)](Db& db) {
+      db.write("INSERT OR REPLACE INTO pool(dir, row, sealed) VALUES(?, ?, ?)",
+               static_cast<int>(d), row, sealed);
     });
   }
-  void drop_chunks_below(Direction d, std::uint64_t index) override {
-    add([d, index](Db& db) {
-      db.write("DELETE FROM chunks WHERE dir = ? AND idx < ?", static_cast<int>(d), index);
+  void drop_rows_below(Direction d, std::uint64_t row) override {
+    add([d, row](Db& db) {
+      db.write("DELETE FROM pool WHERE dir = ? AND row < ?", static_cast<int>(d), row);
     });
   }
   void put_assigned(const detail::StoredKey& k) override {
@@ -617,7 +630,7 @@ class SqliteJournal final : public detail::Journal {
   }
   void clear_pool() override {
     add([](Db& db) {
-      db.write("DELETE FROM chunks");
+      db.write("DELETE FROM pool");
       db.write("DELETE FROM waiting");
       db.write("DELETE FROM settled");
     });
@@ -651,6 +664,49 @@ class SqliteJournal final : public detail::Journal {
       db.write("INSERT OR REPLACE INTO pending_block(id, block, sealed) VALUES(1, ?, ?)", block,
                sealed);
     });
+  }
+
+  // Format 1 kept one pool row per chunk (table chunks, sealed as "chunk/<dir>/<idx>"):
+  // moves them into rows of kRowChunks (used chunks before the first one kept stay zero) and
+  // drops the old table, in one transaction.
+  void migrate_from_format_1() {
+    std::map<std::pair<int, std::uint64_t>, qkd::core::SecureBytes> rows;  // (dir, row)
+    std::size_t chunks = 0;
+    db_.exec("BEGIN IMMEDIATE");
+    try {
+      db_.run("SELECT dir, idx, sealed FROM chunks ORDER BY dir, idx", [&](sqlite3_stmt* st) {
+        const auto d = static_cast<Direction>(col_u64(st, 0) & 1);
+        const std::uint64_t idx = col_u64(st, 1);
+        auto plain = open_sealed(key_.span(), chunk_aad(d, idx), col_blob(st, 2));
+        if (!plain || plain->size() != kChunkBytes) {
+          throw DbError{fmt::format("{}: pool chunk {}/{} does not authenticate", path_,
+                                    static_cast<int>(d), idx)};
+        }
+        auto& row = rows[{static_cast<int>(d), idx / kRowChunks}];
+        const std::size_t at = (idx % kRowChunks) * kChunkBytes;
+        if (row.size() < at + kChunkBytes) {
+          row.resize(at + kChunkBytes);
+        }
+        std::memcpy(row.data() + at, plain->data(), kChunkBytes);
+        ++chunks;
+      });
+      for (const auto& [at, bytes] : rows) {
+        const auto d = static_cast<Direction>(at.first);
+        db_.write("INSERT OR REPLACE INTO pool(dir, row, sealed) VALUES(?, ?, ?)", at.first,
+                  at.second, sealer_.seal(row_aad(d, at.second), bytes.span()));
+      }
+      db_.exec("DROP TABLE chunks");
+      db_.write("UPDATE meta SET value = ? WHERE name = 'format'", kFormat);
+      db_.exec("COMMIT");
+    } catch (const DbError&) {
+      try {
+        db_.exec("ROLLBACK");
+      } catch (const DbError&) {
+      }
+      throw;
+    }
+    spdlog::info("key store: {}: converted to format {} ({} pool chunks in {} rows)", path_,
+                 kFormat, chunks, rows.size());
   }
 
   // A store made before used_ids lost its UNIQUE constraint: rebuilt once without it (the

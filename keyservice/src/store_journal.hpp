@@ -58,8 +58,10 @@ class Journal {
   virtual ~Journal() = default;
 
   virtual void set_value(std::string_view name, std::uint64_t value) = 0;
-  virtual void put_chunk(Direction d, std::uint64_t index, std::span<const std::uint8_t> bytes) = 0;
-  virtual void drop_chunks_below(Direction d, std::uint64_t index) = 0;
+  // Row `row` of direction d: chunks [row * kRowChunks, ...), kChunkBytes each (at most
+  // kRowChunks; used ones zero).
+  virtual void put_row(Direction d, std::uint64_t row, std::span<const std::uint8_t> bytes) = 0;
+  virtual void drop_rows_below(Direction d, std::uint64_t row) = 0;
   virtual void put_assigned(const StoredKey& key) = 0;
   virtual void drop_assigned(const std::string& key_id) = 0;
   virtual void add_used(const std::string& key_id) = 0;

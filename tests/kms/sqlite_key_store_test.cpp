@@ -5,16 +5,20 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <future>
 #include <iterator>
 #include <set>
+#include <span>
 #include <thread>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <sqlite3.h>
 #include <sstream>
 
@@ -101,6 +105,135 @@ TEST(NodeKeyFile, OwnerOnlyAndWellFormed) {
   write_file(f, "too short", 0600);
   EXPECT_FALSE(qkd::kms::read_node_key_file(f).ok());
   EXPECT_FALSE(qkd::kms::read_node_key_file(dir.file("missing.key")).ok());
+}
+
+// AES-256-GCM as the store seals a row: nonce(12) || ciphertext || tag(16), the row's
+// identity as additional data (docs/KMS.md); for the format-1 test below.
+std::vector<std::uint8_t> gcm(bool seal, const std::string& aad, std::span<const std::uint8_t> in) {
+  std::unique_ptr<EVP_CIPHER_CTX, decltype(&EVP_CIPHER_CTX_free)> c(EVP_CIPHER_CTX_new(),
+                                                                    &EVP_CIPHER_CTX_free);
+  std::vector<std::uint8_t> out;
+  int len = 0;
+  const auto* a = reinterpret_cast<const unsigned char*>(aad.data());
+  if (seal) {
+    out.resize(12 + in.size() + 16);
+    EXPECT_EQ(RAND_bytes(out.data(), 12), 1);
+    EXPECT_EQ(EVP_EncryptInit_ex(c.get(), EVP_aes_256_gcm(), nullptr, kNodeKey.data(), out.data()), 1);
+    EXPECT_EQ(EVP_EncryptUpdate(c.get(), nullptr, &len, a, static_cast<int>(aad.size())), 1);
+    EXPECT_EQ(EVP_EncryptUpdate(c.get(), out.data() + 12, &len, in.data(), static_cast<int>(in.size())), 1);
+    EXPECT_EQ(EVP_EncryptFinal_ex(c.get(), out.data() + 12 + len, &len), 1);
+    EXPECT_EQ(EVP_CIPHER_CTX_ctrl(c.get(), EVP_CTRL_GCM_GET_TAG, 16, out.data() + 12 + in.size()), 1);
+    return out;
+  }
+  const std::size_t n = in.size() - 28;
+  out.resize(n);
+  std::vector<std::uint8_t> tag(in.end() - 16, in.end());
+  EXPECT_EQ(EVP_DecryptInit_ex(c.get(), EVP_aes_256_gcm(), nullptr, kNodeKey.data(), in.data()), 1);
+  EXPECT_EQ(EVP_DecryptUpdate(c.get(), nullptr, &len, a, static_cast<int>(aad.size())), 1);
+  EXPECT_EQ(EVP_DecryptUpdate(c.get(), out.data(), &len, in.data() + 12, static_cast<int>(n)), 1);
+  EXPECT_EQ(EVP_CIPHER_CTX_ctrl(c.get(), EVP_CTRL_GCM_SET_TAG, 16, tag.data()), 1);
+  EXPECT_EQ(EVP_DecryptFinal_ex(c.get(), out.data() + len, &len), 1) << "row " << aad;
+  return out;
+}
+
+// Rewrites a closed store file's pool as format 1 kept it: table chunks, one row per unused
+// 32-byte chunk sealed as "qkd-kms/chunk/<dir>/<idx>", meta.format = 1.
+void down_to_format_1(const std::string& db) {
+  sqlite3* h = nullptr;
+  ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+  auto exec = [&](const std::string& sql) {
+    char* err = nullptr;
+    EXPECT_EQ(sqlite3_exec(h, sql.c_str(), nullptr, nullptr, &err), SQLITE_OK) << (err ? err : "");
+    sqlite3_free(err);
+  };
+  struct Chunk {
+    int dir;
+    std::uint64_t idx;
+    std::vector<std::uint8_t> sealed;
+  };
+  std::vector<Chunk> chunks;
+  sqlite3_stmt* st = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(h, "SELECT dir, row, sealed FROM pool", -1, &st, nullptr), SQLITE_OK);
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    const int dir = sqlite3_column_int(st, 0);
+    const auto row = static_cast<std::uint64_t>(sqlite3_column_int64(st, 1));
+    const auto* b = static_cast<const std::uint8_t*>(sqlite3_column_blob(st, 2));
+    const auto plain = gcm(false, fmt::format("qkd-kms/pool/{}/{}", dir, row),
+                           {b, static_cast<std::size_t>(sqlite3_column_bytes(st, 2))});
+    for (std::size_t k = 0; k * 32 < plain.size(); ++k) {
+      const std::span<const std::uint8_t> c(plain.data() + k * 32, 32);
+      if (std::all_of(c.begin(), c.end(), [](std::uint8_t x) { return x == 0; })) {
+        continue;  // used up: format 1 had deleted it
+      }
+      const std::uint64_t idx = row * 8 + k;
+      chunks.push_back({dir, idx, gcm(true, fmt::format("qkd-kms/chunk/{}/{}", dir, idx), c)});
+    }
+  }
+  sqlite3_finalize(st);
+  exec("BEGIN; DROP TABLE pool; CREATE TABLE chunks(dir INTEGER NOT NULL, idx INTEGER NOT NULL,"
+       " sealed BLOB NOT NULL, PRIMARY KEY(dir, idx)) WITHOUT ROWID;"
+       " UPDATE meta SET value = 1 WHERE name = 'format'");
+  ASSERT_EQ(sqlite3_prepare_v2(h, "INSERT INTO chunks VALUES(?, ?, ?)", -1, &st, nullptr), SQLITE_OK);
+  for (const auto& c : chunks) {
+    sqlite3_bind_int(st, 1, c.dir);
+    sqlite3_bind_int64(st, 2, static_cast<sqlite3_int64>(c.idx));
+    sqlite3_bind_blob(st, 3, c.sealed.data(), static_cast<int>(c.sealed.size()), SQLITE_STATIC);
+    EXPECT_EQ(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_reset(st);
+  }
+  sqlite3_finalize(st);
+  exec("COMMIT");
+  sqlite3_close(h);
+}
+
+// A file of format 1 (one row per pool chunk) is converted when opened: every unused byte
+// of both directions is still there, in order, and the old table is gone.
+TEST(SqliteKeyStore, AFormat1FileIsConvertedWithItsPoolIntact) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto pool = pattern(32 * 40, 3);  // 20 chunks per direction: rows of 8, 8 and 4
+  qkd::kms::StoreStats before;
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+    ASSERT_TRUE(s->allocate("alice", {"bob"}, 3, 32).ok());  // alice's chunks 0-2 used
+    before = s->stats();
+  }
+  down_to_format_1(db);
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  const auto st = s->stats();
+  EXPECT_EQ(st.committed_bytes, before.committed_bytes);
+  EXPECT_EQ(st.own_available_bytes, before.own_available_bytes);
+  EXPECT_EQ(st.peer_available_bytes, before.peer_available_bytes);
+  // Alice's direction holds the even chunks of the pool: chunk i of hers is chunk 2i.
+  for (std::size_t i = 3; i < 20; ++i) {
+    auto k = s->allocate("alice", {"bob"}, 1, 32);
+    ASSERT_TRUE(k.ok()) << k.error().message;
+    const std::vector<std::uint8_t> expect(pool.begin() + 64 * i, pool.begin() + 64 * i + 32);
+    EXPECT_TRUE(qkd::core::constant_time_equal(k->front().key.span(), expect)) << "chunk " << i;
+  }
+  // Bob's direction (the odd chunks) is read back whole: a peer key at its last chunk.
+  KeyAssignment a{"11111111-2222-4333-8444-555555555555", Direction::kBob, 19 * 32, 32, "bob",
+                  {"alice"}, false};
+  ASSERT_TRUE(s->apply_peer_notice(1, {a}).ok());
+  auto peer = s->take("alice", "bob", {a.key_id}, 0ms);
+  ASSERT_TRUE(peer.ok()) << peer.error().message;
+  const std::vector<std::uint8_t> expect(pool.begin() + 39 * 32, pool.end());
+  EXPECT_TRUE(qkd::core::constant_time_equal(peer->front().key.span(), expect));
+  s.reset();
+  sqlite3* h = nullptr;
+  ASSERT_EQ(sqlite3_open_v2(db.c_str(), &h, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  sqlite3_stmt* q = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(h, "SELECT (SELECT value FROM meta WHERE name = 'format'),"
+                               " (SELECT COUNT(*) FROM sqlite_master WHERE name = 'chunks')",
+                               -1, &q, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(q), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(q, 0), 2);
+  EXPECT_EQ(sqlite3_column_int(q, 1), 0);
+  sqlite3_finalize(q);
+  sqlite3_close(h);
 }
 
 TEST(SqliteKeyStore, StateSurvivesReopen) {

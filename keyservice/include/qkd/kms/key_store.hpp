@@ -44,6 +44,10 @@ using qkd::core::Result;
 using qkd::core::Status;
 
 inline constexpr std::size_t kChunkBytes = 32;
+// The durable store keeps each direction's chunks in rows of this many consecutive chunks
+// (256 bytes): a block commit writes ~34 rows rather than ~265 (storage only; the direction
+// split by kChunkBytes, which both ends share, is unchanged).
+inline constexpr std::size_t kRowChunks = 8;
 
 enum class Direction : std::uint8_t { kAlice = 0, kBob = 1 };
 
