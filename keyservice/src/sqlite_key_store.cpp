@@ -471,9 +471,7 @@ class SqliteJournal final : public detail::Journal {
       db_.exec("COMMIT");
       spdlog::info("key store: created {}", path_);
     } else {
-      if (meta["format"] == 1) {
-        migrate_from_format_1();
-      } else if (meta["format"] != kFormat) {
+      if (meta["format"] != 1 && meta["format"] != kFormat) {
         throw DbError{fmt::format("{}: unsupported store format {}", path_, meta["format"])};
       }
       if (meta["direction"] != static_cast<std::uint64_t>(own)) {
@@ -483,6 +481,9 @@ class SqliteJournal final : public detail::Journal {
       auto check = open_sealed(key_.span(), kKeyCheckAad, key_check);
       if (!check || !qkd::core::constant_time_equal(check->span(), kc)) {
         throw DbError{fmt::format("{} was sealed under a different node key", path_)};
+      }
+      if (meta["format"] == 1) {
+        migrate_from_format_1();  // only a file this KME may open
       }
     }
     drop_used_ids_index();  // also on a file an older version created but never filled

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <future>
 #include <iterator>
+#include <map>
 #include <set>
 #include <span>
 #include <thread>
@@ -186,54 +187,123 @@ void down_to_format_1(const std::string& db) {
   sqlite3_close(h);
 }
 
+// The pool rows of direction `dir` as stored, opened: row -> plaintext.
+std::map<std::uint64_t, std::vector<std::uint8_t>> pool_rows(const std::string& db, int dir) {
+  std::map<std::uint64_t, std::vector<std::uint8_t>> out;
+  sqlite3* h = nullptr;
+  EXPECT_EQ(sqlite3_open_v2(db.c_str(), &h, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  EXPECT_EQ(sqlite3_prepare_v2(h, "SELECT row, sealed FROM pool WHERE dir = ?", -1, &st, nullptr),
+            SQLITE_OK);
+  sqlite3_bind_int(st, 1, dir);
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    const auto row = static_cast<std::uint64_t>(sqlite3_column_int64(st, 0));
+    const auto* b = static_cast<const std::uint8_t*>(sqlite3_column_blob(st, 1));
+    out[row] = gcm(false, fmt::format("qkd-kms/pool/{}/{}", dir, row),
+                   {b, static_cast<std::size_t>(sqlite3_column_bytes(st, 1))});
+  }
+  sqlite3_finalize(st);
+  sqlite3_close(h);
+  return out;
+}
+
+// meta.format of a closed store file, and whether it still has the format-1 table.
+std::pair<int, bool> format_of(const std::string& db) {
+  sqlite3* h = nullptr;
+  EXPECT_EQ(sqlite3_open_v2(db.c_str(), &h, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  sqlite3_stmt* q = nullptr;
+  EXPECT_EQ(sqlite3_prepare_v2(h, "SELECT (SELECT value FROM meta WHERE name = 'format'),"
+                               " (SELECT COUNT(*) FROM sqlite_master WHERE name = 'chunks')",
+                               -1, &q, nullptr),
+            SQLITE_OK);
+  EXPECT_EQ(sqlite3_step(q), SQLITE_ROW);
+  const std::pair<int, bool> r{sqlite3_column_int(q, 0), sqlite3_column_int(q, 1) == 1};
+  sqlite3_finalize(q);
+  sqlite3_close(h);
+  return r;
+}
+
 // A file of format 1 (one row per pool chunk) is converted when opened: every unused byte
-// of both directions is still there, in order, and the old table is gone.
+// of both directions is still there, in order, and the old table is gone. A KME that may
+// not open the file (wrong node key, other end of the link) leaves it as it was.
 TEST(SqliteKeyStore, AFormat1FileIsConvertedWithItsPoolIntact) {
   TempDir dir;
   const std::string db = dir.file("alice.db");
   const auto pool = pattern(32 * 40, 3);  // 20 chunks per direction: rows of 8, 8 and 4
-  qkd::kms::StoreStats before;
   {
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
     ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
     ASSERT_TRUE(s->allocate("alice", {"bob"}, 3, 32).ok());  // alice's chunks 0-2 used
-    before = s->stats();
+    ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 16).ok());  // and half of chunk 3
   }
   down_to_format_1(db);
+  EXPECT_FALSE(qkd::kms::make_sqlite_key_store(Direction::kAlice, db,
+                                               std::vector<std::uint8_t>(32, 0x43))
+                   .ok());
+  EXPECT_FALSE(qkd::kms::make_sqlite_key_store(Direction::kBob, db, kNodeKey).ok());
+  EXPECT_EQ(format_of(db), (std::pair<int, bool>{1, true})) << "a refused open changed it";
   auto s = open_store(db);
   ASSERT_NE(s, nullptr);
-  const auto st = s->stats();
-  EXPECT_EQ(st.committed_bytes, before.committed_bytes);
-  EXPECT_EQ(st.own_available_bytes, before.own_available_bytes);
-  EXPECT_EQ(st.peer_available_bytes, before.peer_available_bytes);
   // Alice's direction holds the even chunks of the pool: chunk i of hers is chunk 2i.
-  for (std::size_t i = 3; i < 20; ++i) {
+  auto half = s->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(half.ok()) << half.error().message;
+  EXPECT_TRUE(qkd::core::constant_time_equal(
+      half->front().key.span(),
+      std::vector<std::uint8_t>(pool.begin() + 64 * 3 + 16, pool.begin() + 64 * 3 + 32)));
+  for (std::size_t i = 4; i < 20; ++i) {
     auto k = s->allocate("alice", {"bob"}, 1, 32);
     ASSERT_TRUE(k.ok()) << k.error().message;
     const std::vector<std::uint8_t> expect(pool.begin() + 64 * i, pool.begin() + 64 * i + 32);
     EXPECT_TRUE(qkd::core::constant_time_equal(k->front().key.span(), expect)) << "chunk " << i;
   }
-  // Bob's direction (the odd chunks) is read back whole: a peer key at its last chunk.
-  KeyAssignment a{"11111111-2222-4333-8444-555555555555", Direction::kBob, 19 * 32, 32, "bob",
+  // Bob's direction (the odd chunks), all of it as one peer key.
+  KeyAssignment a{"11111111-2222-4333-8444-555555555555", Direction::kBob, 0, 20 * 32, "bob",
                   {"alice"}, false};
   ASSERT_TRUE(s->apply_peer_notice(1, {a}).ok());
   auto peer = s->take("alice", "bob", {a.key_id}, 0ms);
   ASSERT_TRUE(peer.ok()) << peer.error().message;
-  const std::vector<std::uint8_t> expect(pool.begin() + 39 * 32, pool.end());
-  EXPECT_TRUE(qkd::core::constant_time_equal(peer->front().key.span(), expect));
+  std::vector<std::uint8_t> odd;
+  for (std::size_t c = 1; c < 40; c += 2) {
+    odd.insert(odd.end(), pool.begin() + 32 * c, pool.begin() + 32 * c + 32);
+  }
+  EXPECT_TRUE(qkd::core::constant_time_equal(peer->front().key.span(), odd));
   s.reset();
-  sqlite3* h = nullptr;
-  ASSERT_EQ(sqlite3_open_v2(db.c_str(), &h, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
-  sqlite3_stmt* q = nullptr;
-  ASSERT_EQ(sqlite3_prepare_v2(h, "SELECT (SELECT value FROM meta WHERE name = 'format'),"
-                               " (SELECT COUNT(*) FROM sqlite_master WHERE name = 'chunks')",
-                               -1, &q, nullptr), SQLITE_OK);
-  ASSERT_EQ(sqlite3_step(q), SQLITE_ROW);
-  EXPECT_EQ(sqlite3_column_int(q, 0), 2);
-  EXPECT_EQ(sqlite3_column_int(q, 1), 0);
-  sqlite3_finalize(q);
-  sqlite3_close(h);
+  EXPECT_EQ(format_of(db), (std::pair<int, bool>{2, false}));
+}
+
+// Delivered bytes leave the pool rows with their delivery: no row wholly below the cursor,
+// and in the cursor's row every byte below the cursor is zero, whether the cursor stops
+// inside a chunk, on a chunk boundary, on a row boundary or at the end of the pool.
+TEST(SqliteKeyStore, DeliveredBytesLeaveThePoolRows) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto pool = pattern(32 * 40, 5);  // alice: 20 chunks, 640 bytes
+  std::uint64_t cursor = 0;
+  ASSERT_NO_FATAL_FAILURE([&] {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+  }());
+  for (const std::uint32_t step : {16u, 16u, 32u * 7, 32u * 9 + 8, 32u * 3 - 8}) {
+    {
+      auto s = open_store(db);
+      ASSERT_NE(s, nullptr);
+      ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, step).ok()) << "step " << step;
+    }
+    cursor += step;  // 16 (in a chunk), 32 (chunk), 256 (row), 552, 640 (the end)
+    const auto rows = pool_rows(db, 0);
+    for (const auto& [row, bytes] : rows) {
+      EXPECT_GE(row, cursor / 256) << "a used row is left, cursor " << cursor;
+      for (std::size_t i = 0; i < bytes.size(); ++i) {
+        if (row * 256 + i < cursor) {
+          EXPECT_EQ(bytes[i], 0) << "used byte " << row * 256 + i << " left, cursor " << cursor;
+        }
+      }
+    }
+  }
+  EXPECT_TRUE(pool_rows(db, 0).empty()) << "every alice byte used";
+  EXPECT_EQ(pool_rows(db, 1).size(), 3u);  // bob's: untouched, rows of 8, 8 and 4 chunks
 }
 
 TEST(SqliteKeyStore, StateSurvivesReopen) {
