@@ -514,6 +514,7 @@ class SqliteJournal final : public detail::Journal {
             qkd::core::SecureBytes(plain->span().subspan(k * kChunkBytes, kChunkBytes))});
       }
     });
+    check_pool_complete(s);
     db_.run("SELECT key_id, master, slaves, sealed FROM assigned", [&](sqlite3_stmt* st) {
       detail::StoredKey k;
       k.key_id = col_text(st, 0);
@@ -665,6 +666,31 @@ class SqliteJournal final : public detail::Journal {
       db.write("INSERT OR REPLACE INTO pending_block(id, block, sealed) VALUES(1, ?, ?)", block,
                sealed);
     });
+  }
+
+  // Every chunk a direction still holds, from its cursor to the committed end, must have
+  // been read: a row missing (deleted from the file, or a damaged page SQLite skipped) would
+  // otherwise be served as zero bytes. Rows are sealed one by one, so this is the check that
+  // catches a deletion.
+  void check_pool_complete(const detail::StoredState& s) const {
+    for (int d = 0; d < 2; ++d) {
+      const auto dir = static_cast<Direction>(d);
+      const std::uint64_t end_byte = direction_bytes(s.committed, dir);
+      const std::uint64_t end = (end_byte + kChunkBytes - 1) / kChunkBytes;
+      std::uint64_t next = s.cursor[d] / kChunkBytes;  // chunks arrive in order (ORDER BY)
+      for (const auto& c : s.chunks) {
+        if (c.dir == dir && c.index == next && next < end) {
+          ++next;
+        }
+      }
+      if (next < end) {
+        throw DbError{fmt::format(
+            "{}: pool row {}/{} is missing (direction {} holds bytes {} to {}): the file was "
+            "damaged or edited; move it away to start this KME with an empty pool (the link "
+            "then resets its pool)",
+            path_, d, next / kRowChunks, d, s.cursor[d], end_byte)};
+      }
+    }
   }
 
   // Format 1 kept one pool row per chunk (table chunks, sealed as "chunk/<dir>/<idx>"):

@@ -306,6 +306,40 @@ TEST(SqliteKeyStore, DeliveredBytesLeaveThePoolRows) {
   EXPECT_EQ(pool_rows(db, 1).size(), 3u);  // bob's: untouched, rows of 8, 8 and 4 chunks
 }
 
+// A pool row deleted from the file (or lost to damage) is refused at open, naming the row,
+// instead of being served as zero bytes. Rows below the cursor are gone legitimately.
+TEST(SqliteKeyStore, AMissingPoolRowIsRefusedAtOpen) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto pool = pattern(32 * 40, 7);  // 20 chunks per direction: rows of 8, 8 and 4
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+    ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 32 * 9).ok());  // alice's row 0 dropped
+  }
+  const auto remove_row = [](const std::string& file, int d, int row) {
+    sqlite3* h = nullptr;
+    ASSERT_EQ(sqlite3_open(file.c_str(), &h), SQLITE_OK);
+    const auto sql = fmt::format("DELETE FROM pool WHERE dir = {} AND row = {}", d, row);
+    EXPECT_EQ(sqlite3_exec(h, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
+    EXPECT_EQ(sqlite3_changes(h), 1);
+    sqlite3_close(h);
+  };
+  ASSERT_TRUE(qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey).ok());
+  // Alice's last row, and a row in the middle of bob's direction.
+  for (const auto& [d, row] : {std::pair{0, 2}, std::pair{1, 1}}) {
+    const std::string copy = dir.file(fmt::format("damaged-{}-{}.db", d, row));
+    std::filesystem::copy_file(db, copy);
+    remove_row(copy, d, row);
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, copy, kNodeKey);
+    ASSERT_FALSE(s.ok()) << "row " << d << "/" << row << " deleted, yet the store opened";
+    EXPECT_NE(s.error().message.find(fmt::format("pool row {}/{} is missing", d, row)),
+              std::string::npos)
+        << s.error().message;
+  }
+}
+
 TEST(SqliteKeyStore, StateSurvivesReopen) {
   TempDir dir;
   const std::string db = dir.file("alice.db");
