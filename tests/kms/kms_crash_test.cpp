@@ -74,7 +74,8 @@ void enc_loop(const KmeNetwork& net, const KmeInfo& (KmeNetwork::*enc_kme)() con
   }
 }
 
-// Fetches key_IDs with dec_keys; a transport failure makes them "uncertain" and retried.
+// Fetches key_IDs with dec_keys; a transport failure after the request may have reached the
+// KME makes them "uncertain" (excused if lost); every failure is retried.
 // Returns when `stop` is set (or, with drain, when nothing is left).
 void dec_loop(const KmeNetwork& net, const KmeInfo& (KmeNetwork::*dec_kme)() const,
               const std::string& slave, const std::string& master, Flow& f,
@@ -97,13 +98,23 @@ void dec_loop(const KmeNetwork& net, const KmeInfo& (KmeNetwork::*dec_kme)() con
     }
     auto r = net.client((net.*dec_kme)(), slave)
                  .get(fmt::format("/api/v1/keys/{}/dec_keys?key_ID={}", master, id));
-    std::lock_guard l(f.mu);
     if (!r.ok()) {
-      ++f.dec_errors;
-      f.uncertain.insert(id);  // the request may have been served before the crash
-      f.to_fetch.push_back(id);
+      // Only a request that may have reached the KME can have been served before the crash:
+      // one refused at connect or in the TLS handshake (the KME down) was not.
+      const std::string& e = r.error().message;
+      {
+        std::lock_guard l(f.mu);
+        ++f.dec_errors;
+        if (e.find("(connect)") == std::string::npos &&
+            e.find("(TLS handshake)") == std::string::npos) {
+          f.uncertain.insert(id);
+        }
+        f.to_fetch.push_back(id);
+      }
+      std::this_thread::sleep_for(20ms);  // the KME is down or restarting
       continue;
     }
+    std::lock_guard l(f.mu);
     if (r->status == 200) {
       for (auto& [kid, key] : keys_of(*r)) {
         record(f, f.dec, "dec_keys", kid, key);
