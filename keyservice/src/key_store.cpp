@@ -448,6 +448,11 @@ class JournaledStore final : public KeyStore {
     (void)durable(ticket);
   }
 
+  void set_pool_limit(std::uint64_t own_bytes) override {
+    std::lock_guard lock(mu_);
+    pool_limit_ = own_bytes;
+  }
+
   Status expire(std::chrono::system_clock::time_point now) override {
     std::optional<std::uint64_t> notice_seq;
     NoticeRelease release;
@@ -826,10 +831,39 @@ class JournaledStore final : public KeyStore {
     return n.seq;
   }
 
+  // Discards own-direction bytes up to `upto` (appending discards for the peer).
+  void discard_own_locked(std::uint64_t upto, std::vector<KeyAssignment>& discards,
+                          std::string_view why) {
+    DirectionStream& s = own_stream();
+    upto = std::min(upto, direction_bytes(committed_, own_));
+    if (upto <= s.cursor()) {
+      return;
+    }
+    const std::uint64_t first = s.cursor();
+    for (std::uint64_t from = first; from < upto;) {
+      const auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(upto - from, 1u << 30));
+      discards.push_back(KeyAssignment{"", own_, from, len, "", {}, true});
+      from += len;
+    }
+    s.advance(upto);
+    sync_cursor_locked(own_);
+    spdlog::debug("key store: {} {} bytes discarded", upto - first, why);
+  }
+
   // keys.max_age_s at `now`: drops own-direction bytes of blocks committed before the
-  // cutoff (appending a discard for the peer to `discards`) and expired peer-assigned keys.
+  // cutoff (appending a discard for the peer to `discards`) and expired peer-assigned keys;
+  // then the own-direction bytes above the pool limit, the oldest first.
   void expire_locked(std::chrono::system_clock::time_point now,
                      std::vector<KeyAssignment>& discards) {
+    expire_aged_locked(now, discards);
+    const std::uint64_t end = direction_bytes(committed_, own_);
+    if (pool_limit_ > 0 && end - own_stream().cursor() > pool_limit_) {
+      discard_own_locked(end - pool_limit_, discards, "surplus (keys.max_key_count)");
+    }
+  }
+
+  void expire_aged_locked(std::chrono::system_clock::time_point now,
+                          std::vector<KeyAssignment>& discards) {
     if (max_age_.count() <= 0) {
       return;
     }
@@ -843,21 +877,7 @@ class JournaledStore final : public KeyStore {
       if (journal_) {
         journal_->drop_settled_upto(*expired_end);
       }
-      DirectionStream& s = own_stream();
-      const std::uint64_t upto = std::min(direction_bytes(*expired_end, own_),
-                                          direction_bytes(committed_, own_));
-      if (upto > s.cursor()) {
-        const std::uint64_t first = s.cursor();
-        std::uint64_t from = first;
-        while (from < upto) {
-          const auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(upto - from, 1u << 30));
-          discards.push_back(KeyAssignment{"", own_, from, len, "", {}, true});
-          from += len;
-        }
-        s.advance(upto);
-        sync_cursor_locked(own_);
-        spdlog::debug("key store: {} expired bytes discarded", upto - first);
-      }
+      discard_own_locked(direction_bytes(*expired_end, own_), discards, "expired");
     }
     expire_records_locked(now);
   }
@@ -948,6 +968,7 @@ class JournaledStore final : public KeyStore {
   std::unordered_set<std::string> used_ids_;
   std::deque<std::string> used_order_;
   std::chrono::seconds max_age_{0};
+  std::uint64_t pool_limit_ = 0;  // own-direction bytes kept at most (0: no limit)
   // (pool end, commit time in Unix ms) of each block not expired yet; only with max_age_.
   std::deque<std::pair<std::uint64_t, std::uint64_t>> settle_;
   // (arrival, key_ID) of peer-assigned keys, in arrival order (entries of keys fetched

@@ -133,7 +133,7 @@ struct LinkService::Impl {
 
   std::unique_ptr<LinkAcceptor> acceptor;
   std::thread runner;
-  std::thread expirer;  // keys.max_age_s > 0: discards expired keys periodically
+  std::thread expirer;  // discards expired keys and the pool's surplus periodically
   std::thread acker;    // acks peer notices once they are durable (see run_acks)
   std::atomic<bool> stopping{false};
 
@@ -817,10 +817,14 @@ struct LinkService::Impl {
     }
   }
 
-  // keys.max_age_s: every quarter of the max age (100 ms .. 1 s), discard what expired.
+  // Every quarter of keys.max_age_s (100 ms .. 1 s; 1 s without a max age), discards what
+  // expired and the own direction's bytes above keys.max_key_count.
   void run_expiry() {
-    const auto period = std::clamp(std::chrono::milliseconds(config.keys.max_age_s * 250),
-                                   std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
+    const auto period =
+        config.keys.max_age_s == 0
+            ? std::chrono::milliseconds(1000)
+            : std::clamp(std::chrono::milliseconds(config.keys.max_age_s * 250),
+                         std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
     while (!stopping) {
       sleep_unless_stopping(period);
       if (stopping) {
@@ -890,6 +894,7 @@ LinkService::LinkService(const Config& config, KeyStore& store, boost::asio::io_
       [im](const std::vector<KeyAssignment>& as) { return im->on_assignments(as); },
       [im](std::uint64_t seq) { im->on_durable(seq); });
   store.set_max_age(std::chrono::seconds(config.keys.max_age_s));
+  store.set_pool_limit(config.keys.max_key_count * (config.keys.key_size / 8));
 }
 
 LinkService::~LinkService() {
@@ -935,12 +940,10 @@ qkd::core::Result<std::uint16_t> LinkService::start() {
     }
     port = p.value();
   }
-  if (im->config.keys.max_age_s > 0) {
-    im->expirer = std::thread([im]() {
-      name_this_thread("kms-expiry");
-      im->run_expiry();
-    });
-  }
+  im->expirer = std::thread([im]() {
+    name_this_thread("kms-expiry");
+    im->run_expiry();
+  });
   im->acker = std::thread([im]() {
     name_this_thread("kms-ack");
     im->run_acks();

@@ -257,6 +257,48 @@ TEST(KeyStore, ExpiredKeysAreDiscardedOnBothEnds) {
   EXPECT_EQ(late.error().code, ErrorCode::kInvalidArgument);
 }
 
+// keys.max_key_count: a direction nobody draws from is kept at the limit. Its owner discards
+// the oldest bytes above it, the peer drops the same bytes by the discard notice, and keys
+// allocated afterwards are the same on both ends.
+TEST(KeyStore, PoolLimitTrimsTheOwnDirectionOnBothEnds) {
+  Pair p;
+  p.alice->set_pool_limit(64);
+  p.bob->set_pool_limit(64);
+  const auto pool = pattern(512, 11);  // 256 bytes per direction
+  p.commit(pool);
+  // Nothing happens before the periodic call (or an allocation).
+  EXPECT_EQ(p.bob->stats().own_available_bytes, 256u);
+  ASSERT_TRUE(p.bob->expire(std::chrono::system_clock::now()).ok());
+  EXPECT_EQ(p.bob->stats().own_available_bytes, 64u);
+  ASSERT_EQ(p.from_bob.size(), 1u);
+  EXPECT_TRUE(p.from_bob[0].discard);
+  EXPECT_EQ(p.from_bob[0].offset, 0u);
+  EXPECT_EQ(p.from_bob[0].length, 192u);
+  EXPECT_EQ(p.alice->stats().peer_available_bytes, 256u);
+  p.deliver_notices();
+  EXPECT_EQ(p.alice->stats().peer_available_bytes, 64u);
+  // A second call finds nothing above the limit.
+  ASSERT_TRUE(p.bob->expire(std::chrono::system_clock::now()).ok());
+  EXPECT_TRUE(p.from_bob.empty());
+  // Bob's next key is the newest 64 bytes of his direction (chunks 13 and 15 of the pool),
+  // the same at alice.
+  auto k = p.bob->allocate("bob", {"alice"}, 1, 64);
+  ASSERT_TRUE(k.ok()) << k.error().message;
+  std::vector<std::uint8_t> newest(pool.begin() + 32 * 13, pool.begin() + 32 * 14);
+  newest.insert(newest.end(), pool.begin() + 32 * 15, pool.begin() + 32 * 16);
+  EXPECT_TRUE(qkd::core::constant_time_equal(k->front().key.span(), newest));
+  p.deliver_notices();
+  auto got = p.alice->take("alice", "bob", ids_of(k.value()), 0ms);
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  EXPECT_TRUE(qkd::core::constant_time_equal(got->front().key.span(), newest));
+  // An allocation trims first: alice's 256 bytes become 64, then 32 are handed out.
+  auto a = p.alice->allocate("alice", {"bob"}, 1, 32);
+  ASSERT_TRUE(a.ok()) << a.error().message;
+  EXPECT_EQ(p.alice->stats().own_available_bytes, 32u);
+  std::vector<std::uint8_t> alice_first_kept(pool.begin() + 32 * 12, pool.begin() + 32 * 13);
+  EXPECT_TRUE(qkd::core::constant_time_equal(a->front().key.span(), alice_first_kept));
+}
+
 TEST(KeyStore, NoticeAheadOfCommitWaitsForBytes) {
   Pair p;
   p.alice->commit(pattern(128, 2));  // bob has not committed yet

@@ -276,6 +276,83 @@ TEST(OpsTest, DurableStoreCommitsAreTimed) {
   }
 }
 
+// keys.max_key_count holds for a direction nobody draws from: with SAEs drawing at alice's
+// KME only (as TLS servers there would), the link keeps running for alice's direction, and
+// bob's direction, owned by bob's KME, stays at the limit at both ends instead of growing
+// with every block. Keys still flow from bob's side, the same at both ends.
+TEST(OpsTest, PoolLimitHoldsTheDirectionNobodyDrawsFrom) {
+  KmeNetworkOptions o;
+  o.max_key_count = 100;  // 3,200 bytes per direction (256-bit keys)
+  constexpr double kCap = 3200;
+  auto net = qkd::test::start_network_with_keys(o, 20);
+  ASSERT_TRUE(net);
+  const auto alice = net->client(net->alice(), "alice");
+  const auto bob = net->client(net->bob(), "bob");
+  auto scrape = [](const qkd::test::HttpsTestClient& c) {
+    auto s = c.get("/metrics");
+    EXPECT_TRUE(s.ok()) << s.error().message;
+    auto e = qkd::test::parse_exposition(s.ok() ? s->body : "");
+    EXPECT_EQ(e.error, "") << (s.ok() ? s->body : "");
+    return e;
+  };
+  const std::string committed = "qkd_kms_pool_committed_bytes{peer_kme_id=\"bob-kme\"}";
+  auto pool = [&](const qkd::test::Exposition& e, const char* peer, const char* dir) {
+    return at(e, fmt::format("qkd_kms_pool_bytes{{peer_kme_id=\"{}\",direction=\"{}\"}}", peer,
+                             dir));
+  };
+  const double committed_before = at(scrape(alice), committed);
+  // Alice's SAE draws for 4 s: her direction never fills, so the link does not pause.
+  const auto until = std::chrono::steady_clock::now() + 4s;
+  while (std::chrono::steady_clock::now() < until) {
+    auto r = alice.get("/api/v1/keys/bob/enc_keys?number=50");
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    ASSERT_TRUE(r->status == 200 || r->status == 503) << r->status << " " << r->body;
+    if (r->status == 503) {
+      std::this_thread::sleep_for(20ms);
+    }
+  }
+  const double committed_after = at(scrape(alice), committed);
+  EXPECT_GT(committed_after - committed_before, 20 * kCap) << "the link did not run";
+  // Once alice's direction refills, the link pauses; within a trim period or two both ends
+  // hold bob's direction at the limit, and agree on it.
+  double bob_local = -1;
+  double alice_peer = -1;
+  for (int i = 0; i < 40; ++i) {
+    std::this_thread::sleep_for(250ms);
+    bob_local = pool(scrape(bob), "alice-kme", "local");
+    alice_peer = pool(scrape(alice), "bob-kme", "peer");
+    if (bob_local <= kCap && alice_peer == bob_local) {
+      break;
+    }
+  }
+  EXPECT_LE(bob_local, kCap);
+  EXPECT_GT(bob_local, 0);
+  EXPECT_EQ(alice_peer, bob_local) << "the two ends disagree on bob's direction";
+  EXPECT_LE(pool(scrape(alice), "bob-kme", "local"), kCap);
+  // Bob's side still gets keys, the same at alice's KME.
+  auto enc = bob.get("/api/v1/keys/alice/enc_keys?number=10");
+  ASSERT_TRUE(enc.ok()) << enc.error().message;
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  std::vector<std::string> ids;
+  const json enc_json = enc->json();
+  for (const auto& k : enc_json.at("keys")) {
+    ids.push_back(k.at("key_ID").get<std::string>());
+  }
+  auto dec = alice.post("/api/v1/keys/bob/dec_keys", qkd::test::dec_body(ids));
+  ASSERT_TRUE(dec.ok()) << dec.error().message;
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  auto by_id = [](const HttpResponse& r) {
+    std::map<std::string, std::string> m;  // key_ID -> base64 key
+    const json j = r.json();
+    for (const auto& k : j.at("keys")) {
+      m[k.at("key_ID").get<std::string>()] = k.at("key").get<std::string>();
+    }
+    return m;
+  };
+  EXPECT_EQ(by_id(*dec), by_id(*enc));
+  EXPECT_EQ(by_id(*dec).size(), 10u);
+}
+
 // SIGTERM while requests are in progress: exit code 0, every answered request complete;
 // the restarted KME (same durable store) serves on and the peer still delivers every key
 // handed out before, with identical bytes. No key ever appears in either log.

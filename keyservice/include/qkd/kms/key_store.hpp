@@ -242,7 +242,13 @@ class KeyStore {
   // same bytes). Peer-assigned keys not fetched within max_age of their notice's arrival
   // are dropped (dec_keys: "not found").
   virtual void set_max_age(std::chrono::seconds max_age) = 0;
-  // Applies the rule above at `now` (called periodically by the link service).
+  // --- pool limit (keys.max_key_count) ---
+  // The link pauses only once both directions are full, so a direction nobody draws from
+  // (SAEs that are masters at one end only, e.g. TLS servers) would grow without bound.
+  // With a limit (bytes, 0: none), the bytes of the own direction above it are discarded,
+  // the oldest first, with a discard notice like expired ones: the peer drops the same bytes.
+  virtual void set_pool_limit(std::uint64_t own_bytes) = 0;
+  // Applies both rules at `now` (called periodically by the link service).
   [[nodiscard]] virtual Status expire(std::chrono::system_clock::time_point now) = 0;
 };
 
