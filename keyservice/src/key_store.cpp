@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -29,6 +30,50 @@ std::uint64_t direction_bytes(std::uint64_t committed, Direction d) {
   const std::uint64_t chunks = (full + (parity == 0 ? 1 : 0)) / 2;
   const std::uint64_t partial = (full % 2 == parity) ? rem : 0;
   return chunks * kChunkBytes + partial;
+}
+
+namespace {
+constexpr std::string_view kDigestLabel = "qkd-kms pool digest v1";
+
+void put_u64(EVP_MD_CTX* ctx, std::uint64_t v) {
+  std::array<std::uint8_t, 8> be{};
+  for (int i = 7; i >= 0; --i, v >>= 8) {
+    be[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(v);
+  }
+  EVP_DigestUpdate(ctx, be.data(), be.size());
+}
+
+// SHA-256 over `parts` (the label first). OpenSSL's digest only fails on allocation; the
+// result is then all zero, which no real chain produces, so the ends find a mismatch.
+template <typename F>
+PoolDigest sha256_of(F&& parts) {
+  PoolDigest out{};
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  if (ctx != nullptr && EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) == 1) {
+    EVP_DigestUpdate(ctx, kDigestLabel.data(), kDigestLabel.size());
+    parts(ctx);
+    unsigned int n = 0;
+    if (EVP_DigestFinal_ex(ctx, out.data(), &n) != 1) {
+      out.fill(0);
+    }
+  }
+  EVP_MD_CTX_free(ctx);
+  return out;
+}
+}  // namespace
+
+PoolDigest first_pool_digest(std::uint64_t epoch) {
+  return sha256_of([&](EVP_MD_CTX* ctx) { put_u64(ctx, epoch); });
+}
+
+PoolDigest next_pool_digest(const PoolDigest& previous, std::uint64_t block,
+                            std::span<const std::uint8_t> block_key) {
+  return sha256_of([&](EVP_MD_CTX* ctx) {
+    EVP_DigestUpdate(ctx, previous.data(), previous.size());
+    put_u64(ctx, block);
+    put_u64(ctx, block_key.size());
+    EVP_DigestUpdate(ctx, block_key.data(), block_key.size());
+  });
 }
 
 void CommitTimes::add(double seconds) {
@@ -152,7 +197,7 @@ Error store_failure(const Error& e) {
 class JournaledStore final : public KeyStore {
  public:
   JournaledStore(Direction own, std::unique_ptr<detail::Journal> journal, detail::StoredState st)
-      : own_(own), journal_(std::move(journal)), link_(std::move(st.link)) {
+      : own_(own), journal_(std::move(journal)), link_(std::move(st.link)), digest_(link_.digest) {
     committed_ = st.committed;
     for (int d = 0; d < 2; ++d) {
       streams_[d].restore(st.cursor[d]);
@@ -219,10 +264,16 @@ class JournaledStore final : public KeyStore {
     {
       std::lock_guard lock(mu_);
       commit_locked(block_key);
+      if (digest_) {
+        digest_ = next_pool_digest(*digest_, blocks, block_key);
+      }
       if (journal_) {
         journal_->set_value(detail::kEpoch, epoch);
         journal_->set_value(detail::kBlocks, blocks);
         journal_->set_pending_block(std::nullopt);
+        if (digest_) {
+          journal_->set_pool_digest(*digest_);
+        }
       }
       ticket = seal_link_locked();
     }
@@ -246,7 +297,9 @@ class JournaledStore final : public KeyStore {
     {
       std::lock_guard lock(mu_);
       reset_pool_locked();
+      digest_ = first_pool_digest(epoch);
       if (journal_) {
+        journal_->set_pool_digest(*digest_);
         journal_->set_value(detail::kEpoch, epoch);
         journal_->set_value(detail::kBlocks, 0);
         journal_->set_value(detail::kNextSeq, 1);
@@ -257,6 +310,11 @@ class JournaledStore final : public KeyStore {
       ticket = seal_link_locked();
     }
     return durable(ticket, kLinkRunnerWrites);
+  }
+
+  std::optional<PoolDigest> pool_digest() const override {
+    std::lock_guard lock(mu_);
+    return digest_;
   }
 
   Status set_pending_block(const std::optional<PendingBlock>& pending) override {
@@ -969,6 +1027,7 @@ class JournaledStore final : public KeyStore {
   std::deque<std::string> used_order_;
   std::chrono::seconds max_age_{0};
   std::uint64_t pool_limit_ = 0;  // own-direction bytes kept at most (0: no limit)
+  std::optional<PoolDigest> digest_;  // after the blocks of commit_block() (LinkState::digest)
   // (pool end, commit time in Unix ms) of each block not expired yet; only with max_age_.
   std::deque<std::pair<std::uint64_t, std::uint64_t>> settle_;
   // (arrival, key_ID) of peer-assigned keys, in arrival order (entries of keys fetched

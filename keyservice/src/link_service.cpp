@@ -392,6 +392,15 @@ struct LinkService::Impl {
         std::lock_guard lock(state_mu);
         json reply = {
             {"t", "state"}, {"epoch", epoch}, {"blocks", blocks}, {"pending", pending.has_value()}};
+        // The pool digest, and the one the pending block would lead to (compared when alice
+        // has committed it), so that alice can tell equal counts over different pools.
+        if (const auto d = store.pool_digest()) {
+          reply["digest"] = to_hex(*d);
+          if (pending) {
+            reply["digest_pending"] =
+                to_hex(qkd::kms::next_pool_digest(*d, blocks + 1, pending->key.span()));
+          }
+        }
         return conn.send(Channel::kControl, to_bytes(reply)).ok();
       } else if (t == "decision") {
         {
@@ -560,15 +569,32 @@ struct LinkService::Impl {
       const auto b = state->at("blocks").get<std::uint64_t>();
       const bool p = state->at("pending").get<bool>();
       std::lock_guard lock(state_mu);
-      if (e == epoch && b == blocks) {
+      // Same epoch and count: the pools must also have the same digest (both ends known; a
+      // store from before digests compares from its next epoch on). The peer's pending block
+      // counts when this end committed it.
+      const auto mine = store.pool_digest();
+      auto digests_agree = [&](const char* field) {
+        if (!mine || !state->contains(field)) {
+          return true;
+        }
+        return state->at(field).get<std::string>() == to_hex(*mine);
+      };
+      const bool resume_now = e == epoch && b == blocks;
+      const bool resume_pending = e == epoch && p && b + 1 == blocks;
+      if (resume_now && digests_agree("digest")) {
         decision = {
             {"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", false}};
-      } else if (e == epoch && p && b + 1 == blocks) {
+      } else if (resume_pending && digests_agree("digest_pending")) {
         decision = {
             {"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", true}};
       } else {
         if (e == 0) {
           spdlog::info("link: the peer starts without a pool: starting a new pool epoch");
+        } else if (resume_now || resume_pending) {
+          spdlog::warn(
+              "link: the peer's pool differs (epoch {:x}, {} blocks, but another pool digest): "
+              "discarding both pools",
+              e, b);
         } else {
           spdlog::warn(
               "link: the peer's pool differs (epoch {:x} vs {:x}, {} vs {} blocks): "

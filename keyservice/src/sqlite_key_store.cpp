@@ -452,10 +452,13 @@ class SqliteJournal final : public detail::Journal {
         "COMMIT;");
     std::unordered_map<std::string, std::uint64_t> meta;
     Blob key_check;
+    Blob pool_digest;  // absent in a file written before digests were kept
     db_.run("SELECT name, value FROM meta", [&](sqlite3_stmt* st) {
       const std::string name = col_text(st, 0);
       if (name == "key_check") {
         key_check = col_blob(st, 1);
+      } else if (name == "pool_digest") {
+        pool_digest = col_blob(st, 1);
       } else {
         meta[name] = col_u64(st, 1);
       }
@@ -499,6 +502,10 @@ class SqliteJournal final : public detail::Journal {
     s.link.blocks = value(detail::kBlocks, 0);
     s.link.next_seq = value(detail::kNextSeq, 1);
     s.link.last_applied_seq = value(detail::kLastAppliedSeq, 0);
+    if (pool_digest.size() == std::tuple_size_v<PoolDigest>) {
+      s.link.digest.emplace();
+      std::copy(pool_digest.begin(), pool_digest.end(), s.link.digest->begin());
+    }
     db_.run("SELECT dir, row, sealed FROM pool ORDER BY dir, row", [&](sqlite3_stmt* st) {
       const auto d = static_cast<Direction>(col_u64(st, 0) & 1);
       const std::uint64_t row = col_u64(st, 1);
@@ -665,6 +672,14 @@ class SqliteJournal final : public detail::Journal {
     add([block = p->block, sealed = std::move(sealed)](Db& db) {
       db.write("INSERT OR REPLACE INTO pending_block(id, block, sealed) VALUES(1, ?, ?)", block,
                sealed);
+    });
+  }
+
+  void set_pool_digest(const PoolDigest& digest) override {
+    add([d = Blob(digest.begin(), digest.end())](Db& db) {
+      db.write("INSERT INTO meta(name, value) VALUES('pool_digest', ?) "
+               "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+               d);
     });
   }
 

@@ -74,6 +74,7 @@ class Journal {
   virtual void drop_notices_upto(std::uint64_t seq) = 0;
   virtual void clear_notices() = 0;
   virtual void set_pending_block(const std::optional<PendingBlock>& p) = 0;
+  virtual void set_pool_digest(const PoolDigest& digest) = 0;
 
   // Closes the changes recorded since the last seal into one unit; returns its ticket.
   virtual std::uint64_t seal() = 0;

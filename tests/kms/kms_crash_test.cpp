@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <sqlite3.h>
 #include <set>
 #include <thread>
 
@@ -259,6 +260,44 @@ TEST(KmsCrash, GracefulRestartResumesWithThePool) {
   }
   EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 1));
   EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "discarding both pools"), 0u);
+}
+
+// Equal epochs and block counts do not make equal pools: the session start also compares
+// the pools' digests. Bob's stored digest is altered while his KME is down (as if his pool
+// had diverged with the same count); alice's KME must then reset both pools rather than
+// resume, and keys flow again with the same bytes on both ends.
+TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  o.max_key_count = 50;
+  auto started = qkd::test::start_network_with_keys(o, 50);
+  ASSERT_NE(started, nullptr);
+  KmeNetwork& net = *started;
+  net.stop_kme("bob-kme");
+  {
+    const auto db = (net.dir() / "bob-kme.db").string();
+    sqlite3* h = nullptr;
+    ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+    EXPECT_EQ(sqlite3_exec(h, "UPDATE meta SET value = zeroblob(32) WHERE name = 'pool_digest'",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    EXPECT_EQ(sqlite3_changes(h), 1) << "no pool digest stored in " << db;
+    sqlite3_close(h);
+  }
+  ASSERT_TRUE(net.start_kme("bob-kme").ok());
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "another pool digest", 1))
+      << net.log_tail(net.alice());
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (reset)", 1));
+  ASSERT_TRUE(net.wait_for_keys(10).ok());
+  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
+  ASSERT_TRUE(enc.ok());
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  for (const auto& [id, key] : keys_of(*enc)) {
+    auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
+    ASSERT_TRUE(dec.ok());
+    ASSERT_EQ(dec->status, 200u) << dec->body;
+    EXPECT_EQ(keys_of(*dec).front().second, key);
+  }
 }
 
 }  // namespace

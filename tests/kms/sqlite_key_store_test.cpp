@@ -340,6 +340,55 @@ TEST(SqliteKeyStore, AMissingPoolRowIsRefusedAtOpen) {
   }
 }
 
+// The pool digest follows the epoch and each committed block, survives a reopen, and is not
+// known for a file written before digests were kept (until its next epoch).
+TEST(SqliteKeyStore, PoolDigestChainsBlocksAndSurvivesReopen) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto b1 = pattern(96, 1);
+  const auto b2 = pattern(64, 2);
+  auto expect = qkd::kms::next_pool_digest(
+      qkd::kms::next_pool_digest(qkd::kms::first_pool_digest(5), 1, b1), 2, b2);
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_FALSE(s->pool_digest().has_value()) << "a new store has no pool yet";
+    ASSERT_TRUE(s->start_epoch(5).ok());
+    EXPECT_EQ(s->pool_digest(), qkd::kms::first_pool_digest(5));
+    ASSERT_TRUE(s->commit_block(b1, 5, 1).ok());
+    ASSERT_TRUE(s->commit_block(b2, 5, 2).ok());
+    EXPECT_EQ(s->pool_digest(), expect);
+  }
+  // Other bytes, another block number or another epoch give another digest.
+  EXPECT_NE(expect, qkd::kms::next_pool_digest(
+                        qkd::kms::next_pool_digest(qkd::kms::first_pool_digest(5), 1, b1), 2, b1));
+  EXPECT_NE(expect, qkd::kms::next_pool_digest(
+                        qkd::kms::next_pool_digest(qkd::kms::first_pool_digest(5), 1, b1), 3, b2));
+  EXPECT_NE(expect, qkd::kms::next_pool_digest(
+                        qkd::kms::next_pool_digest(qkd::kms::first_pool_digest(6), 1, b1), 2, b2));
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->pool_digest(), expect);
+    EXPECT_EQ(s->link_state().digest, expect);
+  }
+  {
+    sqlite3* h = nullptr;
+    ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+    EXPECT_EQ(sqlite3_exec(h, "DELETE FROM meta WHERE name = 'pool_digest'", nullptr, nullptr,
+                           nullptr),
+              SQLITE_OK);
+    sqlite3_close(h);
+  }
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  EXPECT_FALSE(s->pool_digest().has_value());
+  ASSERT_TRUE(s->commit_block(b1, 5, 3).ok());
+  EXPECT_FALSE(s->pool_digest().has_value()) << "unknown until the next epoch";
+  ASSERT_TRUE(s->start_epoch(9).ok());
+  EXPECT_EQ(s->pool_digest(), qkd::kms::first_pool_digest(9));
+}
+
 TEST(SqliteKeyStore, StateSurvivesReopen) {
   TempDir dir;
   const std::string db = dir.file("alice.db");

@@ -113,6 +113,14 @@ struct StoredNotice {
   std::vector<std::uint8_t> message;
 };
 
+// A digest of the pool's history in an epoch: SHA-256 chained over the epoch and every
+// committed block (first_pool_digest, next_pool_digest). The two ends compare theirs at the
+// session start: equal block counts with different digests mean the pools differ.
+using PoolDigest = std::array<std::uint8_t, 32>;
+[[nodiscard]] PoolDigest first_pool_digest(std::uint64_t epoch);
+[[nodiscard]] PoolDigest next_pool_digest(const PoolDigest& previous, std::uint64_t block,
+                                          std::span<const std::uint8_t> block_key);
+
 // The link's session state as found when the store was opened (all defaults for the memory
 // store and for a new database).
 struct LinkState {
@@ -122,6 +130,9 @@ struct LinkState {
   std::uint64_t last_applied_seq = 0;  // highest peer notice applied
   std::optional<PendingBlock> pending;
   std::vector<StoredNotice> outbox;  // in seq order
+  // After `blocks` blocks; nullopt for a store written before digests were kept (until its
+  // next epoch).
+  std::optional<PoolDigest> digest;
 };
 
 // Error codes used by the store (mapped to HTTP statuses in one place, etsi_api.cpp):
@@ -155,6 +166,8 @@ class KeyStore {
                                             std::uint64_t epoch, std::uint64_t blocks) = 0;
   // reset_pool() and a new epoch: no blocks, no notices either way, no pending block.
   [[nodiscard]] virtual Status start_epoch(std::uint64_t epoch) = 0;
+  // The pool digest after the blocks committed so far (nullopt: not known, see LinkState).
+  [[nodiscard]] virtual std::optional<PoolDigest> pool_digest() const = 0;
   [[nodiscard]] virtual Status set_pending_block(const std::optional<PendingBlock>& pending) = 0;
   // Applies a peer notice (each assignment as apply_peer_assignment; a refused one does not
   // stop the others: the first refusal is returned) and records `seq` as applied.
