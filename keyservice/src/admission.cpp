@@ -208,13 +208,26 @@ void AdmissionControl::refund(const std::string& master, const std::vector<std::
     b.tokens = std::min(static_cast<double>(config_.sae_burst), b.tokens + n);
   }
   if (config_.pair_keys_per_window > 0) {
-    const double cap = static_cast<double>(config_.pair_keys_per_window);
     for (const std::string& slave : slaves) {
-      Bucket& b = pair_[{master, slave}];
-      refill(b, cap / config_.pair_window_s, cap, now);
-      b.tokens = std::min(cap, b.tokens + n);
+      return_to_pair_locked(master, slave, n, now);
     }
   }
+}
+
+void AdmissionControl::fetched(const std::string& master, const std::string& slave,
+                               std::uint64_t keys, Clock::time_point now) {
+  std::lock_guard lock(mu_);
+  if (config_.pair_keys_per_window > 0) {
+    return_to_pair_locked(master, slave, static_cast<double>(keys), now);
+  }
+}
+
+void AdmissionControl::return_to_pair_locked(const std::string& master, const std::string& slave,
+                                             double keys, Clock::time_point now) {
+  const double cap = static_cast<double>(config_.pair_keys_per_window);
+  Bucket& b = pair_[{master, slave}];
+  refill(b, cap / config_.pair_window_s, cap, now);
+  b.tokens = std::min(cap, b.tokens + keys);
 }
 
 }  // namespace qkd::kms

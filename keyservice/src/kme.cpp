@@ -127,6 +127,14 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   LinkService* link = im.link.get();
   im.etsi = std::make_unique<EtsiService>(c, *im.store, [link]() { return link->stats(); });
   im.admission = std::make_unique<AdmissionControl>(c.admission);
+  // Keys of our masters fetched at the peer give their pair budget back. The pair is
+  // charged only for SAEs of this KME (masters) and of the peer (slaves): others are ignored.
+  im.link->set_fetch_listener([&im](const std::string& master, const std::string& slave,
+                                    std::uint64_t n) {
+    if (contains(im.config.saes, master) && contains(im.config.link.peer_saes, slave)) {
+      im.admission->fetched(master, slave, n, std::chrono::steady_clock::now());
+    }
+  });
   im.metrics = std::make_unique<Metrics>(c.kme_id, c.link.peer_kme_id, c.keys.key_size);
   Impl* impl = &im;
   im.server =
@@ -228,6 +236,12 @@ void Kme::Impl::record(const std::string& caller, const RequestInfo& info, bool 
       metrics->add_keys_delivered(info.route, caller, info.path_sae, n);
     } else {
       metrics->add_keys_delivered(info.route, info.path_sae, caller, n);
+      // The master's pair budget counts keys not fetched yet (admission.hpp).
+      if (contains(config.link.peer_saes, info.path_sae)) {
+        link->report_fetched(info.path_sae, caller, n);
+      } else {
+        admission->fetched(info.path_sae, caller, n, std::chrono::steady_clock::now());
+      }
     }
   }
   const double seconds =

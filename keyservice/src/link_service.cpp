@@ -15,6 +15,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -202,6 +203,10 @@ struct LinkService::Impl {
   std::condition_variable ack_cv;
   std::deque<PendingAck> acks;
   std::uint64_t last_notice_ticket = 0;  // of the newest applied notice (under ack_mu)
+  // Fetch reports waiting for the acker thread (under ack_mu): (master, slave) -> keys.
+  std::map<std::pair<std::string, std::string>, std::uint64_t> fetched;
+  std::atomic<bool> peer_takes_fetched{false};  // announced in the peer's hello/state
+  LinkService::FetchListener fetch_listener;    // set before start()
 
   // Statistics.
   mutable std::mutex stats_mu;
@@ -319,6 +324,24 @@ struct LinkService::Impl {
     st.last_abort_reason = why;
   }
 
+  // The peer's fetch report (either side). Returns false on a malformed message.
+  bool handle_fetched(const json& j) {
+    try {
+      for (const json& p : j.at("pairs")) {
+        const auto master = p.at("master").get<std::string>();
+        const auto slave = p.at("slave").get<std::string>();
+        const auto n = p.at("n").get<std::uint64_t>();
+        if (fetch_listener) {
+          fetch_listener(master, slave, n);
+        }
+      }
+      return true;
+    } catch (const std::exception& e) {
+      spdlog::warn("link: malformed fetched message: {}", e.what());
+      return false;
+    }
+  }
+
   // Handles a notice or an ack (either side). Returns false on a malformed message.
   bool handle_notice_or_ack(const json& j, LinkConnection& conn) {
     const std::string t = j.at("t").get<std::string>();
@@ -382,6 +405,9 @@ struct LinkService::Impl {
     if (t == "notice" || t == "ack") {
       return handle_notice_or_ack(*j, conn);
     }
+    if (t == "fetched") {
+      return handle_fetched(*j);
+    }
     try {
       if (alice) {
         if (t == "state" || t == "ready") {
@@ -389,9 +415,10 @@ struct LinkService::Impl {
           return true;
         }
       } else if (t == "hello") {
+        peer_takes_fetched = j->value("fetched", false);
         std::lock_guard lock(state_mu);
-        json reply = {
-            {"t", "state"}, {"epoch", epoch}, {"blocks", blocks}, {"pending", pending.has_value()}};
+        json reply = {{"t", "state"},  {"epoch", epoch},  {"blocks", blocks},
+                      {"pending", pending.has_value()}, {"fetched", true}};
         // The pool digest, and the one the pending block would lead to (compared when alice
         // has committed it), so that alice can tell equal counts over different pools.
         if (const auto d = store.pool_digest()) {
@@ -555,7 +582,10 @@ struct LinkService::Impl {
     }
     if (auto s =
             conn->send(Channel::kControl,
-                       to_bytes(json{{"t", "hello"}, {"epoch", my_epoch}, {"blocks", my_blocks}}));
+                       to_bytes(json{{"t", "hello"},
+                                     {"epoch", my_epoch},
+                                     {"blocks", my_blocks},
+                                     {"fetched", true}}));
         !s.ok()) {
       return s;
     }
@@ -568,6 +598,7 @@ struct LinkService::Impl {
       const auto e = state->at("epoch").get<std::uint64_t>();
       const auto b = state->at("blocks").get<std::uint64_t>();
       const bool p = state->at("pending").get<bool>();
+      peer_takes_fetched = state->value("fetched", false);
       std::lock_guard lock(state_mu);
       // Same epoch and count: the pools must also have the same digest (both ends known; a
       // store from before digests compares from its next epoch on). The peer's pending block
@@ -804,22 +835,45 @@ struct LinkService::Impl {
     }
   }
 
+  void send_fetched(const std::map<std::pair<std::string, std::string>, std::uint64_t>& reports) {
+    if (reports.empty() || !peer_takes_fetched) {
+      return;
+    }
+    std::shared_ptr<LinkConnection> c;
+    {
+      std::lock_guard lock(out_mu);
+      c = notice_conn;
+    }
+    if (!c) {
+      return;  // the link is down: the peer's budgets refill with time instead
+    }
+    json pairs = json::array();
+    for (const auto& [pair, n] : reports) {
+      pairs.push_back({{"master", pair.first}, {"slave", pair.second}, {"n", n}});
+    }
+    (void)c->send(Channel::kControl, to_bytes(json{{"t", "fetched"}, {"pairs", std::move(pairs)}}));
+  }
+
   void sleep_unless_stopping(std::chrono::milliseconds d) {
     std::unique_lock lock(conn_mu);
     conn_cv.wait_for(lock, d, [&] { return stopping.load(); });
   }
 
-  // Sends the acks of peer notices once the store has written them (one wait per group).
+  // Sends the acks of peer notices once the store has written them (one wait per group),
+  // and the fetch reports gathered meanwhile.
   void run_acks() {
     std::unique_lock lock(ack_mu);
     for (;;) {
-      ack_cv.wait(lock, [&] { return stopping.load() || !acks.empty(); });
-      if (acks.empty()) {
+      ack_cv.wait(lock, [&] { return stopping.load() || !acks.empty() || !fetched.empty(); });
+      if (acks.empty() && fetched.empty()) {
         return;
       }
       std::deque<PendingAck> batch = std::move(acks);
       acks.clear();
+      auto reports = std::move(fetched);
+      fetched.clear();
       lock.unlock();
+      send_fetched(reports);
       std::uint64_t ticket = 0;
       for (const auto& a : batch) {
         ticket = std::max(ticket, a.ticket);
@@ -1019,6 +1073,20 @@ void LinkService::stop() {
   if (im->acker.joinable()) {
     im->acker.join();
   }
+}
+
+void LinkService::report_fetched(const std::string& master, const std::string& slave,
+                                 std::uint64_t n) {
+  if (n == 0) {
+    return;
+  }
+  std::lock_guard lock(impl_->ack_mu);
+  impl_->fetched[{master, slave}] += n;
+  impl_->ack_cv.notify_one();
+}
+
+void LinkService::set_fetch_listener(FetchListener listener) {
+  impl_->fetch_listener = std::move(listener);
 }
 
 LinkStats LinkService::stats() const {

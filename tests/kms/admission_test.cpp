@@ -12,6 +12,7 @@
 #include <sstream>
 #include <thread>
 
+#include "qkd/test/etsi_helpers.hpp"
 #include "qkd/test/kme_network.hpp"
 
 namespace {
@@ -22,10 +23,8 @@ using qkd::test::HttpResponse;
 using qkd::test::KmeNetwork;
 using qkd::test::KmeNetworkOptions;
 
-std::string message_of(const HttpResponse& r) {
-  const json j = r.json();
-  return j.is_discarded() ? "<not JSON: " + r.body + ">" : j.value("message", "");
-}
+using qkd::test::dec_body;
+using qkd::test::message_of;
 
 std::size_t key_count(const HttpResponse& r) {
   const json j = r.json();
@@ -265,6 +264,81 @@ TEST(AdmissionTest, FloodNamingOneSlaveDoesNotStarveAnother) {
   cfg["admission"] = {{"sae_keys_per_s", 0}, {"pair_keys_per_window", 0}};
   std::tie(code, out) = check_config(*net, cfg);
   EXPECT_EQ(code, 0) << out;
+}
+
+// The pair budget counts keys outstanding: keys the slave fetched give their tokens back,
+// whether the slave fetches at the peer KME (reported over the link) or at this one
+// (multicast to a slave of the master's KME); keys nobody fetches keep the pair refused.
+TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
+  KmeNetworkOptions o;
+  o.extra_alice_saes = {"carol"};
+  o.extra_bob_saes = {"dave"};
+  o.max_key_per_request = 10;
+  o.customize = [](json& alice, json&) {
+    alice["admission"] = {{"sae_keys_per_s", 0},
+                          {"pair_keys_per_window", 20},
+                          {"pair_window_s", 3600}};  // no refill within the test
+  };
+  auto net = qkd::test::start_network_with_keys(o, 100);
+  ASSERT_TRUE(net);
+  const auto alice = net->client(net->alice(), "alice");
+  const auto bob = net->client(net->bob(), "bob");
+  const auto carol = net->client(net->alice(), "carol");
+  auto enc = [&](const std::string& body) {
+    auto r = alice.post("/api/v1/keys/bob/enc_keys", body);
+    EXPECT_TRUE(r.ok()) << r.error().message;
+    return r.ok() ? *r : HttpResponse{};
+  };
+  auto ids_of = [](const HttpResponse& r) {
+    std::vector<std::string> ids;
+    const json j = r.json();
+    for (const auto& k : j.at("keys")) {
+      ids.push_back(k.at("key_ID").get<std::string>());
+    }
+    return ids;
+  };
+  // Spend the alice -> bob budget (and alice -> carol's, with carol as additional slave).
+  const std::string both = json{{"number", 10}, {"additional_slave_SAE_IDs", {"carol"}}}.dump();
+  const HttpResponse first = enc(both);
+  ASSERT_EQ(first.status, 200u) << first.body;
+  const HttpResponse second = enc(both);
+  ASSERT_EQ(second.status, 200u) << second.body;
+  ASSERT_EQ(enc(R"({"number": 10})").status, 503u) << "the pair budget is 20";
+  std::this_thread::sleep_for(300ms);
+  ASSERT_EQ(enc(R"({"number": 10})").status, 503u) << "nothing fetched, nothing given back";
+
+  // Bob fetches 10 keys at his KME: 10 tokens come back to alice -> bob, and no more.
+  auto d = bob.post("/api/v1/keys/alice/dec_keys", dec_body(ids_of(first)));
+  ASSERT_TRUE(d.ok()) << d.error().message;
+  ASSERT_EQ(d->status, 200u) << d->body;
+  std::optional<HttpResponse> again;
+  for (int i = 0; i < 50 && !again; ++i) {
+    std::this_thread::sleep_for(100ms);
+    if (auto r = enc(R"({"number": 10})"); r.status == 200) {
+      again = r;
+    } else {
+      ASSERT_EQ(r.status, 503u) << r.body;
+    }
+  }
+  ASSERT_TRUE(again) << "bob's fetch gave no budget back";
+  EXPECT_EQ(enc(R"({"number": 10})").status, 503u) << "more came back than was fetched";
+
+  // Carol, a slave at alice's own KME, fetches hers: alice -> carol gets its tokens back
+  // (dave, at bob's KME, has a budget of his own), while alice -> bob stays spent.
+  auto dave_and_carol = [&] {
+    auto r = alice.post("/api/v1/keys/dave/enc_keys", both);
+    EXPECT_TRUE(r.ok()) << r.error().message;
+    return r.ok() ? *r : HttpResponse{};
+  };
+  const HttpResponse before = dave_and_carol();
+  ASSERT_EQ(before.status, 503u) << before.body;
+  EXPECT_NE(message_of(before).find("\"alice\" -> \"carol\""), std::string::npos) << before.body;
+  auto c = carol.post("/api/v1/keys/alice/dec_keys", dec_body(ids_of(first)));
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  ASSERT_EQ(c->status, 200u) << c->body;
+  const HttpResponse after = dave_and_carol();
+  EXPECT_EQ(after.status, 200u) << after.body;
+  EXPECT_EQ(enc(R"({"number": 10})").status, 503u);
 }
 
 }  // namespace

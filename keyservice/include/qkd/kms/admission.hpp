@@ -4,14 +4,16 @@
 // names, so an unauthenticated flood of ClientHellos could drain the pool that every SAE at
 // this KME shares. Two token buckets bound that:
 //   - per calling (master) SAE: admission.sae_keys_per_s, up to admission.sae_burst keys;
-//   - per (master, slave) pair: admission.pair_keys_per_window keys per
-//     admission.pair_window_s seconds (the bucket refills evenly over the window).
+//   - per (master, slave) pair, keys outstanding: admission.pair_keys_per_window keys
+//     delivered to the master and not fetched by the slave, per admission.pair_window_s
+//     seconds. A key's token comes back when its slave fetches it (dec_keys here, or at
+//     the peer KME, which reports fetches over the link: LinkService::report_fetched), and
+//     otherwise with the bucket's even refill over the window (so a key never fetched
+//     holds its token for at most one window).
 // A request of N keys (with additional slaves: N keys charged to each pair) takes N tokens
 // from every bucket concerned, or from none: a refused request consumes nothing, neither
 // tokens nor pool keys. Tokens of an admitted request that delivered no key (400, 503) are
-// given back. The KME cannot see when the slave fetches a key at the peer (dec_keys there
-// is not reported back over the link), so the pair budget counts keys per window instead
-// of keys outstanding.
+// given back.
 //
 // A refusal becomes 503 with {"message": ...} naming the budget, and a Retry-After header:
 // the whole seconds until the bucket holds enough tokens for the same request.
@@ -71,6 +73,9 @@ class AdmissionControl {
   // Returns the tokens of an admitted request that delivered no key.
   void refund(const std::string& master, const std::vector<std::string>& slaves,
               std::uint64_t keys, Clock::time_point now);
+  // Returns `keys` tokens to the (master, slave) bucket only: the slave has fetched them.
+  void fetched(const std::string& master, const std::string& slave, std::uint64_t keys,
+               Clock::time_point now);
 
  private:
   struct Bucket {
@@ -79,6 +84,8 @@ class AdmissionControl {
     bool primed = false;
   };
   static void refill(Bucket& b, double rate, double capacity, Clock::time_point now);
+  void return_to_pair_locked(const std::string& master, const std::string& slave, double keys,
+                             Clock::time_point now);
 
   AdmissionConfig config_;
   std::mutex mu_;

@@ -38,6 +38,10 @@
 // (ignoring seq numbers it has applied) and answers ack{seq}. Unacknowledged notices are
 // resent after a resume; they are dropped on a reset (the peer lost the pool they refer to).
 //
+// Fetch reports. Both ends announce in hello/state ("fetched": true) that they take
+// fetched{pairs: [{master, slave, n}]}: keys of the receiver's master SAEs that slaves
+// fetched at the sender (admission control gives the pair's tokens back).
+//
 // Key age (keys.max_age_s > 0): a thread calls KeyStore::expire every quarter of the max
 // age (100 ms to 1 s). A KME discards the expired bytes of its own direction and tells the
 // peer in the notice stream (an entry {id: "", dir, off, len, discard: true}, in order with
@@ -50,6 +54,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "qkd/core/result.hpp"
@@ -76,6 +81,16 @@ class LinkService {
   void stop();
 
   [[nodiscard]] LinkStats stats() const;
+
+  // Fetch reports, for admission control's pair budgets (admission.hpp): `n` keys that
+  // master SAE `master`, at the peer KME, had assigned to slave SAE `slave` were fetched
+  // here. Sent to the peer in batches by the acker thread; best effort (dropped while the
+  // link is down, and never sent to a peer that did not announce it takes them).
+  void report_fetched(const std::string& master, const std::string& slave, std::uint64_t n);
+  // Receives the peer's fetch reports (on the link's I/O thread). Set before start().
+  using FetchListener =
+      std::function<void(const std::string& master, const std::string& slave, std::uint64_t n)>;
+  void set_fetch_listener(FetchListener listener);
 
  private:
   struct Impl;
