@@ -214,6 +214,30 @@ void AdmissionControl::refund(const std::string& master, const std::vector<std::
   }
 }
 
+std::optional<AdmissionControl::Refusal> AdmissionControl::enter_wait(const std::string& sae) {
+  std::lock_guard lock(mu_);
+  std::uint32_t& n = waiting_[sae];
+  if (config_.sae_waiting_dec_keys > 0 && n >= config_.sae_waiting_dec_keys) {
+    Refusal r;
+    r.budget = "waiting";
+    r.retry_after_s = 1;
+    r.message = fmt::format(
+        "admission control: SAE \"{}\" already has {} dec_keys requests waiting for their "
+        "keys; retry after 1 s",
+        sae, n);
+    return r;
+  }
+  ++n;
+  return std::nullopt;
+}
+
+void AdmissionControl::leave_wait(const std::string& sae) {
+  std::lock_guard lock(mu_);
+  if (auto it = waiting_.find(sae); it != waiting_.end() && it->second > 0) {
+    --it->second;
+  }
+}
+
 void AdmissionControl::fetched(const std::string& master, const std::string& slave,
                                std::uint64_t keys, Clock::time_point now) {
   std::lock_guard lock(mu_);

@@ -194,6 +194,17 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
         return std::nullopt;
       }
     }
+  } else if (info.route == "dec_keys" && known_caller && req.may_wait) {
+    // Run again on a worker, to wait for a notice in flight: one of the caller's places.
+    if (auto refusal = admission->enter_wait(caller)) {
+      metrics->add_admission_refusal(refusal->budget, caller);
+      spdlog::debug("api: {}: {}", caller, refusal->message);
+      reply.api = error_response(503, refusal->message);
+      reply.retry_after_s = refusal->retry_after_s;
+    } else {
+      reply.api = etsi->handle(caller, req);
+      admission->leave_wait(caller);
+    }
   } else {
     reply.api = etsi->handle(caller, req);
     if (reply.api.needs_wait) {

@@ -341,4 +341,71 @@ TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
   EXPECT_EQ(enc(R"({"number": 10})").status, 503u);
 }
 
+// dec_keys that must wait for their keys' notice hold a worker each: one SAE may hold at
+// most admission.sae_waiting_dec_keys of them; beyond that it gets 503 + Retry-After at
+// once, and another SAE at the same KME still waits (and is answered) as usual.
+TEST(AdmissionTest, WaitingDecKeysOfOneSaeAreBounded) {
+  KmeNetworkOptions o;
+  o.extra_bob_saes = {"dave"};
+  o.dec_wait_ms = 2500;
+  o.customize = [](json&, json& bob) { bob["admission"] = {{"sae_waiting_dec_keys", 2}}; };
+  auto net = qkd::test::start_network_with_keys(o, 4);
+  ASSERT_TRUE(net);
+  // Key_IDs nobody assigned: each dec_keys waits the full dec_wait_ms, then is a 400.
+  auto unknown = [](int i) { return fmt::format("00000000-0000-4000-8000-{:012d}", i); };
+  std::vector<std::optional<HttpResponse>> bob_replies(5);
+  std::optional<HttpResponse> dave_reply;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 5; ++i) {
+    threads.emplace_back([&, i] {
+      auto r = net->client(net->bob(), "bob")
+                   .get("/api/v1/keys/alice/dec_keys?key_ID=" + unknown(i));
+      if (r.ok()) {
+        bob_replies[static_cast<std::size_t>(i)] = *r;
+      }
+    });
+  }
+  std::this_thread::sleep_for(300ms);  // bob's first two are waiting by now
+  threads.emplace_back([&] {
+    auto r = net->client(net->bob(), "dave").get("/api/v1/keys/alice/dec_keys?key_ID=" +
+                                                 unknown(99));
+    if (r.ok()) {
+      dave_reply = *r;
+    }
+  });
+  for (auto& t : threads) {
+    t.join();
+  }
+  int waited = 0;
+  int refused = 0;
+  for (const auto& r : bob_replies) {
+    ASSERT_TRUE(r);
+    if (r->status == 400) {
+      ++waited;
+      EXPECT_EQ(message_of(*r), "one or more keys specified are not found on KME");
+    } else {
+      ASSERT_EQ(r->status, 503u) << r->body;
+      ++refused;
+      EXPECT_NE(message_of(*r).find("dec_keys requests waiting"), std::string::npos) << r->body;
+      EXPECT_EQ(r->retry_after, "1");
+    }
+  }
+  EXPECT_EQ(waited, 2);
+  EXPECT_EQ(refused, 3);
+  ASSERT_TRUE(dave_reply);
+  EXPECT_EQ(dave_reply->status, 400u) << "dave waited and was answered: " << dave_reply->body;
+  // The places are given back: bob may wait again.
+  auto again = net->client(net->bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" +
+                                                  unknown(100));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->status, 400u) << again->body;
+
+  // More places than there are workers is refused, naming the field.
+  json cfg = read_json(net->bob().config_file);
+  cfg["admission"] = {{"sae_waiting_dec_keys", 65}};
+  auto [code, out] = check_config(*net, cfg);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("admission.sae_waiting_dec_keys"), std::string::npos) << out;
+}
+
 }  // namespace

@@ -73,6 +73,10 @@ class AdmissionControl {
   // Returns the tokens of an admitted request that delivered no key.
   void refund(const std::string& master, const std::vector<std::string>& slaves,
               std::uint64_t keys, Clock::time_point now);
+  // A dec_keys of `sae` that has to wait for its keys' notice takes one of the SAE's
+  // admission.sae_waiting_dec_keys places, or is refused; leave_wait() gives it back.
+  [[nodiscard]] std::optional<Refusal> enter_wait(const std::string& sae);
+  void leave_wait(const std::string& sae);
   // Returns `keys` tokens to the (master, slave) bucket only: the slave has fetched them.
   void fetched(const std::string& master, const std::string& slave, std::uint64_t keys,
                Clock::time_point now);
@@ -91,6 +95,7 @@ class AdmissionControl {
   std::mutex mu_;
   std::map<std::string, Bucket> sae_;
   std::map<std::pair<std::string, std::string>, Bucket> pair_;
+  std::map<std::string, std::uint32_t> waiting_;  // dec_keys waiting, per SAE
 };
 
 }  // namespace qkd::kms

@@ -59,10 +59,16 @@ struct AdmissionConfig {
   // sae_burst keys.
   std::uint64_t sae_keys_per_s = 5000;
   std::uint64_t sae_burst = 10000;
-  // Per (master, slave) pair: at most pair_keys_per_window keys per pair_window_s seconds
-  // (a token bucket of that capacity refilled evenly over the window).
+  // Per (master, slave) pair: at most pair_keys_per_window keys outstanding (not fetched by
+  // the slave yet) per pair_window_s seconds (a token bucket of that capacity refilled
+  // evenly over the window; a fetched key gives its token back).
   std::uint64_t pair_keys_per_window = 2500;
   double pair_window_s = 1.0;
+  // dec_keys requests of one SAE waiting for their keys' notice at once (each holds one of
+  // the KME's 64 waiting workers for up to keys.dec_wait_ms); 0 = no limit. Off by default:
+  // a busy slave legitimately has many waiting when the notices lag (kms_load, 64
+  // connections of one SAE: ~8 % of requests refused at 32).
+  std::uint32_t sae_waiting_dec_keys = 0;
 };
 
 // Prometheus metrics: GET /metrics on the API listener (mutual TLS, like /health), and
