@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <functional>
 #include <regex>
 #include <set>
 #include <string>
@@ -86,6 +87,38 @@ class Etsi014 : public qkd::test::SharedNetworkSuite<Etsi014> {
     return key_list(r);
   }
 
+  // Runs `refused` (a request that must consume nothing) between two scrapes of alice-kme's
+  // /metrics and checks that her direction of the pool (uncapped, in bytes) is unchanged;
+  // retried while a block lands in between. False if no quiet pair of scrapes was found.
+  static bool consumes_nothing(const std::function<void()>& refused) {
+    auto scrape = [] {
+      HttpResponse m = get(at_alice(), "/metrics");
+      auto value = [&](const std::string& name) {
+        const auto at = m.body.find("\n" + name + " ");
+        return at == std::string::npos
+                   ? -1.0
+                   : std::stod(m.body.substr(at + name.size() + 2,
+                                             m.body.find('\n', at + 1) - at - name.size() - 2));
+      };
+      return std::pair{value("qkd_kms_pool_committed_bytes{peer_kme_id=\"bob-kme\"}"),
+                       value("qkd_kms_pool_bytes{peer_kme_id=\"bob-kme\",direction=\"local\"}")};
+    };
+    for (int attempt = 0; attempt < 20; ++attempt) {
+      const auto before = scrape();
+      refused();
+      const auto after = scrape();
+      if (before.first < 0 || before.second < 0) {
+        ADD_FAILURE() << "pool metrics missing";
+        return false;
+      }
+      if (before.first == after.first) {  // no block committed meanwhile
+        EXPECT_EQ(after.second, before.second) << "pool bytes taken by a refused request";
+        return true;
+      }
+    }
+    return false;
+  }
+
   static std::uint64_t stored_key_count(const HttpsTestClient& c, const std::string& slave) {
     HttpResponse r = get(c, fmt::format("/api/v1/keys/{}/status", slave));
     const json j = r.json();
@@ -106,7 +139,8 @@ TEST_F(Etsi014, ConnectionWithoutClientCertificateIsRefused) {
   anonymous.key_file.clear();
   HttpsTestClient c(net_->alice().host, net_->alice().api_port, anonymous);
   auto r = c.get("/api/v1/keys/bob/status");
-  EXPECT_FALSE(r.ok() && r->status == 200u);
+  // Refused in the TLS handshake: no HTTP answer at all, not even a 401.
+  EXPECT_FALSE(r.ok()) << "answered " << r->status << " " << r->body;
 }
 
 // "Transport and authentication" / "Status codes": the caller's SAE ID comes from its
@@ -117,6 +151,10 @@ TEST_F(Etsi014, UnknownSaeCertificateIs401OnEveryRoute) {
   EXPECT_EQ(get(mallory, "/api/v1/keys/bob/enc_keys").status, 401u);
   EXPECT_EQ(post(mallory, "/api/v1/keys/bob/enc_keys", "{}").status, 401u);
   EXPECT_EQ(get(mallory, "/api/v1/keys/bob/dec_keys?key_ID=0f0e0d0c-0b0a-4908-8706-050403020100")
+                .status,
+            401u);
+  EXPECT_EQ(post(mallory, "/api/v1/keys/bob/dec_keys",
+                 R"({"key_IDs": [{"key_ID": "0f0e0d0c-0b0a-4908-8706-050403020100"}]})")
                 .status,
             401u);
   // An SAE served by the *other* KME is unknown here too.
@@ -407,6 +445,11 @@ TEST_F(Etsi014, UnsupportedExtensionMandatoryIsTheStandardMessage) {
                         R"({"extension_mandatory": [{"abc_route_type": "direct"}]})");
   EXPECT_EQ(r.status, 400u);
   EXPECT_EQ(message_of(r), kExtMandatory);
+  EXPECT_TRUE(consumes_nothing([] {
+    HttpResponse again = post(at_alice(), "/api/v1/keys/bob/enc_keys",
+                              R"({"number": 3, "extension_mandatory": [{"abc_route_type": 1}]})");
+    EXPECT_EQ(again.status, 400u) << again.body;
+  })) << "never two scrapes without a block between them";
 }
 
 // "Bodies: Key request": an empty extension_mandatory asks for nothing: served.
@@ -703,6 +746,11 @@ TEST_F(Etsi014, NotEnoughKeyIs503AndConsumesNothing) {
   EXPECT_NE(message_of(r).find("not enough key material"), std::string::npos) << r.body;
   EXPECT_TRUE(key_list(r).empty());
   EXPECT_GE(stored_key_count(at_alice(), "bob"), before);
+  EXPECT_TRUE(consumes_nothing([] {
+    HttpResponse again =
+        post(at_alice(), "/api/v1/keys/bob/enc_keys", R"({"number": 128, "size": 8192})");
+    EXPECT_EQ(again.status, 503u) << again.body;
+  })) << "never two scrapes without a block between them";
 }
 
 // "Bodies: Error": 400 and 503 carry {"message": "..."}; 401 needs no body.
