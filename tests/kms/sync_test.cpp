@@ -54,8 +54,8 @@ struct Delivered {
 // Everything the test saw, shared by its threads.
 struct Ledger {
   std::mutex mu;
-  std::map<std::string, Delivered> enc;   // key_ID -> what enc_keys delivered
-  std::map<std::string, int> dec_count;   // key_ID -> deliveries by dec_keys
+  std::map<std::string, Delivered> enc;  // key_ID -> what enc_keys delivered
+  std::map<std::string, int> dec_count;  // key_ID -> deliveries by dec_keys
   std::vector<std::string> violations;
   std::atomic<std::uint64_t> enc_requests{0}, dec_requests{0};
 
@@ -118,54 +118,57 @@ KmeNetworkOptions sync_options() {
 }
 
 // Phase 1: every SAE of both KMEs runs `requests` enc_keys (number 1..3) for the peer's
-// SAEs in turn, all at once. With `dec_at_once`, each thread fetches each batch at the peer
-// right away (the notice may still be in flight).
-void run_enc(const KmeNetwork& net, Ledger& ledger, int requests, bool dec_at_once) {
+// SAEs in turn, all at once, over `conns` connections (threads) per SAE. With
+// `dec_at_once`, each thread fetches each batch at the peer right away (the notice may
+// still be in flight).
+void run_enc(const KmeNetwork& net, Ledger& ledger, int requests, bool dec_at_once, int conns = 1) {
   std::vector<std::thread> threads;
   for (int side = 0; side < 2; ++side) {
     const bool at_alice = side == 0;
     const auto& masters = at_alice ? kAliceSaes : kBobSaes;
     const auto& slaves = at_alice ? kBobSaes : kAliceSaes;
     for (std::size_t m = 0; m < masters.size(); ++m) {
-      threads.emplace_back([&, at_alice, m] {
-        const std::string master = masters[m];
-        auto client = make_client(net, at_alice ? net.alice() : net.bob(), master);
-        std::map<std::string, std::unique_ptr<qkd::etsi::Client>> slave_clients;
-        if (client == nullptr) {
-          ledger.violation("no client");
-          return;
-        }
-        for (int i = 0; i < requests; ++i) {
-          const std::string& slave = slaves[(static_cast<std::size_t>(i) + m) % slaves.size()];
-          const auto number = static_cast<std::uint32_t>(1 + (i + m) % 3);
-          auto keys = client->enc_keys(slave, number, kKeyBits);
-          ++ledger.enc_requests;
-          if (!keys.ok()) {
-            ledger.violation(fmt::format("enc_keys by {} for {}: {}", master, slave,
-                                         keys.error().message));
-            continue;
+      for (int conn = 0; conn < conns; ++conn) {
+        threads.emplace_back([&, at_alice, m, conn] {
+          const std::string master = masters[m];
+          auto client = make_client(net, at_alice ? net.alice() : net.bob(), master);
+          std::map<std::string, std::unique_ptr<qkd::etsi::Client>> slave_clients;
+          if (client == nullptr) {
+            ledger.violation("no client");
+            return;
           }
-          ledger.record_enc(master, slave, at_alice, number, keys.value());
-          if (!dec_at_once) {
-            continue;
+          for (int i = conn; i < requests; i += conns) {
+            const std::string& slave = slaves[(static_cast<std::size_t>(i) + m) % slaves.size()];
+            const auto number = static_cast<std::uint32_t>(1 + (i + m) % 3);
+            auto keys = client->enc_keys(slave, number, kKeyBits);
+            ++ledger.enc_requests;
+            if (!keys.ok()) {
+              ledger.violation(
+                  fmt::format("enc_keys by {} for {}: {}", master, slave, keys.error().message));
+              continue;
+            }
+            ledger.record_enc(master, slave, at_alice, number, keys.value());
+            if (!dec_at_once) {
+              continue;
+            }
+            auto& sc = slave_clients[slave];
+            if (!sc) {
+              sc = make_client(net, at_alice ? net.bob() : net.alice(), slave);
+            }
+            std::vector<std::string> ids;
+            for (const auto& k : keys.value()) {
+              ids.push_back(k.key_id);
+            }
+            auto got = sc->dec_keys(master, ids);
+            ++ledger.dec_requests;
+            if (!got.ok()) {
+              ledger.violation(fmt::format("dec_keys by {}: {}", slave, got.error().message));
+              continue;
+            }
+            ledger.record_dec(ids, got.value());
           }
-          auto& sc = slave_clients[slave];
-          if (!sc) {
-            sc = make_client(net, at_alice ? net.bob() : net.alice(), slave);
-          }
-          std::vector<std::string> ids;
-          for (const auto& k : keys.value()) {
-            ids.push_back(k.key_id);
-          }
-          auto got = sc->dec_keys(master, ids);
-          ++ledger.dec_requests;
-          if (!got.ok()) {
-            ledger.violation(fmt::format("dec_keys by {}: {}", slave, got.error().message));
-            continue;
-          }
-          ledger.record_dec(ids, got.value());
-        }
-      });
+        });
+      }
     }
   }
   for (auto& t : threads) {
@@ -219,9 +222,9 @@ void run_dec(const KmeNetwork& net, Ledger& ledger, bool fetch) {
             }
             auto again = client->dec_keys(master, batch);  // each a second time
             if (again.ok() || qkd::etsi::rejected_http_status(again.error()) != 400) {
-              ledger.violation(fmt::format(
-                  "second dec_keys by {}: {}", slave,
-                  again.ok() ? std::string("200") : again.error().message));
+              ledger.violation(
+                  fmt::format("second dec_keys by {}: {}", slave,
+                              again.ok() ? std::string("200") : again.error().message));
             }
           }
         }
@@ -255,16 +258,17 @@ void check(Ledger& ledger, std::size_t min_keys) {
             << " keys bob->alice\n";
 }
 
-// 3 SAEs x 2 KMEs x 400 requests = 2,400 concurrent enc_keys (about 4,800 keys), then
-// their dec_keys.
+// 3 SAEs x 2 KMEs x 400 requests = 2,400 enc_keys (about 4,800 keys) over 48 connections
+// at once (8 per SAE), then their dec_keys.
 TEST(KmsSync, ThousandsOfConcurrentEncKeysFromBothSides) {
   constexpr int kRequests = 400;
+  constexpr int kConnsPerSae = 8;
   KmeNetworkOptions o = sync_options();
   o.max_key_count = 3000;  // per direction: more than the 2,400 keys each side draws
   auto net = qkd::test::start_network_with_keys(o, 2600);  // full pools first
   ASSERT_NE(net, nullptr);
   Ledger ledger;
-  run_enc(*net, ledger, kRequests, false);
+  run_enc(*net, ledger, kRequests, false, kConnsPerSae);
   run_dec(*net, ledger, true);
   check(ledger, static_cast<std::size_t>(6 * kRequests));
 }
