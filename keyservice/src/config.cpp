@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "qkd/kms/key_store.hpp"
+#include "qkd/kms/tls.hpp"
 #include "qkd/kms/util.hpp"
 
 namespace qkd::kms {
@@ -511,6 +512,11 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
     check_readable("api.cert", c.api.cert, check_files);
     check_readable("api.key", c.api.key, check_files);
     check_readable("api.ca", c.api.ca, check_files);
+    if (check_files) {  // each a PEM file of its kind, and the key the certificate's
+      if (auto bad = check_tls_files(c.api)) {
+        fail(bad->field, bad->message);
+      }
+    }
     a.finish();
   }
   c.saes = top.string_list("saes");

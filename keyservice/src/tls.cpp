@@ -4,32 +4,67 @@
 #include <openssl/err.h>
 #include <openssl/x509.h>
 
+#include <filesystem>
+#include <utility>
+
 namespace qkd::kms {
 
 namespace asio = boost::asio;
 using qkd::core::ErrorCode;
 using qkd::core::make_error;
 
+namespace {
+
+// Builds the context; on failure sets `failed` to the field whose file could not be used.
+std::shared_ptr<asio::ssl::context> build(const ApiConfig& api, TlsRole role,
+                                          std::optional<TlsFileError>& failed) {
+  auto ctx = std::make_shared<asio::ssl::context>(
+      role == TlsRole::kServer ? asio::ssl::context::tls_server : asio::ssl::context::tls_client);
+  if (SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_3_VERSION) != 1) {
+    failed = TlsFileError{"(TLS)", "cannot require TLS 1.3"};
+    return nullptr;
+  }
+  ctx->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
+                   asio::ssl::context::no_sslv3 | asio::ssl::context::single_dh_use);
+  // The key is checked against the certificate when it is loaded.
+  const std::pair<const char*, const std::filesystem::path*> steps[] = {
+      {"api.cert", &api.cert}, {"api.key", &api.key}, {"api.ca", &api.ca}};
+  for (const auto& [field, file] : steps) {
+    boost::system::error_code ec;
+    const std::string f = file->string();
+    if (file == &api.cert) {
+      ctx->use_certificate_chain_file(f, ec);
+    } else if (file == &api.key) {
+      ctx->use_private_key_file(f, asio::ssl::context::pem, ec);
+    } else {
+      ctx->load_verify_file(f, ec);
+    }
+    if (ec) {
+      failed = TlsFileError{field, fmt::format("cannot use {}: {}", f, ec.message())};
+      return nullptr;
+    }
+  }
+  ctx->set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
+  return ctx;
+}
+
+}  // namespace
+
 qkd::core::Result<std::shared_ptr<asio::ssl::context>> make_tls_context(const ApiConfig& api,
                                                                         TlsRole role) {
-  try {
-    auto ctx = std::make_shared<asio::ssl::context>(
-        role == TlsRole::kServer ? asio::ssl::context::tls_server : asio::ssl::context::tls_client);
-    if (SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_3_VERSION) != 1) {
-      return make_error(ErrorCode::kInternal, "cannot require TLS 1.3");
-    }
-    ctx->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
-                     asio::ssl::context::no_sslv3 | asio::ssl::context::single_dh_use);
-    ctx->use_certificate_chain_file(api.cert.string());
-    ctx->use_private_key_file(api.key.string(), asio::ssl::context::pem);
-    ctx->load_verify_file(api.ca.string());
-    ctx->set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
-    return ctx;
-  } catch (const std::exception& e) {
+  std::optional<TlsFileError> failed;
+  auto ctx = build(api, role, failed);
+  if (!ctx) {
     return make_error(ErrorCode::kInvalidArgument,
-                      fmt::format("TLS setup with {} / {} / {}: {}", api.cert.string(),
-                                  api.key.string(), api.ca.string(), e.what()));
+                      fmt::format("{}: {}", failed->field, failed->message));
   }
+  return ctx;
+}
+
+std::optional<TlsFileError> check_tls_files(const ApiConfig& api) {
+  std::optional<TlsFileError> failed;
+  (void)build(api, TlsRole::kServer, failed);
+  return failed;
 }
 
 std::optional<std::string> peer_common_name(SSL* ssl) {

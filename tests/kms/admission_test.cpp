@@ -408,4 +408,35 @@ TEST(AdmissionTest, WaitingDecKeysOfOneSaeAreBounded) {
   EXPECT_NE(out.find("admission.sae_waiting_dec_keys"), std::string::npos) << out;
 }
 
+// --check-config (and the start) load the PEM files as the KME will: a file that is
+// readable but not a certificate, or a key of another certificate, is refused naming the
+// field and the file.
+TEST(ConfigCheck, TlsFilesMustBeUsable) {
+  auto net = qkd::test::start_network_with_keys({}, 0);
+  ASSERT_TRUE(net);
+  const json alice = read_json(net->alice().config_file);
+  const json bob = read_json(net->bob().config_file);
+  auto [code, out] = check_config(*net, alice);
+  EXPECT_EQ(code, 0) << out;
+
+  json cfg = alice;
+  cfg["api"]["key"] = bob.at("api").at("key");  // bob-kme's key, alice-kme's certificate
+  std::tie(code, out) = check_config(*net, cfg);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("check.json: api.key: cannot use"), std::string::npos) << out;
+
+  cfg = alice;
+  cfg["api"]["cert"] = net->alice().config_file.filename().string();  // readable, not PEM
+  std::tie(code, out) = check_config(*net, cfg);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("api.cert: cannot use"), std::string::npos) << out;
+  EXPECT_NE(out.find(net->alice().config_file.filename().string()), std::string::npos) << out;
+
+  cfg = alice;
+  cfg["api"]["ca"] = alice.at("api").at("key");  // a key where the CA should be
+  std::tie(code, out) = check_config(*net, cfg);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("api.ca: cannot use"), std::string::npos) << out;
+}
+
 }  // namespace

@@ -18,9 +18,19 @@ enum class TlsRole { kServer, kClient };
 
 // A context that presents `api.cert`/`api.key`, requires and verifies the peer's
 // certificate against `api.ca` (a peer without a verifiable certificate fails the
-// handshake) and allows only TLS 1.3.
+// handshake) and allows only TLS 1.3. An error names the field and its file ("api.key:
+// cannot use /etc/qkd-kms/alice.key: ...", also for a key that does not match the
+// certificate).
 [[nodiscard]] qkd::core::Result<std::shared_ptr<boost::asio::ssl::context>> make_tls_context(
     const ApiConfig& api, TlsRole role);
+
+// The field ("api.cert", "api.key", "api.ca") and the message of the first PEM file that
+// make_tls_context could not use, or nullopt when all three are usable.
+struct TlsFileError {
+  std::string field;
+  std::string message;
+};
+[[nodiscard]] std::optional<TlsFileError> check_tls_files(const ApiConfig& api);
 
 // The subject CN of the verified peer certificate, or nullopt if there is none (or it has
 // no single CN).
