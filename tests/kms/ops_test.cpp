@@ -406,6 +406,14 @@ TEST(OpsTest, SigtermDuringRequestsExitsCleanlyAndRestartServesOn) {
   while (ok.load() < 40 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(10ms);
   }
+  // A request in progress at SIGTERM: a dec_keys waiting (keys.dec_wait_ms, 2 s) for a
+  // key_ID nobody assigned. It must get its complete answer, not a cut connection.
+  std::optional<qkd::core::Result<HttpResponse>> waiting;
+  std::thread waiter([&] {
+    waiting = net->client(kme, "alice")
+                  .get("/api/v1/keys/bob/dec_keys?key_ID=00000000-0000-4000-8000-00000000abcd");
+  });
+  std::this_thread::sleep_for(300ms);
   net->stop_kme("alice-kme");  // SIGTERM while the four clients keep asking
   const int st = net->alice().last_exit_status;
   std::this_thread::sleep_for(200ms);
@@ -413,6 +421,15 @@ TEST(OpsTest, SigtermDuringRequestsExitsCleanlyAndRestartServesOn) {
   for (auto& t : threads) {
     t.join();
   }
+  waiter.join();
+  ASSERT_TRUE(waiting.has_value());
+  ASSERT_TRUE(waiting->ok()) << "the waiting request was cut: " << waiting->error().message;
+  EXPECT_EQ((*waiting)->status, 400u) << (*waiting)->body;
+  EXPECT_EQ(qkd::test::message_of(**waiting), "one or more keys specified are not found on KME");
+  // The store was closed cleanly: its last connection checkpointed and removed the WAL.
+  EXPECT_TRUE(std::filesystem::exists(net->dir() / "alice-kme.db"));
+  EXPECT_FALSE(std::filesystem::exists(net->dir() / "alice-kme.db-wal"))
+      << "the WAL is left: the store was not closed";
   EXPECT_GE(ok.load(), 40);
   ASSERT_TRUE(WIFEXITED(st)) << "qkd-kms did not exit by itself on SIGTERM (status " << st << ")";
   EXPECT_EQ(WEXITSTATUS(st), 0);
