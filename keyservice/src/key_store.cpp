@@ -681,6 +681,19 @@ class JournaledStore final : public KeyStore {
     return st;
   }
 
+  std::map<std::pair<std::string, std::string>, std::uint64_t> waiting_by_pair() const override {
+    std::lock_guard lock(mu_);
+    std::map<std::pair<std::string, std::string>, std::uint64_t> out;
+    for (const auto& [id, k] : records_) {
+      for (const auto& slave : k.slaves) {
+        if (std::find(k.fetched.begin(), k.fetched.end(), slave) == k.fetched.end()) {
+          ++out[{k.master, slave}];
+        }
+      }
+    }
+    return out;
+  }
+
  private:
   DirectionStream& own_stream() { return streams_[static_cast<int>(own_)]; }
 

@@ -82,7 +82,11 @@ struct Kme::Impl {
   // The request's metrics, once its reply is final.
   void record(const std::string& caller, const RequestInfo& info, bool known_caller,
               const HttpReply& reply, std::chrono::steady_clock::time_point t0);
-  std::string render_metrics() const { return metrics->render(store->stats(), link->stats()); }
+  std::string render_metrics() const {
+    StoreStats st = store->stats();
+    st.waiting_by_pair = store->waiting_by_pair();
+    return metrics->render(st, link->stats());
+  }
 
   std::mutex mu;
   std::condition_variable cv;

@@ -129,6 +129,13 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link) cons
          "Keys the peer assigned to SAEs here, not yet fetched by dec_keys.");
   fmt::format_to(o, "qkd_kms_assigned_keys_waiting{{peer_kme_id=\"{}\"}} {}\n", peer,
                  store.assigned_keys_waiting);
+  header(out, "qkd_kms_pair_keys_waiting", "gauge",
+         "Keys waiting here for their slave SAE's dec_keys, by SAE pair (a multicast key once "
+         "per slave that has not fetched it).");
+  for (const auto& [pair, n] : store.waiting_by_pair) {
+    fmt::format_to(o, "qkd_kms_pair_keys_waiting{{master_sae=\"{}\",slave_sae=\"{}\"}} {}\n",
+                   escape_label_value(pair.first), escape_label_value(pair.second), n);
+  }
   header(out, "qkd_kms_pending_notices", "gauge",
          "Peer key-assignment notices waiting for key bytes not committed here yet.");
   fmt::format_to(o, "qkd_kms_pending_notices{{peer_kme_id=\"{}\"}} {}\n", peer,

@@ -198,6 +198,17 @@ TEST(OpsTest, MetricsScrapeIsValidAndCountersMove) {
   EXPECT_EQ(at(eb, "qkd_kms_keys_delivered_total{route=\"dec_keys\",master_sae=\"alice\","
                    "slave_sae=\"bob\"}"),
             12.0);
+  // The two keys alice took since wait at bob-kme for bob, by SAE pair (once their notices
+  // have arrived).
+  const std::string pair_waiting = "qkd_kms_pair_keys_waiting{master_sae=\"alice\",slave_sae=\"bob\"}";
+  double waiting = at(eb, pair_waiting);
+  for (int i = 0; i < 40 && waiting != 2.0; ++i) {
+    std::this_thread::sleep_for(50ms);
+    auto again = bob.get("/metrics");
+    ASSERT_TRUE(again.ok());
+    waiting = at(qkd::test::parse_exposition(again->body), pair_waiting);
+  }
+  EXPECT_EQ(waiting, 2.0);
 
   // A certificate whose CN is not one of the KME's SAEs: 401, as for /health.
   auto m = net->client(net->alice(), "mallory").get("/metrics");

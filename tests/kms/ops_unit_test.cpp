@@ -171,6 +171,7 @@ TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {
   m.add_admission_refusal("pair", odd);
   qkd::kms::StoreStats st;
   st.own_available_bytes = 320;
+  st.waiting_by_pair[{odd, "bob"}] = 3;
   st.request_commits.add(0.0004);
   st.request_commits.add(0.003);
   st.request_commits.add(1.5);  // above the last bound: only in +Inf
@@ -190,6 +191,8 @@ TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {
                          "\"}"),
             1.0);
   EXPECT_EQ(e.samples.at("qkd_kms_pool_keys{peer_kme_id=\"peer\\two\",direction=\"local\"}"), 10.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_pair_keys_waiting{master_sae=\"" + odd + "\",slave_sae=\"bob\"}"),
+            3.0);
   EXPECT_EQ(e.samples.at("qkd_kms_link_blocks_total{peer_kme_id=\"peer\\two\",result=\"settled\"}"),
             5.0);
   EXPECT_EQ(e.samples.at("qkd_kms_http_request_duration_seconds_bucket{route=\"enc_keys\","

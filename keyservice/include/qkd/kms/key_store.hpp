@@ -27,10 +27,12 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "qkd/core/result.hpp"
@@ -94,6 +96,9 @@ struct StoreStats {
   std::uint64_t peer_available_bytes = 0;   // not yet assigned by the peer
   std::uint64_t assigned_keys_waiting = 0;  // peer-assigned keys not yet delivered (dec_keys)
   std::uint64_t pending_notices = 0;        // notices for bytes not committed yet
+  // assigned_keys_waiting by (master SAE, slave SAE), a multicast key once per slave that
+  // has not fetched it; filled only from KeyStore::waiting_by_pair() (for /metrics).
+  std::map<std::pair<std::string, std::string>, std::uint64_t> waiting_by_pair;
   // The durable store's transactions (all zero for the memory store): those with only API
   // requests' and notices' writes, and those carrying a write of the link (a block commit,
   // Bob's pending block, a new epoch: larger, and no request waits for them as such).
@@ -245,6 +250,9 @@ class KeyStore {
   [[nodiscard]] virtual bool knows_all(const std::vector<std::string>& key_ids) const = 0;
 
   [[nodiscard]] virtual StoreStats stats() const = 0;
+  // StoreStats::waiting_by_pair (a walk over the waiting keys: for scrapes, not per request).
+  [[nodiscard]] virtual std::map<std::pair<std::string, std::string>, std::uint64_t>
+  waiting_by_pair() const = 0;
 
   // --- key age (keys.max_age_s) ---
   // Keys older than `max_age` are discarded (0, the default: never). Own direction: pool
