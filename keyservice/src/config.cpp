@@ -551,6 +551,12 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
       fail("log_level", "must be one of trace, debug, info, warn, error, critical, off");
     }
   }
+  if (top.has("log_format")) {
+    c.log_format = top.string("log_format");
+    if (c.log_format != "text" && c.log_format != "json") {
+      fail("log_format", "must be \"text\" or \"json\"");
+    }
+  }
   top.finish();
   for (std::size_t i = 0; i < c.link.peer_saes.size(); ++i) {
     if (std::find(c.saes.begin(), c.saes.end(), c.link.peer_saes[i]) != c.saes.end()) {

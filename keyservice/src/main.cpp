@@ -6,7 +6,6 @@
 // Exit codes: 0 clean shutdown or valid config; 1 bad config or start-up failure (the
 // message names the file and the field); 2 unexpected fatal error. Logs go to stderr.
 // Config format: see examples/alice-kme.json and qkd/kms/config.hpp.
-#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -19,6 +18,7 @@
 
 #include "qkd/kms/config.hpp"
 #include "qkd/kms/kme.hpp"
+#include "qkd/kms/logging.hpp"
 
 namespace {
 
@@ -67,11 +67,7 @@ int run(int argc, char** argv) {
     return 0;
   }
 
-  auto logger = spdlog::stderr_color_mt("qkd-kms");
-  logger->set_pattern(fmt::format("%Y-%m-%dT%H:%M:%S.%e [{}] %^%l%$ %v", config->kme_id));
-  logger->set_level(spdlog::level::from_str(config->log_level));
-  spdlog::set_default_logger(logger);
-  spdlog::flush_on(spdlog::level::info);
+  qkd::kms::setup_logging(config.value());
 
   auto kme = qkd::kms::Kme::create(std::move(config.value()));
   if (!kme.ok()) {

@@ -13,6 +13,8 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <regex>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
@@ -284,6 +286,55 @@ TEST(OpsTest, DurableStoreCommitsAreTimed) {
       EXPECT_LE(v, count) << "le=" << le;
       last = v;
     }
+  }
+}
+
+// log_format "json": every line the daemon writes is one JSON object with its time (UTC),
+// KME, level, thread and message, at every level used (debug here), and no key is in it.
+TEST(OpsTest, JsonLogLinesAreObjects) {
+  KmeNetworkOptions o;
+  o.log_level = "debug";
+  o.customize = [](json& alice, json&) { alice["log_format"] = "json"; };
+  auto net = qkd::test::start_network_with_keys(o, 8);
+  ASSERT_TRUE(net);
+  const auto alice = net->client(net->alice(), "alice");
+  std::vector<std::string> keys;
+  for (int i = 0; i < 3; ++i) {
+    auto r = alice.get("/api/v1/keys/bob/enc_keys?number=2");
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    ASSERT_EQ(r->status, 200u) << r->body;
+    const json j = r->json();
+    for (const auto& k : j.at("keys")) {
+      keys.push_back(k.at("key").get<std::string>());
+    }
+  }
+  net->stop_kme("alice-kme");
+  const std::string log = read_file(net->alice().log_file);
+  std::istringstream in(log);
+  std::string line;
+  std::size_t lines = 0;
+  std::set<std::string> levels;
+  bool session = false;
+  const std::regex utc("\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}:\\d{2}\\.\\d{3}Z");
+  while (std::getline(in, line)) {
+    ++lines;
+    const json j = json::parse(line, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << "not a JSON object: " << line;
+    ASSERT_TRUE(j.contains("time") && j.at("time").is_string()) << line;
+    EXPECT_TRUE(std::regex_match(j.at("time").get<std::string>(), utc)) << line;
+    EXPECT_EQ(j.value("kme", ""), "alice-kme") << line;
+    ASSERT_TRUE(j.contains("level") && j.at("level").is_string()) << line;
+    EXPECT_TRUE(j.at("thread").is_number_unsigned()) << line;
+    ASSERT_TRUE(j.contains("message") && j.at("message").is_string()) << line;
+    levels.insert(j.at("level").get<std::string>());
+    session = session || j.at("message").get<std::string>().find("established") != std::string::npos;
+  }
+  EXPECT_GT(lines, 5u);
+  EXPECT_TRUE(levels.contains("info") && levels.contains("debug"))
+      << "levels seen: " << levels.size();
+  EXPECT_TRUE(session) << "no link session logged";
+  for (const auto& k : keys) {
+    EXPECT_EQ(log.find(k), std::string::npos) << "a key is in the log";
   }
 }
 

@@ -8,6 +8,7 @@
 #include "prometheus_text.hpp"
 #include "qkd/kms/admission.hpp"
 #include "qkd/kms/config.hpp"
+#include "qkd/kms/logging.hpp"
 #include "qkd/kms/metrics.hpp"
 
 namespace {
@@ -159,6 +160,26 @@ TEST(ClassifyRequestTest, RoutesAndNumbers) {
 TEST(MetricsTest, LabelValuesAreEscaped) {
   EXPECT_EQ(qkd::kms::escape_label_value("plain"), "plain");
   EXPECT_EQ(qkd::kms::escape_label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+}
+
+// A message with quotes, a line feed and bytes that are not UTF-8 stays one JSON line.
+TEST(JsonLogFormatter, AwkwardMessagesStayOneObjectPerLine) {
+  auto f = qkd::kms::make_json_log_formatter("kme \"one\"");
+  const std::string text = "peer \"x\"\nsecond line \xff\xfe end";
+  spdlog::details::log_msg msg(spdlog::source_loc{}, "qkd-kms", spdlog::level::warn, text);
+  spdlog::memory_buf_t buf;
+  f->format(msg, buf);
+  const std::string line(buf.data(), buf.size());
+  ASSERT_FALSE(line.empty());
+  EXPECT_EQ(line.back(), '\n');
+  EXPECT_EQ(line.find('\n'), line.size() - 1) << "one line only";
+  const auto j = nlohmann::json::parse(line, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << line;
+  EXPECT_EQ(j.at("kme"), "kme \"one\"");
+  EXPECT_EQ(j.at("level"), "warning");
+  const std::string m = j.at("message").get<std::string>();
+  EXPECT_EQ(m.rfind("peer \"x\"\nsecond line ", 0), 0u) << m;
+  EXPECT_NE(m.find(" end"), std::string::npos) << m;
 }
 
 TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {

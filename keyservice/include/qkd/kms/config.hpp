@@ -107,6 +107,7 @@ struct Config {
   LinkConfig link;
   StoreConfig store;
   std::string log_level = "info";
+  std::string log_format = "text";  // "text" or "json" (qkd/kms/logging.hpp)
   AdmissionConfig admission;
   MetricsConfig metrics;
 };
