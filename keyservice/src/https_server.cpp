@@ -318,8 +318,9 @@ namespace {
 
 class PlainSession : public std::enable_shared_from_this<PlainSession> {
  public:
-  PlainSession(tcp::socket&& socket, std::function<std::string()> render)
-      : stream_(std::move(socket)), render_(std::move(render)) {}
+  PlainSession(tcp::socket&& socket, std::function<std::string()> render,
+               std::function<std::string()> health)
+      : stream_(std::move(socket)), render_(std::move(render)), health_(std::move(health)) {}
 
   void run() {
     asio::dispatch(stream_.get_executor(),
@@ -347,15 +348,19 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
     res->set(http::field::server, "qkd-kms");
     const std::string_view target(req.target().data(), req.target().size());
     const std::string_view path = target.substr(0, target.find('?'));
-    if (path != "/metrics") {
+    if (path != "/metrics" && path != "/health") {
       res->result(http::status::not_found);
       res->set(http::field::content_type, "text/plain");
-      res->body() = "not found (only GET /metrics here)\n";
+      res->body() = "not found (only GET /metrics and GET /health here)\n";
     } else if (req.method() != http::verb::get && req.method() != http::verb::head) {
       res->result(http::status::method_not_allowed);
       res->set(http::field::allow, "GET, HEAD");
       res->set(http::field::content_type, "text/plain");
-      res->body() = "only GET /metrics\n";
+      res->body() = "only GET\n";
+    } else if (path == "/health") {
+      res->result(http::status::ok);
+      res->set(http::field::content_type, "application/json");
+      res->body() = health_();
     } else {
       res->result(http::status::ok);
       res->set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
@@ -377,6 +382,7 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
 
   beast::tcp_stream stream_;
   std::function<std::string()> render_;
+  std::function<std::string()> health_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
 };
@@ -384,8 +390,8 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
 }  // namespace
 
 struct MetricsHttpServer::Impl : std::enable_shared_from_this<MetricsHttpServer::Impl> {
-  Impl(asio::io_context& io, std::function<std::string()> r)
-      : ioc(io), render(std::move(r)), acceptor(io) {}
+  Impl(asio::io_context& io, std::function<std::string()> r, std::function<std::string()> h)
+      : ioc(io), render(std::move(r)), health(std::move(h)), acceptor(io) {}
 
   void do_accept() {
     acceptor.async_accept(asio::make_strand(ioc),
@@ -397,18 +403,22 @@ struct MetricsHttpServer::Impl : std::enable_shared_from_this<MetricsHttpServer:
                               }
                               return;
                             }
-                            std::make_shared<PlainSession>(std::move(s), self->render)->run();
+                            std::make_shared<PlainSession>(std::move(s), self->render,
+                                                           self->health)
+                                ->run();
                             self->do_accept();
                           });
   }
 
   asio::io_context& ioc;
   std::function<std::string()> render;
+  std::function<std::string()> health;
   tcp::acceptor acceptor;
 };
 
-MetricsHttpServer::MetricsHttpServer(asio::io_context& ioc, std::function<std::string()> render)
-    : impl_(std::make_shared<Impl>(ioc, std::move(render))) {}
+MetricsHttpServer::MetricsHttpServer(asio::io_context& ioc, std::function<std::string()> render,
+                                     std::function<std::string()> health)
+    : impl_(std::make_shared<Impl>(ioc, std::move(render), std::move(health))) {}
 
 MetricsHttpServer::~MetricsHttpServer() { stop(); }
 

@@ -227,6 +227,10 @@ TEST(OpsTest, MetricsScrapeIsValidAndCountersMove) {
   ASSERT_EQ(ep.error, "") << body;
   EXPECT_GE(at(ep, enc200), 5.0);
   EXPECT_EQ(plain_get(port, "/api/v1/keys/bob/status").first, 404);
+  // And /health, for probes without an SAE certificate (systemd, a load balancer).
+  auto [hstatus, hbody] = plain_get(port, "/health");
+  EXPECT_EQ(hstatus, 200);
+  EXPECT_EQ(json::parse(hbody, nullptr, false), json({{"status", "ok"}, {"link", "up"}})) << hbody;
 }
 
 // The durable store's transactions are timed: every enc_keys (alice) and dec_keys (bob)

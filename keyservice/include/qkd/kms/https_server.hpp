@@ -81,10 +81,12 @@ class HttpsServer {
 };
 
 // A plain-HTTP listener (no TLS, meant for a loopback address) answering GET /metrics with
-// render() and 404 to anything else. Same timeouts and body limit as the HTTPS server.
+// render(), GET /health with health() (JSON; for probes that hold no SAE certificate) and
+// 404 to anything else. Same timeouts and body limit as the HTTPS server.
 class MetricsHttpServer {
  public:
-  MetricsHttpServer(boost::asio::io_context& ioc, std::function<std::string()> render);
+  MetricsHttpServer(boost::asio::io_context& ioc, std::function<std::string()> render,
+                    std::function<std::string()> health);
   ~MetricsHttpServer();
   MetricsHttpServer(const MetricsHttpServer&) = delete;
   MetricsHttpServer& operator=(const MetricsHttpServer&) = delete;
