@@ -272,7 +272,7 @@ class JournaledStore final : public KeyStore {
         journal_->set_value(detail::kBlocks, blocks);
         journal_->set_pending_block(std::nullopt);
         if (digest_) {
-          journal_->set_pool_digest(*digest_);
+          journal_->set_pool_digest(*digest_, epoch, blocks);
         }
       }
       ticket = seal_link_locked();
@@ -299,7 +299,7 @@ class JournaledStore final : public KeyStore {
       reset_pool_locked();
       digest_ = first_pool_digest(epoch);
       if (journal_) {
-        journal_->set_pool_digest(*digest_);
+        journal_->set_pool_digest(*digest_, epoch, 0);
         journal_->set_value(detail::kEpoch, epoch);
         journal_->set_value(detail::kBlocks, 0);
         journal_->set_value(detail::kNextSeq, 1);

@@ -207,8 +207,12 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
       reply.api = error_response(503, refusal->message);
       reply.retry_after_s = refusal->retry_after_s;
     } else {
+      struct Leave {  // the place comes back however the handler ends
+        AdmissionControl& a;
+        const std::string& sae;
+        ~Leave() { a.leave_wait(sae); }
+      } leave{*admission, caller};
       reply.api = etsi->handle(caller, req);
-      admission->leave_wait(caller);
     }
   } else {
     reply.api = etsi->handle(caller, req);
@@ -255,7 +259,7 @@ void Kme::Impl::record(const std::string& caller, const RequestInfo& info, bool 
       // The master's pair budget counts keys not fetched yet (admission.hpp).
       if (contains(config.link.peer_saes, info.path_sae)) {
         link->report_fetched(info.path_sae, caller, n);
-      } else {
+      } else if (contains(config.saes, info.path_sae)) {
         admission->fetched(info.path_sae, caller, n, std::chrono::steady_clock::now());
       }
     }

@@ -502,9 +502,21 @@ class SqliteJournal final : public detail::Journal {
     s.link.blocks = value(detail::kBlocks, 0);
     s.link.next_seq = value(detail::kNextSeq, 1);
     s.link.last_applied_seq = value(detail::kLastAppliedSeq, 0);
-    if (pool_digest.size() == std::tuple_size_v<PoolDigest>) {
-      s.link.digest.emplace();
-      std::copy(pool_digest.begin(), pool_digest.end(), s.link.digest->begin());
+    // Only a digest of the epoch and block count the file is at: one left behind by a newer
+    // version, in a file an older version went on writing, is not the pool's.
+    constexpr std::size_t kDigestBytes = std::tuple_size_v<PoolDigest>;
+    if (pool_digest.size() == kDigestBytes + 16) {
+      auto u64_at = [&](std::size_t at) {
+        std::uint64_t v = 0;
+        for (std::size_t i = 0; i < 8; ++i) {
+          v = (v << 8) | pool_digest[at + i];
+        }
+        return v;
+      };
+      if (u64_at(kDigestBytes) == s.link.epoch && u64_at(kDigestBytes + 8) == s.link.blocks) {
+        s.link.digest.emplace();
+        std::copy_n(pool_digest.begin(), kDigestBytes, s.link.digest->begin());
+      }
     }
     db_.run("SELECT dir, row, sealed FROM pool ORDER BY dir, row", [&](sqlite3_stmt* st) {
       const auto d = static_cast<Direction>(col_u64(st, 0) & 1);
@@ -675,8 +687,15 @@ class SqliteJournal final : public detail::Journal {
     });
   }
 
-  void set_pool_digest(const PoolDigest& digest) override {
-    add([d = Blob(digest.begin(), digest.end())](Db& db) {
+  void set_pool_digest(const PoolDigest& digest, std::uint64_t epoch,
+                       std::uint64_t blocks) override {
+    Blob d(digest.begin(), digest.end());  // digest, then epoch and blocks (big-endian)
+    for (const std::uint64_t v : {epoch, blocks}) {
+      for (int shift = 56; shift >= 0; shift -= 8) {
+        d.push_back(static_cast<std::uint8_t>(v >> shift));
+      }
+    }
+    add([d = std::move(d)](Db& db) {
       db.write("INSERT INTO meta(name, value) VALUES('pool_digest', ?) "
                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                d);

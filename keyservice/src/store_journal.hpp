@@ -74,7 +74,10 @@ class Journal {
   virtual void drop_notices_upto(std::uint64_t seq) = 0;
   virtual void clear_notices() = 0;
   virtual void set_pending_block(const std::optional<PendingBlock>& p) = 0;
-  virtual void set_pool_digest(const PoolDigest& digest) = 0;
+  // The digest after `blocks` blocks of `epoch` (kept with them: a digest left by a newer
+  // version in a file an older one went on writing must not be taken for the current one).
+  virtual void set_pool_digest(const PoolDigest& digest, std::uint64_t epoch,
+                               std::uint64_t blocks) = 0;
 
   // Closes the changes recorded since the last seal into one unit; returns its ticket.
   virtual std::uint64_t seal() = 0;

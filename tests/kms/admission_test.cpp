@@ -89,6 +89,9 @@ TEST(AdmissionTest, FloodingSaeIsRefusedWhileAnotherSaeIsServed) {
   KmeNetworkOptions o;
   o.extra_alice_saes = {"carol"};
   o.max_key_per_request = 10;
+  // A small pool: once it is full again the link pauses, so that two scrapes can be
+  // compared without a block (one every ~10 ms otherwise) landing between them.
+  o.max_key_count = 100;
   o.customize = [](json& alice, json&) {
     alice["admission"] = {{"sae_keys_per_s", 2}, {"sae_burst", 20}, {"pair_keys_per_window", 0}};
   };

@@ -91,6 +91,7 @@ class Etsi014 : public qkd::test::SharedNetworkSuite<Etsi014> {
   // /metrics and checks that her direction of the pool (uncapped, in bytes) is unchanged;
   // retried while a block lands in between. False if no quiet pair of scrapes was found.
   static bool consumes_nothing(const std::function<void()>& refused) {
+    EXPECT_TRUE(net_->wait_for_keys(kMaxKeyCount).ok());  // full: the link pauses
     auto scrape = [] {
       HttpResponse m = get(at_alice(), "/metrics");
       auto value = [&](const std::string& name) {

@@ -276,18 +276,33 @@ TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
   net.stop_kme("bob-kme");
   {
     const auto db = (net.dir() / "bob-kme.db").string();
+    // The stored value is the digest followed by its epoch and block count: flip a bit of
+    // the digest only.
     sqlite3* h = nullptr;
     ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
-    EXPECT_EQ(sqlite3_exec(h, "UPDATE meta SET value = zeroblob(32) WHERE name = 'pool_digest'",
-                           nullptr, nullptr, nullptr),
+    sqlite3_stmt* st = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(h, "SELECT value FROM meta WHERE name = 'pool_digest'", -1, &st,
+                                 nullptr),
               SQLITE_OK);
-    EXPECT_EQ(sqlite3_changes(h), 1) << "no pool digest stored in " << db;
+    ASSERT_EQ(sqlite3_step(st), SQLITE_ROW) << "no pool digest stored in " << db;
+    const auto* b = static_cast<const std::uint8_t*>(sqlite3_column_blob(st, 0));
+    std::vector<std::uint8_t> value(b, b + sqlite3_column_bytes(st, 0));
+    sqlite3_finalize(st);
+    ASSERT_GT(value.size(), 32u);
+    value[0] ^= 1;
+    ASSERT_EQ(sqlite3_prepare_v2(h, "UPDATE meta SET value = ? WHERE name = 'pool_digest'", -1,
+                                 &st, nullptr),
+              SQLITE_OK);
+    sqlite3_bind_blob(st, 1, value.data(), static_cast<int>(value.size()), SQLITE_STATIC);
+    EXPECT_EQ(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
     sqlite3_close(h);
   }
   ASSERT_TRUE(net.start_kme("bob-kme").ok());
   EXPECT_TRUE(wait_for_log(net, net.alice(), "another pool digest", 1))
       << net.log_tail(net.alice());
-  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (reset)", 1));
+  // The network's first session was a reset too (no pool yet): this is the second.
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (reset)", 2));
   ASSERT_TRUE(net.wait_for_keys(10).ok());
   auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
   ASSERT_TRUE(enc.ok());

@@ -372,14 +372,28 @@ TEST(SqliteKeyStore, PoolDigestChainsBlocksAndSurvivesReopen) {
     EXPECT_EQ(s->pool_digest(), expect);
     EXPECT_EQ(s->link_state().digest, expect);
   }
-  {
+  const auto exec = [&](const char* sql) {
     sqlite3* h = nullptr;
     ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
-    EXPECT_EQ(sqlite3_exec(h, "DELETE FROM meta WHERE name = 'pool_digest'", nullptr, nullptr,
-                           nullptr),
-              SQLITE_OK);
+    EXPECT_EQ(sqlite3_exec(h, sql, nullptr, nullptr, nullptr), SQLITE_OK) << sql;
     sqlite3_close(h);
+  };
+  // An earlier version went on committing blocks in this file (it leaves pool_digest as it
+  // was): the digest is not the pool's any more, so it is not known.
+  exec("UPDATE meta SET value = 3 WHERE name = 'blocks'");
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_FALSE(s->pool_digest().has_value()) << "a stale digest was taken for the pool's";
   }
+  exec("UPDATE meta SET value = 2 WHERE name = 'blocks'");
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->pool_digest(), expect);
+  }
+  // A file written before digests were kept has none.
+  exec("DELETE FROM meta WHERE name = 'pool_digest'");
   auto s = open_store(db);
   ASSERT_NE(s, nullptr);
   EXPECT_FALSE(s->pool_digest().has_value());
