@@ -923,12 +923,14 @@ class JournaledStore final : public KeyStore {
 
   // keys.max_age_s at `now`: drops own-direction bytes of blocks committed before the
   // cutoff (appending a discard for the peer to `discards`) and expired peer-assigned keys;
-  // then the own-direction bytes above the pool limit, the oldest first.
+  // then, once the own direction holds twice the pool limit, the bytes above the limit, the
+  // oldest first. (Not at once above the limit: a direction in use sits just above it after
+  // each block, and trimming that surplus would only make the link run again sooner.)
   void expire_locked(std::chrono::system_clock::time_point now,
                      std::vector<KeyAssignment>& discards) {
     expire_aged_locked(now, discards);
     const std::uint64_t end = direction_bytes(committed_, own_);
-    if (pool_limit_ > 0 && end - own_stream().cursor() > pool_limit_) {
+    if (pool_limit_ > 0 && end - own_stream().cursor() >= 2 * pool_limit_) {
       discard_own_locked(end - pool_limit_, discards, "surplus (keys.max_key_count)");
     }
   }

@@ -257,9 +257,10 @@ TEST(KeyStore, ExpiredKeysAreDiscardedOnBothEnds) {
   EXPECT_EQ(late.error().code, ErrorCode::kInvalidArgument);
 }
 
-// keys.max_key_count: a direction nobody draws from is kept at the limit. Its owner discards
-// the oldest bytes above it, the peer drops the same bytes by the discard notice, and keys
-// allocated afterwards are the same on both ends.
+// keys.max_key_count: a direction nobody draws from is kept under twice the limit. Once it
+// holds that much its owner discards the oldest bytes above the limit, the peer drops the
+// same bytes by the discard notice, and keys allocated afterwards are the same on both ends.
+// Less than twice the limit is left alone.
 TEST(KeyStore, PoolLimitTrimsTheOwnDirectionOnBothEnds) {
   Pair p;
   p.alice->set_pool_limit(64);
@@ -297,6 +298,22 @@ TEST(KeyStore, PoolLimitTrimsTheOwnDirectionOnBothEnds) {
   EXPECT_EQ(p.alice->stats().own_available_bytes, 32u);
   std::vector<std::uint8_t> alice_first_kept(pool.begin() + 32 * 12, pool.begin() + 32 * 13);
   EXPECT_TRUE(qkd::core::constant_time_equal(a->front().key.span(), alice_first_kept));
+  // Below twice the limit nothing is cut (a direction in use sits just above the limit
+  // after each block); at twice the limit it is cut back to the limit. Bob's direction is
+  // empty now; each block of 128 bytes brings it 64.
+  p.deliver_notices();
+  p.commit(pattern(128, 12));
+  ASSERT_TRUE(p.bob->expire(std::chrono::system_clock::now()).ok());
+  EXPECT_EQ(p.bob->stats().own_available_bytes, 64u);
+  p.commit(pattern(128, 13));
+  ASSERT_TRUE(p.bob->expire(std::chrono::system_clock::now()).ok());
+  EXPECT_EQ(p.bob->stats().own_available_bytes, 64u);
+  ASSERT_EQ(p.from_bob.size(), 1u);
+  EXPECT_TRUE(p.from_bob[0].discard);
+  EXPECT_EQ(p.from_bob[0].offset, 256u);
+  EXPECT_EQ(p.from_bob[0].length, 64u);
+  p.deliver_notices();
+  EXPECT_EQ(p.alice->stats().peer_available_bytes, 64u);
 }
 
 TEST(KeyStore, NoticeAheadOfCommitWaitsForBytes) {

@@ -266,8 +266,9 @@ class KeyStore {
   // --- pool limit (keys.max_key_count) ---
   // The link pauses only once both directions are full, so a direction nobody draws from
   // (SAEs that are masters at one end only, e.g. TLS servers) would grow without bound.
-  // With a limit (bytes, 0: none), the bytes of the own direction above it are discarded,
-  // the oldest first, with a discard notice like expired ones: the peer drops the same bytes.
+  // With a limit (bytes, 0: none), once the own direction holds twice the limit, its bytes
+  // above the limit are discarded, the oldest first, with a discard notice like expired
+  // ones: the peer drops the same bytes.
   virtual void set_pool_limit(std::uint64_t own_bytes) = 0;
   // Applies both rules at `now` (called periodically by the link service).
   [[nodiscard]] virtual Status expire(std::chrono::system_clock::time_point now) = 0;
