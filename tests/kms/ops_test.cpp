@@ -78,6 +78,16 @@ std::pair<int, std::string> plain_get(std::uint16_t port, const std::string& tar
   return {status, body == std::string::npos ? "" : resp.substr(body + 4)};
 }
 
+// GET /metrics by client `c`, parsed (a failed request or an invalid exposition is a test
+// failure, and gives an empty exposition).
+qkd::test::Exposition scrape(const qkd::test::HttpsTestClient& c) {
+  auto s = c.get("/metrics");
+  EXPECT_TRUE(s.ok()) << s.error().message;
+  auto e = qkd::test::parse_exposition(s.ok() ? s->body : "");
+  EXPECT_EQ(e.error, "") << (s.ok() ? s->body : "");
+  return e;
+}
+
 double at(const qkd::test::Exposition& e, const std::string& key) {
   auto it = e.samples.find(key);
   return it == e.samples.end() ? -1.0 : it->second;
@@ -247,13 +257,6 @@ TEST(OpsTest, DurableStoreCommitsAreTimed) {
   const auto bob = net->client(net->bob(), "bob");
   const std::string name = "qkd_kms_store_commit_duration_seconds";
   const std::string req = "{writes=\"requests\"";
-  auto scrape = [&](const qkd::test::HttpsTestClient& c) {
-    auto s = c.get("/metrics");
-    EXPECT_TRUE(s.ok()) << s.error().message;
-    auto e = qkd::test::parse_exposition(s.ok() ? s->body : "");
-    EXPECT_EQ(e.error, "") << (s.ok() ? s->body : "");
-    return e;
-  };
   const std::string link = "{writes=\"link\"}";
   auto total = [&](const qkd::test::Exposition& e) {
     const double r = at(e, name + "_count" + req + "}");
@@ -354,13 +357,6 @@ TEST(OpsTest, PoolLimitHoldsTheDirectionNobodyDrawsFrom) {
   ASSERT_TRUE(net);
   const auto alice = net->client(net->alice(), "alice");
   const auto bob = net->client(net->bob(), "bob");
-  auto scrape = [](const qkd::test::HttpsTestClient& c) {
-    auto s = c.get("/metrics");
-    EXPECT_TRUE(s.ok()) << s.error().message;
-    auto e = qkd::test::parse_exposition(s.ok() ? s->body : "");
-    EXPECT_EQ(e.error, "") << (s.ok() ? s->body : "");
-    return e;
-  };
   const std::string committed = "qkd_kms_pool_committed_bytes{peer_kme_id=\"bob-kme\"}";
   auto pool = [&](const qkd::test::Exposition& e, const char* peer, const char* dir) {
     return at(e, fmt::format("qkd_kms_pool_bytes{{peer_kme_id=\"{}\",direction=\"{}\"}}", peer,
