@@ -419,6 +419,11 @@ struct LinkService::Impl {
         std::lock_guard lock(state_mu);
         json reply = {{"t", "state"},  {"epoch", epoch},  {"blocks", blocks},
                       {"pending", pending.has_value()}, {"fetched", true}};
+        {
+          std::lock_guard out_lock(out_mu);
+          reply["applied"] = last_applied_seq;  // of alice's notices
+          reply["next_seq"] = next_seq;         // of his own
+        }
         // The pool digest, and the one the pending block would lead to (compared when alice
         // has committed it), so that alice can tell equal counts over different pools.
         if (const auto d = store.pool_digest()) {
@@ -610,8 +615,24 @@ struct LinkService::Impl {
         }
         return state->at(field).get<std::string>() == to_hex(*mine);
       };
-      const bool resume_now = e == epoch && b == blocks;
-      const bool resume_pending = e == epoch && p && b + 1 == blocks;
+      // Neither end may have applied a notice the other has no record of sending: that end's
+      // store lost writes (a restored copy, a power loss with store.synchronous = "normal"),
+      // and it would hand out again bytes the peer has already assigned.
+      std::string lost_notices;
+      if (e == epoch && state->contains("applied") && state->contains("next_seq")) {
+        const auto peer_applied = state->at("applied").get<std::uint64_t>();
+        const auto peer_next = state->at("next_seq").get<std::uint64_t>();
+        std::lock_guard out_lock(out_mu);
+        if (peer_applied >= next_seq) {
+          lost_notices = fmt::format("the peer applied notice {}, this KME's next is {}",
+                                     peer_applied, next_seq);
+        } else if (last_applied_seq >= peer_next) {
+          lost_notices = fmt::format("this KME applied the peer's notice {}, its next is {}",
+                                     last_applied_seq, peer_next);
+        }
+      }
+      const bool resume_now = e == epoch && b == blocks && lost_notices.empty();
+      const bool resume_pending = e == epoch && p && b + 1 == blocks && lost_notices.empty();
       if (resume_now && digests_agree("digest")) {
         decision = {
             {"t", "decision"}, {"mode", "resume"}, {"epoch", epoch}, {"commit_pending", false}};
@@ -621,6 +642,10 @@ struct LinkService::Impl {
       } else {
         if (e == 0) {
           spdlog::info("link: the peer starts without a pool: starting a new pool epoch");
+        } else if (!lost_notices.empty()) {
+          spdlog::warn("link: key-assignment notices were lost ({}): a store lost writes; "
+                       "discarding both pools",
+                       lost_notices);
         } else if (resume_now || resume_pending) {
           spdlog::warn(
               "link: the peer's pool differs (epoch {:x}, {} blocks, but another pool digest): "

@@ -315,4 +315,52 @@ TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
   }
 }
 
+// The notices' numbers are compared too: here alice-kme's store "forgets" the notices it
+// sent (its next notice number and outbox rolled back, as a restored copy or a power loss
+// with store.synchronous = "normal" could leave it) while bob-kme has applied them. Resuming
+// would let alice hand out again bytes bob has assigned; the link resets instead.
+TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  o.max_key_count = 50;
+  auto started = qkd::test::start_network_with_keys(o, 50);
+  ASSERT_NE(started, nullptr);
+  KmeNetwork& net = *started;
+  for (int i = 0; i < 3; ++i) {
+    auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys");
+    ASSERT_TRUE(enc.ok());
+    ASSERT_EQ(enc->status, 200u) << enc->body;
+    auto dec = net.client(net.bob(), "bob")
+                   .get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).front().first);
+    ASSERT_TRUE(dec.ok());
+    ASSERT_EQ(dec->status, 200u) << dec->body;  // bob has applied its notice
+  }
+  net.stop_kme("alice-kme");
+  {
+    const auto db = (net.dir() / "alice-kme.db").string();
+    sqlite3* h = nullptr;
+    ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+    EXPECT_EQ(sqlite3_exec(h,
+                           "UPDATE meta SET value = 1 WHERE name = 'next_seq';"
+                           "DELETE FROM outbox;",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(h);
+  }
+  ASSERT_TRUE(net.start_kme("alice-kme").ok());
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "notices were lost", 1))
+      << net.log_tail(net.alice());
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (reset)", 2));
+  ASSERT_TRUE(net.wait_for_keys(10).ok());
+  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=2");
+  ASSERT_TRUE(enc.ok());
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  for (const auto& [id, key] : keys_of(*enc)) {
+    auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
+    ASSERT_TRUE(dec.ok());
+    ASSERT_EQ(dec->status, 200u) << dec->body;
+    EXPECT_EQ(keys_of(*dec).front().second, key);
+  }
+}
+
 }  // namespace

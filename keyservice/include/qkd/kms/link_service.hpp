@@ -13,14 +13,17 @@
 // connection only while a session start waits for one. Either closing ends the session.
 //
 // Session start (control channel, JSON messages). Alice sends hello{epoch, blocks}; Bob
-// answers state{epoch, blocks, pending, digest, digest_pending}; Alice decides and sends
+// answers state{epoch, blocks, pending, digest, digest_pending, applied, next_seq}; Alice
+// decides and sends
 // decision{mode, epoch, commit_pending}:
 //   - resume when both hold the same epoch and the same number of committed blocks, or
 //     Bob holds as pending exactly the one block Alice committed last (commit_pending),
 //     and Bob's pool digest (KeyStore::pool_digest, a SHA-256 chain over the epoch and the
 //     blocks; with commit_pending the one his pending block leads to) equals Alice's. A
 //     store that has no digest yet (written by an earlier version) is not compared until
-//     its next epoch;
+//     its next epoch; and neither end has applied a notice numbered at or above the other
+//     end's next notice number (else that end's store lost writes and would assign bytes
+//     the peer has already assigned);
 //   - reset otherwise (e.g. a KME restarted): both forget their pools and start a new epoch.
 // Then each side resends the notices the peer has not acknowledged.
 //
