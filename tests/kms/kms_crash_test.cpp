@@ -262,6 +262,23 @@ TEST(KmsCrash, GracefulRestartResumesWithThePool) {
   EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "discarding both pools"), 0u);
 }
 
+// After a reset at the session start: both ends hold keys again, and a key enc_keys hands
+// alice is the one bob's dec_keys gives.
+void expect_keys_flow_after_reset(const KmeNetwork& net) {
+  // The network's first session was a reset too (no pool yet): this is the second.
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (reset)", 2));
+  ASSERT_TRUE(net.wait_for_keys(10).ok());
+  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
+  ASSERT_TRUE(enc.ok());
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  for (const auto& [id, key] : keys_of(*enc)) {
+    auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
+    ASSERT_TRUE(dec.ok());
+    ASSERT_EQ(dec->status, 200u) << dec->body;
+    EXPECT_EQ(keys_of(*dec).front().second, key);
+  }
+}
+
 // Equal epochs and block counts do not make equal pools: the session start also compares
 // the pools' digests. Bob's stored digest is altered while his KME is down (as if his pool
 // had diverged with the same count); alice's KME must then reset both pools rather than
@@ -301,18 +318,7 @@ TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
   ASSERT_TRUE(net.start_kme("bob-kme").ok());
   EXPECT_TRUE(wait_for_log(net, net.alice(), "another pool digest", 1))
       << net.log_tail(net.alice());
-  // The network's first session was a reset too (no pool yet): this is the second.
-  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (reset)", 2));
-  ASSERT_TRUE(net.wait_for_keys(10).ok());
-  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
-  ASSERT_TRUE(enc.ok());
-  ASSERT_EQ(enc->status, 200u) << enc->body;
-  for (const auto& [id, key] : keys_of(*enc)) {
-    auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
-    ASSERT_TRUE(dec.ok());
-    ASSERT_EQ(dec->status, 200u) << dec->body;
-    EXPECT_EQ(keys_of(*dec).front().second, key);
-  }
+  expect_keys_flow_after_reset(net);
 }
 
 // The notices' numbers are compared too: here alice-kme's store "forgets" the notices it
@@ -350,17 +356,7 @@ TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
   ASSERT_TRUE(net.start_kme("alice-kme").ok());
   EXPECT_TRUE(wait_for_log(net, net.alice(), "notices were lost", 1))
       << net.log_tail(net.alice());
-  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (reset)", 2));
-  ASSERT_TRUE(net.wait_for_keys(10).ok());
-  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=2");
-  ASSERT_TRUE(enc.ok());
-  ASSERT_EQ(enc->status, 200u) << enc->body;
-  for (const auto& [id, key] : keys_of(*enc)) {
-    auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
-    ASSERT_TRUE(dec.ok());
-    ASSERT_EQ(dec->status, 200u) << dec->body;
-    EXPECT_EQ(keys_of(*dec).front().second, key);
-  }
+  expect_keys_flow_after_reset(net);
 }
 
 }  // namespace
