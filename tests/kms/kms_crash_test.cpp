@@ -240,11 +240,17 @@ TEST(KmsCrash, KillNineMidLoadLosesAndRepeatsNothingSynchronousNormal) {
   kill_nine_mid_load("normal");
 }
 
-TEST(KmsCrash, GracefulRestartResumesWithThePool) {
+// Two KMEs with durable stores and a pool of 50 keys, full: the link pauses, so the pools
+// stay as they are across a restart.
+std::unique_ptr<KmeNetwork> durable_network_with_a_full_pool() {
   KmeNetworkOptions o;
   o.durable_store = true;
-  o.max_key_count = 50;  // the link pauses: the pool is the same before and after
-  auto started = qkd::test::start_network_with_keys(o, 50);
+  o.max_key_count = 50;
+  return qkd::test::start_network_with_keys(o, 50);
+}
+
+TEST(KmsCrash, GracefulRestartResumesWithThePool) {
+  auto started = durable_network_with_a_full_pool();
   ASSERT_NE(started, nullptr);
   KmeNetwork& net = *started;
   auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
@@ -284,10 +290,7 @@ void expect_keys_flow_after_reset(const KmeNetwork& net) {
 // had diverged with the same count); alice's KME must then reset both pools rather than
 // resume, and keys flow again with the same bytes on both ends.
 TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
-  KmeNetworkOptions o;
-  o.durable_store = true;
-  o.max_key_count = 50;
-  auto started = qkd::test::start_network_with_keys(o, 50);
+  auto started = durable_network_with_a_full_pool();
   ASSERT_NE(started, nullptr);
   KmeNetwork& net = *started;
   net.stop_kme("bob-kme");
@@ -326,10 +329,7 @@ TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
 // with store.synchronous = "normal" could leave it) while bob-kme has applied them. Resuming
 // would let alice hand out again bytes bob has assigned; the link resets instead.
 TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
-  KmeNetworkOptions o;
-  o.durable_store = true;
-  o.max_key_count = 50;
-  auto started = qkd::test::start_network_with_keys(o, 50);
+  auto started = durable_network_with_a_full_pool();
   ASSERT_NE(started, nullptr);
   KmeNetwork& net = *started;
   for (int i = 0; i < 3; ++i) {

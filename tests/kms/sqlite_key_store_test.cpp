@@ -137,6 +137,28 @@ std::vector<std::uint8_t> gcm(bool seal, const std::string& aad, std::span<const
   return out;
 }
 
+// Runs `sql` on the closed store file `db` (to damage or age it as a test needs).
+void exec_sql(const std::string& db, const std::string& sql) {
+  sqlite3* h = nullptr;
+  ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+  char* err = nullptr;
+  EXPECT_EQ(sqlite3_exec(h, sql.c_str(), nullptr, nullptr, &err), SQLITE_OK)
+      << sql << ": " << (err ? err : "");
+  sqlite3_free(err);
+  sqlite3_close(h);
+}
+
+// A new store at `db` whose first block (epoch 1) is `pool`.
+std::unique_ptr<KeyStore> store_with_block(const std::string& db,
+                                           const std::vector<std::uint8_t>& pool) {
+  auto s = open_store(db);
+  EXPECT_NE(s, nullptr);
+  if (s) {
+    EXPECT_TRUE(s->commit_block(pool, 1, 1).ok());
+  }
+  return s;
+}
+
 // Rewrites a closed store file's pool as format 1 kept it: table chunks, one row per unused
 // 32-byte chunk sealed as "qkd-kms/chunk/<dir>/<idx>", meta.format = 1.
 void down_to_format_1(const std::string& db) {
@@ -231,9 +253,8 @@ TEST(SqliteKeyStore, AFormat1FileIsConvertedWithItsPoolIntact) {
   const std::string db = dir.file("alice.db");
   const auto pool = pattern(32 * 40, 3);  // 20 chunks per direction: rows of 8, 8 and 4
   {
-    auto s = open_store(db);
+    auto s = store_with_block(db, pool);
     ASSERT_NE(s, nullptr);
-    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
     ASSERT_TRUE(s->allocate("alice", {"bob"}, 3, 32).ok());  // alice's chunks 0-2 used
     ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 16).ok());  // and half of chunk 3
   }
@@ -280,11 +301,7 @@ TEST(SqliteKeyStore, DeliveredBytesLeaveThePoolRows) {
   const std::string db = dir.file("alice.db");
   const auto pool = pattern(32 * 40, 5);  // alice: 20 chunks, 640 bytes
   std::uint64_t cursor = 0;
-  ASSERT_NO_FATAL_FAILURE([&] {
-    auto s = open_store(db);
-    ASSERT_NE(s, nullptr);
-    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
-  }());
+  ASSERT_NE(store_with_block(db, pool), nullptr);
   for (const std::uint32_t step : {16u, 16u, 32u * 7, 32u * 9 + 8, 32u * 3 - 8}) {
     {
       auto s = open_store(db);
@@ -313,25 +330,19 @@ TEST(SqliteKeyStore, AMissingPoolRowIsRefusedAtOpen) {
   const std::string db = dir.file("alice.db");
   const auto pool = pattern(32 * 40, 7);  // 20 chunks per direction: rows of 8, 8 and 4
   {
-    auto s = open_store(db);
+    auto s = store_with_block(db, pool);
     ASSERT_NE(s, nullptr);
-    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
     ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 32 * 9).ok());  // alice's row 0 dropped
   }
-  const auto remove_row = [](const std::string& file, int d, int row) {
-    sqlite3* h = nullptr;
-    ASSERT_EQ(sqlite3_open(file.c_str(), &h), SQLITE_OK);
-    const auto sql = fmt::format("DELETE FROM pool WHERE dir = {} AND row = {}", d, row);
-    EXPECT_EQ(sqlite3_exec(h, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
-    EXPECT_EQ(sqlite3_changes(h), 1);
-    sqlite3_close(h);
-  };
   ASSERT_TRUE(qkd::kms::make_sqlite_key_store(Direction::kAlice, db, kNodeKey).ok());
   // Alice's last row, and a row in the middle of bob's direction.
   for (const auto& [d, row] : {std::pair{0, 2}, std::pair{1, 1}}) {
     const std::string copy = dir.file(fmt::format("damaged-{}-{}.db", d, row));
     std::filesystem::copy_file(db, copy);
-    remove_row(copy, d, row);
+    const auto row_id = static_cast<std::uint64_t>(row);
+    ASSERT_TRUE(pool_rows(copy, d).contains(row_id));
+    exec_sql(copy, fmt::format("DELETE FROM pool WHERE dir = {} AND row = {}", d, row));
+    ASSERT_FALSE(pool_rows(copy, d).contains(row_id));
     auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, copy, kNodeKey);
     ASSERT_FALSE(s.ok()) << "row " << d << "/" << row << " deleted, yet the store opened";
     EXPECT_NE(s.error().message.find(fmt::format("pool row {}/{} is missing", d, row)),
@@ -372,28 +383,22 @@ TEST(SqliteKeyStore, PoolDigestChainsBlocksAndSurvivesReopen) {
     EXPECT_EQ(s->pool_digest(), expect);
     EXPECT_EQ(s->link_state().digest, expect);
   }
-  const auto exec = [&](const char* sql) {
-    sqlite3* h = nullptr;
-    ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
-    EXPECT_EQ(sqlite3_exec(h, sql, nullptr, nullptr, nullptr), SQLITE_OK) << sql;
-    sqlite3_close(h);
-  };
   // An earlier version went on committing blocks in this file (it leaves pool_digest as it
   // was): the digest is not the pool's any more, so it is not known.
-  exec("UPDATE meta SET value = 3 WHERE name = 'blocks'");
+  exec_sql(db, "UPDATE meta SET value = 3 WHERE name = 'blocks'");
   {
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
     EXPECT_FALSE(s->pool_digest().has_value()) << "a stale digest was taken for the pool's";
   }
-  exec("UPDATE meta SET value = 2 WHERE name = 'blocks'");
+  exec_sql(db, "UPDATE meta SET value = 2 WHERE name = 'blocks'");
   {
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
     EXPECT_EQ(s->pool_digest(), expect);
   }
   // A file written before digests were kept has none.
-  exec("DELETE FROM meta WHERE name = 'pool_digest'");
+  exec_sql(db, "DELETE FROM meta WHERE name = 'pool_digest'");
   auto s = open_store(db);
   ASSERT_NE(s, nullptr);
   EXPECT_FALSE(s->pool_digest().has_value());
