@@ -616,8 +616,9 @@ struct LinkService::Impl {
         return state->at(field).get<std::string>() == to_hex(*mine);
       };
       // Neither end may have applied a notice the other has no record of sending: that end's
-      // store lost writes (a restored copy, a power loss with store.synchronous = "normal"),
-      // and it would hand out again bytes the peer has already assigned.
+      // store lost writes (a restored copy, say; a power loss with store.synchronous =
+      // "normal" the store itself detects at open), and it would hand out again bytes the
+      // peer has already assigned.
       std::string lost_notices;
       if (e == epoch && state->contains("applied") && state->contains("next_seq")) {
         const auto peer_applied = state->at("applied").get<std::uint64_t>();

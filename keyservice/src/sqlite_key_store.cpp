@@ -61,6 +61,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -98,12 +99,43 @@ constexpr std::uint64_t kPruneEvery = 512;      // transactions between used_ids
 constexpr int kCheckpointPages = 1000;
 constexpr int kWalHardPages = 4000;
 constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check";
+// meta name of the boot under which a run with NORMAL has the file open (text; absent when
+// every commit in the file is synced): see open_boot_guard().
+constexpr std::string_view kUnsyncedBoot = "unsynced_boot";
 constexpr std::string_view kKeyCheckText = "qkd-kms node key check v1";
 
 // Thrown only inside this file, caught where a transaction or the opening ends.
 struct DbError {
   std::string what;
 };
+
+// The boot this host runs: Linux's boot_id, new at every boot, so a page cache that held
+// unsynced commits is gone exactly when it changed. QKD_KMS_BOOT_ID replaces it (tests: a
+// restart "after a power loss"). Empty if it cannot be read.
+std::string current_boot_id() {
+  if (const char* forced = std::getenv("QKD_KMS_BOOT_ID"); forced != nullptr && *forced != 0) {
+    return forced;
+  }
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  std::getline(in, id);
+  return id;
+}
+
+// fsync()s the file or directory `path` if it exists (what another process wrote there
+// with NORMAL, and the directory entries of its files).
+void sync_existing_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return;
+  }
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) {
+    throw DbError{fmt::format("{}: fsync failed: {}", path, std::strerror(err))};
+  }
+}
 
 struct CipherCtxDeleter {
   void operator()(EVP_CIPHER_CTX* c) const { EVP_CIPHER_CTX_free(c); }
@@ -415,6 +447,16 @@ class SqliteJournal final : public detail::Journal {
     if (checkpointer_.joinable()) {
       checkpointer_.join();
     }
+    if (marked_ && !failed_) {
+      // A clean close: one synced commit makes every earlier one durable, and takes the
+      // record of this boot with it (open_boot_guard()).
+      try {
+        db_.exec("PRAGMA synchronous=FULL");
+        db_.write("DELETE FROM meta WHERE name = ?", std::string(kUnsyncedBoot));
+      } catch (const DbError& e) {
+        spdlog::warn("key store: {}: closing: {}", path_, e.what);
+      }
+    }
     // Members close the checkpointer's connection, then the committer's (the last one
     // checkpoints the WAL and removes it), then release the file lock.
   }
@@ -432,8 +474,9 @@ class SqliteJournal final : public detail::Journal {
     db_.exec("PRAGMA journal_mode=WAL");
     // FULL: the WAL is synced at every commit. NORMAL (store.synchronous): only at
     // checkpoints; a commit is then in the OS page cache, which survives the process's crash
-    // (kill -9) but not a power loss.
-    db_.exec(synchronous_full_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
+    // (kill -9) but not a power loss. Opening writes with FULL; NORMAL starts once
+    // open_boot_guard() has recorded this boot.
+    db_.exec("PRAGMA synchronous=FULL");
     db_.exec(
         "BEGIN IMMEDIATE;"
         "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;"
@@ -453,12 +496,15 @@ class SqliteJournal final : public detail::Journal {
     std::unordered_map<std::string, std::uint64_t> meta;
     Blob key_check;
     Blob pool_digest;  // absent in a file written before digests were kept
+    std::string unsynced_boot;
     db_.run("SELECT name, value FROM meta", [&](sqlite3_stmt* st) {
       const std::string name = col_text(st, 0);
       if (name == "key_check") {
         key_check = col_blob(st, 1);
       } else if (name == "pool_digest") {
         pool_digest = col_blob(st, 1);
+      } else if (name == kUnsyncedBoot) {
+        unsynced_boot = col_text(st, 1);
       } else {
         meta[name] = col_u64(st, 1);
       }
@@ -490,6 +536,7 @@ class SqliteJournal final : public detail::Journal {
       }
     }
     drop_used_ids_index();  // also on a file an older version created but never filled
+    open_boot_guard(meta, pool_digest, unsynced_boot);
     detail::StoredState s;
     auto value = [&](std::string_view n, std::uint64_t def) {
       auto it = meta.find(std::string(n));
@@ -582,6 +629,9 @@ class SqliteJournal final : public detail::Journal {
       }
       s.link.pending = PendingBlock{block, std::move(*plain)};
     });
+    if (!synchronous_full_) {
+      db_.exec("PRAGMA synchronous=NORMAL");
+    }
     // The checkpointer's connection, with the same synchronous level (NORMAL and FULL both
     // sync the WAL before a checkpoint and the database after it).
     ckpt_db_.open(path_);
@@ -700,6 +750,71 @@ class SqliteJournal final : public detail::Journal {
                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                d);
     });
+  }
+
+  // store.synchronous = "normal" leaves a commit in the OS page cache, where a crash of the
+  // KME does not lose it but a power loss or an OS crash may: the file would then hold an
+  // older state, in which keys already delivered (enc_keys' bytes, dec_keys' keys) are not
+  // marked consumed. So a run with NORMAL records its boot (synced) while it has the file
+  // open, and removes the record when it closes the file cleanly (after a synced commit,
+  // ~SqliteJournal). At open, a record from another boot means that run's last commits may
+  // be gone: the pool, the undelivered keys, Bob's pending block and the unacknowledged
+  // notices are discarded, so that nothing of them is served again, and epoch 0 makes the
+  // link start a new pool with the peer. A record from this boot (the KME crashed): its
+  // commits are in the page cache, and a run with FULL syncs them before dropping it.
+  void open_boot_guard(std::unordered_map<std::string, std::uint64_t>& meta, Blob& pool_digest,
+                       const std::string& unsynced_boot) {
+    const std::string boot = current_boot_id();
+    const std::string mark = boot.empty() ? "unknown" : boot;  // "unknown" matches no boot
+    if (!synchronous_full_ && boot.empty()) {
+      spdlog::warn(
+          "key store: cannot read this host's boot id (/proc/sys/kernel/random/boot_id): with "
+          "store.synchronous = \"normal\" any restart after a crash of this KME discards its "
+          "pool; use \"full\" or give the KME /proc");
+    } else if (std::getenv("QKD_KMS_BOOT_ID") != nullptr && !boot.empty()) {
+      spdlog::warn("key store: QKD_KMS_BOOT_ID is set: taking \"{}\" for this host's boot (a "
+                   "test setting: a fixed value hides reboots)",
+                   boot);
+    }
+    if (!unsynced_boot.empty() && unsynced_boot != boot) {
+      const std::vector<std::string_view> reset = {detail::kCommitted, detail::kCursorAlice,
+                                                   detail::kCursorBob,  detail::kEpoch,
+                                                   detail::kBlocks,     "pool_digest"};
+      std::string names;
+      for (const auto n : reset) {
+        names += fmt::format("{}'{}'", names.empty() ? "" : ", ", n);
+        meta.erase(std::string(n));
+      }
+      pool_digest.clear();
+      db_.exec(fmt::format("BEGIN IMMEDIATE;"
+                           "DELETE FROM pool; DELETE FROM assigned; DELETE FROM waiting;"
+                           "DELETE FROM outbox; DELETE FROM pending_block; DELETE FROM settled;"
+                           "DELETE FROM meta WHERE name IN ({});"
+                           "COMMIT;",
+                           names)
+                   .c_str());
+      spdlog::warn(
+          "key store: {} was left open by a KME with store.synchronous = \"normal\" under boot "
+          "{}, and the host has restarted since (boot {}): its last commits may be lost, and "
+          "with them the record of keys already delivered; discarding its pool and undelivered "
+          "keys (the link starts a new pool with the peer)",
+          path_, unsynced_boot, mark);
+    }
+    if (!synchronous_full_) {
+      if (unsynced_boot != mark) {
+        db_.write("INSERT INTO meta(name, value) VALUES(?, ?) "
+                  "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                  std::string(kUnsyncedBoot), mark);
+      }
+      marked_ = true;
+    } else if (!unsynced_boot.empty()) {
+      sync_existing_file(path_ + "-wal");
+      sync_existing_file(path_);
+      sync_existing_file(std::filesystem::path(path_).parent_path().empty()
+                             ? std::string(".")
+                             : std::filesystem::path(path_).parent_path().string());
+      db_.write("DELETE FROM meta WHERE name = ?", std::string(kUnsyncedBoot));
+    }
   }
 
   // Every chunk a direction still holds, from its cursor to the committed end, must have
@@ -1140,6 +1255,7 @@ class SqliteJournal final : public detail::Journal {
   bool failed_ = false;
   std::string failure_;
   bool stopping_ = false;
+  bool marked_ = false;  // this run recorded its boot (NORMAL): open_boot_guard()
 };
 
 }  // namespace

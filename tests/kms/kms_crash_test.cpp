@@ -18,6 +18,7 @@
 
 #include "qkd/test/etsi_helpers.hpp"
 #include "qkd/test/kme_network.hpp"
+#include "qkd/test/scoped_env.hpp"
 
 namespace {
 
@@ -241,11 +242,17 @@ TEST(KmsCrash, KillNineMidLoadLosesAndRepeatsNothingSynchronousNormal) {
 }
 
 // Two KMEs with durable stores and a pool of 50 keys, full: the link pauses, so the pools
-// stay as they are across a restart.
-std::unique_ptr<KmeNetwork> durable_network_with_a_full_pool() {
+// stay as they are across a restart. `synchronous`: as kill_nine_mid_load's.
+std::unique_ptr<KmeNetwork> durable_network_with_a_full_pool(const std::string& synchronous = "") {
   KmeNetworkOptions o;
   o.durable_store = true;
   o.max_key_count = 50;
+  if (!synchronous.empty()) {
+    o.customize = [synchronous](nlohmann::json& a, nlohmann::json& b) {
+      a["store"]["synchronous"] = synchronous;
+      b["store"]["synchronous"] = synchronous;
+    };
+  }
   return qkd::test::start_network_with_keys(o, 50);
 }
 
@@ -325,8 +332,8 @@ TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
 }
 
 // The notices' numbers are compared too: here alice-kme's store "forgets" the notices it
-// sent (its next notice number and outbox rolled back, as a restored copy or a power loss
-// with store.synchronous = "normal" could leave it) while bob-kme has applied them. Resuming
+// sent (its next notice number and outbox rolled back, as a restored copy of its file could
+// leave it) while bob-kme has applied them. Resuming
 // would let alice hand out again bytes bob has assigned; the link resets instead.
 TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
   auto started = durable_network_with_a_full_pool();
@@ -357,6 +364,45 @@ TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
   EXPECT_TRUE(wait_for_log(net, net.alice(), "notices were lost", 1))
       << net.log_tail(net.alice());
   expect_keys_flow_after_reset(net);
+}
+
+// With store.synchronous = "normal" a power loss or an OS crash may undo a KME's last
+// commits, and with them the record of keys it delivered, so a store left open under
+// another boot of the host is not trusted. bob-kme is killed and restarted as after a reboot
+// (QKD_KMS_BOOT_ID, the store's view of the boot): it discards its pool, the link starts a
+// new pool with alice-kme, none of the keys from before is served again, and keys flow. A
+// store closed cleanly (alice-kme's, by SIGTERM) is whole across a reboot: the link resumes.
+TEST(KmsCrash, NormalStoreLeftOpenAcrossARebootStartsANewPool) {
+  auto started = durable_network_with_a_full_pool("normal");
+  ASSERT_NE(started, nullptr);
+  KmeNetwork& net = *started;
+  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
+  ASSERT_TRUE(enc.ok());
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  const auto before = keys_of(*enc);
+  ASSERT_EQ(before.size(), 3u);
+  auto dec = net.client(net.bob(), "bob")
+                 .get("/api/v1/keys/alice/dec_keys?key_ID=" + before.front().first);
+  ASSERT_TRUE(dec.ok());
+  ASSERT_EQ(dec->status, 200u) << dec->body;  // delivered; the other two wait at bob
+  {
+    const qkd::test::ScopedEnv boot("QKD_KMS_BOOT_ID", "a-later-boot");
+    net.stop_kme("alice-kme");
+    ASSERT_TRUE(net.start_kme("alice-kme").ok());
+    EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 1))
+        << net.log_tail(net.alice());
+    ASSERT_TRUE(net.crash_and_restart("bob-kme").ok());
+  }
+  EXPECT_TRUE(wait_for_log(net, net.bob(), "discarding its pool", 1)) << net.log_tail(net.bob());
+  // The network's first session started without a pool too: this is the second.
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "the peer starts without a pool", 2))
+      << net.log_tail(net.alice());
+  expect_keys_flow_after_reset(net);
+  for (const auto& [id, key] : before) {
+    auto again = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
+    ASSERT_TRUE(again.ok());
+    EXPECT_EQ(again->status, 400u) << id << ": " << again->body;
+  }
 }
 
 }  // namespace

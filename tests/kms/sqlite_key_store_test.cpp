@@ -25,6 +25,7 @@
 
 #include "qkd/kms/config.hpp"
 #include "qkd/kms/key_store.hpp"
+#include "qkd/test/scoped_env.hpp"
 
 namespace {
 
@@ -349,6 +350,98 @@ TEST(SqliteKeyStore, AMissingPoolRowIsRefusedAtOpen) {
               std::string::npos)
         << s.error().message;
   }
+}
+
+// The store's view of this host's boot (QKD_KMS_BOOT_ID) for one scope.
+qkd::test::ScopedEnv boot_id(const std::string& id) { return {"QKD_KMS_BOOT_ID", id}; }
+
+// What a crash of the KME leaves of the open store `db`: its file and WAL as the page cache
+// holds them now.
+void copy_open_store(const std::string& db, const std::string& copy) {
+  std::filesystem::copy_file(db, copy);
+  if (std::filesystem::exists(db + "-wal")) {
+    std::filesystem::copy_file(db + "-wal", copy + "-wal");
+  }
+}
+
+// With store.synchronous = "normal" a store left open (a crash of the KME) is whole when it
+// is reopened under the same boot. Under another boot (a power loss or an OS crash may have
+// undone its last commits, and with them the record of keys delivered) it discards its pool
+// and its undelivered keys, so nothing it held can be served again, and starts without an
+// epoch (the link then starts a new pool with the peer). A store closed cleanly, or written
+// with FULL, is whole across a reboot.
+TEST(SqliteKeyStore, NormalStoreLeftOpenAcrossARebootDiscardsItsPool) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const std::string full_db = dir.file("full.db");
+  const std::string id = "6f1c2a0e-55d4-4a43-9c1e-2b7f0c9d4e11";
+  const auto pool = pattern(32 * 16, 11);  // 8 chunks per direction
+  auto open_normal = [&](const std::string& file) {
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, file, kNodeKey, false);
+    EXPECT_TRUE(s.ok()) << s.error().message;
+    return s.ok() ? std::move(s.value()) : nullptr;
+  };
+  {
+    const auto boot = boot_id("boot-a");
+    auto s = open_normal(db);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+    ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 32).ok());
+    ASSERT_TRUE(s->apply_peer_notice(1, {KeyAssignment{id, Direction::kBob, 0, 32, "bob",
+                                                       {"alice"}, false}})
+                    .ok());
+    s->drain();
+    copy_open_store(db, dir.file("crash-same-boot.db"));
+    copy_open_store(db, dir.file("crash-new-boot.db"));
+    auto full = store_with_block(full_db, pool);
+    ASSERT_NE(full, nullptr);
+    copy_open_store(full_db, dir.file("full-crash.db"));
+  }  // both closed cleanly
+  auto expect_epoch = [&](const std::string& file, std::uint64_t epoch, const std::string& what) {
+    auto s = open_store(file);
+    ASSERT_NE(s, nullptr) << what;
+    EXPECT_EQ(s->link_state().epoch, epoch) << what;
+    EXPECT_EQ(s->stats().committed_bytes, epoch == 0 ? 0 : pool.size()) << what;
+  };
+  {
+    const auto boot = boot_id("boot-a");
+    auto s = open_store(dir.file("crash-same-boot.db"));  // FULL from now on
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->link_state().epoch, 1u);
+    EXPECT_EQ(s->stats().own_available_bytes, 32u * 8 - 32);
+    EXPECT_EQ(s->stats().assigned_keys_waiting, 1u);
+  }
+  {
+    const auto boot = boot_id("boot-b");
+    expect_epoch(dir.file("crash-same-boot.db"), 1, "left open, reopened with FULL in its boot");
+    expect_epoch(db, 1, "closed cleanly");
+    expect_epoch(dir.file("full-crash.db"), 1, "written with FULL, left open");
+    // Discarded under another boot, and from then on recorded under this one.
+    auto s = open_normal(dir.file("crash-new-boot.db"));
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->link_state().epoch, 0u);
+    EXPECT_FALSE(s->link_state().digest.has_value());
+    const auto st = s->stats();
+    EXPECT_EQ(st.committed_bytes, 0u);
+    EXPECT_EQ(st.own_available_bytes, 0u);
+    EXPECT_EQ(st.peer_available_bytes, 0u);
+    EXPECT_EQ(st.assigned_keys_waiting, 0u);
+    EXPECT_EQ(s->take("alice", "bob", {id}, 0ms).error().code, ErrorCode::kInvalidArgument);
+    EXPECT_TRUE(pool_rows(dir.file("crash-new-boot.db"), 0).empty());
+    EXPECT_TRUE(pool_rows(dir.file("crash-new-boot.db"), 1).empty());
+    ASSERT_TRUE(s->commit_block(pool, 2, 1).ok());
+    copy_open_store(dir.file("crash-new-boot.db"), dir.file("crash-b.db"));
+  }
+  {
+    // Reopened with NORMAL in the boot it was left open in: whole, and still recorded.
+    const auto boot = boot_id("boot-b");
+    auto s = open_normal(dir.file("crash-b.db"));
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->link_state().epoch, 2u);
+    copy_open_store(dir.file("crash-b.db"), dir.file("crash-b-again.db"));
+  }
+  const auto boot = boot_id("boot-c");
+  expect_epoch(dir.file("crash-b-again.db"), 0, "left open twice in boot b, opened in boot c");
 }
 
 // The pool digest follows the epoch and each committed block, survives a reopen, and is not
