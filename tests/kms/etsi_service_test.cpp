@@ -6,6 +6,7 @@
 
 #include "qkd/kms/api.hpp"
 #include "qkd/kms/util.hpp"
+#include "qkd/test/kme_config.hpp"
 
 namespace {
 
@@ -15,17 +16,6 @@ using qkd::kms::ApiResponse;
 using qkd::kms::Config;
 using qkd::kms::Direction;
 using qkd::kms::KeyAssignment;
-
-Config make_config(std::string kme, std::vector<std::string> saes, std::string peer,
-                   std::vector<std::string> peer_saes) {
-  Config c;
-  c.kme_id = std::move(kme);
-  c.saes = std::move(saes);
-  c.link.peer_kme_id = std::move(peer);
-  c.link.peer_saes = std::move(peer_saes);
-  c.keys.dec_wait_ms = 50;
-  return c;
-}
 
 std::size_t decoded_len(const std::string& b64) {
   std::vector<unsigned char> out(b64.size());
@@ -66,8 +56,9 @@ class EtsiServiceTest : public ::testing::Test {
     return json::parse(r.body).at("message").get<std::string>();
   }
 
-  Config alice_cfg = make_config("alice-kme", {"alice"}, "bob-kme", {"bob", "carol"});
-  Config bob_cfg = make_config("bob-kme", {"bob", "carol", "dave"}, "alice-kme", {"alice"});
+  Config alice_cfg = qkd::test::kme_config("alice-kme", {"alice"}, "bob-kme", {"bob", "carol"}, 50);
+  Config bob_cfg = qkd::test::kme_config("bob-kme", {"bob", "carol", "dave"}, "alice-kme", {"alice"},
+                                          50);
   std::unique_ptr<qkd::kms::KeyStore> alice_store =
       qkd::kms::make_memory_key_store(Direction::kAlice);
   std::unique_ptr<qkd::kms::KeyStore> bob_store = qkd::kms::make_memory_key_store(Direction::kBob);
