@@ -408,13 +408,26 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
     l.psk = parse_psk_hex(r.field("psk_hex"), r.string("psk_hex"));
   } else {
     const auto path = resolve(base, r.string("psk_file"));
-    std::ifstream f(path);
+    // A regular file of a few bytes: a device or a pipe named by mistake (/dev/zero) must
+    // get an error, not a read that never ends.
+    constexpr std::size_t kMaxPskFileBytes = 4096;
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path, ec)) {
+      fail(r.field("psk_file"), fmt::format("{} is not a readable regular file", path.string()));
+    }
+    std::ifstream f(path, std::ios::binary);
     if (!f) {
       fail(r.field("psk_file"), fmt::format("cannot read {}", path.string()));
     }
-    std::stringstream ss;
-    ss << f.rdbuf();
-    std::string text = ss.str();
+    std::string text(kMaxPskFileBytes + 1, '\0');
+    f.read(text.data(), static_cast<std::streamsize>(text.size()));
+    text.resize(static_cast<std::size_t>(f.gcount()));
+    if (text.size() > kMaxPskFileBytes) {
+      std::fill(text.begin(), text.end(), '\0');
+      fail(r.field("psk_file"),
+           fmt::format("{} is longer than {} bytes (a hex key is 64 digits)", path.string(),
+                       kMaxPskFileBytes));
+    }
     while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) {
       text.pop_back();
     }

@@ -20,7 +20,7 @@ bool contains(const std::vector<std::string>& v, const std::string& s) {
   return std::find(v.begin(), v.end(), s) != v.end();
 }
 
-ApiResponse json_response(const json& j) { return ApiResponse{200, j.dump()}; }
+ApiResponse json_response(const json& j) { return ApiResponse{200, dump_json(j)}; }
 
 json key_container(const std::vector<DeliveredKey>& keys) {
   json arr = json::array();

@@ -791,7 +791,7 @@ class JournaledStore final : public KeyStore {
     }
     if (a.discard ? a.length == 0
                   : (a.length == 0 || a.key_id.empty() || records_.contains(a.key_id) ||
-                     used_ids_.contains(a.key_id))) {
+                     used_ids_.contains(a.key_id) || pending_key_id_locked(a.key_id))) {
       return qkd::core::make_error(ErrorCode::kProtocol,
                                    fmt::format("bad or duplicate assignment {}", a.key_id));
     }
@@ -801,6 +801,14 @@ class JournaledStore final : public KeyStore {
     }
     pending_.emplace_back(ord, std::move(a));
     return qkd::core::ok_status();
+  }
+
+  // Whether a notice waiting for its bytes already assigns `key_id` (a second assignment of
+  // it would replace the first's bytes when both land).
+  bool pending_key_id_locked(const std::string& key_id) const {
+    return std::any_of(pending_.begin(), pending_.end(), [&](const auto& p) {
+      return !p.second.discard && p.second.key_id == key_id;
+    });
   }
 
   Status drain_pending_locked() {

@@ -26,11 +26,16 @@ unsigned http_status_for(ErrorCode code) {
   return 503;
 }
 
+std::string dump_json(const nlohmann::json& j) {
+  // A message may quote the request (an SAE ID from the URL), which need not be UTF-8.
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 ApiResponse error_response(unsigned status, std::string_view message) {
   if (status == 401) {
     return ApiResponse{401, ""};
   }
-  return ApiResponse{status, nlohmann::json{{"message", std::string(message)}}.dump()};
+  return ApiResponse{status, dump_json(nlohmann::json{{"message", std::string(message)}})};
 }
 
 ApiResponse error_response(const qkd::core::Error& error) {

@@ -262,6 +262,13 @@ TEST(Config, BadValues) {
     j["link"]["psk_file"] = "psk.hex";
     expect_error(j, "link.psk_hex", "exactly one");
   }
+  {
+    // A device named by mistake is refused, not read for ever.
+    json j = valid_alice();
+    j["link"].erase("psk_hex");
+    j["link"]["psk_file"] = "/dev/zero";
+    expect_error(j, "link.psk_file", "not a readable regular file");
+  }
 }
 
 TEST(Config, DecoyChannelAndProtocolFieldsParse) {

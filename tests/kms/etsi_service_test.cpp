@@ -238,4 +238,15 @@ TEST_F(EtsiServiceTest, HealthReportsLinkState) {
   EXPECT_EQ(at_alice("alice", "POST", "/health").status, 400u);
 }
 
+// An SAE ID in the URL that is not UTF-8 gets the client error it deserves, in a body that
+// is valid JSON, not a 503 from a JSON serialiser that refused the message quoting it.
+TEST_F(EtsiServiceTest, NonUtf8SaeIdIsAClientError) {
+  for (const char* target : {"/api/v1/keys/%FF/status", "/api/v1/keys/%C3%28/enc_keys",
+                             "/api/v1/keys/%FE%FF/dec_keys?key_ID=x"}) {
+    const auto r = at_alice("alice", "GET", target);
+    EXPECT_EQ(r.status, 400u) << target << ": " << r.body;
+    EXPECT_FALSE(json::parse(r.body, nullptr, false).is_discarded()) << target << ": " << r.body;
+  }
+}
+
 }  // namespace

@@ -163,6 +163,28 @@ TEST(KeyStore, OneUsePerKeyOnEachEnd) {
   EXPECT_FALSE(p.alice->take("alice", "alice", ids, 0ms).ok());
 }
 
+// A notice that names a key_ID a notice still waiting for its bytes already assigns is
+// refused: when both bytes landed, the second would replace the first's key under the same
+// key_ID (and a durable store would write the other bytes over the stored key).
+TEST(KeyStore, ASecondAssignmentOfAWaitingKeyIdIsRefused) {
+  Pair p;
+  const std::string id = "6f1c2a0e-55d4-4a43-9c1e-2b7f0c9d4e11";
+  // Alice's direction holds nothing yet: both wait for their bytes.
+  ASSERT_TRUE(p.bob->apply_peer_assignment({id, Direction::kAlice, 0, 32, "alice", {"bob"}, false})
+                  .ok());
+  auto second =
+      p.bob->apply_peer_assignment({id, Direction::kAlice, 32, 32, "alice", {"bob"}, false});
+  ASSERT_FALSE(second.ok());
+  EXPECT_NE(second.error().message.find("duplicate"), std::string::npos)
+      << second.error().message;
+  const auto pool = pattern(256, 4);
+  p.commit(pool);
+  auto k = p.bob->take("bob", "alice", {id}, 0ms);
+  ASSERT_TRUE(k.ok()) << k.error().message;
+  EXPECT_TRUE(qkd::core::constant_time_equal(
+      k->front().key.span(), std::span<const std::uint8_t>(pool.data(), 32)));  // the first's
+}
+
 TEST(KeyStore, AuthorizationChecksSlaveAndMaster) {
   Pair p;
   p.commit(pattern(256, 5));

@@ -14,6 +14,8 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "qkd/core/result.hpp"
 #include "qkd/kms/config.hpp"
 #include "qkd/kms/key_store.hpp"
@@ -50,6 +52,8 @@ struct ApiResponse {
 //   kInvalidArgument, kProtocol -> 400; kAuthentication -> 401;
 //   kUnavailable, kTimeout, kClosed, kInternal, kRejected -> 503.
 [[nodiscard]] unsigned http_status_for(qkd::core::ErrorCode code);
+// A response body: JSON text, with any invalid UTF-8 in its strings replaced by U+FFFD.
+[[nodiscard]] std::string dump_json(const nlohmann::json& j);
 // An Error body ({"message": ...}); 401 has no body.
 [[nodiscard]] ApiResponse error_response(const qkd::core::Error& error);
 [[nodiscard]] ApiResponse error_response(unsigned status, std::string_view message);
