@@ -1,24 +1,30 @@
-// Fuzz target: the store core (make_memory_key_store; the durable store runs the same core)
-// driven by a sequence of operations, peer notices among them as a hostile or broken peer
-// KME could send them: assignments with any offset, length, direction, key_ID and SAEs,
-// discards, replayed notice numbers, a pool reset.
+// Fuzz target: the store core (make_memory_key_store; the durable store runs the same core
+// over a journal, which this target does not reach) driven by a sequence of operations, peer
+// notices among them as a hostile or broken peer KME could send them: assignments with any
+// key_ID, direction, offset, length and SAEs, discards, and a pool reset.
 //
-// Input: operations, each an opcode byte and its arguments (see run()); the input ends them.
-// The pool's bytes are random, so any 8 of them in a row tell where in the pool they lie.
-// Checks, for every key handed out (allocate to the master, take to a slave):
-//   - no pool byte is ever handed out under two key_IDs (the same key_ID to its master and
-//     to each of its slaves is one key);
+// Input: operations, each an opcode byte and its argument bytes (see run()); the input
+// ends them. The fuzzer keeps its own copy of both directions' bytes (chunk c of the pool
+// belongs to direction c % 2) and knows where every key came from: own keys from the
+// allocation's notice, peer keys from the assignments it sent. Checks, for every key handed
+// out (allocate to the master, take to a slave):
+//   - its bytes are the pool bytes it was assigned (a used byte is wiped: handing it out
+//     again shows as zeros);
+//   - no pool byte is handed out under two key_IDs (the same key_ID to its master and to
+//     each of its slaves is one key);
 //   - no SAE gets the same key_ID twice;
-//   - allocate gives `number` keys of `size` bytes, take all requested keys or none.
+//   - allocate gives `number` keys of `size` bytes; take all requested keys or none.
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <set>
 #include <span>
 #include <string>
-#include <unordered_map>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -27,7 +33,11 @@
 namespace {
 
 using qkd::kms::Direction;
+using qkd::kms::kChunkBytes;
 using qkd::kms::KeyAssignment;
+
+constexpr Direction kOwn = Direction::kAlice;
+constexpr Direction kPeer = Direction::kBob;
 
 const std::array<std::string, 6> kIds = {"6f1c2a0e-55d4-4a43-9c1e-2b7f0c9d4e11",
                                          "0b7e2c55-1f0a-4d8e-8f3a-6a1b2c3d4e5f",
@@ -37,9 +47,21 @@ const std::array<std::string, 6> kIds = {"6f1c2a0e-55d4-4a43-9c1e-2b7f0c9d4e11",
                                          ""};
 const std::array<std::string, 4> kSaes = {"s1", "s2", "peer", "m"};
 
+// Where a key's bytes lie: pool epoch, direction, offset, length.
+using Place = std::tuple<unsigned, int, std::uint64_t, std::uint32_t>;
+
 class Run {
  public:
-  explicit Run(std::span<const std::uint8_t> in) : in_(in) {}
+  explicit Run(std::span<const std::uint8_t> in) : in_(in) {
+    store_->set_assignment_listener([this](const std::vector<KeyAssignment>& as) {
+      for (const auto& a : as) {
+        if (!a.discard) {
+          own_places_[a.key_id] = Place{epoch_, static_cast<int>(a.direction), a.offset, a.length};
+        }
+      }
+    });
+    epochs_.emplace_back();
+  }
 
   void run() {
     while (pos_ < in_.size()) {
@@ -47,12 +69,19 @@ class Run {
         case 0:
           commit(64 * (next() % 16 + 1));
           break;
-        case 1:
-          (void)store_->apply_peer_assignment(assignment());
+        case 1: {
+          KeyAssignment a = assignment();
+          (void)store_->apply_peer_assignment(a);
           break;
-        case 2:
-          (void)store_->apply_peer_notice(next(), {assignment(), assignment()});
+        }
+        case 2: {
+          const std::uint8_t seq = next();
+          std::vector<KeyAssignment> as;
+          as.push_back(assignment());
+          as.push_back(assignment());
+          (void)store_->apply_peer_notice(seq, std::move(as));
           break;
+        }
         case 3:
           allocate();
           break;
@@ -62,56 +91,62 @@ class Run {
         default:
           if (next() == 0xA5) {  // rare: the link's reset
             store_->reset_pool();
-            base_ += std::uint64_t{1} << 40;
-            committed_ = 0;
+            ++epoch_;
+            epochs_.emplace_back();
           }
       }
     }
   }
 
  private:
-  std::uint8_t next() { return pos_ < in_.size() ? in_[pos_++] : 0; }
-  std::uint16_t next16() { return static_cast<std::uint16_t>(next() << 8 | next()); }
+  struct Epoch {
+    std::uint64_t committed = 0;
+    std::array<std::vector<std::uint8_t>, 2> bytes;             // each direction's stream
+    std::array<std::map<std::uint64_t, std::string>, 2> owner;  // offset -> key_ID
+  };
 
-  // A block of random bytes; every 8-byte window of the pool is indexed by its position.
+  std::uint8_t next() { return pos_ < in_.size() ? in_[pos_++] : 0; }
+  std::uint16_t next16() {
+    const std::uint8_t hi = next();
+    const std::uint8_t lo = next();
+    return static_cast<std::uint16_t>(hi << 8 | lo);
+  }
+
   void commit(std::size_t n) {
     std::vector<std::uint8_t> block(n);
+    Epoch& e = epochs_.back();
     for (auto& b : block) {
       rng_ = rng_ * 6364136223846793005ULL + 1442695040888963407ULL;
       b = static_cast<std::uint8_t>(rng_ >> 56);
+      e.bytes[(e.committed / kChunkBytes) % 2].push_back(b);
+      ++e.committed;
     }
     store_->commit(block);
-    tail_.insert(tail_.end(), block.begin(), block.end());
-    // tail_: the previous blocks' last 7 bytes, then this block.
-    const std::uint64_t tail_start = base_ + committed_ + n - tail_.size();
-    for (std::size_t i = 0; i + 8 <= tail_.size(); ++i) {
-      where_[window(tail_.data() + i)] = tail_start + i;
-    }
-    committed_ += n;
-    tail_.erase(tail_.begin(), tail_.end() - 7);  // windows across the next block's start
-  }
-  static std::uint64_t window(const std::uint8_t* p) {
-    std::uint64_t w = 0;
-    for (int k = 0; k < 8; ++k) {
-      w = w << 8 | p[k];
-    }
-    return w;
   }
 
+  // A peer assignment; recorded (when it names the peer's direction) as a place its key_ID
+  // may come from.
   KeyAssignment assignment() {
     KeyAssignment a;
     const std::uint8_t flags = next();
     a.key_id = kIds[flags % kIds.size()];
-    a.direction = (flags & 0x08) != 0 ? Direction::kAlice : Direction::kBob;  // own: kAlice
+    a.direction = (flags & 0x08) != 0 ? kOwn : kPeer;
     a.discard = (flags & 0x10) != 0;
     a.offset = next16();
     a.length = next();
-    a.master_sae = (flags & 0x20) != 0 ? "peer" : kSaes[next() % kSaes.size()];
+    if ((flags & 0x20) != 0) {
+      a.master_sae = "peer";
+    } else {
+      a.master_sae = kSaes[next() % kSaes.size()];
+    }
     const std::uint8_t slaves = next();
     for (std::size_t i = 0; i < kSaes.size(); ++i) {
       if ((slaves >> i & 1) != 0) {
         a.slave_saes.push_back(kSaes[i]);
       }
+    }
+    if (!a.discard && a.direction == kPeer) {
+      peer_places_[a.key_id].insert(Place{epoch_, static_cast<int>(kPeer), a.offset, a.length});
     }
     return a;
   }
@@ -147,8 +182,8 @@ class Run {
     const std::uint8_t b = next();
     const std::string& caller = kSaes[b % kSaes.size()];
     const std::string& master = kSaes[(b >> 2) % kSaes.size()];
-    std::vector<std::string> ids;
     const std::uint8_t pick = next();
+    std::vector<std::string> ids;
     for (std::size_t i = 0; i < kIds.size(); ++i) {
       if ((pick >> i & 1) != 0) {
         ids.push_back(kIds[i]);
@@ -172,36 +207,57 @@ class Run {
     }
   }
 
+  // The bytes at `place`, if the pool held them.
+  std::span<const std::uint8_t> bytes_at(const Place& place) const {
+    const auto& [epoch, dir, offset, length] = place;
+    const auto& stream = epochs_.at(epoch).bytes.at(static_cast<std::size_t>(dir));
+    if (offset + length > stream.size()) {
+      return {};
+    }
+    return std::span<const std::uint8_t>(stream).subspan(offset, length);
+  }
+
   // Records a key handed to `sae`, and checks the rules above.
   void handed_out(const std::string& sae, const qkd::kms::DeliveredKey& k) {
     if (!given_.emplace(sae, k.key_id).second) {
       std::abort();  // the same key_ID twice to one SAE
     }
-    const std::uint8_t* p = k.key.data();
-    for (std::size_t i = 0; i + 8 <= k.key.size(); ++i) {
-      const auto it = where_.find(window(p + i));
-      if (it == where_.end()) {
-        continue;  // a window across two chunks of a direction: not contiguous in the pool
-      }
-      for (std::uint64_t pos = it->second; pos < it->second + 8; ++pos) {
-        const auto [owner, fresh] = owner_.emplace(pos, k.key_id);
-        if (!fresh && owner->second != k.key_id) {
-          std::abort();  // a pool byte handed out under two key_IDs
-        }
+    const std::span<const std::uint8_t> key(k.key.data(), k.key.size());
+    auto same = [&](const Place& p) {
+      const auto b = bytes_at(p);
+      return b.size() == key.size() && !key.empty() && std::equal(b.begin(), b.end(), key.begin());
+    };
+    std::vector<Place> from;  // where it may come from
+    if (const auto own = own_places_.find(k.key_id); own != own_places_.end()) {
+      from.push_back(own->second);
+    } else if (const auto peer = peer_places_.find(k.key_id); peer != peer_places_.end()) {
+      std::copy_if(peer->second.begin(), peer->second.end(), std::back_inserter(from), same);
+    }
+    if (from.empty() || !same(from.front())) {
+      std::abort();  // bytes that are not the pool bytes any assignment named
+    }
+    if (from.size() > 1) {
+      return;  // equal bytes at two places (a short key): cannot tell which
+    }
+    const auto& [epoch, dir, offset, length] = from.front();
+    auto& owner = epochs_[epoch].owner[static_cast<std::size_t>(dir)];
+    for (std::uint64_t i = offset; i < offset + length; ++i) {
+      const auto [it, fresh] = owner.emplace(i, k.key_id);
+      if (!fresh && it->second != k.key_id) {
+        std::abort();  // a pool byte handed out under two key_IDs
       }
     }
   }
 
   std::span<const std::uint8_t> in_;
   std::size_t pos_ = 0;
-  std::unique_ptr<qkd::kms::KeyStore> store_ = qkd::kms::make_memory_key_store(Direction::kAlice);
+  std::unique_ptr<qkd::kms::KeyStore> store_ = qkd::kms::make_memory_key_store(kOwn);
   std::uint64_t rng_ = 0x9E3779B97F4A7C15ULL;
-  std::uint64_t base_ = 0;       // positions of the current pool epoch start here
-  std::uint64_t committed_ = 0;  // bytes committed in this epoch
-  std::vector<std::uint8_t> tail_;
-  std::unordered_map<std::uint64_t, std::uint64_t> where_;  // 8-byte window -> position
-  std::unordered_map<std::uint64_t, std::string> owner_;    // position -> key_ID
-  std::set<std::pair<std::string, std::string>> given_;     // (SAE, key_ID)
+  unsigned epoch_ = 0;
+  std::vector<Epoch> epochs_;
+  std::map<std::string, Place> own_places_;              // allocations' notices
+  std::map<std::string, std::set<Place>> peer_places_;   // assignments sent
+  std::set<std::pair<std::string, std::string>> given_;  // (SAE, key_ID)
   std::vector<std::string> allocated_;
 };
 

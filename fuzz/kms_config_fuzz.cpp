@@ -1,5 +1,6 @@
-// Fuzz target: a KME configuration file's text (parse_config, without touching the files it
-// names). Checks: it returns (no exception, no crash); a refusal names the file.
+// Fuzz target: a KME configuration file's text (parse_config without checking the TLS files
+// it names; a link.psk_file it names is read, at most 4 KiB of a regular file). Checks: it
+// returns (no exception, no crash, no endless read); a refusal names the file.
 #include <cstdint>
 #include <cstdlib>
 #include <string_view>

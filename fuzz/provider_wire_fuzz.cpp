@@ -2,6 +2,7 @@
 // the server's ciphertext), as qkdprovider parses them. Input byte 0 picks which. Checks:
 // the parser returns (no crash); what it accepts is canonical: encoding the result gives
 // back exactly the input bytes.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <span>

@@ -17,14 +17,21 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(etsi_api key_store kms_config provider_wire core_detections)
 examples/install-deps.sh
 # clang and its libFuzzer and sanitizer runtimes.
+missing=()
 for p in clang libclang-rt-14-dev; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    echo "fuzz: installing $p"
-    sudo_cmd=""
-    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "$p" >/dev/null
-  fi
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo_cmd=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "fuzz: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+    sudo_cmd=(sudo)
+  fi
+  echo "fuzz: installing ${missing[*]}"
+  "${sudo_cmd[@]}" apt-get update -qq >/dev/null
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 cmake --preset fuzz >/dev/null
 cmake --build build-fuzz -j "${JOBS:-$(nproc)}" --target "${targets[@]/#/fuzz_}"
 status=0
@@ -32,13 +39,9 @@ for t in "${targets[@]}"; do
   work="build-fuzz/fuzz-out/$t"
   rm -rf "$work" && mkdir -p "$work/corpus"
   cp fuzz/corpus/"$t"/* "$work/corpus/" 2>/dev/null || true
-  # etsi_api keeps a KME pair across inputs (a heap LeakSanitizer would rescan after every
-  # input that allocates, at a third of the speed); leaks are still checked at exit.
-  extra=()
-  [ "$t" != etsi_api ] || extra=(-detect_leaks=0)
   echo "fuzz: $t for ${seconds} s"
   if (cd "$work" && "$root/build-fuzz/bin/fuzz_$t" corpus -max_total_time="$seconds" \
-        -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${extra[@]}" >log.txt 2>&1); then
+        -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >log.txt 2>&1); then
     grep -E "^(stat::number_of_executed_units|stat::new_units_added)" "$work/log.txt" | tr '\n' ' '
     echo
     if [ "${FUZZ_MERGE:-0}" = 1 ]; then
