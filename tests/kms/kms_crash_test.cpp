@@ -36,6 +36,32 @@ std::vector<std::pair<std::string, Bytes>> keys_of(const HttpResponse& r) {
   return qkd::test::key_list(r);
 }
 
+// enc_keys of `number` keys for bob at alice-kme: the (key_ID, bytes) pairs; none, with a
+// failure recorded, unless it was answered with 200.
+std::vector<std::pair<std::string, Bytes>> enc_at_alice(const KmeNetwork& net, int number) {
+  auto enc = net.client(net.alice(), "alice")
+                 .get(fmt::format("/api/v1/keys/bob/enc_keys?number={}", number));
+  if (!enc.ok() || enc->status != 200) {
+    ADD_FAILURE() << "enc_keys at alice-kme: " << (enc.ok() ? enc->body : enc.error().message);
+    return {};
+  }
+  return keys_of(*enc);
+}
+
+// dec_keys of `id` (master alice) at bob-kme: the status (0: no answer) and, with 200, the
+// key's bytes.
+std::pair<unsigned, Bytes> dec_at_bob(const KmeNetwork& net, const std::string& id) {
+  auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
+  if (!dec.ok()) {
+    return {0, {}};
+  }
+  if (dec->status != 200) {
+    return {dec->status, {}};
+  }
+  const auto keys = keys_of(*dec);
+  return {200, keys.empty() ? Bytes{} : keys.front().second};
+}
+
 // Everything one direction of traffic saw: master SAE at `enc` KME, slave at `dec` KME.
 struct Flow {
   std::string name;
@@ -260,16 +286,12 @@ TEST(KmsCrash, GracefulRestartResumesWithThePool) {
   auto started = durable_network_with_a_full_pool();
   ASSERT_NE(started, nullptr);
   KmeNetwork& net = *started;
-  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
-  ASSERT_TRUE(enc.ok());
-  ASSERT_EQ(enc->status, 200u) << enc->body;
+  const auto keys = enc_at_alice(net, 3);
+  ASSERT_EQ(keys.size(), 3u);
   ASSERT_TRUE(net.restart_bob().ok());
   ASSERT_TRUE(net.wait_for_keys(40).ok());
-  for (const auto& [id, key] : keys_of(*enc)) {
-    auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
-    ASSERT_TRUE(dec.ok());
-    ASSERT_EQ(dec->status, 200u) << dec->body;
-    EXPECT_EQ(keys_of(*dec).front().second, key);
+  for (const auto& [id, key] : keys) {
+    EXPECT_EQ(dec_at_bob(net, id), std::make_pair(200u, key)) << id;
   }
   EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 1));
   EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "discarding both pools"), 0u);
@@ -281,14 +303,10 @@ void expect_keys_flow_after_reset(const KmeNetwork& net) {
   // The network's first session was a reset too (no pool yet): this is the second.
   EXPECT_TRUE(wait_for_log(net, net.alice(), "established (reset)", 2));
   ASSERT_TRUE(net.wait_for_keys(10).ok());
-  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
-  ASSERT_TRUE(enc.ok());
-  ASSERT_EQ(enc->status, 200u) << enc->body;
-  for (const auto& [id, key] : keys_of(*enc)) {
-    auto dec = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
-    ASSERT_TRUE(dec.ok());
-    ASSERT_EQ(dec->status, 200u) << dec->body;
-    EXPECT_EQ(keys_of(*dec).front().second, key);
+  const auto keys = enc_at_alice(net, 3);
+  ASSERT_EQ(keys.size(), 3u);
+  for (const auto& [id, key] : keys) {
+    EXPECT_EQ(dec_at_bob(net, id), std::make_pair(200u, key)) << id;
   }
 }
 
@@ -340,13 +358,9 @@ TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
   ASSERT_NE(started, nullptr);
   KmeNetwork& net = *started;
   for (int i = 0; i < 3; ++i) {
-    auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys");
-    ASSERT_TRUE(enc.ok());
-    ASSERT_EQ(enc->status, 200u) << enc->body;
-    auto dec = net.client(net.bob(), "bob")
-                   .get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).front().first);
-    ASSERT_TRUE(dec.ok());
-    ASSERT_EQ(dec->status, 200u) << dec->body;  // bob has applied its notice
+    const auto keys = enc_at_alice(net, 1);
+    ASSERT_EQ(keys.size(), 1u);
+    ASSERT_EQ(dec_at_bob(net, keys.front().first).first, 200u);  // bob applied its notice
   }
   net.stop_kme("alice-kme");
   {
@@ -376,15 +390,10 @@ TEST(KmsCrash, NormalStoreLeftOpenAcrossARebootStartsANewPool) {
   auto started = durable_network_with_a_full_pool("normal");
   ASSERT_NE(started, nullptr);
   KmeNetwork& net = *started;
-  auto enc = net.client(net.alice(), "alice").get("/api/v1/keys/bob/enc_keys?number=3");
-  ASSERT_TRUE(enc.ok());
-  ASSERT_EQ(enc->status, 200u) << enc->body;
-  const auto before = keys_of(*enc);
+  const auto before = enc_at_alice(net, 3);
   ASSERT_EQ(before.size(), 3u);
-  auto dec = net.client(net.bob(), "bob")
-                 .get("/api/v1/keys/alice/dec_keys?key_ID=" + before.front().first);
-  ASSERT_TRUE(dec.ok());
-  ASSERT_EQ(dec->status, 200u) << dec->body;  // delivered; the other two wait at bob
+  // Delivered; the other two wait at bob.
+  ASSERT_EQ(dec_at_bob(net, before.front().first), std::make_pair(200u, before.front().second));
   {
     const qkd::test::ScopedEnv boot("QKD_KMS_BOOT_ID", "a-later-boot");
     net.stop_kme("alice-kme");
@@ -399,9 +408,7 @@ TEST(KmsCrash, NormalStoreLeftOpenAcrossARebootStartsANewPool) {
       << net.log_tail(net.alice());
   expect_keys_flow_after_reset(net);
   for (const auto& [id, key] : before) {
-    auto again = net.client(net.bob(), "bob").get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
-    ASSERT_TRUE(again.ok());
-    EXPECT_EQ(again->status, 400u) << id << ": " << again->body;
+    EXPECT_EQ(dec_at_bob(net, id).first, 400u) << id;
   }
 }
 
