@@ -11,7 +11,8 @@
 //
 //   kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K]
 //            [--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no]
-//            [--engine-nice N] [--synchronous full|normal] [--pool-limit K] [--pulses P]
+//            [--engine-nice N] [--synchronous full|normal] [--prepared-keys N]
+//            [--pool-limit K] [--pulses P]
 // The closed-loop rows and the open-loop row each get their own pair of KMEs. --keys: the
 // pool to fill before the runs (default: enough for them). --pool-limit: keys.max_key_count
 // of both KMEs; default for the closed-loop rows 2,000,000 (they spend more than a pool
@@ -21,6 +22,7 @@
 // --number with a list: one closed-loop row per value at each connection count. --conns 0:
 // no closed-loop rows. --engine-nice: link.engine_nice of both KMEs, default the KME's own;
 // --synchronous: store.synchronous of both durable KMEs, default not written = full;
+// --prepared-keys: store.prepared_keys of both durable KMEs, default not written = 32;
 // --pulses: link.protocol.pulses_per_block of both KMEs, default the harness's)
 // With the durable store, the open-loop row is followed by both stores' own transaction
 // times in the same window (their /metrics histogram, scraped before and after); at full
@@ -467,6 +469,7 @@ int run(int argc, char** argv) {
   double rate = 1000;
   std::string store = "both";
   std::string synchronous;  // store.synchronous; empty: not written
+  int prepared = -1;        // store.prepared_keys; -1: not written
   std::uint64_t keys = 0;  // pool to wait for; 0 = enough for every run at ~15,000/s
   std::uint64_t pool_limit = 0;  // keys.max_key_count; 0 = the pool waited for
   std::uint64_t pulses = 0;      // link.protocol.pulses_per_block; 0 = the harness's
@@ -474,7 +477,8 @@ int run(int argc, char** argv) {
     std::fprintf(to,
                  "usage: kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K] "
                  "[--store memory|durable|both] [--conns C[,C...]] [--open-loop yes|no] "
-                 "[--engine-nice N] [--synchronous full|normal] [--pool-limit K] [--pulses P]\n"
+                 "[--engine-nice N] [--synchronous full|normal] [--prepared-keys N] "
+                 "[--pool-limit K] [--pulses P]\n"
                  "  --seconds S      length of each row [s] (default 3)\n"
                  "  --number N,...   keys per enc_keys request, closed loop (default 1)\n"
                  "  --rate R         open-loop request rate [requests/s] (default 1000)\n"
@@ -487,6 +491,8 @@ int run(int argc, char** argv) {
                  "                   (default: not written, the KME's default full); with\n"
                  "                   full the open loop is followed by the disk's floor\n"
                  "                   (a 4 KiB write + fdatasync per request, no KME)\n"
+                 "  --prepared-keys N store.prepared_keys of both durable KMEs (default: not\n"
+                 "                   written, the KME's default 32; 0 = none)\n"
                  "  --pulses P       link.protocol.pulses_per_block of both KMEs (default 2,000,000)\n"
                  "  --pool-limit K   keys.max_key_count of both KMEs (default: 2,000,000 for\n"
                  "                   the closed-loop rows, the filled pool for the open loop,\n"
@@ -522,6 +528,8 @@ int run(int argc, char** argv) {
       store = argv[i + 1];
     } else if (a == "--synchronous") {
       synchronous = argv[i + 1];
+    } else if (a == "--prepared-keys") {
+      prepared = std::stoi(argv[i + 1]);
     } else if (a == "--pool-limit") {
       pool_limit = std::stoull(argv[i + 1]);
     } else if (a == "--pulses") {
@@ -549,7 +557,7 @@ int run(int argc, char** argv) {
     if (pulses != 0) {
       o.pulses_per_block = pulses;
     }
-    o.customize = [engine_nice, durable, synchronous](json& a, json& b) {
+    o.customize = [engine_nice, durable, synchronous, prepared](json& a, json& b) {
       // The benchmark measures the server path, not the limiter.
       for (json* c : {&a, &b}) {
         (*c)["admission"] = {{"sae_keys_per_s", 0}, {"pair_keys_per_window", 0}};
@@ -558,6 +566,9 @@ int run(int argc, char** argv) {
         }
         if (durable && !synchronous.empty()) {
           (*c)["store"]["synchronous"] = synchronous;
+        }
+        if (durable && prepared >= 0) {
+          (*c)["store"]["prepared_keys"] = prepared;
         }
       }
     };

@@ -552,6 +552,7 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
       }
       c.store.synchronous_full = sync == "full";
     }
+    r.optional_uint("prepared_keys", c.store.prepared_keys, 0, 4096);
     r.finish();
   }
   c.admission = parse_admission(top, c.keys);

@@ -411,14 +411,19 @@ class JournaledStore final : public KeyStore {
     if (number == 0 || size_bytes == 0) {
       return qkd::core::make_error(ErrorCode::kInvalidArgument, "empty key request");
     }
-    std::vector<std::string> ids;
-    ids.reserve(number);
-    for (std::uint32_t i = 0; i < number; ++i) {
-      auto id = random_uuid_v4();
-      if (!id.ok()) {
-        return id.error();
+    // A reserve serves one slave at the peer and no local slaves (set_prepared_keys).
+    std::optional<ReserveId> reserve;
+    if (slave_saes.size() == 1 && local_slave_saes.empty()) {
+      reserve = ReserveId{master_sae, slave_saes.front(), size_bytes};
+    }
+    if (reserve) {
+      if (auto served = take_prepared(*reserve, number, pending)) {
+        return std::move(*served);
       }
-      ids.push_back(std::move(id.value()));
+    }
+    auto ids = random_uuids(number);
+    if (!ids.ok()) {
+      return ids.error();
     }
     std::vector<DeliveredKey> keys;
     std::optional<std::uint64_t> notice_seq;
@@ -433,6 +438,7 @@ class JournaledStore final : public KeyStore {
       DirectionStream& s = own_stream();
       const std::uint64_t need = std::uint64_t{number} * size_bytes;
       const std::uint64_t avail = direction_bytes(committed_, own_) - s.cursor();
+      std::size_t prepared = 0;
       if (need > avail) {
         short_of_key = Error{
             ErrorCode::kUnavailable,
@@ -445,24 +451,31 @@ class JournaledStore final : public KeyStore {
         keys.reserve(number);
         assignments.reserve(assignments.size() + number);
         for (std::uint32_t i = 0; i < number; ++i) {
-          KeyAssignment a{ids[i], own_, s.cursor(), size_bytes, master_sae, slave_saes, false};
-          DeliveredKey k{ids[i], {}};
+          KeyAssignment a{(*ids)[i], own_, s.cursor(), size_bytes, master_sae, slave_saes, false};
+          DeliveredKey k{(*ids)[i], {}};
           s.take(a.offset, a.length, k.key);
           if (local_slave_saes.empty()) {
-            remember_used_locked(ids[i]);
+            remember_used_locked((*ids)[i]);
           } else {
             // Multicast at this KME: kept for the local slaves (see take()); the key_ID is
             // remembered as used when the last of them has fetched it.
-            keep_for_local_slaves_locked(ids[i], master_sae, local_slave_saes, k.key);
+            keep_for_local_slaves_locked((*ids)[i], master_sae, local_slave_saes, k.key);
           }
           keys.push_back(std::move(k));
           assignments.push_back(std::move(a));
+        }
+        if (reserve) {
+          // The pair's reserve, filled in the same write: no transaction of its own.
+          prepared = prepare_locked(*reserve, assignments);
         }
         sync_cursor_locked(own_);
       }
       notice_seq = notify_locked(assignments);
       release = release_;
       ticket = seal_locked();
+      if (prepared > 0) {
+        date_prepared_locked(*reserve, prepared, ticket);
+      }
     }
     std::function<void()> then;
     if (notice_seq && release) {
@@ -483,6 +496,14 @@ class JournaledStore final : public KeyStore {
       return *short_of_key;
     }
     return keys;
+  }
+
+  void set_prepared_keys(std::uint32_t depth) override {
+    std::lock_guard lock(mu_);
+    prepared_depth_ = depth;
+    if (depth == 0) {
+      reserves_.clear();
+    }
   }
 
   void set_max_age(std::chrono::seconds max_age) override {
@@ -519,6 +540,10 @@ class JournaledStore final : public KeyStore {
       std::lock_guard lock(mu_);
       std::vector<KeyAssignment> discards;
       expire_locked(now, discards);
+      for (auto it = reserves_.begin(); it != reserves_.end();) {
+        drop_stale_prepared_locked(it->second, now);
+        it = it->second.empty() ? reserves_.erase(it) : std::next(it);
+      }
       notice_seq = notify_locked(discards);
       release = release_;
       ticket = seal_locked();
@@ -673,6 +698,9 @@ class JournaledStore final : public KeyStore {
         direction_bytes(committed_, peer) - streams_[static_cast<int>(peer)].cursor();
     st.assigned_keys_waiting = records_.size();
     st.pending_notices = pending_.size();
+    for (const auto& [id, r] : reserves_) {
+      st.prepared_keys += r.size();
+    }
     if (journal_) {
       auto times = journal_->commit_times();
       st.request_commits = times.requests;
@@ -695,6 +723,154 @@ class JournaledStore final : public KeyStore {
   }
 
  private:
+  // --- prepared keys (set_prepared_keys) ---
+  struct ReserveId {
+    std::string master;
+    std::string slave;
+    std::uint32_t size = 0;
+    auto operator<=>(const ReserveId&) const = default;
+  };
+  struct PreparedKey {
+    DeliveredKey key;
+    std::uint64_t ticket = 0;  // the write that made its consumption durable
+    std::chrono::system_clock::time_point at{};
+  };
+
+  // enc_keys from the pair's reserve, if it holds `number` keys: they leave once the write
+  // that prepared them is durable (already, unless that write is still in progress). A
+  // reserve left half empty is refilled in a write of its own, which no response waits
+  // for. nullopt: not served from the reserve (allocate() goes on).
+  std::optional<Result<std::vector<DeliveredKey>>> take_prepared(const ReserveId& id,
+                                                                 std::uint32_t number,
+                                                                 PendingWrite* pending) {
+    std::vector<DeliveredKey> keys;
+    std::uint64_t ticket = 0;
+    std::optional<std::uint64_t> refill_seq;
+    std::uint64_t refill_ticket = 0;
+    NoticeRelease release;
+    {
+      std::lock_guard lock(mu_);
+      if (prepared_depth_ == 0) {
+        return std::nullopt;
+      }
+      auto it = reserves_.find(id);
+      if (it == reserves_.end()) {
+        return std::nullopt;
+      }
+      std::deque<PreparedKey>& r = it->second;
+      drop_stale_prepared_locked(r, std::chrono::system_clock::now());
+      if (r.size() < number) {
+        return std::nullopt;
+      }
+      keys.reserve(number);
+      for (std::uint32_t i = 0; i < number; ++i) {
+        ticket = std::max(ticket, r.front().ticket);
+        keys.push_back(std::move(r.front().key));
+        r.pop_front();
+      }
+      std::vector<KeyAssignment> assignments;
+      if (const std::size_t n = prepare_locked(id, assignments); n > 0) {
+        sync_cursor_locked(own_);
+        refill_seq = notify_locked(assignments);
+        refill_ticket = seal_locked();
+        date_prepared_locked(id, n, refill_ticket);
+      }
+      release = release_;
+    }
+    if (refill_seq && release) {
+      // The refill's notice leaves once the refill is durable.
+      if (journal_ && refill_ticket != 0) {
+        journal_->when_durable(refill_ticket, [release, seq = *refill_seq](Status s) {
+          if (s.ok()) {
+            release(seq);
+          }
+        });
+      } else {
+        release(*refill_seq);
+      }
+    }
+    if (pending != nullptr && ticket != 0) {
+      *pending = PendingWrite{ticket, nullptr};  // the caller waits (when_written)
+    } else if (auto d = durable(ticket); !d.ok()) {
+      return Result<std::vector<DeliveredKey>>(d.error());
+    }
+    return Result<std::vector<DeliveredKey>>(std::move(keys));
+  }
+
+  // Tops the reserve `id` up to prepared_depth_ keys if it holds less than half of that
+  // (or does not exist yet): allocates them from the own direction, at most half of the
+  // keys available, appending their assignments; returns how many (date_prepared_locked()
+  // stamps them once sealed). The caller syncs the cursor, notifies and seals.
+  std::size_t prepare_locked(const ReserveId& id, std::vector<KeyAssignment>& assignments) {
+    if (prepared_depth_ == 0) {
+      return 0;
+    }
+    auto it = reserves_.find(id);
+    if (it == reserves_.end() && reserves_.size() >= kMaxReserves) {
+      return 0;
+    }
+    const std::size_t have = it == reserves_.end() ? 0 : it->second.size();
+    if (have * 2 >= prepared_depth_) {
+      return 0;
+    }
+    DirectionStream& s = own_stream();
+    const std::uint64_t avail_keys = (direction_bytes(committed_, own_) - s.cursor()) / id.size;
+    const auto n = static_cast<std::size_t>(
+        std::min<std::uint64_t>(prepared_depth_ - have, avail_keys / 2));
+    if (n == 0) {
+      return 0;
+    }
+    auto ids = random_uuids(static_cast<std::uint32_t>(n));
+    if (!ids.ok()) {
+      return 0;  // the request itself is served; the reserve waits for the next one
+    }
+    std::deque<PreparedKey>& r = it == reserves_.end() ? reserves_[id] : it->second;
+    for (auto& key_id : *ids) {
+      KeyAssignment a{key_id, own_, s.cursor(), id.size, id.master, {id.slave}, false};
+      PreparedKey p{DeliveredKey{key_id, {}}, 0, {}};
+      s.take(a.offset, a.length, p.key.key);
+      remember_used_locked(key_id);
+      r.push_back(std::move(p));
+      assignments.push_back(std::move(a));
+    }
+    return n;
+  }
+
+  // Stamps the last `n` keys of reserve `id` with the write that prepared them.
+  void date_prepared_locked(const ReserveId& id, std::size_t n, std::uint64_t ticket) {
+    std::deque<PreparedKey>& r = reserves_.at(id);
+    const auto now = std::chrono::system_clock::now();
+    for (auto it = r.end() - static_cast<std::ptrdiff_t>(n); it != r.end(); ++it) {
+      it->ticket = ticket;
+      it->at = now;
+    }
+  }
+
+  // Prepared keys older than keys.max_age_s (counted from their preparation, as the peer
+  // counts its copies from the notice's arrival, which comes later) are dropped.
+  void drop_stale_prepared_locked(std::deque<PreparedKey>& r,
+                                  std::chrono::system_clock::time_point now) {
+    if (max_age_.count() <= 0) {
+      return;
+    }
+    while (!r.empty() && r.front().at + max_age_ <= now) {
+      r.pop_front();  // SecureBytes cleanses the key
+    }
+  }
+
+  static Result<std::vector<std::string>> random_uuids(std::uint32_t n) {
+    std::vector<std::string> ids;
+    ids.reserve(n);
+    for (std::uint32_t i = 0; i < n; ++i) {
+      auto id = random_uuid_v4();
+      if (!id.ok()) {
+        return id.error();
+      }
+      ids.push_back(std::move(id.value()));
+    }
+    return ids;
+  }
+
   DirectionStream& own_stream() { return streams_[static_cast<int>(own_)]; }
 
   std::uint64_t seal_locked() { return journal_ ? journal_->seal() : 0; }
@@ -732,6 +908,8 @@ class JournaledStore final : public KeyStore {
   }
 
   void reset_pool_locked() {
+    // Prepared keys whose notice the peer may not have yet: a new pool, a new start.
+    reserves_.clear();
     streams_[0].clear();
     streams_[1].clear();
     committed_ = 0;
@@ -1050,6 +1228,8 @@ class JournaledStore final : public KeyStore {
   std::deque<std::string> used_order_;
   std::chrono::seconds max_age_{0};
   std::uint64_t pool_limit_ = 0;  // own-direction bytes kept at most (0: no limit)
+  std::uint32_t prepared_depth_ = 0;  // set_prepared_keys
+  std::map<ReserveId, std::deque<PreparedKey>> reserves_;
   std::optional<PoolDigest> digest_;  // after the blocks of commit_block() (LinkState::digest)
   // (pool end, commit time in Unix ms) of each block not expired yet; only with max_age_.
   std::deque<std::pair<std::uint64_t, std::uint64_t>> settle_;

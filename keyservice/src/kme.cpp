@@ -115,6 +115,7 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
       return store.error();
     }
     im.store = std::move(store.value());
+    im.store->set_prepared_keys(c.store.prepared_keys);
   } else {
     im.store = make_memory_key_store(own);
   }

@@ -129,6 +129,11 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link) cons
          "Keys the peer assigned to SAEs here, not yet fetched by dec_keys.");
   fmt::format_to(o, "qkd_kms_assigned_keys_waiting{{peer_kme_id=\"{}\"}} {}\n", peer,
                  store.assigned_keys_waiting);
+  header(out, "qkd_kms_prepared_keys", "gauge",
+         "Keys allocated here ahead of enc_keys (store.prepared_keys), announced to the peer "
+         "and not yet handed out.");
+  fmt::format_to(o, "qkd_kms_prepared_keys{{peer_kme_id=\"{}\"}} {}\n", peer,
+                 store.prepared_keys);
   header(out, "qkd_kms_pair_keys_waiting", "gauge",
          "Keys waiting here for their slave SAE's dec_keys, by SAE pair (a multicast key once "
          "per slave that has not fetched it).");

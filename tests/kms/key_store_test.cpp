@@ -429,4 +429,107 @@ TEST(KeyStore, ResetForgetsPoolButKeepsAssignedKeys) {
   EXPECT_TRUE(p.bob->take("bob", "alice", ids_of(k.value()), 0ms).ok());
 }
 
+// store.prepared_keys: the first enc_keys of a pair also prepares the pair's reserve (one
+// notice for both); later ones are served from it without a notice until it is half empty,
+// then one notice tops it up. The peer holds every prepared key, with the same bytes.
+TEST(KeyStore, PreparedKeysAreAnnouncedAheadAndServedInOrder) {
+  Pair p;
+  p.alice->set_prepared_keys(8);
+  p.commit(pattern(2048, 4));  // 1024 bytes per direction: 64 keys of 16 bytes
+  auto first = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(first.ok()) << first.error().message;
+  ASSERT_EQ(p.from_alice.size(), 9u);  // the key, then the 8 prepared
+  EXPECT_EQ(p.alice->stats().prepared_keys, 8u);
+  EXPECT_EQ(p.alice->stats().own_available_bytes, 1024u - 9 * 16);
+  std::vector<std::string> prepared_ids;
+  for (std::size_t i = 1; i < p.from_alice.size(); ++i) {
+    EXPECT_EQ(p.from_alice[i].master_sae, "alice");
+    EXPECT_EQ(p.from_alice[i].slave_saes, std::vector<std::string>{"bob"});
+    EXPECT_EQ(p.from_alice[i].length, 16u);
+    prepared_ids.push_back(p.from_alice[i].key_id);
+  }
+  p.deliver_notices();
+  // Five keys from the reserve: no notice (they were announced), in order of preparation.
+  std::vector<qkd::kms::DeliveredKey> served;
+  for (int i = 0; i < 5; ++i) {
+    auto k = p.alice->allocate("alice", {"bob"}, 1, 16);
+    ASSERT_TRUE(k.ok()) << k.error().message;
+    EXPECT_EQ(k->front().key_id, prepared_ids[static_cast<std::size_t>(i)]);
+    if (i < 4) {
+      EXPECT_TRUE(p.from_alice.empty()) << "hand-out " << i;
+    }
+    served.push_back(std::move(k->front()));
+  }
+  // The fifth left 3 of 8, less than half: one notice of 5 keys tops the reserve up.
+  EXPECT_EQ(p.from_alice.size(), 5u);
+  EXPECT_EQ(p.alice->stats().prepared_keys, 8u);
+  // Two keys at once come from the reserve too.
+  auto two = p.alice->allocate("alice", {"bob"}, 2, 16);
+  ASSERT_TRUE(two.ok());
+  EXPECT_EQ(two->at(0).key_id, prepared_ids[5]);
+  EXPECT_EQ(two->at(1).key_id, prepared_ids[6]);
+  for (auto& k : *two) {
+    served.push_back(std::move(k));
+  }
+  p.deliver_notices();
+  // The peer serves each of them once, with the same bytes.
+  for (const auto& k : served) {
+    auto got = p.bob->take("bob", "alice", {k.key_id}, 0ms);
+    ASSERT_TRUE(got.ok()) << got.error().message;
+    EXPECT_TRUE(qkd::core::constant_time_equal(got->front().key.span(), k.key.span()));
+    EXPECT_FALSE(p.bob->take("bob", "alice", {k.key_id}, 0ms).ok());
+  }
+  // Another size, another slave or an additional slave: allocated as before (and a size or
+  // single slave gets its own reserve).
+  p.from_alice.clear();
+  auto other_size = p.alice->allocate("alice", {"bob"}, 1, 32);
+  ASSERT_TRUE(other_size.ok());
+  EXPECT_EQ(p.from_alice.size(), 1u + 8u);
+  p.from_alice.clear();
+  auto multi = p.alice->allocate("alice", {"bob", "carol"}, 1, 16);
+  ASSERT_TRUE(multi.ok());
+  EXPECT_EQ(p.from_alice.size(), 1u);
+  EXPECT_EQ(p.alice->stats().prepared_keys, 6u + 8u);  // 16-byte reserve, 32-byte reserve
+}
+
+// A reserve takes at most half of the keys available, so a nearly empty pool is not locked
+// away in one pair's reserve; a request the reserve cannot cover is allocated from the pool.
+TEST(KeyStore, PreparedKeysTakeAtMostHalfThePool) {
+  Pair p;
+  p.alice->set_prepared_keys(32);
+  p.commit(pattern(256, 5));  // 128 bytes per direction: 8 keys of 16 bytes
+  auto k = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(k.ok());
+  EXPECT_EQ(p.alice->stats().prepared_keys, 3u);  // half of the 7 left
+  auto four = p.alice->allocate("alice", {"bob"}, 4, 16);  // more than the reserve holds
+  ASSERT_TRUE(four.ok()) << four.error().message;
+  EXPECT_EQ(p.alice->stats().own_available_bytes, 0u);
+  EXPECT_EQ(p.alice->stats().prepared_keys, 3u);
+  auto from_reserve = p.alice->allocate("alice", {"bob"}, 3, 16);
+  ASSERT_TRUE(from_reserve.ok()) << from_reserve.error().message;
+  EXPECT_EQ(p.alice->stats().prepared_keys, 0u);
+  EXPECT_FALSE(p.alice->allocate("alice", {"bob"}, 1, 16).ok());
+}
+
+// Prepared keys expire with keys.max_age_s counted from their preparation, and a pool reset
+// drops them (the peer may not have their notice).
+TEST(KeyStore, PreparedKeysExpireAndGoWithAPoolReset) {
+  Pair p;
+  p.alice->set_prepared_keys(4);
+  p.alice->set_max_age(std::chrono::seconds(10));
+  p.commit(pattern(1024, 6));
+  ASSERT_TRUE(p.alice->allocate("alice", {"bob"}, 1, 16).ok());
+  EXPECT_EQ(p.alice->stats().prepared_keys, 4u);
+  ASSERT_TRUE(p.alice->expire(std::chrono::system_clock::now() + std::chrono::seconds(5)).ok());
+  EXPECT_EQ(p.alice->stats().prepared_keys, 4u);
+  ASSERT_TRUE(p.alice->expire(std::chrono::system_clock::now() + std::chrono::seconds(11)).ok());
+  EXPECT_EQ(p.alice->stats().prepared_keys, 0u);
+  p.alice->set_max_age(std::chrono::seconds(0));
+  p.commit(pattern(1024, 7));
+  ASSERT_TRUE(p.alice->allocate("alice", {"bob"}, 1, 16).ok());
+  EXPECT_EQ(p.alice->stats().prepared_keys, 4u);
+  p.alice->reset_pool();
+  EXPECT_EQ(p.alice->stats().prepared_keys, 0u);
+}
+
 }  // namespace

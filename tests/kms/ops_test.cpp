@@ -251,6 +251,8 @@ TEST(OpsTest, MetricsScrapeIsValidAndCountersMove) {
 TEST(OpsTest, DurableStoreCommitsAreTimed) {
   KmeNetworkOptions o;
   o.durable_store = true;
+  // Every enc_keys writes (no reserve serving them without a write of their own).
+  o.customize = [](json& alice, json&) { alice["store"]["prepared_keys"] = 0; };
   auto net = qkd::test::start_network_with_keys(o, 20);
   ASSERT_TRUE(net);
   const auto alice = net->client(net->alice(), "alice");

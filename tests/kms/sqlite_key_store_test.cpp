@@ -568,6 +568,56 @@ TEST(SqliteKeyStore, StateSurvivesReopen) {
   EXPECT_TRUE(s->link_state().outbox.empty());
 }
 
+// Prepared keys (store.prepared_keys) are consumed on disk when prepared: the write that
+// prepares them holds the cursor past them, their key_IDs as used and their notice, so a
+// reopened store (a restart, or a crash after some went out) never hands their bytes out
+// again and still sends the peer their notice. A hand-out from the reserve writes nothing.
+TEST(SqliteKeyStore, PreparedKeysAreConsumedOnDiskAheadOfTheirRequest) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto pool = pattern(32 * 16, 3);  // 256 bytes per direction: 16 keys of 16 bytes
+  std::string handed_out;
+  {
+    std::uint64_t seq = 0;
+    std::vector<std::size_t> notice_sizes;
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    s->set_prepared_keys(4);
+    s->set_notice_hooks(
+        [&](const std::vector<KeyAssignment>& as) {
+          notice_sizes.push_back(as.size());
+          return StoredNotice{++seq, std::vector<std::uint8_t>(as.size(), 7)};
+        },
+        [](std::uint64_t) {});
+    ASSERT_TRUE(s->start_epoch(5).ok());
+    ASSERT_TRUE(s->commit_block(pool, 5, 1).ok());
+    ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 16).ok());
+    EXPECT_EQ(notice_sizes, std::vector<std::size_t>{5});  // the key and the 4 prepared
+    const auto commits = s->stats().request_commits.count;
+    auto k = s->allocate("alice", {"bob"}, 1, 16);
+    ASSERT_TRUE(k.ok()) << k.error().message;
+    handed_out = k->front().key_id;
+    s->drain();
+    EXPECT_EQ(s->stats().request_commits.count, commits) << "a hand-out wrote";
+    EXPECT_EQ(s->stats().prepared_keys, 3u);
+  }
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  const auto ls = s->link_state();
+  ASSERT_EQ(ls.outbox.size(), 1u);
+  EXPECT_EQ(ls.outbox[0].message.size(), 5u);  // the notice announcing all five
+  EXPECT_EQ(s->stats().prepared_keys, 0u);     // the reserve lived in memory
+  EXPECT_EQ(s->stats().own_available_bytes, 256u - 5 * 16);
+  // The next key comes after the five: no prepared byte is handed out twice.
+  auto next = s->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(next.ok());
+  const std::vector<std::uint8_t> sixth(pool.begin() + 5 * 16 + 32 * 2,
+                                        pool.begin() + 6 * 16 + 32 * 2);
+  EXPECT_TRUE(qkd::core::constant_time_equal(next->front().key.span(), sixth));
+  EXPECT_EQ(s->take("alice", "bob", {handed_out}, 0ms).error().code,
+            ErrorCode::kInvalidArgument);
+}
+
 // A multicast key some of its slaves have fetched keeps that state across a reopen: they
 // may not fetch it again, the others still may.
 TEST(SqliteKeyStore, MulticastFetchesSurviveReopen) {
@@ -744,6 +794,19 @@ TEST(StoreConfig, ParsedStrictlyAndOptional) {
         << wrong.error().message;
   }
   j["store"].erase("synchronous");
+  EXPECT_EQ(full->store.prepared_keys, 32u);  // default
+  j["store"]["prepared_keys"] = 0;
+  auto none = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+  ASSERT_TRUE(none.ok()) << none.error().message;
+  EXPECT_EQ(none->store.prepared_keys, 0u);
+  for (const nlohmann::json& v : {nlohmann::json(4097), nlohmann::json(-1), nlohmann::json("8")}) {
+    j["store"]["prepared_keys"] = v;
+    auto wrong = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+    ASSERT_FALSE(wrong.ok()) << v.dump();
+    EXPECT_NE(wrong.error().message.find("store.prepared_keys"), std::string::npos)
+        << wrong.error().message;
+  }
+  j["store"].erase("prepared_keys");
   j["store"]["bogus"] = 1;
   auto bad = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
   ASSERT_FALSE(bad.ok());

@@ -51,6 +51,10 @@ struct StoreConfig {
   // consumption survives a power loss; "normal" syncs only at checkpoints: it survives a
   // crash or kill -9 of the process but a power loss may undo the last commits.
   bool synchronous_full = true;
+  // store.prepared_keys: keys kept ready per (master, slave, size), their consumption made
+  // durable ahead of the request, so that enc_keys waits for no fsync (KeyStore::
+  // set_prepared_keys). 0 = none.
+  std::uint32_t prepared_keys = 32;
 };
 
 // Admission control of enc_keys (see admission.hpp). 0 switches a budget off.

@@ -96,6 +96,7 @@ struct StoreStats {
   std::uint64_t peer_available_bytes = 0;   // not yet assigned by the peer
   std::uint64_t assigned_keys_waiting = 0;  // peer-assigned keys not yet delivered (dec_keys)
   std::uint64_t pending_notices = 0;        // notices for bytes not committed yet
+  std::uint64_t prepared_keys = 0;          // allocated ahead for enc_keys (set_prepared_keys)
   // assigned_keys_waiting by (master SAE, slave SAE), a multicast key once per slave that
   // has not fetched it; filled only from KeyStore::waiting_by_pair() (for /metrics).
   std::map<std::pair<std::string, std::string>, std::uint64_t> waiting_by_pair;
@@ -270,6 +271,19 @@ class KeyStore {
   // above the limit are discarded, the oldest first, with a discard notice like expired
   // ones: the peer drops the same bytes.
   virtual void set_pool_limit(std::uint64_t own_bytes) = 0;
+  // --- prepared keys (store.prepared_keys) ---
+  // With depth > 0, allocate() keeps up to `depth` keys ready for each (master SAE, slave
+  // SAE, key size) it has served with one slave at the peer and no local slaves: allocated
+  // from the own direction, given key_IDs, remembered as used and announced to the peer,
+  // all in a durable write made ahead of the request (with the request that first named
+  // the pair, or after a hand-out left the reserve half empty). A later enc_keys of that
+  // pair for at most that many keys hands them out without a write of its own: their
+  // consumption is durable already. Prepared keys live in memory: a restart or a new pool
+  // epoch drops them here while the peer keeps them as assigned keys that no SAE will
+  // fetch (until keys.max_age_s, if set). A reserve takes at most half of the available
+  // keys; at most kMaxReserves reserves. 0 (the default): none.
+  static constexpr std::size_t kMaxReserves = 64;
+  virtual void set_prepared_keys(std::uint32_t depth) = 0;
   // Applies both rules at `now` (called periodically by the link service).
   [[nodiscard]] virtual Status expire(std::chrono::system_clock::time_point now) = 0;
 };
