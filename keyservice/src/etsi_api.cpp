@@ -103,8 +103,11 @@ ApiResponse EtsiService::status(const std::string& caller, const std::string& sl
   }
   const StoreStats st = store_.stats();
   const std::uint64_t key_bytes = config_.keys.key_size / 8;
-  const std::uint64_t stored =
-      std::min<std::uint64_t>(st.own_available_bytes / key_bytes, config_.keys.max_key_count);
+  // The pool's keys and the keys prepared for this pair (store.prepared_keys).
+  const std::uint64_t stored = std::min<std::uint64_t>(
+      st.own_available_bytes / key_bytes +
+          store_.prepared_for(caller, slave, static_cast<std::uint32_t>(key_bytes)),
+      config_.keys.max_key_count);
   const LinkStats ls = link_stats_ ? link_stats_() : LinkStats{};
   json link = {{"state", ls.up ? "up" : "down"},
                {"qber", ls.qber},

@@ -498,6 +498,13 @@ class JournaledStore final : public KeyStore {
     return keys;
   }
 
+  std::uint64_t prepared_for(const std::string& master_sae, const std::string& slave_sae,
+                             std::uint32_t size_bytes) const override {
+    std::lock_guard lock(mu_);
+    auto it = reserves_.find(ReserveId{master_sae, slave_sae, size_bytes});
+    return it == reserves_.end() ? 0 : it->second.size();
+  }
+
   void set_prepared_keys(std::uint32_t depth) override {
     std::lock_guard lock(mu_);
     prepared_depth_ = depth;
@@ -733,7 +740,9 @@ class JournaledStore final : public KeyStore {
   struct PreparedKey {
     DeliveredKey key;
     std::uint64_t ticket = 0;  // the write that made its consumption durable
-    std::chrono::system_clock::time_point at{};
+    // keys.max_age_s after the commit of the block its first byte came from (the bytes'
+    // age, as for pool bytes); max() without max_age_s.
+    std::chrono::system_clock::time_point expires = std::chrono::system_clock::time_point::max();
   };
 
   // enc_keys from the pair's reserve, if it holds `number` keys: they leave once the write
@@ -758,7 +767,8 @@ class JournaledStore final : public KeyStore {
         return std::nullopt;
       }
       std::deque<PreparedKey>& r = it->second;
-      drop_stale_prepared_locked(r, std::chrono::system_clock::now());
+      const auto now = std::chrono::system_clock::now();
+      drop_stale_prepared_locked(r, now);
       if (r.size() < number) {
         return std::nullopt;
       }
@@ -768,11 +778,18 @@ class JournaledStore final : public KeyStore {
         keys.push_back(std::move(r.front().key));
         r.pop_front();
       }
+      // Expired pool bytes go first, as in allocate(): a refill never prepares them.
       std::vector<KeyAssignment> assignments;
-      if (const std::size_t n = prepare_locked(id, assignments); n > 0) {
+      expire_locked(now, assignments);
+      const std::size_t n = prepare_locked(id, assignments);
+      if (n > 0) {
         sync_cursor_locked(own_);
+      }
+      if (!assignments.empty()) {
         refill_seq = notify_locked(assignments);
         refill_ticket = seal_locked();
+      }
+      if (n > 0) {
         date_prepared_locked(id, n, refill_ticket);
       }
       release = release_;
@@ -798,9 +815,11 @@ class JournaledStore final : public KeyStore {
   }
 
   // Tops the reserve `id` up to prepared_depth_ keys if it holds less than half of that
-  // (or does not exist yet): allocates them from the own direction, at most half of the
-  // keys available, appending their assignments; returns how many (date_prepared_locked()
-  // stamps them once sealed). The caller syncs the cursor, notifies and seals.
+  // (or does not exist yet): allocates them from the own direction, appending their
+  // assignments; returns how many (date_prepared_locked() stamps them once sealed). All
+  // reserves together hold at most as many bytes as the pool keeps available, so that
+  // requests the reserves do not serve (other pairs, sizes, more keys, multicast) still
+  // find at least half of the key. The caller syncs the cursor, notifies and seals.
   std::size_t prepare_locked(const ReserveId& id, std::vector<KeyAssignment>& assignments) {
     if (prepared_depth_ == 0) {
       return 0;
@@ -814,9 +833,11 @@ class JournaledStore final : public KeyStore {
       return 0;
     }
     DirectionStream& s = own_stream();
-    const std::uint64_t avail_keys = (direction_bytes(committed_, own_) - s.cursor()) / id.size;
-    const auto n = static_cast<std::size_t>(
-        std::min<std::uint64_t>(prepared_depth_ - have, avail_keys / 2));
+    const std::uint64_t avail = direction_bytes(committed_, own_) - s.cursor();
+    const std::uint64_t reserved = prepared_bytes_locked();
+    const std::uint64_t spare_keys = avail > reserved ? (avail - reserved) / 2 / id.size : 0;
+    const auto n =
+        static_cast<std::size_t>(std::min<std::uint64_t>(prepared_depth_ - have, spare_keys));
     if (n == 0) {
       return 0;
     }
@@ -827,7 +848,7 @@ class JournaledStore final : public KeyStore {
     std::deque<PreparedKey>& r = it == reserves_.end() ? reserves_[id] : it->second;
     for (auto& key_id : *ids) {
       KeyAssignment a{key_id, own_, s.cursor(), id.size, id.master, {id.slave}, false};
-      PreparedKey p{DeliveredKey{key_id, {}}, 0, {}};
+      PreparedKey p{DeliveredKey{key_id, {}}, 0, expiry_locked(a.offset)};
       s.take(a.offset, a.length, p.key.key);
       remember_used_locked(key_id);
       r.push_back(std::move(p));
@@ -839,21 +860,45 @@ class JournaledStore final : public KeyStore {
   // Stamps the last `n` keys of reserve `id` with the write that prepared them.
   void date_prepared_locked(const ReserveId& id, std::size_t n, std::uint64_t ticket) {
     std::deque<PreparedKey>& r = reserves_.at(id);
-    const auto now = std::chrono::system_clock::now();
     for (auto it = r.end() - static_cast<std::ptrdiff_t>(n); it != r.end(); ++it) {
       it->ticket = ticket;
-      it->at = now;
     }
   }
 
-  // Prepared keys older than keys.max_age_s (counted from their preparation, as the peer
-  // counts its copies from the notice's arrival, which comes later) are dropped.
+  std::uint64_t prepared_bytes_locked() const {
+    std::uint64_t bytes = 0;
+    for (const auto& [rid, r] : reserves_) {
+      bytes += r.size() * rid.size;
+    }
+    return bytes;
+  }
+
+  // When the own-direction byte at `offset` expires (keys.max_age_s after its block was
+  // committed here): max() without max_age_s.
+  std::chrono::system_clock::time_point expiry_locked(std::uint64_t offset) const {
+    if (max_age_.count() <= 0 || settle_.empty()) {
+      return std::chrono::system_clock::time_point::max();
+    }
+    // The byte's position in the pool (chunks alternate between the directions).
+    const std::uint64_t pos =
+        (offset / kChunkBytes * 2 + static_cast<std::uint64_t>(own_)) * kChunkBytes +
+        offset % kChunkBytes;
+    const auto block = std::upper_bound(
+        settle_.begin(), settle_.end(), pos,
+        [](std::uint64_t p, const std::pair<std::uint64_t, std::uint64_t>& e) {
+          return p < e.first;
+        });
+    const std::uint64_t committed_ms = block == settle_.end() ? settle_.back().second
+                                                              : block->second;
+    return std::chrono::system_clock::time_point(std::chrono::milliseconds(committed_ms)) +
+           max_age_;
+  }
+
+  // Prepared keys whose bytes are older than keys.max_age_s are dropped, as pool bytes are
+  // (the peer drops its copies max_age_s after their notice arrived, which is later).
   void drop_stale_prepared_locked(std::deque<PreparedKey>& r,
                                   std::chrono::system_clock::time_point now) {
-    if (max_age_.count() <= 0) {
-      return;
-    }
-    while (!r.empty() && r.front().at + max_age_ <= now) {
+    while (!r.empty() && r.front().expires <= now) {
       r.pop_front();  // SecureBytes cleanses the key
     }
   }

@@ -72,6 +72,20 @@ class EtsiServiceTest : public ::testing::Test {
   qkd::kms::EtsiService bob{bob_cfg, *bob_store, nullptr};
 };
 
+// Keys prepared for a pair (store.prepared_keys) are counted as stored for that pair only.
+TEST_F(EtsiServiceTest, StatusCountsThePairsPreparedKeys) {
+  alice_store->set_prepared_keys(8);
+  ASSERT_EQ(at_alice("alice", "GET", "/api/v1/keys/bob/enc_keys").status, 200u);
+  ASSERT_EQ(alice_store->stats().prepared_keys, 8u);
+  auto stored = [&](const std::string& slave) {
+    ApiResponse r = at_alice("alice", "GET", "/api/v1/keys/" + slave + "/status");
+    EXPECT_EQ(r.status, 200u) << r.body;
+    return json::parse(r.body).at("stored_key_count").get<std::uint64_t>();
+  };
+  EXPECT_EQ(stored("bob"), 4096u / 32 - 1);
+  EXPECT_EQ(stored("carol"), 4096u / 32 - 1 - 8);
+}
+
 TEST_F(EtsiServiceTest, UnknownCallerIs401WithoutBody) {
   ApiResponse r = at_alice("mallory", "GET", "/api/v1/keys/bob/status");
   EXPECT_EQ(r.status, 401u);

@@ -509,6 +509,14 @@ TEST(KeyStore, PreparedKeysTakeAtMostHalfThePool) {
   ASSERT_TRUE(from_reserve.ok()) << from_reserve.error().message;
   EXPECT_EQ(p.alice->stats().prepared_keys, 0u);
   EXPECT_FALSE(p.alice->allocate("alice", {"bob"}, 1, 16).ok());
+  // All reserves together: no more than the pool keeps. A second pair finds the first's
+  // reserve as large as the pool left, and gets none.
+  p.commit(pattern(512, 6));  // 16 more keys of 16 bytes
+  ASSERT_TRUE(p.alice->allocate("alice", {"bob"}, 1, 16).ok());
+  EXPECT_EQ(p.alice->stats().prepared_keys, 7u);  // half of the 15 left
+  ASSERT_TRUE(p.alice->allocate("alice", {"carol"}, 1, 16).ok());
+  EXPECT_EQ(p.alice->stats().prepared_keys, 7u);
+  EXPECT_EQ(p.alice->stats().own_available_bytes, 7u * 16);
 }
 
 // Prepared keys expire with keys.max_age_s counted from their preparation, and a pool reset

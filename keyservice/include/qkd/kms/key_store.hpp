@@ -280,10 +280,16 @@ class KeyStore {
   // pair for at most that many keys hands them out without a write of its own: their
   // consumption is durable already. Prepared keys live in memory: a restart or a new pool
   // epoch drops them here while the peer keeps them as assigned keys that no SAE will
-  // fetch (until keys.max_age_s, if set). A reserve takes at most half of the available
-  // keys; at most kMaxReserves reserves. 0 (the default): none.
+  // fetch (until keys.max_age_s, if set). All reserves together hold at most as many
+  // bytes as the pool keeps when they are filled; at most kMaxReserves reserves; with
+  // keys.max_age_s a prepared key expires with its bytes' age. 0 (the default): none.
   static constexpr std::size_t kMaxReserves = 64;
   virtual void set_prepared_keys(std::uint32_t depth) = 0;
+  // Keys of `size_bytes` prepared for enc_keys of (master, slave) (the ETSI status counts
+  // them as stored for that pair: they are its keys, not the pool's).
+  [[nodiscard]] virtual std::uint64_t prepared_for(const std::string& master_sae,
+                                                   const std::string& slave_sae,
+                                                   std::uint32_t size_bytes) const = 0;
   // Applies both rules at `now` (called periodically by the link service).
   [[nodiscard]] virtual Status expire(std::chrono::system_clock::time_point now) = 0;
 };
