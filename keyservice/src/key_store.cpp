@@ -498,6 +498,33 @@ class JournaledStore final : public KeyStore {
     return keys;
   }
 
+  void withdraw_prepared() override {
+    std::optional<std::uint64_t> notice_seq;
+    NoticeRelease release;
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      std::vector<KeyAssignment> withdrawn;
+      for (const auto& [id, r] : reserves_) {
+        for (const auto& p : r) {
+          withdrawn.push_back(KeyAssignment{p.key.key_id, own_, p.offset, id.size, id.master,
+                                            {id.slave}, true});
+        }
+      }
+      reserves_.clear();  // SecureBytes cleanses the keys
+      notice_seq = notify_locked(withdrawn);
+      release = release_;
+      ticket = seal_locked();
+    }
+    if (auto d = durable(ticket); !d.ok()) {
+      spdlog::error("{}", d.error().message);
+      return;
+    }
+    if (notice_seq && release) {
+      release(*notice_seq);
+    }
+  }
+
   std::uint64_t prepared_for(const std::string& master_sae, const std::string& slave_sae,
                              std::uint32_t size_bytes) const override {
     std::lock_guard lock(mu_);
@@ -739,6 +766,7 @@ class JournaledStore final : public KeyStore {
   };
   struct PreparedKey {
     DeliveredKey key;
+    std::uint64_t offset = 0;  // direction offset of its bytes
     std::uint64_t ticket = 0;  // the write that made its consumption durable
     // keys.max_age_s after the commit of the block its first byte came from (the bytes'
     // age, as for pool bytes); max() without max_age_s.
@@ -848,7 +876,7 @@ class JournaledStore final : public KeyStore {
     std::deque<PreparedKey>& r = it == reserves_.end() ? reserves_[id] : it->second;
     for (auto& key_id : *ids) {
       KeyAssignment a{key_id, own_, s.cursor(), id.size, id.master, {id.slave}, false};
-      PreparedKey p{DeliveredKey{key_id, {}}, 0, expiry_locked(a.offset)};
+      PreparedKey p{DeliveredKey{key_id, {}}, a.offset, 0, expiry_locked(a.offset)};
       s.take(a.offset, a.length, p.key.key);
       remember_used_locked(key_id);
       r.push_back(std::move(p));
@@ -1049,6 +1077,9 @@ class JournaledStore final : public KeyStore {
           s.advance(end);
           moved[static_cast<int>(a.direction)] = true;
         }
+        if (!a.key_id.empty()) {
+          withdraw_record_locked(a);
+        }
         if (journal_) {
           journal_->drop_waiting(ord);
         }
@@ -1091,6 +1122,22 @@ class JournaledStore final : public KeyStore {
       }
     }
     return result;
+  }
+
+  // A prepared key the peer withdrew (KeyStore::withdraw_prepared): no SAE was given it,
+  // so its record goes, like an expired key's. Only a record of the same master and slave
+  // that nobody has fetched.
+  void withdraw_record_locked(const KeyAssignment& a) {
+    auto it = records_.find(a.key_id);
+    if (it == records_.end() || it->second.master != a.master_sae ||
+        it->second.slaves != a.slave_saes || !it->second.fetched.empty()) {
+      return;
+    }
+    records_.erase(it);  // SecureBytes cleanses the key
+    if (journal_) {
+      journal_->drop_assigned(a.key_id);
+    }
+    remember_used_locked(a.key_id);
   }
 
   // An allocated key also kept for slaves of this KME: recorded like a peer-assigned key

@@ -357,6 +357,11 @@ void Kme::stop() {
     spdlog::warn("{}: {} responses not written at shutdown", im.config.kme_id,
                  im.server->in_flight());
   }
+  // Keys prepared for enc_keys and not handed out: the peer drops its copies when the
+  // notice arrives (at the next session, the link being stopped) instead of keeping them.
+  if (im.store) {
+    im.store->withdraw_prepared();
+  }
   im.workers.join();
   im.api_guard.reset();
   im.link_guard.reset();

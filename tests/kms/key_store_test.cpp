@@ -540,4 +540,52 @@ TEST(KeyStore, PreparedKeysExpireAndGoWithAPoolReset) {
   EXPECT_EQ(p.alice->stats().prepared_keys, 0u);
 }
 
+// At a clean stop the reserve is withdrawn: one discard notice names each prepared key, and
+// the peer drops exactly those (a key handed out stays deliverable; the pools are
+// untouched: the bytes left both with the assignments).
+TEST(KeyStore, WithdrawnPreparedKeysLeaveThePeer) {
+  Pair p;
+  p.alice->set_prepared_keys(4);
+  p.commit(pattern(1024, 8));
+  auto k = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(k.ok());
+  auto from_reserve = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(from_reserve.ok());
+  p.deliver_notices();
+  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 5u);
+  const auto bob_before = p.bob->stats();
+  p.alice->withdraw_prepared();
+  EXPECT_EQ(p.alice->stats().prepared_keys, 0u);
+  ASSERT_EQ(p.from_alice.size(), 3u);
+  for (const auto& a : p.from_alice) {
+    EXPECT_TRUE(a.discard);
+    EXPECT_FALSE(a.key_id.empty());
+    EXPECT_NE(a.key_id, from_reserve->front().key_id);
+  }
+  const auto withdrawn = p.from_alice.front().key_id;
+  p.deliver_notices();
+  const auto bob_after = p.bob->stats();
+  EXPECT_EQ(bob_after.assigned_keys_waiting, 2u);
+  EXPECT_EQ(bob_after.peer_available_bytes, bob_before.peer_available_bytes);
+  EXPECT_EQ(bob_after.own_available_bytes, bob_before.own_available_bytes);
+  EXPECT_EQ(p.bob->take("bob", "alice", {withdrawn}, 0ms).error().code,
+            ErrorCode::kInvalidArgument);
+  for (const auto* keys : {&k.value(), &from_reserve.value()}) {
+    auto got = p.bob->take("bob", "alice", ids_of(*keys), 0ms);
+    ASSERT_TRUE(got.ok()) << got.error().message;
+    EXPECT_TRUE(qkd::core::constant_time_equal(got->front().key.span(), keys->front().key.span()));
+  }
+  // A withdrawal naming another master than the key's changes nothing.
+  auto other = p.alice->allocate("alice", {"bob"}, 1, 16);  // a new reserve of 4
+  ASSERT_TRUE(other.ok());
+  p.deliver_notices();
+  ASSERT_TRUE(p.bob->take("bob", "alice", ids_of(*other), 0ms).ok());
+  const auto waiting = p.bob->stats().assigned_keys_waiting;
+  p.alice->withdraw_prepared();
+  ASSERT_EQ(p.from_alice.size(), 4u);
+  p.from_alice[0].master_sae = "mallory";
+  p.deliver_notices();
+  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, waiting - 3);
+}
+
 }  // namespace

@@ -297,6 +297,59 @@ TEST(KmsCrash, GracefulRestartResumesWithThePool) {
   EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "discarding both pools"), 0u);
 }
 
+// Bob's qkd_kms_assigned_keys_waiting (keys assigned by alice, not fetched), -1 if the
+// scrape fails.
+double waiting_at_bob(const KmeNetwork& net) {
+  auto r = net.client(net.bob(), "bob").get("/metrics");
+  if (!r.ok() || r->status != 200) {
+    return -1;
+  }
+  const std::string name = "qkd_kms_assigned_keys_waiting{";
+  const auto at = r->body.find("\n" + name);
+  if (at == std::string::npos) {
+    return -1;
+  }
+  const auto end = r->body.find('\n', at + 1);
+  const std::string line = r->body.substr(at + 1, end - at - 1);
+  return std::stod(line.substr(line.rfind(' ') + 1));
+}
+
+// Polls until `pred(waiting_at_bob)` holds, up to 15 s; the last value.
+template <typename Pred>
+double wait_waiting_at_bob(const KmeNetwork& net, Pred pred) {
+  double v = -1;
+  for (int i = 0; i < 150; ++i) {
+    v = waiting_at_bob(net);
+    if (pred(v)) {
+      break;
+    }
+    std::this_thread::sleep_for(100ms);
+  }
+  return v;
+}
+
+// store.prepared_keys at a clean stop: alice withdraws the keys she prepared and did not
+// hand out, and bob, told at the next session, drops them instead of keeping them for ever
+// (no SAE was given their key_IDs). The keys alice did hand out stay fetchable.
+TEST(KmsCrash, GracefulStopWithdrawsPreparedKeys) {
+  auto started = durable_network_with_a_full_pool();
+  ASSERT_NE(started, nullptr);
+  KmeNetwork& net = *started;
+  const auto keys = enc_at_alice(net, 3);
+  ASSERT_EQ(keys.size(), 3u);
+  // The first request prepared the reserve; the next two came from it. Bob holds them all.
+  const double before = wait_waiting_at_bob(net, [](double v) { return v > 3; });
+  ASSERT_GT(before, 3.0) << "no prepared keys announced";
+  net.stop_kme("alice-kme");
+  ASSERT_TRUE(net.start_kme("alice-kme").ok());
+  EXPECT_EQ(wait_waiting_at_bob(net, [](double v) { return v == 3; }), 3.0);
+  for (const auto& [id, key] : keys) {
+    EXPECT_EQ(dec_at_bob(net, id), std::make_pair(200u, key)) << id;
+  }
+  EXPECT_EQ(waiting_at_bob(net), 0.0);
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 1));
+}
+
 // After a reset at the session start: both ends hold keys again, and a key enc_keys hands
 // alice is the one bob's dec_keys gives.
 void expect_keys_flow_after_reset(const KmeNetwork& net) {

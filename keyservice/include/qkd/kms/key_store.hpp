@@ -64,7 +64,9 @@ struct KeyAssignment {
   // A discard instead of a key (keys.max_age_s): the owner of `direction` dropped the
   // expired bytes [offset, offset + length) and the peer drops the same bytes; key_id,
   // master_sae and slave_saes are empty. Travels in the notice stream, in order with the
-  // assignments, so both ends drop exactly the same bytes.
+  // assignments, so both ends drop exactly the same bytes. With a key_id: a prepared key
+  // withdrawn (KeyStore::withdraw_prepared) whose bytes are the key's: the peer drops that
+  // assigned key (its bytes left both pools with the assignment).
   bool discard = false;
 };
 
@@ -278,13 +280,18 @@ class KeyStore {
   // all in a durable write made ahead of the request (with the request that first named
   // the pair, or after a hand-out left the reserve half empty). A later enc_keys of that
   // pair for at most that many keys hands them out without a write of its own: their
-  // consumption is durable already. Prepared keys live in memory: a restart or a new pool
-  // epoch drops them here while the peer keeps them as assigned keys that no SAE will
-  // fetch (until keys.max_age_s, if set). All reserves together hold at most as many
+  // consumption is durable already. Prepared keys live in memory: a clean stop withdraws
+  // them (withdraw_prepared); a crash or a new pool epoch drops them here while the peer
+  // keeps them as assigned keys that no SAE will fetch (until keys.max_age_s, if set). All reserves together hold at most as many
   // bytes as the pool keeps when they are filled; at most kMaxReserves reserves; with
   // keys.max_age_s a prepared key expires with its bytes' age. 0 (the default): none.
   static constexpr std::size_t kMaxReserves = 64;
   virtual void set_prepared_keys(std::uint32_t depth) = 0;
+  // Drops every prepared key and announces it to the peer as withdrawn (a discard notice
+  // naming the key: the peer drops its copy, which no SAE can have asked for). Called at a
+  // clean stop, once no request can take from the reserves any more; returns once the
+  // notice is durable (it leaves now, or with the next session's resend).
+  virtual void withdraw_prepared() = 0;
   // Keys of `size_bytes` prepared for enc_keys of (master, slave) (the ETSI status counts
   // them as stored for that pair: they are its keys, not the pool's).
   [[nodiscard]] virtual std::uint64_t prepared_for(const std::string& master_sae,
