@@ -512,6 +512,7 @@ class JournaledStore final : public KeyStore {
         }
       }
       reserves_.clear();  // SecureBytes cleanses the keys
+      prepared_depth_ = 0;  // a request still running at the stop prepares none afresh
       notice_seq = notify_locked(withdrawn);
       release = release_;
       ticket = seal_locked();
@@ -529,7 +530,13 @@ class JournaledStore final : public KeyStore {
                              std::uint32_t size_bytes) const override {
     std::lock_guard lock(mu_);
     auto it = reserves_.find(ReserveId{master_sae, slave_sae, size_bytes});
-    return it == reserves_.end() ? 0 : it->second.size();
+    if (it == reserves_.end()) {
+      return 0;
+    }
+    const auto now = std::chrono::system_clock::now();  // expired ones are not stored keys
+    return static_cast<std::uint64_t>(
+        std::count_if(it->second.begin(), it->second.end(),
+                      [&](const PreparedKey& p) { return p.expires > now; }));
   }
 
   void set_prepared_keys(std::uint32_t depth) override {

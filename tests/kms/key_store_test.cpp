@@ -557,6 +557,13 @@ TEST(KeyStore, WithdrawnPreparedKeysLeaveThePeer) {
   p.alice->withdraw_prepared();
   EXPECT_EQ(p.alice->stats().prepared_keys, 0u);
   ASSERT_EQ(p.from_alice.size(), 3u);
+  // A request still running at the stop gets its key, and no new reserve.
+  auto late = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(late.ok());
+  EXPECT_EQ(p.alice->stats().prepared_keys, 0u);
+  ASSERT_EQ(p.from_alice.size(), 4u);
+  p.from_alice.pop_back();
+  p.alice->set_prepared_keys(4);  // as a restarted KME
   for (const auto& a : p.from_alice) {
     EXPECT_TRUE(a.discard);
     EXPECT_FALSE(a.key_id.empty());

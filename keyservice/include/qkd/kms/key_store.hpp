@@ -289,8 +289,9 @@ class KeyStore {
   virtual void set_prepared_keys(std::uint32_t depth) = 0;
   // Drops every prepared key and announces it to the peer as withdrawn (a discard notice
   // naming the key: the peer drops its copy, which no SAE can have asked for). Called at a
-  // clean stop, once no request can take from the reserves any more; returns once the
-  // notice is durable (it leaves now, or with the next session's resend).
+  // clean stop, once no request can take from the reserves any more; prepares no more
+  // keys afterwards; returns once the notice is durable (it leaves now, or with the next
+  // session's resend).
   virtual void withdraw_prepared() = 0;
   // Keys of `size_bytes` prepared for enc_keys of (master, slave) (the ETSI status counts
   // them as stored for that pair: they are its keys, not the pool's).
