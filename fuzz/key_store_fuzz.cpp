@@ -1,7 +1,8 @@
 // Fuzz target: the store core (make_memory_key_store; the durable store runs the same core
 // over a journal, which this target does not reach) driven by a sequence of operations, peer
 // notices among them as a hostile or broken peer KME could send them: assignments with any
-// key_ID, direction, offset, length and SAEs, discards, and a pool reset.
+// key_ID, direction, offset, length and SAEs, discards, and a pool reset; prepared keys
+// (store.prepared_keys) switched on with any depth, and withdrawn.
 //
 // Input: operations, each an opcode byte and its argument bytes (see run()); the input
 // ends them. The fuzzer keeps its own copy of both directions' bytes (chunk c of the pool
@@ -88,12 +89,18 @@ class Run {
         case 4:
           take();
           break;
-        default:
-          if (next() == 0xA5) {  // rare: the link's reset
+        default: {
+          const std::uint8_t what = next();
+          if (what == 0xA5) {  // rare: the link's reset
             store_->reset_pool();
             ++epoch_;
             epochs_.emplace_back();
+          } else if (what == 0x5A) {  // store.prepared_keys: keys allocated ahead
+            store_->set_prepared_keys(next() % 8);
+          } else if (what == 0x3C) {  // a clean stop's withdrawal of the prepared keys
+            store_->withdraw_prepared();
           }
+        }
       }
     }
   }
