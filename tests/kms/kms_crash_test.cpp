@@ -282,17 +282,32 @@ std::unique_ptr<KmeNetwork> durable_network_with_a_full_pool(const std::string& 
   return qkd::test::start_network_with_keys(o, 50);
 }
 
-TEST(KmsCrash, GracefulRestartResumesWithThePool) {
-  auto started = durable_network_with_a_full_pool();
-  ASSERT_NE(started, nullptr);
-  KmeNetwork& net = *started;
-  const auto keys = enc_at_alice(net, 3);
+// A durable network with a full pool (durable_network_with_a_full_pool), and the three
+// keys enc_keys then gave alice.
+void start_with_three_keys_at_alice(std::unique_ptr<KmeNetwork>& net,
+                                    std::vector<std::pair<std::string, Bytes>>& keys) {
+  net = durable_network_with_a_full_pool();
+  ASSERT_NE(net, nullptr);
+  keys = enc_at_alice(*net, 3);
   ASSERT_EQ(keys.size(), 3u);
-  ASSERT_TRUE(net.restart_bob().ok());
-  ASSERT_TRUE(net.wait_for_keys(40).ok());
+}
+
+// Bob's dec_keys serves each of `keys` with alice's bytes.
+void expect_bob_serves(const KmeNetwork& net,
+                       const std::vector<std::pair<std::string, Bytes>>& keys) {
   for (const auto& [id, key] : keys) {
     EXPECT_EQ(dec_at_bob(net, id), std::make_pair(200u, key)) << id;
   }
+}
+
+TEST(KmsCrash, GracefulRestartResumesWithThePool) {
+  std::unique_ptr<KmeNetwork> started;
+  std::vector<std::pair<std::string, Bytes>> keys;
+  ASSERT_NO_FATAL_FAILURE(start_with_three_keys_at_alice(started, keys));
+  KmeNetwork& net = *started;
+  ASSERT_TRUE(net.restart_bob().ok());
+  ASSERT_TRUE(net.wait_for_keys(40).ok());
+  expect_bob_serves(net, keys);
   EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 1));
   EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "discarding both pools"), 0u);
 }
@@ -332,20 +347,17 @@ double wait_waiting_at_bob(const KmeNetwork& net, Pred pred) {
 // hand out, and bob, told at the next session, drops them instead of keeping them for ever
 // (no SAE was given their key_IDs). The keys alice did hand out stay fetchable.
 TEST(KmsCrash, GracefulStopWithdrawsPreparedKeys) {
-  auto started = durable_network_with_a_full_pool();
-  ASSERT_NE(started, nullptr);
+  std::unique_ptr<KmeNetwork> started;
+  std::vector<std::pair<std::string, Bytes>> keys;
+  ASSERT_NO_FATAL_FAILURE(start_with_three_keys_at_alice(started, keys));
   KmeNetwork& net = *started;
-  const auto keys = enc_at_alice(net, 3);
-  ASSERT_EQ(keys.size(), 3u);
   // The first request prepared the reserve; the next two came from it. Bob holds them all.
   const double before = wait_waiting_at_bob(net, [](double v) { return v > 3; });
   ASSERT_GT(before, 3.0) << "no prepared keys announced";
   net.stop_kme("alice-kme");
   ASSERT_TRUE(net.start_kme("alice-kme").ok());
   EXPECT_EQ(wait_waiting_at_bob(net, [](double v) { return v == 3; }), 3.0);
-  for (const auto& [id, key] : keys) {
-    EXPECT_EQ(dec_at_bob(net, id), std::make_pair(200u, key)) << id;
-  }
+  expect_bob_serves(net, keys);
   EXPECT_EQ(waiting_at_bob(net), 0.0);
   EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 1));
 }
@@ -358,9 +370,7 @@ void expect_keys_flow_after_reset(const KmeNetwork& net) {
   ASSERT_TRUE(net.wait_for_keys(10).ok());
   const auto keys = enc_at_alice(net, 3);
   ASSERT_EQ(keys.size(), 3u);
-  for (const auto& [id, key] : keys) {
-    EXPECT_EQ(dec_at_bob(net, id), std::make_pair(200u, key)) << id;
-  }
+  expect_bob_serves(net, keys);
 }
 
 // Equal epochs and block counts do not make equal pools: the session start also compares

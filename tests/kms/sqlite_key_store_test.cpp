@@ -786,27 +786,24 @@ TEST(StoreConfig, ParsedStrictlyAndOptional) {
   auto full = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
   ASSERT_TRUE(full.ok()) << full.error().message;
   EXPECT_TRUE(full->store.synchronous_full);
-  for (const nlohmann::json& v : {nlohmann::json("off"), nlohmann::json("FULL"), nlohmann::json(1)}) {
-    j["store"]["synchronous"] = v;
-    auto wrong = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
-    ASSERT_FALSE(wrong.ok()) << v.dump();
-    EXPECT_NE(wrong.error().message.find("store.synchronous"), std::string::npos)
-        << wrong.error().message;
-  }
-  j["store"].erase("synchronous");
+  // Each of `values` in store.<field> is refused, naming the field; then the field goes.
+  auto expect_refused = [&](const std::string& field, const std::vector<nlohmann::json>& values) {
+    for (const auto& v : values) {
+      j["store"][field] = v;
+      auto wrong = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
+      ASSERT_FALSE(wrong.ok()) << v.dump();
+      EXPECT_NE(wrong.error().message.find("store." + field), std::string::npos)
+          << wrong.error().message;
+    }
+    j["store"].erase(field);
+  };
+  expect_refused("synchronous", {"off", "FULL", 1});
   EXPECT_EQ(full->store.prepared_keys, 32u);  // default
   j["store"]["prepared_keys"] = 0;
   auto none = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
   ASSERT_TRUE(none.ok()) << none.error().message;
   EXPECT_EQ(none->store.prepared_keys, 0u);
-  for (const nlohmann::json& v : {nlohmann::json(4097), nlohmann::json(-1), nlohmann::json("8")}) {
-    j["store"]["prepared_keys"] = v;
-    auto wrong = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
-    ASSERT_FALSE(wrong.ok()) << v.dump();
-    EXPECT_NE(wrong.error().message.find("store.prepared_keys"), std::string::npos)
-        << wrong.error().message;
-  }
-  j["store"].erase("prepared_keys");
+  expect_refused("prepared_keys", {4097, -1, "8"});
   j["store"]["bogus"] = 1;
   auto bad = qkd::kms::parse_config(j.dump(), "a.json", "/etc/qkd", false);
   ASSERT_FALSE(bad.ok());
