@@ -7,7 +7,7 @@
 // "METHOD\nTARGET\nBODY" (missing parts empty). "KEYID" in a target or body stands for the
 // last key_ID an enc_keys answered in this input (key_IDs are random).
 // Checks: the handler returns (no exception, no crash, no wait: a dec_keys that would wait
-// says so instead); the status is one the API answers with (200, 400, 401, 404, 503), and
+// says so instead); the status is one the API answers with (200, 400, 401, 503: the standard's), and
 // a 503 is never an internal error; a 401 has no body, every other body is a JSON object,
 // with a "message" string unless the status is 200.
 #include <cstdint>
@@ -84,7 +84,6 @@ void check(const ApiResponse& r) {
     case 200:
     case 400:
     case 401:
-    case 404:
     case 503:
       break;
     default:

@@ -197,9 +197,13 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
     for (const char* ext : {"extension_mandatory", "extension_optional"}) {
       if (j.contains(ext)) {
         const json& e = j.at(ext);
-        if (!e.is_array() ||
-            !std::all_of(e.begin(), e.end(), [](const json& x) { return x.is_object(); })) {
-          return error_response(400, fmt::format("{} must be an array of objects", ext));
+        // "arrays of one-member name/value objects"
+        if (!e.is_array() || !std::all_of(e.begin(), e.end(), [](const json& x) {
+              return x.is_object() && x.size() == 1;
+            })) {
+          return error_response(
+              400, fmt::format("{} must be an array of one-member objects ({{\"name\": value}})",
+                               ext));
         }
       }
     }

@@ -132,7 +132,10 @@ ApiResponse Router::dispatch(const std::string& caller, const ApiRequest& req) c
   if (path_known) {
     return error_response(400, fmt::format("method {} is not allowed on this route", req.method));
   }
-  return ApiResponse{404, nlohmann::json{{"message", "no such route"}}.dump()};
+  // Not a route of the API: still 400, the standard allowing no error codes but 400, 401
+  // and 503.
+  return error_response(400, "no such route: the API has /api/v1/keys/{SAE_ID}/status, "
+                             "/enc_keys and /dec_keys");
 }
 
 }  // namespace qkd::kms

@@ -294,10 +294,12 @@ TEST_F(Etsi014, SaeIdsInThePathAreUrlDecoded) {
   EXPECT_EQ(key_list(dec2), keys2);
 }
 
-// "Routes": a path that is not an ETSI route is 404 (not an ETSI status: not a route);
-// a route with a method it does not take is 400 ("Only three error codes").
-TEST_F(Etsi014, UnknownRouteIs404AndOtherMethodsAre400) {
-  EXPECT_EQ(get(at_alice(), "/api/v1/keys/bob/nothing").status, 404u);
+// "Only three error codes": a path that is not an ETSI route, and a route with a method it
+// does not take, are both 400 with an Error body.
+TEST_F(Etsi014, UnknownRoutesAndOtherMethodsAre400) {
+  HttpResponse unknown = get(at_alice(), "/api/v1/keys/bob/nothing");
+  EXPECT_EQ(unknown.status, 400u);
+  EXPECT_NE(unknown.body.find("no such route"), std::string::npos) << unknown.body;
   EXPECT_EQ(post(at_alice(), "/api/v1/keys/bob/status", "{}").status, 400u);
   HttpResponse del = call(at_alice(), "DELETE", "/api/v1/keys/bob/enc_keys");
   EXPECT_EQ(del.status, 400u);
@@ -407,6 +409,7 @@ TEST_F(Etsi014, WrongFieldTypesAre400) {
        {R"({"number": "3"})", R"({"size": -8})", R"({"number": 1.5})",
         R"({"additional_slave_SAE_IDs": "bob-2"})", R"({"additional_slave_SAE_IDs": [7]})",
         R"({"extension_mandatory": {"x": 1}})", R"({"extension_optional": [1]})", "[1, 2]",
+
         R"({"number": 99999999999})"}) {
     HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", body);
     EXPECT_EQ(r.status, 400u) << body;
@@ -414,6 +417,16 @@ TEST_F(Etsi014, WrongFieldTypesAre400) {
   }
   for (const char* q : {"?number=abc", "?size=-8", "?number=1&number=2"}) {
     EXPECT_EQ(get(at_alice(), std::string("/api/v1/keys/bob/enc_keys") + q).status, 400u) << q;
+  }
+  // "arrays of one-member name/value objects": anything else is malformed, also where an
+  // extension would be refused or ignored anyway.
+  for (const char* body : {R"({"extension_mandatory": [{}]})",
+                           R"({"extension_mandatory": [{"abc_a": 1, "abc_b": 2}]})",
+                           R"({"extension_optional": [{}]})",
+                           R"({"extension_optional": [{"abc_a": 1}, {"abc_b": 2, "abc_c": 3}]})"}) {
+    HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", body);
+    EXPECT_EQ(r.status, 400u) << body;
+    EXPECT_NE(message_of(r).find("one-member objects"), std::string::npos) << r.body;
   }
 }
 

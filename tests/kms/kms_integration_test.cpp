@@ -304,10 +304,10 @@ TEST_F(KmsNetwork, MalformedRequestsAre400AndServiceKeepsServing) {
   EXPECT_EQ(enc->status, 200u);
 }
 
-TEST_F(KmsNetwork, UnknownRouteIs404AndWrongMethodIs400) {
+TEST_F(KmsNetwork, UnknownRouteAndWrongMethodAre400) {
   auto r = alice().get("/api/v1/keys/bob/nothing");
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(r->status, 404u);
+  EXPECT_EQ(r->status, 400u);
   EXPECT_FALSE(message_of(*r).empty());
   auto m = alice().request("DELETE", "/api/v1/keys/bob/status");
   ASSERT_TRUE(m.ok());
