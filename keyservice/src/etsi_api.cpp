@@ -134,6 +134,16 @@ ApiResponse EtsiService::status(const std::string& caller, const std::string& sl
   return json_response(j);
 }
 
+bool EtsiService::link_up() const { return !link_stats_ || link_stats_().up; }
+
+ApiResponse EtsiService::peer_unreachable(std::string_view what) const {
+  ApiResponse r = error_response(
+      503, fmt::format("peer KME unreachable: the link to {} has no session; {}",
+                       config_.link.peer_kme_id, what));
+  r.retry_after_s = 1;
+  return r;
+}
+
 ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& slave,
                                   const ApiRequest& req, const RouteMatch& m) const {
   if (!contains(config_.link.peer_saes, slave)) {
@@ -250,6 +260,11 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
     }
     (at_peer ? slaves : local_slaves).push_back(s);
   }
+  // The slave's KME learns of keys over the link: while it has no session, the slave could
+  // not fetch them (the standard's "peer KME unreachable"). Nothing is consumed.
+  if (!link_up()) {
+    return peer_unreachable("no key was delivered");
+  }
   KeyStore::PendingWrite pending;
   auto keys = store_.allocate(caller, slaves, local_slaves, kr.number, kr.size / 8,
                               req.may_defer ? &pending : nullptr);
@@ -300,6 +315,11 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
   const auto wait = std::chrono::milliseconds(req.may_wait ? config_.keys.dec_wait_ms : 0);
   KeyStore::PendingWrite pending;
   auto keys = store_.take(caller, master, ids, wait, req.may_defer ? &pending : nullptr);
+  // Not known here while the link is down: the notice may be on its way, so not "not found".
+  if (!keys.ok() && keys.error().code == qkd::core::ErrorCode::kInvalidArgument && !link_up() &&
+      !store_.knows_all(ids)) {
+    return peer_unreachable("a key_ID not known at this KME may still be on its way");
+  }
   return keys_response(keys, std::move(pending));
 }
 

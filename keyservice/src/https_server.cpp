@@ -179,8 +179,8 @@ class Session : public std::enable_shared_from_this<Session> {
     if (!reply.api.body.empty()) {
       res->set(http::field::content_type, reply.content_type);
     }
-    if (reply.retry_after_s > 0) {
-      res->set(http::field::retry_after, std::to_string(reply.retry_after_s));
+    if (reply.api.retry_after_s > 0) {
+      res->set(http::field::retry_after, std::to_string(reply.api.retry_after_s));
     }
     res->body() = std::move(reply.api.body);
     res->keep_alive(keep_alive);

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <unordered_map>
@@ -96,6 +97,11 @@ constexpr bool kLinkRunnerWrites = false;
 
 constexpr std::size_t kMaxRememberedIds = 1u << 20;
 const char* const kNotFound = "one or more keys specified are not found on KME";
+const char* const kNotAllowed =
+    "caller is not an allowed slave of every key, or the master SAE does not match";
+// Distinct (master, slaves) sets whose delivered keys answer 401 to other SAEs (SAE pairs of
+// a network: a few; past the bound a delivered key answers 400 to anyone).
+constexpr std::size_t kMaxOwnerSets = 1u << 16;
 
 // One direction of the pool: a byte stream stored in 32-byte chunks. Bytes below `cursor`
 // have been used (and cleansed); chunks wholly below it are dropped.
@@ -219,9 +225,9 @@ class JournaledStore final : public KeyStore {
                                              std::move(k.slaves), std::move(k.fetched), now});
     }
     settle_.assign(st.settled.begin(), st.settled.end());
-    for (auto& id : st.used_ids) {
-      if (used_ids_.insert(id).second) {
-        used_order_.push_back(std::move(id));
+    for (auto& u : st.used_ids) {
+      if (used_ids_.emplace(u.key_id, intern_owners_locked(std::move(u.owners))).second) {
+        used_order_.push_back(std::move(u.key_id));
       }
     }
     for (auto& [ord, a] : st.waiting) {
@@ -455,7 +461,7 @@ class JournaledStore final : public KeyStore {
           DeliveredKey k{(*ids)[i], {}};
           s.take(a.offset, a.length, k.key);
           if (local_slave_saes.empty()) {
-            remember_used_locked((*ids)[i]);
+            remember_used_locked((*ids)[i], master_sae, slave_saes);
           } else {
             // Multicast at this KME: kept for the local slaves (see take()); the key_ID is
             // remembered as used when the last of them has fetched it.
@@ -622,14 +628,30 @@ class JournaledStore final : public KeyStore {
       expire_records_locked(std::chrono::system_clock::now());
       std::optional<Waiter> waiter;  // registered on the first wait, until we return
       for (;;) {
+        // 401 when the caller may not have one of the keys, delivered or not (the standard's
+        // rule), before 400 for one delivered already (to this caller: one use).
         bool all_present = true;
+        bool forbidden = false;
+        bool delivered = false;
         for (const auto& id : key_ids) {
-          if (used_ids_.contains(id)) {
-            return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
-          }
-          if (!records_.contains(id)) {
+          if (auto u = used_ids_.find(id); u != used_ids_.end()) {
+            const std::vector<std::string>& o = owner_sets_[u->second];
+            if (!o.empty() && (o.front() != master_sae ||
+                               std::find(o.begin() + 1, o.end(), caller_sae) == o.end())) {
+              forbidden = true;
+            }
+            delivered = true;
+          } else if (auto r = records_.find(id); r == records_.end()) {
             all_present = false;
+          } else if (!may_fetch(r->second, caller_sae, master_sae)) {
+            forbidden = true;
           }
+        }
+        if (forbidden) {
+          return qkd::core::make_error(ErrorCode::kAuthentication, kNotAllowed);
+        }
+        if (delivered) {
+          return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
         }
         if (all_present) {
           break;
@@ -651,12 +673,8 @@ class JournaledStore final : public KeyStore {
       bool fetched_before = false;
       for (const auto& id : key_ids) {
         const AssignedKey& r = records_.at(id);
-        const bool slave_ok =
-            std::find(r.slaves.begin(), r.slaves.end(), caller_sae) != r.slaves.end();
-        if (!slave_ok || r.master != master_sae) {
-          return qkd::core::make_error(ErrorCode::kAuthentication,
-                                       "caller is not an allowed slave of every key, or the "
-                                       "master SAE does not match");
+        if (!may_fetch(r, caller_sae, master_sae)) {
+          return qkd::core::make_error(ErrorCode::kAuthentication, kNotAllowed);
         }
         fetched_before = fetched_before || std::find(r.fetched.begin(), r.fetched.end(),
                                                      caller_sae) != r.fetched.end();
@@ -682,7 +700,7 @@ class JournaledStore final : public KeyStore {
         if (journal_) {
           journal_->drop_assigned(id);
         }
-        remember_used_locked(id);
+        remember_used_locked(id, node.mapped().master, node.mapped().slaves);
       }
       ticket = seal_locked();
     }
@@ -885,7 +903,7 @@ class JournaledStore final : public KeyStore {
       KeyAssignment a{key_id, own_, s.cursor(), id.size, id.master, {id.slave}, false};
       PreparedKey p{DeliveredKey{key_id, {}}, a.offset, 0, expiry_locked(a.offset)};
       s.take(a.offset, a.length, p.key.key);
-      remember_used_locked(key_id);
+      remember_used_locked(key_id, id.master, {id.slave});
       r.push_back(std::move(p));
       assignments.push_back(std::move(a));
     }
@@ -1144,7 +1162,7 @@ class JournaledStore final : public KeyStore {
     if (journal_) {
       journal_->drop_assigned(a.key_id);
     }
-    remember_used_locked(a.key_id);
+    remember_used_locked(a.key_id, a.master_sae, a.slave_saes);
   }
 
   // An allocated key also kept for slaves of this KME: recorded like a peer-assigned key
@@ -1250,11 +1268,11 @@ class JournaledStore final : public KeyStore {
       const auto& [t, id] = record_times_.front();
       auto it = records_.find(id);
       if (it != records_.end() && it->second.received == t) {
+        remember_used_locked(id, it->second.master, it->second.slaves);
         records_.erase(it);  // SecureBytes cleanses the key
         if (journal_) {
           journal_->drop_assigned(id);
         }
-        remember_used_locked(id);
       }
       record_times_.pop_front();
     }
@@ -1297,10 +1315,40 @@ class JournaledStore final : public KeyStore {
     }
   }
 
-  void remember_used_locked(const std::string& id) {
-    if (used_ids_.insert(id).second) {
+  static bool may_fetch(const AssignedKey& r, const std::string& caller,
+                        const std::string& master) {
+    return r.master == master &&
+           std::find(r.slaves.begin(), r.slaves.end(), caller) != r.slaves.end();
+  }
+
+  // The index of owners (master SAE, then slaves) in owner_sets_, added if new; 0 (not
+  // known) when empty or when the table is full (a delivered key then answers 400 to
+  // anyone, as before owners were kept).
+  std::uint32_t intern_owners_locked(std::vector<std::string> owners) {
+    if (owners.empty()) {
+      return 0;
+    }
+    if (auto it = owner_index_.find(owners); it != owner_index_.end()) {
+      return it->second;
+    }
+    if (owner_sets_.size() >= kMaxOwnerSets) {
+      return 0;
+    }
+    const auto idx = static_cast<std::uint32_t>(owner_sets_.size());
+    owner_sets_.push_back(owners);
+    owner_index_.emplace(std::move(owners), idx);
+    return idx;
+  }
+
+  void remember_used_locked(const std::string& id, const std::string& master,
+                            const std::vector<std::string>& slaves) {
+    std::vector<std::string> owners;
+    owners.reserve(1 + slaves.size());
+    owners.push_back(master);
+    owners.insert(owners.end(), slaves.begin(), slaves.end());
+    if (used_ids_.emplace(id, intern_owners_locked(owners)).second) {
       if (journal_) {
-        journal_->add_used(id);
+        journal_->add_used(detail::UsedId{id, std::move(owners)});
       }
       used_order_.push_back(id);
       if (used_order_.size() > kMaxRememberedIds) {
@@ -1323,7 +1371,10 @@ class JournaledStore final : public KeyStore {
   std::deque<std::pair<std::uint64_t, KeyAssignment>> pending_;  // (ordinal, assignment)
   std::uint64_t next_ordinal_ = 1;
   std::unordered_map<std::string, AssignedKey> records_;
-  std::unordered_set<std::string> used_ids_;
+  // Delivered key_IDs -> their owners (an index into owner_sets_; 0: not known).
+  std::unordered_map<std::string, std::uint32_t> used_ids_;
+  std::vector<std::vector<std::string>> owner_sets_{std::vector<std::string>{}};
+  std::map<std::vector<std::string>, std::uint32_t> owner_index_;
   std::deque<std::string> used_order_;
   std::chrono::seconds max_age_{0};
   std::uint64_t pool_limit_ = 0;  // own-direction bytes kept at most (0: no limit)

@@ -186,7 +186,7 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
       metrics->add_admission_refusal(refusal->budget, caller);
       spdlog::debug("api: {}: {}", caller, refusal->message);
       reply.api = error_response(503, refusal->message);
-      reply.retry_after_s = refusal->retry_after_s;
+      reply.api.retry_after_s = refusal->retry_after_s;
     } else {
       reply.api = etsi->handle(caller, req);
       refund = [this, caller, slaves, number = info.number]() {
@@ -206,7 +206,7 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
       metrics->add_admission_refusal(refusal->budget, caller);
       spdlog::debug("api: {}: {}", caller, refusal->message);
       reply.api = error_response(503, refusal->message);
-      reply.retry_after_s = refusal->retry_after_s;
+      reply.api.retry_after_s = refusal->retry_after_s;
     } else {
       struct Leave {  // the place comes back however the handler ends
         AdmissionControl& a;
@@ -342,11 +342,9 @@ void Kme::stop() {
   if (im.metrics_server) {
     im.metrics_server->stop();
   }
-  if (im.link) {
-    im.link->stop();
-  }
   // Let handlers in progress finish (a dec_keys waits at most keys.dec_wait_ms) and their
-  // responses be written, then stop the workers and the I/O.
+  // responses be written, then stop the link, the workers and the I/O. The link runs until
+  // then: a dec_keys waiting for its key's notice still gets it.
   const auto drain_deadline = std::chrono::steady_clock::now() + kDrainTimeout +
                               std::chrono::milliseconds(im.config.keys.dec_wait_ms);
   while (im.server && im.server->in_flight() > 0 &&
@@ -356,6 +354,9 @@ void Kme::stop() {
   if (im.server && im.server->in_flight() > 0) {
     spdlog::warn("{}: {} responses not written at shutdown", im.config.kme_id,
                  im.server->in_flight());
+  }
+  if (im.link) {
+    im.link->stop();
   }
   // Keys prepared for enc_keys and not handed out: the peer drops its copies when the
   // notice arrives (at the next session, the link being stopped) instead of keeping them.

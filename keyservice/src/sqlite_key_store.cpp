@@ -10,8 +10,9 @@
 //   assigned(key_id, master, slaves, sealed)   peer-assigned keys not delivered yet (slaves:
 //                                  a JSON array, or {"slaves", "fetched"} once some of
 //                                  a multicast key's slaves have fetched it)
-//   used_ids(key_id)               delivered key_IDs, oldest first (rowid), bounded; no
-//                                  index (the store holds the set in memory)
+//   used_ids(key_id, owners)       delivered key_IDs, oldest first (rowid), bounded; no
+//                                  index (the store holds the set in memory); owners: a
+//                                  JSON array, master SAE then slaves (NULL: not kept)
 //   waiting(ord, assignment)       peer assignments whose bytes are not committed yet
 //   outbox(seq, message)           own notices the peer has not acknowledged
 //   pending_block(id=1, block, sealed)   Bob's block between ready and commit
@@ -486,7 +487,7 @@ class SqliteJournal final : public detail::Journal {
         "  slaves TEXT NOT NULL, sealed BLOB NOT NULL);"
         // No UNIQUE on key_id: the store keeps the set in memory and inserts each ID once;
         // an index would cost every delivery a write to a random page of it.
-        "CREATE TABLE IF NOT EXISTS used_ids(key_id TEXT NOT NULL);"
+        "CREATE TABLE IF NOT EXISTS used_ids(key_id TEXT NOT NULL, owners TEXT);"
         "CREATE TABLE IF NOT EXISTS waiting(ord INTEGER PRIMARY KEY, assignment TEXT NOT NULL);"
         "CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, message BLOB NOT NULL);"
         "CREATE TABLE IF NOT EXISTS pending_block(id INTEGER PRIMARY KEY CHECK(id = 1),"
@@ -536,6 +537,7 @@ class SqliteJournal final : public detail::Journal {
       }
     }
     drop_used_ids_index();  // also on a file an older version created but never filled
+    add_used_owners();
     open_boot_guard(meta, pool_digest, unsynced_boot);
     detail::StoredState s;
     auto value = [&](std::string_view n, std::uint64_t def) {
@@ -601,8 +603,13 @@ class SqliteJournal final : public detail::Journal {
       k.key = std::move(*plain);
       s.assigned.push_back(std::move(k));
     });
-    db_.run("SELECT key_id FROM used_ids ORDER BY rowid",
-            [&](sqlite3_stmt* st) { s.used_ids.push_back(col_text(st, 0)); });
+    db_.run("SELECT key_id, owners FROM used_ids ORDER BY rowid", [&](sqlite3_stmt* st) {
+      detail::UsedId u{col_text(st, 0), {}};
+      if (sqlite3_column_type(st, 1) != SQLITE_NULL) {
+        u.owners = json::parse(col_text(st, 1)).get<std::vector<std::string>>();
+      }
+      s.used_ids.push_back(std::move(u));
+    });
     db_.run("SELECT ord, assignment FROM waiting ORDER BY ord", [&](sqlite3_stmt* st) {
       const json j = json::parse(col_text(st, 1));
       KeyAssignment a;
@@ -685,8 +692,10 @@ class SqliteJournal final : public detail::Journal {
     add([key_id](Db& db) { db.write("DELETE FROM assigned WHERE key_id = ?", key_id); },
         "a/" + key_id);
   }
-  void add_used(const std::string& key_id) override {
-    add([key_id](Db& db) { db.write("INSERT OR IGNORE INTO used_ids(key_id) VALUES(?)", key_id); });
+  void add_used(const detail::UsedId& used) override {
+    add([key_id = used.key_id, owners = json(used.owners).dump()](Db& db) {
+      db.write("INSERT INTO used_ids(key_id, owners) VALUES(?, ?)", key_id, owners);
+    });
   }
   void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) override {
     add(
@@ -883,6 +892,18 @@ class SqliteJournal final : public detail::Journal {
     }
     spdlog::info("key store: {}: converted to format {} ({} pool chunks in {} rows)", path_,
                  kFormat, chunks, rows.size());
+  }
+
+  // A store made before used_ids kept the key's owners (master and slaves, a JSON array, so
+  // that a dec_keys of a delivered key by another SAE is a 401): the column is added, NULL
+  // (not known) in the rows already there.
+  void add_used_owners() {
+    bool has = false;
+    db_.run("SELECT name FROM pragma_table_info('used_ids')",
+            [&](sqlite3_stmt* st) { has = has || col_text(st, 0) == "owners"; });
+    if (!has) {
+      db_.exec("ALTER TABLE used_ids ADD COLUMN owners TEXT");
+    }
   }
 
   // A store made before used_ids lost its UNIQUE constraint: rebuilt once without it (the

@@ -40,13 +40,20 @@ struct StoredKey {
   std::vector<std::string> fetched;  // slaves that have fetched the key (multicast)
 };
 
+// A delivered key_ID and who could fetch it: its master SAE, then its slaves (empty when
+// not recorded: a store from before owners were kept).
+struct UsedId {
+  std::string key_id;
+  std::vector<std::string> owners;
+};
+
 // Everything a journal found on disk when it was opened.
 struct StoredState {
   std::uint64_t committed = 0;
   std::uint64_t cursor[2] = {0, 0};
   std::vector<StoredChunk> chunks;  // ordered by (dir, index)
   std::vector<StoredKey> assigned;
-  std::vector<std::string> used_ids;  // oldest first
+  std::vector<UsedId> used_ids;  // oldest first
   std::vector<std::pair<std::uint64_t, KeyAssignment>> waiting;  // by ordinal
   // (pool end after a commit, commit time in ms since the Unix epoch), oldest first
   std::vector<std::pair<std::uint64_t, std::uint64_t>> settled;
@@ -64,7 +71,7 @@ class Journal {
   virtual void drop_rows_below(Direction d, std::uint64_t row) = 0;
   virtual void put_assigned(const StoredKey& key) = 0;
   virtual void drop_assigned(const std::string& key_id) = 0;
-  virtual void add_used(const std::string& key_id) = 0;
+  virtual void add_used(const UsedId& used) = 0;
   virtual void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) = 0;
   virtual void drop_waiting(std::uint64_t ordinal) = 0;
   virtual void clear_pool() = 0;  // chunks, waiting assignments and commit times

@@ -675,16 +675,26 @@ TEST_F(Etsi014, SecondDecKeysIsNotFound) {
   EXPECT_EQ(message_of(again), kNotFound);
 }
 
-// "Rules: One use": at the master's KME a key enc_keys delivered is gone: it is never
-// delivered again (neither by enc_keys nor by dec_keys there).
+// "Rules: Who may fetch" outlives the key: once delivered, the key is 401 to an SAE that was
+// not its slave, or with another master in the path, as before its delivery (400 "not
+// found" is for its slave only).
+TEST_F(Etsi014, DeliveredKeyIsStill401ToWhoMayNotHaveIt) {
+  auto keys = alice_enc("{}");
+  ASSERT_EQ(keys.size(), 1u);
+  ASSERT_EQ(get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first).status, 200u);
+  EXPECT_EQ(get(at_bob("bob-2"), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first).status,
+            401u);
+  EXPECT_EQ(get(at_bob(), "/api/v1/keys/alice-2/dec_keys?key_ID=" + keys[0].first).status, 401u);
+}
+
+// "Rules: One use" and "Who may fetch": at the master's KME a key enc_keys delivered is
+// gone: never delivered again, by enc_keys or dec_keys there. The master asking for it
+// with dec_keys is not its slave: 401.
 TEST_F(Etsi014, KeyDeliveredByEncKeysIsGoneFromTheMastersKme) {
   auto keys = alice_enc(R"({"number": 8})");
   ASSERT_EQ(keys.size(), 8u);
-  // Bob as master at bob-kme naming alice; alice asks her own KME for alice's key as if
-  // she were the slave of it: not held there.
   HttpResponse r = get(at_alice(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first);
-  EXPECT_EQ(r.status, 400u);
-  EXPECT_EQ(message_of(r), kNotFound);
+  EXPECT_EQ(r.status, 401u) << r.body;
   auto more = alice_enc(R"({"number": 8})");
   for (const auto& k : more) {
     for (const auto& old : keys) {

@@ -204,6 +204,36 @@ TEST(KeyStore, AuthorizationChecksSlaveAndMaster) {
   EXPECT_TRUE(qkd::core::constant_time_equal(ok.value()[0].key.span(), k.value()[0].key.span()));
 }
 
+// "Who may fetch" holds after delivery too: a delivered key is 401 to an SAE that was never
+// its slave (and to its master, at either KME), 400 "not found" only to a slave of it.
+TEST(KeyStore, ADeliveredKeyIsStill401ToWhoMayNotFetchIt) {
+  Pair p;
+  p.commit(pattern(256, 5));
+  auto k = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(k.ok());
+  p.deliver_notices();
+  const auto ids = ids_of(k.value());
+  ASSERT_TRUE(p.bob->take("bob", "alice", ids, 0ms).ok());
+  auto code = [&](KeyStore& s, const char* caller, const char* master) {
+    auto r = s.take(caller, master, ids, 0ms);
+    return r.ok() ? ErrorCode::kInternal : r.error().code;
+  };
+  EXPECT_EQ(code(*p.bob, "bob", "alice"), ErrorCode::kInvalidArgument);  // one use
+  EXPECT_EQ(code(*p.bob, "mallory", "alice"), ErrorCode::kAuthentication);
+  EXPECT_EQ(code(*p.bob, "bob", "mallory"), ErrorCode::kAuthentication);
+  EXPECT_EQ(code(*p.bob, "alice", "alice"), ErrorCode::kAuthentication);
+  EXPECT_EQ(code(*p.alice, "alice", "alice"), ErrorCode::kAuthentication);
+  EXPECT_EQ(code(*p.alice, "bob", "alice"), ErrorCode::kInvalidArgument);
+  // With a key not delivered yet beside it: still 401 (the caller may not have every key).
+  auto k2 = p.alice->allocate("alice", {"carol"}, 1, 16);
+  ASSERT_TRUE(k2.ok());
+  p.deliver_notices();
+  auto both = p.bob->take("carol", "alice", {ids[0], k2->front().key_id}, 0ms);
+  ASSERT_FALSE(both.ok());
+  EXPECT_EQ(both.error().code, ErrorCode::kAuthentication);
+  EXPECT_TRUE(p.bob->take("carol", "alice", {k2->front().key_id}, 0ms).ok());  // kept
+}
+
 // Multicast: every named slave fetches the key once; a second fetch by the same slave is
 // "not found"; once the last slave has it, the key is gone.
 TEST(KeyStore, MulticastEachSlaveFetchesOnce) {

@@ -551,9 +551,12 @@ TEST(SqliteKeyStore, StateSurvivesReopen) {
   ASSERT_TRUE(next.ok());
   const std::vector<std::uint8_t> expect(pool.begin() + 64 + 16, pool.begin() + 64 + 32);
   EXPECT_TRUE(qkd::core::constant_time_equal(next->front().key.span(), expect));
-  // Keys delivered before the reopen stay delivered; the peer key is delivered once.
-  EXPECT_EQ(s->take("alice", "bob", {first[0].key_id}, 0ms).error().code,
+  // Keys delivered before the reopen stay delivered, with their owners: 400 to the slave,
+  // 401 to anyone else; the peer key is delivered once.
+  EXPECT_EQ(s->take("bob", "alice", {first[0].key_id}, 0ms).error().code,
             ErrorCode::kInvalidArgument);
+  EXPECT_EQ(s->take("alice", "alice", {first[0].key_id}, 0ms).error().code,
+            ErrorCode::kAuthentication);
   auto peer = s->take("alice", "bob", {peer_key_id}, 0ms);
   ASSERT_TRUE(peer.ok()) << peer.error().message;
   const std::vector<std::uint8_t> bob0(pool.begin() + 32, pool.begin() + 64);
@@ -614,7 +617,7 @@ TEST(SqliteKeyStore, PreparedKeysAreConsumedOnDiskAheadOfTheirRequest) {
   const std::vector<std::uint8_t> sixth(pool.begin() + 5 * 16 + 32 * 2,
                                         pool.begin() + 6 * 16 + 32 * 2);
   EXPECT_TRUE(qkd::core::constant_time_equal(next->front().key.span(), sixth));
-  EXPECT_EQ(s->take("alice", "bob", {handed_out}, 0ms).error().code,
+  EXPECT_EQ(s->take("bob", "alice", {handed_out}, 0ms).error().code,
             ErrorCode::kInvalidArgument);
 }
 
@@ -1029,12 +1032,15 @@ TEST(SqliteKeyStore, OldUsedIdsIndexIsDroppedOnOpen) {
   {
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
+    // Their owners were not kept: "not found" to anyone, even to an SAE that was not
+    // their slave (a key delivered from now on answers that SAE 401).
     for (const auto& id : delivered) {
       EXPECT_EQ(s->take("alice", "bob", {id}, 0ms).error().code, ErrorCode::kInvalidArgument);
     }
   }
   ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
   EXPECT_EQ(table_sql(h).find("UNIQUE"), std::string::npos) << table_sql(h);
+  EXPECT_NE(table_sql(h).find("owners"), std::string::npos) << table_sql(h);
   sqlite3_stmt* st = nullptr;
   ASSERT_EQ(
       sqlite3_prepare_v2(h, "SELECT rowid, key_id FROM used_ids ORDER BY rowid", -1, &st, nullptr),

@@ -433,6 +433,13 @@ qkd::core::Status KmeNetwork::wait_for_keys(std::uint64_t n,
         ok = false;
         break;
       }
+      // enc_keys is a 503 while the link has no session (a KME restarted with its pool).
+      const json link = j.value("status_extension", json::object()).value("link", json::object());
+      if (link.value("state", "") != "up") {
+        last = fmt::format("{}: the link is not up", k->kme_id);
+        ok = false;
+        break;
+      }
     }
     if (ok) {
       return qkd::core::ok_status();

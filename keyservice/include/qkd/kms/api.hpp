@@ -44,6 +44,7 @@ struct ApiResponse {
   bool needs_wait = false;
   // The durable write this response must wait for (ApiRequest::may_defer).
   KeyStore::PendingWrite pending{};
+  std::uint32_t retry_after_s = 0;  // > 0: a Retry-After header (seconds), with a 503
 
   [[nodiscard]] static ApiResponse wait_needed() { return ApiResponse{0, {}, true, {}}; }
 };
@@ -100,27 +101,31 @@ struct LinkStats {
 // The ETSI GS QKD 014 service of one KME. Handlers are pure functions of (caller, request)
 // over the key store.
 //
-// Status codes (ETSI allows only 400/401/503 as errors; we add 404 for unknown routes):
+// Status codes (ETSI allows only 400/401/503 as errors):
 //   401 (no body)  the client certificate's CN is not one of this KME's SAEs; or, at
 //                  dec_keys, the caller is not the slave (or an additional slave) of every
-//                  requested key, or the master SAE in the path is not each key's master.
+//                  requested key, or the master SAE in the path is not each key's master
+//                  (also for a key already delivered, while its key_ID is remembered).
 //   400 + Error    "size shall be a multiple of 8"; "size N is below min_key_size (M)";
 //                  "size N exceeds max_key_size (M)"; "number N exceeds max_key_per_request
 //                  (M)"; "number must be at least 1"; "not all extension_mandatory
 //                  parameters are supported" (no vendor extension is supported yet;
-//                  extension_optional is accepted and ignored); "malformed JSON ..." and
+//                  extension_optional is accepted and ignored; both are arrays of
+//                  one-member objects); "malformed JSON ..." and
 //                  other shape errors (wrong types, unknown GET query parameters); an
 //                  unknown slave SAE in the path; more additional slaves than
 //                  max_SAE_ID_count (= number of peer SAEs - 1); dec_keys: "one or more
 //                  keys specified are not found on KME" for unknown, malformed, expired
-//                  (keys.max_age_s) or already delivered key_IDs (after waiting up to
+//                  (keys.max_age_s) or already delivered (to this caller) key_IDs (after waiting up to
 //                  keys.dec_wait_ms for a notice still in flight; with additional slaves,
 //                  each slave SAE fetches a key once); a request method the route does not
-//                  take; a body over 64 KiB.
-//   404 + Error    "no such route" (a path that is not an ETSI 014 route).
+//                  take; a body over 64 KiB; "no such route" (not an ETSI 014 path).
 //   503 + Error    "not enough key material: X bits requested, Y bits available" (the pool
 //                  of this KME's direction holds less than number x size; nothing is
-//                  consumed); "internal error: ..." for an unexpected failure.
+//                  consumed); "peer KME unreachable: ..." (with Retry-After: 1) for an
+//                  enc_keys while the link has no session (nothing consumed), and for a
+//                  dec_keys naming a key_ID not known here while it has none (its notice
+//                  may be on its way); "internal error: ..." for an unexpected failure.
 class EtsiService {
  public:
   EtsiService(const Config& config, KeyStore& store, std::function<LinkStats()> link_stats);
@@ -142,8 +147,12 @@ class EtsiService {
  private:
   const Config& config_;
   KeyStore& store_;
-  std::function<LinkStats()> link_stats_;
+  std::function<LinkStats()> link_stats_;  // none: the link counts as up
   Router router_;
+
+  [[nodiscard]] bool link_up() const;
+  // 503 "peer KME unreachable: ...", Retry-After: 1.
+  [[nodiscard]] ApiResponse peer_unreachable(std::string_view what) const;
 };
 
 }  // namespace qkd::kms

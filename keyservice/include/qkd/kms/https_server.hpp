@@ -42,7 +42,6 @@ namespace qkd::kms {
 struct HttpReply {
   ApiResponse api;
   std::string content_type = "application/json";  // used when the body is not empty
-  std::uint32_t retry_after_s = 0;                // > 0: a Retry-After header (seconds)
   // Set when the reply may leave only once something completes (the durable write of the
   // keys it carries); the other fields are then not sent. The server calls it once, with
   // `send`, which the handler's side calls once, from any thread, with the reply to write.

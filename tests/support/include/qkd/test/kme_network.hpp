@@ -80,7 +80,8 @@ class KmeNetwork {
   KmeNetwork(const KmeNetwork&) = delete;
   KmeNetwork& operator=(const KmeNetwork&) = delete;
 
-  // Polls both KMEs' status until each reports stored_key_count >= n (in keys of key_size).
+  // Polls both KMEs' status until each reports stored_key_count >= n (in keys of key_size)
+  // and its link up.
   [[nodiscard]] qkd::core::Status wait_for_keys(
       std::uint64_t n, std::chrono::milliseconds timeout = std::chrono::seconds(60)) const;
 
