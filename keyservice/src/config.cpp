@@ -415,6 +415,14 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
     if (!std::filesystem::is_regular_file(path, ec)) {
       fail(r.field("psk_file"), fmt::format("{} is not a readable regular file", path.string()));
     }
+    // A secret as the store's node key is: refused when others may read it.
+    using std::filesystem::perms;
+    const perms p = std::filesystem::status(path, ec).permissions();
+    if ((p & (perms::group_all | perms::others_all)) != perms::none) {
+      fail(r.field("psk_file"),
+           fmt::format("{} must be accessible by its owner only (chmod 600), its mode is {:o}",
+                       path.string(), static_cast<unsigned>(p) & 0777u));
+    }
     std::ifstream f(path, std::ios::binary);
     if (!f) {
       fail(r.field("psk_file"), fmt::format("cannot read {}", path.string()));
@@ -511,7 +519,10 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
   try {
     j = json::parse(text);
   } catch (const json::parse_error& e) {
-    fail("(JSON)", e.what());
+    // Not the parser's "last read: '...'": the text it quotes may be link.psk_hex.
+    std::string what = e.what();
+    what.resize(std::min(what.size(), what.find("; last read:")));
+    fail("(JSON)", what);
   }
   ObjectReader top(j, "");
   Config c;

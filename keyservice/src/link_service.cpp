@@ -613,7 +613,13 @@ struct LinkService::Impl {
         if (!mine || !state->contains(field)) {
           return true;
         }
-        return state->at(field).get<std::string>() == to_hex(*mine);
+        // A digest of key bytes: compared in constant time, as every secret-derived value.
+        const auto theirs = state->at(field).get<std::string>();
+        const auto ours = to_hex(*mine);
+        auto bytes = [](const std::string& s) {
+          return std::span(reinterpret_cast<const std::uint8_t*>(s.data()), s.size());
+        };
+        return qkd::core::constant_time_equal(bytes(theirs), bytes(ours));
       };
       // Neither end may have applied a notice the other has no record of sending: that end's
       // store lost writes (a restored copy, say; a power loss with store.synchronous =

@@ -473,6 +473,10 @@ class SqliteJournal final : public detail::Journal {
     // committer's. A second process is kept out by lock_.
     db_.busy_timeout(10'000);  // the WAL's own short locks, shared with the checkpointer
     db_.exec("PRAGMA journal_mode=WAL");
+    // Deleted rows (a delivered key, a consumed pool row) are overwritten with zeros in their
+    // pages, not left in free space for whoever later holds the file and the node key (the
+    // default of some builds only). Old page images in the WAL go as it is overwritten.
+    db_.exec("PRAGMA secure_delete=ON");
     // FULL: the WAL is synced at every commit. NORMAL (store.synchronous): only at
     // checkpoints; a commit is then in the OS page cache, which survives the process's crash
     // (kill -9) but not a power loss. Opening writes with FULL; NORMAL starts once

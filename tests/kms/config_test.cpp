@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <tuple>
@@ -117,6 +119,37 @@ TEST(Config, MalformedJson) {
   auto r = qkd::kms::parse_config("{\"kme_id\": ", "test.json", "/", false);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.error().message.find("test.json"), std::string::npos);
+}
+
+// The parser's error would quote the text it stopped in: with an unterminated psk_hex, the
+// secret. The message gives the position only.
+TEST(Config, AJsonErrorDoesNotQuoteTheText) {
+  const std::string psk(64, 'a');
+  auto r = qkd::kms::parse_config(R"({"link": {"psk_hex": ")" + psk, "test.json", "/", false);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message.find("test.json"), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("line 1"), std::string::npos) << r.error().message;
+  EXPECT_EQ(r.error().message.find("aaaa"), std::string::npos) << r.error().message;
+}
+
+// link.psk_file holds the link's long-term secret: owner-only, as the node key file.
+TEST(Config, PskFileMustBeOwnerOnly) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("qkd-config-psk-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto file = dir / "psk.hex";
+  std::ofstream(file) << std::string(64, 'b') << "\n";
+  json j = valid_alice();
+  j["link"].erase("psk_hex");
+  j["link"]["psk_file"] = file.string();
+  std::filesystem::permissions(file, std::filesystem::perms::owner_read |
+                                         std::filesystem::perms::owner_write |
+                                         std::filesystem::perms::group_read);
+  expect_error(j, "link.psk_file", "owner only");
+  std::filesystem::permissions(file, std::filesystem::perms::owner_read |
+                                         std::filesystem::perms::owner_write);
+  EXPECT_TRUE(qkd::kms::parse_config(j.dump(), "test.json", "/etc/qkd", false).ok());
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Config, UnknownKeysAtEveryLevel) {

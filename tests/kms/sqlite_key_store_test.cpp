@@ -729,6 +729,40 @@ TEST(SqliteKeyStore, KeyBytesAreSealedAtRest) {
   }
 }
 
+// A delivered key leaves nothing of its sealed bytes in the file: the deleted row is zeroed
+// (secure_delete), not left in free space for whoever later holds the file and the node key.
+TEST(SqliteKeyStore, DeliveredKeysLeaveNoSealedBytesInTheFile) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  std::vector<std::uint8_t> sealed;
+  {
+    auto s = open_store(db);
+    ASSERT_TRUE(s->commit_block(pattern(32 * 64, 8), 1, 1).ok());
+    const std::string id = "0b7e3c2a-8f61-4d2e-9a5b-6c1d0e2f3a4b";
+    ASSERT_TRUE(
+        s->apply_peer_assignment({id, Direction::kBob, 32, 32, "bob", {"alice"}, false}).ok());
+    sqlite3* h = nullptr;
+    ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+    sqlite3_stmt* st = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(h, "SELECT sealed FROM assigned", -1, &st, nullptr), SQLITE_OK);
+    ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+    const auto* b = static_cast<const std::uint8_t*>(sqlite3_column_blob(st, 0));
+    sealed.assign(b, b + sqlite3_column_bytes(st, 0));
+    sqlite3_finalize(st);
+    sqlite3_close(h);
+    ASSERT_GE(sealed.size(), 32u);
+    ASSERT_TRUE(s->take("alice", "bob", {id}, 0ms).ok());
+  }
+  std::string raw;
+  for (const char* suffix : {"", "-wal"}) {
+    std::ifstream f(db + suffix, std::ios::binary);
+    raw.append(std::istreambuf_iterator<char>(f), {});
+  }
+  ASSERT_FALSE(raw.empty());
+  const std::string needle(reinterpret_cast<const char*>(sealed.data()), sealed.size());
+  EXPECT_EQ(raw.find(needle), std::string::npos) << "the delivered key's sealed row is still there";
+}
+
 TEST(SqliteKeyStore, ConcurrentConsumptionNeverRepeats) {
   TempDir dir;
   const std::string db = dir.file("store.db");
