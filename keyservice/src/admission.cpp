@@ -91,6 +91,11 @@ RequestInfo classify_request(const ApiRequest& req) {
       info.well_formed = v.has_value();
       info.number = v.value_or(0);
     }
+    if (auto s = query_value(query, "size")) {
+      auto v = parse_decimal<std::uint64_t>(*s);
+      info.well_formed = info.well_formed && v.has_value();
+      info.size = v.value_or(0);
+    }
     return info;
   }
   if (req.body.empty()) {
@@ -107,6 +112,13 @@ RequestInfo classify_request(const ApiRequest& req) {
       return info;
     }
     info.number = it->get<std::uint64_t>();
+  }
+  if (auto it = j.find("size"); it != j.end()) {
+    if (!it->is_number_unsigned()) {
+      info.well_formed = false;
+      return info;
+    }
+    info.size = it->get<std::uint64_t>();
   }
   if (auto it = j.find("additional_slave_SAE_IDs"); it != j.end()) {
     if (!it->is_array()) {
@@ -141,10 +153,9 @@ void AdmissionControl::refill(Bucket& b, double rate, double capacity, Clock::ti
 }
 
 std::optional<AdmissionControl::Refusal> AdmissionControl::admit(
-    const std::string& master, const std::vector<std::string>& slaves, std::uint64_t keys,
+    const std::string& master, const std::vector<std::string>& slaves, double keys,
     Clock::time_point now) {
-  const double need = static_cast<double>(keys);
-  auto retry_after = [need](const Bucket& b, double rate) {
+  auto retry_after = [](const Bucket& b, double need, double rate) {
     const double s = std::ceil((need - b.tokens) / rate);
     return static_cast<std::uint32_t>(std::clamp(s, 1.0, 86400.0));
   };
@@ -153,14 +164,18 @@ std::optional<AdmissionControl::Refusal> AdmissionControl::admit(
   const double sae_cap = static_cast<double>(config_.sae_burst);
   const double pair_cap = static_cast<double>(config_.pair_keys_per_window);
   const double pair_rate = pair_cap / config_.pair_window_s;
+  // A request larger than a full bucket (many keys of the largest size) needs a full
+  // bucket and empties it, so that every request the API accepts can pass in time.
+  const double sae_need = std::min(keys, sae_cap);
+  const double pair_need = std::min(keys, pair_cap);
   Bucket* sae = nullptr;
   if (config_.sae_keys_per_s > 0) {
     sae = &sae_[master];
     refill(*sae, sae_rate, sae_cap, now);
-    if (sae->tokens < need) {
+    if (sae->tokens < sae_need) {
       Refusal r;
       r.budget = "sae";
-      r.retry_after_s = retry_after(*sae, sae_rate);
+      r.retry_after_s = retry_after(*sae, sae_need, sae_rate);
       r.message = fmt::format(
           "admission control: SAE \"{}\" has spent its key budget ({} keys/s, burst {}); "
           "retry after {} s",
@@ -173,11 +188,11 @@ std::optional<AdmissionControl::Refusal> AdmissionControl::admit(
     for (const std::string& slave : slaves) {
       Bucket& b = pair_[{master, slave}];
       refill(b, pair_rate, pair_cap, now);
-      if (b.tokens < need) {
+      if (b.tokens < pair_need) {
         Refusal r;
         r.budget = "pair";
         r.slave = slave;
-        r.retry_after_s = retry_after(b, pair_rate);
+        r.retry_after_s = retry_after(b, pair_need, pair_rate);
         r.message = fmt::format(
             "admission control: the key budget of SAE pair \"{}\" -> \"{}\" is spent ({} keys "
             "per {} s); retry after {} s",
@@ -189,17 +204,17 @@ std::optional<AdmissionControl::Refusal> AdmissionControl::admit(
     }
   }
   if (sae != nullptr) {
-    sae->tokens -= need;
+    sae->tokens -= sae_need;
   }
   for (Bucket* b : pairs) {
-    b->tokens -= need;
+    b->tokens -= pair_need;
   }
   return std::nullopt;
 }
 
 void AdmissionControl::refund(const std::string& master, const std::vector<std::string>& slaves,
-                              std::uint64_t keys, Clock::time_point now) {
-  const double n = static_cast<double>(keys);
+                              double keys, Clock::time_point now) {
+  const double n = keys;
   std::lock_guard lock(mu_);
   if (config_.sae_keys_per_s > 0) {
     Bucket& b = sae_[master];
@@ -239,10 +254,10 @@ void AdmissionControl::leave_wait(const std::string& sae) {
 }
 
 void AdmissionControl::fetched(const std::string& master, const std::string& slave,
-                               std::uint64_t keys, Clock::time_point now) {
+                               double keys, Clock::time_point now) {
   std::lock_guard lock(mu_);
   if (config_.pair_keys_per_window > 0) {
-    return_to_pair_locked(master, slave, static_cast<double>(keys), now);
+    return_to_pair_locked(master, slave, keys, now);
   }
 }
 

@@ -46,6 +46,27 @@ std::uint64_t count_keys(const std::string& body) {
   return n;
 }
 
+// The bits of all keys in a Key container body as etsi_api.cpp writes it ("key":"<base64>").
+std::uint64_t delivered_bits(const std::string& body) {
+  constexpr std::string_view kKey = "\"key\":\"";
+  std::uint64_t bits = 0;
+  for (std::size_t pos = body.find(kKey); pos != std::string::npos; pos = body.find(kKey, pos)) {
+    pos += kKey.size();
+    const std::size_t end = body.find('"', pos);
+    if (end == std::string::npos) {
+      break;
+    }
+    const std::size_t len = end - pos;
+    std::size_t pad = 0;
+    while (pad < 2 && pad < len && body[end - 1 - pad] == '=') {
+      ++pad;
+    }
+    bits += (len / 4 * 3 - std::min(pad, len / 4 * 3)) * 8;
+    pos = end;
+  }
+  return bits;
+}
+
 void run_io(asio::io_context& ioc, const char* name) {
   for (;;) {
     try {
@@ -82,6 +103,15 @@ struct Kme::Impl {
   // The request's metrics, once its reply is final.
   void record(const std::string& caller, const RequestInfo& info, bool known_caller,
               const HttpReply& reply, std::chrono::steady_clock::time_point t0);
+  // Admission budgets count keys of keys.key_size bits (admission.hpp): what one key of
+  // `size` bits (0: not given, the default size) counts as.
+  double budget_keys(std::uint64_t size) const {
+    return size == 0 ? 1.0 : static_cast<double>(size) / config.keys.key_size;
+  }
+  // `n` keys fetched, `bits` in all (0: not reported, by an older peer: default-size keys).
+  double fetched_keys(std::uint64_t n, std::uint64_t bits) const {
+    return bits == 0 ? static_cast<double>(n) : static_cast<double>(bits) / config.keys.key_size;
+  }
   std::string render_metrics() const {
     StoreStats st = store->stats();
     st.waiting_by_pair = store->waiting_by_pair();
@@ -135,9 +165,10 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   // Keys of our masters fetched at the peer give their pair budget back. The pair is
   // charged only for SAEs of this KME (masters) and of the peer (slaves): others are ignored.
   im.link->set_fetch_listener([&im](const std::string& master, const std::string& slave,
-                                    std::uint64_t n) {
+                                    std::uint64_t n, std::uint64_t bits) {
     if (contains(im.config.saes, master) && contains(im.config.link.peer_saes, slave)) {
-      im.admission->fetched(master, slave, n, std::chrono::steady_clock::now());
+      im.admission->fetched(master, slave, im.fetched_keys(n, bits),
+                            std::chrono::steady_clock::now());
     }
   });
   im.metrics = std::make_unique<Metrics>(c.kme_id, c.link.peer_kme_id, c.keys.key_size);
@@ -169,7 +200,8 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
       reply.content_type = std::string(Metrics::kContentType);
     }
   } else if (info.route == "enc_keys" && known_caller && info.well_formed && info.number >= 1 &&
-             info.number <= config.keys.max_key_per_request && admission->enabled() &&
+             info.number <= config.keys.max_key_per_request &&
+             info.size <= config.keys.max_key_size && admission->enabled() &&
              contains(config.link.peer_saes, info.path_sae) &&
              std::all_of(info.additional_slaves.begin(), info.additional_slaves.end(),
                          [&](const std::string& s) {
@@ -182,15 +214,16 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
     // from the pool when they refuse), give the tokens back if no key was delivered.
     std::vector<std::string> slaves{info.path_sae};
     slaves.insert(slaves.end(), info.additional_slaves.begin(), info.additional_slaves.end());
-    if (auto refusal = admission->admit(caller, slaves, info.number, t0)) {
+    const double keys = static_cast<double>(info.number) * budget_keys(info.size);
+    if (auto refusal = admission->admit(caller, slaves, keys, t0)) {
       metrics->add_admission_refusal(refusal->budget, caller);
       spdlog::debug("api: {}: {}", caller, refusal->message);
       reply.api = error_response(503, refusal->message);
       reply.api.retry_after_s = refusal->retry_after_s;
     } else {
       reply.api = etsi->handle(caller, req);
-      refund = [this, caller, slaves, number = info.number]() {
-        admission->refund(caller, slaves, number, std::chrono::steady_clock::now());
+      refund = [this, caller, slaves, keys]() {
+        admission->refund(caller, slaves, keys, std::chrono::steady_clock::now());
       };
       if (reply.api.status != 200) {
         refund();
@@ -257,11 +290,13 @@ void Kme::Impl::record(const std::string& caller, const RequestInfo& info, bool 
       metrics->add_keys_delivered(info.route, caller, info.path_sae, n);
     } else {
       metrics->add_keys_delivered(info.route, info.path_sae, caller, n);
-      // The master's pair budget counts keys not fetched yet (admission.hpp).
+      // The master's pair budget counts keys not fetched yet (admission.hpp), by size.
+      const std::uint64_t bits = delivered_bits(reply.api.body);
       if (contains(config.link.peer_saes, info.path_sae)) {
-        link->report_fetched(info.path_sae, caller, n);
+        link->report_fetched(info.path_sae, caller, n, bits);
       } else if (contains(config.saes, info.path_sae)) {
-        admission->fetched(info.path_sae, caller, n, std::chrono::steady_clock::now());
+        admission->fetched(info.path_sae, caller, fetched_keys(n, bits),
+                           std::chrono::steady_clock::now());
       }
     }
   }

@@ -204,7 +204,10 @@ struct LinkService::Impl {
   std::deque<PendingAck> acks;
   std::uint64_t last_notice_ticket = 0;  // of the newest applied notice (under ack_mu)
   // Fetch reports waiting for the acker thread (under ack_mu): (master, slave) -> keys.
-  std::map<std::pair<std::string, std::string>, std::uint64_t> fetched;
+  // Fetch reports gathered for the peer: (master, slave) -> (keys, bits).
+  using FetchReports =
+      std::map<std::pair<std::string, std::string>, std::pair<std::uint64_t, std::uint64_t>>;
+  FetchReports fetched;
   std::atomic<bool> peer_takes_fetched{false};  // announced in the peer's hello/state
   LinkService::FetchListener fetch_listener;    // set before start()
 
@@ -331,8 +334,9 @@ struct LinkService::Impl {
         const auto master = p.at("master").get<std::string>();
         const auto slave = p.at("slave").get<std::string>();
         const auto n = p.at("n").get<std::uint64_t>();
+        const auto bits = p.value("bits", std::uint64_t{0});  // not from older versions
         if (fetch_listener) {
-          fetch_listener(master, slave, n);
+          fetch_listener(master, slave, n, bits);
         }
       }
       return true;
@@ -867,7 +871,7 @@ struct LinkService::Impl {
     }
   }
 
-  void send_fetched(const std::map<std::pair<std::string, std::string>, std::uint64_t>& reports) {
+  void send_fetched(const FetchReports& reports) {
     if (reports.empty() || !peer_takes_fetched) {
       return;
     }
@@ -880,8 +884,11 @@ struct LinkService::Impl {
       return;  // the link is down: the peer's budgets refill with time instead
     }
     json pairs = json::array();
-    for (const auto& [pair, n] : reports) {
-      pairs.push_back({{"master", pair.first}, {"slave", pair.second}, {"n", n}});
+    for (const auto& [pair, count] : reports) {
+      pairs.push_back({{"master", pair.first},
+                       {"slave", pair.second},
+                       {"n", count.first},
+                       {"bits", count.second}});
     }
     (void)c->send(Channel::kControl, to_bytes(json{{"t", "fetched"}, {"pairs", std::move(pairs)}}));
   }
@@ -1108,12 +1115,14 @@ void LinkService::stop() {
 }
 
 void LinkService::report_fetched(const std::string& master, const std::string& slave,
-                                 std::uint64_t n) {
+                                 std::uint64_t n, std::uint64_t bits) {
   if (n == 0) {
     return;
   }
   std::lock_guard lock(impl_->ack_mu);
-  impl_->fetched[{master, slave}] += n;
+  auto& count = impl_->fetched[{master, slave}];
+  count.first += n;
+  count.second += bits;
   impl_->ack_cv.notify_one();
 }
 

@@ -344,6 +344,68 @@ TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
   EXPECT_EQ(enc(R"({"number": 10})").status, 503u);
 }
 
+// Budgets count keys of keys.key_size bits (256 here): a larger key takes more tokens, and
+// its fetch at the peer KME gives back as many (the fetch report carries bits).
+TEST(AdmissionTest, LargerKeysSpendTheBudgetsBySize) {
+  KmeNetworkOptions o;
+  o.max_key_per_request = 10;
+  o.customize = [](json& alice, json&) {
+    alice["admission"] = {{"sae_keys_per_s", 1}, {"sae_burst", 16}, {"pair_keys_per_window", 0}};
+  };
+  auto net = qkd::test::start_network_with_keys(o, 100);
+  ASSERT_TRUE(net);
+  const auto alice = net->client(net->alice(), "alice");
+  auto enc = [&](const std::string& query) {
+    auto r = alice.get("/api/v1/keys/bob/enc_keys" + query);
+    EXPECT_TRUE(r.ok()) << r.error().message;
+    return r.ok() ? *r : HttpResponse{};
+  };
+  const HttpResponse big = enc("?number=4&size=1024");  // 16 keys of 256 bits: the burst
+  ASSERT_EQ(big.status, 200u) << big.body;
+  const HttpResponse small = enc("?number=1");
+  EXPECT_EQ(small.status, 503u) << "four 1024-bit keys cost 4 tokens only: " << small.body;
+  EXPECT_NE(message_of(small).find("\"alice\""), std::string::npos) << small.body;
+}
+
+TEST(AdmissionTest, FetchedLargerKeysGiveTheirSizeBack) {
+  KmeNetworkOptions o;
+  o.max_key_per_request = 10;
+  o.customize = [](json& alice, json&) {
+    alice["admission"] = {{"sae_keys_per_s", 0},
+                          {"pair_keys_per_window", 16},
+                          {"pair_window_s", 3600}};  // no refill within the test
+  };
+  auto net = qkd::test::start_network_with_keys(o, 100);
+  ASSERT_TRUE(net);
+  const auto alice = net->client(net->alice(), "alice");
+  const auto bob = net->client(net->bob(), "bob");
+  auto enc = [&](const std::string& query) {
+    auto r = alice.get("/api/v1/keys/bob/enc_keys" + query);
+    EXPECT_TRUE(r.ok()) << r.error().message;
+    return r.ok() ? *r : HttpResponse{};
+  };
+  const HttpResponse big = enc("?number=2&size=2048");  // 16 tokens: the whole budget
+  ASSERT_EQ(big.status, 200u) << big.body;
+  ASSERT_EQ(enc("?number=1").status, 503u) << "the pair budget is 16 keys of 256 bits";
+  // Bob fetches one 2048-bit key: 8 tokens come back (not 1).
+  const json j = big.json();
+  const std::string id = j.at("keys").at(0).at("key_ID").get<std::string>();
+  auto d = bob.get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
+  ASSERT_TRUE(d.ok()) << d.error().message;
+  ASSERT_EQ(d->status, 200u) << d->body;
+  std::optional<HttpResponse> again;
+  for (int i = 0; i < 50 && !again; ++i) {
+    std::this_thread::sleep_for(100ms);
+    if (auto r = enc("?number=8"); r.status == 200) {
+      again = r;
+    } else {
+      ASSERT_EQ(r.status, 503u) << r.body;
+    }
+  }
+  ASSERT_TRUE(again) << "bob's fetch of a 2048-bit key did not give 8 keys' budget back";
+  EXPECT_EQ(enc("?number=1").status, 503u) << "more came back than was fetched";
+}
+
 // dec_keys that must wait for their keys' notice hold a worker each: one SAE may hold at
 // most admission.sae_waiting_dec_keys of them; beyond that it gets 503 + Retry-After at
 // once, and another SAE at the same KME still waits (and is answered) as usual.

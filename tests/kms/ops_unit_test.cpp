@@ -110,6 +110,23 @@ TEST(AdmissionControlTest, SaeBucketRefusesRefillsAndRefunds) {
   EXPECT_TRUE(ac.admit("a", {"b"}, 1, t0 + 1h));
 }
 
+// Tokens count keys of keys.key_size (fractions for smaller keys); a request that costs
+// more than a full bucket waits for a full bucket and empties it (it can pass in time).
+TEST(AdmissionControlTest, RequestsLargerThanTheBucketTakeAFullBucket) {
+  AdmissionConfig cfg;
+  cfg.sae_keys_per_s = 10;
+  cfg.sae_burst = 20;
+  cfg.pair_keys_per_window = 0;
+  AdmissionControl ac(cfg);
+  const auto t0 = AdmissionControl::Clock::time_point{} + 1000s;
+  EXPECT_FALSE(ac.admit("a", {"b"}, 0.5, t0));
+  auto r = ac.admit("a", {"b"}, 64, t0);  // 19.5 left: not a full bucket
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->retry_after_s, 1u);  // 0.5 short at 10/s
+  EXPECT_FALSE(ac.admit("a", {"b"}, 64, t0 + 1s));  // full again: admitted, emptied
+  EXPECT_TRUE(ac.admit("a", {"b"}, 0.5, t0 + 1s));
+}
+
 TEST(AdmissionControlTest, PairBucketIsPerSlaveAndAllOrNothing) {
   AdmissionConfig cfg;
   cfg.sae_keys_per_s = 1000;
@@ -138,16 +155,23 @@ TEST(ClassifyRequestTest, RoutesAndNumbers) {
   EXPECT_EQ(i.route, "enc_keys");
   EXPECT_EQ(i.path_sae, "b x");
   EXPECT_EQ(i.number, 7u);
+  EXPECT_EQ(i.size, 256u);
   EXPECT_TRUE(i.well_formed);
   i = classify_request(
-      ApiRequest{"POST", "/api/v1/keys/b/enc_keys", R"({"number":3,"additional_slave_SAE_IDs":["c"]})"});
+      ApiRequest{"POST", "/api/v1/keys/b/enc_keys",
+                 R"({"number":3,"size":1024,"additional_slave_SAE_IDs":["c"]})"});
   EXPECT_EQ(i.number, 3u);
+  EXPECT_EQ(i.size, 1024u);
   ASSERT_EQ(i.additional_slaves.size(), 1u);
   EXPECT_EQ(i.additional_slaves[0], "c");
   EXPECT_EQ(classify_request(ApiRequest{"POST", "/api/v1/keys/b/enc_keys", ""}).number, 1u);
   EXPECT_FALSE(classify_request(ApiRequest{"POST", "/api/v1/keys/b/enc_keys", "{"}).well_formed);
   EXPECT_FALSE(
       classify_request(ApiRequest{"GET", "/api/v1/keys/b/enc_keys?number=x", ""}).well_formed);
+  EXPECT_FALSE(
+      classify_request(ApiRequest{"GET", "/api/v1/keys/b/enc_keys?size=-8", ""}).well_formed);
+  EXPECT_FALSE(
+      classify_request(ApiRequest{"POST", "/api/v1/keys/b/enc_keys", R"({"size":"8"})"}).well_formed);
   EXPECT_EQ(classify_request(ApiRequest{"GET", "/api/v1/keys/a/dec_keys?key_ID=1", ""}).route,
             "dec_keys");
   EXPECT_EQ(classify_request(ApiRequest{"GET", "/api/v1/keys/a/status", ""}).route, "status");

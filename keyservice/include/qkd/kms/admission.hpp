@@ -10,8 +10,11 @@
 //     the peer KME, which reports fetches over the link: LinkService::report_fetched), and
 //     otherwise with the bucket's even refill over the window (so a key never fetched
 //     holds its token for at most one window).
-// A request of N keys (with additional slaves: N keys charged to each pair) takes N tokens
-// from every bucket concerned, or from none: a refused request consumes nothing, neither
+// Budgets count keys of keys.key_size bits: a key of S bits takes S / key_size tokens, so
+// that asking for larger keys does not stretch a budget (with the defaults, one 8192-bit
+// key is 32 keys). A request of N keys (with additional slaves: N keys charged to each
+// pair) takes their tokens from every bucket concerned, or from none (one that costs more
+// than a full bucket takes a full bucket): a refused request consumes nothing, neither
 // tokens nor pool keys. Tokens of an admitted request that delivered no key (400, 503) are
 // given back.
 //
@@ -40,7 +43,8 @@ struct RequestInfo {
   std::string path_sae;              // the SAE in the path (slave of enc_keys, master of dec_keys)
   std::vector<std::string> additional_slaves;  // enc_keys POST body
   std::uint64_t number = 1;                    // enc_keys: keys requested
-  bool well_formed = true;  // enc_keys: number / additional slaves could be read
+  std::uint64_t size = 0;                      // enc_keys: bits per key (0: not given)
+  bool well_formed = true;  // enc_keys: number / size / additional slaves could be read
 };
 
 // Classifies a request by route and reads what admission needs (lenient: a request it
@@ -64,21 +68,22 @@ class AdmissionControl {
     return config_.sae_keys_per_s > 0 || config_.pair_keys_per_window > 0;
   }
 
+  // `keys` below are keys of keys.key_size bits (fractional for smaller keys).
   // Takes `keys` tokens from the master's bucket and from each (master, slave) bucket, or
   // none of them and returns why. Callers must have checked that master and slaves are
   // known SAEs (the number of buckets is bounded by the configuration).
   [[nodiscard]] std::optional<Refusal> admit(const std::string& master,
                                              const std::vector<std::string>& slaves,
-                                             std::uint64_t keys, Clock::time_point now);
+                                             double keys, Clock::time_point now);
   // Returns the tokens of an admitted request that delivered no key.
   void refund(const std::string& master, const std::vector<std::string>& slaves,
-              std::uint64_t keys, Clock::time_point now);
+              double keys, Clock::time_point now);
   // A dec_keys of `sae` that has to wait for its keys' notice takes one of the SAE's
   // admission.sae_waiting_dec_keys places, or is refused; leave_wait() gives it back.
   [[nodiscard]] std::optional<Refusal> enter_wait(const std::string& sae);
   void leave_wait(const std::string& sae);
   // Returns `keys` tokens to the (master, slave) bucket only: the slave has fetched them.
-  void fetched(const std::string& master, const std::string& slave, std::uint64_t keys,
+  void fetched(const std::string& master, const std::string& slave, double keys,
                Clock::time_point now);
 
  private:

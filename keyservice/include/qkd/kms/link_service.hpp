@@ -85,14 +85,17 @@ class LinkService {
 
   [[nodiscard]] LinkStats stats() const;
 
-  // Fetch reports, for admission control's pair budgets (admission.hpp): `n` keys that
-  // master SAE `master`, at the peer KME, had assigned to slave SAE `slave` were fetched
-  // here. Sent to the peer in batches by the acker thread; best effort (dropped while the
-  // link is down, and never sent to a peer that did not announce it takes them).
-  void report_fetched(const std::string& master, const std::string& slave, std::uint64_t n);
-  // Receives the peer's fetch reports (on the link's I/O thread). Set before start().
-  using FetchListener =
-      std::function<void(const std::string& master, const std::string& slave, std::uint64_t n)>;
+  // Fetch reports, for admission control's pair budgets (admission.hpp): `n` keys of `bits`
+  // bits in all that master SAE `master`, at the peer KME, had assigned to slave SAE `slave`
+  // were fetched here. Sent to the peer in batches by the acker thread; best effort
+  // (dropped while the link is down, and never sent to a peer that did not announce it
+  // takes them).
+  void report_fetched(const std::string& master, const std::string& slave, std::uint64_t n,
+                      std::uint64_t bits);
+  // Receives the peer's fetch reports (on the link's I/O thread). Set before start(). `bits`
+  // is 0 from a peer of a version that did not report it.
+  using FetchListener = std::function<void(const std::string& master, const std::string& slave,
+                                           std::uint64_t n, std::uint64_t bits)>;
   void set_fetch_listener(FetchListener listener);
 
  private:
