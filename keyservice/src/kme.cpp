@@ -149,7 +149,7 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   } else {
     im.store = make_memory_key_store(own);
   }
-  auto api_tls = make_tls_context(c.api, TlsRole::kServer);
+  auto api_tls = make_tls_context(c.api, TlsRole::kApiServer);
   if (!api_tls.ok()) {
     return api_tls.error();
   }

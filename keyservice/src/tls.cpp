@@ -18,10 +18,15 @@ namespace {
 // Builds the context; on failure sets `failed` to the field whose file could not be used.
 std::shared_ptr<asio::ssl::context> build(const ApiConfig& api, TlsRole role,
                                           std::optional<TlsFileError>& failed) {
-  auto ctx = std::make_shared<asio::ssl::context>(
-      role == TlsRole::kServer ? asio::ssl::context::tls_server : asio::ssl::context::tls_client);
-  if (SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_3_VERSION) != 1) {
-    failed = TlsFileError{"(TLS)", "cannot require TLS 1.3"};
+  auto ctx = std::make_shared<asio::ssl::context>(role == TlsRole::kClient
+                                                      ? asio::ssl::context::tls_client
+                                                      : asio::ssl::context::tls_server);
+  const bool tls12 = role == TlsRole::kApiServer;
+  if (SSL_CTX_set_min_proto_version(ctx->native_handle(),
+                                    tls12 ? TLS1_2_VERSION : TLS1_3_VERSION) != 1 ||
+      (tls12 && SSL_CTX_set_cipher_list(ctx->native_handle(),
+                                        "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL") != 1)) {
+    failed = TlsFileError{"(TLS)", "cannot set the TLS versions and ciphers"};
     return nullptr;
   }
   ctx->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
@@ -63,7 +68,7 @@ qkd::core::Result<std::shared_ptr<asio::ssl::context>> make_tls_context(const Ap
 
 std::optional<TlsFileError> check_tls_files(const ApiConfig& api) {
   std::optional<TlsFileError> failed;
-  (void)build(api, TlsRole::kServer, failed);
+  (void)build(api, TlsRole::kApiServer, failed);
   return failed;
 }
 

@@ -144,6 +144,21 @@ TEST_F(Etsi014, ConnectionWithoutClientCertificateIsRefused) {
   EXPECT_FALSE(r.ok()) << "answered " << r->status << " " << r->body;
 }
 
+// "Transport and authentication": HTTPS with TLS 1.2 or later: an SAE that offers TLS 1.2
+// at most is served (mutual authentication as with 1.3).
+TEST_F(Etsi014, Tls12ClientIsServed) {
+  HttpsTestClient c = at_alice();
+  c.tls12_only();
+  HttpResponse r = get(c, "/api/v1/keys/bob/status");
+  EXPECT_EQ(r.status, 200u) << r.body;
+  qkd::test::TlsIdentity anonymous = net_->sae("alice");
+  anonymous.cert_file.clear();
+  anonymous.key_file.clear();
+  HttpsTestClient no_cert(net_->alice().host, net_->alice().api_port, anonymous);
+  no_cert.tls12_only();
+  EXPECT_FALSE(no_cert.get("/api/v1/keys/bob/status").ok());
+}
+
 // "Transport and authentication" / "Status codes": the caller's SAE ID comes from its
 // certificate; an SAE this KME does not serve gets 401 on every route.
 TEST_F(Etsi014, UnknownSaeCertificateIs401OnEveryRoute) {

@@ -32,6 +32,9 @@ qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method
                                                          std::string_view content_type) const {
   asio::io_context ioc;
   asio::ssl::context ctx(asio::ssl::context::tls_client);
+  if (tls12_only_) {
+    SSL_CTX_set_max_proto_version(ctx.native_handle(), TLS1_2_VERSION);
+  }
   try {
     if (!identity_.ca_file.empty()) {
       ctx.load_verify_file(identity_.ca_file);

@@ -14,11 +14,13 @@
 
 namespace qkd::kms {
 
-enum class TlsRole { kServer, kClient };
+// kApiServer: the ETSI 014 listener, which also takes TLS 1.2 ("TLS 1.2 or later", for SAEs
+// that have no 1.3) with ECDHE and AEAD ciphers only; the KME-to-KME link is 1.3 only.
+enum class TlsRole { kServer, kClient, kApiServer };
 
 // A context that presents `api.cert`/`api.key`, requires and verifies the peer's
 // certificate against `api.ca` (a peer without a verifiable certificate fails the
-// handshake) and allows only TLS 1.3. An error names the field and its file ("api.key:
+// handshake) and allows only TLS 1.3 (kApiServer: also 1.2, see above). An error names the field and its file ("api.key:
 // cannot use /etc/qkd-kms/alice.key: ...", also for a key that does not match the
 // certificate).
 [[nodiscard]] qkd::core::Result<std::shared_ptr<boost::asio::ssl::context>> make_tls_context(

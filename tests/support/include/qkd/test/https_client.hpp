@@ -49,12 +49,18 @@ class HttpsTestClient {
                                                      std::string_view body) const {
     return request("POST", target, body);
   }
+  // Offer TLS 1.2 at most (an SAE without TLS 1.3); the default offers what OpenSSL does.
+  HttpsTestClient& tls12_only() {
+    tls12_only_ = true;
+    return *this;
+  }
 
  private:
   std::string host_;
   std::uint16_t port_;
   TlsIdentity identity_;
   std::chrono::milliseconds timeout_;
+  bool tls12_only_ = false;
 };
 
 }  // namespace qkd::test
