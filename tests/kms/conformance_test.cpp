@@ -218,6 +218,37 @@ TEST_F(Etsi014, EncKeysByGetWithNumberAndSize) {
   }
 }
 
+// "Routes": enc_keys by GET with number alone: that many keys of the default size.
+TEST_F(Etsi014, EncKeysByGetWithNumberOnly) {
+  HttpResponse r = get(at_alice(), "/api/v1/keys/bob/enc_keys?number=2");
+  ASSERT_EQ(r.status, 200u) << r.body;
+  auto keys = key_list(r);
+  ASSERT_EQ(keys.size(), 2u);
+  for (const auto& [id, key] : keys) {
+    EXPECT_EQ(key.size(), 32u);
+  }
+}
+
+// "Routes": dec_keys by GET takes a single key_ID: none is a 400.
+TEST_F(Etsi014, DecKeysByGetWithoutKeyIdIs400) {
+  for (const char* target : {"/api/v1/keys/alice/dec_keys", "/api/v1/keys/alice/dec_keys?"}) {
+    HttpResponse r = get(at_bob(), target);
+    EXPECT_EQ(r.status, 400u) << target;
+    EXPECT_NE(message_of(r).find("key_ID"), std::string::npos) << r.body;
+  }
+}
+
+// "Routes: SAE IDs in the path are URL-encoded": the path is split first, then each part
+// decoded, so an encoded '/' or '%' is part of the SAE ID, not a path separator.
+TEST_F(Etsi014, EncodedSlashAndPercentStayInTheSaeId) {
+  HttpResponse slash = get(at_alice(), "/api/v1/keys/bob%2F3/status");
+  EXPECT_EQ(slash.status, 400u);
+  EXPECT_NE(message_of(slash).find("\"bob/3\""), std::string::npos) << slash.body;
+  HttpResponse percent = get(at_alice(), "/api/v1/keys/bob%253/enc_keys");
+  EXPECT_EQ(percent.status, 400u);
+  EXPECT_NE(message_of(percent).find("\"bob%3\""), std::string::npos) << percent.body;
+}
+
 // "Routes": by GET only number and size; every other request is a POST.
 TEST_F(Etsi014, EncKeysByGetTakesOnlyNumberAndSize) {
   HttpResponse r = get(at_alice(), "/api/v1/keys/bob/enc_keys?number=1&additional_slave_SAE_IDs=bob-2");
@@ -492,6 +523,21 @@ TEST_F(Etsi014, ExtensionOptionalIsIgnored) {
   auto keys = alice_enc(
       R"({"number": 2, "extension_optional": [{"abc_route_type": "indirect"}, {"xyz_qos": 5}]})");
   EXPECT_EQ(keys.size(), 2u);
+}
+
+// "Bodies: Key request": additional_slave_SAE_IDs holds at most max_SAE_ID_count IDs:
+// exactly that many is served.
+TEST_F(Etsi014, MaxSaeIdCountAdditionalSlavesAreServed) {
+  auto keys = alice_enc(R"({"additional_slave_SAE_IDs": ["bob-2", "bob 3", "alice-2"]})");
+  ASSERT_EQ(keys.size(), 1u);
+  for (const char* slave : {"bob", "bob-2", "bob 3"}) {
+    HttpResponse r = get(at_bob(slave), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first);
+    ASSERT_EQ(r.status, 200u) << slave << ": " << r.body;
+    EXPECT_EQ(key_list(r), keys);
+  }
+  HttpResponse local = get(at_alice("alice-2"), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first);
+  ASSERT_EQ(local.status, 200u) << local.body;
+  EXPECT_EQ(key_list(local), keys);
 }
 
 // "Bodies: Key request": additional_slave_SAE_IDs holds at most max_SAE_ID_count IDs.
