@@ -92,8 +92,14 @@ ApiResponse EtsiService::handle(const std::string& caller, const ApiRequest& req
 }
 
 ApiResponse EtsiService::health() const {
-  const LinkStats ls = link_stats_ ? link_stats_() : LinkStats{};
-  return json_response(json{{"status", "ok"}, {"link", ls.up ? "up" : "down"}});
+  const char* link = link_up() ? "up" : "down";
+  // A store that failed a write serves no key any more: not healthy, whatever the link.
+  if (std::string failure = store_.failure(); !failure.empty()) {
+    return ApiResponse{503, dump_json(json{{"status", "failing"},
+                                           {"link", link},
+                                           {"message", "key store: " + failure}})};
+  }
+  return json_response(json{{"status", "ok"}, {"link", link}});
 }
 
 ApiResponse EtsiService::status(const std::string& caller, const std::string& slave) const {

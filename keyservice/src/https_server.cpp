@@ -319,7 +319,7 @@ namespace {
 class PlainSession : public std::enable_shared_from_this<PlainSession> {
  public:
   PlainSession(tcp::socket&& socket, std::function<std::string()> render,
-               std::function<std::string()> health)
+               std::function<ApiResponse()> health)
       : stream_(std::move(socket)), render_(std::move(render)), health_(std::move(health)) {}
 
   void run() {
@@ -358,9 +358,10 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
       res->set(http::field::content_type, "text/plain");
       res->body() = "only GET\n";
     } else if (path == "/health") {
-      res->result(http::status::ok);
+      ApiResponse h = health_();
+      res->result(static_cast<http::status>(h.status));
       res->set(http::field::content_type, "application/json");
-      res->body() = health_();
+      res->body() = std::move(h.body);
     } else {
       res->result(http::status::ok);
       res->set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
@@ -382,7 +383,7 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
 
   beast::tcp_stream stream_;
   std::function<std::string()> render_;
-  std::function<std::string()> health_;
+  std::function<ApiResponse()> health_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
 };
@@ -390,7 +391,7 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
 }  // namespace
 
 struct MetricsHttpServer::Impl : std::enable_shared_from_this<MetricsHttpServer::Impl> {
-  Impl(asio::io_context& io, std::function<std::string()> r, std::function<std::string()> h)
+  Impl(asio::io_context& io, std::function<std::string()> r, std::function<ApiResponse()> h)
       : ioc(io), render(std::move(r)), health(std::move(h)), acceptor(io) {}
 
   void do_accept() {
@@ -412,12 +413,12 @@ struct MetricsHttpServer::Impl : std::enable_shared_from_this<MetricsHttpServer:
 
   asio::io_context& ioc;
   std::function<std::string()> render;
-  std::function<std::string()> health;
+  std::function<ApiResponse()> health;
   tcp::acceptor acceptor;
 };
 
 MetricsHttpServer::MetricsHttpServer(asio::io_context& ioc, std::function<std::string()> render,
-                                     std::function<std::string()> health)
+                                     std::function<ApiResponse()> health)
     : impl_(std::make_shared<Impl>(ioc, std::move(render), std::move(health))) {}
 
 MetricsHttpServer::~MetricsHttpServer() { stop(); }

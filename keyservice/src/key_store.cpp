@@ -746,6 +746,8 @@ class JournaledStore final : public KeyStore {
     });
   }
 
+  std::string failure() const override { return journal_ ? journal_->failure() : std::string(); }
+
   StoreStats stats() const override {
     std::lock_guard lock(mu_);
     StoreStats st;

@@ -181,7 +181,7 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   if (c.metrics.plain_listener) {
     im.metrics_server = std::make_unique<MetricsHttpServer>(
         im.api_ioc, [impl]() { return impl->render_metrics(); },
-        [impl]() { return impl->etsi->health().body; });
+        [impl]() { return impl->etsi->health(); });
   }
   return kme;
 }

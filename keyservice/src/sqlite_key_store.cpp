@@ -1122,6 +1122,11 @@ class SqliteJournal final : public detail::Journal {
     }
   }
 
+  [[nodiscard]] std::string failure() const override {
+    std::lock_guard lock(mu_);
+    return failed_ ? failure_ : std::string();
+  }
+
   [[nodiscard]] Times commit_times() const override {
     std::lock_guard lock(times_mu_);
     return times_;
@@ -1253,7 +1258,7 @@ class SqliteJournal final : public detail::Journal {
   mutable std::mutex times_mu_;
   Times times_;  // the writing thread adds, stats() reads
 
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable work_cv_;
   std::condition_variable done_cv_;
   std::vector<Op> current_;

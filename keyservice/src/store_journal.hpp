@@ -120,6 +120,8 @@ class Journal {
     CommitTimes link;
   };
   [[nodiscard]] virtual Times commit_times() const = 0;
+  // Why writing failed (every wait fails from then on), or empty.
+  [[nodiscard]] virtual std::string failure() const = 0;
 };
 
 // The store core over a journal (nullptr: in memory only) and the state it found.

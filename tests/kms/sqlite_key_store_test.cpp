@@ -2,11 +2,13 @@
 // concurrent consumption (group commit) without repeats.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -23,8 +25,10 @@
 #include <sqlite3.h>
 #include <sstream>
 
+#include "qkd/kms/api.hpp"
 #include "qkd/kms/config.hpp"
 #include "qkd/kms/key_store.hpp"
+#include "qkd/test/kme_config.hpp"
 #include "qkd/test/scoped_env.hpp"
 
 namespace {
@@ -34,6 +38,7 @@ using qkd::core::ErrorCode;
 using qkd::kms::Direction;
 using qkd::kms::KeyAssignment;
 using qkd::kms::KeyStore;
+using qkd::kms::ApiResponse;
 using qkd::kms::StoredNotice;
 
 // Pseudo-random test bytes (splitmix64): no two 16-byte windows repeat.
@@ -761,6 +766,42 @@ TEST(SqliteKeyStore, DeliveredKeysLeaveNoSealedBytesInTheFile) {
   ASSERT_FALSE(raw.empty());
   const std::string needle(reinterpret_cast<const char*>(sealed.data()), sealed.size());
   EXPECT_EQ(raw.find(needle), std::string::npos) << "the delivered key's sealed row is still there";
+}
+
+// A write that fails (here: the file may not grow, RLIMIT_FSIZE) leaves the store serving
+// nothing; failure() says why, and the KME's /health turns 503 "failing" with it.
+TEST(SqliteKeyStore, AFailedWriteIsReportedByHealth) {
+  TempDir dir;
+  const std::string db = dir.file("store.db");
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  ASSERT_TRUE(s->commit_block(pattern(32 * 64, 2), 1, 1).ok());
+  const auto cfg = qkd::test::kme_config("alice-kme", {"alice"}, "bob-kme", {"bob"}, 50);
+  qkd::kms::EtsiService api(cfg, *s, nullptr);
+  EXPECT_EQ(s->failure(), "");
+  EXPECT_EQ(api.health().status, 200u);
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  std::uintmax_t largest = 0;
+  for (const char* suffix : {"", "-wal", "-shm"}) {
+    std::error_code ec;
+    largest = std::max<std::uintmax_t>(largest, std::filesystem::file_size(db + suffix, ec));
+  }
+  ::signal(SIGXFSZ, SIG_IGN);  // a write past the limit fails (EFBIG) instead of killing us
+  rlimit lim = old;
+  lim.rlim_cur = static_cast<rlim_t>(largest);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &lim), 0);
+  const auto big = pattern(4 << 20, 3);  // more than any file holds now
+  const auto failed = s->commit_block(big, 1, 2);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+  EXPECT_FALSE(failed.ok());
+  EXPECT_NE(s->failure(), "");
+  EXPECT_FALSE(s->allocate("alice", {"bob"}, 1, 32).ok()) << "a failed store serves nothing";
+  const ApiResponse health = api.health();
+  EXPECT_EQ(health.status, 503u) << health.body;
+  const auto j = nlohmann::json::parse(health.body);
+  EXPECT_EQ(j.value("status", ""), "failing") << health.body;
+  EXPECT_NE(j.value("message", "").find(s->failure()), std::string::npos) << health.body;
 }
 
 TEST(SqliteKeyStore, ConcurrentConsumptionNeverRepeats) {

@@ -80,12 +80,13 @@ class HttpsServer {
 };
 
 // A plain-HTTP listener (no TLS, meant for a loopback address) answering GET /metrics with
-// render(), GET /health with health() (JSON; for probes that hold no SAE certificate) and
+// render(), GET /health with health() (its status and JSON body; for probes that hold no SAE
+// certificate) and
 // 404 to anything else. Same timeouts and body limit as the HTTPS server.
 class MetricsHttpServer {
  public:
   MetricsHttpServer(boost::asio::io_context& ioc, std::function<std::string()> render,
-                    std::function<std::string()> health);
+                    std::function<ApiResponse()> health);
   ~MetricsHttpServer();
   MetricsHttpServer(const MetricsHttpServer&) = delete;
   MetricsHttpServer& operator=(const MetricsHttpServer&) = delete;

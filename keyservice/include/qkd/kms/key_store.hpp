@@ -252,6 +252,8 @@ class KeyStore {
   // see PendingWrite.)
   [[nodiscard]] virtual bool knows_all(const std::vector<std::string>& key_ids) const = 0;
 
+  // Why the store serves no key any more (a durable write failed), or empty while it works.
+  [[nodiscard]] virtual std::string failure() const { return {}; }
   [[nodiscard]] virtual StoreStats stats() const = 0;
   // StoreStats::waiting_by_pair (a walk over the waiting keys: for scrapes, not per request).
   [[nodiscard]] virtual std::map<std::pair<std::string, std::string>, std::uint64_t>
