@@ -582,6 +582,7 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
       fail("log_format", "must be \"text\" or \"json\"");
     }
   }
+  top.optional_boolean("lock_memory", c.lock_memory);
   top.finish();
   for (std::size_t i = 0; i < c.link.peer_saes.size(); ++i) {
     if (std::find(c.saes.begin(), c.saes.end(), c.link.peer_saes[i]) != c.saes.end()) {

@@ -7,10 +7,13 @@
 // message names the file and the field); 2 unexpected fatal error. Logs go to stderr.
 // Config format: see examples/alice-kme.json and qkd/kms/config.hpp.
 #include <spdlog/spdlog.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -68,6 +71,14 @@ int run(int argc, char** argv) {
   }
 
   qkd::kms::setup_logging(config.value());
+  // Before any key exists: every page the process has or maps later stays in RAM (locked as
+  // it is first touched, so thread stacks and reserves cost only what they use).
+  if (config->lock_memory && ::mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0) {
+    spdlog::critical("{}: lock_memory: cannot lock the process's memory: {} (raise "
+                     "LimitMEMLOCK / RLIMIT_MEMLOCK, or grant CAP_IPC_LOCK)",
+                     config->source, std::strerror(errno));
+    return 1;
+  }
 
   auto kme = qkd::kms::Kme::create(std::move(config.value()));
   if (!kme.ok()) {

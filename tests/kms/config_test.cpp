@@ -292,6 +292,11 @@ TEST(Config, BadValues) {
   }
   {
     json j = valid_alice();
+    j["lock_memory"] = "yes";
+    expect_error(j, "lock_memory");
+  }
+  {
+    json j = valid_alice();
     j["link"]["psk_file"] = "psk.hex";
     expect_error(j, "link.psk_hex", "exactly one");
   }

@@ -300,6 +300,28 @@ TEST(OpsTest, DurableStoreCommitsAreTimed) {
 
 // log_format "json": every line the daemon writes is one JSON object with its time (UTC),
 // KME, level, thread and message, at every level used (debug here), and no key is in it.
+// lock_memory: the KME locks its pages (mlockall) before any key exists, so none reaches
+// swap; a KME without it locks nothing. (Refusing to start when it cannot lock is not
+// tested here: the tests run with CAP_IPC_LOCK.)
+TEST(OpsTest, LockMemoryLocksTheKmesPages) {
+  KmeNetworkOptions o;
+  o.customize = [](json& alice, json&) { alice["lock_memory"] = true; };
+  auto net = qkd::test::start_network_with_keys(o, 4);
+  ASSERT_TRUE(net);
+  auto locked_kb = [](pid_t pid) -> long {
+    std::ifstream f(fmt::format("/proc/{}/status", pid));
+    std::string line;
+    while (std::getline(f, line)) {
+      if (line.rfind("VmLck:", 0) == 0) {
+        return std::stol(line.substr(6));
+      }
+    }
+    return -1;
+  };
+  EXPECT_GT(locked_kb(net->alice().pid), 0) << "alice-kme locked nothing";
+  EXPECT_EQ(locked_kb(net->bob().pid), 0);
+}
+
 TEST(OpsTest, JsonLogLinesAreObjects) {
   KmeNetworkOptions o;
   o.log_level = "debug";

@@ -112,6 +112,9 @@ struct Config {
   StoreConfig store;
   std::string log_level = "info";
   std::string log_format = "text";  // "text" or "json" (qkd/kms/logging.hpp)
+  // Lock the process's memory (mlockall) so that no key reaches swap; the KME refuses to
+  // start when it cannot (RLIMIT_MEMLOCK, CAP_IPC_LOCK).
+  bool lock_memory = false;
   AdmissionConfig admission;
   MetricsConfig metrics;
 };
