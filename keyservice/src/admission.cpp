@@ -253,6 +253,31 @@ void AdmissionControl::leave_wait(const std::string& sae) {
   }
 }
 
+std::optional<double> AdmissionControl::sae_level(const std::string& master,
+                                                 Clock::time_point now) {
+  if (config_.sae_keys_per_s == 0) {
+    return std::nullopt;
+  }
+  std::lock_guard lock(mu_);
+  Bucket& b = sae_[master];
+  refill(b, static_cast<double>(config_.sae_keys_per_s), static_cast<double>(config_.sae_burst),
+         now);
+  return b.tokens;
+}
+
+std::optional<double> AdmissionControl::pair_level(const std::string& master,
+                                                  const std::string& slave,
+                                                  Clock::time_point now) {
+  if (config_.pair_keys_per_window == 0) {
+    return std::nullopt;
+  }
+  std::lock_guard lock(mu_);
+  const double cap = static_cast<double>(config_.pair_keys_per_window);
+  Bucket& b = pair_[{master, slave}];
+  refill(b, cap / config_.pair_window_s, cap, now);
+  return b.tokens;
+}
+
 void AdmissionControl::fetched(const std::string& master, const std::string& slave,
                                double keys, Clock::time_point now) {
   std::lock_guard lock(mu_);

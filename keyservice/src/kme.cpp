@@ -115,7 +115,37 @@ struct Kme::Impl {
   std::string render_metrics() const {
     StoreStats st = store->stats();
     st.waiting_by_pair = store->waiting_by_pair();
-    return metrics->render(st, link->stats());
+    // Every pair whose keys can wait here has a series, 0 when none waits: the peer's SAEs
+    // as masters of this KME's, and this KME's SAEs among themselves (multicast here).
+    Metrics::BudgetLevels budgets;
+    const auto now = std::chrono::steady_clock::now();
+    for (const auto& slave : config.saes) {
+      for (const auto& master : config.link.peer_saes) {
+        st.waiting_by_pair.try_emplace({master, slave}, 0);
+      }
+      for (const auto& master : config.saes) {
+        if (master != slave) {
+          st.waiting_by_pair.try_emplace({master, slave}, 0);
+        }
+      }
+    }
+    for (const auto& master : config.saes) {
+      if (auto v = admission->sae_level(master, now)) {
+        budgets.sae.emplace_back(master, *v);
+      }
+      auto pair = [&](const std::string& slave) {
+        if (auto v = admission->pair_level(master, slave, now)) {
+          budgets.pair.push_back({{master, slave}, *v});
+        }
+      };
+      std::for_each(config.link.peer_saes.begin(), config.link.peer_saes.end(), pair);
+      for (const auto& slave : config.saes) {
+        if (slave != master) {
+          pair(slave);
+        }
+      }
+    }
+    return metrics->render(st, link->stats(), budgets);
   }
 
   std::mutex mu;

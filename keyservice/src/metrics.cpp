@@ -98,7 +98,8 @@ void Metrics::add_admission_refusal(std::string_view budget, const std::string& 
   ++refusals_[{std::string(budget), master}];
 }
 
-std::string Metrics::render(const StoreStats& store, const LinkStats& link) const {
+std::string Metrics::render(const StoreStats& store, const LinkStats& link,
+                            const BudgetLevels& budgets) const {
   std::string out;
   out.reserve(8192);
   auto o = std::back_inserter(out);
@@ -140,6 +141,22 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link) cons
   for (const auto& [pair, n] : store.waiting_by_pair) {
     fmt::format_to(o, "qkd_kms_pair_keys_waiting{{master_sae=\"{}\",slave_sae=\"{}\"}} {}\n",
                    escape_label_value(pair.first), escape_label_value(pair.second), n);
+  }
+  if (!budgets.sae.empty() || !budgets.pair.empty()) {
+    header(out, "qkd_kms_admission_budget_keys", "gauge",
+           "Admission tokens left now (keys of keys.key_size): budget=\"sae\" per calling "
+           "master SAE, \"pair\" per (master, slave) pair (keys it may still be given before "
+           "its slave fetches some).");
+    for (const auto& [sae, v] : budgets.sae) {
+      fmt::format_to(o, "qkd_kms_admission_budget_keys{{budget=\"sae\",master_sae=\"{}\"}} {}\n",
+                     escape_label_value(sae), v);
+    }
+    for (const auto& [pair, v] : budgets.pair) {
+      fmt::format_to(o,
+                     "qkd_kms_admission_budget_keys{{budget=\"pair\",master_sae=\"{}\","
+                     "slave_sae=\"{}\"}} {}\n",
+                     escape_label_value(pair.first), escape_label_value(pair.second), v);
+    }
   }
   header(out, "qkd_kms_pending_notices", "gauge",
          "Peer key-assignment notices waiting for key bytes not committed here yet.");

@@ -221,6 +221,16 @@ TEST(OpsTest, MetricsScrapeIsValidAndCountersMove) {
     waiting = at(qkd::test::parse_exposition(again->body), pair_waiting);
   }
   EXPECT_EQ(waiting, 2.0);
+  // Every pair that can have keys waiting has its series, 0 while none does.
+  EXPECT_EQ(at(e2, "qkd_kms_pair_keys_waiting{master_sae=\"bob\",slave_sae=\"alice\"}"), 0.0);
+  // Admission budgets left, per master SAE and per pair (defaults: burst 10000, pair 2500).
+  const double sae_left = at(e2, "qkd_kms_admission_budget_keys{budget=\"sae\",master_sae=\"alice\"}");
+  EXPECT_GE(sae_left, 0.0);
+  EXPECT_LE(sae_left, 10000.0);
+  const double pair_left = at(e2,
+      "qkd_kms_admission_budget_keys{budget=\"pair\",master_sae=\"alice\",slave_sae=\"bob\"}");
+  EXPECT_GE(pair_left, 0.0);
+  EXPECT_LE(pair_left, 2500.0);
 
   // A certificate whose CN is not one of the KME's SAEs: 401, as for /health.
   auto m = net->client(net->alice(), "mallory").get("/metrics");

@@ -82,6 +82,10 @@ class AdmissionControl {
   // admission.sae_waiting_dec_keys places, or is refused; leave_wait() gives it back.
   [[nodiscard]] std::optional<Refusal> enter_wait(const std::string& sae);
   void leave_wait(const std::string& sae);
+  // The tokens (keys) a bucket holds now, for /metrics; nullopt when that budget is off.
+  [[nodiscard]] std::optional<double> sae_level(const std::string& master, Clock::time_point now);
+  [[nodiscard]] std::optional<double> pair_level(const std::string& master,
+                                                 const std::string& slave, Clock::time_point now);
   // Returns `keys` tokens to the (master, slave) bucket only: the slave has fetched them.
   void fetched(const std::string& master, const std::string& slave, double keys,
                Clock::time_point now);

@@ -38,8 +38,15 @@ class Metrics {
   // An enc_keys request refused by admission control ("sae" or "pair" budget).
   void add_admission_refusal(std::string_view budget, const std::string& master);
 
-  // The whole exposition, with the pool and link figures given.
-  [[nodiscard]] std::string render(const StoreStats& store, const LinkStats& link) const;
+  // Admission budgets left now (keys of key_size): per master SAE, per (master, slave).
+  struct BudgetLevels {
+    std::vector<std::pair<std::string, double>> sae;
+    std::vector<std::pair<std::pair<std::string, std::string>, double>> pair;
+  };
+
+  // The whole exposition, with the pool, link and budget figures given.
+  [[nodiscard]] std::string render(const StoreStats& store, const LinkStats& link,
+                                   const BudgetLevels& budgets = {}) const;
 
   static constexpr std::string_view kContentType = "text/plain; version=0.0.4; charset=utf-8";
 
