@@ -1,5 +1,6 @@
 // ETSI GS QKD 014 handlers: (caller SAE ID, request) -> response, over the key store.
 #include <fmt/format.h>
+#include <openssl/crypto.h>
 
 #include <algorithm>
 #include <nlohmann/json.hpp>
@@ -22,12 +23,28 @@ bool contains(const std::vector<std::string>& v, const std::string& s) {
 
 ApiResponse json_response(const json& j) { return ApiResponse{200, dump_json(j)}; }
 
-json key_container(const std::vector<DeliveredKey>& keys) {
-  json arr = json::array();
+// The Key container, written into one buffer reserved up front: no JSON tree and no
+// growing string leave copies of key bytes in freed memory (the body itself is cleansed
+// when its response is freed, https_server.cpp). Members in the order nlohmann writes them.
+std::string key_container(const std::vector<DeliveredKey>& keys) {
+  std::size_t size = 16;
   for (const auto& k : keys) {
-    arr.push_back({{"key_ID", k.key_id}, {"key", base64_encode(k.key.span())}});
+    size += 4 * ((k.key.size() + 2) / 3) + 6 * k.key_id.size() + 32;
   }
-  return json{{"keys", std::move(arr)}};
+  std::string out;
+  out.reserve(size);
+  out += R"({"keys":[)";
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    out += i == 0 ? R"({"key":")" : R"(,{"key":")";
+    std::string b64 = base64_encode(keys[i].key.span());
+    out += b64;
+    OPENSSL_cleanse(b64.data(), b64.size());
+    out += R"(","key_ID":)";
+    out += dump_json(json(keys[i].key_id));  // escaped, should a peer's key_ID need it
+    out += '}';
+  }
+  out += "]}";
+  return out;
 }
 
 // The Key container (or the error) together with the write it must wait for: a failure to
@@ -36,7 +53,7 @@ ApiResponse keys_response(const Result<std::vector<DeliveredKey>>& keys,
                           KeyStore::PendingWrite pending) {
   ApiResponse resp;
   try {
-    resp = keys.ok() ? json_response(key_container(keys.value())) : error_response(keys.error());
+    resp = keys.ok() ? ApiResponse{200, key_container(keys.value())} : error_response(keys.error());
   } catch (const std::exception& e) {
     resp = error_response(503, fmt::format("internal error: {}", e.what()));
   }

@@ -1316,8 +1316,18 @@ Result<std::unique_ptr<KeyStore>> make_sqlite_key_store(Direction own, const std
 }
 
 Result<qkd::core::SecureBytes> read_node_key_file(const std::string& path) {
+  // Checked and read through one descriptor: the file checked is the file read.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("node key file {}: {}", path, std::strerror(errno)));
+  }
+  struct FdCloser {
+    int fd;
+    ~FdCloser() { ::close(fd); }
+  } closer{fd};
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
+  if (::fstat(fd, &st) != 0) {
     return make_error(ErrorCode::kInvalidArgument,
                       fmt::format("node key file {}: {}", path, std::strerror(errno)));
   }
@@ -1331,14 +1341,23 @@ Result<qkd::core::SecureBytes> read_node_key_file(const std::string& path) {
                                   "(chmod 600), its mode is {:o}",
                                   path, st.st_mode & 07777));
   }
-  std::ifstream f(path, std::ios::binary);
-  if (!f) {
-    return make_error(ErrorCode::kInvalidArgument,
-                      fmt::format("node key file {}: cannot read", path));
-  }
   qkd::core::SecureBytes raw(65);
-  f.read(reinterpret_cast<char*>(raw.data()), static_cast<std::streamsize>(raw.size()));
-  raw.resize(static_cast<std::size_t>(f.gcount()));
+  std::size_t got = 0;
+  while (got < raw.size()) {
+    const ssize_t n = ::read(fd, raw.data() + got, raw.size() - got);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      return make_error(ErrorCode::kInvalidArgument,
+                        fmt::format("node key file {}: cannot read: {}", path, std::strerror(errno)));
+    }
+    if (n == 0) {
+      break;
+    }
+    got += static_cast<std::size_t>(n);
+  }
+  raw.resize(got);
   if (raw.size() == 32) {
     return raw;
   }
