@@ -167,12 +167,13 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   if (c.store.enabled) {
     auto node_key = read_node_key_file(c.store.node_key_file.string());
     if (!node_key.ok()) {
-      return node_key.error();
+      return qkd::core::Error{node_key.error().code,
+                              "store.node_key_file: " + node_key.error().message};
     }
     auto store = make_sqlite_key_store(own, c.store.path.string(), node_key->span(),
                                        c.store.synchronous_full);
     if (!store.ok()) {
-      return store.error();
+      return qkd::core::Error{store.error().code, "store.path: " + store.error().message};
     }
     im.store = std::move(store.value());
     im.store->set_prepared_keys(c.store.prepared_keys);

@@ -80,14 +80,16 @@ int run(int argc, char** argv) {
     return 1;
   }
 
+  // Errors found only now (a database sealed under another node key, a port in use) name
+  // the field; the file is the config's.
   auto kme = qkd::kms::Kme::create(std::move(config.value()));
   if (!kme.ok()) {
-    spdlog::critical("{}", kme.error().message);
+    spdlog::critical("{}: {}", config_file, kme.error().message);
     return 1;
   }
   auto ports = kme.value()->start();
   if (!ports.ok()) {
-    spdlog::critical("{}", ports.error().message);
+    spdlog::critical("{}: {}", config_file, ports.error().message);
     kme.value()->stop();
     return 1;
   }

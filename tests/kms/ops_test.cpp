@@ -332,6 +332,26 @@ TEST(OpsTest, LockMemoryLocksTheKmesPages) {
   EXPECT_EQ(locked_kb(net->bob().pid), 0);
 }
 
+// An error found only at start-up names the config file and the field: here alice-kme's
+// node key file was replaced, so its database no longer opens (and nothing is touched).
+TEST(OpsTest, AStoreUnderAnotherNodeKeyIsRefusedNamingFileAndField) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  auto net = qkd::test::start_network_with_keys(o, 4);
+  ASSERT_TRUE(net);
+  net->stop_kme("alice-kme");
+  {
+    std::ofstream key(net->dir() / "alice-kme.node.key", std::ios::trunc);
+    key << std::string(64, 'c') << "\n";
+  }
+  auto started = net->start_kme("alice-kme");
+  ASSERT_FALSE(started.ok()) << "alice-kme started with another node key";
+  const std::string log = net->log_tail(net->alice(), 50);
+  EXPECT_NE(log.find(net->alice().config_file.string() + ": store.path:"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("different node key"), std::string::npos) << log;
+}
+
 TEST(OpsTest, JsonLogLinesAreObjects) {
   KmeNetworkOptions o;
   o.log_level = "debug";
