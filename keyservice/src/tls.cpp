@@ -50,6 +50,18 @@ std::shared_ptr<asio::ssl::context> build(const ApiConfig& api, TlsRole role,
     }
   }
   ctx->set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
+  if (role != TlsRole::kClient) {
+    // A server that verifies client certificates must name its session context, or OpenSSL
+    // fails every resumption (TLS 1.2 session IDs, 1.3 tickets) with an internal error. A
+    // resumed session carries the certificate it was verified with: the caller is the same.
+    static constexpr unsigned char kSessionContext[] = "qkd-kms";
+    if (SSL_CTX_set_session_id_context(ctx->native_handle(), kSessionContext,
+                                       sizeof kSessionContext - 1) != 1) {
+      failed = TlsFileError{"(TLS)", "cannot set the session context"};
+      return nullptr;
+    }
+    SSL_CTX_set_options(ctx->native_handle(), SSL_OP_NO_RENEGOTIATION);
+  }
   return ctx;
 }
 

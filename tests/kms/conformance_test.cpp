@@ -159,6 +159,41 @@ TEST_F(Etsi014, Tls12ClientIsServed) {
   EXPECT_FALSE(no_cert.get("/api/v1/keys/bob/status").ok());
 }
 
+// An SAE that resumes its TLS session (TLS 1.2 session IDs, TLS 1.3 tickets; most client
+// stacks do by default) is served on the resumed session. Checked with the real `openssl
+// s_client`: the second connection reuses the first one's session and gets a status.
+TEST_F(Etsi014, ResumedTlsSessionsAreServed) {
+  const qkd::test::TlsIdentity id = net_->sae("alice");
+  const auto sess = net_->dir() / "alice.sess";
+  for (const char* version : {"-tls1_2", "-tls1_3"}) {
+    SCOPED_TRACE(version);
+    std::filesystem::remove(sess);
+    auto run = [&](const std::string& sess_arg) {
+      const std::string cmd = fmt::format(
+          "printf 'GET /api/v1/keys/bob/status HTTP/1.1\r\nHost: x\r\nConnection: "
+          "close\r\n\r\n' | timeout 20 openssl s_client -connect 127.0.0.1:{} {} -cert '{}' "
+          "-key '{}' -CAfile '{}' -ign_eof {} 2>&1",
+          net_->alice().api_port, version, id.cert_file, id.key_file, id.ca_file, sess_arg);
+      std::string out;
+      FILE* p = ::popen(cmd.c_str(), "r");
+      if (p == nullptr) {
+        return out;
+      }
+      char buf[1024];
+      while (std::fgets(buf, sizeof buf, p) != nullptr) {
+        out += buf;
+      }
+      ::pclose(p);
+      return out;
+    };
+    const std::string first = run("-sess_out '" + sess.string() + "'");
+    ASSERT_NE(first.find("HTTP/1.1 200"), std::string::npos) << first;
+    const std::string second = run("-sess_in '" + sess.string() + "'");
+    EXPECT_NE(second.find("Reused,"), std::string::npos) << second;
+    EXPECT_NE(second.find("HTTP/1.1 200"), std::string::npos) << second;
+  }
+}
+
 // "Transport and authentication" / "Status codes": the caller's SAE ID comes from its
 // certificate; an SAE this KME does not serve gets 401 on every route.
 TEST_F(Etsi014, UnknownSaeCertificateIs401OnEveryRoute) {
