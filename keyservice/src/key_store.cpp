@@ -739,6 +739,12 @@ class JournaledStore final : public KeyStore {
     }
   }
 
+  bool delivered_any(const std::vector<std::string>& key_ids) const override {
+    std::lock_guard lock(mu_);
+    return std::any_of(key_ids.begin(), key_ids.end(),
+                       [&](const std::string& id) { return used_ids_.contains(id); });
+  }
+
   bool knows_all(const std::vector<std::string>& key_ids) const override {
     std::lock_guard lock(mu_);
     return std::all_of(key_ids.begin(), key_ids.end(), [&](const std::string& id) {

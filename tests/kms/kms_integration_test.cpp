@@ -616,7 +616,7 @@ TEST(KmsNetworkSpecial, GarbageAndForeignPeersDoNotHurt) {
 // still served, and enc_keys works again once the link is back.
 TEST(KmsNetworkSpecial, PeerKmeUnreachableIs503) {
   KmeNetworkOptions o;
-  o.dec_wait_ms = 300;
+  o.dec_wait_ms = 5000;  // not waited for while the link is down: no notice can come
   auto net = start_network(o, 8);
   ASSERT_NE(net, nullptr);
   auto alice = net->client(net->alice(), "alice");
@@ -645,11 +645,17 @@ TEST(KmsNetworkSpecial, PeerKmeUnreachableIs503) {
   EXPECT_NE(message_of(*enc).find("peer KME unreachable"), std::string::npos) << enc->body;
   EXPECT_EQ(enc->retry_after, "1");
   EXPECT_EQ(stored(), before);  // nothing consumed
-  auto unknown =
-      alice.get("/api/v1/keys/bob/dec_keys?key_ID=3f2504e0-4f89-41d3-9a0c-0305e82c3301");
+  const std::string unknown_id = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
+  const auto t0 = std::chrono::steady_clock::now();
+  auto unknown = alice.get("/api/v1/keys/bob/dec_keys?key_ID=" + unknown_id);
   ASSERT_TRUE(unknown.ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2500ms) << "it waited for a notice";
   EXPECT_EQ(unknown->status, 503u) << unknown->body;
   EXPECT_NE(message_of(*unknown).find("peer KME unreachable"), std::string::npos);
+  // With a key_ID delivered already among them: 400, whatever the link.
+  auto mixed = alice.post("/api/v1/keys/bob/dec_keys", dec_body({ids.begin()->first, unknown_id}));
+  ASSERT_TRUE(mixed.ok());
+  EXPECT_EQ(mixed->status, 400u) << mixed->body;
   // Known here: served (the second key), or still one use (the first).
   auto second = alice.get("/api/v1/keys/bob/dec_keys?key_ID=" + std::next(ids.begin())->first);
   ASSERT_TRUE(second.ok());

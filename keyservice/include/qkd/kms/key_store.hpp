@@ -251,6 +251,8 @@ class KeyStore {
   // here or known to be delivered or expired. (A durable store still writes its commit:
   // see PendingWrite.)
   [[nodiscard]] virtual bool knows_all(const std::vector<std::string>& key_ids) const = 0;
+  // Whether one of `key_ids` was delivered here already (remembered as used).
+  [[nodiscard]] virtual bool delivered_any(const std::vector<std::string>& key_ids) const = 0;
 
   // Why the store serves no key any more (a durable write failed), or empty while it works.
   [[nodiscard]] virtual std::string failure() const { return {}; }
