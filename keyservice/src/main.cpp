@@ -8,6 +8,7 @@
 // Config format: see examples/alice-kme.json and qkd/kms/config.hpp.
 #include <spdlog/spdlog.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -24,6 +25,20 @@
 #include "qkd/kms/logging.hpp"
 
 namespace {
+
+// Whether the effective capabilities hold CAP_IPC_LOCK (bit 14 of CapEff in
+// /proc/self/status), which lifts RLIMIT_MEMLOCK.
+bool has_cap_ipc_lock() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("CapEff:", 0) == 0) {
+      const std::uint64_t caps = std::stoull(line.substr(7), nullptr, 16);
+      return (caps >> 14) & 1u;
+    }
+  }
+  return false;
+}
 
 // Writes `text` to `path` atomically (temporary file in the same directory, then rename).
 bool write_atomically(const std::filesystem::path& path, const std::string& text) {
@@ -71,13 +86,27 @@ int run(int argc, char** argv) {
   }
 
   qkd::kms::setup_logging(config.value());
-  // Before any key exists: every page the process has or maps later stays in RAM (locked as
-  // it is first touched, so thread stacks and reserves cost only what they use).
-  if (config->lock_memory && ::mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0) {
-    spdlog::critical("{}: lock_memory: cannot lock the process's memory: {} (raise "
-                     "LimitMEMLOCK / RLIMIT_MEMLOCK, or grant CAP_IPC_LOCK)",
-                     config->source, std::strerror(errno));
-    return 1;
+  // Before the KME starts (the link's PSK is the only secret in memory yet): every page the
+  // process has or maps later stays in RAM, locked as it is first touched. Every later
+  // mapping counts in full against RLIMIT_MEMLOCK, so a finite limit would make thread or
+  // arena creation fail mid-run: refused unless the limit is unbounded or CAP_IPC_LOCK
+  // lifts it.
+  if (config->lock_memory) {
+    rlimit lim{};
+    const bool unbounded =
+        (::getrlimit(RLIMIT_MEMLOCK, &lim) == 0 && lim.rlim_cur == RLIM_INFINITY) ||
+        has_cap_ipc_lock();
+    if (!unbounded) {
+      spdlog::critical("{}: lock_memory: RLIMIT_MEMLOCK is bounded and the process lacks "
+                       "CAP_IPC_LOCK (set LimitMEMLOCK=infinity, or grant CAP_IPC_LOCK)",
+                       config->source);
+      return 1;
+    }
+    if (::mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0) {
+      spdlog::critical("{}: lock_memory: cannot lock the process's memory: {}", config->source,
+                       std::strerror(errno));
+      return 1;
+    }
   }
 
   // Errors found only now (a database sealed under another node key, a port in use) name

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -310,10 +311,15 @@ TEST(OpsTest, DurableStoreCommitsAreTimed) {
 
 // log_format "json": every line the daemon writes is one JSON object with its time (UTC),
 // KME, level, thread and message, at every level used (debug here), and no key is in it.
-// lock_memory: the KME locks its pages (mlockall) before any key exists, so none reaches
-// swap; a KME without it locks nothing. (Refusing to start when it cannot lock is not
-// tested here: the tests run with CAP_IPC_LOCK.)
+// lock_memory: the KME locks its pages (mlockall) before it starts, so no key reaches swap;
+// a KME without it locks nothing. Where it could not keep every later page locked (a
+// bounded RLIMIT_MEMLOCK and no CAP_IPC_LOCK) it refuses to start.
 TEST(OpsTest, LockMemoryLocksTheKmesPages) {
+  rlimit lim{};
+  ASSERT_EQ(::getrlimit(RLIMIT_MEMLOCK, &lim), 0);
+  if (lim.rlim_cur != RLIM_INFINITY && ::geteuid() != 0) {
+    GTEST_SKIP() << "RLIMIT_MEMLOCK is bounded and the tests do not run as root";
+  }
   KmeNetworkOptions o;
   o.customize = [](json& alice, json&) { alice["lock_memory"] = true; };
   auto net = qkd::test::start_network_with_keys(o, 4);
@@ -330,6 +336,25 @@ TEST(OpsTest, LockMemoryLocksTheKmesPages) {
   };
   EXPECT_GT(locked_kb(net->alice().pid), 0) << "alice-kme locked nothing";
   EXPECT_EQ(locked_kb(net->bob().pid), 0);
+
+  // The same config under a bounded limit and without CAP_IPC_LOCK: refused at start.
+  if (std::system("command -v setpriv >/dev/null && command -v prlimit >/dev/null") != 0) {
+    GTEST_SKIP() << "no setpriv/prlimit (util-linux) to drop CAP_IPC_LOCK";
+  }
+  const std::string cmd = fmt::format(
+      "setpriv --inh-caps=-ipc_lock --bounding-set=-ipc_lock prlimit --memlock=65536 '{}' "
+      "--config '{}' 2>&1",
+      qkd::test::kms_binary(), net->alice().config_file.string());
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  char buf[512];
+  while (std::fgets(buf, sizeof buf, p) != nullptr) {
+    out += buf;
+  }
+  const int st = ::pclose(p);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1) << out;
+  EXPECT_NE(out.find("lock_memory: RLIMIT_MEMLOCK is bounded"), std::string::npos) << out;
 }
 
 // An error found only at start-up names the config file and the field: here alice-kme's
