@@ -2,11 +2,17 @@
 #include "qkd/kms/config.hpp"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <netinet/in.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -411,36 +417,53 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
     // A regular file of a few bytes: a device or a pipe named by mistake (/dev/zero) must
     // get an error, not a read that never ends.
     constexpr std::size_t kMaxPskFileBytes = 4096;
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(path, ec)) {
+    // Checked and read through one descriptor (the file checked is the file read), into a
+    // buffer cleansed however this ends.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+      fail(r.field("psk_file"), fmt::format("cannot read {}: {}", path.string(),
+                                            std::strerror(errno)));
+    }
+    struct FdCloser {
+      int fd;
+      ~FdCloser() { ::close(fd); }
+    } closer{fd};
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
       fail(r.field("psk_file"), fmt::format("{} is not a readable regular file", path.string()));
     }
     // A secret as the store's node key is: refused when others may read it.
-    using std::filesystem::perms;
-    const perms p = std::filesystem::status(path, ec).permissions();
-    if ((p & (perms::group_all | perms::others_all)) != perms::none) {
+    if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
       fail(r.field("psk_file"),
            fmt::format("{} must be accessible by its owner only (chmod 600), its mode is {:o}",
-                       path.string(), static_cast<unsigned>(p) & 0777u));
+                       path.string(), st.st_mode & 0777u));
     }
-    std::ifstream f(path, std::ios::binary);
-    if (!f) {
-      fail(r.field("psk_file"), fmt::format("cannot read {}", path.string()));
+    qkd::core::SecureBytes text(kMaxPskFileBytes + 1);
+    std::size_t got = 0;
+    for (;;) {
+      const ssize_t n = ::read(fd, text.data() + got, text.size() - got);
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n < 0) {
+        fail(r.field("psk_file"), fmt::format("cannot read {}: {}", path.string(),
+                                              std::strerror(errno)));
+      }
+      got += static_cast<std::size_t>(n);
+      if (n == 0 || got == text.size()) {
+        break;
+      }
     }
-    std::string text(kMaxPskFileBytes + 1, '\0');
-    f.read(text.data(), static_cast<std::streamsize>(text.size()));
-    text.resize(static_cast<std::size_t>(f.gcount()));
-    if (text.size() > kMaxPskFileBytes) {
-      std::fill(text.begin(), text.end(), '\0');
+    if (got > kMaxPskFileBytes) {
       fail(r.field("psk_file"),
            fmt::format("{} is longer than {} bytes (a hex key is 64 digits)", path.string(),
                        kMaxPskFileBytes));
     }
-    while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) {
-      text.pop_back();
+    while (got > 0 && std::isspace(text.data()[got - 1])) {
+      --got;
     }
-    l.psk = parse_psk_hex(r.field("psk_file"), text);
-    std::fill(text.begin(), text.end(), '\0');
+    l.psk = parse_psk_hex(r.field("psk_file"),
+                          std::string_view(reinterpret_cast<const char*>(text.data()), got));
   }
   (void)check_files;
   r.optional_uint("notice_delay_ms", l.notice_delay_ms, 0, 60'000);

@@ -1336,6 +1336,8 @@ class JournaledStore final : public KeyStore {
     if (owners.empty()) {
       return 0;
     }
+    // The slaves as a set: the same slaves named in another order are one entry.
+    std::sort(owners.begin() + 1, owners.end());
     if (auto it = owner_index_.find(owners); it != owner_index_.end()) {
       return it->second;
     }

@@ -446,18 +446,25 @@ TEST(KmsNetworkSpecial, DecKeysWaitsForANoticeStillInFlight) {
 // the key: the link runs on until the requests in progress are answered.
 TEST(KmsNetworkSpecial, DecKeysWaitingAtSigtermStillGetsItsNotice) {
   KmeNetworkOptions o;
-  o.dec_wait_ms = 3000;
-  o.customize = [](json& a, json&) { a["link"]["notice_delay_ms"] = 800; };
+  o.dec_wait_ms = 6000;
+  o.customize = [](json& a, json&) { a["link"]["notice_delay_ms"] = 2000; };
   auto net = start_network(o, 8);
   ASSERT_NE(net, nullptr);
   auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
   ASSERT_EQ(enc->status, 200u) << enc->body;
   const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first;
   std::optional<qkd::core::Result<HttpResponse>> dec;
-  std::thread waiter([&] { dec = net->client(net->bob(), "bob").get(target); });
-  std::this_thread::sleep_for(200ms);  // the dec_keys waits for the notice (800 ms)
+  const auto t0 = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::duration took{};
+  std::thread waiter([&] {
+    dec = net->client(net->bob(), "bob").get(target);
+    took = std::chrono::steady_clock::now() - t0;
+  });
+  std::this_thread::sleep_for(700ms);  // the dec_keys waits for the notice (2 s)
+  const auto stopping_at = std::chrono::steady_clock::now() - t0;
   net->stop_kme("bob-kme");
   waiter.join();
+  EXPECT_GT(took, stopping_at) << "the dec_keys was answered before the stop began";
   ASSERT_TRUE(dec.has_value());
   ASSERT_TRUE(dec->ok()) << dec->error().message;
   EXPECT_EQ((*dec)->status, 200u) << (*dec)->body;
