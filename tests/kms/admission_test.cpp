@@ -347,30 +347,7 @@ TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
 // Budgets count keys of keys.key_size bits (256 here): a larger key takes more tokens, and
 // its fetch at the peer KME gives back as many (the fetch report carries bits). (The pair
 // budget, with a window of an hour, refills too slowly to make the test depend on time.)
-TEST(AdmissionTest, LargerKeysSpendTheBudgetsBySize) {
-  KmeNetworkOptions o;
-  o.max_key_per_request = 10;
-  o.customize = [](json& alice, json&) {
-    alice["admission"] = {{"sae_keys_per_s", 0},
-                          {"pair_keys_per_window", 16},
-                          {"pair_window_s", 3600}};
-  };
-  auto net = qkd::test::start_network_with_keys(o, 100);
-  ASSERT_TRUE(net);
-  const auto alice = net->client(net->alice(), "alice");
-  auto enc = [&](const std::string& query) {
-    auto r = alice.get("/api/v1/keys/bob/enc_keys" + query);
-    EXPECT_TRUE(r.ok()) << r.error().message;
-    return r.ok() ? *r : HttpResponse{};
-  };
-  const HttpResponse big = enc("?number=4&size=1024");  // 16 keys of 256 bits: the burst
-  ASSERT_EQ(big.status, 200u) << big.body;
-  const HttpResponse small = enc("?number=1");
-  EXPECT_EQ(small.status, 503u) << "four 1024-bit keys cost 4 tokens only: " << small.body;
-  EXPECT_NE(message_of(small).find("\"alice\" -> \"bob\""), std::string::npos) << small.body;
-}
-
-TEST(AdmissionTest, FetchedLargerKeysGiveTheirSizeBack) {
+TEST(AdmissionTest, LargerKeysCostTheirSizeAndTheirFetchGivesItBack) {
   KmeNetworkOptions o;
   o.max_key_per_request = 10;
   o.customize = [](json& alice, json&) {
@@ -389,7 +366,9 @@ TEST(AdmissionTest, FetchedLargerKeysGiveTheirSizeBack) {
   };
   const HttpResponse big = enc("?number=2&size=2048");  // 16 tokens: the whole budget
   ASSERT_EQ(big.status, 200u) << big.body;
-  ASSERT_EQ(enc("?number=1").status, 503u) << "the pair budget is 16 keys of 256 bits";
+  const HttpResponse small = enc("?number=1");
+  ASSERT_EQ(small.status, 503u) << "two 2048-bit keys cost 2 tokens only: " << small.body;
+  EXPECT_NE(message_of(small).find("\"alice\" -> \"bob\""), std::string::npos) << small.body;
   // Bob fetches one 2048-bit key: 8 tokens come back (not 1).
   const json j = big.json();
   const std::string id = j.at("keys").at(0).at("key_ID").get<std::string>();

@@ -442,17 +442,34 @@ TEST(KmsNetworkSpecial, DecKeysWaitsForANoticeStillInFlight) {
   EXPECT_GE(waited, 400ms);  // it really waited for the notice
 }
 
+// A network whose alice-kme sends its notices `delay_ms` late, and one key enc_keys gave
+// alice: `enc` and the dec_keys target for it at bob-kme.
+struct LateNotice {
+  std::unique_ptr<KmeNetwork> net;
+  HttpResponse enc;
+  std::string target;
+};
+void start_with_a_late_notice(std::uint32_t dec_wait_ms, int delay_ms, LateNotice& out) {
+  KmeNetworkOptions o;
+  o.dec_wait_ms = dec_wait_ms;
+  o.customize = [delay_ms](json& a, json&) { a["link"]["notice_delay_ms"] = delay_ms; };
+  out.net = start_network(o, 8);
+  ASSERT_NE(out.net, nullptr);
+  auto enc = out.net->client(out.net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
+  ASSERT_TRUE(enc.ok()) << enc.error().message;
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  out.enc = *enc;
+  out.target = "/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(out.enc).begin()->first;
+}
+
 // A dec_keys waiting for its key's notice when its KME is told to stop (SIGTERM) still gets
 // the key: the link runs on until the requests in progress are answered.
 TEST(KmsNetworkSpecial, DecKeysWaitingAtSigtermStillGetsItsNotice) {
-  KmeNetworkOptions o;
-  o.dec_wait_ms = 6000;
-  o.customize = [](json& a, json&) { a["link"]["notice_delay_ms"] = 2000; };
-  auto net = start_network(o, 8);
-  ASSERT_NE(net, nullptr);
-  auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
-  ASSERT_EQ(enc->status, 200u) << enc->body;
-  const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first;
+  LateNotice ln;
+  ASSERT_NO_FATAL_FAILURE(start_with_a_late_notice(6000, 2000, ln));
+  auto& net = ln.net;
+  const auto& enc = ln.enc;
+  const std::string& target = ln.target;
   std::optional<qkd::core::Result<HttpResponse>> dec;
   const auto t0 = std::chrono::steady_clock::now();
   std::chrono::steady_clock::duration took{};
@@ -468,18 +485,15 @@ TEST(KmsNetworkSpecial, DecKeysWaitingAtSigtermStillGetsItsNotice) {
   ASSERT_TRUE(dec.has_value());
   ASSERT_TRUE(dec->ok()) << dec->error().message;
   EXPECT_EQ((*dec)->status, 200u) << (*dec)->body;
-  EXPECT_EQ(keys_of(**dec), keys_of(*enc));
+  EXPECT_EQ(keys_of(**dec), keys_of(enc));
 }
 
 TEST(KmsNetworkSpecial, DecKeysWaitIsBounded) {
-  KmeNetworkOptions o;
-  o.dec_wait_ms = 200;
-  o.customize = [](json& a, json&) { a["link"]["notice_delay_ms"] = 1500; };
-  auto net = start_network(o, 8);
-  ASSERT_NE(net, nullptr);
-  auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
-  ASSERT_EQ(enc->status, 200u) << enc->body;
-  const std::string target = "/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*enc).begin()->first;
+  LateNotice ln;
+  ASSERT_NO_FATAL_FAILURE(start_with_a_late_notice(200, 1500, ln));
+  auto& net = ln.net;
+  const auto& enc = ln.enc;
+  const std::string& target = ln.target;
   auto bob = net->client(net->bob(), "bob");
   const auto t0 = std::chrono::steady_clock::now();
   auto early = bob.get(target);
@@ -493,7 +507,7 @@ TEST(KmsNetworkSpecial, DecKeysWaitIsBounded) {
   std::this_thread::sleep_for(1600ms);
   auto late = bob.get(target);
   ASSERT_EQ(late->status, 200u) << late->body;
-  EXPECT_EQ(keys_of(*late), keys_of(*enc));
+  EXPECT_EQ(keys_of(*late), keys_of(enc));
 }
 
 TEST(KmsNetworkSpecial, MoreKeyThanStoredIs503) {

@@ -89,12 +89,17 @@ TEST(OpsConfigTest, ErrorsNameTheField) {
   EXPECT_EQ(parse_error(j), "t.json: metrics.port: unknown key");
 }
 
-TEST(AdmissionControlTest, SaeBucketRefusesRefillsAndRefunds) {
+// A per-SAE budget only: 10 keys/s, burst 20.
+AdmissionConfig sae_budget_only() {
   AdmissionConfig cfg;
   cfg.sae_keys_per_s = 10;
   cfg.sae_burst = 20;
   cfg.pair_keys_per_window = 0;
-  AdmissionControl ac(cfg);
+  return cfg;
+}
+
+TEST(AdmissionControlTest, SaeBucketRefusesRefillsAndRefunds) {
+  AdmissionControl ac(sae_budget_only());
   const auto t0 = AdmissionControl::Clock::time_point{} + 1000s;
   EXPECT_FALSE(ac.admit("a", {"b"}, 15, t0));
   auto r = ac.admit("a", {"b"}, 10, t0);
@@ -113,11 +118,7 @@ TEST(AdmissionControlTest, SaeBucketRefusesRefillsAndRefunds) {
 // Tokens count keys of keys.key_size (fractions for smaller keys); a request that costs
 // more than a full bucket waits for a full bucket and empties it (it can pass in time).
 TEST(AdmissionControlTest, RequestsLargerThanTheBucketTakeAFullBucket) {
-  AdmissionConfig cfg;
-  cfg.sae_keys_per_s = 10;
-  cfg.sae_burst = 20;
-  cfg.pair_keys_per_window = 0;
-  AdmissionControl ac(cfg);
+  AdmissionControl ac(sae_budget_only());
   const auto t0 = AdmissionControl::Clock::time_point{} + 1000s;
   EXPECT_FALSE(ac.admit("a", {"b"}, 0.5, t0));
   auto r = ac.admit("a", {"b"}, 64, t0);  // 19.5 left: not a full bucket
