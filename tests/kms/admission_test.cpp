@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -80,6 +81,32 @@ json read_json(const std::filesystem::path& p) {
   std::stringstream ss;
   ss << f.rdbuf();
   return json::parse(ss.str());
+}
+
+// Options with alice-kme's per-pair budget only: `keys` keys outstanding per pair over a
+// window of an hour (no refill within a test), 10 keys per request at most.
+KmeNetworkOptions pair_budget_only(int keys) {
+  KmeNetworkOptions o;
+  o.max_key_per_request = 10;
+  o.customize = [keys](json& alice, json&) {
+    alice["admission"] = {
+        {"sae_keys_per_s", 0}, {"pair_keys_per_window", keys}, {"pair_window_s", 3600}};
+  };
+  return o;
+}
+
+// Asks `enc` again (every 100 ms, for 5 s) until it is served, as once a fetch report gave
+// budget back; every other answer must be the budget's 503. The served response, if any.
+std::optional<HttpResponse> served_once_budget_is_back(const std::function<HttpResponse()>& enc) {
+  for (int i = 0; i < 50; ++i) {
+    std::this_thread::sleep_for(100ms);
+    HttpResponse r = enc();
+    if (r.status == 200) {
+      return r;
+    }
+    EXPECT_EQ(r.status, 503u) << r.body;
+  }
+  return std::nullopt;
 }
 
 // Per-SAE budget: alice floods, carol (another SAE at the same KME) is still served; the
@@ -273,15 +300,9 @@ TEST(AdmissionTest, FloodNamingOneSlaveDoesNotStarveAnother) {
 // whether the slave fetches at the peer KME (reported over the link) or at this one
 // (multicast to a slave of the master's KME); keys nobody fetches keep the pair refused.
 TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
-  KmeNetworkOptions o;
+  KmeNetworkOptions o = pair_budget_only(20);
   o.extra_alice_saes = {"carol"};
   o.extra_bob_saes = {"dave"};
-  o.max_key_per_request = 10;
-  o.customize = [](json& alice, json&) {
-    alice["admission"] = {{"sae_keys_per_s", 0},
-                          {"pair_keys_per_window", 20},
-                          {"pair_window_s", 3600}};  // no refill within the test
-  };
   auto net = qkd::test::start_network_with_keys(o, 100);
   ASSERT_TRUE(net);
   const auto alice = net->client(net->alice(), "alice");
@@ -314,15 +335,7 @@ TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
   auto d = bob.post("/api/v1/keys/alice/dec_keys", dec_body(ids_of(first)));
   ASSERT_TRUE(d.ok()) << d.error().message;
   ASSERT_EQ(d->status, 200u) << d->body;
-  std::optional<HttpResponse> again;
-  for (int i = 0; i < 50 && !again; ++i) {
-    std::this_thread::sleep_for(100ms);
-    if (auto r = enc(R"({"number": 10})"); r.status == 200) {
-      again = r;
-    } else {
-      ASSERT_EQ(r.status, 503u) << r.body;
-    }
-  }
+  const auto again = served_once_budget_is_back([&] { return enc(R"({"number": 10})"); });
   ASSERT_TRUE(again) << "bob's fetch gave no budget back";
   EXPECT_EQ(enc(R"({"number": 10})").status, 503u) << "more came back than was fetched";
 
@@ -348,14 +361,7 @@ TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
 // its fetch at the peer KME gives back as many (the fetch report carries bits). (The pair
 // budget, with a window of an hour, refills too slowly to make the test depend on time.)
 TEST(AdmissionTest, LargerKeysCostTheirSizeAndTheirFetchGivesItBack) {
-  KmeNetworkOptions o;
-  o.max_key_per_request = 10;
-  o.customize = [](json& alice, json&) {
-    alice["admission"] = {{"sae_keys_per_s", 0},
-                          {"pair_keys_per_window", 16},
-                          {"pair_window_s", 3600}};  // no refill within the test
-  };
-  auto net = qkd::test::start_network_with_keys(o, 100);
+  auto net = qkd::test::start_network_with_keys(pair_budget_only(16), 100);
   ASSERT_TRUE(net);
   const auto alice = net->client(net->alice(), "alice");
   const auto bob = net->client(net->bob(), "bob");
@@ -375,15 +381,7 @@ TEST(AdmissionTest, LargerKeysCostTheirSizeAndTheirFetchGivesItBack) {
   auto d = bob.get("/api/v1/keys/alice/dec_keys?key_ID=" + id);
   ASSERT_TRUE(d.ok()) << d.error().message;
   ASSERT_EQ(d->status, 200u) << d->body;
-  std::optional<HttpResponse> again;
-  for (int i = 0; i < 50 && !again; ++i) {
-    std::this_thread::sleep_for(100ms);
-    if (auto r = enc("?number=8"); r.status == 200) {
-      again = r;
-    } else {
-      ASSERT_EQ(r.status, 503u) << r.body;
-    }
-  }
+  const auto again = served_once_budget_is_back([&] { return enc("?number=8"); });
   ASSERT_TRUE(again) << "bob's fetch of a 2048-bit key did not give 8 keys' budget back";
   EXPECT_EQ(enc("?number=1").status, 503u) << "more came back than was fetched";
 }

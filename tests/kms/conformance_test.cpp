@@ -233,34 +233,23 @@ TEST_F(Etsi014, StatusByGet) {
   EXPECT_EQ(r.json().at("slave_SAE_ID"), "bob");
 }
 
-// "Routes": enc_keys by GET with no query: one key of the default size.
-TEST_F(Etsi014, EncKeysByGetWithoutQuery) {
-  HttpResponse r = get(at_alice(), "/api/v1/keys/bob/enc_keys");
-  ASSERT_EQ(r.status, 200u) << r.body;
-  auto keys = key_list(r);
-  ASSERT_EQ(keys.size(), 1u);
-  EXPECT_EQ(keys[0].second.size(), 32u);
-}
-
-// "Routes": enc_keys by GET with number and size as query parameters.
-TEST_F(Etsi014, EncKeysByGetWithNumberAndSize) {
-  HttpResponse r = get(at_alice(), "/api/v1/keys/bob/enc_keys?number=3&size=1024");
-  ASSERT_EQ(r.status, 200u) << r.body;
-  auto keys = key_list(r);
-  ASSERT_EQ(keys.size(), 3u);
-  for (const auto& [id, key] : keys) {
-    EXPECT_EQ(key.size(), 128u);
-  }
-}
-
-// "Routes": enc_keys by GET with number alone: that many keys of the default size.
-TEST_F(Etsi014, EncKeysByGetWithNumberOnly) {
-  HttpResponse r = get(at_alice(), "/api/v1/keys/bob/enc_keys?number=2");
-  ASSERT_EQ(r.status, 200u) << r.body;
-  auto keys = key_list(r);
-  ASSERT_EQ(keys.size(), 2u);
-  for (const auto& [id, key] : keys) {
-    EXPECT_EQ(key.size(), 32u);
+// "Routes": enc_keys by GET, with no query (one key of the default size), number and size,
+// or number alone (that many keys of the default size).
+TEST_F(Etsi014, EncKeysByGet) {
+  const struct {
+    const char* query;
+    std::size_t keys;
+    std::size_t bytes;
+  } cases[] = {{"", 1, 32}, {"?number=3&size=1024", 3, 128}, {"?number=2", 2, 32}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.query);
+    HttpResponse r = get(at_alice(), std::string("/api/v1/keys/bob/enc_keys") + c.query);
+    ASSERT_EQ(r.status, 200u) << r.body;
+    auto keys = key_list(r);
+    ASSERT_EQ(keys.size(), c.keys);
+    for (const auto& [id, key] : keys) {
+      EXPECT_EQ(key.size(), c.bytes);
+    }
   }
 }
 

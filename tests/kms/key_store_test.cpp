@@ -38,6 +38,8 @@ struct Pair {
       from_bob.insert(from_bob.end(), as.begin(), as.end());
     });
   }
+  // A pair whose pool holds `block` on both ends.
+  explicit Pair(const std::vector<std::uint8_t>& block) : Pair() { commit(block); }
   void commit(const std::vector<std::uint8_t>& block) {
     alice->commit(block);
     bob->commit(block);
@@ -51,6 +53,16 @@ struct Pair {
     }
     from_alice.clear();
     from_bob.clear();
+  }
+  // `number` keys alice allocates (master SAE "alice") and their notices applied at bob:
+  // the keys (none, with a failure recorded, if refused).
+  std::vector<qkd::kms::DeliveredKey> allocate_and_notify(const std::vector<std::string>& slaves,
+                                                         std::uint32_t number,
+                                                         std::uint32_t size_bytes) {
+    auto k = alice->allocate("alice", slaves, number, size_bytes);
+    EXPECT_TRUE(k.ok()) << k.error().message;
+    deliver_notices();
+    return k.ok() ? std::move(k.value()) : std::vector<qkd::kms::DeliveredKey>{};
   }
 };
 
@@ -149,12 +161,9 @@ TEST(KeyStore, AllOrNothingAndNotEnough) {
 }
 
 TEST(KeyStore, OneUsePerKeyOnEachEnd) {
-  Pair p;
-  p.commit(pattern(256, 9));
-  auto k = p.alice->allocate("alice", {"bob"}, 1, 32);
-  ASSERT_TRUE(k.ok());
-  p.deliver_notices();
-  const auto ids = ids_of(k.value());
+  Pair p(pattern(256, 9));
+  const auto ids = ids_of(p.allocate_and_notify({"bob"}, 1, 32));
+  ASSERT_EQ(ids.size(), 1u);
   EXPECT_TRUE(p.bob->take("bob", "alice", ids, 0ms).ok());
   auto again = p.bob->take("bob", "alice", ids, 1000ms);
   ASSERT_FALSE(again.ok());
@@ -186,12 +195,10 @@ TEST(KeyStore, ASecondAssignmentOfAWaitingKeyIdIsRefused) {
 }
 
 TEST(KeyStore, AuthorizationChecksSlaveAndMaster) {
-  Pair p;
-  p.commit(pattern(256, 5));
-  auto k = p.alice->allocate("alice", {"bob", "carol"}, 1, 16);
-  ASSERT_TRUE(k.ok());
-  p.deliver_notices();
-  const auto ids = ids_of(k.value());
+  Pair p(pattern(256, 5));
+  const auto k = p.allocate_and_notify({"bob", "carol"}, 1, 16);
+  ASSERT_EQ(k.size(), 1u);
+  const auto ids = ids_of(k);
   auto wrong_caller = p.bob->take("mallory", "alice", ids, 0ms);
   ASSERT_FALSE(wrong_caller.ok());
   EXPECT_EQ(wrong_caller.error().code, ErrorCode::kAuthentication);
@@ -201,18 +208,15 @@ TEST(KeyStore, AuthorizationChecksSlaveAndMaster) {
   // Refused requests consumed nothing; an additional slave may fetch.
   auto ok = p.bob->take("carol", "alice", ids, 0ms);
   ASSERT_TRUE(ok.ok());
-  EXPECT_TRUE(qkd::core::constant_time_equal(ok.value()[0].key.span(), k.value()[0].key.span()));
+  EXPECT_TRUE(qkd::core::constant_time_equal(ok.value()[0].key.span(), k[0].key.span()));
 }
 
 // "Who may fetch" holds after delivery too: a delivered key is 401 to an SAE that was never
 // its slave (and to its master, at either KME), 400 "not found" only to a slave of it.
 TEST(KeyStore, ADeliveredKeyIsStill401ToWhoMayNotFetchIt) {
-  Pair p;
-  p.commit(pattern(256, 5));
-  auto k = p.alice->allocate("alice", {"bob"}, 1, 16);
-  ASSERT_TRUE(k.ok());
-  p.deliver_notices();
-  const auto ids = ids_of(k.value());
+  Pair p(pattern(256, 5));
+  const auto ids = ids_of(p.allocate_and_notify({"bob"}, 1, 16));
+  ASSERT_EQ(ids.size(), 1u);
   ASSERT_TRUE(p.bob->take("bob", "alice", ids, 0ms).ok());
   auto code = [&](KeyStore& s, const char* caller, const char* master) {
     auto r = s.take(caller, master, ids, 0ms);
@@ -225,32 +229,28 @@ TEST(KeyStore, ADeliveredKeyIsStill401ToWhoMayNotFetchIt) {
   EXPECT_EQ(code(*p.alice, "alice", "alice"), ErrorCode::kAuthentication);
   EXPECT_EQ(code(*p.alice, "bob", "alice"), ErrorCode::kInvalidArgument);
   // With a key not delivered yet beside it: still 401 (the caller may not have every key).
-  auto k2 = p.alice->allocate("alice", {"carol"}, 1, 16);
-  ASSERT_TRUE(k2.ok());
-  p.deliver_notices();
-  auto both = p.bob->take("carol", "alice", {ids[0], k2->front().key_id}, 0ms);
+  const auto k2 = ids_of(p.allocate_and_notify({"carol"}, 1, 16));
+  ASSERT_EQ(k2.size(), 1u);
+  auto both = p.bob->take("carol", "alice", {ids[0], k2[0]}, 0ms);
   ASSERT_FALSE(both.ok());
   EXPECT_EQ(both.error().code, ErrorCode::kAuthentication);
-  EXPECT_TRUE(p.bob->take("carol", "alice", {k2->front().key_id}, 0ms).ok());  // kept
+  EXPECT_TRUE(p.bob->take("carol", "alice", k2, 0ms).ok());  // kept
 }
 
 // Multicast: every named slave fetches the key once; a second fetch by the same slave is
 // "not found"; once the last slave has it, the key is gone.
 TEST(KeyStore, MulticastEachSlaveFetchesOnce) {
-  Pair p;
-  p.commit(pattern(256, 5));
-  auto k = p.alice->allocate("alice", {"bob", "carol", "dave"}, 2, 16);
-  ASSERT_TRUE(k.ok());
-  p.deliver_notices();
-  const auto ids = ids_of(k.value());
+  Pair p(pattern(256, 5));
+  const auto k = p.allocate_and_notify({"bob", "carol", "dave"}, 2, 16);
+  ASSERT_EQ(k.size(), 2u);
+  const auto ids = ids_of(k);
   for (const char* slave : {"carol", "bob", "dave"}) {
     SCOPED_TRACE(slave);
     auto got = p.bob->take(slave, "alice", ids, 0ms);
     ASSERT_TRUE(got.ok()) << got.error().message;
     ASSERT_EQ(got->size(), 2u);
     for (std::size_t i = 0; i < 2; ++i) {
-      EXPECT_TRUE(qkd::core::constant_time_equal(got.value()[i].key.span(),
-                                                 k.value()[i].key.span()));
+      EXPECT_TRUE(qkd::core::constant_time_equal(got.value()[i].key.span(), k[i].key.span()));
     }
     auto again = p.bob->take(slave, "alice", {ids[1]}, 0ms);
     ASSERT_FALSE(again.ok());
@@ -449,14 +449,12 @@ TEST(KeyStore, RejectsOverlappingOrForeignAssignments) {
 }
 
 TEST(KeyStore, ResetForgetsPoolButKeepsAssignedKeys) {
-  Pair p;
-  p.commit(pattern(256, 6));
-  auto k = p.alice->allocate("alice", {"bob"}, 1, 16);
-  ASSERT_TRUE(k.ok());
-  p.deliver_notices();
+  Pair p(pattern(256, 6));
+  const auto ids = ids_of(p.allocate_and_notify({"bob"}, 1, 16));
+  ASSERT_EQ(ids.size(), 1u);
   p.bob->reset_pool();
   EXPECT_EQ(p.bob->stats().own_available_bytes, 0u);
-  EXPECT_TRUE(p.bob->take("bob", "alice", ids_of(k.value()), 0ms).ok());
+  EXPECT_TRUE(p.bob->take("bob", "alice", ids, 0ms).ok());
 }
 
 // store.prepared_keys: the first enc_keys of a pair also prepares the pair's reserve (one

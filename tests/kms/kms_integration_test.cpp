@@ -46,6 +46,19 @@ std::unique_ptr<KmeNetwork> start_network(KmeNetworkOptions o, std::uint64_t key
   return qkd::test::start_network_with_keys(std::move(o), keys);
 }
 
+// Clients of SAE alice at alice-kme and of SAE bob at bob-kme.
+std::pair<HttpsTestClient, HttpsTestClient> clients_of(const KmeNetwork& net) {
+  return {net.client(net.alice(), "alice"), net.client(net.bob(), "bob")};
+}
+
+// GET `target` with `c`, which must be answered 200: the response in `out`.
+void get_200(const HttpsTestClient& c, const std::string& target, HttpResponse& out) {
+  auto r = c.get(target);
+  ASSERT_TRUE(r.ok()) << target << ": " << r.error().message;
+  ASSERT_EQ(r->status, 200u) << target << ": " << r->body;
+  out = *r;
+}
+
 // Connects over plain TCP, writes `bytes`, reads until the peer closes (or 3 s pass).
 void send_raw(std::uint16_t port, const std::string& bytes) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -467,36 +480,30 @@ void start_with_a_late_notice(std::uint32_t dec_wait_ms, int delay_ms, LateNotic
 TEST(KmsNetworkSpecial, DecKeysWaitingAtSigtermStillGetsItsNotice) {
   LateNotice ln;
   ASSERT_NO_FATAL_FAILURE(start_with_a_late_notice(6000, 2000, ln));
-  auto& net = ln.net;
-  const auto& enc = ln.enc;
-  const std::string& target = ln.target;
   std::optional<qkd::core::Result<HttpResponse>> dec;
   const auto t0 = std::chrono::steady_clock::now();
   std::chrono::steady_clock::duration took{};
   std::thread waiter([&] {
-    dec = net->client(net->bob(), "bob").get(target);
+    dec = ln.net->client(ln.net->bob(), "bob").get(ln.target);
     took = std::chrono::steady_clock::now() - t0;
   });
   std::this_thread::sleep_for(700ms);  // the dec_keys waits for the notice (2 s)
   const auto stopping_at = std::chrono::steady_clock::now() - t0;
-  net->stop_kme("bob-kme");
+  ln.net->stop_kme("bob-kme");
   waiter.join();
   EXPECT_GT(took, stopping_at) << "the dec_keys was answered before the stop began";
   ASSERT_TRUE(dec.has_value());
   ASSERT_TRUE(dec->ok()) << dec->error().message;
   EXPECT_EQ((*dec)->status, 200u) << (*dec)->body;
-  EXPECT_EQ(keys_of(**dec), keys_of(enc));
+  EXPECT_EQ(keys_of(**dec), keys_of(ln.enc));
 }
 
 TEST(KmsNetworkSpecial, DecKeysWaitIsBounded) {
   LateNotice ln;
   ASSERT_NO_FATAL_FAILURE(start_with_a_late_notice(200, 1500, ln));
-  auto& net = ln.net;
-  const auto& enc = ln.enc;
-  const std::string& target = ln.target;
-  auto bob = net->client(net->bob(), "bob");
+  auto bob = ln.net->client(ln.net->bob(), "bob");
   const auto t0 = std::chrono::steady_clock::now();
-  auto early = bob.get(target);
+  auto early = bob.get(ln.target);
   const auto waited = std::chrono::steady_clock::now() - t0;
   ASSERT_TRUE(early.ok());
   EXPECT_EQ(early->status, 400u);
@@ -505,9 +512,9 @@ TEST(KmsNetworkSpecial, DecKeysWaitIsBounded) {
   EXPECT_LT(waited, 1200ms);
   // Once the notice has arrived the key is there (the early miss consumed nothing).
   std::this_thread::sleep_for(1600ms);
-  auto late = bob.get(target);
+  auto late = bob.get(ln.target);
   ASSERT_EQ(late->status, 200u) << late->body;
-  EXPECT_EQ(keys_of(*late), keys_of(enc));
+  EXPECT_EQ(keys_of(*late), keys_of(ln.enc));
 }
 
 TEST(KmsNetworkSpecial, MoreKeyThanStoredIs503) {
@@ -640,13 +647,11 @@ TEST(KmsNetworkSpecial, PeerKmeUnreachableIs503) {
   o.dec_wait_ms = 5000;  // not waited for while the link is down: no notice can come
   auto net = start_network(o, 8);
   ASSERT_NE(net, nullptr);
-  auto alice = net->client(net->alice(), "alice");
-  auto bob = net->client(net->bob(), "bob");
+  auto [alice, bob] = clients_of(*net);
   // Two keys for alice from bob; fetching the first makes sure the notice arrived.
-  auto held = bob.get("/api/v1/keys/alice/enc_keys?number=2");
-  ASSERT_TRUE(held.ok());
-  ASSERT_EQ(held->status, 200u) << held->body;
-  const auto ids = keys_of(*held);
+  HttpResponse held;
+  ASSERT_NO_FATAL_FAILURE(get_200(bob, "/api/v1/keys/alice/enc_keys?number=2", held));
+  const auto ids = keys_of(held);
   ASSERT_EQ(ids.size(), 2u);
   auto first = alice.get("/api/v1/keys/bob/dec_keys?key_ID=" + ids.begin()->first);
   ASSERT_EQ(first->status, 200u) << first->body;
@@ -678,16 +683,15 @@ TEST(KmsNetworkSpecial, PeerKmeUnreachableIs503) {
   ASSERT_TRUE(mixed.ok());
   EXPECT_EQ(mixed->status, 400u) << mixed->body;
   // Known here: served (the second key), or still one use (the first).
-  auto second = alice.get("/api/v1/keys/bob/dec_keys?key_ID=" + std::next(ids.begin())->first);
-  ASSERT_TRUE(second.ok());
-  EXPECT_EQ(second->status, 200u) << second->body;
+  HttpResponse second;
+  EXPECT_NO_FATAL_FAILURE(
+      get_200(alice, "/api/v1/keys/bob/dec_keys?key_ID=" + std::next(ids.begin())->first, second));
   auto again = alice.get("/api/v1/keys/bob/dec_keys?key_ID=" + ids.begin()->first);
   EXPECT_EQ(again->status, 400u) << again->body;
   ASSERT_TRUE(net->start_kme("bob-kme").ok());
   ASSERT_TRUE(net->wait_for_keys(2).ok());
-  auto back = alice.get("/api/v1/keys/bob/enc_keys");
-  ASSERT_TRUE(back.ok());
-  EXPECT_EQ(back->status, 200u) << back->body;
+  HttpResponse back;
+  EXPECT_NO_FATAL_FAILURE(get_200(alice, "/api/v1/keys/bob/enc_keys", back));
 }
 
 // keys.max_age_s: keys older than the max age are discarded on both ends. A key bob-kme
@@ -701,13 +705,11 @@ TEST(KmsNetworkSpecial, ExpiredKeysAreDiscardedOnBothEnds) {
   o.dec_wait_ms = 500;
   auto net = start_network(o, 8);
   ASSERT_NE(net, nullptr);
-  auto alice = net->client(net->alice(), "alice");
-  auto bob = net->client(net->bob(), "bob");
-  auto old_key = alice.get("/api/v1/keys/bob/enc_keys");
-  ASSERT_TRUE(old_key.ok());
-  ASSERT_EQ(old_key->status, 200u) << old_key->body;
+  auto [alice, bob] = clients_of(*net);
+  HttpResponse old_key;
+  ASSERT_NO_FATAL_FAILURE(get_200(alice, "/api/v1/keys/bob/enc_keys", old_key));
   std::this_thread::sleep_for(3s);  // longer than the max age
-  auto expired = bob.get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(*old_key).begin()->first);
+  auto expired = bob.get("/api/v1/keys/alice/dec_keys?key_ID=" + keys_of(old_key).begin()->first);
   ASSERT_TRUE(expired.ok());
   EXPECT_EQ(expired->status, 400u);
   EXPECT_EQ(message_of(*expired), kNotFound);
@@ -716,19 +718,19 @@ TEST(KmsNetworkSpecial, ExpiredKeysAreDiscardedOnBothEnds) {
     for (bool from_alice : {true, false}) {
       auto& master = from_alice ? alice : bob;
       auto& slave = from_alice ? bob : alice;
-      auto enc = master.get(fmt::format("/api/v1/keys/{}/enc_keys?number=2",
-                                        from_alice ? "bob" : "alice"));
-      ASSERT_TRUE(enc.ok());
-      ASSERT_EQ(enc->status, 200u) << enc->body;
+      HttpResponse enc;
+      ASSERT_NO_FATAL_FAILURE(get_200(
+          master,
+          fmt::format("/api/v1/keys/{}/enc_keys?number=2", from_alice ? "bob" : "alice"), enc));
       std::vector<std::string> ids;
-      for (const auto& [id, _] : keys_of(*enc)) {
+      for (const auto& [id, _] : keys_of(enc)) {
         ids.push_back(id);
       }
       auto dec = slave.post(
           fmt::format("/api/v1/keys/{}/dec_keys", from_alice ? "alice" : "bob"), dec_body(ids));
       ASSERT_TRUE(dec.ok());
       ASSERT_EQ(dec->status, 200u) << dec->body;
-      EXPECT_EQ(keys_of(*dec), keys_of(*enc));
+      EXPECT_EQ(keys_of(*dec), keys_of(enc));
     }
   };
   check_flow();
