@@ -6,7 +6,8 @@
 //     out by enc_keys and the same key by dec_keys) and request latency p50/p99/p999;
 //   - open loop at a fixed request rate (default 1,000 requests/s over 8 connections),
 //     latency measured from each request's scheduled time (no coordinated omission);
-//   - baseline on the same connections: GET /health (TLS + HTTP + routing, no key).
+//   - baseline on the same connections: GET /health (TLS + HTTP + routing, no key), closed
+//     loop, and after the open loop the same schedule with GET /health at both KMEs.
 // With and without the durable key store (store = SQLite, WAL, group commit).
 //
 //   kms_load [--seconds S] [--number N[,N...]] [--rate R] [--keys K]
@@ -30,6 +31,7 @@
 // the ratio of the KME's p99 to it.
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <sqlite3.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -233,8 +235,11 @@ Result closed_loop(const qkd::test::KmeNetwork& net, int conns, unsigned number,
 }
 
 // Open loop: `rate` requests/s in total (enc + dec pairs) spread over `conns` connections;
-// latency from the scheduled start of each request.
-Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, double seconds) {
+// latency from the scheduled start of each request. `health_only`: GET /health at alice
+// and then at bob in place of enc_keys and dec_keys (the same connections and schedule, no
+// key): what TLS, HTTP and this machine's scheduling cost a request whatever the store does.
+Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, double seconds,
+                 bool health_only = false) {
   Result total;
   std::mutex mu;
   std::vector<std::thread> threads;
@@ -254,12 +259,19 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
       while (next < end) {
         std::this_thread::sleep_until(next);
         std::string body;
-        unsigned st = a.request(http::verb::get, "/api/v1/keys/bob/enc_keys", "", body);
+        unsigned st = a.request(http::verb::get,
+                                health_only ? "/health" : "/api/v1/keys/bob/enc_keys", "", body);
         const auto enc_time = Clock::now() - next;
         r.lat.add(enc_time);
         r.enc.add(enc_time);
         const auto t1 = Clock::now();
-        if (st == 200) {
+        if (health_only) {
+          const unsigned st_b = b.request(http::verb::get, "/health", "", body);
+          const auto b_time = Clock::now() - t1;
+          r.lat.add(b_time);
+          r.dec.add(b_time);
+          st = st == 200 ? st_b : st;
+        } else if (st == 200) {
           const json enc = json::parse(body);
           const std::string dec_req =
               json{{"key_IDs", {{{"key_ID", enc["keys"][0]["key_ID"]}}}}}.dump();
@@ -364,15 +376,15 @@ double commit_quantile(const Buckets& before, const Buckets& after, double q,
   return lower;
 }
 
-// The disk's floor under a durable request at this rate, measured beside the KMEs: per
-// request one 4 KiB write into a file on the store's disk, made durable by an fdatasync shared
-// with whatever arrived meanwhile (group commit), in `files` files as the KMEs' WALs (rate / 2
-// requests/s each, rewritten in place); latency from each request's scheduled time. No TLS,
-// HTTP, SQLite or KME: what synchronous = full costs a request whatever the KME does (a KME
-// transaction writes several pages, so this bounds it from below). Two files when both
-// enc_keys and dec_keys write; one (the dec_keys' KME) when prepared keys serve enc_keys
-// without a write (store.prepared_keys).
-Lat disk_floor(const std::filesystem::path& dir, double rate, double seconds, int files) {
+// A floor under a durable request at this rate, measured beside the KMEs after their run:
+// `files` writers (one per KME that writes, each rate / 2 requests/s, offset by half an
+// interval as the KMEs' requests are), each handing every request that has arrived by the
+// time it is free to `sink.commit(first, end)` at once (group commit, as the KME's store
+// does); latency from each request's scheduled time to the end of its commit. A Sink is made
+// per writer by `make_sink(dir, index)`; it returns false (and reports) on failure.
+template <typename MakeSink>
+Lat floor_at_schedule(const std::filesystem::path& dir, double rate, double seconds, int files,
+                      MakeSink make_sink) {
   Lat total;
   std::mutex mu;
   std::vector<std::thread> threads;
@@ -382,48 +394,25 @@ Lat disk_floor(const std::filesystem::path& dir, double rate, double seconds, in
   const auto n = static_cast<std::size_t>(seconds * rate / 2);
   for (int f = 0; f < files; ++f) {
     threads.emplace_back([&, f]() {
-      constexpr std::size_t kPages = 1024;  // 4 MiB, as a WAL between checkpoints
-      const std::string path = (dir / fmt::format("disk-floor-{}.bin", f)).string();
-      const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
-      if (fd < 0) {
-        std::fprintf(stderr, "disk floor: %s: %s\n", path.c_str(), std::strerror(errno));
-        return;
-      }
-      const std::vector<char> page(4096, 'q');
-      bool ok = true;
-      for (std::size_t i = 0; i < kPages; ++i) {
-        ok = ok && ::pwrite(fd, page.data(), page.size(), static_cast<off_t>(i * page.size())) ==
-                       static_cast<ssize_t>(page.size());
-      }
-      ok = ok && ::fsync(fd) == 0;
+      auto sink = make_sink(dir, f);
+      const auto due = [&](std::size_t i) { return start + interval * i + interval * f / 2; };
       Lat lat;
       std::size_t done = 0;
+      bool ok = sink.ok();
       while (ok && done < n) {
-        const auto first_due = start + interval * done + interval * f / 2;
-        std::this_thread::sleep_until(first_due);
+        std::this_thread::sleep_until(due(done));
         const auto now = Clock::now();
         std::size_t arrived = done;
-        while (arrived < n && start + interval * arrived + interval * f / 2 <= now) {
+        while (arrived < n && due(arrived) <= now) {
           ++arrived;
         }
+        ok = sink.commit(done, arrived);
+        const auto committed = Clock::now();
         for (std::size_t i = done; i < arrived; ++i) {
-          ok = ok && ::pwrite(fd, page.data(), page.size(),
-                              static_cast<off_t>((i % kPages) * page.size())) ==
-                         static_cast<ssize_t>(page.size());
-        }
-        ok = ok && ::fdatasync(fd) == 0;
-        const auto synced = Clock::now();
-        for (std::size_t i = done; i < arrived; ++i) {
-          lat.add(synced - (start + interval * i + interval * f / 2));
+          lat.add(committed - due(i));
         }
         done = arrived;
       }
-      if (!ok) {
-        std::fprintf(stderr, "disk floor: writing %s failed: %s\n", path.c_str(),
-                     std::strerror(errno));
-      }
-      ::close(fd);
-      ::unlink(path.c_str());
       std::lock_guard lock(mu);
       total.us.insert(total.us.end(), lat.us.begin(), lat.us.end());
     });
@@ -433,6 +422,148 @@ Lat disk_floor(const std::filesystem::path& dir, double rate, double seconds, in
   }
   return total;
 }
+
+// The disk's floor: per request one 4 KiB write into a file on the store's disk (4 MiB,
+// written and synced first, rewritten in place as a WAL between checkpoints), then one
+// fdatasync for the group. No TLS, HTTP, SQLite or KME: what synchronous = full costs a
+// request whatever the KME does.
+class RawFileSink {
+ public:
+  RawFileSink(const std::filesystem::path& dir, int index)
+      : path_((dir / fmt::format("disk-floor-{}.bin", index)).string()),
+        fd_(::open(path_.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600)),
+        page_(4096, 'q') {
+    bool good = fd_ >= 0;
+    for (std::size_t i = 0; good && i < kPages; ++i) {
+      good = write_page(i);
+    }
+    ok_ = good && ::fsync(fd_) == 0;
+    if (!ok_) {
+      report();
+    }
+  }
+  RawFileSink(const RawFileSink&) = delete;
+  RawFileSink& operator=(const RawFileSink&) = delete;
+  ~RawFileSink() {
+    if (fd_ >= 0) {
+      ::close(fd_);
+    }
+    ::unlink(path_.c_str());
+  }
+  bool ok() const { return ok_; }
+  bool commit(std::size_t first, std::size_t end) {
+    bool good = true;
+    for (std::size_t i = first; good && i < end; ++i) {
+      good = write_page(i % kPages);
+    }
+    if (!good || ::fdatasync(fd_) != 0) {
+      report();
+      return false;
+    }
+    return true;
+  }
+
+ private:
+  static constexpr std::size_t kPages = 1024;
+  bool write_page(std::size_t i) {
+    return ::pwrite(fd_, page_.data(), page_.size(), static_cast<off_t>(i * page_.size())) ==
+           static_cast<ssize_t>(page_.size());
+  }
+  void report() const {
+    std::fprintf(stderr, "disk floor: writing %s failed: %s\n", path_.c_str(),
+                 std::strerror(errno));
+  }
+  std::string path_;
+  int fd_;
+  std::vector<char> page_;
+  bool ok_ = false;
+};
+
+// SQLite's floor: per request what a dec_keys changes in the store, in a minimal database of
+// the same kind (WAL, synchronous = FULL, secure_delete, no checkpoints during the run): the
+// delivered key_ID's `assigned` row deleted, a `used_ids` row inserted; one transaction for
+// the group. No TLS, HTTP or KME: what a SQLite commit costs on this disk at this schedule,
+// beside the raw file's floor.
+class SqliteSink {
+ public:
+  SqliteSink(const std::filesystem::path& dir, int index, std::size_t rows)
+      : path_((dir / fmt::format("sqlite-floor-{}.db", index)).string()) {
+    ok_ = sqlite3_open(path_.c_str(), &db_) == SQLITE_OK &&
+          exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA secure_delete=ON;"
+               "PRAGMA wal_autocheckpoint=0;"
+               "CREATE TABLE assigned(key_id TEXT PRIMARY KEY, master TEXT NOT NULL,"
+               " slaves TEXT NOT NULL, off INTEGER NOT NULL) WITHOUT ROWID;"
+               "CREATE TABLE used_ids(key_id TEXT NOT NULL, owners TEXT);") &&
+          prepare("INSERT INTO assigned VALUES(?1, 'alice', '[\"bob\"]', ?2)", &insert_assigned_) &&
+          prepare("DELETE FROM assigned WHERE key_id = ?1", &delete_assigned_) &&
+          prepare("INSERT INTO used_ids VALUES(?1, '[\"alice\",\"bob\"]')", &insert_used_) &&
+          exec("BEGIN");
+    for (std::size_t i = 0; ok_ && i < rows; ++i) {
+      ok_ = step(insert_assigned_, i, true);
+    }
+    ok_ = ok_ && exec("COMMIT") && exec("PRAGMA wal_checkpoint(TRUNCATE)");
+    if (!ok_) {
+      report();
+    }
+  }
+  SqliteSink(const SqliteSink&) = delete;
+  SqliteSink& operator=(const SqliteSink&) = delete;
+  ~SqliteSink() {
+    for (sqlite3_stmt* st : {insert_assigned_, delete_assigned_, insert_used_}) {
+      sqlite3_finalize(st);
+    }
+    sqlite3_close(db_);
+    for (const char* suffix : {"", "-wal", "-shm"}) {
+      ::unlink((path_ + suffix).c_str());
+    }
+  }
+  bool ok() const { return ok_; }
+  bool commit(std::size_t first, std::size_t end) {
+    bool good = exec("BEGIN");
+    for (std::size_t i = first; good && i < end; ++i) {
+      good = step(delete_assigned_, i, false) && step(insert_used_, i, false);
+    }
+    if (!good || !exec("COMMIT")) {
+      report();
+      return false;
+    }
+    return true;
+  }
+
+ private:
+  // A random-looking UUID-shaped key_ID for request i (the store's are random UUIDs).
+  static std::string key_id(std::size_t i) {
+    const std::uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ULL;
+    return fmt::format("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", h >> 32, (h >> 16) & 0xffff,
+                       h & 0xfff, (h >> 20) & 0xfff, i);
+  }
+  bool exec(const char* sql) {
+    return sqlite3_exec(db_, sql, nullptr, nullptr, nullptr) == SQLITE_OK;
+  }
+  bool prepare(const char* sql, sqlite3_stmt** st) {
+    return sqlite3_prepare_v2(db_, sql, -1, st, nullptr) == SQLITE_OK;
+  }
+  bool step(sqlite3_stmt* st, std::size_t i, bool with_offset) {
+    const std::string id = key_id(i);
+    sqlite3_bind_text(st, 1, id.c_str(), static_cast<int>(id.size()), SQLITE_TRANSIENT);
+    if (with_offset) {
+      sqlite3_bind_int64(st, 2, static_cast<sqlite3_int64>(i) * 32);
+    }
+    const bool done = sqlite3_step(st) == SQLITE_DONE;
+    sqlite3_reset(st);
+    return done;
+  }
+  void report() const {
+    std::fprintf(stderr, "SQLite floor: %s: %s\n", path_.c_str(),
+                 db_ != nullptr ? sqlite3_errmsg(db_) : "cannot open");
+  }
+  std::string path_;
+  sqlite3* db_ = nullptr;
+  sqlite3_stmt* insert_assigned_ = nullptr;
+  sqlite3_stmt* delete_assigned_ = nullptr;
+  sqlite3_stmt* insert_used_ = nullptr;
+  bool ok_ = false;
+};
 
 // "1,8,64" -> {1, 8, 64}; throws on a malformed list.
 std::vector<unsigned> parse_list(const std::string& text) {
@@ -675,21 +806,43 @@ int run(int argc, char** argv) {
       }
       if (durable && (synchronous.empty() || synchronous == "full")) {
         const int files = prepared == 0 ? 2 : 1;
-        Lat f = disk_floor(net->dir(), rate, seconds, files);
+        Lat f = floor_at_schedule(net->dir(), rate, seconds, files,
+                                  [](const std::filesystem::path& d, int i) {
+                                    return RawFileSink(d, i);
+                                  });
+        const auto rows = static_cast<std::size_t>(seconds * rate / 2);
+        Lat q = floor_at_schedule(net->dir(), rate, seconds, files,
+                                  [rows](const std::filesystem::path& d, int i) {
+                                    return SqliteSink(d, i, rows);
+                                  });
         floor_rows.push_back(fmt::format(
-            "| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.2f} |", load,
-            files == 2 ? "enc_keys and dec_keys" : "dec_keys only", r.lat.pct(0.5), r.lat.pct(0.99), r.lat.pct(0.999), f.pct(0.5), f.pct(0.99),
-            f.pct(0.999), f.pct(0.99) > 0 ? r.lat.pct(0.99) / f.pct(0.99) : 0.0));
+            "| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | "
+            "{:.0f} | {:.2f} |",
+            load, files == 2 ? "enc_keys and dec_keys" : "dec_keys only", r.lat.pct(0.5),
+            r.lat.pct(0.99), r.lat.pct(0.999), f.pct(0.5), f.pct(0.99), f.pct(0.999),
+            q.pct(0.5), q.pct(0.99), q.pct(0.999),
+            f.pct(0.99) > 0 ? r.lat.pct(0.99) / f.pct(0.99) : 0.0));
       }
       by_route.push_back(
           fmt::format("| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} |", st, load,
                       r.enc.pct(0.5), r.enc.pct(0.99), r.enc.pct(0.999), r.dec.pct(0.5),
                       r.dec.pct(0.99), r.dec.pct(0.999)));
       row(load.c_str(), 8, 1, std::move(r));
+      // The same schedule without keys, right after, on the same KMEs: the API's own floor.
+      Result h = open_loop(*net, 8, rate, seconds, true);
+      const std::string h_load = fmt::format("GET /health at both, open loop {:.0f} req/s", rate);
+      by_route.push_back(fmt::format("| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | "
+                                     "{:.0f} |",
+                                     st, h_load, h.enc.pct(0.5), h.enc.pct(0.99),
+                                     h.enc.pct(0.999), h.dec.pct(0.5), h.dec.pct(0.99),
+                                     h.dec.pct(0.999)));
+      row(h_load.c_str(), 8, 0, std::move(h));
     }
   }
   print_table("\nOpen loop by route (enc_keys latency from its scheduled time; dec_keys from "
-              "the end of its enc_keys, sent at once):\n\n| store | load | enc_keys p50 µs | "
+              "the end of its enc_keys, sent at once; in the GET /health rows, alice's "
+              "/health in the enc_keys columns and bob's in the dec_keys columns):\n\n"
+              "| store | load | enc_keys p50 µs | "
               "p99 µs | p99.9 µs | dec_keys p50 µs | p99 µs | p99.9 µs |\n"
               "|---|---|---|---|---|---|---|---|\n",
               by_route);
@@ -703,11 +856,14 @@ int run(int argc, char** argv) {
               "link transactions/s | p99 µs | request p99 µs | request p99 / request "
               "transaction p99 |\n|---|---|---|---|---|---|---|---|---|\n",
               commit_rows);
-  print_table("\nDurable (full) open loop against the disk floor (per request that writes, one "
-              "4 KiB write + group-committed fdatasync, one file per KME that writes, the same "
-              "schedule; no KME; with prepared keys enc_keys does not write):\n\n"
-              "| load | requests that write | KME p50 µs | p99 µs | p99.9 µs | floor p50 µs | p99 µs | p99.9 µs | "
-              "KME p99 / floor p99 |\n|---|---|---|---|---|---|---|---|---|\n",
+  print_table("\nDurable (full) open loop against the disk's and SQLite's floors, measured "
+              "right after it at the same schedule, one writer per KME that writes (with "
+              "prepared keys enc_keys does not write), no KME: disk = per request one 4 KiB "
+              "write + group-committed fdatasync; SQLite = per request a dec_keys' row "
+              "changes in a minimal WAL database (synchronous = FULL), group-committed:\n\n"
+              "| load | requests that write | KME p50 µs | p99 µs | p99.9 µs | disk p50 µs | "
+              "p99 µs | p99.9 µs | SQLite p50 µs | p99 µs | p99.9 µs | KME p99 / disk p99 |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|\n",
               floor_rows);
   return 0;
 }
