@@ -833,11 +833,20 @@ class SqliteJournal final : public detail::Journal {
   // Every chunk a direction still holds, from its cursor to the committed end, must have
   // been read: a row missing (deleted from the file, or a damaged page SQLite skipped) would
   // otherwise be served as zero bytes. Rows are sealed one by one, so this is the check that
-  // catches a deletion.
+  // catches a deletion. And no cursor may lie past its direction's end: the counters are
+  // stored in the clear, and such a cursor (an edited file) would make the pool look larger
+  // than it is.
   void check_pool_complete(const detail::StoredState& s) const {
     for (int d = 0; d < 2; ++d) {
       const auto dir = static_cast<Direction>(d);
       const std::uint64_t end_byte = direction_bytes(s.committed, dir);
+      if (s.cursor[d] > end_byte) {
+        throw DbError{fmt::format(
+            "{}: direction {} is consumed up to byte {}, past its end at byte {}: the file was "
+            "damaged or edited; move it away to start this KME with an empty pool (the link "
+            "then resets its pool)",
+            path_, d, s.cursor[d], end_byte)};
+      }
       const std::uint64_t end = (end_byte + kChunkBytes - 1) / kChunkBytes;
       std::uint64_t next = s.cursor[d] / kChunkBytes;  // chunks arrive in order (ORDER BY)
       for (const auto& c : s.chunks) {

@@ -357,6 +357,38 @@ TEST(SqliteKeyStore, AMissingPoolRowIsRefusedAtOpen) {
   }
 }
 
+// The counters are stored in the clear. A cursor edited past its direction's end (or the
+// committed end edited below a cursor) would make the pool look larger than it holds: the
+// store refuses to open, naming the file, instead of serving bytes it does not have.
+TEST(SqliteKeyStore, ACursorPastThePoolsEndIsRefusedAtOpen) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto pool = pattern(32 * 40, 7);  // 640 bytes per direction
+  {
+    auto s = store_with_block(db, pool);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 32 * 3).ok());
+  }
+  const std::vector<std::pair<std::string, std::string>> edits = {
+      {"cursor_0", "UPDATE meta SET value = 672 WHERE name = 'cursor_0'"},
+      {"cursor_1", "INSERT OR REPLACE INTO meta(name, value) VALUES('cursor_1', 100000)"},
+      {"committed", "UPDATE meta SET value = 64 WHERE name = 'committed_bytes'"},
+  };
+  for (const auto& [what, sql] : edits) {
+    const std::string copy = dir.file("edited-" + what + ".db");
+    std::filesystem::copy_file(db, copy);
+    exec_sql(copy, sql);
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, copy, kNodeKey);
+    ASSERT_FALSE(s.ok()) << what << " edited, yet the store opened";
+    EXPECT_NE(s.error().message.find(copy), std::string::npos) << s.error().message;
+    EXPECT_NE(s.error().message.find("past its end"), std::string::npos) << s.error().message;
+  }
+  // The file itself still opens, with what was left.
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->stats().own_available_bytes, 640u - 96u);
+}
+
 // The store's view of this host's boot (QKD_KMS_BOOT_ID) for one scope.
 qkd::test::ScopedEnv boot_id(const std::string& id) { return {"QKD_KMS_BOOT_ID", id}; }
 
