@@ -833,33 +833,48 @@ class SqliteJournal final : public detail::Journal {
   // Every chunk a direction still holds, from its cursor to the committed end, must have
   // been read: a row missing (deleted from the file, or a damaged page SQLite skipped) would
   // otherwise be served as zero bytes. Rows are sealed one by one, so this is the check that
-  // catches a deletion. And no cursor may lie past its direction's end: the counters are
-  // stored in the clear, and such a cursor (an edited file) would make the pool look larger
-  // than it is.
+  // catches a deletion. The counters are stored in the clear, so the cursors are checked
+  // too: one past its direction's end would make the pool look larger than it is, and one
+  // moved back would serve bytes already used, which the rows hold as zeros (a used byte is
+  // wiped, and 16 or more zero bytes in a row are not key: 2^-128).
   void check_pool_complete(const detail::StoredState& s) const {
+    auto damaged = [&](const std::string& what) {
+      return DbError{fmt::format("{}: {}: the file was damaged or edited; move it away to "
+                                 "start this KME with an empty pool (the link then resets "
+                                 "its pool)",
+                                 path_, what)};
+    };
     for (int d = 0; d < 2; ++d) {
       const auto dir = static_cast<Direction>(d);
       const std::uint64_t end_byte = direction_bytes(s.committed, dir);
-      if (s.cursor[d] > end_byte) {
-        throw DbError{fmt::format(
-            "{}: direction {} is consumed up to byte {}, past its end at byte {}: the file was "
-            "damaged or edited; move it away to start this KME with an empty pool (the link "
-            "then resets its pool)",
-            path_, d, s.cursor[d], end_byte)};
+      const std::uint64_t cursor = s.cursor[d];
+      if (cursor > end_byte) {
+        throw damaged(fmt::format("direction {} is consumed up to byte {}, past its end at "
+                                  "byte {}",
+                                  d, cursor, end_byte));
       }
       const std::uint64_t end = (end_byte + kChunkBytes - 1) / kChunkBytes;
-      std::uint64_t next = s.cursor[d] / kChunkBytes;  // chunks arrive in order (ORDER BY)
+      std::uint64_t next = cursor / kChunkBytes;  // chunks arrive in order (ORDER BY)
       for (const auto& c : s.chunks) {
-        if (c.dir == dir && c.index == next && next < end) {
-          ++next;
+        if (c.dir != dir || c.index != next || next >= end) {
+          continue;
         }
+        // The part of this chunk in [cursor, end_byte).
+        const std::uint64_t at = next * kChunkBytes;
+        const std::uint64_t from = std::max(at, cursor) - at;
+        const std::uint64_t to = std::min<std::uint64_t>(at + kChunkBytes, end_byte) - at;
+        const auto part = c.bytes.span().subspan(from, to - from);
+        if (part.size() >= 16 &&
+            std::all_of(part.begin(), part.end(), [](std::uint8_t b) { return b == 0; })) {
+          throw damaged(fmt::format("direction {} holds used (wiped) bytes at byte {}, past "
+                                    "its cursor at byte {}",
+                                    d, at + from, cursor));
+        }
+        ++next;
       }
       if (next < end) {
-        throw DbError{fmt::format(
-            "{}: pool row {}/{} is missing (direction {} holds bytes {} to {}): the file was "
-            "damaged or edited; move it away to start this KME with an empty pool (the link "
-            "then resets its pool)",
-            path_, d, next / kRowChunks, d, s.cursor[d], end_byte)};
+        throw damaged(fmt::format("pool row {}/{} is missing (direction {} holds bytes {} to {})",
+                                  d, next / kRowChunks, d, cursor, end_byte));
       }
     }
   }

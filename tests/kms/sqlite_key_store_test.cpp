@@ -358,9 +358,10 @@ TEST(SqliteKeyStore, AMissingPoolRowIsRefusedAtOpen) {
 }
 
 // The counters are stored in the clear. A cursor edited past its direction's end (or the
-// committed end edited below a cursor) would make the pool look larger than it holds: the
-// store refuses to open, naming the file, instead of serving bytes it does not have.
-TEST(SqliteKeyStore, ACursorPastThePoolsEndIsRefusedAtOpen) {
+// committed end edited below a cursor) would make the pool look larger than it holds, and
+// one edited back would serve used bytes (wiped: zeros) as keys: the store refuses to open,
+// naming the file, instead of serving bytes it does not have.
+TEST(SqliteKeyStore, AnEditedCursorIsRefusedAtOpen) {
   TempDir dir;
   const std::string db = dir.file("alice.db");
   const auto pool = pattern(32 * 40, 7);  // 640 bytes per direction
@@ -369,19 +370,29 @@ TEST(SqliteKeyStore, ACursorPastThePoolsEndIsRefusedAtOpen) {
     ASSERT_NE(s, nullptr);
     ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 32 * 3).ok());
   }
-  const std::vector<std::pair<std::string, std::string>> edits = {
-      {"cursor_0", "UPDATE meta SET value = 672 WHERE name = 'cursor_0'"},
-      {"cursor_1", "INSERT OR REPLACE INTO meta(name, value) VALUES('cursor_1', 100000)"},
-      {"committed", "UPDATE meta SET value = 64 WHERE name = 'committed_bytes'"},
+  struct Edit {
+    std::string what, sql, error;
   };
-  for (const auto& [what, sql] : edits) {
-    const std::string copy = dir.file("edited-" + what + ".db");
+  const std::vector<Edit> edits = {
+      {"cursor_0", "UPDATE meta SET value = 672 WHERE name = 'cursor_0'", "past its end"},
+      {"cursor_1", "INSERT OR REPLACE INTO meta(name, value) VALUES('cursor_1', 100000)",
+       "past its end"},
+      {"committed", "UPDATE meta SET value = 64 WHERE name = 'committed_bytes'",
+       "past its end"},
+      // Back by one key, and back to the start: the used bytes are still in row 0, wiped.
+      {"cursor_0_back", "UPDATE meta SET value = 64 WHERE name = 'cursor_0'",
+       "holds used (wiped) bytes at byte 64, past its cursor at byte 64"},
+      {"cursor_0_start", "UPDATE meta SET value = 0 WHERE name = 'cursor_0'",
+       "holds used (wiped) bytes at byte 0"},
+  };
+  for (const auto& e : edits) {
+    const std::string copy = dir.file("edited-" + e.what + ".db");
     std::filesystem::copy_file(db, copy);
-    exec_sql(copy, sql);
+    exec_sql(copy, e.sql);
     auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, copy, kNodeKey);
-    ASSERT_FALSE(s.ok()) << what << " edited, yet the store opened";
+    ASSERT_FALSE(s.ok()) << e.what << " edited, yet the store opened";
     EXPECT_NE(s.error().message.find(copy), std::string::npos) << s.error().message;
-    EXPECT_NE(s.error().message.find("past its end"), std::string::npos) << s.error().message;
+    EXPECT_NE(s.error().message.find(e.error), std::string::npos) << s.error().message;
   }
   // The file itself still opens, with what was left.
   auto s = open_store(db);
