@@ -1,6 +1,6 @@
-// ETSI GS QKD 014 conformance suite: one test per rule of the reference summary
-// (shared/reference/ETSI014.md; section names quoted in each test's comment), against a real
-// qkd-kms pair started once for the suite.
+// ETSI GS QKD 014 conformance suite: one test per rule of ETSI GS QKD 014 V1.1.1 (2019-02)
+// (section names quoted in each test's comment), against a real qkd-kms pair started once
+// for the suite.
 //
 // The network: alice-kme serves SAEs "alice" and "alice-2"; bob-kme serves "bob", "bob-2"
 // and "bob 3" (an SAE ID that must be URL-encoded in a path). So max_SAE_ID_count is 3 at
