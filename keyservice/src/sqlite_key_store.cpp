@@ -105,6 +105,18 @@ constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check";
 constexpr std::string_view kUnsyncedBoot = "unsynced_boot";
 constexpr std::string_view kKeyCheckText = "qkd-kms node key check v1";
 
+// Text read from the file, for a log line: at most 64 characters, anything but printable
+// ASCII as '?' (a damaged or edited file writes no control characters into the log).
+std::string printable(std::string_view text) {
+  std::string out(text.substr(0, 64));
+  for (char& c : out) {
+    if (c < 0x20 || c > 0x7e) {
+      c = '?';
+    }
+  }
+  return out;
+}
+
 // Thrown only inside this file, caught where a transaction or the opening ends.
 struct DbError {
   std::string what;
@@ -518,6 +530,11 @@ class SqliteJournal final : public detail::Journal {
     const std::span<const std::uint8_t> kc(reinterpret_cast<const std::uint8_t*>(kc_text.data()),
                                            kc_text.size());
     if (!meta.contains("format")) {
+      if (!meta.empty() || !key_check.empty() || !pool_digest.empty() || !unsynced_boot.empty()) {
+        throw DbError{fmt::format("{}: its format is not recorded: the file was damaged or "
+                                  "edited, or is not a key store",
+                                  path_)};
+      }
       db_.exec("BEGIN IMMEDIATE");
       db_.write("INSERT INTO meta(name, value) VALUES('format', ?)", kFormat);
       db_.write("INSERT INTO meta(name, value) VALUES('direction', ?)", static_cast<int>(own));
@@ -811,7 +828,7 @@ class SqliteJournal final : public detail::Journal {
           "{}, and the host has restarted since (boot {}): its last commits may be lost, and "
           "with them the record of keys already delivered; discarding its pool and undelivered "
           "keys (the link starts a new pool with the peer)",
-          path_, unsynced_boot, mark);
+          path_, printable(unsynced_boot), mark);
     }
     if (!synchronous_full_) {
       if (unsynced_boot != mark) {
@@ -1326,7 +1343,11 @@ Result<std::unique_ptr<KeyStore>> make_sqlite_key_store(Direction own, const std
     journal = std::make_unique<SqliteJournal>(db_path, node_key, synchronous_full);
     state = journal->open(own);
   } catch (const DbError& e) {
-    return make_error(ErrorCode::kUnavailable, fmt::format("key store: {}", e.what));
+    // Most errors name the file already; SQLite's own do not.
+    return make_error(ErrorCode::kUnavailable,
+                      e.what.find(db_path) == std::string::npos
+                          ? fmt::format("key store: {}: {}", db_path, e.what)
+                          : fmt::format("key store: {}", e.what));
   } catch (const std::exception& e) {  // malformed JSON in a row
     return make_error(ErrorCode::kUnavailable,
                       fmt::format("key store: {}: corrupt row: {}", db_path, e.what()));
