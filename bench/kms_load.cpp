@@ -47,6 +47,7 @@
 #include <boost/beast/ssl.hpp>
 #include <chrono>
 #include <map>
+#include <memory>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -379,22 +380,27 @@ double commit_quantile(const Buckets& before, const Buckets& after, double q,
 // A floor under a durable request at this rate, measured beside the KMEs after their run:
 // `files` writers (one per KME that writes, each rate / 2 requests/s, offset by half an
 // interval as the KMEs' requests are), each handing every request that has arrived by the
-// time it is free to `sink.commit(first, end)` at once (group commit, as the KME's store
-// does); latency from each request's scheduled time to the end of its commit. A Sink is made
-// per writer by `make_sink(dir, index)`; it returns false (and reports) on failure.
+// time it is free to `sink->commit(first, end)` at once (group commit, as the KME's store
+// does); latency from each request's scheduled time to the end of its commit. A sink is made
+// per writer by `make_sink(dir, index)` (a unique_ptr), all of them before the schedule
+// starts; commit() returns false (and reports) on failure.
 template <typename MakeSink>
 Lat floor_at_schedule(const std::filesystem::path& dir, double rate, double seconds, int files,
                       MakeSink make_sink) {
   Lat total;
   std::mutex mu;
   std::vector<std::thread> threads;
+  std::vector<decltype(make_sink(dir, 0))> sinks;
+  for (int f = 0; f < files; ++f) {
+    sinks.push_back(make_sink(dir, f));
+  }
   const auto interval =
       std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(2.0 / rate));
   const auto start = Clock::now() + std::chrono::milliseconds(100);
   const auto n = static_cast<std::size_t>(seconds * rate / 2);
   for (int f = 0; f < files; ++f) {
     threads.emplace_back([&, f]() {
-      auto sink = make_sink(dir, f);
+      auto& sink = *sinks[static_cast<std::size_t>(f)];
       const auto due = [&](std::size_t i) { return start + interval * i + interval * f / 2; };
       Lat lat;
       std::size_t done = 0;
@@ -480,9 +486,9 @@ class RawFileSink {
 };
 
 // SQLite's floor: per request what a dec_keys changes in the store, in a minimal database of
-// the same kind (WAL, synchronous = FULL, secure_delete, no checkpoints during the run): the
-// delivered key_ID's `assigned` row deleted, a `used_ids` row inserted; one transaction for
-// the group. No TLS, HTTP or KME: what a SQLite commit costs on this disk at this schedule,
+// the same kind (WAL, synchronous = FULL, secure_delete; no checkpoints during the run, the
+// WAL grown beforehand and rewritten in place): the delivered key_ID's `assigned` row
+// deleted, a `used_ids` row inserted; one transaction for the group. No TLS, HTTP or KME: what a SQLite commit costs on this disk at this schedule,
 // beside the raw file's floor.
 class SqliteSink {
  public:
@@ -501,7 +507,14 @@ class SqliteSink {
     for (std::size_t i = 0; ok_ && i < rows; ++i) {
       ok_ = step(insert_assigned_, i, true);
     }
-    ok_ = ok_ && exec("COMMIT") && exec("PRAGMA wal_checkpoint(TRUNCATE)");
+    // The WAL grown to ~48 MiB (more than a run writes) and started over, so that the run's
+    // commits rewrite it in place, as a KME's do between its checkpoints, never extending it.
+    ok_ = ok_ && exec("COMMIT") &&
+          exec("PRAGMA secure_delete=OFF; CREATE TABLE filler(b BLOB);"
+               "INSERT INTO filler WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM"
+               " n WHERE i < 12000) SELECT zeroblob(4000) FROM n;"
+               "DROP TABLE filler; PRAGMA secure_delete=ON;") &&
+          exec("PRAGMA wal_checkpoint(RESTART)");
     if (!ok_) {
       report();
     }
@@ -808,12 +821,12 @@ int run(int argc, char** argv) {
         const int files = prepared == 0 ? 2 : 1;
         Lat f = floor_at_schedule(net->dir(), rate, seconds, files,
                                   [](const std::filesystem::path& d, int i) {
-                                    return RawFileSink(d, i);
+                                    return std::make_unique<RawFileSink>(d, i);
                                   });
         const auto rows = static_cast<std::size_t>(seconds * rate / 2);
         Lat q = floor_at_schedule(net->dir(), rate, seconds, files,
                                   [rows](const std::filesystem::path& d, int i) {
-                                    return SqliteSink(d, i, rows);
+                                    return std::make_unique<SqliteSink>(d, i, rows);
                                   });
         floor_rows.push_back(fmt::format(
             "| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | "
