@@ -7,10 +7,17 @@
 // both KMEs (the peer's SAEs but the slave, plus this KME's but the master). keys: key_size 256, min 64, max 8192,
 // max_key_per_request 128; max_key_count 300 keeps the pool small (the link pauses), so a
 // request for more key than a full pool holds is a reliable 503.
+#include <arpa/inet.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <regex>
 #include <set>
@@ -159,32 +166,45 @@ TEST_F(Etsi014, Tls12ClientIsServed) {
   EXPECT_FALSE(no_cert.get("/api/v1/keys/bob/status").ok());
 }
 
+// Sends `request` (raw bytes) to alice-kme as SAE alice over the real `openssl s_client`
+// with `args`, and returns what s_client printed (its session report and the response).
+std::string s_client_exchange(const KmeNetwork& net, const std::string& request,
+                              const std::string& args) {
+  const qkd::test::TlsIdentity id = net.sae("alice");
+  const auto in = net.dir() / "s_client-request.bin";
+  {
+    std::ofstream f(in, std::ios::binary);
+    f << request;
+  }
+  const std::string cmd = fmt::format(
+      "timeout 20 openssl s_client -connect 127.0.0.1:{} -cert '{}' -key '{}' -CAfile '{}' "
+      "-ign_eof {} < '{}' 2>&1",
+      net.alice().api_port, id.cert_file, id.key_file, id.ca_file, args, in.string());
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) {
+    return out;
+  }
+  char buf[1024];
+  while (std::fgets(buf, sizeof buf, p) != nullptr) {
+    out += buf;
+  }
+  ::pclose(p);
+  return out;
+}
+
 // An SAE that resumes its TLS session (TLS 1.2 session IDs, TLS 1.3 tickets; most client
 // stacks do by default) is served on the resumed session. Checked with the real `openssl
 // s_client`: the second connection reuses the first one's session and gets a status.
 TEST_F(Etsi014, ResumedTlsSessionsAreServed) {
-  const qkd::test::TlsIdentity id = net_->sae("alice");
   const auto sess = net_->dir() / "alice.sess";
   for (const char* version : {"-tls1_2", "-tls1_3"}) {
     SCOPED_TRACE(version);
     std::filesystem::remove(sess);
     auto run = [&](const std::string& sess_arg) {
-      const std::string cmd = fmt::format(
-          "printf 'GET /api/v1/keys/bob/status HTTP/1.1\r\nHost: x\r\nConnection: "
-          "close\r\n\r\n' | timeout 20 openssl s_client -connect 127.0.0.1:{} {} -cert '{}' "
-          "-key '{}' -CAfile '{}' -ign_eof {} 2>&1",
-          net_->alice().api_port, version, id.cert_file, id.key_file, id.ca_file, sess_arg);
-      std::string out;
-      FILE* p = ::popen(cmd.c_str(), "r");
-      if (p == nullptr) {
-        return out;
-      }
-      char buf[1024];
-      while (std::fgets(buf, sizeof buf, p) != nullptr) {
-        out += buf;
-      }
-      ::pclose(p);
-      return out;
+      return s_client_exchange(
+          *net_, "GET /api/v1/keys/bob/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+          fmt::format("{} {}", version, sess_arg));
     };
     const std::string first = run("-sess_out '" + sess.string() + "'");
     ASSERT_NE(first.find("HTTP/1.1 200"), std::string::npos) << first;
@@ -192,6 +212,41 @@ TEST_F(Etsi014, ResumedTlsSessionsAreServed) {
     EXPECT_NE(second.find("Reused,"), std::string::npos) << second;
     EXPECT_NE(second.find("HTTP/1.1 200"), std::string::npos) << second;
   }
+}
+
+// Not a rule of the standard, but what an SAE (or anyone with a certificate) may send: a
+// body over the limit (64 KiB), a request that is not HTTP, a header block over Beast's
+// limit each get a 400 with a message, and a connection that never completes its TLS
+// handshake holds up no one else.
+TEST_F(Etsi014, HostileHttpGetsAClearErrorAndHoldsUpNoOne) {
+  const std::string big(100 * 1024, 'x');
+  HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys", big);
+  EXPECT_EQ(r.status, 400u);
+  EXPECT_EQ(message_of(r), "request body too large") << r.body;
+
+  const std::string garbage = s_client_exchange(*net_, "\x01\x02 GARBAGE\r\n\r\n", "");
+  EXPECT_NE(garbage.find("HTTP/1.1 400"), std::string::npos) << garbage;
+  EXPECT_NE(garbage.find("malformed HTTP request"), std::string::npos) << garbage;
+  const std::string huge_header = s_client_exchange(
+      *net_,
+      "GET /api/v1/keys/bob/status HTTP/1.1\r\nHost: x\r\nX-Filler: " +
+          std::string(16 * 1024, 'y') + "\r\n\r\n",
+      "");
+  EXPECT_NE(huge_header.find("HTTP/1.1 400"), std::string::npos) << huge_header;
+
+  // A plain TCP connection that says nothing: its TLS handshake waits (up to 10 s), the
+  // next SAE is served meanwhile (a client that gives up after 5 s).
+  const int idle = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(idle, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(net_->alice().api_port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(idle, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const HttpsTestClient patient_not(net_->alice().host, net_->alice().api_port,
+                                    net_->sae("alice"), std::chrono::seconds(5));
+  EXPECT_EQ(get(patient_not, "/api/v1/keys/bob/status").status, 200u);
+  ::close(idle);
 }
 
 // "Transport and authentication" / "Status codes": the caller's SAE ID comes from its
