@@ -114,21 +114,10 @@ struct Kme::Impl {
   }
   std::string render_metrics() const {
     StoreStats st = store->stats();
-    st.waiting_by_pair = store->waiting_by_pair();
-    // Every pair whose keys can wait here has a series, 0 when none waits: the peer's SAEs
-    // as masters of this KME's, and this KME's SAEs among themselves (multicast here).
+    st.waiting_by_pair =
+        pair_waiting_series(config.saes, config.link.peer_saes, store->waiting_by_pair());
     Metrics::BudgetLevels budgets;
     const auto now = std::chrono::steady_clock::now();
-    for (const auto& slave : config.saes) {
-      for (const auto& master : config.link.peer_saes) {
-        st.waiting_by_pair.try_emplace({master, slave}, 0);
-      }
-      for (const auto& master : config.saes) {
-        if (master != slave) {
-          st.waiting_by_pair.try_emplace({master, slave}, 0);
-        }
-      }
-    }
     for (const auto& master : config.saes) {
       if (auto v = admission->sae_level(master, now)) {
         budgets.sae.emplace_back(master, *v);

@@ -11,6 +11,27 @@
 
 namespace qkd::kms {
 
+std::map<std::pair<std::string, std::string>, std::uint64_t> pair_waiting_series(
+    const std::vector<std::string>& saes, const std::vector<std::string>& peer_saes,
+    const std::map<std::pair<std::string, std::string>, std::uint64_t>& waiting) {
+  std::map<std::pair<std::string, std::string>, std::uint64_t> out;
+  auto take = [&](const std::string& master, const std::string& slave) {
+    const auto it = waiting.find({master, slave});
+    out[{master, slave}] = it == waiting.end() ? 0 : it->second;
+  };
+  for (const auto& slave : saes) {
+    for (const auto& master : peer_saes) {
+      take(master, slave);
+    }
+    for (const auto& master : saes) {
+      if (master != slave) {
+        take(master, slave);
+      }
+    }
+  }
+  return out;
+}
+
 std::string escape_label_value(std::string_view v) {
   std::string out;
   out.reserve(v.size());

@@ -182,6 +182,21 @@ TEST(ClassifyRequestTest, RoutesAndNumbers) {
   EXPECT_EQ(classify_request(ApiRequest{"GET", "/", ""}).route, "other");
 }
 
+// Every pair whose keys can wait at a KME has a series, 0 when none waits, and no other:
+// keys a faulty peer assigned to SAEs nobody here serves add no series.
+TEST(MetricsTest, PairWaitingSeriesAreTheConfiguredPairsOnly) {
+  const std::vector<std::string> saes = {"alice", "alice-2"};
+  const std::vector<std::string> peer_saes = {"bob"};
+  const auto series = qkd::kms::pair_waiting_series(
+      saes, peer_saes,
+      {{{"bob", "alice"}, 3}, {{"alice", "alice-2"}, 1}, {{"mallory", "alice"}, 7},
+       {{"bob", "eve"}, 9}});
+  const std::map<std::pair<std::string, std::string>, std::uint64_t> expected = {
+      {{"bob", "alice"}, 3},     {{"alice-2", "alice"}, 0}, {{"bob", "alice-2"}, 0},
+      {{"alice", "alice-2"}, 1}};
+  EXPECT_EQ(series, expected);
+}
+
 TEST(MetricsTest, LabelValuesAreEscaped) {
   EXPECT_EQ(qkd::kms::escape_label_value("plain"), "plain");
   EXPECT_EQ(qkd::kms::escape_label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");

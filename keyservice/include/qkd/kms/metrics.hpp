@@ -12,6 +12,8 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "qkd/kms/api.hpp"
 #include "qkd/kms/key_store.hpp"
@@ -20,6 +22,14 @@ namespace qkd::kms {
 
 // Escapes a label value: backslash, double quote and line feed (exposition format 0.0.4).
 [[nodiscard]] std::string escape_label_value(std::string_view v);
+
+// The qkd_kms_pair_keys_waiting series of a KME serving `saes`, whose peer serves
+// `peer_saes`, from the store's `waiting` (KeyStore::waiting_by_pair): every pair whose keys
+// can wait here (a peer SAE or another SAE here as master, an SAE here as slave), 0 when none
+// waits, and no other (a faulty peer's notices naming other SAEs would add a series per name).
+[[nodiscard]] std::map<std::pair<std::string, std::string>, std::uint64_t> pair_waiting_series(
+    const std::vector<std::string>& saes, const std::vector<std::string>& peer_saes,
+    const std::map<std::pair<std::string, std::string>, std::uint64_t>& waiting);
 
 class Metrics {
  public:
