@@ -10,11 +10,13 @@
 // Checks: nothing crashes (ASan, UBSan); an edited file either refuses to open with an
 // error that names it, or serves only what it holds: every key handed out is made of pool
 // bytes (the template's pool has no run of 16 zero bytes, while used bytes are wiped to
-// zeros, so a key with such a run is a used byte served again) and no SAE gets a key_ID
-// twice.
+// zeros, so a key with such a run is a used byte served again), no SAE gets a key_ID twice,
+// and the keys slaves fetched before the edit (one of them multicast) are not handed to
+// them again. Keys and the block end off the 32-byte chunks, as real ones do.
 //
-// Input: edits, each an opcode byte and its argument bytes (see apply()); the input ends
-// them. The files live in /dev/shm when it exists (no disk syncs per run).
+// Input: one byte for how many keys each enc_keys asks, then edits, each an opcode byte and
+// its argument bytes (see apply()); the input ends them. The files live in /dev/shm when it
+// exists (no disk syncs per run).
 #include <spdlog/spdlog.h>
 #include <sqlite3.h>
 #include <stdlib.h>
@@ -103,8 +105,8 @@ struct Template {
   }
   std::string dir;
   std::string path;
-  std::vector<std::pair<std::string, std::string>> held;  // (slave, key_ID)
-  std::vector<std::string> delivered;                      // own keys, delivered
+  std::vector<std::pair<std::string, std::string>> held;     // (slave, key_ID)
+  std::vector<std::pair<std::string, std::string>> fetched;  // (slave, key_ID): never again
 };
 
 Template::Template() {
@@ -124,15 +126,13 @@ Template::Template() {
     std::abort();
   }
   auto& store = *s.value();
-  const auto pool = pool_bytes(32 * 64);  // 32 chunks per direction: four rows each
+  // 32 chunks and 20 bytes: alice's direction ends 20 bytes into its last chunk.
+  const auto pool = pool_bytes(32 * 64 + 20);
   bool ok = store.start_epoch(7).ok() && store.commit_block(pool, 7, 1).ok();
-  // Own keys delivered (alice's direction): used bytes, used_ids with owners.
+  // Own keys delivered (alice's direction): used bytes up to 120, inside chunk 3; used_ids
+  // with owners.
   for (int i = 0; ok && i < 3; ++i) {
-    auto k = store.allocate(kSaes[0], {kSaes[1]}, 1, 32);
-    ok = k.ok();
-    if (ok) {
-      t.delivered.push_back(k.value().front().key_id);
-    }
+    ok = store.allocate(kSaes[0], {kSaes[1]}, 1, 40).ok();
   }
   // Keys the peer assigned from bob's direction for slaves here: one plain, one multicast
   // that one of its slaves fetched, one fetched (delivered), one waiting for its bytes.
@@ -141,22 +141,22 @@ Template::Template() {
     a.key_id = std::move(id);
     a.direction = Direction::kBob;
     a.offset = off;
-    a.length = 32;
+    a.length = 40;
     a.master_sae = kSaes[1];
     a.slave_saes = std::move(slaves);
     return a;
   };
   const std::string plain = "3f2d6c1e-8a4b-4c5d-9e6f-7a8b9c0d1e2f";
   const std::string multi = "5b6c7d8e-9f0a-4b1c-8d2e-3f4a5b6c7d8e";
-  const std::string fetched = "7d8e9f0a-1b2c-4d3e-8f4a-5b6c7d8e9f0a";
+  const std::string done = "7d8e9f0a-1b2c-4d3e-8f4a-5b6c7d8e9f0a";
   const std::string waits = "9f0a1b2c-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
   ok = ok && store.apply_peer_notice(1, {assign(plain, 0, {kSaes[0]}),
-                                         assign(multi, 32, {kSaes[0], kSaes[2]}),
-                                         assign(fetched, 64, {kSaes[0]}),
+                                         assign(multi, 40, {kSaes[0], kSaes[2]}),
+                                         assign(done, 80, {kSaes[0]}),
                                          assign(waits, 4096, {kSaes[0]})})
                  .ok();
   ok = ok && store.take(kSaes[2], kSaes[1], {multi}, std::chrono::milliseconds(0)).ok() &&
-       store.take(kSaes[0], kSaes[1], {fetched}, std::chrono::milliseconds(0)).ok();
+       store.take(kSaes[0], kSaes[1], {done}, std::chrono::milliseconds(0)).ok();
   ok = ok && store.set_pending_block(qkd::kms::PendingBlock{2, qkd::core::SecureBytes(
                                                                    std::span(pool).first(64))})
                  .ok();
@@ -164,7 +164,8 @@ Template::Template() {
     std::fprintf(stderr, "template: cannot fill the store\n");
     std::abort();
   }
-  t.held = {{kSaes[0], plain}, {kSaes[0], multi}, {kSaes[0], fetched}, {kSaes[0], waits}};
+  t.held = {{kSaes[0], plain}, {kSaes[0], multi}, {kSaes[0], waits}};
+  t.fetched = {{kSaes[0], done}, {kSaes[2], multi}};
   s.value().reset();  // closed: checkpointed into one file
 }
 
@@ -184,6 +185,7 @@ class Run {
     if (sqlite3_open(path.c_str(), &db_) != SQLITE_OK) {
       std::abort();
     }
+    keys_per_request_ = 1 + next() % 3;
     while (pos_ < in_.size()) {
       apply();
     }
@@ -297,7 +299,7 @@ class Run {
         break;
       }
       default: {
-        // sealed (or message) column: the byte at a position xored with a non-zero value.
+        // A byte of a sealed (or message) column xored with a non-zero value.
         const char* col = t.name == std::string("outbox") ? "message" : "sealed";
         if (std::find_if(t.columns.begin(), t.columns.end(), [&](const char* c) {
               return std::string(c) == col;
@@ -305,14 +307,33 @@ class Run {
           break;
         }
         const unsigned at = next();
-        const unsigned x = next() | 1;
-        exec("UPDATE " + std::string(t.name) + " SET " + col + " = substr(" + col + ", 1, " +
-                 std::to_string(at) + ") || char((unicode(substr(" + col + ", " +
-                 std::to_string(at + 1) + ", 1)) ^ " + std::to_string(x) + ") & 255) || substr(" +
-                 col + ", " + std::to_string(at + 2) + ") WHERE " + where,
-             false);
+        const auto x = static_cast<std::uint8_t>(next() | 1);
+        flip(std::string("SELECT ") + col + " FROM " + t.name + " WHERE " + where,
+             std::string("UPDATE ") + t.name + " SET " + col + " = ?1 WHERE " + where, at, x);
       }
     }
+  }
+
+  // Reads one blob with `select`, xors its byte `at` (modulo its size) with `x`, writes it
+  // back with `update`.
+  void flip(const std::string& select, const std::string& update, unsigned at, std::uint8_t x) {
+    std::vector<std::uint8_t> blob;
+    sqlite3_stmt* st = nullptr;
+    if (sqlite3_prepare_v2(db_, select.c_str(), -1, &st, nullptr) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW) {
+      const auto* b = static_cast<const std::uint8_t*>(sqlite3_column_blob(st, 0));
+      blob.assign(b, b + sqlite3_column_bytes(st, 0));
+    }
+    sqlite3_finalize(st);
+    if (blob.empty()) {
+      return;
+    }
+    blob[at % blob.size()] ^= x;
+    if (sqlite3_prepare_v2(db_, update.c_str(), -1, &st, nullptr) == SQLITE_OK) {
+      sqlite3_bind_blob(st, 1, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+      (void)sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
   }
 
   // Opens the edited file and serves from it; checks what it hands out.
@@ -330,7 +351,7 @@ class Run {
     (void)store.pool_digest();
     (void)store.link_state();
     for (int i = 0; i < 4; ++i) {
-      auto k = store.allocate(kSaes[0], {kSaes[1]}, 1 + (next() % 3), 32);
+      auto k = store.allocate(kSaes[0], {kSaes[1]}, keys_per_request_, 40);
       if (k.ok()) {
         for (const auto& key : k.value()) {
           handed_out(kSaes[0], key);
@@ -345,16 +366,16 @@ class Run {
         }
       }
     }
-    for (const auto& id : t_.delivered) {  // delivered before: never again
-      if (store.take(kSaes[1], kSaes[0], {id}, std::chrono::milliseconds(0)).ok()) {
+    for (const auto& [slave, id] : t_.fetched) {  // fetched before the edit: never again
+      if (store.take(slave, kSaes[1], {id}, std::chrono::milliseconds(0)).ok()) {
         std::abort();
       }
     }
     KeyAssignment a;
     a.key_id = "0c1d2e3f-4a5b-4c6d-8e7f-8a9b0c1d2e3f";
     a.direction = Direction::kBob;
-    a.offset = 96;
-    a.length = 32;
+    a.offset = 120;
+    a.length = 40;
     a.master_sae = kSaes[1];
     a.slave_saes = {kSaes[3]};
     (void)store.apply_peer_notice(2, {a});
@@ -380,6 +401,7 @@ class Run {
   std::size_t pos_ = 0;
   const Template& t_;
   sqlite3* db_ = nullptr;
+  std::uint32_t keys_per_request_ = 1;
   std::set<std::pair<std::string, std::string>> given_;
 };
 

@@ -161,7 +161,14 @@ std::string chunk_aad(Direction d, std::uint64_t idx) {  // format 1
 std::string row_aad(Direction d, std::uint64_t row) {
   return fmt::format("qkd-kms/pool/{}/{}", static_cast<int>(d), row);
 }
-std::string key_aad(const std::string& id) { return fmt::format("qkd-kms/key/{}", id); }
+// An assigned key's additional data binds its owners too: the master and the `slaves` column
+// as stored (its slaves, and which of them fetched it), so that an edited owner does not
+// authenticate. Rows written before owners were bound used key_aad_v1.
+std::string key_aad(const std::string& id, const std::string& master,
+                    const std::string& slaves_column) {
+  return fmt::format("qkd-kms/key2/{}\n{}\n{}", id, master, slaves_column);
+}
+std::string key_aad_v1(const std::string& id) { return fmt::format("qkd-kms/key/{}", id); }
 std::string pending_aad(std::uint64_t block) { return fmt::format("qkd-kms/pending/{}", block); }
 
 // AES-256-GCM under the node key; throws DbError on a library failure. The key schedule is
@@ -530,7 +537,15 @@ class SqliteJournal final : public detail::Journal {
     const std::span<const std::uint8_t> kc(reinterpret_cast<const std::uint8_t*>(kc_text.data()),
                                            kc_text.size());
     if (!meta.contains("format")) {
-      if (!meta.empty() || !key_check.empty() || !pool_digest.empty() || !unsynced_boot.empty()) {
+      // A new file has no row at all (its tables were created just now, or by a start that
+      // stopped before writing its first rows).
+      bool rows = !meta.empty() || !key_check.empty() || !pool_digest.empty() ||
+                  !unsynced_boot.empty();
+      db_.run("SELECT EXISTS(SELECT 1 FROM pool UNION ALL SELECT 1 FROM assigned UNION ALL "
+              "SELECT 1 FROM used_ids UNION ALL SELECT 1 FROM waiting UNION ALL SELECT 1 FROM "
+              "outbox UNION ALL SELECT 1 FROM pending_block UNION ALL SELECT 1 FROM settled)",
+              [&](sqlite3_stmt* st) { rows = rows || sqlite3_column_int(st, 0) != 0; });
+      if (rows) {
         throw DbError{fmt::format("{}: its format is not recorded: the file was damaged or "
                                   "edited, or is not a key store",
                                   path_)};
@@ -610,18 +625,22 @@ class SqliteJournal final : public detail::Journal {
       k.master = col_text(st, 1);
       // An array of slaves, or (a multicast key some slaves have fetched) an object
       // {"slaves": [...], "fetched": [...]}.
-      const json sl = json::parse(col_text(st, 2));
+      const std::string slaves = col_text(st, 2);
+      auto plain = open_sealed(key_.span(), key_aad(k.key_id, k.master, slaves), col_blob(st, 3));
+      if (!plain) {  // a row from before owners were bound
+        plain = open_sealed(key_.span(), key_aad_v1(k.key_id), col_blob(st, 3));
+      }
+      if (!plain) {
+        throw DbError{fmt::format("{}: key {} does not authenticate", path_, k.key_id)};
+      }
+      k.key = std::move(*plain);
+      const json sl = json::parse(slaves);
       if (sl.is_object()) {
         k.slaves = sl.at("slaves").get<std::vector<std::string>>();
         k.fetched = sl.at("fetched").get<std::vector<std::string>>();
       } else {
         k.slaves = sl.get<std::vector<std::string>>();
       }
-      auto plain = open_sealed(key_.span(), key_aad(k.key_id), col_blob(st, 3));
-      if (!plain) {
-        throw DbError{fmt::format("{}: key {} does not authenticate", path_, k.key_id)};
-      }
-      k.key = std::move(*plain);
       s.assigned.push_back(std::move(k));
     });
     db_.run("SELECT key_id, owners FROM used_ids ORDER BY rowid", [&](sqlite3_stmt* st) {
@@ -698,11 +717,13 @@ class SqliteJournal final : public detail::Journal {
     });
   }
   void put_assigned(const detail::StoredKey& k) override {
-    Blob sealed = sealer_.seal(key_aad(k.key_id), k.key.span());
     json sl =
         k.fetched.empty() ? json(k.slaves) : json{{"slaves", k.slaves}, {"fetched", k.fetched}};
+    std::string slaves = sl.dump();
+    Blob sealed = sealer_.seal(key_aad(k.key_id, k.master, slaves), k.key.span());
     add(
-        [id = k.key_id, master = k.master, slaves = sl.dump(), sealed = std::move(sealed)](Db& db) {
+        [id = k.key_id, master = k.master, slaves = std::move(slaves),
+         sealed = std::move(sealed)](Db& db) {
           db.write(
               "INSERT OR REPLACE INTO assigned(key_id, master, slaves, sealed) VALUES(?,?,?,?)", id,
               master, slaves, sealed);
@@ -853,7 +874,8 @@ class SqliteJournal final : public detail::Journal {
   // catches a deletion. The counters are stored in the clear, so the cursors are checked
   // too: one past its direction's end would make the pool look larger than it is, and one
   // moved back would serve bytes already used, which the rows hold as zeros (a used byte is
-  // wiped, and 16 or more zero bytes in a row are not key: 2^-128).
+  // wiped, and 16 zero bytes in a row are not key: 2^-128). So is a committed end moved
+  // into the zeros after a block's last byte. A move by less than 16 bytes is not seen.
   void check_pool_complete(const detail::StoredState& s) const {
     auto damaged = [&](const std::string& what) {
       return DbError{fmt::format("{}: {}: the file was damaged or edited; move it away to "
@@ -872,6 +894,7 @@ class SqliteJournal final : public detail::Journal {
       }
       const std::uint64_t end = (end_byte + kChunkBytes - 1) / kChunkBytes;
       std::uint64_t next = cursor / kChunkBytes;  // chunks arrive in order (ORDER BY)
+      std::uint64_t zeros = 0;                     // the run of zero bytes so far, across chunks
       for (const auto& c : s.chunks) {
         if (c.dir != dir || c.index != next || next >= end) {
           continue;
@@ -880,12 +903,13 @@ class SqliteJournal final : public detail::Journal {
         const std::uint64_t at = next * kChunkBytes;
         const std::uint64_t from = std::max(at, cursor) - at;
         const std::uint64_t to = std::min<std::uint64_t>(at + kChunkBytes, end_byte) - at;
-        const auto part = c.bytes.span().subspan(from, to - from);
-        if (part.size() >= 16 &&
-            std::all_of(part.begin(), part.end(), [](std::uint8_t b) { return b == 0; })) {
-          throw damaged(fmt::format("direction {} holds used (wiped) bytes at byte {}, past "
-                                    "its cursor at byte {}",
-                                    d, at + from, cursor));
+        for (std::uint64_t i = from; i < to; ++i) {
+          zeros = c.bytes[i] == 0 ? zeros + 1 : 0;
+          if (zeros == 16) {
+            throw damaged(fmt::format("direction {} holds used (wiped) bytes at byte {}, past "
+                                      "its cursor at byte {}",
+                                      d, at + i + 1 - zeros, cursor));
+          }
         }
         ++next;
       }

@@ -388,6 +388,7 @@ TEST(SqliteKeyStore, AnEditedFileIsRefusedAtOpen) {
       // Not a new file either (found by fuzz/store_file_fuzz.cpp: the store tried to create
       // its meta rows again and failed on SQLite's "UNIQUE constraint failed").
       {"format", "DELETE FROM meta WHERE name = 'format'", "its format is not recorded"},
+      {"meta", "DELETE FROM meta", "its format is not recorded"},
   };
   for (const auto& e : edits) {
     const std::string copy = dir.file("edited-" + e.what + ".db");
@@ -402,6 +403,21 @@ TEST(SqliteKeyStore, AnEditedFileIsRefusedAtOpen) {
   auto s = open_store(db);
   ASSERT_NE(s, nullptr);
   EXPECT_EQ(s->stats().own_available_bytes, 640u - 96u);
+  s.reset();
+
+  // Keys that do not end on a chunk: three of 40 bytes leave the cursor at 120, inside
+  // chunk 3. Moved back to 81, the wiped bytes 81-119 span two chunks, neither of them wholly.
+  const std::string odd = dir.file("odd.db");
+  {
+    auto t = store_with_block(odd, pool);
+    ASSERT_NE(t, nullptr);
+    ASSERT_TRUE(t->allocate("alice", {"bob"}, 3, 40).ok());
+  }
+  exec_sql(odd, "UPDATE meta SET value = 81 WHERE name = 'cursor_0'");
+  auto t = qkd::kms::make_sqlite_key_store(Direction::kAlice, odd, kNodeKey);
+  ASSERT_FALSE(t.ok()) << "a cursor moved back by 39 bytes, yet the store opened";
+  EXPECT_NE(t.error().message.find("holds used (wiped) bytes at byte 81"), std::string::npos)
+      << t.error().message;
 }
 
 // The store's view of this host's boot (QKD_KMS_BOOT_ID) for one scope.
@@ -977,6 +993,58 @@ TEST(SqliteKeyStore, LocalSlaveKeySurvivesReopen) {
   EXPECT_EQ(s->take("alice-2", "alice", {keys[1].key_id}, 0ms).error().code,
             ErrorCode::kInvalidArgument);
   EXPECT_EQ(s->stats().assigned_keys_waiting, 0u);
+}
+
+// An assigned key's owners are sealed with its bytes: an edited master, slave or "fetched"
+// list (which would hand the key to another SAE, or to a slave again) does not authenticate
+// and the store refuses to open. A row sealed before owners were bound (its key_ID alone as
+// additional data) still opens.
+TEST(SqliteKeyStore, AnAssignedKeysOwnersAreSealedWithIt) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  std::string id;
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->commit_block(pattern(32 * 8, 3), 1, 1).ok());
+    auto k = s->allocate("alice", {"bob"}, {"alice-2", "alice-3"}, 1, 16);
+    ASSERT_TRUE(k.ok()) << k.error().message;
+    id = k->front().key_id;
+    ASSERT_TRUE(s->take("alice-2", "alice", {id}, 0ms).ok());  // alice-3 still to fetch
+  }
+  for (const std::string& sql :
+       {std::string("UPDATE assigned SET master = 'mallory'"),
+        std::string(R"(UPDATE assigned SET slaves = '{"slaves":["alice-2","mallory"],"fetched":["alice-2"]}')"),
+        std::string(R"(UPDATE assigned SET slaves = '{"slaves":["alice-2","alice-3"],"fetched":[]}')")}) {
+    const std::string copy = dir.file("edited.db");
+    std::filesystem::remove(copy);
+    std::filesystem::copy_file(db, copy);
+    exec_sql(copy, sql);
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, copy, kNodeKey);
+    ASSERT_FALSE(s.ok()) << sql << ", yet the store opened";
+    EXPECT_NE(s.error().message.find("does not authenticate"), std::string::npos)
+        << s.error().message;
+  }
+  // The same row sealed as before (additional data "qkd-kms/key/<key_ID>"): opens, and
+  // alice-3 gets the key.
+  const auto bytes = pattern(16, 9);
+  const auto legacy = gcm(true, "qkd-kms/key/" + id, bytes);
+  {
+    sqlite3* h = nullptr;
+    ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+    sqlite3_stmt* st = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(h, "UPDATE assigned SET sealed = ?1", -1, &st, nullptr),
+              SQLITE_OK);
+    sqlite3_bind_blob(st, 1, legacy.data(), static_cast<int>(legacy.size()), SQLITE_STATIC);
+    EXPECT_EQ(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+    sqlite3_close(h);
+  }
+  auto s = open_store(db);
+  ASSERT_NE(s, nullptr);
+  auto got = s->take("alice-3", "alice", {id}, 0ms);
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  EXPECT_TRUE(qkd::core::constant_time_equal(got->front().key.span(), bytes));
 }
 
 // Checkpoints run beside the committer (not inside its commits) and the WAL stays bounded:
