@@ -33,6 +33,10 @@ constexpr auto kReadTimeout = std::chrono::seconds(30);
 constexpr auto kWriteTimeout = std::chrono::seconds(30);
 constexpr auto kShutdownTimeout = std::chrono::seconds(5);
 constexpr std::uint64_t kBodyLimit = 64 * 1024;
+// After an answer sent before its request was read to the end: what the client still sends
+// is read and dropped for at most this long, and this much (see drain_then_close()).
+constexpr auto kDrainTimeout = std::chrono::seconds(2);
+constexpr std::size_t kDrainLimit = 1024 * 1024;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
@@ -92,6 +96,7 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     if (ec == http::error::body_limit) {
       in_flight_.fetch_add(1);
+      unread_request_ = true;
       write(HttpReply{error_response(400, "request body too large")}, false);
       return;
     }
@@ -105,6 +110,7 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       if (ec.category() == http::make_error_code(http::error::bad_target).category()) {
         in_flight_.fetch_add(1);
+        unread_request_ = true;
         write(HttpReply{error_response(400, "malformed HTTP request")}, false);
       }
       return;
@@ -195,7 +201,11 @@ class Session : public std::enable_shared_from_this<Session> {
                           return;
                         }
                         if (!res->keep_alive()) {
-                          self->do_close();
+                          if (self->unread_request_) {
+                            self->drain_then_close();
+                          } else {
+                            self->do_close();
+                          }
                           return;
                         }
                         self->do_read();
@@ -207,6 +217,31 @@ class Session : public std::enable_shared_from_this<Session> {
     stream_.async_shutdown([self = shared_from_this()](beast::error_code) {});
   }
 
+  // A lingering close: the answer went out before the request was read to its end (a body
+  // over the limit, a malformed request), so the client may still be sending it. Closing
+  // now would make the kernel reset the connection, and a client still writing would meet
+  // the reset ("broken pipe") instead of reading the answer. So what it sends is read and
+  // dropped until it closes, for at most kDrainTimeout and kDrainLimit bytes, then closed.
+  void drain_then_close(std::size_t drained = 0) {
+    if (drained == 0) {
+      beast::get_lowest_layer(stream_).expires_after(kDrainTimeout);
+      drain_.resize(16 * 1024);
+    }
+    if (drained >= kDrainLimit) {
+      do_close();
+      return;
+    }
+    stream_.async_read_some(asio::buffer(drain_),
+                            [self = shared_from_this(), drained](beast::error_code ec,
+                                                                 std::size_t n) {
+                              if (ec) {  // the client closed, or the time is up
+                                self->do_close();
+                                return;
+                              }
+                              self->drain_then_close(drained + n);
+                            });
+  }
+
   beast::ssl_stream<beast::tcp_stream> stream_;
   asio::thread_pool& workers_;
   HttpsServer::Handler handler_;
@@ -216,6 +251,8 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<http::string_body>> parser_;
   std::string peer_;
   std::string caller_;
+  bool unread_request_ = false;  // answered before the request was read to its end
+  std::vector<char> drain_;      // what drain_then_close() drops
 };
 
 }  // namespace
