@@ -19,8 +19,9 @@
 //   settled(pool_end, t_ms)        commit time of each block not yet expired (max_age_s)
 //
 // Sealed = nonce(12) || AES-256-GCM ciphertext || tag(16) under the node key, with a fresh
-// random nonce per write and the row's identity ("pool/<dir>/<row>", "key/<key_ID>",
-// "pending/<block>") as additional data, so a row moved to another identity fails to open.
+// random nonce per write and the row's identity ("pool/<dir>/<row>", "pending/<block>"; for
+// an assigned key its key_ID, master and slaves column: key_aad()) as additional data, so a
+// row moved to another identity, or given other owners, fails to open.
 //
 // Group commit: the store records each operation's changes as a unit (under its lock, in
 // order); one thread at a time takes every unit queued so far and writes them in one
@@ -163,10 +164,12 @@ std::string row_aad(Direction d, std::uint64_t row) {
 }
 // An assigned key's additional data binds its owners too: the master and the `slaves` column
 // as stored (its slaves, and which of them fetched it), so that an edited owner does not
-// authenticate. Rows written before owners were bound used key_aad_v1.
+// authenticate; a JSON array, so that no two (key_ID, master, slaves) give the same text
+// whatever characters the SAE IDs hold. Rows written before owners were bound used
+// key_aad_v1.
 std::string key_aad(const std::string& id, const std::string& master,
                     const std::string& slaves_column) {
-  return fmt::format("qkd-kms/key2/{}\n{}\n{}", id, master, slaves_column);
+  return json::array({"qkd-kms/key2", id, master, slaves_column}).dump();
 }
 std::string key_aad_v1(const std::string& id) { return fmt::format("qkd-kms/key/{}", id); }
 std::string pending_aad(std::uint64_t block) { return fmt::format("qkd-kms/pending/{}", block); }
