@@ -17,13 +17,17 @@
 // Input: one byte for how many keys each enc_keys asks, then edits, each an opcode byte and
 // its argument bytes (see apply()); the input ends them. The files live in /dev/shm when it
 // exists (no disk syncs per run).
+#include <fmt/format.h>
+#include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -93,8 +97,36 @@ void remove_db(const std::string& path) {
   }
 }
 
+// Removes the template directories of fuzzing processes that are gone: a run that ends in
+// a crash, an abort or libFuzzer's own exit leaves its directory behind. Only directories
+// of this user, named with a process ID that no longer runs, are touched.
+void remove_stale_dirs(const fs::path& base, const std::string& prefix) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(base, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) != 0) {
+      continue;
+    }
+    const std::string rest = name.substr(prefix.size());
+    const auto dash = rest.find('-');
+    if (dash == 0 || dash == std::string::npos ||
+        !std::all_of(rest.begin(), rest.begin() + static_cast<std::ptrdiff_t>(dash),
+                     [](char c) { return c >= '0' && c <= '9'; })) {
+      continue;
+    }
+    const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
+    const bool gone = pid > 0 && ::kill(static_cast<pid_t>(pid), 0) == -1 && errno == ESRCH;
+    struct stat st {};
+    if (!gone || ::lstat(e.path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode) ||
+        st.st_uid != ::getuid()) {
+      continue;  // its process still runs, or not a directory of ours
+    }
+    fs::remove_all(e.path(), ec);
+  }
+}
+
 // The template file, and the key_IDs it holds for a slave here (peer-assigned); its
-// directory is removed at exit.
+// directory is removed at exit, and by a later run if this one ends without exiting.
 struct Template {
   Template();
   Template(const Template&) = delete;
@@ -113,7 +145,9 @@ Template::Template() {
   spdlog::set_level(spdlog::level::off);  // the store logs each refusal and discard
   Template& t = *this;
   const fs::path base = fs::exists("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
-  std::string d = (base / "qkd-store-file-fuzz-XXXXXX").string();
+  const std::string prefix = "qkd-store-file-fuzz-";
+  remove_stale_dirs(base, prefix);
+  std::string d = (base / fmt::format("{}{}-XXXXXX", prefix, ::getpid())).string();
   if (::mkdtemp(d.data()) == nullptr) {
     std::perror("mkdtemp");
     std::abort();
