@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -102,6 +103,11 @@ const char* const kNotAllowed =
 // Distinct (master, slaves) sets whose delivered keys answer 401 to other SAEs (SAE pairs of
 // a network: a few; past the bound a delivered key answers 400 to anyone).
 constexpr std::size_t kMaxOwnerSets = 1u << 16;
+// A peer's assignments waiting for their bytes: at most this many, ending at most this far
+// beyond this end's committed bytes in their direction (range_fault_locked()). An honest
+// peer is a block or two ahead; a block is far smaller, and holds far fewer keys.
+constexpr std::uint64_t kMaxLeadBytes = std::uint64_t{1} << 32;
+constexpr std::size_t kMaxPending = 1u << 20;
 
 // One direction of the pool: a byte stream stored in 32-byte chunks. Bytes below `cursor`
 // have been used (and cleansed); chunks wholly below it are dropped.
@@ -231,8 +237,20 @@ class JournaledStore final : public KeyStore {
       }
     }
     for (auto& [ord, a] : st.waiting) {
-      pending_.emplace_back(ord, std::move(a));
       next_ordinal_ = std::max(next_ordinal_, ord + 1);
+      // Stored by an earlier build, which took any offset a faulty peer sent.
+      if (const char* fault = range_fault_locked(a)) {
+        spdlog::error("key store: dropping the peer's assignment {} waiting for its bytes: {}",
+                      printable(a.key_id), fault);
+        if (journal_) {
+          journal_->drop_waiting(ord);
+        }
+        continue;
+      }
+      if (!a.discard) {
+        pending_ids_.insert(a.key_id);
+      }
+      pending_.emplace_back(ord, std::move(a));
     }
   }
 
@@ -1020,6 +1038,7 @@ class JournaledStore final : public KeyStore {
     streams_[1].clear();
     committed_ = 0;
     pending_.clear();
+    pending_ids_.clear();
     settle_.clear();
     if (journal_) {
       journal_->clear_pool();
@@ -1073,26 +1092,50 @@ class JournaledStore final : public KeyStore {
       return qkd::core::make_error(ErrorCode::kProtocol,
                                    "peer assigned a key from this KME's direction");
     }
+    // A second assignment of a key_ID waiting for its bytes would replace the first's bytes
+    // when both land.
     if (a.discard ? a.length == 0
                   : (a.length == 0 || a.key_id.empty() || records_.contains(a.key_id) ||
-                     used_ids_.contains(a.key_id) || pending_key_id_locked(a.key_id))) {
+                     used_ids_.contains(a.key_id) || pending_ids_.contains(a.key_id))) {
       return qkd::core::make_error(ErrorCode::kProtocol,
-                                   fmt::format("bad or duplicate assignment {}", a.key_id));
+                                   fmt::format("bad or duplicate assignment {}",
+                                               printable(a.key_id)));
+    }
+    if (const char* fault = range_fault_locked(a)) {
+      return qkd::core::make_error(
+          ErrorCode::kProtocol, fmt::format("assignment {}: {}", printable(a.key_id), fault));
+    }
+    if (pending_.size() >= kMaxPending) {
+      return qkd::core::make_error(
+          ErrorCode::kProtocol,
+          fmt::format("assignment {}: {} assignments already wait for their bytes",
+                      printable(a.key_id), pending_.size()));
     }
     const std::uint64_t ord = next_ordinal_++;
     if (journal_) {
       journal_->put_waiting(ord, a);
     }
+    if (!a.discard) {
+      pending_ids_.insert(a.key_id);
+    }
     pending_.emplace_back(ord, std::move(a));
     return qkd::core::ok_status();
   }
 
-  // Whether a notice waiting for its bytes already assigns `key_id` (a second assignment of
-  // it would replace the first's bytes when both land).
-  bool pending_key_id_locked(const std::string& key_id) const {
-    return std::any_of(pending_.begin(), pending_.end(), [&](const auto& p) {
-      return !p.second.discard && p.second.key_id == key_id;
-    });
+  // Why a peer's assignment cannot be honest whatever this end holds, or nullptr: its end
+  // past 2^64 (it would wrap around and pass for bytes long used), or further beyond this
+  // end's committed bytes in its direction than an honest peer ever is (a block or two
+  // ahead): such an assignment would wait for ever at the head of the queue, and hold up
+  // every notice behind it.
+  const char* range_fault_locked(const KeyAssignment& a) const {
+    if (a.offset > std::numeric_limits<std::uint64_t>::max() - a.length) {
+      return "its end is past 2^64 bytes";
+    }
+    const std::uint64_t committed = direction_bytes(committed_, a.direction);
+    if (a.offset + a.length > committed && a.offset + a.length - committed > kMaxLeadBytes) {
+      return "it ends more than 2^32 bytes beyond this end's pool";
+    }
+    return nullptr;
   }
 
   Status drain_pending_locked() {
@@ -1122,10 +1165,11 @@ class JournaledStore final : public KeyStore {
       if (a.offset < s.cursor()) {
         result = qkd::core::make_error(
             ErrorCode::kProtocol,
-            fmt::format("assignment {} overlaps bytes already used", a.key_id));
+            fmt::format("assignment {} overlaps bytes already used", printable(a.key_id)));
         if (journal_) {
           journal_->drop_waiting(ord);
         }
+        pending_ids_.erase(a.key_id);
         pending_.pop_front();
         continue;
       }
@@ -1146,6 +1190,7 @@ class JournaledStore final : public KeyStore {
         journal_->drop_waiting(ord);
       }
       wake_waiters_locked(a.key_id);
+      pending_ids_.erase(a.key_id);
       records_.emplace(std::move(a.key_id), std::move(rec));
       pending_.pop_front();
     }
@@ -1379,6 +1424,7 @@ class JournaledStore final : public KeyStore {
   std::array<DirectionStream, 2> streams_;
   std::uint64_t committed_ = 0;
   std::deque<std::pair<std::uint64_t, KeyAssignment>> pending_;  // (ordinal, assignment)
+  std::unordered_set<std::string> pending_ids_;  // key_IDs in pending_ (not discards)
   std::uint64_t next_ordinal_ = 1;
   std::unordered_map<std::string, AssignedKey> records_;
   // Delivered key_IDs -> their owners (an index into owner_sets_; 0: not known).

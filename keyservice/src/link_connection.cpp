@@ -121,6 +121,9 @@ void do_read_body(const std::shared_ptr<LinkConnection>& self, LinkConnection::I
                        self->close();
                        return;
                      }
+                     if (im.closed) {
+                       return;  // a message read before close(): not for the next session
+                     }
                      const auto ch = static_cast<Channel>(im.header[0]);
                      std::vector<std::uint8_t> msg = std::move(im.body);
                      im.body.clear();

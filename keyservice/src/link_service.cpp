@@ -15,6 +15,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <condition_variable>
 #include <deque>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -79,6 +80,20 @@ std::vector<std::uint8_t> to_bytes(const json& j) {
   return {s.begin(), s.end()};
 }
 
+// An unsigned integer field of a control message, within T; throws (the caller takes the
+// message for malformed) on anything else: nlohmann's get<> would wrap a negative number
+// around, truncate a larger one and cast a float.
+template <typename T = std::uint64_t>
+T uint_field(const json& j, const char* name) {
+  const json& v = j.at(name);
+  if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<std::int64_t>() < 0) ||
+      v.get<std::uint64_t>() > std::numeric_limits<T>::max()) {
+    throw std::runtime_error(fmt::format("field {} is not an integer in [0, {}]", name,
+                                         std::numeric_limits<T>::max()));
+  }
+  return static_cast<T>(v.get<std::uint64_t>());
+}
+
 std::optional<json> parse_control(const std::vector<std::uint8_t>& b) {
   json j = json::parse(b.begin(), b.end(), nullptr, false);
   if (j.is_discarded() || !j.is_object() || !j.contains("t") || !j.at("t").is_string()) {
@@ -97,29 +112,29 @@ json assignment_to_json(const KeyAssignment& a) {
   return j;
 }
 
-// Throws json exceptions on a malformed entry (caught by the caller).
-KeyAssignment assignment_from_json(const json& j) {
-  KeyAssignment a;
-  a.key_id = j.at("id").get<std::string>();
-  const int dir = j.at("dir").get<int>();
-  if (dir != 0 && dir != 1) {
-    throw std::runtime_error("bad direction");
-  }
-  a.direction = static_cast<Direction>(dir);
-  a.offset = j.at("off").get<std::uint64_t>();
-  a.length = j.at("len").get<std::uint32_t>();
-  a.master_sae = j.at("master").get<std::string>();
-  a.slave_saes = j.at("slaves").get<std::vector<std::string>>();
-  a.discard = j.value("discard", false);
-  return a;
-}
-
 struct OutboxEntry {
   std::uint64_t seq = 0;
   std::vector<std::uint8_t> message;  // encoded notice
 };
 
 }  // namespace
+
+// Throws on a malformed entry (caught by the caller).
+KeyAssignment detail::assignment_from_json(const json& j) {
+  KeyAssignment a;
+  a.key_id = j.at("id").get<std::string>();
+  const auto dir = uint_field<std::uint8_t>(j, "dir");
+  if (dir > 1) {
+    throw std::runtime_error("bad direction");
+  }
+  a.direction = static_cast<Direction>(dir);
+  a.offset = uint_field(j, "off");
+  a.length = uint_field<std::uint32_t>(j, "len");
+  a.master_sae = j.at("master").get<std::string>();
+  a.slave_saes = j.at("slaves").get<std::vector<std::string>>();
+  a.discard = j.value("discard", false);
+  return a;
+}
 
 struct LinkService::Impl {
   Impl(const Config& c, KeyStore& s, boost::asio::io_context& io,
@@ -333,8 +348,8 @@ struct LinkService::Impl {
       for (const json& p : j.at("pairs")) {
         const auto master = p.at("master").get<std::string>();
         const auto slave = p.at("slave").get<std::string>();
-        const auto n = p.at("n").get<std::uint64_t>();
-        const auto bits = p.value("bits", std::uint64_t{0});  // not from older versions
+        const auto n = uint_field(p, "n");
+        const auto bits = p.contains("bits") ? uint_field(p, "bits") : 0;  // not from older versions
         if (fetch_listener) {
           fetch_listener(master, slave, n, bits);
         }
@@ -351,7 +366,7 @@ struct LinkService::Impl {
     const std::string t = j.at("t").get<std::string>();
     try {
       if (t == "ack") {
-        const auto seq = j.at("seq").get<std::uint64_t>();
+        const auto seq = uint_field(j, "seq");
         {
           std::lock_guard lock(out_mu);
           while (!outbox.empty() && outbox.front().seq <= seq) {
@@ -361,10 +376,10 @@ struct LinkService::Impl {
         store.ack_notices(seq);  // not under out_mu: the store calls on_assignments under its lock
         return true;
       }
-      const auto seq = j.at("seq").get<std::uint64_t>();
+      const auto seq = uint_field(j, "seq");
       std::vector<KeyAssignment> as;
       for (const json& k : j.at("keys")) {
-        as.push_back(assignment_from_json(k));
+        as.push_back(detail::assignment_from_json(k));
       }
       bool fresh = false;
       {
@@ -441,7 +456,7 @@ struct LinkService::Impl {
       } else if (t == "decision") {
         {
           std::lock_guard lock(state_mu);
-          const auto e = j->at("epoch").get<std::uint64_t>();
+          const auto e = uint_field(*j, "epoch");
           if (j->at("mode").get<std::string>() == "reset") {
             reset_locked(e);
             spdlog::info("link: pool reset by the peer (new epoch)");
@@ -466,7 +481,7 @@ struct LinkService::Impl {
         return true;
       } else if (t == "commit") {
         std::lock_guard lock(state_mu);
-        const auto b = j->at("block").get<std::uint64_t>();
+        const auto b = uint_field(*j, "block");
         if (!pending || pending->block != b) {
           spdlog::warn("link: commit for block {} that is not pending", b);
           return false;
@@ -604,8 +619,8 @@ struct LinkService::Impl {
     }
     json decision;
     try {
-      const auto e = state->at("epoch").get<std::uint64_t>();
-      const auto b = state->at("blocks").get<std::uint64_t>();
+      const auto e = uint_field(*state, "epoch");
+      const auto b = uint_field(*state, "blocks");
       const bool p = state->at("pending").get<bool>();
       peer_takes_fetched = state->value("fetched", false);
       std::lock_guard lock(state_mu);
@@ -631,8 +646,8 @@ struct LinkService::Impl {
       // peer has already assigned.
       std::string lost_notices;
       if (e == epoch && state->contains("applied") && state->contains("next_seq")) {
-        const auto peer_applied = state->at("applied").get<std::uint64_t>();
-        const auto peer_next = state->at("next_seq").get<std::uint64_t>();
+        const auto peer_applied = uint_field(*state, "applied");
+        const auto peer_next = uint_field(*state, "next_seq");
         std::lock_guard out_lock(out_mu);
         if (peer_applied >= next_seq) {
           lost_notices = fmt::format("the peer applied notice {}, this KME's next is {}",
@@ -723,8 +738,8 @@ struct LinkService::Impl {
       std::uint64_t peer_block = 0;
       std::uint64_t peer_bytes = 0;
       try {
-        peer_block = ready->at("block").get<std::uint64_t>();
-        peer_bytes = ready->at("bytes").get<std::uint64_t>();
+        peer_block = uint_field(*ready, "block");
+        peer_bytes = uint_field(*ready, "bytes");
       } catch (const std::exception& ex) {
         return make_error(ErrorCode::kProtocol, fmt::format("bad ready message: {}", ex.what()));
       }
@@ -789,7 +804,7 @@ struct LinkService::Impl {
       }
       std::uint64_t block = 0;
       try {
-        block = j->at("block").get<std::uint64_t>();
+        block = uint_field(*j, "block");
       } catch (const std::exception& ex) {
         return make_error(ErrorCode::kProtocol, ex.what());
       }

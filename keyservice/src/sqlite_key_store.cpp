@@ -106,17 +106,6 @@ constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check";
 constexpr std::string_view kUnsyncedBoot = "unsynced_boot";
 constexpr std::string_view kKeyCheckText = "qkd-kms node key check v1";
 
-// Text read from the file, for a log line: at most 64 characters, anything but printable
-// ASCII as '?' (a damaged or edited file writes no control characters into the log).
-std::string printable(std::string_view text) {
-  std::string out(text.substr(0, 64));
-  for (char& c : out) {
-    if (c < 0x20 || c > 0x7e) {
-      c = '?';
-    }
-  }
-  return out;
-}
 
 // Thrown only inside this file, caught where a transaction or the opening ends.
 struct DbError {

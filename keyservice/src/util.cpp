@@ -9,6 +9,16 @@
 
 namespace qkd::kms {
 
+std::string printable(std::string_view text) {
+  std::string out(text.substr(0, 64));
+  for (char& c : out) {
+    if (c < 0x20 || c > 0x7e) {
+      c = '?';
+    }
+  }
+  return out;
+}
+
 void name_this_thread(const char* name) { ::pthread_setname_np(::pthread_self(), name); }
 
 using qkd::core::ErrorCode;

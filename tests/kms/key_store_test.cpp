@@ -1,10 +1,15 @@
 // Key store: direction split, conflict-free allocation, notices, one use, authorization.
 #include "qkd/kms/key_store.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <set>
 #include <thread>
+
+#include "qkd/kms/link_service.hpp"
 
 namespace {
 
@@ -446,6 +451,58 @@ TEST(KeyStore, RejectsOverlappingOrForeignAssignments) {
   EXPECT_FALSE(p.bob->apply_peer_assignment(overlap).ok());
   KeyAssignment dup{"id-1", Direction::kAlice, 64, 8, "alice", {"bob"}};
   EXPECT_FALSE(p.bob->apply_peer_assignment(dup).ok());
+}
+
+// A faulty peer's assignment whose end is past 2^64 (it would wrap around to bytes long
+// used, and read outside the pool) or far beyond this end's pool (it would wait for ever at
+// the head of the queue, holding up every notice behind it) is refused, a discard as much
+// as a key; nothing of it waits, and the next honest assignment lands.
+TEST(KeyStore, HostileAssignmentRangesAreRefused) {
+  Pair p(pattern(256, 4));
+  const std::uint64_t max = std::numeric_limits<std::uint64_t>::max();
+  const std::vector<KeyAssignment> hostile = {
+      {"id-wrap", Direction::kAlice, max - 15, 32, "alice", {"bob"}},
+      {"id-end", Direction::kAlice, max - 31, 32, "alice", {"bob"}},  // last byte 2^64 - 1
+      {"id-far", Direction::kAlice, std::uint64_t{1} << 40, 32, "alice", {"bob"}},
+      {"", Direction::kAlice, max - 7, 16, "", {}, true},  // a discard
+  };
+  for (const auto& a : hostile) {
+    auto st = p.bob->apply_peer_assignment(a);
+    ASSERT_FALSE(st.ok()) << a.key_id << " " << a.offset;
+    EXPECT_EQ(st.error().code, ErrorCode::kProtocol) << st.error().message;
+  }
+  EXPECT_EQ(p.bob->stats().pending_notices, 0u);
+  auto k = p.alice->allocate("alice", {"bob"}, 1, 16);
+  ASSERT_TRUE(k.ok()) << k.error().message;
+  p.deliver_notices();
+  auto got = p.bob->take("bob", "alice", ids_of(k.value()), 0ms);
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  EXPECT_TRUE(qkd::core::constant_time_equal(got.value()[0].key.span(), k.value()[0].key.span()));
+}
+
+// A notice's assignment as the peer sends it: every number must be a whole non-negative
+// one within its field's range. nlohmann's get<> alone would wrap -16 around to 2^64 - 16
+// (the wrap-around above), truncate a length of 2^32 and cast a float.
+TEST(LinkNotice, AssignmentNumbersAreCheckedStrictly) {
+  const nlohmann::json good = {{"id", "k"},       {"dir", 1},        {"off", 64},
+                               {"len", 32},       {"master", "bob"}, {"slaves", {"alice"}}};
+  const KeyAssignment a = qkd::kms::detail::assignment_from_json(good);
+  EXPECT_EQ(a.direction, Direction::kBob);
+  EXPECT_EQ(a.offset, 64u);
+  EXPECT_EQ(a.length, 32u);
+  EXPECT_FALSE(a.discard);
+  const std::vector<std::pair<const char*, nlohmann::json>> bad = {
+      {"off", -16},   {"off", 1.5},          {"off", "64"},  {"len", std::uint64_t{1} << 32},
+      {"len", -1},    {"dir", 2},            {"dir", 256},   {"dir", -1},
+      {"dir", 0.0},   {"off", nullptr},      {"len", 1e300}, {"slaves", "alice"}};
+  for (const auto& [field, value] : bad) {
+    nlohmann::json j = good;
+    j[field] = value;
+    EXPECT_ANY_THROW((void)qkd::kms::detail::assignment_from_json(j)) << field << " = " << value;
+  }
+  nlohmann::json missing = good;
+  missing.erase("off");
+  EXPECT_ANY_THROW((void)qkd::kms::detail::assignment_from_json(missing));
 }
 
 TEST(KeyStore, ResetForgetsPoolButKeepsAssignedKeys) {

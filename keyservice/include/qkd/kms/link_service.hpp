@@ -59,6 +59,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 
 #include "qkd/core/result.hpp"
 #include "qkd/kms/api.hpp"
@@ -102,5 +103,12 @@ class LinkService {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+namespace detail {
+// One key assignment of a notice as the peer sends it (JSON: id, dir, off, len, master,
+// slaves, discard); throws on a malformed one: a field missing or of another type, a number
+// negative, fractional or out of its range, a direction other than 0 or 1.
+[[nodiscard]] KeyAssignment assignment_from_json(const nlohmann::json& j);
+}  // namespace detail
 
 }  // namespace qkd::kms

@@ -1,4 +1,4 @@
-// Small helpers shared by the KME layers: UUIDs, base64, hex, URL decoding.
+// Small helpers shared by the KME layers: UUIDs, base64, hex, URL decoding, log text.
 #pragma once
 
 #include <charconv>
@@ -44,6 +44,10 @@ template <typename T>
   }
   return v;
 }
+
+// Text from a peer or a file, for a log line or an error message: at most 64 characters,
+// anything but printable ASCII as '?' (no control characters reach the log).
+[[nodiscard]] std::string printable(std::string_view text);
 
 // Names the calling thread (at most 15 characters), as top -H and ps -L show it.
 void name_this_thread(const char* name);
