@@ -2,10 +2,11 @@
 // A store file with every kind of row (pool rows of both directions, keys delivered and
 // remembered with their owners, keys the peer assigned, a multicast key one slave fetched,
 // an assignment waiting for its bytes, commit times, unacknowledged notices, a pending
-// block) is made once; each input edits a copy of it through SQLite (any value of any type
-// in any column, rows deleted or added, bytes of sealed blobs flipped), then opens it and,
-// when it opens, serves from it: stats, enc_keys, dec_keys of every key it held, a peer
-// notice, expiry.
+// block) is made once, and a copy of it rewritten as format 2 left it (counters and the
+// like in the clear, checked against the pool rows at open); each input edits a copy of one
+// of the two through SQLite (any value of any type in any column, rows deleted or added,
+// bytes of sealed blobs flipped), then opens it and, when it opens, serves from it: stats,
+// enc_keys, dec_keys of every key it held, a peer notice, expiry.
 //
 // Checks: nothing crashes (ASan, UBSan); an edited file either refuses to open with an
 // error that names it, or serves only what it holds: every key handed out is made of pool
@@ -14,7 +15,8 @@
 // and the keys slaves fetched before the edit (one of them multicast) are not handed to
 // them again. Keys and the block end off the 32-byte chunks, as real ones do.
 //
-// Input: one byte for how many keys each enc_keys asks, then edits, each an opcode byte and
+// Input: one byte for how many keys each enc_keys asks (modulo 3) and which file is edited
+// (format 3 or 2: the quotient by 3, even or odd), then edits, each an opcode byte and
 // its argument bytes (see apply()); the input ends them. The files live in /dev/shm when it
 // exists (no disk syncs per run).
 #include <fmt/format.h>
@@ -40,6 +42,7 @@
 #include <vector>
 
 #include "qkd/kms/key_store.hpp"
+#include "qkd/test/store_file.hpp"
 
 namespace {
 
@@ -59,14 +62,14 @@ const std::array<Table, 8> kTables = {{
     {"pool", {"dir", "row", "sealed"}},
     {"assigned", {"key_id", "master", "slaves", "sealed"}},
     {"used_ids", {"key_id", "owners"}},
-    {"waiting", {"ord", "assignment"}},
-    {"outbox", {"seq", "message"}},
+    {"waiting", {"ord", "assignment", "tag"}},
+    {"outbox", {"seq", "message", "tag"}},
     {"pending_block", {"id", "block", "sealed"}},
-    {"settled", {"pool_end", "t_ms"}},
+    {"settled", {"pool_end", "t_ms", "tag"}},
 }};
-const std::array<const char*, 10> kMetaNames = {
-    "committed_bytes", "cursor_0", "cursor_1",      "epoch",        "blocks",
-    "next_seq",        "last_applied_seq", "format", "unsynced_boot", "pool_digest"};
+const std::array<const char*, 12> kMetaNames = {
+    "committed_bytes", "cursor_0", "cursor_1",      "epoch",         "blocks",   "next_seq",
+    "last_applied_seq", "format",  "unsynced_boot", "pool_digest",   "meta_tag", "key_check"};
 const std::array<std::string, 4> kSaes = {"alice-app", "bob-app", "carol-app", "dave-app"};
 
 // Pool bytes with no run of 16 zero bytes (each 8-byte group has a non-zero byte).
@@ -136,7 +139,8 @@ struct Template {
     fs::remove_all(dir, ec);
   }
   std::string dir;
-  std::string path;
+  std::string path;         // format 3, as the store writes it
+  std::string legacy_path;  // the same as format 2 left it
   std::vector<std::pair<std::string, std::string>> held;     // (slave, key_ID)
   std::vector<std::pair<std::string, std::string>> fetched;  // (slave, key_ID): never again
 };
@@ -201,6 +205,12 @@ Template::Template() {
   t.held = {{kSaes[0], plain}, {kSaes[0], multi}, {kSaes[0], waits}};
   t.fetched = {{kSaes[0], done}, {kSaes[2], multi}};
   s.value().reset();  // closed: checkpointed into one file
+  t.legacy_path = d + "/template-2.db";
+  fs::copy_file(t.path, t.legacy_path);
+  if (const std::string e = qkd::test::down_to_format_2(t.legacy_path, kNodeKey); !e.empty()) {
+    std::fprintf(stderr, "template: %s\n", e.c_str());
+    std::abort();
+  }
 }
 
 const Template& the_template() {
@@ -215,11 +225,12 @@ class Run {
   void run() {
     const std::string path = t_.dir + "/edited.db";
     remove_db(path);
-    fs::copy_file(t_.path, path);
+    const std::uint8_t first = next();
+    keys_per_request_ = 1 + first % 3;
+    fs::copy_file((first / 3) % 2 == 0 ? t_.path : t_.legacy_path, path);
     if (sqlite3_open(path.c_str(), &db_) != SQLITE_OK) {
       std::abort();
     }
-    keys_per_request_ = 1 + next() % 3;
     while (pos_ < in_.size()) {
       apply();
     }

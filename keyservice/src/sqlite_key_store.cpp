@@ -88,7 +88,9 @@ using qkd::core::make_error;
 
 namespace {
 
-constexpr int kFormat = 2;  // 1: one pool row per chunk (table chunks)
+// 1: one pool row per chunk (table chunks). 2: counters, waiting assignments, notices and
+// commit times in the clear. 3: those authenticated too (tags, below).
+constexpr int kFormat = 3;
 constexpr std::size_t kNonceBytes = 12;
 constexpr std::size_t kTagBytes = 16;
 // A deferred unit (Journal::seal_deferred) waits at most this long for a unit that a
@@ -100,11 +102,16 @@ constexpr std::uint64_t kPruneEvery = 512;      // transactions between used_ids
 // checkpoints itself before its next transaction (the bound on the WAL: ~16 MB).
 constexpr int kCheckpointPages = 1000;
 constexpr int kWalHardPages = 4000;
-constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check";
+// The key check's additional data names the format from 3 on, so that a file of format 3
+// cannot be passed off as an older one, whose rows were not all authenticated.
+constexpr std::string_view kKeyCheckAad2 = "qkd-kms/key-check";
+constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check/3";
 // meta name of the boot under which a run with NORMAL has the file open (text; absent when
 // every commit in the file is synced): see open_boot_guard().
 constexpr std::string_view kUnsyncedBoot = "unsynced_boot";
 constexpr std::string_view kKeyCheckText = "qkd-kms node key check v1";
+// meta name of the tag over every other meta row (format 3): see meta_aad().
+constexpr std::string_view kMetaTag = "meta_tag";
 
 
 // Thrown only inside this file, caught where a transaction or the opening ends.
@@ -162,6 +169,18 @@ std::string key_aad(const std::string& id, const std::string& master,
 }
 std::string key_aad_v1(const std::string& id) { return fmt::format("qkd-kms/key/{}", id); }
 std::string pending_aad(std::uint64_t block) { return fmt::format("qkd-kms/pending/{}", block); }
+// Rows that hold no secret carry a tag (a seal of nothing) over their identity and content.
+std::string waiting_aad(std::uint64_t ord, const std::string& assignment) {
+  return fmt::format("qkd-kms/waiting/{}/", ord) + assignment;
+}
+std::string outbox_aad(std::uint64_t seq, std::span<const std::uint8_t> message) {
+  std::string aad = fmt::format("qkd-kms/outbox/{}/", seq);
+  aad.append(message.begin(), message.end());
+  return aad;
+}
+std::string settled_aad(std::uint64_t pool_end, std::uint64_t t_ms) {
+  return fmt::format("qkd-kms/settled/{}/{}", pool_end, t_ms);
+}
 
 // AES-256-GCM under the node key; throws DbError on a library failure. The key schedule is
 // done once: a fresh cipher context per value cost ~4 us (the cipher fetch, the key
@@ -421,6 +440,7 @@ struct Op {
   std::string row;
   bool put = false;
   bool skip = false;  // set by write(): a later delete of its transaction removes the row
+  bool meta = false;  // writes a meta row: the transaction rewrites the meta tag
 };
 
 struct Unit {
@@ -464,7 +484,8 @@ class SqliteJournal final : public detail::Journal {
       // record of this boot with it (open_boot_guard()).
       try {
         db_.exec("PRAGMA synchronous=FULL");
-        db_.write("DELETE FROM meta WHERE name = ?", std::string(kUnsyncedBoot));
+        meta_transaction(
+            [&] { db_.write("DELETE FROM meta WHERE name = ?", std::string(kUnsyncedBoot)); });
       } catch (const DbError& e) {
         spdlog::warn("key store: {}: closing: {}", path_, e.what);
       }
@@ -503,20 +524,30 @@ class SqliteJournal final : public detail::Journal {
         // No UNIQUE on key_id: the store keeps the set in memory and inserts each ID once;
         // an index would cost every delivery a write to a random page of it.
         "CREATE TABLE IF NOT EXISTS used_ids(key_id TEXT NOT NULL, owners TEXT);"
-        "CREATE TABLE IF NOT EXISTS waiting(ord INTEGER PRIMARY KEY, assignment TEXT NOT NULL);"
-        "CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, message BLOB NOT NULL);"
+        "CREATE TABLE IF NOT EXISTS waiting(ord INTEGER PRIMARY KEY, assignment TEXT NOT NULL,"
+        "  tag BLOB);"
+        "CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, message BLOB NOT NULL,"
+        "  tag BLOB);"
         "CREATE TABLE IF NOT EXISTS pending_block(id INTEGER PRIMARY KEY CHECK(id = 1),"
         "  block INTEGER NOT NULL, sealed BLOB NOT NULL);"
-        "CREATE TABLE IF NOT EXISTS settled(pool_end INTEGER PRIMARY KEY, t_ms INTEGER NOT NULL);"
+        "CREATE TABLE IF NOT EXISTS settled(pool_end INTEGER PRIMARY KEY, t_ms INTEGER NOT NULL,"
+        "  tag BLOB);"
         "COMMIT;");
+    // Files of format 2 and earlier: the tag columns.
+    add_column("waiting", "tag", "BLOB");
+    add_column("outbox", "tag", "BLOB");
+    add_column("settled", "tag", "BLOB");
     std::unordered_map<std::string, std::uint64_t> meta;
     Blob key_check;
+    Blob meta_tag;
     Blob pool_digest;  // absent in a file written before digests were kept
     std::string unsynced_boot;
     db_.run("SELECT name, value FROM meta", [&](sqlite3_stmt* st) {
       const std::string name = col_text(st, 0);
       if (name == "key_check") {
         key_check = col_blob(st, 1);
+      } else if (name == kMetaTag) {
+        meta_tag = col_blob(st, 1);
       } else if (name == "pool_digest") {
         pool_digest = col_blob(st, 1);
       } else if (name == kUnsyncedBoot) {
@@ -531,8 +562,8 @@ class SqliteJournal final : public detail::Journal {
     if (!meta.contains("format")) {
       // A new file has no row at all (its tables were created just now, or by a start that
       // stopped before writing its first rows).
-      bool rows = !meta.empty() || !key_check.empty() || !pool_digest.empty() ||
-                  !unsynced_boot.empty();
+      bool rows = !meta.empty() || !key_check.empty() || !meta_tag.empty() ||
+                  !pool_digest.empty() || !unsynced_boot.empty();
       db_.run("SELECT EXISTS(SELECT 1 FROM pool UNION ALL SELECT 1 FROM assigned UNION ALL "
               "SELECT 1 FROM used_ids UNION ALL SELECT 1 FROM waiting UNION ALL SELECT 1 FROM "
               "outbox UNION ALL SELECT 1 FROM pending_block UNION ALL SELECT 1 FROM settled)",
@@ -542,30 +573,50 @@ class SqliteJournal final : public detail::Journal {
                                   "edited, or is not a key store",
                                   path_)};
       }
-      db_.exec("BEGIN IMMEDIATE");
-      db_.write("INSERT INTO meta(name, value) VALUES('format', ?)", kFormat);
-      db_.write("INSERT INTO meta(name, value) VALUES('direction', ?)", static_cast<int>(own));
-      db_.write("INSERT INTO meta(name, value) VALUES('key_check', ?)", sealer_.seal(kKeyCheckAad, kc));
-      db_.exec("COMMIT");
+      meta_transaction([&] {
+        db_.write("INSERT INTO meta(name, value) VALUES('format', ?)", kFormat);
+        db_.write("INSERT INTO meta(name, value) VALUES('direction', ?)", static_cast<int>(own));
+        db_.write("INSERT INTO meta(name, value) VALUES('key_check', ?)",
+                  sealer_.seal(kKeyCheckAad, kc));
+      });
       spdlog::info("key store: created {}", path_);
     } else {
-      if (meta["format"] != 1 && meta["format"] != kFormat) {
-        throw DbError{fmt::format("{}: unsupported store format {}", path_, meta["format"])};
+      const std::uint64_t format = meta["format"];
+      if (format < 1 || format > kFormat) {
+        throw DbError{fmt::format("{}: unsupported store format {}", path_, format)};
       }
       if (meta["direction"] != static_cast<std::uint64_t>(own)) {
         throw DbError{fmt::format("{} belongs to the other end of the link (link.role differs)",
                                   path_)};
       }
-      auto check = open_sealed(key_.span(), kKeyCheckAad, key_check);
-      if (!check || !qkd::core::constant_time_equal(check->span(), kc)) {
+      auto opens = [&](std::string_view aad) {
+        auto check = open_sealed(key_.span(), aad, key_check);
+        return check && qkd::core::constant_time_equal(check->span(), kc);
+      };
+      const bool current = opens(kKeyCheckAad);
+      if (!current && !opens(kKeyCheckAad2)) {
         throw DbError{fmt::format("{} was sealed under a different node key", path_)};
       }
-      if (meta["format"] == 1) {
+      // The format row is in the clear; the key check says which it is.
+      if (current != (format == kFormat)) {
+        throw damaged(fmt::format("its format ({}) is not the one its key check was sealed for",
+                                  format));
+      }
+      if (current && !tag_opens(meta_tag, meta_aad())) {
+        throw damaged("its counters (table meta) do not authenticate");
+      }
+      if (format == 1) {
         migrate_from_format_1();  // only a file this KME may open
+      }
+      if (!current) {
+        migrate_to_format_3(kc);
       }
     }
     drop_used_ids_index();  // also on a file an older version created but never filled
-    add_used_owners();
+    // A store made before used_ids kept the key's owners (master and slaves, a JSON array,
+    // so that a dec_keys of a delivered key by another SAE is a 401): NULL (not known) in
+    // the rows already there.
+    add_column("used_ids", "owners", "TEXT");
     open_boot_guard(meta, pool_digest, unsynced_boot);
     detail::StoredState s;
     auto value = [&](std::string_view n, std::uint64_t def) {
@@ -619,11 +670,8 @@ class SqliteJournal final : public detail::Journal {
       // {"slaves": [...], "fetched": [...]}.
       const std::string slaves = col_text(st, 2);
       auto plain = open_sealed(key_.span(), key_aad(k.key_id, k.master, slaves), col_blob(st, 3));
-      if (!plain) {  // a row from before owners were bound
-        plain = open_sealed(key_.span(), key_aad_v1(k.key_id), col_blob(st, 3));
-      }
       if (!plain) {
-        throw DbError{fmt::format("{}: key {} does not authenticate", path_, k.key_id)};
+        throw DbError{fmt::format("{}: key {} does not authenticate", path_, printable(k.key_id))};
       }
       k.key = std::move(*plain);
       const json sl = json::parse(slaves);
@@ -642,8 +690,13 @@ class SqliteJournal final : public detail::Journal {
       }
       s.used_ids.push_back(std::move(u));
     });
-    db_.run("SELECT ord, assignment FROM waiting ORDER BY ord", [&](sqlite3_stmt* st) {
-      const json j = json::parse(col_text(st, 1));
+    db_.run("SELECT ord, assignment, tag FROM waiting ORDER BY ord", [&](sqlite3_stmt* st) {
+      const std::string text = col_text(st, 1);
+      if (!tag_opens(col_blob(st, 2), waiting_aad(col_u64(st, 0), text))) {
+        throw damaged(fmt::format("the assignment waiting as {} does not authenticate",
+                                  col_u64(st, 0)));
+      }
+      const json j = json::parse(text);
       KeyAssignment a;
       a.key_id = j.at("id").get<std::string>();
       a.direction = static_cast<Direction>(j.at("dir").get<int>() & 1);
@@ -654,11 +707,19 @@ class SqliteJournal final : public detail::Journal {
       a.discard = j.value("discard", false);
       s.waiting.emplace_back(col_u64(st, 0), std::move(a));
     });
-    db_.run("SELECT pool_end, t_ms FROM settled ORDER BY pool_end", [&](sqlite3_stmt* st) {
+    db_.run("SELECT pool_end, t_ms, tag FROM settled ORDER BY pool_end", [&](sqlite3_stmt* st) {
+      if (!tag_opens(col_blob(st, 2), settled_aad(col_u64(st, 0), col_u64(st, 1)))) {
+        throw damaged(fmt::format("the commit time of pool byte {} does not authenticate",
+                                  col_u64(st, 0)));
+      }
       s.settled.emplace_back(col_u64(st, 0), col_u64(st, 1));
     });
-    db_.run("SELECT seq, message FROM outbox ORDER BY seq", [&](sqlite3_stmt* st) {
-      s.link.outbox.push_back(StoredNotice{col_u64(st, 0), col_blob(st, 1)});
+    db_.run("SELECT seq, message, tag FROM outbox ORDER BY seq", [&](sqlite3_stmt* st) {
+      Blob message = col_blob(st, 1);
+      if (!tag_opens(col_blob(st, 2), outbox_aad(col_u64(st, 0), message))) {
+        throw damaged(fmt::format("notice {} does not authenticate", col_u64(st, 0)));
+      }
+      s.link.outbox.push_back(StoredNotice{col_u64(st, 0), std::move(message)});
     });
     db_.run("SELECT block, sealed FROM pending_block WHERE id = 1", [&](sqlite3_stmt* st) {
       const std::uint64_t block = col_u64(st, 0);
@@ -690,7 +751,7 @@ class SqliteJournal final : public detail::Journal {
 
   // --- recording (under the store's lock) ---
   void set_value(std::string_view name, std::uint64_t value) override {
-    add([n = std::string(name), value](Db& db) {
+    add_meta([n = std::string(name), value](Db& db) {
       db.write("INSERT INTO meta(name, value) VALUES(?, ?) "
                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                n, value);
@@ -732,9 +793,12 @@ class SqliteJournal final : public detail::Journal {
     });
   }
   void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) override {
+    std::string text = assignment_json(a).dump();
+    Blob tag = sealer_.seal(waiting_aad(ordinal, text), {});
     add(
-        [ordinal, text = assignment_json(a).dump()](Db& db) {
-          db.write("INSERT OR REPLACE INTO waiting(ord, assignment) VALUES(?, ?)", ordinal, text);
+        [ordinal, text = std::move(text), tag = std::move(tag)](Db& db) {
+          db.write("INSERT OR REPLACE INTO waiting(ord, assignment, tag) VALUES(?, ?, ?)", ordinal,
+                   text, tag);
         },
         "w/" + std::to_string(ordinal), /*put=*/true);
   }
@@ -750,16 +814,18 @@ class SqliteJournal final : public detail::Journal {
     });
   }
   void put_settled(std::uint64_t pool_end, std::uint64_t unix_ms) override {
-    add([pool_end, unix_ms](Db& db) {
-      db.write("INSERT OR REPLACE INTO settled(pool_end, t_ms) VALUES(?, ?)", pool_end, unix_ms);
+    add([pool_end, unix_ms, tag = sealer_.seal(settled_aad(pool_end, unix_ms), {})](Db& db) {
+      db.write("INSERT OR REPLACE INTO settled(pool_end, t_ms, tag) VALUES(?, ?, ?)", pool_end,
+               unix_ms, tag);
     });
   }
   void drop_settled_upto(std::uint64_t pool_end) override {
     add([pool_end](Db& db) { db.write("DELETE FROM settled WHERE pool_end <= ?", pool_end); });
   }
   void put_notice(const StoredNotice& n) override {
-    add([seq = n.seq, msg = n.message](Db& db) {
-      db.write("INSERT OR REPLACE INTO outbox(seq, message) VALUES(?, ?)", seq, msg);
+    add([seq = n.seq, msg = n.message, tag = sealer_.seal(outbox_aad(n.seq, n.message), {})](
+            Db& db) {
+      db.write("INSERT OR REPLACE INTO outbox(seq, message, tag) VALUES(?, ?, ?)", seq, msg, tag);
     });
   }
   void drop_notices_upto(std::uint64_t seq) override {
@@ -788,7 +854,7 @@ class SqliteJournal final : public detail::Journal {
         d.push_back(static_cast<std::uint8_t>(v >> shift));
       }
     }
-    add([d = std::move(d)](Db& db) {
+    add_meta([d = std::move(d)](Db& db) {
       db.write("INSERT INTO meta(name, value) VALUES('pool_digest', ?) "
                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                d);
@@ -829,13 +895,13 @@ class SqliteJournal final : public detail::Journal {
         meta.erase(std::string(n));
       }
       pool_digest.clear();
-      db_.exec(fmt::format("BEGIN IMMEDIATE;"
-                           "DELETE FROM pool; DELETE FROM assigned; DELETE FROM waiting;"
-                           "DELETE FROM outbox; DELETE FROM pending_block; DELETE FROM settled;"
-                           "DELETE FROM meta WHERE name IN ({});"
-                           "COMMIT;",
-                           names)
-                   .c_str());
+      meta_transaction([&] {
+        db_.exec(fmt::format("DELETE FROM pool; DELETE FROM assigned; DELETE FROM waiting;"
+                             "DELETE FROM outbox; DELETE FROM pending_block; DELETE FROM settled;"
+                             "DELETE FROM meta WHERE name IN ({});",
+                             names)
+                     .c_str());
+      });
       spdlog::warn(
           "key store: {} was left open by a KME with store.synchronous = \"normal\" under boot "
           "{}, and the host has restarted since (boot {}): its last commits may be lost, and "
@@ -845,9 +911,11 @@ class SqliteJournal final : public detail::Journal {
     }
     if (!synchronous_full_) {
       if (unsynced_boot != mark) {
-        db_.write("INSERT INTO meta(name, value) VALUES(?, ?) "
-                  "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                  std::string(kUnsyncedBoot), mark);
+        meta_transaction([&] {
+          db_.write("INSERT INTO meta(name, value) VALUES(?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    std::string(kUnsyncedBoot), mark);
+        });
       }
       marked_ = true;
     } else if (!unsynced_boot.empty()) {
@@ -856,7 +924,8 @@ class SqliteJournal final : public detail::Journal {
       sync_existing_file(std::filesystem::path(path_).parent_path().empty()
                              ? std::string(".")
                              : std::filesystem::path(path_).parent_path().string());
-      db_.write("DELETE FROM meta WHERE name = ?", std::string(kUnsyncedBoot));
+      meta_transaction(
+          [&] { db_.write("DELETE FROM meta WHERE name = ?", std::string(kUnsyncedBoot)); });
     }
   }
 
@@ -869,12 +938,6 @@ class SqliteJournal final : public detail::Journal {
   // wiped, and 16 zero bytes in a row are not key: 2^-128). So is a committed end moved
   // into the zeros after a block's last byte. A move by less than 16 bytes is not seen.
   void check_pool_complete(const detail::StoredState& s) const {
-    auto damaged = [&](const std::string& what) {
-      return DbError{fmt::format("{}: {}: the file was damaged or edited; move it away to "
-                                 "start this KME with an empty pool (the link then resets "
-                                 "its pool)",
-                                 path_, what)};
-    };
     for (int d = 0; d < 2; ++d) {
       const auto dir = static_cast<Direction>(d);
       const std::uint64_t end_byte = direction_bytes(s.committed, dir);
@@ -918,8 +981,7 @@ class SqliteJournal final : public detail::Journal {
   void migrate_from_format_1() {
     std::map<std::pair<int, std::uint64_t>, qkd::core::SecureBytes> rows;  // (dir, row)
     std::size_t chunks = 0;
-    db_.exec("BEGIN IMMEDIATE");
-    try {
+    meta_transaction([&] {
       db_.run("SELECT dir, idx, sealed FROM chunks ORDER BY dir, idx", [&](sqlite3_stmt* st) {
         const auto d = static_cast<Direction>(col_u64(st, 0) & 1);
         const std::uint64_t idx = col_u64(st, 1);
@@ -942,7 +1004,77 @@ class SqliteJournal final : public detail::Journal {
                   at.second, sealer_.seal(row_aad(d, at.second), bytes.span()));
       }
       db_.exec("DROP TABLE chunks");
-      db_.write("UPDATE meta SET value = ? WHERE name = 'format'", kFormat);
+      db_.write("UPDATE meta SET value = 2 WHERE name = 'format'");
+    });
+    spdlog::info("key store: {}: converted to format 2 ({} pool chunks in {} rows)", path_,
+                 chunks, rows.size());
+  }
+
+  // Adds a column that files of an earlier format lack (NULL in the rows already there).
+  void add_column(const std::string& table, const std::string& column, const char* type) {
+    bool has = false;
+    db_.run(
+        "SELECT name FROM pragma_table_info(?)",
+        [&](sqlite3_stmt* st) { has = has || col_text(st, 0) == column; }, table);
+    if (!has) {
+      db_.exec(fmt::format("ALTER TABLE {} ADD COLUMN {} {}", table, column, type).c_str());
+    }
+  }
+
+  // The refusal of a file whose content does not hold together.
+  [[nodiscard]] DbError damaged(const std::string& what) const {
+    return DbError{fmt::format("{}: {}: the file was damaged or edited; move it away to start "
+                               "this KME with an empty pool (the link then resets its pool)",
+                               path_, what)};
+  }
+
+  // Whether `tag` (a seal of nothing) authenticates `aad`.
+  bool tag_opens(std::span<const std::uint8_t> tag, std::string_view aad) const {
+    auto plain = open_sealed(key_.span(), aad, tag);
+    return plain && plain->empty();
+  }
+
+  // The additional data of the meta tag: every meta row but the tag itself, in name order,
+  // each as its name, SQLite type and value (hex, so that no value can pass for another).
+  // The counters (cursors, committed bytes, epoch, blocks, notice numbers), the pool digest,
+  // the format, the direction, the key check and the boot record are thereby bound together:
+  // an edited, added or deleted row fails the tag.
+  std::string meta_aad() {
+    std::string aad = "qkd-kms/meta";
+    auto hex = [&](const void* p, int n) {
+      static constexpr char kDigits[] = "0123456789abcdef";
+      const auto* b = static_cast<const std::uint8_t*>(p);
+      for (int i = 0; i < n; ++i) {
+        aad += kDigits[b[i] >> 4];
+        aad += kDigits[b[i] & 15];
+      }
+    };
+    db_.run("SELECT name, value FROM meta WHERE name != ? ORDER BY name",
+            [&](sqlite3_stmt* st) {
+              aad += ';';
+              hex(sqlite3_column_blob(st, 0), sqlite3_column_bytes(st, 0));
+              aad += fmt::format(":{}:", sqlite3_column_type(st, 1));
+              hex(sqlite3_column_blob(st, 1), sqlite3_column_bytes(st, 1));
+            },
+            std::string(kMetaTag));
+    return aad;
+  }
+
+  // Rewrites the meta tag, inside the transaction that changed meta rows.
+  void write_meta_tag() {
+    db_.write("INSERT INTO meta(name, value) VALUES(?, ?) "
+              "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+              std::string(kMetaTag), sealer_.seal(meta_aad(), {}));
+  }
+
+  // Runs `writes` (meta rows written at open or close, outside the units) and the tag's
+  // rewrite in one transaction.
+  template <typename F>
+  void meta_transaction(F&& writes) {
+    db_.exec("BEGIN IMMEDIATE");
+    try {
+      writes();
+      write_meta_tag();
       db_.exec("COMMIT");
     } catch (const DbError&) {
       try {
@@ -951,20 +1083,68 @@ class SqliteJournal final : public detail::Journal {
       }
       throw;
     }
-    spdlog::info("key store: {}: converted to format {} ({} pool chunks in {} rows)", path_,
-                 kFormat, chunks, rows.size());
   }
 
-  // A store made before used_ids kept the key's owners (master and slaves, a JSON array, so
-  // that a dec_keys of a delivered key by another SAE is a 401): the column is added, NULL
-  // (not known) in the rows already there.
-  void add_used_owners() {
-    bool has = false;
-    db_.run("SELECT name FROM pragma_table_info('used_ids')",
-            [&](sqlite3_stmt* st) { has = has || col_text(st, 0) == "owners"; });
-    if (!has) {
-      db_.exec("ALTER TABLE used_ids ADD COLUMN owners TEXT");
-    }
+  // Format 2 (and 1, converted to 2 first) left counters, waiting assignments, unacknowledged
+  // notices and commit times in the clear, and sealed an assigned key with its key_ID alone
+  // as additional data (key_aad_v1): every such row is tagged or sealed again as format 3
+  // does, and the key check sealed for format 3, in one transaction. What the file held was
+  // not authenticated before: this makes it so from now on, as it is.
+  void migrate_to_format_3(std::span<const std::uint8_t> key_check_text) {
+    std::size_t keys = 0;
+    meta_transaction([&] {
+      struct Resealed {
+        std::string id;
+        Blob sealed;
+      };
+      std::vector<Resealed> resealed;
+      db_.run("SELECT key_id, master, slaves, sealed FROM assigned", [&](sqlite3_stmt* st) {
+        const std::string id = col_text(st, 0);
+        const std::string aad = key_aad(id, col_text(st, 1), col_text(st, 2));
+        const Blob sealed = col_blob(st, 3);
+        if (open_sealed(key_.span(), aad, sealed)) {
+          return;
+        }
+        auto plain = open_sealed(key_.span(), key_aad_v1(id), sealed);
+        if (!plain) {
+          throw DbError{fmt::format("{}: key {} does not authenticate", path_, printable(id))};
+        }
+        resealed.push_back(Resealed{id, sealer_.seal(aad, plain->span())});
+      });
+      for (const auto& r : resealed) {
+        db_.write("UPDATE assigned SET sealed = ? WHERE key_id = ?", r.sealed, r.id);
+      }
+      keys = resealed.size();
+      std::vector<std::pair<std::uint64_t, Blob>> tags;
+      db_.run("SELECT ord, assignment FROM waiting", [&](sqlite3_stmt* st) {
+        tags.emplace_back(col_u64(st, 0),
+                          sealer_.seal(waiting_aad(col_u64(st, 0), col_text(st, 1)), {}));
+      });
+      for (const auto& [ord, tag] : tags) {
+        db_.write("UPDATE waiting SET tag = ? WHERE ord = ?", tag, ord);
+      }
+      tags.clear();
+      db_.run("SELECT seq, message FROM outbox", [&](sqlite3_stmt* st) {
+        tags.emplace_back(col_u64(st, 0), sealer_.seal(outbox_aad(col_u64(st, 0), col_blob(st, 1)), {}));
+      });
+      for (const auto& [seq, tag] : tags) {
+        db_.write("UPDATE outbox SET tag = ? WHERE seq = ?", tag, seq);
+      }
+      tags.clear();
+      db_.run("SELECT pool_end, t_ms FROM settled", [&](sqlite3_stmt* st) {
+        tags.emplace_back(col_u64(st, 0),
+                          sealer_.seal(settled_aad(col_u64(st, 0), col_u64(st, 1)), {}));
+      });
+      for (const auto& [end, tag] : tags) {
+        db_.write("UPDATE settled SET tag = ? WHERE pool_end = ?", tag, end);
+      }
+      db_.write("UPDATE meta SET value = ? WHERE name = 'format'", kFormat);
+      db_.write("UPDATE meta SET value = ? WHERE name = 'key_check'",
+                sealer_.seal(kKeyCheckAad, key_check_text));
+    });
+    spdlog::info("key store: {}: converted to format {} (counters, waiting assignments, notices "
+                 "and commit times tagged; {} keys sealed with their owners)",
+                 path_, kFormat, keys);
   }
 
   // A store made before used_ids lost its UNIQUE constraint: rebuilt once without it (the
@@ -1076,6 +1256,10 @@ class SqliteJournal final : public detail::Journal {
   void add(std::function<void(Db&)> run, std::string row = {}, bool put = false) {
     std::lock_guard lock(mu_);
     current_.push_back(Op{std::move(run), std::move(row), put});
+  }
+  void add_meta(std::function<void(Db&)> run) {
+    std::lock_guard lock(mu_);
+    current_.push_back(Op{std::move(run), {}, false, false, /*meta=*/true});
   }
 
   std::uint64_t seal_unit(Seal kind) {
@@ -1223,12 +1407,17 @@ class SqliteJournal final : public detail::Journal {
             }
           }
         }
+        bool meta = false;
         for (const auto& u : units) {
           for (const auto& op : u.ops) {
             if (!op.skip) {
               op.run(db_);
+              meta = meta || op.meta;
             }
           }
+        }
+        if (meta) {
+          write_meta_tag();
         }
         if (++transactions_ % kPruneEvery == 0) {
           db_.write("DELETE FROM used_ids WHERE rowid <= (SELECT MAX(rowid) FROM used_ids) - ?",

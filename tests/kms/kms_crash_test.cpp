@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <deque>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -19,6 +20,7 @@
 #include "qkd/test/etsi_helpers.hpp"
 #include "qkd/test/kme_network.hpp"
 #include "qkd/test/scoped_env.hpp"
+#include "qkd/test/store_file.hpp"
 
 namespace {
 
@@ -373,6 +375,18 @@ void expect_keys_flow_after_reset(const KmeNetwork& net) {
   expect_bob_serves(net, keys);
 }
 
+// Rewrites the stopped KME `kme`'s store file as format 2 left it (counters in the clear),
+// so that a test can alter them as a diverged or restored file would hold them: a file of
+// format 3 that was edited refuses to open (SqliteKeyStore.AnEditedFileIsRefusedAtOpen).
+void store_to_format_2(const KmeNetwork& net, const std::string& kme) {
+  std::ifstream key_file(net.dir() / (kme + ".node.key"));
+  std::string hex;
+  key_file >> hex;
+  const auto key = qkd::test::node_key_from_hex(hex);
+  ASSERT_EQ(key.size(), 32u) << "no node key for " << kme;
+  ASSERT_EQ(qkd::test::down_to_format_2((net.dir() / (kme + ".db")).string(), key), "");
+}
+
 // Equal epochs and block counts do not make equal pools: the session start also compares
 // the pools' digests. Bob's stored digest is altered while his KME is down (as if his pool
 // had diverged with the same count); alice's KME must then reset both pools rather than
@@ -382,6 +396,7 @@ TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
   ASSERT_NE(started, nullptr);
   KmeNetwork& net = *started;
   net.stop_kme("bob-kme");
+  store_to_format_2(net, "bob-kme");
   {
     const auto db = (net.dir() / "bob-kme.db").string();
     // The stored value is the digest followed by its epoch and block count: flip a bit of
@@ -426,6 +441,7 @@ TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
     ASSERT_EQ(dec_at_bob(net, keys.front().first).first, 200u);  // bob applied its notice
   }
   net.stop_kme("alice-kme");
+  store_to_format_2(net, "alice-kme");
   {
     const auto db = (net.dir() / "alice-kme.db").string();
     sqlite3* h = nullptr;

@@ -30,6 +30,7 @@
 #include "qkd/kms/key_store.hpp"
 #include "qkd/test/kme_config.hpp"
 #include "qkd/test/scoped_env.hpp"
+#include "qkd/test/store_file.hpp"
 
 namespace {
 
@@ -114,33 +115,12 @@ TEST(NodeKeyFile, OwnerOnlyAndWellFormed) {
   EXPECT_FALSE(qkd::kms::read_node_key_file(dir.file("missing.key")).ok());
 }
 
-// AES-256-GCM as the store seals a row: nonce(12) || ciphertext || tag(16), the row's
-// identity as additional data (docs/KMS.md); for the format-1 test below.
+// AES-256-GCM under kNodeKey as the store seals a row (qkd/test/store_file.hpp); for the
+// format-1 test below. Opening a value that does not authenticate fails the test.
 std::vector<std::uint8_t> gcm(bool seal, const std::string& aad, std::span<const std::uint8_t> in) {
-  std::unique_ptr<EVP_CIPHER_CTX, decltype(&EVP_CIPHER_CTX_free)> c(EVP_CIPHER_CTX_new(),
-                                                                    &EVP_CIPHER_CTX_free);
-  std::vector<std::uint8_t> out;
-  int len = 0;
-  const auto* a = reinterpret_cast<const unsigned char*>(aad.data());
-  if (seal) {
-    out.resize(12 + in.size() + 16);
-    EXPECT_EQ(RAND_bytes(out.data(), 12), 1);
-    EXPECT_EQ(EVP_EncryptInit_ex(c.get(), EVP_aes_256_gcm(), nullptr, kNodeKey.data(), out.data()), 1);
-    EXPECT_EQ(EVP_EncryptUpdate(c.get(), nullptr, &len, a, static_cast<int>(aad.size())), 1);
-    EXPECT_EQ(EVP_EncryptUpdate(c.get(), out.data() + 12, &len, in.data(), static_cast<int>(in.size())), 1);
-    EXPECT_EQ(EVP_EncryptFinal_ex(c.get(), out.data() + 12 + len, &len), 1);
-    EXPECT_EQ(EVP_CIPHER_CTX_ctrl(c.get(), EVP_CTRL_GCM_GET_TAG, 16, out.data() + 12 + in.size()), 1);
-    return out;
-  }
-  const std::size_t n = in.size() - 28;
-  out.resize(n);
-  std::vector<std::uint8_t> tag(in.end() - 16, in.end());
-  EXPECT_EQ(EVP_DecryptInit_ex(c.get(), EVP_aes_256_gcm(), nullptr, kNodeKey.data(), in.data()), 1);
-  EXPECT_EQ(EVP_DecryptUpdate(c.get(), nullptr, &len, a, static_cast<int>(aad.size())), 1);
-  EXPECT_EQ(EVP_DecryptUpdate(c.get(), out.data(), &len, in.data() + 12, static_cast<int>(n)), 1);
-  EXPECT_EQ(EVP_CIPHER_CTX_ctrl(c.get(), EVP_CTRL_GCM_SET_TAG, 16, tag.data()), 1);
-  EXPECT_EQ(EVP_DecryptFinal_ex(c.get(), out.data() + len, &len), 1) << "row " << aad;
-  return out;
+  auto out = qkd::test::store_gcm(seal, kNodeKey, aad, in);
+  EXPECT_TRUE(out.has_value()) << "row " << aad;
+  return out.value_or(std::vector<std::uint8_t>{});
 }
 
 // Runs `sql` on the closed store file `db` (to damage or age it as a test needs).
@@ -165,9 +145,15 @@ std::unique_ptr<KeyStore> store_with_block(const std::string& db,
   return s;
 }
 
+// Rewrites a closed store file as format 2 left it (qkd/test/store_file.hpp).
+void down_to_format_2(const std::string& db) {
+  ASSERT_EQ(qkd::test::down_to_format_2(db, kNodeKey), "");
+}
+
 // Rewrites a closed store file's pool as format 1 kept it: table chunks, one row per unused
 // 32-byte chunk sealed as "qkd-kms/chunk/<dir>/<idx>", meta.format = 1.
 void down_to_format_1(const std::string& db) {
+  down_to_format_2(db);
   sqlite3* h = nullptr;
   ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
   auto exec = [&](const std::string& sql) {
@@ -296,7 +282,7 @@ TEST(SqliteKeyStore, AFormat1FileIsConvertedWithItsPoolIntact) {
   }
   EXPECT_TRUE(qkd::core::constant_time_equal(peer->front().key.span(), odd));
   s.reset();
-  EXPECT_EQ(format_of(db), (std::pair<int, bool>{2, false}));
+  EXPECT_EQ(format_of(db), (std::pair<int, bool>{3, false}));
 }
 
 // Delivered bytes leave the pool rows with their delivery: no row wholly below the cursor,
@@ -357,24 +343,105 @@ TEST(SqliteKeyStore, AMissingPoolRowIsRefusedAtOpen) {
   }
 }
 
-// The counters are stored in the clear. A cursor edited past its direction's end (or the
-// committed end edited below a cursor) would make the pool look larger than it holds, and
-// one edited back would serve used bytes (wiped: zeros) as keys: the store refuses to open,
-// naming the file, instead of serving bytes it does not have. fuzz/store_file_fuzz.cpp
-// tries edits of every column.
+// Every row of a store file is sealed or tagged under the node key with its identity
+// (format 3): an edited counter, waiting assignment, unacknowledged notice or commit time
+// makes the store refuse to open, naming the file, as an edited key does; so does a file
+// passed off as an earlier format. A file of format 2 (counters in the clear) is checked for
+// what an edit would make it serve: a cursor edited past its direction's end (or the
+// committed end below a cursor) would make the pool look larger than it holds, and one
+// edited back would serve used bytes (wiped: zeros) as keys. fuzz/store_file_fuzz.cpp tries
+// edits of every column.
 TEST(SqliteKeyStore, AnEditedFileIsRefusedAtOpen) {
   TempDir dir;
   const std::string db = dir.file("alice.db");
   const auto pool = pattern(32 * 40, 7);  // 640 bytes per direction
   {
-    auto s = store_with_block(db, pool);
+    std::uint64_t seq = 0;  // before the store: its hooks refer to it
+    auto s = open_store(db);
     ASSERT_NE(s, nullptr);
-    ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 32 * 3).ok());
+    s->set_notice_hooks(
+        [&](const std::vector<KeyAssignment>& as) {
+          const std::string text = "to bob: " + as.front().key_id;
+          return StoredNotice{++seq, std::vector<std::uint8_t>(text.begin(), text.end())};
+        },
+        [](std::uint64_t) {});
+    s->set_max_age(std::chrono::seconds(3600));  // the blocks' commit times are kept
+    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+    ASSERT_TRUE(s->allocate("alice", {"bob"}, 1, 32 * 3).ok());  // an unacknowledged notice
+    // The peer assigns a key from bytes not committed yet: it waits for them.
+    KeyAssignment a;
+    a.key_id = "9f0a1b2c-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
+    a.direction = Direction::kBob;
+    a.offset = 4096;
+    a.length = 32;
+    a.master_sae = "bob";
+    a.slave_saes = {"alice"};
+    ASSERT_TRUE(s->apply_peer_notice(1, {a}).ok());
+    ASSERT_EQ(s->stats().pending_notices, 1u);
+  }
+  for (const char* table : {"outbox", "waiting", "settled"}) {
+    int rows = 0;
+    sqlite3* h = nullptr;
+    ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
+    sqlite3_exec(
+        h, fmt::format("SELECT COUNT(*) FROM {} WHERE tag IS NOT NULL", table).c_str(),
+        [](void* n, int, char** v, char**) {
+          *static_cast<int*>(n) = std::atoi(v[0]);
+          return 0;
+        },
+        &rows, nullptr);
+    sqlite3_close(h);
+    EXPECT_GE(rows, 1) << "no tagged row in " << table << " to edit";
   }
   struct Edit {
     std::string what, sql, error;
   };
+  const std::string counters = "its counters (table meta) do not authenticate";
   const std::vector<Edit> edits = {
+      {"cursor_0", "UPDATE meta SET value = 672 WHERE name = 'cursor_0'", counters},
+      {"cursor_0_by_1", "UPDATE meta SET value = 95 WHERE name = 'cursor_0'", counters},
+      {"cursor_1", "INSERT OR REPLACE INTO meta(name, value) VALUES('cursor_1', 100000)",
+       counters},
+      {"committed", "UPDATE meta SET value = 64 WHERE name = 'committed_bytes'", counters},
+      {"as_text", "UPDATE meta SET value = CAST(value AS TEXT) WHERE name = 'epoch'", counters},
+      {"tag", "DELETE FROM meta WHERE name = 'meta_tag'", counters},
+      {"format_2", "UPDATE meta SET value = 2 WHERE name = 'format'",
+       "its format (2) is not the one its key check was sealed for"},
+      {"waiting", "UPDATE waiting SET assignment = replace(assignment, 'alice', 'mallory')",
+       "the assignment waiting as"},
+      {"outbox", "UPDATE outbox SET message = CAST(replace(CAST(message AS TEXT), 'bob', 'eve')"
+                 " AS BLOB)",
+       "notice 1 does not authenticate"},
+      {"settled", "UPDATE settled SET t_ms = t_ms + 86400000", "commit time of pool byte"},
+      // Not a new file either (found by fuzz/store_file_fuzz.cpp: the store tried to create
+      // its meta rows again and failed on SQLite's "UNIQUE constraint failed").
+      {"format", "DELETE FROM meta WHERE name = 'format'", "its format is not recorded"},
+      {"meta", "DELETE FROM meta", "its format is not recorded"},
+  };
+  auto refused = [&](const std::string& copy, const std::string& what, const std::string& error) {
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, copy, kNodeKey);
+    ASSERT_FALSE(s.ok()) << what << " edited, yet the store opened";
+    EXPECT_NE(s.error().message.find(copy), std::string::npos) << s.error().message;
+    EXPECT_NE(s.error().message.find(error), std::string::npos) << s.error().message;
+  };
+  for (const auto& e : edits) {
+    const std::string copy = dir.file("edited-" + e.what + ".db");
+    std::filesystem::copy_file(db, copy);
+    exec_sql(copy, e.sql);
+    refused(copy, e.what, e.error);
+  }
+  // The file itself still opens, with what was left.
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->stats().own_available_bytes, 640u - 96u);
+  }
+
+  // Format 2: the counters in the clear, checked against what the pool rows hold.
+  const std::string legacy = dir.file("format-2.db");
+  std::filesystem::copy_file(db, legacy);
+  down_to_format_2(legacy);
+  const std::vector<Edit> legacy_edits = {
       {"cursor_0", "UPDATE meta SET value = 672 WHERE name = 'cursor_0'", "past its end"},
       {"cursor_1", "INSERT OR REPLACE INTO meta(name, value) VALUES('cursor_1', 100000)",
        "past its end"},
@@ -385,25 +452,26 @@ TEST(SqliteKeyStore, AnEditedFileIsRefusedAtOpen) {
        "holds used (wiped) bytes at byte 64, past its cursor at byte 64"},
       {"cursor_0_start", "UPDATE meta SET value = 0 WHERE name = 'cursor_0'",
        "holds used (wiped) bytes at byte 0"},
-      // Not a new file either (found by fuzz/store_file_fuzz.cpp: the store tried to create
-      // its meta rows again and failed on SQLite's "UNIQUE constraint failed").
-      {"format", "DELETE FROM meta WHERE name = 'format'", "its format is not recorded"},
-      {"meta", "DELETE FROM meta", "its format is not recorded"},
+      // Format 3's key check on a file that says format 2.
+      {"format_3", "UPDATE meta SET value = 3 WHERE name = 'format'",
+       "its format (3) is not the one its key check was sealed for"},
   };
-  for (const auto& e : edits) {
-    const std::string copy = dir.file("edited-" + e.what + ".db");
-    std::filesystem::copy_file(db, copy);
+  for (const auto& e : legacy_edits) {
+    const std::string copy = dir.file("edited-2-" + e.what + ".db");
+    std::filesystem::copy_file(legacy, copy);
     exec_sql(copy, e.sql);
-    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, copy, kNodeKey);
-    ASSERT_FALSE(s.ok()) << e.what << " edited, yet the store opened";
-    EXPECT_NE(s.error().message.find(copy), std::string::npos) << s.error().message;
-    EXPECT_NE(s.error().message.find(e.error), std::string::npos) << s.error().message;
+    refused(copy, "format 2, " + e.what, e.error);
   }
-  // The file itself still opens, with what was left.
-  auto s = open_store(db);
-  ASSERT_NE(s, nullptr);
-  EXPECT_EQ(s->stats().own_available_bytes, 640u - 96u);
-  s.reset();
+  // Unedited, it opens and is converted: afterwards an edit of its counters is refused.
+  {
+    auto s = open_store(legacy);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->stats().own_available_bytes, 640u - 96u);
+    EXPECT_EQ(s->stats().pending_notices, 1u);
+  }
+  EXPECT_EQ(format_of(legacy).first, 3);
+  exec_sql(legacy, "UPDATE meta SET value = 64 WHERE name = 'cursor_0'");
+  refused(legacy, "converted, cursor_0", counters);
 
   // Keys that do not end on a chunk: three of 40 bytes leave the cursor at 120, inside
   // chunk 3. Moved back to 81, the wiped bytes 81-119 span two chunks, neither of them wholly.
@@ -413,11 +481,9 @@ TEST(SqliteKeyStore, AnEditedFileIsRefusedAtOpen) {
     ASSERT_NE(t, nullptr);
     ASSERT_TRUE(t->allocate("alice", {"bob"}, 3, 40).ok());
   }
+  down_to_format_2(odd);
   exec_sql(odd, "UPDATE meta SET value = 81 WHERE name = 'cursor_0'");
-  auto t = qkd::kms::make_sqlite_key_store(Direction::kAlice, odd, kNodeKey);
-  ASSERT_FALSE(t.ok()) << "a cursor moved back by 39 bytes, yet the store opened";
-  EXPECT_NE(t.error().message.find("holds used (wiped) bytes at byte 81"), std::string::npos)
-      << t.error().message;
+  refused(odd, "format 2, cursor_0 back by 39 bytes", "holds used (wiped) bytes at byte 81");
 }
 
 // The store's view of this host's boot (QKD_KMS_BOOT_ID) for one scope.
@@ -545,13 +611,16 @@ TEST(SqliteKeyStore, PoolDigestChainsBlocksAndSurvivesReopen) {
     EXPECT_EQ(s->link_state().digest, expect);
   }
   // An earlier version went on committing blocks in this file (it leaves pool_digest as it
-  // was): the digest is not the pool's any more, so it is not known.
+  // was): the digest is not the pool's any more, so it is not known. (Only a file of format
+  // 2 or earlier: they cannot open one of format 3.)
+  down_to_format_2(db);
   exec_sql(db, "UPDATE meta SET value = 3 WHERE name = 'blocks'");
   {
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
     EXPECT_FALSE(s->pool_digest().has_value()) << "a stale digest was taken for the pool's";
   }
+  down_to_format_2(db);
   exec_sql(db, "UPDATE meta SET value = 2 WHERE name = 'blocks'");
   {
     auto s = open_store(db);
@@ -559,6 +628,7 @@ TEST(SqliteKeyStore, PoolDigestChainsBlocksAndSurvivesReopen) {
     EXPECT_EQ(s->pool_digest(), expect);
   }
   // A file written before digests were kept has none.
+  down_to_format_2(db);
   exec_sql(db, "DELETE FROM meta WHERE name = 'pool_digest'");
   auto s = open_store(db);
   ASSERT_NE(s, nullptr);
@@ -998,7 +1068,7 @@ TEST(SqliteKeyStore, LocalSlaveKeySurvivesReopen) {
 // An assigned key's owners are sealed with its bytes: an edited master, slave or "fetched"
 // list (which would hand the key to another SAE, or to a slave again) does not authenticate
 // and the store refuses to open. A row sealed before owners were bound (its key_ID alone as
-// additional data) still opens.
+// additional data, in a file of format 2) still opens, and is sealed with its owners then.
 TEST(SqliteKeyStore, AnAssignedKeysOwnersAreSealedWithIt) {
   TempDir dir;
   const std::string db = dir.file("alice.db");
@@ -1025,10 +1095,11 @@ TEST(SqliteKeyStore, AnAssignedKeysOwnersAreSealedWithIt) {
     EXPECT_NE(s.error().message.find("does not authenticate"), std::string::npos)
         << s.error().message;
   }
-  // The same row sealed as before (additional data "qkd-kms/key/<key_ID>"): opens, and
-  // alice-3 gets the key.
+  // The same row sealed as before (additional data "qkd-kms/key/<key_ID>", a file of
+  // format 2): opens, and is sealed again with its owners; alice-3 gets the key.
   const auto bytes = pattern(16, 9);
   const auto legacy = gcm(true, "qkd-kms/key/" + id, bytes);
+  down_to_format_2(db);
   {
     sqlite3* h = nullptr;
     ASSERT_EQ(sqlite3_open(db.c_str(), &h), SQLITE_OK);
@@ -1040,6 +1111,14 @@ TEST(SqliteKeyStore, AnAssignedKeysOwnersAreSealedWithIt) {
     sqlite3_finalize(st);
     sqlite3_close(h);
   }
+  open_store(db).reset();
+  const std::string copy = dir.file("edited-converted.db");
+  std::filesystem::copy_file(db, copy);
+  exec_sql(copy, "UPDATE assigned SET master = 'mallory'");
+  auto edited = qkd::kms::make_sqlite_key_store(Direction::kAlice, copy, kNodeKey);
+  ASSERT_FALSE(edited.ok()) << "the converted row's owners were edited, yet the store opened";
+  EXPECT_NE(edited.error().message.find("does not authenticate"), std::string::npos)
+      << edited.error().message;
   auto s = open_store(db);
   ASSERT_NE(s, nullptr);
   auto got = s->take("alice-3", "alice", {id}, 0ms);
