@@ -53,7 +53,10 @@ Result<SslCtxPtr> make_tls_context(const ClientConfig& config) {
       SSL_CTX_set1_groups_list(ctx.get(), "X25519:P-256") != 1) {
     return fail("cannot pin the TLS version and groups");
   }
-  SSL_CTX_set_options(ctx.get(), SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF);
+  // CLEANSE_PLAINTEXT: libssl's read buffers hold the replies' JSON, keys in base64; they
+  // are to be cleansed when freed, as our own copies are.
+  SSL_CTX_set_options(ctx.get(), SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF |
+                                     SSL_OP_CLEANSE_PLAINTEXT);
   SSL_CTX_set_mode(ctx.get(), SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
   SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
   if (config.ca_file.empty()) {
