@@ -1,9 +1,13 @@
 // Unit tests: the group table, the wire format, the hybrids' classical half, settings, admission limits, and the ETSI
 // client's URL, base64, HTTP and JSON parsing.
 #include <gtest/gtest.h>
+#include <malloc.h>
 
 #include <array>
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <set>
 #include <string>
 #include <vector>
@@ -764,6 +768,50 @@ TEST(Http, UntilEof) {
   EXPECT_FALSE(p.keep_alive());
 }
 
+// Counts freed heap blocks that still hold kSecretMarker, while watch_frees is set (the
+// replacement operator delete at the end of this file): the client's buffers must be
+// cleansed before they are freed.
+constexpr std::string_view kSecretMarker = "c2VjcmV0LWtleS1tYXJrZXI";
+std::atomic<bool> watch_frees{false};
+std::atomic<int> marked_frees{0};
+
+// Responses whose bodies pass through the parser's buffers as they grow and shift: byte by
+// byte, in chunks, until EOF.
+TEST(Http, BuffersAreCleansedBeforeTheyAreFreed) {
+  static constexpr std::string_view kLength =
+      "HTTP/1.1 200 OK\r\nContent-Length: 310\r\n\r\n"
+      "{\"keys\":[{\"key_ID\":\"id-1\",\"key\":\"c2VjcmV0LWtleS1tYXJrZXI=\"}],\"pad\":\""
+      "................................................................................"
+      "................................................................................"
+      "................................................................................"
+      "\"}";
+  static constexpr std::string_view kChunked =
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+      "34\r\n{\"key\":\"c2VjcmV0LWtleS1tYXJrZXI=\",\"pad\":\"...........\r\n"
+      "2\r\n\"}\r\n0\r\n\r\n";
+  static constexpr std::string_view kUntilEof =
+      "HTTP/1.0 200 OK\r\n\r\n{\"key\":\"c2VjcmV0LWtleS1tYXJrZXI=\"}";
+  for (const std::size_t piece : {std::size_t{1}, std::size_t{7}, std::size_t{4096}}) {
+    for (const std::string_view r : {kLength, kChunked, kUntilEof}) {
+      marked_frees = 0;
+      watch_frees = true;
+      {
+        ResponseParser p;
+        for (std::size_t i = 0; i < r.size(); i += piece) {
+          feed(p, r.substr(i, piece));
+        }
+        if (r == kUntilEof) {
+          p.feed_eof();
+        }
+        EXPECT_EQ(p.state(), ResponseParser::State::kDone) << piece << " " << p.error();
+        EXPECT_NE(p.body().find(kSecretMarker), std::string::npos);
+      }
+      watch_frees = false;
+      EXPECT_EQ(marked_frees, 0) << "piece " << piece << ", response " << r.substr(0, 40);
+    }
+  }
+}
+
 TEST(Http, Rejects) {
   for (const char* bad : {
            "HTTP/2 200 OK\r\n\r\n", "HTTP/1.1 20 OK\r\n\r\n", "HTTP/1.1 2000 OK\r\n\r\n",
@@ -850,3 +898,23 @@ TEST(Errors, RejectedStatusIsRecoverable) {
 
 }  // namespace
 }  // namespace qkd::etsi::detail
+
+// Replacements of the global operator delete, for Http.BuffersAreCleansedBeforeTheyAreFreed.
+namespace {
+void check_freed(void* p) {
+  if (p != nullptr && qkd::etsi::detail::watch_frees.load(std::memory_order_relaxed) &&
+      memmem(p, malloc_usable_size(p), qkd::etsi::detail::kSecretMarker.data(),
+             qkd::etsi::detail::kSecretMarker.size()) != nullptr) {
+    qkd::etsi::detail::marked_frees.fetch_add(1);
+  }
+}
+}  // namespace
+
+void operator delete(void* p) noexcept {
+  check_freed(p);
+  std::free(p);
+}
+void operator delete(void* p, std::size_t /*size*/) noexcept {
+  check_freed(p);
+  std::free(p);
+}

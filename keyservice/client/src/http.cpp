@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstring>
 
 #include "qkd/etsi/client_detail.hpp"
 
@@ -50,12 +51,37 @@ bool has_token(std::string_view value, std::string_view token) {
   return false;
 }
 
+// buf_ and body_ hold the body (keys in base64). std::string's own growth frees the old
+// buffer as it is, and its erase leaves the bytes it moved past the new end: these three
+// keep every byte that leaves a string's use cleansed.
+void cleanse_all(std::string& s) {
+  s.resize(s.capacity());  // no reallocation; the bytes past size() become reachable
+  OPENSSL_cleanse(s.data(), s.size());
+}
+
+void append_cleansed(std::string& s, std::string_view more) {
+  if (more.size() > s.capacity() - s.size()) {
+    std::string grown;
+    grown.reserve(std::max(2 * s.capacity(), s.size() + more.size()));
+    grown.append(s);
+    cleanse_all(s);
+    s.swap(grown);  // the old buffer, cleansed, goes with `grown`
+  }
+  s.append(more);
+}
+
+void erase_front(std::string& s, std::size_t n) {
+  const std::size_t left = s.size() - n;
+  std::memmove(s.data(), s.data() + n, left);
+  OPENSSL_cleanse(s.data() + left, n);
+  s.resize(left);
+}
+
 }  // namespace
 
 ResponseParser::~ResponseParser() {
-  // The body may hold key material (base64): cleanse what we buffered.
-  OPENSSL_cleanse(buf_.data(), buf_.size());
-  OPENSSL_cleanse(body_.data(), body_.size());
+  cleanse_all(buf_);
+  cleanse_all(body_);
 }
 
 ResponseParser::State ResponseParser::fail(std::string message) {
@@ -74,7 +100,7 @@ ResponseParser::State ResponseParser::feed(std::span<const std::uint8_t> data) {
   if (!data.empty()) {
     received_any_ = true;
   }
-  buf_.append(reinterpret_cast<const char*>(data.data()), data.size());
+  append_cleansed(buf_, std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
   return advance();
 }
 
@@ -184,9 +210,8 @@ ResponseParser::State ResponseParser::parse_headers(std::string_view head) {
 
 bool ResponseParser::take_remaining() {
   const std::size_t take = std::min(remaining_, buf_.size());
-  body_.append(buf_, 0, take);
-  OPENSSL_cleanse(buf_.data(), take);
-  buf_.erase(0, take);
+  append_cleansed(body_, std::string_view(buf_).substr(0, take));
+  erase_front(buf_, take);
   remaining_ -= take;
   return remaining_ == 0;
 }
@@ -208,7 +233,7 @@ ResponseParser::State ResponseParser::advance() {
         if (parse_headers(std::string_view(buf_).substr(0, end)) == State::kError) {
           return state_;
         }
-        buf_.erase(0, end + 4);
+        erase_front(buf_, end + 4);
         break;
       }
       case Phase::kBodyLength: {
@@ -222,9 +247,8 @@ ResponseParser::State ResponseParser::advance() {
         if (body_.size() + buf_.size() > kMaxBodyBytes) {
           return fail("body larger than " + std::to_string(kMaxBodyBytes) + " bytes");
         }
-        body_ += buf_;
-        OPENSSL_cleanse(buf_.data(), buf_.size());
-        buf_.clear();
+        append_cleansed(body_, buf_);
+        erase_front(buf_, buf_.size());
         return State::kNeedMore;
       }
       case Phase::kChunkSize: {
@@ -243,7 +267,7 @@ ResponseParser::State ResponseParser::advance() {
         if (line.empty() || line.size() > 8 || e != std::errc{} || p != line.data() + line.size()) {
           return fail("malformed chunk size");
         }
-        buf_.erase(0, eol + 2);
+        erase_front(buf_, eol + 2);
         if (size == 0) {
           phase_ = Phase::kTrailers;
         } else {
@@ -269,7 +293,7 @@ ResponseParser::State ResponseParser::advance() {
         if (buf_.compare(0, 2, "\r\n") != 0) {
           return fail("chunk not followed by CRLF");
         }
-        buf_.erase(0, 2);
+        erase_front(buf_, 2);
         phase_ = Phase::kChunkSize;
         break;
       }
@@ -281,7 +305,7 @@ ResponseParser::State ResponseParser::advance() {
           }
           return State::kNeedMore;
         }
-        buf_.erase(0, eol + 2);
+        erase_front(buf_, eol + 2);
         if (eol == 0) {
           phase_ = Phase::kDone;
         }
