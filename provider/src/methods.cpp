@@ -14,15 +14,15 @@ CryptoMethods::~CryptoMethods() {
 KdfCtxPtr CryptoMethods::new_hkdf() {
   EVP_KDF* kdf = hkdf_.load(std::memory_order_acquire);
   if (kdf == nullptr) {
-    std::lock_guard lock(mu_);
-    kdf = hkdf_.load(std::memory_order_acquire);
+    kdf = EVP_KDF_fetch(libctx_, OSSL_KDF_NAME_HKDF, nullptr);
     if (kdf == nullptr) {
-      kdf = EVP_KDF_fetch(libctx_, OSSL_KDF_NAME_HKDF, nullptr);
-      if (kdf == nullptr) {
-        ERR_clear_error();  // the caller raises one error with words
-        return nullptr;
-      }
-      hkdf_.store(kdf, std::memory_order_release);
+      ERR_clear_error();  // the caller raises one error with words
+      return nullptr;
+    }
+    EVP_KDF* stored = nullptr;
+    if (!hkdf_.compare_exchange_strong(stored, kdf, std::memory_order_acq_rel)) {
+      EVP_KDF_free(kdf);  // another call stored one first
+      kdf = stored;
     }
   }
   return KdfCtxPtr(EVP_KDF_CTX_new(kdf));
@@ -30,11 +30,6 @@ KdfCtxPtr CryptoMethods::new_hkdf() {
 
 EVP_PKEY* CryptoMethods::p256_params() {
   EVP_PKEY* params = p256_.load(std::memory_order_acquire);
-  if (params != nullptr) {
-    return params;
-  }
-  std::lock_guard lock(mu_);
-  params = p256_.load(std::memory_order_acquire);
   if (params != nullptr) {
     return params;
   }
@@ -50,7 +45,11 @@ EVP_PKEY* CryptoMethods::p256_params() {
     return nullptr;
   }
   EVP_PKEY_CTX_free(ctx);
-  p256_.store(params, std::memory_order_release);
+  EVP_PKEY* stored = nullptr;
+  if (!p256_.compare_exchange_strong(stored, params, std::memory_order_acq_rel)) {
+    EVP_PKEY_free(params);  // another call stored one first
+    params = stored;
+  }
   return params;
 }
 

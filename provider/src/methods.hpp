@@ -5,7 +5,9 @@
 //
 // Made at first use from `libctx` (the provider's child library context, whose providers
 // may not all be active yet while qkdprovider itself is being loaded); a failure is not
-// remembered, so the next call tries again. Thread-safe: once made, the objects are only
+// remembered, so the next call tries again. No lock: a lock held across the fetch would
+// block a child forked meanwhile, so two first calls may both make an object, and the one
+// stored second is freed. Thread-safe: once made, the objects are only
 // read (EVP_KDF_CTX_new, EVP_PKEY_CTX_new_from_pkey and EVP_PKEY_copy_parameters leave
 // their source unchanged) and live until the provider context goes. (OpenSSL 3.0's HKDF
 // cannot be duplicated, so each derivation still sets the digest by name.)
@@ -16,7 +18,6 @@
 
 #include <atomic>
 #include <memory>
-#include <mutex>
 
 namespace qkd::prov {
 
@@ -41,7 +42,6 @@ class CryptoMethods {
 
  private:
   OSSL_LIB_CTX* const libctx_;
-  std::mutex mu_;                            // serialises the first making of each
   std::atomic<EVP_KDF*> hkdf_{nullptr};
   std::atomic<EVP_PKEY*> p256_{nullptr};
 };

@@ -12,6 +12,7 @@
 
 #include "admission.hpp"
 #include "ahead_keys.hpp"
+#include "fork_guard.hpp"
 #include "key_cache.hpp"
 #include "methods.hpp"
 #include "qkd/core/result.hpp"
@@ -57,19 +58,25 @@ struct LibCtxDeleter {
 };
 using LibCtxPtr = std::unique_ptr<OSSL_LIB_CTX, LibCtxDeleter>;
 
-class ProvCtx {
+// mu_ guards two values made once; it is never held across I/O or a call out, and is taken
+// around fork() (ForkGuarded), so that a child forked while another thread holds it does
+// not block at its first handshake.
+class ProvCtx final : public ForkGuarded {
  public:
   // `libctx`: the provider's own library context, a child of the application's
   // (OSSL_LIB_CTX_new_child), for the classical half of the hybrids. May be null (the
   // error reporter in OSSL_provider_init); the hybrids then fail with a reason.
   ProvCtx(const OSSL_CORE_HANDLE* handle, CoreUpcalls core, Settings settings,
           LibCtxPtr libctx = nullptr)
-      : handle_(handle), core_(core), settings_(std::move(settings)),
+      : ForkGuarded(mu_), handle_(handle), core_(core), settings_(std::move(settings)),
         admission_(settings_.admission), key_cache_(settings_.prefetch),
-        ahead_keys_(settings_.ahead), libctx_(std::move(libctx)), methods_(libctx_.get()) {}
+        ahead_keys_(settings_.ahead), libctx_(std::move(libctx)), methods_(libctx_.get()) {
+    guard_forks();
+  }
   // The prefetch's refill thread and the fetch of announced keys use the ETSI client: stop
   // them before client_ goes.
   ~ProvCtx() {
+    unguard_forks();
     key_cache_.stop_soon();  // both threads stop at once, then are waited for
     ahead_keys_.stop_soon();
     key_cache_.shutdown();
@@ -77,7 +84,6 @@ class ProvCtx {
   }
   ProvCtx(const ProvCtx&) = delete;
   ProvCtx& operator=(const ProvCtx&) = delete;
-
   [[nodiscard]] const Settings& settings() const { return settings_; }
   [[nodiscard]] OSSL_LIB_CTX* libctx() const { return libctx_.get(); }
   [[nodiscard]] Admission& admission() { return admission_; }

@@ -91,10 +91,13 @@ qkd::core::Result<std::string> ProvCtx::own_sae_id(Failure* failure) {
   if (!check_settings(failure, /*need_client=*/false)) {
     return fail();
   }
-  std::lock_guard lock(mu_);
-  if (!own_sae_.empty()) {
-    return own_sae_;
+  {
+    std::lock_guard lock(mu_);
+    if (!own_sae_.empty()) {
+      return own_sae_;
+    }
   }
+  // Outside the lock (reads a file): two first calls may both read it, to the same end.
   std::string id = settings_.sae_id;
   if (id.empty()) {
     auto cn = qkd::etsi::certificate_common_name(settings_.cert);
@@ -109,6 +112,7 @@ qkd::core::Result<std::string> ProvCtx::own_sae_id(Failure* failure) {
                                        "\": must be 1..64 characters of [A-Za-z0-9._-]"};
     return fail();
   }
+  std::lock_guard lock(mu_);
   own_sae_ = id;
   return id;
 }
@@ -117,10 +121,14 @@ qkd::etsi::Client* ProvCtx::client(Failure* failure) {
   if (!check_settings(failure, /*need_client=*/true)) {
     return nullptr;
   }
-  std::lock_guard lock(mu_);
-  if (client_) {
-    return client_.get();
+  {
+    std::lock_guard lock(mu_);
+    if (client_) {
+      return client_.get();
+    }
   }
+  // Made outside the lock (reads the files): of two made at once, the first kept wins and
+  // the other goes (after the lock is released: its destructor frees libssl objects).
   qkd::etsi::ClientConfig config;
   config.kme_url = settings_.kme_url;
   config.cert_file = settings_.cert;
@@ -132,7 +140,11 @@ qkd::etsi::Client* ProvCtx::client(Failure* failure) {
     *failure = {kReasonBadSetting, made.error().message};
     return nullptr;
   }
-  client_ = std::move(made).value();
+  std::unique_ptr<qkd::etsi::Client> mine = std::move(made).value();
+  std::lock_guard lock(mu_);
+  if (!client_) {
+    client_ = std::move(mine);
+  }
   return client_.get();
 }
 

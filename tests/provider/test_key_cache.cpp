@@ -20,6 +20,7 @@
 
 #include "ahead_keys.hpp"
 #include "key_cache.hpp"
+#include "prov.hpp"
 #include "secure_buf.hpp"
 
 namespace qkd::prov {
@@ -815,6 +816,46 @@ TEST(ForkGuard, ChildrenForkedUnderLoadUseTheCachesWithoutBlocking) {
   for (auto& t : load) {
     t.join();
   }
+  EXPECT_EQ(bad, 0) << "children that blocked (killed by the alarm) or failed";
+}
+
+// fork() while another thread is in the provider context's first use (the ETSI client
+// made from its files, which fail here so that every call makes it again): a child's use
+// of the context must not block on its lock (held across that file I/O before, and taken
+// around fork() now). The child uses nothing of OpenSSL's, whose own locks no fork handler
+// takes (docs/SECURITY.md).
+TEST(ForkGuard, ChildrenForkedWhileTheProviderContextIsMadeDoNotBlock) {
+  Settings settings;
+  settings.sae_id = "bob";
+  settings.kme_url = "https://127.0.0.1:1";
+  settings.cert = "/nonexistent/qkd-test/cert.pem";
+  settings.key = "/nonexistent/qkd-test/key.pem";
+  settings.ca = "/nonexistent/qkd-test/ca.pem";
+  ProvCtx prov(nullptr, CoreUpcalls{}, settings);
+  std::atomic<bool> stop{false};
+  std::thread load([&] {
+    while (!stop) {
+      Failure failure;
+      (void)prov.client(&failure);
+    }
+  });
+  int bad = 0;
+  for (int i = 0; i < 40; ++i) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ::alarm(5);
+      Failure failure;
+      auto id = prov.own_sae_id(&failure);
+      ::_exit(id.ok() && id.value() == "bob" ? 0 : 1);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    bad += (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : 1;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  stop = true;
+  load.join();
   EXPECT_EQ(bad, 0) << "children that blocked (killed by the alarm) or failed";
 }
 
