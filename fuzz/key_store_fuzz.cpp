@@ -1,8 +1,8 @@
 // Fuzz target: the store core (make_memory_key_store; the durable store runs the same core
 // over a journal, which this target does not reach) driven by a sequence of operations, peer
 // notices among them as a hostile or broken peer KME could send them: assignments with any
-// key_ID, direction, offset, length and SAEs, discards, and a pool reset; prepared keys
-// (store.prepared_keys) switched on with any depth, and withdrawn.
+// key_ID, direction, offset (up to 2^64 - 1), length and SAEs, discards, and a pool reset;
+// prepared keys (store.prepared_keys) switched on with any depth, and withdrawn.
 //
 // Input: operations, each an opcode byte and its argument bytes (see run()); the input
 // ends them. The fuzzer keeps its own copy of both directions' bytes (chunk c of the pool
@@ -139,8 +139,15 @@ class Run {
     a.key_id = kIds[flags % kIds.size()];
     a.direction = (flags & 0x08) != 0 ? kOwn : kPeer;
     a.discard = (flags & 0x10) != 0;
-    a.offset = next16();
-    a.length = next();
+    if ((flags & 0x40) != 0) {
+      // Anywhere: near 2^64 (offset + length wraps around), or far beyond the pool.
+      a.offset = std::uint64_t{next16()} << 48 | std::uint64_t{next16()} << 32 |
+                 std::uint64_t{next16()} << 16 | next16();
+      a.length = static_cast<std::uint32_t>(next16()) << 16 | next16();
+    } else {
+      a.offset = next16();
+      a.length = next();
+    }
     if ((flags & 0x20) != 0) {
       a.master_sae = "peer";
     } else {
@@ -218,7 +225,7 @@ class Run {
   std::span<const std::uint8_t> bytes_at(const Place& place) const {
     const auto& [epoch, dir, offset, length] = place;
     const auto& stream = epochs_.at(epoch).bytes.at(static_cast<std::size_t>(dir));
-    if (offset + length > stream.size()) {
+    if (offset > stream.size() || length > stream.size() - offset) {
       return {};
     }
     return std::span<const std::uint8_t>(stream).subspan(offset, length);
