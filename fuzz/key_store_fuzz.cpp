@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <memory>
 #include <set>
@@ -140,10 +141,22 @@ class Run {
     a.direction = (flags & 0x08) != 0 ? kOwn : kPeer;
     a.discard = (flags & 0x10) != 0;
     if ((flags & 0x40) != 0) {
-      // Anywhere: near 2^64 (offset + length wraps around), or far beyond the pool.
-      a.offset = std::uint64_t{next16()} << 48 | std::uint64_t{next16()} << 32 |
-                 std::uint64_t{next16()} << 16 | next16();
-      a.length = static_cast<std::uint32_t>(next16()) << 16 | next16();
+      // Anywhere: just below 2^64 (offset + length wraps around to a small end), far beyond
+      // the pool, or any 64-bit offset with any 32-bit length.
+      switch (next() % 3) {
+        case 0:
+          a.offset = std::numeric_limits<std::uint64_t>::max() - next16();
+          a.length = next16();
+          break;
+        case 1:
+          a.offset = std::uint64_t{next16()} << 32 | next16();
+          a.length = next();
+          break;
+        default:
+          a.offset = std::uint64_t{next16()} << 48 | std::uint64_t{next16()} << 32 |
+                     std::uint64_t{next16()} << 16 | next16();
+          a.length = static_cast<std::uint32_t>(next16()) << 16 | next16();
+      }
     } else {
       a.offset = next16();
       a.length = next();
