@@ -36,15 +36,19 @@ constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
 
 // --- MessageQueue ---
 
-void MessageQueue::push(std::vector<std::uint8_t> msg) {
+bool MessageQueue::push(std::vector<std::uint8_t> msg) {
   {
     std::lock_guard lock(mu_);
     if (closed_) {
-      return;
+      return true;
+    }
+    if (q_.size() >= kMaxQueued) {
+      return false;
     }
     q_.push_back(std::move(msg));
   }
   cv_.notify_one();
+  return true;
 }
 
 qkd::core::Result<std::vector<std::uint8_t>> MessageQueue::pop(std::chrono::milliseconds timeout) {

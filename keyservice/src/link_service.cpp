@@ -413,6 +413,18 @@ struct LinkService::Impl {
     }
   }
 
+  // Hands a control message to the runner thread; false (the connection is closed) when the
+  // peer runs that far ahead of the lock-step protocol.
+  static bool queued(MessageQueue& queue, std::vector<std::uint8_t> bytes,
+                     const LinkConnection& conn) {
+    if (!queue.push(std::move(bytes))) {
+      spdlog::warn("link: {} sent more than {} control messages ahead of the protocol",
+                   conn.peer(), MessageQueue::kMaxQueued);
+      return false;
+    }
+    return true;
+  }
+
   // Control frames, on the connection's strand. `queue` feeds the runner thread.
   bool on_control(LinkConnection& conn, MessageQueue& queue, std::vector<std::uint8_t> bytes) {
     auto j = parse_control(bytes);
@@ -430,8 +442,7 @@ struct LinkService::Impl {
     try {
       if (alice) {
         if (t == "state" || t == "ready") {
-          queue.push(std::move(bytes));
-          return true;
+          return queued(queue, std::move(bytes), conn);
         }
       } else if (t == "hello") {
         peer_takes_fetched = j->value("fetched", false);
@@ -474,11 +485,9 @@ struct LinkService::Impl {
             pending.reset();
           }
         }
-        queue.push(std::move(bytes));
-        return true;
+        return queued(queue, std::move(bytes), conn);
       } else if (t == "start") {
-        queue.push(std::move(bytes));
-        return true;
+        return queued(queue, std::move(bytes), conn);
       } else if (t == "commit") {
         std::lock_guard lock(state_mu);
         const auto b = uint_field(*j, "block");

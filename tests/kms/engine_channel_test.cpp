@@ -197,6 +197,27 @@ class EngineChannelPair : public ::testing::Test {
   Pair p_;
 };
 
+// The control messages queued for the link's runner thread are bounded: a peer running
+// further ahead of the lock-step protocol is refused (its connection is then closed) rather
+// than let grow the queue without end. What was queued still comes out, in order.
+TEST(MessageQueue, HoldsAtMostItsBound) {
+  MessageQueue q;
+  for (std::size_t i = 0; i < MessageQueue::kMaxQueued; ++i) {
+    ASSERT_TRUE(q.push({static_cast<std::uint8_t>(i)})) << i;
+  }
+  EXPECT_FALSE(q.push({0xff}));
+  for (std::size_t i = 0; i < MessageQueue::kMaxQueued; ++i) {
+    auto m = q.pop(0ms);
+    ASSERT_TRUE(m.ok());
+    EXPECT_EQ(m->front(), static_cast<std::uint8_t>(i));
+  }
+  EXPECT_EQ(q.pop(0ms).error().code, ErrorCode::kTimeout);
+  EXPECT_TRUE(q.push({1}));
+  q.close();
+  EXPECT_TRUE(q.push({2})) << "a message after close is dropped, not refused";
+  EXPECT_EQ(q.pop(0ms).error().code, ErrorCode::kClosed);
+}
+
 TEST_F(EngineChannelPair, CarriesBothChannelsInOrderAndLargeFramesBothWaysAtOnce) {
   Pair& p = p_;
   auto aq = p.alice->transport(Channel::kQuantum);

@@ -41,7 +41,12 @@ using EngineToken = std::array<std::uint8_t, kEngineTokenBytes>;
 // A thread-safe message queue that can be closed (wakes all waiters with kClosed).
 class MessageQueue {
  public:
-  void push(std::vector<std::uint8_t> msg);
+  // The control protocol is lock-step: a handful of messages wait at most. A peer that
+  // sends more than this many ahead of the runner is faulty.
+  static constexpr std::size_t kMaxQueued = 64;
+  // False (and the message dropped) when kMaxQueued messages already wait; a message
+  // pushed after close() is dropped.
+  [[nodiscard]] bool push(std::vector<std::uint8_t> msg);
   [[nodiscard]] qkd::core::Result<std::vector<std::uint8_t>> pop(std::chrono::milliseconds timeout);
   void close();
   [[nodiscard]] bool closed() const;
