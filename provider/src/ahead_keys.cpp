@@ -248,7 +248,7 @@ Result<SecureBuf> AheadKeys::take(const std::string& master, const KeyId& key_id
                                   const std::vector<KeyId>& ahead,
                                   const std::optional<ClientId>& share_client_id,
                                   std::size_t key_bytes, Clock::time_point now,
-                                  const Fetch& fetch) {
+                                  Deadline deadline, const Fetch& fetch) {
   std::unique_lock lock(mu_);
   check_fork_locked();
   if (now - last_sweep_ >= std::chrono::seconds(1)) {
@@ -264,14 +264,22 @@ Result<SecureBuf> AheadKeys::take(const std::string& master, const KeyId& key_id
   if (queued_.count(hid) != 0) {
     unqueue_locked(hid);  // its batch has not started: fetch it now rather than wait
   } else if (in_flight_.count(hid) != 0) {
-    // A running call is fetching this key: asking the KME again would be refused.
+    // A running call is fetching this key: asking the KME again would be refused. The wait
+    // counts against the operation's deadline: a call of our own after it gets what is left.
     ++stats_.waits;
-    const bool settled = settled_.wait_for(lock, limits_.wait,
-                                           [&] { return in_flight_.count(hid) == 0; });
+    const auto started = Clock::now();
+    auto until = started + limits_.wait;
+    if (deadline) {
+      until = std::min(until, *deadline);
+    }
+    const bool settled = settled_.wait_until(lock, until,
+                                             [&] { return in_flight_.count(hid) == 0; });
     if (!settled) {
-      return make_error(ErrorCode::kTimeout,
-                        "key_ID " + uuid_format(key_id) + " still being fetched after " +
-                            std::to_string(limits_.wait.count()) + " ms");
+      const auto waited =
+          std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
+      return make_error(ErrorCode::kTimeout, "key_ID " + uuid_format(key_id) +
+                                                 " still being fetched after " +
+                                                 std::to_string(waited.count()) + " ms");
     }
   }
   if (auto it = held_.find(hid); it != held_.end()) {
@@ -296,7 +304,7 @@ Result<SecureBuf> AheadKeys::take(const std::string& master, const KeyId& key_id
     in_flight_.insert(HeldId{master, id});
   }
   lock.unlock();
-  auto got = caught([&] { return fetch(master, as_text(ids)); });
+  auto got = caught([&] { return fetch(master, as_text(ids), deadline); });
   if (!got.ok() && got.error().code == ErrorCode::kRejected && !extra.empty()) {
     // One refused key_ID fails a whole ETSI request (and nothing was consumed): ask for
     // this key alone.
@@ -307,7 +315,7 @@ Result<SecureBuf> AheadKeys::take(const std::string& master, const KeyId& key_id
       in_flight_.insert(hid);
     }
     ids.resize(1);
-    got = caught([&] { return fetch(master, as_text(ids)); });
+    got = caught([&] { return fetch(master, as_text(ids), deadline); });  // same deadline
   }
   lock.lock();
   auto key = settle_locked(master, ids, key_bytes, got, &key_id, extra.empty() ? nullptr : &owner);
@@ -340,7 +348,7 @@ void AheadKeys::run_jobs(Fetch fetch) {
       in_flight_.insert(HeldId{job.master, id});
     }
     lock.unlock();
-    auto got = caught([&] { return fetch(job.master, as_text(job.ids)); });
+    auto got = caught([&] { return fetch(job.master, as_text(job.ids), std::nullopt); });
     lock.lock();
     ++stats_.background_fetches;
     (void)settle_locked(job.master, job.ids, job.key_bytes, got, nullptr, &job.owner);

@@ -9,7 +9,7 @@
 // Rules that keep a key from being lost or used twice:
 //   - a key_ID is fetched by one call at a time: a handshake whose key a running call is
 //     fetching (the worker's, or another handshake's) waits for that call, bounded by the
-//     timeout, instead of asking the KME again (which would refuse a key already
+//     timeout and by its operation's deadline, instead of asking the KME again (which would refuse a key already
 //     delivered); a key whose batch is only queued is taken out of it and fetched at once;
 //   - each held key is handed out once, removed and cleansed (SecureBuf, secure heap);
 //   - announcements are fetched only for the current client_id, and not at all when the
@@ -66,10 +66,12 @@ struct AheadStats {
 class AheadKeys final : public ForkGuarded {
  public:
   using Clock = std::chrono::steady_clock;
-  // One dec_keys call at the client's KME. May run on the worker thread after take()
-  // returned: capture by value, nothing that dies before shutdown().
+  using Deadline = qkd::etsi::Deadline;
+  // One dec_keys call at the client's KME, ending by `deadline`: take()'s for a call in
+  // line, none on the worker thread (nobody waits for it). May run on the worker thread
+  // after take() returned: capture by value, nothing that dies before shutdown().
   using Fetch = std::function<qkd::core::Result<std::vector<qkd::etsi::Key>>(
-      const std::string& master, std::span<const std::string> key_ids)>;
+      const std::string& master, std::span<const std::string> key_ids, Deadline deadline)>;
 
   explicit AheadKeys(AheadLimits limits = {});  // not copyable (ForkGuarded)
   ~AheadKeys();  // shutdown(); SecureBuf cleanses every key held
@@ -86,13 +88,16 @@ class AheadKeys final : public ForkGuarded {
   // call brings, else fetched now in one call together with the `ahead` key_IDs (those of
   // the same ciphertext, announced to `share_client_id`: fetched only when that is the
   // current client_id). When the key needs no call, `ahead` is fetched on the worker
-  // thread. Errors: fetch's own; kTimeout when a running call for the key does not end
-  // within the wait; kProtocol for a reply without the key or with the wrong length.
+  // thread. Everything take() waits for (a running call for the key, its own calls, the
+  // retry of a refused one) ends by `deadline` (the handshake operation's), so that one
+  // operation never waits for more than one timeout. Errors: fetch's own; kTimeout when a
+  // running call for the key does not end within the wait (and the deadline); kProtocol for
+  // a reply without the key or with the wrong length.
   [[nodiscard]] qkd::core::Result<SecureBuf> take(const std::string& master, const KeyId& key_id,
                                                   const std::vector<KeyId>& ahead,
                                                   const std::optional<ClientId>& share_client_id,
                                                   std::size_t key_bytes, Clock::time_point now,
-                                                  const Fetch& fetch);
+                                                  Deadline deadline, const Fetch& fetch);
 
   // Observers for tests and documentation.
   [[nodiscard]] std::size_t held();

@@ -172,6 +172,9 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
   }
   ProvCtx* prov = ctx->prov;
   return guarded<int>(prov, 0, __func__, [&] {
+    // One deadline for the whole operation: every KME call and wait below ends by it, so
+    // that a retry never adds a timeout of its own (timeout_ms bounds the handshake step).
+    const auto deadline = KeyCache::Clock::now() + prov->settings().timeout;
     if (ctx->operation != kOpEncapsulate || ctx->key == nullptr) {
       QKD_RAISE(prov, kReasonWrongKey, "encapsulate called without encapsulate_init");
       return 0;
@@ -252,8 +255,9 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
     // captures by value (the client lives until the provider context has joined that thread).
     const ClientId* client_id = ctx->key->client_id ? &*ctx->key->client_id : nullptr;
     auto key = prov->key_cache().take(
-        peer, client_id, kQkdBytes, KeyCache::Clock::now(), [client, peer](std::uint32_t number) {
-          return client->enc_keys(peer, number, kGroups[G].qkd_key_bits);
+        peer, client_id, kQkdBytes, KeyCache::Clock::now(), deadline,
+        [client, peer](std::uint32_t number, qkd::etsi::Deadline until) {
+          return client->enc_keys(peer, number, kGroups[G].qkd_key_bits, until);
         });
     if (!key.ok()) {
       raise_kme_error(prov, key.error(), kOpEncapsulate, peer, "", qkd_fn);
@@ -314,6 +318,8 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
   }
   ProvCtx* prov = ctx->prov;
   return guarded<int>(prov, 0, __func__, [&] {
+    // One deadline for the whole operation, as in encapsulate.
+    const auto deadline = AheadKeys::Clock::now() + prov->settings().timeout;
     if (ctx->operation != kOpDecapsulate || ctx->key == nullptr || outlen == nullptr) {
       QKD_RAISE(prov, kReasonWrongKey, "decapsulate called without decapsulate_init");
       return 0;
@@ -380,10 +386,9 @@ int Kem<G>::decapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
     // the provider context has joined that thread).
     auto key = prov->ahead_keys().take(
         ct->sae_id, ct->key_id, ct->ahead, ctx->key->client_id, kQkdBytes,
-        AheadKeys::Clock::now(),
-        [client](const std::string& master, std::span<const std::string> ids) {
-          return client->dec_keys(master, ids);
-        });
+        AheadKeys::Clock::now(), deadline,
+        [client](const std::string& master, std::span<const std::string> ids,
+                 qkd::etsi::Deadline until) { return client->dec_keys(master, ids, until); });
     if (!key.ok()) {
       raise_kme_error(prov, key.error(), kOpDecapsulate, ct->sae_id, uuid_format(ct->key_id),
                       qkd_fn);

@@ -57,7 +57,7 @@ void KeyCache::maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::ti
 }
 
 void KeyCache::run_refill(EntryKey ek, std::uint32_t number, Fetch fetch) {
-  auto got = caught([&] { return fetch(number); });
+  auto got = caught([&] { return fetch(number, std::nullopt); });
   const auto now = Clock::now();
   const bool refused = !got.ok() && got.error().code == ErrorCode::kRejected;
   Result<std::vector<Slot>> slots = convert(std::move(got), ek.second, now);
@@ -197,10 +197,10 @@ typename Map::iterator KeyCache::find_or_make_locked(Map& map, const typename Ma
 
 Result<CachedKey> KeyCache::take(std::string_view slave, const ClientId* client,
                                  std::size_t key_bytes, Clock::time_point now,
-                                 const Fetch& fetch) {
+                                 Deadline deadline, const Fetch& fetch) {
   const EntryKey ek{std::string(slave), key_bytes};
   if (client == nullptr || limits_.announce == 0) {
-    return take_unreserved(ek, now, fetch);
+    return take_unreserved(ek, now, deadline, fetch);
   }
   const ReservationKey rk{ek, *client};
   {
@@ -224,7 +224,7 @@ Result<CachedKey> KeyCache::take(std::string_view slave, const ClientId* client,
       }
     }
   }
-  auto out = take_unreserved(ek, now, fetch);
+  auto out = take_unreserved(ek, now, deadline, fetch);
   if (out.ok()) {
     std::lock_guard lock(mu_);
     check_fork_locked();
@@ -295,7 +295,7 @@ void KeyCache::announce_locked(const EntryKey& ek, Reservation& r, Clock::time_p
 }
 
 Result<CachedKey> KeyCache::take_unreserved(const EntryKey& ek, Clock::time_point now,
-                                            const Fetch& fetch) {
+                                            Deadline deadline, const Fetch& fetch) {
   const std::size_t key_bytes = ek.second;
   std::uint32_t number = 1;
   bool refill = false;       // this call refills the SAE's cache (else: a side fetch of 1)
@@ -329,10 +329,12 @@ Result<CachedKey> KeyCache::take_unreserved(const EntryKey& ek, Clock::time_poin
     }
   }
 
-  auto got = caught([&] { return fetch(number); });
+  auto got = caught([&] { return fetch(number, deadline); });
   bool fell_back = false;
   if (!got.ok() && batch_fetch && got.error().code == ErrorCode::kRejected) {
-    got = caught([&] { return fetch(1); });  // the KME may cap the number or be short of keys
+    // The KME may cap the number or be short of keys. Within the same deadline: a slow
+    // refusal followed by a slow retry must not hold the handshake for two timeouts.
+    got = caught([&] { return fetch(1, deadline); });
     fell_back = true;
   }
   Result<std::vector<Slot>> slots = convert(std::move(got), key_bytes, now);

@@ -81,10 +81,13 @@ struct KeyCacheStats {
 class KeyCache final : public ForkGuarded {
  public:
   using Clock = std::chrono::steady_clock;
-  // Asks the KME for `number` keys for the SAE (one enc_keys call). With refill_ahead it
-  // may run on another thread after take() returned: capture by value, nothing that dies
-  // before shutdown().
-  using Fetch = std::function<qkd::core::Result<std::vector<qkd::etsi::Key>>(std::uint32_t number)>;
+  using Deadline = qkd::etsi::Deadline;
+  // Asks the KME for `number` keys for the SAE (one enc_keys call), ending by `deadline`:
+  // take()'s for a fetch in line, none for a refill on another thread (nobody waits for
+  // it). With refill_ahead it may run on another thread after take() returned: capture by
+  // value, nothing that dies before shutdown().
+  using Fetch = std::function<qkd::core::Result<std::vector<qkd::etsi::Key>>(
+      std::uint32_t number, Deadline deadline)>;
 
   explicit KeyCache(KeyCacheLimits limits = {});  // not copyable (ForkGuarded)
   ~KeyCache();  // shutdown(); SecureBuf cleanses every key held
@@ -99,12 +102,14 @@ class KeyCache final : public ForkGuarded {
   // the result may carry key_IDs newly reserved for it (CachedKey::ahead).
   // Only one batch fetch per SAE runs at a time; a caller that finds the cache empty while
   // another is fetching fetches a single key for itself. A failed batch fetch (e.g. the KME
-  // caps the number, or has fewer keys) is retried once with n = 1. Errors: fetch's own, or
+  // caps the number, or has fewer keys) is retried once with n = 1; both fetches in line get
+  // `deadline` (the handshake operation's), so that the retry does not add a timeout of
+  // its own. Errors: fetch's own, or
   // kProtocol for a reply whose key_ID is not a UUID or whose key has the wrong length.
   // A refused batch of n also caps this SAE's batch at n / 2 until the SAE is forgotten.
   [[nodiscard]] qkd::core::Result<CachedKey> take(std::string_view slave, const ClientId* client,
                                                   std::size_t key_bytes, Clock::time_point now,
-                                                  const Fetch& fetch);
+                                                  Deadline deadline, const Fetch& fetch);
 
   // Observers for tests and documentation.
   [[nodiscard]] std::size_t cached(std::string_view slave, std::size_t key_bytes);
@@ -142,6 +147,7 @@ class KeyCache final : public ForkGuarded {
 
   [[nodiscard]] qkd::core::Result<CachedKey> take_unreserved(const EntryKey& ek,
                                                              Clock::time_point now,
+                                                             Deadline deadline,
                                                              const Fetch& fetch);
   // Moves keys from the SAE's cache into `r` when it runs low; their key_IDs go to `ahead`.
   void announce_locked(const EntryKey& ek, Reservation& r, Clock::time_point now,

@@ -130,6 +130,33 @@ TEST_F(FakeKmeTest, TimeoutIsBounded) {
   EXPECT_LT(took, std::chrono::milliseconds(1500));
 }
 
+// A caller's deadline (the provider's, one per handshake operation) bounds a call when it
+// comes before the configured timeout, and a call whose deadline has passed sends nothing:
+// an enc_keys whose reply could not be read would consume keys at the KME.
+TEST_F(FakeKmeTest, TheCallersDeadlineBoundsACallAndAPassedOneSendsNothing) {
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest&) {
+    return FakeReply{200, R"({"keys":[]})", 2000};
+  });
+  auto bob = client_for("bob", kme.url(), 3000);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto enc = bob->enc_keys("alice", 1, 256, t0 + std::chrono::milliseconds(300));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  ASSERT_FALSE(enc.ok());
+  EXPECT_EQ(enc.error().code, ErrorCode::kTimeout);
+  EXPECT_LT(took, std::chrono::milliseconds(1500));  // the KME answers after 2000 ms
+  const int requests = kme.requests();
+  const int connections = kme.connections();
+  const std::string ids[] = {"00000000-0000-4000-8000-000000000001"};
+  auto late_enc = bob->enc_keys("alice", 1, 256, std::chrono::steady_clock::now());
+  auto late_dec = bob->dec_keys("alice", ids, std::chrono::steady_clock::now());
+  ASSERT_FALSE(late_enc.ok());
+  ASSERT_FALSE(late_dec.ok());
+  EXPECT_EQ(late_enc.error().code, ErrorCode::kTimeout);
+  EXPECT_EQ(late_dec.error().code, ErrorCode::kTimeout);
+  EXPECT_EQ(kme.requests(), requests);
+  EXPECT_EQ(kme.connections(), connections);
+}
+
 TEST_F(FakeKmeTest, RejectedCarriesStatusAndMessage) {
   FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest&) {
     return FakeReply{503, R"({"message":"not enough key for alice"})"};
@@ -286,6 +313,42 @@ TEST_F(FakeHandshake, SlowKmeTimesOutWithWords) {
   ASSERT_FALSE(h.ok);
   EXPECT_NE(h.server_errors.find("no key for SAE alice after 300 ms"), std::string::npos)
       << h.server_errors;
+}
+
+// One deadline per handshake operation: the server's second handshake asks its KME for a
+// batch, the KME refuses it after 90% of timeout_ms, and the retry for one key would be
+// answered later still. The retry gets what is left of the operation's deadline, so the
+// server fails within about one timeout (it used to take a second one for the retry).
+TEST_F(FakeHandshake, ASlowRefusalAndItsRetryTakeOneTimeoutInAll) {
+  constexpr int kTimeoutMs = 600;
+  FakeKeyStore store;
+  std::atomic<bool> slow{false};
+  std::atomic<bool> batch_refused{false};
+  FakeKme bob_kme(*pki_, "bob-kme", [&](const FakeRequest& r) {
+    if (!slow) {
+      return store.route(r);
+    }
+    if (r.body.find(R"("number":1,)") == std::string::npos) {
+      batch_refused = true;
+      return FakeReply{503, R"({"message":"not that many keys"})", kTimeoutMs * 9 / 10};
+    }
+    return FakeReply{503, R"({"message":"too late"})", kTimeoutMs * 3};
+  });
+  FakeKme alice_kme(*pki_, "alice-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto s = sides(cnf("fa4d", "alice", alice_kme.url()),
+                 cnf("fb4d", "bob", bob_kme.url(), {{"timeout_ms", std::to_string(kTimeoutMs)}}));
+  ASSERT_TRUE(s.client && s.server);
+  Handshake first = handshake(s.client.get(), s.server.get());  // one key: the batch grows
+  ASSERT_TRUE(first.ok) << "client: " << first.client_errors << "\nserver: " << first.server_errors;
+  slow = true;
+  Handshake h = handshake(s.client.get(), s.server.get());
+  ASSERT_FALSE(h.ok);
+  EXPECT_NE(h.server_errors.find("no key for SAE alice after 600 ms"), std::string::npos)
+      << h.server_errors;
+  // A functional bound, not a performance one: two timeouts would be 0.9 + 1 = 1.9 times
+  // timeout_ms; one deadline ends it at 1.0 (the margin is for a loaded machine).
+  EXPECT_LT(h.server_ms, kTimeoutMs * 1.6) << h.server_errors;
+  EXPECT_TRUE(batch_refused);
 }
 
 TEST_F(FakeHandshake, AdmissionLimitStopsAFlood) {

@@ -31,6 +31,10 @@ using qkd::core::ErrorCode;
 using qkd::core::make_error;
 using qkd::core::Result;
 
+// Takes with no deadline of their own (the fakes answer at once); tests of the deadline
+// pass one.
+const KeyCache::Deadline kNoDeadline = std::nullopt;
+
 // A KME stand-in: every key distinct (its bytes carry its serial number), every call logged.
 // Each test declares its fakes (and what its fetch functions refer to) before its caches:
 // a cache's worker thread may call them until the cache's destructor has joined it.
@@ -62,7 +66,7 @@ struct FakeEnc {
 };
 
 KeyCache::Fetch fetch_of(FakeEnc& enc) {
-  return [&enc](std::uint32_t n) { return enc(n); };
+  return [&enc](std::uint32_t n, KeyCache::Deadline) { return enc(n); };
 }
 
 TEST(KeyCache, BatchGrowsUnderLoadAndEveryKeyIsHandedOutOnce) {
@@ -74,7 +78,7 @@ TEST(KeyCache, BatchGrowsUnderLoadAndEveryKeyIsHandedOutOnce) {
   std::set<std::string> ids;
   int hits = 0;
   for (int i = 0; i < 200; ++i) {
-    auto k = cache.take("alice", nullptr, 32, now, fetch_of(enc));
+    auto k = cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(enc));
     ASSERT_TRUE(k.ok()) << k.error().message;
     ASSERT_EQ(k->key.size(), 32U);
     EXPECT_TRUE(ids.insert(uuid_format(k->key_id)).second) << "key handed out twice";
@@ -98,17 +102,17 @@ TEST(KeyCache, SaesAndKeySizesAreKeptApart) {
   KeyCache cache;
   const auto now = Clock::now();
   for (int i = 0; i < 4; ++i) {
-    ASSERT_TRUE(cache.take("alice", nullptr, 32, now, fetch_of(enc)).ok());
+    ASSERT_TRUE(cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(enc)).ok());
   }
   EXPECT_GT(cache.cached("alice", 32), 0U);
   EXPECT_EQ(cache.cached("carol", 32), 0U);
   const std::size_t before = enc.asked.size();
-  auto k = cache.take("carol", nullptr, 32, now, fetch_of(enc));
+  auto k = cache.take("carol", nullptr, 32, now, kNoDeadline, fetch_of(enc));
   ASSERT_TRUE(k.ok());
   EXPECT_FALSE(k->from_cache);  // carol never gets alice's keys
   EXPECT_EQ(enc.asked.size(), before + 1);
   // A key of the wrong length for the caller is a bad reply, not a short secret.
-  auto bad = cache.take("dave", nullptr, 64, now, fetch_of(enc));
+  auto bad = cache.take("dave", nullptr, 64, now, kNoDeadline, fetch_of(enc));
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.error().code, ErrorCode::kProtocol);
   EXPECT_NE(bad.error().message.find("key of 32 bytes, expected 64"), std::string::npos);
@@ -122,7 +126,7 @@ TEST(KeyCache, RareClientsCostOneKeyPerHandshakeAndNoneIsHeld) {
   auto t = Clock::now();
   for (int i = 0; i < 5; ++i) {
     t += std::chrono::seconds(6);  // slower than max_age / 2: the batch never grows
-    ASSERT_TRUE(cache.take("alice", nullptr, 32, t, fetch_of(enc)).ok());
+    ASSERT_TRUE(cache.take("alice", nullptr, 32, t, kNoDeadline, fetch_of(enc)).ok());
   }
   EXPECT_EQ(enc.asked, (std::vector<std::uint32_t>{1, 1, 1, 1, 1}));
   EXPECT_EQ(cache.cached("alice", 32), 0U);
@@ -136,12 +140,12 @@ TEST(KeyCache, OldKeysExpireUnusedAndTheBatchShrinks) {
   KeyCache cache(limits);
   const auto t0 = Clock::now();
   for (int i = 0; i < 9; ++i) {  // 1 + 2 + 4 keys fetched, then a batch of 8
-    ASSERT_TRUE(cache.take("alice", nullptr, 32, t0, fetch_of(enc)).ok());
+    ASSERT_TRUE(cache.take("alice", nullptr, 32, t0, kNoDeadline, fetch_of(enc)).ok());
   }
   ASSERT_EQ(cache.batch("alice", 32), 8U);
   const std::size_t held = cache.cached("alice", 32);
   ASSERT_GT(held, 0U);
-  auto k = cache.take("alice", nullptr, 32, t0 + std::chrono::seconds(11), fetch_of(enc));
+  auto k = cache.take("alice", nullptr, 32, t0 + std::chrono::seconds(11), kNoDeadline, fetch_of(enc));
   ASSERT_TRUE(k.ok());
   EXPECT_FALSE(k->from_cache);  // the held keys were too old
   EXPECT_EQ(cache.stats().expired, held);
@@ -156,7 +160,7 @@ TEST(KeyCache, KmeCappingTheNumberFallsBackToOneKey) {
   enc.cap = 1;
   const auto now = Clock::now();
   for (int i = 0; i < 6; ++i) {
-    auto k = cache.take("alice", nullptr, 32, now, fetch_of(enc));
+    auto k = cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(enc));
     ASSERT_TRUE(k.ok()) << k.error().message;
   }
   // 1, then 2 refused and retried with 1; from then on one key per call, never 2 again.
@@ -166,12 +170,12 @@ TEST(KeyCache, KmeCappingTheNumberFallsBackToOneKey) {
 
 TEST(KeyCache, FetchErrorsReachTheCaller) {
   KeyCache cache;
-  auto k = cache.take("alice", nullptr, 32, Clock::now(), [](std::uint32_t) -> Result<std::vector<qkd::etsi::Key>> {
+  auto k = cache.take("alice", nullptr, 32, Clock::now(), kNoDeadline, [](std::uint32_t, KeyCache::Deadline) -> Result<std::vector<qkd::etsi::Key>> {
     return make_error(ErrorCode::kUnavailable, "key service unreachable: https://x");
   });
   ASSERT_FALSE(k.ok());
   EXPECT_EQ(k.error().code, ErrorCode::kUnavailable);
-  auto bad_id = cache.take("alice", nullptr, 32, Clock::now(), [](std::uint32_t) -> Result<std::vector<qkd::etsi::Key>> {
+  auto bad_id = cache.take("alice", nullptr, 32, Clock::now(), kNoDeadline, [](std::uint32_t, KeyCache::Deadline) -> Result<std::vector<qkd::etsi::Key>> {
     std::vector<qkd::etsi::Key> keys(1);
     keys[0].key_id = "not-a-uuid";
     keys[0].key = qkd::core::SecureBytes(32);
@@ -179,6 +183,48 @@ TEST(KeyCache, FetchErrorsReachTheCaller) {
   });
   ASSERT_FALSE(bad_id.ok());
   EXPECT_EQ(bad_id.error().code, ErrorCode::kProtocol);
+}
+
+// One deadline per handshake operation: the retry after a refused batch gets the take's
+// deadline, not a timeout of its own (a slow refusal then a slow retry would hold the
+// handshake for two timeouts); a refill on another thread, which nobody waits for, none.
+TEST(KeyCache, FetchesInLineEndByTheTakesDeadlineRefillsHaveNone) {
+  KeyCacheLimits limits;
+  limits.refill_ahead = true;
+  std::mutex mu;
+  FakeEnc enc;
+  enc.cap = 1;  // a batch is refused: the take retries with one key
+  std::vector<std::pair<std::uint32_t, KeyCache::Deadline>> in_line, elsewhere;
+  const auto me = std::this_thread::get_id();
+  const KeyCache::Fetch fetch = [&](std::uint32_t n, KeyCache::Deadline d) {
+    std::lock_guard lock(mu);
+    (std::this_thread::get_id() == me ? in_line : elsewhere).emplace_back(n, d);
+    return enc(n);
+  };
+  KeyCache cache(limits);
+  const auto now = Clock::now();
+  const auto d1 = now + std::chrono::milliseconds(500);
+  const auto d2 = now + std::chrono::milliseconds(700);
+  ASSERT_TRUE(cache.take("alice", nullptr, 32, now, d1, fetch).ok());
+  ASSERT_TRUE(cache.take("alice", nullptr, 32, now, d2, fetch).ok());  // 2 refused, then 1
+  const std::vector<std::pair<std::uint32_t, KeyCache::Deadline>> want{{1, d1}, {2, d2}, {1, d2}};
+  EXPECT_EQ(in_line, want);
+  // Another SAE, whose KME takes batches: its third take is a hit that leaves it low and
+  // starts a refill on another thread.
+  enc.cap = 1024;
+  const auto d3 = now + std::chrono::milliseconds(900);
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(cache.take("bob", nullptr, 32, now, d3, fetch).ok());
+  }
+  cache.shutdown();
+  std::lock_guard lock(mu);
+  for (std::size_t i = want.size(); i < in_line.size(); ++i) {
+    EXPECT_EQ(in_line[i].second, d3);
+  }
+  ASSERT_FALSE(elsewhere.empty());
+  for (const auto& [n, d] : elsewhere) {
+    EXPECT_FALSE(d.has_value()) << "a refill of " << n << " got a deadline";
+  }
 }
 
 TEST(KeyCache, TotalHeldIsBounded) {
@@ -190,7 +236,7 @@ TEST(KeyCache, TotalHeldIsBounded) {
   const auto now = Clock::now();
   for (const char* sae : {"a", "b", "c"}) {
     for (int i = 0; i < 40; ++i) {
-      ASSERT_TRUE(cache.take(sae, nullptr, 32, now, fetch_of(enc)).ok());
+      ASSERT_TRUE(cache.take(sae, nullptr, 32, now, kNoDeadline, fetch_of(enc)).ok());
       EXPECT_LE(cache.cached("a", 32) + cache.cached("b", 32) + cache.cached("c", 32), 10U);
     }
   }
@@ -202,7 +248,7 @@ TEST(KeyCache, ForkedChildDropsInheritedKeys) {
   KeyCache cache;
   const auto now = Clock::now();
   for (int i = 0; i < 4; ++i) {
-    ASSERT_TRUE(cache.take("alice", nullptr, 32, now, fetch_of(enc)).ok());
+    ASSERT_TRUE(cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(enc)).ok());
   }
   ASSERT_GT(cache.cached("alice", 32), 0U);
   const pid_t pid = ::fork();
@@ -212,7 +258,7 @@ TEST(KeyCache, ForkedChildDropsInheritedKeys) {
     // fetches, and nothing inherited is left.
     int bad = cache.cached("alice", 32) == 0 ? 0 : 1;
     FakeEnc child_enc;
-    auto k = cache.take("alice", nullptr, 32, now, fetch_of(child_enc));
+    auto k = cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(child_enc));
     bad |= (k.ok() && !k->from_cache && child_enc.asked.size() == 1) ? 0 : 2;
     bad |= cache.stats().dropped_on_fork > 0 ? 0 : 4;
     ::_exit(bad);
@@ -229,7 +275,7 @@ TEST(KeyCache, ConcurrentTakersNeverShareAKey) {
   std::uint32_t serial = 0;
   std::set<std::string> ids;
   std::atomic<int> dup{0};
-  const auto fetch = [&](std::uint32_t n) -> Result<std::vector<qkd::etsi::Key>> {
+  const auto fetch = [&](std::uint32_t n, KeyCache::Deadline) -> Result<std::vector<qkd::etsi::Key>> {
     std::vector<qkd::etsi::Key> keys(n);
     std::lock_guard lock(mu);
     for (auto& k : keys) {
@@ -245,7 +291,7 @@ TEST(KeyCache, ConcurrentTakersNeverShareAKey) {
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&] {
       for (int i = 0; i < 250; ++i) {
-        auto k = cache.take("alice", nullptr, 32, Clock::now(), fetch);
+        auto k = cache.take("alice", nullptr, 32, Clock::now(), kNoDeadline, fetch);
         if (!k.ok()) {
           ++dup;
           continue;
@@ -274,7 +320,7 @@ TEST(KeyCache, RefillAheadTopsUpOnAnotherThread) {
   std::mutex mu;
   std::uint32_t serial = 0;
   std::set<std::thread::id> fetch_threads;
-  const auto fetch = [&](std::uint32_t n) -> Result<std::vector<qkd::etsi::Key>> {
+  const auto fetch = [&](std::uint32_t n, KeyCache::Deadline) -> Result<std::vector<qkd::etsi::Key>> {
     std::lock_guard lock(mu);
     fetch_threads.insert(std::this_thread::get_id());
     std::vector<qkd::etsi::Key> keys(n);
@@ -291,7 +337,7 @@ TEST(KeyCache, RefillAheadTopsUpOnAnotherThread) {
   {
     KeyCache cache(limits);
     for (int i = 0; i < 200; ++i) {
-      auto k = cache.take("alice", nullptr, 32, Clock::now(), fetch);
+      auto k = cache.take("alice", nullptr, 32, Clock::now(), kNoDeadline, fetch);
       ASSERT_TRUE(k.ok());
       EXPECT_TRUE(ids.insert(uuid_format(k->key_id)).second);
       misses += k->from_cache ? 0 : 1;
@@ -337,7 +383,7 @@ TEST(KeyCache, ReservedKeysGoOnlyToTheirClientIdInTheOrderAnnounced) {
   int reserved_uses = 0;
   int top_ups = 0;
   for (int i = 0; i < 60; ++i) {
-    auto k = cache.take("alice", &a, 32, now, fetch_of(enc));
+    auto k = cache.take("alice", &a, 32, now, kNoDeadline, fetch_of(enc));
     ASSERT_TRUE(k.ok()) << k.error().message;
     const std::string id = uuid_format(k->key_id);
     EXPECT_TRUE(handed.insert(id).second) << "key handed out twice";
@@ -365,7 +411,7 @@ TEST(KeyCache, ReservedKeysGoOnlyToTheirClientIdInTheOrderAnnounced) {
     EXPECT_LE(announced_a.size(), 8U);
     // Others in between: never a key announced to a.
     for (const ClientId* other : {&b, static_cast<const ClientId*>(nullptr)}) {
-      auto o = cache.take("alice", other, 32, now, fetch_of(enc));
+      auto o = cache.take("alice", other, 32, now, kNoDeadline, fetch_of(enc));
       ASSERT_TRUE(o.ok());
       EXPECT_EQ(all_announced_a.count(uuid_format(o->key_id)), 0U);
       EXPECT_TRUE(handed.insert(uuid_format(o->key_id)).second);
@@ -390,7 +436,7 @@ TEST(KeyCache, ReservedKeysExpireAndAnnounceZeroAnnouncesNothing) {
   const ClientId a = client_id_of(1);
   std::set<std::string> announced;
   for (int i = 0; i < 6; ++i) {
-    auto k = cache.take("alice", &a, 32, t0, fetch_of(enc));
+    auto k = cache.take("alice", &a, 32, t0, kNoDeadline, fetch_of(enc));
     ASSERT_TRUE(k.ok());
     for (const KeyId& id : k->ahead) {
       announced.insert(uuid_format(id));
@@ -398,7 +444,7 @@ TEST(KeyCache, ReservedKeysExpireAndAnnounceZeroAnnouncesNothing) {
   }
   ASSERT_GT(cache.reserved("alice", a, 32), 0U);
   // Past max_age the client may have dropped them: never handed out, cleansed instead.
-  auto late = cache.take("alice", &a, 32, t0 + std::chrono::seconds(11), fetch_of(enc));
+  auto late = cache.take("alice", &a, 32, t0 + std::chrono::seconds(11), kNoDeadline, fetch_of(enc));
   ASSERT_TRUE(late.ok());
   EXPECT_EQ(announced.count(uuid_format(late->key_id)), 0U);
   EXPECT_GT(cache.stats().expired, 0U);
@@ -406,7 +452,7 @@ TEST(KeyCache, ReservedKeysExpireAndAnnounceZeroAnnouncesNothing) {
   limits.announce = 0;
   KeyCache quiet(limits);
   for (int i = 0; i < 20; ++i) {
-    auto k = quiet.take("alice", &a, 32, t0, fetch_of(enc));
+    auto k = quiet.take("alice", &a, 32, t0, kNoDeadline, fetch_of(enc));
     ASSERT_TRUE(k.ok());
     EXPECT_TRUE(k->ahead.empty());
   }
@@ -421,7 +467,7 @@ TEST(KeyCache, ForkedChildHasNoReservation) {
   const auto now = Clock::now();
   const ClientId a = client_id_of(7);
   for (int i = 0; i < 8; ++i) {
-    ASSERT_TRUE(cache.take("alice", &a, 32, now, fetch_of(enc)).ok());
+    ASSERT_TRUE(cache.take("alice", &a, 32, now, kNoDeadline, fetch_of(enc)).ok());
   }
   ASSERT_GT(cache.reserved("alice", a, 32), 0U);
   const pid_t pid = ::fork();
@@ -506,7 +552,9 @@ bool wait_until(F done) {
 }
 
 AheadKeys::Fetch dec_of(FakeDec& dec) {
-  return [&dec](const std::string& m, std::span<const std::string> ids) { return dec(m, ids); };
+  return [&dec](const std::string& m, std::span<const std::string> ids, AheadKeys::Deadline) {
+    return dec(m, ids);
+  };
 }
 
 TEST(AheadKeys, AnnouncedKeysComeWithTheFirstCallAndNeedNoneLater) {
@@ -516,28 +564,28 @@ TEST(AheadKeys, AnnouncedKeysComeWithTheFirstCallAndNeedNoneLater) {
   const KeyId k0 = dec.add(10), k1 = dec.add(11), k2 = dec.add(12), k3 = dec.add(13),
               k4 = dec.add(14), k5 = dec.add(15);
   const auto now = AheadKeys::Clock::now();
-  auto first = ahead.take("bob", k0, {k1, k2, k3}, me, 32, now, dec_of(dec));
+  auto first = ahead.take("bob", k0, {k1, k2, k3}, me, 32, now, kNoDeadline, dec_of(dec));
   ASSERT_TRUE(first.ok()) << first.error().message;
   EXPECT_EQ(first->span()[0], 10);
   ASSERT_EQ(dec.calls, (std::vector<std::size_t>{4}));  // one call for the key and the three
   EXPECT_EQ(ahead.held(), 3U);
-  auto second = ahead.take("bob", k1, {}, me, 32, now, dec_of(dec));
+  auto second = ahead.take("bob", k1, {}, me, 32, now, kNoDeadline, dec_of(dec));
   ASSERT_TRUE(second.ok());
   EXPECT_EQ(second->span()[0], 11);
   EXPECT_EQ(dec.call_count(), 1U);  // no call
   // A held key whose ciphertext announces more: those are fetched on the worker thread.
-  auto third = ahead.take("bob", k2, {k4, k5}, me, 32, now, dec_of(dec));
+  auto third = ahead.take("bob", k2, {k4, k5}, me, 32, now, kNoDeadline, dec_of(dec));
   ASSERT_TRUE(third.ok());
   ASSERT_TRUE(wait_until([&] { return ahead.stats().background_fetches == 1; }));
   EXPECT_EQ(ahead.held(), 3U);  // k3, k4, k5
-  auto fourth = ahead.take("bob", k4, {}, me, 32, now, dec_of(dec));
+  auto fourth = ahead.take("bob", k4, {}, me, 32, now, kNoDeadline, dec_of(dec));
   ASSERT_TRUE(fourth.ok()) << fourth.error().message;
   EXPECT_EQ(fourth->span()[0], 14);
   ahead.shutdown();
   EXPECT_EQ(dec.call_count(), 2U);
   EXPECT_EQ(ahead.stats().hits, 3U);
   // Asked again, a key handed out is the KME's to refuse: never served twice from here.
-  EXPECT_FALSE(ahead.take("bob", k1, {}, me, 32, now, dec_of(dec)).ok());
+  EXPECT_FALSE(ahead.take("bob", k1, {}, me, 32, now, kNoDeadline, dec_of(dec)).ok());
   (void)k3;
 }
 
@@ -550,7 +598,7 @@ TEST(AheadKeys, ARefusedAnnouncementCostsOnlyARetry) {
   bogus.fill(0x42);
   auto id_before = ahead.client_id();
   ASSERT_TRUE(id_before.ok() && id_before->has_value());
-  auto k = ahead.take("bob", k0, {bogus}, me, 32, AheadKeys::Clock::now(), dec_of(dec));
+  auto k = ahead.take("bob", k0, {bogus}, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec));
   ASSERT_TRUE(k.ok()) << k.error().message;
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{2, 1}));  // together, then the key alone
   EXPECT_EQ(ahead.held(), 0U);
@@ -564,7 +612,7 @@ TEST(AheadKeys, ALostReplyChangesTheClientId) {
   const KeyId k0 = dec.add(1), k1 = dec.add(2);
   auto id_before = ahead.client_id().value();
   dec.lose_replies = true;
-  auto k = ahead.take("bob", k0, {k1}, me, 32, AheadKeys::Clock::now(), dec_of(dec));
+  auto k = ahead.take("bob", k0, {k1}, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec));
   EXPECT_FALSE(k.ok());
   // k1 may be consumed at the KME without having reached us: the server's reservation for
   // the old client_id must never be used again.
@@ -582,9 +630,9 @@ TEST(AheadKeys, ConcurrentTakesOfAKeyInFlightWaitForThatCall) {
   const KeyId k0 = dec.add(1), k1 = dec.add(2);
   Result<SecureBuf> r0 = make_error(ErrorCode::kInternal, "not run");
   Result<SecureBuf> r1 = make_error(ErrorCode::kInternal, "not run");
-  std::thread t0([&] { r0 = ahead.take("bob", k0, {k1}, me, 32, AheadKeys::Clock::now(), dec_of(dec)); });
+  std::thread t0([&] { r0 = ahead.take("bob", k0, {k1}, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec)); });
   std::this_thread::sleep_for(std::chrono::milliseconds(5));  // likely in flight by now
-  std::thread t1([&] { r1 = ahead.take("bob", k1, {}, me, 32, AheadKeys::Clock::now(), dec_of(dec)); });
+  std::thread t1([&] { r1 = ahead.take("bob", k1, {}, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec)); });
   t0.join();
   t1.join();
   // Whatever the interleaving (t1 waits for the call, or finds k1 held, or runs first and
@@ -596,6 +644,77 @@ TEST(AheadKeys, ConcurrentTakesOfAKeyInFlightWaitForThatCall) {
   EXPECT_LE(dec.call_count(), 2U);
 }
 
+// One deadline per handshake operation: the call for a key and announced ones, and the
+// retry of the key alone after a refusal, get the take's deadline; the worker's calls,
+// which nobody waits for, none.
+TEST(AheadKeys, CallsInLineEndByTheTakesDeadlineTheWorkersHaveNone) {
+  FakeDec dec;
+  std::mutex mu;
+  std::vector<std::pair<std::size_t, AheadKeys::Deadline>> in_line, elsewhere;
+  const auto me_thread = std::this_thread::get_id();
+  const AheadKeys::Fetch fetch = [&](const std::string& m, std::span<const std::string> ids,
+                                     AheadKeys::Deadline d) {
+    {
+      std::lock_guard lock(mu);
+      (std::this_thread::get_id() == me_thread ? in_line : elsewhere).emplace_back(ids.size(), d);
+    }
+    return dec(m, ids);
+  };
+  AheadKeys ahead;
+  const auto me = ahead.client_id().value();
+  const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
+  KeyId bogus{};
+  bogus.fill(0x42);
+  const auto now = AheadKeys::Clock::now();
+  const auto d = now + std::chrono::milliseconds(800);
+  ASSERT_TRUE(ahead.take("bob", k1, {k2}, me, 32, now, d, fetch).ok());
+  // k2 is held now: its take needs no call, and the key_ID it announces goes to the worker.
+  const KeyId k3 = dec.add(4);
+  ASSERT_TRUE(ahead.take("bob", k2, {k3}, me, 32, now, d, fetch).ok());
+  ASSERT_TRUE(wait_until([&] { return ahead.stats().background_fetches == 1; }));
+  ASSERT_TRUE(ahead.take("bob", k0, {bogus}, me, 32, now, d, fetch).ok());  // refused, retried
+  ahead.shutdown();
+  std::lock_guard lock(mu);
+  const std::vector<std::pair<std::size_t, AheadKeys::Deadline>> want{{2, d}, {2, d}, {1, d}};
+  EXPECT_EQ(in_line, want);
+  ASSERT_EQ(elsewhere.size(), 1U);
+  EXPECT_FALSE(elsewhere[0].second.has_value());
+}
+
+// A take whose key another call is fetching waits for that call only until the operation's
+// deadline (it used to wait the full timeout, then make a call of its own with another).
+TEST(AheadKeys, AWaitForACallInFlightEndsByTheDeadline) {
+  FakeDec dec;
+  std::atomic<bool> entered{false};
+  const AheadKeys::Fetch slow = [&](const std::string& m, std::span<const std::string> ids,
+                                    AheadKeys::Deadline) {
+    entered = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    return dec(m, ids);
+  };
+  AheadLimits limits;
+  limits.wait = std::chrono::milliseconds(5000);
+  AheadKeys ahead(limits);
+  const auto me = ahead.client_id().value();
+  const KeyId k0 = dec.add(1), k1 = dec.add(2);
+  Result<SecureBuf> r0 = make_error(ErrorCode::kInternal, "not run");
+  std::thread t0([&] {
+    r0 = ahead.take("bob", k0, {k1}, me, 32, AheadKeys::Clock::now(), kNoDeadline, slow);
+  });
+  ASSERT_TRUE(wait_until([&] { return entered.load(); }));  // k1 is in flight
+  const auto t = AheadKeys::Clock::now();
+  auto r1 = ahead.take("bob", k1, {}, me, 32, t, t + std::chrono::milliseconds(200), dec_of(dec));
+  const auto took = AheadKeys::Clock::now() - t;
+  t0.join();
+  ASSERT_FALSE(r1.ok());
+  EXPECT_EQ(r1.error().code, ErrorCode::kTimeout) << r1.error().message;
+  // Not a timing assertion: the call in flight takes 1500 ms, so a wait that ignored the
+  // deadline would end no sooner than that.
+  EXPECT_LT(took, std::chrono::milliseconds(1200));
+  EXPECT_EQ(dec.call_count(), 1U);  // no call of its own after the deadline
+  ASSERT_TRUE(r0.ok()) << r0.error().message;
+}
+
 TEST(AheadKeys, AFullCacheLeavesAnnouncementsToBeFetchedWhenUsed) {
   AheadLimits limits;
   limits.max_keys = 2;
@@ -604,11 +723,11 @@ TEST(AheadKeys, AFullCacheLeavesAnnouncementsToBeFetchedWhenUsed) {
   const auto me = ahead.client_id().value();
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3), k3 = dec.add(4);
   const auto now = AheadKeys::Clock::now();
-  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2, k3}, me, 32, now, dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2, k3}, me, 32, now, kNoDeadline, dec_of(dec)).ok());
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{3}));  // k0, then room for 2 announced
   EXPECT_EQ(ahead.stats().not_fetched, 1U);
   EXPECT_EQ(ahead.held(), 2U);
-  auto k3_key = ahead.take("bob", k3, {}, me, 32, now, dec_of(dec));  // fetched when used
+  auto k3_key = ahead.take("bob", k3, {}, me, 32, now, kNoDeadline, dec_of(dec));  // fetched when used
   ASSERT_TRUE(k3_key.ok());
   EXPECT_EQ(k3_key->span()[0], 4);
   EXPECT_EQ(dec.call_count(), 2U);
@@ -623,9 +742,9 @@ TEST(AheadKeys, HeldKeysExpireAndNoClientIdWhenOff) {
   const auto me = ahead.client_id().value();
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
   const auto t0 = AheadKeys::Clock::now();
-  ASSERT_TRUE(ahead.take("bob", k0, {k1}, me, 32, t0, dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k0, {k1}, me, 32, t0, kNoDeadline, dec_of(dec)).ok());
   ASSERT_EQ(ahead.held(), 1U);
-  ASSERT_TRUE(ahead.take("bob", k2, {}, me, 32, t0 + std::chrono::seconds(12), dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k2, {}, me, 32, t0 + std::chrono::seconds(12), kNoDeadline, dec_of(dec)).ok());
   EXPECT_EQ(ahead.held(), 0U);
   EXPECT_EQ(ahead.stats().expired, 1U);
   // A server keeping reservations longer than this client keeps keys could still hand that
@@ -652,10 +771,10 @@ TEST(AheadKeys, AKeyInAQueuedBatchIsFetchedAtOnce) {
   const KeyId a1 = dec.add(11), a2 = dec.add(12), a3 = dec.add(13);
   const KeyId b1 = dec.add(21), b2 = dec.add(22), b3 = dec.add(23), b4 = dec.add(24);
   const auto now = AheadKeys::Clock::now();
-  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, me, 32, now, dec_of(dec)).ok());  // 3 ids: slow
-  ASSERT_TRUE(ahead.take("bob", k1, {a1, a2, a3}, me, 32, now, dec_of(dec)).ok());  // job 1
-  ASSERT_TRUE(ahead.take("bob", k2, {b1, b2, b3, b4}, me, 32, now, dec_of(dec)).ok());  // job 2
-  auto k = ahead.take("bob", b2, {}, me, 32, now, dec_of(dec));  // behind job 1
+  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, me, 32, now, kNoDeadline, dec_of(dec)).ok());  // 3 ids: slow
+  ASSERT_TRUE(ahead.take("bob", k1, {a1, a2, a3}, me, 32, now, kNoDeadline, dec_of(dec)).ok());  // job 1
+  ASSERT_TRUE(ahead.take("bob", k2, {b1, b2, b3, b4}, me, 32, now, kNoDeadline, dec_of(dec)).ok());  // job 2
+  auto k = ahead.take("bob", b2, {}, me, 32, now, kNoDeadline, dec_of(dec));  // behind job 1
   ASSERT_TRUE(k.ok()) << k.error().message;
   EXPECT_EQ(k->span()[0], 22);
   EXPECT_EQ(ahead.stats().taken_from_queue, 1U);
@@ -676,11 +795,11 @@ TEST(AheadKeys, AnnouncementsToAnotherClientIdAreNotFetched) {
   const KeyId k0 = dec.add(1), k1 = dec.add(2);
   ClientId someone_else{};
   someone_else.fill(0x5A);
-  auto k = ahead.take("bob", k0, {k1}, someone_else, 32, AheadKeys::Clock::now(), dec_of(dec));
+  auto k = ahead.take("bob", k0, {k1}, someone_else, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec));
   ASSERT_TRUE(k.ok());
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{1}));
   EXPECT_EQ(ahead.held(), 0U);
-  auto none = ahead.take("bob", k1, {}, std::nullopt, 32, AheadKeys::Clock::now(), dec_of(dec));
+  auto none = ahead.take("bob", k1, {}, std::nullopt, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec));
   ASSERT_TRUE(none.ok());  // fetched when used
 }
 
@@ -696,16 +815,16 @@ TEST(AheadKeys, AKmeCapOnKeysPerRequestIsLearned) {
     ids.push_back(dec.add(i));
   }
   const std::vector<KeyId> announced(ids.begin() + 1, ids.begin() + 33);
-  auto k = ahead.take("bob", ids[0], announced, me, 32, AheadKeys::Clock::now(), dec_of(dec));
+  auto k = ahead.take("bob", ids[0], announced, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec));
   ASSERT_TRUE(k.ok()) << k.error().message;
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{33, 1}));
   EXPECT_EQ(ahead.client_id().value(), me);  // a clean refusal consumed nothing
   // Now at most 16 per call; a refusal of 7 halves that to 3: the key and 2 announced.
   const std::vector<KeyId> six(ids.begin() + 34, ids.end());
-  ASSERT_TRUE(ahead.take("bob", ids[33], six, me, 32, AheadKeys::Clock::now(), dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", ids[33], six, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec)).ok());
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{33, 1, 7, 1}));
   const std::vector<KeyId> three(ids.begin() + 35, ids.begin() + 38);
-  ASSERT_TRUE(ahead.take("bob", ids[34], three, me, 32, AheadKeys::Clock::now(), dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", ids[34], three, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec)).ok());
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{33, 1, 7, 1, 3}));
 }
 
@@ -717,17 +836,17 @@ TEST(AheadKeys, AnExceptionInAFetchIsAnError) {
   const auto me = ahead.client_id().value();
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3), k3 = dec.add(4);
   const auto now = AheadKeys::Clock::now();
-  ASSERT_TRUE(ahead.take("bob", k0, {k1}, me, 32, now, dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k0, {k1}, me, 32, now, kNoDeadline, dec_of(dec)).ok());
   dec.throw_bad_alloc = true;
-  ASSERT_TRUE(ahead.take("bob", k1, {k2, k3}, me, 32, now, dec_of(dec)).ok());  // held: worker
+  ASSERT_TRUE(ahead.take("bob", k1, {k2, k3}, me, 32, now, kNoDeadline, dec_of(dec)).ok());  // held: worker
   ASSERT_TRUE(wait_until([&] { return ahead.stats().background_fetches == 1; }));
   ahead.shutdown();  // the worker's call threw; it ended cleanly
   EXPECT_EQ(ahead.stats().client_id_changes, 1U);  // the batch may be lost: new client_id
-  auto k = ahead.take("bob", k2, {}, std::nullopt, 32, now, dec_of(dec));
+  auto k = ahead.take("bob", k2, {}, std::nullopt, 32, now, kNoDeadline, dec_of(dec));
   ASSERT_FALSE(k.ok());
   EXPECT_NE(k.error().message.find("KME call failed"), std::string::npos) << k.error().message;
   dec.throw_bad_alloc = false;
-  EXPECT_TRUE(ahead.take("bob", k2, {}, std::nullopt, 32, now, dec_of(dec)).ok());  // not stuck
+  EXPECT_TRUE(ahead.take("bob", k2, {}, std::nullopt, 32, now, kNoDeadline, dec_of(dec)).ok());  // not stuck
 }
 
 TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
@@ -738,7 +857,7 @@ TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
   AheadKeys ahead;
   const auto me = ahead.client_id().value();
   const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
-  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, me, 32, AheadKeys::Clock::now(), dec_of(dec)).ok());
+  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec)).ok());
   ASSERT_EQ(ahead.held(), 2U);
   EXPECT_TRUE(ahead.all_in_secure_heap());
   const auto parent_id = ahead.client_id().value();
@@ -772,7 +891,7 @@ TEST(ForkGuard, ChildrenForkedUnderLoadUseTheCachesWithoutBlocking) {
   }
   std::mutex enc_mu;
   FakeEnc enc;
-  const KeyCache::Fetch fetch = [&](std::uint32_t n) {
+  const KeyCache::Fetch fetch = [&](std::uint32_t n, KeyCache::Deadline) {
     std::lock_guard lock(enc_mu);
     return enc(n);
   };
@@ -785,15 +904,15 @@ TEST(ForkGuard, ChildrenForkedUnderLoadUseTheCachesWithoutBlocking) {
   std::vector<std::thread> load;
   load.emplace_back([&] {
     while (!stop) {
-      (void)cache.take("alice", nullptr, 32, Clock::now(), fetch);
+      (void)cache.take("alice", nullptr, 32, Clock::now(), kNoDeadline, fetch);
     }
   });
   load.emplace_back([&] {
     for (std::uint8_t i = 0; !stop; ++i) {
       const auto me = ahead.client_id().value();
       const KeyId k = dec.add(i), a = dec.add(static_cast<std::uint8_t>(i + 128));
-      (void)ahead.take("bob", k, {a}, me, 32, AheadKeys::Clock::now(), dec_of(dec));
-      (void)ahead.take("bob", a, {}, me, 32, AheadKeys::Clock::now(), dec_of(dec));
+      (void)ahead.take("bob", k, {a}, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec));
+      (void)ahead.take("bob", a, {}, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec));
     }
   });
   int bad = 0;
@@ -803,7 +922,7 @@ TEST(ForkGuard, ChildrenForkedUnderLoadUseTheCachesWithoutBlocking) {
     if (pid == 0) {
       ::alarm(5);
       FakeEnc child_enc;
-      const bool ok = cache.take("alice", nullptr, 32, Clock::now(), fetch_of(child_enc)).ok() &&
+      const bool ok = cache.take("alice", nullptr, 32, Clock::now(), kNoDeadline, fetch_of(child_enc)).ok() &&
                       ahead.held() == 0 && ahead.client_id().ok();
       ::_exit(ok ? 0 : 1);
     }
@@ -872,7 +991,7 @@ TEST(SecureHeap, CachedKeysLiveInTheSecureHeapAndAreCleansed) {
     const auto now = Clock::now();
     std::vector<CachedKey> taken;
     for (int i = 0; i < 4; ++i) {  // fetches of 1, 2 and 4 keys: 3 left in the cache
-      auto k = cache.take("alice", nullptr, 32, now, fetch_of(enc));
+      auto k = cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(enc));
       ASSERT_TRUE(k.ok());
       EXPECT_TRUE(k->key.in_secure_heap());
       taken.push_back(std::move(k).value());

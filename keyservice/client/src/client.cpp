@@ -98,9 +98,10 @@ class ClientImpl final : public Client {
 
   Result<StatusInfo> status(std::string_view slave_sae_id) override;
   Result<std::vector<Key>> enc_keys(std::string_view slave_sae_id, std::uint32_t number,
-                                    std::uint32_t size_bits) override;
+                                    std::uint32_t size_bits, Deadline deadline) override;
   Result<std::vector<Key>> dec_keys(std::string_view master_sae_id,
-                                    std::span<const std::string> key_ids) override;
+                                    std::span<const std::string> key_ids,
+                                    Deadline deadline) override;
 
  private:
   struct Reply {
@@ -116,8 +117,9 @@ class ClientImpl final : public Client {
   static constexpr std::size_t kMaxIdle = 4;
 
   // One request/response with a 200 answer; anything else becomes the documented Error.
+  // Bounded by the earlier of `deadline` and the configured timeout.
   Result<Reply> call(std::string_view method, const std::string& target,
-                     const std::string& body);
+                     const std::string& body, Deadline deadline = std::nullopt);
   Result<Reply> exchange(Connection& conn, const std::string& request,
                          Clock::time_point deadline, bool* keep_alive);
   std::unique_ptr<Connection> take_idle();
@@ -218,8 +220,15 @@ Result<ClientImpl::Reply> ClientImpl::exchange(Connection& conn, const std::stri
 }
 
 Result<ClientImpl::Reply> ClientImpl::call(std::string_view method, const std::string& target,
-                                           const std::string& body) {
-  const auto deadline = Clock::now() + config_.timeout;
+                                           const std::string& body, Deadline caller_deadline) {
+  const auto start = Clock::now();
+  const auto deadline = caller_deadline ? std::min(*caller_deadline, start + config_.timeout)
+                                        : start + config_.timeout;
+  if (start >= deadline) {
+    // The caller's time is up: an enc_keys sent now would consume keys at the KME whose
+    // reply nobody reads.
+    return timed_out();
+  }
   std::string request;
   request.reserve(256 + body.size());
   request.append(method).append(" ").append(target).append(" HTTP/1.1\r\n");
@@ -293,7 +302,7 @@ Result<StatusInfo> ClientImpl::status(std::string_view slave_sae_id) {
 }
 
 Result<std::vector<Key>> ClientImpl::enc_keys(std::string_view slave_sae_id, std::uint32_t number,
-                                              std::uint32_t size_bits) {
+                                              std::uint32_t size_bits, Deadline deadline) {
   try {
     if (number == 0 || number > 1024) {
       return make_error(ErrorCode::kInvalidArgument, "enc_keys: number must be 1..1024");
@@ -303,7 +312,7 @@ Result<std::vector<Key>> ClientImpl::enc_keys(std::string_view slave_sae_id, std
                         "enc_keys: size must be a positive multiple of 8 bits");
     }
     const nlohmann::json request = {{"number", number}, {"size", size_bits}};
-    auto reply = call("POST", route(slave_sae_id, "enc_keys"), request.dump());
+    auto reply = call("POST", route(slave_sae_id, "enc_keys"), request.dump(), deadline);
     if (!reply.ok()) {
       return reply.error();
     }
@@ -318,7 +327,8 @@ Result<std::vector<Key>> ClientImpl::enc_keys(std::string_view slave_sae_id, std
 }
 
 Result<std::vector<Key>> ClientImpl::dec_keys(std::string_view master_sae_id,
-                                              std::span<const std::string> key_ids) {
+                                              std::span<const std::string> key_ids,
+                                              Deadline deadline) {
   try {
     if (key_ids.empty() || key_ids.size() > 1024) {
       return make_error(ErrorCode::kInvalidArgument, "dec_keys: 1..1024 key_IDs");
@@ -326,13 +336,14 @@ Result<std::vector<Key>> ClientImpl::dec_keys(std::string_view master_sae_id,
     Result<Reply> reply = make_error(ErrorCode::kInternal, "unset");
     if (key_ids.size() == 1) {
       reply = call("GET", route(master_sae_id, "dec_keys") + "?key_ID=" +
-                              detail::percent_encode(key_ids[0]), "");
+                              detail::percent_encode(key_ids[0]), "", deadline);
     } else {
       nlohmann::json ids = nlohmann::json::array();
       for (const auto& id : key_ids) {
         ids.push_back({{"key_ID", id}});
       }
-      reply = call("POST", route(master_sae_id, "dec_keys"), nlohmann::json{{"key_IDs", ids}}.dump());
+      reply = call("POST", route(master_sae_id, "dec_keys"), nlohmann::json{{"key_IDs", ids}}.dump(),
+                   deadline);
     }
     if (!reply.ok()) {
       return reply.error();

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -24,6 +25,10 @@ namespace qkd::etsi {
 using qkd::core::Error;
 using qkd::core::ErrorCode;
 using qkd::core::Result;
+
+// The latest time a call may end, when a caller has one of its own (the provider's one
+// deadline per handshake operation); none: the call is bounded by ClientConfig::timeout only.
+using Deadline = std::optional<std::chrono::steady_clock::time_point>;
 
 struct ClientConfig {
   std::string kme_url;    // "https://127.0.0.1:8443" (host may be a name or an address)
@@ -55,12 +60,17 @@ class Client {
 
   [[nodiscard]] virtual Result<StatusInfo> status(std::string_view slave_sae_id) = 0;
   // POST enc_keys: exactly `number` keys of `size_bits` bits, or an error.
+  // Each call ends by the earlier of `deadline` and ClientConfig::timeout from its start
+  // (kTimeout); a call whose deadline has passed fails before it sends anything, so that no
+  // key is consumed at the KME for a reply nobody would read.
   [[nodiscard]] virtual Result<std::vector<Key>> enc_keys(std::string_view slave_sae_id,
                                                           std::uint32_t number,
-                                                          std::uint32_t size_bits) = 0;
-  // dec_keys (GET for one key_ID, POST for several).
+                                                          std::uint32_t size_bits,
+                                                          Deadline deadline = std::nullopt) = 0;
+  // dec_keys (GET for one key_ID, POST for several); `deadline` as for enc_keys.
   [[nodiscard]] virtual Result<std::vector<Key>> dec_keys(
-      std::string_view master_sae_id, std::span<const std::string> key_ids) = 0;
+      std::string_view master_sae_id, std::span<const std::string> key_ids,
+      Deadline deadline = std::nullopt) = 0;
 };
 
 // --- Helpers shared with the provider (additions to the contract above) -------------------
