@@ -20,12 +20,9 @@ struct EvpPkeyCtxDeleter {
 };
 using PkeyCtxPtr = std::unique_ptr<EVP_PKEY_CTX, EvpPkeyCtxDeleter>;
 
-// libcrypto's own errors from a failed step stay out of the queue: the provider raises one
-// error with words instead, and libssl's alert decision does not depend on stale entries.
-qkd::core::Error fail(ErrorCode code, std::string message) {
-  ERR_clear_error();
-  return {code, std::move(message)};
-}
+// libcrypto's own errors from a failed step stay out of the queue (each function below
+// drops what it raised: DropNewErrors): the provider raises one error with words instead.
+qkd::core::Error fail(ErrorCode code, std::string message) { return {code, std::move(message)}; }
 
 }  // namespace
 
@@ -37,6 +34,7 @@ PkeyPtr share_pkey(EVP_PKEY* pkey) {
 }
 
 qkd::core::Result<PkeyPtr> classical_generate(CryptoMethods& methods, Classical kind) {
+  const DropNewErrors drop;
   EVP_PKEY* raw = nullptr;
   switch (kind) {
     case Classical::kX25519:
@@ -71,6 +69,7 @@ qkd::core::Result<PkeyPtr> classical_generate(OSSL_LIB_CTX* libctx, Classical ki
 }
 
 qkd::core::Result<std::vector<std::uint8_t>> classical_public(EVP_PKEY* pkey, Classical kind) {
+  const DropNewErrors drop;
   const std::size_t want = classical_public_length(kind);
   std::vector<std::uint8_t> out(kClassicalPublicMax);
   std::size_t len = 0;
@@ -88,6 +87,7 @@ qkd::core::Result<std::vector<std::uint8_t>> classical_public(EVP_PKEY* pkey, Cl
 
 qkd::core::Result<PkeyPtr> classical_import_peer(CryptoMethods& methods, Classical kind,
                                                  std::span<const std::uint8_t> bytes) {
+  const DropNewErrors drop;
   const std::size_t want = classical_public_length(kind);
   const std::string name = kind == Classical::kNone ? "?" : classical_name(kind);
   if (want == 0) {
@@ -136,6 +136,7 @@ qkd::core::Result<PkeyPtr> classical_import_peer(OSSL_LIB_CTX* libctx, Classical
 
 qkd::core::Status classical_derive(OSSL_LIB_CTX* libctx, Classical kind, EVP_PKEY* own,
                                    EVP_PKEY* peer, std::span<std::uint8_t> out) {
+  const DropNewErrors drop;
   PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_pkey(libctx, own, nullptr));
   std::size_t len = out.size();
   if (!ctx || EVP_PKEY_derive_init(ctx.get()) != 1) {

@@ -14,9 +14,11 @@ CryptoMethods::~CryptoMethods() {
 KdfCtxPtr CryptoMethods::new_hkdf() {
   EVP_KDF* kdf = hkdf_.load(std::memory_order_acquire);
   if (kdf == nullptr) {
-    kdf = EVP_KDF_fetch(libctx_, OSSL_KDF_NAME_HKDF, nullptr);
+    {
+      const DropNewErrors drop;  // on failure the caller raises one error with words
+      kdf = EVP_KDF_fetch(libctx_, OSSL_KDF_NAME_HKDF, nullptr);
+    }
     if (kdf == nullptr) {
-      ERR_clear_error();  // the caller raises one error with words
       return nullptr;
     }
     EVP_KDF* stored = nullptr;
@@ -33,6 +35,7 @@ EVP_PKEY* CryptoMethods::p256_params() {
   if (params != nullptr) {
     return params;
   }
+  const DropNewErrors drop;  // on failure the caller raises one error with words
   EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_name(libctx_, "EC", nullptr);
   char group[] = "P-256";
   const OSSL_PARAM set[] = {
@@ -41,7 +44,6 @@ EVP_PKEY* CryptoMethods::p256_params() {
   if (ctx == nullptr || EVP_PKEY_paramgen_init(ctx) != 1 ||
       EVP_PKEY_CTX_set_params(ctx, set) != 1 || EVP_PKEY_paramgen(ctx, &params) != 1) {
     EVP_PKEY_CTX_free(ctx);
-    ERR_clear_error();
     return nullptr;
   }
   EVP_PKEY_CTX_free(ctx);

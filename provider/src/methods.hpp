@@ -13,6 +13,7 @@
 // cannot be duplicated, so each derivation still sets the digest by name.)
 #pragma once
 
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/kdf.h>
 
@@ -20,6 +21,18 @@
 #include <memory>
 
 namespace qkd::prov {
+
+// Drops the OpenSSL errors raised during its life, and only those: the provider runs on
+// the application's thread, inside its TLS handshake, and raises one error with words
+// instead of libcrypto's; what the application had queued (errors, ERR_set_mark marks)
+// stays. (ERR_clear_error() would wipe the application's too.)
+class DropNewErrors {
+ public:
+  DropNewErrors() { ERR_set_mark(); }
+  ~DropNewErrors() { ERR_pop_to_mark(); }
+  DropNewErrors(const DropNewErrors&) = delete;
+  DropNewErrors& operator=(const DropNewErrors&) = delete;
+};
 
 struct KdfCtxDeleter {
   void operator()(EVP_KDF_CTX* c) const { EVP_KDF_CTX_free(c); }

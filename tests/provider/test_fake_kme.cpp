@@ -157,6 +157,53 @@ TEST_F(FakeKmeTest, TheCallersDeadlineBoundsACallAndAPassedOneSendsNothing) {
   EXPECT_EQ(kme.connections(), connections);
 }
 
+// The client runs on the application's thread, inside its TLS handshake (the provider's
+// KEM): a call on a kept-alive connection (TLS write and read, with WANT_READ on the way)
+// leaves the application's queued errors and its ERR_set_mark mark as they were. The
+// transport used to clear the whole queue before each step, because SSL_get_error()
+// misreads a queue that is not empty. (libssl 3.0 itself clears the queue whenever its
+// handshake state machine runs: SSL_connect on a new connection, and the reading of
+// post-handshake messages; that is not ours to change.)
+TEST_F(FakeKmeTest, CallsLeaveTheApplicationsErrorsAndMarks) {
+  FakeKeyStore store;
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest& r) {
+    FakeReply reply = store.route(r);
+    reply.delay_ms = 20;  // the client's read waits (WANT_READ) with the queue not empty
+    return reply;
+  });
+  auto bob = client_for("bob", kme.url());
+  ASSERT_TRUE(bob->enc_keys("alice", 1, 256).ok());  // connects; reads the session tickets
+  ERR_clear_error();
+  ERR_raise_data(ERR_LIB_USER, 41, "the application's, below its mark");
+  ASSERT_EQ(ERR_set_mark(), 1);
+  ERR_raise_data(ERR_LIB_USER, 42, "the application's, above its mark");
+  for (int i = 0; i < 2; ++i) {
+    auto enc = bob->enc_keys("alice", 1, 256);
+    ASSERT_TRUE(enc.ok()) << enc.error().message;
+  }
+  EXPECT_EQ(kme.connections(), 1);
+  EXPECT_EQ(ERR_GET_REASON(ERR_peek_last_error()), 42);
+  ASSERT_EQ(ERR_pop_to_mark(), 1);
+  EXPECT_EQ(ERR_GET_REASON(ERR_peek_last_error()), 41);
+  const unsigned long first = ERR_get_error();
+  EXPECT_EQ(ERR_GET_LIB(first), ERR_LIB_USER);
+  EXPECT_EQ(ERR_GET_REASON(first), 41);
+  EXPECT_EQ(ERR_get_error(), 0UL);
+  // A failed TLS handshake with errors queued before it still names its cause.
+  auto cfg = config_for("bob", kme.url());
+  cfg.ca_file = pki("alice.crt");  // not the CA
+  auto distrustful = Client::create(cfg);
+  ASSERT_TRUE(distrustful.ok());
+  ERR_raise_data(ERR_LIB_USER, 43, "the application's");
+  ERR_set_mark();
+  auto failed = (*distrustful)->enc_keys("alice", 1, 256);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.error().code, ErrorCode::kUnavailable);
+  EXPECT_NE(failed.error().message.find("certificate"), std::string::npos)
+      << failed.error().message;
+  ERR_clear_error();
+}
+
 TEST_F(FakeKmeTest, RejectedCarriesStatusAndMessage) {
   FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest&) {
     return FakeReply{503, R"({"message":"not enough key for alice"})"};

@@ -2,6 +2,8 @@
 // client's URL, base64, HTTP and JSON parsing.
 #include <gtest/gtest.h>
 #include <malloc.h>
+#include <openssl/err.h>
+#include <openssl/provider.h>
 
 #include <array>
 #include <atomic>
@@ -200,6 +202,49 @@ TEST(Classical, CachedMethodsServeManyCalls) {
   Bytes compressed = classical_public(p->get(), Classical::kP256).value();
   compressed[0] = 0x02;
   EXPECT_FALSE(classical_import_peer(methods, Classical::kP256, compressed).ok());
+}
+
+// The provider runs on the application's thread, inside its TLS handshake: a failed step
+// drops libcrypto's errors, but only its own; the application's queued errors and its
+// ERR_set_mark mark stay (ERR_clear_error() used to wipe them).
+TEST(Classical, FailedStepsLeaveTheApplicationsErrorsAndMarks) {
+  ERR_clear_error();
+  ERR_raise_data(ERR_LIB_USER, 41, "the application's, below its mark");
+  ASSERT_EQ(ERR_set_mark(), 1);
+  ERR_raise_data(ERR_LIB_USER, 42, "the application's, above its mark");
+  auto p = classical_generate(nullptr, Classical::kP256);
+  ASSERT_TRUE(p.ok());
+  Bytes off = classical_public(p->get(), Classical::kP256).value();
+  off[64] ^= 0x01;
+  CryptoMethods methods(nullptr);
+  EXPECT_FALSE(classical_import_peer(methods, Classical::kP256, off).ok());  // libcrypto raises
+  Bytes zero(32, 0);
+  auto x = classical_generate(nullptr, Classical::kX25519);
+  auto small = classical_import_peer(nullptr, Classical::kX25519, zero);
+  ASSERT_TRUE(x.ok() && small.ok());
+  std::array<std::uint8_t, 32> out{};
+  EXPECT_FALSE(classical_derive(nullptr, Classical::kX25519, x->get(), small->get(), out).ok());
+  // A library context with only the null provider: HKDF and EC cannot be fetched.
+  OSSL_LIB_CTX* empty = OSSL_LIB_CTX_new();
+  ASSERT_NE(empty, nullptr);
+  OSSL_PROVIDER* null_prov = OSSL_PROVIDER_load(empty, "null");
+  ASSERT_NE(null_prov, nullptr);
+  {
+    CryptoMethods none(empty);
+    EXPECT_EQ(none.new_hkdf(), nullptr);
+    EXPECT_EQ(none.p256_params(), nullptr);
+    EXPECT_FALSE(classical_generate(none, Classical::kP256).ok());
+  }
+  OSSL_PROVIDER_unload(null_prov);
+  OSSL_LIB_CTX_free(empty);
+  // Only the application's errors are left, in order, and its mark still works.
+  EXPECT_EQ(ERR_GET_REASON(ERR_peek_last_error()), 42);
+  ASSERT_EQ(ERR_pop_to_mark(), 1);
+  EXPECT_EQ(ERR_GET_REASON(ERR_peek_last_error()), 41);
+  const unsigned long first = ERR_get_error();
+  EXPECT_EQ(ERR_GET_LIB(first), ERR_LIB_USER);
+  EXPECT_EQ(ERR_GET_REASON(first), 41);
+  EXPECT_EQ(ERR_get_error(), 0UL);
 }
 
 TEST(GroupTable, NamesAndBits) {

@@ -33,9 +33,9 @@ using SslCtxPtr = std::unique_ptr<SSL_CTX, SslCtxDeleter>;
 // The KME's TLS: a client context in the library's private OSSL_LIB_CTX (default provider
 // only), TLS 1.2 or later, classical groups pinned, the KME verified against ca_file.
 Result<SslCtxPtr> make_tls_context(const ClientConfig& config) {
-  ERR_set_mark();
+  internal::ErrorMark mark;
   const auto fail = [&](std::string why) {
-    const std::string ossl = internal::pop_openssl_errors();
+    const std::string ossl = mark.pop();
     return make_error(ErrorCode::kInvalidArgument, ossl.empty() ? why : why + ": " + ossl);
   };
   OSSL_LIB_CTX* libctx = internal::private_libctx();
@@ -78,7 +78,6 @@ Result<SslCtxPtr> make_tls_context(const ClientConfig& config) {
     return fail("the key " + config.key_file + " does not match the certificate " +
                 config.cert_file);
   }
-  ERR_pop_to_mark();
   return ctx;
 }
 

@@ -42,29 +42,125 @@ OSSL_LIB_CTX* private_libctx() {
   return ctx;
 }
 
-std::string pop_openssl_errors() {
-  std::string out;
-  unsigned long code = 0;
+namespace {
+
+// One error as a short phrase: its reason, and its data when it has some.
+std::string error_text(unsigned long code, const char* data, int flags) {
+  const char* reason = ERR_reason_error_string(code);
+  std::string one = reason != nullptr ? reason : "openssl error " + std::to_string(code);
+  if (data != nullptr && (flags & ERR_TXT_STRING) != 0 && *data != '\0') {
+    one += " (";
+    one += data;
+    one += ")";
+  }
+  return one;
+}
+
+}  // namespace
+
+ErrorMark::ErrorMark() { set(); }
+
+ErrorMark::~ErrorMark() {
+  if (!popped_) {
+    ERR_pop_to_mark();
+  }
+}
+
+void ErrorMark::set() {
+  popped_ = false;
+  was_empty_ = ERR_peek_error() == 0;
+  // On an empty queue OpenSSL 3.0 sets no mark, and ERR_pop_to_mark() pops the whole
+  // queue: every entry is then ours.
+  ERR_set_mark();
+  int flags = 0;
+  top_code_ = ERR_peek_last_error_all(&top_file_, &top_line_, nullptr, &top_data_, &flags);
+}
+
+bool ErrorMark::any() const {
+  if (was_empty_) {
+    return ERR_peek_error() != 0;
+  }
+  const char* file = nullptr;
+  int line = 0;
   const char* data = nullptr;
   int flags = 0;
-  while ((code = ERR_peek_error_data(&data, &flags)) != 0) {
-    const char* reason = ERR_reason_error_string(code);
-    std::string one = reason != nullptr ? reason : "openssl error " + std::to_string(code);
-    if (data != nullptr && (flags & ERR_TXT_STRING) != 0 && *data != '\0') {
-      one += " (";
-      one += data;
-      one += ")";
-    }
+  const unsigned long code = ERR_peek_last_error_all(&file, &line, nullptr, &data, &flags);
+  // An empty queue has nothing of ours (libssl's handshake clears the whole queue).
+  return code != 0 &&
+         (code != top_code_ || file != top_file_ || line != top_line_ || data != top_data_);
+}
+
+unsigned long ErrorMark::first() const {
+  if (was_empty_) {
+    return ERR_peek_error();
+  }
+  return any() ? ERR_peek_last_error() : 0;
+}
+
+void ErrorMark::reset() {
+  ERR_pop_to_mark();
+  set();
+}
+
+std::string ErrorMark::pop() {
+  std::string out;
+  const auto add = [&out](const std::string& one) {
     if (out.find(one) == std::string::npos) {
       if (!out.empty()) {
         out += "; ";
       }
       out += one;
     }
-    ERR_get_error();
+  };
+  const char* data = nullptr;
+  int flags = 0;
+  if (was_empty_) {
+    unsigned long code = 0;
+    while ((code = ERR_peek_error_data(&data, &flags)) != 0) {
+      add(error_text(code, data, flags));
+      ERR_get_error();
+    }
+  } else if (any()) {
+    const unsigned long code = ERR_peek_last_error_data(&data, &flags);
+    add(error_text(code, data, flags));
   }
-  ERR_pop_to_mark();
+  if (!popped_) {
+    ERR_pop_to_mark();
+    popped_ = true;
+  }
   return out;
+}
+
+int ssl_error_since(const SSL* ssl, int rc, const ErrorMark& mark) {
+  // SSL_get_error()'s order of checks (OpenSSL 3.0), with the queue read through `mark`.
+  if (rc > 0) {
+    return SSL_ERROR_NONE;
+  }
+  if (const unsigned long e = mark.first(); e != 0) {
+    return ERR_GET_LIB(e) == ERR_LIB_SYS ? SSL_ERROR_SYSCALL : SSL_ERROR_SSL;
+  }
+  if (SSL_want_read(ssl)) {
+    BIO* bio = SSL_get_rbio(ssl);
+    if (BIO_should_read(bio)) {
+      return SSL_ERROR_WANT_READ;
+    }
+    if (BIO_should_write(bio)) {
+      return SSL_ERROR_WANT_WRITE;
+    }
+  }
+  if (SSL_want_write(ssl)) {
+    BIO* bio = SSL_get_wbio(ssl);
+    if (BIO_should_write(bio)) {
+      return SSL_ERROR_WANT_WRITE;
+    }
+    if (BIO_should_read(bio)) {
+      return SSL_ERROR_WANT_READ;
+    }
+  }
+  if ((SSL_get_shutdown(ssl) & SSL_RECEIVED_SHUTDOWN) != 0) {
+    return SSL_ERROR_ZERO_RETURN;
+  }
+  return SSL_ERROR_SYSCALL;
 }
 
 }  // namespace internal
@@ -507,9 +603,9 @@ int rejected_http_status(const Error& error) {
 }
 
 Result<std::string> certificate_common_name(const std::string& cert_file) {
-  ERR_set_mark();
+  internal::ErrorMark mark;
   const auto fail = [&](std::string why) {
-    const std::string ossl = internal::pop_openssl_errors();
+    const std::string ossl = mark.pop();
     return make_error(ErrorCode::kInvalidArgument,
                       "cannot read the certificate " + cert_file + ": " +
                           (ossl.empty() ? why : why + " (" + ossl + ")"));
@@ -540,18 +636,16 @@ Result<std::string> certificate_common_name(const std::string& cert_file) {
   }
   std::string cn(reinterpret_cast<char*>(utf8), static_cast<std::size_t>(len));
   OPENSSL_free(utf8);
-  internal::pop_openssl_errors();
   return cn;
 }
 
 qkd::core::Status random_bytes(std::span<std::uint8_t> out) {
-  ERR_set_mark();
+  internal::ErrorMark mark;
   OSSL_LIB_CTX* libctx = internal::private_libctx();
   if (libctx == nullptr || RAND_bytes_ex(libctx, out.data(), out.size(), 0) != 1) {
-    const std::string ossl = internal::pop_openssl_errors();
+    const std::string ossl = mark.pop();
     return make_error(ErrorCode::kInternal, "random generator failed: " + ossl);
   }
-  ERR_pop_to_mark();
   return qkd::core::ok_status();
 }
 

@@ -160,9 +160,10 @@ qkd::core::Result<std::unique_ptr<Connection>> Connection::open(SSL_CTX* ctx,
   if (!fd.ok()) {
     return fd.error();
   }
-  ERR_set_mark();
+  // The application's queued errors stay; ours are popped on every exit.
+  ErrorMark mark;
   const auto tls_fail = [&](std::string why) {
-    const std::string ossl = pop_openssl_errors();
+    const std::string ossl = mark.pop();
     return make_error(ErrorCode::kUnavailable, ossl.empty() ? why : why + ": " + ossl);
   };
   SSL* ssl = SSL_new(ctx);
@@ -191,16 +192,17 @@ qkd::core::Result<std::unique_ptr<Connection>> Connection::open(SSL_CTX* ctx,
     }
   }
   for (;;) {
-    ERR_clear_error();
+    mark.reset();  // only this step's errors decide
+    // (libssl 3.0's handshake state machine clears the thread's whole queue itself, the
+    // application's entries too: not ours to prevent, short of another thread.)
     const int rc = SSL_connect(ssl);
     if (rc == 1) {
       break;
     }
-    const int err = SSL_get_error(ssl, rc);
+    const int err = ssl_error_since(ssl, rc, mark);
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
       auto waited = conn->wait(err, deadline);
       if (!waited.ok()) {
-        pop_openssl_errors();
         return waited.error();
       }
       continue;
@@ -210,14 +212,13 @@ qkd::core::Result<std::unique_ptr<Connection>> Connection::open(SSL_CTX* ctx,
       return tls_fail(std::string("TLS handshake failed: KME certificate rejected: ") +
                       X509_verify_cert_error_string(verify));
     }
-    if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
+    if (err == SSL_ERROR_SYSCALL && !mark.any()) {
       const int e = errno;
       return tls_fail("TLS handshake failed: " +
                       (e != 0 ? errno_text(e) : std::string("connection closed by the KME")));
     }
     return tls_fail("TLS handshake failed");
   }
-  pop_openssl_errors();
   return conn;
 }
 
@@ -245,63 +246,58 @@ qkd::core::Status Connection::wait(int ssl_error, Clock::time_point deadline) co
 }
 
 qkd::core::Status Connection::write_all(std::string_view data, Clock::time_point deadline) {
-  ERR_set_mark();
+  ErrorMark mark;  // the application's queued errors stay; ours are popped on every exit
   std::size_t done = 0;
   while (done < data.size()) {
     std::size_t n = 0;
-    ERR_clear_error();
+    mark.reset();  // only this step's errors decide
     errno = 0;
     const int rc = SSL_write_ex(ssl_, data.data() + done, data.size() - done, &n);
     if (rc == 1) {
       done += n;
       continue;
     }
-    const int err = SSL_get_error(ssl_, rc);
+    const int err = ssl_error_since(ssl_, rc, mark);
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
       auto waited = wait(err, deadline);
       if (!waited.ok()) {
-        pop_openssl_errors();
         return waited;
       }
       continue;
     }
     const int e = errno;
-    const std::string ossl = pop_openssl_errors();
+    const std::string ossl = mark.pop();
     return make_error(ErrorCode::kClosed,
                       "connection lost while sending" +
                           (!ossl.empty() ? ": " + ossl : e != 0 ? ": " + errno_text(e) : ""));
   }
-  ERR_pop_to_mark();
   return qkd::core::ok_status();
 }
 
 qkd::core::Result<std::size_t> Connection::read_some(std::span<std::uint8_t> buf,
                                                      Clock::time_point deadline) {
-  ERR_set_mark();
+  ErrorMark mark;  // the application's queued errors stay; ours are popped on every exit
   for (;;) {
     std::size_t n = 0;
-    ERR_clear_error();
+    mark.reset();  // only this step's errors decide
     errno = 0;
     const int rc = SSL_read_ex(ssl_, buf.data(), buf.size(), &n);
     if (rc == 1) {
-      ERR_pop_to_mark();
       return n;
     }
-    const int err = SSL_get_error(ssl_, rc);
+    const int err = ssl_error_since(ssl_, rc, mark);
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
       auto waited = wait(err, deadline);
       if (!waited.ok()) {
-        pop_openssl_errors();
         return waited.error();
       }
       continue;
     }
     if (err == SSL_ERROR_ZERO_RETURN) {
-      ERR_pop_to_mark();
       return std::size_t{0};
     }
     const int e = errno;
-    const std::string ossl = pop_openssl_errors();
+    const std::string ossl = mark.pop();
     if (err == SSL_ERROR_SYSCALL && ossl.empty()) {
       // EOF without close_notify, or a reset.
       if (e == 0) {
