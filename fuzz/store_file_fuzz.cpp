@@ -383,7 +383,10 @@ class Run {
 
   // Opens the edited file and serves from it; checks what it hands out.
   void serve(const std::string& path) {
-    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, path, kNodeKey);
+    // As qkd-kms --convert-store opens it, so that a file of format 2 is checked and served,
+    // not only refused as older (a format-3 file opens the same either way).
+    auto s = qkd::kms::make_sqlite_key_store(Direction::kAlice, path, kNodeKey, true,
+                                             qkd::kms::OlderFormat::kConvert);
     if (!s.ok()) {
       if (s.error().message.find(path) == std::string::npos) {
         std::fprintf(stderr, "refusal without the file's name: %s\n", s.error().message.c_str());

@@ -287,12 +287,15 @@ class JournaledStore final : public KeyStore {
     std::uint64_t ticket = 0;
     {
       std::lock_guard lock(mu_);
+      if (journal_) {
+        // First: the rows the commit records (commit times) are the epoch's.
+        journal_->set_value(detail::kEpoch, epoch);
+      }
       commit_locked(block_key);
       if (digest_) {
         digest_ = next_pool_digest(*digest_, blocks, block_key);
       }
       if (journal_) {
-        journal_->set_value(detail::kEpoch, epoch);
         journal_->set_value(detail::kBlocks, blocks);
         journal_->set_pending_block(std::nullopt);
         if (digest_) {

@@ -147,6 +147,25 @@ Kme::Kme() : impl_(std::make_unique<Impl>()) {}
 
 Kme::~Kme() { stop(); }
 
+qkd::core::Status convert_store(const Config& c) {
+  if (!c.store.enabled) {
+    return qkd::core::Error{qkd::core::ErrorCode::kInvalidArgument,
+                            "store: the configuration has no store to convert"};
+  }
+  auto node_key = read_node_key_file(c.store.node_key_file.string());
+  if (!node_key.ok()) {
+    return qkd::core::Error{node_key.error().code,
+                            "store.node_key_file: " + node_key.error().message};
+  }
+  const Direction own = c.link.role == LinkRole::kAlice ? Direction::kAlice : Direction::kBob;
+  auto store = make_sqlite_key_store(own, c.store.path.string(), node_key->span(),
+                                     c.store.synchronous_full, OlderFormat::kConvert);
+  if (!store.ok()) {
+    return qkd::core::Error{store.error().code, "store.path: " + store.error().message};
+  }
+  return qkd::core::ok_status();
+}
+
 qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   std::unique_ptr<Kme> kme(new Kme());
   Impl& im = *kme->impl_;

@@ -2,6 +2,8 @@
 //
 //   qkd-kms --config FILE [--ready-file PATH]   run (until SIGINT/SIGTERM)
 //   qkd-kms --config FILE --check-config        validate and exit 0 (valid) or 1
+//   qkd-kms --config FILE --convert-store       convert the store file of an earlier build
+//                                               (KME stopped) and exit 0, or 1
 //
 // Exit codes: 0 clean shutdown or valid config; 1 bad config or start-up failure (the
 // message names the file and the field); 2 unexpected fatal error. Logs go to stderr.
@@ -64,8 +66,13 @@ int run(int argc, char** argv) {
   std::string config_file;
   std::string ready_file;
   bool check_only = false;
+  bool convert = false;
   app.add_option("--config", config_file, "KME configuration file (JSON)")->required();
   app.add_flag("--check-config", check_only, "validate the configuration and exit (0 = valid)");
+  app.add_flag("--convert-store", convert,
+               "convert the store file of an earlier build to the current format (with the KME "
+               "stopped; cannot be undone: keep a copy to go back) and exit (0 = converted or "
+               "already current)");
   app.add_option("--ready-file", ready_file,
                  "once the listeners are bound, write {\"api_port\":N,\"link_port\":N} here "
                  "(and \"metrics_port\":N with metrics.listen)");
@@ -86,6 +93,15 @@ int run(int argc, char** argv) {
   }
 
   qkd::kms::setup_logging(config.value());
+  if (convert) {
+    if (auto st = qkd::kms::convert_store(config.value()); !st.ok()) {
+      std::cerr << "qkd-kms: " << config_file << ": " << st.error().message << "\n";
+      return 1;
+    }
+    std::cout << config_file << ": store " << config.value().store.path.string()
+              << " is in the current format\n";
+    return 0;
+  }
   // Before the KME starts (the link's PSK is the only secret in memory yet): every page the
   // process has or maps later stays in RAM, locked as it is first touched. Every later
   // mapping counts in full against RLIMIT_MEMLOCK, so a finite limit would make thread or

@@ -169,17 +169,21 @@ std::string key_aad(const std::string& id, const std::string& master,
 }
 std::string key_aad_v1(const std::string& id) { return fmt::format("qkd-kms/key/{}", id); }
 std::string pending_aad(std::uint64_t block) { return fmt::format("qkd-kms/pending/{}", block); }
-// Rows that hold no secret carry a tag (a seal of nothing) over their identity and content.
-std::string waiting_aad(std::uint64_t ord, const std::string& assignment) {
-  return fmt::format("qkd-kms/waiting/{}/", ord) + assignment;
+// Rows that hold no secret carry a tag (a seal of nothing) over their identity and content,
+// and the pool epoch they belong to: ordinals, notice numbers and pool offsets start over in
+// each epoch, so a row of an earlier epoch (from an older copy of the file) does not pass
+// for one of this epoch's.
+std::string waiting_aad(std::uint64_t epoch, std::uint64_t ord, const std::string& assignment) {
+  return fmt::format("qkd-kms/waiting/{}/{}/", epoch, ord) + assignment;
 }
-std::string outbox_aad(std::uint64_t seq, std::span<const std::uint8_t> message) {
-  std::string aad = fmt::format("qkd-kms/outbox/{}/", seq);
+std::string outbox_aad(std::uint64_t epoch, std::uint64_t seq,
+                       std::span<const std::uint8_t> message) {
+  std::string aad = fmt::format("qkd-kms/outbox/{}/{}/", epoch, seq);
   aad.append(message.begin(), message.end());
   return aad;
 }
-std::string settled_aad(std::uint64_t pool_end, std::uint64_t t_ms) {
-  return fmt::format("qkd-kms/settled/{}/{}", pool_end, t_ms);
+std::string settled_aad(std::uint64_t epoch, std::uint64_t pool_end, std::uint64_t t_ms) {
+  return fmt::format("qkd-kms/settled/{}/{}/{}", epoch, pool_end, t_ms);
 }
 
 // AES-256-GCM under the node key; throws DbError on a library failure. The key schedule is
@@ -316,6 +320,18 @@ class Db {
   }
 
   void busy_timeout(int ms) { sqlite3_busy_timeout(h_, ms); }
+
+  // The file's schema runs no code of its own: no trigger fires and no view is read (a
+  // trigger added to the file could otherwise undo the store's writes, a cursor's or a
+  // delivered key's, inside the very transactions whose tags vouch for the result), and
+  // SQLite's defensive mode refuses writes to the schema itself.
+  void refuse_schema_code() {
+    int off = -1;
+    check(sqlite3_db_config(h_, SQLITE_DBCONFIG_ENABLE_TRIGGER, 0, &off));
+    check(sqlite3_db_config(h_, SQLITE_DBCONFIG_ENABLE_VIEW, 0, &off));
+    check(sqlite3_db_config(h_, SQLITE_DBCONFIG_DEFENSIVE, 1, &off));
+    exec("PRAGMA trusted_schema=OFF");
+  }
 
   void exec(const char* sql) {
     char* err = nullptr;
@@ -454,8 +470,10 @@ enum class Seal { kNow, kDeferred, kLink };
 
 class SqliteJournal final : public detail::Journal {
  public:
-  SqliteJournal(std::string path, std::span<const std::uint8_t> node_key, bool synchronous_full)
-      : path_(std::move(path)), key_(node_key), synchronous_full_(synchronous_full) {}
+  SqliteJournal(std::string path, std::span<const std::uint8_t> node_key, bool synchronous_full,
+                OlderFormat older)
+      : path_(std::move(path)), key_(node_key), synchronous_full_(synchronous_full),
+        older_(older) {}
 
   ~SqliteJournal() override {
     {
@@ -500,6 +518,7 @@ class SqliteJournal final : public detail::Journal {
   detail::StoredState open(Direction own) {
     lock_.acquire(path_);
     db_.open(path_);
+    db_.refuse_schema_code();
     ::chmod(path_.c_str(), S_IRUSR | S_IWUSR);
     // Normal (not exclusive) locking: the checkpointer's connection works beside the
     // committer's. A second process is kept out by lock_.
@@ -533,6 +552,13 @@ class SqliteJournal final : public detail::Journal {
         "CREATE TABLE IF NOT EXISTS settled(pool_end INTEGER PRIMARY KEY, t_ms INTEGER NOT NULL,"
         "  tag BLOB);"
         "COMMIT;");
+    // Code in the schema (disabled above) is refused outright: a key store never holds any.
+    db_.run("SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'view') OR "
+            "(type = 'index' AND name NOT LIKE 'sqlite_autoindex_%')",
+            [&](sqlite3_stmt* st) {
+              throw damaged(fmt::format("it holds the {} '{}', which a key store never has",
+                                        printable(col_text(st, 0)), printable(col_text(st, 1))));
+            });
     // Files of format 2 and earlier: the tag columns.
     add_column("waiting", "tag", "BLOB");
     add_column("outbox", "tag", "BLOB");
@@ -605,11 +631,20 @@ class SqliteJournal final : public detail::Journal {
       if (current && !tag_opens(meta_tag, meta_aad())) {
         throw damaged("its counters (table meta) do not authenticate");
       }
+      if (!current && older_ == OlderFormat::kRefuse) {
+        throw DbError{fmt::format(
+            "{} is a key store of format {}, an earlier build's: convert it once with "
+            "`qkd-kms --config <file> --convert-store` while the KME is stopped (the conversion "
+            "cannot be undone: keep a copy of the database to go back). A file found in an "
+            "older format after its conversion was tampered with",
+            path_, format)};
+      }
       if (format == 1) {
         migrate_from_format_1();  // only a file this KME may open
       }
       if (!current) {
-        migrate_to_format_3(kc);
+        const auto e = meta.find(std::string(detail::kEpoch));
+        migrate_to_format_3(kc, e == meta.end() ? 0 : e->second);
       }
     }
     drop_used_ids_index();  // also on a file an older version created but never filled
@@ -627,6 +662,7 @@ class SqliteJournal final : public detail::Journal {
     s.cursor[0] = value(detail::kCursorAlice, 0);
     s.cursor[1] = value(detail::kCursorBob, 0);
     s.link.epoch = value(detail::kEpoch, 0);
+    epoch_ = s.link.epoch;
     s.link.blocks = value(detail::kBlocks, 0);
     s.link.next_seq = value(detail::kNextSeq, 1);
     s.link.last_applied_seq = value(detail::kLastAppliedSeq, 0);
@@ -692,7 +728,7 @@ class SqliteJournal final : public detail::Journal {
     });
     db_.run("SELECT ord, assignment, tag FROM waiting ORDER BY ord", [&](sqlite3_stmt* st) {
       const std::string text = col_text(st, 1);
-      if (!tag_opens(col_blob(st, 2), waiting_aad(col_u64(st, 0), text))) {
+      if (!tag_opens(col_blob(st, 2), waiting_aad(s.link.epoch, col_u64(st, 0), text))) {
         throw damaged(fmt::format("the assignment waiting as {} does not authenticate",
                                   col_u64(st, 0)));
       }
@@ -708,7 +744,7 @@ class SqliteJournal final : public detail::Journal {
       s.waiting.emplace_back(col_u64(st, 0), std::move(a));
     });
     db_.run("SELECT pool_end, t_ms, tag FROM settled ORDER BY pool_end", [&](sqlite3_stmt* st) {
-      if (!tag_opens(col_blob(st, 2), settled_aad(col_u64(st, 0), col_u64(st, 1)))) {
+      if (!tag_opens(col_blob(st, 2), settled_aad(s.link.epoch, col_u64(st, 0), col_u64(st, 1)))) {
         throw damaged(fmt::format("the commit time of pool byte {} does not authenticate",
                                   col_u64(st, 0)));
       }
@@ -716,7 +752,7 @@ class SqliteJournal final : public detail::Journal {
     });
     db_.run("SELECT seq, message, tag FROM outbox ORDER BY seq", [&](sqlite3_stmt* st) {
       Blob message = col_blob(st, 1);
-      if (!tag_opens(col_blob(st, 2), outbox_aad(col_u64(st, 0), message))) {
+      if (!tag_opens(col_blob(st, 2), outbox_aad(s.link.epoch, col_u64(st, 0), message))) {
         throw damaged(fmt::format("notice {} does not authenticate", col_u64(st, 0)));
       }
       s.link.outbox.push_back(StoredNotice{col_u64(st, 0), std::move(message)});
@@ -735,6 +771,7 @@ class SqliteJournal final : public detail::Journal {
     // The checkpointer's connection, with the same synchronous level (NORMAL and FULL both
     // sync the WAL before a checkpoint and the database after it).
     ckpt_db_.open(path_);
+    ckpt_db_.refuse_schema_code();
     ckpt_db_.busy_timeout(10'000);
     ckpt_db_.exec(synchronous_full_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
     db_.on_commit([this](int pages) { wal_committed(pages); });
@@ -751,6 +788,9 @@ class SqliteJournal final : public detail::Journal {
 
   // --- recording (under the store's lock) ---
   void set_value(std::string_view name, std::uint64_t value) override {
+    if (name == detail::kEpoch) {
+      epoch_ = value;  // the epoch the rows recorded from now on are tagged with
+    }
     add_meta([n = std::string(name), value](Db& db) {
       db.write("INSERT INTO meta(name, value) VALUES(?, ?) "
                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
@@ -794,7 +834,7 @@ class SqliteJournal final : public detail::Journal {
   }
   void put_waiting(std::uint64_t ordinal, const KeyAssignment& a) override {
     std::string text = assignment_json(a).dump();
-    Blob tag = sealer_.seal(waiting_aad(ordinal, text), {});
+    Blob tag = sealer_.seal(waiting_aad(epoch_, ordinal, text), {});
     add(
         [ordinal, text = std::move(text), tag = std::move(tag)](Db& db) {
           db.write("INSERT OR REPLACE INTO waiting(ord, assignment, tag) VALUES(?, ?, ?)", ordinal,
@@ -814,7 +854,8 @@ class SqliteJournal final : public detail::Journal {
     });
   }
   void put_settled(std::uint64_t pool_end, std::uint64_t unix_ms) override {
-    add([pool_end, unix_ms, tag = sealer_.seal(settled_aad(pool_end, unix_ms), {})](Db& db) {
+    add([pool_end, unix_ms, tag = sealer_.seal(settled_aad(epoch_, pool_end, unix_ms), {})](
+            Db& db) {
       db.write("INSERT OR REPLACE INTO settled(pool_end, t_ms, tag) VALUES(?, ?, ?)", pool_end,
                unix_ms, tag);
     });
@@ -823,8 +864,8 @@ class SqliteJournal final : public detail::Journal {
     add([pool_end](Db& db) { db.write("DELETE FROM settled WHERE pool_end <= ?", pool_end); });
   }
   void put_notice(const StoredNotice& n) override {
-    add([seq = n.seq, msg = n.message, tag = sealer_.seal(outbox_aad(n.seq, n.message), {})](
-            Db& db) {
+    add([seq = n.seq, msg = n.message,
+         tag = sealer_.seal(outbox_aad(epoch_, n.seq, n.message), {})](Db& db) {
       db.write("INSERT OR REPLACE INTO outbox(seq, message, tag) VALUES(?, ?, ?)", seq, msg, tag);
     });
   }
@@ -1052,9 +1093,11 @@ class SqliteJournal final : public detail::Journal {
     db_.run("SELECT name, value FROM meta WHERE name != ? ORDER BY name",
             [&](sqlite3_stmt* st) {
               aad += ';';
-              hex(sqlite3_column_blob(st, 0), sqlite3_column_bytes(st, 0));
-              aad += fmt::format(":{}:", sqlite3_column_type(st, 1));
-              hex(sqlite3_column_blob(st, 1), sqlite3_column_bytes(st, 1));
+              const void* name = sqlite3_column_blob(st, 0);  // before its size (SQLite's rule)
+              hex(name, sqlite3_column_bytes(st, 0));
+              aad += fmt::format(":{}:", sqlite3_column_type(st, 1));  // before any conversion
+              const void* value = sqlite3_column_blob(st, 1);
+              hex(value, sqlite3_column_bytes(st, 1));
             },
             std::string(kMetaTag));
     return aad;
@@ -1090,7 +1133,7 @@ class SqliteJournal final : public detail::Journal {
   // as additional data (key_aad_v1): every such row is tagged or sealed again as format 3
   // does, and the key check sealed for format 3, in one transaction. What the file held was
   // not authenticated before: this makes it so from now on, as it is.
-  void migrate_to_format_3(std::span<const std::uint8_t> key_check_text) {
+  void migrate_to_format_3(std::span<const std::uint8_t> key_check_text, std::uint64_t epoch) {
     std::size_t keys = 0;
     meta_transaction([&] {
       struct Resealed {
@@ -1118,14 +1161,15 @@ class SqliteJournal final : public detail::Journal {
       std::vector<std::pair<std::uint64_t, Blob>> tags;
       db_.run("SELECT ord, assignment FROM waiting", [&](sqlite3_stmt* st) {
         tags.emplace_back(col_u64(st, 0),
-                          sealer_.seal(waiting_aad(col_u64(st, 0), col_text(st, 1)), {}));
+                          sealer_.seal(waiting_aad(epoch, col_u64(st, 0), col_text(st, 1)), {}));
       });
       for (const auto& [ord, tag] : tags) {
         db_.write("UPDATE waiting SET tag = ? WHERE ord = ?", tag, ord);
       }
       tags.clear();
       db_.run("SELECT seq, message FROM outbox", [&](sqlite3_stmt* st) {
-        tags.emplace_back(col_u64(st, 0), sealer_.seal(outbox_aad(col_u64(st, 0), col_blob(st, 1)), {}));
+        tags.emplace_back(col_u64(st, 0),
+                          sealer_.seal(outbox_aad(epoch, col_u64(st, 0), col_blob(st, 1)), {}));
       });
       for (const auto& [seq, tag] : tags) {
         db_.write("UPDATE outbox SET tag = ? WHERE seq = ?", tag, seq);
@@ -1133,7 +1177,7 @@ class SqliteJournal final : public detail::Journal {
       tags.clear();
       db_.run("SELECT pool_end, t_ms FROM settled", [&](sqlite3_stmt* st) {
         tags.emplace_back(col_u64(st, 0),
-                          sealer_.seal(settled_aad(col_u64(st, 0), col_u64(st, 1)), {}));
+                          sealer_.seal(settled_aad(epoch, col_u64(st, 0), col_u64(st, 1)), {}));
       });
       for (const auto& [end, tag] : tags) {
         db_.write("UPDATE settled SET tag = ? WHERE pool_end = ?", tag, end);
@@ -1485,6 +1529,10 @@ class SqliteJournal final : public detail::Journal {
   const qkd::core::SecureBytes key_;
   Sealer sealer_{key_.span()};
   const bool synchronous_full_;
+  const OlderFormat older_;
+  // The pool epoch as recorded so far (set_value; at open, the file's): the tags of waiting,
+  // outbox and settled rows bind it. Under the store's lock, as every recording call.
+  std::uint64_t epoch_ = 0;
   // Destroyed in reverse order: ckpt_db_, db_, then lock_.
   FileLock lock_;
   Db db_;       // after open(): the writing thread's (committing_)
@@ -1538,14 +1586,14 @@ class SqliteJournal final : public detail::Journal {
 
 Result<std::unique_ptr<KeyStore>> make_sqlite_key_store(Direction own, const std::string& db_path,
                                                         std::span<const std::uint8_t> node_key,
-                                                        bool synchronous_full) {
+                                                        bool synchronous_full, OlderFormat older) {
   if (node_key.size() != 32) {
     return make_error(ErrorCode::kInvalidArgument, "the node key must be 32 bytes");
   }
   std::unique_ptr<SqliteJournal> journal;
   detail::StoredState state;
   try {
-    journal = std::make_unique<SqliteJournal>(db_path, node_key, synchronous_full);
+    journal = std::make_unique<SqliteJournal>(db_path, node_key, synchronous_full, older);
     state = journal->open(own);
   } catch (const DbError& e) {
     // Most errors name the file already; SQLite's own do not.

@@ -375,16 +375,16 @@ void expect_keys_flow_after_reset(const KmeNetwork& net) {
   expect_bob_serves(net, keys);
 }
 
-// Rewrites the stopped KME `kme`'s store file as format 2 left it (counters in the clear),
-// so that a test can alter them as a diverged or restored file would hold them: a file of
-// format 3 that was edited refuses to open (SqliteKeyStore.AnEditedFileIsRefusedAtOpen).
-void store_to_format_2(const KmeNetwork& net, const std::string& kme) {
+// After a test altered the stopped KME `kme`'s counters as a diverged or restored file would
+// hold them: the meta tag made over them, as the store makes it (an edit alone is refused
+// at open: SqliteKeyStore.AnEditedFileIsRefusedAtOpen).
+void retag_store(const KmeNetwork& net, const std::string& kme) {
   std::ifstream key_file(net.dir() / (kme + ".node.key"));
   std::string hex;
   key_file >> hex;
   const auto key = qkd::test::node_key_from_hex(hex);
   ASSERT_EQ(key.size(), 32u) << "no node key for " << kme;
-  ASSERT_EQ(qkd::test::down_to_format_2((net.dir() / (kme + ".db")).string(), key), "");
+  ASSERT_EQ(qkd::test::retag_meta((net.dir() / (kme + ".db")).string(), key), "");
 }
 
 // Equal epochs and block counts do not make equal pools: the session start also compares
@@ -396,7 +396,6 @@ TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
   ASSERT_NE(started, nullptr);
   KmeNetwork& net = *started;
   net.stop_kme("bob-kme");
-  store_to_format_2(net, "bob-kme");
   {
     const auto db = (net.dir() / "bob-kme.db").string();
     // The stored value is the digest followed by its epoch and block count: flip a bit of
@@ -421,6 +420,7 @@ TEST(KmsCrash, PoolsWithEqualCountsButDifferentDigestsAreReset) {
     sqlite3_finalize(st);
     sqlite3_close(h);
   }
+  retag_store(net, "bob-kme");
   ASSERT_TRUE(net.start_kme("bob-kme").ok());
   EXPECT_TRUE(wait_for_log(net, net.alice(), "another pool digest", 1))
       << net.log_tail(net.alice());
@@ -441,7 +441,6 @@ TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
     ASSERT_EQ(dec_at_bob(net, keys.front().first).first, 200u);  // bob applied its notice
   }
   net.stop_kme("alice-kme");
-  store_to_format_2(net, "alice-kme");
   {
     const auto db = (net.dir() / "alice-kme.db").string();
     sqlite3* h = nullptr;
@@ -453,6 +452,7 @@ TEST(KmsCrash, NoticesTheOtherEndAppliedButThisEndForgotReset) {
               SQLITE_OK);
     sqlite3_close(h);
   }
+  retag_store(net, "alice-kme");
   ASSERT_TRUE(net.start_kme("alice-kme").ok());
   EXPECT_TRUE(wait_for_log(net, net.alice(), "notices were lost", 1))
       << net.log_tail(net.alice());

@@ -309,6 +309,13 @@ class KeyStore {
 // In-memory store for the KME whose allocatable direction is `own`.
 [[nodiscard]] std::unique_ptr<KeyStore> make_memory_key_store(Direction own);
 
+// What the durable store does with a file an earlier build wrote (an older store format,
+// whose counters and assignments were not all authenticated): refuse it, naming the
+// conversion, or convert it (`qkd-kms --convert-store`). Converting unasked would let
+// whoever can write a current file, and holds an old file's key check, pass it off as older
+// and have edits of it vouched for.
+enum class OlderFormat { kRefuse, kConvert };
+
 // Durable store in the SQLite database `db_path` (created if missing; WAL; opened
 // exclusively), key bytes sealed with AES-256-GCM under the 32-byte `node_key`. Fails when
 // the database belongs to the other direction or was sealed under another node key.
@@ -316,7 +323,7 @@ class KeyStore {
 // or NORMAL (synced at checkpoints only: survives a process crash, not a power loss).
 [[nodiscard]] Result<std::unique_ptr<KeyStore>> make_sqlite_key_store(
     Direction own, const std::string& db_path, std::span<const std::uint8_t> node_key,
-    bool synchronous_full = true);
+    bool synchronous_full = true, OlderFormat older = OlderFormat::kRefuse);
 
 // Reads a node key file: 32 raw bytes or 64 hex digits. Refuses a file that is not a regular
 // file or that is accessible by group or others; the error names the file.

@@ -16,6 +16,10 @@ struct BoundPorts {
   std::uint16_t metrics_port = 0;  // the plain-HTTP metrics listener, 0 if not configured
 };
 
+// qkd-kms --convert-store: opens the configured store (`store` section), converting a file
+// of an earlier store format to the current one, and closes it. An error names the field.
+[[nodiscard]] qkd::core::Status convert_store(const Config& config);
+
 class Kme {
  public:
   [[nodiscard]] static qkd::core::Result<std::unique_ptr<Kme>> create(Config config);

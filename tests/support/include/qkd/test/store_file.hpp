@@ -1,7 +1,7 @@
 // A durable key store's file as tests need to reach into it (header-only; the includer links
-// SQLite and OpenSSL's libcrypto): a value sealed or opened as the store does, and a file
+// SQLite and OpenSSL's libcrypto): a value sealed or opened as the store does, a file
 // rewritten as format 2 left it (counters, waiting assignments, notices and commit times in
-// the clear), whose counters a test may then edit and the store check at open.
+// the clear), and the meta tag rewritten after a test edited the counters.
 // Used by tests/kms and fuzz/store_file_fuzz.cpp; the format is in
 // keyservice/src/sqlite_key_store.cpp.
 #pragma once
@@ -117,6 +117,57 @@ inline std::string down_to_format_2(const std::string& db, std::span<const std::
                           "UPDATE settled SET tag = NULL;",
                           nullptr, nullptr, nullptr) != SQLITE_OK) {
     error = std::string("cannot rewrite ") + db + ": " + sqlite3_errmsg(h);
+  }
+  sqlite3_finalize(st);
+  sqlite3_close(h);
+  return error;
+}
+
+// Rewrites the meta tag of the closed store file `db` (format 3) over its meta rows as they
+// are now, as the store does in each transaction that changes one (meta_aad() in
+// sqlite_key_store.cpp: each row but the tag, in name order, as ";" hex(name) ":" type ":"
+// hex(value)): a test that edits the counters (a diverged or restored file, consistent in
+// itself) then has a file that opens. Returns what failed, empty on success.
+inline std::string retag_meta(const std::string& db, std::span<const std::uint8_t> node_key) {
+  sqlite3* h = nullptr;
+  if (sqlite3_open(db.c_str(), &h) != SQLITE_OK) {
+    sqlite3_close(h);
+    return "cannot open " + db;
+  }
+  std::string aad = "qkd-kms/meta";
+  auto hex = [&aad](const void* p, int n) {
+    static constexpr char kDigits[] = "0123456789abcdef";
+    const auto* b = static_cast<const std::uint8_t*>(p);
+    for (int i = 0; i < n; ++i) {
+      aad += kDigits[b[i] >> 4];
+      aad += kDigits[b[i] & 15];
+    }
+  };
+  sqlite3_stmt* st = nullptr;
+  std::string error;
+  if (sqlite3_prepare_v2(h, "SELECT name, value FROM meta WHERE name != 'meta_tag' ORDER BY name",
+                         -1, &st, nullptr) != SQLITE_OK) {
+    error = std::string("cannot read the meta rows of ") + db + ": " + sqlite3_errmsg(h);
+  }
+  while (error.empty() && sqlite3_step(st) == SQLITE_ROW) {
+    aad += ';';
+    const void* name = sqlite3_column_blob(st, 0);
+    hex(name, sqlite3_column_bytes(st, 0));
+    aad += ':' + std::to_string(sqlite3_column_type(st, 1)) + ':';
+    const void* value = sqlite3_column_blob(st, 1);
+    hex(value, sqlite3_column_bytes(st, 1));
+  }
+  sqlite3_finalize(st);
+  st = nullptr;
+  const auto tag = store_gcm(true, node_key, aad, {});
+  if (error.empty() &&
+      (!tag ||
+       sqlite3_prepare_v2(h, "UPDATE meta SET value = ? WHERE name = 'meta_tag'", -1, &st,
+                          nullptr) != SQLITE_OK ||
+       sqlite3_bind_blob(st, 1, tag->data(), static_cast<int>(tag->size()), SQLITE_TRANSIENT) !=
+           SQLITE_OK ||
+       sqlite3_step(st) != SQLITE_DONE || sqlite3_changes(h) != 1)) {
+    error = std::string("cannot rewrite the meta tag of ") + db + ": " + sqlite3_errmsg(h);
   }
   sqlite3_finalize(st);
   sqlite3_close(h);
