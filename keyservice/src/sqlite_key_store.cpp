@@ -1158,30 +1158,25 @@ class SqliteJournal final : public detail::Journal {
         db_.write("UPDATE assigned SET sealed = ? WHERE key_id = ?", r.sealed, r.id);
       }
       keys = resealed.size();
-      std::vector<std::pair<std::uint64_t, Blob>> tags;
-      db_.run("SELECT ord, assignment FROM waiting", [&](sqlite3_stmt* st) {
-        tags.emplace_back(col_u64(st, 0),
-                          sealer_.seal(waiting_aad(epoch, col_u64(st, 0), col_text(st, 1)), {}));
-      });
-      for (const auto& [ord, tag] : tags) {
-        db_.write("UPDATE waiting SET tag = ? WHERE ord = ?", tag, ord);
-      }
-      tags.clear();
-      db_.run("SELECT seq, message FROM outbox", [&](sqlite3_stmt* st) {
-        tags.emplace_back(col_u64(st, 0),
-                          sealer_.seal(outbox_aad(epoch, col_u64(st, 0), col_blob(st, 1)), {}));
-      });
-      for (const auto& [seq, tag] : tags) {
-        db_.write("UPDATE outbox SET tag = ? WHERE seq = ?", tag, seq);
-      }
-      tags.clear();
-      db_.run("SELECT pool_end, t_ms FROM settled", [&](sqlite3_stmt* st) {
-        tags.emplace_back(col_u64(st, 0),
-                          sealer_.seal(settled_aad(epoch, col_u64(st, 0), col_u64(st, 1)), {}));
-      });
-      for (const auto& [end, tag] : tags) {
-        db_.write("UPDATE settled SET tag = ? WHERE pool_end = ?", tag, end);
-      }
+      // Each row of `select` (its key first) tagged over `aad` of it, written by `update`.
+      auto tag_rows = [&](const char* select, const char* update,
+                          const std::function<std::string(sqlite3_stmt*)>& aad) {
+        std::vector<std::pair<std::uint64_t, Blob>> tags;
+        db_.run(select, [&](sqlite3_stmt* st) {
+          tags.emplace_back(col_u64(st, 0), sealer_.seal(aad(st), {}));
+        });
+        for (const auto& [row, tag] : tags) {
+          db_.write(update, tag, row);
+        }
+      };
+      tag_rows("SELECT ord, assignment FROM waiting", "UPDATE waiting SET tag = ? WHERE ord = ?",
+               [&](sqlite3_stmt* st) { return waiting_aad(epoch, col_u64(st, 0), col_text(st, 1)); });
+      tag_rows("SELECT seq, message FROM outbox", "UPDATE outbox SET tag = ? WHERE seq = ?",
+               [&](sqlite3_stmt* st) { return outbox_aad(epoch, col_u64(st, 0), col_blob(st, 1)); });
+      tag_rows("SELECT pool_end, t_ms FROM settled",
+               "UPDATE settled SET tag = ? WHERE pool_end = ?", [&](sqlite3_stmt* st) {
+                 return settled_aad(epoch, col_u64(st, 0), col_u64(st, 1));
+               });
       db_.write("UPDATE meta SET value = ? WHERE name = 'format'", kFormat);
       db_.write("UPDATE meta SET value = ? WHERE name = 'key_check'",
                 sealer_.seal(kKeyCheckAad, key_check_text));

@@ -61,19 +61,8 @@ std::pair<int, std::string> check_config(const KmeNetwork& net, const json& cfg)
     std::ofstream f(path, std::ios::trunc);
     f << cfg.dump(2);
   }
-  const std::string cmd = fmt::format("'{}' --check-config --config '{}' 2>&1",
-                                      qkd::test::kms_binary(), path.string());
-  std::string out;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) {
-    return {-1, "popen failed"};
-  }
-  char buf[512];
-  while (std::fgets(buf, sizeof buf, p) != nullptr) {
-    out += buf;
-  }
-  const int st = ::pclose(p);
-  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
+  return qkd::test::run_command(fmt::format("'{}' --check-config --config '{}' 2>&1",
+                                            qkd::test::kms_binary(), path.string()));
 }
 
 json read_json(const std::filesystem::path& p) {

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <regex>
@@ -346,15 +347,8 @@ TEST(OpsTest, LockMemoryLocksTheKmesPages) {
       "setpriv --inh-caps=-ipc_lock --bounding-set=-ipc_lock prlimit --memlock=65536 '{}' "
       "--config '{}' 2>&1",
       qkd::test::kms_binary(), net->alice().config_file.string());
-  std::string out;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  char buf[512];
-  while (std::fgets(buf, sizeof buf, p) != nullptr) {
-    out += buf;
-  }
-  const int st = ::pclose(p);
-  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1) << out;
+  const auto [exit_code, out] = qkd::test::run_command(cmd);
+  EXPECT_EQ(exit_code, 1) << out;
   EXPECT_NE(out.find("lock_memory: RLIMIT_MEMLOCK is bounded"), std::string::npos) << out;
 }
 
@@ -418,42 +412,35 @@ TEST(OpsTest, AStoreOfAnEarlierFormatIsConvertedOnlyWhenAsked) {
   const std::string cmd = fmt::format("'{}' --config '{}' --convert-store 2>&1",
                                       qkd::test::kms_binary(),
                                       net->alice().config_file.string());
-  std::string out;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  char buf[512];
-  while (std::fgets(buf, sizeof buf, p) != nullptr) {
-    out += buf;
-  }
-  const int st = ::pclose(p);
-  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << out;
+  const auto [exit_code, out] = qkd::test::run_command(cmd);
+  EXPECT_EQ(exit_code, 0) << out;
   EXPECT_NE(out.find("converted to format 3"), std::string::npos) << out;
   EXPECT_NE(out.find("is in the current format"), std::string::npos) << out;
 
   ASSERT_TRUE(net->start_kme("alice-kme").ok()) << net->log_tail(net->alice(), 30);
-  auto bob = net->client(net->bob(), "bob");
-  HttpResponse d;
-  for (int i = 0; i < 100; ++i) {  // until the link is back (the keys' notices were sent)
-    auto got = bob.post("/api/v1/keys/alice/dec_keys", qkd::test::dec_body(ids));
-    ASSERT_TRUE(got.ok()) << got.error().message;
-    d = *got;
-    if (d.status == 200u) {
-      break;
+  // Each request again until it succeeds while the link's session comes back (10 s).
+  auto until_ok = [](const std::function<qkd::core::Result<HttpResponse>()>& call) {
+    HttpResponse last;
+    for (int i = 0; i < 100; ++i) {
+      auto got = call();
+      if (!got.ok()) {
+        last.body = got.error().message;
+        break;
+      }
+      last = *got;
+      if (last.status == 200u) {
+        break;
+      }
+      std::this_thread::sleep_for(100ms);
     }
-    std::this_thread::sleep_for(100ms);
-  }
+    return last;
+  };
+  auto bob = net->client(net->bob(), "bob");
+  const HttpResponse d =
+      until_ok([&] { return bob.post("/api/v1/keys/alice/dec_keys", qkd::test::dec_body(ids)); });
   EXPECT_EQ(d.status, 200u) << d.body;
   alice = net->client(net->alice(), "alice");
-  HttpResponse again;
-  for (int i = 0; i < 100; ++i) {  // until the link's session is back
-    auto got = alice.get("/api/v1/keys/bob/enc_keys?number=1");
-    ASSERT_TRUE(got.ok()) << got.error().message;
-    again = *got;
-    if (again.status == 200u) {
-      break;
-    }
-    std::this_thread::sleep_for(100ms);
-  }
+  const HttpResponse again = until_ok([&] { return alice.get("/api/v1/keys/bob/enc_keys?number=1"); });
   EXPECT_EQ(again.status, 200u) << again.body;
   // The converted pool is the one bob-kme holds: the link resumed it.
   EXPECT_NE(net->log_tail(net->alice(), 50).find("established (resume)"), std::string::npos)

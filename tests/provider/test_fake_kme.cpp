@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "app_errors.hpp"
 #include "fake_kme.hpp"
 #include "harness.hpp"
 #include "qkd/etsi/client.hpp"
@@ -173,22 +174,13 @@ TEST_F(FakeKmeTest, CallsLeaveTheApplicationsErrorsAndMarks) {
   });
   auto bob = client_for("bob", kme.url());
   ASSERT_TRUE(bob->enc_keys("alice", 1, 256).ok());  // connects; reads the session tickets
-  ERR_clear_error();
-  ERR_raise_data(ERR_LIB_USER, 41, "the application's, below its mark");
-  ASSERT_EQ(ERR_set_mark(), 1);
-  ERR_raise_data(ERR_LIB_USER, 42, "the application's, above its mark");
+  queue_application_errors();
   for (int i = 0; i < 2; ++i) {
     auto enc = bob->enc_keys("alice", 1, 256);
     ASSERT_TRUE(enc.ok()) << enc.error().message;
   }
   EXPECT_EQ(kme.connections(), 1);
-  EXPECT_EQ(ERR_GET_REASON(ERR_peek_last_error()), 42);
-  ASSERT_EQ(ERR_pop_to_mark(), 1);
-  EXPECT_EQ(ERR_GET_REASON(ERR_peek_last_error()), 41);
-  const unsigned long first = ERR_get_error();
-  EXPECT_EQ(ERR_GET_LIB(first), ERR_LIB_USER);
-  EXPECT_EQ(ERR_GET_REASON(first), 41);
-  EXPECT_EQ(ERR_get_error(), 0UL);
+  expect_only_application_errors();
   // A failed TLS handshake with errors queued before it still names its cause.
   auto cfg = config_for("bob", kme.url());
   cfg.ca_file = pki("alice.crt");  // not the CA

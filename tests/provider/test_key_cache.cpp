@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <map>
 #include <cstdio>
 #include <mutex>
@@ -877,6 +878,27 @@ TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
   EXPECT_EQ(ahead.client_id().value(), parent_id);
 }
 
+// Forks 40 children one after another (while the caller's threads go on), each running
+// `child` under a 5 s alarm; returns how many failed or were killed by the alarm (blocked).
+int children_that_fail(const std::function<bool()>& child) {
+  int bad = 0;
+  for (int i = 0; i < 40; ++i) {
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      return 40 - i;
+    }
+    if (pid == 0) {
+      ::alarm(5);
+      ::_exit(child() ? 0 : 1);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    bad += (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : 1;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return bad;
+}
+
 // fork() while other threads hold the caches' locks (or wait on the client's condition
 // variable): the child's first use must not block (pthread_atfork handlers take the locks
 // around fork()). Each child uses both caches under a 5 s alarm and reports (without the
@@ -915,22 +937,11 @@ TEST(ForkGuard, ChildrenForkedUnderLoadUseTheCachesWithoutBlocking) {
       (void)ahead.take("bob", a, {}, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec));
     }
   });
-  int bad = 0;
-  for (int i = 0; i < 40; ++i) {
-    const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      ::alarm(5);
-      FakeEnc child_enc;
-      const bool ok = cache.take("alice", nullptr, 32, Clock::now(), kNoDeadline, fetch_of(child_enc)).ok() &&
-                      ahead.held() == 0 && ahead.client_id().ok();
-      ::_exit(ok ? 0 : 1);
-    }
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    bad += (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : 1;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
+  const int bad = children_that_fail([&] {
+    FakeEnc child_enc;
+    return cache.take("alice", nullptr, 32, Clock::now(), kNoDeadline, fetch_of(child_enc)).ok() &&
+           ahead.held() == 0 && ahead.client_id().ok();
+  });
   stop = true;
   for (auto& t : load) {
     t.join();
@@ -958,21 +969,11 @@ TEST(ForkGuard, ChildrenForkedWhileTheProviderContextIsMadeDoNotBlock) {
       (void)prov.client(&failure);
     }
   });
-  int bad = 0;
-  for (int i = 0; i < 40; ++i) {
-    const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      ::alarm(5);
-      Failure failure;
-      auto id = prov.own_sae_id(&failure);
-      ::_exit(id.ok() && id.value() == "bob" ? 0 : 1);
-    }
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    bad += (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : 1;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
+  const int bad = children_that_fail([&] {
+    Failure failure;
+    auto id = prov.own_sae_id(&failure);
+    return id.ok() && id.value() == "bob";
+  });
   stop = true;
   load.join();
   EXPECT_EQ(bad, 0) << "children that blocked (killed by the alarm) or failed";

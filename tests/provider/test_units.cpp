@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "admission.hpp"
+#include "app_errors.hpp"
 #include "binding.hpp"
 #include "classical.hpp"
 #include "groups.hpp"
@@ -208,10 +209,7 @@ TEST(Classical, CachedMethodsServeManyCalls) {
 // drops libcrypto's errors, but only its own; the application's queued errors and its
 // ERR_set_mark mark stay (ERR_clear_error() used to wipe them).
 TEST(Classical, FailedStepsLeaveTheApplicationsErrorsAndMarks) {
-  ERR_clear_error();
-  ERR_raise_data(ERR_LIB_USER, 41, "the application's, below its mark");
-  ASSERT_EQ(ERR_set_mark(), 1);
-  ERR_raise_data(ERR_LIB_USER, 42, "the application's, above its mark");
+  qkd::test_prov::queue_application_errors();
   auto p = classical_generate(nullptr, Classical::kP256);
   ASSERT_TRUE(p.ok());
   Bytes off = classical_public(p->get(), Classical::kP256).value();
@@ -237,14 +235,7 @@ TEST(Classical, FailedStepsLeaveTheApplicationsErrorsAndMarks) {
   }
   OSSL_PROVIDER_unload(null_prov);
   OSSL_LIB_CTX_free(empty);
-  // Only the application's errors are left, in order, and its mark still works.
-  EXPECT_EQ(ERR_GET_REASON(ERR_peek_last_error()), 42);
-  ASSERT_EQ(ERR_pop_to_mark(), 1);
-  EXPECT_EQ(ERR_GET_REASON(ERR_peek_last_error()), 41);
-  const unsigned long first = ERR_get_error();
-  EXPECT_EQ(ERR_GET_LIB(first), ERR_LIB_USER);
-  EXPECT_EQ(ERR_GET_REASON(first), 41);
-  EXPECT_EQ(ERR_get_error(), 0UL);
+  qkd::test_prov::expect_only_application_errors();
 }
 
 TEST(GroupTable, NamesAndBits) {

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <fstream>
@@ -32,6 +33,20 @@ using qkd::core::make_error;
 using namespace std::chrono_literals;
 
 std::string kms_binary() { return QKD_TEST_KMS_BINARY; }
+
+std::pair<int, std::string> run_command(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) {
+    return {-1, "popen failed"};
+  }
+  char buf[512];
+  while (std::fgets(buf, sizeof buf, p) != nullptr) {
+    out += buf;
+  }
+  const int st = ::pclose(p);
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
+}
 std::filesystem::path source_dir() { return QKD_TEST_SOURCE_DIR; }
 
 namespace {

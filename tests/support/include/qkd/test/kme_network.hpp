@@ -27,6 +27,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <string_view>
 #include <vector>
 
@@ -132,6 +133,9 @@ class KmeNetwork {
 
 // Paths fixed at build time.
 [[nodiscard]] std::string kms_binary();            // $<TARGET_FILE:qkd-kms>
+// Runs a shell command (e.g. qkd-kms with a one-shot flag); its exit code (-1 when it did
+// not exit) and what it wrote to stdout (add 2>&1 for stderr).
+[[nodiscard]] std::pair<int, std::string> run_command(const std::string& cmd);
 [[nodiscard]] std::filesystem::path source_dir();  // the project's source tree
 
 }  // namespace qkd::test
