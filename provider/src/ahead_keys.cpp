@@ -296,7 +296,17 @@ Result<SecureBuf> AheadKeys::take(const std::string& master, const KeyId& key_id
     }
     return key;
   }
-  // Not held: one call for this key and the announced ones.
+  // Not held. With the operation's time already spent (on the wait above), no call is made:
+  // its keys would be consumed at the KME with no one to read the reply, and the announced
+  // ones taken for lost. They go to the worker instead, which has no deadline.
+  if (deadline && Clock::now() >= *deadline) {
+    if (!announced.empty()) {
+      enqueue_locked(master, announced, key_bytes, fetch);
+    }
+    return make_error(ErrorCode::kTimeout,
+                      "key_ID " + uuid_format(key_id) + ": no time left to fetch it");
+  }
+  // One call for this key and the announced ones.
   std::vector<KeyId> ids{key_id};
   const std::vector<KeyId> extra = claim_locked(master, announced, max_per_call_ - 1);
   ids.insert(ids.end(), extra.begin(), extra.end());

@@ -682,6 +682,36 @@ TEST(AheadKeys, CallsInLineEndByTheTakesDeadlineTheWorkersHaveNone) {
   EXPECT_FALSE(elsewhere[0].second.has_value());
 }
 
+// A take whose operation has no time left (spent waiting for another call) makes no call of
+// its own: keys fetched now would be consumed at the KME unread, and the announced ones
+// taken for lost. The announced key goes to the worker, which fetches it without a deadline.
+TEST(AheadKeys, NoCallOnceTheDeadlineHasPassed) {
+  FakeDec dec;
+  std::mutex mu;
+  std::vector<AheadKeys::Deadline> calls;
+  const AheadKeys::Fetch fetch = [&](const std::string& m, std::span<const std::string> ids,
+                                     AheadKeys::Deadline d) {
+    {
+      std::lock_guard lock(mu);
+      calls.push_back(d);
+    }
+    return dec(m, ids);
+  };
+  AheadKeys ahead;
+  const auto me = ahead.client_id().value();
+  const KeyId k1 = dec.add(1), k2 = dec.add(2);
+  const auto now = AheadKeys::Clock::now();
+  auto got = ahead.take("bob", k1, {k2}, me, 32, now, now - std::chrono::milliseconds(1), fetch);
+  ASSERT_FALSE(got.ok());
+  EXPECT_EQ(got.error().code, ErrorCode::kTimeout) << got.error().message;
+  ASSERT_TRUE(wait_until([&] { return ahead.held() == 1; })) << "the announced key was not fetched";
+  ahead.shutdown();
+  std::lock_guard lock(mu);
+  ASSERT_EQ(calls.size(), 1U) << "a call was made after the deadline";
+  EXPECT_FALSE(calls[0].has_value()) << "the announced key was fetched in line";
+  EXPECT_EQ(ahead.client_id().value(), me) << "the client_id was replaced";
+}
+
 // A take whose key another call is fetching waits for that call only until the operation's
 // deadline (it used to wait the full timeout, then make a call of its own with another).
 TEST(AheadKeys, AWaitForACallInFlightEndsByTheDeadline) {

@@ -253,6 +253,12 @@ Result<ClientImpl::Reply> ClientImpl::call(std::string_view method, const std::s
       }
       conn = std::move(opened).value();
     }
+    if (Clock::now() >= deadline) {  // opening the connection took what time was left
+      if (reused) {
+        give_back(std::move(conn));
+      }
+      return timed_out();
+    }
     bool keep_alive = false;
     auto reply = exchange(*conn, request, deadline, &keep_alive);
     if (!reply.ok()) {
