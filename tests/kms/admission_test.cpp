@@ -133,9 +133,8 @@ TEST(AdmissionTest, FloodingSaeIsRefusedWhileAnotherSaeIsServed) {
     } else {
       ASSERT_EQ(r->status, 200u) << r->body;
       EXPECT_EQ(key_count(*r), 10u);
-      const json body_json = r->json();
-      for (const auto& k : body_json.at("keys")) {
-        delivered_ids.push_back(k.at("key_ID").get<std::string>());
+      for (auto& id : qkd::test::key_ids(*r)) {
+        delivered_ids.push_back(std::move(id));
       }
       EXPECT_LE(i, 3) << "the budget (burst 20, 2 keys/s) should be spent after a few requests";
     }
@@ -164,9 +163,8 @@ TEST(AdmissionTest, FloodingSaeIsRefusedWhileAnotherSaeIsServed) {
       auto r = alice.get("/api/v1/keys/bob/enc_keys?number=10");
       ASSERT_TRUE(r.ok()) << r.error().message;
       if (r->status == 200) {
-        const json body_json = r->json();
-        for (const auto& k : body_json.at("keys")) {
-          delivered_ids.push_back(k.at("key_ID").get<std::string>());
+        for (auto& id : qkd::test::key_ids(*r)) {
+          delivered_ids.push_back(std::move(id));
         }
       }
     }
@@ -198,9 +196,8 @@ TEST(AdmissionTest, FloodingSaeIsRefusedWhileAnotherSaeIsServed) {
     ASSERT_TRUE(r->status == 200 || r->status == 503) << r->status << " " << r->body;
     if (r->status == 200) {
       served_again = true;
-      const json body_json = r->json();
-      for (const auto& k : body_json.at("keys")) {
-        delivered_ids.push_back(k.at("key_ID").get<std::string>());
+      for (auto& id : qkd::test::key_ids(*r)) {
+        delivered_ids.push_back(std::move(id));
       }
     }
   }
@@ -302,14 +299,6 @@ TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
     EXPECT_TRUE(r.ok()) << r.error().message;
     return r.ok() ? *r : HttpResponse{};
   };
-  auto ids_of = [](const HttpResponse& r) {
-    std::vector<std::string> ids;
-    const json j = r.json();
-    for (const auto& k : j.at("keys")) {
-      ids.push_back(k.at("key_ID").get<std::string>());
-    }
-    return ids;
-  };
   // Spend the alice -> bob budget (and alice -> carol's, with carol as additional slave).
   const std::string both = json{{"number", 10}, {"additional_slave_SAE_IDs", {"carol"}}}.dump();
   const HttpResponse first = enc(both);
@@ -321,7 +310,7 @@ TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
   ASSERT_EQ(enc(R"({"number": 10})").status, 503u) << "nothing fetched, nothing given back";
 
   // Bob fetches 10 keys at his KME: 10 tokens come back to alice -> bob, and no more.
-  auto d = bob.post("/api/v1/keys/alice/dec_keys", dec_body(ids_of(first)));
+  auto d = bob.post("/api/v1/keys/alice/dec_keys", dec_body(qkd::test::key_ids(first)));
   ASSERT_TRUE(d.ok()) << d.error().message;
   ASSERT_EQ(d->status, 200u) << d->body;
   const auto again = served_once_budget_is_back([&] { return enc(R"({"number": 10})"); });
@@ -338,7 +327,7 @@ TEST(AdmissionTest, FetchedKeysGiveTheirPairBudgetBack) {
   const HttpResponse before = dave_and_carol();
   ASSERT_EQ(before.status, 503u) << before.body;
   EXPECT_NE(message_of(before).find("\"alice\" -> \"carol\""), std::string::npos) << before.body;
-  auto c = carol.post("/api/v1/keys/alice/dec_keys", dec_body(ids_of(first)));
+  auto c = carol.post("/api/v1/keys/alice/dec_keys", dec_body(qkd::test::key_ids(first)));
   ASSERT_TRUE(c.ok()) << c.error().message;
   ASSERT_EQ(c->status, 200u) << c->body;
   const HttpResponse after = dave_and_carol();

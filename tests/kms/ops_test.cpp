@@ -384,11 +384,7 @@ TEST(OpsTest, AStoreOfAnEarlierFormatIsConvertedOnlyWhenAsked) {
   auto r = alice.get("/api/v1/keys/bob/enc_keys?number=2");
   ASSERT_TRUE(r.ok()) << r.error().message;
   ASSERT_EQ(r->status, 200u) << r->body;
-  std::vector<std::string> ids;
-  const json keys = r->json();
-  for (const auto& k : keys.at("keys")) {
-    ids.push_back(k.at("key_ID").get<std::string>());
-  }
+  const std::vector<std::string> ids = qkd::test::key_ids(*r);
   ASSERT_EQ(ids.size(), 2u);
   net->stop_kme("alice-kme");
   {
@@ -547,11 +543,8 @@ TEST(OpsTest, PoolLimitHoldsTheDirectionNobodyDrawsFrom) {
   auto enc = bob.get("/api/v1/keys/alice/enc_keys?number=10");
   ASSERT_TRUE(enc.ok()) << enc.error().message;
   ASSERT_EQ(enc->status, 200u) << enc->body;
-  std::vector<std::string> ids;
-  const json enc_json = enc->json();
-  for (const auto& k : enc_json.at("keys")) {
-    ids.push_back(k.at("key_ID").get<std::string>());
-  }
+  const std::vector<std::string> ids = qkd::test::key_ids(*enc);
+  ASSERT_EQ(ids.size(), 10u);
   auto dec = alice.post("/api/v1/keys/bob/dec_keys", qkd::test::dec_body(ids));
   ASSERT_TRUE(dec.ok()) << dec.error().message;
   ASSERT_EQ(dec->status, 200u) << dec->body;

@@ -139,22 +139,24 @@ int ssl_error_since(const SSL* ssl, int rc, const ErrorMark& mark) {
   if (const unsigned long e = mark.first(); e != 0) {
     return ERR_GET_LIB(e) == ERR_LIB_SYS ? SSL_ERROR_SYSCALL : SSL_ERROR_SSL;
   }
-  if (SSL_want_read(ssl)) {
-    BIO* bio = SSL_get_rbio(ssl);
-    if (BIO_should_read(bio)) {
-      return SSL_ERROR_WANT_READ;
+  // What the BIO waits for, `first` tried first (the direction libssl was going); 0: none.
+  const auto retry = [](BIO* bio, int first) {
+    const int second = first == SSL_ERROR_WANT_READ ? SSL_ERROR_WANT_WRITE : SSL_ERROR_WANT_READ;
+    for (const int want : {first, second}) {
+      if (want == SSL_ERROR_WANT_READ ? BIO_should_read(bio) : BIO_should_write(bio)) {
+        return want;
+      }
     }
-    if (BIO_should_write(bio)) {
-      return SSL_ERROR_WANT_WRITE;
+    return 0;
+  };
+  if (SSL_want_read(ssl)) {
+    if (const int want = retry(SSL_get_rbio(ssl), SSL_ERROR_WANT_READ); want != 0) {
+      return want;
     }
   }
   if (SSL_want_write(ssl)) {
-    BIO* bio = SSL_get_wbio(ssl);
-    if (BIO_should_write(bio)) {
-      return SSL_ERROR_WANT_WRITE;
-    }
-    if (BIO_should_read(bio)) {
-      return SSL_ERROR_WANT_READ;
+    if (const int want = retry(SSL_get_wbio(ssl), SSL_ERROR_WANT_WRITE); want != 0) {
+      return want;
     }
   }
   if ((SSL_get_shutdown(ssl) & SSL_RECEIVED_SHUTDOWN) != 0) {

@@ -41,6 +41,14 @@ std::vector<std::pair<std::string, KeyBytes>> key_list(const HttpResponse& r) {
   return out;
 }
 
+std::vector<std::string> key_ids(const HttpResponse& r) {
+  std::vector<std::string> out;
+  for (auto& [id, key] : key_list(r)) {
+    out.push_back(std::move(id));
+  }
+  return out;
+}
+
 std::map<std::string, KeyBytes> key_map(const HttpResponse& r) {
   std::map<std::string, KeyBytes> out;
   for (auto& [id, key] : key_list(r)) {

@@ -19,6 +19,8 @@ using KeyBytes = std::vector<std::uint8_t>;
 
 // The (key_ID, key bytes) pairs of a Key container, in order; empty if the body is not one.
 [[nodiscard]] std::vector<std::pair<std::string, KeyBytes>> key_list(const HttpResponse& r);
+// The key_IDs of a Key container, in order; empty if the body is not one.
+[[nodiscard]] std::vector<std::string> key_ids(const HttpResponse& r);
 // The same as a map key_ID -> bytes.
 [[nodiscard]] std::map<std::string, KeyBytes> key_map(const HttpResponse& r);
 
