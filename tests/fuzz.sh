@@ -5,7 +5,7 @@
 # the script with status 1. Not part of tests/run.sh, which replays fuzz/corpus/ in ctest.
 #
 # Usage: tests/fuzz.sh [SECONDS] [NAME...]   (names: etsi_api key_store store_file kms_config
-#        provider_wire core_detections; default all)
+#        provider_wire key_container core_detections; default all)
 #   FUZZ_MERGE=1 tests/fuzz.sh 600   also adds the inputs that reached new code to
 #                                    fuzz/corpus/ (minimised), for a later commit.
 set -euo pipefail
@@ -14,7 +14,7 @@ cd "$root"
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(etsi_api key_store store_file kms_config provider_wire core_detections)
+[ ${#targets[@]} -gt 0 ] || targets=(etsi_api key_store store_file kms_config provider_wire key_container core_detections)
 examples/install-deps.sh
 # clang and its libFuzzer and sanitizer runtimes.
 missing=()

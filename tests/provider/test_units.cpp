@@ -906,6 +906,67 @@ TEST(Json, KeyContainerRejects) {
   EXPECT_FALSE(parse_key_container(dup, 2, 4).ok());
 }
 
+// Escapes a conformant KME may use inside a key's base64 ("\/", "\u003d") decode as the
+// parser would; members named "key" elsewhere, and their values, are left as they were.
+TEST(Json, KeyContainerValuesWithEscapes) {
+  std::string body =
+      R"({"keys":[{"key_ID":"id-1","k\u0065y":"AAEC\/w\u003d\u003d","key_container_extension":)"
+      R"({"key":"not base64","note":{"key":[1,2]}}}],"key":7})";
+  auto keys = parse_key_container(body, 1, 4);
+  ASSERT_TRUE(keys.ok()) << keys.error().message;
+  EXPECT_EQ(keys->at(0).key[3], 0xff);
+  EXPECT_EQ(body.find_first_not_of('\0'), std::string::npos) << "the body is cleansed";
+
+  const auto scrubbed = scrub_key_values(
+      R"({"key" : "c2VjcmV0LWtleS1tYXJrZXI=", "a":{"key":"\u00e9"},"b":["key", "key"],"key":5})");
+  EXPECT_EQ(scrubbed.json, R"({"key" : "#0", "a":{"key":"\u00e9"},"b":["key", "key"],"key":5})");
+  ASSERT_EQ(scrubbed.values.size(), 1U);
+  EXPECT_EQ(std::string(scrubbed.values[0].data(),
+                        scrubbed.values[0].data() + scrubbed.values[0].size()),
+            std::string(kSecretMarker) + "=");
+  EXPECT_EQ(scrubbed_index("#0", 1), 0);
+  for (const char* no : {"#1", "#", "0", "#-1", "#0 ", "#00000000000000000000"}) {
+    EXPECT_EQ(scrubbed_index(no, 1), -1) << no;
+  }
+
+  // Not ASCII, or a bad escape: left for the parser, which refuses it or hands it back.
+  std::string accented = R"({"keys":[{"key_ID":"a","key":"AAEC\u00e9w=="}]})";
+  auto refused = parse_key_container(accented, 1, 0);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.error().message.find("base64"), std::string::npos) << refused.error().message;
+  std::string bad_escape = R"({"keys":[{"key_ID":"a","key":"AAEC\qw=="}]})";
+  refused = parse_key_container(bad_escape, 1, 0);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.error().message.find("not valid JSON"), std::string::npos);
+}
+
+// The JSON parser never sees a key's text, so none is left in the blocks it frees (its
+// token buffers are freed uncleansed), on success or failure.
+TEST(Json, KeyContainerLeavesNoKeyTextInFreedMemory) {
+  const std::string key = R"("c2VjcmV0LWtleS1tYXJrZXI=")";
+  const std::string pad(300, '.');
+  const std::string bodies[] = {
+      R"({"keys":[{"key_ID":"id-1","key":)" + key + R"(,"pad":")" + pad + R"("}]})",
+      R"({"keys":[{"key_ID":"id-1","key":)" + key + R"(},{"key_ID":"id-2","key":)" + key +
+          "}]}",
+      R"({"keys":[{"key_ID":"id-1","key":)" + key + R"(}],"extra":[)",  // truncated
+      R"({"keys":[{"key_ID":"id-1","key":)" + key + "}]}",                // fewer than asked
+  };
+  for (const std::size_t expected : {std::size_t{1}, std::size_t{2}}) {
+    for (const auto& b : bodies) {
+      std::string body = b;
+      marked_frees = 0;
+      watch_frees = true;
+      {
+        auto keys = parse_key_container(body, expected, 0);
+        (void)keys;
+      }
+      watch_frees = false;
+      EXPECT_EQ(marked_frees, 0) << expected << " " << b.substr(0, 60);
+    }
+  }
+}
+
 TEST(Json, StatusAndErrorMessage) {
   const std::string status =
       R"({"source_KME_ID":"a-kme","target_KME_ID":"b-kme","master_SAE_ID":"bob",

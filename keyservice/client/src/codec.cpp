@@ -430,38 +430,171 @@ Error bad_reply(std::string why) {
   return make_error(ErrorCode::kProtocol, std::move(why));
 }
 
-// Overwrites the string values named "key" in a parsed container before it is destroyed.
-void cleanse_json_keys(json& doc) {
-  if (!doc.is_object()) {
-    return;
-  }
-  auto it = doc.find("keys");
-  if (it == doc.end() || !it->is_array()) {
-    return;
-  }
-  for (auto& entry : *it) {
-    if (entry.is_object()) {
-      auto k = entry.find("key");
-      if (k != entry.end() && k->is_string()) {
-        auto& s = k->get_ref<std::string&>();
-        OPENSSL_cleanse(s.data(), s.size());
-      }
+}  // namespace
+
+namespace {
+
+constexpr std::size_t kNone = std::string_view::npos;
+
+// The index of the quote closing the JSON string that opens at text[open], or kNone.
+std::size_t string_end(std::string_view text, std::size_t open) {
+  for (std::size_t i = open + 1; i < text.size(); ++i) {
+    if (text[i] == '\\') {
+      ++i;
+    } else if (text[i] == '"') {
+      return i;
     }
   }
+  return kNone;
 }
 
-struct JsonCleanser {
-  json& doc;
-  ~JsonCleanser() { cleanse_json_keys(doc); }
-};
+std::size_t skip_ws(std::string_view text, std::size_t i) {
+  while (i < text.size() &&
+         (text[i] == ' ' || text[i] == '\t' || text[i] == '\n' || text[i] == '\r')) {
+    ++i;
+  }
+  return i;
+}
+
+int hex_digit(char c) {
+  if (c >= '0' && c <= '9') {
+    return c - '0';
+  }
+  if (c >= 'a' && c <= 'f') {
+    return c - 'a' + 10;
+  }
+  if (c >= 'A' && c <= 'F') {
+    return c - 'A' + 10;
+  }
+  return -1;
+}
+
+// Decodes the escapes of a JSON string's contents that stay within ASCII into `out` (at
+// least text.size() bytes); the decoded length, or kNone for anything else (see
+// ScrubbedKeys).
+std::size_t unescape_ascii(std::string_view text, std::uint8_t* out) {
+  std::size_t n = 0;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c < 0x20 || c >= 0x80) {
+      return kNone;
+    }
+    if (c != '\\') {
+      out[n++] = c;
+      continue;
+    }
+    if (++i == text.size()) {
+      return kNone;
+    }
+    switch (text[i]) {
+      case '"': case '\\': case '/': out[n++] = static_cast<std::uint8_t>(text[i]); break;
+      case 'b': out[n++] = '\b'; break;
+      case 'f': out[n++] = '\f'; break;
+      case 'n': out[n++] = '\n'; break;
+      case 'r': out[n++] = '\r'; break;
+      case 't': out[n++] = '\t'; break;
+      case 'u': {
+        if (text.size() - i <= 4) {
+          return kNone;
+        }
+        int code = 0;
+        for (std::size_t k = 1; k <= 4; ++k) {
+          const int d = hex_digit(text[i + k]);
+          if (d < 0) {
+            return kNone;
+          }
+          code = code * 16 + d;
+        }
+        if (code >= 0x80) {
+          return kNone;
+        }
+        out[n++] = static_cast<std::uint8_t>(code);
+        i += 4;
+        break;
+      }
+      default:
+        return kNone;
+    }
+  }
+  return n;
+}
+
+// Whether a member name's contents, escapes decoded, are "key".
+bool names_key(std::string_view name) {
+  std::uint8_t decoded[3 * 6];  // "key" with every character escaped is 18 long
+  if (name.size() > sizeof decoded) {
+    return false;
+  }
+  const std::size_t n = unescape_ascii(name, decoded);
+  return n == 3 && decoded[0] == 'k' && decoded[1] == 'e' && decoded[2] == 'y';
+}
 
 }  // namespace
 
+ScrubbedKeys scrub_key_values(std::string_view body) {
+  ScrubbedKeys out;
+  out.json.reserve(body.size());
+  std::size_t i = 0;
+  while (i < body.size()) {
+    if (body[i] != '"') {
+      out.json += body[i++];
+      continue;
+    }
+    const std::size_t close = string_end(body, i);
+    if (close == kNone) {  // not JSON; the parser will say so
+      out.json.append(body.substr(i));
+      break;
+    }
+    const std::size_t colon = skip_ws(body, close + 1);
+    const bool is_key_name = colon < body.size() && body[colon] == ':' &&
+                             names_key(body.substr(i + 1, close - i - 1));
+    if (!is_key_name) {
+      out.json.append(body.substr(i, close + 1 - i));
+      i = close + 1;
+      continue;
+    }
+    const std::size_t value = skip_ws(body, colon + 1);
+    out.json.append(body.substr(i, value - i));  // the name, ':' and the blanks around it
+    i = value;
+    if (value == body.size() || body[value] != '"') {
+      continue;
+    }
+    const std::size_t value_close = string_end(body, value);
+    if (value_close == kNone) {
+      continue;
+    }
+    const std::string_view text = body.substr(value + 1, value_close - value - 1);
+    SecureBytes decoded(text.size());
+    const std::size_t n = unescape_ascii(text, decoded.data());
+    if (n == kNone) {
+      continue;  // copied as it is, on the next turn
+    }
+    decoded.resize(n);
+    out.json += "\"#" + std::to_string(out.values.size()) + '"';
+    out.values.push_back(std::move(decoded));
+    i = value_close + 1;
+  }
+  return out;
+}
+
+long scrubbed_index(std::string_view text, std::size_t count) {
+  if (text.size() < 2 || text.size() > 12 || text[0] != '#') {
+    return -1;
+  }
+  long index = 0;
+  const auto [end, ec] = std::from_chars(text.data() + 1, text.data() + text.size(), index);
+  if (ec != std::errc{} || end != text.data() + text.size() || index < 0 ||
+      static_cast<std::size_t>(index) >= count) {
+    return -1;
+  }
+  return index;
+}
+
 Result<std::vector<Key>> parse_key_container(std::string& body, std::size_t expected,
                                              std::size_t key_bytes) {
-  json doc = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  const ScrubbedKeys scrubbed = scrub_key_values(body);
   OPENSSL_cleanse(body.data(), body.size());
-  JsonCleanser cleanser{doc};
+  const json doc = json::parse(scrubbed.json, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded()) {
     return bad_reply("key container is not valid JSON");
   }
@@ -479,7 +612,7 @@ Result<std::vector<Key>> parse_key_container(std::string& body, std::size_t expe
   std::vector<Key> out;
   out.reserve(expected);
   std::set<std::string> seen;
-  for (auto& entry : *keys) {
+  for (const auto& entry : *keys) {
     if (!entry.is_object()) {
       return bad_reply("a key entry is not an object");
     }
@@ -496,7 +629,14 @@ Result<std::vector<Key>> parse_key_container(std::string& body, std::size_t expe
     if (!seen.insert(k.key_id).second) {
       return bad_reply("key_ID " + k.key_id + " appears twice");
     }
-    auto decoded = base64_decode_strict(key->get_ref<const std::string&>());
+    // A value left in place is no base64, and fails as such.
+    const std::string& text = key->get_ref<const std::string&>();
+    const long index = scrubbed_index(text, scrubbed.values.size());
+    const std::string_view value =
+        index < 0 ? std::string_view(text)
+                  : std::string_view(reinterpret_cast<const char*>(scrubbed.values[index].data()),
+                                     scrubbed.values[index].size());
+    auto decoded = base64_decode_strict(value);
     if (!decoded.ok()) {
       return bad_reply("key " + k.key_id + ": " + decoded.error().message);
     }

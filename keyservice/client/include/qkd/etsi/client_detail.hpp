@@ -82,6 +82,22 @@ class ResponseParser {
   std::size_t remaining_ = 0;  // body or chunk bytes still expected
 };
 
+// A key container with the text of every string value of a member named "key" (at any
+// depth) moved out into `values` and replaced by "#<index into values>", so that a JSON
+// parser, whose own token buffers are freed uncleansed, never sees a key. `values` hold the
+// texts with their JSON escapes decoded. A value that is not ASCII (a raw byte >= 0x80 or
+// a \u escape above U+007F), or that holds a bad escape or a raw control character, is left
+// in place: it cannot be base64, and the parser judges it as it would have. So the
+// scrubbed text is valid JSON exactly when `body` is, and puts the values back, it parses
+// to the same document.
+struct ScrubbedKeys {
+  std::string json;
+  std::vector<qkd::core::SecureBytes> values;
+};
+[[nodiscard]] ScrubbedKeys scrub_key_values(std::string_view body);
+// The index that a scrubbed value's placeholder names, or -1 when `text` is no placeholder.
+[[nodiscard]] long scrubbed_index(std::string_view text, std::size_t count);
+
 // Decoders of 200 reply bodies. `expected` is the number of keys asked for; key_IDs must
 // be non-empty and distinct; each key must decode to `key_bytes` bytes when key_bytes != 0.
 [[nodiscard]] Result<std::vector<Key>> parse_key_container(std::string& body,
