@@ -264,6 +264,7 @@ qkd::core::ChannelParams parse_channel(ObjectReader& link) {
   r.optional_number("dark_count_prob", c.dark_count_prob, 0, 1);
   r.optional_number("misalignment", c.misalignment, 0, 0.5);
   r.optional_number("eve_intercept_fraction", c.eve_intercept_fraction, 0, 1);
+  r.optional_number("eve_z_basis_prob", c.eve_z_basis_prob, 0, 1);
   r.optional_number("pulse_rate_hz", c.pulse_rate_hz, 1, 1e12);
   if (r.has("source")) {
     const std::string src = r.string("source");

@@ -53,6 +53,9 @@ Status validate(const ChannelParams& p) {
   if (!in(p.eve_intercept_fraction, 0.0, 1.0)) {
     return bad("eve_intercept_fraction", "must be in [0, 1]");
   }
+  if (!in(p.eve_z_basis_prob, 0.0, 1.0)) {
+    return bad("eve_z_basis_prob", "must be in [0, 1]");
+  }
   if (!in(p.pulse_rate_hz, 0.0, 1e15) || p.pulse_rate_hz <= 0.0) {
     return bad("pulse_rate_hz", "must be positive");
   }

@@ -300,6 +300,8 @@ ChannelTheory channel_theory(const ChannelParams& p) {
   const double ed = p.misalignment;
   // An intercepted photon is in Eve's basis: with prob 1/2 Alice's (then only the
   // misalignment errs), with prob 1/2 the other one (then Bob's sifted result is random).
+  // (1/2 whatever Eve's basis choice, averaged over Alice's two bases with equal weight;
+  // a biased basis choice against a biased Eve gives each basis its own error rate.)
   const double photon_error = (1.0 - f) * ed + f * (0.5 * ed + 0.25);
   const std::array<double, 3> mus{p.mu_signal, p.mu_decoy, p.mu_vacuum};
   const std::array<double, 3> probs =
@@ -459,12 +461,14 @@ inline void push_secret(std::vector<AliceState>& v, const AliceState& s) {
   return n;
 }
 
-// A photon clicked: Eve's intercept-resend (with probability `eve`) and the misalignment
-// act on the state Alice sent, and the event records what Bob measured.
-[[gnu::always_inline]] inline void measure_photon(Xoshiro256ss& rng, double eve, double misalign,
-                                                  AliceState s, DetectionEvent& ev) {
+// A photon clicked: Eve's intercept-resend (with probability `eve`, measuring in Z with
+// probability `eve_z`) and the misalignment act on the state Alice sent, and the event
+// records what Bob measured. Basis false is Z.
+[[gnu::always_inline]] inline void measure_photon(Xoshiro256ss& rng, double eve, double eve_z,
+                                                  double misalign, AliceState s,
+                                                  DetectionEvent& ev) {
   if (eve > 0.0 && rng.bernoulli(eve)) {
-    const bool eve_basis = rng.bit();
+    const bool eve_basis = eve_z == 0.5 ? rng.bit() : !rng.bernoulli(eve_z);
     const bool eve_bit = (eve_basis == s.basis) ? s.bit : rng.bit();
     s.bit = eve_bit;
     s.basis = eve_basis;
@@ -484,6 +488,7 @@ struct DecideTables {
   std::array<double, 3> accept{};
   bool single = false;
   double eve = 0.0;
+  double eve_z = 0.5;
   double misalign = 0.0;
 };
 
@@ -517,7 +522,7 @@ void decide_batch(const DecideTables& t, std::span<const std::uint64_t> cand,
     ev.pulse = cand[j] & DetectionEvent::kMaxPulse;
     if (photon) {
       truth.photon_clicks[k] += 1;
-      measure_photon(rng, t.eve, t.misalign, s, ev);
+      measure_photon(rng, t.eve, t.eve_z, t.misalign, s, ev);
     } else {
       ev.dark = 1U;
     }
@@ -618,6 +623,7 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
   DecideTables decide;
   decide.single = single;
   decide.eve = eve;
+  decide.eve_z = params_.eve_z_basis_prob;
   decide.misalign = misalign;
   static constexpr std::array<double, kMaxPhotons + 1> kNoTable{};  // classes never kept
   for (std::size_t k = 0; k < 3; ++k) {
@@ -697,7 +703,7 @@ void ChannelSimulator::run(std::vector<DetectionEvent>& out, AlicePrf& prf,
       ev.pulse = cand[j] & DetectionEvent::kMaxPulse;
       if (photon) {
         truth.photon_clicks[k] += 1;
-        measure_photon(rng, eve, misalign, s, ev);
+        measure_photon(rng, eve, params_.eve_z_basis_prob, misalign, s, ev);
       } else {
         ev.dark = 1U;
       }

@@ -259,8 +259,33 @@ std::optional<std::string> estimation_abort(std::uint64_t sample_bits,
 std::optional<std::string> estimation_abort(const BlockStatistics& stats,
                                             std::uint64_t reconciled_bits,
                                             const ProtocolParams& p) {
-  return estimation_abort(stats.sample_bits, stats.sample_errors, reconciled_bits, p.qber_abort,
-                          p.confidence_sd);
+  if (auto why = estimation_abort(stats.sample_bits, stats.sample_errors, reconciled_bits,
+                                  p.qber_abort, p.confidence_sd)) {
+    return why;
+  }
+  if (stats.z_basis_prob <= 0.5) {
+    return std::nullopt;
+  }
+  // Biased: the key basis's error rate does not show an attack on that basis alone; the
+  // X basis (the test set) must pass the same test (phase_error()).
+  const PhaseErrorEstimate phase = phase_error(stats);
+  if (stats.test_sifted[0] < kMinSampleBits) {
+    return "too few X-basis bits: " + std::to_string(stats.test_sifted[0]) +
+           " cannot estimate the phase error (need " + std::to_string(kMinSampleBits) + ")";
+  }
+  const double upper = p.confidence_sd > 0.0 ? phase.upper : phase.rate;
+  if (upper > p.qber_abort) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf),
+                  "X-basis error rate %.2f %% (upper bound %.2f %%) above %.2f %%: the key "
+                  "basis's %.2f %% does not show it",
+                  100.0 * phase.rate, 100.0 * upper, 100.0 * p.qber_abort,
+                  100.0 * (stats.sample_bits > 0 ? static_cast<double>(stats.sample_errors) /
+                                                       static_cast<double>(stats.sample_bits)
+                                                 : 0.0));
+    return std::string(buf);
+  }
+  return std::nullopt;
 }
 
 BitVector mandatory_disclosure(const SiftedInfo& info, bool biased) {

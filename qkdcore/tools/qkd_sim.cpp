@@ -491,6 +491,10 @@ int main(int argc, char** argv) {
   app.add_option("--eve-fraction", ch.eve_intercept_fraction,
                  "intercept-resend on this fraction of pulses [0..1]")
       ->capture_default_str();
+  app.add_option("--eve-z-basis-prob", ch.eve_z_basis_prob,
+                 "probability that Eve measures an intercepted photon in Z [0..1] (0.5: "
+                 "either basis; 1: the attack on a biased basis choice)")
+      ->capture_default_str();
   app.add_flag("--eve-pns", ch.eve_photon_number_splitting,
                "photon-number-splitting eavesdropper on multi-photon pulses (wcp)");
   app.add_flag("--fiber-cut", ch.fiber_cut, "the fiber is cut: only dark counts reach Bob");
@@ -736,6 +740,7 @@ int main(int argc, char** argv) {
                        {"prob_decoy", ch.prob_decoy},
                        {"prob_vacuum", ch.prob_vacuum},
                        {"eve_intercept_fraction", ch.eve_intercept_fraction},
+                       {"eve_z_basis_prob", ch.eve_z_basis_prob},
                        {"eve_pns", ch.eve_photon_number_splitting},
                        {"fiber_cut", ch.fiber_cut},
                        {"pulse_rate_hz", ch.pulse_rate_hz},

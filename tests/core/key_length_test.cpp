@@ -156,6 +156,36 @@ TEST(BlockBounds, DefenseFunctionsNamedAndOrdered) {
   EXPECT_LT(block_key_length(s).bits, b.bits);
 }
 
+// Biased basis choice: the key is Z alone, so the phase error comes from the X basis (the
+// test set). Z at 1 % with X at 50 % (Eve measuring in Z) leaves no key under any bound;
+// X at 1 % as well leaves the key Z's 1 % allows.
+TEST(BlockBounds, BiasedBasisTakesThePhaseErrorFromTheXBasis) {
+  for (const KeyBound b : {KeyBound::kAsymptotic, KeyBound::kFiniteSingle, KeyBound::kBennett92,
+                           KeyBound::kSlutsky98}) {
+    BlockStatistics s = single_photon_block(b);
+    s.z_basis_prob = 0.9;
+    s.sample_bits = 100'000;
+    s.sample_errors = 1'000;
+    s.key_bits = 900'000;
+    s.leaked_bits = 100'000;
+    s.key_basis_sifted = {1'000'000, 0, 0};
+    s.test_sifted = {12'345, 0, 0};
+    s.test_errors = {6'172, 0, 0};
+    const PhaseErrorEstimate phase = phase_error(s);
+    EXPECT_DOUBLE_EQ(phase.bits, 12'345.0);
+    EXPECT_NEAR(phase.rate, 0.5, 1e-3);
+    EXPECT_EQ(block_key_length(s).bits, 0U) << key_bound_name(b);
+    EXPECT_GE(block_key_length(s).e1_upper, 0.49) << key_bound_name(b);
+
+    s.test_errors = {123, 0, 0};
+    EXPECT_GT(block_key_length(s).bits, 100'000U) << key_bound_name(b);
+    s.test_sifted = {0, 0, 0};
+    s.test_errors = {0, 0, 0};
+    EXPECT_EQ(block_key_length(s).bits, 0U) << key_bound_name(b);
+    EXPECT_FALSE(block_key_length(s).note.empty());
+  }
+}
+
 TEST(BlockBounds, DecoyBoundNeedsDecoys) {
   const KeyLengthResult r = block_key_length(single_photon_block(KeyBound::kDecoyAsymptotic));
   EXPECT_EQ(r.bits, 0U);

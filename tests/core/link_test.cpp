@@ -235,6 +235,52 @@ TEST(Link, InterceptResendMakesEveryBlockAbort) {
   }
 }
 
+// Efficient BB84 (Z chosen with probability 0.9, key from Z alone) against an Eve who
+// measures every photon in Z and resends what she saw: the Z basis keeps its ~1 % error
+// rate and Eve knows every Z bit; only the X basis (the test set) shows her, at ~50 %.
+// Every block must abort on it, under the default (asymptotic) bound as under the others.
+TEST(Link, InterceptResendInZAloneIsCaughtByTheXBasis) {
+  for (const double eve_z : {1.0, 0.5}) {
+    auto q = make_memory_transport_pair();
+    auto c = make_memory_transport_pair();
+    ChannelParams ch;
+    ch.eve_intercept_fraction = 1.0;
+    ch.eve_z_basis_prob = eve_z;
+    ProtocolParams pp = small_params();
+    pp.pulses_per_block = 4'000'000;  // ~1,600 X-basis bits, Z sample ~15,000
+    pp.z_basis_prob = 0.9;
+    AliceEndpoint alice(ch, pp, kPsk, 7, *q.a, *c.a);
+    BobEndpoint bob(pp, kPsk, 8, *q.b, *c.b);
+    for (int i = 0; i < 2; ++i) {
+      auto r = run_pair(alice, bob);
+      ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
+      ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
+      expect_same_result(*r.alice, *r.bob);
+      EXPECT_TRUE(r.alice->aborted) << "eve_z " << eve_z << ", QBER " << r.alice->qber;
+      if (eve_z == 1.0) {
+        EXPECT_LT(r.alice->qber, pp.qber_abort) << "the key basis does not show Eve";
+        EXPECT_NE(r.alice->abort_reason.find("X-basis"), std::string::npos)
+            << r.alice->abort_reason;
+      }
+      EXPECT_EQ(r.alice->secret_bits, 0U);
+      EXPECT_TRUE(r.alice->key.empty());
+    }
+  }
+  // Without Eve the same link gives key.
+  auto q = make_memory_transport_pair();
+  auto c = make_memory_transport_pair();
+  ProtocolParams pp = small_params();
+  pp.pulses_per_block = 4'000'000;
+  pp.z_basis_prob = 0.9;
+  AliceEndpoint alice(ChannelParams{}, pp, kPsk, 9, *q.a, *c.a);
+  BobEndpoint bob(pp, kPsk, 10, *q.b, *c.b);
+  auto r = run_pair(alice, bob);
+  ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
+  ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
+  EXPECT_FALSE(r.alice->aborted) << r.alice->abort_reason;
+  EXPECT_GT(r.alice->secret_bits, 0U);
+}
+
 TEST(Link, TooFewDetectionsAbortsCleanly) {
   auto q = make_memory_transport_pair();
   auto c = make_memory_transport_pair();

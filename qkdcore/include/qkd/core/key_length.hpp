@@ -134,6 +134,19 @@ struct DecoyEstimate {
                                            const std::array<std::uint64_t, 3>& errors,
                                            double pulses_in_set, double eps);
 
+// The phase-error rate of a block's key as its test set measures it: the QBER sample when
+// both bases give key; the signal class's X-basis bits (all disclosed) when the basis
+// choice is biased, since an attack on Z alone does not raise Z's error rate. Used by every
+// bound but the decoy ones (which estimate the single-photon phase error from the same
+// set) and by the abort test.
+struct PhaseErrorEstimate {
+  double bits = 0.0;           // size of the set it was measured on
+  std::uint64_t errors = 0;
+  double rate = 0.0;           // errors / bits (0 when the set is empty)
+  double upper = 0.0;          // upper confidence bound (confidence_sd standard deviations)
+};
+[[nodiscard]] PhaseErrorEstimate phase_error(const BlockStatistics& s);
+
 // The key length of a block under s.bound. Both ends call it with the same numbers.
 [[nodiscard]] KeyLengthResult block_key_length(const BlockStatistics& s);
 

@@ -77,6 +77,10 @@ struct ChannelParams {
   // over a lossless line, forwarding just enough of them that the signal gain is what Bob
   // expects. Adds no errors; only a decoy analysis reveals it.
   bool eve_photon_number_splitting = false;
+  // Eve's probability of measuring an intercepted photon in Z (0..1; 0.5 = either basis at
+  // random). 1 is the attack on efficient BB84 (z_basis_prob > 0.5): it leaves the Z
+  // basis's error rate alone and shows only in X.
+  double eve_z_basis_prob = 0.5;
   // --- added with the detector dead time and afterpulsing (defaults: off, results
   // bit-identical to before). Detector properties: they stay on Alice's simulated side. ---
   // After every click the detector is blind for ceil(dead_time_ns * 1e-9 * pulse_rate_hz)
