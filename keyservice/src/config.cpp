@@ -238,6 +238,7 @@ KeysConfig parse_keys(ObjectReader& top) {
   r.optional_uint("max_key_per_request", k.max_key_per_request, 1, 100000);
   r.optional_uint("max_key_count", k.max_key_count, 1, 1'000'000'000);
   r.optional_uint("dec_wait_ms", k.dec_wait_ms, 0, 600'000);
+  r.optional_uint("max_unfetched_per_pair", k.max_unfetched_per_pair, 0, 100'000'000);
   // keys.max_age_s: 0 = keys never expire; else 1 s .. 1 year.
   if (r.has("max_age_s")) {
     k.max_age_s = static_cast<std::uint32_t>(r.unsigned_int("max_age_s", 0, 31'536'000));

@@ -227,8 +227,8 @@ class JournaledStore final : public KeyStore {
     const auto now = std::chrono::system_clock::now();
     for (auto& k : st.assigned) {
       record_times_.emplace_back(now, k.key_id);
-      records_.emplace(k.key_id, AssignedKey{std::move(k.key), std::move(k.master),
-                                             std::move(k.slaves), std::move(k.fetched), now});
+      add_record_locked(k.key_id, AssignedKey{std::move(k.key), std::move(k.master),
+                                              std::move(k.slaves), std::move(k.fetched), now});
     }
     settle_.assign(st.settled.begin(), st.settled.end());
     for (auto& u : st.used_ids) {
@@ -595,6 +595,11 @@ class JournaledStore final : public KeyStore {
     (void)durable(ticket);
   }
 
+  void set_max_unfetched(std::uint64_t keys) override {
+    std::lock_guard lock(mu_);
+    max_unfetched_ = keys;
+  }
+
   void set_pool_limit(std::uint64_t own_bytes) override {
     std::lock_guard lock(mu_);
     pool_limit_ = own_bytes;
@@ -716,6 +721,7 @@ class JournaledStore final : public KeyStore {
           }
           continue;
         }
+        forget_record_locked(it->second);
         auto node = records_.extract(it);
         out.push_back(DeliveredKey{id, std::move(node.mapped().key)});
         if (journal_) {
@@ -785,6 +791,7 @@ class JournaledStore final : public KeyStore {
     st.peer_available_bytes =
         direction_bytes(committed_, peer) - streams_[static_cast<int>(peer)].cursor();
     st.assigned_keys_waiting = records_.size();
+    st.assigned_keys_evicted = evicted_;
     st.pending_notices = pending_.size();
     for (const auto& [id, r] : reserves_) {
       st.prepared_keys += r.size();
@@ -1194,7 +1201,7 @@ class JournaledStore final : public KeyStore {
       }
       wake_waiters_locked(a.key_id);
       pending_ids_.erase(a.key_id);
-      records_.emplace(std::move(a.key_id), std::move(rec));
+      add_record_locked(std::move(a.key_id), std::move(rec));
       pending_.pop_front();
     }
     for (int d = 0; d < 2; ++d) {
@@ -1214,6 +1221,7 @@ class JournaledStore final : public KeyStore {
         it->second.slaves != a.slave_saes || !it->second.fetched.empty()) {
       return;
     }
+    forget_record_locked(it->second);
     records_.erase(it);  // SecureBytes cleanses the key
     if (journal_) {
       journal_->drop_assigned(a.key_id);
@@ -1238,7 +1246,7 @@ class JournaledStore final : public KeyStore {
       journal_->put_assigned(detail::StoredKey{id, rec.master, rec.slaves, rec.key, {}});
     }
     wake_waiters_locked(id);
-    records_.emplace(id, std::move(rec));
+    add_record_locked(id, std::move(rec));
   }
 
   // Hands an allocation's (or expiry's) assignments to the listener and the notice encoder;
@@ -1325,6 +1333,7 @@ class JournaledStore final : public KeyStore {
       auto it = records_.find(id);
       if (it != records_.end() && it->second.received == t) {
         remember_used_locked(id, it->second.master, it->second.slaves);
+        forget_record_locked(it->second);
         records_.erase(it);  // SecureBytes cleanses the key
         if (journal_) {
           journal_->drop_assigned(id);
@@ -1398,6 +1407,59 @@ class JournaledStore final : public KeyStore {
     return idx;
   }
 
+  // --- keys.max_unfetched_per_pair ---
+  static std::string pair_key(const AssignedKey& r) {
+    std::string k = r.master;
+    for (const auto& slave : r.slaves) {
+      k += '\0';
+      k += slave;
+    }
+    return k;
+  }
+
+  // Every record of records_ is made here, and counted for its (master, slaves); once
+  // that pair holds more than max_unfetched_ records, its oldest go (as expired ones do).
+  void add_record_locked(std::string id, AssignedKey rec) {
+    const std::string key = pair_key(rec);
+    PairRecords& p = pair_records_[key];
+    p.order.push_back(id);
+    ++p.live;
+    records_.emplace(std::move(id), std::move(rec));
+    while (!p.order.empty()) {
+      auto it = records_.find(p.order.front());
+      if (it == records_.end() || pair_key(it->second) != key) {
+        p.order.pop_front();  // gone since (fetched, expired, withdrawn)
+        continue;
+      }
+      if (max_unfetched_ == 0 || p.live <= max_unfetched_) {
+        break;
+      }
+      remember_used_locked(it->first, it->second.master, it->second.slaves);
+      if (journal_) {
+        journal_->drop_assigned(it->first);
+      }
+      records_.erase(it);  // SecureBytes cleanses the key
+      --p.live;
+      ++evicted_;
+      p.order.pop_front();
+    }
+    // Entries of records gone since that sit behind an old one still here.
+    if (p.order.size() > 2 * p.live + 1024) {
+      std::erase_if(p.order, [&](const std::string& i) {
+        auto it = records_.find(i);
+        return it == records_.end() || pair_key(it->second) != key;
+      });
+    }
+  }
+
+  // Every record leaves records_ after this (the record itself still in place).
+  void forget_record_locked(const AssignedKey& r) {
+    auto p = pair_records_.find(pair_key(r));
+    if (p != pair_records_.end() && --p->second.live == 0) {
+      pair_records_.erase(p);
+    }
+  }
+
   void remember_used_locked(const std::string& id, const std::string& master,
                             const std::vector<std::string>& slaves) {
     std::vector<std::string> owners;
@@ -1445,6 +1507,15 @@ class JournaledStore final : public KeyStore {
   // (arrival, key_ID) of peer-assigned keys, in arrival order (entries of keys fetched
   // meanwhile are skipped).
   std::deque<std::pair<std::chrono::system_clock::time_point, std::string>> record_times_;
+  // Per (master, slaves) of records_ (pair_key): their key_IDs in the order they were made
+  // (entries of records gone since are skipped) and how many exist (set_max_unfetched).
+  struct PairRecords {
+    std::deque<std::string> order;
+    std::uint64_t live = 0;
+  };
+  std::unordered_map<std::string, PairRecords> pair_records_;
+  std::uint64_t max_unfetched_ = 0;
+  std::uint64_t evicted_ = 0;  // records dropped by max_unfetched_
 };
 
 }  // namespace

@@ -1037,6 +1037,7 @@ LinkService::LinkService(const Config& config, KeyStore& store, boost::asio::io_
       [im](const std::vector<KeyAssignment>& as) { return im->on_assignments(as); },
       [im](std::uint64_t seq) { im->on_durable(seq); });
   store.set_max_age(std::chrono::seconds(config.keys.max_age_s));
+  store.set_max_unfetched(config.keys.max_unfetched_per_pair);
   store.set_pool_limit(config.keys.max_key_count * (config.keys.key_size / 8));
 }
 

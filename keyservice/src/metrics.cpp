@@ -151,6 +151,11 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link,
          "Keys the peer assigned to SAEs here, not yet fetched by dec_keys.");
   fmt::format_to(o, "qkd_kms_assigned_keys_waiting{{peer_kme_id=\"{}\"}} {}\n", peer,
                  store.assigned_keys_waiting);
+  header(out, "qkd_kms_assigned_keys_evicted_total", "counter",
+         "Keys assigned to SAEs here and dropped unfetched because their SAE pair held "
+         "keys.max_unfetched_per_pair (since the KME started).");
+  fmt::format_to(o, "qkd_kms_assigned_keys_evicted_total{{peer_kme_id=\"{}\"}} {}\n", peer,
+                 store.assigned_keys_evicted);
   header(out, "qkd_kms_prepared_keys", "gauge",
          "Keys allocated here ahead of enc_keys (store.prepared_keys), announced to the peer "
          "and not yet handed out.");

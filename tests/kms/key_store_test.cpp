@@ -318,6 +318,38 @@ TEST(KeyStore, ExpiredKeysAreDiscardedOnBothEnds) {
 // holds that much its owner discards the oldest bytes above the limit, the peer drops the
 // same bytes by the discard notice, and keys allocated afterwards are the same on both ends.
 // Less than twice the limit is left alone.
+// keys.max_unfetched_per_pair: keys nobody fetches (a flood of enc_keys naming a slave
+// that never calls dec_keys) stay bounded per (master, slaves); the oldest go, and are
+// "not found", while other pairs and keys fetched in time are untouched.
+TEST(KeyStore, UnfetchedKeysAreBoundedPerPair) {
+  Pair p(pattern(1024, 3));
+  p.bob->set_max_unfetched(3);
+  const auto flood = ids_of(p.allocate_and_notify({"bob"}, 5, 16));
+  ASSERT_EQ(flood.size(), 5u);
+  const auto other = ids_of(p.allocate_and_notify({"carol"}, 2, 16));
+  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 5u);  // 3 of the flood, carol's 2
+  EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 2u);
+  for (std::size_t i = 0; i < 2; ++i) {
+    auto gone = p.bob->take("bob", "alice", {flood[i]}, 0ms);
+    ASSERT_FALSE(gone.ok());
+    EXPECT_EQ(gone.error().code, ErrorCode::kInvalidArgument);
+  }
+  // A fetched key makes room: the next one drops nothing.
+  ASSERT_TRUE(p.bob->take("bob", "alice", {flood[2]}, 0ms).ok());
+  const auto next = ids_of(p.allocate_and_notify({"bob"}, 1, 16));
+  EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 2u);
+  for (const auto& id : {flood[3], flood[4], next[0]}) {
+    EXPECT_TRUE(p.bob->take("bob", "alice", {id}, 0ms).ok()) << id;
+  }
+  EXPECT_TRUE(p.bob->take("carol", "alice", other, 0ms).ok());
+  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 0u);
+  // 0: no limit.
+  p.bob->set_max_unfetched(0);
+  const auto many = ids_of(p.allocate_and_notify({"bob"}, 8, 16));
+  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 8u);
+  EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 2u);
+}
+
 TEST(KeyStore, PoolLimitTrimsTheOwnDirectionOnBothEnds) {
   Pair p;
   p.alice->set_pool_limit(64);

@@ -97,6 +97,9 @@ struct StoreStats {
   std::uint64_t own_available_bytes = 0;    // allocatable by this KME (enc_keys)
   std::uint64_t peer_available_bytes = 0;   // not yet assigned by the peer
   std::uint64_t assigned_keys_waiting = 0;  // peer-assigned keys not yet delivered (dec_keys)
+  // Assigned keys dropped unfetched because their pair held keys.max_unfetched_per_pair
+  // (since the store was opened).
+  std::uint64_t assigned_keys_evicted = 0;
   std::uint64_t pending_notices = 0;        // notices for bytes not committed yet
   std::uint64_t prepared_keys = 0;          // allocated ahead for enc_keys (set_prepared_keys)
   // assigned_keys_waiting by (master SAE, slave SAE), a multicast key once per slave that
@@ -270,6 +273,12 @@ class KeyStore {
   // same bytes). Peer-assigned keys not fetched within max_age of their notice's arrival
   // are dropped (dec_keys: "not found").
   virtual void set_max_age(std::chrono::seconds max_age) = 0;
+  // --- unfetched keys per pair (keys.max_unfetched_per_pair) ---
+  // Keys assigned to SAEs here (by the peer, or kept for local slaves) and not fetched yet
+  // are kept per (master, slaves) up to `keys` (0: no limit): a further one drops that
+  // pair's oldest, which is then "not found" for dec_keys, as an expired key is. Bounds the
+  // memory a master's flood of enc_keys for a slave that never fetches can take here.
+  virtual void set_max_unfetched(std::uint64_t keys) = 0;
   // --- pool limit (keys.max_key_count) ---
   // The link pauses only once both directions are full, so a direction nobody draws from
   // (SAEs that are masters at one end only, e.g. TLS servers) would grow without bound.
