@@ -117,11 +117,21 @@ void FakeKme::accept_loop() {
 }
 
 void FakeKme::serve(int fd) {
+  const auto deadline_ok = [&] { return !stop_.load(); };
+  if (close_new_) {
+    ::close(fd);
+    ++connections_done_;
+    return;
+  }
+  const auto start_at =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(handshake_delay_ms_.load());
+  while (std::chrono::steady_clock::now() < start_at && deadline_ok()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   timeval tv{0, 50'000};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   SSL* ssl = SSL_new(ctx_);
   SSL_set_fd(ssl, fd);
-  const auto deadline_ok = [&] { return !stop_.load(); };
   int rc = 0;
   while ((rc = SSL_accept(ssl)) != 1 && deadline_ok()) {
     const int err = SSL_get_error(ssl, rc);
@@ -202,6 +212,7 @@ void FakeKme::serve(int fd) {
   SSL_shutdown(ssl);
   SSL_free(ssl);
   ::close(fd);
+  ++connections_done_;
 }
 
 FakeReply FakeKeyStore::enc_keys(const FakeRequest& req) {

@@ -39,6 +39,12 @@ class FakeKme {
   [[nodiscard]] std::string url() const { return "https://127.0.0.1:" + std::to_string(port_); }
   [[nodiscard]] int connections() const { return connections_.load(); }
   [[nodiscard]] int requests() const { return requests_.load(); }
+  // Connections the fake has finished with (the client closed it, or the fake did).
+  [[nodiscard]] int connections_done() const { return connections_done_.load(); }
+  // For connections accepted from now on: wait `ms` before the TLS handshake (a slow KME;
+  // the wait ends early when the fake stops), or close the socket without a word.
+  void delay_handshakes(int ms) { handshake_delay_ms_ = ms; }
+  void close_new_connections(bool close) { close_new_ = close; }
 
  private:
   void accept_loop();
@@ -51,6 +57,9 @@ class FakeKme {
   std::atomic<bool> stop_{false};
   std::atomic<int> connections_{0};
   std::atomic<int> requests_{0};
+  std::atomic<int> connections_done_{0};
+  std::atomic<int> handshake_delay_ms_{0};
+  std::atomic<bool> close_new_{false};
   std::thread acceptor_;
   std::mutex mu_;
   std::vector<std::thread> workers_;
