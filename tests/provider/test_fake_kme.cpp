@@ -159,41 +159,83 @@ TEST_F(FakeKmeTest, TheCallersDeadlineBoundsACallAndAPassedOneSendsNothing) {
 }
 
 // The client runs on the application's thread, inside its TLS handshake (the provider's
-// KEM): a call on a kept-alive connection (TLS write and read, with WANT_READ on the way)
-// leaves the application's queued errors and its ERR_set_mark mark as they were. The
-// transport used to clear the whole queue before each step, because SSL_get_error()
-// misreads a queue that is not empty. (libssl 3.0 itself clears the queue whenever its
-// handshake state machine runs: SSL_connect on a new connection, and the reading of
-// post-handshake messages; that is not ours to change.)
+// KEM): every call leaves the application's queued errors and its ERR_set_mark marks as
+// they were. On a kept-alive connection (TLS write and read, with WANT_READ on the way) the
+// client must not misread them (SSL_get_error() reads the oldest entry, the
+// application's); on a new connection libssl 3.0 must not get to clear them (its handshake
+// state machine empties the thread's queue at every SSL_connect step, and again when it
+// reads the KME's session tickets with the first reply).
 TEST_F(FakeKmeTest, CallsLeaveTheApplicationsErrorsAndMarks) {
   FakeKeyStore store;
+  std::atomic<bool> close_after_next{false};
   FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest& r) {
     FakeReply reply = store.route(r);
     reply.delay_ms = 20;  // the client's read waits (WANT_READ) with the queue not empty
+    reply.close_after = close_after_next.exchange(false);
     return reply;
   });
   auto bob = client_for("bob", kme.url());
-  ASSERT_TRUE(bob->enc_keys("alice", 1, 256).ok());  // connects; reads the session tickets
-  queue_application_errors();
-  for (int i = 0; i < 2; ++i) {
+  std::string key_id;
+  expect_call_leaves_application_errors("the first call, on a new connection", [&] {
     auto enc = bob->enc_keys("alice", 1, 256);
     ASSERT_TRUE(enc.ok()) << enc.error().message;
-  }
-  EXPECT_EQ(kme.connections(), 1);
-  expect_only_application_errors();
-  // A failed TLS handshake with errors queued before it still names its cause.
+    key_id = enc->at(0).key_id;
+    EXPECT_EQ(kme.connections(), 1);
+  });
+  expect_call_leaves_application_errors("calls on the kept-alive connection", [&] {
+    for (int i = 0; i < 2; ++i) {
+      auto enc = bob->enc_keys("alice", 1, 256);
+      ASSERT_TRUE(enc.ok()) << enc.error().message;
+    }
+    const std::string ids[] = {key_id};
+    auto refused = bob->dec_keys("alice", ids);  // the key is alice's to fetch: HTTP 401
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(qkd::etsi::rejected_http_status(refused.error()), 401);
+    EXPECT_EQ(kme.connections(), 1);
+  });
+  close_after_next = true;  // the next reply says "Connection: close"
+  ASSERT_TRUE(bob->enc_keys("alice", 1, 256).ok());
+  expect_call_leaves_application_errors("a call after the KME closed the connection", [&] {
+    auto enc = bob->enc_keys("alice", 1, 256);
+    ASSERT_TRUE(enc.ok()) << enc.error().message;
+    EXPECT_EQ(kme.connections(), 2);
+  });
+}
+
+// The same when the new connection's TLS handshake fails: the KME's certificate rejected,
+// the KME closing the connection without a word, the KME not answering in time. Each
+// failure still names its cause, read from the client's own errors only.
+TEST_F(FakeKmeTest, FailedHandshakesLeaveTheApplicationsErrorsAndMarks) {
+  FakeKeyStore store;
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
   auto cfg = config_for("bob", kme.url());
   cfg.ca_file = pki("alice.crt");  // not the CA
   auto distrustful = Client::create(cfg);
   ASSERT_TRUE(distrustful.ok());
-  ERR_raise_data(ERR_LIB_USER, 43, "the application's");
-  ERR_set_mark();
-  auto failed = (*distrustful)->enc_keys("alice", 1, 256);
-  ASSERT_FALSE(failed.ok());
-  EXPECT_EQ(failed.error().code, ErrorCode::kUnavailable);
-  EXPECT_NE(failed.error().message.find("certificate"), std::string::npos)
-      << failed.error().message;
-  ERR_clear_error();
+  expect_call_leaves_application_errors("the KME's certificate rejected", [&] {
+    auto enc = (*distrustful)->enc_keys("alice", 1, 256);
+    ASSERT_FALSE(enc.ok());
+    EXPECT_EQ(enc.error().code, ErrorCode::kUnavailable);
+    EXPECT_NE(enc.error().message.find("certificate"), std::string::npos) << enc.error().message;
+  });
+  kme.close_new_connections(true);
+  auto bob = client_for("bob", kme.url());
+  expect_call_leaves_application_errors("the KME closing the connection", [&] {
+    auto enc = bob->enc_keys("alice", 1, 256);
+    ASSERT_FALSE(enc.ok());
+    EXPECT_EQ(enc.error().code, ErrorCode::kUnavailable);
+    EXPECT_NE(enc.error().message.find("TLS handshake failed"), std::string::npos)
+        << enc.error().message;
+  });
+  kme.close_new_connections(false);
+  kme.delay_handshakes(10'000);  // cut short when the fake stops
+  auto hurried = client_for("bob", kme.url(), 300);
+  expect_call_leaves_application_errors("the KME not answering in time", [&] {
+    auto enc = hurried->enc_keys("alice", 1, 256);
+    ASSERT_FALSE(enc.ok());
+    EXPECT_EQ(enc.error().code, ErrorCode::kTimeout) << enc.error().message;
+  });
+  EXPECT_EQ(kme.requests(), 0);
 }
 
 TEST_F(FakeKmeTest, RejectedCarriesStatusAndMessage) {

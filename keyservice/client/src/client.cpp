@@ -9,8 +9,11 @@
 
 #include <algorithm>
 #include <array>
+#include <exception>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <system_error>
+#include <thread>
 
 #include "internal.hpp"
 #include "qkd/etsi/client_detail.hpp"
@@ -81,6 +84,34 @@ Result<SslCtxPtr> make_tls_context(const ClientConfig& config) {
   return ctx;
 }
 
+// Runs `work` on a short-lived thread of its own and joins it: libssl 3.0's handshake
+// state machine clears the whole OpenSSL error queue of the thread it runs on (at every
+// SSL_connect step, and again when SSL_read meets the session tickets a TLS 1.3 server
+// sends after the handshake), and the calling thread's queue is the host application's,
+// entries and marks. An exception thrown by `work` is thrown again here. When no thread
+// can be made, `work` runs on the calling thread (the call still works; the queue is lost).
+template <typename F>
+void run_on_own_thread(F& work) {
+  std::exception_ptr thrown;
+  std::thread thread;
+  try {
+    thread = std::thread([&work, &thrown]() noexcept {
+      try {
+        work();
+      } catch (...) {
+        thrown = std::current_exception();
+      }
+    });
+  } catch (const std::system_error&) {
+    work();
+    return;
+  }
+  thread.join();
+  if (thrown) {
+    std::rethrow_exception(thrown);
+  }
+}
+
 bool iequals(std::string_view a, std::string_view b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
            const auto lo = [](char c) {
@@ -121,6 +152,11 @@ class ClientImpl final : public Client {
                      const std::string& body, Deadline deadline = std::nullopt);
   Result<Reply> exchange(Connection& conn, const std::string& request,
                          Clock::time_point deadline, bool* keep_alive);
+  // A new connection and the request on it, on a thread of their own (run_on_own_thread):
+  // the handshake and the first reply, which carries the KME's session tickets, are where
+  // libssl clears the queue. `*conn` is set when the reply says keep-alive.
+  Result<Reply> open_and_exchange(const std::string& request, Clock::time_point deadline,
+                                  std::unique_ptr<Connection>* conn, bool* keep_alive);
   std::unique_ptr<Connection> take_idle();
   void give_back(std::unique_ptr<Connection> conn);
   std::string route(std::string_view sae_id, std::string_view leaf) const {
@@ -218,6 +254,33 @@ Result<ClientImpl::Reply> ClientImpl::exchange(Connection& conn, const std::stri
   return reply;
 }
 
+Result<ClientImpl::Reply> ClientImpl::open_and_exchange(const std::string& request,
+                                                        Clock::time_point deadline,
+                                                        std::unique_ptr<Connection>* conn,
+                                                        bool* keep_alive) {
+  Result<Reply> reply = make_error(ErrorCode::kInternal, "no reply");
+  auto work = [&] {
+    auto opened = Connection::open(ctx_.get(), url_, deadline);
+    if (!opened.ok()) {
+      reply = opened.error();
+      return;
+    }
+    std::unique_ptr<Connection> fresh = std::move(opened).value();
+    if (Clock::now() >= deadline) {
+      // Opening the connection took what time was left. The connection goes too: its
+      // tickets are unread, and reading them later would be on the caller's thread.
+      reply = make_error(ErrorCode::kTimeout, "timed out");
+      return;
+    }
+    reply = exchange(*fresh, request, deadline, keep_alive);
+    if (reply.ok() && *keep_alive) {
+      *conn = std::move(fresh);
+    }
+  };
+  run_on_own_thread(work);
+  return reply;
+}
+
 Result<ClientImpl::Reply> ClientImpl::call(std::string_view method, const std::string& target,
                                            const std::string& body, Deadline caller_deadline) {
   const auto start = Clock::now();
@@ -245,22 +308,21 @@ Result<ClientImpl::Reply> ClientImpl::call(std::string_view method, const std::s
   for (int attempt = 0;; ++attempt) {
     std::unique_ptr<Connection> conn = attempt == 0 ? take_idle() : nullptr;
     const bool reused = conn != nullptr;
-    if (!conn) {
-      auto opened = Connection::open(ctx_.get(), url_, deadline);
-      if (!opened.ok()) {
-        return opened.error().code == ErrorCode::kTimeout ? timed_out()
-                                                          : unreachable(opened.error().message);
-      }
-      conn = std::move(opened).value();
-    }
-    if (Clock::now() >= deadline) {  // opening the connection took what time was left
-      if (reused) {
-        give_back(std::move(conn));
-      }
-      return timed_out();
-    }
     bool keep_alive = false;
-    auto reply = exchange(*conn, request, deadline, &keep_alive);
+    Result<Reply> reply = make_error(ErrorCode::kInternal, "no reply");
+    if (reused) {
+      // On the caller's thread: the connection's session tickets were read with its first
+      // reply, on the thread that opened it, so libssl's handshake code has nothing left
+      // to do (a KME's later post-handshake message, a KeyUpdate, would still run it; one
+      // sent while the connection was idle makes take_idle() drop it).
+      if (Clock::now() >= deadline) {
+        give_back(std::move(conn));
+        return timed_out();
+      }
+      reply = exchange(*conn, request, deadline, &keep_alive);
+    } else {
+      reply = open_and_exchange(request, deadline, &conn, &keep_alive);
+    }
     if (!reply.ok()) {
       const Error& e = reply.error();
       if (e.code == ErrorCode::kClosed && reused && attempt == 0) {
@@ -274,7 +336,7 @@ Result<ClientImpl::Reply> ClientImpl::call(std::string_view method, const std::s
       }
       return unreachable(e.message);
     }
-    if (keep_alive) {
+    if (keep_alive && conn) {
       give_back(std::move(conn));
     }
     if (reply->status != 200) {

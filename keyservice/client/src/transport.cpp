@@ -193,8 +193,8 @@ qkd::core::Result<std::unique_ptr<Connection>> Connection::open(SSL_CTX* ctx,
   }
   for (;;) {
     mark.reset();  // only this step's errors decide
-    // (libssl 3.0's handshake state machine clears the thread's whole queue itself, the
-    // application's entries too: not ours to prevent, short of another thread.)
+    // (libssl 3.0's handshake state machine clears the thread's whole queue itself: the
+    // client calls open() on a thread of its own.)
     const int rc = SSL_connect(ssl);
     if (rc == 1) {
       break;

@@ -22,6 +22,9 @@ using Clock = std::chrono::steady_clock;
 // the connection: a kept-alive connection may be retried once).
 class Connection {
  public:
+  // libssl 3.0 clears the calling thread's whole OpenSSL error queue in the handshake, and
+  // again in the first read_some() that meets the KME's session tickets: the client does
+  // both on a thread of its own, never on the application's.
   [[nodiscard]] static qkd::core::Result<std::unique_ptr<Connection>> open(
       SSL_CTX* ctx, const detail::Url& url, Clock::time_point deadline);
   Connection(const Connection&) = delete;
