@@ -21,6 +21,7 @@
 #include "fake_kme.hpp"
 #include "harness.hpp"
 #include "qkd/etsi/client.hpp"
+#include "qkd/etsi/client_detail.hpp"
 
 namespace qkd::test_prov {
 namespace {
@@ -236,6 +237,47 @@ TEST_F(FakeKmeTest, FailedHandshakesLeaveTheApplicationsErrorsAndMarks) {
     EXPECT_EQ(enc.error().code, ErrorCode::kTimeout) << enc.error().message;
   });
   EXPECT_EQ(kme.requests(), 0);
+}
+
+// A call checks its deadline again once it has made a new connection: when the TCP
+// connect and the TLS handshake took what time was left, it fails before sending its
+// request (an enc_keys sent then would consume keys at the KME for a reply nobody reads).
+// The hook stands for a slow handshake: it returns once the deadline has passed.
+TEST_F(FakeKmeTest, ACallWhoseNewConnectionUsedUpItsTimeSendsNothing) {
+  FakeKeyStore store;
+  FakeKme kme(*pki_, "bob-kme", [&](const FakeRequest& r) { return store.route(r); });
+  auto bob = client_for("bob", kme.url());
+  static std::atomic<std::chrono::steady_clock::time_point> deadline;
+  static std::atomic<int> hooked{0};
+  hooked = 0;
+  qkd::etsi::detail::set_new_connection_hook(+[] {
+    ++hooked;
+    std::this_thread::sleep_until(deadline.load() + std::chrono::milliseconds(5));
+  });
+  struct Unhook {
+    ~Unhook() { qkd::etsi::detail::set_new_connection_hook(nullptr); }
+  } unhook;
+  // Time enough for a handshake on a loaded machine; the KME would answer at once.
+  deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(1500);
+  auto enc = bob->enc_keys("alice", 1, 256, deadline.load());
+  ASSERT_FALSE(enc.ok());
+  EXPECT_EQ(enc.error().code, ErrorCode::kTimeout) << enc.error().message;
+  ASSERT_EQ(hooked, 1) << "the handshake itself did not finish in time";
+  EXPECT_EQ(kme.connections(), 1);
+  // The client drops the connection it did not use; once the fake has seen it closed, it
+  // has read every request sent on it.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (kme.connections_done() < 1 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(kme.connections_done(), 1);
+  EXPECT_EQ(kme.requests(), 0);
+  EXPECT_EQ(store.max_enc_number(), 0);  // no key made, none consumed
+  // Without the hook's delay the next call goes through, on a new connection.
+  qkd::etsi::detail::set_new_connection_hook(nullptr);
+  auto again = bob->enc_keys("alice", 1, 256);
+  EXPECT_TRUE(again.ok()) << again.error().message;
+  EXPECT_EQ(kme.connections(), 2);
 }
 
 TEST_F(FakeKmeTest, RejectedCarriesStatusAndMessage) {

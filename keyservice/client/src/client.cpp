@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <exception>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -83,6 +84,9 @@ Result<SslCtxPtr> make_tls_context(const ClientConfig& config) {
   }
   return ctx;
 }
+
+// detail::set_new_connection_hook(): tests only.
+std::atomic<void (*)()> new_connection_hook{nullptr};
 
 // Runs `work` on a short-lived thread of its own and joins it: libssl 3.0's handshake
 // state machine clears the whole OpenSSL error queue of the thread it runs on (at every
@@ -266,6 +270,9 @@ Result<ClientImpl::Reply> ClientImpl::open_and_exchange(const std::string& reque
       return;
     }
     std::unique_ptr<Connection> fresh = std::move(opened).value();
+    if (auto* hook = new_connection_hook.load()) {
+      hook();
+    }
     if (Clock::now() >= deadline) {
       // Opening the connection took what time was left. The connection goes too: its
       // tickets are unread, and reading them later would be on the caller's thread.
@@ -438,6 +445,12 @@ Result<std::vector<Key>> ClientImpl::dec_keys(std::string_view master_sae_id,
 }
 
 }  // namespace
+
+namespace detail {
+
+void set_new_connection_hook(void (*hook)()) { new_connection_hook.store(hook); }
+
+}  // namespace detail
 
 Result<std::unique_ptr<Client>> Client::create(ClientConfig config) {
   try {

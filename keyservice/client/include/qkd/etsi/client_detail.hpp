@@ -35,6 +35,11 @@ struct Url {
 // Percent-encodes one path segment or query value (RFC 3986 unreserved stays as it is).
 [[nodiscard]] std::string percent_encode(std::string_view text);
 
+// Tests only: `hook` (nullptr: none, the default) runs each time a call has made a new
+// connection to its KME, TLS handshake done, before the call checks its deadline again and
+// sends its request; a test lets the deadline pass there. Set it while no call runs.
+void set_new_connection_hook(void (*hook)());
+
 // Incremental parser for one HTTP/1.1 response. Bodies framed by Content-Length, by
 // chunked transfer-coding, or (only when neither is present) by the end of the connection.
 // Bounded: headers at most kMaxHeaderBytes, body at most kMaxBodyBytes.
