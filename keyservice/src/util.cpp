@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <pthread.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
@@ -73,18 +74,7 @@ std::string base64_encode(std::span<const std::uint8_t> bytes) {
 }
 
 namespace {
-int hex_value(char c) {
-  if (c >= '0' && c <= '9') {
-    return c - '0';
-  }
-  if (c >= 'a' && c <= 'f') {
-    return c - 'a' + 10;
-  }
-  if (c >= 'A' && c <= 'F') {
-    return c - 'A' + 10;
-  }
-  return -1;
-}
+int hex_value(char c) { return OPENSSL_hexchar2int(static_cast<unsigned char>(c)); }
 }  // namespace
 
 std::optional<qkd::core::SecureBytes> hex_decode(std::string_view hex) {

@@ -456,19 +456,6 @@ std::size_t skip_ws(std::string_view text, std::size_t i) {
   return i;
 }
 
-int hex_digit(char c) {
-  if (c >= '0' && c <= '9') {
-    return c - '0';
-  }
-  if (c >= 'a' && c <= 'f') {
-    return c - 'a' + 10;
-  }
-  if (c >= 'A' && c <= 'F') {
-    return c - 'A' + 10;
-  }
-  return -1;
-}
-
 // Decodes the escapes of a JSON string's contents that stay within ASCII into `out` (at
 // least text.size() bytes); the decoded length, or kNone for anything else (see
 // ScrubbedKeys).
@@ -499,7 +486,7 @@ std::size_t unescape_ascii(std::string_view text, std::uint8_t* out) {
         }
         int code = 0;
         for (std::size_t k = 1; k <= 4; ++k) {
-          const int d = hex_digit(text[i + k]);
+          const int d = OPENSSL_hexchar2int(static_cast<unsigned char>(text[i + k]));
           if (d < 0) {
             return kNone;
           }
