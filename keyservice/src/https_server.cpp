@@ -5,6 +5,9 @@
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
+#include <sys/resource.h>
+
+#include <algorithm>
 #include <atomic>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -42,16 +45,22 @@ class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket&& socket, asio::ssl::context& ctx, asio::thread_pool& workers,
           const HttpsServer::Handler& handler, std::atomic<std::size_t>& in_flight,
-          const std::atomic<bool>& stopping)
+          const std::atomic<bool>& stopping, std::atomic<std::size_t>& sessions)
       : stream_(std::move(socket), ctx),
         workers_(workers),
         handler_(handler),
         in_flight_(in_flight),
-        stopping_(stopping) {
+        stopping_(stopping),
+        sessions_(sessions) {
+    sessions_.fetch_add(1);
     beast::error_code ec;
     auto ep = beast::get_lowest_layer(stream_).socket().remote_endpoint(ec);
     peer_ = ec ? std::string("?") : fmt::format("{}:{}", ep.address().to_string(), ep.port());
   }
+
+  ~Session() { sessions_.fetch_sub(1); }
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
 
   void run() {
     asio::dispatch(stream_.get_executor(),
@@ -247,6 +256,7 @@ class Session : public std::enable_shared_from_this<Session> {
   HttpsServer::Handler handler_;
   std::atomic<std::size_t>& in_flight_;
   const std::atomic<bool>& stopping_;
+  std::atomic<std::size_t>& sessions_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::string peer_;
@@ -267,38 +277,37 @@ std::shared_ptr<HttpReply> hold_reply(HttpReply reply) {
 struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
   Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> ctx, asio::thread_pool& w,
        Handler h)
-      : ioc(io), tls(std::move(ctx)), workers(w), handler(std::move(h)), acceptor(io) {}
+      : ioc(io), tls(std::move(ctx)), workers(w), handler(std::move(h)) {}
 
-  void do_accept() {
-    acceptor.async_accept(
-        asio::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
-          if (ec) {
-            if (ec != asio::error::operation_aborted) {
-              spdlog::warn("api: accept: {}", ec.message());
-              self->do_accept();
-            }
-            return;
-          }
-          // Responses are small and latency-bound: without TCP_NODELAY a response written
-          // in two TLS records can wait for the client's delayed ACK (40 ms on Linux).
-          beast::error_code nodelay_ec;
-          s.set_option(tcp::no_delay(true), nodelay_ec);
-          std::make_shared<Session>(std::move(s), *self->tls, self->workers, self->handler,
-                                    self->in_flight, self->stopping)
-              ->run();
-          self->do_accept();
-        });
+  void on_socket(tcp::socket&& s) {
+    if (sessions.load() >= max_sessions) {
+      // Closed at once: what it frees is worth more than what an answer would tell.
+      refused.warn(fmt::format("api: {} connections open, the limit: new ones are closed at once",
+                               max_sessions));
+      beast::error_code ignored;
+      s.close(ignored);
+      return;
+    }
+    // Responses are small and latency-bound: without TCP_NODELAY a response written
+    // in two TLS records can wait for the client's delayed ACK (40 ms on Linux).
+    beast::error_code nodelay_ec;
+    s.set_option(tcp::no_delay(true), nodelay_ec);
+    std::make_shared<Session>(std::move(s), *tls, workers, handler, in_flight, stopping,
+                              sessions)
+        ->run();
   }
 
   asio::io_context& ioc;
   std::shared_ptr<asio::ssl::context> tls;
   asio::thread_pool& workers;
   Handler handler;
-  tcp::acceptor acceptor;
+  std::shared_ptr<AcceptLoop> accept;
   std::atomic<std::size_t> in_flight{0};
   std::atomic<bool> stopping{false};
+  std::atomic<std::size_t> sessions{0};  // connections open (Session objects alive)
+  std::size_t max_sessions = kMaxSessions;
+  RateLimitedWarning refused;
 };
-
 HttpsServer::HttpsServer(asio::io_context& ioc, std::shared_ptr<asio::ssl::context> tls,
                          asio::thread_pool& workers, Handler handler)
     : impl_(std::make_shared<Impl>(ioc, std::move(tls), workers, std::move(handler))) {}
@@ -331,20 +340,96 @@ qkd::core::Result<std::uint16_t> open_acceptor(tcp::acceptor& a, const std::stri
   return a.local_endpoint().port();
 }
 
-qkd::core::Result<std::uint16_t> HttpsServer::listen(const HostPort& where) {
-  auto port = open_acceptor(impl_->acceptor, where.host, where.port, "api.listen");
-  if (port.ok()) {
-    impl_->do_accept();
+void RateLimitedWarning::warn(std::string_view message) {
+  std::uint64_t suppressed = 0;
+  {
+    const std::lock_guard lock(mutex_);
+    const auto now = std::chrono::steady_clock::now();
+    if (last_ && now - *last_ < every_) {
+      ++suppressed_;
+      return;
+    }
+    last_ = now;
+    suppressed = std::exchange(suppressed_, 0);
   }
-  return port;
+  if (suppressed == 0) {
+    spdlog::warn("{}", message);
+  } else {
+    spdlog::warn("{} (and {} more like it not logged)", message, suppressed);
+  }
+}
+
+AcceptLoop::AcceptLoop(asio::io_context& ioc, std::string what, OnSocket on_socket)
+    : ioc_(ioc),
+      what_(std::move(what)),
+      on_socket_(std::move(on_socket)),
+      acceptor_(asio::make_strand(ioc)),
+      retry_(acceptor_.get_executor()) {}
+
+qkd::core::Result<std::uint16_t> AcceptLoop::listen(const std::string& host, std::uint16_t port,
+                                                    const std::string& field) {
+  auto bound = open_acceptor(acceptor_, host, port, field);
+  if (bound.ok()) {
+    asio::dispatch(acceptor_.get_executor(), [self = shared_from_this()]() { self->do_accept(); });
+  }
+  return bound;
+}
+
+void AcceptLoop::stop() {
+  asio::dispatch(acceptor_.get_executor(), [self = shared_from_this()]() {
+    self->stopped_ = true;
+    beast::error_code ignored;
+    self->acceptor_.close(ignored);
+    self->retry_.cancel();
+  });
+}
+
+void AcceptLoop::do_accept() {
+  acceptor_.async_accept(
+      asio::make_strand(ioc_), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
+        if (self->stopped_ || ec == asio::error::operation_aborted) {
+          return;
+        }
+        if (ec) {
+          self->failed_.warn(fmt::format("{}: accept: {} (retrying every {} ms)", self->what_,
+                                         ec.message(), kRetryDelay.count()));
+          self->retry_.expires_after(kRetryDelay);
+          self->retry_.async_wait([self](beast::error_code tec) {
+            if (!tec && !self->stopped_) {
+              self->do_accept();
+            }
+          });
+          return;
+        }
+        self->on_socket_(std::move(s));
+        self->do_accept();
+      });
+}
+
+qkd::core::Result<std::uint16_t> HttpsServer::listen(const HostPort& where) {
+  impl_->max_sessions = session_limit();
+  impl_->accept = std::make_shared<AcceptLoop>(
+      impl_->ioc, "api", [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s) {
+        if (auto impl = weak.lock()) {
+          impl->on_socket(std::move(s));
+        }
+      });
+  return impl_->accept->listen(where.host, where.port, "api.listen");
 }
 
 void HttpsServer::stop() {
   impl_->stopping.store(true);
-  asio::post(impl_->ioc, [impl = impl_]() {
-    beast::error_code ec;
-    impl->acceptor.close(ec);
-  });
+  if (impl_->accept) {
+    impl_->accept->stop();
+  }
+}
+
+std::size_t HttpsServer::session_limit() {
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY) {
+    return kMaxSessions;
+  }
+  return std::clamp<std::size_t>(static_cast<std::size_t>(lim.rlim_cur / 2), 1, kMaxSessions);
 }
 
 std::size_t HttpsServer::in_flight() const { return impl_->in_flight.load(); }
@@ -427,33 +512,15 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
 
 }  // namespace
 
-struct MetricsHttpServer::Impl : std::enable_shared_from_this<MetricsHttpServer::Impl> {
+struct MetricsHttpServer::Impl {
   Impl(asio::io_context& io, std::function<std::string()> r, std::function<ApiResponse()> h)
-      : ioc(io), render(std::move(r)), health(std::move(h)), acceptor(io) {}
-
-  void do_accept() {
-    acceptor.async_accept(asio::make_strand(ioc),
-                          [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
-                            if (ec) {
-                              if (ec != asio::error::operation_aborted) {
-                                spdlog::warn("metrics: accept: {}", ec.message());
-                                self->do_accept();
-                              }
-                              return;
-                            }
-                            std::make_shared<PlainSession>(std::move(s), self->render,
-                                                           self->health)
-                                ->run();
-                            self->do_accept();
-                          });
-  }
+      : ioc(io), render(std::move(r)), health(std::move(h)) {}
 
   asio::io_context& ioc;
   std::function<std::string()> render;
   std::function<ApiResponse()> health;
-  tcp::acceptor acceptor;
+  std::shared_ptr<AcceptLoop> accept;
 };
-
 MetricsHttpServer::MetricsHttpServer(asio::io_context& ioc, std::function<std::string()> render,
                                      std::function<ApiResponse()> health)
     : impl_(std::make_shared<Impl>(ioc, std::move(render), std::move(health))) {}
@@ -461,18 +528,19 @@ MetricsHttpServer::MetricsHttpServer(asio::io_context& ioc, std::function<std::s
 MetricsHttpServer::~MetricsHttpServer() { stop(); }
 
 qkd::core::Result<std::uint16_t> MetricsHttpServer::listen(const HostPort& where) {
-  auto port = open_acceptor(impl_->acceptor, where.host, where.port, "metrics.listen");
-  if (port.ok()) {
-    impl_->do_accept();
-  }
-  return port;
+  impl_->accept = std::make_shared<AcceptLoop>(
+      impl_->ioc, "metrics", [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s) {
+        if (auto impl = weak.lock()) {
+          std::make_shared<PlainSession>(std::move(s), impl->render, impl->health)->run();
+        }
+      });
+  return impl_->accept->listen(where.host, where.port, "metrics.listen");
 }
 
 void MetricsHttpServer::stop() {
-  asio::post(impl_->ioc, [impl = impl_]() {
-    beast::error_code ec;
-    impl->acceptor.close(ec);
-  });
+  if (impl_->accept) {
+    impl_->accept->stop();
+  }
 }
 
 }  // namespace qkd::kms

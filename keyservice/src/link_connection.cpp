@@ -356,24 +356,12 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
         tls(std::move(ctx)),
         peer_id(std::move(id)),
         on_connection(std::move(cb)),
-        on_engine(std::move(eng)),
-        acceptor(io) {}
+        on_engine(std::move(eng)) {}
 
-  void do_accept() {
-    acceptor.async_accept(
-        asio::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
-          if (ec) {
-            if (ec != asio::error::operation_aborted) {
-              spdlog::warn("link: accept: {}", ec.message());
-              self->do_accept();
-            }
-            return;
-          }
-          beast::error_code nodelay_ec;  // notices are small and latency-bound
-          s.set_option(tcp::no_delay(true), nodelay_ec);
-          self->classify(std::make_shared<tcp::socket>(std::move(s)));
-          self->do_accept();
-        });
+  void on_socket(tcp::socket&& s) {
+    beast::error_code nodelay_ec;  // notices are small and latency-bound
+    s.set_option(tcp::no_delay(true), nodelay_ec);
+    classify(std::make_shared<tcp::socket>(std::move(s)));
   }
 
   // Peeks at the first byte: a TLS record starts a control connection, kEnginePreamble an
@@ -453,7 +441,7 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
   std::string peer_id;
   OnConnection on_connection;
   OnEngineSocket on_engine;
-  tcp::acceptor acceptor;
+  std::shared_ptr<AcceptLoop> accept;
 };
 
 LinkAcceptor::LinkAcceptor(asio::io_context& ioc, std::shared_ptr<asio::ssl::context> tls,
@@ -465,18 +453,19 @@ LinkAcceptor::LinkAcceptor(asio::io_context& ioc, std::shared_ptr<asio::ssl::con
 LinkAcceptor::~LinkAcceptor() { stop(); }
 
 qkd::core::Result<std::uint16_t> LinkAcceptor::listen(const std::string& host, std::uint16_t port) {
-  auto bound = open_acceptor(impl_->acceptor, host, port, "link.listen");
-  if (bound.ok()) {
-    impl_->do_accept();
-  }
-  return bound;
+  impl_->accept = std::make_shared<AcceptLoop>(
+      impl_->ioc, "link", [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s) {
+        if (auto impl = weak.lock()) {
+          impl->on_socket(std::move(s));
+        }
+      });
+  return impl_->accept->listen(host, port, "link.listen");
 }
 
 void LinkAcceptor::stop() {
-  asio::post(impl_->ioc, [impl = impl_]() {
-    beast::error_code ec;
-    impl->acceptor.close(ec);
-  });
+  if (impl_->accept) {
+    impl_->accept->stop();
+  }
 }
 
 }  // namespace qkd::kms

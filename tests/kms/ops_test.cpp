@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -699,6 +700,136 @@ TEST(OpsTest, SigtermDuringRequestsExitsCleanlyAndRestartServesOn) {
     }
     ASSERT_EQ(logs.find(hex), std::string::npos) << "key " << id << " logged in hex";
   }
+}
+
+
+// `n` plain TCP connections to 127.0.0.1:port that say nothing (as many as connect).
+std::vector<int> idle_connections(std::uint16_t port, int n) {
+  std::vector<int> fds;
+  for (int i = 0; i < n; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) {
+      break;
+    }
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      ::close(fd);
+      break;
+    }
+    fds.push_back(fd);
+  }
+  return fds;
+}
+
+void close_all(std::vector<int>& fds) {
+  for (const int fd : fds) {
+    ::close(fd);
+  }
+  fds.clear();
+}
+
+// How many of `fds` the server closed within `wait` (readable with end of stream or reset).
+int closed_by_server(const std::vector<int>& fds, std::chrono::milliseconds wait) {
+  std::set<int> closed;
+  const auto deadline = std::chrono::steady_clock::now() + wait;
+  while (std::chrono::steady_clock::now() < deadline && closed.size() < fds.size()) {
+    std::vector<pollfd> p;
+    for (const int fd : fds) {
+      if (!closed.contains(fd)) {
+        p.push_back({fd, POLLIN, 0});
+      }
+    }
+    if (::poll(p.data(), p.size(), 200) <= 0) {
+      continue;
+    }
+    for (const auto& q : p) {
+      char c = 0;
+      if (q.revents != 0 && ::recv(q.fd, &c, 1, MSG_DONTWAIT) <= 0) {
+        closed.insert(q.fd);
+      }
+    }
+  }
+  return static_cast<int>(closed.size());
+}
+
+std::size_t count_of(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) {
+    ++n;
+  }
+  return n;
+}
+
+// Waits (generously) for /health on the plain listener and a status request on the API.
+void expect_serving(const KmeNetwork& net, std::uint16_t metrics_port) {
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  int health = -1;
+  unsigned api = 0;
+  while (std::chrono::steady_clock::now() < deadline && (health != 200 || api != 200)) {
+    health = plain_get(metrics_port, "/health").first;
+    auto r = net.client(net.alice(), "alice").get("/api/v1/keys/bob/status");
+    api = r.ok() ? r->status : 0;
+    if (health != 200 || api != 200) {
+      std::this_thread::sleep_for(200ms);
+    }
+  }
+  EXPECT_EQ(health, 200);
+  EXPECT_EQ(api, 200u);
+}
+
+// Idle connections cannot take a KME's file descriptors. (1) The API holds at most half the
+// descriptor limit in connections: beyond that a new one is closed at once (here 128 of a
+// soft limit of 256), so the plain listener keeps serving meanwhile. (2) Out of descriptors
+// all the same (the limit lowered under the running daemon), the accept loop waits before
+// retrying instead of spinning: a few rate-limited "accept:" warnings, not one per retry
+// (hundreds of thousands in seconds before), and both listeners serve again once the
+// connections close.
+TEST(OpsTest, IdleConnectionsCannotExhaustFileDescriptors) {
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  ASSERT_GE(saved.rlim_max, 1024u) << "the test needs 1024 descriptors";
+  rlimit low = saved;
+  low.rlim_cur = 256;  // inherited by the daemons started now
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  KmeNetworkOptions o;
+  o.customize = [](json& alice, json&) { alice["metrics"] = {{"listen", "127.0.0.1:0"}}; };
+  auto started = KmeNetwork::start(o);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  ASSERT_TRUE(started.ok()) << started.error().message;
+  auto& net = *started;
+  ASSERT_TRUE(net->wait_for_keys(1).ok());
+  const json ready = json::parse(read_file(net->dir() / "alice-kme.ready"));
+  const auto metrics_port = ready.at("metrics_port").get<std::uint16_t>();
+  const auto api_port = net->alice().api_port;
+
+  // (1) 200 idle connections against a limit of 128.
+  auto held = idle_connections(api_port, 200);
+  ASSERT_EQ(held.size(), 200u);
+  EXPECT_GE(closed_by_server(held, 5s), 50) << "connections beyond the limit stay open";
+  EXPECT_EQ(plain_get(metrics_port, "/health").first, 200);
+  close_all(held);
+  expect_serving(*net, metrics_port);
+
+  // (2) The daemon's limit lowered to 20 descriptors more than it has open.
+  std::size_t open = 0;
+  for ([[maybe_unused]] const auto& e :
+       std::filesystem::directory_iterator(fmt::format("/proc/{}/fd", net->alice().pid))) {
+    ++open;
+  }
+  const rlimit tight{open + 20, open + 20};
+  ASSERT_EQ(::prlimit(net->alice().pid, RLIMIT_NOFILE, &tight, nullptr), 0);
+  const std::size_t before = count_of(read_file(net->alice().log_file), "accept:");
+  held = idle_connections(api_port, 200);
+  EXPECT_GT(held.size(), 100u);
+  std::this_thread::sleep_for(2s);
+  const std::size_t accept_lines = count_of(read_file(net->alice().log_file), "accept:") - before;
+  close_all(held);
+  EXPECT_GE(accept_lines, 1u) << "the descriptors never ran out";
+  EXPECT_LT(accept_lines, 50u) << "the accept loop spins on its error";
+  expect_serving(*net, metrics_port);
 }
 
 }  // namespace

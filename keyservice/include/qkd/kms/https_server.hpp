@@ -12,6 +12,11 @@
 // deferred (HttpReply::deferred) and is written when that completes, while the thread goes
 // on with other connections.
 //
+// Connections: at most session_limit() open at once (TLS handshake or idle keep-alive
+// included); one accepted beyond that is closed at once, with a warning at most once a
+// second. The limit keeps clients (authenticated or not: the handshake gives them 10 s) from
+// taking all of the process's file descriptors, which the store and the link need too.
+//
 // Shutdown: stop() closes the listener; in_flight() counts requests read whose response is
 // not written yet, so the owner can wait for them before stopping the I/O threads.
 #pragma once
@@ -19,11 +24,16 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl/context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "qkd/core/result.hpp"
 #include "qkd/kms/api.hpp"
@@ -37,6 +47,53 @@ namespace qkd::kms {
                                                              const std::string& host,
                                                              std::uint16_t port,
                                                              const std::string& what);
+
+// A warning logged at most once per `every`; the ones not logged are counted, and the count
+// goes into the next one logged ("... (and 1234 more like it not logged)"). Thread-safe.
+class RateLimitedWarning {
+ public:
+  explicit RateLimitedWarning(std::chrono::steady_clock::duration every = std::chrono::seconds(1))
+      : every_(every) {}
+  void warn(std::string_view message);
+
+ private:
+  std::chrono::steady_clock::duration every_;
+  std::mutex mutex_;
+  std::optional<std::chrono::steady_clock::time_point> last_;
+  std::uint64_t suppressed_ = 0;
+};
+
+// A listener's accept loop: accepts until stop(), handing each connection (on its own
+// strand) to on_socket. A failed accept (out of file descriptors, buffers or memory; a
+// connection reset while in the backlog) is retried after kRetryDelay, never at once: the
+// connection that failed stays in the backlog, so an immediate retry fails the same way and
+// the loop would spin, a warning each time. That warning ("<what>: accept: <error>") is
+// rate-limited (RateLimitedWarning, once a second).
+class AcceptLoop : public std::enable_shared_from_this<AcceptLoop> {
+ public:
+  static constexpr std::chrono::milliseconds kRetryDelay{100};
+  using OnSocket = std::function<void(boost::asio::ip::tcp::socket&&)>;
+
+  // `what` prefixes the log lines ("api", "metrics", "link").
+  AcceptLoop(boost::asio::io_context& ioc, std::string what, OnSocket on_socket);
+  // open_acceptor(host, port, field), then accepting; returns the bound port.
+  [[nodiscard]] qkd::core::Result<std::uint16_t> listen(const std::string& host,
+                                                        std::uint16_t port,
+                                                        const std::string& field);
+  // Closes the listener (asynchronously, on its strand); no connection is handed over after.
+  void stop();
+
+ private:
+  void do_accept();
+
+  boost::asio::io_context& ioc_;
+  std::string what_;
+  OnSocket on_socket_;
+  boost::asio::ip::tcp::acceptor acceptor_;  // on a strand, with retry_
+  boost::asio::steady_timer retry_;
+  RateLimitedWarning failed_;
+  bool stopped_ = false;  // on the strand
+};
 
 // What a handler returns: the API response plus transport details.
 struct HttpReply {
@@ -73,6 +130,11 @@ class HttpsServer {
   void stop();
   // Requests read whose response has not been written (or failed) yet.
   [[nodiscard]] std::size_t in_flight() const;
+
+  // Connections open at once: half the soft RLIMIT_NOFILE (read by listen()), at most
+  // kMaxSessions.
+  static constexpr std::size_t kMaxSessions = 1000;
+  [[nodiscard]] static std::size_t session_limit();
 
  private:
   struct Impl;
