@@ -342,6 +342,52 @@ TEST_F(Etsi014, EncKeysByPost) {
   EXPECT_EQ(keys[0].second.size(), 64u);
 }
 
+// "Routes": POST carries a Key request body; number and size as query parameters belong to
+// GET only. A POST with a query is a 400 (the query was ignored: one key of the default size).
+TEST_F(Etsi014, EncKeysByPostTakesNoQueryParameters) {
+  for (const char* body : {"", "{}", R"({"number": 1})"}) {
+    HttpResponse r = post(at_alice(), "/api/v1/keys/bob/enc_keys?number=5&size=512", body);
+    EXPECT_EQ(r.status, 400u) << body << ": " << r.body;
+    EXPECT_NE(message_of(r).find("query string"), std::string::npos) << r.body;
+  }
+}
+
+// "Routes": GET carries only number and size, as query parameters, and no body. A GET with a
+// Key request body is a 400 (the body was ignored: one key).
+TEST_F(Etsi014, EncKeysByGetTakesNoBody) {
+  HttpResponse r = call(at_alice(), "GET", "/api/v1/keys/bob/enc_keys", R"({"number": 5})");
+  EXPECT_EQ(r.status, 400u) << r.body;
+  EXPECT_NE(message_of(r).find("no body"), std::string::npos) << r.body;
+}
+
+// "Routes": dec_keys by POST carries its key_IDs in a Key IDs body: a key_ID in the query as
+// well is a 400, and nothing is delivered.
+TEST_F(Etsi014, DecKeysByPostTakesNoQueryParameters) {
+  auto keys = alice_enc(R"({"number": 2})");
+  ASSERT_EQ(keys.size(), 2u);
+  HttpResponse r = post(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first,
+                        dec_body({keys[1].first}));
+  EXPECT_EQ(r.status, 400u) << r.body;
+  EXPECT_NE(message_of(r).find("query string"), std::string::npos) << r.body;
+  EXPECT_EQ(post(at_bob(), "/api/v1/keys/alice/dec_keys", dec_body({keys[0].first, keys[1].first}))
+                .status,
+            200u);
+}
+
+// "Routes": dec_keys by GET takes one key_ID in the query and no body: a Key IDs body is a
+// 400, and nothing is delivered.
+TEST_F(Etsi014, DecKeysByGetTakesNoBody) {
+  auto keys = alice_enc(R"({"number": 2})");
+  ASSERT_EQ(keys.size(), 2u);
+  HttpResponse r = call(at_bob(), "GET", "/api/v1/keys/alice/dec_keys?key_ID=" + keys[0].first,
+                        dec_body({keys[1].first}));
+  EXPECT_EQ(r.status, 400u) << r.body;
+  EXPECT_NE(message_of(r).find("no body"), std::string::npos) << r.body;
+  EXPECT_EQ(post(at_bob(), "/api/v1/keys/alice/dec_keys", dec_body({keys[0].first, keys[1].first}))
+                .status,
+            200u);
+}
+
 // "Routes": dec_keys by GET for a single key_ID, at the slave's KME, with the master in the
 // path; the bytes are those the master got.
 TEST_F(Etsi014, DecKeysByGetForOneKeyId) {
