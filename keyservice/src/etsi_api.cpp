@@ -354,7 +354,11 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
     return error_response(400, fmt::format("more than max_key_per_request ({}) key_IDs",
                                            config_.keys.max_key_per_request));
   }
-  for (const auto& id : ids) {
+  for (auto& id : ids) {
+    // Hex digits are case-insensitive on input (RFC 4122 section 3); key_IDs are issued, and
+    // looked up, in lowercase.
+    std::transform(id.begin(), id.end(), id.begin(),
+                   [](char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c; });
     if (!is_uuid(id)) {
       return error_response(400, kNotFound);
     }

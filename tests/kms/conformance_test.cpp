@@ -15,6 +15,8 @@
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -898,6 +900,25 @@ TEST_F(Etsi014, UnknownKeyIdIsTheStandardNotFoundMessage) {
     EXPECT_EQ(r.status, 400u) << id;
     EXPECT_EQ(message_of(r), kNotFound) << id;
   }
+}
+
+// "Bodies: Key IDs": key_ID is a UUID, whose hex digits are case-insensitive on input (RFC
+// 4122): the uppercase form of an issued key_ID is that key, by GET and by POST.
+TEST_F(Etsi014, KeyIdsAreCaseInsensitive) {
+  auto keys = alice_enc(R"({"number": 2})");
+  ASSERT_EQ(keys.size(), 2u);
+  auto upper = [](std::string id) {
+    std::transform(id.begin(), id.end(), id.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+    return id;
+  };
+  ASSERT_NE(upper(keys[0].first), keys[0].first);
+  HttpResponse g = get(at_bob(), "/api/v1/keys/alice/dec_keys?key_ID=" + upper(keys[0].first));
+  ASSERT_EQ(g.status, 200u) << g.body;
+  EXPECT_EQ(key_list(g), (std::vector{keys[0]}));  // the key_ID as issued
+  HttpResponse p = post(at_bob(), "/api/v1/keys/alice/dec_keys", dec_body({upper(keys[1].first)}));
+  ASSERT_EQ(p.status, 200u) << p.body;
+  EXPECT_EQ(key_list(p), (std::vector{keys[1]}));
 }
 
 // "Bodies: Key IDs": the dec_keys POST body must be {"key_IDs": [{"key_ID": ...}, ...]}
