@@ -312,6 +312,13 @@ ApiResponse EtsiService::enc_keys(const std::string& caller, const std::string& 
   if (!link_up()) {
     return peer_unreachable("no key was delivered");
   }
+  if (req.admit) {  // a valid request: now the budgets
+    std::vector<std::string> named{slave};
+    named.insert(named.end(), kr.additional_slaves.begin(), kr.additional_slaves.end());
+    if (auto refusal = req.admit(named, kr.number, kr.size)) {
+      return *refusal;
+    }
+  }
   KeyStore::PendingWrite pending;
   auto keys = store_.allocate(caller, slaves, local_slaves, kr.number, kr.size / 8,
                               req.may_defer ? &pending : nullptr);

@@ -238,39 +238,37 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
       reply.api = ApiResponse{200, render_metrics()};
       reply.content_type = std::string(Metrics::kContentType);
     }
-  } else if (info.route == "enc_keys" && known_caller && info.well_formed && info.number >= 1 &&
-             info.number <= config.keys.max_key_per_request &&
-             info.size <= config.keys.max_key_size && admission->enabled() &&
-             contains(config.link.peer_saes, info.path_sae) &&
-             std::all_of(info.additional_slaves.begin(), info.additional_slaves.end(),
-                         [&](const std::string& s) {
-                           return contains(config.link.peer_saes, s) ||
-                                  (contains(config.saes, s) && s != caller);
-                         }) &&
-             info.additional_slaves.size() + 2 <=
-                 config.link.peer_saes.size() + config.saes.size()) {
-    // A request the ETSI handlers may serve: charge the budgets first (nothing is taken
-    // from the pool when they refuse), give the tokens back if no key was delivered.
-    std::vector<std::string> slaves{info.path_sae};
-    slaves.insert(slaves.end(), info.additional_slaves.begin(), info.additional_slaves.end());
-    const double keys = static_cast<double>(info.number) * budget_keys(info.size);
-    if (auto refusal = admission->admit(caller, slaves, keys, t0)) {
-      metrics->add_admission_refusal(refusal->budget, caller);
-      spdlog::debug("api: {}: {}", caller, refusal->message);
-      reply.api = error_response(503, refusal->message);
-      reply.api.retry_after_s = refusal->retry_after_s;
-    } else {
-      reply.api = etsi->handle(caller, req);
-      refund = [this, caller, slaves, keys]() {
+  } else if (info.route == "enc_keys" && known_caller && admission->enabled()) {
+    // The ETSI handler charges the budgets once it has found the request valid (an invalid
+    // one gets its 400 whatever the budgets) and before it takes keys (nothing is taken
+    // from the pool when they refuse); the tokens come back if no key was delivered.
+    ApiRequest admitted = req;
+    std::optional<std::pair<std::vector<std::string>, double>> charged;  // slaves, keys
+    admitted.admit = [&](const std::vector<std::string>& slaves, std::uint32_t number,
+                         std::uint32_t size_bits) -> std::optional<ApiResponse> {
+      const double keys = static_cast<double>(number) * budget_keys(size_bits);
+      if (auto refusal = admission->admit(caller, slaves, keys, t0)) {
+        metrics->add_admission_refusal(refusal->budget, caller);
+        spdlog::debug("api: {}: {}", caller, refusal->message);
+        ApiResponse refused = error_response(503, refusal->message);
+        refused.retry_after_s = refusal->retry_after_s;
+        return refused;
+      }
+      charged.emplace(slaves, keys);
+      return std::nullopt;
+    };
+    reply.api = etsi->handle(caller, admitted);
+    if (charged) {
+      refund = [this, caller, slaves = charged->first, keys = charged->second]() {
         admission->refund(caller, slaves, keys, std::chrono::steady_clock::now());
       };
       if (reply.api.status != 200) {
         refund();
         refund = nullptr;
       }
-      if (reply.api.needs_wait) {
-        return std::nullopt;
-      }
+    }
+    if (reply.api.needs_wait) {
+      return std::nullopt;
     }
   } else if (info.route == "dec_keys" && known_caller && req.may_wait) {
     // Run again on a worker, to wait for a notice in flight: one of the caller's places.

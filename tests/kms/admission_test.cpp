@@ -282,6 +282,42 @@ TEST(AdmissionTest, FloodNamingOneSlaveDoesNotStarveAnother) {
   EXPECT_EQ(code, 0) << out;
 }
 
+// Admission comes after validation: with the budget spent, a request the ETSI handlers
+// refuse anyway gets that 400 and its standard message (not 503 + Retry-After, which
+// would have the SAE retry a request that can never succeed), and charges nothing.
+TEST(AdmissionTest, InvalidRequestIs400EvenWithTheBudgetSpent) {
+  auto net = qkd::test::start_network_with_keys(pair_budget_only(10), 20);
+  ASSERT_TRUE(net);
+  const auto alice = net->client(net->alice(), "alice");
+  auto spent = alice.get("/api/v1/keys/bob/enc_keys?number=10");
+  ASSERT_TRUE(spent.ok()) << spent.error().message;
+  ASSERT_EQ(spent->status, 200u) << spent->body;
+  auto refused = alice.get("/api/v1/keys/bob/enc_keys");
+  ASSERT_TRUE(refused.ok()) << refused.error().message;
+  ASSERT_EQ(refused->status, 503u) << "the budget is not spent: " << refused->body;
+
+  const struct {
+    const char* body;
+    const char* message;
+  } invalid[] = {
+      {R"({"size": 7})", "size shall be a multiple of 8"},
+      {R"({"size": 32})", "size 32 is below min_key_size (64)"},
+      {R"({"extension_mandatory": [{"vendor_x": true}]})",
+       "not all extension_mandatory parameters are supported"},
+  };
+  for (const auto& c : invalid) {
+    auto r = alice.post("/api/v1/keys/bob/enc_keys", c.body);
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    EXPECT_EQ(r->status, 400u) << c.body << ": " << r->body;
+    EXPECT_EQ(message_of(*r), c.message) << c.body;
+    EXPECT_TRUE(r->retry_after.empty()) << c.body;
+  }
+  // A valid request is still refused: the budget stays spent.
+  auto again = alice.get("/api/v1/keys/bob/enc_keys");
+  ASSERT_TRUE(again.ok()) << again.error().message;
+  EXPECT_EQ(again->status, 503u) << again->body;
+}
+
 // The pair budget counts keys outstanding: keys the slave fetched give their tokens back,
 // whether the slave fetches at the peer KME (reported over the link) or at this one
 // (multicast to a slave of the master's KME); keys nobody fetches keep the pair refused.

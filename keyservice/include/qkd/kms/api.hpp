@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -21,6 +22,18 @@
 #include "qkd/kms/key_store.hpp"
 
 namespace qkd::kms {
+
+struct ApiResponse {
+  unsigned status = 200;
+  std::string body;  // JSON text, or empty (401)
+  // Set only by wait_needed() (see ApiRequest::may_wait); never sent.
+  bool needs_wait = false;
+  // The durable write this response must wait for (ApiRequest::may_defer).
+  KeyStore::PendingWrite pending{};
+  std::uint32_t retry_after_s = 0;  // > 0: a Retry-After header (seconds), with a 503
+
+  [[nodiscard]] static ApiResponse wait_needed() { return ApiResponse{0, {}, true, {}}; }
+};
 
 struct ApiRequest {
   std::string method;  // "GET", "POST", ...
@@ -35,18 +48,14 @@ struct ApiRequest {
   // ApiResponse::pending set, and the transport sends that response only once
   // KeyStore::when_written has reported the write durable. false: they wait.
   bool may_defer = false;
-};
-
-struct ApiResponse {
-  unsigned status = 200;
-  std::string body;  // JSON text, or empty (401)
-  // Set only by wait_needed() (see ApiRequest::may_wait); never sent.
-  bool needs_wait = false;
-  // The durable write this response must wait for (ApiRequest::may_defer).
-  KeyStore::PendingWrite pending{};
-  std::uint32_t retry_after_s = 0;  // > 0: a Retry-After header (seconds), with a 503
-
-  [[nodiscard]] static ApiResponse wait_needed() { return ApiResponse{0, {}, true, {}}; }
+  // Admission control, for enc_keys: called once the request has been found valid (an
+  // invalid one gets its 400 whatever the budgets), just before keys are taken, with the
+  // slave SAEs (the path's first, then the additional ones as given), the number of keys
+  // and their size in bits. A response it returns (503 + Retry-After) answers the request
+  // instead. Empty: no admission control.
+  using Admit = std::function<std::optional<ApiResponse>(
+      const std::vector<std::string>& slaves, std::uint32_t number, std::uint32_t size_bits)>;
+  Admit admit{};
 };
 
 // The one place where domain errors become HTTP statuses:
