@@ -370,19 +370,22 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
       return error_response(400, kNotFound);
     }
   }
+  // A key whose master is neither an SAE of the peer KME (keys come in its notices) nor of
+  // this KME cannot be on its way: what the store holds now is the answer, no wait.
+  const bool may_arrive = contains(config_.link.peer_saes, master) || contains(config_.saes, master);
   // While the link is down no notice can arrive: no wait (and no worker) for one.
   const bool down_before = !link_up();
-  if (!down_before && !req.may_wait && !store_.knows_all(ids)) {
+  if (may_arrive && !down_before && !req.may_wait && !store_.knows_all(ids)) {
     return ApiResponse::wait_needed();  // a notice may be in flight: wait where we may
   }
-  const auto wait =
-      std::chrono::milliseconds(req.may_wait && !down_before ? config_.keys.dec_wait_ms : 0);
+  const auto wait = std::chrono::milliseconds(
+      may_arrive && req.may_wait && !down_before ? config_.keys.dec_wait_ms : 0);
   KeyStore::PendingWrite pending;
   auto keys = store_.take(caller, master, ids, wait, req.may_defer ? &pending : nullptr);
   // A key_ID not known here while the link is (or was, during the wait) down: its notice
   // may be on its way, so not "not found". A key_ID delivered already is 400 (or 401)
   // whatever the link: take() answered that.
-  if (!keys.ok() && keys.error().code == qkd::core::ErrorCode::kInvalidArgument &&
+  if (!keys.ok() && keys.error().code == qkd::core::ErrorCode::kInvalidArgument && may_arrive &&
       (down_before || !link_up()) && !store_.knows_all(ids) && !store_.delivered_any(ids)) {
     return peer_unreachable("a key_ID not known at this KME may still be on its way");
   }

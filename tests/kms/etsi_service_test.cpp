@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
 
+#include <chrono>
 #include <nlohmann/json.hpp>
 
 #include "qkd/kms/api.hpp"
@@ -225,6 +226,34 @@ TEST_F(EtsiServiceTest, DecKeysThatMayNotWaitAsksToWaitOnlyForAKeyNotHeardOf) {
   EXPECT_FALSE(again.needs_wait);
   EXPECT_EQ(again.status, 400u);
   EXPECT_EQ(message(again), "one or more keys specified are not found on KME");
+}
+
+// dec_keys naming a master that is neither an SAE of the peer KME nor of this one: no notice
+// can bring its keys, so the answer is the one after the wait (400 "not found" for a key_ID
+// not held here), at once and not after keys.dec_wait_ms (5 s here); the I/O thread answers
+// it without handing it to a worker.
+TEST_F(EtsiServiceTest, DecKeysForAMasterNoKmeServesDoesNotWait) {
+  bob_cfg.keys.dec_wait_ms = 5000;
+  const std::string target =
+      "/api/v1/keys/nobody/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000";
+  ApiRequest io_thread{"GET", target, ""};
+  io_thread.may_wait = false;
+  ApiResponse at_once = bob.handle("bob", io_thread);
+  EXPECT_FALSE(at_once.needs_wait);
+  EXPECT_EQ(at_once.status, 400u);
+  const auto t0 = std::chrono::steady_clock::now();
+  ApiResponse r = at_bob("bob", "GET", target);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(r.status, 400u) << r.body;
+  EXPECT_EQ(message(r), "one or more keys specified are not found on KME");
+  EXPECT_LT(took, std::chrono::milliseconds(2500)) << "waited for a notice that cannot come";
+  // A master the peer KME serves still waits (bounded here by a short wait).
+  bob_cfg.keys.dec_wait_ms = 300;
+  const auto t1 = std::chrono::steady_clock::now();
+  EXPECT_EQ(at_bob("bob", "GET", "/api/v1/keys/alice/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000")
+                .status,
+            400u);
+  EXPECT_GE(std::chrono::steady_clock::now() - t1, std::chrono::milliseconds(300));
 }
 
 TEST_F(EtsiServiceTest, DecKeysBadRequests) {
