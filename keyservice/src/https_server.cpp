@@ -491,6 +491,13 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
     }
     res->keep_alive(req.keep_alive());
     res->prepare_payload();
+    if (req.method() == http::verb::head) {
+      // The header of the GET, without its body (RFC 9110 9.3.2): sent, it would be read as
+      // the start of the next response on this connection.
+      const std::size_t length = res->body().size();
+      res->body().clear();
+      res->content_length(length);
+    }
     stream_.expires_after(kWriteTimeout);
     http::async_write(stream_, *res,
                       [self = shared_from_this(), res](beast::error_code wec, std::size_t) {

@@ -257,6 +257,53 @@ TEST(OpsTest, MetricsScrapeIsValidAndCountersMove) {
   EXPECT_EQ(json::parse(hbody, nullptr, false), json({{"status", "ok"}, {"link", "up"}})) << hbody;
 }
 
+// The plain listener answers HEAD with the header of the GET and no body (RFC 9110 9.3.2),
+// so a request pipelined after it on the same connection gets its own, intact response.
+TEST(OpsTest, HeadOnThePlainListenerSendsNoBody) {
+  KmeNetworkOptions o;
+  o.customize = [](json& alice, json&) { alice["metrics"] = {{"listen", "127.0.0.1:0"}}; };
+  auto net = KmeNetwork::start(o);
+  ASSERT_TRUE(net.ok()) << net.error().message;
+  ASSERT_TRUE((*net)->wait_for_keys(1).ok());  // the link up: /health's body stays the same
+  const json ready = json::parse(read_file((*net)->dir() / "alice-kme.ready"));
+  const auto port = ready.at("metrics_port").get<std::uint16_t>();
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string both =
+      "HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+      "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  ASSERT_EQ(::send(fd, both.data(), both.size(), 0), static_cast<ssize_t>(both.size()));
+  std::string resp;
+  char buf[4096];
+  for (ssize_t n = 0; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) {
+    resp.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fd);
+  // HEAD: status line and header, with the GET's Content-Length, then nothing.
+  ASSERT_EQ(resp.rfind("HTTP/1.1 200", 0), 0u) << resp;
+  const auto head_end = resp.find("\r\n\r\n");
+  ASSERT_NE(head_end, std::string::npos) << resp;
+  const std::string head = resp.substr(0, head_end);
+  const std::regex length("\r\nContent-Length: (\\d+)", std::regex::icase);
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(head, m, length)) << head;
+  const std::string get = resp.substr(head_end + 4);
+  // GET: the next bytes are its own status line, and its body is that many bytes.
+  ASSERT_EQ(get.rfind("HTTP/1.1 200", 0), 0u) << "after the HEAD response: " << resp;
+  const auto get_end = get.find("\r\n\r\n");
+  ASSERT_NE(get_end, std::string::npos) << get;
+  EXPECT_EQ(get.size() - get_end - 4, std::stoul(m[1].str())) << get;
+  EXPECT_EQ(json::parse(get.substr(get_end + 4), nullptr, false).value("status", ""), "ok")
+      << get;
+}
+
 // The durable store's transactions are timed: every enc_keys (alice) and dec_keys (bob)
 // waits for one, so both KMEs count at least as many transactions more as they answered
 // (a request's write may share a transaction with a block commit of the link, still
