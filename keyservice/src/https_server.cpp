@@ -90,10 +90,38 @@ class Session : public std::enable_shared_from_this<Session> {
     do_read();
   }
 
+  // The header first: a client that sent "Expect: 100-continue" waits for an interim
+  // "100 Continue" before it sends the body (curl for a second, others for good).
   void do_read() {
     parser_.emplace();
     parser_->body_limit(kBodyLimit);
     beast::get_lowest_layer(stream_).expires_after(kReadTimeout);
+    http::async_read_header(stream_, buffer_, *parser_,
+                            beast::bind_front_handler(&Session::on_header, shared_from_this()));
+  }
+
+  void on_header(beast::error_code ec, std::size_t) {
+    if (ec || parser_->is_done()) {
+      on_read(ec, 0);
+      return;
+    }
+    const auto& header = parser_->get();
+    if (header.version() < 11 || !beast::iequals(header[http::field::expect], "100-continue")) {
+      read_body();
+      return;
+    }
+    auto cont = std::make_shared<http::response<http::empty_body>>(http::status::continue_, 11);
+    http::async_write(stream_, *cont,
+                      [self = shared_from_this(), cont](beast::error_code wec, std::size_t) {
+                        if (wec) {
+                          spdlog::debug("api: write 100 Continue: {}", wec.message());
+                          return;
+                        }
+                        self->read_body();
+                      });
+  }
+
+  void read_body() {
     http::async_read(stream_, buffer_, *parser_,
                      beast::bind_front_handler(&Session::on_read, shared_from_this()));
   }

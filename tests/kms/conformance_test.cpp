@@ -251,6 +251,31 @@ TEST_F(Etsi014, HostileHttpGetsAClearErrorAndHoldsUpNoOne) {
   ::close(idle);
 }
 
+// HTTP/1.1 (RFC 9110 10.1.1): a client that sends "Expect: 100-continue" waits for an interim
+// "100 Continue" before it sends the body (curl for a second, others until their timeout).
+// Here the client sends nothing more until it has read "HTTP/1.1 100" (within 10 s, where
+// the answer comes in milliseconds), then the body, and gets the keys.
+TEST_F(Etsi014, ExpectContinueGetsAnInterimResponse) {
+  const std::string body = R"({"number": 2})";
+  const std::string head = fmt::format(
+      "POST /api/v1/keys/bob/enc_keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+      "Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+      body.size());
+  const HttpsTestClient alice(net_->alice().host, net_->alice().api_port, net_->sae("alice"),
+                              std::chrono::seconds(10));
+  auto got = alice.converse({{head, "HTTP/1.1 100"}, {body, ""}});
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  ASSERT_EQ(got->rfind("HTTP/1.1 100 Continue\r\n", 0), 0u) << *got;
+  const auto final_at = got->find("HTTP/1.1 200");
+  ASSERT_NE(final_at, std::string::npos) << *got;
+  const auto json_at = got->find("\r\n\r\n", final_at);
+  ASSERT_NE(json_at, std::string::npos) << *got;
+  HttpResponse r;
+  r.status = 200;
+  r.body = got->substr(json_at + 4);
+  EXPECT_EQ(key_list(r).size(), 2u) << *got;
+}
+
 // "Transport and authentication" / "Status codes": the caller's SAE ID comes from its
 // certificate; an SAE this KME does not serve gets 401 on every route.
 TEST_F(Etsi014, UnknownSaeCertificateIs401OnEveryRoute) {

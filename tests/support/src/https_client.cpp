@@ -10,6 +10,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <array>
+#include <functional>
 
 namespace qkd::test {
 
@@ -22,16 +24,10 @@ using qkd::core::make_error;
 
 nlohmann::json HttpResponse::json() const { return nlohmann::json::parse(body, nullptr, false); }
 
-HttpsTestClient::HttpsTestClient(std::string host, std::uint16_t port, TlsIdentity identity,
-                                 std::chrono::milliseconds timeout)
-    : host_(std::move(host)), port_(port), identity_(std::move(identity)), timeout_(timeout) {}
+namespace {
 
-qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method,
-                                                         std::string_view target,
-                                                         std::string_view body,
-                                                         std::string_view content_type) const {
-  asio::io_context ioc;
-  asio::ssl::context ctx(asio::ssl::context::tls_client);
+// The client side of the TLS context: the identity's CA, certificate and key.
+qkd::core::Status setup(asio::ssl::context& ctx, const TlsIdentity& identity_, bool tls12_only_) {
   if (tls12_only_) {
     SSL_CTX_set_max_proto_version(ctx.native_handle(), TLS1_2_VERSION);
   }
@@ -46,6 +42,24 @@ qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method
     }
   } catch (const std::exception& e) {
     return make_error(ErrorCode::kInvalidArgument, fmt::format("client TLS setup: {}", e.what()));
+  }
+  return qkd::core::ok_status();
+}
+
+}  // namespace
+
+HttpsTestClient::HttpsTestClient(std::string host, std::uint16_t port, TlsIdentity identity,
+                                 std::chrono::milliseconds timeout)
+    : host_(std::move(host)), port_(port), identity_(std::move(identity)), timeout_(timeout) {}
+
+qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method,
+                                                         std::string_view target,
+                                                         std::string_view body,
+                                                         std::string_view content_type) const {
+  asio::io_context ioc;
+  asio::ssl::context ctx(asio::ssl::context::tls_client);
+  if (auto s = setup(ctx, identity_, tls12_only_); !s.ok()) {
+    return s.error();
   }
   beast::ssl_stream<beast::tcp_stream> stream(ioc, ctx);
   SSL_set_tlsext_host_name(stream.native_handle(), host_.c_str());
@@ -124,6 +138,82 @@ qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method
     out.retry_after = std::string(it->value());
   }
   return out;
+}
+
+qkd::core::Result<std::string> HttpsTestClient::converse(const std::vector<Step>& steps) const {
+  asio::io_context ioc;
+  asio::ssl::context ctx(asio::ssl::context::tls_client);
+  if (auto s = setup(ctx, identity_, tls12_only_); !s.ok()) {
+    return s.error();
+  }
+  beast::ssl_stream<beast::tcp_stream> stream(ioc, ctx);
+  SSL_set_tlsext_host_name(stream.native_handle(), host_.c_str());
+  beast::error_code result = asio::error::would_block;
+  std::string received;
+  std::size_t step = 0;
+  std::array<char, 4096> chunk{};
+  // Sends steps[step].send, then reads until `until` is in what came back.
+  std::function<void()> send;
+  std::function<void()> read = [&]() {
+    const std::string& until = steps[step].until;
+    if (!until.empty() && received.find(until) != std::string::npos) {
+      if (++step == steps.size()) {
+        result = {};
+        return;
+      }
+      send();
+      return;
+    }
+    stream.async_read_some(asio::buffer(chunk), [&](beast::error_code ec, std::size_t n) {
+      received.append(chunk.data(), n);
+      if (ec) {
+        const bool closed = ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
+        result = closed && until.empty() && step + 1 == steps.size() ? beast::error_code{} : ec;
+        return;
+      }
+      read();
+    });
+  };
+  send = [&]() {
+    asio::async_write(stream, asio::buffer(steps[step].send),
+                      [&](beast::error_code ec, std::size_t) {
+                        if (ec) {
+                          result = ec;
+                          return;
+                        }
+                        read();
+                      });
+  };
+  beast::get_lowest_layer(stream).expires_after(timeout_);
+  beast::get_lowest_layer(stream).async_connect(
+      tcp::endpoint(asio::ip::make_address(host_), port_), [&](beast::error_code ec) {
+        if (ec) {
+          result = ec;
+          return;
+        }
+        stream.async_handshake(asio::ssl::stream_base::client, [&](beast::error_code ec2) {
+          if (ec2) {
+            result = ec2;
+            return;
+          }
+          if (steps.empty()) {
+            result = {};
+            return;
+          }
+          send();
+        });
+      });
+  ioc.run_for(timeout_ + std::chrono::seconds(1));
+  if (result == asio::error::would_block || result == beast::error::timeout) {
+    return make_error(ErrorCode::kTimeout,
+                      fmt::format("step {}: timed out; received so far: {}", step, received));
+  }
+  if (result) {
+    return make_error(ErrorCode::kUnavailable,
+                      fmt::format("step {}: {}; received so far: {}", step, result.message(),
+                                  received));
+  }
+  return received;
 }
 
 }  // namespace qkd::test

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "qkd/core/result.hpp"
 
@@ -49,6 +50,16 @@ class HttpsTestClient {
                                                      std::string_view body) const {
     return request("POST", target, body);
   }
+  // A raw exchange over one TLS connection, for what request() cannot say: for each step,
+  // sends `send` as it is, then reads until what came back so far contains `until` (the
+  // last step may leave it empty: until the server closes). Everything read; kTimeout with
+  // what came so far when the bound (for the whole exchange) is hit first.
+  struct Step {
+    std::string send;
+    std::string until;
+  };
+  [[nodiscard]] qkd::core::Result<std::string> converse(const std::vector<Step>& steps) const;
+
   // Offer TLS 1.2 at most (an SAE without TLS 1.3); the default offers what OpenSSL does.
   HttpsTestClient& tls12_only() {
     tls12_only_ = true;
