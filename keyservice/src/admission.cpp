@@ -5,56 +5,16 @@
 
 #include <algorithm>
 #include <cmath>
-#include <nlohmann/json.hpp>
 
 #include "qkd/kms/util.hpp"
 
 namespace qkd::kms {
-
-using json = nlohmann::json;
-
-namespace {
-
-// The value of query parameter `name` (URL-decoded), if present exactly once.
-std::optional<std::string> query_value(std::string_view query, std::string_view name) {
-  std::optional<std::string> found;
-  std::size_t start = 0;
-  while (start < query.size()) {
-    const std::size_t amp = query.find('&', start);
-    const std::string_view part = query.substr(start, amp == std::string_view::npos
-                                                          ? std::string_view::npos
-                                                          : amp - start);
-    const std::size_t eq = part.find('=');
-    if (eq != std::string_view::npos) {
-      auto key = url_decode(part.substr(0, eq), true);
-      if (key && *key == name) {
-        if (found) {
-          return std::nullopt;
-        }
-        auto v = url_decode(part.substr(eq + 1), true);
-        if (!v) {
-          return std::nullopt;
-        }
-        found = std::move(*v);
-      }
-    }
-    if (amp == std::string_view::npos) {
-      break;
-    }
-    start = amp + 1;
-  }
-  return found;
-}
-
-}  // namespace
 
 RequestInfo classify_request(const ApiRequest& req) {
   RequestInfo info;
   const std::string_view target = req.target;
   const std::size_t qmark = target.find('?');
   const std::string_view path = target.substr(0, qmark);
-  const std::string_view query =
-      qmark == std::string_view::npos ? std::string_view{} : target.substr(qmark + 1);
   if (path == "/health") {
     info.route = "health";
     return info;
@@ -82,57 +42,6 @@ RequestInfo classify_request(const ApiRequest& req) {
   }
   info.route = tail == "enc_keys" ? "enc_keys" : tail == "dec_keys" ? "dec_keys" : "status";
   info.path_sae = std::move(*sae);
-  if (info.route != "enc_keys") {
-    return info;
-  }
-  if (req.method == "GET") {
-    if (auto n = query_value(query, "number")) {
-      auto v = parse_decimal<std::uint64_t>(*n);
-      info.well_formed = v.has_value();
-      info.number = v.value_or(0);
-    }
-    if (auto s = query_value(query, "size")) {
-      auto v = parse_decimal<std::uint64_t>(*s);
-      info.well_formed = info.well_formed && v.has_value();
-      info.size = v.value_or(0);
-    }
-    return info;
-  }
-  if (req.body.empty()) {
-    return info;
-  }
-  const json j = json::parse(req.body, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) {
-    info.well_formed = false;
-    return info;
-  }
-  if (auto it = j.find("number"); it != j.end()) {
-    if (!it->is_number_unsigned()) {
-      info.well_formed = false;
-      return info;
-    }
-    info.number = it->get<std::uint64_t>();
-  }
-  if (auto it = j.find("size"); it != j.end()) {
-    if (!it->is_number_unsigned()) {
-      info.well_formed = false;
-      return info;
-    }
-    info.size = it->get<std::uint64_t>();
-  }
-  if (auto it = j.find("additional_slave_SAE_IDs"); it != j.end()) {
-    if (!it->is_array()) {
-      info.well_formed = false;
-      return info;
-    }
-    for (const json& s : *it) {
-      if (!s.is_string()) {
-        info.well_formed = false;
-        return info;
-      }
-      info.additional_slaves.push_back(s.get<std::string>());
-    }
-  }
   return info;
 }
 

@@ -238,7 +238,20 @@ KeysConfig parse_keys(ObjectReader& top) {
   r.optional_uint("max_key_per_request", k.max_key_per_request, 1, 100000);
   r.optional_uint("max_key_count", k.max_key_count, 1, 1'000'000'000);
   r.optional_uint("dec_wait_ms", k.dec_wait_ms, 0, 600'000);
-  r.optional_uint("max_unfetched_per_pair", k.max_unfetched_per_pair, 0, 100'000'000);
+  // Room for the peer's prepared keys of one size (store.prepared_keys, at most 4096) and
+  // two requests: a lower cap would drop keys before any SAE could fetch them.
+  const std::uint64_t unfetched_floor = 4096 + 2 * std::uint64_t{k.max_key_per_request};
+  if (r.has("max_unfetched_per_pair")) {
+    r.optional_uint("max_unfetched_per_pair", k.max_unfetched_per_pair, 0, 100'000'000);
+    if (k.max_unfetched_per_pair != 0 && k.max_unfetched_per_pair < unfetched_floor) {
+      fail(r.field("max_unfetched_per_pair"),
+           fmt::format("must be 0 or at least {} (4096 prepared keys + 2 x "
+                       "keys.max_key_per_request)",
+                       unfetched_floor));
+    }
+  } else {
+    k.max_unfetched_per_pair = std::max<std::uint64_t>(k.max_unfetched_per_pair, unfetched_floor);
+  }
   // keys.max_age_s: 0 = keys never expire; else 1 s .. 1 year.
   if (r.has("max_age_s")) {
     k.max_age_s = static_cast<std::uint32_t>(r.unsigned_int("max_age_s", 0, 31'536'000));

@@ -712,6 +712,7 @@ class JournaledStore final : public KeyStore {
       for (const auto& id : key_ids) {
         auto it = records_.find(id);
         AssignedKey& r = it->second;
+        count_fetch_locked(r, caller_sae);
         r.fetched.push_back(caller_sae);
         if (r.fetched.size() < r.slaves.size()) {
           // Other slaves still to fetch it (multicast): deliver a copy, keep the record.
@@ -721,7 +722,6 @@ class JournaledStore final : public KeyStore {
           }
           continue;
         }
-        forget_record_locked(it->second);
         auto node = records_.extract(it);
         out.push_back(DeliveredKey{id, std::move(node.mapped().key)});
         if (journal_) {
@@ -1408,55 +1408,93 @@ class JournaledStore final : public KeyStore {
   }
 
   // --- keys.max_unfetched_per_pair ---
-  static std::string pair_key(const AssignedKey& r) {
-    std::string k = r.master;
-    for (const auto& slave : r.slaves) {
-      k += '\0';
-      k += slave;
-    }
+  // Counted per (master, slave): a multicast key counts once for each slave that has not
+  // fetched it, so neither the order of a request's slaves nor adding slaves to it makes
+  // another budget.
+  static std::string pair_key(const std::string& master, const std::string& slave) {
+    std::string k = master;
+    k += '\0';
+    k += slave;
     return k;
   }
+  static bool unfetched_by(const AssignedKey& r, const std::string& slave) {
+    return std::find(r.slaves.begin(), r.slaves.end(), slave) != r.slaves.end() &&
+           std::find(r.fetched.begin(), r.fetched.end(), slave) == r.fetched.end();
+  }
 
-  // Every record of records_ is made here, and counted for its (master, slaves); once
-  // that pair holds more than max_unfetched_ records, its oldest go (as expired ones do).
+  // Every record of records_ is made here and counted for each slave that has yet to fetch
+  // it; once such a (master, slave) holds more than max_unfetched_ keys, its oldest go (as
+  // expired ones do).
   void add_record_locked(std::string id, AssignedKey rec) {
-    const std::string key = pair_key(rec);
-    PairRecords& p = pair_records_[key];
-    p.order.push_back(id);
-    ++p.live;
-    records_.emplace(std::move(id), std::move(rec));
-    while (!p.order.empty()) {
-      auto it = records_.find(p.order.front());
-      if (it == records_.end() || pair_key(it->second) != key) {
-        p.order.pop_front();  // gone since (fetched, expired, withdrawn)
-        continue;
+    std::vector<std::string> pairs;
+    for (const auto& slave : rec.slaves) {
+      if (unfetched_by(rec, slave)) {
+        pairs.push_back(slave);
+        PairRecords& p = pair_records_[pair_key(rec.master, slave)];
+        p.order.push_back(id);
+        ++p.live;
       }
-      if (max_unfetched_ == 0 || p.live <= max_unfetched_) {
-        break;
-      }
-      remember_used_locked(it->first, it->second.master, it->second.slaves);
-      if (journal_) {
-        journal_->drop_assigned(it->first);
-      }
-      records_.erase(it);  // SecureBytes cleanses the key
-      --p.live;
-      ++evicted_;
-      p.order.pop_front();
     }
-    // Entries of records gone since that sit behind an old one still here.
-    if (p.order.size() > 2 * p.live + 1024) {
-      std::erase_if(p.order, [&](const std::string& i) {
-        auto it = records_.find(i);
-        return it == records_.end() || pair_key(it->second) != key;
+    const std::string master = rec.master;
+    records_.emplace(std::move(id), std::move(rec));
+    for (const auto& slave : pairs) {
+      trim_pair_locked(master, slave);
+    }
+    // Arrival times of keys gone since (fetched, withdrawn, evicted) until max_age_ passes.
+    if (record_times_.size() > 2 * records_.size() + 1024) {
+      std::erase_if(record_times_, [&](const auto& t) {
+        auto it = records_.find(t.second);
+        return it == records_.end() || it->second.received != t.first;
       });
+    }
+  }
+
+  void trim_pair_locked(const std::string& master, const std::string& slave) {
+    auto found = pair_records_.find(pair_key(master, slave));
+    if (found == pair_records_.end()) {
+      return;
+    }
+    PairRecords& p = found->second;
+    const auto counted = [&](const std::string& id) {
+      auto it = records_.find(id);
+      return it != records_.end() && it->second.master == master && unfetched_by(it->second, slave);
+    };
+    while (!p.order.empty() && max_unfetched_ > 0 && p.live > max_unfetched_) {
+      const std::string id = std::move(p.order.front());
+      p.order.pop_front();
+      if (!counted(id)) {
+        continue;  // gone since (fetched, expired, withdrawn, evicted)
+      }
+      auto it = records_.find(id);
+      remember_used_locked(id, it->second.master, it->second.slaves);
+      if (journal_) {
+        journal_->drop_assigned(id);
+      }
+      forget_record_locked(it->second);  // this pair stays: its count was above the cap
+      records_.erase(it);  // SecureBytes cleanses the key
+      ++evicted_;
+    }
+    // Entries of keys gone since that sit behind an old one still here.
+    if (p.order.size() > 2 * p.live + 1024) {
+      std::erase_if(p.order, [&](const std::string& id) { return !counted(id); });
+    }
+  }
+
+  // `slave` fetched `r` (r.fetched not updated yet).
+  void count_fetch_locked(const AssignedKey& r, const std::string& slave) {
+    if (!unfetched_by(r, slave)) {
+      return;
+    }
+    auto p = pair_records_.find(pair_key(r.master, slave));
+    if (p != pair_records_.end() && --p->second.live == 0) {
+      pair_records_.erase(p);
     }
   }
 
   // Every record leaves records_ after this (the record itself still in place).
   void forget_record_locked(const AssignedKey& r) {
-    auto p = pair_records_.find(pair_key(r));
-    if (p != pair_records_.end() && --p->second.live == 0) {
-      pair_records_.erase(p);
+    for (const auto& slave : r.slaves) {
+      count_fetch_locked(r, slave);
     }
   }
 

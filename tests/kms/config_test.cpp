@@ -494,6 +494,26 @@ TEST(Config, KeyMaxAge) {
   }
 }
 
+// keys.max_unfetched_per_pair: 100,000 by default, raised with max_key_per_request so that
+// the peer's prepared keys and two requests always fit; 0 (no limit) or at least that.
+TEST(Config, MaxUnfetchedPerPair) {
+  EXPECT_EQ(parse(valid_alice())->keys.max_unfetched_per_pair, 100'000u);
+  json j = valid_alice();
+  j["keys"]["max_key_per_request"] = 60'000;
+  EXPECT_EQ(parse(j)->keys.max_unfetched_per_pair, 124'096u);
+  j = valid_alice();
+  for (const json& ok : {json(0), json(4'352), json(100'000'000)}) {
+    j["keys"]["max_unfetched_per_pair"] = ok;
+    auto r = parse(j);
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    EXPECT_EQ(r->keys.max_unfetched_per_pair, ok.get<std::uint64_t>());
+  }
+  for (const json& bad : {json(4'351), json(-1), json("10"), json(100'000'001)}) {
+    j["keys"]["max_unfetched_per_pair"] = bad;
+    expect_error(j, "keys.max_unfetched_per_pair");
+  }
+}
+
 TEST(Config, EngineNice) {
   EXPECT_EQ(parse(valid_alice())->link.engine_nice, 10u);
   json j = valid_alice();

@@ -322,7 +322,7 @@ TEST(KeyStore, ExpiredKeysAreDiscardedOnBothEnds) {
 // that never calls dec_keys) stay bounded per (master, slaves); the oldest go, and are
 // "not found", while other pairs and keys fetched in time are untouched.
 TEST(KeyStore, UnfetchedKeysAreBoundedPerPair) {
-  Pair p(pattern(1024, 3));
+  Pair p(pattern(4096, 3));
   p.bob->set_max_unfetched(3);
   const auto flood = ids_of(p.allocate_and_notify({"bob"}, 5, 16));
   ASSERT_EQ(flood.size(), 5u);
@@ -343,11 +343,22 @@ TEST(KeyStore, UnfetchedKeysAreBoundedPerPair) {
   }
   EXPECT_TRUE(p.bob->take("carol", "alice", other, 0ms).ok());
   EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 0u);
+  // Multicast: each slave's keys count once, whatever the order of the slaves.
+  for (const auto& slaves : {std::vector<std::string>{"bob", "carol"},
+                             std::vector<std::string>{"carol", "bob"},
+                             std::vector<std::string>{"bob", "carol", "dave"}}) {
+    p.allocate_and_notify(slaves, 3, 16);
+  }
+  const auto waiting = p.bob->waiting_by_pair();
+  EXPECT_EQ(waiting.at({"alice", "bob"}), 3u);
+  EXPECT_EQ(waiting.at({"alice", "carol"}), 3u);
+  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 3u);
+  EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 8u);
   // 0: no limit.
   p.bob->set_max_unfetched(0);
   const auto many = ids_of(p.allocate_and_notify({"bob"}, 8, 16));
-  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 8u);
-  EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 2u);
+  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 11u);
+  EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 8u);
 }
 
 TEST(KeyStore, PoolLimitTrimsTheOwnDirectionOnBothEnds) {

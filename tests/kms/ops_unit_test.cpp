@@ -149,30 +149,13 @@ TEST(AdmissionControlTest, PairBucketIsPerSlaveAndAllOrNothing) {
   EXPECT_FALSE(ac.admit("x", {"b"}, 10, t0)) << "another master's pair with b is separate";
 }
 
-TEST(ClassifyRequestTest, RoutesAndNumbers) {
+TEST(ClassifyRequestTest, Routes) {
   using qkd::kms::ApiRequest;
   using qkd::kms::classify_request;
   auto i = classify_request(ApiRequest{"GET", "/api/v1/keys/b%20x/enc_keys?number=7&size=256", ""});
   EXPECT_EQ(i.route, "enc_keys");
   EXPECT_EQ(i.path_sae, "b x");
-  EXPECT_EQ(i.number, 7u);
-  EXPECT_EQ(i.size, 256u);
-  EXPECT_TRUE(i.well_formed);
-  i = classify_request(
-      ApiRequest{"POST", "/api/v1/keys/b/enc_keys",
-                 R"({"number":3,"size":1024,"additional_slave_SAE_IDs":["c"]})"});
-  EXPECT_EQ(i.number, 3u);
-  EXPECT_EQ(i.size, 1024u);
-  ASSERT_EQ(i.additional_slaves.size(), 1u);
-  EXPECT_EQ(i.additional_slaves[0], "c");
-  EXPECT_EQ(classify_request(ApiRequest{"POST", "/api/v1/keys/b/enc_keys", ""}).number, 1u);
-  EXPECT_FALSE(classify_request(ApiRequest{"POST", "/api/v1/keys/b/enc_keys", "{"}).well_formed);
-  EXPECT_FALSE(
-      classify_request(ApiRequest{"GET", "/api/v1/keys/b/enc_keys?number=x", ""}).well_formed);
-  EXPECT_FALSE(
-      classify_request(ApiRequest{"GET", "/api/v1/keys/b/enc_keys?size=-8", ""}).well_formed);
-  EXPECT_FALSE(
-      classify_request(ApiRequest{"POST", "/api/v1/keys/b/enc_keys", R"({"size":"8"})"}).well_formed);
+  EXPECT_EQ(classify_request(ApiRequest{"POST", "/api/v1/keys/b/enc_keys", "{"}).route, "enc_keys");
   EXPECT_EQ(classify_request(ApiRequest{"GET", "/api/v1/keys/a/dec_keys?key_ID=1", ""}).route,
             "dec_keys");
   EXPECT_EQ(classify_request(ApiRequest{"GET", "/api/v1/keys/a/status", ""}).route, "status");

@@ -938,6 +938,10 @@ TEST(Json, KeyContainerValuesWithEscapes) {
   refused = parse_key_container(bad_escape, 1, 0);
   ASSERT_FALSE(refused.ok());
   EXPECT_NE(refused.error().message.find("not valid JSON"), std::string::npos);
+  // Where the text stops being JSON, the rest goes: it ends in an unterminated string.
+  EXPECT_EQ(scrub_key_values(R"({"key":"AAEC\qw==","a":"b"})").json, R"({"key":")");
+  EXPECT_EQ(scrub_key_values(R"({"a":"\q","key":"AAECAw=="})").json, R"({"a":")");
+  EXPECT_EQ(scrub_key_values(R"({"a":1,"key":"AAECAw)").json, R"({"a":1,"key":")");
 }
 
 // The JSON parser never sees a key's text, so none is left in the blocks it frees (its
@@ -951,6 +955,10 @@ TEST(Json, KeyContainerLeavesNoKeyTextInFreedMemory) {
           "}]}",
       R"({"keys":[{"key_ID":"id-1","key":)" + key + R"(}],"extra":[)",  // truncated
       R"({"keys":[{"key_ID":"id-1","key":)" + key + "}]}",                // fewer than asked
+      R"({"keys":[{"key_ID":"id-1","key":)" + key.substr(0, key.size() - 1),  // cut short
+      R"({"keys":[{"key_ID":"id-1","key":)" + key + ",\"x\":\"",         // cut short after
+      R"({"keys":[{"key_ID":"id-1","k\ey":)" + key + "}]}",              // bad escape before
+      R"({"keys":[{"key_ID":"i)" "\x01" R"(","key":)" + key + "}]}",    // control character
   };
   for (const std::size_t expected : {std::size_t{1}, std::size_t{2}}) {
     for (const auto& b : bodies) {

@@ -456,54 +456,62 @@ std::size_t skip_ws(std::string_view text, std::size_t i) {
   return i;
 }
 
-// Decodes the escapes of a JSON string's contents that stay within ASCII into `out` (at
-// least text.size() bytes); the decoded length, or kNone for anything else (see
-// ScrubbedKeys).
+constexpr std::size_t kBadJson = kNone - 1;
+
+// Decodes the escapes of a JSON string's contents into `out` (at least text.size() bytes;
+// nullptr: only checks): the decoded length; kNone for contents beyond ASCII (a byte >=
+// 0x80, a \u escape above U+007F), kBadJson for contents no JSON string has (a raw control
+// character, a bad escape), wherever they are.
 std::size_t unescape_ascii(std::string_view text, std::uint8_t* out) {
   std::size_t n = 0;
+  bool ascii = true;
+  const auto put = [&](unsigned c) {
+    ascii = ascii && c < 0x80;
+    if (out != nullptr && ascii) {
+      out[n] = static_cast<std::uint8_t>(c);
+    }
+    ++n;
+  };
   for (std::size_t i = 0; i < text.size(); ++i) {
     const auto c = static_cast<unsigned char>(text[i]);
-    if (c < 0x20 || c >= 0x80) {
-      return kNone;
+    if (c < 0x20) {
+      return kBadJson;
     }
     if (c != '\\') {
-      out[n++] = c;
+      put(c);
       continue;
     }
     if (++i == text.size()) {
-      return kNone;
+      return kBadJson;
     }
     switch (text[i]) {
-      case '"': case '\\': case '/': out[n++] = static_cast<std::uint8_t>(text[i]); break;
-      case 'b': out[n++] = '\b'; break;
-      case 'f': out[n++] = '\f'; break;
-      case 'n': out[n++] = '\n'; break;
-      case 'r': out[n++] = '\r'; break;
-      case 't': out[n++] = '\t'; break;
+      case '"': case '\\': case '/': put(static_cast<unsigned char>(text[i])); break;
+      case 'b': put('\b'); break;
+      case 'f': put('\f'); break;
+      case 'n': put('\n'); break;
+      case 'r': put('\r'); break;
+      case 't': put('\t'); break;
       case 'u': {
         if (text.size() - i <= 4) {
-          return kNone;
+          return kBadJson;
         }
-        int code = 0;
+        unsigned code = 0;
         for (std::size_t k = 1; k <= 4; ++k) {
           const int d = OPENSSL_hexchar2int(static_cast<unsigned char>(text[i + k]));
           if (d < 0) {
-            return kNone;
+            return kBadJson;
           }
-          code = code * 16 + d;
+          code = code * 16 + static_cast<unsigned>(d);
         }
-        if (code >= 0x80) {
-          return kNone;
-        }
-        out[n++] = static_cast<std::uint8_t>(code);
+        put(code);
         i += 4;
         break;
       }
       default:
-        return kNone;
+        return kBadJson;
     }
   }
-  return n;
+  return ascii ? n : kNone;
 }
 
 // Whether a member name's contents, escapes decoded, are "key".
@@ -528,13 +536,17 @@ ScrubbedKeys scrub_key_values(std::string_view body) {
       continue;
     }
     const std::size_t close = string_end(body, i);
-    if (close == kNone) {  // not JSON; the parser will say so
-      out.json.append(body.substr(i));
+    const std::string_view text =
+        close == kNone ? std::string_view{} : body.substr(i + 1, close - i - 1);
+    if (close == kNone || unescape_ascii(text, nullptr) == kBadJson) {
+      // Not JSON from here on. What follows may hold a key (a body cut short, a member
+      // name the parser would refuse before its value): the parser gets an unterminated
+      // string instead, which it refuses as it would the rest.
+      out.json += '"';
       break;
     }
     const std::size_t colon = skip_ws(body, close + 1);
-    const bool is_key_name = colon < body.size() && body[colon] == ':' &&
-                             names_key(body.substr(i + 1, close - i - 1));
+    const bool is_key_name = colon < body.size() && body[colon] == ':' && names_key(text);
     if (!is_key_name) {
       out.json.append(body.substr(i, close + 1 - i));
       i = close + 1;
@@ -550,11 +562,11 @@ ScrubbedKeys scrub_key_values(std::string_view body) {
     if (value_close == kNone) {
       continue;
     }
-    const std::string_view text = body.substr(value + 1, value_close - value - 1);
-    SecureBytes decoded(text.size());
-    const std::size_t n = unescape_ascii(text, decoded.data());
-    if (n == kNone) {
-      continue;  // copied as it is, on the next turn
+    const std::string_view value_text = body.substr(value + 1, value_close - value - 1);
+    SecureBytes decoded(value_text.size());
+    const std::size_t n = unescape_ascii(value_text, decoded.data());
+    if (n == kNone || n == kBadJson) {
+      continue;  // copied as it is on the next turn, or the end of the text as above
     }
     decoded.resize(n);
     out.json += "\"#" + std::to_string(out.values.size()) + '"';

@@ -37,18 +37,14 @@
 
 namespace qkd::kms {
 
-// What the transport layer needs to know about a request before the ETSI handlers see it.
+// What the transport layer needs to know about a request before the ETSI handlers see it
+// (the handlers validate the rest, then call ApiRequest::admit).
 struct RequestInfo {
   std::string_view route = "other";  // enc_keys, dec_keys, status, health, metrics, other
   std::string path_sae;              // the SAE in the path (slave of enc_keys, master of dec_keys)
-  std::vector<std::string> additional_slaves;  // enc_keys POST body
-  std::uint64_t number = 1;                    // enc_keys: keys requested
-  std::uint64_t size = 0;                      // enc_keys: bits per key (0: not given)
-  bool well_formed = true;  // enc_keys: number / size / additional slaves could be read
 };
 
-// Classifies a request by route and reads what admission needs (lenient: a request it
-// cannot read is marked !well_formed and left to the ETSI handlers to reject).
+// Classifies a request by its route.
 [[nodiscard]] RequestInfo classify_request(const ApiRequest& req);
 
 class AdmissionControl {

@@ -40,8 +40,9 @@ struct KeysConfig {
   // Keys older than this (seconds since their block was committed here; for a key assigned
   // by the peer, since its notice arrived) are discarded on both ends. 0 = never.
   std::uint32_t max_age_s = 0;
-  // Keys assigned to SAEs here and not fetched yet, per (master, slaves): beyond it the
-  // oldest go (KeyStore::set_max_unfetched). 0 = no limit.
+  // Keys assigned to SAEs here and not fetched yet, per (master, slave): beyond it the
+  // oldest go (KeyStore::set_max_unfetched). 0 = no limit; else at least 4096 + 2 *
+  // max_key_per_request (the default is raised to that).
   std::uint64_t max_unfetched_per_pair = 100000;
 };
 

@@ -275,9 +275,10 @@ class KeyStore {
   virtual void set_max_age(std::chrono::seconds max_age) = 0;
   // --- unfetched keys per pair (keys.max_unfetched_per_pair) ---
   // Keys assigned to SAEs here (by the peer, or kept for local slaves) and not fetched yet
-  // are kept per (master, slaves) up to `keys` (0: no limit): a further one drops that
-  // pair's oldest, which is then "not found" for dec_keys, as an expired key is. Bounds the
-  // memory a master's flood of enc_keys for a slave that never fetches can take here.
+  // are kept per (master, slave) up to `keys` (0: no limit; a multicast key counts for
+  // each slave that has not fetched it): a further one drops that pair's oldest, which is
+  // then "not found" for dec_keys, as an expired key is. Bounds the memory a master's
+  // flood of enc_keys for a slave that never fetches can take here.
   virtual void set_max_unfetched(std::uint64_t keys) = 0;
   // --- pool limit (keys.max_key_count) ---
   // The link pauses only once both directions are full, so a direction nobody draws from

@@ -91,10 +91,11 @@ class ResponseParser {
 // depth) moved out into `values` and replaced by "#<index into values>", so that a JSON
 // parser, whose own token buffers are freed uncleansed, never sees a key. `values` hold the
 // texts with their JSON escapes decoded. A value that is not ASCII (a raw byte >= 0x80 or
-// a \u escape above U+007F), or that holds a bad escape or a raw control character, is left
-// in place: it cannot be base64, and the parser judges it as it would have. So the
-// scrubbed text is valid JSON exactly when `body` is, and puts the values back, it parses
-// to the same document.
+// a \u escape above U+007F) is left in place: it cannot be base64, and the parser judges
+// it as it would have. Where the body stops being JSON (an unterminated string, a "key"
+// value with a bad escape or a raw control character), the text ends with an unterminated
+// string instead of the rest. So the scrubbed text is valid JSON exactly when `body` is,
+// and, the values put back, it parses to the same document.
 struct ScrubbedKeys {
   std::string json;
   std::vector<qkd::core::SecureBytes> values;
