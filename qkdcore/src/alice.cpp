@@ -325,6 +325,16 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
       if (!rd.u8(kind)) {
         return malformed(MsgType::kCascadeRequest);
       }
+      // Every parity answered is leakage: once n have been disclosed the block can no longer
+      // yield key, so a Bob asking for more is misbehaving (an honest Bob stops first:
+      // RemoteParityOracle). Also bounds the work a request stream can cost.
+      if (kind != static_cast<std::uint8_t>(detail::CascadeRequestKind::kDone) &&
+          r.leaked_bits >= n) {
+        return make_error(ErrorCode::kProtocol,
+                          "Cascade: " + std::to_string(r.leaked_bits) + " parities of the " +
+                              std::to_string(n) +
+                              "-bit key already disclosed; the block can yield no key");
+      }
       Result<BitVector> answer = BitVector{};
       if (kind == static_cast<std::uint8_t>(detail::CascadeRequestKind::kBlockParities)) {
         std::uint32_t pass = 0;
@@ -338,15 +348,22 @@ Status AliceEndpoint::Impl::run(BlockResult& r, bool& fatal) {
           return malformed(MsgType::kCascadeRequest);
         }
         queries.resize(count);
+        std::uint64_t total = 0;  // bits the answer reads: its cost is O(count + total / 64)
         for (auto& q : queries) {
           std::uint8_t pass = 0;
           if (!rd.u8(pass) || !rd.u32(q.start) || !rd.u32(q.length)) {
             return malformed(MsgType::kCascadeRequest);
           }
           q.pass = pass;
+          total += q.length;
         }
         if (!rd.done()) {
           return malformed(MsgType::kCascadeRequest);
+        }
+        if (total > detail::kMaxCascadeRequestBits * std::uint64_t{n}) {
+          return make_error(ErrorCode::kProtocol,
+                            "Cascade: parity request covering " + std::to_string(total) +
+                                " bits of the " + std::to_string(n) + "-bit key refused");
         }
         answer = responder.range_parities(queries);
       } else if (kind == static_cast<std::uint8_t>(detail::CascadeRequestKind::kDone)) {

@@ -55,6 +55,14 @@ class RemoteParityOracle final : public ParityOracle {
       return make_error(ErrorCode::kProtocol,
                         "Cascade: too many parity requests (inconsistent parities: tampered?)");
     }
+    // Alice refuses requests once n parities are out (the block can yield no key): stop
+    // here first, with the reason, rather than be refused.
+    if (disclosed_ >= n_) {
+      return make_error(ErrorCode::kProtocol,
+                        "Cascade: " + std::to_string(disclosed_) + " parities of the " +
+                            std::to_string(n_) +
+                            "-bit key already disclosed; the block can yield no key");
+    }
     if (Status s = ch_.send(MsgType::kCascadeRequest, block_, w.buffer()); !s.ok()) {
       return s.error();
     }
@@ -67,6 +75,7 @@ class RemoteParityOracle final : public ParityOracle {
     if (!rd.bits(bits, n_) || !rd.done()) {
       return malformed(MsgType::kCascadeReply);
     }
+    disclosed_ += bits.size();
     return bits;
   }
 
@@ -75,6 +84,7 @@ class RemoteParityOracle final : public ParityOracle {
   std::chrono::milliseconds timeout_;
   std::uint32_t n_;
   std::uint64_t round_trips_ = 0;
+  std::uint64_t disclosed_ = 0;  // parity bits Alice has answered (her leaked_bits so far)
 };
 
 }  // namespace

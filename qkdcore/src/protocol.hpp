@@ -49,6 +49,12 @@ inline constexpr std::uint64_t kMinReconciledBits = 128;
 // against the long run a tampered (not yet verified) CascadeStart or reply would cause
 // under transcript authentication. Honest blocks need ~50-250 round trips.
 inline constexpr std::uint64_t kMaxCascadeRequests = 5'000;
+// Upper bound on the summed range lengths of one range-parity request, in multiples of the
+// key length n (Alice refuses a request above it). An honest request's ranges are
+// sub-blocks of distinct blocks of one pass, hence disjoint: at most n bits in all (the
+// link tests measure at most n/2 + 1). Without it one request of n full-key ranges cost
+// Alice O(n^2 / 64) word operations (seconds at n = 4e5), 5,000 times per block.
+inline constexpr std::uint64_t kMaxCascadeRequestBits = 2;
 
 enum class CascadeRequestKind : std::uint8_t { kBlockParities = 0, kRangeParities = 1, kDone = 2 };
 

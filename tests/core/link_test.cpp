@@ -863,5 +863,143 @@ TEST(Link, LongRunOfAbortsFailsWithPadExhausted) {
   EXPECT_NE(again.bob.error().message.find(detail::kPadExhausted), std::string::npos);
 }
 
+
+// A scripted Bob that follows the protocol with a real Alice up to CascadeStart (it
+// echoes Alice's sample bits, so the QBER is 0) and then sends whatever the test asks.
+class ScriptedBob {
+ public:
+  ScriptedBob(const ProtocolParams& pp, MessageTransport& quantum, MessageTransport& classical)
+      : pp_(pp), quantum_(quantum) {
+    auto ch = detail::AuthChannel::create(classical, detail::AuthRole::kBob, kPsk,
+                                          detail::auth_settings(pp));
+    EXPECT_TRUE(ch.ok());
+    ch_ = std::move(ch).value();
+  }
+  // Runs block 0 up to Alice's CascadeStart; returns n (0 on failure).
+  std::uint32_t reach_cascade() {
+    using detail::MsgType;
+    const std::chrono::milliseconds t = pp_.message_timeout;
+    if (!ch_->receive(t, MsgType::kParams, 0).ok()) {
+      return 0;
+    }
+    detail::Writer ack;
+    ack.u8(1);
+    ack.string("");
+    if (!ch_->send(MsgType::kParamsAck, 0, ack.buffer()).ok()) {
+      return 0;
+    }
+    std::uint64_t next = 0;
+    std::uint64_t detections = 0;
+    for (std::uint32_t chunk = 0;; ++chunk) {
+      auto m = quantum_.receive(t);
+      if (!m.ok()) {
+        return 0;
+      }
+      auto c = detail::decode_detections(*m, 0, chunk, next, pp_.pulses_per_block);
+      if (!c.ok()) {
+        return 0;
+      }
+      detections += c->events.size();
+      if (c->last) {
+        break;
+      }
+    }
+    detail::Writer bases;
+    bases.u64(detections);
+    bases.bits(BitVector(detections));  // all Z
+    if (!ch_->send(MsgType::kSiftBases, 0, bases.buffer()).ok()) {
+      return 0;
+    }
+    auto match = ch_->receive(t, MsgType::kSiftMatch, 0);
+    auto sample = ch_->receive(t, MsgType::kSample, 0);
+    if (!match.ok() || !sample.ok()) {
+      return 0;
+    }
+    detail::Reader rd(sample->payload);
+    BitVector mask;
+    BitVector alice_sample;
+    if (!rd.bits(mask, detections) || !rd.bits(alice_sample, detections) || !rd.done()) {
+      return 0;
+    }
+    detail::Writer reply;
+    reply.bits(alice_sample);
+    if (!ch_->send(MsgType::kSampleReply, 0, reply.buffer()).ok()) {
+      return 0;
+    }
+    auto start = ch_->receive(t, MsgType::kCascadeStart, 0);
+    if (!start.ok()) {
+      return 0;
+    }
+    detail::Reader sr(start->payload);
+    std::uint32_t n = 0;
+    return sr.u32(n) ? n : 0;
+  }
+  // Sends a range-parity request of `queries` and returns Alice's answer (or her Abort).
+  Result<detail::Frame> ask(std::span<const ParityQuery> queries) {
+    detail::Writer w;
+    w.u8(static_cast<std::uint8_t>(detail::CascadeRequestKind::kRangeParities));
+    w.u32(static_cast<std::uint32_t>(queries.size()));
+    for (const ParityQuery& q : queries) {
+      w.u8(static_cast<std::uint8_t>(q.pass));
+      w.u32(q.start);
+      w.u32(q.length);
+    }
+    if (Status s = ch_->send(detail::MsgType::kCascadeRequest, 0, w.buffer()); !s.ok()) {
+      return s.error();
+    }
+    return ch_->receive(pp_.message_timeout, detail::MsgType::kCascadeReply, 0);
+  }
+
+ private:
+  ProtocolParams pp_;
+  MessageTransport& quantum_;
+  std::unique_ptr<detail::AuthChannel> ch_;
+};
+
+// A hostile Bob cannot make Alice's Cascade responder work for hours. A request's ranges
+// may cover at most 2n bits (an honest one covers at most n: disjoint sub-blocks of one
+// pass), so n full-key ranges are refused before any parity is computed; and once n
+// parities are out (the block can yield no key) every further request is refused. Both
+// end the block with kProtocol, and Bob learns why through Alice's Abort.
+TEST(Link, AliceRefusesCascadeRequestsThatCostOrLeakTooMuch) {
+  for (const bool whole_key_ranges : {true, false}) {
+    auto q = make_memory_transport_pair();
+    auto c = make_memory_transport_pair();
+    const ProtocolParams pp = small_params();
+    AliceEndpoint alice(ChannelParams{}, pp, kPsk, 71, *q.a, *c.a);
+    std::optional<Result<BlockResult>> ra;
+    std::thread th([&] { ra.emplace(alice.run_block()); });
+    ScriptedBob bob(pp, *q.b, *c.b);
+    const std::uint32_t n = bob.reach_cascade();
+    ASSERT_GT(n, 0U);
+    Result<detail::Frame> answer = make_error(ErrorCode::kInternal, "not asked");
+    if (whole_key_ranges) {
+      // The attack of the review: count = n, each query the whole key (3.6 MB and seconds
+      // of Alice's CPU per request at n = 4e5, 5,000 requests per block).
+      const std::vector<ParityQuery> queries(n, ParityQuery{0, 0, n});
+      answer = bob.ask(queries);
+    } else {
+      // Within the per-request bound but every bit of the key, one parity each: answered
+      // (it is Bob's own block that stops yielding key), and nothing more after it.
+      std::vector<ParityQuery> queries(n);
+      for (std::uint32_t i = 0; i < n; ++i) {
+        queries[i] = ParityQuery{0, i, 1};
+      }
+      auto first = bob.ask(queries);
+      ASSERT_TRUE(first.ok()) << first.error().message;
+      const std::vector<ParityQuery> one{ParityQuery{0, 0, 2}};
+      answer = bob.ask(one);
+    }
+    th.join();
+    ASSERT_FALSE(answer.ok()) << "Alice answered";
+    EXPECT_EQ(answer.error().code, ErrorCode::kRejected) << answer.error().message;
+    ASSERT_FALSE(ra->ok());
+    EXPECT_EQ(ra->error().code, ErrorCode::kProtocol) << ra->error().message;
+    EXPECT_NE(ra->error().message.find("Cascade"), std::string::npos) << ra->error().message;
+    EXPECT_NE(answer.error().message.find(ra->error().message), std::string::npos)
+        << answer.error().message;
+  }
+}
+
 }  // namespace
 }  // namespace qkd::core
