@@ -744,6 +744,19 @@ Result<DetectionChunk> decode_detections(std::span<const std::uint8_t> msg,
   if (count > kMaxEventsPerChunk || count > r.remaining() / 2) {
     return malformed(MsgType::kDetections);
   }
+  // Alice sends ceil(events / kMaxEventsPerChunk) chunks, at least one, and events <= pulses:
+  // no empty chunk but a lone last one, and no chunk index past pulses / kMaxEventsPerChunk.
+  // Otherwise a stream of empty chunks would hold Bob in the quantum phase for ever (he
+  // reads no classical frame there, so not even Alice's Abort).
+  if (count == 0 && last == 0) {
+    return make_error(ErrorCode::kProtocol,
+                      "empty detection chunk " + std::to_string(chunk) + " that is not the last");
+  }
+  if (chunk > pulses / kMaxEventsPerChunk) {
+    return make_error(ErrorCode::kProtocol, "detection chunk " + std::to_string(chunk) +
+                                                " past the most a block of " +
+                                                std::to_string(pulses) + " pulses needs");
+  }
   DetectionChunk out;
   out.last = last == 1;
   out.events.resize(count);

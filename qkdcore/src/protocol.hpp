@@ -170,7 +170,8 @@ struct DetectionChunk {
   std::vector<DetectionEvent> events;
 };
 // `next_pulse` is the smallest pulse index the chunk may start at (updated on success);
-// events must be strictly increasing and below `pulses`.
+// events must be strictly increasing and below `pulses`. A chunk must hold events unless it
+// is the last, and its index must not pass pulses / kMaxEventsPerChunk (kProtocol).
 [[nodiscard]] Result<DetectionChunk> decode_detections(std::span<const std::uint8_t> msg,
                                                        std::uint64_t block_id,
                                                        std::uint32_t chunk,

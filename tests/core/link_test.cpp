@@ -1001,5 +1001,64 @@ TEST(Link, AliceRefusesCascadeRequestsThatCostOrLeakTooMuch) {
   }
 }
 
+
+// A fake Alice that has sent Params and received Bob's ParamsAck (block 0): what the
+// Bob-side tests below then feed him.
+struct FakeAlice {
+  explicit FakeAlice(const ProtocolParams& pp, MessageTransport& classical,
+                     double pulse_rate_hz = 1e9) {
+    auto c = detail::AuthChannel::create(classical, detail::AuthRole::kAlice, kPsk,
+                                         detail::auth_settings(pp));
+    EXPECT_TRUE(c.ok());
+    ch = std::move(c).value();
+    detail::Writer w;
+    detail::write_params(w, pp, pulse_rate_hz);
+    EXPECT_TRUE(ch->send(detail::MsgType::kParams, 0, w.buffer()).ok());
+  }
+  std::unique_ptr<detail::AuthChannel> ch;
+};
+
+// Empty detection chunks that are not the last, or more chunks than the block's pulses
+// need, fail Bob at once (kProtocol) instead of holding him in the quantum phase, where he
+// reads no classical frame (so not even Alice's Abort) until the message timeout.
+TEST(Link, BobRefusesEmptyOrSurplusDetectionChunks) {
+  ProtocolParams pp = small_params();  // 400,000 pulses: chunks 0 and 1 at most
+  pp.message_timeout = std::chrono::milliseconds(5'000);
+  for (const bool empty : {true, false}) {
+    auto q = make_memory_transport_pair();
+    auto c = make_memory_transport_pair();
+    BobEndpoint bob(pp, kPsk, 81, *q.b, *c.b);
+    std::optional<Result<BlockResult>> rb;
+    std::thread th([&] { rb.emplace(bob.run_block()); });
+    FakeAlice alice(pp, *c.a);
+    ASSERT_TRUE(alice.ch->receive(pp.message_timeout, detail::MsgType::kParamsAck, 0).ok());
+    std::uint64_t pulse = 0;
+    for (std::uint32_t chunk = 0; chunk < 3; ++chunk) {
+      std::vector<DetectionEvent> ev;
+      if (!empty) {
+        DetectionEvent e;
+        e.pulse = pulse++ & DetectionEvent::kMaxPulse;
+        ev.push_back(e);
+      }
+      const std::uint64_t base = pulse - ev.size();
+      ASSERT_TRUE(q.a->send(detail::encode_detections(0, chunk, false, ev, base)).ok());
+      if (empty) {
+        break;  // the first one must do
+      }
+    }
+    // Bob gives up and says so on the classical channel.
+    auto heard = alice.ch->receive(pp.message_timeout, detail::MsgType::kSiftBases, 0);
+    q.a->close();  // wakes a Bob still waiting for detections (only without the check)
+    th.join();
+    ASSERT_FALSE(rb->ok());
+    EXPECT_EQ(rb->error().code, ErrorCode::kProtocol) << rb->error().message;
+    EXPECT_NE(rb->error().message.find(empty ? "empty detection chunk" : "chunk 2"),
+              std::string::npos)
+        << rb->error().message;
+    ASSERT_FALSE(heard.ok());
+    EXPECT_EQ(heard.error().code, ErrorCode::kRejected) << heard.error().message;
+  }
+}
+
 }  // namespace
 }  // namespace qkd::core

@@ -129,6 +129,23 @@ TEST(Wire, DetectionFramesRoundTripAndRejectGarbage) {
   auto bad_state = msg;
   bad_state.back() = 9;
   EXPECT_FALSE(decode_detections(bad_state, 3, 0, next, 2000).ok());
+  // Only the last chunk may be empty, and a block of p pulses has at most
+  // p / kMaxEventsPerChunk + 1 chunks (indices 0 .. p / kMaxEventsPerChunk).
+  next = 0;
+  EXPECT_TRUE(decode_detections(encode_detections(3, 0, true, {}, 0), 3, 0, next, 2000).ok());
+  EXPECT_EQ(decode_detections(encode_detections(3, 0, false, {}, 0), 3, 0, next, 2000)
+                .error()
+                .code,
+            ErrorCode::kProtocol);
+  const std::uint64_t pulses = 3 * std::uint64_t{kMaxEventsPerChunk};
+  const std::vector<DetectionEvent> one{{0, true, false, false}};
+  next = 0;
+  EXPECT_TRUE(decode_detections(encode_detections(3, 3, true, one, 0), 3, 3, next, pulses).ok());
+  next = 0;
+  EXPECT_EQ(decode_detections(encode_detections(3, 4, true, one, 0), 3, 4, next, pulses)
+                .error()
+                .code,
+            ErrorCode::kProtocol);
 }
 
 // A transport that records what is sent so the test can replay or alter it.
