@@ -125,7 +125,10 @@ Status BobEndpoint::Impl::run(BlockResult& r, bool& fatal) {
     last_block = block;
     Reader rd(f->payload);
     ProtocolParams theirs = P;
-    if (!detail::read_params(rd, theirs, pulse_rate_hz, source) || !(pulse_rate_hz > 0.0)) {
+    // The rate range validate(ChannelParams) gives Alice: anything else (+Inf, a subnormal)
+    // would make simulated_seconds, and the rates computed from it, infinite or NaN.
+    if (!detail::read_params(rd, theirs, pulse_rate_hz, source) ||
+        !(pulse_rate_hz >= kMinPulseRateHz && pulse_rate_hz <= kMaxPulseRateHz)) {
       return malformed(MsgType::kParams);
     }
     const std::string mismatch = detail::params_mismatch(P, theirs);

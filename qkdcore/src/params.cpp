@@ -56,8 +56,8 @@ Status validate(const ChannelParams& p) {
   if (!in(p.eve_z_basis_prob, 0.0, 1.0)) {
     return bad("eve_z_basis_prob", "must be in [0, 1]");
   }
-  if (!in(p.pulse_rate_hz, 0.0, 1e15) || p.pulse_rate_hz <= 0.0) {
-    return bad("pulse_rate_hz", "must be positive");
+  if (!in(p.pulse_rate_hz, kMinPulseRateHz, kMaxPulseRateHz)) {
+    return bad("pulse_rate_hz", "must be in [1, 1e15]");
   }
   if (p.source != SourceKind::kSinglePhoton && p.source != SourceKind::kWeakCoherent) {
     return bad("source", "must be single_photon or weak_coherent");

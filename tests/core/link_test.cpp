@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -1057,6 +1058,47 @@ TEST(Link, BobRefusesEmptyOrSurplusDetectionChunks) {
         << rb->error().message;
     ASSERT_FALSE(heard.ok());
     EXPECT_EQ(heard.error().code, ErrorCode::kRejected) << heard.error().message;
+  }
+}
+
+
+// Bob takes the pulse rate Alice announces only in the range validate(ChannelParams) gives
+// her, [1, 1e15] Hz: +Inf or a subnormal rate made simulated_seconds 0 or infinite (and the
+// KME's rate metrics Inf or NaN).
+TEST(Link, BobRefusesAnImplausiblePulseRate) {
+  ProtocolParams pp = small_params();
+  const double rates[] = {1e9, std::numeric_limits<double>::infinity(),
+                          std::numeric_limits<double>::denorm_min(), 0.5, 2e15,
+                          std::numeric_limits<double>::quiet_NaN()};
+  for (const double rate : rates) {
+    auto q = make_memory_transport_pair();
+    auto c = make_memory_transport_pair();
+    BobEndpoint bob(pp, kPsk, 91, *q.b, *c.b);
+    std::optional<Result<BlockResult>> rb;
+    std::thread th([&] { rb.emplace(bob.run_block()); });
+    FakeAlice alice(pp, *c.a, rate);
+    auto ack = alice.ch->receive(pp.message_timeout, detail::MsgType::kParamsAck, 0);
+    q.a->close();  // wakes a Bob waiting for detections
+    th.join();
+    if (rate == 1e9) {
+      EXPECT_TRUE(ack.ok()) << ack.error().message;
+      continue;
+    }
+    ASSERT_FALSE(ack.ok()) << rate << " accepted";
+    EXPECT_EQ(ack.error().code, ErrorCode::kRejected) << ack.error().message;
+    ASSERT_FALSE(rb->ok());
+    EXPECT_EQ(rb->error().code, ErrorCode::kProtocol) << rb->error().message;
+    EXPECT_NE(rb->error().message.find("Params"), std::string::npos) << rb->error().message;
+  }
+  // Alice's own settings: the same range.
+  ChannelParams ch;
+  for (const double rate : rates) {
+    ch.pulse_rate_hz = rate;
+    EXPECT_EQ(validate(ch).ok(), rate == 1e9) << rate;
+  }
+  for (const double rate : {kMinPulseRateHz, kMaxPulseRateHz}) {
+    ch.pulse_rate_hz = rate;
+    EXPECT_TRUE(validate(ch).ok()) << rate;
   }
 }
 

@@ -55,6 +55,10 @@ struct TransportPair {
 // public device settings), so Bob can run the decoy-state estimation too.
 enum class SourceKind : std::uint8_t { kSinglePhoton = 0, kWeakCoherent = 1 };
 
+// The range of ChannelParams::pulse_rate_hz (validate()), also what Bob accepts in Params.
+inline constexpr double kMinPulseRateHz = 1.0;
+inline constexpr double kMaxPulseRateHz = 1e15;
+
 struct ChannelParams {
   double length_km = 20.0;              // fiber length
   double loss_db_per_km = 0.2;          // fiber attenuation
@@ -62,7 +66,10 @@ struct ChannelParams {
   double dark_count_prob = 1e-6;        // dark-count probability per pulse (Y0)
   double misalignment = 0.01;           // optical error e_det, 0..0.5
   double eve_intercept_fraction = 0.0;  // intercept-resend on this fraction of pulses, 0..1
-  double pulse_rate_hz = 1e9;           // source repetition rate, for rates per second
+  // Source repetition rate, for rates per second: in [kMinPulseRateHz, kMaxPulseRateHz]
+  // (validate(); Bob refuses a block announcing another), so that pulses / rate is a finite,
+  // positive number of seconds.
+  double pulse_rate_hz = 1e9;
   // --- added with the decoy-state physics (defaults keep the single-photon behaviour) ---
   SourceKind source = SourceKind::kSinglePhoton;
   double mu_signal = 0.5;               // mean photon number of signal pulses (weak coherent)
