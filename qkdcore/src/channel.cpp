@@ -92,12 +92,15 @@ const char* msg_type_name(MsgType t) {
   return "unknown";
 }
 
-Result<MacKeys> derive_mac_keys(std::span<const std::uint8_t> psk) {
+Result<MacKeys> derive_mac_keys(std::span<const std::uint8_t> psk,
+                                std::span<const std::uint8_t> nonce_a,
+                                std::span<const std::uint8_t> nonce_b) {
   if (psk.size() < 16) {
     return short_psk(psk.size());
   }
-  auto ab = hkdf_sha256(psk, kSalt, "mac alice->bob", 32);
-  auto ba = hkdf_sha256(psk, kSalt, "mac bob->alice", 32);
+  const std::string nonces = hex(nonce_a) + " " + hex(nonce_b);
+  auto ab = hkdf_sha256(psk, kSalt, "mac alice->bob " + nonces, 32);
+  auto ba = hkdf_sha256(psk, kSalt, "mac bob->alice " + nonces, 32);
   if (!ab.ok()) {
     return ab.error();
   }
@@ -134,15 +137,6 @@ Result<std::unique_ptr<AuthChannel>> AuthChannel::create(MessageTransport& trans
     return make_error(ErrorCode::kInvalidArgument, "invalid authentication settings");
   }
   std::unique_ptr<AuthChannel> ch(new AuthChannel(transport, role, settings));
-  if (hmac) {
-    auto keys = derive_mac_keys(psk);
-    if (!keys.ok()) {
-      return keys.error();
-    }
-    const bool alice = role == AuthRole::kAlice;
-    ch->hmac_send_ = alice ? keys->alice_to_bob : keys->bob_to_alice;
-    ch->hmac_recv_ = alice ? keys->bob_to_alice : keys->alice_to_bob;
-  }
   ch->psk_ = SecureBytes(psk);
   if (Status s = random_bytes(ch->nonce_); !s.ok()) {
     return s.error();
@@ -175,7 +169,14 @@ Status AuthChannel::derive_hello_b(std::span<const std::uint8_t> nonce_a,
 
 Status AuthChannel::derive_session(std::span<const std::uint8_t> nonce_a,
                                    std::span<const std::uint8_t> nonce_b) {
-  if (settings_.mode != AuthMode::kWegmanCarter) {
+  if (settings_.mode == AuthMode::kHmac) {
+    auto keys = derive_mac_keys(psk_.span(), nonce_a, nonce_b);
+    if (!keys.ok()) {
+      return keys.error();
+    }
+    const bool alice = role_ == AuthRole::kAlice;
+    hmac_send_ = alice ? keys->alice_to_bob : keys->bob_to_alice;
+    hmac_recv_ = alice ? keys->bob_to_alice : keys->alice_to_bob;
     return ok_status();
   }
   const std::string label = "session " + settings_label() + " " + hex(nonce_a) + " " + hex(nonce_b);
@@ -230,15 +231,15 @@ void absorb(PolyHasher& h, std::span<const std::uint8_t> key, std::span<const st
 
 Result<std::vector<std::uint8_t>> AuthChannel::tag_for(bool sending, bool tagged,
                                                        std::span<const std::uint8_t> body) {
+  if (!session_) {
+    return make_error(ErrorCode::kInternal, "session keys not yet agreed");
+  }
   if (settings_.mode == AuthMode::kHmac) {
     auto t = hmac_sha256((sending ? hmac_send_ : hmac_recv_).span(), body);
     if (!t.ok()) {
       return t.error();
     }
     return std::vector<std::uint8_t>(t->begin(), t->end());
-  }
-  if (!session_) {
-    return make_error(ErrorCode::kInternal, "Wegman-Carter session keys not yet agreed");
   }
   const std::size_t tb = settings_.tag_bytes();
   const bool from_alice = sending == (role_ == AuthRole::kAlice);

@@ -67,7 +67,10 @@
 //   2 x 128 bits of new hash keys from the front of the block's key.
 //
 // HMAC (auth = hmac): every frame after the first carries HMAC-SHA256(direction key, frame)
-// with direction keys HKDF(PSK). Computationally secure only, costs no key; for comparison.
+// with direction keys HKDF(PSK, nonce_A || nonce_B), derived after the hello frames like
+// the Wegman-Carter session keys, so a frame of one session never verifies in another
+// (sequence numbers restart at 0 with every session). Computationally secure only, costs
+// no key; for comparison.
 //
 // Quantum frame (not authenticated: it models photons, which carry no MAC):
 //   u8 version=1 | u8 type=kDetections | u64 block_id | u32 chunk_index | u8 last |
@@ -125,8 +128,12 @@ struct MacKeys {
   SecureBytes alice_to_bob;
   SecureBytes bob_to_alice;
 };
-// HMAC mode keys. Fails if the PSK is shorter than 16 bytes (kInvalidArgument) or HKDF fails.
-[[nodiscard]] Result<MacKeys> derive_mac_keys(std::span<const std::uint8_t> psk);
+// HMAC mode keys of the session whose hello frames carried nonce_a and nonce_b:
+// HKDF(PSK, nonce_A || nonce_B), one key per direction. Fails if the PSK is shorter than
+// 16 bytes (kInvalidArgument) or HKDF fails.
+[[nodiscard]] Result<MacKeys> derive_mac_keys(std::span<const std::uint8_t> psk,
+                                              std::span<const std::uint8_t> nonce_a,
+                                              std::span<const std::uint8_t> nonce_b);
 
 // The authentication settings both ends must share (from ProtocolParams).
 struct AuthSettings {

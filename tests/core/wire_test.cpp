@@ -196,24 +196,31 @@ TEST(AuthChannel, HmacDetectsTamperingReplayTypeAndReflection) {
   auto a = make_channel(ta, AuthRole::kAlice, psk, hmac_settings());
   auto b = make_channel(tb, AuthRole::kBob, psk, hmac_settings());
   const std::vector<std::uint8_t> payload{1, 2, 3};
-  ASSERT_TRUE(a->send(MsgType::kSiftMatch, 1, payload).ok());  // frame 0: hello tag
-  ASSERT_TRUE(a->send(MsgType::kSample, 1, payload).ok());     // HMAC from here on
-  ASSERT_TRUE(a->send(MsgType::kSample, 1, payload).ok());
-  const auto m0 = ta.sent[0];
-  const auto m1 = ta.sent[2];
   const std::chrono::milliseconds t{1};
-  EXPECT_EQ(ta.sent[1].size(), kHeaderBytes + payload.size() + kMacBytes);
+  // The hello frames (their own tags); the HMAC keys come from both nonces.
+  ASSERT_TRUE(a->send(MsgType::kParams, 1, payload).ok());
+  tb.inbox = {ta.sent[0]};
+  auto hello = b->receive(t, MsgType::kParams, 1);
+  ASSERT_TRUE(hello.ok()) << hello.error().message;
+  EXPECT_EQ(hello->payload, payload);
+  ASSERT_TRUE(b->send(MsgType::kParamsAck, 1, payload).ok());
+  ta.inbox = {tb.sent[0]};
+  ASSERT_TRUE(a->receive(t, MsgType::kParamsAck, 1).ok());
+  ASSERT_TRUE(a->send(MsgType::kSample, 1, payload).ok());  // HMAC from here on
+  ASSERT_TRUE(a->send(MsgType::kSample, 1, payload).ok());
+  const auto m1 = ta.sent[1];
+  const auto m2 = ta.sent[2];
+  EXPECT_EQ(m1.size(), kHeaderBytes + payload.size() + kMacBytes);
 
-  tb.inbox = {m0, ta.sent[1]};
-  auto ok = b->receive(t, MsgType::kSiftMatch, 1);
+  tb.inbox = {m1};
+  auto ok = b->receive(t, MsgType::kSample, 1);
   ASSERT_TRUE(ok.ok()) << ok.error().message;
   EXPECT_EQ(ok->payload, payload);
-  ASSERT_TRUE(b->receive(t, MsgType::kSample, 1).ok());
 
-  tb.inbox = {ta.sent[1]};  // replay: the tag verifies, the sequence number does not
+  tb.inbox = {m1};  // replay: the tag verifies, the sequence number does not
   EXPECT_EQ(b->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kProtocol);
 
-  auto flipped = m1;
+  auto flipped = m2;
   flipped[flipped.size() / 2] ^= 0x01;
   tb.inbox = {flipped};
   EXPECT_EQ(b->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kAuthentication);
@@ -222,23 +229,71 @@ TEST(AuthChannel, HmacDetectsTamperingReplayTypeAndReflection) {
   EXPECT_EQ(b->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kProtocol);
 
   // Alice's own message reflected back to her does not verify under the other key.
-  ta.inbox = {m1};
+  ta.inbox = {m2};
   EXPECT_EQ(a->receive(t, MsgType::kSample, 1).error().code, ErrorCode::kAuthentication);
 
-  // Wrong type and wrong block (a fresh receiver at sequence 1).
-  auto b2 = make_channel(tb, AuthRole::kBob, psk, hmac_settings());
-  tb.inbox = {m0, ta.sent[1]};
-  ASSERT_TRUE(b2->receive(t, MsgType::kSiftMatch, 1).ok());
-  EXPECT_EQ(b2->receive(t, MsgType::kVerify, 1).error().code, ErrorCode::kProtocol);
+  // Wrong type (the tag and the sequence number verify).
+  tb.inbox = {m2};
+  EXPECT_EQ(b->receive(t, MsgType::kVerify, 1).error().code, ErrorCode::kProtocol);
   EXPECT_EQ(a->settle(std::vector<std::uint8_t>(100, 1)), 0U);  // HMAC costs no key
 
-  EXPECT_EQ(derive_mac_keys(std::vector<std::uint8_t>(8, 1)).error().code,
+  const std::vector<std::uint8_t> nonce(kNonceBytes, 1);
+  EXPECT_EQ(derive_mac_keys(std::vector<std::uint8_t>(8, 1), nonce, nonce).error().code,
             ErrorCode::kInvalidArgument);
   EXPECT_EQ(AuthChannel::create(ta, AuthRole::kAlice, std::vector<std::uint8_t>(15, 1),
                                 AuthSettings{})
                 .error()
                 .code,
             ErrorCode::kInvalidArgument);
+}
+
+// HMAC keys are bound to the session's nonces, as the Wegman-Carter keys are: a frame
+// recorded in one session (here Alice's sequence-1 frame) is refused in a later session
+// with the same PSK, where sequence 1 is due again, with kAuthentication. (With keys from
+// the PSK alone it was accepted.) Either direction.
+TEST(AuthChannel, HmacFrameOfAnEarlierSessionIsRefused) {
+  const std::vector<std::uint8_t> psk(32, 8);
+  const std::chrono::milliseconds t{1};
+  const std::vector<std::uint8_t> payload{4, 5, 6};
+  struct Session {
+    TapTransport ta;
+    TapTransport tb;
+    std::unique_ptr<AuthChannel> a;
+    std::unique_ptr<AuthChannel> b;
+  };
+  const auto handshake = [&](Session& s) {
+    s.a = make_channel(s.ta, AuthRole::kAlice, psk, hmac_settings());
+    s.b = make_channel(s.tb, AuthRole::kBob, psk, hmac_settings());
+    ASSERT_TRUE(s.a->send(MsgType::kParams, 0, payload).ok());
+    s.tb.inbox = {s.ta.sent.back()};
+    ASSERT_TRUE(s.b->receive(t, MsgType::kParams, 0).ok());
+    ASSERT_TRUE(s.b->send(MsgType::kParamsAck, 0, payload).ok());
+    s.ta.inbox = {s.tb.sent.back()};
+    ASSERT_TRUE(s.a->receive(t, MsgType::kParamsAck, 0).ok());
+  };
+  Session old;
+  handshake(old);
+  ASSERT_TRUE(old.a->send(MsgType::kSiftMatch, 0, payload).ok());
+  ASSERT_TRUE(old.b->send(MsgType::kSiftBases, 0, payload).ok());
+  const auto old_from_alice = old.ta.sent.back();
+  const auto old_from_bob = old.tb.sent.back();
+  old.tb.inbox = {old_from_alice};
+  ASSERT_TRUE(old.b->receive(t, MsgType::kSiftMatch, 0).ok());  // genuine in its session
+
+  Session now;
+  handshake(now);
+  now.tb.inbox = {old_from_alice};
+  auto r = now.b->receive(t, MsgType::kSiftMatch, 0);
+  ASSERT_FALSE(r.ok()) << "an earlier session's frame was accepted";
+  EXPECT_EQ(r.error().code, ErrorCode::kAuthentication) << r.error().message;
+  now.ta.inbox = {old_from_bob};
+  auto r2 = now.a->receive(t, MsgType::kSiftBases, 0);
+  ASSERT_FALSE(r2.ok()) << "an earlier session's frame was accepted";
+  EXPECT_EQ(r2.error().code, ErrorCode::kAuthentication) << r2.error().message;
+  // The session's own frames still pass.
+  ASSERT_TRUE(now.a->send(MsgType::kSiftMatch, 0, payload).ok());
+  now.tb.inbox = {now.ta.sent.back()};
+  EXPECT_TRUE(now.b->receive(t, MsgType::kSiftMatch, 0).ok());
 }
 
 // A Wegman-Carter channel pair after the two-frame handshake (Alice's Params, Bob's Ack).
