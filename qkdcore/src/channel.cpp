@@ -297,6 +297,21 @@ Status AuthChannel::send(MsgType type, std::uint64_t block_id,
   } else if (alice && !session_ && type == MsgType::kAbort && send_seq_ == 1) {
     w.bytes(hello_tag(hello_a_, 1, w.buffer()));  // early Abort: nonce_B not verified
   } else {
+    const std::size_t tb = settings_.tag_bytes();
+    if (settings_.mode == AuthMode::kWegmanCarter && settings_.every_message && session_ &&
+        type != MsgType::kAbort && send_pool_bytes() < 2 * tb) {
+      return make_error(
+          ErrorCode::kAuthentication,
+          std::string(kPadExhausted) + ": the " + (alice ? "Alice->Bob" : "Bob->Alice") +
+              " one-time-pad pool holds only its Abort frame's tag, in the middle of a block: "
+              "per-message authentication (auth_every_message) takes a " +
+              std::to_string(settings_.tag_bits) + "-bit tag per frame, ~100-200 per block "
+              "with Cascade's round trips, and auth_pool_bits = " +
+              std::to_string(settings_.pool_bits) + " holds " +
+              std::to_string(settings_.pool_bits / settings_.tag_bits) +
+              " per direction (fewer after aborted blocks); raise auth_pool_bits or use "
+              "transcript authentication");
+    }
     auto tag = tag_for(true, checkpoint || type == MsgType::kAbort, w.buffer());
     if (!tag.ok()) {
       return tag.error();
@@ -443,8 +458,10 @@ Status AuthChannel::check_block_reserve() const {
     return ok_status();
   }
   const std::size_t tb = settings_.tag_bytes();
+  const bool every = settings_.every_message;
   const std::array<std::pair<const Direction*, std::uint32_t>, 2> need = {
-      std::pair{&ab_, kBlockTagsAliceToBob}, std::pair{&ba_, kBlockTagsBobToAlice}};
+      std::pair{&ab_, every ? kBlockTagsPerMessage : kBlockTagsAliceToBob},
+      std::pair{&ba_, every ? kBlockTagsPerMessage : kBlockTagsBobToAlice}};
   for (const auto& [d, tags] : need) {
     if (d->pool.size() < tags * tb) {
       return make_error(

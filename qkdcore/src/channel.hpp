@@ -162,6 +162,14 @@ inline constexpr std::string_view kPadExhausted = "authentication pad exhausted"
 // Checkpoint) + Abort.
 inline constexpr std::uint32_t kBlockTagsAliceToBob = 2;
 inline constexpr std::uint32_t kBlockTagsBobToAlice = 3;
+// Per-message mode: the tags of a block's fixed frames, per direction, its Abort included
+// (Alice->Bob Params, SiftMatch, Sample, CascadeStart, Verify, Amplify; Bob->Alice ParamsAck,
+// SiftBases, SampleReply, Cascade's done, VerifyResult, BlockDone). Cascade's round trips,
+// a tag each way per request, come on top: ~100-200 per block, up to kMaxCascadeRequests,
+// more than a pool may hold. So in this mode a frame other than an Abort never takes a
+// pool's last tag: a block that runs out stops with a kPadExhausted error naming the pool
+// size, and the peer hears of it through the Abort (instead of waiting for the timeout).
+inline constexpr std::uint32_t kBlockTagsPerMessage = 7;
 
 struct Frame {
   MsgType type = MsgType::kAbort;
@@ -181,7 +189,9 @@ class AuthChannel {
   AuthChannel& operator=(const AuthChannel&) = delete;
 
   // Fails with kAuthentication when the send pool holds fewer than tag_bits (aborted
-  // blocks used up the repaid pads and the bootstrap reserve: start a new session).
+  // blocks used up the repaid pads and the bootstrap reserve: start a new session), and in
+  // per-message mode when a frame other than an Abort would take its last tag
+  // (kBlockTagsPerMessage).
   // `checkpoint` (transcript mode only; ignored otherwise): tag the transcript so far.
   [[nodiscard]] Status send(MsgType type, std::uint64_t block_id,
                             std::span<const std::uint8_t> payload, bool checkpoint = false);
@@ -206,9 +216,10 @@ class AuthChannel {
 
   // Before a block (both ends, same pool state, same answer): fails with kAuthentication
   // and a kPadExhausted message when a pool cannot pay the tags of one more block
-  // (kBlockTags*), so that a long run of aborts stops cleanly between blocks instead of
-  // in the middle of one. Always ok under HMAC and before the session keys exist (the
-  // first block runs on the full bootstrap pools).
+  // (kBlockTags*; per-message mode: those of its fixed frames), so that a long run of
+  // aborts stops cleanly between blocks instead of in the middle of one. Always ok under
+  // HMAC and before the session keys exist (the first block runs on the full bootstrap
+  // pools).
   [[nodiscard]] Status check_block_reserve() const;
   // Pad bits in the Alice->Bob and Bob->Alice pools (0 under HMAC).
   [[nodiscard]] std::array<std::uint64_t, 2> pool_bits_left() const {

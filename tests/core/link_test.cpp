@@ -1102,5 +1102,65 @@ TEST(Link, BobRefusesAnImplausiblePulseRate) {
   }
 }
 
+
+// Per-message authentication takes a tag per frame, ~100-200 per block with Cascade's
+// round trips: a 4096-bit pool (32 tags of 128 bits) runs out in the middle of the first
+// block. The end that runs out keeps the last tag for its Abort and fails with a
+// kPadExhausted error that names the pool size and the way out; the peer gets that reason
+// at once (kRejected) instead of waiting for the message timeout.
+TEST(Link, PerMessagePoolTooSmallForABlockFailsClearlyAtBothEnds) {
+  auto q = make_memory_transport_pair();
+  auto c = make_memory_transport_pair();
+  ProtocolParams pp = small_params();
+  pp.auth_every_message = true;
+  pp.auth_pool_bits = 4096;
+  pp.message_timeout = std::chrono::milliseconds(10'000);
+  AliceEndpoint alice(ChannelParams{}, pp, kPsk, 101, *q.a, *c.a);
+  BobEndpoint bob(pp, kPsk, 102, *q.b, *c.b);
+  auto r = run_pair(alice, bob);
+  ASSERT_FALSE(r.alice.ok());
+  ASSERT_FALSE(r.bob.ok());
+  const Error& a = r.alice.error();
+  const Error& b = r.bob.error();
+  // Either direction may run out first (Alice->Bob does at these settings).
+  const Error& ran_out = a.code == ErrorCode::kAuthentication ? a : b;
+  const Error& told = a.code == ErrorCode::kAuthentication ? b : a;
+  EXPECT_EQ(ran_out.code, ErrorCode::kAuthentication) << ran_out.message;
+  EXPECT_EQ(ran_out.message.rfind(detail::kPadExhausted, 0), 0U) << ran_out.message;
+  EXPECT_NE(ran_out.message.find("per-message"), std::string::npos) << ran_out.message;
+  EXPECT_NE(ran_out.message.find("auth_pool_bits = 4096"), std::string::npos) << ran_out.message;
+  EXPECT_EQ(told.code, ErrorCode::kRejected) << told.message;
+  EXPECT_NE(told.message.find(ran_out.message), std::string::npos) << told.message;
+  std::printf("ran out: %s\ntold: %s\n", ran_out.message.c_str(), told.message.c_str());
+
+  // Between blocks, both ends check that each pool holds the tags of a block's fixed frames
+  // (kBlockTagsPerMessage, 7): a first block aborted on its QBER (2 tags each way) leaves 6
+  // of a 1024-bit pool's 8, and the second stops before it starts, at both ends alike.
+  auto q2 = make_memory_transport_pair();
+  auto c2 = make_memory_transport_pair();
+  pp.auth_pool_bits = 1024;
+  ChannelParams eve;
+  eve.eve_intercept_fraction = 1.0;  // every block aborts (QBER ~25 %)
+  AliceEndpoint alice2(eve, pp, kPsk, 103, *q2.a, *c2.a);
+  BobEndpoint bob2(pp, kPsk, 104, *q2.b, *c2.b);
+  int aborted = 0;
+  for (; aborted < 10; ++aborted) {
+    auto r2 = run_pair(alice2, bob2);
+    if (!r2.alice.ok() || !r2.bob.ok()) {
+      ASSERT_FALSE(r2.alice.ok());
+      ASSERT_FALSE(r2.bob.ok());
+      for (const Error& e : {r2.alice.error(), r2.bob.error()}) {
+        EXPECT_EQ(e.code, ErrorCode::kAuthentication) << e.message;
+        EXPECT_EQ(e.message.rfind(detail::kPadExhausted, 0), 0U) << e.message;
+        EXPECT_NE(e.message.find("a block may need 896"), std::string::npos) << e.message;
+      }
+      break;
+    }
+    expect_same_result(*r2.alice, *r2.bob);
+    ASSERT_TRUE(r2.alice->aborted);
+  }
+  EXPECT_EQ(aborted, 1);
+}
+
 }  // namespace
 }  // namespace qkd::core

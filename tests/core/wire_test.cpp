@@ -463,12 +463,14 @@ TEST(AuthChannel, WegmanCarterSessionsNeverReusePadsAndPoolsRunDry) {
   const auto& f2 = p2->ta.sent.back();
   ASSERT_EQ(f1.size(), f2.size());
   EXPECT_FALSE(std::equal(f1.end() - 16, f1.end(), f2.end() - 16));
-  // A 1024-bit pool holds 8 tags of 128 bits (64 tags of 64 bits: 16 here).
+  // A 1024-bit pool holds 8 tags of 128 bits (16 tags of 64 bits here). Per-message mode
+  // keeps the last for an Abort: 15 frames, then the 16th is refused and the Abort still
+  // reaches Bob; after it the pool is empty.
   AuthSettings s = per_message();
   s.pool_bits = 1024;
   s.tag_bits = 64;
   auto p = wc_pair(s);
-  for (int i = 0; i < 16; ++i) {
+  for (int i = 0; i < 15; ++i) {
     ASSERT_TRUE(p->a->send(MsgType::kSample, 0, {}).ok()) << i;
     ASSERT_TRUE(p->to_bob(MsgType::kSample).ok()) << i;
   }
@@ -476,7 +478,19 @@ TEST(AuthChannel, WegmanCarterSessionsNeverReusePadsAndPoolsRunDry) {
   const auto st = p->a->send(MsgType::kSample, 0, {});
   ASSERT_FALSE(st.ok());
   EXPECT_EQ(st.error().code, ErrorCode::kAuthentication);
-  EXPECT_NE(st.error().message.find("exhausted"), std::string::npos);
+  EXPECT_EQ(st.error().message.rfind(kPadExhausted, 0), 0U) << st.error().message;
+  EXPECT_NE(st.error().message.find("auth_pool_bits = 1024 holds 16"), std::string::npos)
+      << st.error().message;
+  EXPECT_EQ(p->a->send_pool_bytes(), 8U);
+  p->a->send_abort(0, "out of pads");
+  auto abort = p->to_bob(MsgType::kSample);
+  ASSERT_FALSE(abort.ok());
+  EXPECT_EQ(abort.error().code, ErrorCode::kRejected) << abort.error().message;
+  EXPECT_EQ(p->a->send_pool_bytes(), 0U);
+  const auto dry = p->a->send(MsgType::kAbort, 0, {});
+  ASSERT_FALSE(dry.ok());
+  EXPECT_EQ(dry.error().code, ErrorCode::kAuthentication);
+  EXPECT_NE(dry.error().message.find("exhausted"), std::string::npos);
 }
 
 // Transcript mode (the default): frames between checkpoints carry no tag; a checkpoint
