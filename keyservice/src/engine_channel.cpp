@@ -90,6 +90,7 @@ struct EngineChannel::Impl {
   std::size_t in_len = 0;
   bool reading = false;
   std::array<std::deque<std::vector<std::uint8_t>>, 2> frames;  // complete: quantum, classical
+  std::array<std::size_t, 2> queued_bytes{};                    // payload bytes in `frames`
   std::deque<std::vector<std::uint8_t>> writes;                 // encoded frames
   bool writing = false;
 
@@ -180,7 +181,18 @@ struct EngineChannel::Impl {
       if (in_len - pos < kHeaderBytes + n) {
         break;
       }
-      frames[channel_index(ch)].emplace_back(h + kHeaderBytes, h + kHeaderBytes + n);
+      auto& q = frames[channel_index(ch)];
+      std::size_t& bytes = queued_bytes[channel_index(ch)];
+      if (q.size() >= EngineChannel::kMaxQueuedFrames ||
+          bytes + n > EngineChannel::kMaxQueuedBytes) {
+        fail(fmt::format("the peer sent more than {} frames or {} MiB on the {} channel that "
+                         "the engine has not read",
+                         EngineChannel::kMaxQueuedFrames, EngineChannel::kMaxQueuedBytes >> 20,
+                         ch == Channel::kQuantum ? "quantum" : "classical"));
+        return;
+      }
+      q.emplace_back(h + kHeaderBytes, h + kHeaderBytes + n);
+      bytes += n;
       pos += kHeaderBytes + n;
     }
     if (pos > 0) {
@@ -265,6 +277,7 @@ struct EngineChannel::Impl {
     }
     auto msg = std::move(q.front());
     q.pop_front();
+    queued_bytes[channel_index(ch)] -= msg.size();
     return msg;
   }
 

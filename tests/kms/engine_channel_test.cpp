@@ -251,6 +251,38 @@ TEST_F(EngineChannelPair, CarriesBothChannelsInOrderAndLargeFramesBothWaysAtOnce
   }
 }
 
+// A peer that keeps sending on a channel the engine is not reading (here 1 MiB quantum
+// frames while the alice end waits on the classical channel) fails the connection once
+// kMaxQueuedFrames frames wait, instead of being buffered without end; the classical frame
+// sent after them is never delivered.
+TEST_F(EngineChannelPair, UnreadFramesBeyondTheBoundFailTheConnection) {
+  Pair& p = p_;
+  static_assert(EngineChannel::kMaxQueuedFrames < 100);
+  auto flood = std::async(std::launch::async, [&] {
+    auto bq = p.bob->transport(Channel::kQuantum);
+    auto bc = p.bob->transport(Channel::kClassical);
+    const std::vector<std::uint8_t> mib = pattern(1u << 20, 5);
+    int sent = 0;
+    for (; sent < 100; ++sent) {
+      if (!bq->send(mib).ok()) {
+        return sent;
+      }
+    }
+    (void)bc->send(pattern(10, 6));
+    return sent;
+  });
+  auto ac = p.alice->transport(Channel::kClassical);
+  auto r = ac->receive(60s);
+  const int sent = flood.get();
+  ASSERT_FALSE(r.ok()) << "the classical frame arrived after " << sent
+                       << " unread 1 MiB quantum frames";
+  EXPECT_EQ(r.error().code, ErrorCode::kClosed) << r.error().message;
+  EXPECT_NE(r.error().message.find("not read"), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("quantum"), std::string::npos) << r.error().message;
+  EXPECT_GE(sent, static_cast<int>(EngineChannel::kMaxQueuedFrames));
+  EXPECT_LT(sent, 100) << "the sender never noticed";
+}
+
 TEST_F(EngineChannelPair, ReceiveTimesOutThenStillWorks) {
   Pair& p = p_;
   auto ac = p.alice->transport(Channel::kClassical);

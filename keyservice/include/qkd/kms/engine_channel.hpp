@@ -95,6 +95,18 @@ class EngineChannel : public std::enable_shared_from_this<EngineChannel> {
 
   static constexpr auto kWriteTimeout = std::chrono::seconds(30);
 
+  // Complete frames received but not yet taken by receive(), per channel: at most
+  // kMaxQueuedFrames and kMaxQueuedBytes of payload; a frame beyond either fails the
+  // connection (kClosed, "... not read ..."), so that a peer that keeps sending on a channel
+  // the engine is not reading cannot grow memory without end. What the protocol queues:
+  // it is lock-step, so on one channel a peer sends at most two frames before it waits for
+  // an answer (Alice's SiftMatch then Sample; an Abort), each at most kMaxFrameBytes; the
+  // quantum chunks Alice streams are taken one per receive(), and the connection is read
+  // only while the engine waits (one read completes at most 64 KiB or the rest of a frame),
+  // so a handful of frames wait at a time.
+  static constexpr std::size_t kMaxQueuedFrames = 64;
+  static constexpr std::size_t kMaxQueuedBytes = 2 * std::size_t{kMaxFrameBytes};
+
  private:
   std::unique_ptr<Impl> impl_;
 };
