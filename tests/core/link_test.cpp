@@ -68,6 +68,33 @@ void expect_same_result(const BlockResult& a, const BlockResult& b) {
   EXPECT_EQ(a.auth_pool_bits_left, b.auth_pool_bits_left);
 }
 
+// Runs blocks that abort (QBER) until both ends fail for want of authentication pads, at
+// most `limit`: the number that aborted first. Both failures must be pad exhaustion and
+// name `why`.
+int aborted_blocks_until_pads_run_out(AliceEndpoint& alice, BobEndpoint& bob, int limit,
+                                      const std::string& why) {
+  for (int aborted = 0; aborted < limit; ++aborted) {
+    auto r = run_pair(alice, bob);
+    if (!r.alice.ok() || !r.bob.ok()) {
+      EXPECT_FALSE(r.alice.ok());
+      EXPECT_FALSE(r.bob.ok());
+      for (const auto* end : {&r.alice, &r.bob}) {
+        if (end->ok()) {
+          continue;
+        }
+        const Error& e = end->error();
+        EXPECT_EQ(e.code, ErrorCode::kAuthentication) << e.message;
+        EXPECT_EQ(e.message.rfind(detail::kPadExhausted, 0), 0U) << e.message;
+        EXPECT_NE(e.message.find(why), std::string::npos) << e.message;
+      }
+      return aborted;
+    }
+    expect_same_result(*r.alice, *r.bob);
+    EXPECT_TRUE(r.alice->aborted);
+  }
+  return limit;
+}
+
 TEST(Link, FullBlocksGiveIdenticalKeys) {
   auto q = make_memory_transport_pair();
   auto c = make_memory_transport_pair();
@@ -839,22 +866,7 @@ TEST(Link, LongRunOfAbortsFailsWithPadExhausted) {
   ch.eve_intercept_fraction = 1.0;  // every block aborts (QBER ~25 %)
   AliceEndpoint alice(ch, pp, kPsk, 61, *q.a, *c.a);
   BobEndpoint bob(pp, kPsk, 62, *q.b, *c.b);
-  int aborted = 0;
-  for (; aborted < 20; ++aborted) {
-    auto r = run_pair(alice, bob);
-    if (!r.alice.ok() || !r.bob.ok()) {
-      ASSERT_FALSE(r.alice.ok());
-      ASSERT_FALSE(r.bob.ok());
-      for (const Error& e : {r.alice.error(), r.bob.error()}) {
-        EXPECT_EQ(e.code, ErrorCode::kAuthentication) << e.message;
-        EXPECT_EQ(e.message.rfind(detail::kPadExhausted, 0), 0U) << e.message;
-        EXPECT_NE(e.message.find("Bob->Alice"), std::string::npos) << e.message;
-      }
-      break;
-    }
-    expect_same_result(*r.alice, *r.bob);
-    ASSERT_TRUE(r.alice->aborted);
-  }
+  const int aborted = aborted_blocks_until_pads_run_out(alice, bob, 20, "Bob->Alice");
   // Bob->Alice needs 3 tags per block: 8 - 6 aborted blocks = 2 left.
   EXPECT_EQ(aborted, 6);
   auto again = run_pair(alice, bob);
@@ -1143,23 +1155,7 @@ TEST(Link, PerMessagePoolTooSmallForABlockFailsClearlyAtBothEnds) {
   eve.eve_intercept_fraction = 1.0;  // every block aborts (QBER ~25 %)
   AliceEndpoint alice2(eve, pp, kPsk, 103, *q2.a, *c2.a);
   BobEndpoint bob2(pp, kPsk, 104, *q2.b, *c2.b);
-  int aborted = 0;
-  for (; aborted < 10; ++aborted) {
-    auto r2 = run_pair(alice2, bob2);
-    if (!r2.alice.ok() || !r2.bob.ok()) {
-      ASSERT_FALSE(r2.alice.ok());
-      ASSERT_FALSE(r2.bob.ok());
-      for (const Error& e : {r2.alice.error(), r2.bob.error()}) {
-        EXPECT_EQ(e.code, ErrorCode::kAuthentication) << e.message;
-        EXPECT_EQ(e.message.rfind(detail::kPadExhausted, 0), 0U) << e.message;
-        EXPECT_NE(e.message.find("a block may need 896"), std::string::npos) << e.message;
-      }
-      break;
-    }
-    expect_same_result(*r2.alice, *r2.bob);
-    ASSERT_TRUE(r2.alice->aborted);
-  }
-  EXPECT_EQ(aborted, 1);
+  EXPECT_EQ(aborted_blocks_until_pads_run_out(alice2, bob2, 10, "a block may need 896"), 1);
 }
 
 }  // namespace

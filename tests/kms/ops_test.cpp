@@ -42,11 +42,11 @@ std::string read_file(const std::filesystem::path& p) {
   return ss.str();
 }
 
-// A plain HTTP/1.1 GET over TCP (Connection: close); returns "<status>\n<body>" or "".
-std::pair<int, std::string> plain_get(std::uint16_t port, const std::string& target) {
+// A TCP connection to 127.0.0.1:port whose reads give up after 10 s; -1 if none.
+int connect_loopback(std::uint16_t port) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) {
-    return {-1, ""};
+    return -1;
   }
   timeval tv{10, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -56,6 +56,15 @@ std::pair<int, std::string> plain_get(std::uint16_t port, const std::string& tar
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
     ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// A plain HTTP/1.1 GET over TCP (Connection: close); returns "<status>\n<body>" or "".
+std::pair<int, std::string> plain_get(std::uint16_t port, const std::string& target) {
+  const int fd = connect_loopback(port);
+  if (fd < 0) {
     return {-1, ""};
   }
   const std::string req =
@@ -267,15 +276,8 @@ TEST(OpsTest, HeadOnThePlainListenerSendsNoBody) {
   ASSERT_TRUE((*net)->wait_for_keys(1).ok());  // the link up: /health's body stays the same
   const json ready = json::parse(read_file((*net)->dir() / "alice-kme.ready"));
   const auto port = ready.at("metrics_port").get<std::uint16_t>();
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  const int fd = connect_loopback(port);
   ASSERT_GE(fd, 0);
-  timeval tv{10, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
   const std::string both =
       "HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
       "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
@@ -754,16 +756,8 @@ TEST(OpsTest, SigtermDuringRequestsExitsCleanlyAndRestartServesOn) {
 std::vector<int> idle_connections(std::uint16_t port, int n) {
   std::vector<int> fds;
   for (int i = 0; i < n; ++i) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    const int fd = connect_loopback(port);
     if (fd < 0) {
-      break;
-    }
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-      ::close(fd);
       break;
     }
     fds.push_back(fd);

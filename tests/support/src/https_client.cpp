@@ -12,6 +12,8 @@
 #include <boost/beast/ssl.hpp>
 #include <array>
 #include <functional>
+#include <memory>
+#include <optional>
 
 namespace qkd::test {
 
@@ -46,6 +48,26 @@ qkd::core::Status setup(asio::ssl::context& ctx, const TlsIdentity& identity_, b
   return qkd::core::ok_status();
 }
 
+// One connection's I/O context, TLS context (the client's identity) and stream, with SNI
+// set; the stream refers to the context, so they live together.
+struct ClientTls {
+  asio::io_context ioc;
+  asio::ssl::context ctx{asio::ssl::context::tls_client};
+  std::optional<beast::ssl_stream<beast::tcp_stream>> stream;
+};
+
+qkd::core::Result<std::unique_ptr<ClientTls>> client_tls(const TlsIdentity& identity,
+                                                         bool tls12_only,
+                                                         const std::string& host) {
+  auto tls = std::make_unique<ClientTls>();
+  if (auto s = setup(tls->ctx, identity, tls12_only); !s.ok()) {
+    return s.error();
+  }
+  tls->stream.emplace(tls->ioc, tls->ctx);
+  SSL_set_tlsext_host_name(tls->stream->native_handle(), host.c_str());
+  return tls;
+}
+
 }  // namespace
 
 HttpsTestClient::HttpsTestClient(std::string host, std::uint16_t port, TlsIdentity identity,
@@ -56,13 +78,12 @@ qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method
                                                          std::string_view target,
                                                          std::string_view body,
                                                          std::string_view content_type) const {
-  asio::io_context ioc;
-  asio::ssl::context ctx(asio::ssl::context::tls_client);
-  if (auto s = setup(ctx, identity_, tls12_only_); !s.ok()) {
-    return s.error();
+  auto tls = client_tls(identity_, tls12_only_, host_);
+  if (!tls.ok()) {
+    return tls.error();
   }
-  beast::ssl_stream<beast::tcp_stream> stream(ioc, ctx);
-  SSL_set_tlsext_host_name(stream.native_handle(), host_.c_str());
+  asio::io_context& ioc = (*tls)->ioc;
+  beast::ssl_stream<beast::tcp_stream>& stream = *(*tls)->stream;
 
   const std::string method_s(method);
   http::request<http::string_body> req;
@@ -141,13 +162,12 @@ qkd::core::Result<HttpResponse> HttpsTestClient::request(std::string_view method
 }
 
 qkd::core::Result<std::string> HttpsTestClient::converse(const std::vector<Step>& steps) const {
-  asio::io_context ioc;
-  asio::ssl::context ctx(asio::ssl::context::tls_client);
-  if (auto s = setup(ctx, identity_, tls12_only_); !s.ok()) {
-    return s.error();
+  auto tls = client_tls(identity_, tls12_only_, host_);
+  if (!tls.ok()) {
+    return tls.error();
   }
-  beast::ssl_stream<beast::tcp_stream> stream(ioc, ctx);
-  SSL_set_tlsext_host_name(stream.native_handle(), host_.c_str());
+  asio::io_context& ioc = (*tls)->ioc;
+  beast::ssl_stream<beast::tcp_stream>& stream = *(*tls)->stream;
   beast::error_code result = asio::error::would_block;
   std::string received;
   std::size_t step = 0;
