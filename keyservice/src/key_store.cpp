@@ -1428,7 +1428,9 @@ class JournaledStore final : public KeyStore {
   void add_record_locked(std::string id, AssignedKey rec) {
     std::vector<std::string> pairs;
     for (const auto& slave : rec.slaves) {
-      if (unfetched_by(rec, slave)) {
+      // (A slave named twice, which only a faulty peer's notice can do, counts once.)
+      if (unfetched_by(rec, slave) &&
+          std::find(pairs.begin(), pairs.end(), slave) == pairs.end()) {
         pairs.push_back(slave);
         PairRecords& p = pair_records_[pair_key(rec.master, slave)];
         p.order.push_back(id);
@@ -1493,8 +1495,10 @@ class JournaledStore final : public KeyStore {
 
   // Every record leaves records_ after this (the record itself still in place).
   void forget_record_locked(const AssignedKey& r) {
-    for (const auto& slave : r.slaves) {
-      count_fetch_locked(r, slave);
+    for (auto it = r.slaves.begin(); it != r.slaves.end(); ++it) {
+      if (std::find(r.slaves.begin(), it, *it) == it) {  // each slave once
+        count_fetch_locked(r, *it);
+      }
     }
   }
 

@@ -354,10 +354,17 @@ TEST(KeyStore, UnfetchedKeysAreBoundedPerPair) {
   EXPECT_EQ(waiting.at({"alice", "carol"}), 3u);
   EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 3u);
   EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 8u);
+  // A slave named twice (only a faulty peer's notice does that) counts once.
+  const auto twice = ids_of(p.allocate_and_notify({"erin", "erin"}, 1, 16));
+  ASSERT_EQ(twice.size(), 1u);
+  ASSERT_TRUE(p.bob->take("erin", "alice", twice, 0ms).ok());
+  p.allocate_and_notify({"erin"}, 3, 16);
+  EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 8u);
   // 0: no limit.
   p.bob->set_max_unfetched(0);
+  const auto before = p.bob->stats().assigned_keys_waiting;
   const auto many = ids_of(p.allocate_and_notify({"bob"}, 8, 16));
-  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, 11u);
+  EXPECT_EQ(p.bob->stats().assigned_keys_waiting, before + 8);
   EXPECT_EQ(p.bob->stats().assigned_keys_evicted, 8u);
 }
 
