@@ -38,14 +38,7 @@ class RemoteParityOracle final : public ParityOracle {
 
   Result<BitVector> range_parities(std::span<const ParityQuery> q) override {
     Writer w;
-    w.reserve(5 + 9 * q.size());
-    w.u8(static_cast<std::uint8_t>(detail::CascadeRequestKind::kRangeParities));
-    w.u32(static_cast<std::uint32_t>(q.size()));
-    for (const ParityQuery& x : q) {
-      w.u8(static_cast<std::uint8_t>(x.pass));
-      w.u32(x.start);
-      w.u32(x.length);
-    }
+    detail::write_range_parities(w, q);
     return exchange(w);
   }
 

@@ -226,6 +226,17 @@ std::string params_mismatch(const ProtocolParams& mine, const ProtocolParams& th
   return {};
 }
 
+void write_range_parities(Writer& w, std::span<const ParityQuery> queries) {
+  w.reserve(5 + 9 * queries.size());
+  w.u8(static_cast<std::uint8_t>(CascadeRequestKind::kRangeParities));
+  w.u32(static_cast<std::uint32_t>(queries.size()));
+  for (const ParityQuery& q : queries) {
+    w.u8(static_cast<std::uint8_t>(q.pass));
+    w.u32(q.start);
+    w.u32(q.length);
+  }
+}
+
 std::optional<std::string> estimation_abort(std::uint64_t sample_bits,
                                             std::uint64_t sample_errors,
                                             std::uint64_t reconciled_bits, double qber_abort,

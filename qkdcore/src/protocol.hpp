@@ -57,6 +57,8 @@ inline constexpr std::uint64_t kMaxCascadeRequests = 5'000;
 inline constexpr std::uint64_t kMaxCascadeRequestBits = 2;
 
 enum class CascadeRequestKind : std::uint8_t { kBlockParities = 0, kRangeParities = 1, kDone = 2 };
+// A kRangeParities request: its kind, the number of queries, then each (pass, start, length).
+void write_range_parities(Writer& w, std::span<const ParityQuery> queries);
 
 // Alice's source settings as announced in Params (public device settings Bob needs for
 // the decoy-state estimation).

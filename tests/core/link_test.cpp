@@ -68,6 +68,19 @@ void expect_same_result(const BlockResult& a, const BlockResult& b) {
   EXPECT_EQ(a.auth_pool_bits_left, b.auth_pool_bits_left);
 }
 
+// One block that both ends complete with the same result: Alice's, or nothing (the
+// failure recorded).
+std::optional<BlockResult> agreed_block(AliceEndpoint& alice, BobEndpoint& bob) {
+  auto r = run_pair(alice, bob);
+  if (!r.alice.ok() || !r.bob.ok()) {
+    ADD_FAILURE() << (r.alice.ok() ? "" : r.alice.error().message) << " / "
+                  << (r.bob.ok() ? "" : r.bob.error().message);
+    return std::nullopt;
+  }
+  expect_same_result(*r.alice, *r.bob);
+  return std::move(*r.alice);
+}
+
 // Runs blocks that abort (QBER) until both ends fail for want of authentication pads, at
 // most `limit`: the number that aborted first. Both failures must be pad exhaustion and
 // name `why`.
@@ -250,15 +263,13 @@ TEST(Link, InterceptResendMakesEveryBlockAbort) {
     AliceEndpoint alice(ch, pp, kPsk, 3, *q.a, *c.a);
     BobEndpoint bob(pp, kPsk, 4, *q.b, *c.b);
     for (int i = 0; i < 4; ++i) {
-      auto r = run_pair(alice, bob);
-      ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
-      ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
-      expect_same_result(*r.alice, *r.bob);
-      EXPECT_TRUE(r.alice->aborted);
-      EXPECT_NE(r.alice->abort_reason.find("QBER"), std::string::npos) << r.alice->abort_reason;
-      EXPECT_GT(r.alice->qber, pp.qber_abort);
-      EXPECT_TRUE(r.alice->key.empty());
-      EXPECT_EQ(r.alice->secret_bits, 0U);
+      const auto a = agreed_block(alice, bob);
+      ASSERT_TRUE(a);
+      EXPECT_TRUE(a->aborted);
+      EXPECT_NE(a->abort_reason.find("QBER"), std::string::npos) << a->abort_reason;
+      EXPECT_GT(a->qber, pp.qber_abort);
+      EXPECT_TRUE(a->key.empty());
+      EXPECT_EQ(a->secret_bits, 0U);
     }
   }
 }
@@ -280,18 +291,15 @@ TEST(Link, InterceptResendInZAloneIsCaughtByTheXBasis) {
     AliceEndpoint alice(ch, pp, kPsk, 7, *q.a, *c.a);
     BobEndpoint bob(pp, kPsk, 8, *q.b, *c.b);
     for (int i = 0; i < 2; ++i) {
-      auto r = run_pair(alice, bob);
-      ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
-      ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
-      expect_same_result(*r.alice, *r.bob);
-      EXPECT_TRUE(r.alice->aborted) << "eve_z " << eve_z << ", QBER " << r.alice->qber;
+      const auto a = agreed_block(alice, bob);
+      ASSERT_TRUE(a);
+      EXPECT_TRUE(a->aborted) << "eve_z " << eve_z << ", QBER " << a->qber;
       if (eve_z == 1.0) {
-        EXPECT_LT(r.alice->qber, pp.qber_abort) << "the key basis does not show Eve";
-        EXPECT_NE(r.alice->abort_reason.find("X-basis"), std::string::npos)
-            << r.alice->abort_reason;
+        EXPECT_LT(a->qber, pp.qber_abort) << "the key basis does not show Eve";
+        EXPECT_NE(a->abort_reason.find("X-basis"), std::string::npos) << a->abort_reason;
       }
-      EXPECT_EQ(r.alice->secret_bits, 0U);
-      EXPECT_TRUE(r.alice->key.empty());
+      EXPECT_EQ(a->secret_bits, 0U);
+      EXPECT_TRUE(a->key.empty());
     }
   }
   // Without Eve the same link gives key.
@@ -302,11 +310,10 @@ TEST(Link, InterceptResendInZAloneIsCaughtByTheXBasis) {
   pp.z_basis_prob = 0.9;
   AliceEndpoint alice(ChannelParams{}, pp, kPsk, 9, *q.a, *c.a);
   BobEndpoint bob(pp, kPsk, 10, *q.b, *c.b);
-  auto r = run_pair(alice, bob);
-  ASSERT_TRUE(r.alice.ok()) << r.alice.error().message;
-  ASSERT_TRUE(r.bob.ok()) << r.bob.error().message;
-  EXPECT_FALSE(r.alice->aborted) << r.alice->abort_reason;
-  EXPECT_GT(r.alice->secret_bits, 0U);
+  const auto a = agreed_block(alice, bob);
+  ASSERT_TRUE(a);
+  EXPECT_FALSE(a->aborted) << a->abort_reason;
+  EXPECT_GT(a->secret_bits, 0U);
 }
 
 TEST(Link, TooFewDetectionsAbortsCleanly) {
@@ -950,13 +957,7 @@ class ScriptedBob {
   // Sends a range-parity request of `queries` and returns Alice's answer (or her Abort).
   Result<detail::Frame> ask(std::span<const ParityQuery> queries) {
     detail::Writer w;
-    w.u8(static_cast<std::uint8_t>(detail::CascadeRequestKind::kRangeParities));
-    w.u32(static_cast<std::uint32_t>(queries.size()));
-    for (const ParityQuery& q : queries) {
-      w.u8(static_cast<std::uint8_t>(q.pass));
-      w.u32(q.start);
-      w.u32(q.length);
-    }
+    detail::write_range_parities(w, queries);
     if (Status s = ch_->send(detail::MsgType::kCascadeRequest, 0, w.buffer()); !s.ok()) {
       return s.error();
     }
