@@ -45,20 +45,19 @@ class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket&& socket, asio::ssl::context& ctx, asio::thread_pool& workers,
           const HttpsServer::Handler& handler, std::atomic<std::size_t>& in_flight,
-          const std::atomic<bool>& stopping, std::atomic<std::size_t>& sessions)
+          const std::atomic<bool>& stopping, AcceptLoop::Slot slot)
       : stream_(std::move(socket), ctx),
         workers_(workers),
         handler_(handler),
         in_flight_(in_flight),
         stopping_(stopping),
-        sessions_(sessions) {
-    sessions_.fetch_add(1);
+        slot_(std::move(slot)) {
     beast::error_code ec;
     auto ep = beast::get_lowest_layer(stream_).socket().remote_endpoint(ec);
     peer_ = ec ? std::string("?") : fmt::format("{}:{}", ep.address().to_string(), ep.port());
   }
 
-  ~Session() { sessions_.fetch_sub(1); }
+  ~Session() { uncount_request(); }  // a request whose answer can no longer be written
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
@@ -101,6 +100,12 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void on_header(beast::error_code ec, std::size_t) {
+    if (!ec) {
+      // A request has begun: from here it counts as in flight, so a shutdown waits for its
+      // body and answers it. One whose header comes after the stop is refused (503).
+      count_request();
+      after_stop_ = stopping_.load();
+    }
     if (ec || parser_->is_done()) {
       on_read(ec, 0);
       return;
@@ -115,6 +120,7 @@ class Session : public std::enable_shared_from_this<Session> {
                       [self = shared_from_this(), cont](beast::error_code wec, std::size_t) {
                         if (wec) {
                           spdlog::debug("api: write 100 Continue: {}", wec.message());
+                          self->uncount_request();
                           return;
                         }
                         self->read_body();
@@ -128,11 +134,12 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void on_read(beast::error_code ec, std::size_t) {
     if (ec == http::error::end_of_stream) {
+      uncount_request();
       do_close();
       return;
     }
     if (ec == http::error::body_limit) {
-      in_flight_.fetch_add(1);
+      count_request();
       unread_request_ = true;
       write(HttpReply{error_response(400, "request body too large")}, false);
       return;
@@ -141,15 +148,13 @@ class Session : public std::enable_shared_from_this<Session> {
       if (ec != beast::error::timeout && ec != asio::ssl::error::stream_truncated) {
         spdlog::debug("api: read from {}: {}", peer_, ec.message());
       }
-      if (ec == beast::error::timeout || ec == asio::ssl::error::stream_truncated ||
-          ec == asio::error::eof || ec == asio::error::connection_reset) {
-        return;
-      }
       if (ec.category() == http::make_error_code(http::error::bad_target).category()) {
-        in_flight_.fetch_add(1);
+        count_request();
         unread_request_ = true;
         write(HttpReply{error_response(400, "malformed HTTP request")}, false);
+        return;
       }
+      uncount_request();  // cut off, timed out: nobody to answer
       return;
     }
     http::request<http::string_body> req = parser_->release();
@@ -157,9 +162,9 @@ class Session : public std::enable_shared_from_this<Session> {
                    std::move(req.body())};
     const bool keep_alive = req.keep_alive();
     spdlog::debug("api: {} {} {}", caller_, api.method, api.target);
-    in_flight_.fetch_add(1);
-    if (stopping_.load()) {
-      // Shutting down: the worker pool may be gone; answer here and close.
+    count_request();
+    if (after_stop_) {
+      // Begun after the stop: the worker pool may be gone; answer here and close.
       write(HttpReply{error_response(503, "the KME is shutting down")}, false);
       return;
     }
@@ -232,7 +237,7 @@ class Session : public std::enable_shared_from_this<Session> {
     beast::get_lowest_layer(stream_).expires_after(kWriteTimeout);
     http::async_write(stream_, *res,
                       [self = shared_from_this(), res](beast::error_code ec, std::size_t) {
-                        self->in_flight_.fetch_sub(1);
+                        self->uncount_request();
                         if (ec) {
                           spdlog::debug("api: write: {}", ec.message());
                           return;
@@ -247,6 +252,21 @@ class Session : public std::enable_shared_from_this<Session> {
                         }
                         self->do_read();
                       });
+  }
+
+  // in_flight_ counts requests from their header to their answer's last byte, so that a
+  // shutdown lets them finish (Kme::stop()). Called on the session's own chain only.
+  void count_request() {
+    if (!counted_) {
+      counted_ = true;
+      in_flight_.fetch_add(1);
+    }
+  }
+  void uncount_request() {
+    if (counted_) {
+      counted_ = false;
+      in_flight_.fetch_sub(1);
+    }
   }
 
   void do_close() {
@@ -284,12 +304,14 @@ class Session : public std::enable_shared_from_this<Session> {
   HttpsServer::Handler handler_;
   std::atomic<std::size_t>& in_flight_;
   const std::atomic<bool>& stopping_;
-  std::atomic<std::size_t>& sessions_;
+  AcceptLoop::Slot slot_;  // counts this connection against the listener's limit
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::string peer_;
   std::string caller_;
   bool unread_request_ = false;  // answered before the request was read to its end
+  bool counted_ = false;         // the request in progress is counted in in_flight_
+  bool after_stop_ = false;      // its header came after HttpsServer::stop()
   std::vector<char> drain_;      // what drain_then_close() drops
 };
 
@@ -307,21 +329,13 @@ struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
        Handler h)
       : ioc(io), tls(std::move(ctx)), workers(w), handler(std::move(h)) {}
 
-  void on_socket(tcp::socket&& s) {
-    if (sessions.load() >= max_sessions) {
-      // Closed at once: what it frees is worth more than what an answer would tell.
-      refused.warn(fmt::format("api: {} connections open, the limit: new ones are closed at once",
-                               max_sessions));
-      beast::error_code ignored;
-      s.close(ignored);
-      return;
-    }
+  void on_socket(tcp::socket&& s, AcceptLoop::Slot slot) {
     // Responses are small and latency-bound: without TCP_NODELAY a response written
     // in two TLS records can wait for the client's delayed ACK (40 ms on Linux).
     beast::error_code nodelay_ec;
     s.set_option(tcp::no_delay(true), nodelay_ec);
     std::make_shared<Session>(std::move(s), *tls, workers, handler, in_flight, stopping,
-                              sessions)
+                              std::move(slot))
         ->run();
   }
 
@@ -332,9 +346,6 @@ struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
   std::shared_ptr<AcceptLoop> accept;
   std::atomic<std::size_t> in_flight{0};
   std::atomic<bool> stopping{false};
-  std::atomic<std::size_t> sessions{0};  // connections open (Session objects alive)
-  std::size_t max_sessions = kMaxSessions;
-  RateLimitedWarning refused;
 };
 HttpsServer::HttpsServer(asio::io_context& ioc, std::shared_ptr<asio::ssl::context> tls,
                          asio::thread_pool& workers, Handler handler)
@@ -387,12 +398,15 @@ void RateLimitedWarning::warn(std::string_view message) {
   }
 }
 
-AcceptLoop::AcceptLoop(asio::io_context& ioc, std::string what, OnSocket on_socket)
+AcceptLoop::AcceptLoop(asio::io_context& ioc, std::string what, std::size_t max_open,
+                       OnSocket on_socket)
     : ioc_(ioc),
       what_(std::move(what)),
       on_socket_(std::move(on_socket)),
       acceptor_(asio::make_strand(ioc)),
-      retry_(acceptor_.get_executor()) {}
+      retry_(acceptor_.get_executor()),
+      max_open_(max_open),
+      open_(std::make_shared<std::atomic<std::size_t>>(0)) {}
 
 qkd::core::Result<std::uint16_t> AcceptLoop::listen(const std::string& host, std::uint16_t port,
                                                     const std::string& field) {
@@ -429,17 +443,39 @@ void AcceptLoop::do_accept() {
           });
           return;
         }
-        self->on_socket_(std::move(s));
+        if (self->open_->load() >= self->max_open_) {
+          self->refused_.warn(fmt::format(
+              "{}: {} connections open, the limit: new ones are closed at once", self->what_,
+              self->max_open_));
+          beast::error_code ignored;
+          s.close(ignored);
+        } else {
+          // Counts from its making to the last copy's end.
+          class Counted {
+           public:
+            explicit Counted(std::shared_ptr<std::atomic<std::size_t>> open)
+                : open_(std::move(open)) {
+              open_->fetch_add(1);
+            }
+            ~Counted() { open_->fetch_sub(1); }
+            Counted(const Counted&) = delete;
+            Counted& operator=(const Counted&) = delete;
+
+           private:
+            std::shared_ptr<std::atomic<std::size_t>> open_;
+          };
+          self->on_socket_(std::move(s), std::make_shared<Counted>(self->open_));
+        }
         self->do_accept();
       });
 }
 
 qkd::core::Result<std::uint16_t> HttpsServer::listen(const HostPort& where) {
-  impl_->max_sessions = session_limit();
   impl_->accept = std::make_shared<AcceptLoop>(
-      impl_->ioc, "api", [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s) {
+      impl_->ioc, "api", session_limit(),
+      [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s, AcceptLoop::Slot slot) {
         if (auto impl = weak.lock()) {
-          impl->on_socket(std::move(s));
+          impl->on_socket(std::move(s), std::move(slot));
         }
       });
   return impl_->accept->listen(where.host, where.port, "api.listen");
@@ -468,9 +504,12 @@ namespace {
 
 class PlainSession : public std::enable_shared_from_this<PlainSession> {
  public:
-  PlainSession(tcp::socket&& socket, std::function<std::string()> render,
+  PlainSession(tcp::socket&& socket, AcceptLoop::Slot slot, std::function<std::string()> render,
                std::function<ApiResponse()> health)
-      : stream_(std::move(socket)), render_(std::move(render)), health_(std::move(health)) {}
+      : stream_(std::move(socket)),
+        slot_(std::move(slot)),
+        render_(std::move(render)),
+        health_(std::move(health)) {}
 
   void run() {
     asio::dispatch(stream_.get_executor(),
@@ -539,6 +578,7 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
   }
 
   beast::tcp_stream stream_;
+  AcceptLoop::Slot slot_;  // counts this connection against the listener's limit
   std::function<std::string()> render_;
   std::function<ApiResponse()> health_;
   beast::flat_buffer buffer_;
@@ -564,9 +604,12 @@ MetricsHttpServer::~MetricsHttpServer() { stop(); }
 
 qkd::core::Result<std::uint16_t> MetricsHttpServer::listen(const HostPort& where) {
   impl_->accept = std::make_shared<AcceptLoop>(
-      impl_->ioc, "metrics", [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s) {
+      impl_->ioc, "metrics", kMaxConnections,
+      [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s, AcceptLoop::Slot slot) {
         if (auto impl = weak.lock()) {
-          std::make_shared<PlainSession>(std::move(s), impl->render, impl->health)->run();
+          std::make_shared<PlainSession>(std::move(s), std::move(slot), impl->render,
+                                         impl->health)
+              ->run();
         }
       });
   return impl_->accept->listen(where.host, where.port, "metrics.listen");

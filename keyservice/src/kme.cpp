@@ -414,9 +414,10 @@ void Kme::stop() {
   if (im.metrics_server) {
     im.metrics_server->stop();
   }
-  // Let handlers in progress finish (a dec_keys waits at most keys.dec_wait_ms) and their
-  // responses be written, then stop the link, the workers and the I/O. The link runs until
-  // then: a dec_keys waiting for its key's notice still gets it.
+  // Let requests in progress (their header came before the stop; the body may still be on
+  // its way) be read, handled (a dec_keys waits at most keys.dec_wait_ms) and answered,
+  // then stop the link, the workers and the I/O. The link runs until then: a dec_keys
+  // waiting for its key's notice still gets it.
   const auto drain_deadline = std::chrono::steady_clock::now() + kDrainTimeout +
                               std::chrono::milliseconds(im.config.keys.dec_wait_ms);
   while (im.server && im.server->in_flight() > 0 &&

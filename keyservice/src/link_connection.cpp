@@ -358,15 +358,15 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
         on_connection(std::move(cb)),
         on_engine(std::move(eng)) {}
 
-  void on_socket(tcp::socket&& s) {
+  void on_socket(tcp::socket&& s, AcceptLoop::Slot slot) {
     beast::error_code nodelay_ec;  // notices are small and latency-bound
     s.set_option(tcp::no_delay(true), nodelay_ec);
-    classify(std::make_shared<tcp::socket>(std::move(s)));
+    classify(std::make_shared<tcp::socket>(std::move(s)), std::move(slot));
   }
 
   // Peeks at the first byte: a TLS record starts a control connection, kEnginePreamble an
-  // engine connection.
-  void classify(const std::shared_ptr<tcp::socket>& s) {
+  // engine connection. `slot` is held until the connection is handed on or closed.
+  void classify(const std::shared_ptr<tcp::socket>& s, AcceptLoop::Slot slot) {
     auto timer = std::make_shared<asio::steady_timer>(s->get_executor());
     timer->expires_after(kHandshakeTimeout);
     timer->async_wait([s](beast::error_code ec) {
@@ -379,18 +379,18 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
         std::make_shared<std::array<std::uint8_t, kEnginePreamble.size() + kEngineTokenBytes>>();
     s->async_receive(
         asio::buffer(first->data(), 1), tcp::socket::message_peek,
-        [self = shared_from_this(), s, timer, first](beast::error_code ec, std::size_t n) {
+        [self = shared_from_this(), s, timer, first, slot](beast::error_code ec, std::size_t n) {
           if (ec || n == 0) {
             timer->cancel();
             return;
           }
           if ((*first)[0] != kEnginePreamble[0]) {
             timer->cancel();
-            self->handshake(std::move(*s));
+            self->handshake(std::move(*s), slot);
             return;
           }
           asio::async_read(*s, asio::buffer(*first),
-                           [self, s, timer, first](beast::error_code ec2, std::size_t) {
+                           [self, s, timer, first, slot](beast::error_code ec2, std::size_t) {
                              timer->cancel();
                              if (ec2 || !std::equal(kEnginePreamble.begin(),
                                                     kEnginePreamble.end(), first->begin())) {
@@ -414,11 +414,12 @@ struct LinkAcceptor::Impl : std::enable_shared_from_this<LinkAcceptor::Impl> {
         });
   }
 
-  void handshake(tcp::socket s) {
+  void handshake(tcp::socket s, AcceptLoop::Slot slot) {
     auto stream = std::make_shared<Stream>(std::move(s), *tls);
     beast::get_lowest_layer(*stream).expires_after(kHandshakeTimeout);
     stream->async_handshake(
-        asio::ssl::stream_base::server, [self = shared_from_this(), stream](beast::error_code ec) {
+        asio::ssl::stream_base::server,
+        [self = shared_from_this(), stream, slot = std::move(slot)](beast::error_code ec) {
           if (ec) {
             spdlog::warn("link: handshake with an incoming peer failed: {}", ec.message());
             return;
@@ -454,9 +455,10 @@ LinkAcceptor::~LinkAcceptor() { stop(); }
 
 qkd::core::Result<std::uint16_t> LinkAcceptor::listen(const std::string& host, std::uint16_t port) {
   impl_->accept = std::make_shared<AcceptLoop>(
-      impl_->ioc, "link", [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s) {
+      impl_->ioc, "link", kMaxUnidentified,
+      [weak = std::weak_ptr<Impl>(impl_)](tcp::socket&& s, AcceptLoop::Slot slot) {
         if (auto impl = weak.lock()) {
-          impl->on_socket(std::move(s));
+          impl->on_socket(std::move(s), std::move(slot));
         }
       });
   return impl_->accept->listen(host, port, "link.listen");

@@ -751,6 +751,65 @@ TEST(OpsTest, SigtermDuringRequestsExitsCleanlyAndRestartServesOn) {
   }
 }
 
+// SIGTERM between a request's header and its body (the client waits for "100 Continue"
+// and is slow to send the rest): the request began before the stop, so the KME reads it
+// to its end and answers it before exiting, and the keys it hands out are the peer's too.
+TEST(OpsTest, SigtermWaitsForARequestWhoseBodyIsStillComing) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  auto net = qkd::test::start_network_with_keys(o, 20);
+  ASSERT_TRUE(net);
+  const pid_t pid = net->alice().pid;
+  const std::string body = R"({"number": 2})";
+  const std::string head = fmt::format(
+      "POST /api/v1/keys/bob/enc_keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+      "Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+      body.size());
+  const auto sigterm_then_wait = [pid] {
+    ::kill(pid, SIGTERM);
+    std::this_thread::sleep_for(300ms);  // the KME is stopping by now
+  };
+  auto got = net->client(net->alice(), "alice")
+                 .converse({{head, "HTTP/1.1 100", sigterm_then_wait}, {body, ""}});
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  const auto final_at = got->find("HTTP/1.1 200");
+  ASSERT_NE(final_at, std::string::npos) << *got;
+  const auto body_at = got->find("\r\n\r\n", final_at);
+  ASSERT_NE(body_at, std::string::npos) << *got;
+  const json keys = json::parse(got->substr(body_at + 4), nullptr, false);
+  ASSERT_FALSE(keys.is_discarded()) << *got;
+  ASSERT_EQ(keys.at("keys").size(), 2u) << *got;
+
+  net->stop_kme("alice-kme");  // reaps it
+  const int st = net->alice().last_exit_status;
+  ASSERT_TRUE(WIFEXITED(st)) << "status " << st;
+  EXPECT_EQ(WEXITSTATUS(st), 0);
+  // Restarted, alice tells bob what it handed out (if the stop came before the notice).
+  ASSERT_TRUE(net->start_kme("alice-kme").ok());
+  std::vector<std::string> ids;
+  for (const auto& k : keys.at("keys")) {
+    ids.push_back(k.at("key_ID").get<std::string>());
+  }
+  // Until the link is back (503 meanwhile).
+  const auto bob = net->client(net->bob(), "bob");
+  auto dec = bob.post("/api/v1/keys/alice/dec_keys", qkd::test::dec_body(ids));
+  for (const auto until = std::chrono::steady_clock::now() + 30s;
+       dec.ok() && dec->status == 503 && std::chrono::steady_clock::now() < until;) {
+    std::this_thread::sleep_for(100ms);
+    dec = bob.post("/api/v1/keys/alice/dec_keys", qkd::test::dec_body(ids));
+  }
+  ASSERT_TRUE(dec.ok()) << dec.error().message;
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  const auto by_id = [](const json& j) {
+    std::map<std::string, std::string> m;  // key_ID -> base64 key
+    for (const auto& k : j.at("keys")) {
+      m[k.at("key_ID").get<std::string>()] = k.at("key").get<std::string>();
+    }
+    return m;
+  };
+  EXPECT_EQ(by_id(dec->json()), by_id(keys));
+}
+
 
 // `n` plain TCP connections to 127.0.0.1:port that say nothing (as many as connect).
 std::vector<int> idle_connections(std::uint16_t port, int n) {
@@ -823,7 +882,8 @@ void expect_serving(const KmeNetwork& net, std::uint16_t metrics_port) {
 
 // Idle connections cannot take a KME's file descriptors. (1) The API holds at most half the
 // descriptor limit in connections: beyond that a new one is closed at once (here 128 of a
-// soft limit of 256), so the plain listener keeps serving meanwhile. (2) Out of descriptors
+// soft limit of 256), so the plain listener keeps serving meanwhile; the plain and link
+// listeners hold at most 32 each. (2) Out of descriptors
 // all the same (the limit lowered under the running daemon), the accept loop waits before
 // retrying instead of spinning: a few rate-limited "accept:" warnings, not one per retry
 // (hundreds of thousands in seconds before), and both listeners serve again once the
@@ -853,6 +913,24 @@ TEST(OpsTest, IdleConnectionsCannotExhaustFileDescriptors) {
   EXPECT_EQ(plain_get(metrics_port, "/health").first, 200);
   close_all(held);
   expect_serving(*net, metrics_port);
+
+  // (1b) The plain listener and the link listener have limits of their own (32 each; on the
+  // link, connections whose peer is not known yet): idle connections to one of them are
+  // closed beyond it, and the API serves meanwhile.
+  for (const std::uint16_t port : {metrics_port, net->alice().link_port}) {
+    held = idle_connections(port, 200);
+    ASSERT_EQ(held.size(), 200u);
+    EXPECT_GE(closed_by_server(held, 5s), 150) << "port " << port << ": connections beyond "
+                                               << "the limit stay open";
+    auto status = net->client(net->alice(), "alice").get("/api/v1/keys/bob/status");
+    ASSERT_TRUE(status.ok()) << status.error().message;
+    EXPECT_EQ(status->status, 200u);
+    close_all(held);
+  }
+  expect_serving(*net, metrics_port);
+  const std::string log = read_file(net->alice().log_file);
+  EXPECT_NE(log.find("metrics: 32 connections open, the limit"), std::string::npos);
+  EXPECT_NE(log.find("link: 32 connections open, the limit"), std::string::npos);
 
   // (2) The daemon's limit lowered to 20 descriptors more than it has open.
   std::size_t open = 0;

@@ -177,6 +177,9 @@ qkd::core::Result<std::string> HttpsTestClient::converse(const std::vector<Step>
   std::function<void()> read = [&]() {
     const std::string& until = steps[step].until;
     if (!until.empty() && received.find(until) != std::string::npos) {
+      if (steps[step].then) {
+        steps[step].then();
+      }
       if (++step == steps.size()) {
         result = {};
         return;

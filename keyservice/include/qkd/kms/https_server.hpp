@@ -26,6 +26,7 @@
 #include <boost/asio/ssl/context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -69,13 +70,19 @@ class RateLimitedWarning {
 // connection that failed stays in the backlog, so an immediate retry fails the same way and
 // the loop would spin, a warning each time. That warning ("<what>: accept: <error>") is
 // rate-limited (RateLimitedWarning, once a second).
+//
+// At most `max_open` connections are held at once: each comes with a Slot, and counts until
+// the last copy of its Slot is gone. Beyond that a new connection is closed at once (what it
+// frees is worth more than what an answer would tell), with a rate-limited warning.
 class AcceptLoop : public std::enable_shared_from_this<AcceptLoop> {
  public:
   static constexpr std::chrono::milliseconds kRetryDelay{100};
-  using OnSocket = std::function<void(boost::asio::ip::tcp::socket&&)>;
+  using Slot = std::shared_ptr<void>;
+  using OnSocket = std::function<void(boost::asio::ip::tcp::socket&&, Slot)>;
 
   // `what` prefixes the log lines ("api", "metrics", "link").
-  AcceptLoop(boost::asio::io_context& ioc, std::string what, OnSocket on_socket);
+  AcceptLoop(boost::asio::io_context& ioc, std::string what, std::size_t max_open,
+             OnSocket on_socket);
   // open_acceptor(host, port, field), then accepting; returns the bound port.
   [[nodiscard]] qkd::core::Result<std::uint16_t> listen(const std::string& host,
                                                         std::uint16_t port,
@@ -92,7 +99,10 @@ class AcceptLoop : public std::enable_shared_from_this<AcceptLoop> {
   boost::asio::ip::tcp::acceptor acceptor_;  // on a strand, with retry_
   boost::asio::steady_timer retry_;
   RateLimitedWarning failed_;
-  bool stopped_ = false;  // on the strand
+  RateLimitedWarning refused_;
+  std::size_t max_open_;
+  std::shared_ptr<std::atomic<std::size_t>> open_;  // connections whose Slot is alive
+  bool stopped_ = false;                            // on the strand
 };
 
 // What a handler returns: the API response plus transport details.
@@ -131,8 +141,8 @@ class HttpsServer {
   // Requests read whose response has not been written (or failed) yet.
   [[nodiscard]] std::size_t in_flight() const;
 
-  // Connections open at once: half the soft RLIMIT_NOFILE (read by listen()), at most
-  // kMaxSessions.
+  // Connections open at once (AcceptLoop's max_open): half the soft RLIMIT_NOFILE (read by
+  // listen()), at most kMaxSessions.
   static constexpr std::size_t kMaxSessions = 1000;
   [[nodiscard]] static std::size_t session_limit();
 
@@ -143,10 +153,12 @@ class HttpsServer {
 
 // A plain-HTTP listener (no TLS, meant for a loopback address) answering GET /metrics with
 // render(), GET /health with health() (its status and JSON body; for probes that hold no SAE
-// certificate) and
-// 404 to anything else. Same timeouts and body limit as the HTTPS server.
+// certificate) and 404 to anything else. Same timeouts and body limit as the HTTPS server;
+// at most kMaxConnections connections at once.
 class MetricsHttpServer {
  public:
+  static constexpr std::size_t kMaxConnections = 32;
+
   MetricsHttpServer(boost::asio::io_context& ioc, std::function<std::string()> render,
                     std::function<ApiResponse()> health);
   ~MetricsHttpServer();

@@ -93,9 +93,12 @@ class LinkConnection : public std::enable_shared_from_this<LinkConnection> {
 // `on_connection`. An engine connection starts with kEnginePreamble and an EngineToken;
 // once those are read its socket and token go to `on_engine`, which keeps the socket (to
 // run the TLS handshake, EngineChannel::accept) or closes it. Anything else, or nothing
-// within 10 s, is closed. Callbacks run on the io_context.
+// within 10 s, is closed. At most kMaxUnidentified connections are held before they are
+// told apart and their peer is known (others are closed at once). Callbacks run on the
+// io_context.
 class LinkAcceptor {
  public:
+  static constexpr std::size_t kMaxUnidentified = 32;
   using OnConnection = std::function<void(std::shared_ptr<LinkConnection>)>;
   using OnEngineSocket = std::function<void(int fd, const EngineToken&)>;  // owns fd
   LinkAcceptor(boost::asio::io_context& ioc, std::shared_ptr<boost::asio::ssl::context> tls,

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -52,11 +53,13 @@ class HttpsTestClient {
   }
   // A raw exchange over one TLS connection, for what request() cannot say: for each step,
   // sends `send` as it is, then reads until what came back so far contains `until` (the
-  // last step may leave it empty: until the server closes). Everything read; kTimeout with
-  // what came so far when the bound (for the whole exchange) is hit first.
+  // last step may leave it empty: until the server closes), then runs `then` if set (on
+  // the client's thread, before the next step). Everything read; kTimeout with what came so
+  // far when the bound (for the whole exchange) is hit first.
   struct Step {
     std::string send;
     std::string until;
+    std::function<void()> then = {};
   };
   [[nodiscard]] qkd::core::Result<std::string> converse(const std::vector<Step>& steps) const;
 
