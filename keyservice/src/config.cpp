@@ -502,7 +502,7 @@ AdmissionConfig parse_admission(ObjectReader& top, const KeysConfig& keys) {
   r.optional_uint("sae_burst", a.sae_burst, 0, kMaxKeys);
   r.optional_uint("pair_keys_per_window", a.pair_keys_per_window, 0, kMaxKeys);
   r.optional_number("pair_window_s", a.pair_window_s, 0.001, 86400);
-  r.optional_uint("sae_waiting_dec_keys", a.sae_waiting_dec_keys, 0, 64);
+  r.optional_uint("sae_waiting_dec_keys", a.sae_waiting_dec_keys, 0, 1000);  // connections
   r.finish();
   // A request of max_key_per_request keys must fit in a full bucket, or it could never pass.
   if (a.sae_keys_per_s > 0 && a.sae_burst < keys.max_key_per_request) {

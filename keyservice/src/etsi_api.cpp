@@ -375,11 +375,12 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
   const bool may_arrive = contains(config_.link.peer_saes, master) || contains(config_.saes, master);
   // While the link is down no notice can arrive: no wait (and no worker) for one.
   const bool down_before = !link_up();
-  if (may_arrive && !down_before && !req.may_wait && !store_.knows_all(ids)) {
-    return ApiResponse::wait_needed();  // a notice may be in flight: wait where we may
+  const bool may_wait_now = may_arrive && !down_before && !req.wait_over;
+  if (may_wait_now && !req.may_wait && !store_.knows_all(ids)) {
+    return ApiResponse::wait_needed(ids);  // a notice may be in flight: wait where we may
   }
-  const auto wait = std::chrono::milliseconds(
-      may_arrive && req.may_wait && !down_before ? config_.keys.dec_wait_ms : 0);
+  const auto wait =
+      std::chrono::milliseconds(may_wait_now && req.may_wait ? config_.keys.dec_wait_ms : 0);
   KeyStore::PendingWrite pending;
   auto keys = store_.take(caller, master, ids, wait, req.may_defer ? &pending : nullptr);
   // A key_ID not known here while the link is (or was, during the wait) down: its notice

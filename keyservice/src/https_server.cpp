@@ -43,11 +43,10 @@ constexpr std::size_t kDrainLimit = 1024 * 1024;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket&& socket, asio::ssl::context& ctx, asio::thread_pool& workers,
-          const HttpsServer::Handler& handler, std::atomic<std::size_t>& in_flight,
+  Session(tcp::socket&& socket, asio::ssl::context& ctx, const HttpsServer::Handler& handler,
+          std::atomic<std::size_t>& in_flight,
           const std::atomic<bool>& stopping, AcceptLoop::Slot slot)
       : stream_(std::move(socket), ctx),
-        workers_(workers),
         handler_(handler),
         in_flight_(in_flight),
         stopping_(stopping),
@@ -164,26 +163,15 @@ class Session : public std::enable_shared_from_this<Session> {
     spdlog::debug("api: {} {} {}", caller_, api.method, api.target);
     count_request();
     if (after_stop_) {
-      // Begun after the stop: the worker pool may be gone; answer here and close.
+      // Begun after the stop: answered here, and the connection closed.
       write(HttpReply{error_response(503, "the KME is shutting down")}, false);
       return;
     }
-    // Here first, on this I/O thread, where the handler may not wait.
+    // On this I/O thread, where the handler may not block: what has to wait comes back
+    // deferred.
     api.may_wait = false;
     api.may_defer = true;
-    if (auto now = call_handler(api)) {
-      respond(std::move(*now), keep_alive);
-      return;
-    }
-    // It has to wait: on the worker pool, then write on our strand.
-    api.may_wait = true;
-    asio::post(workers_, [self = shared_from_this(), api = std::move(api), keep_alive]() {
-      std::optional<HttpReply> resp = self->call_handler(api);
-      if (!resp) {  // a handler bug: may_wait was true
-        resp = HttpReply{error_response(503, "internal error: the handler refused to wait")};
-      }
-      self->respond(std::move(*resp), keep_alive);
-    });
+    respond(call_handler(api), keep_alive);
   }
 
   // Writes the reply on our strand (at once when called on it), from any thread; a
@@ -205,7 +193,7 @@ class Session : public std::enable_shared_from_this<Session> {
     });
   }
 
-  std::optional<HttpReply> call_handler(const ApiRequest& api) {
+  HttpReply call_handler(const ApiRequest& api) {
     try {
       return handler_(caller_, api);
     } catch (const std::exception& e) {
@@ -300,7 +288,6 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   beast::ssl_stream<beast::tcp_stream> stream_;
-  asio::thread_pool& workers_;
   HttpsServer::Handler handler_;
   std::atomic<std::size_t>& in_flight_;
   const std::atomic<bool>& stopping_;
@@ -325,31 +312,28 @@ std::shared_ptr<HttpReply> hold_reply(HttpReply reply) {
 }
 
 struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
-  Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> ctx, asio::thread_pool& w,
-       Handler h)
-      : ioc(io), tls(std::move(ctx)), workers(w), handler(std::move(h)) {}
+  Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> ctx, Handler h)
+      : ioc(io), tls(std::move(ctx)), handler(std::move(h)) {}
 
   void on_socket(tcp::socket&& s, AcceptLoop::Slot slot) {
     // Responses are small and latency-bound: without TCP_NODELAY a response written
     // in two TLS records can wait for the client's delayed ACK (40 ms on Linux).
     beast::error_code nodelay_ec;
     s.set_option(tcp::no_delay(true), nodelay_ec);
-    std::make_shared<Session>(std::move(s), *tls, workers, handler, in_flight, stopping,
-                              std::move(slot))
+    std::make_shared<Session>(std::move(s), *tls, handler, in_flight, stopping, std::move(slot))
         ->run();
   }
 
   asio::io_context& ioc;
   std::shared_ptr<asio::ssl::context> tls;
-  asio::thread_pool& workers;
   Handler handler;
   std::shared_ptr<AcceptLoop> accept;
   std::atomic<std::size_t> in_flight{0};
   std::atomic<bool> stopping{false};
 };
 HttpsServer::HttpsServer(asio::io_context& ioc, std::shared_ptr<asio::ssl::context> tls,
-                         asio::thread_pool& workers, Handler handler)
-    : impl_(std::make_shared<Impl>(ioc, std::move(tls), workers, std::move(handler))) {}
+                         Handler handler)
+    : impl_(std::make_shared<Impl>(ioc, std::move(tls), std::move(handler))) {}
 
 HttpsServer::~HttpsServer() { stop(); }
 

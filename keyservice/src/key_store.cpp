@@ -652,6 +652,7 @@ class JournaledStore final : public KeyStore {
     {
       std::unique_lock lock(mu_);
       expire_records_locked(std::chrono::system_clock::now());
+      std::condition_variable cv;
       std::optional<Waiter> waiter;  // registered on the first wait, until we return
       for (;;) {
         // 401 when the caller may not have one of the keys, delivered or not (the standard's
@@ -683,9 +684,9 @@ class JournaledStore final : public KeyStore {
           break;
         }
         if (!waiter) {
-          waiter.emplace(*this, key_ids);
+          waiter.emplace(*this, key_ids, [&cv]() { cv.notify_one(); });
         }
-        if (waiter->cv.wait_until(lock, deadline) == std::cv_status::timeout) {
+        if (cv.wait_until(lock, deadline) == std::cv_status::timeout) {
           // One last look after the deadline, then give up.
           bool present = std::all_of(key_ids.begin(), key_ids.end(), [&](const std::string& id) {
             return records_.contains(id);
@@ -774,9 +775,41 @@ class JournaledStore final : public KeyStore {
 
   bool knows_all(const std::vector<std::string>& key_ids) const override {
     std::lock_guard lock(mu_);
-    return std::all_of(key_ids.begin(), key_ids.end(), [&](const std::string& id) {
-      return records_.contains(id) || used_ids_.contains(id);
-    });
+    return knows_all_locked(key_ids);
+  }
+
+  std::shared_ptr<void> when_known(const std::vector<std::string>& key_ids,
+                                   std::function<void()> wake) override {
+    // Its Waiter goes under mu_ (the registration is never the last thing freed under it:
+    // wake() may only hand the work on).
+    class Registration {
+     public:
+      explicit Registration(JournaledStore& store) : store_(store) {}
+      Registration(const Registration&) = delete;
+      Registration& operator=(const Registration&) = delete;
+      ~Registration() {
+        std::lock_guard lock(store_.mu_);
+        waiter.reset();
+      }
+      std::optional<Waiter> waiter;
+
+     private:
+      JournaledStore& store_;
+    };
+    auto registration = std::make_shared<Registration>(*this);
+    std::lock_guard lock(mu_);
+    if (knows_all_locked(key_ids)) {
+      wake();
+      return registration;
+    }
+    registration->waiter.emplace(*this, key_ids,
+                                 [fired = false, wake = std::move(wake)]() mutable {
+                                   if (!fired) {  // once, under mu_
+                                     fired = true;
+                                     wake();
+                                   }
+                                 });
+    return registration;
   }
 
   std::string failure() const override { return journal_ ? journal_->failure() : std::string(); }
@@ -1343,14 +1376,14 @@ class JournaledStore final : public KeyStore {
     }
   }
 
-  // A take() waiting for key_IDs not heard of yet: woken only when one of them arrives
-  // (one condition variable each: a notice wakes the requests it concerns, not every
-  // waiting request). Constructed and destroyed under mu_.
+  // A take() or a when_known() waiting for key_IDs not heard of yet: woken (wake(), called
+  // under mu_) only when one of them arrives, so a notice wakes the requests it concerns,
+  // not every waiting request. Constructed and destroyed under mu_.
   struct Waiter {
-    Waiter(JournaledStore& store, const std::vector<std::string>& ids)
-        : store_(store), ids_(ids) {
+    Waiter(JournaledStore& store, const std::vector<std::string>& ids, std::function<void()> w)
+        : wake(std::move(w)), store_(store), ids_(ids) {
       for (const auto& id : ids_) {
-        store_.waiting_.emplace(id, &cv);
+        store_.waiting_.emplace(id, this);
       }
     }
     Waiter(const Waiter&) = delete;
@@ -1359,25 +1392,31 @@ class JournaledStore final : public KeyStore {
       for (const auto& id : ids_) {
         auto [first, last] = store_.waiting_.equal_range(id);
         for (auto it = first; it != last; ++it) {
-          if (it->second == &cv) {
+          if (it->second == this) {
             store_.waiting_.erase(it);
             break;
           }
         }
       }
     }
-    std::condition_variable cv;
+    std::function<void()> wake;
 
    private:
     JournaledStore& store_;
-    const std::vector<std::string>& ids_;
+    std::vector<std::string> ids_;
   };
 
   void wake_waiters_locked(const std::string& id) {
     auto [first, last] = waiting_.equal_range(id);
     for (auto it = first; it != last; ++it) {
-      it->second->notify_one();
+      it->second->wake();
     }
+  }
+
+  bool knows_all_locked(const std::vector<std::string>& key_ids) const {
+    return std::all_of(key_ids.begin(), key_ids.end(), [&](const std::string& id) {
+      return records_.contains(id) || used_ids_.contains(id);
+    });
   }
 
   static bool may_fetch(const AssignedKey& r, const std::string& caller,
@@ -1523,7 +1562,7 @@ class JournaledStore final : public KeyStore {
   const Direction own_;
   std::unique_ptr<detail::Journal> journal_;
   mutable std::mutex mu_;
-  std::unordered_multimap<std::string, std::condition_variable*> waiting_;  // key_ID -> take()
+  std::unordered_multimap<std::string, Waiter*> waiting_;  // key_ID -> take(), when_known()
   AssignmentListener listener_;
   NoticeEncoder encoder_;
   NoticeRelease release_;

@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
-#include <boost/asio/thread_pool.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <condition_variable>
 #include <csignal>
 #include <mutex>
@@ -27,9 +29,7 @@ namespace qkd::kms {
 namespace asio = boost::asio;
 
 namespace {
-constexpr int kApiThreads = 2;
-constexpr int kWorkerThreads = 64;  // dec_keys handlers waiting for a notice (up to
-                                    // keys.dec_wait_ms each); no handler waits for the disk
+constexpr int kApiThreads = 2;  // no handler blocks: not on a notice, not on the disk
 
 constexpr auto kDrainTimeout = std::chrono::seconds(2);  // + keys.dec_wait_ms: responses due
 
@@ -80,13 +80,14 @@ void run_io(asio::io_context& ioc, const char* name) {
 }  // namespace
 
 struct Kme::Impl {
+  class DecWait;
+
   Config config;
   std::unique_ptr<KeyStore> store;
   asio::io_context api_ioc;
   asio::io_context link_ioc;
   asio::executor_work_guard<asio::io_context::executor_type> api_guard{api_ioc.get_executor()};
   asio::executor_work_guard<asio::io_context::executor_type> link_guard{link_ioc.get_executor()};
-  asio::thread_pool workers{kWorkerThreads};
   std::unique_ptr<LinkService> link;
   std::unique_ptr<EtsiService> etsi;
   std::unique_ptr<AdmissionControl> admission;
@@ -96,10 +97,20 @@ struct Kme::Impl {
   std::unique_ptr<asio::signal_set> signals;
   std::vector<std::thread> threads;
 
-  // The API entry point: admission control and metrics around the ETSI service;
-  // std::nullopt when the request may not wait and has to (HttpsServer::Handler). A reply
-  // whose keys are not durable yet comes back deferred until they are.
-  std::optional<HttpReply> handle(const std::string& caller, const ApiRequest& req);
+  // The API entry point: admission control and metrics around the ETSI service
+  // (HttpsServer::Handler). A reply whose keys are not durable yet comes back deferred
+  // until they are; so does a dec_keys waiting for its keys' notice (wait_for_notice).
+  HttpReply handle(const std::string& caller, const ApiRequest& req);
+  // The reply as it leaves: recorded in the metrics, at once or, when its keys are not
+  // durable yet, deferred until they are (a 503 if the write fails, `refund` then called).
+  HttpReply finish(HttpReply reply, std::function<void()> refund, const std::string& caller,
+                   const RequestInfo& info, bool known_caller,
+                   std::chrono::steady_clock::time_point t0);
+  // A dec_keys whose keys' notice has not come: deferred, it waits without a thread (see
+  // DecWait) and is answered when its keys are here or keys.dec_wait_ms has passed.
+  HttpReply wait_for_notice(const std::string& caller, const ApiRequest& req,
+                            const RequestInfo& info, std::chrono::steady_clock::time_point t0,
+                            std::vector<std::string> key_ids);
   // The request's metrics, once its reply is final.
   void record(const std::string& caller, const RequestInfo& info, bool known_caller,
               const HttpReply& reply, std::chrono::steady_clock::time_point t0);
@@ -141,6 +152,107 @@ struct Kme::Impl {
   std::condition_variable cv;
   bool stop_requested = false;
   bool stopped = false;
+
+  std::mutex waits_mu;
+  std::vector<std::weak_ptr<DecWait>> waits;  // abandoned at stop if still waiting
+};
+
+// One dec_keys waiting for its keys' notice, on a strand of the API's I/O: registered with
+// the store (KeyStore::when_known) and a timer for keys.dec_wait_ms. When a key it names
+// arrives it tries again (registering again while keys are missing); when the time is up
+// it answers from what is here. No thread is held meanwhile, so waiting requests take
+// nothing from the others' (before, each held one of 64 worker threads for up to
+// keys.dec_wait_ms, and one SAE could hold them all). While it waits it holds one of its
+// SAE's admission.sae_waiting_dec_keys places and counts in qkd_kms_dec_keys_waiting.
+class Kme::Impl::DecWait : public std::enable_shared_from_this<DecWait> {
+ public:
+  DecWait(Impl& im, std::string caller, ApiRequest req, RequestInfo info,
+          std::chrono::steady_clock::time_point t0, HttpReply::Send send)
+      : im_(im),
+        strand_(asio::make_strand(im.api_ioc)),
+        timer_(strand_),
+        caller_(std::move(caller)),
+        req_(std::move(req)),
+        info_(std::move(info)),
+        t0_(t0),
+        send_(std::move(send)) {
+    im_.metrics->add_dec_keys_waiting(1);
+  }
+  DecWait(const DecWait&) = delete;
+  DecWait& operator=(const DecWait&) = delete;
+  ~DecWait() { abandon(); }
+
+  void start(std::vector<std::string> key_ids) {
+    asio::dispatch(strand_, [self = shared_from_this(), ids = std::move(key_ids)]() {
+      self->timer_.expires_at(self->t0_ +
+                              std::chrono::milliseconds(self->im_.config.keys.dec_wait_ms));
+      self->timer_.async_wait([self](const boost::system::error_code& ec) {
+        if (!ec) {
+          self->attempt(true);
+        }
+      });
+      self->arm(ids);
+    });
+  }
+
+  // Lets go of the store, the admission place and the gauge, answering nothing: at stop,
+  // once no thread runs the I/O (no reply could be written any more), and when answered.
+  void abandon() {
+    if (done_) {
+      return;
+    }
+    done_ = true;
+    registration_.reset();
+    im_.admission->leave_wait(caller_);
+    im_.metrics->add_dec_keys_waiting(-1);
+  }
+
+ private:
+  void arm(const std::vector<std::string>& key_ids) {
+    registration_ = im_.store->when_known(key_ids, [weak = weak_from_this(), ex = strand_]() {
+      asio::post(ex, [weak]() {
+        if (auto self = weak.lock()) {
+          self->attempt(false);
+        }
+      });
+    });
+  }
+
+  // On the strand. `wait_over`: the timer's call, the last.
+  void attempt(bool wait_over) {
+    if (done_) {
+      return;
+    }
+    ApiRequest r = req_;
+    r.may_wait = false;
+    r.may_defer = true;
+    r.wait_over = wait_over;
+    HttpReply reply{im_.etsi->handle(caller_, r)};
+    if (reply.api.needs_wait) {  // a key came, not all of them: wait on for the others
+      arm(reply.api.wait_for);
+      return;
+    }
+    abandon();
+    timer_.cancel();
+    HttpReply out = im_.finish(std::move(reply), nullptr, caller_, info_, true, t0_);
+    if (out.deferred) {
+      auto deferred = std::move(out.deferred);
+      deferred(send_);
+    } else {
+      send_(std::move(out));
+    }
+  }
+
+  Impl& im_;
+  asio::strand<asio::io_context::executor_type> strand_;
+  asio::steady_timer timer_;
+  std::string caller_;
+  ApiRequest req_;
+  RequestInfo info_;
+  std::chrono::steady_clock::time_point t0_;
+  HttpReply::Send send_;
+  std::shared_ptr<void> registration_;  // KeyStore::when_known
+  bool done_ = false;
 };
 
 Kme::Kme() : impl_(std::make_unique<Impl>()) {}
@@ -212,11 +324,9 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   });
   im.metrics = std::make_unique<Metrics>(c.kme_id, c.link.peer_kme_id, c.keys.key_size);
   Impl* impl = &im;
-  im.server =
-      std::make_unique<HttpsServer>(im.api_ioc, api_tls.value(), im.workers,
-                                    [impl](const std::string& caller, const ApiRequest& req) {
-                                      return impl->handle(caller, req);
-                                    });
+  im.server = std::make_unique<HttpsServer>(
+      im.api_ioc, api_tls.value(),
+      [impl](const std::string& caller, const ApiRequest& req) { return impl->handle(caller, req); });
   if (c.metrics.plain_listener) {
     im.metrics_server = std::make_unique<MetricsHttpServer>(
         im.api_ioc, [impl]() { return impl->render_metrics(); },
@@ -225,7 +335,7 @@ qkd::core::Result<std::unique_ptr<Kme>> Kme::create(Config config) {
   return kme;
 }
 
-std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiRequest& req) {
+HttpReply Kme::Impl::handle(const std::string& caller, const ApiRequest& req) {
   const auto t0 = std::chrono::steady_clock::now();
   const RequestInfo info = classify_request(req);
   HttpReply reply;
@@ -267,30 +377,44 @@ std::optional<HttpReply> Kme::Impl::handle(const std::string& caller, const ApiR
         refund = nullptr;
       }
     }
-    if (reply.api.needs_wait) {
-      return std::nullopt;
-    }
-  } else if (info.route == "dec_keys" && known_caller && req.may_wait) {
-    // Run again on a worker, to wait for a notice in flight: one of the caller's places.
-    if (auto refusal = admission->enter_wait(caller)) {
-      metrics->add_admission_refusal(refusal->budget, caller);
-      spdlog::debug("api: {}: {}", caller, refusal->message);
-      reply.api = error_response(503, refusal->message);
-      reply.api.retry_after_s = refusal->retry_after_s;
-    } else {
-      struct Leave {  // the place comes back however the handler ends
-        AdmissionControl& a;
-        const std::string& sae;
-        ~Leave() { a.leave_wait(sae); }
-      } leave{*admission, caller};
-      reply.api = etsi->handle(caller, req);
-    }
   } else {
     reply.api = etsi->handle(caller, req);
-    if (reply.api.needs_wait) {
-      return std::nullopt;  // dec_keys of a key whose notice is still in flight
+    if (reply.api.needs_wait) {  // dec_keys of a key whose notice is still in flight
+      return wait_for_notice(caller, req, info, t0, std::move(reply.api.wait_for));
     }
   }
+  return finish(std::move(reply), std::move(refund), caller, info, known_caller, t0);
+}
+
+HttpReply Kme::Impl::wait_for_notice(const std::string& caller, const ApiRequest& req,
+                                     const RequestInfo& info,
+                                     std::chrono::steady_clock::time_point t0,
+                                     std::vector<std::string> key_ids) {
+  // Only an SAE of this KME gets this far (the others are 401 before any wait).
+  if (auto refusal = admission->enter_wait(caller)) {
+    metrics->add_admission_refusal(refusal->budget, caller);
+    spdlog::debug("api: {}: {}", caller, refusal->message);
+    HttpReply refused{error_response(503, refusal->message)};
+    refused.api.retry_after_s = refusal->retry_after_s;
+    return finish(std::move(refused), nullptr, caller, info, true, t0);
+  }
+  HttpReply reply;
+  reply.deferred = [this, caller, req, info, t0,
+                    key_ids = std::move(key_ids)](const HttpReply::Send& send) mutable {
+    auto wait = std::make_shared<DecWait>(*this, caller, std::move(req), info, t0, send);
+    {
+      std::lock_guard lock(waits_mu);
+      std::erase_if(waits, [](const std::weak_ptr<DecWait>& w) { return w.expired(); });
+      waits.push_back(wait);
+    }
+    wait->start(std::move(key_ids));
+  };
+  return reply;
+}
+
+HttpReply Kme::Impl::finish(HttpReply reply, std::function<void()> refund,
+                            const std::string& caller, const RequestInfo& info,
+                            bool known_caller, std::chrono::steady_clock::time_point t0) {
   if (reply.api.pending.ticket == 0) {
     record(caller, info, known_caller, reply, t0);
     return reply;
@@ -416,7 +540,7 @@ void Kme::stop() {
   }
   // Let requests in progress (their header came before the stop; the body may still be on
   // its way) be read, handled (a dec_keys waits at most keys.dec_wait_ms) and answered,
-  // then stop the link, the workers and the I/O. The link runs until then: a dec_keys
+  // then stop the link and the I/O. The link runs until then: a dec_keys
   // waiting for its key's notice still gets it.
   const auto drain_deadline = std::chrono::steady_clock::now() + kDrainTimeout +
                               std::chrono::milliseconds(im.config.keys.dec_wait_ms);
@@ -436,7 +560,6 @@ void Kme::stop() {
   if (im.store) {
     im.store->withdraw_prepared();
   }
-  im.workers.join();
   im.api_guard.reset();
   im.link_guard.reset();
   if (im.signals) {
@@ -453,7 +576,18 @@ void Kme::stop() {
       t.join();
     }
   }
-  // No handler runs any more. Replies still deferred (only if the drain above timed out)
+  // No handler runs any more. dec_keys still waiting for a notice (only if the drain above
+  // timed out) let go of what they hold while the store, admission and metrics are here.
+  {
+    std::lock_guard lock(im.waits_mu);
+    for (const auto& w : im.waits) {
+      if (auto wait = w.lock()) {
+        wait->abandon();
+      }
+    }
+    im.waits.clear();
+  }
+  // Replies still deferred (only if the drain above timed out)
   // complete now, while the link, the metrics and the sessions they use are still there
   // (their writes are dropped with the stopped I/O context).
   if (im.store) {

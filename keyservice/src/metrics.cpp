@@ -119,6 +119,8 @@ void Metrics::add_admission_refusal(std::string_view budget, const std::string& 
   ++refusals_[{std::string(budget), master}];
 }
 
+void Metrics::add_dec_keys_waiting(std::int64_t delta) { dec_keys_waiting_.fetch_add(delta); }
+
 std::string Metrics::render(const StoreStats& store, const LinkStats& link,
                             const BudgetLevels& budgets) const {
   std::string out;
@@ -234,6 +236,10 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link,
                    escape_label_value(route), escape_label_value(master),
                    escape_label_value(slave), n);
   }
+  header(out, "qkd_kms_dec_keys_waiting", "gauge",
+         "dec_keys requests waiting now for their keys' notice from the peer KME (each up to "
+         "keys.dec_wait_ms; they hold no thread).");
+  fmt::format_to(o, "qkd_kms_dec_keys_waiting {}\n", dec_keys_waiting_.load());
   header(out, "qkd_kms_admission_refusals_total", "counter",
          "enc_keys requests refused by admission control, by budget (sae, pair) and master SAE.");
   for (const auto& [k, n] : refusals_) {

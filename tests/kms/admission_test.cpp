@@ -459,12 +459,69 @@ TEST(AdmissionTest, WaitingDecKeysOfOneSaeAreBounded) {
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->status, 400u) << again->body;
 
-  // More places than there are workers is refused, naming the field.
+  // More places than the API's connections is refused, naming the field.
   json cfg = read_json(net->bob().config_file);
-  cfg["admission"] = {{"sae_waiting_dec_keys", 65}};
+  cfg["admission"] = {{"sae_waiting_dec_keys", 1001}};
   auto [code, out] = check_config(*net, cfg);
   EXPECT_EQ(code, 1) << out;
   EXPECT_NE(out.find("admission.sae_waiting_dec_keys"), std::string::npos) << out;
+}
+
+// A dec_keys waiting for its keys' notice holds no thread, only its connection: 150 of one
+// SAE wait at once (more than the 64 worker threads that used to hold them, one each, so
+// that one SAE could keep every other's waits queued), are counted in
+// qkd_kms_dec_keys_waiting, and are answered when keys.dec_wait_ms is up; another SAE's
+// keys are delivered meanwhile.
+TEST(AdmissionTest, WaitingDecKeysHoldNoThread) {
+  KmeNetworkOptions o;
+  o.extra_bob_saes = {"dave"};
+  o.dec_wait_ms = 6000;
+  auto net = qkd::test::start_network_with_keys(o, 4);
+  ASSERT_TRUE(net);
+  constexpr int kWaiting = 150;
+  auto unknown = [](int i) { return fmt::format("00000000-0000-4000-8000-{:012d}", i); };
+  std::vector<std::optional<HttpResponse>> replies(kWaiting);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kWaiting; ++i) {
+    threads.emplace_back([&, i] {
+      auto r = net->client(net->bob(), "bob")
+                   .get("/api/v1/keys/alice/dec_keys?key_ID=" + unknown(i));
+      if (r.ok()) {
+        replies[static_cast<std::size_t>(i)] = *r;
+      }
+    });
+  }
+  const auto waiting_now = [&] {
+    auto r = net->client(net->bob(), "bob").get("/metrics");
+    return r.ok() && r->status == 200 ? sample(r->body, "qkd_kms_dec_keys_waiting") : -1.0;
+  };
+  double most = -1;
+  for (const auto until = std::chrono::steady_clock::now() + 5s;
+       most < kWaiting && std::chrono::steady_clock::now() < until;) {
+    most = std::max(most, waiting_now());
+    std::this_thread::sleep_for(50ms);
+  }
+  // Meanwhile: alice -> dave, delivered at bob.
+  auto enc = net->client(net->alice(), "alice").get("/api/v1/keys/dave/enc_keys");
+  ASSERT_TRUE(enc.ok()) << enc.error().message;
+  ASSERT_EQ(enc->status, 200u) << enc->body;
+  const json k = enc->json().at("keys").at(0);
+  auto dec = net->client(net->bob(), "dave")
+                 .get("/api/v1/keys/alice/dec_keys?key_ID=" + k.at("key_ID").get<std::string>());
+  for (auto& t : threads) {
+    t.join();
+  }
+  EXPECT_EQ(most, kWaiting) << "not every dec_keys could wait at once";
+  ASSERT_TRUE(dec.ok()) << dec.error().message;
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  EXPECT_EQ(dec->json().at("keys").at(0).at("key"), k.at("key"));
+  for (int i = 0; i < kWaiting; ++i) {
+    const auto& r = replies[static_cast<std::size_t>(i)];
+    ASSERT_TRUE(r) << "request " << i << " got no answer";
+    EXPECT_EQ(r->status, 400u) << r->body;
+    EXPECT_EQ(message_of(*r), "one or more keys specified are not found on KME");
+  }
+  EXPECT_EQ(waiting_now(), 0.0);
 }
 
 // --check-config (and the start) load the PEM files as the KME will: a file that is

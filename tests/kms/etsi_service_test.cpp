@@ -193,9 +193,10 @@ TEST_F(EtsiServiceTest, DecKeysAuthorizationAndOneUse) {
   EXPECT_EQ(message(again), "one or more keys specified are not found on KME");
 }
 
-// The transport first runs a request on its I/O thread (may_wait = false). dec_keys answers
-// there when it can; for a key_ID it has not heard of (its notice may be in flight) it asks
-// to be run where it may wait, and consumes nothing.
+// The transport runs a request on its I/O thread (may_wait = false). dec_keys answers there
+// when it can; for a key_ID it has not heard of (its notice may be in flight) it asks to be
+// run again when it arrives (naming the key_IDs to wait for), and consumes nothing; once the
+// wait is over (wait_over) it answers from what it has.
 TEST_F(EtsiServiceTest, DecKeysThatMayNotWaitAsksToWaitOnlyForAKeyNotHeardOf) {
   const auto no_wait = [this](const std::string& target) {
     ApiRequest r{"GET", target, ""};
@@ -209,7 +210,16 @@ TEST_F(EtsiServiceTest, DecKeysThatMayNotWaitAsksToWaitOnlyForAKeyNotHeardOf) {
   // The notice has not arrived: run me where I may wait.
   ApiResponse early = no_wait(target);
   EXPECT_TRUE(early.needs_wait);
+  EXPECT_EQ(early.wait_for, std::vector<std::string>{id});  // what to wait for
   EXPECT_FALSE(bob_store->knows_all({id}));
+  // The wait is over (keys.dec_wait_ms passed): answered from what is here, at once.
+  ApiRequest over{"GET", target, ""};
+  over.may_wait = false;
+  over.wait_over = true;
+  ApiResponse late = bob.handle("bob", over);
+  EXPECT_FALSE(late.needs_wait);
+  EXPECT_EQ(late.status, 400u) << late.body;
+  EXPECT_FALSE(bob_store->knows_all({id}));  // nothing consumed
   // Malformed requests are answered at once all the same.
   ApiResponse bad = no_wait("/api/v1/keys/alice/dec_keys?key_ID=not-a-uuid");
   EXPECT_FALSE(bad.needs_wait);

@@ -479,6 +479,45 @@ TEST(KeyStore, WaitersAreWokenByTheirOwnKeys) {
   EXPECT_GE(dt2, 150ms);  // not before its second key
 }
 
+// when_known(): the registration of a dec_keys that waits without a thread. Called once,
+// when one of its keys arrives (not for others'); at once when all are known already
+// (held, or delivered); never once its handle is gone.
+TEST(KeyStore, WhenKnownCallsOnceWhenOneOfItsKeysArrives) {
+  Pair p;
+  p.commit(pattern(256, 7));
+  auto k2 = p.alice->allocate("alice", {"bob"}, 1, 32);
+  auto k1 = p.alice->allocate("alice", {"bob"}, 2, 32);
+  ASSERT_TRUE(k1.ok() && k2.ok());
+  ASSERT_EQ(p.from_alice.size(), 3u);
+  int woken1 = 0;
+  int woken2 = 0;
+  auto h1 = p.bob->when_known(ids_of(k1.value()), [&] { ++woken1; });
+  auto h2 = p.bob->when_known(ids_of(k2.value()), [&] { ++woken2; });
+  EXPECT_EQ(woken1 + woken2, 0);
+  ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(0)).ok());  // k2's key
+  EXPECT_EQ(woken1, 0);
+  EXPECT_EQ(woken2, 1);
+  ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(1)).ok());  // k1's first
+  EXPECT_EQ(woken1, 1);
+  ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(2)).ok());  // and second
+  EXPECT_EQ(woken1, 1);  // once
+  // All known already: at once. Delivered ones count as known (the answer is a 400).
+  int now_known = 0;
+  auto h3 = p.bob->when_known(ids_of(k1.value()), [&] { ++now_known; });
+  EXPECT_EQ(now_known, 1);
+  ASSERT_TRUE(p.bob->take("bob", "alice", ids_of(k2.value()), 0ms).ok());
+  auto h4 = p.bob->when_known(ids_of(k2.value()), [&] { ++now_known; });
+  EXPECT_EQ(now_known, 2);
+  // Gone before its key arrives: not called.
+  auto k3 = p.alice->allocate("alice", {"bob"}, 1, 32);
+  ASSERT_TRUE(k3.ok());
+  int dropped = 0;
+  auto h5 = p.bob->when_known(ids_of(k3.value()), [&] { ++dropped; });
+  h5.reset();
+  ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(3)).ok());
+  EXPECT_EQ(dropped, 0);
+}
+
 TEST(KeyStore, UnknownKeyWaitsThenNotFound) {
   auto s = qkd::kms::make_memory_key_store(Direction::kBob);
   const auto t0 = std::chrono::steady_clock::now();

@@ -26,13 +26,18 @@ namespace qkd::kms {
 struct ApiResponse {
   unsigned status = 200;
   std::string body;  // JSON text, or empty (401)
-  // Set only by wait_needed() (see ApiRequest::may_wait); never sent.
+  // Set only by wait_needed() (see ApiRequest::may_wait); never sent. wait_for: the
+  // key_IDs whose arrival is worth another try (KeyStore::when_known).
   bool needs_wait = false;
+  std::vector<std::string> wait_for{};
   // The durable write this response must wait for (ApiRequest::may_defer).
   KeyStore::PendingWrite pending{};
   std::uint32_t retry_after_s = 0;  // > 0: a Retry-After header (seconds), with a 503
 
-  [[nodiscard]] static ApiResponse wait_needed() { return ApiResponse{0, {}, true, {}}; }
+  [[nodiscard]] static ApiResponse wait_needed(std::vector<std::string> key_ids) {
+    ApiResponse r{0, {}, true, std::move(key_ids)};
+    return r;
+  }
 };
 
 struct ApiRequest {
@@ -41,9 +46,13 @@ struct ApiRequest {
   std::string body;
   // false: the transport runs the handler on its I/O thread, where it must not block. A
   // handler that would have to wait (dec_keys for a notice still in flight) answers
-  // ApiResponse::wait_needed() instead, touching nothing, and the transport runs the
-  // request again, with may_wait = true, on its worker pool.
+  // ApiResponse::wait_needed() instead, touching nothing; the caller runs the request
+  // again when one of its keys arrives, and once more with wait_over = true when
+  // keys.dec_wait_ms has passed. true: dec_keys waits (up to keys.dec_wait_ms) in the
+  // store, blocking its thread.
   bool may_wait = true;
+  // The wait for a notice is over: dec_keys answers from what this KME knows now.
+  bool wait_over = false;
   // true: enc_keys and dec_keys do not wait for their durable write; they answer with
   // ApiResponse::pending set, and the transport sends that response only once
   // KeyStore::when_written has reported the write durable. false: they wait.

@@ -72,10 +72,10 @@ struct AdmissionConfig {
   // evenly over the window; a fetched key gives its token back).
   std::uint64_t pair_keys_per_window = 2500;
   double pair_window_s = 1.0;
-  // dec_keys requests of one SAE waiting for their keys' notice at once (each holds one of
-  // the KME's 64 waiting workers for up to keys.dec_wait_ms); 0 = no limit. Off by default:
-  // a busy slave legitimately has many waiting when the notices lag (kms_load, 64
-  // connections of one SAE: ~8 % of requests refused at 32).
+  // dec_keys requests of one SAE waiting for their keys' notice at once (each for up to
+  // keys.dec_wait_ms; they hold no thread, only their connection), 0-1000; 0 = no limit.
+  // Off by default: a busy slave legitimately has many waiting when the notices lag
+  // (kms_load, 64 connections of one SAE: ~8 % of requests refused at 32).
   std::uint32_t sae_waiting_dec_keys = 0;
 };
 

@@ -2,15 +2,12 @@
 //
 // One session per connection, each on its own strand; a timeout before every operation
 // (handshake 10 s, reading a request 30 s, writing 30 s, shutdown 5 s); a 64 KiB body
-// limit; keep-alive. A handler first runs on the I/O thread that read the request, with
-// ApiRequest::may_wait = false: most requests are answered there, without a hand-off to
-// another thread (each hand-off wakes a sleeping thread, which costs more than the handler
-// itself). A handler that would have to wait (dec_keys for a notice from the peer KME)
-// returns std::nullopt instead; the request then runs on a separate worker pool with
-// may_wait = true, and the response is written back on the session's strand. Requests carry
-// ApiRequest::may_defer = true: a reply that has to wait for a durable write comes back
-// deferred (HttpReply::deferred) and is written when that completes, while the thread goes
-// on with other connections.
+// limit; keep-alive. The handler runs on the I/O thread that read the request, with
+// ApiRequest::may_wait = false and may_defer = true, and must not block: a reply that has
+// to wait (for a durable write, for a notice from the peer KME) comes back deferred
+// (HttpReply::deferred) and is written when it completes, while the thread goes on with
+// other connections. No hand-off to another thread: each wakes a sleeping thread, which
+// costs more than the handler itself.
 //
 // Connections: at most session_limit() open at once (TLS handshake or idle keep-alive
 // included); one accepted beyond that is closed at once, with a warning at most once a
@@ -25,7 +22,6 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/thread_pool.hpp>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -122,23 +118,21 @@ struct HttpReply {
 
 class HttpsServer {
  public:
-  // Returns std::nullopt only when the request's may_wait is false and answering it needs a
-  // wait; nothing may have been changed then.
-  using Handler =
-      std::function<std::optional<HttpReply>(const std::string& caller, const ApiRequest&)>;
+  // Called on an I/O thread; must not block (see above).
+  using Handler = std::function<HttpReply(const std::string& caller, const ApiRequest&)>;
 
   HttpsServer(boost::asio::io_context& ioc, std::shared_ptr<boost::asio::ssl::context> tls,
-              boost::asio::thread_pool& workers, Handler handler);
+              Handler handler);
   ~HttpsServer();
   HttpsServer(const HttpsServer&) = delete;
   HttpsServer& operator=(const HttpsServer&) = delete;
 
   // Binds and starts accepting; returns the bound port (useful with port 0).
   [[nodiscard]] qkd::core::Result<std::uint16_t> listen(const HostPort& where);
-  // Stops accepting; requests already handed to a handler finish and are answered; a
-  // request read from then on gets 503 "the KME is shutting down" and its connection closes.
+  // Stops accepting; requests whose header came before finish and are answered; a request
+  // begun from then on gets 503 "the KME is shutting down" and its connection closes.
   void stop();
-  // Requests read whose response has not been written (or failed) yet.
+  // Requests begun (header read) whose response has not been written (or failed) yet.
   [[nodiscard]] std::size_t in_flight() const;
 
   // Connections open at once (AcceptLoop's max_open): half the soft RLIMIT_NOFILE (read by

@@ -254,6 +254,13 @@ class KeyStore {
   // here or known to be delivered or expired. (A durable store still writes its commit:
   // see PendingWrite.)
   [[nodiscard]] virtual bool knows_all(const std::vector<std::string>& key_ids) const = 0;
+  // Calls `wake` once: when one of `key_ids` arrives here (on the thread adding it, under
+  // the store's lock, so `wake` may only hand the work on, e.g. post it), or at once when
+  // knows_all(key_ids) holds already. Until the returned handle is gone; after that `wake`
+  // is not called. The handle must not outlive the store. For a dec_keys that waits for a
+  // notice without holding a thread (then tries again, and registers again if need be).
+  [[nodiscard]] virtual std::shared_ptr<void> when_known(const std::vector<std::string>& key_ids,
+                                                         std::function<void()> wake) = 0;
   // Whether one of `key_ids` was delivered here already (remembered as used).
   [[nodiscard]] virtual bool delivered_any(const std::vector<std::string>& key_ids) const = 0;
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -47,6 +48,8 @@ class Metrics {
                           const std::string& slave, std::uint64_t keys);
   // An enc_keys request refused by admission control ("sae" or "pair" budget).
   void add_admission_refusal(std::string_view budget, const std::string& master);
+  // dec_keys requests waiting for their keys' notice: +1 when one starts, -1 when it ends.
+  void add_dec_keys_waiting(std::int64_t delta);
 
   // Admission budgets left now (keys of key_size): per master SAE, per (master, slave).
   struct BudgetLevels {
@@ -74,6 +77,7 @@ class Metrics {
   std::map<std::pair<std::string, unsigned>, Histogram> requests_;
   std::map<std::tuple<std::string, std::string, std::string>, std::uint64_t> delivered_;
   std::map<std::pair<std::string, std::string>, std::uint64_t> refusals_;
+  std::atomic<std::int64_t> dec_keys_waiting_{0};
 };
 
 }  // namespace qkd::kms
