@@ -8,6 +8,21 @@ namespace qkd::prov {
 using qkd::core::ErrorCode;
 using qkd::core::make_error;
 
+Admission::Admission(AdmissionLimits limits) : ForkGuarded(mu_), limits_(limits) {
+  guard_forks();
+}
+
+Admission::~Admission() { unguard_forks(); }
+
+void Admission::reset_in_child() {
+  // The calls in flight ran on the parent's threads, which do not exist here: nothing will
+  // release their slots. Frees no memory (no lock of the allocator's is needed here).
+  for (auto& [sae, b] : buckets_) {
+    b.outstanding = 0;
+  }
+  outstanding_total_ = 0;
+}
+
 void Admission::set_limits(const AdmissionLimits& limits) {
   std::lock_guard lock(mu_);
   limits_ = limits;

@@ -2,6 +2,10 @@
 // names the SAE for which the server will draw a key from its KME; these limits bound what
 // a flood of ClientHellos can drain: per claimed SAE a token bucket (keys per second with a
 // burst) and a cap on enc_keys calls in flight, plus a global in-flight cap.
+//
+// Fork: the lock is taken around fork() (ForkGuarded), and a child starts with no call in
+// flight (those of the parent's threads never end there, so their slots would never be
+// released); the token buckets are kept (keys drawn before the fork were drawn).
 #pragma once
 
 #include <chrono>
@@ -11,6 +15,7 @@
 #include <string_view>
 #include <unordered_map>
 
+#include "fork_guard.hpp"
 #include "qkd/core/result.hpp"
 
 namespace qkd::prov {
@@ -23,11 +28,12 @@ struct AdmissionLimits {
   std::size_t max_tracked = 4096;       // distinct SAE IDs remembered (idle ones evicted)
 };
 
-class Admission {
+class Admission final : public ForkGuarded {
  public:
   using Clock = std::chrono::steady_clock;
 
-  explicit Admission(AdmissionLimits limits = {}) : limits_(limits) {}
+  explicit Admission(AdmissionLimits limits = {});  // not copyable (ForkGuarded)
+  ~Admission();
   void set_limits(const AdmissionLimits& limits);
 
   // Takes one token and one in-flight slot for `sae`, or fails (kRejected) saying which
@@ -41,6 +47,8 @@ class Admission {
     Clock::time_point last{};
     std::uint32_t outstanding = 0;
   };
+  // ForkGuarded: the child has no call in flight.
+  void reset_in_child() override;
   void refill(Bucket& b, Clock::time_point now) const;
   void evict_idle(Clock::time_point now);
 

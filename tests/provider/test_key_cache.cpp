@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "admission.hpp"
 #include "ahead_keys.hpp"
 #include "key_cache.hpp"
 #include "prov.hpp"
@@ -908,14 +909,14 @@ TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
   EXPECT_EQ(ahead.client_id().value(), parent_id);
 }
 
-// Forks 40 children one after another (while the caller's threads go on), each running
-// `child` under a 5 s alarm; returns how many failed or were killed by the alarm (blocked).
-int children_that_fail(const std::function<bool()>& child) {
-  int bad = 0;
-  for (int i = 0; i < 40; ++i) {
+// Forks `children` children one after another (while the caller's threads go on), each
+// running `child` under a 5 s alarm; returns how many failed or were killed by the alarm
+// (blocked). Stops at the first such child, so that a failing test ends within seconds.
+int children_that_fail(const std::function<bool()>& child, int children = 40) {
+  for (int i = 0; i < children; ++i) {
     const pid_t pid = ::fork();
     if (pid < 0) {
-      return 40 - i;
+      return 1;
     }
     if (pid == 0) {
       ::alarm(5);
@@ -923,10 +924,12 @@ int children_that_fail(const std::function<bool()>& child) {
     }
     int status = 0;
     ::waitpid(pid, &status, 0);
-    bad += (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : 1;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      return 1;
+    }
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
-  return bad;
+  return 0;
 }
 
 // fork() while other threads hold the caches' locks (or wait on the client's condition
@@ -1007,6 +1010,71 @@ TEST(ForkGuard, ChildrenForkedWhileTheProviderContextIsMadeDoNotBlock) {
   stop = true;
   load.join();
   EXPECT_EQ(bad, 0) << "children that blocked (killed by the alarm) or failed";
+}
+
+// fork() while other threads are admitting handshakes (Admission's lock held most of the
+// time): a child's first encapsulation must not block on that lock (taken around fork() by
+// the fork guard). Without it, children block and are killed by the alarm.
+TEST(ForkGuard, ChildrenForkedWhileAdmittingAreAdmittedWithoutBlocking) {
+  AdmissionLimits limits;
+  limits.rate_per_second = 1e9;
+  limits.burst = 1e9;
+  limits.max_outstanding = 1'000'000;
+  limits.max_outstanding_total = 1'000'000;
+  Admission admission(limits);
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> load;
+  for (int i = 0; i < 2; ++i) {
+    load.emplace_back([&] {
+      while (!stop) {
+        if (admission.acquire("alice", Admission::Clock::now()).ok()) {
+          admission.release("alice");
+        }
+      }
+    });
+  }
+  const int bad = children_that_fail(
+      [&] { return admission.acquire("alice", Admission::Clock::now()).ok(); });
+  stop = true;
+  for (auto& t : load) {
+    t.join();
+  }
+  EXPECT_EQ(bad, 0) << "children that blocked (killed by the alarm) or were refused";
+}
+
+// Encapsulations in flight on the parent's threads when it forks never end in the child:
+// their slots must not count there, or a child forked at a busy moment refuses that SAE
+// (and, at the global cap, every SAE) for its whole life. The parent keeps its own.
+TEST(ForkGuard, AdmissionSlotsInFlightInTheParentAreFreeInTheChild) {
+  AdmissionLimits limits;
+  limits.max_outstanding = 2;
+  limits.max_outstanding_total = 3;
+  Admission admission(limits);
+  const auto now = Admission::Clock::now();
+  ASSERT_TRUE(admission.acquire("alice", now).ok());
+  ASSERT_TRUE(admission.acquire("alice", now).ok());
+  ASSERT_TRUE(admission.acquire("bob", now).ok());
+  ASSERT_FALSE(admission.acquire("alice", now).ok());  // per-SAE cap
+  ASSERT_FALSE(admission.acquire("carol", now).ok());  // global cap
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::alarm(5);
+    int bad = admission.acquire("alice", now).ok() ? 0 : 1;
+    bad |= admission.acquire("alice", now).ok() ? 0 : 2;
+    bad |= admission.acquire("carol", now).ok() ? 0 : 4;
+    bad |= admission.acquire("alice", now).ok() ? 8 : 0;  // its own two are in flight now
+    ::_exit(bad);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child was killed (blocked)";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1/2: the child refused alice; 4: the global cap; "
+                                       "8: the child did not count its own slots";
+  EXPECT_FALSE(admission.acquire("alice", now).ok());  // the parent's slots are still taken
+  admission.release("alice");
+  admission.release("alice");
+  admission.release("bob");
 }
 
 // Secure heap: with CRYPTO_secure_malloc_init done (as an application may), the cached keys
