@@ -47,7 +47,11 @@ void Admission::evict_idle(Clock::time_point now) {
   }
 }
 
-qkd::core::Status Admission::acquire(std::string_view sae, Clock::time_point now) {
+qkd::core::Result<AdmissionTicket> Admission::acquire(std::string_view sae,
+                                                     Clock::time_point now) {
+  // What may throw (the ticket's copy of the name, a new bucket) comes before the slot is
+  // counted; after it, only the ticket is made, which cannot throw.
+  std::string name(sae);
   std::lock_guard lock(mu_);
   const auto refuse = [&](const std::string& why) {
     return make_error(ErrorCode::kRejected, "admission limit for SAE " + std::string(sae) + ": " + why);
@@ -56,7 +60,7 @@ qkd::core::Status Admission::acquire(std::string_view sae, Clock::time_point now
     return refuse(std::to_string(limits_.max_outstanding_total) +
                   " key requests already in flight in this process");
   }
-  auto it = buckets_.find(std::string(sae));
+  auto it = buckets_.find(name);
   if (it == buckets_.end()) {
     if (buckets_.size() >= limits_.max_tracked) {
       evict_idle(now);
@@ -64,7 +68,7 @@ qkd::core::Status Admission::acquire(std::string_view sae, Clock::time_point now
         return refuse("too many distinct SAE IDs are being served");
       }
     }
-    it = buckets_.emplace(std::string(sae), Bucket{limits_.burst, now, 0}).first;
+    it = buckets_.emplace(name, Bucket{limits_.burst, now, 0}).first;
   }
   Bucket& b = it->second;
   refill(b, now);
@@ -79,12 +83,12 @@ qkd::core::Status Admission::acquire(std::string_view sae, Clock::time_point now
   b.tokens -= 1.0;
   ++b.outstanding;
   ++outstanding_total_;
-  return qkd::core::ok_status();
+  return AdmissionTicket(*this, std::move(name));
 }
 
-void Admission::release(std::string_view sae) {
+void Admission::release(const std::string& sae) noexcept {
   std::lock_guard lock(mu_);
-  auto it = buckets_.find(std::string(sae));
+  auto it = buckets_.find(sae);  // no copy of the name: nothing here may throw
   if (it != buckets_.end() && it->second.outstanding > 0) {
     --it->second.outstanding;
   }

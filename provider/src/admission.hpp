@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 
 #include "fork_guard.hpp"
 #include "qkd/core/result.hpp"
@@ -28,6 +29,29 @@ struct AdmissionLimits {
   std::size_t max_tracked = 4096;       // distinct SAE IDs remembered (idle ones evicted)
 };
 
+class Admission;
+
+// One admitted call's slot: released when the ticket goes (a moved-from ticket holds none).
+// Only Admission::acquire() makes one, after the slot is taken, and making it cannot throw,
+// so no slot is ever taken without a ticket to release it.
+class AdmissionTicket {
+ public:
+  AdmissionTicket(AdmissionTicket&& other) noexcept
+      : admission_(std::exchange(other.admission_, nullptr)), sae_(std::move(other.sae_)) {}
+  AdmissionTicket(const AdmissionTicket&) = delete;
+  AdmissionTicket& operator=(const AdmissionTicket&) = delete;
+  AdmissionTicket& operator=(AdmissionTicket&&) = delete;
+  ~AdmissionTicket();
+
+ private:
+  friend class Admission;
+  AdmissionTicket(Admission& admission, std::string&& sae) noexcept
+      : admission_(&admission), sae_(std::move(sae)) {}
+
+  Admission* admission_;
+  std::string sae_;
+};
+
 class Admission final : public ForkGuarded {
  public:
   using Clock = std::chrono::steady_clock;
@@ -37,11 +61,13 @@ class Admission final : public ForkGuarded {
   void set_limits(const AdmissionLimits& limits);
 
   // Takes one token and one in-flight slot for `sae`, or fails (kRejected) saying which
-  // limit. Every success must be paired with release(sae).
-  [[nodiscard]] qkd::core::Status acquire(std::string_view sae, Clock::time_point now);
-  void release(std::string_view sae);
+  // limit. The slot is released when the ticket goes.
+  [[nodiscard]] qkd::core::Result<AdmissionTicket> acquire(std::string_view sae,
+                                                           Clock::time_point now);
 
  private:
+  friend class AdmissionTicket;
+  void release(const std::string& sae) noexcept;
   struct Bucket {
     double tokens = 0;
     Clock::time_point last{};
@@ -58,18 +84,10 @@ class Admission final : public ForkGuarded {
   std::uint32_t outstanding_total_ = 0;
 };
 
-// RAII: releases the slot when the encapsulation is over.
-class AdmissionTicket {
- public:
-  AdmissionTicket(Admission& admission, std::string sae)
-      : admission_(&admission), sae_(std::move(sae)) {}
-  AdmissionTicket(const AdmissionTicket&) = delete;
-  AdmissionTicket& operator=(const AdmissionTicket&) = delete;
-  ~AdmissionTicket() { admission_->release(sae_); }
-
- private:
-  Admission* admission_;
-  std::string sae_;
-};
+inline AdmissionTicket::~AdmissionTicket() {
+  if (admission_ != nullptr) {
+    admission_->release(sae_);
+  }
+}
 
 }  // namespace qkd::prov

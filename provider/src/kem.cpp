@@ -244,11 +244,12 @@ int Kem<G>::encapsulate(void* vctx, unsigned char* out, std::size_t* outlen,
       QKD_RAISE(prov, failure.reason, failure.message);
       return 0;
     }
-    if (auto admitted = prov->admission().acquire(peer, Admission::Clock::now()); !admitted.ok()) {
-      QKD_RAISE(prov, kReasonAdmission, admitted.error().message);
+    // The ticket releases the slot when the encapsulation is over, however it ends.
+    const auto ticket = prov->admission().acquire(peer, Admission::Clock::now());
+    if (!ticket.ok()) {
+      QKD_RAISE(prov, kReasonAdmission, ticket.error().message);
       return 0;
     }
-    AdmissionTicket ticket(prov->admission(), peer);
     // A key reserved for the share's client_id, else a prefetched one for this client SAE,
     // else one enc_keys call (which may fetch a batch for the following handshakes:
     // key_cache.hpp). The fetch may also run later on the cache's refill thread, so it

@@ -647,16 +647,13 @@ TEST(Admission, TokenBucketPerSae) {
   Admission a(limits);
   const auto t0 = Admission::Clock::now();
   for (int i = 0; i < 3; ++i) {
-    ASSERT_TRUE(a.acquire("alice", t0).ok());
-    a.release("alice");
+    ASSERT_TRUE(a.acquire("alice", t0).ok());  // the ticket goes at once: slot released
   }
   auto refused = a.acquire("alice", t0);
   ASSERT_FALSE(refused.ok());
   EXPECT_NE(refused.error().message.find("admission limit for SAE alice"), std::string::npos);
   EXPECT_TRUE(a.acquire("bob", t0).ok());  // another SAE has its own bucket
-  a.release("bob");
   EXPECT_TRUE(a.acquire("alice", t0 + std::chrono::milliseconds(1100)).ok());  // refilled
-  a.release("alice");
 }
 
 TEST(Admission, OutstandingCaps) {
@@ -667,18 +664,40 @@ TEST(Admission, OutstandingCaps) {
   limits.max_outstanding_total = 3;
   Admission a(limits);
   const auto t = Admission::Clock::now();
-  ASSERT_TRUE(a.acquire("alice", t).ok());
-  ASSERT_TRUE(a.acquire("alice", t).ok());
+  auto alice1 = a.acquire("alice", t);
+  ASSERT_TRUE(alice1.ok());
+  auto alice2 = a.acquire("alice", t);
+  ASSERT_TRUE(alice2.ok());
   EXPECT_FALSE(a.acquire("alice", t).ok());
-  ASSERT_TRUE(a.acquire("bob", t).ok());
+  auto bob = a.acquire("bob", t);
+  ASSERT_TRUE(bob.ok());
   EXPECT_FALSE(a.acquire("carol", t).ok());  // global cap
-  a.release("alice");
-  EXPECT_TRUE(a.acquire("carol", t).ok());
   {
-    a.release("carol");
-    AdmissionTicket ticket(a, "alice");  // releases the other alice slot
+    const AdmissionTicket gone = std::move(alice1).value();  // released at the end of the block
   }
-  EXPECT_TRUE(a.acquire("alice", t).ok());
+  auto carol = a.acquire("carol", t);
+  EXPECT_TRUE(carol.ok());
+  EXPECT_FALSE(a.acquire("alice", t).ok());  // global cap again
+}
+
+// A ticket releases its slot once, whoever holds it last; a moved-from one releases none.
+TEST(Admission, ATicketReleasesItsSlotOnce) {
+  AdmissionLimits limits;
+  limits.max_outstanding = 1;
+  limits.max_outstanding_total = 2;
+  Admission a(limits);
+  const auto t = Admission::Clock::now();
+  auto bob = a.acquire("bob", t);
+  ASSERT_TRUE(bob.ok());
+  {
+    auto first = a.acquire("alice", t);
+    ASSERT_TRUE(first.ok());
+    AdmissionTicket moved = std::move(first).value();
+    EXPECT_FALSE(a.acquire("alice", t).ok());  // still in flight after the move
+  }
+  auto again = a.acquire("alice", t);
+  ASSERT_TRUE(again.ok());  // released once...
+  EXPECT_FALSE(a.acquire("carol", t).ok());  // ...not twice: bob and alice fill the total
 }
 
 TEST(Admission, TrackedSaesAreBounded) {
@@ -688,12 +707,14 @@ TEST(Admission, TrackedSaesAreBounded) {
   limits.max_outstanding_total = 100;
   Admission a(limits);
   const auto t = Admission::Clock::now();
-  for (int i = 0; i < 4; ++i) {
-    ASSERT_TRUE(a.acquire("sae" + std::to_string(i), t).ok());  // all in flight
-  }
-  EXPECT_FALSE(a.acquire("sae9", t).ok());
-  for (int i = 0; i < 4; ++i) {
-    a.release("sae" + std::to_string(i));
+  {
+    std::vector<AdmissionTicket> in_flight;
+    for (int i = 0; i < 4; ++i) {
+      auto ticket = a.acquire("sae" + std::to_string(i), t);
+      ASSERT_TRUE(ticket.ok());
+      in_flight.push_back(std::move(ticket).value());
+    }
+    EXPECT_FALSE(a.acquire("sae9", t).ok());
   }
   // Idle buckets are evicted once refilled.
   EXPECT_TRUE(a.acquire("sae9", t + std::chrono::seconds(10)).ok());
