@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -350,6 +351,59 @@ TEST_F(FakeKmeTest, ForkedChildDoesNotShareTheParentsConnection) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   EXPECT_TRUE(bob->enc_keys("alice", 1, 256).ok());
   EXPECT_EQ(kme.connections(), 2);  // parent 1 (kept alive), child 1
+}
+
+// For ForkedWhileACallHoldsThePoolLock: the first call in this process to reach the hook
+// holds its client's pool lock until the test thread is about to fork, and 200 ms more.
+std::atomic<int> pool_hook_phase{0};  // 0: armed, 1: a call holds the lock, 2: forking
+pid_t pool_hook_pid = 0;
+void hold_pool_lock_while_forking() {
+  int armed = 0;
+  if (::getpid() != pool_hook_pid || !pool_hook_phase.compare_exchange_strong(armed, 1)) {
+    return;
+  }
+  for (int i = 0; i < 5000 && pool_hook_phase.load() != 2; ++i) {  // at most 5 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+}
+
+// fork() while another thread holds a client's connection pool lock (in take_idle(), as in
+// give_back()): the child's first call must not block on it (the client's pthread_atfork
+// handlers take it around fork(), so the fork waits for the other thread to let it go).
+// The KME refuses connections, so neither thread uses OpenSSL (whose own locks no fork
+// handler takes, docs/SECURITY.md); the child's call must come back "unreachable". Without
+// the handlers the child blocks and its alarm kills it.
+TEST_F(FakeKmeTest, ForkedWhileACallHoldsThePoolLock) {
+  const std::string url = "https://127.0.0.1:" + std::to_string(closed_port());
+  auto bob = client_for("bob", url);
+  ASSERT_TRUE(bob);
+  pool_hook_pid = ::getpid();
+  pool_hook_phase = 0;
+  qkd::etsi::detail::set_pool_locked_hook(&hold_pool_lock_while_forking);
+  std::thread caller([&] { (void)bob->enc_keys("alice", 1, 256); });
+  for (int i = 0; i < 5000 && pool_hook_phase.load() != 1; ++i) {  // at most 5 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const bool held = pool_hook_phase.load() == 1;
+  pool_hook_phase = 2;
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::alarm(5);
+    auto enc = bob->enc_keys("alice", 1, 256);
+    ::_exit(!enc.ok() && enc.error().code == ErrorCode::kUnavailable ? 0 : 1);
+  }
+  int status = 0;
+  if (pid > 0) {
+    ::waitpid(pid, &status, 0);
+  }
+  caller.join();
+  qkd::etsi::detail::set_pool_locked_hook(nullptr);
+  ASSERT_TRUE(held) << "the caller never reached the pool";
+  ASSERT_GT(pid, 0);
+  EXPECT_FALSE(WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM)
+      << "the child blocked on the pool lock (killed by the alarm)";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's call failed";
 }
 
 // --- the provider, end to end, against fake KMEs ------------------------------------------

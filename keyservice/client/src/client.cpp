@@ -1,6 +1,7 @@
 // The ETSI 014 client: a private TLS context, a small keep-alive pool, the three routes.
 #include "qkd/etsi/client.hpp"
 
+#include <pthread.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 #include "internal.hpp"
 #include "qkd/etsi/client_detail.hpp"
@@ -85,8 +87,9 @@ Result<SslCtxPtr> make_tls_context(const ClientConfig& config) {
   return ctx;
 }
 
-// detail::set_new_connection_hook(): tests only.
+// detail::set_new_connection_hook(), detail::set_pool_locked_hook(): tests only.
 std::atomic<void (*)()> new_connection_hook{nullptr};
+std::atomic<void (*)()> pool_locked_hook{nullptr};
 
 // Runs `work` on a short-lived thread of its own and joins it: libssl 3.0's handshake
 // state machine clears the whole OpenSSL error queue of the thread it runs on (at every
@@ -125,10 +128,68 @@ bool iequals(std::string_view a, std::string_view b) {
          });
 }
 
+// fork() while another thread is inside take_idle() or give_back(): the child would inherit
+// that client's pool lock held by a thread that does not exist there, and block for ever at
+// its first call. pthread_atfork handlers (installed once, by the first client) take every
+// client's pool lock before fork() and release it after, in the parent and in the child, as
+// the provider's fork guard does for its own locks (provider/src/fork_guard.hpp). A pool
+// lock is a leaf: no other lock is taken while it is held, and none is held when it is
+// taken (the registry's lock is taken only to add or remove a client, never under a pool
+// lock). So neither these handlers nor the provider's can wait for a thread that waits for
+// them, whichever were installed first. The connections a child inherits are dropped by
+// its first call (take_idle()), not in the handler: freeing libssl objects may take
+// OpenSSL's own locks, which no fork handler holds across fork().
+class PoolLocks {
+ public:
+  static void add(std::mutex* pool) {
+    static std::once_flag installed;
+    std::call_once(installed, [] { (void)pthread_atfork(&prepare, &parent, &child); });
+    Registry& r = registry();
+    std::lock_guard lock(r.mu);
+    r.pools.push_back(pool);
+  }
+  static void remove(std::mutex* pool) noexcept {
+    Registry& r = registry();
+    std::lock_guard lock(r.mu);
+    std::erase(r.pools, pool);
+  }
+
+ private:
+  struct Registry {
+    std::mutex mu;
+    std::vector<std::mutex*> pools;
+  };
+  static Registry& registry() {
+    static auto* r = new Registry;  // never destroyed: the handlers may run during exit
+    return *r;
+  }
+  static void prepare() {
+    Registry& r = registry();
+    r.mu.lock();  // held across fork(): no client comes or goes meanwhile
+    for (std::mutex* pool : r.pools) {
+      pool->lock();
+    }
+  }
+  static void release() {
+    Registry& r = registry();
+    for (auto it = r.pools.rbegin(); it != r.pools.rend(); ++it) {
+      (*it)->unlock();
+    }
+    r.mu.unlock();
+  }
+  static void parent() { release(); }
+  static void child() { release(); }
+};
+
 class ClientImpl final : public Client {
  public:
   ClientImpl(ClientConfig config, detail::Url url, SslCtxPtr ctx)
-      : config_(std::move(config)), url_(std::move(url)), ctx_(std::move(ctx)), pid_(::getpid()) {}
+      : config_(std::move(config)), url_(std::move(url)), ctx_(std::move(ctx)), pid_(::getpid()) {
+    PoolLocks::add(&mu_);
+  }
+  ~ClientImpl() override { PoolLocks::remove(&mu_); }
+  ClientImpl(const ClientImpl&) = delete;
+  ClientImpl& operator=(const ClientImpl&) = delete;
 
   Result<StatusInfo> status(std::string_view slave_sae_id) override;
   Result<std::vector<Key>> enc_keys(std::string_view slave_sae_id, std::uint32_t number,
@@ -181,7 +242,7 @@ class ClientImpl final : public Client {
   const ClientConfig config_;
   const detail::Url url_;
   const SslCtxPtr ctx_;
-  std::mutex mu_;
+  std::mutex mu_;  // the pool's lock: taken around fork() (PoolLocks)
   std::vector<std::unique_ptr<Connection>> idle_;  // guarded by mu_
   pid_t pid_;                                      // guarded by mu_
 };
@@ -191,6 +252,9 @@ std::unique_ptr<Connection> ClientImpl::take_idle() {
   std::unique_ptr<Connection> out;
   {
     std::lock_guard lock(mu_);
+    if (auto* hook = pool_locked_hook.load()) {
+      hook();
+    }
     if (::getpid() != pid_) {
       // We are a child of fork(): the sockets are shared with the parent. Forget them
       // without a word on the wire.
@@ -449,6 +513,7 @@ Result<std::vector<Key>> ClientImpl::dec_keys(std::string_view master_sae_id,
 namespace detail {
 
 void set_new_connection_hook(void (*hook)()) { new_connection_hook.store(hook); }
+void set_pool_locked_hook(void (*hook)()) { pool_locked_hook.store(hook); }
 
 }  // namespace detail
 

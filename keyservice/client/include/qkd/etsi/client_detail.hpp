@@ -40,6 +40,11 @@ struct Url {
 // sends its request; a test lets the deadline pass there. Set it while no call runs.
 void set_new_connection_hook(void (*hook)());
 
+// Tests only: `hook` (nullptr: none, the default) runs at the start of each call, while the
+// call holds its client's connection pool lock (to take a kept-alive connection); a test
+// forks then. Set it while no call runs.
+void set_pool_locked_hook(void (*hook)());
+
 // Incremental parser for one HTTP/1.1 response. Bodies framed by Content-Length, by
 // chunked transfer-coding, or (only when neither is present) by the end of the connection.
 // Bounded: headers at most kMaxHeaderBytes, body at most kMaxBodyBytes.
