@@ -40,6 +40,12 @@ void AheadKeys::reset_in_child() {
   // variable still counts them, and a notify could wait for them for ever: start afresh
   // (the old one owns no resource to free).
   new (&settled_) std::condition_variable();
+  // The parent may use these keys: a child that never makes a handshake must not keep them
+  // either. Zeroed here, freed at the first call (check_fork_locked()): freeing could wait
+  // for the secure heap's lock, which a thread of the parent may have held at fork().
+  for (auto& [id, h] : held_) {
+    h.key.cleanse();
+  }
 }
 
 void AheadKeys::stop_soon() {
@@ -394,6 +400,12 @@ bool AheadKeys::all_in_secure_heap() {
     any = true;
   }
   return any;
+}
+
+std::size_t AheadKeys::keys_not_cleansed() {
+  std::lock_guard lock(mu_);
+  return static_cast<std::size_t>(std::count_if(
+      held_.begin(), held_.end(), [](const auto& held) { return held.second.key.any_nonzero(); }));
 }
 
 }  // namespace qkd::prov

@@ -103,9 +103,13 @@ class AheadKeys final : public ForkGuarded {
   [[nodiscard]] std::size_t held();
   [[nodiscard]] AheadStats stats();
   [[nodiscard]] bool all_in_secure_heap();
+  // Keys held whose bytes are not all zero. Unlike held(), it does not first drop what a
+  // forked child inherited: it shows what the child's fork handler left.
+  [[nodiscard]] std::size_t keys_not_cleansed();
 
  private:
-  // ForkGuarded: the child gets a fresh condition variable.
+  // ForkGuarded: the child gets a fresh condition variable, and the inherited keys are
+  // cleansed at once (check_fork_locked() drops them at the first call).
   void reset_in_child() override;
 
   using HeldId = std::pair<std::string, KeyId>;  // (master SAE, key_ID)

@@ -91,6 +91,22 @@ void KeyCache::run_refill(EntryKey ek, std::uint32_t number, Fetch fetch) {
   }
 }
 
+void KeyCache::reset_in_child() {
+  // The parent may hand these keys out: a child that never makes a handshake must not keep
+  // them either. Zeroed here, freed at the first call (check_fork_locked()): freeing could
+  // wait for the secure heap's lock, which a thread of the parent may have held at fork().
+  for (auto& [ek, e] : entries_) {
+    for (Slot& slot : e.keys) {
+      slot.key.cleanse();
+    }
+  }
+  for (auto& [rk, r] : reservations_) {
+    for (Slot& slot : r.keys) {
+      slot.key.cleanse();
+    }
+  }
+}
+
 void KeyCache::check_fork_locked() {
   const pid_t now_pid = ::getpid();
   if (now_pid == pid_) {
@@ -420,6 +436,20 @@ bool KeyCache::all_in_secure_heap() {
     }
   }
   return any;
+}
+
+std::size_t KeyCache::keys_not_cleansed() {
+  std::lock_guard lock(mu_);
+  std::size_t n = 0;
+  for (const auto& [ek, e] : entries_) {
+    n += std::count_if(e.keys.begin(), e.keys.end(),
+                       [](const Slot& s) { return s.key.any_nonzero(); });
+  }
+  for (const auto& [rk, r] : reservations_) {
+    n += std::count_if(r.keys.begin(), r.keys.end(),
+                       [](const Slot& s) { return s.key.any_nonzero(); });
+  }
+  return n;
 }
 
 }  // namespace qkd::prov

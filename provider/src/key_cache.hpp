@@ -119,6 +119,9 @@ class KeyCache final : public ForkGuarded {
   [[nodiscard]] KeyCacheStats stats();
   // True when every key held is a secure-heap allocation (and at least one is held).
   [[nodiscard]] bool all_in_secure_heap();
+  // Keys held whose bytes are not all zero. Unlike the observers above, it does not first
+  // drop what a forked child inherited: it shows what the child's fork handler left.
+  [[nodiscard]] std::size_t keys_not_cleansed();
 
  private:
   struct Slot {
@@ -157,6 +160,9 @@ class KeyCache final : public ForkGuarded {
   // Expires a reservation's keys; when any expire, halves its target and the SAE's batch.
   void expire_reserved_locked(const EntryKey& ek, Reservation& r, Clock::time_point now);
 
+  // ForkGuarded: in the child, cleanses the inherited keys at once (check_fork_locked()
+  // drops them at the first call).
+  void reset_in_child() override;
   void check_fork_locked();
   // Sweeps at most once a second; then `map`'s entry for `key`, made when the map holds
   // fewer than max_saes entries (after a sweep when it is full); end() when none can be.

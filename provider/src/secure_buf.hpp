@@ -53,6 +53,22 @@ class SecureBuf {
     data_ = nullptr;
     size_ = 0;
   }
+  // Zeroes the bytes and keeps the buffer: a forked child's fork handler, where freeing
+  // could wait for the secure heap's lock (held across fork() by no handler).
+  void cleanse() noexcept {
+    if (data_ != nullptr) {
+      OPENSSL_cleanse(data_, size_);
+    }
+  }
+  // True when some byte is not zero (tests: whether a key is still there).
+  [[nodiscard]] bool any_nonzero() const {
+    for (std::size_t i = 0; i < size_; ++i) {
+      if (data_[i] != 0) {
+        return true;
+      }
+    }
+    return false;
+  }
   [[nodiscard]] std::uint8_t* data() { return data_; }
   [[nodiscard]] const std::uint8_t* data() const { return data_; }
   [[nodiscard]] std::size_t size() const { return size_; }

@@ -1077,6 +1077,42 @@ TEST(ForkGuard, AdmissionSlotsInFlightInTheParentAreFreeInTheChild) {
   EXPECT_FALSE(admission.acquire("alice", now).ok());  // the parent's slots are still taken
 }
 
+// A forked child holds no usable copy of a key it inherited even if it never touches the
+// caches: the fork handler cleanses them in the child (the parent may hand them out), before
+// any call; the child's first call then drops them (ForkedChildDrops... above).
+TEST(ForkGuard, AForkedChildCleansesInheritedKeysBeforeAnyCall) {
+  FakeEnc enc;
+  FakeDec dec;
+  KeyCache cache;
+  AheadKeys ahead;
+  const auto now = Clock::now();
+  for (int i = 0; i < 4; ++i) {  // fetches of 1, 2 and 4 keys: 3 left in the cache
+    ASSERT_TRUE(cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(enc)).ok());
+  }
+  const auto me = ahead.client_id().value();
+  const KeyId k0 = dec.add(1), k1 = dec.add(2), k2 = dec.add(3);
+  ASSERT_TRUE(ahead.take("bob", k0, {k1, k2}, me, 32, AheadKeys::Clock::now(), kNoDeadline,
+                         dec_of(dec)).ok());
+  const std::size_t cached = cache.keys_not_cleansed();
+  ASSERT_GT(cached, 0U);
+  ASSERT_EQ(ahead.keys_not_cleansed(), 2U);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::alarm(5);
+    int bad = cache.keys_not_cleansed() == 0 ? 0 : 1;
+    bad |= ahead.keys_not_cleansed() == 0 ? 0 : 2;
+    ::_exit(bad);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child was killed (blocked)";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: the key cache's keys, 2: the keys held ahead, "
+                                       "were still in the child";
+  EXPECT_EQ(cache.keys_not_cleansed(), cached);  // the parent keeps its own
+  EXPECT_EQ(ahead.keys_not_cleansed(), 2U);
+}
+
 // Secure heap: with CRYPTO_secure_malloc_init done (as an application may), the cached keys
 // and the handed-out key are secure-heap allocations, and freeing cleanses them.
 TEST(SecureHeap, CachedKeysLiveInTheSecureHeapAndAreCleansed) {
