@@ -8,9 +8,7 @@ namespace qkd::prov {
 using qkd::core::ErrorCode;
 using qkd::core::make_error;
 
-Admission::Admission(AdmissionLimits limits) : ForkGuarded(mu_), limits_(limits) {
-  guard_forks();
-}
+Admission::Admission(AdmissionLimits limits) : ForkGuarded(mu_), limits_(limits) { guard_forks(); }
 
 Admission::~Admission() { unguard_forks(); }
 
@@ -47,8 +45,7 @@ void Admission::evict_idle(Clock::time_point now) {
   }
 }
 
-qkd::core::Result<AdmissionTicket> Admission::acquire(std::string_view sae,
-                                                     Clock::time_point now) {
+qkd::core::Result<AdmissionTicket> Admission::acquire(std::string_view sae, Clock::time_point now) {
   // What may throw (the ticket's copy of the name, a new bucket) comes before the slot is
   // counted; after it, only the ticket is made, which cannot throw.
   std::string name(sae);
