@@ -40,6 +40,8 @@
 // slaves}]} queued in an outbox in allocation order; the peer applies notices in order
 // (ignoring seq numbers it has applied) and answers ack{seq}. Unacknowledged notices are
 // resent after a resume; they are dropped on a reset (the peer lost the pool they refer to).
+// A notice holding an assignment no honest peer can send (detail::assignment_fault) closes
+// the session unacked.
 //
 // Fetch reports. Both ends announce in hello/state ("fetched": true) that they take
 // fetched{pairs: [{master, slave, n}]}: keys of the receiver's master SAEs that slaves
@@ -60,6 +62,7 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json_fwd.hpp>
+#include <string>
 
 #include "qkd/core/result.hpp"
 #include "qkd/kms/api.hpp"
@@ -109,6 +112,12 @@ namespace detail {
 // slaves, discard); throws on a malformed one: a field missing or of another type, a number
 // negative, fractional or out of its range, a direction other than 0 or 1.
 [[nodiscard]] KeyAssignment assignment_from_json(const nlohmann::json& j);
+// Why a peer's assignment cannot come from an honest peer KME with `config`'s SAEs and key
+// sizes, or empty: its key_ID is not a UUID; its master is not one of link.peer_saes; it
+// has no slave, a slave that is not one of saes, or one named twice; its length is outside
+// keys.min_key_size..max_key_size. A discard of expired bytes (no key_ID) must name no SAE;
+// one withdrawing a prepared key (a key_ID) is checked as an assignment.
+[[nodiscard]] std::string assignment_fault(const KeyAssignment& a, const Config& config);
 }  // namespace detail
 
 }  // namespace qkd::kms

@@ -1,0 +1,325 @@
+// LinkService against a scripted peer KME over loopback, with a real PKI (examples/pki.sh):
+// what a faulty or hostile peer holding the link's credentials can send at a session start
+// and in its notices, and what this KME keeps of it. The scripted peer speaks the control
+// protocol (link_service.hpp) on a LinkConnection and runs no BB84 block.
+#include "qkd/kms/link_service.hpp"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <filesystem>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <thread>
+
+#include "qkd/kms/engine_channel.hpp"
+#include "qkd/kms/link_connection.hpp"
+#include "qkd/kms/tls.hpp"
+
+namespace qkd::kms {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using json = nlohmann::json;
+using qkd::core::ErrorCode;
+using qkd::core::Result;
+using qkd::core::Status;
+
+bool g_pki_made = false;  // by this process: removed at the end
+
+fs::path pki_dir() {
+  static const fs::path dir = [] {
+    fs::path d = fs::temp_directory_path() / ("qkd-link-service-test-" + std::to_string(::getpid()));
+    const std::string cmd = "bash '" + std::string(QKD_TEST_SOURCE_DIR) + "/examples/pki.sh' '" +
+                            d.string() + "' alice-kme bob-kme >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      ADD_FAILURE() << "pki.sh failed";
+    }
+    g_pki_made = true;
+    return d;
+  }();
+  return dir;
+}
+
+class PkiCleanup : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    if (g_pki_made) {
+      std::error_code ec;
+      fs::remove_all(pki_dir(), ec);
+    }
+  }
+};
+[[maybe_unused]] const auto* const kPkiCleanup =
+    ::testing::AddGlobalTestEnvironment(new PkiCleanup);
+
+ApiConfig api_of(const std::string& kme) {
+  ApiConfig api;
+  api.cert = pki_dir() / (kme + ".crt");
+  api.key = pki_dir() / (kme + ".key");
+  api.ca = pki_dir() / "ca.crt";
+  return api;
+}
+
+std::shared_ptr<boost::asio::ssl::context> context(const std::string& kme, TlsRole role) {
+  auto c = make_tls_context(api_of(kme), role);
+  EXPECT_TRUE(c.ok()) << (c.ok() ? "" : c.error().message);
+  return c.ok() ? c.value() : nullptr;
+}
+
+// The KME under test: SAEs alice and alice2 at alice-kme, bob and bob2 at bob-kme.
+Config kme_config(LinkRole role, std::uint16_t connect_port = 0) {
+  const bool alice = role == LinkRole::kAlice;
+  Config c;
+  c.source = "link_service_test";
+  c.kme_id = alice ? "alice-kme" : "bob-kme";
+  c.api = api_of(c.kme_id);
+  c.saes = alice ? std::vector<std::string>{"alice", "alice2"}
+                 : std::vector<std::string>{"bob", "bob2"};
+  c.link.peer_kme_id = alice ? "bob-kme" : "alice-kme";
+  c.link.peer_saes = alice ? std::vector<std::string>{"bob", "bob2"}
+                           : std::vector<std::string>{"alice", "alice2"};
+  c.link.role = role;
+  if (alice) {
+    c.link.listen = HostPort{"127.0.0.1", 0};
+  } else {
+    c.link.connect = HostPort{"127.0.0.1", connect_port};
+  }
+  c.link.psk = qkd::core::SecureBytes(32);
+  for (std::size_t i = 0; i < 32; ++i) {
+    c.link.psk.data()[i] = static_cast<std::uint8_t>(i + 1);
+  }
+  c.link.engine_nice = 0;
+  return c;
+}
+
+std::string hex(std::span<const std::uint8_t> b) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string s;
+  for (std::uint8_t x : b) {
+    s.push_back(kHex[x >> 4]);
+    s.push_back(kHex[x & 0x0F]);
+  }
+  return s;
+}
+
+// An io_context running on its own thread until destroyed.
+struct IoThread {
+  boost::asio::io_context ioc;
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work{
+      boost::asio::make_work_guard(ioc)};
+  std::thread thread{[this] { ioc.run(); }};
+  ~IoThread() {
+    work.reset();
+    ioc.stop();
+    thread.join();
+  }
+};
+
+// The scripted peer's end of a control connection: what it received, by type.
+class Peer {
+ public:
+  explicit Peer(std::shared_ptr<LinkConnection> conn) : conn_(std::move(conn)) {
+    auto in = in_;
+    conn_->start(
+        [in](std::vector<std::uint8_t> bytes) {
+          json j = json::parse(bytes.begin(), bytes.end(), nullptr, false);
+          std::lock_guard lock(in->mu);
+          in->messages.push_back(std::move(j));
+          in->cv.notify_all();
+          return true;
+        },
+        [in]() {
+          std::lock_guard lock(in->mu);
+          in->closed = true;
+          in->cv.notify_all();
+        });
+  }
+  ~Peer() { conn_->close(); }
+  Peer(const Peer&) = delete;
+  Peer& operator=(const Peer&) = delete;
+
+  void send(const json& j) {
+    const std::string s = j.dump();
+    (void)conn_->send(Channel::kControl, std::vector<std::uint8_t>(s.begin(), s.end()));
+  }
+
+  // The next message of type `type` (others are dropped), nullopt when none comes within
+  // `timeout` or the connection closes first.
+  std::optional<json> next(const std::string& type, std::chrono::milliseconds timeout) {
+    std::unique_lock lock(in_->mu);
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      while (!in_->messages.empty()) {
+        json j = std::move(in_->messages.front());
+        in_->messages.pop_front();
+        if (j.is_object() && j.value("t", "") == type) {
+          return j;
+        }
+      }
+      if (in_->closed ||
+          !in_->cv.wait_until(lock, deadline, [&] { return in_->closed || !in_->messages.empty(); })) {
+        return std::nullopt;
+      }
+    }
+  }
+
+  // Whether the other end closed the connection within `timeout`.
+  bool closed_within(std::chrono::milliseconds timeout) {
+    std::unique_lock lock(in_->mu);
+    return in_->cv.wait_for(lock, timeout, [&] { return in_->closed; });
+  }
+
+ private:
+  struct Inbox {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<json> messages;
+    bool closed = false;
+  };
+  std::shared_ptr<Inbox> in_ = std::make_shared<Inbox>();
+  std::shared_ptr<LinkConnection> conn_;
+};
+
+// alice-kme under test (a LinkService on `store`), and sessions with it as a scripted
+// bob-kme that runs no block: each session ends when the test drops it or alice closes it.
+class AliceUnderTest {
+ public:
+  explicit AliceUnderTest(KeyStore& store)
+      : config_(kme_config(LinkRole::kAlice)),
+        service_(config_, store, io_.ioc, context("alice-kme", TlsRole::kServer)),
+        bob_tls_(context("bob-kme", TlsRole::kClient)) {
+    auto p = service_.start();
+    EXPECT_TRUE(p.ok()) << (p.ok() ? "" : p.error().message);
+    port_ = p.ok() ? p.value() : 0;
+  }
+  ~AliceUnderTest() { service_.stop(); }
+
+  struct Session {
+    std::unique_ptr<Peer> peer;
+    std::string mode;  // the decision's: "resume" or "reset" ("" if none came)
+  };
+
+  // Connects, and answers alice's hello with an honest bob's state (the same epoch and
+  // blocks, the pool digest of an epoch without blocks, next own notice `next_seq`), edited
+  // by `edit`.
+  Session start_session(std::uint64_t next_seq, const std::function<void(json&)>& edit = {}) {
+    Session s;
+    auto c = LinkConnection::connect(io_.ioc, *bob_tls_, "127.0.0.1", port_, "alice-kme", 5s);
+    EXPECT_TRUE(c.ok()) << (c.ok() ? "" : c.error().message);
+    if (!c.ok()) {
+      return s;
+    }
+    s.peer = std::make_unique<Peer>(c.value());
+    auto hello = s.peer->next("hello", 5s);
+    EXPECT_TRUE(hello) << "no hello";
+    if (!hello) {
+      return s;
+    }
+    const auto epoch = hello->at("epoch").get<std::uint64_t>();
+    EXPECT_EQ(hello->at("blocks").get<std::uint64_t>(), 0u);
+    json state = {{"t", "state"},     {"epoch", epoch},       {"blocks", 0},
+                  {"pending", false}, {"applied", 0},         {"next_seq", next_seq},
+                  {"fetched", true},  {"digest", hex(first_pool_digest(epoch))}};
+    if (edit) {
+      edit(state);
+    }
+    s.peer->send(state);
+    auto decision = s.peer->next("decision", 5s);
+    EXPECT_TRUE(decision) << "no decision";
+    if (decision) {
+      s.mode = decision->value("mode", "");
+    }
+    return s;
+  }
+
+ private:
+  IoThread io_;
+  Config config_;
+  LinkService service_;
+  std::shared_ptr<boost::asio::ssl::context> bob_tls_;
+  std::uint16_t port_ = 0;
+};
+
+const char* const kKeyId = "0b6ad1f4-6f3c-4c8e-9a52-3f0d2f1e6a10";
+
+// An honest key of 32 bytes from bob-kme's direction, master bob, slave alice.
+json honest_key() {
+  return {{"id", kKeyId}, {"dir", 1},          {"off", 0},
+          {"len", 32},    {"master", "bob"},   {"slaves", {"alice"}}};
+}
+
+json notice(std::uint64_t seq, const json& key) {
+  return {{"t", "notice"}, {"seq", seq}, {"keys", json::array({key})}};
+}
+
+// A notice that no honest peer KME can send (enc_keys there names a master of its own, the
+// slave and additional slaves at this KME, each once, a key of min..max_key_size bits, a
+// UUID) closes the session, is not acked, and leaves nothing here: before, notices with a
+// 30 MB master SAE or slaves configured nowhere were kept in memory and in the store, and
+// came back after a restart. An honest notice (multicast to both SAEs here, with a discard
+// of expired bytes) is still acked and kept.
+TEST(LinkService, NoticesNoHonestPeerCanSendCloseTheSession) {
+  auto store = make_memory_key_store(Direction::kAlice);
+  AliceUnderTest alice(*store);
+  auto with = [](const char* field, json value) {
+    json k = honest_key();
+    k[field] = std::move(value);
+    return k;
+  };
+  json withdrawn = honest_key();  // a withdrawn prepared key names its owners
+  withdrawn["discard"] = true;
+  withdrawn["master"] = "nobody";
+  const std::vector<std::pair<std::string, json>> hostile = {
+      {"a 1 MiB master SAE", with("master", std::string(1u << 20, 'M'))},
+      {"a master SAE of this KME", with("master", "alice")},
+      {"a slave SAE configured nowhere", with("slaves", {"nobody-configured"})},
+      {"a slave SAE of the peer", with("slaves", {"bob2"})},
+      {"a slave SAE named twice", with("slaves", {"alice", "alice"})},
+      {"no slave SAE", with("slaves", json::array())},
+      {"a 1-byte key", with("len", 1)},
+      {"a key above max_key_size", with("len", 8192 / 8 + 1)},
+      {"a key_ID that is no UUID", with("id", std::string(100, 'k'))},
+      {"a discard of expired bytes naming SAEs",
+       json{{"id", ""}, {"dir", 1}, {"off", 0}, {"len", 32}, {"master", "bob"},
+            {"slaves", {"alice"}}, {"discard", true}}},
+      {"a withdrawn key with a master configured nowhere", withdrawn},
+  };
+  std::uint64_t seq = 1;
+  for (const auto& [what, key] : hostile) {
+    auto s = alice.start_session(seq + 1);
+    ASSERT_TRUE(s.peer) << what;
+    EXPECT_EQ(s.mode, "resume") << what;
+    s.peer->send(notice(seq, key));
+    EXPECT_TRUE(s.peer->closed_within(3s)) << what << ": the session went on";
+    EXPECT_FALSE(s.peer->next("ack", 0ms)) << what << ": acked";
+    const StoreStats st = store->stats();
+    EXPECT_EQ(st.pending_notices + st.assigned_keys_waiting, 0u) << what << ": kept";
+    ++seq;
+  }
+  // What an honest peer sends is still taken.
+  auto s = alice.start_session(seq + 1);
+  ASSERT_TRUE(s.peer);
+  json multicast = honest_key();
+  multicast["slaves"] = {"alice", "alice2"};
+  const json expired = {{"id", ""}, {"dir", 1},       {"off", 32},
+                        {"len", 64}, {"master", ""}, {"slaves", json::array()},
+                        {"discard", true}};
+  s.peer->send(json{{"t", "notice"}, {"seq", seq}, {"keys", {multicast, expired}}});
+  auto ack = s.peer->next("ack", 5s);
+  ASSERT_TRUE(ack) << "the honest notice was not acked";
+  EXPECT_EQ(ack->at("seq").get<std::uint64_t>(), seq);
+  EXPECT_EQ(store->stats().pending_notices, 2u);  // waiting for their bytes
+}
+
+}  // namespace
+}  // namespace qkd::kms
