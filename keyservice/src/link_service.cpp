@@ -687,13 +687,18 @@ struct LinkService::Impl {
       const bool p = state->at("pending").get<bool>();
       peer_takes_fetched = state->value("fetched", false);
       std::lock_guard lock(state_mu);
-      // Same epoch and count: the pools must also have the same digest (both ends known; a
-      // store from before digests compares from its next epoch on). The peer's pending block
-      // counts when this end committed it.
+      // Same epoch and count: the pools must also have the same digest (a store from before
+      // digests compares from its next epoch on: both ends start one together). The peer's
+      // pending block counts when this end committed it. When this end has a digest the
+      // peer, running this same code, has one too: a state without it is no resume.
       const auto mine = store.pool_digest();
+      const bool digest_missing = mine && !state->contains("digest");
       auto digests_agree = [&](const char* field) {
-        if (!mine || !state->contains(field)) {
+        if (!mine) {
           return true;
+        }
+        if (!state->contains(field)) {
+          return false;
         }
         // A digest of key bytes: compared in constant time, as every secret-derived value.
         const auto theirs = state->at(field).get<std::string>();
@@ -735,6 +740,10 @@ struct LinkService::Impl {
           spdlog::warn("link: key-assignment notices were lost ({}): a store lost writes; "
                        "discarding both pools",
                        lost_notices);
+        } else if (digest_missing && (resume_now || resume_pending)) {
+          spdlog::warn("link: the peer sent no pool digest (epoch {:x}, {} blocks): "
+                       "discarding both pools",
+                       e, b);
         } else if (resume_now || resume_pending) {
           spdlog::warn(
               "link: the peer's pool differs (epoch {:x}, {} blocks, but another pool digest): "

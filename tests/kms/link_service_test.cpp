@@ -321,5 +321,24 @@ TEST(LinkService, NoticesNoHonestPeerCanSendCloseTheSession) {
   EXPECT_EQ(store->stats().pending_notices, 2u);  // waiting for their bytes
 }
 
+// A session start whose state carries no pool digest, while this end has one, is a reset:
+// before, digests_agree() took a missing digest for agreement, so a peer that left it out
+// always got a resume whatever its pool held.
+TEST(LinkService, AStateWithoutAPoolDigestIsAReset) {
+  auto store = make_memory_key_store(Direction::kAlice);
+  AliceUnderTest alice(*store);
+  {
+    auto s = alice.start_session(1);
+    ASSERT_TRUE(s.peer);
+    EXPECT_EQ(s.mode, "resume");  // the same epoch, blocks and digest
+  }
+  auto s = alice.start_session(1, [](json& state) { state.erase("digest"); });
+  ASSERT_TRUE(s.peer);
+  EXPECT_EQ(s.mode, "reset");
+  s = alice.start_session(1, [](json& state) { state["digest"] = std::string(64, '0'); });
+  ASSERT_TRUE(s.peer);
+  EXPECT_EQ(s.mode, "reset");  // another digest, as before
+}
+
 }  // namespace
 }  // namespace qkd::kms

@@ -21,7 +21,7 @@
 //     and Bob's pool digest (KeyStore::pool_digest, a SHA-256 chain over the epoch and the
 //     blocks; with commit_pending the one his pending block leads to) equals Alice's. A
 //     store that has no digest yet (written by an earlier version) is not compared until
-//     its next epoch; and neither end has applied a notice numbered at or above the other
+//     its next epoch; when Alice has one, a state without Bob's is a reset; and neither end has applied a notice numbered at or above the other
 //     end's next notice number (else that end's store lost writes and would assign bytes
 //     the peer has already assigned);
 //   - reset otherwise (e.g. a KME restarted): both forget their pools and start a new epoch.
