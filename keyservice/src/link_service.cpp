@@ -435,21 +435,27 @@ struct LinkService::Impl {
           return false;
         }
       }
+      // Keeps tickets in seq order, and a notice from being applied twice (a connection
+      // being replaced may still deliver one while the next does).
+      std::lock_guard ack_lock(ack_mu);
       bool fresh = false;
       {
         std::lock_guard lock(out_mu);
-        if (seq > last_applied_seq) {
-          last_applied_seq = seq;
-          fresh = true;
-        }
+        fresh = seq > last_applied_seq;
       }
-      std::lock_guard ack_lock(ack_mu);  // keeps tickets in seq order
       if (fresh) {
         const std::size_t n = as.size();
+        // Not under out_mu: the store calls on_assignments under its own lock.
         auto q = store.queue_peer_notice(seq, std::move(as));
         if (!q.ok()) {
           spdlog::error("link: notice {}: {}", seq, q.error().message);
           return false;  // not stored: no ack; the peer resends it next session
+        }
+        {
+          // Only now: a notice the store did not take is applied when the peer resends it,
+          // not taken for a duplicate and acked.
+          std::lock_guard lock(out_mu);
+          last_applied_seq = std::max(last_applied_seq, seq);
         }
         if (!q->refused.ok()) {
           spdlog::error("link: notice {}: {}", seq, q->refused.error().message);

@@ -340,5 +340,100 @@ TEST(LinkService, AStateWithoutAPoolDigestIsAReset) {
   EXPECT_EQ(s.mode, "reset");  // another digest, as before
 }
 
+// A store that forwards to another and refuses the first queue_peer_notice (as the durable
+// store does once a write has failed).
+class RefusesFirstNotice : public KeyStore {
+ public:
+  explicit RefusesFirstNotice(KeyStore& s) : s_(s) {}
+  void set_assignment_listener(AssignmentListener l) override { s_.set_assignment_listener(std::move(l)); }
+  void set_notice_hooks(NoticeEncoder e, NoticeRelease r) override {
+    s_.set_notice_hooks(std::move(e), std::move(r));
+  }
+  LinkState link_state() const override { return s_.link_state(); }
+  Status commit_block(std::span<const std::uint8_t> k, std::uint64_t e, std::uint64_t b) override {
+    return s_.commit_block(k, e, b);
+  }
+  Status start_epoch(std::uint64_t e) override { return s_.start_epoch(e); }
+  std::optional<PoolDigest> pool_digest() const override { return s_.pool_digest(); }
+  Status set_pending_block(const std::optional<PendingBlock>& p) override {
+    return s_.set_pending_block(p);
+  }
+  Status apply_peer_notice(std::uint64_t seq, std::vector<KeyAssignment> as) override {
+    return s_.apply_peer_notice(seq, std::move(as));
+  }
+  Result<QueuedNotice> queue_peer_notice(std::uint64_t seq, std::vector<KeyAssignment> as) override {
+    if (!refused_.exchange(true)) {
+      return qkd::core::make_error(ErrorCode::kUnavailable, "key store unavailable: test");
+    }
+    return s_.queue_peer_notice(seq, std::move(as));
+  }
+  Status durable(std::uint64_t t) override { return s_.durable(t); }
+  void ack_notices(std::uint64_t seq) override { s_.ack_notices(seq); }
+  void commit(std::span<const std::uint8_t> k) override { s_.commit(k); }
+  void reset_pool() override { s_.reset_pool(); }
+  Status apply_peer_assignment(KeyAssignment a) override { return s_.apply_peer_assignment(std::move(a)); }
+  void when_written(PendingWrite p, std::function<void(Status)> done) override {
+    s_.when_written(std::move(p), std::move(done));
+  }
+  void drain() override { s_.drain(); }
+  Result<std::vector<DeliveredKey>> allocate(const std::string& m, const std::vector<std::string>& s,
+                                             const std::vector<std::string>& l, std::uint32_t n,
+                                             std::uint32_t b, PendingWrite* p) override {
+    return s_.allocate(m, s, l, n, b, p);
+  }
+  Result<std::vector<DeliveredKey>> take(const std::string& c, const std::string& m,
+                                         const std::vector<std::string>& ids,
+                                         std::chrono::milliseconds w, PendingWrite* p) override {
+    return s_.take(c, m, ids, w, p);
+  }
+  bool knows_all(const std::vector<std::string>& ids) const override { return s_.knows_all(ids); }
+  bool delivered_any(const std::vector<std::string>& ids) const override {
+    return s_.delivered_any(ids);
+  }
+  StoreStats stats() const override { return s_.stats(); }
+  std::map<std::pair<std::string, std::string>, std::uint64_t> waiting_by_pair() const override {
+    return s_.waiting_by_pair();
+  }
+  void set_max_age(std::chrono::seconds a) override { s_.set_max_age(a); }
+  void set_max_unfetched(std::uint64_t k) override { s_.set_max_unfetched(k); }
+  void set_pool_limit(std::uint64_t b) override { s_.set_pool_limit(b); }
+  void set_prepared_keys(std::uint32_t d) override { s_.set_prepared_keys(d); }
+  void withdraw_prepared() override { s_.withdraw_prepared(); }
+  std::uint64_t prepared_for(const std::string& m, const std::string& s,
+                             std::uint32_t b) const override {
+    return s_.prepared_for(m, s, b);
+  }
+  Status expire(std::chrono::system_clock::time_point now) override { return s_.expire(now); }
+
+ private:
+  KeyStore& s_;
+  std::atomic<bool> refused_{false};
+};
+
+// A notice the store could not take (no ack, the session closed) is applied when the peer
+// resends it in the next session. Before, its seq counted as applied before the store was
+// asked, so the resent copy was taken for a duplicate and acked, and its key never held here.
+TEST(LinkService, ANoticeTheStoreRefusedIsAppliedWhenResent) {
+  auto memory = make_memory_key_store(Direction::kAlice);
+  RefusesFirstNotice store(*memory);
+  AliceUnderTest alice(store);
+  {
+    auto s = alice.start_session(2);
+    ASSERT_TRUE(s.peer);
+    EXPECT_EQ(s.mode, "resume");
+    s.peer->send(notice(1, honest_key()));
+    EXPECT_TRUE(s.peer->closed_within(3s)) << "a notice the store refused ended no session";
+    EXPECT_FALSE(s.peer->next("ack", 0ms)) << "a notice the store refused was acked";
+  }
+  auto s = alice.start_session(2);
+  ASSERT_TRUE(s.peer);
+  EXPECT_EQ(s.mode, "resume");
+  s.peer->send(notice(1, honest_key()));  // resent, as the outbox does
+  auto ack = s.peer->next("ack", 5s);
+  ASSERT_TRUE(ack);
+  EXPECT_EQ(ack->at("seq").get<std::uint64_t>(), 1u);
+  EXPECT_EQ(memory->stats().pending_notices, 1u) << "acked, but the key is not held";
+}
+
 }  // namespace
 }  // namespace qkd::kms

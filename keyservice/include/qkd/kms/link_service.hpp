@@ -41,7 +41,7 @@
 // (ignoring seq numbers it has applied) and answers ack{seq}. Unacknowledged notices are
 // resent after a resume; they are dropped on a reset (the peer lost the pool they refer to).
 // A notice holding an assignment no honest peer can send (detail::assignment_fault) closes
-// the session unacked.
+// the session unacked; a notice the store does not take counts as applied only once it has.
 //
 // Fetch reports. Both ends announce in hello/state ("fetched": true) that they take
 // fetched{pairs: [{master, slave, n}]}: keys of the receiver's master SAEs that slaves
