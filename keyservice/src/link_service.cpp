@@ -541,6 +541,13 @@ struct LinkService::Impl {
               }
               ++blocks;
               spdlog::info("link: committed pending block {} at session start", pending->block);
+            } else if (pending) {
+              // Alice did not commit it: gone from the store too, or a restart after a
+              // crash would report it as pending again.
+              if (auto s = store.set_pending_block(std::nullopt); !s.ok()) {
+                spdlog::error("link: {}", s.error().message);
+                return false;
+              }
             }
             pending.reset();
           }

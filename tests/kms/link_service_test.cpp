@@ -435,5 +435,90 @@ TEST(LinkService, ANoticeTheStoreRefusedIsAppliedWhenResent) {
   EXPECT_EQ(memory->stats().pending_notices, 1u) << "acked, but the key is not held";
 }
 
+// bob-kme under test with a durable store holding a pending block (ready sent, alice's
+// commit not received). A session start that resumes without committing it (alice never
+// committed that block) drops it from the store too: before, only from memory, so after a
+// crash the store reported the stale block as pending again.
+TEST(LinkService, AResumeWithoutCommitDropsThePendingBlockFromTheStore) {
+  const fs::path dir = pki_dir() / "pending";
+  fs::create_directories(dir);
+  const std::string db = (dir / "bob.db").string();
+  const std::vector<std::uint8_t> node_key(32, 0x42);
+  constexpr std::uint64_t kEpoch = 0x5eed1;
+  auto open = [&] {
+    auto s = make_sqlite_key_store(Direction::kBob, db, node_key);
+    EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().message);
+    return s.ok() ? std::move(s.value()) : nullptr;
+  };
+  {
+    auto store = open();
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->start_epoch(kEpoch).ok());
+    qkd::core::SecureBytes key(64);
+    ASSERT_TRUE(store->set_pending_block(PendingBlock{1, std::move(key)}).ok());
+  }
+  // Scripted alice: an acceptor that hands the test bob's connections and notes his engine
+  // connection (opened once he has handled the decision).
+  IoThread io;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::shared_ptr<LinkConnection>> conns;
+  bool engine_opened = false;
+  LinkAcceptor acceptor(
+      io.ioc, context("alice-kme", TlsRole::kServer), "bob-kme",
+      [&](std::shared_ptr<LinkConnection> c) {
+        std::lock_guard lock(mu);
+        conns.push_back(std::move(c));
+        cv.notify_all();
+      },
+      [&](int fd, const EngineToken&) {
+        UniqueFd closed_here(fd);
+        std::lock_guard lock(mu);
+        engine_opened = true;
+        cv.notify_all();
+      });
+  auto port = acceptor.listen("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok());
+  {
+    auto store = open();
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->link_state().pending);
+    const Config config = kme_config(LinkRole::kBob, port.value());
+    LinkService bob(config, *store, io.ioc, context("bob-kme", TlsRole::kClient));
+    ASSERT_TRUE(bob.start().ok());
+    std::shared_ptr<LinkConnection> conn;
+    {
+      std::unique_lock lock(mu);
+      ASSERT_TRUE(cv.wait_for(lock, 5s, [&] { return !conns.empty(); })) << "bob never connected";
+      conn = conns.front();
+    }
+    Peer peer(conn);
+    peer.send(json{{"t", "hello"}, {"epoch", kEpoch}, {"blocks", 0}, {"fetched", true}});
+    auto state = peer.next("state", 5s);
+    ASSERT_TRUE(state);
+    EXPECT_TRUE(state->at("pending").get<bool>());
+    peer.send(json{{"t", "decision"},
+                   {"mode", "resume"},
+                   {"epoch", kEpoch},
+                   {"commit_pending", false},
+                   {"engine", std::string(32, 'a')}});
+    {
+      std::unique_lock lock(mu);
+      EXPECT_TRUE(cv.wait_for(lock, 5s, [&] { return engine_opened; }))
+          << "bob opened no engine connection after the decision";
+    }
+    bob.stop();
+    std::lock_guard lock(mu);
+    for (auto& c : conns) {
+      c->close();
+    }
+  }
+  acceptor.stop();
+  auto store = open();  // as after a crash: what the store holds
+  ASSERT_TRUE(store);
+  EXPECT_FALSE(store->link_state().pending) << "the dropped block is still pending in the store";
+  EXPECT_EQ(store->link_state().blocks, 0u);
+}
+
 }  // namespace
 }  // namespace qkd::kms
