@@ -13,6 +13,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/ssl.hpp>
 #include <algorithm>
+#include <atomic>
 #include <future>
 
 #include "qkd/kms/engine_channel.hpp"
@@ -91,6 +92,8 @@ struct LinkConnection::Impl {
   std::function<void()> on_close;
   std::deque<std::vector<std::uint8_t>> writes;  // encoded frames; strand only
   bool writing = false;                          // strand only
+  // Bytes of frames sent and not written (or dropped) yet, from send() on (queued_cost).
+  std::atomic<std::size_t> queued_bytes{0};
   std::atomic<bool> closed{false};
   std::array<std::uint8_t, 5> header{};
   std::vector<std::uint8_t> body;
@@ -111,6 +114,17 @@ std::vector<std::uint8_t> encode_frame(Channel ch, std::vector<std::uint8_t> pay
   f.insert(f.end(), payload.begin(), payload.end());
   std::fill(payload.begin(), payload.end(), 0);
   return f;
+}
+
+// What an encoded frame counts against LinkConnection::kMaxQueuedBytes.
+std::size_t queued_cost(const std::vector<std::uint8_t>& frame) {
+  return frame.size() + LinkConnection::kQueuedFrameOverhead;
+}
+
+// Cleanses a frame that leaves the queue (written or dropped) and uncounts it.
+void release_frame(LinkConnection::Impl& im, std::vector<std::uint8_t>& frame) {
+  im.queued_bytes -= queued_cost(frame);
+  std::fill(frame.begin(), frame.end(), 0);
 }
 
 // Read loop and write queue, as free functions over the shared connection.
@@ -189,14 +203,14 @@ void do_write(const std::shared_ptr<LinkConnection>& self, LinkConnection::Impl&
                           spdlog::info("link: write to {}: {}", im.peer, ec.message());
                         }
                         for (auto& w : im.writes) {
-                          std::fill(w.begin(), w.end(), 0);
+                          release_frame(im, w);
                         }
                         im.writes.clear();
                         im.writing = false;
                         self->close();
                         return;
                       }
-                      std::fill(im.writes.front().begin(), im.writes.front().end(), 0);
+                      release_frame(im, im.writes.front());
                       im.writes.pop_front();
                       do_write(self, im);
                     });
@@ -248,10 +262,21 @@ qkd::core::Status LinkConnection::send(Channel ch, std::vector<std::uint8_t> pay
     return make_error(ErrorCode::kInvalidArgument, "link: message too large");
   }
   auto frame = encode_frame(ch, std::move(payload));
+  const std::size_t cost = queued_cost(frame);
+  if (impl_->queued_bytes.fetch_add(cost) + cost > kMaxQueuedBytes) {
+    impl_->queued_bytes -= cost;
+    std::fill(frame.begin(), frame.end(), 0);
+    spdlog::warn("link: {} has not read {} bytes sent to it (at most {}): closing the connection",
+                 impl_->peer, impl_->queued_bytes.load(), kMaxQueuedBytes);
+    close();
+    return make_error(ErrorCode::kClosed,
+                      "link: connection closed: the peer does not read what is sent to it");
+  }
   asio::post(impl_->stream.get_executor(),
              [self = shared_from_this(), frame = std::move(frame)]() mutable {
                Impl& im = *self->impl_;
                if (im.closed) {
+                 release_frame(im, frame);
                  return;
                }
                im.writes.push_back(std::move(frame));
@@ -284,7 +309,7 @@ void LinkConnection::close() {
       ++first;
     }
     for (auto it = first; it != im.writes.end(); ++it) {
-      std::fill(it->begin(), it->end(), 0);
+      release_frame(im, *it);
     }
     im.writes.erase(first, im.writes.end());
     im.on_control = nullptr;

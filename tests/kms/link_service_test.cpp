@@ -520,5 +520,50 @@ TEST(LinkService, AResumeWithoutCommitDropsThePendingBlockFromTheStore) {
   EXPECT_EQ(store->link_state().blocks, 0u);
 }
 
+// A peer that reads nothing of what is sent to it (its pings could keep the connection open
+// meanwhile) closes the connection once kMaxQueuedBytes wait to be written, instead of
+// growing the queue without end. Before, every send() was queued.
+TEST(LinkConnection, APeerThatDoesNotReadIsClosedPastTheQueueBound) {
+  IoThread io;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::shared_ptr<LinkConnection> accepted;
+  LinkAcceptor acceptor(
+      io.ioc, context("alice-kme", TlsRole::kServer), "bob-kme",
+      [&](std::shared_ptr<LinkConnection> c) {
+        std::lock_guard lock(mu);
+        accepted = std::move(c);
+        cv.notify_all();
+      },
+      [](int fd, const EngineToken&) { UniqueFd closed_here(fd); });
+  auto port = acceptor.listen("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok());
+  auto bob_tls = context("bob-kme", TlsRole::kClient);
+  // Bob connects and never starts reading.
+  auto bob = LinkConnection::connect(io.ioc, *bob_tls, "127.0.0.1", port.value(), "alice-kme", 5s);
+  ASSERT_TRUE(bob.ok()) << bob.error().message;
+  {
+    std::unique_lock lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, 5s, [&] { return accepted != nullptr; }));
+  }
+  auto closed = std::make_shared<std::atomic<bool>>(false);
+  accepted->start([](std::vector<std::uint8_t>) { return true; }, [closed] { *closed = true; });
+  constexpr std::size_t kMiB = 1u << 20;
+  constexpr int kMaxSends = static_cast<int>(LinkConnection::kMaxQueuedBytes / kMiB) + 32;
+  int sent = 0;
+  for (; sent < kMaxSends; ++sent) {
+    if (!accepted->send(Channel::kControl, std::vector<std::uint8_t>(kMiB, 0x5a)).ok()) {
+      break;
+    }
+  }
+  EXPECT_LT(sent, kMaxSends) << "every frame was queued for a peer that reads nothing";
+  EXPECT_GE(sent, static_cast<int>(LinkConnection::kMaxQueuedBytes / (kMiB + 69)));
+  EXPECT_TRUE(accepted->closed());
+  EXPECT_TRUE(*closed);
+  accepted->close();
+  bob.value()->close();
+  acceptor.stop();
+}
+
 }  // namespace
 }  // namespace qkd::kms

@@ -6,7 +6,8 @@
 // Frame: channel (1 byte) | payload length (4 bytes, big-endian) | payload. Frames larger
 // than kMaxFrameBytes, or of another channel, close the connection. Control frames go to a
 // callback. All I/O runs on one strand of the link io_context; send() is safe from any
-// thread. A ping every 5 s keeps the connection alive; 30 s without any frame closes it.
+// thread. A ping every 5 s keeps the connection alive; 30 s without any frame closes it, and
+// so do frames queued for sending beyond kMaxQueuedBytes.
 #pragma once
 
 #include <boost/asio/io_context.hpp>
@@ -77,7 +78,16 @@ class LinkConnection : public std::enable_shared_from_this<LinkConnection> {
   // Starts reading. Control frames go to `on_control`; `on_close` runs once when the
   // connection closes (any thread; keep it short and non-blocking).
   void start(ControlHandler on_control, std::function<void()> on_close);
-  // Queues a frame for sending; fails if the connection is closed.
+  // Frames queued for sending and not written yet, each counted with its bookkeeping
+  // (kQueuedFrameOverhead): at most this many bytes, room for a frame of the largest size
+  // beside what is being written. A peer that reads nothing (while its pings keep the
+  // connection open) or too slowly would otherwise make the queue grow without end.
+  static constexpr std::size_t kMaxQueuedBytes = 2 * std::size_t{kMaxFrameBytes};
+  static constexpr std::size_t kQueuedFrameOverhead = 64;
+  // Queues a frame for sending; fails if the connection is closed. A frame that would take
+  // the queue past kMaxQueuedBytes closes the connection instead (logged): what the link
+  // needs the peer to have (unacknowledged notices) stays in its outbox and is resent at
+  // the next session.
   [[nodiscard]] qkd::core::Status send(Channel ch, std::vector<std::uint8_t> payload);
   void close();
   [[nodiscard]] bool closed() const;
