@@ -387,6 +387,10 @@ class RefusesFirstNotice : public KeyStore {
     return s_.take(c, m, ids, w, p);
   }
   bool knows_all(const std::vector<std::string>& ids) const override { return s_.knows_all(ids); }
+  std::shared_ptr<void> when_known(const std::vector<std::string>& ids,
+                                   std::function<void()> wake) override {
+    return s_.when_known(ids, std::move(wake));
+  }
   bool delivered_any(const std::vector<std::string>& ids) const override {
     return s_.delivered_any(ids);
   }
