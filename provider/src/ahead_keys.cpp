@@ -192,6 +192,7 @@ std::optional<SecureBuf> AheadKeys::settle_locked(const std::string& master,
       // many key_IDs in one call (max_key_per_request): ask for fewer from now on.
       if (ids.size() > 1) {
         max_per_call_ = std::max<std::size_t>(1, std::min(max_per_call_, ids.size()) / 2);
+        capped_at_ = Clock::now();
       }
     } else {
       lost();
@@ -259,6 +260,9 @@ Result<SecureBuf> AheadKeys::take(const std::string& master, const KeyId& key_id
   check_fork_locked();
   if (now - last_sweep_ >= std::chrono::seconds(1)) {
     sweep_locked(now);
+  }
+  if (max_per_call_ < 1 + kMaxAhead && now - capped_at_ >= limits_.cap_retry) {
+    max_per_call_ = 1 + kMaxAhead;  // try the full number again
   }
   // Announcements to an earlier client_id (replaced since this key share was made, or the
   // parent's in a forked child) are left alone: the server keeps them for that client_id.

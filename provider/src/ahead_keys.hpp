@@ -55,6 +55,10 @@ struct AheadLimits {
   std::chrono::milliseconds max_age{60'000};  // 2 x prefetch_max_age_ms
   std::chrono::milliseconds wait{5'000};      // setting timeout_ms: longest wait for a fetch
   bool background = true;                     // fetch announced keys on a worker thread
+  // A KME that refused a call of n key_IDs gets at most n / 2 per call; after this long
+  // without another refusal, the full number is tried again (the refusal may have been
+  // passing: keys short, an admission budget spent, key_IDs a peer made up).
+  std::chrono::milliseconds cap_retry{60'000};
 };
 
 struct AheadStats {
@@ -154,6 +158,7 @@ class AheadKeys final : public ForkGuarded {
   std::set<HeldId> queued_;        // key_IDs in jobs_ (guarded by mu_)
   std::deque<Job> jobs_;           // guarded by mu_
   std::size_t max_per_call_ = 1 + kMaxAhead;
+  Clock::time_point capped_at_{};  // when a refusal last lowered max_per_call_
   std::optional<ClientId> client_id_;
   Clock::time_point last_sweep_{};
   pid_t pid_;

@@ -31,6 +31,13 @@ void KeyCache::shutdown() {
   refill_.join(mu_);
 }
 
+std::uint32_t KeyCache::uncapped_locked(Entry& e, Clock::time_point now) const {
+  if (e.cap != kNoCap && now - e.capped_at >= limits_.cap_retry) {
+    e.cap = kNoCap;  // try larger batches again
+  }
+  return e.cap;
+}
+
 void KeyCache::maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::time_point now,
                                          const Fetch& fetch) {
   if (!limits_.refill_ahead || stopping_ || refill_.running() || e.fetching ||
@@ -38,7 +45,7 @@ void KeyCache::maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::ti
     return;
   }
   if (e.fetched_once && now - e.last_fetch < limits_.max_age / 2) {
-    e.batch = std::min({limits_.max_batch, e.cap, e.batch * 2});
+    e.batch = std::min({limits_.max_batch, uncapped_locked(e, now), e.batch * 2});
   }
   const std::size_t low_water = std::max<std::size_t>(1, e.batch / 4);
   if (e.keys.size() > low_water || e.keys.size() >= e.batch) {
@@ -71,6 +78,7 @@ void KeyCache::run_refill(EntryKey ek, std::uint32_t number, Fetch fetch) {
   e.fetching = false;
   if (refused) {
     e.cap = std::max<std::uint32_t>(1, number / 2);  // as for a batch refused in line
+    e.capped_at = now;
     e.batch = e.cap;
   }
   if (!slots.ok()) {
@@ -334,7 +342,7 @@ Result<CachedKey> KeyCache::take_unreserved(const EntryKey& ek, Clock::time_poin
       if (!e.fetching && limits_.max_batch > 1) {
         // The cache ran dry: grow the batch when the last one went fast.
         if (e.fetched_once && now - e.last_fetch < limits_.max_age / 2) {
-          e.batch = std::min({limits_.max_batch, e.cap, e.batch * 2});
+          e.batch = std::min({limits_.max_batch, uncapped_locked(e, now), e.batch * 2});
         }
         const std::size_t room = limits_.max_total > total_ ? limits_.max_total - total_ : 0;
         number = static_cast<std::uint32_t>(std::min<std::size_t>(e.batch, room + 1));
@@ -363,6 +371,7 @@ Result<CachedKey> KeyCache::take_unreserved(const EntryKey& ek, Clock::time_poin
     e->fetching = false;
     if (fell_back) {
       e->cap = std::max<std::uint32_t>(1, number / 2);
+      e->capped_at = now;
       e->batch = e->cap;
     }
   }

@@ -64,6 +64,10 @@ struct KeyCacheLimits {
   std::size_t max_saes = 256;                    // SAEs with keys or history remembered
   bool refill_ahead = false;                     // refill on another thread before empty
   std::uint32_t announce = 16;                   // setting announce_keys; 0 = announce none
+  // A refused batch of n caps the SAE's batch at n / 2; after this long without another
+  // refusal the cap is lifted (the refusal may have been passing: the KME short of keys, an
+  // admission budget spent).
+  std::chrono::milliseconds cap_retry{60'000};
 };
 
 struct CachedKey {
@@ -106,7 +110,7 @@ class KeyCache final : public ForkGuarded {
   // `deadline` (the handshake operation's), so that the retry does not add a timeout of
   // its own. Errors: fetch's own, or
   // kProtocol for a reply whose key_ID is not a UUID or whose key has the wrong length.
-  // A refused batch of n also caps this SAE's batch at n / 2 until the SAE is forgotten.
+  // A refused batch of n also caps this SAE's batch at n / 2, for limits.cap_retry.
   [[nodiscard]] qkd::core::Result<CachedKey> take(std::string_view slave, const ClientId* client,
                                                   std::size_t key_bytes, Clock::time_point now,
                                                   Deadline deadline, const Fetch& fetch);
@@ -129,10 +133,12 @@ class KeyCache final : public ForkGuarded {
     SecureBuf key;
     Clock::time_point fetched{};
   };
+  static constexpr std::uint32_t kNoCap = 0xFFFFFFFFu;
   struct Entry {
     std::deque<Slot> keys;
     std::uint32_t batch = 1;
-    std::uint32_t cap = 0xFFFFFFFFu;  // lowered when the KME refuses a batch of that size
+    std::uint32_t cap = kNoCap;  // lowered when the KME refuses a batch of that size
+    Clock::time_point capped_at{};  // then
     bool fetching = false;
     Clock::time_point last_fetch{};
     bool fetched_once = false;
@@ -172,6 +178,8 @@ class KeyCache final : public ForkGuarded {
   void expire_locked(Entry& e, Clock::time_point now);
   void sweep_locked(Clock::time_point now);
   // After a hit: starts a background top-up when the SAE runs low (under mu_).
+  // e.cap, lifted first if limits_.cap_retry has passed since it was lowered.
+  std::uint32_t uncapped_locked(Entry& e, Clock::time_point now) const;
   void maybe_refill_ahead_locked(const EntryKey& ek, Entry& e, Clock::time_point now,
                                  const Fetch& fetch);
   void run_refill(EntryKey ek, std::uint32_t number, Fetch fetch);

@@ -157,6 +157,7 @@ TEST(KeyCache, OldKeysExpireUnusedAndTheBatchShrinks) {
 TEST(KeyCache, KmeCappingTheNumberFallsBackToOneKey) {
   KeyCacheLimits limits;
   limits.max_batch = 32;
+  limits.cap_retry = std::chrono::seconds(5);
   FakeEnc enc;
   KeyCache cache(limits);
   enc.cap = 1;
@@ -165,9 +166,20 @@ TEST(KeyCache, KmeCappingTheNumberFallsBackToOneKey) {
     auto k = cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(enc));
     ASSERT_TRUE(k.ok()) << k.error().message;
   }
-  // 1, then 2 refused and retried with 1; from then on one key per call, never 2 again.
+  // 1, then 2 refused and retried with 1; from then on one key per call, not 2 again...
   EXPECT_EQ(enc.asked, (std::vector<std::uint32_t>{1, 2, 1, 1, 1, 1, 1}));
   EXPECT_EQ(cache.batch("alice", 32), 1U);
+  // ... for limits.cap_retry (60 s by default, 5 s here), while the SAE stays in use: the
+  // refusal may have been passing (the KME short of keys). Then larger batches are tried
+  // again: here the KME takes 4 by now, and the batch doubles again, to 2 then 4.
+  enc.cap = 4;
+  const auto later = now + std::chrono::seconds(6);
+  for (int i = 0; i < 3; ++i) {
+    auto k = cache.take("alice", nullptr, 32, later, kNoDeadline, fetch_of(enc));
+    ASSERT_TRUE(k.ok()) << k.error().message;
+  }
+  EXPECT_EQ(enc.asked, (std::vector<std::uint32_t>{1, 2, 1, 1, 1, 1, 1, 2, 4}));
+  EXPECT_EQ(cache.batch("alice", 32), 4U);
 }
 
 TEST(KeyCache, FetchErrorsReachTheCaller) {
@@ -839,7 +851,9 @@ TEST(AheadKeys, AnnouncementsToAnotherClientIdAreNotFetched) {
 // for alone, and later calls ask for fewer.
 TEST(AheadKeys, AKmeCapOnKeysPerRequestIsLearned) {
   FakeDec dec;
-  AheadKeys ahead;
+  AheadLimits limits;
+  limits.cap_retry = std::chrono::seconds(5);
+  AheadKeys ahead(limits);
   const auto me = ahead.client_id().value();
   dec.max_per_request = 4;
   std::vector<KeyId> ids;
@@ -858,6 +872,19 @@ TEST(AheadKeys, AKmeCapOnKeysPerRequestIsLearned) {
   const std::vector<KeyId> three(ids.begin() + 35, ids.begin() + 38);
   ASSERT_TRUE(ahead.take("bob", ids[34], three, me, 32, AheadKeys::Clock::now(), kNoDeadline, dec_of(dec)).ok());
   EXPECT_EQ(dec.calls, (std::vector<std::size_t>{33, 1, 7, 1, 3}));
+  // For limits.cap_retry (60 s by default, 5 s here): the refusal may have been passing (a
+  // spent admission budget, key_IDs a peer made up). Then the full number is tried again.
+  dec.max_per_request = 64;
+  std::vector<KeyId> more;
+  for (std::uint8_t i = 100; i < 110; ++i) {
+    more.push_back(dec.add(i));
+  }
+  const std::vector<KeyId> nine(more.begin() + 1, more.end());
+  ASSERT_TRUE(ahead.take("bob", more[0], nine, me, 32,
+                         AheadKeys::Clock::now() + std::chrono::seconds(6), kNoDeadline,
+                         dec_of(dec))
+                  .ok());
+  EXPECT_EQ(dec.calls, (std::vector<std::size_t>{33, 1, 7, 1, 3, 10}));
 }
 
 // An exception in a KME call (a full secure heap, say) neither kills the process from the
