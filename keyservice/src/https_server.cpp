@@ -41,15 +41,19 @@ constexpr std::uint64_t kBodyLimit = 64 * 1024;
 constexpr auto kDrainTimeout = std::chrono::seconds(2);
 constexpr std::size_t kDrainLimit = 1024 * 1024;
 
+// What the sessions of one server share with it.
+struct ServerState {
+  std::atomic<std::size_t> in_flight{0};  // HttpsServer::in_flight()
+  std::atomic<bool> stopping{false};      // HttpsServer::stop() was called
+};
+
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket&& socket, asio::ssl::context& ctx, const HttpsServer::Handler& handler,
-          std::atomic<std::size_t>& in_flight,
-          const std::atomic<bool>& stopping, AcceptLoop::Slot slot)
+          std::shared_ptr<ServerState> state, AcceptLoop::Slot slot)
       : stream_(std::move(socket), ctx),
         handler_(handler),
-        in_flight_(in_flight),
-        stopping_(stopping),
+        state_(std::move(state)),
         slot_(std::move(slot)) {
     beast::error_code ec;
     auto ep = beast::get_lowest_layer(stream_).socket().remote_endpoint(ec);
@@ -103,7 +107,7 @@ class Session : public std::enable_shared_from_this<Session> {
       // A request has begun: from here it counts as in flight, so a shutdown waits for its
       // body and answers it. One whose header comes after the stop is refused (503).
       count_request();
-      after_stop_ = stopping_.load();
+      after_stop_ = state_->stopping.load();
     }
     if (ec || parser_->is_done()) {
       on_read(ec, 0);
@@ -201,7 +205,7 @@ class Session : public std::enable_shared_from_this<Session> {
     }
   }
 
-  // Writes the reply of one request counted in in_flight_ (decremented once written).
+  // Writes the reply of one request counted in in_flight (decremented once written).
   void write(HttpReply reply, bool keep_alive) {
     // Responses may carry key material: cleansed before freed, written or not.
     std::shared_ptr<http::response<http::string_body>> res(
@@ -242,18 +246,18 @@ class Session : public std::enable_shared_from_this<Session> {
                       });
   }
 
-  // in_flight_ counts requests from their header to their answer's last byte, so that a
+  // in_flight counts requests from their header to their answer's last byte, so that a
   // shutdown lets them finish (Kme::stop()). Called on the session's own chain only.
   void count_request() {
     if (!counted_) {
       counted_ = true;
-      in_flight_.fetch_add(1);
+      state_->in_flight.fetch_add(1);
     }
   }
   void uncount_request() {
     if (counted_) {
       counted_ = false;
-      in_flight_.fetch_sub(1);
+      state_->in_flight.fetch_sub(1);
     }
   }
 
@@ -289,15 +293,14 @@ class Session : public std::enable_shared_from_this<Session> {
 
   beast::ssl_stream<beast::tcp_stream> stream_;
   HttpsServer::Handler handler_;
-  std::atomic<std::size_t>& in_flight_;
-  const std::atomic<bool>& stopping_;
+  std::shared_ptr<ServerState> state_;  // shared: a session may outlive the server
   AcceptLoop::Slot slot_;  // counts this connection against the listener's limit
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::string peer_;
   std::string caller_;
   bool unread_request_ = false;  // answered before the request was read to its end
-  bool counted_ = false;         // the request in progress is counted in in_flight_
+  bool counted_ = false;         // the request in progress is counted in in_flight
   bool after_stop_ = false;      // its header came after HttpsServer::stop()
   std::vector<char> drain_;      // what drain_then_close() drops
 };
@@ -320,7 +323,7 @@ struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
     // in two TLS records can wait for the client's delayed ACK (40 ms on Linux).
     beast::error_code nodelay_ec;
     s.set_option(tcp::no_delay(true), nodelay_ec);
-    std::make_shared<Session>(std::move(s), *tls, handler, in_flight, stopping, std::move(slot))
+    std::make_shared<Session>(std::move(s), *tls, handler, state, std::move(slot))
         ->run();
   }
 
@@ -328,8 +331,7 @@ struct HttpsServer::Impl : std::enable_shared_from_this<HttpsServer::Impl> {
   std::shared_ptr<asio::ssl::context> tls;
   Handler handler;
   std::shared_ptr<AcceptLoop> accept;
-  std::atomic<std::size_t> in_flight{0};
-  std::atomic<bool> stopping{false};
+  std::shared_ptr<ServerState> state = std::make_shared<ServerState>();
 };
 HttpsServer::HttpsServer(asio::io_context& ioc, std::shared_ptr<asio::ssl::context> tls,
                          Handler handler)
@@ -466,7 +468,7 @@ qkd::core::Result<std::uint16_t> HttpsServer::listen(const HostPort& where) {
 }
 
 void HttpsServer::stop() {
-  impl_->stopping.store(true);
+  impl_->state->stopping.store(true);
   if (impl_->accept) {
     impl_->accept->stop();
   }
@@ -480,7 +482,7 @@ std::size_t HttpsServer::session_limit() {
   return std::clamp<std::size_t>(static_cast<std::size_t>(lim.rlim_cur / 2), 1, kMaxSessions);
 }
 
-std::size_t HttpsServer::in_flight() const { return impl_->in_flight.load(); }
+std::size_t HttpsServer::in_flight() const { return impl_->state->in_flight.load(); }
 
 // --- the plain-HTTP metrics listener ---
 

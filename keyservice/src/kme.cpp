@@ -227,14 +227,21 @@ class Kme::Impl::DecWait : public std::enable_shared_from_this<DecWait> {
     r.may_wait = false;
     r.may_defer = true;
     r.wait_over = wait_over;
-    HttpReply reply{im_.etsi->handle(caller_, r)};
-    if (reply.api.needs_wait) {  // a key came, not all of them: wait on for the others
-      arm(reply.api.wait_for);
-      return;
+    HttpReply out;
+    try {
+      HttpReply reply{im_.etsi->handle(caller_, r)};
+      if (reply.api.needs_wait) {  // a key came, not all of them: wait on for the others
+        arm(reply.api.wait_for);
+        return;
+      }
+      abandon();
+      timer_.cancel();
+      out = im_.finish(std::move(reply), nullptr, caller_, info_, true, t0_);
+    } catch (const std::exception& e) {  // out of memory, say: an answer all the same
+      abandon();
+      timer_.cancel();
+      out = HttpReply{error_response(503, fmt::format("internal error: {}", e.what()))};
     }
-    abandon();
-    timer_.cancel();
-    HttpReply out = im_.finish(std::move(reply), nullptr, caller_, info_, true, t0_);
     if (out.deferred) {
       auto deferred = std::move(out.deferred);
       deferred(send_);

@@ -141,41 +141,46 @@ KeyAssignment detail::assignment_from_json(const json& j) {
 // (additional slaves at its own KME stay there), each once, so at most config.saes of them
 // (no more than 1 + max_SAE_ID_count); a key of min_key_size..max_key_size bits; a UUID.
 // A discard of expired bytes names nothing; one withdrawing a prepared key names that key.
-std::string detail::assignment_fault(const KeyAssignment& a, const Config& config) {
+detail::AssignmentCheck detail::check_assignment(const KeyAssignment& a, const Config& config) {
+  using V = AssignmentCheck::Verdict;
   if (a.discard && a.key_id.empty()) {
     if (!a.master_sae.empty() || !a.slave_saes.empty()) {
-      return "a discard of expired bytes names SAEs";
+      return {V::kClose, "a discard of expired bytes names SAEs"};
     }
     return {};
   }
   if (!is_uuid(a.key_id)) {
-    return fmt::format("key_ID \"{}\" is not a UUID", printable(a.key_id));
+    return {V::kClose, fmt::format("key_ID \"{}\" is not a UUID", printable(a.key_id))};
+  }
+  if (a.slave_saes.empty()) {
+    return {V::kClose, fmt::format("key {}: no slave SAE", a.key_id)};
+  }
+  for (std::size_t i = 0; i < a.slave_saes.size(); ++i) {
+    const auto before = a.slave_saes.begin() + static_cast<std::ptrdiff_t>(i);
+    if (std::find(a.slave_saes.begin(), before, a.slave_saes[i]) != before) {
+      return {V::kClose,
+              fmt::format("key {}: slave SAE \"{}\" named twice", a.key_id,
+                          printable(a.slave_saes[i]))};
+    }
   }
   auto among = [](const std::vector<std::string>& list, const std::string& s) {
     return std::find(list.begin(), list.end(), s) != list.end();
   };
   if (!among(config.link.peer_saes, a.master_sae)) {
-    return fmt::format("key {}: master SAE \"{}\" is not one of link.peer_saes", a.key_id,
-                       printable(a.master_sae));
+    return {V::kBytesOnly, fmt::format("key {}: master SAE \"{}\" is not one of link.peer_saes",
+                                       a.key_id, printable(a.master_sae))};
   }
-  if (a.slave_saes.empty()) {
-    return fmt::format("key {}: no slave SAE", a.key_id);
-  }
-  for (std::size_t i = 0; i < a.slave_saes.size(); ++i) {
-    const std::string& s = a.slave_saes[i];
-    if (!among(config.saes, s)) {
-      return fmt::format("key {}: slave SAE \"{}\" is not one of this KME's saes", a.key_id,
-                         printable(s));
-    }
-    if (std::find(a.slave_saes.begin(), a.slave_saes.begin() + static_cast<std::ptrdiff_t>(i),
-                  s) != a.slave_saes.begin() + static_cast<std::ptrdiff_t>(i)) {
-      return fmt::format("key {}: slave SAE \"{}\" named twice", a.key_id, s);
+  for (const std::string& slave : a.slave_saes) {
+    if (!among(config.saes, slave)) {
+      return {V::kBytesOnly, fmt::format("key {}: slave SAE \"{}\" is not one of this KME's saes",
+                                         a.key_id, printable(slave))};
     }
   }
   const std::uint64_t bits = std::uint64_t{a.length} * 8;
   if (bits < config.keys.min_key_size || bits > config.keys.max_key_size) {
-    return fmt::format("key {}: {} bytes, outside keys.min_key_size..max_key_size ({}..{} bits)",
-                       a.key_id, a.length, config.keys.min_key_size, config.keys.max_key_size);
+    return {V::kBytesOnly,
+            fmt::format("key {}: {} bytes, outside keys.min_key_size..max_key_size ({}..{} bits)",
+                        a.key_id, a.length, config.keys.min_key_size, config.keys.max_key_size)};
   }
   return {};
 }
@@ -426,13 +431,21 @@ struct LinkService::Impl {
         as.push_back(detail::assignment_from_json(k));
       }
       // Nothing of a notice an honest peer cannot send is kept: its strings and keys would
-      // take memory and disk here, and come back after a restart.
-      for (const auto& a : as) {
-        if (const std::string fault = detail::assignment_fault(a, config); !fault.empty()) {
+      // take memory and disk here, and come back after a restart. One naming SAEs or sizes
+      // this configuration does not have keeps only its place in the pool.
+      for (auto& a : as) {
+        const detail::AssignmentCheck check = detail::check_assignment(a, config);
+        if (check.verdict == detail::AssignmentCheck::kClose) {
           spdlog::error("link: notice {} from {} cannot come from an honest peer KME ({}): "
                         "closing the session",
-                        seq, conn.peer(), fault);
+                        seq, conn.peer(), check.why);
           return false;
+        }
+        if (check.verdict == detail::AssignmentCheck::kBytesOnly) {
+          spdlog::error("link: notice {} from {}: {}; its bytes are dropped, no key is kept "
+                        "(do both KMEs' saes, link.peer_saes and key sizes match?)",
+                        seq, conn.peer(), check.why);
+          a = KeyAssignment{"", a.direction, a.offset, a.length, "", {}, true};
         }
       }
       // Keeps tickets in seq order, and a notice from being applied twice (a connection

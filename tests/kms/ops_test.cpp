@@ -810,6 +810,59 @@ TEST(OpsTest, SigtermWaitsForARequestWhoseBodyIsStillComing) {
   EXPECT_EQ(by_id(dec->json()), by_id(keys));
 }
 
+// Both KMEs reconfigured the same way (keys.max_key_size lowered) while a notice is still
+// queued at one of them: at its stop, alice withdraws its prepared keys of 1024 bytes, and
+// that notice reaches bob only at the next session, under the new configuration. It is
+// taken (its bytes dropped, nothing kept), not refused: refused, it came back at every
+// session and held up every later notice, so that keys alice handed out could not be
+// fetched at bob (503, "peer KME unreachable") until the configuration was rolled back.
+TEST(OpsTest, ANoticeQueuedBeforeBothConfigurationsChangedDoesNotStallTheLink) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  auto net = qkd::test::start_network_with_keys(o, 200);
+  ASSERT_TRUE(net);
+  auto big = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys?size=8192");
+  ASSERT_TRUE(big.ok()) << big.error().message;
+  ASSERT_EQ(big->status, 200u) << big->body;
+  net->stop_kme("alice-kme");  // withdraws the 1024-byte reserve: a notice for next time
+  net->stop_kme("bob-kme");
+  for (const auto* kme : {&net->alice(), &net->bob()}) {
+    json cfg = json::parse(read_file(kme->config_file));
+    cfg["keys"]["max_key_size"] = 4096;
+    std::ofstream(kme->config_file, std::ios::trunc) << cfg.dump(2);
+  }
+  ASSERT_TRUE(net->start_kme("bob-kme").ok());
+  ASSERT_TRUE(net->start_kme("alice-kme").ok());
+  // A key handed out now is fetched at bob (503 only until the link is up).
+  std::optional<HttpResponse> enc;
+  for (const auto until = std::chrono::steady_clock::now() + 30s;
+       std::chrono::steady_clock::now() < until;) {
+    auto r = net->client(net->alice(), "alice").get("/api/v1/keys/bob/enc_keys");
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    if (r->status == 200) {
+      enc = *r;
+      break;
+    }
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_TRUE(enc) << "alice never served enc_keys again";
+  const json key = enc->json().at("keys").at(0);
+  const std::string target =
+      "/api/v1/keys/alice/dec_keys?key_ID=" + key.at("key_ID").get<std::string>();
+  auto dec = net->client(net->bob(), "bob").get(target);
+  for (const auto until = std::chrono::steady_clock::now() + 15s;
+       dec.ok() && dec->status == 503 && std::chrono::steady_clock::now() < until;) {
+    std::this_thread::sleep_for(200ms);
+    dec = net->client(net->bob(), "bob").get(target);
+  }
+  ASSERT_TRUE(dec.ok()) << dec.error().message;
+  ASSERT_EQ(dec->status, 200u) << dec->body;
+  EXPECT_EQ(dec->json().at("keys").at(0).at("key"), key.at("key"));
+  EXPECT_NE(read_file(net->bob().log_file).find("its bytes are dropped, no key is kept"),
+            std::string::npos)
+      << "the withdrawal did not name what this configuration lacks";
+}
+
 
 // `n` plain TCP connections to 127.0.0.1:port that say nothing (as many as connect).
 std::vector<int> idle_connections(std::uint16_t port, int n) {

@@ -40,8 +40,10 @@
 // slaves}]} queued in an outbox in allocation order; the peer applies notices in order
 // (ignoring seq numbers it has applied) and answers ack{seq}. Unacknowledged notices are
 // resent after a resume; they are dropped on a reset (the peer lost the pool they refer to).
-// A notice holding an assignment no honest peer can send (detail::assignment_fault) closes
-// the session unacked; a notice the store does not take counts as applied only once it has.
+// A notice holding an assignment no honest peer can send (detail::check_assignment) closes
+// the session unacked; one naming SAEs or a key size this KME's configuration does not have
+// keeps only its place in the pool (its bytes dropped, no key kept), logged as an error; a
+// notice the store does not take counts as applied only once it has.
 //
 // Fetch reports. Both ends announce in hello/state ("fetched": true) that they take
 // fetched{pairs: [{master, slave, n}]}: keys of the receiver's master SAEs that slaves
@@ -112,12 +114,21 @@ namespace detail {
 // slaves, discard); throws on a malformed one: a field missing or of another type, a number
 // negative, fractional or out of its range, a direction other than 0 or 1.
 [[nodiscard]] KeyAssignment assignment_from_json(const nlohmann::json& j);
-// Why a peer's assignment cannot come from an honest peer KME with `config`'s SAEs and key
-// sizes, or empty: its key_ID is not a UUID; its master is not one of link.peer_saes; it
-// has no slave, a slave that is not one of saes, or one named twice; its length is outside
-// keys.min_key_size..max_key_size. A discard of expired bytes (no key_ID) must name no SAE;
-// one withdrawing a prepared key (a key_ID) is checked as an assignment.
-[[nodiscard]] std::string assignment_fault(const KeyAssignment& a, const Config& config);
+// What a peer's assignment is to this KME with `config`'s SAEs and key sizes:
+// - kClose: no honest peer KME sends it, whatever the configurations: a discard of expired
+//   bytes (no key_ID) naming SAEs; a key_ID that is not a UUID; no slave, or one named twice.
+// - kBytesOnly: its master is not one of link.peer_saes, a slave not one of saes, or its
+//   length outside keys.min_key_size..max_key_size. An honest peer sends that when both
+//   configurations changed while it was queued (notices are resent after a restart), so it
+//   is not refused (refused, it would come back at every session and hold up all later
+//   notices): its bytes are dropped here as the peer used them, and no key is kept.
+//   A prepared key's withdrawal (a discard with a key_ID) is at worst this.
+// - kOk. `why` says what is wrong otherwise.
+struct AssignmentCheck {
+  enum Verdict { kOk, kBytesOnly, kClose } verdict = kOk;
+  std::string why;
+};
+[[nodiscard]] AssignmentCheck check_assignment(const KeyAssignment& a, const Config& config);
 }  // namespace detail
 
 }  // namespace qkd::kms
