@@ -21,6 +21,7 @@
 
 #include "qkd/kms/link_connection.hpp"
 #include "qkd/kms/tls.hpp"
+#include "qkd/test/unit_pki.hpp"
 
 namespace qkd::kms {
 namespace {
@@ -29,34 +30,7 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using qkd::core::ErrorCode;
 
-bool g_pki_made = false;  // by this process: removed at the end
-
-fs::path pki_dir() {
-  static const fs::path dir = [] {
-    fs::path d = fs::temp_directory_path() / ("qkd-engine-channel-test-" + std::to_string(::getpid()));
-    const std::string cmd = "bash '" + std::string(QKD_TEST_SOURCE_DIR) + "/examples/pki.sh' '" +
-                            d.string() + "' alice-kme bob-kme mallory >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      ADD_FAILURE() << "pki.sh failed";
-    }
-    g_pki_made = true;
-    return d;
-  }();
-  return dir;
-}
-
-// Removes the PKI once the tests are over.
-class PkiCleanup : public ::testing::Environment {
- public:
-  void TearDown() override {
-    if (g_pki_made) {
-      std::error_code ec;
-      fs::remove_all(pki_dir(), ec);
-    }
-  }
-};
-[[maybe_unused]] const auto* const kPkiCleanup =
-    ::testing::AddGlobalTestEnvironment(new PkiCleanup);
+const fs::path& pki_dir() { return qkd::test::unit_pki_dir(); }
 
 std::shared_ptr<boost::asio::ssl::context> context(const std::string& name, TlsRole role) {
   ApiConfig api;

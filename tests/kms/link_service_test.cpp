@@ -23,6 +23,7 @@
 #include "qkd/kms/engine_channel.hpp"
 #include "qkd/kms/link_connection.hpp"
 #include "qkd/kms/tls.hpp"
+#include "qkd/test/unit_pki.hpp"
 
 namespace qkd::kms {
 namespace {
@@ -34,33 +35,7 @@ using qkd::core::ErrorCode;
 using qkd::core::Result;
 using qkd::core::Status;
 
-bool g_pki_made = false;  // by this process: removed at the end
-
-fs::path pki_dir() {
-  static const fs::path dir = [] {
-    fs::path d = fs::temp_directory_path() / ("qkd-link-service-test-" + std::to_string(::getpid()));
-    const std::string cmd = "bash '" + std::string(QKD_TEST_SOURCE_DIR) + "/examples/pki.sh' '" +
-                            d.string() + "' alice-kme bob-kme >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      ADD_FAILURE() << "pki.sh failed";
-    }
-    g_pki_made = true;
-    return d;
-  }();
-  return dir;
-}
-
-class PkiCleanup : public ::testing::Environment {
- public:
-  void TearDown() override {
-    if (g_pki_made) {
-      std::error_code ec;
-      fs::remove_all(pki_dir(), ec);
-    }
-  }
-};
-[[maybe_unused]] const auto* const kPkiCleanup =
-    ::testing::AddGlobalTestEnvironment(new PkiCleanup);
+const fs::path& pki_dir() { return qkd::test::unit_pki_dir(); }
 
 ApiConfig api_of(const std::string& kme) {
   ApiConfig api;
