@@ -663,11 +663,7 @@ struct LinkService::Impl {
   }
 
   static std::string to_hex(std::span<const std::uint8_t> bytes) {
-    std::string out;
-    for (std::uint8_t b : bytes) {
-      out += fmt::format("{:02x}", b);
-    }
-    return out;
+    return fmt::format("{:02x}", fmt::join(bytes, ""));
   }
 
   // --- sessions ---

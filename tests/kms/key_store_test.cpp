@@ -8,6 +8,7 @@
 #include <limits>
 #include <set>
 #include <thread>
+#include <utility>
 
 #include "qkd/kms/link_service.hpp"
 
@@ -440,14 +441,23 @@ TEST(KeyStore, NoticeAheadOfCommitWaitsForBytes) {
   EXPECT_TRUE(qkd::core::constant_time_equal(got.value()[0].key.span(), k.value()[0].key.span()));
 }
 
+// In a pair with a committed block, two allocations at alice whose notices are held back
+// (p.from_alice): one key, then two.
+std::pair<std::vector<qkd::kms::DeliveredKey>, std::vector<qkd::kms::DeliveredKey>>
+one_key_then_two(Pair& p) {
+  p.commit(pattern(256, 6));
+  auto one = p.alice->allocate("alice", {"bob"}, 1, 32);
+  auto two = p.alice->allocate("alice", {"bob"}, 2, 32);
+  EXPECT_TRUE(one.ok() && two.ok());
+  return {one.ok() ? std::move(one).value() : std::vector<qkd::kms::DeliveredKey>{},
+          two.ok() ? std::move(two).value() : std::vector<qkd::kms::DeliveredKey>{}};
+}
+
 // Waiting take()s are woken by the arrival of their own keys: each gets its key as soon as
 // its notice is applied (long before its deadline), whatever else is waiting.
 TEST(KeyStore, WaitersAreWokenByTheirOwnKeys) {
   Pair p;
-  p.commit(pattern(256, 6));
-  auto k1 = p.alice->allocate("alice", {"bob"}, 1, 32);
-  auto k2 = p.alice->allocate("alice", {"bob"}, 2, 32);
-  ASSERT_TRUE(k1.ok() && k2.ok());
+  auto [k1, k2] = one_key_then_two(p);
   ASSERT_EQ(p.from_alice.size(), 3u);
   const auto t0 = std::chrono::steady_clock::now();
   std::chrono::steady_clock::duration dt1{}, dt2{};
@@ -455,11 +465,11 @@ TEST(KeyStore, WaitersAreWokenByTheirOwnKeys) {
       qkd::core::make_error(ErrorCode::kInternal, "not run");
   auto got2 = got1;
   std::thread w1([&] {
-    got1 = p.bob->take("bob", "alice", ids_of(k1.value()), 20s);
+    got1 = p.bob->take("bob", "alice", ids_of(k1), 20s);
     dt1 = std::chrono::steady_clock::now() - t0;
   });
   std::thread w2([&] {
-    got2 = p.bob->take("bob", "alice", ids_of(k2.value()), 20s);  // two keys, two notices
+    got2 = p.bob->take("bob", "alice", ids_of(k2), 20s);  // two keys, two notices
     dt2 = std::chrono::steady_clock::now() - t0;
   });
   std::this_thread::sleep_for(100ms);
@@ -471,9 +481,9 @@ TEST(KeyStore, WaitersAreWokenByTheirOwnKeys) {
   w2.join();
   ASSERT_TRUE(got1.ok()) << got1.error().message;
   ASSERT_TRUE(got2.ok()) << got2.error().message;
-  EXPECT_EQ(ids_of(got1.value()), ids_of(k1.value()));
-  EXPECT_EQ(ids_of(got2.value()), ids_of(k2.value()));
-  EXPECT_TRUE(qkd::core::constant_time_equal(got1.value()[0].key.span(), k1.value()[0].key.span()));
+  EXPECT_EQ(ids_of(got1.value()), ids_of(k1));
+  EXPECT_EQ(ids_of(got2.value()), ids_of(k2));
+  EXPECT_TRUE(qkd::core::constant_time_equal(got1.value()[0].key.span(), k1[0].key.span()));
   EXPECT_LT(dt1, 10s);  // woken, not timed out
   EXPECT_LT(dt2, 10s);
   EXPECT_GE(dt2, 150ms);  // not before its second key
@@ -484,15 +494,12 @@ TEST(KeyStore, WaitersAreWokenByTheirOwnKeys) {
 // (held, or delivered); never once its handle is gone.
 TEST(KeyStore, WhenKnownCallsOnceWhenOneOfItsKeysArrives) {
   Pair p;
-  p.commit(pattern(256, 7));
-  auto k2 = p.alice->allocate("alice", {"bob"}, 1, 32);
-  auto k1 = p.alice->allocate("alice", {"bob"}, 2, 32);
-  ASSERT_TRUE(k1.ok() && k2.ok());
+  auto [k2, k1] = one_key_then_two(p);  // k1 has two keys here, in notices 1 and 2
   ASSERT_EQ(p.from_alice.size(), 3u);
   int woken1 = 0;
   int woken2 = 0;
-  auto h1 = p.bob->when_known(ids_of(k1.value()), [&] { ++woken1; });
-  auto h2 = p.bob->when_known(ids_of(k2.value()), [&] { ++woken2; });
+  auto h1 = p.bob->when_known(ids_of(k1), [&] { ++woken1; });
+  auto h2 = p.bob->when_known(ids_of(k2), [&] { ++woken2; });
   EXPECT_EQ(woken1 + woken2, 0);
   ASSERT_TRUE(p.bob->apply_peer_assignment(p.from_alice.at(0)).ok());  // k2's key
   EXPECT_EQ(woken1, 0);
@@ -503,10 +510,10 @@ TEST(KeyStore, WhenKnownCallsOnceWhenOneOfItsKeysArrives) {
   EXPECT_EQ(woken1, 1);  // once
   // All known already: at once. Delivered ones count as known (the answer is a 400).
   int now_known = 0;
-  auto h3 = p.bob->when_known(ids_of(k1.value()), [&] { ++now_known; });
+  auto h3 = p.bob->when_known(ids_of(k1), [&] { ++now_known; });
   EXPECT_EQ(now_known, 1);
-  ASSERT_TRUE(p.bob->take("bob", "alice", ids_of(k2.value()), 0ms).ok());
-  auto h4 = p.bob->when_known(ids_of(k2.value()), [&] { ++now_known; });
+  ASSERT_TRUE(p.bob->take("bob", "alice", ids_of(k2), 0ms).ok());
+  auto h4 = p.bob->when_known(ids_of(k2), [&] { ++now_known; });
   EXPECT_EQ(now_known, 2);
   // Gone before its key arrives: not called.
   auto k3 = p.alice->allocate("alice", {"bob"}, 1, 32);

@@ -4,6 +4,7 @@
 // protocol (link_service.hpp) on a LinkConnection and runs no BB84 block.
 #include "qkd/kms/link_service.hpp"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -77,15 +78,7 @@ Config kme_config(LinkRole role, std::uint16_t connect_port = 0) {
   return c;
 }
 
-std::string hex(std::span<const std::uint8_t> b) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string s;
-  for (std::uint8_t x : b) {
-    s.push_back(kHex[x >> 4]);
-    s.push_back(kHex[x & 0x0F]);
-  }
-  return s;
-}
+std::string hex(std::span<const std::uint8_t> b) { return fmt::format("{:02x}", fmt::join(b, "")); }
 
 // An io_context running on its own thread until destroyed.
 struct IoThread {

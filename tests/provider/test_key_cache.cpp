@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "admission.hpp"
+#include "admission_helpers.hpp"
 #include "ahead_keys.hpp"
 #include "key_cache.hpp"
 #include "prov.hpp"
@@ -257,6 +258,22 @@ TEST(KeyCache, TotalHeldIsBounded) {
   EXPECT_EQ(cache.stats().expired, 0U);  // the batch fits the room: no key wasted
 }
 
+// Runs `child` in a forked child under a 5 s alarm: its result (0-255), or -1 when the
+// child did not exit by itself (killed by the alarm: blocked), -2 when fork() failed.
+int in_child(const std::function<int()>& child) {
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    return -2;
+  }
+  if (pid == 0) {
+    ::alarm(5);
+    ::_exit(child());
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 TEST(KeyCache, ForkedChildDropsInheritedKeys) {
   FakeEnc enc;
   KeyCache cache;
@@ -265,22 +282,17 @@ TEST(KeyCache, ForkedChildDropsInheritedKeys) {
     ASSERT_TRUE(cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(enc)).ok());
   }
   ASSERT_GT(cache.cached("alice", 32), 0U);
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    // The child must not hand out a key the parent may hand out too: its first take
-    // fetches, and nothing inherited is left.
-    int bad = cache.cached("alice", 32) == 0 ? 0 : 1;
-    FakeEnc child_enc;
-    auto k = cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(child_enc));
-    bad |= (k.ok() && !k->from_cache && child_enc.asked.size() == 1) ? 0 : 2;
-    bad |= cache.stats().dropped_on_fork > 0 ? 0 : 4;
-    ::_exit(bad);
-  }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(in_child([&] {
+              // The child must not hand out a key the parent may hand out too: its first
+              // take fetches, and nothing inherited is left.
+              int bad = cache.cached("alice", 32) == 0 ? 0 : 1;
+              FakeEnc child_enc;
+              auto k = cache.take("alice", nullptr, 32, now, kNoDeadline, fetch_of(child_enc));
+              bad |= (k.ok() && !k->from_cache && child_enc.asked.size() == 1) ? 0 : 2;
+              bad |= cache.stats().dropped_on_fork > 0 ? 0 : 4;
+              return bad;
+            }),
+            0);
   EXPECT_GT(cache.cached("alice", 32), 0U);  // the parent keeps its own
 }
 
@@ -484,14 +496,7 @@ TEST(KeyCache, ForkedChildHasNoReservation) {
     ASSERT_TRUE(cache.take("alice", &a, 32, now, kNoDeadline, fetch_of(enc)).ok());
   }
   ASSERT_GT(cache.reserved("alice", a, 32), 0U);
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::_exit(cache.reserved("alice", a, 32) == 0 ? 0 : 1);
-  }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_EQ(in_child([&] { return cache.reserved("alice", a, 32) == 0 ? 0 : 1; }), 0);
   EXPECT_GT(cache.reserved("alice", a, 32), 0U);
 }
 
@@ -920,18 +925,13 @@ TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
   ASSERT_EQ(ahead.held(), 2U);
   EXPECT_TRUE(ahead.all_in_secure_heap());
   const auto parent_id = ahead.client_id().value();
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    int bad = ahead.held() == 0 ? 0 : 1;
-    auto child_id = ahead.client_id();
-    bad |= (child_id.ok() && child_id->has_value() && *child_id != parent_id) ? 0 : 2;
-    ::_exit(bad);
-  }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(in_child([&] {
+              int bad = ahead.held() == 0 ? 0 : 1;
+              auto child_id = ahead.client_id();
+              bad |= (child_id.ok() && child_id->has_value() && *child_id != parent_id) ? 0 : 2;
+              return bad;
+            }),
+            0);
   EXPECT_EQ(ahead.held(), 2U);  // the parent keeps its own
   EXPECT_EQ(ahead.client_id().value(), parent_id);
 }
@@ -941,17 +941,7 @@ TEST(AheadKeys, ForkedChildDropsHeldKeysAndTakesANewClientId) {
 // (blocked). Stops at the first such child, so that a failing test ends within seconds.
 int children_that_fail(const std::function<bool()>& child, int children = 40) {
   for (int i = 0; i < children; ++i) {
-    const pid_t pid = ::fork();
-    if (pid < 0) {
-      return 1;
-    }
-    if (pid == 0) {
-      ::alarm(5);
-      ::_exit(child() ? 0 : 1);
-    }
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    if (in_child([&] { return child() ? 0 : 1; }) != 0) {
       return 1;
     }
     std::this_thread::sleep_for(std::chrono::microseconds(200));
@@ -1071,36 +1061,26 @@ TEST(ForkGuard, ChildrenForkedWhileAdmittingAreAdmittedWithoutBlocking) {
 // their slots must not count there, or a child forked at a busy moment refuses that SAE
 // (and, at the global cap, every SAE) for its whole life. The parent keeps its own.
 TEST(ForkGuard, AdmissionSlotsInFlightInTheParentAreFreeInTheChild) {
-  AdmissionLimits limits;
-  limits.max_outstanding = 2;
-  limits.max_outstanding_total = 3;
-  Admission admission(limits);
+  Admission admission(test::in_flight_caps(2, 3));
   const auto now = Admission::Clock::now();
   // Tickets the parent holds, as its threads in mid-encapsulation would.
-  auto alice1 = admission.acquire("alice", now);
-  auto alice2 = admission.acquire("alice", now);
-  auto bob = admission.acquire("bob", now);
-  ASSERT_TRUE(alice1.ok() && alice2.ok() && bob.ok());
+  const auto held = test::hold(admission, {"alice", "alice", "bob"}, now);
+  ASSERT_EQ(held.size(), 3U);
   ASSERT_FALSE(admission.acquire("alice", now).ok());  // per-SAE cap
   ASSERT_FALSE(admission.acquire("carol", now).ok());  // global cap
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::alarm(5);
-    auto a1 = admission.acquire("alice", now);
-    auto a2 = admission.acquire("alice", now);
-    auto c = admission.acquire("carol", now);
-    int bad = a1.ok() ? 0 : 1;
-    bad |= a2.ok() ? 0 : 2;
-    bad |= c.ok() ? 0 : 4;
-    bad |= admission.acquire("alice", now).ok() ? 8 : 0;  // its own two are in flight now
-    ::_exit(bad);
-  }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFEXITED(status)) << "the child was killed (blocked)";
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1/2: the child refused alice; 4: the global cap; "
-                                       "8: the child did not count its own slots";
+  EXPECT_EQ(in_child([&] {
+              auto a1 = admission.acquire("alice", now);
+              auto a2 = admission.acquire("alice", now);
+              auto c = admission.acquire("carol", now);
+              int bad = a1.ok() ? 0 : 1;
+              bad |= a2.ok() ? 0 : 2;
+              bad |= c.ok() ? 0 : 4;
+              bad |= admission.acquire("alice", now).ok() ? 8 : 0;  // its own two in flight
+              return bad;
+            }),
+            0)
+      << "-1: the child was killed (blocked); 1/2: it refused alice; 4: the global cap; 8: "
+         "it did not count its own slots";
   EXPECT_FALSE(admission.acquire("alice", now).ok());  // the parent's slots are still taken
 }
 
@@ -1123,19 +1103,14 @@ TEST(ForkGuard, AForkedChildCleansesInheritedKeysBeforeAnyCall) {
   const std::size_t cached = cache.keys_not_cleansed();
   ASSERT_GT(cached, 0U);
   ASSERT_EQ(ahead.keys_not_cleansed(), 2U);
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::alarm(5);
-    int bad = cache.keys_not_cleansed() == 0 ? 0 : 1;
-    bad |= ahead.keys_not_cleansed() == 0 ? 0 : 2;
-    ::_exit(bad);
-  }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFEXITED(status)) << "the child was killed (blocked)";
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: the key cache's keys, 2: the keys held ahead, "
-                                       "were still in the child";
+  EXPECT_EQ(in_child([&] {
+              int bad = cache.keys_not_cleansed() == 0 ? 0 : 1;
+              bad |= ahead.keys_not_cleansed() == 0 ? 0 : 2;
+              return bad;
+            }),
+            0)
+      << "-1: the child was killed (blocked); 1: the key cache's keys, 2: the keys held "
+         "ahead, were still in the child";
   EXPECT_EQ(cache.keys_not_cleansed(), cached);  // the parent keeps its own
   EXPECT_EQ(ahead.keys_not_cleansed(), 2U);
 }

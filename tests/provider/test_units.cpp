@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "admission.hpp"
+#include "admission_helpers.hpp"
 #include "app_errors.hpp"
 #include "binding.hpp"
 #include "classical.hpp"
@@ -657,24 +658,13 @@ TEST(Admission, TokenBucketPerSae) {
 }
 
 TEST(Admission, OutstandingCaps) {
-  AdmissionLimits limits;
-  limits.rate_per_second = 1000;
-  limits.burst = 1000;
-  limits.max_outstanding = 2;
-  limits.max_outstanding_total = 3;
-  Admission a(limits);
+  Admission a(test::in_flight_caps(2, 3));
   const auto t = Admission::Clock::now();
-  auto alice1 = a.acquire("alice", t);
-  ASSERT_TRUE(alice1.ok());
-  auto alice2 = a.acquire("alice", t);
-  ASSERT_TRUE(alice2.ok());
-  EXPECT_FALSE(a.acquire("alice", t).ok());
-  auto bob = a.acquire("bob", t);
-  ASSERT_TRUE(bob.ok());
+  auto held = test::hold(a, {"bob", "alice", "alice"}, t);
+  ASSERT_EQ(held.size(), 3U);
+  EXPECT_FALSE(a.acquire("alice", t).ok());  // per-SAE cap
   EXPECT_FALSE(a.acquire("carol", t).ok());  // global cap
-  {
-    const AdmissionTicket gone = std::move(alice1).value();  // released at the end of the block
-  }
+  held.pop_back();  // one of alice's calls ends
   auto carol = a.acquire("carol", t);
   EXPECT_TRUE(carol.ok());
   EXPECT_FALSE(a.acquire("alice", t).ok());  // global cap again
@@ -682,13 +672,10 @@ TEST(Admission, OutstandingCaps) {
 
 // A ticket releases its slot once, whoever holds it last; a moved-from one releases none.
 TEST(Admission, ATicketReleasesItsSlotOnce) {
-  AdmissionLimits limits;
-  limits.max_outstanding = 1;
-  limits.max_outstanding_total = 2;
-  Admission a(limits);
+  Admission a(test::in_flight_caps(1, 2));
   const auto t = Admission::Clock::now();
-  auto bob = a.acquire("bob", t);
-  ASSERT_TRUE(bob.ok());
+  const auto bob = test::hold(a, {"bob"}, t);
+  ASSERT_EQ(bob.size(), 1U);
   {
     auto first = a.acquire("alice", t);
     ASSERT_TRUE(first.ok());
