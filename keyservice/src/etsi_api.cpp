@@ -370,9 +370,10 @@ ApiResponse EtsiService::dec_keys(const std::string& caller, const std::string& 
       return error_response(400, kNotFound);
     }
   }
-  // A key whose master is neither an SAE of the peer KME (keys come in its notices) nor of
-  // this KME cannot be on its way: what the store holds now is the answer, no wait.
-  const bool may_arrive = contains(config_.link.peer_saes, master) || contains(config_.saes, master);
+  // Only a key whose master is an SAE of the peer KME comes in a notice; one of this KME's
+  // own masters is written here when its enc_keys allocates it, before any SAE learns its
+  // key_ID. For any other, what the store holds now is the answer: no wait, and no 503.
+  const bool may_arrive = contains(config_.link.peer_saes, master);
   // While the link is down no notice can arrive: no wait (and no worker) for one.
   const bool down_before = !link_up();
   const bool may_wait_now = may_arrive && !down_before && !req.wait_over;

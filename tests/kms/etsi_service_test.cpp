@@ -266,6 +266,29 @@ TEST_F(EtsiServiceTest, DecKeysForAMasterNoKmeServesDoesNotWait) {
   EXPECT_GE(std::chrono::steady_clock::now() - t1, std::chrono::milliseconds(300));
 }
 
+// dec_keys naming a master SAE of this KME: its keys are written here when its enc_keys
+// allocates them (the peer's notices never bring them), so an unknown key_ID is "not found"
+// at once: no wait for a notice, and not the link-down 503 "may still be on its way".
+TEST_F(EtsiServiceTest, DecKeysForALocalMasterNeitherWaitsNorBlamesTheLink) {
+  bob_cfg.keys.dec_wait_ms = 5000;
+  const std::string target =
+      "/api/v1/keys/carol/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000";
+  ApiRequest io_thread{"GET", target, ""};
+  io_thread.may_wait = false;
+  ApiResponse at_once = bob.handle("dave", io_thread);
+  EXPECT_FALSE(at_once.needs_wait);
+  EXPECT_EQ(at_once.status, 400u) << at_once.body;
+  EXPECT_EQ(message(at_once), "one or more keys specified are not found on KME");
+  qkd::kms::EtsiService link_down{bob_cfg, *bob_store, [] { return qkd::kms::LinkStats{}; }};
+  ApiResponse down = link_down.handle("dave", ApiRequest{"GET", target, ""});
+  EXPECT_EQ(down.status, 400u) << down.body;
+  EXPECT_EQ(message(down), "one or more keys specified are not found on KME");
+  // A master the peer KME serves, link down: its notice may still come, so 503.
+  ApiResponse peer_master = link_down.handle(
+      "bob", ApiRequest{"GET", "/api/v1/keys/alice/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000", ""});
+  EXPECT_EQ(peer_master.status, 503u) << peer_master.body;
+}
+
 TEST_F(EtsiServiceTest, DecKeysBadRequests) {
   const std::string dec = "/api/v1/keys/alice/dec_keys";
   EXPECT_EQ(at_bob("bob", "GET", dec).status, 400u);
