@@ -41,6 +41,15 @@ constexpr std::uint64_t kBodyLimit = 64 * 1024;
 constexpr auto kDrainTimeout = std::chrono::seconds(2);
 constexpr std::size_t kDrainLimit = 1024 * 1024;
 
+// The answer to a HEAD: the header of the GET, without its body (RFC 9110 9.3.2). Sent, the
+// body would be read as the start of the next response on this connection.
+void drop_body_of_head(http::response<http::string_body>& res) {
+  const std::size_t length = res.body().size();
+  OPENSSL_cleanse(res.body().data(), length);
+  res.body().clear();
+  res.content_length(length);
+}
+
 // What the sessions of one server share with it.
 struct ServerState {
   std::atomic<std::size_t> in_flight{0};  // HttpsServer::in_flight()
@@ -95,6 +104,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // The header first: a client that sent "Expect: 100-continue" waits for an interim
   // "100 Continue" before it sends the body (curl for a second, others for good).
   void do_read() {
+    head_ = false;
     parser_.emplace();
     parser_->body_limit(kBodyLimit);
     beast::get_lowest_layer(stream_).expires_after(kReadTimeout);
@@ -108,6 +118,7 @@ class Session : public std::enable_shared_from_this<Session> {
       // body and answers it. One whose header comes after the stop is refused (503).
       count_request();
       after_stop_ = state_->stopping.load();
+      head_ = parser_->get().method() == http::verb::head;
     }
     if (ec || parser_->is_done()) {
       on_read(ec, 0);
@@ -225,6 +236,9 @@ class Session : public std::enable_shared_from_this<Session> {
     res->body() = std::move(reply.api.body);
     res->keep_alive(keep_alive);
     res->prepare_payload();
+    if (head_) {
+      drop_body_of_head(*res);
+    }
     spdlog::debug("api: {} <- {}", caller_.empty() ? peer_ : caller_, reply.api.status);
     beast::get_lowest_layer(stream_).expires_after(kWriteTimeout);
     http::async_write(stream_, *res,
@@ -302,6 +316,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool unread_request_ = false;  // answered before the request was read to its end
   bool counted_ = false;         // the request in progress is counted in in_flight
   bool after_stop_ = false;      // its header came after HttpsServer::stop()
+  bool head_ = false;            // the request being answered is a HEAD
   std::vector<char> drain_;      // what drain_then_close() drops
 };
 
@@ -545,11 +560,7 @@ class PlainSession : public std::enable_shared_from_this<PlainSession> {
     res->keep_alive(req.keep_alive());
     res->prepare_payload();
     if (req.method() == http::verb::head) {
-      // The header of the GET, without its body (RFC 9110 9.3.2): sent, it would be read as
-      // the start of the next response on this connection.
-      const std::size_t length = res->body().size();
-      res->body().clear();
-      res->content_length(length);
+      drop_body_of_head(*res);
     }
     stream_.expires_after(kWriteTimeout);
     http::async_write(stream_, *res,

@@ -505,6 +505,23 @@ TEST_F(Etsi014, UnknownRoutesAndOtherMethodsAre400) {
   EXPECT_EQ(call(at_alice(), "PUT", "/api/v1/keys/alice/dec_keys", "{}").status, 400u);
 }
 
+// HTTP (RFC 9110 9.3.2): the answer to a HEAD (a 400 here, as for any other method the
+// route does not take) carries no body, so the next response on a kept-alive connection is
+// read from its first byte.
+TEST_F(Etsi014, HeadIsAnsweredWithoutABody) {
+  const HttpsTestClient alice(net_->alice().host, net_->alice().api_port, net_->sae("alice"),
+                              std::chrono::seconds(10));
+  auto got = alice.converse(
+      {{"HEAD /api/v1/keys/bob/status HTTP/1.1\r\nHost: x\r\n\r\n", "\r\n\r\n"},
+       {"GET /api/v1/keys/bob/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", ""}});
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  ASSERT_EQ(got->rfind("HTTP/1.1 400", 0), 0u) << *got;
+  EXPECT_NE(got->find("Content-Length: "), std::string::npos) << *got;
+  const auto head_end = got->find("\r\n\r\n");
+  ASSERT_NE(head_end, std::string::npos) << *got;
+  EXPECT_EQ(got->substr(head_end + 4, 12), "HTTP/1.1 200") << *got;
+}
+
 // "Routes": the slave SAE in the path must be one this KME can reach.
 TEST_F(Etsi014, UnknownSlaveSaeIs400) {
   for (const char* target : {"/api/v1/keys/carol/status", "/api/v1/keys/carol/enc_keys",
