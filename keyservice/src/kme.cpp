@@ -148,6 +148,26 @@ struct Kme::Impl {
     return metrics->render(st, link->stats(), budgets);
   }
 
+  // SIGINT and SIGTERM ask for the graceful stop; SIGHUP (no reload: the configuration is
+  // read at start) is logged and waited past.
+  void wait_for_signal() {
+    signals->async_wait([this](const boost::system::error_code& ec, int sig) {
+      if (ec) {
+        return;
+      }
+      if (sig == SIGHUP) {
+        spdlog::warn("SIGHUP: qkd-kms does not reload its configuration; restart it to apply a "
+                     "change (SIGTERM stops it gracefully)");
+        wait_for_signal();
+        return;
+      }
+      spdlog::info("signal {}: shutting down", sig);
+      std::lock_guard lock(mu);
+      stop_requested = true;
+      cv.notify_all();
+    });
+  }
+
   std::mutex mu;
   std::condition_variable cv;
   bool stop_requested = false;
@@ -494,16 +514,11 @@ qkd::core::Result<BoundPorts> Kme::start() {
     }
     ports.metrics_port = mport.value();
   }
-  im.signals = std::make_unique<asio::signal_set>(im.api_ioc, SIGINT, SIGTERM);
-  im.signals->async_wait([this](const boost::system::error_code& ec, int sig) {
-    if (ec) {
-      return;
-    }
-    spdlog::info("signal {}: shutting down", sig);
-    std::lock_guard lock(impl_->mu);
-    impl_->stop_requested = true;
-    impl_->cv.notify_all();
-  });
+  // SIGHUP, which by default would end the process at once (no drain, the store left
+  // open, prepared keys stranded at the peer), is caught and only logged: the configuration
+  // is read at start only.
+  im.signals = std::make_unique<asio::signal_set>(im.api_ioc, SIGINT, SIGTERM, SIGHUP);
+  im.wait_for_signal();
   for (int i = 0; i < kApiThreads; ++i) {
     im.threads.emplace_back([&im]() {
       name_this_thread("kms-api");

@@ -610,6 +610,53 @@ TEST(OpsTest, PoolLimitHoldsTheDirectionNobodyDrawsFrom) {
   EXPECT_EQ(by_id(*dec).size(), 10u);
 }
 
+// A link peer that answers but is not the configured one (its certificate's CN is not
+// link.peer_kme_id) is a configuration to fix, not a peer that is down: a warning that
+// names both, seen at log_level "warn" (it was info, with its "link: " prefix doubled).
+TEST(OpsTest, ALinkPeerWithAnotherNameIsAWarning) {
+  KmeNetworkOptions o;
+  o.log_level = "warn";
+  o.customize = [](json&, json& bob) { bob["link"]["peer_kme_id"] = "carol-kme"; };
+  auto net = KmeNetwork::start(o);
+  ASSERT_TRUE(net.ok()) << net.error().message;
+  const std::string log_file = (*net)->bob().log_file;
+  const std::string expected = R"(is "alice-kme", expected "carol-kme")";
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (read_file(log_file).find(expected) == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  const std::string log = read_file(log_file);
+  EXPECT_NE(log.find(expected), std::string::npos) << log;
+  EXPECT_EQ(log.find("link: link:"), std::string::npos) << log;
+}
+
+// SIGHUP (a terminal hang-up, or an operator expecting a reload) used to end the KME at
+// once, as a kill would: no drain, store left open. It is logged and the KME serves on;
+// SIGTERM still stops it cleanly.
+TEST(OpsTest, SighupIsLoggedAndTheKmeServesOn) {
+  KmeNetworkOptions o;
+  o.durable_store = true;
+  auto net = KmeNetwork::start(o);
+  ASSERT_TRUE(net.ok()) << net.error().message;
+  ASSERT_EQ(::kill((*net)->alice().pid, SIGHUP), 0);
+  const std::string log_file = (*net)->alice().log_file;
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (read_file(log_file).find("SIGHUP") == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_NE(read_file(log_file).find("does not reload its configuration"), std::string::npos)
+      << (*net)->log_tail((*net)->alice());
+  auto status = (*net)->client((*net)->alice(), "alice").get("/api/v1/keys/bob/status");
+  ASSERT_TRUE(status.ok()) << "the KME is gone after SIGHUP: " << status.error().message;
+  EXPECT_EQ(status->status, 200u) << status->body;
+  (*net)->stop_kme("alice-kme");
+  const int st = (*net)->alice().last_exit_status;
+  ASSERT_TRUE(WIFEXITED(st)) << "status " << st;
+  EXPECT_EQ(WEXITSTATUS(st), 0);
+}
+
 // SIGTERM while requests are in progress: exit code 0, every answered request complete;
 // the restarted KME (same durable store) serves on and the peer still delivers every key
 // handed out before, with identical bytes. No key ever appears in either log.
