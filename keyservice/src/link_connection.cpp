@@ -357,8 +357,12 @@ qkd::core::Result<std::shared_ptr<LinkConnection>> LinkConnection::connect(
   }
   const beast::error_code ec = fut.get();
   if (ec) {
-    return make_error(ErrorCode::kUnavailable,
-                      fmt::format("link: connect to {}:{}: {}", host, port, ec.message()));
+    // A TLS error (the peer's certificate not from api.ca, say) is a configuration to fix,
+    // not a peer that is down.
+    const bool tls_error = ec.category() == asio::error::get_ssl_category();
+    return make_error(tls_error ? ErrorCode::kAuthentication : ErrorCode::kUnavailable,
+                      fmt::format("link: connect to {}:{}: {}{}", host, port, ec.message(),
+                                  tls_error ? " (TLS handshake)" : ""));
   }
   auto cn = peer_common_name(stream->native_handle());
   if (!cn || *cn != peer_id) {

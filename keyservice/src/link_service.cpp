@@ -1081,7 +1081,12 @@ struct LinkService::Impl {
         auto c = LinkConnection::connect(ioc, *tls, hp.host, hp.port, config.link.peer_kme_id,
                                          kConnectTimeout);
         if (!c.ok()) {
-          spdlog::info("link: {} (retry in {} ms)", c.error().message, backoff.count());
+          // A peer that is down is routine (info); one that is up but not the configured
+          // peer, or fails TLS, needs the operator (warning).
+          const auto level = c.error().code == qkd::core::ErrorCode::kAuthentication
+                                 ? spdlog::level::warn
+                                 : spdlog::level::info;
+          spdlog::log(level, "{} (retry in {} ms)", c.error().message, backoff.count());
           sleep_unless_stopping(backoff);
           backoff = std::min(backoff * 2, kBackoffMax);
           continue;
