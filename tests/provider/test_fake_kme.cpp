@@ -10,10 +10,10 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <map>
-#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -117,6 +117,22 @@ TEST_F(FakeKmeTest, UntrustedKmeCertificateIsUnavailable) {
   ASSERT_FALSE(enc.ok());
   EXPECT_EQ(enc.error().code, ErrorCode::kUnavailable);
   EXPECT_NE(enc.error().message.find("certificate"), std::string::npos) << enc.error().message;
+}
+
+// A file the client cannot read says why in words (the system's), not as OpenSSL's packed
+// error number ("openssl error 2147483650"): a missing file and one the process may not
+// read (an nginx worker running as nobody) need different fixes.
+TEST_F(FakeKmeTest, UnreadableFilesSayWhyInWords) {
+  auto cfg = config_for("bob", "https://127.0.0.1:1");
+  cfg.key_file = (std::filesystem::path(pki("bob.key")).parent_path() / "no-such.key").string();
+  auto missing = Client::create(cfg);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.error().message.find("cannot load the private key"), std::string::npos)
+      << missing.error().message;
+  EXPECT_NE(missing.error().message.find(std::strerror(ENOENT)), std::string::npos)
+      << missing.error().message;
+  EXPECT_EQ(missing.error().message.find("openssl error"), std::string::npos)
+      << missing.error().message;
 }
 
 TEST_F(FakeKmeTest, TimeoutIsBounded) {

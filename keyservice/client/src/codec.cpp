@@ -14,6 +14,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <system_error>
 
 #include "internal.hpp"
 #include "qkd/etsi/client_detail.hpp"
@@ -46,8 +47,13 @@ namespace {
 
 // One error as a short phrase: its reason, and its data when it has some.
 std::string error_text(unsigned long code, const char* data, int flags) {
+  // A system error's reason is its errno, which OpenSSL 3.0 may have no text for: the
+  // system's words, not the packed number.
   const char* reason = ERR_reason_error_string(code);
-  std::string one = reason != nullptr ? reason : "openssl error " + std::to_string(code);
+  std::string one = reason != nullptr       ? std::string(reason)
+                    : ERR_SYSTEM_ERROR(code) ? std::generic_category().message(
+                                                  static_cast<int>(ERR_GET_REASON(code)))
+                                            : "openssl error " + std::to_string(code);
   if (data != nullptr && (flags & ERR_TXT_STRING) != 0 && *data != '\0') {
     one += " (";
     one += data;
