@@ -529,12 +529,21 @@ qkd::core::Result<BoundPorts> Kme::start() {
     name_this_thread("kms-link-io");
     run_io(im.link_ioc, "link");
   });
-  spdlog::info("{}: ETSI 014 API on {}:{}, link role {} {}", im.config.kme_id,
-               im.config.api.listen.host, ports.api_port,
-               im.config.link.role == LinkRole::kAlice ? "alice" : "bob",
-               im.config.link.role == LinkRole::kAlice
-                   ? fmt::format("listening on port {}", ports.link_port)
-                   : fmt::format("connecting to {}", im.config.link.connect.to_string()));
+  const Config& c = im.config;
+  spdlog::info(
+      "{}: ETSI 014 API on {}, link role {} {}, metrics {}, keys {}", c.kme_id,
+      HostPort{c.api.listen.host, ports.api_port}.to_string(),
+      c.link.role == LinkRole::kAlice ? "alice" : "bob",
+      c.link.role == LinkRole::kAlice
+          ? fmt::format("listening on port {}", ports.link_port)
+          : fmt::format("connecting to {}", c.link.connect.to_string()),
+      c.metrics.plain_listener
+          ? fmt::format("also on {} (plain HTTP)",
+                        HostPort{c.metrics.listen.host, ports.metrics_port}.to_string())
+          : std::string("on the API only"),
+      c.store.enabled ? fmt::format("stored in {} (synchronous {})", c.store.path.string(),
+                                    c.store.synchronous_full ? "full" : "normal")
+                      : std::string("in memory only (lost at stop)"));
   return ports;
 }
 

@@ -241,7 +241,9 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link,
          "keys.dec_wait_ms; they hold no thread).");
   fmt::format_to(o, "qkd_kms_dec_keys_waiting {}\n", dec_keys_waiting_.load());
   header(out, "qkd_kms_admission_refusals_total", "counter",
-         "enc_keys requests refused by admission control, by budget (sae, pair) and master SAE.");
+         "Requests refused by admission control: enc_keys over a key budget (budget sae, "
+         "pair; master_sae the caller), dec_keys over the waiting bound (budget waiting; "
+         "master_sae the calling slave SAE).");
   for (const auto& [k, n] : refusals_) {
     fmt::format_to(o, "qkd_kms_admission_refusals_total{{budget=\"{}\",master_sae=\"{}\"}} {}\n",
                    escape_label_value(k.first), escape_label_value(k.second), n);
