@@ -642,7 +642,10 @@ class JournaledStore final : public KeyStore {
       std::unordered_set<std::string> seen;
       for (const auto& id : key_ids) {
         if (!seen.insert(id).second) {
-          return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
+          // Not "not found": the key may well be here, and the SAE is to learn why.
+          return qkd::core::make_error(
+              ErrorCode::kInvalidArgument,
+              fmt::format("key_ID {} is named more than once in the request", id));
         }
       }
     }
