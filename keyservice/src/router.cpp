@@ -98,6 +98,7 @@ ApiResponse Router::dispatch(const std::string& caller, const ApiRequest& req) c
   const std::string_view path = target.substr(0, qmark);
   const std::vector<std::string> segs = split_path(path);
   bool path_known = false;
+  bool bad_escape = false;  // a route's SAE ID segment had a malformed %XX
   for (const Route& r : routes_) {
     if (r.segments.size() != segs.size()) {
       continue;
@@ -109,6 +110,7 @@ ApiResponse Router::dispatch(const std::string& caller, const ApiRequest& req) c
       if (p.size() >= 2 && p.front() == '{' && p.back() == '}') {
         auto v = url_decode(segs[i], false);
         if (!v || v->empty()) {
+          bad_escape = bad_escape || !v;
           ok = false;
         } else {
           m.params[p.substr(1, p.size() - 2)] = std::move(*v);
@@ -131,6 +133,10 @@ ApiResponse Router::dispatch(const std::string& caller, const ApiRequest& req) c
   }
   if (path_known) {
     return error_response(400, fmt::format("method {} is not allowed on this route", req.method));
+  }
+  if (bad_escape) {
+    return error_response(400, "malformed SAE ID in the path: a % must be followed by two hex "
+                               "digits, and %00 is not allowed");
   }
   // Not a route of the API: still 400, the standard allowing no error codes but 400, 401
   // and 503.

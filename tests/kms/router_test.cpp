@@ -68,6 +68,22 @@ TEST(Router, UnknownPathIs400WithErrorBody) {
   }
 }
 
+// An SAE ID whose percent-encoding is malformed is a 400 that says so, not "no such route".
+TEST(Router, MalformedEscapeInAnSaeIdIsNamed) {
+  RouteMatch m;
+  std::string which;
+  Router r = make_router(m, which);
+  for (const char* t : {"/api/v1/keys/bob%ZZ/status", "/api/v1/keys/bob%2/status",
+                        "/api/v1/keys/bob%00/status"}) {
+    ApiResponse resp = r.dispatch("alice", ApiRequest{"GET", t, ""});
+    EXPECT_EQ(resp.status, 400u) << t;
+    EXPECT_NE(nlohmann::json::parse(resp.body).at("message").get<std::string>().find(
+                  "malformed SAE ID in the path"),
+              std::string::npos)
+        << t << ": " << resp.body;
+  }
+}
+
 TEST(Router, WrongMethodIs400) {
   RouteMatch m;
   std::string which;
