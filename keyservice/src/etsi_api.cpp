@@ -93,7 +93,14 @@ EtsiService::EtsiService(const Config& config, KeyStore& store,
                          std::function<LinkStats()> link_stats)
     : config_(config), store_(store), link_stats_(std::move(link_stats)) {
   router_.add("GET", "/api/v1/keys/{slave}/status",
-              [this](const std::string& c, const ApiRequest&, const RouteMatch& m) {
+              [this](const std::string& c, const ApiRequest& req, const RouteMatch& m) {
+                // Status has no parameters: one given would be ignored, as would a body.
+                if (!m.query.empty()) {
+                  return error_response(400, "status takes no query parameters");
+                }
+                if (auto wrong = parameters_in_the_wrong_form("status", req, m)) {
+                  return *wrong;
+                }
                 return status(c, m.params.at("slave"));
               });
   router_.add("GET", "/health", [this](const std::string&, const ApiRequest&, const RouteMatch&) {

@@ -522,6 +522,18 @@ TEST_F(Etsi014, HeadIsAnsweredWithoutABody) {
   EXPECT_EQ(got->substr(head_end + 4, 12), "HTTP/1.1 200") << *got;
 }
 
+// "Routes": status takes no parameters; a query or a body, which it would ignore, is a 400
+// as on the other routes.
+TEST_F(Etsi014, StatusTakesNoParametersAndNoBody) {
+  HttpResponse query = get(at_alice(), "/api/v1/keys/bob/status?number=2");
+  EXPECT_EQ(query.status, 400u) << query.body;
+  EXPECT_EQ(message_of(query), "status takes no query parameters");
+  HttpResponse body = call(at_alice(), "GET", "/api/v1/keys/bob/status", "{}");
+  EXPECT_EQ(body.status, 400u) << body.body;
+  EXPECT_NE(message_of(body).find("takes no body"), std::string::npos) << body.body;
+  EXPECT_EQ(get(at_alice(), "/api/v1/keys/bob/status").status, 200u);
+}
+
 // "Routes": the slave SAE in the path must be one this KME can reach.
 TEST_F(Etsi014, UnknownSlaveSaeIs400) {
   for (const char* target : {"/api/v1/keys/carol/status", "/api/v1/keys/carol/enc_keys",
