@@ -475,7 +475,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--source", source,
                  "photon source: 'single' (ideal single photons) or 'wcp' (weak coherent "
-                 "pulses, Poisson photon number, optional decoys)")
+                 "pulses, Poisson photon number, optional decoys); the KME configuration's "
+                 "'single_photon' and 'weak_coherent' are taken too")
       ->capture_default_str();
   app.add_option("--mu", ch.mu_signal, "signal mean photon number per pulse (wcp) [photons]")
       ->capture_default_str();
