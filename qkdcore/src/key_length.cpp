@@ -1,5 +1,7 @@
 #include "qkd/core/key_length.hpp"
 
+#include <boost/math/distributions/binomial.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <numbers>
@@ -232,12 +234,19 @@ double qber_threshold(double f) {
 // ------------------------------------------------------------------------- block bounds --
 
 double qber_upper_bound(std::uint64_t k, std::uint64_t errors, double c) {
-  if (k == 0) {
+  if (k == 0 || errors >= k) {
     return 1.0;
   }
-  const double kd = static_cast<double>(k);
-  const double e = static_cast<double>(errors) / kd;
-  return std::min(1.0, e + c * std::sqrt((e * (1.0 - e) + 1.0 / kd) / kd));
+  // Clopper-Pearson: the largest rate p at which `errors` or fewer of `k` still has
+  // probability alpha, alpha being the normal tail beyond c (c = 5: 2.9e-7). Exact for any
+  // k, where a normal approximation around the estimate is too low for a small sample or
+  // few errors (1,000 bits, none wrong: 1.50 %, not 0.50 %).
+  const double alpha = 0.5 * std::erfc(c / std::numbers::sqrt2);
+  if (!(alpha > 0.0)) {
+    return 1.0;  // c beyond double's range: no bound
+  }
+  return boost::math::binomial_distribution<double>::find_upper_bound_on_p(
+      static_cast<double>(k), static_cast<double>(errors), alpha);
 }
 
 double slutsky_tau(double e) {

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <utility>
 
 #include "qkd/core/link.hpp"
 
@@ -115,6 +116,33 @@ BlockStatistics single_photon_block(KeyBound b) {
   s.leaked_bits = 180'000 / 5;
   s.safety_margin = 0.0;
   return s;
+}
+
+// The QBER's upper bound (the abort test, and the defense functions' input) is exact: at
+// the bound, `errors` or fewer of `k` has probability alpha = the normal tail beyond c
+// (c = 5: 2.87e-7), checked against a binomial sum written here and the closed form for no
+// error, 1 - alpha^(1/k). A normal approximation around the estimate gave 0.50 % for 1,000
+// bits with none wrong, where the exact bound is 1.50 %.
+TEST(BlockBounds, QberUpperBoundIsExact) {
+  const double alpha = 0.5 * std::erfc(5.0 / std::sqrt(2.0));
+  EXPECT_NEAR(qber_upper_bound(1000, 0, 5.0), 1.0 - std::pow(alpha, 1.0 / 1000), 1e-9);
+  EXPECT_NEAR(qber_upper_bound(1000, 0, 5.0), 0.01495, 5e-5);
+  const auto binomial_cdf = [](int k, int errors, double p) {
+    double sum = 0.0;
+    for (int i = 0; i <= errors; ++i) {
+      sum += std::exp(std::lgamma(k + 1.0) - std::lgamma(i + 1.0) - std::lgamma(k - i + 1.0) +
+                      i * std::log(p) + (k - i) * std::log1p(-p));
+    }
+    return sum;
+  };
+  for (const auto& [k, errors] : {std::pair{40, 4}, std::pair{4000, 4}, std::pair{4000, 400}}) {
+    const double upper = qber_upper_bound(k, errors, 5.0);
+    EXPECT_GT(upper, static_cast<double>(errors) / k);
+    EXPECT_NEAR(binomial_cdf(k, errors, upper) / alpha, 1.0, 1e-6) << k << " " << errors;
+  }
+  EXPECT_EQ(qber_upper_bound(0, 0, 5.0), 1.0);     // no sample: no bound
+  EXPECT_EQ(qber_upper_bound(10, 10, 5.0), 1.0);   // all wrong
+  EXPECT_EQ(qber_upper_bound(1000, 10, 50.0), 1.0);  // a tail below double's range
 }
 
 TEST(BlockBounds, AsymptoticEqualsEarlierFormulaForSinglePhotons) {

@@ -110,13 +110,14 @@ struct KeyLengthResult {
   std::string bound;        // key_bound_name() of the bound used
   std::string note;         // why the key is zero when a bound does not apply, else empty
   double qber = 0.0;        // sample estimate
-  double qber_upper = 0.0;  // upper confidence bound (c standard deviations)
+  double qber_upper = 0.0;  // upper confidence bound (Clopper-Pearson, tail of c sd)
   double y1_lower = 0.0;    // decoy bounds only
   double e1_upper = 0.0;    // decoy bounds: single-photon phase error; others: bound used
   double single_photon_bits_lower = 0.0;
 };
 
-// Upper confidence bound of an error rate from `errors` of `k`: e + c sqrt((e(1-e) + 1/k)/k).
+// Upper confidence bound of an error rate from `errors` of `k`, exact (Clopper-Pearson) at
+// the one-sided tail of a normal distribution beyond c standard deviations.
 [[nodiscard]] double qber_upper_bound(std::uint64_t k, std::uint64_t errors, double c);
 
 // Decoy-state estimate over one set of detections (Lim et al. 2014, eqs. for s0, s1, v1;
