@@ -255,11 +255,33 @@ TEST(DecoyLink, BothEndsAgreeAndNameTheBound) {
   // Decoy and vacuum classes are disclosed entirely.
   EXPECT_EQ(a.intensity[1].disclosed, a.intensity[1].sifted);
   EXPECT_EQ(a.intensity[2].disclosed, a.intensity[2].sifted);
-  // The lower bound stays below the true single-photon yield (and is not far below).
+  // The asymptotic decoy formula applied to one block's counts is an estimate of the
+  // single-photon yield, not a bound: it falls on either side of the true Y1 (above it in
+  // 8 of 20 blocks of 2e6 pulses in one study), so it is only checked to be near it.
+  // FiniteDecoyBoundsHoldInEveryBlock checks the bound that holds.
   const ChannelTheory t = channel_theory(ch);
   EXPECT_LT(a.y1_lower, t.y1 * 1.05);
   EXPECT_GT(a.y1_lower, t.y1 * 0.5);
   EXPECT_GT(a.qber_upper, a.qber);
+}
+
+// The finite-key decoy bounds (Lim et al. 2014, failure probability eps_sec = 1e-10 in all)
+// hold block by block: in each of 10 blocks of 5e7 pulses at 20 km the single-photon
+// yield's lower bound is below the channel's true Y1 and the phase error's upper bound above
+// its true e1, where the asymptotic estimate misses in about 4 blocks of 10.
+TEST(DecoyLink, FiniteDecoyBoundsHoldInEveryBlock) {
+  const ChannelParams ch = decoy_channel(20.0);
+  const ChannelTheory t = channel_theory(ch);
+  auto r = run_blocks(ch, decoy_protocol(50'000'000, KeyBound::kFiniteDecoy), 10, 7);
+  for (std::size_t i = 0; i < r.size(); ++i) {
+    ASSERT_TRUE(r[i].alice.ok()) << r[i].alice.error().message;
+    const BlockResult& a = *r[i].alice;
+    EXPECT_FALSE(a.aborted) << a.abort_reason;
+    EXPECT_EQ(a.key_bound, key_bound_name(KeyBound::kFiniteDecoy));
+    EXPECT_GT(a.y1_lower, 0.0) << "block " << i;
+    EXPECT_LT(a.y1_lower, t.y1) << "block " << i;
+    EXPECT_GT(a.e1_upper, t.e1) << "block " << i;
+  }
 }
 
 TEST(DecoyLink, InterceptResendOnHalfOrMoreAbortsEveryBlock) {
