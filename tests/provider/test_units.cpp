@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <cstring>
 #include <set>
 #include <string>
@@ -1023,6 +1024,14 @@ void check_freed(void* p) {
 }
 }  // namespace
 
+// operator new is replaced too, with the malloc() the deletes pair with: AddressSanitizer
+// reports a replaced delete's free() of memory from the library's operator new.
+void* operator new(std::size_t size) {
+  if (void* p = std::malloc(size == 0 ? 1 : size)) {
+    return p;
+  }
+  throw std::bad_alloc();
+}
 void operator delete(void* p) noexcept {
   check_freed(p);
   std::free(p);
