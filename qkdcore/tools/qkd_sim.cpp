@@ -236,12 +236,12 @@ struct MatchingTheory {
   double rate = 0.0;
   const char* name = "";
 };
-MatchingTheory matching_theory_ideal_detector(const ChannelParams& ch, double f);
+MatchingTheory matching_theory_ideal_detector(const ChannelParams& ch, double f, double z);
 // With dead time or afterpulsing the asymptotic formulas (which know neither) are scaled by
 // the fraction of real detections that survive, (1 - a) gain' / Q (channel_theory); the
 // afterpulses' extra errors are not in them (the measured QBER shows them).
-MatchingTheory matching_theory(const ChannelParams& ch, double f) {
-  MatchingTheory mt = matching_theory_ideal_detector(ch, f);
+MatchingTheory matching_theory(const ChannelParams& ch, double f, double z) {
+  MatchingTheory mt = matching_theory_ideal_detector(ch, f, z);
   const qkd::core::ChannelTheory t = qkd::core::channel_theory(ch);
   if ((t.dead_pulses > 0 || t.afterpulse_window_pulses > 0) && t.live_gain > 0.0) {
     mt.rate *= (1.0 - t.afterpulse_fraction) * t.gain / t.live_gain;
@@ -255,8 +255,17 @@ MatchingTheory matching_theory(const ChannelParams& ch, double f) {
   }
   return mt;
 }
-MatchingTheory matching_theory_ideal_detector(const ChannelParams& ch, double f) {
-  const qkd::core::LinkModel m = qkd::core::link_model_of(ch, f, 0.5);
+// Sifted bits per detection: both ends chose the same basis, Z with probability z.
+double sifting_factor(double z) { return z * z + (1.0 - z) * (1.0 - z); }
+
+// `z` is Alice's and Bob's probability of the Z basis: above 0.5 the key is the Z-Z
+// detections only (z^2 of them), else all matching ones (1/2). An intercept-resend Eve on a
+// fraction p of the pulses (guessing her basis evenly) adds p (1 - 2 e_det) / 4 to every
+// error rate the formulas use: her wrong guesses, half of her pulses, give Bob a random
+// bit. (An Eve favouring Z, eve_z_basis_prob, is not modelled here.)
+MatchingTheory matching_theory_ideal_detector(const ChannelParams& ch, double f, double z) {
+  qkd::core::LinkModel m = qkd::core::link_model_of(ch, f, z > 0.5 ? z * z : 0.5);
+  m.e_det += ch.eve_intercept_fraction * (1.0 - 2.0 * m.e_det) / 4.0;
   if (ch.source == qkd::core::SourceKind::kSinglePhoton) {
     return {std::max(0.0, qkd::core::rate_single_photon(m, ch.length_km)), "single photons"};
   }
@@ -706,7 +715,9 @@ int main(int argc, char** argv) {
     const Totals& t = *totals;
     const Summary s = summarize(t, pp);
     const double f_used = s.efficiency > 0.0 ? s.efficiency : 1.16;
-    const MatchingTheory mt = matching_theory(ch, f_used);
+    const MatchingTheory mt = matching_theory(ch, f_used, pp.z_basis_prob);
+    // channel_theory's sifted rate assumes an even basis choice (1/2 of the detections).
+    const double th_sifted_per_pulse = th.gain * sifting_factor(pp.z_basis_prob);
     const double key_fraction = 1.0 - pp.sample_fraction;  // the random sample is discarded
     const double theory_per_pulse = mt.rate * key_fraction;
     const double th_secret = theory_per_pulse * ch.pulse_rate_hz;
@@ -776,6 +787,7 @@ int main(int argc, char** argv) {
                       {{"transmittance", th.transmittance},
                        {"gain", th.gain},
                        {"qber", th.qber},
+                       {"sifted_per_pulse", th_sifted_per_pulse},
                        {"y1", th.y1},
                        {"e1", th.e1},
                        {"matching_formula", mt.name},
@@ -805,7 +817,7 @@ int main(int argc, char** argv) {
       std::printf("%-28s %14.6g %14.6g\n", "raw key rate [bit/s]", s.raw_rate,
                   th.gain * ch.pulse_rate_hz);
       std::printf("%-28s %14.6g %14.6g\n", "sifted key rate [bit/s]", s.sifted_rate,
-                  th.sifted_per_pulse * ch.pulse_rate_hz);
+                  th_sifted_per_pulse * ch.pulse_rate_hz);
       std::printf("%-28s %14.6g %14.6g\n", "secret key rate [bit/s]", s.secret_rate, th_secret);
       std::printf("%-28s %14.6g %14.6g\n", "secret bits per pulse", secret_per_pulse,
                   theory_per_pulse);
