@@ -438,8 +438,11 @@ KeyLengthResult block_key_length(const BlockStatistics& s) {
         r.note = "decoy bound needs a weak coherent source with decoys";
         return r;
       }
-      // Failure probabilities: Lim's 21 terms plus one for the signal share: eps1 = eps/22.
-      const double eps1 = finite ? s.epsilon_sec / 22.0 : 0.0;
+      // Failure probabilities: Lim's 21 terms plus two of our own, the Hoeffding bounds on
+      // the signal share of the single-photon events and on the key's part of the signal
+      // class (s1_signal and s1_key below): eps1 = eps/23.
+      constexpr double kEpsTerms = 23.0;
+      const double eps1 = finite ? s.epsilon_sec / kEpsTerms : 0.0;
       const std::array<std::uint64_t, 3> none{};
       const DecoyEstimate key_set =
           decoy_estimate(s.mu, s.prob, s.key_basis_sifted, none, pulses * q_key, eps1);
@@ -467,7 +470,7 @@ KeyLengthResult block_key_length(const BlockStatistics& s) {
       r.e1_upper = phi;
       l = s1_key * (1.0 - binary_entropy(phi)) - leaked - margin;
       if (finite) {
-        l -= 6.0 * std::log2(22.0 / s.epsilon_sec) + std::log2(2.0 / s.epsilon_cor);
+        l -= 6.0 * std::log2(kEpsTerms / s.epsilon_sec) + std::log2(2.0 / s.epsilon_cor);
       }
       if (!(s1_key > 0.0) || phi >= 0.5) {
         r.note = "decoy estimate leaves no single-photon bits with a phase error below 1/2";
