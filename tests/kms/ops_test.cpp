@@ -558,17 +558,23 @@ TEST(OpsTest, PoolLimitHoldsTheDirectionNobodyDrawsFrom) {
                              dir));
   };
   const double committed_before = at(scrape(alice), committed);
-  // Alice's SAE draws for 4 s: her direction never fills, so the link does not pause.
-  const auto until = std::chrono::steady_clock::now() + 4s;
-  while (std::chrono::steady_clock::now() < until) {
-    auto r = alice.get("/api/v1/keys/bob/enc_keys?number=50");
-    ASSERT_TRUE(r.ok()) << r.error().message;
-    ASSERT_TRUE(r->status == 200 || r->status == 503) << r->status << " " << r->body;
-    if (r->status == 503) {
-      std::this_thread::sleep_for(20ms);
+  // Alice's SAE draws until the link has committed 20 times the limit (bob's direction
+  // gets half of that, ten times its limit): her direction never fills, so the link does
+  // not pause. Bounded by a deadline far above the 3-4 s this takes on an idle machine.
+  double committed_after = committed_before;
+  const auto until = std::chrono::steady_clock::now() + 60s;
+  while (committed_after - committed_before <= 20 * kCap &&
+         std::chrono::steady_clock::now() < until) {
+    for (int i = 0; i < 20; ++i) {
+      auto r = alice.get("/api/v1/keys/bob/enc_keys?number=50");
+      ASSERT_TRUE(r.ok()) << r.error().message;
+      ASSERT_TRUE(r->status == 200 || r->status == 503) << r->status << " " << r->body;
+      if (r->status == 503) {
+        std::this_thread::sleep_for(20ms);
+      }
     }
+    committed_after = at(scrape(alice), committed);
   }
-  const double committed_after = at(scrape(alice), committed);
   EXPECT_GT(committed_after - committed_before, 20 * kCap) << "the link did not run";
   // Once alice's direction refills, the link pauses; within a trim period or two both ends
   // hold bob's direction at the limit, and agree on it.
