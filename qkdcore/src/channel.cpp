@@ -484,6 +484,9 @@ std::size_t AuthChannel::settle(std::span<const std::uint8_t> key) {
   for (Direction* d : {&ab_, &ba_}) {
     const std::size_t need = target > d->pool.size() ? target - d->pool.size() : 0;
     const std::size_t take = std::min(need, key.size() - at);
+    if (take == 0) {
+      continue;  // (memcpy from an empty span's null data() is undefined, even of 0 bytes)
+    }
     const std::size_t old = d->pool.size();
     d->pool.resize(old + take);
     std::memcpy(d->pool.data() + old, key.data() + at, take);
