@@ -554,13 +554,10 @@ MetricsConfig parse_metrics(ObjectReader& top) {
 
 Config parse_or_throw(std::string_view text, const std::filesystem::path& base, bool check_files) {
   json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::parse_error& e) {
-    // Not the parser's "last read: '...'": the text it quotes may be link.psk_hex.
-    std::string what = e.what();
-    what.resize(std::min(what.size(), what.find("; last read:")));
-    fail("(JSON)", what);
+  // A member named twice is an error: the parser would keep the last one without a word.
+  // The parser's message never quotes the text (it may be link.psk_hex).
+  if (auto bad = parse_json_unique(text, j)) {
+    fail(bad->repeated ? bad->path : "(JSON)", bad->message);
   }
   ObjectReader top(j, "");
   Config c;

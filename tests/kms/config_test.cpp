@@ -132,6 +132,40 @@ TEST(Config, AJsonErrorDoesNotQuoteTheText) {
   EXPECT_EQ(r.error().message.find("aaaa"), std::string::npos) << r.error().message;
 }
 
+// A member named twice in one object is an error naming the file and the member's path:
+// the JSON parser keeps the last one silently, so a second kme_id, store or psk_hex further
+// down would override the first without a word.
+TEST(Config, RepeatedMembersAreRefused) {
+  const std::string text = valid_alice().dump();
+  auto with = [&](const std::string& at, const std::string& member) {
+    std::string t = text;
+    const auto pos = t.find(at);
+    EXPECT_NE(pos, std::string::npos) << at;
+    t.insert(pos + at.size(), member + ",");
+    return qkd::kms::parse_config(t, "test.json", "/etc/qkd", false);
+  };
+  struct Case {
+    std::string at, member, message;
+  };
+  const std::vector<Case> cases = {
+      {"{", R"("kme_id":"b-kme")", "test.json: kme_id: appears twice"},
+      {R"("link":{)", R"("psk_hex":")" + std::string(64, '1') + "\"",
+       "test.json: link.psk_hex: appears twice"},
+      {R"("protocol":{)", R"("qber_abort":0.2)",
+       "test.json: link.protocol.qber_abort: appears twice"},
+      {"{", R"("store":{"path":"a.db"},"store":{"path":"b.db"})",
+       "test.json: store: appears twice"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.member);
+    auto r = with(c.at, c.member);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().message, c.message);
+  }
+  // The same name in different objects is fine (api.listen, link.listen).
+  EXPECT_TRUE(parse(valid_alice()).ok());
+}
+
 // link.psk_file holds the link's long-term secret: owner-only, as the node key file.
 TEST(Config, PskFileMustBeOwnerOnly) {
   const auto dir = std::filesystem::temp_directory_path() /

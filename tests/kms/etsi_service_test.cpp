@@ -1,4 +1,5 @@
 // ETSI 014 handlers as pure functions over an in-memory store (no network).
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
 
@@ -165,6 +166,46 @@ TEST_F(EtsiServiceTest, EncKeysErrors) {
   EXPECT_EQ(big.status, 503u);
   EXPECT_NE(message(big).find("not enough key"), std::string::npos);
   EXPECT_TRUE(notices.empty());
+}
+
+// A body naming a member twice is refused, naming the member: the JSON parser would keep
+// the last one silently, while a proxy or a log reading the first would see another
+// request than the one served.
+TEST_F(EtsiServiceTest, RepeatedBodyMembersAre400) {
+  const std::string enc = "/api/v1/keys/bob/enc_keys";
+  const std::string dec = "/api/v1/keys/alice/dec_keys";
+  ApiResponse number = at_alice("alice", "POST", enc, R"({"number": 2, "number": 1})");
+  EXPECT_EQ(number.status, 400u) << number.body;
+  EXPECT_NE(message(number).find("\"number\" appears twice"), std::string::npos) << number.body;
+  ApiResponse ext =
+      at_alice("alice", "POST", enc, R"({"size": 64, "extension_optional": [{"x": 1, "x": 2}]})");
+  EXPECT_EQ(ext.status, 400u) << ext.body;
+  EXPECT_NE(message(ext).find("\"extension_optional[0].x\" appears twice"), std::string::npos)
+      << ext.body;
+  EXPECT_TRUE(notices.empty());  // nothing was allocated
+
+  ApiResponse enc_ok = at_alice("alice", "POST", enc, R"({"number": 2})");
+  ASSERT_EQ(enc_ok.status, 200u) << enc_ok.body;
+  forward_notices();
+  const json keys = json::parse(enc_ok.body)["keys"];
+  const std::string a = keys[0]["key_ID"], b = keys[1]["key_ID"];
+  ApiResponse lists = at_bob("bob", "POST", dec,
+                             fmt::format(R"({{"key_IDs": [{{"key_ID": "{}"}}], )"
+                                         R"("key_IDs": [{{"key_ID": "{}"}}]}})",
+                                         a, b));
+  EXPECT_EQ(lists.status, 400u) << lists.body;
+  EXPECT_NE(message(lists).find("\"key_IDs\" appears twice"), std::string::npos) << lists.body;
+  ApiResponse entry = at_bob("bob", "POST", dec,
+                             fmt::format(R"({{"key_IDs": [{{"key_ID": "{}"}}, )"
+                                         R"({{"key_ID": "{}", "key_ID": "{}"}}]}})",
+                                         a, a, b));
+  EXPECT_EQ(entry.status, 400u) << entry.body;
+  EXPECT_NE(message(entry).find("\"key_IDs[1].key_ID\" appears twice"), std::string::npos)
+      << entry.body;
+  // Neither refusal consumed a key: both are still delivered, once.
+  ApiResponse got =
+      at_bob("bob", "POST", dec, json{{"key_IDs", {{{"key_ID", a}}, {{"key_ID", b}}}}}.dump());
+  EXPECT_EQ(got.status, 200u) << got.body;
 }
 
 TEST_F(EtsiServiceTest, DecKeysAuthorizationAndOneUse) {

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
 #include <set>
 
 namespace {
@@ -57,6 +58,35 @@ TEST(Hex, Decode) {
   EXPECT_EQ((*b)[2], 0xa0);
   EXPECT_FALSE(qkd::kms::hex_decode("abc").has_value());
   EXPECT_FALSE(qkd::kms::hex_decode("zz").has_value());
+}
+
+// JSON with each member named once per object: a repeated one is refused with its path,
+// wherever it is; the same name in different objects is fine.
+TEST(ParseJsonUnique, RefusesARepeatedMemberNamingItsPath) {
+  nlohmann::json j;
+  EXPECT_FALSE(qkd::kms::parse_json_unique(R"({"a": {"b": 1}, "c": [{"b": 2}], "b": 3})", j));
+  EXPECT_EQ(j.at("c").at(0).at("b"), 2);
+  struct Case {
+    const char* text;
+    const char* path;
+  };
+  for (const Case& c :
+       {Case{R"({"a": 1, "a": 2})", "a"}, Case{R"({"x": {"y": [], "y": {}}})", "x.y"},
+        Case{R"([0, {"k": 1}, [{"k": 1, "k": 1}]])", "[2][0].k"},
+        Case{R"({"l": [1, 2, {"m": {"": 1, "": 2}}]})", "l[2].m."},
+        Case{R"({"l": [[], {"n": 1}], "l": 2})", "l"}}) {
+    SCOPED_TRACE(c.text);
+    const auto e = qkd::kms::parse_json_unique(c.text, j);
+    ASSERT_TRUE(e);
+    EXPECT_TRUE(e->repeated);
+    EXPECT_EQ(e->path, c.path);
+  }
+  // Not JSON: the parser's position, never the text it stopped in.
+  const auto bad = qkd::kms::parse_json_unique(R"({"secret": "abcdef)", j);
+  ASSERT_TRUE(bad);
+  EXPECT_FALSE(bad->repeated);
+  EXPECT_NE(bad->message.find("line 1"), std::string::npos) << bad->message;
+  EXPECT_EQ(bad->message.find("abcdef"), std::string::npos) << bad->message;
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 
 #include <charconv>
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <span>
 #include <string>
@@ -44,6 +45,23 @@ template <typename T>
   }
   return v;
 }
+
+// Why parse_json_unique refused a text.
+struct JsonTextError {
+  // An object names the member at `path` twice ("kme_id", "link.psk_hex",
+  // "key_IDs[1].key_ID"); otherwise the text is not JSON and `message` says where.
+  bool repeated = false;
+  std::string path;
+  // The parser's message: the position, never the text it stopped in (a secret, perhaps).
+  std::string message;
+};
+
+// Parses `text` into `out` as nlohmann::json::parse does, except that an object naming a
+// member twice is refused: nlohmann keeps the last one silently, so a file or a request
+// read by someone else (a reviewer, a proxy) taking the first one would mean another thing
+// than what runs. Stops at the first repeated member. nullopt when parsed.
+[[nodiscard]] std::optional<JsonTextError> parse_json_unique(std::string_view text,
+                                                             nlohmann::json& out);
 
 // Text from a peer or a file, for a log line or an error message: at most 64 characters,
 // anything but printable ASCII as '?' (no control characters reach the log).
