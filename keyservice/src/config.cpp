@@ -53,6 +53,27 @@ std::string join(const std::string& prefix, const std::string& key) {
   return prefix.empty() ? key : prefix + "." + key;
 }
 
+// A KME or SAE ID: matched against certificate CNs (at most 64 bytes, X.509's upper bound)
+// and written into every log line (no control characters, which could split or forge
+// one). The JSON parser has refused ill-formed UTF-8 already (RFC 3629: no overlong form,
+// surrogate or code point past U+10FFFF). Spaces, quotes and backslashes are fine ("bob 3").
+void check_id(const std::string& field, std::string_view id) {
+  constexpr std::size_t kMaxIdBytes = 64;
+  if (id.empty()) {
+    fail(field, "must not be empty");
+  }
+  if (id.size() > kMaxIdBytes) {
+    fail(field, fmt::format("is {} bytes, more than {} (the longest certificate CN)", id.size(),
+                            kMaxIdBytes));
+  }
+  for (std::size_t i = 0; i < id.size(); ++i) {
+    const auto c = static_cast<unsigned char>(id[i]);
+    if (c < 0x20 || c == 0x7f) {
+      fail(field, fmt::format("holds a control character (0x{:02x}) at byte {}", c, i));
+    }
+  }
+}
+
 // Reads one JSON object, remembering which keys were read, and rejects the others.
 class ObjectReader {
  public:
@@ -120,17 +141,30 @@ class ObjectReader {
     return v.get<bool>();
   }
 
-  std::vector<std::string> string_list(const std::string& key) {
+  // A KME or SAE ID (check_id).
+  std::string id(const std::string& key) {
+    const json& v = get(key);
+    if (!v.is_string()) {
+      fail(field(key), "expected a string");
+    }
+    auto s = v.get<std::string>();
+    check_id(field(key), s);
+    return s;
+  }
+
+  // A non-empty list of distinct IDs; an error names the entry ("saes[2]").
+  std::vector<std::string> id_list(const std::string& key) {
     const json& v = get(key);
     if (!v.is_array() || v.empty()) {
       fail(field(key), "expected a non-empty array of strings");
     }
     std::vector<std::string> out;
     for (std::size_t i = 0; i < v.size(); ++i) {
-      if (!v[i].is_string() || v[i].get<std::string>().empty()) {
-        fail(fmt::format("{}[{}]", field(key), i), "expected a non-empty string");
+      if (!v[i].is_string()) {
+        fail(fmt::format("{}[{}]", field(key), i), "expected a string");
       }
       auto s = v[i].get<std::string>();
+      check_id(fmt::format("{}[{}]", field(key), i), s);
       if (std::find(out.begin(), out.end(), s) != out.end()) {
         fail(fmt::format("{}[{}]", field(key), i), fmt::format("duplicate \"{}\"", s));
       }
@@ -394,8 +428,8 @@ qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
 LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool check_files) {
   ObjectReader r(top.get("link"), "link");
   LinkConfig l;
-  l.peer_kme_id = r.string("peer_kme_id");
-  l.peer_saes = r.string_list("peer_saes");
+  l.peer_kme_id = r.id("peer_kme_id");
+  l.peer_saes = r.id_list("peer_saes");
   const std::string role = r.string("role");
   if (role == "alice") {
     l.role = LinkRole::kAlice;
@@ -561,7 +595,7 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
   }
   ObjectReader top(j, "");
   Config c;
-  c.kme_id = top.string("kme_id");
+  c.kme_id = top.id("kme_id");
   {
     ObjectReader a(top.get("api"), "api");
     c.api.listen = parse_host_port(a.field("listen"), a.string("listen"));
@@ -578,7 +612,7 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
     }
     a.finish();
   }
-  c.saes = top.string_list("saes");
+  c.saes = top.id_list("saes");
   c.keys = parse_keys(top);
   c.link = parse_link(top, base, check_files);
   if (top.has("store")) {

@@ -1,6 +1,7 @@
 // Config parsing: valid files parse; each kind of error names the file and the field.
 #include "qkd/kms/config.hpp"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -164,6 +165,85 @@ TEST(Config, RepeatedMembersAreRefused) {
   }
   // The same name in different objects is fine (api.listen, link.listen).
   EXPECT_TRUE(parse(valid_alice()).ok());
+}
+
+// KME and SAE IDs are matched against certificate CNs and written into every log line:
+// 1 to 64 bytes (the longest X.509 CN) of UTF-8 without control characters. Spaces, quotes
+// and backslashes are fine.
+TEST(Config, IdsAreOneTo64BytesOfUtf8WithoutControlCharacters) {
+  const std::string e_acute = "\xc3\xa9";
+  std::string longest;
+  for (int i = 0; i < 32; ++i) {
+    longest += e_acute;  // 64 bytes, 32 characters
+  }
+  {
+    json j = valid_alice();
+    j["kme_id"] = longest;
+    j["saes"] = {"alice", "bob 3", "a\"quote", "back\\slash", std::string(64, 'x')};
+    j["link"]["peer_kme_id"] = "bob kme";
+    j["link"]["peer_saes"] = {"bob", "caf" + e_acute};
+    auto r = parse(j);
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    EXPECT_EQ(r->kme_id, longest);
+    EXPECT_EQ(r->saes[1], "bob 3");
+  }
+  struct Case {
+    std::string text;
+    std::string words;
+  };
+  const std::vector<Case> bad = {
+      {"", "empty"},
+      {std::string(65, 'x'), "65 bytes"},
+      {longest + "x", "65 bytes"},
+      {"alice\nkme", "control character"},
+      {"alice\tkme", "control character"},
+      {std::string("alice\0kme", 9), "control character"},
+      {"alice\x7f", "control character"},
+  };
+  // The value goes into the text where "@" was, control characters as JSON escapes.
+  auto with = [](const json& j, const std::string& value) {
+    std::string text = j.dump();
+    std::string escaped;
+    for (char ch : value) {
+      const auto u = static_cast<unsigned char>(ch);
+      escaped += u < 0x20 ? fmt::format("\\u{:04x}", u) : std::string(1, ch);
+    }
+    text.replace(text.find("\"@\""), 3, "\"" + escaped + "\"");
+    return qkd::kms::parse_config(text, "test.json", "/etc/qkd", false);
+  };
+  std::vector<std::pair<std::string, json>> places;
+  {
+    json j = valid_alice();
+    j["kme_id"] = "@";
+    places.emplace_back("kme_id", j);
+    j = valid_alice();
+    j["link"]["peer_kme_id"] = "@";
+    places.emplace_back("link.peer_kme_id", j);
+    j = valid_alice();
+    j["saes"] = {"alice", "carol", "@"};
+    places.emplace_back("saes[2]", j);
+    j = valid_alice();
+    j["link"]["peer_saes"] = {"@"};
+    places.emplace_back("link.peer_saes[0]", j);
+  }
+  for (const auto& [field, j] : places) {
+    for (const auto& c : bad) {
+      SCOPED_TRACE(field + ": " + c.words);
+      auto r = with(j, c.text);
+      ASSERT_FALSE(r.ok());
+      const std::string& m = r.error().message;
+      EXPECT_EQ(m.rfind("test.json: " + field + ": ", 0), 0u) << m;
+      EXPECT_NE(m.find(c.words), std::string::npos) << m;
+      EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+    }
+    // Ill-formed UTF-8 (a bad byte, a UTF-16 surrogate, an overlong '/') is refused by the
+    // JSON parser already, with its position.
+    for (const std::string text : {"\xc3(", "\xff", "\xed\xa0\x80", "\xc0\xaf"}) {
+      auto r = with(j, text);
+      ASSERT_FALSE(r.ok()) << field;
+      EXPECT_NE(r.error().message.find("UTF-8"), std::string::npos) << r.error().message;
+    }
+  }
 }
 
 // link.psk_file holds the link's long-term secret: owner-only, as the node key file.
