@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/asio/ip/address.hpp>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
@@ -223,6 +224,20 @@ HostPort parse_host_port(const std::string& field, const std::string& s) {
     fail(field, "port must be a number from 0 to 65535");
   }
   return HostPort{host, static_cast<std::uint16_t>(port)};
+}
+
+// A listen address: the listener binds an IP address as given (asio::ip::make_address,
+// https_server.cpp), it does not resolve a name.
+HostPort parse_listen(const std::string& field, const std::string& s) {
+  HostPort hp = parse_host_port(field, s);
+  boost::system::error_code ec;
+  (void)boost::asio::ip::make_address(hp.host, ec);
+  if (ec) {
+    fail(field, fmt::format("\"{}\" is not an IP address: a listener needs an IPv4 or IPv6 "
+                            "address (e.g. 127.0.0.1, 0.0.0.0, [::1]), not a name",
+                            hp.host));
+  }
+  return hp;
 }
 
 std::filesystem::path resolve(const std::filesystem::path& base, const std::string& p) {
@@ -444,7 +459,7 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
     if (has_connect) {
       fail(r.field("connect"), "not allowed with role \"alice\" (use link.listen)");
     }
-    l.listen = parse_host_port(r.field("listen"), r.string("listen"));
+    l.listen = parse_listen(r.field("listen"), r.string("listen"));
   } else {
     if (has_listen) {
       fail(r.field("listen"), "not allowed with role \"bob\" (use link.connect)");
@@ -598,7 +613,7 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
   c.kme_id = top.id("kme_id");
   {
     ObjectReader a(top.get("api"), "api");
-    c.api.listen = parse_host_port(a.field("listen"), a.string("listen"));
+    c.api.listen = parse_listen(a.field("listen"), a.string("listen"));
     c.api.cert = resolve(base, a.string("cert"));
     c.api.key = resolve(base, a.string("key"));
     c.api.ca = resolve(base, a.string("ca"));

@@ -246,6 +246,29 @@ TEST(Config, IdsAreOneTo64BytesOfUtf8WithoutControlCharacters) {
   }
 }
 
+// A listener binds an IP address (the daemon does not resolve names: "localhost" passed
+// --check-config and then failed at start). link.connect still takes a name.
+TEST(Config, ListenHostMustBeAnIpAddress) {
+  for (const char* field : {"api", "link"}) {
+    SCOPED_TRACE(field);
+    for (const char* ok : {"127.0.0.1:0", "0.0.0.0:8443", "[::1]:0", "[::]:9443"}) {
+      json j = valid_alice();
+      j[field]["listen"] = ok;
+      auto r = parse(j);
+      EXPECT_TRUE(r.ok()) << ok << ": " << r.error().message;
+    }
+    for (const char* bad : {"localhost:0", "kme.example:8443", "[localhost]:0", "[]:0",
+                            "127.0.0.256:0"}) {
+      json j = valid_alice();
+      j[field]["listen"] = bad;
+      expect_error(j, std::string(field) + ".listen", "IP address");
+    }
+  }
+  auto r = parse(valid_alice());
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->api.listen.host, "127.0.0.1");
+}
+
 // link.psk_file holds the link's long-term secret: owner-only, as the node key file.
 TEST(Config, PskFileMustBeOwnerOnly) {
   const auto dir = std::filesystem::temp_directory_path() /
