@@ -624,6 +624,10 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
       if (auto bad = check_tls_files(c.api)) {
         fail(bad->field, bad->message);
       }
+      // ... whose CN is kme_id and which verifies against api.ca
+      if (auto bad = check_kme_certificate(c.api, c.kme_id)) {
+        fail(bad->field, bad->message);
+      }
     }
     a.finish();
   }

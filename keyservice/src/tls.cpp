@@ -2,10 +2,15 @@
 
 #include <fmt/format.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
 
 #include <filesystem>
+#include <memory>
 #include <utility>
+
+#include "qkd/kms/util.hpp"
 
 namespace qkd::kms {
 
@@ -84,15 +89,11 @@ std::optional<TlsFileError> check_tls_files(const ApiConfig& api) {
   return failed;
 }
 
-std::optional<std::string> peer_common_name(SSL* ssl) {
-  if (ssl == nullptr || SSL_get_verify_result(ssl) != X509_V_OK) {
-    return std::nullopt;
-  }
-  std::unique_ptr<X509, decltype(&X509_free)> cert(SSL_get1_peer_certificate(ssl), &X509_free);
-  if (!cert) {
-    return std::nullopt;
-  }
-  X509_NAME* name = X509_get_subject_name(cert.get());
+namespace {
+
+// The subject's single CN, as UTF-8; nullopt if it has none, several, or one holding NUL.
+std::optional<std::string> common_name(X509* cert) {
+  X509_NAME* name = X509_get_subject_name(cert);
   const int idx = X509_NAME_get_index_by_NID(name, NID_commonName, -1);
   if (idx < 0 || X509_NAME_get_index_by_NID(name, NID_commonName, idx) >= 0) {
     return std::nullopt;  // no CN, or more than one
@@ -109,6 +110,77 @@ std::optional<std::string> peer_common_name(SSL* ssl) {
     return std::nullopt;
   }
   return cn;
+}
+
+struct X509Free {
+  void operator()(X509* x) const { X509_free(x); }
+};
+using X509Ptr = std::unique_ptr<X509, X509Free>;
+
+}  // namespace
+
+std::optional<std::string> peer_common_name(SSL* ssl) {
+  if (ssl == nullptr || SSL_get_verify_result(ssl) != X509_V_OK) {
+    return std::nullopt;
+  }
+  X509Ptr cert(SSL_get1_peer_certificate(ssl));
+  if (!cert) {
+    return std::nullopt;
+  }
+  return common_name(cert.get());
+}
+
+std::optional<TlsFileError> check_kme_certificate(const ApiConfig& api, std::string_view kme_id) {
+  const std::string cert_file = api.cert.string();
+  const std::string ca_file = api.ca.string();
+  // The certificate and the chain sent with it (use_certificate_chain_file: the rest of
+  // the file), as the peer receives them.
+  std::unique_ptr<BIO, decltype(&BIO_free)> in(BIO_new_file(cert_file.c_str(), "r"), &BIO_free);
+  X509Ptr leaf(in ? PEM_read_bio_X509(in.get(), nullptr, nullptr, nullptr) : nullptr);
+  if (!leaf) {
+    ERR_clear_error();
+    return TlsFileError{"api.cert", fmt::format("cannot read a certificate from {}", cert_file)};
+  }
+  std::unique_ptr<STACK_OF(X509), void (*)(STACK_OF(X509)*)> chain(
+      sk_X509_new_null(), [](STACK_OF(X509) * s) { sk_X509_pop_free(s, X509_free); });
+  while (X509* extra = PEM_read_bio_X509(in.get(), nullptr, nullptr, nullptr)) {
+    if (!chain || sk_X509_push(chain.get(), extra) <= 0) {
+      X509_free(extra);
+      return TlsFileError{"(TLS)", "out of memory"};
+    }
+  }
+  ERR_clear_error();  // the end of the file
+
+  const auto cn = common_name(leaf.get());
+  if (!cn) {
+    return TlsFileError{"api.cert",
+                        fmt::format("{} has no single subject CN, and kme_id \"{}\" must be it",
+                                    cert_file, kme_id)};
+  }
+  if (*cn != kme_id) {
+    return TlsFileError{
+        "api.cert", fmt::format("the CN of {} is \"{}\", not kme_id \"{}\": the peer KME checks it "
+                                "against its link.peer_kme_id, and SAEs take the KME's ID from it",
+                                cert_file, printable(*cn), kme_id)};
+  }
+
+  // Verified as the peer KME verifies it: against a CA (its api.ca, the same PKI as ours).
+  std::unique_ptr<X509_STORE, decltype(&X509_STORE_free)> store(X509_STORE_new(), &X509_STORE_free);
+  std::unique_ptr<X509_STORE_CTX, decltype(&X509_STORE_CTX_free)> ctx(X509_STORE_CTX_new(),
+                                                                      &X509_STORE_CTX_free);
+  if (!store || !ctx || X509_STORE_load_file(store.get(), ca_file.c_str()) != 1 ||
+      X509_STORE_CTX_init(ctx.get(), store.get(), leaf.get(), chain.get()) != 1) {
+    ERR_clear_error();
+    return TlsFileError{"api.ca", fmt::format("cannot use {} as a trust anchor", ca_file)};
+  }
+  if (X509_verify_cert(ctx.get()) != 1) {
+    const int err = X509_STORE_CTX_get_error(ctx.get());
+    ERR_clear_error();
+    return TlsFileError{
+        "api.cert", fmt::format("{} does not verify against api.ca ({}): {}", cert_file, ca_file,
+                                X509_verify_cert_error_string(err))};
+  }
+  return std::nullopt;
 }
 
 }  // namespace qkd::kms

@@ -3,14 +3,16 @@
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <tuple>
 #include <vector>
-#include <nlohmann/json.hpp>
+
+#include "qkd/test/unit_pki.hpp"
 
 namespace {
 
@@ -267,6 +269,68 @@ TEST(Config, ListenHostMustBeAnIpAddress) {
   auto r = parse(valid_alice());
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->api.listen.host, "127.0.0.1");
+}
+
+// valid_alice() with the files of `kme` in the unit test PKI (CN = the file's name),
+// parsed with the files checked as the KME will use them.
+json with_unit_pki(json j, const std::string& kme) {
+  const auto& d = qkd::test::unit_pki_dir();
+  j["api"]["cert"] = (d / (kme + ".crt")).string();
+  j["api"]["key"] = (d / (kme + ".key")).string();
+  j["api"]["ca"] = (d / "ca.crt").string();
+  return j;
+}
+qkd::core::Result<Config> parse_checked(const json& j) {
+  return qkd::kms::parse_config(j.dump(), "test.json", "/etc/qkd", /*check_files=*/true);
+}
+
+// The peer KME checks our certificate's CN against its link.peer_kme_id, and an SAE takes
+// the KME's ID from it (ETSI GS QKD 014): a certificate of another CN is a config error,
+// not a link that never comes up.
+TEST(Config, ApiCertCnMustBeKmeId) {
+  auto ok = parse_checked(with_unit_pki(valid_alice(), "alice-kme"));
+  ASSERT_TRUE(ok.ok()) << ok.error().message;
+  for (const char* other : {"bob-kme", "mallory"}) {
+    SCOPED_TRACE(other);
+    json j = with_unit_pki(valid_alice(), other);  // kme_id is still alice-kme
+    auto r = parse_checked(j);
+    ASSERT_FALSE(r.ok());
+    const std::string& m = r.error().message;
+    EXPECT_EQ(m.rfind("test.json: api.cert: ", 0), 0u) << m;
+    EXPECT_NE(m.find(std::string("is \"") + other + "\", not kme_id \"alice-kme\""),
+              std::string::npos)
+        << m;
+  }
+}
+
+// api.cert must verify against api.ca, the trust anchor the peer KME uses for it (the
+// same PKI, as the peer's certificate is verified against ours).
+TEST(Config, ApiCertMustVerifyAgainstApiCa) {
+  const auto other = std::filesystem::temp_directory_path() /
+                     ("qkd-config-other-pki-" + std::to_string(::getpid()));
+  ASSERT_EQ(std::system(("bash '" + std::string(QKD_TEST_SOURCE_DIR) + "/examples/pki.sh' '" +
+                         other.string() + "' alice-kme >/dev/null 2>&1")
+                            .c_str()),
+            0);
+  json j = with_unit_pki(valid_alice(), "alice-kme");
+  j["api"]["ca"] = (other / "ca.crt").string();  // another CA than the one that signed it
+  auto r = parse_checked(j);
+  ASSERT_FALSE(r.ok());
+  std::string m = r.error().message;
+  EXPECT_EQ(m.rfind("test.json: api.cert: ", 0), 0u) << m;
+  EXPECT_NE(m.find("does not verify against api.ca"), std::string::npos) << m;
+  EXPECT_NE(m.find((other / "ca.crt").string()), std::string::npos) << m;
+  j["api"]["cert"] = (other / "alice-kme.crt").string();  // and the other way round
+  j["api"]["key"] = (other / "alice-kme.key").string();
+  j["api"]["ca"] = (qkd::test::unit_pki_dir() / "ca.crt").string();
+  r = parse_checked(j);
+  ASSERT_FALSE(r.ok());
+  m = r.error().message;
+  EXPECT_NE(m.find("api.cert: "), std::string::npos) << m;
+  EXPECT_NE(m.find("does not verify against api.ca"), std::string::npos) << m;
+  j["api"]["ca"] = (other / "ca.crt").string();
+  EXPECT_TRUE(parse_checked(j).ok());
+  std::filesystem::remove_all(other);
 }
 
 // link.psk_file holds the link's long-term secret: owner-only, as the node key file.

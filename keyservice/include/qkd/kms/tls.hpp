@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "qkd/core/result.hpp"
 #include "qkd/kms/config.hpp"
@@ -33,6 +34,14 @@ struct TlsFileError {
   std::string message;
 };
 [[nodiscard]] std::optional<TlsFileError> check_tls_files(const ApiConfig& api);
+
+// What the peer KME and the SAEs check of this KME's certificate (`api.cert`, the first in
+// its file): its subject CN is `kme_id` (the peer compares it with its link.peer_kme_id;
+// an SAE takes the KME's ID from it, ETSI GS QKD 014), and it verifies against `api.ca`
+// (with the chain that follows it in the file) as the only trust anchor, as the peer KME
+// verifies it against its own. The field and the message of the first failure, or nullopt.
+[[nodiscard]] std::optional<TlsFileError> check_kme_certificate(const ApiConfig& api,
+                                                                std::string_view kme_id);
 
 // The subject CN of the verified peer certificate, or nullopt if there is none (or it has
 // no single CN).
