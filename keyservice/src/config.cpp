@@ -255,6 +255,23 @@ void check_readable(const std::string& field, const std::filesystem::path& p, bo
   }
 }
 
+// The folder of the store's database must let this user create files in it (the database,
+// SQLite's -wal and -shm): checked with access(2), the store itself is not opened.
+void check_store_folder(const std::string& field, const std::filesystem::path& db) {
+  const std::filesystem::path dir = db.has_parent_path() ? db.parent_path() : ".";
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    fail(field, fmt::format("folder {}: {}", dir.string(), std::strerror(errno)));
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    fail(field, fmt::format("folder {}: {}", dir.string(), std::strerror(ENOTDIR)));
+  }
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+    fail(field, fmt::format("folder {}: {} (the KME creates {} and its -wal and -shm files there)",
+                            dir.string(), std::strerror(errno), db.filename().string()));
+  }
+}
+
 qkd::core::SecureBytes parse_psk_hex(const std::string& field, std::string_view hex) {
   auto bytes = hex_decode(hex);
   if (!bytes) {
@@ -640,6 +657,7 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
     c.store.path = resolve(base, r.string("path"));
     c.store.node_key_file = resolve(base, r.string("node_key_file"));
     if (check_files) {
+      check_store_folder(r.field("path"), c.store.path);
       if (auto k = read_node_key_file(c.store.node_key_file.string()); !k.ok()) {
         fail(r.field("node_key_file"), k.error().message);
       }

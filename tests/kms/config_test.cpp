@@ -333,6 +333,52 @@ TEST(Config, ApiCertMustVerifyAgainstApiCa) {
   std::filesystem::remove_all(other);
 }
 
+// store.path's folder must exist and let the KME create files in it (the database, its
+// -wal and -shm): --check-config says so with the system's reason, without opening (or
+// creating) the store.
+TEST(Config, StoreFolderMustBeAWritableFolder) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("qkd-config-store-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir / "db");
+  const auto node_key = dir / "node.key";
+  std::ofstream(node_key) << std::string(64, 'c') << "\n";
+  std::filesystem::permissions(
+      node_key, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  std::ofstream(dir / "file") << "x";
+  json j = with_unit_pki(valid_alice(), "alice-kme");
+  auto with_store = [&](const std::filesystem::path& path) {
+    j["store"] = {{"path", path.string()}, {"node_key_file", node_key.string()}};
+    return parse_checked(j);
+  };
+  auto ok = with_store(dir / "db" / "kme.db");
+  ASSERT_TRUE(ok.ok()) << ok.error().message;
+  EXPECT_FALSE(std::filesystem::exists(dir / "db" / "kme.db")) << "the check created the store";
+
+  struct Case {
+    std::filesystem::path path;
+    std::string words;
+  };
+  for (const Case& c : {Case{dir / "missing" / "kme.db", "No such file or directory"},
+                        Case{dir / "file" / "kme.db", "Not a directory"}}) {
+    auto r = with_store(c.path);
+    ASSERT_FALSE(r.ok()) << c.path;
+    const std::string& m = r.error().message;
+    EXPECT_EQ(m.rfind("test.json: store.path: ", 0), 0u) << m;
+    EXPECT_NE(m.find(c.path.parent_path().string()), std::string::npos) << m;
+    EXPECT_NE(m.find(c.words), std::string::npos) << m;
+  }
+  if (::geteuid() != 0) {  // root may write anywhere
+    std::filesystem::permissions(
+        dir / "db", std::filesystem::perms::owner_read | std::filesystem::perms::owner_exec);
+    auto r = with_store(dir / "db" / "kme.db");
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.error().message.find("store.path: "), std::string::npos) << r.error().message;
+    EXPECT_NE(r.error().message.find("Permission denied"), std::string::npos) << r.error().message;
+    std::filesystem::permissions(dir / "db", std::filesystem::perms::owner_all);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 // link.psk_file holds the link's long-term secret: owner-only, as the node key file.
 TEST(Config, PskFileMustBeOwnerOnly) {
   const auto dir = std::filesystem::temp_directory_path() /
