@@ -14,11 +14,9 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "qkd/kms/key_store.hpp"
 #include "qkd/kms/tls.hpp"
@@ -245,13 +243,29 @@ std::filesystem::path resolve(const std::filesystem::path& base, const std::stri
   return path.is_absolute() ? path : base / path;
 }
 
+// An open file descriptor, closed however this ends.
+struct Fd {
+  int fd;
+  ~Fd() {
+    if (fd >= 0) {
+      ::close(fd);
+    }
+  }
+};
+
+// A file that can be opened for reading and is not a directory (which opens, but reads as
+// nothing); an error gives the system's reason.
 void check_readable(const std::string& field, const std::filesystem::path& p, bool check) {
   if (!check) {
     return;
   }
-  std::ifstream f(p);
-  if (!f) {
-    fail(field, fmt::format("cannot read {}", p.string()));
+  const Fd f{::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)};
+  if (f.fd < 0) {
+    fail(field, fmt::format("cannot read {}: {}", p.string(), std::strerror(errno)));
+  }
+  struct stat st {};
+  if (::fstat(f.fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    fail(field, fmt::format("{} is a directory", p.string()));
   }
 }
 
@@ -500,15 +514,12 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
     constexpr std::size_t kMaxPskFileBytes = 4096;
     // Checked and read through one descriptor (the file checked is the file read), into a
     // buffer cleansed however this ends.
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    const Fd f{::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)};
+    const int fd = f.fd;
     if (fd < 0) {
       fail(r.field("psk_file"), fmt::format("cannot read {}: {}", path.string(),
                                             std::strerror(errno)));
     }
-    struct FdCloser {
-      int fd;
-      ~FdCloser() { ::close(fd); }
-    } closer{fd};
     struct stat st {};
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
       fail(r.field("psk_file"), fmt::format("{} is not a readable regular file", path.string()));
@@ -724,15 +735,37 @@ Result<Config> parse_config(std::string_view text, std::string_view source_name,
 }
 
 Result<Config> load_config(const std::filesystem::path& file) {
-  std::ifstream f(file, std::ios::binary);
-  if (!f) {
+  auto refused = [&](std::string_view what, int err) {
     return make_error(ErrorCode::kInvalidArgument,
-                      fmt::format("{}: cannot open config file", file.string()));
+                      fmt::format("{}: {}: {}", file.string(), what, std::strerror(err)));
+  };
+  const Fd f{::open(file.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (f.fd < 0) {
+    return refused("cannot open config file", errno);
   }
-  std::stringstream ss;
-  ss << f.rdbuf();
+  // A directory opens, and reads as nothing (or EISDIR): say so, not "a JSON error at line 1".
+  struct stat st {};
+  if (::fstat(f.fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      fmt::format("{}: is a directory, not a config file", file.string()));
+  }
+  std::string text;
+  char buf[8192];
+  for (;;) {
+    const ssize_t n = ::read(f.fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      return refused("cannot read config file", errno);
+    }
+    if (n == 0) {
+      break;
+    }
+    text.append(buf, static_cast<std::size_t>(n));
+  }
   const auto base = file.has_parent_path() ? file.parent_path() : std::filesystem::path(".");
-  return parse_config(ss.str(), file.string(), base, true);
+  return parse_config(text, file.string(), base, true);
 }
 
 }  // namespace qkd::kms

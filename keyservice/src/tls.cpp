@@ -20,6 +20,31 @@ using qkd::core::make_error;
 
 namespace {
 
+// Whether `file` holds a PEM block of the kind a field needs at all: a certificate
+// (api.cert, api.ca) or a private key (api.key, any of "PRIVATE KEY", "EC PRIVATE KEY",
+// "ENCRYPTED PRIVATE KEY" ...). Asked only once OpenSSL has refused the file, to say "not a
+// PEM certificate" rather than its "no start line", "unsupported" or "no certificate or crl
+// found".
+bool holds_pem_block(const std::string& file, bool private_key) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> in(BIO_new_file(file.c_str(), "r"), &BIO_free);
+  bool found = false;
+  char* name = nullptr;
+  char* header = nullptr;
+  unsigned char* data = nullptr;
+  long len = 0;
+  while (in && !found && PEM_read_bio(in.get(), &name, &header, &data, &len) == 1) {
+    const std::string_view n(name);
+    found = private_key
+                ? n.ends_with("PRIVATE KEY")
+                : (n == "CERTIFICATE" || n == "TRUSTED CERTIFICATE" || n == "X509 CERTIFICATE");
+    OPENSSL_free(name);
+    OPENSSL_free(header);
+    OPENSSL_clear_free(data, static_cast<std::size_t>(len));
+  }
+  ERR_clear_error();  // the end of the file
+  return found;
+}
+
 // Builds the context; on failure sets `failed` to the field whose file could not be used.
 std::shared_ptr<asio::ssl::context> build(const ApiConfig& api, TlsRole role,
                                           std::optional<TlsFileError>& failed) {
@@ -50,7 +75,14 @@ std::shared_ptr<asio::ssl::context> build(const ApiConfig& api, TlsRole role,
       ctx->load_verify_file(f, ec);
     }
     if (ec) {
-      failed = TlsFileError{field, fmt::format("cannot use {}: {}", f, ec.message())};
+      const bool key = file == &api.key;
+      if (!holds_pem_block(f, key)) {
+        failed =
+            TlsFileError{field, fmt::format("{} is not a PEM {} (OpenSSL: {})", f,
+                                            key ? "private key" : "certificate", ec.message())};
+      } else {
+        failed = TlsFileError{field, fmt::format("cannot use {}: {}", f, ec.message())};
+      }
       return nullptr;
     }
   }

@@ -379,6 +379,66 @@ TEST(Config, StoreFolderMustBeAWritableFolder) {
   std::filesystem::remove_all(dir);
 }
 
+// A file that cannot be used says why: the system's reason, "is a directory" (which opens
+// but reads as nothing: a JSON error at line 1 for the config file), or what kind of PEM
+// file was expected (not OpenSSL's bare "no start line" or "unsupported").
+TEST(Config, UnusableFilesSayWhy) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("qkd-config-files-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir / "folder");
+  const auto text = dir / "notes.txt";
+  std::ofstream(text) << "not PEM at all\n";
+
+  auto missing = qkd::kms::load_config(dir / "missing.json");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.error().message, (dir / "missing.json").string() +
+                                         ": cannot open config file: No such file or directory");
+  auto folder = qkd::kms::load_config(dir / "folder");
+  ASSERT_FALSE(folder.ok());
+  EXPECT_EQ(folder.error().message,
+            (dir / "folder").string() + ": is a directory, not a config file");
+
+  const auto& pki = qkd::test::unit_pki_dir();
+  struct Case {
+    const char* field;
+    std::filesystem::path file;
+    std::string message;  // after "test.json: "
+  };
+  const std::vector<Case> cases = {
+      {"cert", dir / "missing.crt",
+       "api.cert: cannot read " + (dir / "missing.crt").string() + ": No such file or directory"},
+      {"cert", dir / "folder", "api.cert: " + (dir / "folder").string() + " is a directory"},
+      {"key", dir / "folder", "api.key: " + (dir / "folder").string() + " is a directory"},
+      {"ca", dir / "folder", "api.ca: " + (dir / "folder").string() + " is a directory"},
+      {"cert", text, "api.cert: " + text.string() + " is not a PEM certificate"},
+      {"cert", pki / "alice-kme.key",
+       "api.cert: " + (pki / "alice-kme.key").string() + " is not a PEM certificate"},
+      {"key", text, "api.key: " + text.string() + " is not a PEM private key"},
+      {"key", pki / "alice-kme.crt",
+       "api.key: " + (pki / "alice-kme.crt").string() + " is not a PEM private key"},
+      {"ca", pki / "alice-kme.key",
+       "api.ca: " + (pki / "alice-kme.key").string() + " is not a PEM certificate"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.message);
+    json j = with_unit_pki(valid_alice(), "alice-kme");
+    j["api"][c.field] = c.file.string();
+    auto r = parse_checked(j);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().message.rfind("test.json: " + c.message, 0), 0u) << r.error().message;
+  }
+  if (::geteuid() != 0) {  // root reads anything
+    std::filesystem::permissions(text, std::filesystem::perms::none);
+    json j = with_unit_pki(valid_alice(), "alice-kme");
+    j["api"]["ca"] = text.string();
+    auto r = parse_checked(j);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().message,
+              "test.json: api.ca: cannot read " + text.string() + ": Permission denied");
+  }
+  std::filesystem::remove_all(dir);
+}
+
 // link.psk_file holds the link's long-term secret: owner-only, as the node key file.
 TEST(Config, PskFileMustBeOwnerOnly) {
   const auto dir = std::filesystem::temp_directory_path() /
