@@ -48,6 +48,21 @@ struct ConfigError {
   throw ConfigError{field, std::move(what)};
 }
 
+// A rule of qkdcore's validate(), whose message starts with the field it is about
+// ("epsilon_cor must be in ..."): named in the same form as every other error
+// ("link.protocol.epsilon_cor: must be in ...").
+[[noreturn]] void fail_engine_rule(const std::string& section, const std::string& message) {
+  const auto space = message.find(' ');
+  const std::string_view first = std::string_view(message).substr(0, space);
+  if (space != std::string::npos && !first.empty() &&
+      std::all_of(first.begin(), first.end(), [](char c) {
+        return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
+      })) {
+    fail(section + "." + std::string(first), message.substr(space + 1));
+  }
+  fail(section, message);
+}
+
 std::string join(const std::string& prefix, const std::string& key) {
   return prefix.empty() ? key : prefix + "." + key;
 }
@@ -107,7 +122,9 @@ class ObjectReader {
     return s;
   }
 
-  std::uint64_t unsigned_int(const std::string& key, std::uint64_t lo, std::uint64_t hi) {
+  // `hi_name`: how the documentation writes `hi` ("2^32"), added to the message.
+  std::uint64_t unsigned_int(const std::string& key, std::uint64_t lo, std::uint64_t hi,
+                             std::string_view hi_name = {}) {
     const json& v = get(key);
     if (!v.is_number_integer() ||
         (v.is_number_integer() && !v.is_number_unsigned() && v.get<std::int64_t>() < 0)) {
@@ -115,7 +132,9 @@ class ObjectReader {
     }
     const auto n = v.get<std::uint64_t>();
     if (n < lo || n > hi) {
-      fail(field(key), fmt::format("must be between {} and {}", lo, hi));
+      fail(field(key), hi_name.empty()
+                           ? fmt::format("must be between {} and {}", lo, hi)
+                           : fmt::format("must be between {} and {} ({})", lo, hi, hi_name));
     }
     return n;
   }
@@ -412,7 +431,9 @@ qkd::core::ProtocolParams parse_protocol(ObjectReader& link) {
     return p;
   }
   ObjectReader r(link.get("protocol"), "link.protocol");
-  r.optional_uint("pulses_per_block", p.pulses_per_block, 1000, 10'000'000'000ULL);
+  if (r.has("pulses_per_block")) {  // qkdcore's bounds (validate())
+    p.pulses_per_block = r.unsigned_int("pulses_per_block", 1000, std::uint64_t{1} << 32, "2^32");
+  }
   r.optional_number("sample_fraction", p.sample_fraction, 0.001, 0.9);
   r.optional_number("qber_abort", p.qber_abort, 0.0, 0.5);
   // 0 = the Cascade variant's own number of passes.
@@ -707,10 +728,10 @@ Config parse_or_throw(std::string_view text, const std::filesystem::path& base, 
     }
   }
   if (auto st = qkd::core::validate(c.link.channel); !st.ok()) {
-    fail("link.channel", st.error().message);
+    fail_engine_rule("link.channel", st.error().message);
   }
   if (auto st = qkd::core::validate(c.link.protocol); !st.ok()) {
-    fail("link.protocol", st.error().message);
+    fail_engine_rule("link.protocol", st.error().message);
   }
   if (c.link.peer_kme_id == c.kme_id) {
     fail("link.peer_kme_id", "must differ from kme_id");

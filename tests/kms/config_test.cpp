@@ -786,6 +786,36 @@ TEST(Config, BadProtocolValues) {
   }
 }
 
+// link.protocol.pulses_per_block: the engine's own bounds, 1000 to 2^32 (KMS.md), with one
+// message in one field-path form on both sides of the range (it was "between 1000 and
+// 10000000000" below and "link.protocol: pulses_per_block must be in [1000, 2^32]" above).
+TEST(Config, PulsesPerBlockBoundsAreTheEnginesOwn) {
+  const std::string message =
+      "test.json: link.protocol.pulses_per_block: must be between 1000 and 4294967296 (2^32)";
+  for (const json& bad : {json(10), json(999), json(4'294'967'297ULL), json(10'000'000'000ULL)}) {
+    json j = valid_alice();
+    j["link"]["protocol"]["pulses_per_block"] = bad;
+    auto r = parse(j);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.error().message, message);
+  }
+  for (const std::uint64_t ok : {std::uint64_t{1000}, std::uint64_t{1} << 32}) {
+    json j = valid_alice();
+    j["link"]["protocol"]["pulses_per_block"] = ok;
+    auto r = parse(j);
+    ASSERT_TRUE(r.ok()) << r.error().message;
+    EXPECT_EQ(r->link.protocol.pulses_per_block, ok);
+  }
+  // A rule only the engine's checks know is named in the same form.
+  json j = valid_alice();
+  j["link"]["protocol"]["epsilon_cor"] = 1e-80;  // below 2^-256
+  auto r = parse(j);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().message.rfind("test.json: link.protocol.epsilon_cor: must be in [2^-256", 0),
+            0u)
+      << r.error().message;
+}
+
 // keys.max_age_s (H5): optional, 0 by default (keys never expire), whole seconds up to a
 // year; a bad value names the field.
 TEST(Config, KeyMaxAge) {
