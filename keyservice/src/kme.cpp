@@ -172,6 +172,9 @@ struct Kme::Impl {
   std::condition_variable cv;
   bool stop_requested = false;
   bool stopped = false;
+  // start() was called: only such a KME reports "stopped". One that failed while being made
+  // (Kme::create) says nothing as it goes, so the caller's reason is the first line logged.
+  bool started = false;
 
   std::mutex waits_mu;
   std::vector<std::weak_ptr<DecWait>> waits;  // abandoned at stop if still waiting
@@ -496,6 +499,10 @@ void Kme::Impl::record(const std::string& caller, const RequestInfo& info, bool 
 
 qkd::core::Result<BoundPorts> Kme::start() {
   Impl& im = *impl_;
+  {
+    std::lock_guard lock(im.mu);
+    im.started = true;
+  }
   BoundPorts ports;
   auto api = im.server->listen(im.config.api.listen);
   if (!api.ok()) {
@@ -554,11 +561,13 @@ void Kme::wait() {
 
 void Kme::stop() {
   Impl& im = *impl_;
+  bool started = false;
   {
     std::lock_guard lock(im.mu);
     if (im.stopped) {
       return;
     }
+    started = im.started;
     im.stopped = true;
     im.stop_requested = true;
     im.cv.notify_all();
@@ -624,7 +633,9 @@ void Kme::stop() {
   if (im.store) {
     im.store->drain();
   }
-  spdlog::info("{}: stopped", im.config.kme_id);
+  if (started) {
+    spdlog::info("{}: stopped", im.config.kme_id);
+  }
 }
 
 }  // namespace qkd::kms

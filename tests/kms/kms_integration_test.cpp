@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -19,6 +20,7 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "qkd/test/etsi_helpers.hpp"
 #include "qkd/test/kme_network.hpp"
@@ -748,6 +750,95 @@ TEST(KmsNetworkSpecial, ExpiredKeysAreDiscardedOnBothEnds) {
   ASSERT_TRUE(net->wait_for_keys(4).ok());
   check_flow();
   EXPECT_NE(net->log_tail(net->alice(), 100000).find("established (resume)"), std::string::npos);
+}
+
+// --- the daemon's command line, run by hand (no network) ---
+
+// A fresh folder holding a PKI for alice-kme (examples/pki.sh) and the means to run
+// qkd-kms on a config written there; removed at the end.
+class KmsCommandLine : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string templ = fmt::format("{}/qkd-kms-cli-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    ASSERT_NE(::mkdtemp(templ.data()), nullptr);
+    dir_ = templ;
+    ASSERT_EQ(std::system(fmt::format("bash '{}' '{}' alice-kme >/dev/null 2>&1",
+                                      (qkd::test::source_dir() / "examples" / "pki.sh").string(),
+                                      (dir_ / "pki").string())
+                              .c_str()),
+              0);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  // A valid config of alice-kme, every port 0.
+  [[nodiscard]] static json config() {
+    return json{{"kme_id", "alice-kme"},
+                {"api",
+                 {{"listen", "127.0.0.1:0"},
+                  {"cert", "pki/alice-kme.crt"},
+                  {"key", "pki/alice-kme.key"},
+                  {"ca", "pki/ca.crt"}}},
+                {"saes", {"alice"}},
+                {"link",
+                 {{"peer_kme_id", "bob-kme"},
+                  {"peer_saes", {"bob"}},
+                  {"role", "alice"},
+                  {"listen", "127.0.0.1:0"},
+                  {"psk_hex", std::string(64, 'a')}}}};
+  }
+  // Runs qkd-kms with `args` (the config written as kme.json, if given): exit code, output.
+  std::pair<int, std::string> run(const std::string& args, const std::optional<json>& cfg) {
+    if (cfg) {
+      std::ofstream(dir_ / "kme.json", std::ios::trunc) << cfg->dump(2);
+    }
+    return qkd::test::run_command(fmt::format("'{}' {} 2>&1", qkd::test::kms_binary(), args));
+  }
+  [[nodiscard]] std::string config_arg() const {
+    return fmt::format("--config '{}'", (dir_ / "kme.json").string());
+  }
+
+  std::filesystem::path dir_;
+};
+
+// A KME that cannot start logs the reason first: "stopped" came before it when the KME
+// failed while being made (here: the store file is not a database), which read as a clean
+// stop followed by an unrelated error.
+TEST_F(KmsCommandLine, AStartFailureIsLoggedBeforeStopped) {
+  json cfg = config();
+  cfg["store"] = {{"path", "kme.db"}, {"node_key_file", "node.key"}};
+  std::ofstream(dir_ / "kme.db") << std::string(4096, 'x');
+  std::ofstream(dir_ / "node.key") << std::string(64, 'b') << "\n";
+  std::filesystem::permissions(
+      dir_ / "node.key", std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  auto [code, out] = run(config_arg(), cfg);
+  EXPECT_EQ(code, 1) << out;
+  auto reason = out.find("critical");
+  ASSERT_NE(reason, std::string::npos) << out;
+  EXPECT_NE(out.find("store.path:", reason), std::string::npos) << out;
+  auto stopped = out.find("stopped");
+  EXPECT_TRUE(stopped == std::string::npos || stopped > reason) << out;
+
+  // Failing once started (api.listen's port is taken): the reason first as well.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(fd, 1), 0);
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  cfg = config();
+  cfg["api"]["listen"] = fmt::format("127.0.0.1:{}", ntohs(addr.sin_port));
+  std::tie(code, out) = run(config_arg(), cfg);
+  ::close(fd);
+  EXPECT_EQ(code, 1) << out;
+  reason = out.find("critical");
+  ASSERT_NE(reason, std::string::npos) << out;
+  EXPECT_NE(out.find("api.listen", reason), std::string::npos) << out;
+  stopped = out.find("stopped");
+  EXPECT_TRUE(stopped == std::string::npos || stopped > reason) << out;
 }
 
 }  // namespace
