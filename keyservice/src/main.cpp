@@ -4,10 +4,12 @@
 //   qkd-kms --config FILE --check-config        validate and exit 0 (valid) or 1
 //   qkd-kms --config FILE --convert-store       convert the store file of an earlier build
 //                                               (KME stopped) and exit 0, or 1
+//   qkd-kms --version                           print the version and the store format
 //
 // Exit codes: 0 clean shutdown or valid config; 1 bad config or start-up failure (the
 // message names the file and the field); 2 unexpected fatal error. Logs go to stderr.
 // Config format: see examples/alice-kme.json and qkd/kms/config.hpp.
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -22,7 +24,12 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#ifndef QKD_KMS_VERSION
+#error "QKD_KMS_VERSION must be defined (the CMake project version)"
+#endif
+
 #include "qkd/kms/config.hpp"
+#include "qkd/kms/key_store.hpp"
 #include "qkd/kms/kme.hpp"
 #include "qkd/kms/logging.hpp"
 
@@ -63,6 +70,11 @@ bool write_atomically(const std::filesystem::path& path, const std::string& text
 
 int run(int argc, char** argv) {
   CLI::App app{"qkd-kms: a QKD key management entity serving the ETSI GS QKD 014 API"};
+  // Parsed before the other options (no --config needed): prints one line and exits 0.
+  app.set_version_flag("--version",
+                       fmt::format("qkd-kms {} (writes key store format {})", QKD_KMS_VERSION,
+                                   qkd::kms::kStoreFormat),
+                       "print the version and the key store format it writes, and exit");
   std::string config_file;
   std::string ready_file;
   bool check_only = false;

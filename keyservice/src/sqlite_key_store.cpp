@@ -90,7 +90,8 @@ namespace {
 
 // 1: one pool row per chunk (table chunks). 2: counters, waiting assignments, notices and
 // commit times in the clear. 3: those authenticated too (tags, below).
-constexpr int kFormat = 3;
+constexpr int kFormat = kStoreFormat;
+static_assert(kFormat == 3, "a new format needs its conversion (OlderFormat) and key check");
 constexpr std::size_t kNonceBytes = 12;
 constexpr std::size_t kTagBytes = 16;
 // A deferred unit (Journal::seal_deferred) waits at most this long for a unit that a

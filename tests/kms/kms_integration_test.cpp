@@ -17,6 +17,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <regex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -839,6 +840,15 @@ TEST_F(KmsCommandLine, AStartFailureIsLoggedBeforeStopped) {
   EXPECT_NE(out.find("api.listen", reason), std::string::npos) << out;
   stopped = out.find("stopped");
   EXPECT_TRUE(stopped == std::string::npos || stopped > reason) << out;
+}
+
+// qkd-kms --version: the version and the store format it writes, exit 0 (no --config).
+TEST_F(KmsCommandLine, VersionPrintsTheVersionAndTheStoreFormat) {
+  auto [code, out] = run("--version", std::nullopt);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_TRUE(std::regex_search(out, std::regex(R"(^qkd-kms [0-9]+\.[0-9]+\.[0-9]+ )"))) << out;
+  EXPECT_TRUE(std::regex_search(out, std::regex(R"(key store format [0-9]+)"))) << out;
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
 }
 
 }  // namespace

@@ -333,6 +333,10 @@ class KeyStore {
 // and have edits of it vouched for.
 enum class OlderFormat { kRefuse, kConvert };
 
+// The format of the store files this build writes (meta.format; `qkd-kms --version`
+// reports it). Files of an earlier format are refused or converted (OlderFormat).
+inline constexpr int kStoreFormat = 3;
+
 // Durable store in the SQLite database `db_path` (created if missing; WAL; opened
 // exclusively), key bytes sealed with AES-256-GCM under the 32-byte `node_key`. Fails when
 // the database belongs to the other direction or was sealed under another node key.
