@@ -124,7 +124,12 @@ struct Config {
 };
 
 // Parses `text` (the content of `source_name`); relative paths resolve against `base_dir`.
-// When `check_files` is set, the certificate, key, CA and psk_file must be readable.
+// An object naming a member twice is an error, and so is an ID (kme_id, link.peer_kme_id,
+// saes, link.peer_saes) that is empty, longer than 64 bytes or holds a control character.
+// When `check_files` is set, the files are checked as the KME will use them: the
+// certificate, key and CA readable PEM files of their kind, the key the certificate's, its
+// CN kme_id and the certificate verifying against the CA; the node key file owner-only; the
+// folder of store.path writable. (link.psk_file is read in any case.)
 [[nodiscard]] qkd::core::Result<Config> parse_config(std::string_view text,
                                                      std::string_view source_name,
                                                      const std::filesystem::path& base_dir,
