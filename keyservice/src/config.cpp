@@ -528,6 +528,7 @@ LinkConfig parse_link(ObjectReader& top, const std::filesystem::path& base, bool
   }
   if (has_hex) {
     l.psk = parse_psk_hex(r.field("psk_hex"), r.string("psk_hex"));
+    l.psk_in_config = true;
   } else {
     const auto path = resolve(base, r.string("psk_file"));
     // A regular file of a few bytes: a device or a pipe named by mistake (/dev/zero) must
@@ -786,7 +787,16 @@ Result<Config> load_config(const std::filesystem::path& file) {
     text.append(buf, static_cast<std::size_t>(n));
   }
   const auto base = file.has_parent_path() ? file.parent_path() : std::filesystem::path(".");
-  return parse_config(text, file.string(), base, true);
+  auto config = parse_config(text, file.string(), base, true);
+  // The link's PSK in a file others may read is as public as that file (psk_file must be
+  // owner-only): allowed, since a demo's file is, but said.
+  if (config.ok() && config->link.psk_in_config && (st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+    config->warnings.push_back(fmt::format(
+        "{}: link.psk_hex: the file is readable by others (mode {:04o}); keep it owner-only "
+        "(chmod 600) or name an owner-only link.psk_file",
+        file.string(), st.st_mode & 07777));
+  }
+  return config;
 }
 
 }  // namespace qkd::kms

@@ -87,7 +87,8 @@ int run(int argc, char** argv) {
                "already current)");
   app.add_option("--ready-file", ready_file,
                  "once the listeners are bound, write {\"api_port\":N,\"link_port\":N} here "
-                 "(and \"metrics_port\":N with metrics.listen)");
+                 "(link_port 0 at the bob end, which connects and does not listen; and "
+                 "\"metrics_port\":N with metrics.listen)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -100,11 +101,17 @@ int run(int argc, char** argv) {
     return 1;
   }
   if (check_only) {
+    for (const auto& w : config->warnings) {
+      std::cerr << "qkd-kms: warning: " << w << "\n";
+    }
     std::cout << config_file << ": OK\n";
     return 0;
   }
 
   qkd::kms::setup_logging(config.value());
+  for (const auto& w : config->warnings) {
+    spdlog::warn("{}", w);
+  }
   if (convert) {
     if (auto st = qkd::kms::convert_store(config.value()); !st.ok()) {
       std::cerr << "qkd-kms: " << config_file << ": " << st.error().message << "\n";

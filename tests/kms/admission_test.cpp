@@ -527,6 +527,33 @@ TEST(AdmissionTest, WaitingDecKeysHoldNoThread) {
 // --check-config (and the start) load the PEM files as the KME will: a file that is
 // readable but not a certificate, or a key of another certificate, is refused naming the
 // field and the file (and, for the first, what it is not).
+// link.psk_hex in a configuration file others may read is allowed (a demo's is) but said,
+// by --check-config and at start; an owner-only file, or psk_file, is silent.
+TEST(ConfigCheck, APskInAFileOthersMayReadIsAWarning) {
+  auto net = qkd::test::start_network_with_keys({}, 0);
+  ASSERT_TRUE(net);
+  const json alice = read_json(net->alice().config_file);
+  ASSERT_TRUE(alice.at("link").contains("psk_hex"));
+  const auto path = net->dir() / "check.json";
+  auto [code, out] = check_config(*net, alice);  // written with the default umask
+  std::filesystem::permissions(path, std::filesystem::perms::owner_read |
+                                         std::filesystem::perms::group_read |
+                                         std::filesystem::perms::others_read);
+  std::tie(code, out) = qkd::test::run_command(fmt::format(
+      "'{}' --check-config --config '{}' 2>&1", qkd::test::kms_binary(), path.string()));
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("warning: " + path.string() +
+                     ": link.psk_hex: the file is readable by others (mode 0444)"),
+            std::string::npos)
+      << out;
+  std::filesystem::permissions(path, std::filesystem::perms::owner_read |
+                                         std::filesystem::perms::owner_write);
+  std::tie(code, out) = qkd::test::run_command(fmt::format(
+      "'{}' --check-config --config '{}' 2>&1", qkd::test::kms_binary(), path.string()));
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(out.find("warning"), std::string::npos) << out;
+}
+
 TEST(ConfigCheck, TlsFilesMustBeUsable) {
   auto net = qkd::test::start_network_with_keys({}, 0);
   ASSERT_TRUE(net);

@@ -95,6 +95,7 @@ struct LinkConfig {
   HostPort listen;             // role alice
   HostPort connect;            // role bob
   qkd::core::SecureBytes psk;  // >= 32 bytes, from psk_hex or psk_file
+  bool psk_in_config = false;  // given as link.psk_hex
   qkd::core::ChannelParams channel;
   qkd::core::ProtocolParams protocol;
   // Testing aid: hold each outgoing key-assignment notice this long before sending it
@@ -121,6 +122,8 @@ struct Config {
   bool lock_memory = false;
   AdmissionConfig admission;
   MetricsConfig metrics;
+  // What is allowed but unwise (load_config): logged at start, printed by --check-config.
+  std::vector<std::string> warnings;
 };
 
 // Parses `text` (the content of `source_name`); relative paths resolve against `base_dir`.
