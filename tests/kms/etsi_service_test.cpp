@@ -54,6 +54,13 @@ class EtsiServiceTest : public ::testing::Test {
                      std::string body = "") {
     return bob.handle(caller, ApiRequest{std::move(method), std::move(target), std::move(body)});
   }
+  // A GET as the transport runs it on its I/O thread, where the handler may not wait.
+  static ApiResponse on_io_thread(qkd::kms::EtsiService& kme, const std::string& caller,
+                                  const std::string& target) {
+    ApiRequest r{"GET", target, ""};
+    r.may_wait = false;
+    return kme.handle(caller, r);
+  }
   static std::string message(const ApiResponse& r) {
     return json::parse(r.body).at("message").get<std::string>();
   }
@@ -240,9 +247,7 @@ TEST_F(EtsiServiceTest, DecKeysAuthorizationAndOneUse) {
 // wait is over (wait_over) it answers from what it has.
 TEST_F(EtsiServiceTest, DecKeysThatMayNotWaitAsksToWaitOnlyForAKeyNotHeardOf) {
   const auto no_wait = [this](const std::string& target) {
-    ApiRequest r{"GET", target, ""};
-    r.may_wait = false;
-    return bob.handle("bob", r);
+    return on_io_thread(bob, "bob", target);
   };
   ApiResponse enc = at_alice("alice", "GET", "/api/v1/keys/bob/enc_keys");
   ASSERT_EQ(enc.status, 200u) << enc.body;
@@ -287,9 +292,7 @@ TEST_F(EtsiServiceTest, DecKeysForAMasterNoKmeServesDoesNotWait) {
   bob_cfg.keys.dec_wait_ms = 5000;
   const std::string target =
       "/api/v1/keys/nobody/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000";
-  ApiRequest io_thread{"GET", target, ""};
-  io_thread.may_wait = false;
-  ApiResponse at_once = bob.handle("bob", io_thread);
+  ApiResponse at_once = on_io_thread(bob, "bob", target);
   EXPECT_FALSE(at_once.needs_wait);
   EXPECT_EQ(at_once.status, 400u);
   const auto t0 = std::chrono::steady_clock::now();
@@ -314,9 +317,7 @@ TEST_F(EtsiServiceTest, DecKeysForALocalMasterNeitherWaitsNorBlamesTheLink) {
   bob_cfg.keys.dec_wait_ms = 5000;
   const std::string target =
       "/api/v1/keys/carol/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000";
-  ApiRequest io_thread{"GET", target, ""};
-  io_thread.may_wait = false;
-  ApiResponse at_once = bob.handle("dave", io_thread);
+  ApiResponse at_once = on_io_thread(bob, "dave", target);
   EXPECT_FALSE(at_once.needs_wait);
   EXPECT_EQ(at_once.status, 400u) << at_once.body;
   EXPECT_EQ(message(at_once), "one or more keys specified are not found on KME");
