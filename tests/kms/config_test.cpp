@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "qkd/test/scratch_dir.hpp"
 #include "qkd/test/unit_pki.hpp"
 
 namespace {
@@ -306,8 +307,8 @@ TEST(Config, ApiCertCnMustBeKmeId) {
 // api.cert must verify against api.ca, the trust anchor the peer KME uses for it (the
 // same PKI, as the peer's certificate is verified against ours).
 TEST(Config, ApiCertMustVerifyAgainstApiCa) {
-  const auto other = std::filesystem::temp_directory_path() /
-                     ("qkd-config-other-pki-" + std::to_string(::getpid()));
+  const qkd::test::ScratchDir scratch("config-other-pki");
+  const std::filesystem::path& other = scratch.path();
   ASSERT_EQ(std::system(("bash '" + std::string(QKD_TEST_SOURCE_DIR) + "/examples/pki.sh' '" +
                          other.string() + "' alice-kme >/dev/null 2>&1")
                             .c_str()),
@@ -330,15 +331,14 @@ TEST(Config, ApiCertMustVerifyAgainstApiCa) {
   EXPECT_NE(m.find("does not verify against api.ca"), std::string::npos) << m;
   j["api"]["ca"] = (other / "ca.crt").string();
   EXPECT_TRUE(parse_checked(j).ok());
-  std::filesystem::remove_all(other);
 }
 
 // store.path's folder must exist and let the KME create files in it (the database, its
 // -wal and -shm): --check-config says so with the system's reason, without opening (or
 // creating) the store.
 TEST(Config, StoreFolderMustBeAWritableFolder) {
-  const auto dir =
-      std::filesystem::temp_directory_path() / ("qkd-config-store-" + std::to_string(::getpid()));
+  const qkd::test::ScratchDir scratch("config-store");
+  const std::filesystem::path& dir = scratch.path();
   std::filesystem::create_directories(dir / "db");
   const auto node_key = dir / "node.key";
   std::ofstream(node_key) << std::string(64, 'c') << "\n";
@@ -376,15 +376,14 @@ TEST(Config, StoreFolderMustBeAWritableFolder) {
     EXPECT_NE(r.error().message.find("Permission denied"), std::string::npos) << r.error().message;
     std::filesystem::permissions(dir / "db", std::filesystem::perms::owner_all);
   }
-  std::filesystem::remove_all(dir);
 }
 
 // A file that cannot be used says why: the system's reason, "is a directory" (which opens
 // but reads as nothing: a JSON error at line 1 for the config file), or what kind of PEM
 // file was expected (not OpenSSL's bare "no start line" or "unsupported").
 TEST(Config, UnusableFilesSayWhy) {
-  const auto dir =
-      std::filesystem::temp_directory_path() / ("qkd-config-files-" + std::to_string(::getpid()));
+  const qkd::test::ScratchDir scratch("config-files");
+  const std::filesystem::path& dir = scratch.path();
   std::filesystem::create_directories(dir / "folder");
   const auto text = dir / "notes.txt";
   std::ofstream(text) << "not PEM at all\n";
@@ -436,14 +435,11 @@ TEST(Config, UnusableFilesSayWhy) {
     EXPECT_EQ(r.error().message,
               "test.json: api.ca: cannot read " + text.string() + ": Permission denied");
   }
-  std::filesystem::remove_all(dir);
 }
 
 // link.psk_file holds the link's long-term secret: owner-only, as the node key file.
 TEST(Config, PskFileMustBeOwnerOnly) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("qkd-config-psk-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  const qkd::test::ScratchDir dir("config-psk");
   const auto file = dir / "psk.hex";
   std::ofstream(file) << std::string(64, 'b') << "\n";
   json j = valid_alice();
@@ -456,7 +452,6 @@ TEST(Config, PskFileMustBeOwnerOnly) {
   std::filesystem::permissions(file, std::filesystem::perms::owner_read |
                                          std::filesystem::perms::owner_write);
   EXPECT_TRUE(qkd::kms::parse_config(j.dump(), "test.json", "/etc/qkd", false).ok());
-  std::filesystem::remove_all(dir);
 }
 
 TEST(Config, UnknownKeysAtEveryLevel) {

@@ -61,6 +61,16 @@ class EtsiServiceTest : public ::testing::Test {
     r.may_wait = false;
     return kme.handle(caller, r);
   }
+  // dec_keys, naming `master`, of a key_ID nobody assigned.
+  static std::string unknown_key_target(const std::string& master) {
+    return "/api/v1/keys/" + master + "/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000";
+  }
+  // The same on the I/O thread, which answers it there: no wait for a notice.
+  ApiResponse unknown_key_at_once(const std::string& caller, const std::string& master) {
+    ApiResponse r = on_io_thread(bob, caller, unknown_key_target(master));
+    EXPECT_FALSE(r.needs_wait) << master;
+    return r;
+  }
   static std::string message(const ApiResponse& r) {
     return json::parse(r.body).at("message").get<std::string>();
   }
@@ -290,13 +300,9 @@ TEST_F(EtsiServiceTest, DecKeysThatMayNotWaitAsksToWaitOnlyForAKeyNotHeardOf) {
 // it without handing it to a worker.
 TEST_F(EtsiServiceTest, DecKeysForAMasterNoKmeServesDoesNotWait) {
   bob_cfg.keys.dec_wait_ms = 5000;
-  const std::string target =
-      "/api/v1/keys/nobody/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000";
-  ApiResponse at_once = on_io_thread(bob, "bob", target);
-  EXPECT_FALSE(at_once.needs_wait);
-  EXPECT_EQ(at_once.status, 400u);
+  EXPECT_EQ(unknown_key_at_once("bob", "nobody").status, 400u);
   const auto t0 = std::chrono::steady_clock::now();
-  ApiResponse r = at_bob("bob", "GET", target);
+  ApiResponse r = at_bob("bob", "GET", unknown_key_target("nobody"));
   const auto took = std::chrono::steady_clock::now() - t0;
   EXPECT_EQ(r.status, 400u) << r.body;
   EXPECT_EQ(message(r), "one or more keys specified are not found on KME");
@@ -304,9 +310,7 @@ TEST_F(EtsiServiceTest, DecKeysForAMasterNoKmeServesDoesNotWait) {
   // A master the peer KME serves still waits (bounded here by a short wait).
   bob_cfg.keys.dec_wait_ms = 300;
   const auto t1 = std::chrono::steady_clock::now();
-  EXPECT_EQ(at_bob("bob", "GET", "/api/v1/keys/alice/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000")
-                .status,
-            400u);
+  EXPECT_EQ(at_bob("bob", "GET", unknown_key_target("alice")).status, 400u);
   EXPECT_GE(std::chrono::steady_clock::now() - t1, std::chrono::milliseconds(300));
 }
 
@@ -315,19 +319,16 @@ TEST_F(EtsiServiceTest, DecKeysForAMasterNoKmeServesDoesNotWait) {
 // at once: no wait for a notice, and not the link-down 503 "may still be on its way".
 TEST_F(EtsiServiceTest, DecKeysForALocalMasterNeitherWaitsNorBlamesTheLink) {
   bob_cfg.keys.dec_wait_ms = 5000;
-  const std::string target =
-      "/api/v1/keys/carol/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000";
-  ApiResponse at_once = on_io_thread(bob, "dave", target);
-  EXPECT_FALSE(at_once.needs_wait);
+  ApiResponse at_once = unknown_key_at_once("dave", "carol");
   EXPECT_EQ(at_once.status, 400u) << at_once.body;
   EXPECT_EQ(message(at_once), "one or more keys specified are not found on KME");
   qkd::kms::EtsiService link_down{bob_cfg, *bob_store, [] { return qkd::kms::LinkStats{}; }};
-  ApiResponse down = link_down.handle("dave", ApiRequest{"GET", target, ""});
+  ApiResponse down = link_down.handle("dave", ApiRequest{"GET", unknown_key_target("carol"), ""});
   EXPECT_EQ(down.status, 400u) << down.body;
   EXPECT_EQ(message(down), "one or more keys specified are not found on KME");
   // A master the peer KME serves, link down: its notice may still come, so 503.
-  ApiResponse peer_master = link_down.handle(
-      "bob", ApiRequest{"GET", "/api/v1/keys/alice/dec_keys?key_ID=123e4567-e89b-42d3-a456-426614174000", ""});
+  ApiResponse peer_master =
+      link_down.handle("bob", ApiRequest{"GET", unknown_key_target("alice"), ""});
   EXPECT_EQ(peer_master.status, 503u) << peer_master.body;
 }
 

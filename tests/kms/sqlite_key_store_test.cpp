@@ -30,6 +30,7 @@
 #include "qkd/kms/key_store.hpp"
 #include "qkd/test/kme_config.hpp"
 #include "qkd/test/scoped_env.hpp"
+#include "qkd/test/scratch_dir.hpp"
 #include "qkd/test/store_file.hpp"
 
 namespace {
@@ -60,21 +61,13 @@ std::vector<std::uint8_t> pattern(std::size_t n, std::uint8_t seed) {
   return v;
 }
 
+// A fresh folder per test, removed at its end.
 class TempDir {
  public:
-  TempDir() {
-    std::string t = (std::filesystem::temp_directory_path() / "qkd-store-test-XXXXXX").string();
-    EXPECT_NE(::mkdtemp(t.data()), nullptr);
-    path_ = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  [[nodiscard]] std::string file(const std::string& name) const { return (path_ / name).string(); }
+  [[nodiscard]] std::string file(const std::string& name) const { return (dir_ / name).string(); }
 
  private:
-  std::filesystem::path path_;
+  qkd::test::ScratchDir dir_{"store-test"};
 };
 
 void write_file(const std::string& path, const std::string& text, mode_t mode) {
