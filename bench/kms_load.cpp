@@ -304,8 +304,9 @@ Result open_loop(const qkd::test::KmeNetwork& net, int conns, double rate, doubl
 }
 
 // The durable store's transaction times of one KME, from its /metrics
-// (qkd_kms_store_commit_duration_seconds, `writes` = "requests" or "link"): cumulative counts
-// by upper bound, +Inf last; empty if the scrape failed.
+// (qkd_kms_store_commit_duration_seconds, `writes` = "requests" or "link"; with `writes`
+// = "sync", qkd_kms_store_sync_duration_seconds): cumulative counts by upper bound, +Inf
+// last; empty if the scrape failed.
 using Buckets = std::vector<std::pair<double, double>>;
 
 Buckets commit_buckets(const qkd::test::KmeInfo& kme, const qkd::test::TlsIdentity& sae,
@@ -322,7 +323,9 @@ Buckets commit_buckets(const qkd::test::KmeInfo& kme, const qkd::test::TlsIdenti
   }
   Buckets out;
   const std::string prefix =
-      "qkd_kms_store_commit_duration_seconds_bucket{writes=\"" + writes + "\",le=\"";
+      writes == "sync"
+          ? std::string("qkd_kms_store_sync_duration_seconds_bucket{le=\"")
+          : "qkd_kms_store_commit_duration_seconds_bucket{writes=\"" + writes + "\",le=\"";
   std::istringstream in(body);
   for (std::string line; std::getline(in, line);) {
     if (line.rfind(prefix, 0) != 0) {
@@ -783,12 +786,12 @@ int run(int argc, char** argv) {
       if (!net) {
         return 1;
       }
-      // Both KMEs' transaction histograms, `writes` = requests then link (alice's, then
-      // bob's buckets in each), scraped right before and after the open loop.
+      // Both KMEs' transaction histograms, `writes` = requests, link, then their syncs
+      // (alice's, then bob's buckets in each), scraped right before and after the open loop.
       auto scrape = [&] {
-        std::array<Buckets, 2> out;
-        for (int k = 0; k < 2; ++k) {
-          const std::string writes = k == 0 ? "requests" : "link";
+        std::array<Buckets, 3> out;
+        for (int k = 0; k < 3; ++k) {
+          const std::string writes = k == 0 ? "requests" : k == 1 ? "link" : "sync";
           Buckets a = commit_buckets(net->alice(), net->sae("alice"), writes);
           Buckets b = commit_buckets(net->bob(), net->sae("bob"), writes);
           if (a.empty() || b.empty()) {
@@ -799,26 +802,30 @@ int run(int argc, char** argv) {
         }
         return out;
       };
-      const auto before = durable ? scrape() : std::array<Buckets, 2>{};
+      const auto before = durable ? scrape() : std::array<Buckets, 3>{};
       const auto t_before = Clock::now();
       Result r = open_loop(*net, 8, rate, seconds);
-      const auto after = durable ? scrape() : std::array<Buckets, 2>{};
+      const auto after = durable ? scrape() : std::array<Buckets, 3>{};
       const double window = std::chrono::duration<double>(Clock::now() - t_before).count();
       const std::string load = fmt::format("enc+dec, open loop {:.0f} req/s", rate);
       if (durable) {
         double n = 0;
         double n_link = 0;
+        double n_sync = 0;
         const double p50 = commit_quantile(before[0], after[0], 0.5, &n);
         const double p99 = commit_quantile(before[0], after[0], 0.99);
         const double link_p99 = commit_quantile(before[1], after[1], 0.99, &n_link);
-        if (n < 0 || n_link < 0) {
-          commit_rows.push_back(fmt::format("| {} | {} | n/a (a /metrics scrape failed) |||||||",
-                                            st, load));
+        const double sync_p99 = commit_quantile(before[2], after[2], 0.99, &n_sync);
+        if (n < 0 || n_link < 0 || n_sync < 0) {
+          commit_rows.push_back(fmt::format(
+              "| {} | {} | n/a (a /metrics scrape failed) |||||||||", st, load));
         } else {
           commit_rows.push_back(fmt::format(
-              "| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.2f} |", st,
-              load, n / window, p50 * 1e6, p99 * 1e6, n_link / window, link_p99 * 1e6,
-              r.lat.pct(0.99), p99 > 0 ? r.lat.pct(0.99) / (p99 * 1e6) : 0.0));
+              "| {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} | {:.0f} "
+              "| {:.2f} |",
+              st, load, n / window, p50 * 1e6, p99 * 1e6, n_link / window, link_p99 * 1e6,
+              n_sync / window, sync_p99 * 1e6, r.lat.pct(0.99),
+              p99 > 0 ? r.lat.pct(0.99) / (p99 * 1e6) : 0.0));
         }
       }
       if (durable && (synchronous.empty() || synchronous == "full")) {
@@ -866,12 +873,14 @@ int run(int argc, char** argv) {
   print_table("\nDurable open loop against the stores' own transactions in the same window "
               "(both KMEs' qkd_kms_store_commit_duration_seconds from /metrics, scraped "
               "right before and after; quantiles interpolated within buckets of 0.25 ms "
-              "between 0.5 and 3 ms; with full a transaction includes its fsync; a request "
-              "waits for at least one, of the requests' kind unless a block commit of the "
-              "link was queued with it):\n\n"
+              "between 0.5 and 3 ms; a transaction is a write into the page cache, and with "
+              "full the syncs of the WAL (qkd_kms_store_sync_duration_seconds) follow them "
+              "outside the write lock; a request waits for at least one transaction, and "
+              "with full for a sync unless it is a dec_keys whose keys' notice is synced):\n\n"
               "| store | load | request transactions/s | p50 µs | p99 µs | "
-              "link transactions/s | p99 µs | request p99 µs | request p99 / request "
-              "transaction p99 |\n|---|---|---|---|---|---|---|---|---|\n",
+              "link transactions/s | p99 µs | syncs/s | sync p99 µs | request p99 µs | "
+              "request p99 / request transaction p99 |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|\n",
               commit_rows);
   print_table("\nDurable (full) open loop against the disk's and SQLite's floors, measured "
               "right after it at the same schedule, one writer per KME that writes (with "

@@ -189,6 +189,9 @@ struct AssignedKey {
   std::vector<std::string> slaves;
   std::vector<std::string> fetched;  // slaves that have fetched it (multicast)
   std::chrono::system_clock::time_point received{};  // when its notice was applied here
+  // The journal unit that recorded it (0: loaded at open); a delivery waits for its sync
+  // (Journal::seal_delivery).
+  std::uint64_t unit = 0;
 };
 
 std::uint64_t unix_ms(std::chrono::system_clock::time_point t) {
@@ -553,6 +556,32 @@ class JournaledStore final : public KeyStore {
     }
   }
 
+  std::uint64_t drop_prepared() override {
+    std::lock_guard lock(mu_);
+    std::uint64_t n = 0;
+    for (const auto& [id, r] : reserves_) {
+      n += r.size();
+    }
+    reserves_.clear();  // SecureBytes cleanses the keys
+    return n;
+  }
+
+  Status clear_assigned_lost() override {
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(mu_);
+      if (!link_.assigned_lost) {
+        return qkd::core::ok_status();
+      }
+      link_.assigned_lost = false;
+      if (journal_) {
+        journal_->set_value(detail::kAssignedLost, 0);
+      }
+      ticket = seal_locked();
+    }
+    return durable(ticket);
+  }
+
   std::uint64_t prepared_for(const std::string& master_sae, const std::string& slave_sae,
                              std::uint32_t size_bytes) const override {
     std::lock_guard lock(mu_);
@@ -713,9 +742,11 @@ class JournaledStore final : public KeyStore {
         return qkd::core::make_error(ErrorCode::kInvalidArgument, kNotFound);
       }
       out.reserve(key_ids.size());
+      std::uint64_t recorded_in = 0;  // the last unit that recorded one of the keys
       for (const auto& id : key_ids) {
         auto it = records_.find(id);
         AssignedKey& r = it->second;
+        recorded_in = std::max(recorded_in, r.unit);
         count_fetch_locked(r, caller_sae);
         r.fetched.push_back(caller_sae);
         if (r.fetched.size() < r.slaves.size()) {
@@ -733,13 +764,14 @@ class JournaledStore final : public KeyStore {
         }
         remember_used_locked(id, node.mapped().master, node.mapped().slaves);
       }
-      ticket = seal_locked();
+      ticket = journal_ ? journal_->seal_delivery(recorded_in) : 0;
     }
     if (pending != nullptr && ticket != 0) {
       pending->ticket = ticket;  // the caller waits (when_written)
       return out;
     }
-    // Durably consumed before the bytes leave the store.
+    // Consumed before the bytes leave the store: written, the records' units synced
+    // (Journal::seal_delivery).
     if (auto d = durable(ticket); !d.ok()) {
       return d.error();
     }
@@ -835,6 +867,7 @@ class JournaledStore final : public KeyStore {
     if (journal_) {
       auto times = journal_->commit_times();
       st.request_commits = times.requests;
+      st.store_syncs = times.syncs;
       st.link_commits = times.link;
     }
     return st;
@@ -1234,6 +1267,7 @@ class JournaledStore final : public KeyStore {
       if (journal_) {
         journal_->put_assigned(detail::StoredKey{a.key_id, rec.master, rec.slaves, rec.key, {}});
         journal_->drop_waiting(ord);
+        rec.unit = journal_->next_ticket();
       }
       wake_waiters_locked(a.key_id);
       pending_ids_.erase(a.key_id);
@@ -1280,6 +1314,7 @@ class JournaledStore final : public KeyStore {
     }
     if (journal_) {
       journal_->put_assigned(detail::StoredKey{id, rec.master, rec.slaves, rec.key, {}});
+      rec.unit = journal_->next_ticket();
     }
     wake_waiters_locked(id);
     add_record_locked(id, std::move(rec));

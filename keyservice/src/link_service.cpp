@@ -392,6 +392,18 @@ struct LinkService::Impl {
   }
 
   // The peer's fetch report (either side). Returns false on a malformed message.
+  // A hello or state saying the peer lost the keys assigned to it (LinkState::assigned_lost):
+  // the keys this end prepared for enc_keys are among them, and no SAE could fetch them there.
+  void drop_prepared_if_peer_lost_them(const json& j) {
+    if (!j.value("assigned_lost", false)) {
+      return;
+    }
+    const std::uint64_t n = store.drop_prepared();
+    spdlog::warn("link: the peer lost the keys assigned to it (a power loss): dropping the {} "
+                 "keys prepared here for enc_keys",
+                 n);
+  }
+
   bool handle_fetched(const json& j) {
     try {
       for (const json& p : j.at("pairs")) {
@@ -519,9 +531,13 @@ struct LinkService::Impl {
         }
       } else if (t == "hello") {
         peer_takes_fetched = j->value("fetched", false);
+        drop_prepared_if_peer_lost_them(*j);
         std::lock_guard lock(state_mu);
         json reply = {{"t", "state"},  {"epoch", epoch},  {"blocks", blocks},
                       {"pending", pending.has_value()}, {"fetched", true}};
+        if (store.link_state().assigned_lost) {
+          reply["assigned_lost"] = true;
+        }
         {
           std::lock_guard out_lock(out_mu);
           reply["applied"] = last_applied_seq;  // of alice's notices
@@ -564,6 +580,11 @@ struct LinkService::Impl {
             }
             pending.reset();
           }
+        }
+        // Alice has had this end's state (assigned_lost) before deciding.
+        if (auto s = store.clear_assigned_lost(); !s.ok()) {
+          spdlog::error("link: {}", s.error().message);
+          return false;
         }
         return queued(queue, std::move(bytes), conn);
       } else if (t == "start") {
@@ -689,13 +710,11 @@ struct LinkService::Impl {
       my_epoch = epoch;
       my_blocks = blocks;
     }
-    if (auto s =
-            conn->send(Channel::kControl,
-                       to_bytes(json{{"t", "hello"},
-                                     {"epoch", my_epoch},
-                                     {"blocks", my_blocks},
-                                     {"fetched", true}}));
-        !s.ok()) {
+    json hello = {{"t", "hello"}, {"epoch", my_epoch}, {"blocks", my_blocks}, {"fetched", true}};
+    if (store.link_state().assigned_lost) {
+      hello["assigned_lost"] = true;
+    }
+    if (auto s = conn->send(Channel::kControl, to_bytes(hello)); !s.ok()) {
       return s;
     }
     auto state = expect(queue, "state", kSessionStartTimeout);
@@ -708,6 +727,7 @@ struct LinkService::Impl {
       const auto b = uint_field(*state, "blocks");
       const bool p = state->at("pending").get<bool>();
       peer_takes_fetched = state->value("fetched", false);
+      drop_prepared_if_peer_lost_them(*state);
       std::lock_guard lock(state_mu);
       // Same epoch and count: the pools must also have the same digest (a store from before
       // digests compares from its next epoch on: both ends start one together). The peer's
@@ -786,6 +806,9 @@ struct LinkService::Impl {
     }
     decision["engine"] = to_hex(token);
     if (auto s = conn->send(Channel::kControl, to_bytes(decision)); !s.ok()) {
+      return s;
+    }
+    if (auto s = store.clear_assigned_lost(); !s.ok()) {  // bob has had the hello
       return s;
     }
     establish(conn);

@@ -192,14 +192,20 @@ std::string Metrics::render(const StoreStats& store, const LinkStats& link,
                  store.pending_notices);
   header(out, "qkd_kms_store_commit_duration_seconds", "histogram",
          "Durable store transactions, each one group of writes, by whether it carries a write "
-         "of the link (a block commit): the WAL write and, with store.synchronous \"full\", its "
-         "fsync. None with the memory store.");
+         "of the link (a block commit): the WAL write (into the OS page cache). None with the "
+         "memory store.");
   for (const auto& [writes, t] : {std::pair{"requests", &store.request_commits},
                                   std::pair{"link", &store.link_commits}}) {
     histogram_series(out, "qkd_kms_store_commit_duration_seconds",
                      fmt::format("writes=\"{}\"", writes), CommitTimes::kBuckets, t->buckets,
                      t->count, t->sum_seconds);
   }
+  header(out, "qkd_kms_store_sync_duration_seconds", "histogram",
+         "With store.synchronous \"full\", the syncs (fdatasync) of the store's WAL that make "
+         "written transactions durable. None with \"normal\" or the memory store.");
+  histogram_series(out, "qkd_kms_store_sync_duration_seconds", "", CommitTimes::kBuckets,
+                   store.store_syncs.buckets, store.store_syncs.count,
+                   store.store_syncs.sum_seconds);
 
   // --- the link ---
   header(out, "qkd_kms_link_up", "gauge", "1 while the link to the peer KME has a session.");

@@ -25,19 +25,27 @@
 //
 // Group commit: the store records each operation's changes as a unit (under its lock, in
 // order); one thread at a time takes every unit queued so far and writes them in one
-// transaction, then wakes every caller whose unit is durable. With FULL that is the committer
-// thread; with NORMAL (commits of ~0.1 ms, no fsync) the first caller waiting for a queued
-// unit writes the queue itself when no transaction is in progress (no hand-off to the
-// committer thread and back), and the committer thread writes only what no caller waits for
-// (deferred units, below; the rest at shutdown). No waiting window: units that arrive while
-// a transaction is being written form the next group, so a lone operation pays one fsync and
-// a busy store batches as much as the disk's commit time lets through.
+// transaction. A commit is a write into the OS page cache (~0.1 ms; SQLite's synchronous
+// is NORMAL on the writing connection at either level), so the first caller waiting for a
+// queued unit writes the queue itself when no transaction is in progress (no hand-off to
+// the committer thread and back), and the committer thread writes only what no caller
+// waits for (deferred units, below; the rest at shutdown). No waiting window: units that
+// arrive while a transaction is being written form the next group.
+// With store.synchronous = "full" a unit is durable once synced: a syncer thread
+// fdatasync()s the WAL after each transaction that holds such a unit, outside SQLite's
+// write lock, so the next group is written during the sync and the next sync covers it: a
+// lone operation pays one fsync, and a busy store batches as much as the disk's sync time
+// lets through. The exception is a delivery of assigned keys (dec_keys, seal_delivery()):
+// it is durable once written and the unit that recorded its keys synced, so it waits for
+// no sync of its own; a power loss that undoes it makes the next start discard every
+// assigned key (open_boot_guard()). With "normal" a unit is durable once written.
 // A row a transaction puts and deletes again is not written (write()): the common case is a
 // peer notice's key, delivered by the dec_keys whose transaction carries the notice.
 // Deferred units (peer notices, acks: no response waits for them) do not start a
 // transaction alone before kDeferMax; they ride with the next unit a response waits for, so
 // that a dec_keys right after its notice costs one fsync, not two (docs/KMS.md, "Commit
-// path").
+// path"). Not with lazy deliveries: a delivery then needs its notice synced, not a sync of
+// its own to share, so a deferred unit is written at once.
 //
 // Checkpoints run off the commit path: the committing connection (db_) does not checkpoint
 // (no wal_autocheckpoint); its WAL hook wakes a checkpointer thread with a second connection
@@ -107,9 +115,11 @@ constexpr int kWalHardPages = 4000;
 // cannot be passed off as an older one, whose rows were not all authenticated.
 constexpr std::string_view kKeyCheckAad2 = "qkd-kms/key-check";
 constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check/3";
-// meta name of the boot under which a run with NORMAL has the file open (text; absent when
-// every commit in the file is synced): see open_boot_guard().
+// meta name of the boot under which a run has unsynced commits in the file (text; absent
+// when every commit in the file is synced): "<boot>" with NORMAL, "<boot>/deliveries" with
+// FULL (only deliveries unsynced). See open_boot_guard().
 constexpr std::string_view kUnsyncedBoot = "unsynced_boot";
+constexpr std::string_view kDeliveriesMark = "/deliveries";
 constexpr std::string_view kKeyCheckText = "qkd-kms node key check v1";
 // meta name of the tag over every other meta row (format 3): see meta_aad().
 constexpr std::string_view kMetaTag = "meta_tag";
@@ -465,9 +475,12 @@ struct Unit {
   std::vector<Op> ops;
   std::chrono::steady_clock::time_point sealed_at{};
   bool link = false;  // Journal::seal_link (counted apart in commit_times())
+  // Durable only once synced (with FULL; NORMAL never syncs). A delivery of Journal::
+  // seal_delivery() is not, where the boot can be told (lazy_deliveries_).
+  bool needs_sync = true;
 };
 
-enum class Seal { kNow, kDeferred, kLink };
+enum class Seal { kNow, kDeferred, kLink, kDelivery };
 
 class SqliteJournal final : public detail::Journal {
  public:
@@ -486,9 +499,20 @@ class SqliteJournal final : public detail::Journal {
       committer_.join();
     }
     {
+      std::lock_guard lock(mu_);
+      sync_stopping_ = true;  // the syncer syncs what is written, then ends
+    }
+    sync_cv_.notify_all();
+    if (syncer_.joinable()) {
+      syncer_.join();
+    }
+    {
       // Another thread may still be running completions of its last transaction.
       std::unique_lock lock(mu_);
       done_cv_.wait(lock, [&] { return running_callbacks_ == 0; });
+    }
+    if (wal_fd_ >= 0) {
+      ::close(wal_fd_);  // (SQLite holds no lock on the WAL file itself)
     }
     {
       std::lock_guard lock(ckpt_state_mu_);
@@ -529,10 +553,11 @@ class SqliteJournal final : public detail::Journal {
     // pages, not left in free space for whoever later holds the file and the node key (the
     // default of some builds only). Old page images in the WAL go as it is overwritten.
     db_.exec("PRAGMA secure_delete=ON");
-    // FULL: the WAL is synced at every commit. NORMAL (store.synchronous): only at
-    // checkpoints; a commit is then in the OS page cache, which survives the process's crash
-    // (kill -9) but not a power loss. Opening writes with FULL; NORMAL starts once
-    // open_boot_guard() has recorded this boot.
+    // The opening's writes are synced at every commit (SQLite's FULL). After it, the writing
+    // connection commits with NORMAL: a commit is then in the OS page cache, which survives
+    // the process's crash (kill -9) but not a power loss; with store.synchronous = "full"
+    // the syncer thread syncs after it (run_syncer()). That starts once open_boot_guard()
+    // has recorded this boot.
     db_.exec("PRAGMA synchronous=FULL");
     db_.exec(
         "BEGIN IMMEDIATE;"
@@ -667,6 +692,7 @@ class SqliteJournal final : public detail::Journal {
     s.link.blocks = value(detail::kBlocks, 0);
     s.link.next_seq = value(detail::kNextSeq, 1);
     s.link.last_applied_seq = value(detail::kLastAppliedSeq, 0);
+    s.link.assigned_lost = value(detail::kAssignedLost, 0) != 0;
     // Only a digest of the epoch and block count the file is at: one left behind by a newer
     // version, in a file an older version went on writing, is not the pool's.
     constexpr std::size_t kDigestBytes = std::tuple_size_v<PoolDigest>;
@@ -766,15 +792,23 @@ class SqliteJournal final : public detail::Journal {
       }
       s.link.pending = PendingBlock{block, std::move(*plain)};
     });
-    if (!synchronous_full_) {
-      db_.exec("PRAGMA synchronous=NORMAL");
+    // Commits are writes into the OS page cache from now on, with either level: with FULL
+    // the syncer thread syncs the WAL after them (sync_wal()), outside SQLite's write lock,
+    // so that the next transaction is written meanwhile, and a unit that needs no sync (a
+    // delivery, lazy_deliveries_) waits for none.
+    db_.exec("PRAGMA synchronous=NORMAL");
+    if (synchronous_full_) {
+      wal_fd_ = ::open((path_ + "-wal").c_str(), O_RDONLY | O_CLOEXEC);
+      if (wal_fd_ < 0) {
+        throw DbError{fmt::format("{}-wal: cannot open: {}", path_, std::strerror(errno))};
+      }
     }
-    // The checkpointer's connection, with the same synchronous level (NORMAL and FULL both
-    // sync the WAL before a checkpoint and the database after it).
+    // The checkpointer's connection (NORMAL syncs the WAL before a checkpoint and the
+    // database after it).
     ckpt_db_.open(path_);
     ckpt_db_.refuse_schema_code();
     ckpt_db_.busy_timeout(10'000);
-    ckpt_db_.exec(synchronous_full_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
+    ckpt_db_.exec("PRAGMA synchronous=NORMAL");
     db_.on_commit([this](int pages) { wal_committed(pages); });
     checkpointer_ = std::thread([this]() {
       name_this_thread("kms-checkpoint");
@@ -784,6 +818,12 @@ class SqliteJournal final : public detail::Journal {
       name_this_thread("kms-commit");
       run_committer();
     });
+    if (synchronous_full_) {
+      syncer_ = std::thread([this]() {
+        name_this_thread("kms-sync");
+        run_syncer();
+      });
+    }
     return s;
   }
 
@@ -903,31 +943,58 @@ class SqliteJournal final : public detail::Journal {
     });
   }
 
-  // store.synchronous = "normal" leaves a commit in the OS page cache, where a crash of the
-  // KME does not lose it but a power loss or an OS crash may: the file would then hold an
-  // older state, in which keys already delivered (enc_keys' bytes, dec_keys' keys) are not
-  // marked consumed. So a run with NORMAL records its boot (synced) while it has the file
-  // open, and removes the record when it closes the file cleanly (after a synced commit,
+  // A commit that only reached the OS page cache survives a crash of the KME but maybe not a
+  // power loss or an OS crash, which would leave the file in an older state. With NORMAL that
+  // is any commit: keys already delivered (enc_keys' bytes, dec_keys' keys) would be
+  // unconsumed again. With FULL it is the deliveries of assigned keys (seal_delivery()):
+  // their keys would be waiting again. So while a run has such commits in the file it
+  // records its boot (synced): "<boot>" with NORMAL, "<boot>/deliveries" with FULL, and
+  // removes the record when it closes the file cleanly (after a synced commit,
   // ~SqliteJournal). At open, a record from another boot means that run's last commits may
-  // be gone: the pool, the undelivered keys, Bob's pending block and the unacknowledged
-  // notices are discarded, so that nothing of them is served again, and epoch 0 makes the
-  // link start a new pool with the peer. A record from this boot (the KME crashed): its
-  // commits are in the page cache, and a run with FULL syncs them before dropping it.
+  // be gone. NORMAL's: the pool, the undelivered keys, Bob's pending block and the
+  // unacknowledged notices are discarded, so that nothing of them is served again, and
+  // epoch 0 makes the link start a new pool with the peer. FULL's: the assigned keys are
+  // discarded (their notices were synced before they were acknowledged, so the peer does not
+  // send them again). A record from this boot (the KME crashed): its commits are in the page
+  // cache, and a run with FULL syncs them. With FULL where the boot cannot be read,
+  // deliveries are synced as everything else, and no record is kept.
   void open_boot_guard(std::unordered_map<std::string, std::uint64_t>& meta, Blob& pool_digest,
                        const std::string& unsynced_boot) {
     const std::string boot = current_boot_id();
     const std::string mark = boot.empty() ? "unknown" : boot;  // "unknown" matches no boot
-    if (!synchronous_full_ && boot.empty()) {
+    if (boot.empty()) {
       spdlog::warn(
-          "key store: cannot read this host's boot id (/proc/sys/kernel/random/boot_id): with "
-          "store.synchronous = \"normal\" any restart after a crash of this KME discards its "
-          "pool; use \"full\" or give the KME /proc");
-    } else if (std::getenv("QKD_KMS_BOOT_ID") != nullptr && !boot.empty()) {
+          synchronous_full_
+              ? "key store: cannot read this host's boot id (/proc/sys/kernel/random/boot_id): "
+                "every dec_keys waits for a sync of the store (slower); give the KME /proc"
+              : "key store: cannot read this host's boot id (/proc/sys/kernel/random/boot_id): "
+                "with store.synchronous = \"normal\" any restart after a crash of this KME "
+                "discards its pool; use \"full\" or give the KME /proc");
+    } else if (std::getenv("QKD_KMS_BOOT_ID") != nullptr) {
       spdlog::warn("key store: QKD_KMS_BOOT_ID is set: taking \"{}\" for this host's boot (a "
                    "test setting: a fixed value hides reboots)",
                    boot);
     }
-    if (!unsynced_boot.empty() && unsynced_boot != boot) {
+    const bool full_record = unsynced_boot.ends_with(kDeliveriesMark);
+    const std::string recorded_boot =
+        full_record ? unsynced_boot.substr(0, unsynced_boot.size() - kDeliveriesMark.size())
+                    : unsynced_boot;
+    if (!unsynced_boot.empty() && recorded_boot != boot && full_record) {
+      std::uint64_t keys = 0;
+      db_.run("SELECT COUNT(*) FROM assigned", [&](sqlite3_stmt* st) { keys = col_u64(st, 0); });
+      meta_transaction([&] {
+        db_.exec("DELETE FROM assigned");
+        db_.write("INSERT INTO meta(name, value) VALUES(?, 1) "
+                  "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                  std::string(detail::kAssignedLost));
+      });
+      meta[std::string(detail::kAssignedLost)] = 1;
+      spdlog::warn(
+          "key store: {} was left open by a KME under boot {}, and the host has restarted "
+          "since (boot {}): the record of its last dec_keys deliveries may be lost; discarding "
+          "the {} keys assigned by the peer that it held for SAEs (none is served twice)",
+          path_, printable(recorded_boot), mark, keys);
+    } else if (!unsynced_boot.empty() && recorded_boot != boot) {
       const std::vector<std::string_view> reset = {detail::kCommitted, detail::kCursorAlice,
                                                    detail::kCursorBob,  detail::kEpoch,
                                                    detail::kBlocks,     "pool_digest"};
@@ -950,25 +1017,32 @@ class SqliteJournal final : public detail::Journal {
           "with them the record of keys already delivered; discarding its pool and undelivered "
           "keys (the link starts a new pool with the peer)",
           path_, printable(unsynced_boot), mark);
-    }
-    if (!synchronous_full_) {
-      if (unsynced_boot != mark) {
-        meta_transaction([&] {
-          db_.write("INSERT INTO meta(name, value) VALUES(?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                    std::string(kUnsyncedBoot), mark);
-        });
-      }
-      marked_ = true;
-    } else if (!unsynced_boot.empty()) {
+    } else if (!unsynced_boot.empty() && synchronous_full_) {
       sync_existing_file(path_ + "-wal");
       sync_existing_file(path_);
       sync_existing_file(std::filesystem::path(path_).parent_path().empty()
                              ? std::string(".")
                              : std::filesystem::path(path_).parent_path().string());
-      meta_transaction(
-          [&] { db_.write("DELETE FROM meta WHERE name = ?", std::string(kUnsyncedBoot)); });
     }
+    std::string record;  // what this run keeps recorded
+    if (!synchronous_full_) {
+      record = mark;
+    } else if (!boot.empty()) {
+      record = boot + std::string(kDeliveriesMark);
+      lazy_deliveries_ = true;
+    }
+    if (record != unsynced_boot) {
+      meta_transaction([&] {
+        if (record.empty()) {
+          db_.write("DELETE FROM meta WHERE name = ?", std::string(kUnsyncedBoot));
+        } else {
+          db_.write("INSERT INTO meta(name, value) VALUES(?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    std::string(kUnsyncedBoot), record);
+        }
+      });
+    }
+    marked_ = !record.empty();
   }
 
   // Every chunk a direction still holds, from its cursor to the committed end, must have
@@ -1212,19 +1286,27 @@ class SqliteJournal final : public detail::Journal {
   std::uint64_t seal() override { return seal_unit(Seal::kNow); }
   std::uint64_t seal_deferred() override { return seal_unit(Seal::kDeferred); }
   std::uint64_t seal_link() override { return seal_unit(Seal::kLink); }
+  std::uint64_t seal_delivery(std::uint64_t after) override {
+    return seal_unit(Seal::kDelivery, after);
+  }
+  std::uint64_t next_ticket() const override {
+    std::lock_guard lock(mu_);
+    return last_ticket_ + 1;
+  }
 
-  // With callers_write_ (NORMAL) a caller whose unit is queued writes the queue itself when
-  // no transaction is being written (no hand-off to the committer thread and back); otherwise
-  // it waits for the one in progress, and then writes the next group if its unit is in it.
+  // A caller whose unit is queued writes the queue itself when no transaction is being
+  // written (no hand-off to the committer thread and back); otherwise it waits for the one
+  // in progress, and then writes the next group if its unit is in it. With FULL it then
+  // waits for the syncer, unless its unit needs no sync.
   Status wait(std::uint64_t ticket, bool write_here) override {
     std::unique_lock lock(mu_);
-    const bool counted = !write_here && durable_ticket_ < ticket && !failed_;
+    const bool counted = !write_here && written_ticket_ < ticket && !failed_;
     if (counted) {
       ++committer_writes_for_;
       work_cv_.notify_one();
     }
-    while (durable_ticket_ < ticket && !failed_) {
-      if (write_here && callers_write_ && !committing_ && urgent_queued_ > 0) {
+    while (!done_locked(ticket) && !failed_) {
+      if (write_here && !committing_ && urgent_queued_ > 0) {
         commit_queue(lock);
         continue;
       }
@@ -1238,7 +1320,7 @@ class SqliteJournal final : public detail::Journal {
 
   void when_durable(std::uint64_t ticket, std::function<void(Status)> done) override {
     std::unique_lock lock(mu_);
-    if (durable_ticket_ >= ticket || failed_) {
+    if (done_locked(ticket) || failed_) {
       const Status st = status_locked(ticket);
       lock.unlock();
       done(st);
@@ -1251,15 +1333,18 @@ class SqliteJournal final : public detail::Journal {
       return;
     }
     if (!commit_may_block()) {
-      commit_queue(lock);  // NORMAL: a commit is a page-cache write; no hand-off
+      commit_queue(lock);  // a commit is a page-cache write; no hand-off
     } else {
-      work_cv_.notify_one();  // FULL (an fsync), or a checkpoint may be due: the committer
+      work_cv_.notify_one();  // a checkpoint may be due: the committer thread writes it
     }
   }
 
+  // Everything sealed so far written and (FULL) synced.
   void drain() override {
     std::unique_lock lock(mu_);
     const std::uint64_t target = last_ticket_;
+    ++drainers_;
+    sync_cv_.notify_one();
     while (durable_ticket_ < target && !failed_) {
       if (!committing_ && !queue_.empty()) {
         commit_queue(lock);  // at shutdown any thread may wait for the disk
@@ -1267,30 +1352,43 @@ class SqliteJournal final : public detail::Journal {
       }
       done_cv_.wait(lock);
     }
+    --drainers_;
     done_cv_.wait(lock, [&] { return running_callbacks_ == 0; });
   }
 
  private:
-  // Whether writing the queue may last a sync to disk or a checkpoint: always with FULL;
-  // with NORMAL (a commit is a write into the OS page cache, ~0.1 ms) only while the WAL
-  // nears the bound at which the writer checkpoints itself. Then when_durable() leaves the
-  // write to the committer thread rather than blocking its caller (an API I/O thread).
+  // Whether writing the queue may last a checkpoint (a commit is otherwise a write into the
+  // OS page cache, ~0.1 ms): while the WAL nears the bound at which the writer checkpoints
+  // itself. Then when_durable() leaves the write to the committer thread rather than
+  // blocking its caller (an API I/O thread).
   bool commit_may_block() const {
-    return !callers_write_ || wal_pages_.load(std::memory_order_relaxed) >= kWalHardPages / 2;
+    return wal_pages_.load(std::memory_order_relaxed) >= kWalHardPages / 2;
+  }
+
+  // Whether unit `ticket` is durable: synced (with NORMAL: written), or a delivery that
+  // needs no sync written and the unit it depends on synced.
+  bool done_locked(std::uint64_t ticket) const {
+    if (durable_ticket_ >= ticket) {
+      return true;
+    }
+    if (written_ticket_ < ticket) {
+      return false;
+    }
+    const auto d = deliveries_.find(ticket);
+    return d != deliveries_.end() && durable_ticket_ >= d->second;
   }
 
   Status status_locked(std::uint64_t ticket) const {
-    if (durable_ticket_ >= ticket) {
+    if (done_locked(ticket)) {
       return qkd::core::ok_status();
     }
     return make_error(ErrorCode::kInternal, failure_);
   }
 
-  // Whether a queued unit must be written now by the committer thread: FULL, a caller
-  // waits for it; or (any level) a completion waits for it with no caller to write it.
+  // Whether a queued unit must be written now by the committer thread: a completion waits
+  // for it with no caller to write it.
   bool urgent_for_committer() const {
-    return urgent_queued_ > 0 &&
-           (!callers_write_ || !callbacks_.empty() || committer_writes_for_ > 0);
+    return urgent_queued_ > 0 && (!callbacks_.empty() || committer_writes_for_ > 0);
   }
 
   void add(std::function<void(Db&)> run, std::string row = {}, bool put = false) {
@@ -1302,22 +1400,26 @@ class SqliteJournal final : public detail::Journal {
     current_.push_back(Op{std::move(run), {}, false, false, /*meta=*/true});
   }
 
-  std::uint64_t seal_unit(Seal kind) {
+  std::uint64_t seal_unit(Seal kind, std::uint64_t after = 0) {
     const bool deferred = kind == Seal::kDeferred;
     std::lock_guard lock(mu_);
     if (!current_.empty()) {
+      const bool lazy = kind == Seal::kDelivery && lazy_deliveries_;
       queue_.push_back(Unit{++last_ticket_, std::move(current_), std::chrono::steady_clock::now(),
-                            kind == Seal::kLink});
+                            kind == Seal::kLink, !lazy});
       current_.clear();
+      if (lazy) {
+        deliveries_.emplace(last_ticket_, std::min(after, last_ticket_));
+      }
       if (!deferred) {
         ++urgent_queued_;
       }
       // The committer thread needs a wake-up for a unit only when it is idle (nothing was
-      // queued: a deferred unit starts its timer) or, with FULL, for a unit a caller waits
-      // for. Otherwise it is already waiting for the first deferred unit's deadline or
-      // writing, and a wake-up would only be a context switch that finds nothing to do.
-      if ((deferred && committer_idle_) || (!deferred && !callers_write_)) {
-        work_cv_.notify_one();  // else its caller writes it (wait())
+      // queued: a deferred unit starts its timer). Otherwise it is already waiting for the
+      // first deferred unit's deadline or writing, and a wake-up would only be a context
+      // switch that finds nothing to do; a caller writes its own unit (wait()).
+      if (deferred && committer_idle_) {
+        work_cv_.notify_one();
       }
     }
     return last_ticket_;
@@ -1334,7 +1436,9 @@ class SqliteJournal final : public detail::Journal {
       if (queue_.empty()) {
         return;  // stopping, all written
       }
-      if (!stopping_ && !urgent_for_committer()) {
+      // With lazy deliveries a deferred unit would gain nothing by waiting: no delivery
+      // needs a sync of its own to share, and a delivery of its keys waits for its sync.
+      if (!stopping_ && !urgent_for_committer() && !lazy_deliveries_) {
         const auto due = queue_.front().sealed_at + kDeferMax;
         if (std::chrono::steady_clock::now() < due) {
           work_cv_.wait_until(lock, due, [&] { return stopping_ || urgent_for_committer(); });
@@ -1342,6 +1446,47 @@ class SqliteJournal final : public detail::Journal {
         }
       }
       commit_queue(lock);
+    }
+  }
+
+  // FULL: syncs the WAL once a written unit needs it (or drain(), or at the end), outside
+  // SQLite's write lock: the frames of every transaction written before the sync started are
+  // durable when it returns (those a checkpoint has copied meanwhile are in the database,
+  // which the checkpoint synced). Transactions written during a sync wait for the next.
+  void run_syncer() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      sync_cv_.wait(lock, [&] {
+        return failed_ || sync_wanted_ > durable_ticket_ ||
+               ((drainers_ > 0 || sync_stopping_) && written_ticket_ > durable_ticket_) ||
+               sync_stopping_;
+      });
+      if (failed_ || written_ticket_ <= durable_ticket_) {
+        if (sync_stopping_ || failed_) {
+          return;
+        }
+        continue;
+      }
+      const std::uint64_t target = written_ticket_;
+      lock.unlock();
+      const auto t0 = std::chrono::steady_clock::now();
+      const int rc = ::fdatasync(wal_fd_);
+      const int err = errno;
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - t0;
+      {
+        std::lock_guard times(times_mu_);
+        times_.syncs.add(took.count());
+      }
+      lock.lock();
+      if (rc != 0) {
+        fail_locked(fmt::format("syncing {}-wal failed: {}", path_, std::strerror(err)));
+      } else {
+        durable_ticket_ = target;
+        deliveries_.erase(deliveries_.begin(), deliveries_.upper_bound(target));
+      }
+      // A delivery of the units just synced completes here (so may any unit written since,
+      // if its delivery's dependency is now synced).
+      complete_due(lock);
     }
   }
 
@@ -1357,35 +1502,56 @@ class SqliteJournal final : public detail::Journal {
     queue_.clear();
     urgent_queued_ = 0;
     const std::uint64_t last = units.back().ticket;
+    const bool needs_sync =
+        std::any_of(units.begin(), units.end(), [](const Unit& u) { return u.needs_sync; });
     if (!failed_) {  // else the waiters see the failure
       lock.unlock();
       std::string error = write(units);
       units.clear();
       lock.lock();
       if (error.empty()) {
-        durable_ticket_ = last;
+        written_ticket_ = last;
+        if (!synchronous_full_) {
+          durable_ticket_ = last;
+        } else {
+          if (needs_sync) {
+            sync_wanted_ = last;
+          }
+          if (needs_sync || drainers_ > 0 || stopping_) {
+            sync_cv_.notify_one();
+          }
+        }
       } else {
-        failed_ = true;
-        failure_ = fmt::format("writing {} failed: {}", path_, error);
-        spdlog::critical("key store: {}; no key is served from now on", failure_);
+        fail_locked(fmt::format("writing {} failed: {}", path_, error));
       }
     }
     committing_ = false;
+    // What is left: with completions waiting and no caller to write their units, the
+    // committer thread writes it now; deferred units alone wait for a caller.
+    if (stopping_ || (!queue_.empty() && (urgent_for_committer() ||
+                                          (urgent_queued_ == 0 && committer_idle_)))) {
+      work_cv_.notify_one();  // the committer thread's turn
+    }
+    complete_due(lock);
+  }
+
+  void fail_locked(std::string failure) {
+    failed_ = true;
+    failure_ = std::move(failure);
+    spdlog::critical("key store: {}; no key is served from now on", failure_);
+  }
+
+  // Wakes the waiters and runs the completions (when_durable) that are due now, without mu_.
+  void complete_due(std::unique_lock<std::mutex>& lock) {
     std::vector<std::pair<Status, std::function<void(Status)>>> due;
     std::erase_if(callbacks_, [&](Callback& c) {
-      if (c.ticket > durable_ticket_ && !failed_) {
+      if (!done_locked(c.ticket) && !failed_) {
         return false;
       }
       due.emplace_back(status_locked(c.ticket), std::move(c.done));
       return true;
     });
     done_cv_.notify_all();
-    // What is left: with FULL, or with completions waiting and no caller to write their
-    // units, the committer thread writes it now; deferred units alone wait for a caller.
-    if (stopping_ || (!queue_.empty() && (urgent_for_committer() ||
-                                          (urgent_queued_ == 0 && committer_idle_)))) {
-      work_cv_.notify_one();  // the committer thread's turn
-    }
     if (!due.empty()) {
       ++running_callbacks_;
       lock.unlock();
@@ -1566,16 +1732,25 @@ class SqliteJournal final : public detail::Journal {
   // is writing to end (commit_queue() then wakes it if deferred units are left).
   bool committer_idle_ = false;
   int committer_writes_for_ = 0;  // callers of wait(ticket, false) waiting: the committer writes
-  // NORMAL: a waiting caller writes the queue itself when no transaction is in progress.
-  // FULL: the committer thread writes every group (a commit lasts an fsync, so under load
-  // the next group is ready when one ends and the committer thread goes on without a wake-up).
-  const bool callers_write_ = !synchronous_full_;
   std::uint64_t last_ticket_ = 0;
-  std::uint64_t durable_ticket_ = 0;
+  std::uint64_t written_ticket_ = 0;  // every unit up to it is written (committed)
+  std::uint64_t durable_ticket_ = 0;  // ... and synced (NORMAL: = written_ticket_)
+  // FULL: the syncer thread (syncer_) syncs the WAL through wal_fd_ once a unit that needs
+  // it is written (sync_wanted_: the last such transaction's last unit).
+  std::thread syncer_;
+  int wal_fd_ = -1;
+  std::condition_variable sync_cv_;
+  std::uint64_t sync_wanted_ = 0;
+  int drainers_ = 0;  // drain() calls waiting: everything written is synced
+  bool sync_stopping_ = false;
+  // FULL with a known boot: deliveries (seal_delivery()) are durable once written and their
+  // dependency synced; by ticket, the unit each depends on, until synced.
+  bool lazy_deliveries_ = false;
+  std::map<std::uint64_t, std::uint64_t> deliveries_;
   bool failed_ = false;
   std::string failure_;
   bool stopping_ = false;
-  bool marked_ = false;  // this run recorded its boot (NORMAL): open_boot_guard()
+  bool marked_ = false;  // this run recorded its boot: open_boot_guard()
 };
 
 }  // namespace

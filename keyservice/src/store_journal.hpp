@@ -25,6 +25,7 @@ inline constexpr std::string_view kEpoch = "epoch";
 inline constexpr std::string_view kBlocks = "blocks";
 inline constexpr std::string_view kNextSeq = "next_seq";
 inline constexpr std::string_view kLastAppliedSeq = "last_applied_seq";
+inline constexpr std::string_view kAssignedLost = "assigned_lost";  // LinkState::assigned_lost
 
 struct StoredChunk {
   Direction dir = Direction::kAlice;
@@ -96,6 +97,16 @@ class Journal {
   // The same as seal() for the link's writes (block commits, Bob's pending block, a new
   // epoch), so that commit_times() counts their transactions apart.
   virtual std::uint64_t seal_link() = 0;
+  // The same as seal() for the delivery of assigned keys (dec_keys) whose records unit
+  // `after` wrote: with store.synchronous = "full" such a unit is durable (wait(),
+  // when_durable()) once it is written to the file, where a crash of the process does not
+  // lose it, and unit `after` is synced; it waits for no sync of its own. A power loss may
+  // then undo the delivery, so a store reopened under another boot discards every assigned
+  // key (open_boot_guard() in sqlite_key_store.cpp): none is served twice. Where the boot
+  // cannot be told, and with "normal", the same as seal().
+  virtual std::uint64_t seal_delivery(std::uint64_t after) = 0;
+  // The ticket that the next seal of any kind returns, if a change is recorded before it.
+  [[nodiscard]] virtual std::uint64_t next_ticket() const = 0;
   // Blocks until unit `ticket` is durable; an error if writing failed (the store is then
   // unusable: every later wait fails too). `write_here` = false: the committer thread
   // writes it, never the caller (a thread of lower priority, the link's runner: a group it
@@ -115,9 +126,11 @@ class Journal {
   virtual void drain() = 0;
   // The durations of the transactions written so far (for /metrics): those without and
   // those with a unit of seal_link().
+  // With "full", also the syncs of the file that make written units durable.
   struct Times {
     CommitTimes requests;
     CommitTimes link;
+    CommitTimes syncs;
   };
   [[nodiscard]] virtual Times commit_times() const = 0;
   // Why writing failed (every wait fails from then on), or empty.

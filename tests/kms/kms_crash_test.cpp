@@ -491,4 +491,44 @@ TEST(KmsCrash, NormalStoreLeftOpenAcrossARebootStartsANewPool) {
   }
 }
 
+// With store.synchronous = "full" a dec_keys delivery is written but not synced, so a power
+// loss may undo it. bob-kme is killed and restarted as after a reboot (QKD_KMS_BOOT_ID): it
+// discards the keys alice assigned it (fetched or not, none is served again) but keeps its
+// pool, so the link resumes; alice, told at the session start, drops the keys she had
+// prepared for enc_keys (their copies at bob are gone), and the keys she hands out from
+// then on are served by bob.
+TEST(KmsCrash, FullStoreLeftOpenAcrossARebootDiscardsTheKeysItHeld) {
+  auto started = durable_network_with_a_full_pool();
+  ASSERT_NE(started, nullptr);
+  KmeNetwork& net = *started;
+  const auto before = enc_at_alice(net, 3);
+  ASSERT_EQ(before.size(), 3u);
+  ASSERT_EQ(dec_at_bob(net, before.front().first), std::make_pair(200u, before.front().second));
+  ASSERT_GT(wait_waiting_at_bob(net, [](double v) { return v > 2; }), 2.0)
+      << "no prepared keys announced";
+  {
+    const qkd::test::ScopedEnv boot("QKD_KMS_BOOT_ID", "a-later-boot");
+    ASSERT_TRUE(net.crash_and_restart("bob-kme").ok());
+  }
+  EXPECT_TRUE(wait_for_log(net, net.bob(), "the record of its last dec_keys deliveries may be lost", 1))
+      << net.log_tail(net.bob());
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 1))
+      << net.log_tail(net.alice());
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "the peer lost the keys assigned to it", 1))
+      << net.log_tail(net.alice());
+  EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "discarding both pools"), 0u);
+  for (const auto& [id, key] : before) {
+    EXPECT_EQ(dec_at_bob(net, id).first, 400u) << id;
+  }
+  const auto after = enc_at_alice(net, 3);
+  ASSERT_EQ(after.size(), 3u);
+  expect_bob_serves(net, after);
+  // Told once: a later restart of bob (under the same boot) resumes without it.
+  ASSERT_TRUE(net.restart_bob().ok());
+  EXPECT_TRUE(wait_for_log(net, net.alice(), "established (resume)", 2))
+      << net.log_tail(net.alice());
+  EXPECT_EQ(count(net.log_tail(net.alice(), 1000000), "the peer lost the keys assigned to it"),
+            1u);
+}
+
 }  // namespace

@@ -336,6 +336,8 @@ class RefusesFirstNotice : public KeyStore {
     s_.set_notice_hooks(std::move(e), std::move(r));
   }
   LinkState link_state() const override { return s_.link_state(); }
+  std::uint64_t drop_prepared() override { return s_.drop_prepared(); }
+  Status clear_assigned_lost() override { return s_.clear_assigned_lost(); }
   Status commit_block(std::span<const std::uint8_t> k, std::uint64_t e, std::uint64_t b) override {
     return s_.commit_block(k, e, b);
   }

@@ -220,6 +220,7 @@ TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {
   st.request_commits.add(0.003);
   st.request_commits.add(1.5);  // above the last bound: only in +Inf
   st.link_commits.add(0.002);
+  st.store_syncs.add(0.0009);
   qkd::kms::LinkStats ls;
   ls.up = true;
   ls.qber = 0.031;
@@ -263,6 +264,10 @@ TEST(MetricsTest, ExpositionIsValidWithAwkwardSaeIds) {
   EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_bucket{writes=\"link\",le=\"0.002\"}"),
             1.0);
   EXPECT_EQ(e.samples.at("qkd_kms_store_commit_duration_seconds_count{writes=\"link\"}"), 1.0);
+  EXPECT_EQ(e.types.at("qkd_kms_store_sync_duration_seconds"), "histogram");
+  EXPECT_EQ(e.samples.at("qkd_kms_store_sync_duration_seconds_bucket{le=\"0.00075\"}"), 0.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_sync_duration_seconds_bucket{le=\"0.001\"}"), 1.0);
+  EXPECT_EQ(e.samples.at("qkd_kms_store_sync_duration_seconds_count"), 1.0);
 }
 
 }  // namespace

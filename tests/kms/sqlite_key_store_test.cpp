@@ -614,6 +614,73 @@ TEST(SqliteKeyStore, NormalStoreLeftOpenAcrossARebootDiscardsItsPool) {
   expect_epoch(dir.file("crash-b-again.db"), 0, "left open twice in boot b, opened in boot c");
 }
 
+// With store.synchronous = "full" a dec_keys delivery is durable once written to the file
+// (a crash of the KME keeps it) and its key's notice synced: it waits for no sync of its
+// own. A power loss or an OS crash may undo it, so a store left open under another boot
+// discards the keys the peer assigned that it still held (none is served twice; the pool
+// and the link are kept). Under the same boot (the KME crashed) nothing is lost.
+TEST(SqliteKeyStore, FullDeliveriesWaitForNoSyncAndAReBootDiscardsWaitingKeys) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  const auto pool = pattern(32 * 16, 12);
+  const std::vector<std::string> ids = {"0b6c1f3e-7a2d-4c55-9e1a-4d2f8b3c6a01",
+                                        "0b6c1f3e-7a2d-4c55-9e1a-4d2f8b3c6a02",
+                                        "0b6c1f3e-7a2d-4c55-9e1a-4d2f8b3c6a03"};
+  auto taken = [](KeyStore& s, const std::string& id) {
+    return s.take("alice", "bob", {id}, 0ms).ok();
+  };
+  {
+    const auto boot = boot_id("boot-a");
+    auto s = open_store(db);  // FULL, the default
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->commit_block(pool, 1, 1).ok());
+    std::vector<KeyAssignment> notice;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      notice.push_back(KeyAssignment{ids[i], Direction::kBob, 32 * i, 32, "bob", {"alice"}, false});
+    }
+    ASSERT_TRUE(s->apply_peer_notice(1, notice).ok());
+    const auto syncs = s->stats().store_syncs.count;
+    EXPECT_GT(syncs, 0u) << "the notice was not synced";
+    const auto writes = s->stats().request_commits.count;
+    EXPECT_TRUE(taken(*s, ids[0]));
+    EXPECT_TRUE(taken(*s, ids[1]));
+    EXPECT_EQ(s->stats().request_commits.count, writes + 2) << "each delivery is written";
+    EXPECT_EQ(s->stats().store_syncs.count, syncs) << "a delivery waited for a sync";
+    copy_open_store(db, dir.file("crash-same-boot.db"));
+    copy_open_store(db, dir.file("crash-new-boot.db"));
+  }  // closed cleanly
+  {
+    const auto boot = boot_id("boot-a");
+    auto s = open_store(dir.file("crash-same-boot.db"));
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->stats().assigned_keys_waiting, 1u);
+    EXPECT_FALSE(taken(*s, ids[0])) << "delivered twice after a crash of the KME";
+    EXPECT_FALSE(taken(*s, ids[1])) << "delivered twice after a crash of the KME";
+    EXPECT_TRUE(taken(*s, ids[2])) << "lost in a crash of the KME";
+  }
+  const auto boot = boot_id("boot-b");
+  {
+    auto s = open_store(dir.file("crash-new-boot.db"));
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->link_state().epoch, 1u);
+    EXPECT_EQ(s->stats().committed_bytes, pool.size());
+    EXPECT_EQ(s->stats().assigned_keys_waiting, 0u);
+    for (const auto& id : ids) {
+      const auto r = s->take("alice", "bob", {id}, 0ms);
+      ASSERT_FALSE(r.ok()) << id << " served after a reboot";
+      EXPECT_EQ(r.error().code, ErrorCode::kInvalidArgument);
+    }
+    EXPECT_EQ(s->stats().peer_available_bytes, pool.size() / 2 - 3 * 32);
+  }
+  {
+    // Closed cleanly: whole across the reboot.
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->stats().assigned_keys_waiting, 1u);
+    EXPECT_TRUE(taken(*s, ids[2]));
+  }
+}
+
 // The pool digest follows the epoch and each committed block, survives a reopen, and is not
 // known for a file written before digests were kept (until its next epoch).
 TEST(SqliteKeyStore, PoolDigestChainsBlocksAndSurvivesReopen) {

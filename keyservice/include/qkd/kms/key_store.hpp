@@ -77,10 +77,10 @@ struct DeliveredKey {
 
 // Durations of the durable store's transactions since the store was opened: each writes one
 // group of units, from BEGIN (or from the checkpoint the writer runs itself first when the
-// WAL has reached its bound) to the end of COMMIT, with store.synchronous = "full" the WAL's
-// fsync included; failed ones too, up to the failure. Upper bounds of the buckets in seconds
-// (+Inf implied), fine around the ~1 ms a commit with an fsync takes, since a durable
-// request waits for at least one.
+// WAL has reached its bound) to the end of COMMIT (a write into the OS page cache); failed
+// ones too, up to the failure. The same histogram serves the syncs that follow them with
+// store.synchronous = "full". Upper bounds of the buckets in seconds (+Inf implied), fine
+// around the ~1 ms an fsync takes.
 struct CommitTimes {
   static constexpr std::array<double, 20> kBuckets = {
       0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.00225,
@@ -110,6 +110,8 @@ struct StoreStats {
   // Bob's pending block, a new epoch: larger, and no request waits for them as such).
   CommitTimes request_commits;
   CommitTimes link_commits;
+  // With store.synchronous = "full": the syncs of the file that make those durable.
+  CommitTimes store_syncs;
 };
 
 // Bob's block kept between his ready message and Alice's commit.
@@ -144,6 +146,10 @@ struct LinkState {
   // After `blocks` blocks; nullopt for a store written before digests were kept (until its
   // next epoch).
   std::optional<PoolDigest> digest;
+  // The store discarded the keys the peer had assigned to it (a power loss undid its last
+  // deliveries, store.synchronous = "full"): the peer is to drop its prepared keys, whose
+  // copies went with them. Until clear_assigned_lost().
+  bool assigned_lost = false;
 };
 
 // Error codes used by the store (mapped to HTTP statuses in one place, etsi_api.cpp):
@@ -314,6 +320,11 @@ class KeyStore {
   // keys afterwards; returns once the notice is durable (it leaves now, or with the next
   // session's resend).
   virtual void withdraw_prepared() = 0;
+  // Drops every prepared key without a notice (the peer lost its copies: LinkState::
+  // assigned_lost); returns how many. Their bytes stay consumed.
+  virtual std::uint64_t drop_prepared() = 0;
+  // The peer has been told of LinkState::assigned_lost: clears it (durably).
+  virtual Status clear_assigned_lost() = 0;
   // Keys of `size_bytes` prepared for enc_keys of (master, slave) (the ETSI status counts
   // them as stored for that pair: they are its keys, not the pool's).
   [[nodiscard]] virtual std::uint64_t prepared_for(const std::string& master_sae,
