@@ -273,6 +273,9 @@ struct LinkService::Impl {
       std::map<std::pair<std::string, std::string>, std::pair<std::uint64_t, std::uint64_t>>;
   FetchReports fetched;
   std::atomic<bool> peer_takes_fetched{false};  // announced in the peer's hello/state
+  // The peer acts on assigned_lost (drops its prepared keys): announced in its hello/state
+  // ("drops_prepared"); a peer of an earlier version is told again at each session start.
+  std::atomic<bool> peer_drops_prepared{false};
   LinkService::FetchListener fetch_listener;    // set before start()
 
   // Statistics.
@@ -531,10 +534,12 @@ struct LinkService::Impl {
         }
       } else if (t == "hello") {
         peer_takes_fetched = j->value("fetched", false);
+        peer_drops_prepared = j->value("drops_prepared", false);
         drop_prepared_if_peer_lost_them(*j);
         std::lock_guard lock(state_mu);
         json reply = {{"t", "state"},  {"epoch", epoch},  {"blocks", blocks},
-                      {"pending", pending.has_value()}, {"fetched", true}};
+                      {"pending", pending.has_value()}, {"fetched", true},
+                      {"drops_prepared", true}};
         if (store.link_state().assigned_lost) {
           reply["assigned_lost"] = true;
         }
@@ -582,7 +587,8 @@ struct LinkService::Impl {
           }
         }
         // Alice has had this end's state (assigned_lost) before deciding.
-        if (auto s = store.clear_assigned_lost(); !s.ok()) {
+        if (auto s = peer_drops_prepared ? store.clear_assigned_lost() : qkd::core::ok_status();
+            !s.ok()) {
           spdlog::error("link: {}", s.error().message);
           return false;
         }
@@ -710,7 +716,8 @@ struct LinkService::Impl {
       my_epoch = epoch;
       my_blocks = blocks;
     }
-    json hello = {{"t", "hello"}, {"epoch", my_epoch}, {"blocks", my_blocks}, {"fetched", true}};
+    json hello = {{"t", "hello"},     {"epoch", my_epoch},       {"blocks", my_blocks},
+                  {"fetched", true}, {"drops_prepared", true}};
     if (store.link_state().assigned_lost) {
       hello["assigned_lost"] = true;
     }
@@ -727,6 +734,7 @@ struct LinkService::Impl {
       const auto b = uint_field(*state, "blocks");
       const bool p = state->at("pending").get<bool>();
       peer_takes_fetched = state->value("fetched", false);
+      peer_drops_prepared = state->value("drops_prepared", false);
       drop_prepared_if_peer_lost_them(*state);
       std::lock_guard lock(state_mu);
       // Same epoch and count: the pools must also have the same digest (a store from before
@@ -808,8 +816,10 @@ struct LinkService::Impl {
     if (auto s = conn->send(Channel::kControl, to_bytes(decision)); !s.ok()) {
       return s;
     }
-    if (auto s = store.clear_assigned_lost(); !s.ok()) {  // bob has had the hello
-      return s;
+    if (peer_drops_prepared) {  // bob has had the hello, and acted on it
+      if (auto s = store.clear_assigned_lost(); !s.ok()) {
+        return s;
+      }
     }
     establish(conn);
     spdlog::info("link: session with {} established ({})", conn->peer(),

@@ -120,6 +120,9 @@ constexpr std::string_view kKeyCheckAad = "qkd-kms/key-check/3";
 // FULL (only deliveries unsynced). See open_boot_guard().
 constexpr std::string_view kUnsyncedBoot = "unsynced_boot";
 constexpr std::string_view kDeliveriesMark = "/deliveries";
+// Beside the database: a sync of its WAL failed after deliveries were answered unsynced
+// (record_failed_sync()); the next open discards the assigned keys.
+constexpr std::string_view kFailedSyncSuffix = ".sync-failed";
 constexpr std::string_view kKeyCheckText = "qkd-kms node key check v1";
 // meta name of the tag over every other meta row (format 3): see meta_aad().
 constexpr std::string_view kMetaTag = "meta_tag";
@@ -141,6 +144,12 @@ std::string current_boot_id() {
   std::string id;
   std::getline(in, id);
   return id;
+}
+
+// The folder that holds the file `path`.
+std::string folder_of(const std::string& path) {
+  const auto parent = std::filesystem::path(path).parent_path();
+  return parent.empty() ? std::string(".") : parent.string();
 }
 
 // fsync()s the file or directory `path` if it exists (what another process wrote there
@@ -793,7 +802,7 @@ class SqliteJournal final : public detail::Journal {
       s.link.pending = PendingBlock{block, std::move(*plain)};
     });
     // Commits are writes into the OS page cache from now on, with either level: with FULL
-    // the syncer thread syncs the WAL after them (sync_wal()), outside SQLite's write lock,
+    // the syncer thread syncs the WAL after them (run_syncer()), outside SQLite's write lock,
     // so that the next transaction is written meanwhile, and a unit that needs no sync (a
     // delivery, lazy_deliveries_) waits for none.
     db_.exec("PRAGMA synchronous=NORMAL");
@@ -979,22 +988,18 @@ class SqliteJournal final : public detail::Journal {
     const std::string recorded_boot =
         full_record ? unsynced_boot.substr(0, unsynced_boot.size() - kDeliveriesMark.size())
                     : unsynced_boot;
-    if (!unsynced_boot.empty() && recorded_boot != boot && full_record) {
-      std::uint64_t keys = 0;
-      db_.run("SELECT COUNT(*) FROM assigned", [&](sqlite3_stmt* st) { keys = col_u64(st, 0); });
-      meta_transaction([&] {
-        db_.exec("DELETE FROM assigned");
-        db_.write("INSERT INTO meta(name, value) VALUES(?, 1) "
-                  "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                  std::string(detail::kAssignedLost));
-      });
-      meta[std::string(detail::kAssignedLost)] = 1;
-      spdlog::warn(
-          "key store: {} was left open by a KME under boot {}, and the host has restarted "
-          "since (boot {}): the record of its last dec_keys deliveries may be lost; discarding "
-          "the {} keys assigned by the peer that it held for SAEs (none is served twice)",
-          path_, printable(recorded_boot), mark, keys);
-    } else if (!unsynced_boot.empty() && recorded_boot != boot) {
+    const std::string failed_sync = path_ + std::string(kFailedSyncSuffix);
+    const bool sync_failed = std::filesystem::exists(failed_sync);
+    const bool rebooted = !unsynced_boot.empty() && recorded_boot != boot;
+    if ((rebooted && full_record) || (sync_failed && !rebooted)) {
+      discard_assigned(rebooted ? fmt::format("it was left open by a KME under boot {}, and the "
+                                              "host has restarted since (boot {})",
+                                              printable(recorded_boot), mark)
+                                : fmt::format("a sync of its WAL failed in an earlier run ({} "
+                                              "exists)",
+                                              failed_sync),
+                       meta);
+    } else if (rebooted) {
       const std::vector<std::string_view> reset = {detail::kCommitted, detail::kCursorAlice,
                                                    detail::kCursorBob,  detail::kEpoch,
                                                    detail::kBlocks,     "pool_digest"};
@@ -1017,12 +1022,16 @@ class SqliteJournal final : public detail::Journal {
           "with them the record of keys already delivered; discarding its pool and undelivered "
           "keys (the link starts a new pool with the peer)",
           path_, printable(unsynced_boot), mark);
-    } else if (!unsynced_boot.empty() && synchronous_full_) {
+    } else if (synchronous_full_) {
+      // What an earlier run left in the page cache (a crash of the KME; with a record of
+      // this boot, its unsynced deliveries) is synced before anything is served.
       sync_existing_file(path_ + "-wal");
       sync_existing_file(path_);
-      sync_existing_file(std::filesystem::path(path_).parent_path().empty()
-                             ? std::string(".")
-                             : std::filesystem::path(path_).parent_path().string());
+      sync_existing_file(folder_of(path_));
+    }
+    if (sync_failed) {  // handled above: the discard is synced
+      std::filesystem::remove(failed_sync);
+      sync_existing_file(folder_of(path_));
     }
     std::string record;  // what this run keeps recorded
     if (!synchronous_full_) {
@@ -1043,6 +1052,47 @@ class SqliteJournal final : public detail::Journal {
       });
     }
     marked_ = !record.empty();
+  }
+
+  // open_boot_guard(): the keys assigned here that the last run may have delivered without
+  // a durable record (its deliveries were not synced) go, and their key_IDs count as used
+  // (a dec_keys of one is a 400 at once; owners not kept); meta.assigned_lost tells the peer.
+  void discard_assigned(const std::string& why,
+                        std::unordered_map<std::string, std::uint64_t>& meta) {
+    std::uint64_t keys = 0;
+    db_.run("SELECT COUNT(*) FROM assigned", [&](sqlite3_stmt* st) { keys = col_u64(st, 0); });
+    meta_transaction([&] {
+      db_.exec("INSERT INTO used_ids(key_id, owners) SELECT key_id, NULL FROM assigned;"
+               "DELETE FROM assigned;");
+      db_.write("INSERT INTO meta(name, value) VALUES(?, 1) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                std::string(detail::kAssignedLost));
+    });
+    meta[std::string(detail::kAssignedLost)] = 1;
+    spdlog::warn("key store: {}: {}: the record of its last dec_keys deliveries may be lost; "
+                 "discarding the {} assigned keys it held for SAEs (none is served twice)",
+                 path_, why, keys);
+  }
+
+  // The syncer thread, after a failed sync: the written deliveries it was to make durable may
+  // be lost from the page cache too (a failed write-back), while a restart in this boot would
+  // trust it. A file beside the store makes the next open discard the assigned keys.
+  void record_failed_sync() {
+    const std::string marker = path_ + std::string(kFailedSyncSuffix);
+    const int fd = ::open(marker.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, S_IRUSR | S_IWUSR);
+    if (fd < 0 || ::fsync(fd) != 0) {
+      spdlog::critical("key store: cannot record the failed sync in {}: {}; discard the file's "
+                       "assigned keys before the next start",
+                       marker, std::strerror(errno));
+    }
+    if (fd >= 0) {
+      ::close(fd);
+    }
+    try {
+      sync_existing_file(folder_of(path_));
+    } catch (const DbError& e) {
+      spdlog::critical("key store: {}", e.what);
+    }
   }
 
   // Every chunk a direction still holds, from its cursor to the committed end, must have
@@ -1404,12 +1454,13 @@ class SqliteJournal final : public detail::Journal {
     const bool deferred = kind == Seal::kDeferred;
     std::lock_guard lock(mu_);
     if (!current_.empty()) {
-      const bool lazy = kind == Seal::kDelivery && lazy_deliveries_;
+      // (A delivery whose keys this very unit recorded would depend on itself: synced.)
+      const bool lazy = kind == Seal::kDelivery && lazy_deliveries_ && after <= last_ticket_;
       queue_.push_back(Unit{++last_ticket_, std::move(current_), std::chrono::steady_clock::now(),
                             kind == Seal::kLink, !lazy});
       current_.clear();
       if (lazy) {
-        deliveries_.emplace(last_ticket_, std::min(after, last_ticket_));
+        deliveries_.emplace(last_ticket_, after);
       }
       if (!deferred) {
         ++urgent_queued_;
@@ -1480,6 +1531,11 @@ class SqliteJournal final : public detail::Journal {
       lock.lock();
       if (rc != 0) {
         fail_locked(fmt::format("syncing {}-wal failed: {}", path_, std::strerror(err)));
+        if (lazy_deliveries_) {
+          lock.unlock();
+          record_failed_sync();
+          lock.lock();
+        }
       } else {
         durable_ticket_ = target;
         deliveries_.erase(deliveries_.begin(), deliveries_.upper_bound(target));
@@ -1629,7 +1685,7 @@ class SqliteJournal final : public detail::Journal {
           db_.write("DELETE FROM used_ids WHERE rowid <= (SELECT MAX(rowid) FROM used_ids) - ?",
                     static_cast<std::uint64_t>(kMaxUsedIds));
         }
-        db_.exec("COMMIT");  // with FULL, the WAL's fsync
+        db_.exec("COMMIT");  // a write into the page cache (run_syncer() syncs it with FULL)
       } catch (const DbError&) {
         try {
           db_.exec("ROLLBACK");

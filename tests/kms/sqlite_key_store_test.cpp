@@ -666,19 +666,46 @@ TEST(SqliteKeyStore, FullDeliveriesWaitForNoSyncAndAReBootDiscardsWaitingKeys) {
     EXPECT_EQ(s->stats().committed_bytes, pool.size());
     EXPECT_EQ(s->stats().assigned_keys_waiting, 0u);
     for (const auto& id : ids) {
+      EXPECT_TRUE(s->delivered_any({id})) << id << ": a dec_keys would wait for it";
       const auto r = s->take("alice", "bob", {id}, 0ms);
       ASSERT_FALSE(r.ok()) << id << " served after a reboot";
       EXPECT_EQ(r.error().code, ErrorCode::kInvalidArgument);
     }
     EXPECT_EQ(s->stats().peer_available_bytes, pool.size() / 2 - 3 * 32);
+    EXPECT_TRUE(s->link_state().assigned_lost) << "the peer is not told";
+  }
+  {
+    // Told until the link says the peer knows.
+    auto s = open_store(dir.file("crash-new-boot.db"));
+    ASSERT_NE(s, nullptr);
+    EXPECT_TRUE(s->link_state().assigned_lost);
+    ASSERT_TRUE(s->clear_assigned_lost().ok());
+  }
+  {
+    auto s = open_store(dir.file("crash-new-boot.db"));
+    ASSERT_NE(s, nullptr);
+    EXPECT_FALSE(s->link_state().assigned_lost);
   }
   {
     // Closed cleanly: whole across the reboot.
     auto s = open_store(db);
     ASSERT_NE(s, nullptr);
     EXPECT_EQ(s->stats().assigned_keys_waiting, 1u);
-    EXPECT_TRUE(taken(*s, ids[2]));
+    EXPECT_FALSE(s->link_state().assigned_lost);
   }
+  // A failed sync of the WAL (a write-back error may have dropped the unsynced deliveries
+  // from the page cache, which a restart in the same boot would trust) leaves a file beside
+  // the store: the next open discards the assigned keys as after a reboot, and removes it.
+  std::ofstream(db + ".sync-failed").close();
+  {
+    auto s = open_store(db);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->stats().assigned_keys_waiting, 0u);
+    EXPECT_FALSE(taken(*s, ids[2]));
+    EXPECT_TRUE(s->link_state().assigned_lost);
+    EXPECT_EQ(s->link_state().epoch, 1u);
+  }
+  EXPECT_FALSE(std::filesystem::exists(db + ".sync-failed"));
 }
 
 // The pool digest follows the epoch and each committed block, survives a reopen, and is not
