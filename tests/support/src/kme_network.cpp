@@ -259,6 +259,7 @@ qkd::core::Status KmeNetwork::spawn(KmeInfo& kme) {
       ss << f.rdbuf();
       json j = json::parse(ss.str(), nullptr, false);
       if (!j.is_discarded() && j.contains("api_port")) {
+        std::lock_guard lock(endpoints_mu_);
         kme.api_port = j.at("api_port").get<std::uint16_t>();
         kme.link_port = j.at("link_port").get<std::uint16_t>();
         kme.url = fmt::format("https://{}:{}", kme.host, kme.api_port);
@@ -479,7 +480,12 @@ TlsIdentity KmeNetwork::sae(std::string_view name) const {
 std::filesystem::path KmeNetwork::ca_file() const { return dir_ / "pki" / "ca.crt"; }
 
 HttpsTestClient KmeNetwork::client(const KmeInfo& kme, std::string_view sae_name) const {
-  return HttpsTestClient(kme.host, kme.api_port, sae(sae_name));
+  std::uint16_t port = 0;
+  {
+    std::lock_guard lock(endpoints_mu_);
+    port = kme.api_port;
+  }
+  return HttpsTestClient(kme.host, port, sae(sae_name));
 }
 
 std::string KmeNetwork::log_tail(const KmeInfo& kme, std::size_t lines) const {

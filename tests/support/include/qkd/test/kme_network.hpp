@@ -25,6 +25,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
@@ -94,7 +95,8 @@ class KmeNetwork {
   [[nodiscard]] std::filesystem::path ca_file() const;
   [[nodiscard]] const std::filesystem::path& dir() const { return dir_; }
 
-  // A raw client for `sae_name` talking to the given KME.
+  // A raw client for `sae_name` talking to the given KME (safe beside a restart of it on
+  // another thread: its port is read under endpoints_mu_).
   [[nodiscard]] HttpsTestClient client(const KmeInfo& kme, std::string_view sae_name) const;
 
   // Is the daemon still running?
@@ -118,6 +120,9 @@ class KmeNetwork {
   KmeNetwork() = default;
   [[nodiscard]] qkd::core::Status spawn(KmeInfo& kme);
   void stop(KmeInfo& kme);
+  // Guards each KmeInfo's api_port, link_port and url, which spawn() rewrites at a restart
+  // while load threads of a test may be making clients (client()).
+  mutable std::mutex endpoints_mu_;
   [[nodiscard]] qkd::core::Status pin_ports(const KmeInfo& kme) const;
 
   KmeNetworkOptions options_;
