@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -24,6 +25,7 @@
 #include "qkd/kms/engine_channel.hpp"
 #include "qkd/kms/link_connection.hpp"
 #include "qkd/kms/tls.hpp"
+#include "qkd/test/scratch_dir.hpp"
 #include "qkd/test/unit_pki.hpp"
 
 namespace qkd::kms {
@@ -174,6 +176,7 @@ class AliceUnderTest {
 
   struct Session {
     std::unique_ptr<Peer> peer;
+    json hello;        // alice's
     std::string mode;  // the decision's: "resume" or "reset" ("" if none came)
   };
 
@@ -193,6 +196,7 @@ class AliceUnderTest {
     if (!hello) {
       return s;
     }
+    s.hello = *hello;
     const auto epoch = hello->at("epoch").get<std::uint64_t>();
     EXPECT_EQ(hello->at("blocks").get<std::uint64_t>(), 0u);
     json state = {{"t", "state"},     {"epoch", epoch},       {"blocks", 0},
@@ -324,6 +328,44 @@ TEST(LinkService, AStateWithoutAPoolDigestIsAReset) {
   s = alice.start_session(1, [](json& state) { state["digest"] = std::string(64, '0'); });
   ASSERT_TRUE(s.peer);
   EXPECT_EQ(s.mode, "reset");  // another digest, as before
+}
+
+// A KME whose store lost the keys the peer assigned it (LinkState::assigned_lost: a power
+// loss or a failed sync may have undone deliveries) says so in its hello until a peer that
+// acts on it (drops_prepared in its state: it drops the keys it prepared for enc_keys,
+// whose copies are gone) has had it. A peer of an earlier version, which would go on
+// handing out those prepared keys, is told again at its next session.
+TEST(LinkService, AssignedLostIsToldUntilAPeerThatDropsPreparedKeysHasHadIt) {
+  const qkd::test::ScratchDir dir("link-assigned-lost");
+  const std::string db = (dir.path() / "alice.db").string();
+  const std::vector<std::uint8_t> node_key(32, 7);
+  ASSERT_TRUE(make_sqlite_key_store(Direction::kAlice, db, node_key).ok());
+  std::ofstream(db + ".sync-failed").close();  // as the syncer leaves it
+  auto opened = make_sqlite_key_store(Direction::kAlice, db, node_key);
+  ASSERT_TRUE(opened.ok()) << opened.error().message;
+  KeyStore& store = **opened;
+  ASSERT_TRUE(store.link_state().assigned_lost);
+  AliceUnderTest alice(store);
+  {
+    auto s = alice.start_session(1);  // an earlier version's state: no drops_prepared
+    ASSERT_TRUE(s.peer);
+    EXPECT_TRUE(s.hello.value("assigned_lost", false)) << s.hello.dump();
+    EXPECT_TRUE(s.hello.value("drops_prepared", false)) << s.hello.dump();
+    EXPECT_FALSE(s.mode.empty());
+  }
+  EXPECT_TRUE(store.link_state().assigned_lost) << "cleared by a peer that ignores it";
+  {
+    auto s = alice.start_session(1, [](json& state) { state["drops_prepared"] = true; });
+    ASSERT_TRUE(s.peer);
+    EXPECT_TRUE(s.hello.value("assigned_lost", false)) << s.hello.dump();
+    for (int i = 0; i < 200 && store.link_state().assigned_lost; ++i) {
+      std::this_thread::sleep_for(10ms);
+    }
+    EXPECT_FALSE(store.link_state().assigned_lost) << "not cleared once the peer had it";
+  }
+  auto s = alice.start_session(1);
+  ASSERT_TRUE(s.peer);
+  EXPECT_FALSE(s.hello.contains("assigned_lost")) << s.hello.dump();
 }
 
 // A store that forwards to another and refuses the first queue_peer_notice (as the durable
