@@ -153,7 +153,8 @@ std::string folder_of(const std::string& path) {
 }
 
 // fsync()s the file or directory `path` if it exists (what another process wrote there
-// with NORMAL, and the directory entries of its files).
+// with NORMAL, and the directory entries of its files). Never the open database itself:
+// closing the descriptor would drop SQLite's locks on it (FileLock::sync).
 void sync_existing_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -447,6 +448,15 @@ class FileLock {
       throw DbError{errno == EWOULDBLOCK
                         ? fmt::format("{} is in use by another key store (another qkd-kms?)", path)
                         : fmt::format("cannot lock {}: {}", path, std::strerror(errno))};
+    }
+  }
+
+  // fsync()s the file through this descriptor: one opened and closed for it would drop the
+  // fcntl locks SQLite's connections hold on the file (a WAL-mode connection keeps a SHARED
+  // lock on the database for its lifetime).
+  void sync(const std::string& path) const {
+    if (::fsync(fd_) != 0) {
+      throw DbError{fmt::format("{}: fsync failed: {}", path, std::strerror(errno))};
     }
   }
 
@@ -1026,7 +1036,7 @@ class SqliteJournal final : public detail::Journal {
       // What an earlier run left in the page cache (a crash of the KME; with a record of
       // this boot, its unsynced deliveries) is synced before anything is served.
       sync_existing_file(path_ + "-wal");
-      sync_existing_file(path_);
+      lock_.sync(path_);
       sync_existing_file(folder_of(path_));
     }
     if (sync_failed) {  // handled above: the discard is synced

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -706,6 +707,40 @@ TEST(SqliteKeyStore, FullDeliveriesWaitForNoSyncAndAReBootDiscardsWaitingKeys) {
     EXPECT_EQ(s->link_state().epoch, 1u);
   }
   EXPECT_FALSE(std::filesystem::exists(db + ".sync-failed"));
+}
+
+// The store syncs the file at start (a run with "full" syncs what an earlier run left in the
+// page cache) through descriptors that keep SQLite's locks: closing a descriptor of the
+// database opened for it would drop the SHARED lock the store's WAL-mode connection holds
+// on the file for its lifetime, and another process could then take the file out of WAL
+// mode (checkpointing and deleting the WAL the store writes to).
+TEST(SqliteKeyStore, AnOpenStoreKeepsItsLockOnTheFile) {
+  TempDir dir;
+  const std::string db = dir.file("alice.db");
+  auto s = open_store(db);  // full
+  ASSERT_NE(s, nullptr);
+  // A fresh process (a forked child would share this one's SQLite lock bookkeeping): exits
+  // 1 if it could switch the file to journal_mode DELETE.
+  const char* script =
+      "import sqlite3, sys\n"
+      "c = sqlite3.connect(sys.argv[1], timeout=0)\n"
+      "try:\n"
+      "    mode = c.execute('PRAGMA journal_mode=DELETE').fetchone()[0]\n"
+      "except sqlite3.OperationalError:\n"
+      "    mode = 'refused'\n"
+      "sys.exit(1 if mode == 'delete' else 0)\n";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execlp("python3", "python3", "-c", script, db.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_NE(WEXITSTATUS(status), 127) << "python3 did not run";
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+      << "another process took the open store's file out of WAL mode";
+  EXPECT_TRUE(std::filesystem::exists(db + "-wal"));
 }
 
 // The pool digest follows the epoch and each committed block, survives a reopen, and is not
