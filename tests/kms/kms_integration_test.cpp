@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "qkd/test/etsi_helpers.hpp"
+#include "qkd/test/config_json.hpp"
 #include "qkd/test/kme_network.hpp"
 #include "qkd/test/network_suite.hpp"
 
@@ -774,19 +775,8 @@ class KmsCommandLine : public ::testing::Test {
 
   // A valid config of alice-kme, every port 0.
   [[nodiscard]] static json config() {
-    return json{{"kme_id", "alice-kme"},
-                {"api",
-                 {{"listen", "127.0.0.1:0"},
-                  {"cert", "pki/alice-kme.crt"},
-                  {"key", "pki/alice-kme.key"},
-                  {"ca", "pki/ca.crt"}}},
-                {"saes", {"alice"}},
-                {"link",
-                 {{"peer_kme_id", "bob-kme"},
-                  {"peer_saes", {"bob"}},
-                  {"role", "alice"},
-                  {"listen", "127.0.0.1:0"},
-                  {"psk_hex", std::string(64, 'a')}}}};
+    return qkd::test::kme_config_json("alice-kme", "bob-kme", "pki/alice-kme.crt",
+                                      "pki/alice-kme.key", "pki/ca.crt");
   }
   // Runs qkd-kms with `args` (the config written as kme.json, if given): exit code, output.
   std::pair<int, std::string> run(const std::string& args, const std::optional<json>& cfg) {

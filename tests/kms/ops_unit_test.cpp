@@ -10,6 +10,7 @@
 #include "qkd/kms/config.hpp"
 #include "qkd/kms/logging.hpp"
 #include "qkd/kms/metrics.hpp"
+#include "qkd/test/config_json.hpp"
 
 namespace {
 
@@ -18,17 +19,8 @@ using nlohmann::json;
 using qkd::kms::AdmissionConfig;
 using qkd::kms::AdmissionControl;
 
-json base_config() {
-  return json{{"kme_id", "a-kme"},
-              {"api", {{"listen", "127.0.0.1:0"}, {"cert", "c"}, {"key", "k"}, {"ca", "ca"}}},
-              {"saes", {"alice"}},
-              {"link",
-               {{"peer_kme_id", "b-kme"},
-                {"peer_saes", {"bob"}},
-                {"role", "alice"},
-                {"listen", "127.0.0.1:0"},
-                {"psk_hex", std::string(64, 'a')}}}};
-}
+// Placeholder TLS file names: parse_config(check_files = false) does not open them.
+json base_config() { return qkd::test::kme_config_json("a-kme", "b-kme", "c", "k", "ca"); }
 
 std::string parse_error(const json& j) {
   auto c = qkd::kms::parse_config(j.dump(), "t.json", ".", false);
